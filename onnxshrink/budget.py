@@ -1,0 +1,73 @@
+"""Turning ``--target-flops`` / ``--target-params`` into per-pass goals.
+
+The targets are fractions of the *original* model that the whole chain must reach. Each pass that
+can search a budget for a metric gets an absolute goal for the model it leaves behind: with k
+budget-capable passes still to run (this one included) and the current value c, the goal is
+c·(final/c)^(1/k), a geometric split, and the last one aims at the final value itself. So a pass
+that over- or under-shoots is corrected by the passes after it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import TargetError, UsageError
+
+METRICS = ("flops", "params", "bytes")
+TOLERANCE = 0.05  # the reached value may exceed the goal by this fraction
+
+
+@dataclass
+class Goal:
+    metric: str
+    target: float        # absolute value this pass should reach (≤)
+    final: float         # absolute value the whole chain must reach
+    fraction: float      # the user's fraction of the original
+
+    def met(self, value: float) -> bool:
+        return value <= self.target * (1 + TOLERANCE)
+
+
+def check_fraction(name: str, f):
+    if f is None:
+        return None
+    try:
+        f = float(f)
+    except (TypeError, ValueError):
+        raise UsageError(f"--{name} must be a number in (0, 1], got '{f}'") from None
+    if not 0 < f <= 1:
+        raise UsageError(f"--{name} must be in (0, 1] (a fraction of the original), got {f}")
+    return f
+
+
+def pass_goals(targets: dict, original: dict, current: dict, remaining_capable: dict) -> dict:
+    """{metric: Goal} for the pass about to run.
+
+    targets: {metric: fraction}; remaining_capable: {metric: number of budget-capable passes left,
+    this one included} (only metrics this pass supports)."""
+    goals = {}
+    for metric, fraction in targets.items():
+        k = remaining_capable.get(metric, 0)
+        if not k:
+            continue
+        final = fraction * original[metric]
+        c = max(current[metric], 1e-9)
+        target = final if k == 1 else c * (min(final / c, 1.0)) ** (1.0 / k)
+        goals[metric] = Goal(metric, target, final, fraction)
+    return goals
+
+
+def check_reached(targets: dict, original: dict, after: dict, force: bool = False) -> dict:
+    """{metric: {target, reached, met}}; raises TargetError when a target is missed."""
+    out = {}
+    missed = []
+    for metric, fraction in targets.items():
+        reached = after[metric] / max(original[metric], 1)
+        ok = reached <= fraction * (1 + TOLERANCE)
+        out[metric] = {"target": fraction, "reached": round(reached, 4), "met": ok}
+        if not ok:
+            missed.append(f"{metric} {reached:.3f} of the original (target {fraction:.3f})")
+    if missed and not force:
+        raise TargetError("target cannot be met: the chain reached " + "; ".join(missed)
+                          + " (see the report's skipped nodes; --force writes the model anyway)")
+    return out

@@ -1,0 +1,118 @@
+"""Parameters, FLOPs and bytes, per node and per model.
+
+FLOPs count one multiply-add as 2 (Conv, ConvTranspose, Gemm, MatMul: 2·MACs, plus one per output
+for a bias); element-wise and normalisation ops count a small constant per output element.
+Figures are per sample: dynamic dims are fixed to 1 (batch) unless sample shapes are given.
+Parameters are the elements of constant (initializer) inputs, each initializer counted once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .graph import concrete_input_shapes, infer_shapes
+from .model_io import weight_bytes
+
+_ELEMENTWISE_COST = {
+    "BatchNormalization": 2, "LayerNormalization": 8, "InstanceNormalization": 8, "Softmax": 5,
+    "Gelu": 8, "Erf": 4, "Sigmoid": 4, "HardSigmoid": 2, "HardSwish": 3, "Tanh": 4, "Exp": 4,
+    "Relu": 1, "Clip": 1, "LeakyRelu": 1, "Add": 1, "Sub": 1, "Mul": 1, "Div": 1, "Pow": 1,
+    "Sqrt": 1, "ReduceMean": 1, "GlobalAveragePool": 0, "MaxPool": 0, "AveragePool": 0,
+}
+
+
+@dataclass
+class NodeCost:
+    name: str
+    op: str
+    params: int
+    flops: int
+    out_shape: tuple | None
+
+
+def _numel(shape):
+    return int(np.prod(shape)) if shape is not None else 0
+
+
+def _shape(info, tensor):
+    if isinstance(tensor, gs.Constant):
+        return tuple(tensor.shape)
+    s = info.get(tensor.name, (None, None))[0]
+    return s
+
+
+def node_flops(node: gs.Node, info: dict) -> int:
+    op = node.op
+    outs = [_shape(info, o) for o in node.outputs]
+    out = outs[0] if outs else None
+    if out is None:
+        return 0
+    n_out = _numel(out)
+    if op in ("Conv", "ConvTranspose"):
+        w = _shape(info, node.inputs[1])
+        if w is None:
+            return 0
+        group = node.attrs.get("group", 1)
+        bias = n_out if len(node.inputs) > 2 else 0
+        if op == "Conv":
+            macs = n_out * int(np.prod(w[1:]))
+        else:
+            inp = _shape(info, node.inputs[0])
+            macs = _numel(inp) * int(np.prod(w[1:])) if inp else n_out * int(np.prod(w[1:])) * w[0] // group
+        return 2 * macs + bias
+    if op == "Gemm":
+        a = _shape(info, node.inputs[0])
+        if a is None:
+            return 0
+        k = a[0] if node.attrs.get("transA", 0) else a[-1]
+        return 2 * n_out * k + (n_out if len(node.inputs) > 2 else 0)
+    if op == "MatMul":
+        a = _shape(info, node.inputs[0])
+        if a is None:
+            return 0
+        return 2 * n_out * a[-1]
+    if op in ("MaxPool", "AveragePool"):
+        k = node.attrs.get("kernel_shape", [1])
+        return n_out * int(np.prod(k))
+    if op == "GlobalAveragePool":
+        inp = _shape(info, node.inputs[0])
+        return _numel(inp)
+    return n_out * _ELEMENTWISE_COST.get(op, 0)
+
+
+def node_costs(model: onnx.ModelProto, sample_shapes: dict | None = None) -> list[NodeCost]:
+    info = infer_shapes(model, concrete_input_shapes(model, sample_shapes, batch=1))
+    graph = gs.import_onnx(model)
+    counted = set()
+    result = []
+    for node in graph.nodes:
+        params = 0
+        for t in node.inputs:
+            if isinstance(t, gs.Constant) and t.name not in counted:
+                counted.add(t.name)
+                if np.issubdtype(np.dtype(t.dtype), np.floating) or t.dtype in (np.int8, np.uint8):
+                    params += int(np.prod(t.shape))
+        result.append(NodeCost(node.name, node.op, params, node_flops(node, info),
+                               _shape(info, node.outputs[0]) if node.outputs else None))
+    return result
+
+
+def model_cost(model: onnx.ModelProto, sample_shapes: dict | None = None) -> dict:
+    costs = node_costs(model, sample_shapes)
+    return {
+        "params": int(sum(c.params for c in costs)),
+        "flops": int(sum(c.flops for c in costs)),
+        "bytes": int(model_bytes(model)),
+    }
+
+
+def model_bytes(model: onnx.ModelProto) -> int:
+    """Size of the serialized model (weights included) in bytes."""
+    w = weight_bytes(model)
+    if w > 1_800_000_000:
+        return w + 1024 * len(model.graph.node)
+    return model.ByteSize()

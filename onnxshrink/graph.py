@@ -1,0 +1,192 @@
+"""Graph helpers over onnx-graphsurgeon.
+
+``normalize`` puts a loaded model into the one form passes see:
+- every node has a unique name (reports and skips refer to nodes by name);
+- weights held in Constant nodes, or reaching a node through Identity, become initializers
+  (gs.Constant), as many exporters keep weights in Constant nodes;
+- shapes are inferred.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import numpy_helper, shape_inference
+
+WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def import_graph(model: onnx.ModelProto) -> gs.Graph:
+    return gs.import_onnx(model)
+
+
+def export_model(graph: gs.Graph, like: onnx.ModelProto | None = None) -> onnx.ModelProto:
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    model = gs.export_onnx(graph, do_type_check=False)
+    if like is not None:
+        model.ir_version = like.ir_version
+        del model.opset_import[:]
+        model.opset_import.extend(like.opset_import)
+        model.producer_name = like.producer_name or "onnxshrink"
+        for p in like.metadata_props:
+            model.metadata_props.add().CopyFrom(p)
+    return model
+
+
+def _constant_node_value(node: gs.Node):
+    attrs = node.attrs
+    if "value" in attrs:
+        v = attrs["value"]
+        return v.values if isinstance(v, gs.Constant) else np.asarray(v)
+    for key, dtype in (("value_float", np.float32), ("value_int", np.int64)):
+        if key in attrs:
+            return np.array(attrs[key], dtype=dtype)
+    for key, dtype in (("value_floats", np.float32), ("value_ints", np.int64)):
+        if key in attrs:
+            return np.array(attrs[key], dtype=dtype)
+    return None
+
+
+def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
+    graph = gs.import_onnx(model)
+    seen = Counter()
+    names = set()
+    for node in graph.nodes:
+        if node.name and node.name not in names:
+            names.add(node.name)
+            continue
+    for i, node in enumerate(graph.nodes):
+        if not node.name or seen[node.name]:
+            base = node.name or f"{node.op}_{i}"
+            name = base
+            k = 1
+            while name in names:
+                name = f"{base}_{k}"
+                k += 1
+            node.name = name
+            names.add(name)
+        seen[node.name] += 1
+    out_names = {t.name for t in graph.outputs}
+    changed = False
+    for node in list(graph.nodes):
+        if node.op == "Constant" and len(node.outputs) == 1 and node.outputs[0].name not in out_names:
+            value = _constant_node_value(node)
+            if value is None:
+                continue
+            _replace_tensor(graph, node.outputs[0], gs.Constant(node.outputs[0].name + "_const", np.asarray(value)))
+            node.outputs.clear()
+            changed = True
+    for node in list(graph.nodes):
+        if (node.op == "Identity" and isinstance(node.inputs[0], gs.Constant)
+                and node.outputs[0].name not in out_names):
+            _replace_tensor(graph, node.outputs[0], node.inputs[0])
+            node.outputs.clear()
+            changed = True
+    if changed:
+        graph.cleanup(remove_unused_graph_inputs=False).toposort()
+        new = export_model(graph, like=model)
+    else:
+        new = model
+    try:
+        return shape_inference.infer_shapes(new, data_prop=True)
+    except Exception:
+        return new
+
+
+def _replace_tensor(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
+    for consumer in list(old.outputs):
+        for j, t in enumerate(consumer.inputs):
+            if t is old:
+                consumer.inputs[j] = new
+
+
+def constant_value(tensor) -> np.ndarray | None:
+    """The numpy value of a weight tensor, or None when it is computed at run time."""
+    if isinstance(tensor, gs.Constant):
+        return tensor.values
+    return None
+
+
+def producer(tensor: gs.Tensor):
+    return tensor.inputs[0] if tensor.inputs else None
+
+
+def consumers(tensor: gs.Tensor):
+    return list(tensor.outputs)
+
+
+def node_by_name(graph: gs.Graph, name: str) -> gs.Node:
+    for n in graph.nodes:
+        if n.name == name:
+            return n
+    raise KeyError(name)
+
+
+def opset(model: onnx.ModelProto) -> int:
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            return o.version
+    return 0
+
+
+def concrete_input_shapes(model: onnx.ModelProto, sample_shapes: dict | None = None, batch: int = 1):
+    """Input shapes with dynamic dims fixed: from sample shapes when known, else batch/1."""
+    init = {t.name for t in model.graph.initializer}
+    shapes = {}
+    for vi in model.graph.input:
+        if vi.name in init:
+            continue
+        if sample_shapes and vi.name in sample_shapes:
+            shapes[vi.name] = (batch,) + tuple(sample_shapes[vi.name])
+            continue
+        dims = []
+        for i, d in enumerate(vi.type.tensor_type.shape.dim):
+            if d.HasField("dim_value") and d.dim_value > 0:
+                dims.append(d.dim_value)
+            else:
+                dims.append(batch if i == 0 else 1)
+        shapes[vi.name] = tuple(dims)
+    return shapes
+
+
+def infer_shapes(model: onnx.ModelProto, input_shapes: dict | None = None) -> dict:
+    """name -> (shape tuple or None, numpy dtype) for every tensor, with inputs fixed to
+    ``input_shapes`` (default: dynamic dims set to 1)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    shapes = input_shapes or concrete_input_shapes(model)
+    for vi in m.graph.input:
+        if vi.name in shapes:
+            shp = vi.type.tensor_type.shape
+            del shp.dim[:]
+            for d in shapes[vi.name]:
+                shp.dim.add().dim_value = int(d)
+    del m.graph.value_info[:]
+    for o in m.graph.output:
+        o.type.tensor_type.ClearField("shape")
+    try:
+        m = shape_inference.infer_shapes(m, data_prop=True)
+    except Exception:
+        pass
+    info = {}
+    for vi in list(m.graph.input) + list(m.graph.value_info) + list(m.graph.output):
+        tt = vi.type.tensor_type
+        shape = None
+        if tt.HasField("shape"):
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+            shape = tuple(dims) if all(d is not None for d in dims) else None
+        try:
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type) if tt.elem_type else None
+        except Exception:
+            dtype = None
+        info[vi.name] = (shape, dtype)
+    for t in m.graph.initializer:
+        info[t.name] = (tuple(t.dims), onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+    return info
+
+
+def to_array(tensor_proto) -> np.ndarray:
+    return numpy_helper.to_array(tensor_proto)

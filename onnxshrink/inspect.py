@@ -1,0 +1,38 @@
+"""``--inspect``: a per-layer table (op, output shape, params, FLOPs share) and, per node, which
+passes would rewrite it (from each built pass's ``plan``)."""
+
+from __future__ import annotations
+
+from .cost import node_costs
+from .graph import normalize
+from .model_io import load_model
+from .registry import all_passes, make_config
+
+
+def inspect_model(path, passes=None) -> str:
+    model = normalize(load_model(path))
+    costs = node_costs(model)
+    total_flops = sum(c.flops for c in costs) or 1
+    names = [n.strip() for n in passes.split(",")] if passes else None
+    applies, skips = {}, {}
+    for name, cls in sorted(all_passes().items()):
+        if not cls.ready or (names and name not in names):
+            continue
+        p = cls()
+        plan = p.plan(model, make_config(p, {}))
+        for t in plan.targets:
+            applies.setdefault(t, []).append(name)
+        for s in plan.skipped:
+            skips.setdefault(s.node, []).append(f"{name}: {s.reason}")
+    lines = [f"{'node':32} {'op':20} {'output shape':18} {'params':>10} {'flops%':>7}  passes"]
+    for c in costs:
+        if c.op in ("Constant", "Identity", "Shape", "Reshape", "Flatten", "Transpose") and not c.params:
+            continue
+        shape = "x".join(str(d) for d in c.out_shape) if c.out_shape else "?"
+        lines.append(f"{c.name[:32]:32} {c.op[:20]:20} {shape[:18]:18} {c.params:>10} "
+                     f"{100 * c.flops / total_flops:>6.1f}%  {','.join(applies.get(c.name, [])) or '-'}")
+        for s in skips.get(c.name, []):
+            lines.append(f"{'':32}   skip {s}")
+    lines.append(f"total: {sum(c.params for c in costs)} params, {sum(c.flops for c in costs)} FLOPs per sample, "
+                 f"{model.ByteSize()} bytes")
+    return "\n".join(lines)

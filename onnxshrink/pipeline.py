@@ -1,0 +1,177 @@
+"""The pipeline: load → normalise → check data → pass 1 → pass 2 … → validate → report.
+
+Passes ask for statistics through ``PassContext.collect`` when they need them, on the model as
+it is at that moment: a pass that runs after another sees the rewritten graph, and a pass that
+reconstructs layer by layer asks again for each level (sequential reconstruction).
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import onnx
+
+from . import budget as budget_mod
+from .calibrate import DataSource, collect, load_data, random_data, session, split_holdout
+from .cost import model_cost
+from .errors import OnnxShrinkError, PassError, UsageError, ValidationFailed
+from .graph import normalize
+from .model_io import load_model, save_model
+from .registry import get_pass, make_config
+from .report import make_report
+from .validate import Tolerances, validate
+
+
+@dataclass
+class PassContext:
+    """What a pass gets besides the model and its config."""
+
+    data: DataSource | None            # calibration samples (the held-out part excluded)
+    reference: onnx.ModelProto          # the model as it entered this pass
+    original: onnx.ModelProto           # the model as loaded (after normalisation)
+    goals: dict = field(default_factory=dict)   # {metric: budget.Goal}
+    sample_shapes: dict | None = None
+    batch_size: int = 64
+    seed: int = 0
+    quiet: bool = True
+    calibration_seconds: float = 0.0
+    calibration_runs: int = 0
+
+    def require_data(self, pass_name):
+        if self.data is None:
+            raise UsageError(f"pass '{pass_name}' needs calibration data: give --calibration-data PATH "
+                             "(or --random-calibration N to use random inputs, with a warning)")
+        return self.data
+
+    def progress(self, iterable, total=None, desc=None):
+        if self.quiet:
+            return iterable
+        from tqdm.auto import tqdm
+        return tqdm(iterable, total=total, desc=desc, leave=False)
+
+    def collect(self, requests, model_x=None, model_y=None, desc="calibration"):
+        """Statistics over the calibration data; x tensors from ``model_x`` (default: the
+        reference model), y tensors from ``model_y``."""
+        data = self.require_data("?") if self.data is None else self.data
+        t = time.perf_counter()
+        prog = (lambda it, total: self.progress(it, total, desc)) if not self.quiet else None
+        out = collect(data, requests, model_x if model_x is not None else self.reference, model_y,
+                      batch_size=self.batch_size, progress=prog, seed=self.seed)
+        self.calibration_seconds += time.perf_counter() - t
+        self.calibration_runs += 1
+        return out
+
+    def cost(self, model):
+        return model_cost(model, self.sample_shapes)
+
+
+@dataclass
+class Result:
+    model: onnx.ModelProto
+    report: dict
+
+    def save(self, path, external: bool | None = None):
+        return save_model(self.model, path, external)
+
+
+def _resolve_passes(names, options):
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    if not names:
+        raise UsageError("no passes given (--passes a,b,...; see --list-passes)")
+    options = dict(options or {})
+    unknown = [k for k in options if k not in names]
+    chosen = []
+    for name in names:
+        p = get_pass(name)
+        if not p.ready:
+            raise UsageError(f"pass '{name}' is not built yet in this version of onnxshrink")
+        chosen.append((p, make_config(p, options.get(name, {}))))
+    for k in unknown:
+        get_pass(k)  # raises for unknown pass names
+        raise UsageError(f"options given for pass '{k}', which is not in --passes {','.join(names)}")
+    return chosen
+
+
+def _data(calibration, validation, model, image_options, random_calibration, needs_data, seed):
+    fit = val = None
+    if calibration is not None:
+        fit = load_data(calibration, model, image_options, "calibration data")
+    elif random_calibration:
+        warnings.warn("using random calibration inputs: statistics will not reflect real data")
+        fit = random_data(model, int(random_calibration), seed)
+    elif needs_data:
+        raise UsageError(f"pass '{needs_data}' needs calibration data: give --calibration-data PATH")
+    if validation is not None:
+        val = load_data(validation, model, image_options, "validation data")
+    elif fit is not None and fit.n >= 2:
+        fit, val = split_holdout(fit, 0.2)
+    return fit, val
+
+
+def shrink(model_or_path, passes, calibration=None, target_flops=None, target_params=None,
+           options=None, validation=None, tolerances: Tolerances | None = None, image_options=None,
+           random_calibration=None, force=False, quiet=True, batch_size=64, seed=0, target_bytes=None) -> Result:
+    """Compress a model. See the README for the arguments; raises OnnxShrinkError subclasses."""
+    t0 = time.perf_counter()
+    targets = {m: f for m, f in (("flops", budget_mod.check_fraction("target-flops", target_flops)),
+                                  ("params", budget_mod.check_fraction("target-params", target_params)),
+                                  ("bytes", budget_mod.check_fraction("target-size", target_bytes)))
+               if f is not None}
+    chosen = _resolve_passes(passes, options)
+    for metric in targets:
+        if not any(metric in p.budgets for p, _ in chosen):
+            raise UsageError(f"a {metric} target needs a pass that can search a {metric} budget; none of "
+                             f"{','.join(p.name for p, _ in chosen)} can")
+    model = normalize(load_model(model_or_path))
+    original = model
+    needs = next((p.name for p, _ in chosen if p.needs_data), None)
+    fit, val = _data(calibration, validation, model, image_options, random_calibration, needs, seed)
+    sample_shapes = (fit or val).sample_shapes() if (fit or val) is not None else None
+    before = model_cost(model, sample_shapes)
+    reports, timing, done = [], {}, []
+    for i, (p, cfg) in enumerate(chosen):
+        current = model_cost(model, sample_shapes) if targets else before
+        remaining = {m: sum(1 for q, _ in chosen[i:] if m in q.budgets) for m in targets if m in p.budgets}
+        goals = budget_mod.pass_goals(targets, before, current, remaining)
+        ctx = PassContext(fit, model, original, goals, sample_shapes, batch_size, seed, quiet)
+        t = time.perf_counter()
+        try:
+            model, rep = p.apply(model, cfg, ctx)
+            session(model)
+        except OnnxShrinkError:
+            raise
+        except Exception as e:  # a bug or an unhandled graph: name the pass and the chain
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise PassError(p.name, msg, done) from e
+        rep.details.setdefault("seconds", round(time.perf_counter() - t, 3))
+        rep.details.setdefault("calibration_seconds", round(ctx.calibration_seconds, 3))
+        reports.append(rep)
+        done.append(p.name)
+    after = model_cost(model, sample_shapes)
+    reached = budget_mod.check_reached(targets, before, after, force=True)
+    if val is None:
+        val = random_data(original, 16, seed, sample_shapes)
+        val.origin = "random inputs (no calibration data given)"
+    validation_result = validate(original, model, val, tolerances or Tolerances())
+    validation_result["data"] = val.origin
+    timing["total_seconds"] = round(time.perf_counter() - t0, 3)
+    report = make_report(before, after, reports, validation_result, reached, timing)
+    result = Result(model, report)
+    if not force:
+        missed = [m for m, r in reached.items() if not r["met"]]
+        if missed:
+            try:
+                budget_mod.check_reached(targets, before, after)
+            except OnnxShrinkError as e:
+                e.result = result
+                raise
+        if not validation_result["passed"]:
+            err = ValidationFailed("validation failed: " + "; ".join(validation_result["problems"])
+                                   + " (nothing written; --force writes it anyway)")
+            err.result = result
+            raise err
+    return result
+

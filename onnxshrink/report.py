@@ -1,0 +1,70 @@
+"""The report: one dict (also written as JSON) and a short console table.
+
+Keys: {"before": {params, flops, bytes}, "after": {...}, "passes": [{name, changed, skipped:
+[{node, reason}], ...}], "validation": {outputs: {NAME: {max_abs, rel_l2, cosine,
+top1_agreement}}, passed}, "targets": {...}, "timing": {...}}.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+
+def make_report(before, after, passes, validation, targets=None, timing=None, model=None):
+    return {
+        "model": model,
+        "before": dict(before),
+        "after": dict(after),
+        "ratios": {k: (after[k] / before[k] if before[k] else None) for k in before},
+        "passes": [p.as_dict() if hasattr(p, "as_dict") else p for p in passes],
+        "targets": targets or {},
+        "validation": validation,
+        "timing": timing or {},
+    }
+
+
+def _clean(o):
+    if isinstance(o, float) and not math.isfinite(o):
+        return str(o)
+    if isinstance(o, dict):
+        return {k: _clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_clean(v) for v in o]
+    if hasattr(o, "item"):
+        return o.item()
+    return o
+
+
+def to_json(report) -> str:
+    return json.dumps(_clean(report), indent=2)
+
+
+def _human(n):
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(int(n))
+
+
+def console_table(report) -> str:
+    b, a = report["before"], report["after"]
+    lines = [f"{'':8}{'before':>12}{'after':>12}{'ratio':>9}"]
+    for k in ("params", "flops", "bytes"):
+        ratio = a[k] / b[k] if b[k] else float("nan")
+        lines.append(f"{k:8}{_human(b[k]):>12}{_human(a[k]):>12}{ratio:>9.3f}")
+    for p in report["passes"]:
+        lines.append(f"pass {p['name']}: {len(p['changed'])} changed, {len(p['skipped'])} skipped")
+        for s in p["skipped"][:5]:
+            lines.append(f"  skipped {s['node']}: {s['reason']}")
+        if len(p["skipped"]) > 5:
+            lines.append(f"  ... {len(p['skipped']) - 5} more skipped (see --report)")
+    v = report.get("validation") or {}
+    for name, m in (v.get("outputs") or {}).items():
+        t1 = m.get("top1_agreement")
+        lines.append(f"output {name}: max_abs {m['max_abs']:.4g}, rel_l2 {m['rel_l2']:.4g}, "
+                     f"cosine {m['cosine']:.5f}" + (f", top1 agreement {t1:.4f}" if t1 is not None else ""))
+    if v:
+        lines.append(f"validation on {v.get('samples', 0)} held-out samples: "
+                     + ("passed" if v.get("passed") else "FAILED: " + "; ".join(v.get("problems", []))))
+    return "\n".join(lines)

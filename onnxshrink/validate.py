@@ -1,0 +1,110 @@
+"""Validation of a rewritten model against the original.
+
+Structural: ``onnx.checker.check_model(full_check=True)``, ONNX Runtime creates a session, only
+standard ONNX ops (domain "" / "ai.onnx"), graph inputs and outputs keep their names and dtypes.
+Numeric, on held-out inputs: per output max abs error, relative L2 error ‖a − b‖/‖a‖, cosine
+similarity of the flattened outputs, and for 2-D float outputs (classifier-like) top-1 agreement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from .calibrate import DataSource, run_model, session
+
+STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+@dataclass
+class Tolerances:
+    max_error: float | None = None    # max abs error per output
+    min_cosine: float | None = 0.9    # cosine similarity per output
+    min_top1: float | None = None     # top-1 agreement for 2-D outputs
+    max_rel_l2: float | None = None
+
+
+def structural_problems(original: onnx.ModelProto, model: onnx.ModelProto) -> list[str]:
+    problems = []
+    try:
+        if model.ByteSize() < 2**31 - 1:
+            onnx.checker.check_model(model, full_check=True)
+    except Exception as e:
+        problems.append(f"onnx.checker: {str(e).splitlines()[0]}")
+    foreign = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in STANDARD_DOMAINS})
+    if foreign:
+        problems.append("non-standard ops: " + ", ".join(foreign))
+
+    def sig(m, which):
+        init = {t.name for t in m.graph.initializer}
+        return [(v.name, v.type.tensor_type.elem_type) for v in getattr(m.graph, which) if v.name not in init]
+    for which in ("input", "output"):
+        if sig(original, which) != sig(model, which):
+            problems.append(f"graph {which}s changed: {sig(original, which)} -> {sig(model, which)}")
+    return problems
+
+
+def compare_outputs(a: dict, b: dict) -> dict:
+    result = {}
+    for name, x in a.items():
+        y = b[name]
+        if x.shape != y.shape:
+            result[name] = {"max_abs": float("inf"), "rel_l2": float("inf"), "cosine": -1.0,
+                            "top1_agreement": None, "shape_mismatch": [list(x.shape), list(y.shape)]}
+            continue
+        xf = x.astype(np.float64).ravel()
+        yf = y.astype(np.float64).ravel()
+        diff = xf - yf
+        nx, ny = np.linalg.norm(xf), np.linalg.norm(yf)
+        cos = float(xf @ yf / (nx * ny)) if nx > 0 and ny > 0 else float(np.allclose(xf, yf))
+        entry = {
+            "max_abs": float(np.abs(diff).max()) if diff.size else 0.0,
+            "rel_l2": float(np.linalg.norm(diff) / nx) if nx > 0 else float(np.linalg.norm(diff)),
+            "cosine": cos,
+            "top1_agreement": None,
+        }
+        if x.ndim == 2 and x.shape[1] > 1 and np.issubdtype(x.dtype, np.floating):
+            entry["top1_agreement"] = float((x.argmax(1) == y.argmax(1)).mean())
+        result[name] = entry
+    return result
+
+
+def validate(original: onnx.ModelProto, model: onnx.ModelProto, data: DataSource | None,
+             tol: Tolerances, original_outputs: dict | None = None) -> dict:
+    problems = structural_problems(original, model)
+    outputs = {}
+    try:
+        session(model)
+    except Exception as e:
+        problems.append(f"ONNX Runtime cannot load the model: {str(e).splitlines()[0]}")
+    else:
+        if data is not None:
+            ref = original_outputs if original_outputs is not None else run_model(original, data)
+            try:
+                new = run_model(model, data)
+            except Exception as e:
+                problems.append(f"ONNX Runtime fails to run the model: {str(e).splitlines()[0]}")
+            else:
+                outputs = compare_outputs(ref, new)
+                problems += _tolerance_failures(outputs, tol)
+    return {"outputs": outputs, "samples": data.n if data is not None else 0,
+            "problems": problems, "passed": not problems}
+
+
+def _tolerance_failures(outputs, tol: Tolerances):
+    fails = []
+    for name, m in outputs.items():
+        if "shape_mismatch" in m:
+            fails.append(f"output '{name}' shape changed {m['shape_mismatch']}")
+            continue
+        if tol.max_error is not None and m["max_abs"] > tol.max_error:
+            fails.append(f"output '{name}' max abs error {m['max_abs']:.4g} > {tol.max_error}")
+        if tol.max_rel_l2 is not None and m["rel_l2"] > tol.max_rel_l2:
+            fails.append(f"output '{name}' relative L2 error {m['rel_l2']:.4g} > {tol.max_rel_l2}")
+        if tol.min_cosine is not None and m["cosine"] < tol.min_cosine:
+            fails.append(f"output '{name}' cosine {m['cosine']:.4f} < {tol.min_cosine}")
+        if tol.min_top1 is not None and m["top1_agreement"] is not None and m["top1_agreement"] < tol.min_top1:
+            fails.append(f"output '{name}' top-1 agreement {m['top1_agreement']:.4f} < {tol.min_top1}")
+    return fails
