@@ -23,6 +23,7 @@ import os
 import random
 import sys
 import time
+import warnings
 
 import numpy as np
 import onnx
@@ -324,19 +325,25 @@ def export(model, name):
         # BatchNormalization nodes unfused (inference-mode BN, training_mode=0).
         kwargs["training"] = torch.onnx.TrainingMode.PRESERVE
     buf = io.BytesIO()
-    torch.onnx.export(
-        model,
-        (example,),
-        buf,
-        dynamo=False,
-        opset_version=OPSET,
-        input_names=["input"],
-        output_names=["logits"],
-        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-        do_constant_folding=True,
-        export_params=True,
-        **kwargs,
-    )
+    with warnings.catch_warnings():
+        # Expected: the legacy (TorchScript) exporter is deprecated, and it
+        # warns about constant folding under TrainingMode.PRESERVE even though
+        # the model is in eval mode (nothing trainable is folded).
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*constant folding.*")
+        torch.onnx.export(
+            model,
+            (example,),
+            buf,
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            do_constant_folding=True,
+            export_params=True,
+            **kwargs,
+        )
     m = onnx.load_from_string(buf.getvalue())
     m.producer_name = "onnxshrink-models"
     m.doc_string = f"digits reference model '{name}' (input layout '{kind}')"

@@ -1,0 +1,3 @@
+from common import Case
+
+CASES = [Case("cnn_plain", ["foldbn"])]

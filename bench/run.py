@@ -1,0 +1,46 @@
+"""Benchmark: ``python bench/run.py [--only NAME ...] [--runs N]``.
+
+Runs every case listed by the ``bench/cases_*.py`` modules (each defines ``CASES``, a list of
+``common.Case``, and optionally ``extra(rows)`` that prints peer baselines beside them) and prints
+one table: ratios are rewritten / original, measured side by side in this one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import common  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", nargs="*", help="case modules to run (e.g. pfa lowrank)")
+    ap.add_argument("--runs", type=int, default=25, help="latency runs per model (median)")
+    args = ap.parse_args(argv)
+    names = sorted(os.path.basename(p)[6:-3] for p in glob.glob(os.path.join(HERE, "cases_*.py")))
+    if args.only:
+        names = [n for n in names if n in args.only]
+    print("ratios are rewritten/original; latency: ONNX Runtime, 1 thread, batch 256, median of "
+          f"{args.runs} interleaved runs; accuracy on the digits test split (450 images)")
+    for name in names:
+        mod = importlib.import_module(f"cases_{name}")
+        print(f"\n== {name}")
+        print(common.HEADER)
+        rows = []
+        for case in mod.CASES:
+            row = common.run_case(case, runs=args.runs)
+            rows.append(row)
+            print(common.format_row(row), flush=True)
+        if hasattr(mod, "extra"):
+            mod.extra(rows, args)
+
+
+if __name__ == "__main__":
+    main()
