@@ -1,0 +1,86 @@
+"""Calibration data sources and the API's ways of passing data."""
+
+import numpy as np
+import onnx
+import pytest
+from graphs import conv_bn_net
+
+from onnxshrink import Result, shrink
+from onnxshrink.calibrate import load_data, split_holdout
+from onnxshrink.errors import CalibrationError
+
+
+@pytest.fixture
+def model():
+    return conv_bn_net()
+
+
+@pytest.fixture
+def x(rng):
+    return rng.standard_normal((30, 3, 8, 8)).astype(np.float32)
+
+
+def test_npz_keyed_unnamed_and_npy(tmp_path, model, x):
+    np.savez(tmp_path / "keyed.npz", input=x)
+    np.savez(tmp_path / "unnamed.npz", x)
+    np.save(tmp_path / "a.npy", x.astype(np.float64))  # float64 is cast to the model's float32
+    for f in ("keyed.npz", "unnamed.npz", "a.npy"):
+        src = load_data(str(tmp_path / f), model)
+        assert src.n == 30
+        batch = next(src.batches(8))
+        assert batch["input"].dtype == np.float32 and batch["input"].shape == (8, 3, 8, 8)
+        np.testing.assert_allclose(batch["input"], x[:8], rtol=1e-6)
+
+
+def test_iterable_and_reader_and_holdout(model, x):
+    feeds = [{"input": x[i:i + 10]} for i in range(0, 30, 10)]
+    src = load_data(iter(feeds), model)
+    assert src.n == 30
+
+    class Reader:  # the onnxruntime CalibrationDataReader protocol
+        def __init__(self):
+            self.it = iter(feeds)
+
+        def get_next(self):
+            return next(self.it, None)
+    assert load_data(Reader(), model).n == 30
+    fit, val = split_holdout(src, 0.2)
+    assert (fit.n, val.n) == (24, 6)
+    np.testing.assert_array_equal(val.take(slice(0, 6))["input"], x[24:])
+
+
+def test_image_folder(tmp_path, rng):
+    from PIL import Image
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    src = load_data(str(folder), conv_bn_net(), {"image_size": (8, 8), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)})
+    batch = next(src.batches(4))["input"]
+    assert batch.shape == (4, 3, 8, 8) and batch.dtype == np.float32
+    assert -2.01 <= batch.min() and batch.max() <= 2.01
+    (folder / "broken.png").write_bytes(b"not an image")
+    src = load_data(str(folder), conv_bn_net(), {"image_size": (8, 8)})
+    with pytest.raises(CalibrationError, match="cannot read image"):
+        list(src.batches(16))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (np.zeros((0, 3, 8, 8), np.float32), "zero samples"),
+    (np.full((4, 3, 8, 8), np.nan, np.float32), "NaN"),
+    (np.zeros((4, 3, 8), np.float32), "rank"),
+    (np.zeros((4, 3, 8, 8), np.int64), "dtype"),
+])
+def test_bad_arrays(bad, match, model):
+    with pytest.raises(CalibrationError, match=match):
+        load_data(bad, model)
+
+
+def test_api_result_save_and_report(tmp_path, model, x):
+    res = shrink(model, passes=["foldbn"], calibration={"input": x})
+    assert isinstance(res, Result) and isinstance(res.model, onnx.ModelProto)
+    assert set(res.report) >= {"before", "after", "passes", "validation"}
+    assert res.report["validation"]["samples"] == 6  # the last 20% held out
+    assert set(res.report["validation"]["outputs"]["logits"]) >= {"max_abs", "rel_l2", "cosine", "top1_agreement"}
+    res.save(str(tmp_path / "o.onnx"))
+    onnx.checker.check_model(str(tmp_path / "o.onnx"), full_check=True)

@@ -1,0 +1,53 @@
+"""FLOPs / params / bytes accounting."""
+
+import numpy as np
+from graphs import GraphBuilder, conv_bn_net
+
+from onnxshrink.cost import model_cost, node_costs
+
+
+def test_conv_gemm_flops_and_params():
+    """input(N,3,8,8) -> Conv(3->8,3x3,pad1) -> Relu -> GAP -> Flatten -> Gemm(8->10)"""
+    b = GraphBuilder()
+    x = b.input("input", ["batch", 3, 8, 8])
+    h = b.relu(b.conv(x, 3, 8))
+    h = b.node("Flatten", [b.node("GlobalAveragePool", [h])], axis=1)
+    b.gemm(h, 8, 10, out="logits")
+    b.output("logits")
+    costs = {c.op: c for c in node_costs(b.model())}
+    assert costs["Conv"].params == 8 * 3 * 9 + 8
+    assert costs["Conv"].flops == 2 * (8 * 8 * 8) * (3 * 9) + 8 * 8 * 8
+    assert costs["Relu"].flops == 8 * 8 * 8
+    assert costs["GlobalAveragePool"].flops == 8 * 8 * 8
+    assert costs["Gemm"].flops == 2 * 10 * 8 + 10
+    assert costs["Gemm"].params == 8 * 10 + 10
+
+
+def test_strided_grouped_conv_and_matmul():
+    b = GraphBuilder()
+    x = b.input("input", ["batch", 8, 10, 10])
+    h = b.conv(x, 8, 8, k=3, stride=2, group=8, bias=False)   # depthwise, out 5x5
+    h = b.node("Reshape", [h, b.const(np.array([-1, 8, 25], dtype=np.int64))])
+    h = b.node("Transpose", [h], perm=[0, 2, 1])              # (N, 25, 8)
+    b.matmul(h, 8, 4, out="y")
+    b.output("y")
+    costs = {c.op: c for c in node_costs(b.model())}
+    assert costs["Conv"].flops == 2 * (8 * 5 * 5) * 9
+    assert costs["MatMul"].flops == 2 * 25 * 4 * 8
+    assert costs["Reshape"].params == 0  # int64 shape constants are not parameters
+
+
+def test_sample_shapes_fix_dynamic_spatial_dims():
+    b = GraphBuilder()
+    x = b.input("input", ["batch", 3, "h", "w"])
+    b.conv(x, 3, 4, out="y")
+    b.output("y")
+    m = b.model()
+    small = model_cost(m, {"input": (3, 4, 4)})["flops"]
+    big = model_cost(m, {"input": (3, 8, 8)})["flops"]
+    assert big == 4 * small
+
+
+def test_model_bytes_is_serialized_size():
+    m = conv_bn_net()
+    assert model_cost(m)["bytes"] == len(m.SerializeToString())

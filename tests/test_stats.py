@@ -1,0 +1,103 @@
+"""Calibration statistics against numpy on tiny graphs."""
+
+import numpy as np
+import pytest
+from graphs import GraphBuilder
+
+from onnxshrink.calibrate import DataSource, collect, run_model
+from onnxshrink.graph import import_graph, normalize
+from onnxshrink.reconstruct import fit_error, layer_matrix, layer_stats_request, ridge_solve
+from onnxshrink.stats import CrossMoments, Moments, ResponseStats, conv_patches, spatial_positions
+
+
+def _conv_model(k=3, stride=1, dilation=1, pad=1, nd=2):
+    """input(N,4,9[,9]) -> Conv(4->6, k) -> y"""
+    b = GraphBuilder(1)
+    x = b.input("input", ["batch", 4] + [9] * nd)
+    b.conv(x, 4, 6, k=k, stride=stride, dilation=dilation, pad=pad, nd=nd, out="y")
+    b.output("y")
+    return normalize(b.model())
+
+
+def test_moments_match_numpy_and_merge(rng):
+    x = rng.standard_normal((100, 5))
+    a, b, whole = Moments(5), Moments(5), Moments(5)
+    a.update(x[:37])
+    b.update(x[37:])
+    whole.update(x)
+    a.merge(b)
+    np.testing.assert_allclose(a.cov, np.cov(x.T, bias=True), atol=1e-12)
+    np.testing.assert_allclose(whole.corr, np.corrcoef(x.T), atol=1e-12)
+    np.testing.assert_allclose(a.mean, x.mean(0))
+
+
+def test_conv_patches_reproduce_conv_output(rng):
+    """A patch row times the flattened weights is the conv output at that position."""
+    x = rng.standard_normal((3, 4, 9, 9))
+    w = rng.standard_normal((6, 4, 3, 3))
+    attrs = {"kernel_shape": [3, 3], "strides": [2, 2], "dilations": [1, 1], "pads": [1, 1, 1, 1]}
+    pos = spatial_positions((5, 5), 7, rng)
+    patches = conv_patches(x, attrs, (5, 5), pos)
+    xp = np.pad(x, [(0, 0), (0, 0), (1, 1), (1, 1)])
+    for n in range(3):
+        for j, p in enumerate(pos):
+            oh, ow = divmod(p, 5)
+            ref = np.einsum("ckl,ockl->o", xp[n, :, 2 * oh:2 * oh + 3, 2 * ow:2 * ow + 3], w)
+            np.testing.assert_allclose(patches[n * len(pos) + j] @ w.reshape(6, -1).T, ref, atol=1e-10)
+
+
+@pytest.mark.parametrize("k,stride,dilation,pad,nd", [(3, 1, 1, 1, 2), (3, 2, 1, 0, 2), (3, 1, 2, 2, 2),
+                                                      (5, 2, 1, 1, 2), (3, 1, 1, 1, 1)])
+def test_layer_stats_recover_conv_weights(k, stride, dilation, pad, nd, rng):
+    """Ridge least squares on the streamed patch/output moments recovers W and b exactly."""
+    m = _conv_model(k, stride, dilation, pad, nd)
+    node = import_graph(m).nodes[0]
+    data = DataSource({"input": rng.standard_normal((64, 4) + (9,) * nd).astype(np.float32)})
+    acc = collect(data, [layer_stats_request(node, "k", "input", "y", positions=20)], m, batch_size=16)["k"]
+    w, b = ridge_solve(acc, ridge=1e-10)
+    w0, b0 = layer_matrix(node)
+    np.testing.assert_allclose(w, w0, atol=1e-5)
+    np.testing.assert_allclose(b, b0, atol=1e-5)
+    assert fit_error(acc, w, b) < 1e-9
+    assert fit_error(acc, np.zeros_like(w), acc.mean_y) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_response_stats_spatial_max_against_numpy(rng):
+    m = _conv_model()
+    data = DataSource({"input": rng.standard_normal((50, 4, 9, 9)).astype(np.float32)})
+    acc = collect(data, [ResponseStats("y", "spatial_max")], m, batch_size=7)
+    y = run_model(m, data)["y"]
+    r = y.reshape(50, 6, -1).max(axis=2).astype(np.float64)
+    got = acc["resp:y:spatial_max"]
+    assert got.n == 50
+    np.testing.assert_allclose(got.cov, np.cov(r.T, bias=True), rtol=1e-5, atol=1e-6)
+
+
+def test_linear_rows_and_cross_moments_merge(rng):
+    """MatMul on (N, T, d) tokens: rows are all N·T tokens."""
+    b = GraphBuilder(2)
+    x = b.input("input", ["batch", 5, 16])
+    b.matmul(x, 16, 12, out="y")
+    b.output("y")
+    m = normalize(b.model())
+    node = import_graph(m).nodes[0]
+    data = DataSource({"input": rng.standard_normal((40, 5, 16)).astype(np.float32)})
+    acc = collect(data, [layer_stats_request(node, "k", "input", "y")], m)["k"]
+    assert acc.n == 200
+    w, bias = ridge_solve(acc, ridge=1e-10)
+    np.testing.assert_allclose(w, layer_matrix(node)[0], atol=1e-5)
+    halves = [collect(data.subset(s, e), [layer_stats_request(node, "k", "input", "y")], m)["k"] for s, e in ((0, 13), (13, 40))]
+    merged = halves[0].merge(halves[1])
+    np.testing.assert_allclose(merged.xy, acc.xy, rtol=1e-10)
+    assert isinstance(merged, CrossMoments)
+
+
+def test_paired_collect_reads_targets_from_second_model(rng):
+    """x from one model, y from another, same samples and positions."""
+    m = _conv_model()
+    data = DataSource({"input": rng.standard_normal((16, 4, 9, 9)).astype(np.float32)})
+    node = import_graph(m).nodes[0]
+    req = layer_stats_request(node, "k", "input", "y", positions=5)
+    same = collect(data, [req], m)["k"]
+    paired = collect(data, [req], m, model_y=m)["k"]
+    np.testing.assert_allclose(paired.xy, same.xy)
