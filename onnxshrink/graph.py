@@ -24,7 +24,14 @@ def import_graph(model: onnx.ModelProto) -> gs.Graph:
 
 
 def export_model(graph: gs.Graph, like: onnx.ModelProto | None = None) -> onnx.ModelProto:
+    """Clean up, sort and export. Shapes of intermediate tensors are dropped (a rewrite may have
+    changed them; stale value_info would contradict shape inference), graph inputs and outputs
+    keep theirs."""
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    boundary = {t.name for t in graph.inputs} | {t.name for t in graph.outputs}
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Variable) and t.name not in boundary:
+            t.shape = None
     model = gs.export_onnx(graph, do_type_check=False)
     if like is not None:
         model.ir_version = like.ir_version
