@@ -6,7 +6,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-sys.path.insert(0, ROOT)  # for models.digits
+sys.path.append(ROOT)  # for models.digits; appended so an installed onnxshrink wins over the source folder
 
 MODELS = os.path.join(ROOT, "models")
 
