@@ -45,19 +45,20 @@ def model_inputs(model: onnx.ModelProto):
 class DataSource:
     """Arrays keyed by input name, all with the same number of samples (axis 0)."""
 
-    def __init__(self, arrays: dict, origin: str = "calibration data"):
+    def __init__(self, arrays: dict, origin: str = "calibration data", cast: dict | None = None):
         self.arrays = arrays
         self.origin = origin
+        self.cast = cast or {}   # input name -> dtype, applied per batch (memory-mapped arrays stay on disk)
         ns = {k: len(v) for k, v in arrays.items()}
         if len(set(ns.values())) > 1:
             raise CalibrationError(f"{origin}: inputs have different sample counts {ns}")
         self.n = next(iter(ns.values())) if ns else 0
 
     def take(self, idx) -> dict:
-        return {k: np.ascontiguousarray(v[idx]) for k, v in self.arrays.items()}
+        return {k: np.ascontiguousarray(v[idx], dtype=self.cast.get(k)) for k, v in self.arrays.items()}
 
     def subset(self, start: int, stop: int) -> "DataSource":
-        return DataSource({k: v[start:stop] for k, v in self.arrays.items()}, self.origin)
+        return DataSource({k: v[start:stop] for k, v in self.arrays.items()}, self.origin, self.cast)
 
     def batches(self, batch_size: int = 64):
         for s in range(0, self.n, batch_size):
@@ -93,10 +94,10 @@ class DataSource:
             if (m_kind == "f") != (a_kind == "f") or a_kind not in "fiub":
                 raise CalibrationError(f"{self.origin}: input '{name}' has dtype {a.dtype} but the model "
                                        f"expects {np.dtype(dtype).name}")
-            if a_kind == "f" and not np.isfinite(a).all():
+            if a_kind == "f" and not all(np.isfinite(a[s:s + 1024]).all() for s in range(0, len(a), 1024)):
                 raise CalibrationError(f"{self.origin}: input '{name}' contains NaN or Inf values")
-            out[name] = a.astype(dtype, copy=False) if a.dtype != dtype else a
-        return DataSource(out, self.origin)
+            out[name] = a
+        return DataSource(out, self.origin, {name: np.dtype(dtype) for name, _, dtype in inputs})
 
 
 class ImageFolderSource(DataSource):
@@ -216,7 +217,8 @@ def _load_path(path, inputs, image_options, origin):
         return ImageFolderSource(path, name, dtype=dtype, **opts)
     label = f"{origin} '{path}'"
     try:
-        loaded = np.load(path, allow_pickle=False)
+        # .npy files are memory-mapped: batches are read from disk as they are needed
+        loaded = np.load(path, allow_pickle=False, mmap_mode="r" if path.endswith(".npy") else None)
     except Exception as e:
         raise CalibrationError(f"cannot read {label}: not a .npy/.npz file or an image folder ({e})") from None
     if isinstance(loaded, np.ndarray):
