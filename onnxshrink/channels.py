@@ -1,0 +1,761 @@
+"""Channel coupling: which tensors must lose the same channels when filters are removed.
+
+Removing output channel c of a weight layer (Conv filter, Gemm/MatMul neuron) removes channel c
+from every tensor it flows into, up to the weight layers that consume it. Each source channel is a
+*component*; components are tied (union–find) where two tensors must lose channels together:
+
+    y = f(x) channel-wise          (BN, activations, per-channel constants, pooling, depthwise
+                                   Conv, Dropout/Identity, Transpose/Squeeze axis moves)
+    y = a ⊕ b, both computed        (residual Add / SE Mul): comp(a)[i] ≡ comp(b)[i]
+    y = Concat(a, b) on channels    comp(y) = comp(a) ‖ comp(b)        (offsets)
+    y = Split/Slice on channels     comp(y) = comp(x)[s:e]
+    y = Flatten/Reshape(x) → (N, C·S)   comp(y) = repeat(comp(x), S)   (H·W column blocks)
+
+A *group* is a connected set of sources (weight layers whose output channels are created by a
+weight matrix) and their components: every tensor and parameter that carries them must lose the
+same channels. A group is *pinned* (left whole) when any of its channels reaches a graph output or
+an op the analysis does not understand; each pin names the node and the reason. This is the
+dependency-graph idea of structured pruning (e.g. DepGraph, Fang et al. 2023) specialised to ONNX.
+
+Use::
+
+    an = analyze(model, sample_shapes)        # ChannelAnalysis
+    for g in an.groups: g.size, g.pinned, g.pins, g.sources, g.consumers, g.observations
+    pruned = an.prune(model, {g.index: kept_indices})   # every coupled tensor rewritten
+    an.output_mask(node_name, keep)           # which output channels of a source survive
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .graph import concrete_input_shapes, export_model, infer_shapes, opset
+
+UNARY = {
+    "Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Gelu", "Tanh", "Erf", "Elu",
+    "Selu", "Celu", "Softplus", "Softsign", "Mish", "ThresholdedRelu", "Neg", "Abs", "Exp", "Log",
+    "Sqrt", "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Sin", "Cos", "Identity", "Dropout", "Cast",
+}
+POOL = {"MaxPool", "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool"}
+ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "PRelu"}
+REDUCE = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL2", "ReduceL1", "ReduceProd",
+          "ReduceLogSumExp", "ReduceSumSquare"}
+
+
+@dataclass
+class Pin:
+    """Why a group is left whole: the node where its channels meet something that cannot lose them."""
+    node: str
+    reason: str
+
+
+@dataclass
+class Source:
+    """A node whose output channels are created by weights (or an opaque, pinned origin)."""
+    node: str
+    op: str
+    tensor: str
+    comps: np.ndarray
+    prunable: bool = True
+
+
+@dataclass
+class Observation:
+    """A tensor whose responses describe some of a group's channels: ``positions`` along its
+    channel axis hold the group's channels ``indices``; ``reduce`` is the stats reduction."""
+    tensor: str
+    reduce: str
+    positions: np.ndarray
+    indices: np.ndarray
+
+
+@dataclass
+class Group:
+    index: int
+    classes: np.ndarray                      # component roots, in the group's channel order
+    sources: list = field(default_factory=list)
+    consumers: list = field(default_factory=list)   # weight layers whose input columns shrink
+    observations: list = field(default_factory=list)
+    pins: list = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return len(self.classes)
+
+    @property
+    def pinned(self) -> bool:
+        return bool(self.pins) or not any(s.prunable for s in self.sources)
+
+    @property
+    def name(self) -> str:
+        return "+".join(s.node for s in self.sources)
+
+
+@dataclass
+class _Map:
+    """A tracked tensor: channel axis (non-negative), rank, component per channel position."""
+    axis: int
+    rank: int
+    comps: np.ndarray
+    origin: tuple | None = None   # (tensor, _Map) before a Flatten/Reshape, for responses
+
+
+class _UF:
+    def __init__(self):
+        self.parent: list[int] = []
+
+    def new(self, n: int) -> np.ndarray:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        return np.arange(start, start + n, dtype=np.int64)
+
+    def find(self, a: int) -> int:
+        p = self.parent
+        root = a
+        while p[root] != root:
+            root = p[root]
+        while p[a] != root:
+            p[a], a = root, p[a]
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(int(a)), self.find(int(b))
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+def _ints(values):
+    return [int(v) for v in np.asarray(values).reshape(-1)]
+
+
+def _const(t):
+    return t.values if isinstance(t, gs.Constant) else None
+
+
+# ----------------------------------------------------------------------------- edits
+def _replace_const(node: gs.Node, idx: int, values: np.ndarray) -> None:
+    old = node.inputs[idx]
+    shared = len(old.outputs) > 1
+    name = f"{old.name}__{node.name}" if shared else old.name
+    node.inputs[idx] = gs.Constant(name, np.ascontiguousarray(values.astype(old.values.dtype, copy=False)))
+
+
+def _slice_input(node, idx, axis, mask):
+    if idx >= len(node.inputs) or not isinstance(node.inputs[idx], gs.Constant):
+        return
+    v = node.inputs[idx].values
+    if mask.all() or v.ndim == 0 or v.shape[axis] != len(mask):
+        return
+    _replace_const(node, idx, np.compress(mask, v, axis=axis))
+
+
+@dataclass
+class _Edit:
+    kind: str          # out | in | param | depthwise | split | slice | reshape
+    node: str
+    comps: object      # np.ndarray, or a list of arrays (split)
+    idx: int = 0
+    axis: int = 0
+    extra: tuple = ()
+
+    def apply(self, node: gs.Node, alive: np.ndarray, ops: int) -> None:
+        k = self.kind
+        if k == "split":
+            sizes = [int(alive[c].sum()) for c in self.comps]
+            if len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant):
+                _replace_const(node, 1, np.asarray(sizes, np.int64))
+            elif ops >= 13:
+                node.attrs.pop("num_outputs", None)
+                node.inputs.append(gs.Constant(node.name + "_split", np.asarray(sizes, np.int64)))
+            else:
+                node.attrs["split"] = sizes
+            return
+        mask = alive[self.comps]
+        if k == "slice":
+            start, stop = self.extra
+            new_start = int(mask[:start].sum())
+            new_stop = new_start + int(mask[start:stop].sum())
+            for inp, val in ((1, new_start), (2, new_stop)):
+                v = node.inputs[inp].values.copy()
+                v[self.idx] = val
+                _replace_const(node, inp, v)
+            return
+        if k == "reshape":
+            v = node.inputs[1].values.copy()
+            v[self.idx] = int(mask.sum())
+            _replace_const(node, 1, v)
+            return
+        if mask.all():
+            return
+        if k == "param":
+            _slice_input(node, self.idx, self.axis, mask)
+        elif k == "depthwise":
+            _slice_input(node, 1, 0, mask)
+            _slice_input(node, 2, 0, mask)
+            node.attrs["group"] = int(mask.sum())
+        elif k == "out":
+            if node.op == "Conv":
+                _slice_input(node, 1, 0, mask)
+                _slice_input(node, 2, 0, mask)
+            elif node.op == "Gemm":
+                _slice_input(node, 1, 0 if node.attrs.get("transB", 0) else 1, mask)
+                if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant) and node.inputs[2].values.ndim:
+                    _slice_input(node, 2, node.inputs[2].values.ndim - 1, mask)
+            else:  # MatMul
+                _slice_input(node, 1, node.inputs[1].values.ndim - 1, mask)
+        elif k == "in":
+            if node.op == "Conv":
+                _slice_input(node, 1, 1, mask)
+            elif node.op == "Gemm":
+                _slice_input(node, 1, 1 if node.attrs.get("transB", 0) else 0, mask)
+            else:
+                _slice_input(node, 1, node.inputs[1].values.ndim - 2, mask)
+
+
+# ----------------------------------------------------------------------------- analysis
+class ChannelAnalysis:
+    """The coupling groups of a model and the edits that remove channels from them."""
+
+    def __init__(self, model: onnx.ModelProto, sample_shapes: dict | None = None):
+        self.opset = opset(model)
+        self.info = infer_shapes(model, concrete_input_shapes(model, sample_shapes, batch=1))
+        self.uf = _UF()
+        self.sources: list[Source] = []
+        self.edits: list[_Edit] = []
+        self.comp_pins: dict[int, list[Pin]] = {}
+        self.consumer_obs: list[tuple[str, str, _Map]] = []   # (consumer node, observed tensor, map)
+        self._run(gs.import_onnx(model))
+        self._finish()
+
+    # -- helpers
+    def _shape(self, t):
+        if isinstance(t, gs.Constant):
+            return tuple(t.values.shape)
+        return self.info.get(t.name, (None, None))[0]
+
+    def _rank(self, t, default=None):
+        s = self._shape(t)
+        return len(s) if s is not None else default
+
+    def pin(self, m: _Map | None, node, reason: str) -> None:
+        if m is None:
+            return
+        name = getattr(node, "name", node)
+        for c in np.unique(m.comps):
+            self.comp_pins.setdefault(int(c), []).append(Pin(name, reason))
+
+    def _source(self, node, tensor, n, rank, axis, prunable=True, reason=None) -> _Map:
+        comps = self.uf.new(n)
+        self.sources.append(Source(node.name, node.op, tensor.name, comps, prunable))
+        m = _Map(axis, rank, comps)
+        if prunable:
+            self.edits.append(_Edit("out", node.name, comps))
+        else:
+            self.pin(m, node, reason or f"{node.op} output channels cannot be removed")
+        return m
+
+    def _tie(self, a: np.ndarray, b: np.ndarray) -> None:
+        for x, y in zip(a, b):
+            self.uf.union(int(x), int(y))
+
+    # -- propagation
+    def _run(self, graph: gs.Graph) -> None:
+        graph.toposort()
+        self.tmap: dict[str, _Map] = {}
+        for node in graph.nodes:
+            tracked = [(i, self.tmap[t.name]) for i, t in enumerate(node.inputs)
+                       if not isinstance(t, gs.Constant) and t.name in self.tmap]
+            if not tracked and node.op not in ("Conv", "Gemm", "MatMul"):
+                continue
+            try:
+                handler = self._handler(node.op)
+                handler(node, tracked)
+            except _Unsupported as e:
+                for _, m in tracked:
+                    self.pin(m, node, str(e))
+                for o in node.outputs:
+                    self.tmap.pop(o.name, None)
+        for t in graph.outputs:
+            if t.name in self.tmap:
+                prod = t.inputs[0].name if t.inputs else t.name
+                self.pin(self.tmap[t.name], prod, f"channels reach graph output '{t.name}'")
+
+    def _handler(self, op):
+        if op in ("Conv", "Gemm", "MatMul"):
+            return getattr(self, "_" + op.lower())
+        if op in UNARY:
+            return self._unary
+        if op in POOL:
+            return self._pool
+        if op in ELEMENTWISE:
+            return self._elementwise
+        table = {"BatchNormalization": self._bn, "InstanceNormalization": self._bn, "Concat": self._concat,
+                 "Split": self._split, "Slice": self._slice, "Flatten": self._flatten, "Reshape": self._reshape,
+                 "Transpose": self._transpose, "Squeeze": self._squeeze, "Unsqueeze": self._squeeze,
+                 "Softmax": self._axis_op, "LogSoftmax": self._axis_op, "LayerNormalization": self._layernorm}
+        if op in table:
+            return table[op]
+        if op in REDUCE:
+            return self._reduce
+        return self._unknown
+
+    def _unknown(self, node, tracked):
+        if tracked:
+            raise _Unsupported(f"{node.op} is not understood by the channel analysis")
+
+    def _set(self, node, m: _Map, k=0):
+        self.tmap[node.outputs[k].name] = m
+
+    def _one(self, node, tracked, at=0):
+        if len(tracked) != 1 or tracked[0][0] != at:
+            raise _Unsupported(f"{node.op} with channels on input {[i for i, _ in tracked]}")
+        return tracked[0][1]
+
+    def _unary(self, node, tracked):
+        m = self._one(node, tracked)
+        for t in node.inputs[1:]:
+            if not isinstance(t, gs.Constant) and t.name:
+                raise _Unsupported(f"{node.op} with a computed parameter")
+        self._set(node, _Map(m.axis, m.rank, m.comps))
+
+    def _pool(self, node, tracked):
+        m = self._one(node, tracked)
+        if m.axis != 1 or m.rank < 3:
+            raise _Unsupported(f"{node.op} over the channel axis")
+        self._set(node, _Map(1, m.rank, m.comps))
+
+    def _bn(self, node, tracked):
+        m = self._one(node, tracked)
+        if m.axis != 1 or len(node.outputs) != 1 or node.attrs.get("training_mode", 0):
+            raise _Unsupported(f"{node.op} not on channel axis 1 or in training mode")
+        for i in range(1, len(node.inputs)):
+            v = _const(node.inputs[i])
+            if v is None or v.shape != (len(m.comps),):
+                raise _Unsupported(f"{node.op} with non-constant or non-per-channel parameters")
+            self.edits.append(_Edit("param", node.name, m.comps, idx=i, axis=0))
+        self._set(node, _Map(1, m.rank, m.comps))
+
+    def _elementwise(self, node, tracked):
+        maps = {i: m for i, m in tracked}
+        ranks = []
+        for i, t in enumerate(node.inputs):
+            r = maps[i].rank if i in maps else (t.values.ndim if isinstance(t, gs.Constant) else self._rank(t))
+            if r is None:
+                raise _Unsupported(f"{node.op} with an operand of unknown rank")
+            ranks.append(r)
+        out_rank = max(ranks)
+        first = tracked[0][1]
+        neg = first.axis - first.rank
+        for i, m in tracked[1:]:
+            if m.axis - m.rank != neg or len(m.comps) != len(first.comps):
+                raise _Unsupported(f"{node.op} combines channels that do not line up")
+            self._tie(first.comps, m.comps)
+        n = len(first.comps)
+        for i, t in enumerate(node.inputs):
+            if i in maps:
+                continue
+            shape = self._shape(t)
+            pos = ranks[i] + neg
+            if shape is None:
+                raise _Unsupported(f"{node.op} with an operand of unknown shape")
+            if pos < 0 or shape[pos] == 1:
+                continue
+            if shape[pos] != n:
+                raise _Unsupported(f"{node.op} operand does not broadcast per channel")
+            if not isinstance(t, gs.Constant):
+                raise _Unsupported(f"{node.op} with a computed full-channel operand '{t.name}'")
+            self.edits.append(_Edit("param", node.name, first.comps, idx=i, axis=pos))
+        self._set(node, _Map(out_rank + neg, out_rank, first.comps))
+
+    def _concat(self, node, tracked):
+        maps = dict(tracked)
+        first = tracked[0][1]
+        axis = int(node.attrs.get("axis", 1))
+        axis = axis + first.rank if axis < 0 else axis
+        if any(m.rank != first.rank or m.axis != first.axis for _, m in tracked):
+            raise _Unsupported("Concat of inputs with different channel axes")
+        if axis != first.axis:
+            if len(tracked) != len(node.inputs) or any(len(m.comps) != len(first.comps) for _, m in tracked):
+                raise _Unsupported("Concat on a non-channel axis with untracked inputs")
+            for _, m in tracked[1:]:
+                self._tie(first.comps, m.comps)
+            self._set(node, _Map(first.axis, first.rank, first.comps))
+            return
+        parts = []
+        for i, t in enumerate(node.inputs):
+            if i in maps:
+                parts.append(maps[i].comps)
+                continue
+            shape = self._shape(t)
+            if shape is None:
+                raise _Unsupported("Concat with an input of unknown shape")
+            m = self._source(node, t, shape[axis], first.rank, axis, prunable=False,
+                             reason=f"Concat input '{t.name}' has channels of unknown origin")
+            parts.append(m.comps)
+        self._set(node, _Map(axis, first.rank, np.concatenate(parts)))
+
+    def _split(self, node, tracked):
+        m = self._one(node, tracked)
+        axis = int(node.attrs.get("axis", 0))
+        axis = axis + m.rank if axis < 0 else axis
+        if axis != m.axis:
+            for k in range(len(node.outputs)):
+                self._set(node, _Map(m.axis, m.rank, m.comps), k)
+            return
+        n = len(m.comps)
+        if len(node.inputs) > 1 and node.inputs[1].name:
+            v = _const(node.inputs[1])
+            if v is None:
+                raise _Unsupported("Split with computed sizes")
+            sizes = _ints(v)
+        elif "split" in node.attrs:
+            sizes = _ints(node.attrs["split"])
+        else:
+            k = len(node.outputs)
+            step = -(-n // k)
+            sizes = [min(step, n - i * step) for i in range(k)]
+        if sum(sizes) != n:
+            raise _Unsupported("Split sizes do not cover the channels")
+        offs = np.cumsum([0] + sizes)
+        parts = [m.comps[offs[i]:offs[i + 1]] for i in range(len(sizes))]
+        self.edits.append(_Edit("split", node.name, parts))
+        for k, p in enumerate(parts):
+            self._set(node, _Map(m.axis, m.rank, p), k)
+
+    def _slice(self, node, tracked):
+        m = self._one(node, tracked)
+        vals = [_const(t) if t.name else None for t in node.inputs[1:]]
+        if any(v is None for v in vals[:2]) or any(
+                v is None for v, t in zip(vals[2:], node.inputs[3:]) if t.name):
+            raise _Unsupported("Slice with computed bounds")
+        starts, ends = _ints(vals[0]), _ints(vals[1])
+        axes = _ints(vals[2]) if len(vals) > 2 and vals[2] is not None else list(range(len(starts)))
+        steps = _ints(vals[3]) if len(vals) > 3 and vals[3] is not None else [1] * len(starts)
+        axes = [a + m.rank if a < 0 else a for a in axes]
+        comps = m.comps
+        if m.axis in axes:
+            j = axes.index(m.axis)
+            if steps[j] != 1:
+                raise _Unsupported("Slice with a step on the channel axis")
+            n = len(comps)
+            s, e = starts[j], ends[j]
+            s = min(max(s + n if s < 0 else s, 0), n)
+            e = min(max(e + n if e < 0 else e, 0), n)
+            e = max(e, s)
+            self.edits.append(_Edit("slice", node.name, comps, idx=j, extra=(s, e)))
+            comps = comps[s:e]
+        self._set(node, _Map(m.axis, m.rank, comps))
+
+    def _flatten_to(self, node, m: _Map, in_tensor, out_rank, keep_rank_dims=False):
+        """(N, C, *S) → (N, C·S): columns of channel c are the block c·S … (c+1)·S − 1."""
+        shape = self._shape(in_tensor)
+        if shape is None:
+            raise _Unsupported(f"{node.op} of a tensor of unknown shape")
+        s = int(np.prod(shape[2:])) if len(shape) > 2 else 1
+        origin = m.origin or (in_tensor.name, m)
+        return _Map(1, out_rank, np.repeat(m.comps, s), origin), s
+
+    def _flatten(self, node, tracked):
+        m = self._one(node, tracked)
+        axis = int(node.attrs.get("axis", 1))
+        axis = axis + m.rank if axis < 0 else axis
+        if m.rank == 2 and axis == 1:
+            self._set(node, _Map(1, 2, m.comps, m.origin))
+            return
+        if axis != 1 or m.axis != 1:
+            raise _Unsupported("Flatten that does not keep (batch, channels·spatial)")
+        out, _ = self._flatten_to(node, m, node.inputs[0], 2)
+        self._set(node, out)
+
+    def _reshape(self, node, tracked):
+        m = self._one(node, tracked)
+        target = _const(node.inputs[1])
+        in_shape, out_shape = self._shape(node.inputs[0]), self._shape(node.outputs[0])
+        if target is None or in_shape is None or out_shape is None:
+            raise _Unsupported("Reshape with a computed or unknown shape")
+        target = _ints(target)
+        if tuple(in_shape) == tuple(out_shape):
+            self._set(node, _Map(m.axis, m.rank, m.comps, m.origin))
+            return
+        n = len(m.comps)
+        if m.axis == 1 and len(out_shape) == 2 and out_shape[0] == in_shape[0] and out_shape[1] == int(np.prod(in_shape[1:])):
+            out, s = self._flatten_to(node, m, node.inputs[0], 2)
+            if target[1] > 0:
+                self.edits.append(_Edit("reshape", node.name, out.comps, idx=1))
+            self._set(node, out)
+            return
+        if (m.axis == 1 and len(in_shape) >= 2 and len(out_shape) >= 2 and out_shape[0] == in_shape[0]
+                and out_shape[1] == n and all(d == 1 for d in out_shape[2:]) and all(d == 1 for d in in_shape[2:])):
+            if target[1] > 0:
+                self.edits.append(_Edit("reshape", node.name, m.comps, idx=1))
+            self._set(node, _Map(1, len(out_shape), m.comps, m.origin))
+            return
+        raise _Unsupported("Reshape that splits or merges the channel axis")
+
+    def _transpose(self, node, tracked):
+        m = self._one(node, tracked)
+        perm = _ints(node.attrs.get("perm", list(range(m.rank))[::-1]))
+        self._set(node, _Map(perm.index(m.axis), m.rank, m.comps))
+
+    def _squeeze(self, node, tracked):
+        m = self._one(node, tracked)
+        if len(node.inputs) > 1 and node.inputs[1].name:
+            v = _const(node.inputs[1])
+            if v is None:
+                raise _Unsupported(f"{node.op} with computed axes")
+            axes = _ints(v)
+        else:
+            axes = _ints(node.attrs.get("axes", []))
+        if node.op == "Squeeze":
+            if not axes:
+                shape = self._shape(node.inputs[0])
+                if shape is None:
+                    raise _Unsupported("Squeeze without axes of an unknown shape")
+                axes = [i for i, d in enumerate(shape) if d == 1]
+            axes = [a + m.rank if a < 0 else a for a in axes]
+            if m.axis in axes:
+                raise _Unsupported("Squeeze of the channel axis")
+            self._set(node, _Map(m.axis - sum(a < m.axis for a in axes), m.rank - len(axes), m.comps, m.origin))
+        else:
+            r = m.rank + len(axes)
+            axes = sorted(a + r if a < 0 else a for a in axes)
+            pos = m.axis
+            for a in axes:
+                if a <= pos:
+                    pos += 1
+            self._set(node, _Map(pos, r, m.comps, m.origin))
+
+    def _reduce(self, node, tracked):
+        m = self._one(node, tracked)
+        if len(node.inputs) > 1 and node.inputs[1].name:
+            v = _const(node.inputs[1])
+            if v is None:
+                raise _Unsupported(f"{node.op} with computed axes")
+            axes = _ints(v)
+        else:
+            axes = _ints(node.attrs.get("axes", []))
+        if not axes:
+            raise _Unsupported(f"{node.op} over all axes")
+        axes = [a + m.rank if a < 0 else a for a in axes]
+        if m.axis in axes:
+            raise _Unsupported(f"{node.op} over the channel axis")
+        if node.attrs.get("keepdims", 1):
+            self._set(node, _Map(m.axis, m.rank, m.comps))
+        else:
+            self._set(node, _Map(m.axis - sum(a < m.axis for a in axes), m.rank - len(axes), m.comps))
+
+    def _axis_op(self, node, tracked):
+        m = self._one(node, tracked)
+        axis = int(node.attrs.get("axis", -1))
+        axis = axis + m.rank if axis < 0 else axis
+        if axis == m.axis:
+            raise _Unsupported(f"{node.op} over the channel axis")
+        self._set(node, _Map(m.axis, m.rank, m.comps))
+
+    def _layernorm(self, node, tracked):
+        m = self._one(node, tracked)
+        axis = int(node.attrs.get("axis", -1))
+        axis = axis + m.rank if axis < 0 else axis
+        if m.axis >= axis:
+            raise _Unsupported("LayerNormalization over the channel axis")
+        self._set(node, _Map(m.axis, m.rank, m.comps))
+
+    # -- weight layers: consumers of tracked channels and sources of new ones
+    def _consume(self, node, m: _Map, x_tensor):
+        self.edits.append(_Edit("in", node.name, m.comps))
+        obs_tensor, obs_map = m.origin if m.origin is not None else (x_tensor.name, m)
+        self.consumer_obs.append((node.name, obs_tensor, obs_map))
+
+    def _conv(self, node, tracked):
+        w = _const(node.inputs[1])
+        if w is None or any(i != 0 for i, _ in tracked):
+            raise _Unsupported("Conv with computed weights")
+        bias_ok = len(node.inputs) < 3 or not node.inputs[2].name or isinstance(node.inputs[2], gs.Constant)
+        shared = len(node.inputs[1].outputs) > 1
+        group = int(node.attrs.get("group", 1))
+        m = tracked[0][1] if tracked else None
+        c_in, o = w.shape[1] * group, w.shape[0]
+        out = node.outputs[0]
+        if m is not None and (m.axis != 1 or len(m.comps) != c_in):
+            raise _Unsupported("Conv input channels do not match the tracked axis")
+        if group == 1:
+            if m is not None:
+                if shared:
+                    self.pin(m, node, "Conv weights are shared with another node")
+                else:
+                    self._consume(node, m, node.inputs[0])
+            self._set(node, self._source(node, out, o, w.ndim, 1, prunable=not shared and bias_ok,
+                                         reason="Conv weights are shared or its bias is computed"))
+            return
+        if m is not None and group == c_in and w.shape[1] == 1 and o == c_in and not shared and bias_ok:
+            self.edits.append(_Edit("depthwise", node.name, m.comps))
+            self._set(node, _Map(1, m.rank, m.comps))
+            return
+        if m is not None:
+            self.pin(m, node, f"grouped Conv (group={group}) that is not depthwise")
+        self._set(node, self._source(node, out, o, w.ndim, 1, prunable=False,
+                                     reason=f"grouped Conv (group={group}) output"))
+
+    def _gemm(self, node, tracked):
+        w = _const(node.inputs[1])
+        if w is None or any(i != 0 for i, _ in tracked):
+            raise _Unsupported("Gemm with computed weights or bias")
+        trans_b = node.attrs.get("transB", 0)
+        d_in, d_out = (w.shape[1], w.shape[0]) if trans_b else w.shape
+        shared = len(node.inputs[1].outputs) > 1
+        m = tracked[0][1] if tracked else None
+        if m is not None:
+            if node.attrs.get("transA", 0) or m.axis != 1 or m.rank != 2 or len(m.comps) != d_in:
+                raise _Unsupported("Gemm input is transposed or does not match the tracked channels")
+            if shared:
+                self.pin(m, node, "Gemm weights are shared with another node")
+            else:
+                self._consume(node, m, node.inputs[0])
+        c = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+        c_ok = c is None or (isinstance(c, gs.Constant) and (c.values.ndim == 0 or c.values.shape[-1] in (1, d_out))
+                             and (c.values.ndim < 2 or c.values.shape[0] == 1))
+        self._set(node, self._source(node, node.outputs[0], d_out, 2, 1, prunable=not shared and c_ok,
+                                     reason="Gemm weights are shared or its bias is not per-neuron"))
+
+    def _matmul(self, node, tracked):
+        b = _const(node.inputs[1])
+        if b is None or b.ndim != 2 or any(i != 0 for i, _ in tracked):
+            raise _Unsupported("MatMul between computed tensors")
+        shared = len(node.inputs[1].outputs) > 1
+        m = tracked[0][1] if tracked else None
+        rank = m.rank if m is not None else self._rank(node.inputs[0])
+        if rank is None:
+            raise _Unsupported("MatMul input of unknown rank")
+        if m is not None:
+            if m.axis != m.rank - 1 or len(m.comps) != b.shape[0]:
+                raise _Unsupported("MatMul input channels are not on the last axis")
+            if shared:
+                self.pin(m, node, "MatMul weights are shared with another node")
+            else:
+                self._consume(node, m, node.inputs[0])
+        self._set(node, self._source(node, node.outputs[0], b.shape[1], max(rank, 2), max(rank, 2) - 1,
+                                     prunable=not shared, reason="MatMul weights are shared"))
+
+    # -- groups
+    def _finish(self) -> None:
+        n = len(self.uf.parent)
+        self.roots = np.array([self.uf.find(i) for i in range(n)], dtype=np.int64)
+        guf = _UF()
+        guf.new(n)
+        for s in self.sources:
+            r = self.roots[s.comps]
+            for a in r[1:]:
+                guf.union(int(r[0]), int(a))
+        gid_of_root = {}
+        self.groups: list[Group] = []
+        for s in self.sources:
+            if len(s.comps) == 0:
+                continue
+            g = guf.find(int(self.roots[s.comps[0]]))
+            if g not in gid_of_root:
+                gid_of_root[g] = len(self.groups)
+                self.groups.append(Group(len(self.groups), np.zeros(0, np.int64)))
+            grp = self.groups[gid_of_root[g]]
+            grp.sources.append(s)
+        self.class_group = np.full(n, -1, dtype=np.int64)
+        self.class_index = np.full(n, -1, dtype=np.int64)
+        for grp in self.groups:
+            seen = []
+            for s in grp.sources:
+                for r in self.roots[s.comps]:
+                    if self.class_index[r] < 0:
+                        self.class_index[r] = len(seen)
+                        self.class_group[r] = grp.index
+                        seen.append(r)
+            grp.classes = np.asarray(seen, dtype=np.int64)
+        for c, pins in self.comp_pins.items():
+            grp = self.groups[self.class_group[self.roots[c]]]
+            for p in pins:
+                if p not in grp.pins:
+                    grp.pins.append(p)
+        for consumer, tensor, m in self.consumer_obs:
+            cls = self.roots[m.comps]
+            gids = self.class_group[cls]
+            reduce = "spatial_max" if (m.axis == 1 and m.rank > 2) else ("rows" if m.axis == m.rank - 1 else None)
+            for g in np.unique(gids):
+                grp = self.groups[g]
+                if consumer not in grp.consumers:
+                    grp.consumers.append(consumer)
+                if reduce is None or any(o.tensor == tensor for o in grp.observations):
+                    continue
+                pos = np.nonzero(gids == g)[0]
+                grp.observations.append(Observation(tensor, reduce, pos, self.class_index[cls[pos]]))
+        for grp in self.groups:  # groups nobody consumes: observe their sources' outputs
+            if grp.observations:
+                continue
+            for s in grp.sources:
+                m = self.tmap.get(s.tensor)
+                if m is None:
+                    continue
+                reduce = "spatial_max" if (m.axis == 1 and m.rank > 2) else ("rows" if m.axis == m.rank - 1 else None)
+                if reduce:
+                    grp.observations.append(Observation(s.tensor, reduce, np.arange(len(s.comps)),
+                                                        self.class_index[self.roots[s.comps]]))
+
+    # -- public
+    @property
+    def pins(self) -> list[Pin]:
+        return [p for g in self.groups for p in g.pins]
+
+    def group_of(self, node_name: str) -> Group | None:
+        for g in self.groups:
+            if any(s.node == node_name for s in g.sources):
+                return g
+        return None
+
+    def alive(self, keep: dict) -> np.ndarray:
+        """Boolean per component: True where the channel survives ``keep`` ({group: kept indices})."""
+        class_alive = np.ones(len(self.roots), dtype=bool)
+        for gi, kept in keep.items():
+            grp = self.groups[gi]
+            if grp.pinned:
+                continue
+            mask = np.zeros(grp.size, dtype=bool)
+            mask[np.asarray(kept, dtype=np.int64)] = True
+            class_alive[grp.classes] = mask
+        return class_alive[self.roots]
+
+    def output_mask(self, node_name: str, keep: dict) -> np.ndarray | None:
+        """Kept output channels of a source node under ``keep`` (None if it is not a source)."""
+        alive = self.alive(keep)
+        for s in self.sources:
+            if s.node == node_name:
+                return alive[s.comps]
+        return None
+
+    def prune(self, model: onnx.ModelProto, keep: dict) -> onnx.ModelProto:
+        """A copy of ``model`` with the channels not in ``keep`` ({group index: kept channel
+        indices}) removed from every coupled tensor. Groups not in ``keep`` and pinned groups stay
+        whole. Kept indices must be non-empty."""
+        for gi, kept in keep.items():
+            if len(kept) == 0 and not self.groups[gi].pinned:
+                raise ValueError(f"group {gi} would lose all its channels")
+        alive = self.alive(keep)
+        graph = gs.import_onnx(model)
+        nodes = {n.name: n for n in graph.nodes}
+        for e in self.edits:
+            e.apply(nodes[e.node], alive, self.opset)
+        inputs = {t.name for t in graph.inputs}
+        outputs = {t.name for t in graph.outputs}
+        for t in graph.tensors().values():
+            if isinstance(t, gs.Variable) and t.name not in inputs and t.name not in outputs:
+                t.shape = None
+        return export_model(graph, like=model)
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def analyze(model: onnx.ModelProto, sample_shapes: dict | None = None) -> ChannelAnalysis:
+    """Coupling groups of a (normalised) model; ``sample_shapes`` fixes dynamic input dims."""
+    return ChannelAnalysis(model, sample_shapes)
