@@ -98,9 +98,16 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     else:
         new = model
     try:
-        return shape_inference.infer_shapes(new, data_prop=True)
+        inferred = shape_inference.infer_shapes(new, data_prop=True)
     except Exception:
         return new
+    # keep the graph's declared interface as the exporter wrote it (inference would name
+    # anonymous dims "unk__N" or fill in shapes the user left open)
+    declared = {vi.name: vi for vi in list(model.graph.input) + list(model.graph.output)}
+    for vi in list(inferred.graph.input) + list(inferred.graph.output):
+        if vi.name in declared:
+            vi.CopyFrom(declared[vi.name])
+    return inferred
 
 
 def _replace_tensor(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
