@@ -1,10 +1,447 @@
-"""store weights as product-quantized codebooks decoded in the graph (not built yet)."""
+"""pq: store weights as product-quantized codebooks, decoded in the graph.
 
-from ..registry import Pass, register
+Product quantization of a weight layer (Gong et al. 2014; "Compression of Deep Neural Networks on
+the Fly", Soulié et al. 2016): write the layer as y = x W (W: d_in × d_out, the rows of W in the
+order of the layer's input features). Each output's column w_j is cut into sub-vectors of length
+d along the input features, w_j = [w_1j; …; w_Bj] (B = d_in / d; for a k×k Conv one sub-vector is
+one kernel, d = k·k). One codebook C = {c_1 … c_K} (K ≤ 256) per layer; each sub-vector is
+replaced by a centroid, stored as a uint8 code. Bytes: d_in·d_out·4 → d_in·d_out/d + K·d·(2|4).
+
+Activation-aware assignment ("And the bit goes down", Stock et al. 2020): the layer's output
+error on calibration inputs is ‖X (W − Ŵ)‖²; keeping the diagonal blocks H_b of the input
+covariance H = E[x xᵀ] (damped: H_b + λ·mean(diag H)·I), the error of one sub-vector is
+(w − c)ᵀ H_b (w − c). EM: E-step assigns each sub-vector to argmin_k (w − c_k)ᵀ H_b (w − c_k);
+M-step sets c_k = (Σ_{i∈k} H_b(i))⁻¹ Σ_{i∈k} H_b(i) w_i. Initialised by plain k-means (k-means++
+seeding, vectorised Lloyd steps). ``pq.aware=false`` keeps plain k-means (H_b = I). With the
+centered covariance as metric, the mean output shift is then removed by bias correction:
+b' = b + E[x]ᵀ (W − Ŵ).
+
+In the graph: Cast(codes uint8 → int32) → Gather(codebook, ·) → (Cast fp16 → fp32) → Reshape
+(→ Transpose) → the node's weight input. All standard ops on constants: runtimes fold them once
+at load time, so inference runs at the original speed.
+
+Size budget (``--target-size``): each layer gets candidate (d, K) settings with their output
+error and bytes; a Lagrangian search picks per layer the setting minimising Σ relative output
+error + λ·bytes, bisecting λ until the serialized model meets the goal.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..graph import export_model, import_graph
+from ..reconstruct import conv_attrs, layer_stats_request
+from ..registry import Pass, PassReport, Plan, Skip, register
+
+CODEBOOK_DTYPES = {"fp16": np.float16, "fp32": np.float32}
+NODE_OVERHEAD = 400  # serialized bytes of the decode nodes, shape constant and names (estimate)
 
 
+@dataclass
+class PqConfig:
+    block: int = 0                 # sub-vector length d; 0 = per layer type (kernel k·k, else 4)
+    centroids: int = 256           # K, centroids per layer codebook (2..256)
+    codebook_dtype: str = "fp16"   # fp16 or fp32
+    aware: bool = True             # activation-aware EM (False: plain k-means on the weights)
+    iters: int = 8                 # activation-aware EM rounds
+    kmeans_iters: int = 8          # plain Lloyd rounds (the initialisation)
+    damp: float = 0.01             # metric damping, relative to the mean input variance
+    bias_correct: bool = True      # absorb the mean output shift into the bias
+    first_conv: bool = False       # also quantize the first Conv of the model
+    positions: int = 32            # Conv: sampled output positions per calibration sample
+
+    def __post_init__(self):
+        if self.block < 0 or self.block > 64:
+            raise ValueError(f"pq.block must be 0 (auto) or 1..64, got {self.block}")
+        if not 2 <= self.centroids <= 256:
+            raise ValueError(f"pq.centroids must be in 2..256 (uint8 codes), got {self.centroids}")
+        if self.codebook_dtype not in CODEBOOK_DTYPES:
+            raise ValueError(f"pq.codebook_dtype must be fp16 or fp32, got '{self.codebook_dtype}'")
+        if self.iters < 0 or self.kmeans_iters < 1:
+            raise ValueError("pq.iters must be ≥ 0 and pq.kmeans_iters ≥ 1")
+        if self.damp < 0:
+            raise ValueError(f"pq.damp must be ≥ 0, got {self.damp}")
+
+
+# ----------------------------------------------------------------------------- layers
+@dataclass
+class Layer:
+    """A weight layer seen as T (rows × d_in): row r holds the weights of output r (per group)."""
+
+    node: gs.Node
+    weight: gs.Constant
+    rows_of: str          # "natural" (T = W.reshape(rows, -1)) or "transpose" (T = W.T)
+    aware: bool           # LayerStats can give the input covariance (group-1 Conv, Gemm, MatMul)
+    kernel: int           # k·k of a Conv/ConvTranspose kernel, 1 otherwise
+
+    @property
+    def shape(self):
+        return tuple(self.weight.values.shape)
+
+    def matrix(self) -> np.ndarray:
+        w = self.weight.values
+        if self.rows_of == "transpose":
+            return w.T
+        return w.reshape(w.shape[0], -1)
+
+    @property
+    def d_in(self):
+        return self.matrix().shape[1]
+
+    @property
+    def n_weights(self):
+        return int(np.prod(self.shape))
+
+
+def _layer(node: gs.Node, graph_outputs) -> tuple[Layer | None, str | None]:
+    if node.op not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+        return None, None
+    if len(node.inputs) < 2:
+        return None, "no weight input"
+    w = node.inputs[1]
+    if not isinstance(w, gs.Constant):
+        if node.op == "MatMul":
+            return None, "MatMul whose right operand is computed at run time (no constant weight)"
+        return None, "weights are not constants"
+    if not np.issubdtype(w.values.dtype, np.floating):
+        return None, f"weights of dtype {w.values.dtype}, not float"
+    if len(w.outputs) > 1:
+        return None, f"weights shared by {len(w.outputs)} nodes"
+    if w.name in graph_outputs:
+        return None, "weights are a graph output"
+    shape = w.values.shape
+    if node.op == "MatMul":
+        if len(shape) != 2:
+            return None, f"MatMul weight of rank {len(shape)} (only 2-D right operands)"
+        return Layer(node, w, "transpose", True, 1), None
+    if node.op == "Gemm":
+        if len(shape) != 2:
+            return None, "Gemm weight is not 2-D"
+        trans = bool(node.attrs.get("transB", 0))
+        return Layer(node, w, "natural" if trans else "transpose", True, 1), None
+    kernel = int(np.prod(shape[2:])) if len(shape) > 2 else 1
+    if node.op == "Conv":
+        try:
+            attrs = conv_attrs(node, shape)
+        except ValueError as e:
+            return None, str(e)
+        return Layer(node, w, "natural", attrs["group"] == 1, kernel), None
+    return Layer(node, w, "natural", False, kernel), None  # ConvTranspose: weight space
+
+
+def _default_block(layer: Layer, cfg: PqConfig) -> int:
+    d_in = layer.d_in
+    if cfg.block:
+        return cfg.block
+    if layer.node.op == "ConvTranspose":
+        # W (C_in, C_out/g, k..): rows are input channels; blocks of one kernel, or of 4 outputs
+        if layer.kernel > 1:
+            return layer.kernel if layer.kernel <= 16 else int(layer.shape[-1])
+        d_in = layer.d_in
+    elif layer.kernel > 1:
+        return layer.kernel if layer.kernel <= 16 else int(layer.shape[-1])
+    for d in (4, 8, 2):
+        if d_in % d == 0:
+            return d
+    return 1
+
+
+def _bytes(n_sub: int, k: int, d: int, dtype) -> int:
+    return n_sub + k * d * np.dtype(dtype).itemsize + NODE_OVERHEAD
+
+
+# ----------------------------------------------------------------------------- k-means / EM
+def _sqdist_argmin(x, c, chunk=1 << 15):
+    """Nearest centroid (Euclidean) of each row of x; float32 products."""
+    x32, c32 = x.astype(np.float32), c.astype(np.float32)
+    cc = (c32 * c32).sum(1)
+    out = np.empty(len(x), dtype=np.int64)
+    for s in range(0, len(x), chunk):
+        out[s:s + chunk] = np.argmin(cc[None, :] - 2.0 * (x32[s:s + chunk] @ c32.T), axis=1)
+    return out
+
+
+def _kmeanspp(x, k, rng, sample=20000):
+    if len(x) > sample:
+        x = x[np.sort(rng.choice(len(x), size=sample, replace=False))]
+    centers = np.empty((k, x.shape[1]))
+    centers[0] = x[rng.integers(len(x))]
+    d2 = ((x - centers[0]) ** 2).sum(1)
+    for i in range(1, k):
+        total = d2.sum()
+        if total <= 0:
+            centers[i:] = centers[0]
+            break
+        j = int(np.searchsorted(np.cumsum(d2), rng.random() * total))
+        centers[i] = x[min(j, len(x) - 1)]
+        d2 = np.minimum(d2, ((x - centers[i]) ** 2).sum(1))
+    return centers
+
+
+def _bincount_rows(codes, vals, k):
+    """Σ of the rows of vals per code: (k, d)."""
+    return np.stack([np.bincount(codes, weights=vals[:, e], minlength=k) for e in range(vals.shape[1])], axis=1)
+
+
+def kmeans(x, k, iters, rng):
+    """Plain k-means (k-means++ seeding, Lloyd steps) -> (centroids k×d, codes)."""
+    c = _kmeanspp(x, k, rng)
+    codes = _sqdist_argmin(x, c)
+    for _ in range(iters):
+        counts = np.bincount(codes, minlength=k)
+        sums = _bincount_rows(codes, x, k)
+        nz = counts > 0
+        c[nz] = sums[nz] / counts[nz, None]
+        new = _sqdist_argmin(x, c)
+        if np.array_equal(new, codes):
+            break
+        codes = new
+    return c, codes
+
+
+def _metric_assign(hx, blk, c, hblocks, chunk=1 << 15):
+    """argmin_k cᵀH_b c − 2 (H_b w)ᵀ c for each sub-vector (hx = H_b w, blk = its block)."""
+    c32 = c.astype(np.float32)
+    q = np.einsum("kd,bde,ke->bk", c, hblocks, c).astype(np.float32)  # (B, K)
+    hx32 = hx.astype(np.float32)
+    out = np.empty(len(hx), dtype=np.int64)
+    for s in range(0, len(hx), chunk):
+        sl = slice(s, s + chunk)
+        out[sl] = np.argmin(q[blk[sl]] - 2.0 * (hx32[sl] @ c32.T), axis=1)
+    return out
+
+
+def aware_em(x, blk, hblocks, c, codes, iters):
+    """EM under per-block metrics: returns (centroids, codes). x: (rows·B, d), blk = i mod B."""
+    k, d = c.shape
+    nb = len(hblocks)
+    hx = np.einsum("bde,rbe->rbd", hblocks, x.reshape(-1, nb, d)).reshape(-1, d)
+    for _ in range(iters):
+        counts = np.bincount(blk * k + codes, minlength=nb * k).reshape(nb, k)
+        hsum = np.einsum("bk,bde->kde", counts.astype(np.float64), hblocks)
+        rhs = _bincount_rows(codes, hx, k)
+        nz = counts.sum(0) > 0
+        if nz.any():
+            c = c.copy()
+            c[nz] = np.linalg.solve(hsum[nz], rhs[nz][..., None])[..., 0]
+        new = _metric_assign(hx, blk, c, hblocks)
+        if np.array_equal(new, codes):
+            break
+        codes = new
+    return c, codes
+
+
+def quantize(t, d, k, hblocks, cfg, rng, dtype):
+    """T (rows × d_in) -> (codebook K'×d in ``dtype``, codes rows × B uint8, T̂)."""
+    rows, d_in = t.shape
+    nb = d_in // d
+    x = t.reshape(rows * nb, d).astype(np.float64)
+    blk = np.tile(np.arange(nb), rows)
+    uniq, inv = np.unique(x, axis=0, return_inverse=True)
+    if len(uniq) <= k:
+        c, codes = uniq, inv.reshape(-1)
+    else:
+        c, codes = kmeans(x, k, cfg.kmeans_iters, rng)
+        if hblocks is not None and cfg.iters:
+            c, codes = aware_em(x, blk, hblocks, c, codes, cfg.iters)
+        # drop unused centroids (fewer bytes, same weights) and order them deterministically
+        used = np.unique(codes)
+        remap = np.zeros(len(c), dtype=np.int64)
+        remap[used] = np.arange(len(used))
+        c, codes = c[used], remap[codes]
+    cb = c.astype(dtype)
+    t_hat = cb.astype(np.float64)[codes].reshape(rows, d_in)
+    return cb, codes.reshape(rows, nb).astype(np.uint8), t_hat
+
+
+# ----------------------------------------------------------------------------- graph
+def _decode(graph: gs.Graph, layer: Layer, codebook: np.ndarray, codes: np.ndarray) -> gs.Variable:
+    """Cast(codes) → Gather(codebook) → (Cast fp32) → Reshape (→ Transpose): the weight tensor."""
+    base = layer.weight.name
+    wdtype = layer.weight.values.dtype
+    cb = gs.Constant(base + ".pq_codebook", np.ascontiguousarray(codebook))
+    cd = gs.Constant(base + ".pq_codes", np.ascontiguousarray(codes))
+    idx = gs.Variable(base + ".pq_idx", dtype=np.int32, shape=list(codes.shape))
+    graph.nodes.append(gs.Node("Cast", name=base + ".pq_cast_codes", attrs={"to": onnx.TensorProto.INT32},
+                               inputs=[cd], outputs=[idx]))
+    table = cb
+    if codebook.dtype != wdtype:
+        table = gs.Variable(base + ".pq_codebook_f", dtype=wdtype, shape=list(codebook.shape))
+        graph.nodes.append(gs.Node("Cast", name=base + ".pq_cast_codebook",
+                                   attrs={"to": onnx.helper.np_dtype_to_tensor_dtype(np.dtype(wdtype))},
+                                   inputs=[cb], outputs=[table]))
+    rows, nb = codes.shape
+    d = codebook.shape[1]
+    gathered = gs.Variable(base + ".pq_gathered", dtype=wdtype, shape=[rows, nb, d])
+    graph.nodes.append(gs.Node("Gather", name=base + ".pq_gather", attrs={"axis": 0},
+                               inputs=[table, idx], outputs=[gathered]))
+    shape = layer.shape
+    out = gs.Variable(base + ".pq", dtype=wdtype, shape=list(shape))
+    if layer.rows_of == "transpose":
+        flat = gs.Variable(base + ".pq_rows", dtype=wdtype, shape=[rows, nb * d])
+        shp = gs.Constant(base + ".pq_shape", np.array([rows, nb * d], dtype=np.int64))
+        graph.nodes.append(gs.Node("Reshape", name=base + ".pq_reshape", inputs=[gathered, shp], outputs=[flat]))
+        graph.nodes.append(gs.Node("Transpose", name=base + ".pq_transpose", attrs={"perm": [1, 0]},
+                                   inputs=[flat], outputs=[out]))
+    else:
+        shp = gs.Constant(base + ".pq_shape", np.array(shape, dtype=np.int64))
+        graph.nodes.append(gs.Node("Reshape", name=base + ".pq_reshape", inputs=[gathered, shp], outputs=[out]))
+    return out
+
+
+def decoded_weight(layer_shape, rows_of, codebook, codes) -> np.ndarray:
+    """The weight the decode subgraph computes, in numpy (for tests and reports)."""
+    t = codebook.astype(np.float32)[codes.astype(np.int64)].reshape(codes.shape[0], -1)
+    return t.T.copy() if rows_of == "transpose" else t.reshape(layer_shape)
+
+
+def _bias_target(layer: Layer):
+    """(kind, tensor holder) where a bias correction can go: ("input", node) for Conv/Gemm,
+    ("add", add_node, const_index) for a MatMul followed by an Add of a constant vector."""
+    node = layer.node
+    n_out = layer.matrix().shape[0]
+    if node.op == "Conv":
+        if len(node.inputs) > 2 and not isinstance(node.inputs[2], gs.Constant):
+            return None
+        return ("input", node)
+    if node.op == "Gemm":
+        if node.attrs.get("beta", 1.0) == 0:
+            return None
+        if len(node.inputs) > 2 and (not isinstance(node.inputs[2], gs.Constant)
+                                     or node.inputs[2].values.size not in (1, n_out)
+                                     or len(node.inputs[2].outputs) > 1):
+            return None
+        return ("input", node)
+    if node.op == "MatMul":
+        out = node.outputs[0]
+        if len(out.outputs) == 1 and out.outputs[0].op == "Add":
+            add = out.outputs[0]
+            for i, t in enumerate(add.inputs):
+                if (isinstance(t, gs.Constant) and t.values.shape == (n_out,) and len(t.outputs) == 1):
+                    return ("add", add, i)
+    return None
+
+
+def _apply_bias_shift(layer: Layer, target, shift: np.ndarray):
+    node = layer.node
+    dtype = layer.weight.values.dtype
+    if target[0] == "add":
+        _, add, i = target
+        c = add.inputs[i]
+        add.inputs[i] = gs.Constant(c.name, (c.values.astype(np.float64) + shift).astype(c.values.dtype))
+        return
+    if node.op == "Gemm":
+        shift = shift * node.attrs.get("alpha", 1.0) / node.attrs.get("beta", 1.0)
+    if len(node.inputs) > 2:
+        c = node.inputs[2]
+        old = np.broadcast_to(c.values.astype(np.float64).reshape(-1), shift.shape)
+        node.inputs[2] = gs.Constant(c.name, (old + shift).astype(c.values.dtype))
+    else:
+        node.inputs.append(gs.Constant(node.name + ".pq_bias", shift.astype(dtype)))
+
+
+# ----------------------------------------------------------------------------- the pass
 @register
 class Pq(Pass):
     name = "pq"
     summary = "store weights as product-quantized codebooks decoded in the graph"
-    ready = False
+    Config = PqConfig
+    needs_data = True
+    budgets = ("bytes",)
+
+    def _scan(self, graph, cfg):
+        """[(layer, d)] to quantize and [Skip]."""
+        outs = {t.name for t in graph.outputs}
+        first_conv = next((n.name for n in graph.nodes if n.op in ("Conv", "ConvTranspose")), None)
+        dtype = CODEBOOK_DTYPES[cfg.codebook_dtype]
+        todo, skipped = [], []
+        for node in graph.nodes:
+            layer, reason = _layer(node, outs)
+            if layer is None:
+                if reason:
+                    skipped.append(Skip(node.name, reason))
+                continue
+            if node.name == first_conv and not cfg.first_conv:
+                skipped.append(Skip(node.name, "first conv stays dense (pq.first_conv=true to quantize it)"))
+                continue
+            d = _default_block(layer, cfg)
+            if layer.d_in % d:
+                skipped.append(Skip(node.name, f"sub-vector length {d} does not divide the {layer.d_in} "
+                                               "input features"))
+                continue
+            n_sub = layer.n_weights // d
+            pq_bytes = _bytes(n_sub, min(cfg.centroids, n_sub), d, dtype)
+            dense = layer.n_weights * layer.weight.values.dtype.itemsize
+            if pq_bytes >= dense:
+                skipped.append(Skip(node.name, f"small layer: codes + codebook ({pq_bytes} B) would not save "
+                                               f"bytes over the dense weight ({dense} B)"))
+                continue
+            todo.append((layer, d))
+        return todo, skipped
+
+    def plan(self, model, cfg):
+        todo, skipped = self._scan(import_graph(model), cfg)
+        return Plan(targets=[layer.node.name for layer, _ in todo], skipped=skipped)
+
+    def _stats(self, ctx, todo, cfg):
+        """{node name: Moments of the layer's input features} for activation-aware layers."""
+        reqs = []
+        for layer, _ in todo:
+            if layer.aware:
+                reqs.append(layer_stats_request(layer.node, "pq:" + layer.node.name, layer.node.inputs[0].name,
+                                                None, positions=cfg.positions))
+        if not reqs:
+            return {}
+        got = ctx.collect(reqs, desc="pq statistics")
+        return {layer.node.name: got["pq:" + layer.node.name].x for layer, _ in todo if layer.aware}
+
+    def apply(self, model, cfg, ctx):
+        graph = import_graph(model)
+        report = PassReport(self.name)
+        todo, skipped = self._scan(graph, cfg)
+        report.skipped.extend(skipped)
+        need_stats = cfg.aware or cfg.bias_correct
+        stats = self._stats(ctx, todo, cfg) if (todo and need_stats) else {}
+        dtype = CODEBOOK_DTYPES[cfg.codebook_dtype]
+        layers = {}
+        for layer, d in ctx.progress(todo, total=len(todo), desc="pq"):
+            name = layer.node.name
+            t = layer.matrix().astype(np.float64)
+            moments = stats.get(name)
+            bias = _bias_target(layer) if cfg.bias_correct else None
+            hfull = None
+            if moments is not None:
+                hfull = moments.cov if bias is not None else moments.second
+            hblocks = None
+            if cfg.aware and hfull is not None:
+                nb = layer.d_in // d
+                hb = hfull.reshape(nb, d, nb, d)[np.arange(nb), :, np.arange(nb), :]
+                lam = cfg.damp * max(float(np.trace(hfull)) / len(hfull), 1e-12)
+                hblocks = hb + lam * np.eye(d)[None]
+            rng = np.random.default_rng([ctx.seed, zlib.crc32(name.encode())])
+            k = min(cfg.centroids, t.size // d)
+            cb, codes, t_hat = quantize(t, d, k, hblocks, cfg, rng, dtype)
+            delta = t - t_hat  # rows × d_in
+            info = {"block": d, "centroids": int(len(cb)), "metric": "activation" if hblocks is not None else "weights"}
+            if hfull is not None:
+                num = float(np.einsum("ri,ij,rj->", delta, hfull, delta))
+                den = float(np.einsum("ri,ij,rj->", t, hfull, t))
+                info["rel_output_error"] = round(num / max(den, 1e-30), 6)
+            info["rel_weight_error"] = round(float((delta ** 2).sum() / max((t ** 2).sum(), 1e-30)), 6)
+            if bias is not None and moments is not None:
+                _apply_bias_shift(layer, bias, delta @ moments.mean)
+                info["bias_corrected"] = True
+            w_out = _decode(graph, layer, cb, codes)
+            layer.node.inputs[1] = w_out
+            dense = layer.n_weights * layer.weight.values.dtype.itemsize
+            info["bytes"] = [dense, int(codes.nbytes + cb.nbytes)]
+            layers[name] = info
+            report.changed.append(name)
+        report.details["layers"] = layers
+        report.details["codebook_dtype"] = cfg.codebook_dtype
+        return export_model(graph, like=model), report
