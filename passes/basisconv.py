@@ -1,10 +1,185 @@
-"""split a kxk Conv into a basis Conv plus a 1x1 Conv (not built yet)."""
+"""basisconv: replace a k×k Conv by M basis filters (k×k Conv) and a 1×1 Conv of coefficients.
 
-from ..registry import Pass, register
+BasisConv (Tayyab & Mahalanobis, "BasisConv: A method for compressed representation and learning
+in CNNs"): flatten the O filters of a Conv to the columns of W (C·k² × O); with a basis
+A (C·k² × M) and coefficients B (M × O), W ≈ A B, the layer becomes Conv(C→M, k×k, the same
+stride/pads/dilation, no bias) then Conv(M→O, 1×1, bias). It pays when M·(C·k² + O) < O·C·k²
+(per group for grouped convs: M·(C/g·k² + O/g) < O/g·C/g·k²).
+
+Post-training version (no fine-tuning): the basis is the whitened SVD of W under the im2col patch
+covariance Σ of the layer's input (so it keeps the layer's *output*, not its weights), and the
+1×1 coefficients and bias are refit by least squares on calibration outputs, layer by layer on
+the already-rewritten network (see ``_factor``). M per layer by singular-value energy, or by the
+global FLOP budget with ranks allocated across layers by output error per FLOP saved; M is a
+multiple of ``channel_multiple``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..graph import import_graph
+from ..reconstruct import conv_attrs
+from ..registry import Pass, PassReport, Plan, Skip, register
+from ..stats import LayerStats
+from . import _factor
+
+
+@dataclass
+class BasisConvConfig:
+    energy: float = 0.95          # per-layer whitened singular-value energy kept (no budget given)
+    channel_multiple: int = 8     # M is rounded up to a multiple of this
+    whiten: bool = True           # basis from the SVD whitened by the input-patch covariance
+    refit: bool = True            # refit the 1×1 coefficients and bias on calibration outputs
+    alloc: str = "auto"           # rank allocation errors: "data", "weights" or "auto" (= data if whiten)
+    eps: float = 1e-3             # diagonal loading of Σ, relative to its mean diagonal
+    ridge: float = 1e-4           # ridge of the refit, relative
+    positions: int = 32           # sampled output positions per image for the statistics
+    force: bool = False           # rewrite even where it does not save (tests, inspection)
+
+    def __post_init__(self):
+        if not 0 < self.energy <= 1:
+            raise ValueError(f"energy must be in (0, 1], got {self.energy}")
+        if self.channel_multiple < 1:
+            raise ValueError(f"channel_multiple must be >= 1, got {self.channel_multiple}")
+        if self.alloc not in ("auto", "data", "weights"):
+            raise ValueError(f"alloc must be auto, data or weights, got '{self.alloc}'")
+        if self.eps < 0 or self.ridge < 0:
+            raise ValueError("eps and ridge must be >= 0")
+        if self.positions < 1:
+            raise ValueError("positions must be >= 1")
+
+
+def _check(node: gs.Node, info: dict):
+    """(attrs, None) when the Conv can be rewritten, else (None, reason)."""
+    if node.op != "Conv":
+        return None, "not a Conv"
+    if len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
+        return None, "weights are not constants"
+    if len(node.inputs) > 2 and not isinstance(node.inputs[2], gs.Constant):
+        return None, "bias is not a constant"
+    w = node.inputs[1].values
+    if not np.issubdtype(w.dtype, np.floating):
+        return None, f"weights of type {w.dtype}"
+    if len(node.inputs[1].outputs) > 1:
+        return None, "weights are shared with other nodes"
+    try:
+        attrs = conv_attrs(node, w.shape)
+    except ValueError as e:
+        return None, str(e)
+    if all(k == 1 for k in attrs["kernel_shape"]):
+        return None, "1×1 kernel: nothing to factor"
+    y_shape = info.get(node.outputs[0].name, (None, None))[0]
+    if y_shape is None:
+        return None, "output shape unknown"
+    return attrs, None
+
+
+def _layer(node: gs.Node, attrs: dict, info: dict, cfg) -> _factor.Layer:
+    w = node.inputs[1].values.astype(np.float64)
+    o, cg = w.shape[:2]
+    g = attrs["group"]
+    og = o // g
+    k = int(np.prod(w.shape[2:]))
+    p = int(np.prod(info[node.outputs[0].name][0][2:]))
+    has_bias = len(node.inputs) > 2
+    new_bias = has_bias or cfg.refit or cfg.whiten
+    ws = [w[i * og:(i + 1) * og].reshape(og, -1).T for i in range(g)]
+    bias = node.inputs[2].values.astype(np.float64) if has_bias else None
+    stat_attrs = {key: attrs[key] for key in ("kernel_shape", "strides", "dilations", "pads")}
+
+    def request(key, x, y):
+        return LayerStats(key, x, y, kind="conv", conv_attrs=stat_attrs, positions=cfg.positions)
+
+    def cost_at(m):
+        flops = 2 * g * m * p * cg * k + 2 * o * p * m + (o * p if new_bias else 0)
+        params = g * m * cg * k + o * m + (o if new_bias else 0)
+        return {"flops": flops, "params": params}
+
+    cost0 = {"flops": 2 * o * p * cg * k + (o * p if has_bias else 0), "params": o * cg * k + (o if has_bias else 0)}
+    layer = _factor.Layer(node.name, node.inputs[0].name, node.outputs[0].name, ws, bias, True, request,
+                          cost0, cost_at, min(cg * k, og))
+    layer.extra["in_slices"] = [slice(i * cg * k, (i + 1) * cg * k) for i in range(g)]
+    layer.extra["out_slices"] = [slice(i * og, (i + 1) * og) for i in range(g)]
+    layer.extra["attrs"] = attrs
+    return layer
+
+
+def _rewrite(graph, layer, m, As, Bs, bias):
+    node = next(n for n in graph.nodes if n.name == layer.node)
+    attrs = layer.extra["attrs"]
+    w = node.inputs[1].values
+    dtype = w.dtype
+    o, cg = w.shape[:2]
+    kshape = list(w.shape[2:])
+    nd = len(kshape)
+    g = attrs["group"]
+    basis_w = np.concatenate([a.T.reshape([m, cg] + kshape) for a in As]).astype(dtype)
+    coef_w = np.concatenate([b.T for b in Bs]).reshape([o, m] + [1] * nd).astype(dtype)
+    z = gs.Variable(node.name + "_basis_out", dtype=node.outputs[0].dtype or np.float32)
+    basis = gs.Node("Conv", node.name + "_basis",
+                    attrs={"kernel_shape": kshape, "strides": attrs["strides"], "pads": attrs["pads"],
+                           "dilations": attrs["dilations"], "group": g},
+                    inputs=[node.inputs[0], gs.Constant(node.name + "_basis_w", np.ascontiguousarray(basis_w))],
+                    outputs=[z])
+    inputs = [z, gs.Constant(node.inputs[1].name + "_coef", np.ascontiguousarray(coef_w))]
+    if bias is not None:
+        bname = (node.inputs[2].name if len(node.inputs) > 2 else node.name + "_bias") + "_coef"
+        inputs.append(gs.Constant(bname, np.ascontiguousarray(bias.astype(dtype))))
+    node.inputs.clear()
+    node.inputs.extend(inputs)
+    node.attrs = {"kernel_shape": [1] * nd, "strides": [1] * nd, "pads": [0] * (2 * nd),
+                  "dilations": [1] * nd, "group": g}
+    graph.nodes.append(basis)
+    return None
+
+
+def find_layers(graph, info, cfg):
+    layers, skipped = [], []
+    for node in graph.nodes:
+        if node.op != "Conv":
+            continue
+        attrs, reason = _check(node, info)
+        if attrs is None:
+            if reason != "1×1 kernel: nothing to factor":
+                skipped.append((node.name, reason))
+            continue
+        layer = _layer(node, attrs, info, cfg)
+        if attrs["group"] > 1 and not cfg.force and not _factor.candidate_ranks(layer, cfg.channel_multiple):
+            skipped.append((node.name, f"grouped Conv (group {attrs['group']}, {layer.ws[0].shape[0]} inputs "
+                                       f"per filter): no per-group basis of a multiple of "
+                                       f"{cfg.channel_multiple} filters saves FLOPs"))
+            continue
+        layers.append(layer)
+    return layers, skipped
 
 
 @register
-class Basisconv(Pass):
+class BasisConv(Pass):
     name = "basisconv"
-    summary = "split a kxk Conv into a basis Conv plus a 1x1 Conv"
-    ready = False
+    summary = "split a k×k Conv into M basis filters plus a 1×1 Conv (whitened SVD + refit)"
+    Config = BasisConvConfig
+    needs_data = True
+    budgets = ("flops", "params")
+
+    def plan(self, model, cfg):
+        graph = import_graph(model)
+        info = _factor.shape_info(model, None)
+        layers, skipped = find_layers(graph, info, cfg)
+        plan = Plan(targets=[l.node for l in layers], skipped=[Skip(n, r) for n, r in skipped])
+        return plan
+
+    def apply(self, model, cfg, ctx):
+        report = PassReport(self.name)
+        graph = import_graph(model)
+        info = _factor.shape_info(model, ctx.sample_shapes)
+        layers, skipped = find_layers(graph, info, cfg)
+        if cfg.whiten or cfg.refit or cfg.alloc == "data":
+            ctx.require_data(self.name)
+        new, details = _factor.factorize(self.name, model, cfg, ctx, layers, skipped, _rewrite,
+                                         cfg.channel_multiple, report)
+        report.details.update(details)
+        return new, report

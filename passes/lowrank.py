@@ -1,10 +1,283 @@
-"""factorize Gemm/MatMul (and Conv) weights into two thinner layers (not built yet)."""
+"""lowrank: factorize Gemm/MatMul weights (and optionally Conv kernels) into two thinner layers.
 
-from ..registry import Pass, register
+A layer y = x W + b with a constant W (d_in × d_out) becomes y = (x A) B + b with A d_in × r,
+B r × d_out: MatMul(d_in→r) then Gemm/MatMul(r→d_out) keeping the bias. It pays when
+r·(d_in + d_out) < d_in·d_out.
+
+Data-aware truncated SVD (Zhang et al. 2015, "Accelerating very deep convolutional networks for
+classification and detection"; Denton et al. 2014 for the plain SVD): with S = chol(E[x xᵀ] + εI),
+SVD(Sᵀ W) = U Σ Vᵀ, keep rank r: A = S⁻ᵀ U_r, B = Σ_r V_rᵀ, which minimises the output error
+E‖x(W − A B)‖². Then B and the bias are refit by least squares on calibration data, layer by
+layer on the already-rewritten network (``_factor``). Rank per layer by whitened energy, or by
+``--target-params`` / ``--target-flops`` with ranks allocated across layers by output error per
+parameter/FLOP saved.
+
+Option ``conv=true``: a k_h×k_w Conv becomes a k_h×1 Conv to r channels then a 1×k_w Conv
+(Jaderberg, Vedaldi & Zisserman 2014, "Speeding up convolutional neural networks with low rank
+expansions", scheme 2): W[o, c, i, j] as the matrix M[(c, i), (o, j)] ≈ V H, V from the SVD whitened
+by the vertical-patch covariance, H refit by least squares on the 1×k_w patches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..graph import import_graph
+from ..reconstruct import conv_attrs, layer_matrix
+from ..registry import Pass, PassReport, Plan, Skip, register
+from ..stats import LayerStats
+from . import _factor
+
+
+@dataclass
+class LowRankConfig:
+    energy: float = 0.95          # per-layer whitened singular-value energy kept (no budget given)
+    rank_multiple: int = 8        # r is rounded up to a multiple of this
+    whiten: bool = True           # whitened SVD (input covariance); false: plain SVD of W
+    refit: bool = True            # refit the second factor and bias on calibration outputs
+    alloc: str = "auto"           # rank allocation errors: "data", "weights" or "auto" (= data if whiten)
+    eps: float = 1e-3             # diagonal loading of the covariance, relative to its mean diagonal
+    ridge: float = 1e-4           # ridge of the refit, relative
+    conv: bool = False            # also split k×k Convs into k×1 then 1×k (spatially separable)
+    positions: int = 32           # conv: sampled output positions per image
+    force: bool = False           # rewrite even where it does not save (tests, inspection)
+
+    def __post_init__(self):
+        if not 0 < self.energy <= 1:
+            raise ValueError(f"energy must be in (0, 1], got {self.energy}")
+        if self.rank_multiple < 1:
+            raise ValueError(f"rank_multiple must be >= 1, got {self.rank_multiple}")
+        if self.alloc not in ("auto", "data", "weights"):
+            raise ValueError(f"alloc must be auto, data or weights, got '{self.alloc}'")
+        if self.eps < 0 or self.ridge < 0:
+            raise ValueError("eps and ridge must be >= 0")
+        if self.positions < 1:
+            raise ValueError("positions must be >= 1")
+
+
+def _numel(shape):
+    return int(np.prod(shape))
+
+
+def _bias_add(node: gs.Node, d_out: int, graph_outputs):
+    """The Add that adds a constant vector to a MatMul output, if it is the only consumer."""
+    y = node.outputs[0]
+    if y.name in graph_outputs or len(y.outputs) != 1:
+        return None
+    add = y.outputs[0]
+    if add.op != "Add" or len(add.inputs) != 2:
+        return None
+    other = add.inputs[1] if add.inputs[0] is y else add.inputs[0]
+    if not isinstance(other, gs.Constant):
+        return None
+    v = other.values
+    if v.size not in (1, d_out) or (v.ndim and v.shape[-1] not in (1, d_out)) or \
+            any(s != 1 for s in v.shape[:-1]):
+        return None
+    return add
+
+
+def _linear_layer(node, info, cfg, graph_outputs):
+    w_t = node.inputs[1] if len(node.inputs) > 1 else None
+    if not isinstance(w_t, gs.Constant):
+        return None, "weight is not a constant right operand"
+    if isinstance(node.inputs[0], gs.Constant):
+        return None, "left operand is a constant"
+    if w_t.values.ndim != 2:
+        return None, f"weight of rank {w_t.values.ndim}, not a matrix"
+    if not np.issubdtype(w_t.values.dtype, np.floating):
+        return None, f"weights of type {w_t.values.dtype}"
+    if len(w_t.outputs) > 1:
+        return None, "weights are shared with other nodes"
+    if node.op == "Gemm":
+        if node.attrs.get("transA", 0):
+            return None, "Gemm with transA=1"
+        if len(node.inputs) > 2 and not isinstance(node.inputs[2], gs.Constant):
+            return None, "bias is not a constant"
+    y_shape = info.get(node.outputs[0].name, (None, None))[0]
+    x_shape = info.get(node.inputs[0].name, (None, None))[0]
+    if y_shape is None or x_shape is None:
+        return None, "input or output shape unknown"
+    w, bias = layer_matrix(node)
+    d_in, d_out = w.shape
+    if x_shape[-1] != d_in or y_shape[-1] != d_out:
+        return None, "operand shapes do not match a row-times-matrix product"
+    rows = _numel(y_shape) // d_out
+    add = None
+    if node.op == "Gemm":
+        has_bias, fit_bias = bias is not None, True
+    else:
+        add = _bias_add(node, d_out, graph_outputs)
+        has_bias, fit_bias = False, add is not None
+    new_bias = node.op == "Gemm" and (has_bias or cfg.refit or cfg.whiten)
+
+    def request(key, x, y):
+        return LayerStats(key, x, y, kind="linear")
+
+    def cost_at(r):
+        return {"flops": 2 * rows * r * (d_in + d_out) + (rows * d_out if new_bias else 0),
+                "params": r * (d_in + d_out) + (d_out if new_bias else 0)}
+
+    cost0 = {"flops": 2 * rows * d_in * d_out + (rows * d_out if has_bias else 0),
+             "params": d_in * d_out + (d_out if has_bias else 0)}
+    layer = _factor.Layer(node.name, node.inputs[0].name, node.outputs[0].name, [w], bias, fit_bias, request,
+                          cost0, cost_at, min(d_in, d_out))
+    layer.extra.update(in_slices=[slice(None)], out_slices=[slice(None)], kind="linear",
+                       add=add.name if add is not None else None)
+    return layer, None
+
+
+def _conv_layer(node, info, cfg):
+    w_t = node.inputs[1]
+    if not isinstance(w_t, gs.Constant) or (len(node.inputs) > 2 and not isinstance(node.inputs[2], gs.Constant)):
+        return None, "weights are not constants"
+    if len(w_t.outputs) > 1:
+        return None, "weights are shared with other nodes"
+    w = w_t.values.astype(np.float64)
+    if w.ndim != 4:
+        return None, "spatially separable split needs a 2-D kernel"
+    try:
+        attrs = conv_attrs(node, w.shape)
+    except ValueError as e:
+        return None, str(e)
+    if attrs["group"] != 1:
+        return None, f"grouped Conv (group {attrs['group']}): no separable split"
+    o, c, kh, kw = w.shape
+    if kh == 1 or kw == 1:
+        return None, f"{kh}×{kw} kernel is already separable"
+    y_shape = info.get(node.outputs[0].name, (None, None))[0]
+    x_shape = info.get(node.inputs[0].name, (None, None))[0]
+    if y_shape is None or x_shape is None:
+        return None, "input or output shape unknown"
+    ho, wo = y_shape[2:]
+    wi = x_shape[3]
+    has_bias = len(node.inputs) > 2
+    new_bias = has_bias or cfg.refit
+    m = w.transpose(1, 2, 0, 3).reshape(c * kh, o * kw)
+    bias = node.inputs[2].values.astype(np.float64) if has_bias else None
+    stat_attrs = {key: attrs[key] for key in ("kernel_shape", "strides", "dilations", "pads")}
+
+    def request(key, x, y):
+        return LayerStats(key, x, y, kind="conv", conv_attrs=stat_attrs, positions=cfg.positions)
+
+    def cost_at(r):
+        return {"flops": 2 * r * ho * wi * c * kh + 2 * o * ho * wo * r * kw + (o * ho * wo if new_bias else 0),
+                "params": r * c * kh + o * r * kw + (o if new_bias else 0)}
+
+    def vertical(cov, mean):
+        cv = cov.reshape(c, kh, kw, c, kh, kw)
+        cv = np.einsum("aibcjb->aicj", cv) / kw
+        return cv.reshape(c * kh, c * kh), mean.reshape(c, kh, kw).mean(axis=2).reshape(-1)
+
+    cost0 = {"flops": 2 * o * ho * wo * c * kh * kw + (o * ho * wo if has_bias else 0),
+             "params": o * c * kh * kw + (o if has_bias else 0)}
+    layer = _factor.Layer(node.name, node.inputs[0].name, node.outputs[0].name, [m], bias, True, request,
+                          cost0, cost_at, min(c * kh, o * kw), feature_map=vertical)
+    layer.extra.update(in_slices=[slice(None)], out_slices=[slice(None)], kind="conv", attrs=attrs)
+    return layer, None
+
+
+def _rewrite(graph, layer, r, As, Bs, bias):
+    node = next(n for n in graph.nodes if n.name == layer.node)
+    a, b = As[0], Bs[0]
+    dtype = node.inputs[1].values.dtype
+    out_dtype = node.outputs[0].dtype or np.float32
+    z = gs.Variable(node.name + "_lowrank_out", dtype=out_dtype)
+    if layer.extra["kind"] == "conv":
+        attrs = layer.extra["attrs"]
+        o, c, kh, kw = node.inputs[1].values.shape
+        s, p, d = attrs["strides"], attrs["pads"], attrs["dilations"]
+        first = gs.Node("Conv", node.name + "_vertical",
+                        attrs={"kernel_shape": [kh, 1], "strides": [s[0], 1], "pads": [p[0], 0, p[2], 0],
+                               "dilations": [d[0], 1], "group": 1},
+                        inputs=[node.inputs[0], gs.Constant(node.name + "_vertical_w",
+                                                            np.ascontiguousarray(a.T.reshape(r, c, kh, 1).astype(dtype)))],
+                        outputs=[z])
+        hw = b.reshape(r, o, kw).transpose(1, 0, 2)[:, :, None, :]
+        inputs = [z, gs.Constant(node.inputs[1].name + "_horizontal", np.ascontiguousarray(hw.astype(dtype)))]
+        if bias is not None:
+            inputs.append(gs.Constant(node.name + "_horizontal_b", np.ascontiguousarray(bias.astype(dtype))))
+        node.inputs.clear()
+        node.inputs.extend(inputs)
+        node.attrs = {"kernel_shape": [1, kw], "strides": [1, s[1]], "pads": [0, p[1], 0, p[3]],
+                      "dilations": [1, d[1]], "group": 1}
+        graph.nodes.append(first)
+        return node.name
+    first = gs.Node("MatMul", node.name + "_lowrank_a",
+                    inputs=[node.inputs[0], gs.Constant(node.name + "_lowrank_a_w", np.ascontiguousarray(a.astype(dtype)))],
+                    outputs=[z])
+    graph.nodes.append(first)
+    node.inputs[0] = z
+    if node.op == "Gemm":
+        wb = b.T if node.attrs.get("transB", 0) else b
+        node.inputs[1] = gs.Constant(node.inputs[1].name + "_lowrank_b", np.ascontiguousarray(wb.astype(dtype)))
+        node.attrs["alpha"] = 1.0
+        node.attrs["beta"] = 1.0
+        if bias is not None:
+            bconst = gs.Constant((node.inputs[2].name if len(node.inputs) > 2 else node.name + "_bias") + "_lowrank",
+                                 np.ascontiguousarray(bias.astype(dtype)))
+            if len(node.inputs) > 2:
+                node.inputs[2] = bconst
+            else:
+                node.inputs.append(bconst)
+        return None
+    node.inputs[1] = gs.Constant(node.inputs[1].name + "_lowrank_b", np.ascontiguousarray(b.astype(dtype)))
+    add_name = layer.extra.get("add")
+    if add_name is not None and bias is not None:
+        add = next(n for n in graph.nodes if n.name == add_name)
+        j = 1 if add.inputs[0] is node.outputs[0] else 0
+        c = add.inputs[j].values
+        new = c.astype(np.float64) + bias.reshape([1] * (c.ndim - 1) + [-1]) if c.ndim else \
+            float(c) + bias
+        add.inputs[j] = gs.Constant(add.inputs[j].name + "_lowrank", np.ascontiguousarray(np.asarray(new).astype(c.dtype)))
+    return None
+
+
+def find_layers(graph, info, cfg):
+    outs = {t.name for t in graph.outputs}
+    layers, skipped = [], []
+    for node in graph.nodes:
+        if node.op in ("Gemm", "MatMul"):
+            if len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
+                continue  # a product of two activations (attention), not a weight layer
+            layer, reason = _linear_layer(node, info, cfg, outs)
+        elif node.op == "Conv" and cfg.conv:
+            layer, reason = _conv_layer(node, info, cfg)
+            if reason is not None and "already separable" in reason:
+                continue
+        else:
+            continue
+        if layer is None:
+            skipped.append((node.name, reason))
+        else:
+            layers.append(layer)
+    return layers, skipped
 
 
 @register
-class Lowrank(Pass):
+class LowRank(Pass):
     name = "lowrank"
-    summary = "factorize Gemm/MatMul (and Conv) weights into two thinner layers"
-    ready = False
+    summary = "factorize Gemm/MatMul (and k×k Conv) weights into two thinner layers (whitened SVD + refit)"
+    Config = LowRankConfig
+    needs_data = True
+    budgets = ("flops", "params")
+
+    def plan(self, model, cfg):
+        graph = import_graph(model)
+        layers, skipped = find_layers(graph, _factor.shape_info(model, None), cfg)
+        return Plan(targets=[l.node for l in layers], skipped=[Skip(n, r) for n, r in skipped])
+
+    def apply(self, model, cfg, ctx):
+        report = PassReport(self.name)
+        graph = import_graph(model)
+        info = _factor.shape_info(model, ctx.sample_shapes)
+        layers, skipped = find_layers(graph, info, cfg)
+        if cfg.whiten or cfg.refit or cfg.alloc == "data":
+            ctx.require_data(self.name)
+        new, details = _factor.factorize(self.name, model, cfg, ctx, layers, skipped, _rewrite,
+                                         cfg.rank_multiple, report)
+        report.details.update(details)
+        return new, report

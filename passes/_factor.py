@@ -1,0 +1,359 @@
+"""Shared engine of the factorizing passes (basisconv, lowrank): whitened SVD, cross-layer rank
+allocation, sequential refit.
+
+A weight layer computes y = x W + b (x a feature row: an im2col patch row for a Conv, an input
+row for Gemm/MatMul; W d_in × d_out). A rank-r factorization W ≈ A B (A d_in × r, B r × d_out)
+becomes two layers x → z = x A → y = z B + b.
+
+Whitened (data-aware) SVD: the output error E‖x(W − Ŵ)‖² = ‖Lᵀ(W − Ŵ)‖²_F with L Lᵀ = Σ + εI
+(Σ the input covariance, Cholesky). SVD Lᵀ W = U S Vᵀ; the best rank r is A = L⁻ᵀ U_r,
+B = S_r V_rᵀ, and the relative output error is Σ_{i>r} s_i² / Σ s_i² (Eckart–Young on the
+whitened matrix; the data-aware truncation of Zhang et al. 2015 "Accelerating very deep
+convolutional networks", used here for the BasisConv basis and for low-rank Gemm/MatMul).
+Without data (whiten=false) it is the plain SVD of W, the truncated eigen-decomposition of the
+filters of the BasisConv paper.
+
+Refit: with A fixed, B and b are refit by ridge least squares so that z̃ B + b, z̃ = x̃ A computed
+from the *rewritten* network's inputs x̃, reproduces the *reference* layer output y. The moments
+of z̃ follow from those of x̃ (Cov z̃ = Aᵀ Cov x̃ A, Cov(z̃, y) = Aᵀ Cov(x̃, y)), so one calibration
+run per level of layers gives both the whitening and the refit (sequential reconstruction).
+
+Rank allocation for a budget: per layer the candidate ranks give (cost saved, relative error)
+points; the lower convex hulls of all layers are merged by error per unit of cost saved, and
+segments are taken in that order until the saving is reached (a Lagrangian allocation), then
+ranks are raised back where the budget allows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.linalg import solve_triangular
+
+from ..graph import concrete_input_shapes, infer_shapes
+
+
+# ----------------------------------------------------------------------------- linear algebra
+def cholesky_loaded(cov: np.ndarray, eps: float) -> np.ndarray:
+    """Lower L with L Lᵀ = cov + λI, λ = eps × mean diagonal (raised until it factors)."""
+    d = cov.shape[0]
+    scale = max(float(np.trace(cov)) / max(d, 1), 1e-12)
+    lam = eps * scale
+    sym = (cov + cov.T) / 2
+    for _ in range(8):
+        try:
+            return np.linalg.cholesky(sym + lam * np.eye(d))
+        except np.linalg.LinAlgError:
+            lam = max(lam * 10, 1e-8 * scale)
+    w, v = np.linalg.eigh(sym)
+    return np.linalg.cholesky(v @ np.diag(np.clip(w, 1e-6 * scale, None)) @ v.T)
+
+
+def factor(w: np.ndarray, cov: np.ndarray | None = None, eps: float = 1e-3):
+    """Full factorization W = A B with the columns of A ordered by output energy.
+
+    Returns A (d_in × k), B (k × d_out), s (k) with k = min(d_in, d_out); truncate to the first
+    r columns/rows. ``cov`` None: plain SVD."""
+    if cov is None:
+        u, s, vt = np.linalg.svd(w, full_matrices=False)
+        return u, s[:, None] * vt, s
+    L = cholesky_loaded(cov, eps)
+    u, s, vt = np.linalg.svd(L.T @ w, full_matrices=False)
+    a = solve_triangular(L.T, u, lower=False)
+    return a, s[:, None] * vt, s
+
+
+def ridge(cxx, cxy, mx, my, ridge_rel=1e-4, fit_bias=True):
+    """W, b minimising ‖X W + b − Y‖² + α‖W‖² from moments (cxx, cxy centered when fit_bias,
+    second moments otherwise); α = ridge_rel × mean diagonal of cxx."""
+    d = cxx.shape[0]
+    alpha = ridge_rel * max(float(np.trace(cxx)) / max(d, 1), 1e-12)
+    a = cxx + alpha * np.eye(d)
+    try:
+        w = np.linalg.solve(a, cxy)
+    except np.linalg.LinAlgError:
+        w = np.linalg.lstsq(a, cxy, rcond=None)[0]
+    b = my - mx @ w if fit_bias else np.zeros(cxy.shape[1])
+    return w, b
+
+
+def round_up(r: int, multiple: int) -> int:
+    multiple = max(int(multiple), 1)
+    return int(-(-max(r, 1) // multiple) * multiple)
+
+
+# ----------------------------------------------------------------------------- layers
+@dataclass
+class Layer:
+    """One factorizable layer, split into ``groups`` independent blocks of W."""
+
+    node: str
+    x: str                      # input tensor (same name in the rewritten model)
+    y: str                      # reference tensor to reproduce (the product before any bias Add)
+    ws: list                    # per group: W_g (d_in_g × d_out_g), float64
+    bias: np.ndarray | None     # (d_out,) or None
+    fit_bias: bool              # the rewritten layer has a bias (Conv/Gemm, or MatMul + Add)
+    request: object             # callable(key, x, y) -> LayerStats (features in W's row order)
+    cost0: dict                 # {"flops", "params"} of the layer as it is
+    cost_at: object             # callable(r) -> {"flops", "params"} of the factorized layer
+    max_rank: int               # exact rank (min over groups of min(d_in_g, d_out_g))
+    feature_map: object = None  # optional callable(cov, mean) -> (cov, mean) before factorizing
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def groups(self):
+        return len(self.ws)
+
+
+def candidate_ranks(layer: Layer, multiple: int, metrics=("flops", "params"), force=False):
+    """Ranks (multiples of ``multiple``, below the exact rank) that make the layer cheaper in
+    every metric (``force``: all of them)."""
+    out = []
+    r = max(int(multiple), 1)
+    while r < layer.max_rank:
+        c = layer.cost_at(r)
+        if force or all(c[m] < layer.cost0[m] for m in metrics):
+            out.append(r)
+        r += max(int(multiple), 1)
+    return out
+
+
+def pays(layer: Layer, r: int, metrics=("flops", "params")) -> bool:
+    c = layer.cost_at(r)
+    return all(c[m] < layer.cost0[m] for m in metrics)
+
+
+def energy_curve(layer: Layer, covs=None, eps=1e-3):
+    """Relative output error after truncation to rank r, for r = 0..max_rank (array)."""
+    tails = np.zeros(layer.max_rank + 1)
+    total = 0.0
+    for g, w in enumerate(layer.ws):
+        _, _, s = factor(w, None if covs is None else covs[g], eps)
+        e = s ** 2
+        total += e.sum()
+        tail = np.concatenate([np.cumsum(e[::-1])[::-1], [0.0]])  # tail[r] = Σ_{i≥r} e_i
+        tails += tail[: layer.max_rank + 1] if len(tail) >= layer.max_rank + 1 else np.pad(tail, (0, layer.max_rank + 1 - len(tail)))
+    return tails / max(total, 1e-30)
+
+
+def rank_by_energy(curve: np.ndarray, energy: float, multiple: int, max_rank: int) -> int:
+    if energy >= 1.0:
+        return max_rank
+    ok = np.nonzero(curve <= 1.0 - energy + 1e-12)[0]
+    r = int(ok[0]) if len(ok) else max_rank
+    return min(round_up(r, multiple), max_rank)
+
+
+def allocate(options: dict, saving: float):
+    """Choose one option per layer so that Σ saved ≥ ``saving`` with little total error.
+
+    options: {layer: [(rank or None, saved, err)]}, the first entry (None, 0, 0) = unchanged.
+    Returns ({layer: rank or None}, total saved)."""
+    choice = {k: 0 for k in options}
+    segments = []
+    for k, pts in options.items():
+        pts = sorted(range(len(pts)), key=lambda i: (pts[i][1], pts[i][2]))
+        hull = [0]
+        opts = options[k]
+        for i in pts:
+            if opts[i][1] <= opts[hull[-1]][1]:
+                continue
+            while len(hull) >= 2:
+                a, b = opts[hull[-2]], opts[hull[-1]]
+                c = opts[i]
+                # b is above the chord a–c: drop it
+                if (b[2] - a[2]) * (c[1] - a[1]) >= (c[2] - a[2]) * (b[1] - a[1]):
+                    hull.pop()
+                else:
+                    break
+            hull.append(i)
+        for j in range(1, len(hull)):
+            a, b = opts[hull[j - 1]], opts[hull[j]]
+            segments.append(((b[2] - a[2]) / max(b[1] - a[1], 1e-30), k, hull[j]))
+    segments.sort(key=lambda t: t[0])
+    saved = 0.0
+    for _, k, i in segments:
+        if saved >= saving:
+            break
+        if options[k][i][1] <= options[k][choice[k]][1]:
+            continue
+        saved += options[k][i][1] - options[k][choice[k]][1]
+        choice[k] = i
+    # give back: raise ranks where the saving stays reached, best error gain first
+    improved = True
+    while improved and saved >= saving:
+        improved = False
+        best = None
+        for k, opts in options.items():
+            cur = opts[choice[k]]
+            for i, o in enumerate(opts):
+                if o[2] < cur[2] and saved - (cur[1] - o[1]) >= saving:
+                    gain = cur[2] - o[2]
+                    if best is None or gain > best[0]:
+                        best = (gain, k, i)
+        if best is not None:
+            _, k, i = best
+            saved -= options[k][choice[k]][1] - options[k][i][1]
+            choice[k] = i
+            improved = True
+    return {k: options[k][choice[k]][0] for k in options}, saved
+
+
+# ----------------------------------------------------------------------------- shapes
+def shape_info(model, sample_shapes):
+    return infer_shapes(model, concrete_input_shapes(model, sample_shapes, batch=1))
+
+
+def moments(cm, fit_bias: bool):
+    """(cxx, cxy, mx, my) of CrossMoments: centered when fitting a bias, else second moments."""
+    n = max(cm.n, 1)
+    mx, my = cm.x.mean, cm.mean_y
+    if fit_bias:
+        return cm.x.cov, cm.xy / n - np.outer(mx, my), mx, my
+    return cm.x.second, cm.xy / n, np.zeros_like(mx), np.zeros_like(my)
+
+
+# ----------------------------------------------------------------------------- the driver
+def _group_cov(layer: Layer, cm, g: int, fit_bias: bool):
+    cxx, cxy, mx, my = moments(cm, fit_bias)
+    si, so = layer.extra["in_slices"][g], layer.extra["out_slices"][g]
+    cxy_g = cxy[si, so] if cxy.shape[1] else cxy[si]
+    my_g = my[so] if my.shape[0] else my
+    cxx_g, mx_g = cxx[si, si], mx[si]
+    if layer.feature_map is not None:
+        cxx_g, mx_g = layer.feature_map(cxx_g, mx_g)
+    return cxx_g, cxy_g, mx_g, my_g
+
+
+def factorize(pass_name, model, cfg, ctx, layers, skipped, rewrite, multiple, report):
+    """Allocate ranks, then rewrite and refit level by level. ``rewrite(graph, layer, r, As, Bs,
+    bias)`` edits the graph and returns the name of a node to refit by a full ridge solve on its
+    own input patches (or None when the moments refit already did it)."""
+    from ..graph import export_model, import_graph, node_by_name
+    from ..reconstruct import layer_stats_request, refit_order, ridge_solve, set_layer_matrix
+
+    for s in skipped:
+        report.skip(s[0], s[1])
+    goal_metrics = [m for m in ("flops", "params") if m in (ctx.goals or {})]
+    use_data_alloc = cfg.alloc == "data" or (cfg.alloc == "auto" and cfg.whiten)
+    # candidates
+    cands = {}
+    for layer in list(layers):
+        c = candidate_ranks(layer, multiple, force=cfg.force)
+        if not c and not cfg.force:
+            report.skip(layer.node, f"no rank that is a multiple of {multiple} makes it cheaper "
+                                    f"(exact rank {layer.max_rank})")
+            layers.remove(layer)
+            continue
+        cands[layer.node] = c
+    if not layers:
+        return model, {}
+    # planning statistics on the reference
+    covs = {}
+    if use_data_alloc:
+        reqs = [layer.request("plan:" + layer.node, layer.x, None) for layer in layers]
+        stats = ctx.collect(reqs, model_x=ctx.reference, desc=f"{pass_name}: statistics")
+        for layer in layers:
+            cm = stats["plan:" + layer.node]
+            covs[layer.node] = [_group_cov(layer, cm, g, layer.fit_bias)[0] for g in range(layer.groups)]
+    curves = {l.node: energy_curve(l, covs.get(l.node), cfg.eps) for l in layers}
+    ranks = {}
+    budget = {}
+    if goal_metrics:
+        current = ctx.cost(model)
+        for m in goal_metrics:
+            need = current[m] - ctx.goals[m].target
+            options = {}
+            for l in layers:
+                opts = [(None, 0.0, 0.0)]
+                for r in cands[l.node]:
+                    opts.append((r, float(l.cost0[m] - l.cost_at(r)[m]), float(curves[l.node][r])))
+                options[l.node] = opts
+            possible = sum(max(o[1] for o in opts) for opts in options.values())
+            if need <= 0:
+                choice, saved = {k: None for k in options}, 0.0
+            else:
+                choice, saved = allocate(options, need)
+            budget[m] = {"goal": round(float(ctx.goals[m].target)), "needed_saving": round(float(need)),
+                         "planned_saving": round(float(saved)), "max_saving": round(float(possible))}
+            if need > possible:
+                budget[m]["why_not"] = (f"factorizing every eligible layer at the lowest rank multiple of "
+                                        f"{multiple} saves at most {possible:.0f} {m}, {need:.0f} needed")
+            for k, r in choice.items():
+                if r is None:
+                    continue
+                ranks[k] = r if ranks.get(k) is None else min(ranks[k], r)
+        for l in layers:
+            if l.node not in ranks:
+                report.skip(l.node, "left whole: the budget is met at lower error elsewhere")
+    else:
+        for l in layers:
+            r = rank_by_energy(curves[l.node], cfg.energy, multiple, l.max_rank)
+            if cfg.force or pays(l, r):
+                ranks[l.node] = r
+            else:
+                report.skip(l.node, f"rank {r} for energy {cfg.energy} does not make it cheaper")
+    layers = [l for l in layers if l.node in ranks]
+    if not layers:
+        return model, budget
+    by_name = {l.node: l for l in layers}
+    graph = import_graph(model)
+    levels = refit_order(graph, list(by_name))
+    use_data = cfg.whiten or cfg.refit
+    working = model
+    for lv, names in enumerate(levels):
+        stats = {}
+        if use_data:
+            reqs = [by_name[n].request("lv:" + n, by_name[n].x, by_name[n].y) for n in names]
+            stats = ctx.collect(reqs, model_x=working, model_y=ctx.reference,
+                                desc=f"{pass_name}: level {lv + 1}/{len(levels)}")
+        node_refits = []
+        for n in names:
+            layer, r = by_name[n], ranks[n]
+            As, Bs, bs = [], [], []
+            for g, w in enumerate(layer.ws):
+                if use_data:
+                    cxx, cxy, mx, my = _group_cov(layer, stats["lv:" + n], g, layer.fit_bias)
+                a, b_mat, _ = factor(w, cxx if cfg.whiten else None, cfg.eps)
+                a, b_mat = a[:, :r], b_mat[:r]
+                so = layer.extra["out_slices"][g]
+                b_orig = layer.bias[so] if layer.bias is not None else None
+                bias = b_orig
+                if cfg.refit and layer.feature_map is None:
+                    czz = a.T @ cxx @ a
+                    czy = a.T @ cxy
+                    b_mat, bias = ridge(czz, czy, mx @ a, my, cfg.ridge, layer.fit_bias)
+                    if not layer.fit_bias:
+                        bias = None
+                elif cfg.whiten and layer.fit_bias and layer.feature_map is None:
+                    corr = mx @ (w - a @ b_mat)
+                    bias = corr if b_orig is None else b_orig + corr
+                As.append(a)
+                Bs.append(b_mat)
+                bs.append(bias)
+            bias = None if all(b is None for b in bs) else np.concatenate(
+                [b if b is not None else np.zeros(Bs[i].shape[1]) for i, b in enumerate(bs)])
+            second = rewrite(graph, layer, r, As, Bs, bias)
+            if second is not None and cfg.refit:
+                node_refits.append((n, second))
+            report.changed.append(f"{n} (rank {r} of {layer.max_rank})")
+        working = export_model(graph, like=model)
+        if node_refits:
+            graph_w = import_graph(working)
+            reqs = []
+            for n, second in node_refits:
+                node = node_by_name(graph_w, second)
+                reqs.append(layer_stats_request(node, "nr:" + n, node.inputs[0].name, by_name[n].y,
+                                                positions=cfg.positions))
+            stats = ctx.collect(reqs, model_x=working, model_y=ctx.reference,
+                                desc=f"{pass_name}: refit level {lv + 1}/{len(levels)}")
+            for n, second in node_refits:
+                node = node_by_name(graph, second)
+                wmat, b = ridge_solve(stats["nr:" + n], cfg.ridge, fit_bias=by_name[n].fit_bias)
+                set_layer_matrix(node, wmat, b if by_name[n].fit_bias else None)
+            working = export_model(graph, like=model)
+    details = {"ranks": {n: ranks[n] for n in by_name}}
+    if budget:
+        details["budget"] = budget
+    return working, details
