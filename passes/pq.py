@@ -35,7 +35,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..graph import export_model, import_graph
-from ..reconstruct import conv_attrs, layer_stats_request
+from ..reconstruct import conv_attrs, layer_stats_request, refit_order
 from ..registry import Pass, PassReport, Plan, Skip, register
 
 CODEBOOK_DTYPES = {"fp16": np.float16, "fp32": np.float32}
@@ -49,6 +49,9 @@ class PqConfig:
     codebook_dtype: str = "fp16"   # fp16 or fp32
     aware: bool = True             # activation-aware EM (False: plain k-means on the weights)
     iters: int = 8                 # activation-aware EM rounds
+    gptq: bool = True              # assign block by block with error feedback (full covariance)
+    refine: int = 15               # conjugate-gradient steps refitting the codebook (full covariance)
+    sequential: bool = True        # targets: original outputs, inputs from the already-quantized net
     kmeans_iters: int = 8          # plain Lloyd rounds (the initialisation)
     damp: float = 0.01             # metric damping, relative to the mean input variance
     bias_correct: bool = True      # absorb the mean output shift into the bias
@@ -62,8 +65,8 @@ class PqConfig:
             raise ValueError(f"pq.centroids must be in 2..256 (uint8 codes), got {self.centroids}")
         if self.codebook_dtype not in CODEBOOK_DTYPES:
             raise ValueError(f"pq.codebook_dtype must be fp16 or fp32, got '{self.codebook_dtype}'")
-        if self.iters < 0 or self.kmeans_iters < 1:
-            raise ValueError("pq.iters must be ≥ 0 and pq.kmeans_iters ≥ 1")
+        if self.iters < 0 or self.kmeans_iters < 1 or self.refine < 0:
+            raise ValueError("pq.iters and pq.refine must be ≥ 0, pq.kmeans_iters ≥ 1")
         if self.damp < 0:
             raise ValueError(f"pq.damp must be ≥ 0, got {self.damp}")
 
@@ -188,9 +191,13 @@ def _bincount_rows(codes, vals, k):
     return np.stack([np.bincount(codes, weights=vals[:, e], minlength=k) for e in range(vals.shape[1])], axis=1)
 
 
-def kmeans(x, k, iters, rng):
-    """Plain k-means (k-means++ seeding, Lloyd steps) -> (centroids k×d, codes)."""
+def kmeans(x, k, iters, rng, sample=65536):
+    """Plain k-means (k-means++ seeding, Lloyd steps on at most ``sample`` points, then one
+    assignment of all points) -> (centroids k×d, codes)."""
     c = _kmeanspp(x, k, rng)
+    full = x
+    if len(x) > sample:
+        x = x[np.sort(rng.choice(len(x), size=sample, replace=False))]
     codes = _sqdist_argmin(x, c)
     for _ in range(iters):
         counts = np.bincount(codes, minlength=k)
@@ -201,19 +208,22 @@ def kmeans(x, k, iters, rng):
         if np.array_equal(new, codes):
             break
         codes = new
-    return c, codes
+    return c, (codes if x is full else _sqdist_argmin(full, c))
 
 
-def _metric_assign(hx, blk, c, hblocks, chunk=1 << 15):
-    """argmin_k cᵀH_b c − 2 (H_b w)ᵀ c for each sub-vector (hx = H_b w, blk = its block)."""
-    c32 = c.astype(np.float32)
+def _metric_assign(hx, nb, c, hblocks, chunk=1 << 15):
+    """argmin_k c_kᵀH_b c_k − 2 (H_b w)ᵀ c_k for each sub-vector; hx = H_b w, ordered (row, block)."""
+    k, d = c.shape
+    c2 = (-2.0 * c.T).astype(np.float32)
     q = np.einsum("kd,bde,ke->bk", c, hblocks, c).astype(np.float32)  # (B, K)
-    hx32 = hx.astype(np.float32)
-    out = np.empty(len(hx), dtype=np.int64)
-    for s in range(0, len(hx), chunk):
-        sl = slice(s, s + chunk)
-        out[sl] = np.argmin(q[blk[sl]] - 2.0 * (hx32[sl] @ c32.T), axis=1)
-    return out
+    hx3 = hx.astype(np.float32).reshape(-1, nb, d)
+    per = max(1, chunk // nb)
+    out = np.empty((len(hx3), nb), dtype=np.int64)
+    for s in range(0, len(hx3), per):
+        scores = hx3[s:s + per] @ c2
+        scores += q[None]
+        out[s:s + per] = np.argmin(scores, axis=2)
+    return out.reshape(-1)
 
 
 def aware_em(x, blk, hblocks, c, codes, iters):
@@ -229,27 +239,120 @@ def aware_em(x, blk, hblocks, c, codes, iters):
         if nz.any():
             c = c.copy()
             c[nz] = np.linalg.solve(hsum[nz], rhs[nz][..., None])[..., 0]
-        new = _metric_assign(hx, blk, c, hblocks)
+        new = _metric_assign(hx, nb, c, hblocks)
         if np.array_equal(new, codes):
             break
         codes = new
     return c, codes
 
 
-def quantize(t, d, k, hblocks, cfg, rng, dtype):
-    """T (rows × d_in) -> (codebook K'×d in ``dtype``, codes rows × B uint8, T̂)."""
+def gptq_assign(t, d, c, h, group=256):
+    """Assign sub-vectors block by block along the input features with a fixed codebook,
+    feeding each block's error forward to the blocks not yet assigned (optimal brain
+    quantization with H⁻¹ = UᵀU, U upper Cholesky): metric G = (U_FFᵀU_FF)⁻¹ for block F, update
+    W_R −= U_FRᵀ U_FF⁻ᵀ Δ_F. t: rows × d_in (row = one output). Updates beyond the current group
+    of blocks are applied once per group (lazy batch)."""
+    rows, d_in = t.shape
+    nb = d_in // d
+    hinv = np.linalg.inv(h)
+    u = np.linalg.cholesky(0.5 * (hinv + hinv.T)).T  # upper: hinv = uᵀ u
+    w = t.T.copy()  # d_in × rows
+    codes = np.empty((rows, nb), dtype=np.int64)
+    per = max(1, group // d)
+    ct = c.T.copy()
+    for g0 in range(0, nb, per):
+        g1 = min(nb, g0 + per)
+        lo, hi = g0 * d, g1 * d
+        wg = w[lo:hi].copy()
+        zs = np.empty_like(wg)
+        for b in range(g0, g1):
+            f = slice(b * d - lo, (b + 1) * d - lo)
+            fa = slice(b * d, (b + 1) * d)
+            uff = u[fa, fa]
+            gm = np.linalg.inv(uff.T @ uff)
+            gm = 0.5 * (gm + gm.T)
+            wf = wg[f]
+            q = np.einsum("kd,de,ke->k", c, gm, c)
+            cb = np.argmin(q[None, :] - 2.0 * (wf.T @ gm) @ ct, axis=1)
+            codes[:, b] = cb
+            z = np.linalg.solve(uff.T, wf - ct[:, cb])
+            zs[f] = z
+            if b + 1 < g1:
+                wg[f.stop:] -= u[fa, (b + 1) * d:hi].T @ z
+        if hi < d_in:
+            w[hi:] -= u[lo:hi, hi:].T @ zs
+    return codes
+
+
+def refine_codebook(t, codes, c, h, steps):
+    """Least squares for the codebook with the assignments fixed, on the full covariance:
+    min_C Σ_r (t̂_r(C) − t_r)ᵀ H (t̂_r(C) − t_r); preconditioned conjugate gradient."""
+    rows, nb = codes.shape
+    k, d = c.shape
+    flat = codes.reshape(-1)
+
+    def scatter(g):  # rows × d_in -> k × d
+        return _bincount_rows(flat, g.reshape(-1, d), k)
+
+    def op(cc):
+        return scatter(cc[flat].reshape(rows, nb * d) @ h)
+
+    hb = h.reshape(nb, d, nb, d)[np.arange(nb), :, np.arange(nb), :]
+    counts = np.bincount(np.tile(np.arange(nb), rows) * k + flat, minlength=nb * k).reshape(nb, k)
+    pre = np.einsum("bk,bde->kde", counts.astype(np.float64), hb)
+    used = counts.sum(0) > 0
+    pre[~used] = np.eye(d)
+    pinv = np.linalg.inv(pre)
+    rhs = scatter(t @ h)
+    x = c.copy()
+    r = rhs - op(x)
+    r[~used] = 0
+    z = np.einsum("kde,ke->kd", pinv, r)
+    p = z.copy()
+    rz = float((r * z).sum())
+    for _ in range(steps):
+        ap = op(p)
+        denom = float((p * ap).sum())
+        if denom <= 0 or rz <= 0:
+            break
+        alpha = rz / denom
+        x += alpha * p
+        r -= alpha * ap
+        r[~used] = 0
+        z = np.einsum("kde,ke->kd", pinv, r)
+        rz_new = float((r * z).sum())
+        p = z + (rz_new / rz) * p
+        rz = rz_new
+    return x
+
+
+def output_error(t, t_hat, h):
+    """Σ_r (t̂_r − t_r)ᵀ H (t̂_r − t_r) / Σ_r t_rᵀ H t_r."""
+    delta = t - t_hat
+    return float(np.einsum("ri,ij,rj->", delta, h, delta) / max(np.einsum("ri,ij,rj->", t, h, t), 1e-30))
+
+
+def quantize(t, d, k, h, cfg, rng, dtype):
+    """T (rows × d_in) -> (codebook K'×d in ``dtype``, codes rows × B uint8, T̂).
+
+    h: the damped input covariance (d_in × d_in) for activation-aware layers, else None."""
     rows, d_in = t.shape
     nb = d_in // d
     x = t.reshape(rows * nb, d).astype(np.float64)
-    blk = np.tile(np.arange(nb), rows)
     uniq, inv = np.unique(x, axis=0, return_inverse=True)
     if len(uniq) <= k:
         c, codes = uniq, inv.reshape(-1)
     else:
         c, codes = kmeans(x, k, cfg.kmeans_iters, rng)
-        if hblocks is not None and cfg.iters:
-            c, codes = aware_em(x, blk, hblocks, c, codes, cfg.iters)
-        # drop unused centroids (fewer bytes, same weights) and order them deterministically
+        if h is not None and cfg.aware:
+            hblocks = h.reshape(nb, d, nb, d)[np.arange(nb), :, np.arange(nb), :]
+            if cfg.iters:
+                c, codes = aware_em(x, np.tile(np.arange(nb), rows), hblocks, c, codes, cfg.iters)
+            if cfg.gptq:
+                codes = gptq_assign(t, d, c, h).reshape(-1)
+            if cfg.refine:
+                c = refine_codebook(t, codes.reshape(rows, nb), c, h, cfg.refine)
+        # drop unused centroids (fewer bytes, same weights)
         used = np.unique(codes)
         remap = np.zeros(len(c), dtype=np.int64)
         remap[used] = np.arange(len(used))
@@ -327,22 +430,23 @@ def _bias_target(layer: Layer):
     return None
 
 
-def _apply_bias_shift(layer: Layer, target, shift: np.ndarray):
+def _write_bias(layer: Layer, target, b_new: np.ndarray):
+    """Conv/Gemm: b_new is the whole bias of the output y; MatMul + Add: y excludes the Add's
+    constant, so b_new is added to it."""
     node = layer.node
     dtype = layer.weight.values.dtype
     if target[0] == "add":
         _, add, i = target
         c = add.inputs[i]
-        add.inputs[i] = gs.Constant(c.name, (c.values.astype(np.float64) + shift).astype(c.values.dtype))
+        add.inputs[i] = gs.Constant(c.name, (c.values.astype(np.float64) + b_new).astype(c.values.dtype))
         return
     if node.op == "Gemm":
-        shift = shift * node.attrs.get("alpha", 1.0) / node.attrs.get("beta", 1.0)
+        b_new = b_new / node.attrs.get("beta", 1.0)
     if len(node.inputs) > 2:
         c = node.inputs[2]
-        old = np.broadcast_to(c.values.astype(np.float64).reshape(-1), shift.shape)
-        node.inputs[2] = gs.Constant(c.name, (old + shift).astype(c.values.dtype))
+        node.inputs[2] = gs.Constant(c.name, b_new.astype(c.values.dtype))
     else:
-        node.inputs.append(gs.Constant(node.name + ".pq_bias", shift.astype(dtype)))
+        node.inputs.append(gs.Constant(node.name + ".pq_bias", b_new.astype(dtype)))
 
 
 # ----------------------------------------------------------------------------- the pass
@@ -388,60 +492,84 @@ class Pq(Pass):
         todo, skipped = self._scan(import_graph(model), cfg)
         return Plan(targets=[layer.node.name for layer, _ in todo], skipped=skipped)
 
-    def _stats(self, ctx, todo, cfg):
-        """{node name: Moments of the layer's input features} for activation-aware layers."""
-        reqs = []
-        for layer, _ in todo:
-            if layer.aware:
-                reqs.append(layer_stats_request(layer.node, "pq:" + layer.node.name, layer.node.inputs[0].name,
-                                                None, positions=cfg.positions))
+    def _stats(self, ctx, layers, cfg, model_x):
+        """{node name: CrossMoments} of the layers' input features (from ``model_x``) and their
+        outputs in the reference model."""
+        reqs = [layer_stats_request(layer.node, "pq:" + layer.node.name, layer.node.inputs[0].name,
+                                    layer.node.outputs[0].name, positions=cfg.positions) for layer in layers]
         if not reqs:
             return {}
-        got = ctx.collect(reqs, desc="pq statistics")
-        return {layer.node.name: got["pq:" + layer.node.name].x for layer, _ in todo if layer.aware}
+        got = ctx.collect(reqs, model_x=model_x, model_y=ctx.reference, desc="pq statistics")
+        return {layer.node.name: got["pq:" + layer.node.name] for layer in layers}
+
+    def _layer_problem(self, layer, d, cm, cfg):
+        """(target T* rows × d_in, metric H or None, bias fit or None, exact): what to quantize."""
+        t = layer.matrix().astype(np.float64)
+        if cm is None:
+            return t, None, None, True
+        node = layer.node
+        alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
+        bias = _bias_target(layer) if cfg.bias_correct else None
+        n = max(cm.n, 1)
+        if bias is not None:
+            h = cm.x.cov
+            cxy = cm.xy / n - np.outer(cm.x.mean, cm.mean_y)
+        else:
+            h = cm.x.second
+            cxy = cm.xy / n
+        lam = cfg.damp * max(float(np.trace(h)) / len(h), 1e-12)
+        hd = h + lam * np.eye(len(h))
+        m = alpha * t.T
+        exact = np.linalg.norm(cxy - h @ m) <= 1e-5 * max(np.linalg.norm(cxy), 1e-30)
+        if cfg.sequential and cfg.aware and not exact:
+            m = np.linalg.solve(hd, cxy + lam * m)
+            t = m.T / alpha
+        fit = (bias, cm.x.mean, cm.mean_y, alpha) if bias is not None else None
+        return t, hd, fit, exact
 
     def apply(self, model, cfg, ctx):
         graph = import_graph(model)
         report = PassReport(self.name)
         todo, skipped = self._scan(graph, cfg)
         report.skipped.extend(skipped)
-        need_stats = cfg.aware or cfg.bias_correct
-        stats = self._stats(ctx, todo, cfg) if (todo and need_stats) else {}
         dtype = CODEBOOK_DTYPES[cfg.codebook_dtype]
-        layers = {}
-        for layer, d in ctx.progress(todo, total=len(todo), desc="pq"):
-            name = layer.node.name
-            t = layer.matrix().astype(np.float64)
-            moments = stats.get(name)
-            bias = _bias_target(layer) if cfg.bias_correct else None
-            hfull = None
-            if moments is not None:
-                hfull = moments.cov if bias is not None else moments.second
-            hblocks = None
-            if cfg.aware and hfull is not None:
-                nb = layer.d_in // d
-                hb = hfull.reshape(nb, d, nb, d)[np.arange(nb), :, np.arange(nb), :]
-                lam = cfg.damp * max(float(np.trace(hfull)) / len(hfull), 1e-12)
-                hblocks = hb + lam * np.eye(d)[None]
-            rng = np.random.default_rng([ctx.seed, zlib.crc32(name.encode())])
-            k = min(cfg.centroids, t.size // d)
-            cb, codes, t_hat = quantize(t, d, k, hblocks, cfg, rng, dtype)
-            delta = t - t_hat  # rows × d_in
-            info = {"block": d, "centroids": int(len(cb)), "metric": "activation" if hblocks is not None else "weights"}
-            if hfull is not None:
-                num = float(np.einsum("ri,ij,rj->", delta, hfull, delta))
-                den = float(np.einsum("ri,ij,rj->", t, hfull, t))
-                info["rel_output_error"] = round(num / max(den, 1e-30), 6)
-            info["rel_weight_error"] = round(float((delta ** 2).sum() / max((t ** 2).sum(), 1e-30)), 6)
-            if bias is not None and moments is not None:
-                _apply_bias_shift(layer, bias, delta @ moments.mean)
-                info["bias_corrected"] = True
-            w_out = _decode(graph, layer, cb, codes)
-            layer.node.inputs[1] = w_out
-            dense = layer.n_weights * layer.weight.values.dtype.itemsize
-            info["bytes"] = [dense, int(codes.nbytes + cb.nbytes)]
-            layers[name] = info
-            report.changed.append(name)
-        report.details["layers"] = layers
+        blocks = {layer.node.name: (layer, d) for layer, d in todo}
+        use_stats = cfg.aware or cfg.bias_correct
+        if cfg.sequential and cfg.aware:
+            levels = refit_order(graph, list(blocks))
+        else:
+            levels = [sorted(blocks)]
+        info_all = {}
+        done = 0
+        current = model
+        for level in levels:
+            aware = [blocks[n][0] for n in level if blocks[n][0].aware and use_stats]
+            stats = self._stats(ctx, aware, cfg, current) if aware else {}
+            for name in level:
+                layer, d = blocks[name]
+                cm = stats.get(name)
+                t, h, fit, exact = self._layer_problem(layer, d, cm, cfg)
+                rng = np.random.default_rng([ctx.seed, zlib.crc32(name.encode())])
+                k = min(cfg.centroids, t.size // d)
+                cb, codes, t_hat = quantize(t, d, k, h if cfg.aware else None, cfg, rng, dtype)
+                t0 = layer.matrix().astype(np.float64)
+                info = {"block": d, "centroids": int(len(cb)),
+                        "metric": "activation" if (h is not None and cfg.aware) else "weights",
+                        "rel_weight_error": round(float(((t0 - t_hat) ** 2).sum() / max((t0 ** 2).sum(), 1e-30)), 6)}
+                if h is not None:
+                    info["rel_output_error"] = round(output_error(t, t_hat, h), 6)
+                if fit is not None:
+                    target, mx, my, alpha = fit
+                    _write_bias(layer, target, my - mx @ (alpha * t_hat.T))
+                    info["bias_refit"] = True
+                layer.node.inputs[1] = _decode(graph, layer, cb, codes)
+                dense = layer.n_weights * layer.weight.values.dtype.itemsize
+                info["bytes"] = [dense, int(codes.nbytes + cb.nbytes)]
+                info_all[name] = info
+                report.changed.append(name)
+                done += 1
+            if len(levels) > 1:
+                current = export_model(graph, like=model)
+        report.details["layers"] = info_all
         report.details["codebook_dtype"] = cfg.codebook_dtype
         return export_model(graph, like=model), report
