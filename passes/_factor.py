@@ -29,7 +29,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.linalg import solve_triangular
 
 from ..graph import concrete_input_shapes, infer_shapes
 
@@ -54,14 +53,29 @@ def factor(w: np.ndarray, cov: np.ndarray | None = None, eps: float = 1e-3):
     """Full factorization W = A B with the columns of A ordered by output energy.
 
     Returns A (d_in × k), B (k × d_out), s (k) with k = min(d_in, d_out); truncate to the first
-    r columns/rows. ``cov`` None: plain SVD."""
+    r columns/rows. ``cov`` None: plain SVD.
+
+    Computed without the Cholesky factor: with Lᵀ W = U S Vᵀ, V and S² are the eigenvectors and
+    eigenvalues of the output covariance Wᵀ (Σ + εI) W, and A = L⁻ᵀ U_r = W V_r S_r⁻¹, so the
+    rank-r layer is W V_r V_rᵀ (projection of the outputs on their top principal subspace)."""
+    d_in, d_out = w.shape
+    k = min(d_in, d_out)
     if cov is None:
-        u, s, vt = np.linalg.svd(w, full_matrices=False)
-        return u, s[:, None] * vt, s
-    L = cholesky_loaded(cov, eps)
-    u, s, vt = np.linalg.svd(L.T @ w, full_matrices=False)
-    a = solve_triangular(L.T, u, lower=False)
-    return a, s[:, None] * vt, s
+        gram = w.T @ w
+    else:
+        d = cov.shape[0]
+        lam = eps * max(float(np.trace(cov)) / max(d, 1), 1e-12)
+        gram = w.T @ ((cov + cov.T) / 2) @ w + lam * (w.T @ w)
+    gram = (gram + gram.T) / 2
+    ev, v = np.linalg.eigh(gram)
+    order = np.argsort(ev)[::-1][:k]
+    ev, v = np.clip(ev[order], 0.0, None), v[:, order]
+    s = np.sqrt(ev)
+    floor = max(float(s[0]) if len(s) else 0.0, 1e-30) * 1e-12
+    safe = np.maximum(s, floor)
+    a = (w @ v) / safe
+    b = safe[:, None] * v.T
+    return a, b, s
 
 
 def ridge(cxx, cxy, mx, my, ridge_rel=1e-4, fit_bias=True):

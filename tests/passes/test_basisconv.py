@@ -1,0 +1,126 @@
+"""basisconv: exact at full rank for every Conv geometry, accurate on the digits CNN, and the
+FLOP budget is reached."""
+
+import numpy as np
+import onnx
+import pytest
+
+from graphs import GraphBuilder, assert_close
+from models import digits
+from onnxshrink import shrink
+from onnxshrink.cost import model_cost
+from onnxshrink.registry import get_pass, make_config
+from onnxshrink.errors import TargetError, UsageError
+
+EXACT = {"energy": 1.0, "force": True, "refit": False}
+
+
+def _conv_net(nd=2, stride=1, pad=1, dilation=1, group=1, bias=True, c=8, o=16, k=3, size=9):
+    b = GraphBuilder(seed=1)
+    x = b.input("input", ["batch", c] + [size] * nd)
+    h = b.conv(x, c, o, k=k, stride=stride, pad=pad, dilation=dilation, group=group, bias=bias, nd=nd)
+    b.conv(b.relu(h), o, 8, k=3, nd=nd, out="y")
+    b.output("y")
+    return b.model()
+
+
+def _feeds(model, n=64, seed=0):
+    shape = [d.dim_value or n for d in model.graph.input[0].type.tensor_type.shape.dim]
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def _run(model, options, **kw):
+    data = _feeds(model, 96, seed=3)
+    return shrink(model, ["basisconv"], calibration=data, options={"basisconv": options}, force=True, **kw)
+
+
+def _ops(model):
+    return [n.op_type for n in model.graph.node]
+
+
+@pytest.mark.parametrize("geom", [
+    dict(), dict(stride=2), dict(pad=0), dict(dilation=2, pad=2), dict(bias=False),
+    dict(group=2), dict(stride=2, pad=0, group=4, bias=False), dict(nd=1, size=12), dict(nd=1, stride=2, dilation=2, pad=1),
+    dict(k=5, pad=2),
+])
+@pytest.mark.parametrize("whiten", [True, False])
+def test_full_rank_is_exact(geom, whiten):
+    m = _conv_net(**geom)
+    res = _run(m, dict(EXACT, whiten=whiten))
+    assert _ops(res.model).count("Conv") == 4          # both Convs split in two
+    assert len(res.report["passes"][0]["changed"]) == 2
+    onnx.checker.check_model(res.model, full_check=True)
+    assert_close(m, res.model, {"input": _feeds(m, 8, seed=7)}, rtol=1e-4, atol=1e-4)
+
+
+def test_full_rank_with_refit_is_close():
+    m = _conv_net(stride=2)
+    res = _run(m, {"energy": 1.0, "force": True})
+    assert_close(m, res.model, {"input": _feeds(m, 8, seed=7)}, rtol=1e-2, atol=1e-2)
+
+
+def test_structure_of_the_split():
+    m = _conv_net(c=16, o=32, size=8)
+    res = _run(m, {"energy": 0.5, "channel_multiple": 8})
+    convs = [n for n in res.model.graph.node if n.op_type == "Conv"]
+    inits = {t.name: t.dims for t in res.model.graph.initializer}
+    basis = [n for n in convs if n.name.endswith("_basis")]
+    assert basis, "no layer was factorized"
+    for n in basis:
+        mdim = inits[n.input[1]][0]
+        assert mdim % 8 == 0 and len(n.input) == 2          # no bias on the basis conv
+        coef = next(c for c in convs if n.output[0] in c.input)
+        assert list(inits[coef.input[1]][2:]) == [1, 1] and inits[coef.input[1]][1] == mdim
+    assert model_cost(res.model)["flops"] < model_cost(m)["flops"]
+
+
+def test_depthwise_is_skipped_with_a_reason():
+    m = _conv_net(c=8, o=8, group=8)
+    res = _run(m, {})
+    skipped = {s["node"]: s["reason"] for s in res.report["passes"][0]["skipped"]}
+    assert any("grouped Conv" in r for r in skipped.values())
+    assert _ops(res.model).count("Conv") <= 3
+
+
+def test_bad_options():
+    with pytest.raises(UsageError):
+        make_config(get_pass("basisconv"), {"energy": "1.5"})
+    with pytest.raises(UsageError):
+        make_config(get_pass("basisconv"), {"alloc": "magic"})
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    return onnx.load(digits.model_path("cnn_plain")), digits.calibration("cnn", 256), digits.accuracy(
+        digits.model_path("cnn_plain"), "cnn")
+
+
+def test_cnn_budget_and_accuracy(cnn):
+    model, calib, acc0 = cnn
+    res = shrink(model, ["basisconv"], calibration=calib, target_flops=0.6,
+                 options={"basisconv": {"positions": 16}})
+    before, after = model_cost(model)["flops"], model_cost(res.model)["flops"]
+    assert abs(after / before - 0.6) <= 0.05 * 0.6
+    assert res.report["passes"][0]["changed"]
+    acc = digits.accuracy(res.model, "cnn")
+    assert acc >= acc0 - 0.015, (acc, acc0)
+
+
+def test_cnn_energy_mode_keeps_accuracy(cnn):
+    model, calib, acc0 = cnn
+    res = shrink(model, ["basisconv"], calibration=calib[:128],
+                 options={"basisconv": {"energy": 0.97, "positions": 16}})
+    assert model_cost(res.model)["flops"] < model_cost(model)["flops"]
+    assert digits.accuracy(res.model, "cnn") >= acc0 - 0.015
+
+
+def test_unreachable_budget_says_why(cnn):
+    model, calib, _ = cnn
+    res = shrink(model, ["basisconv"], calibration=calib[:64], target_flops=0.05, force=True,
+                 options={"basisconv": {"positions": 4, "refit": False}})
+    budget = res.report["passes"][0]["budget"]["flops"]
+    assert "why_not" in budget and budget["max_saving"] < budget["needed_saving"]
+    assert not res.report["targets"]["flops"]["met"]
+    with pytest.raises(TargetError):
+        shrink(model, ["basisconv"], calibration=calib[:64], target_flops=0.05,
+               options={"basisconv": {"positions": 4, "refit": False}})

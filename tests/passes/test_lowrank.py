@@ -1,0 +1,135 @@
+"""lowrank: exact at full rank (Gemm either transB, MatMul on 2-D and 3-D inputs, with and
+without bias, separable Conv), accurate on the digits MLP and transformer, budgets reached."""
+
+import numpy as np
+import onnx
+import pytest
+
+from graphs import GraphBuilder, assert_close
+from models import digits
+from onnxshrink import shrink
+from onnxshrink.cost import model_cost
+
+EXACT = {"energy": 1.0, "force": True, "refit": False}
+
+
+def _mlp(trans_b=1, bias=True):
+    b = GraphBuilder(seed=2)
+    x = b.input("input", ["batch", 24])
+    h = b.relu(b.gemm(x, 24, 40, trans_b=trans_b, bias=bias))
+    b.gemm(h, 40, 16, trans_b=1 - trans_b, bias=bias, out="y")
+    b.output("y")
+    return b.model()
+
+
+def _tokens(with_add=True):
+    b = GraphBuilder(seed=3)
+    x = b.input("input", ["batch", 6, 20])
+    h = b.matmul(x, 20, 32)
+    if with_add:
+        h = b.node("Add", [h, b.const((0.1 * np.arange(32)).astype(np.float32))])
+    h = b.relu(h)
+    h = b.matmul(h, 32, 12, out=None)
+    b.node("Add", [h, b.const(np.ones((1, 1, 12), np.float32))], out="y")
+    b.output("y")
+    return b.model()
+
+
+def _conv(stride=1, pad=1, dilation=1, bias=True):
+    b = GraphBuilder(seed=4)
+    x = b.input("input", ["batch", 4, 9, 9])
+    h = b.conv(x, 4, 12, k=3, stride=stride, pad=pad, dilation=dilation, bias=bias)
+    b.conv(b.relu(h), 12, 6, k=3, out="y")
+    b.output("y")
+    return b.model()
+
+
+def _data(model, n, seed):
+    shape = [d.dim_value or n for d in model.graph.input[0].type.tensor_type.shape.dim]
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def _run(model, options, **kw):
+    return shrink(model, ["lowrank"], calibration=_data(model, 96, 5), options={"lowrank": options},
+                  force=True, **kw)
+
+
+@pytest.mark.parametrize("whiten", [True, False])
+@pytest.mark.parametrize("trans_b,bias", [(1, True), (0, True), (1, False), (0, False)])
+def test_gemm_full_rank_is_exact(trans_b, bias, whiten):
+    m = _mlp(trans_b, bias)
+    res = _run(m, dict(EXACT, whiten=whiten))
+    ops = [n.op_type for n in res.model.graph.node]
+    assert ops.count("MatMul") == 2 and ops.count("Gemm") == 2
+    onnx.checker.check_model(res.model, full_check=True)
+    assert_close(m, res.model, {"input": _data(m, 8, 9)})
+
+
+@pytest.mark.parametrize("with_add", [True, False])
+def test_matmul_tokens_full_rank_is_exact(with_add):
+    m = _tokens(with_add)
+    res = _run(m, EXACT)
+    assert [n.op_type for n in res.model.graph.node].count("MatMul") == 4
+    assert_close(m, res.model, {"input": _data(m, 8, 9)})
+
+
+def test_refit_at_full_rank_is_close():
+    for m in (_mlp(), _tokens()):
+        res = _run(m, {"energy": 1.0, "force": True})
+        assert_close(m, res.model, {"input": _data(m, 8, 9)}, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("geom", [dict(), dict(stride=2), dict(pad=0), dict(dilation=2, pad=2), dict(bias=False)])
+def test_separable_conv_full_rank_is_exact(geom):
+    m = _conv(**geom)
+    res = _run(m, dict(EXACT, conv=True))
+    convs = [n for n in res.model.graph.node if n.op_type == "Conv"]
+    assert len(convs) == 4
+    shapes = {t.name: list(t.dims[2:]) for t in res.model.graph.initializer if len(t.dims) == 4}
+    assert sorted(shapes[c.input[1]] for c in convs) == [[1, 3], [1, 3], [3, 1], [3, 1]]
+    assert_close(m, res.model, {"input": _data(m, 8, 9)})
+
+
+def test_separable_conv_refit_is_close():
+    m = _conv(stride=2)
+    res = _run(m, {"energy": 1.0, "force": True, "conv": True})
+    assert_close(m, res.model, {"input": _data(m, 8, 9)}, rtol=1e-2, atol=1e-2)
+
+
+def test_only_where_it_pays():
+    m = _mlp()
+    res = _run(m, {"energy": 1.0})   # full rank never pays
+    assert not res.report["passes"][0]["changed"]
+    assert all("cheaper" in s["reason"] for s in res.report["passes"][0]["skipped"])
+
+
+def _ref(name):
+    kind = digits.MODELS[name]
+    return onnx.load(digits.model_path(name)), kind, digits.calibration(kind, 256)
+
+
+@pytest.mark.parametrize("name,target", [("mlp", 0.3), ("transformer", 0.5)])
+def test_reference_models_budget_and_accuracy(name, target):
+    model, kind, calib = _ref(name)
+    acc0 = digits.accuracy(model, kind)
+    res = shrink(model, ["lowrank"], calibration=calib, target_params=target)
+    ratio = model_cost(res.model)["params"] / model_cost(model)["params"]
+    assert abs(ratio - target) <= 0.05 * target, ratio
+    acc = digits.accuracy(res.model, kind)
+    assert acc >= acc0 - 0.01, (acc, acc0)
+
+
+def test_data_beats_plain_svd_on_the_transformer():
+    model, kind, calib = _ref("transformer")
+    data = shrink(model, ["lowrank"], calibration=calib, target_params=0.4, force=True)
+    plain = shrink(model, ["lowrank"], calibration=calib, target_params=0.4, force=True,
+                   options={"lowrank": {"whiten": False, "refit": False, "alloc": "data"}})
+    assert data.report["passes"][0]["ranks"] == plain.report["passes"][0]["ranks"]
+    assert digits.accuracy(data.model, kind) > digits.accuracy(plain.model, kind)
+
+
+def test_flops_budget():
+    model, kind, calib = _ref("mlp")
+    res = shrink(model, ["lowrank"], calibration=calib, target_flops=0.5)
+    ratio = model_cost(res.model)["flops"] / model_cost(model)["flops"]
+    assert abs(ratio - 0.5) <= 0.05 * 0.5, ratio
