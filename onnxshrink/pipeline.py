@@ -16,7 +16,7 @@ import onnx
 from . import budget as budget_mod
 from .calibrate import DataSource, collect, load_data, random_data, session, split_holdout
 from .cost import model_cost
-from .errors import OnnxShrinkError, PassError, UsageError, ValidationFailed
+from .errors import InputError, OnnxShrinkError, PassError, UsageError, ValidationFailed
 from .graph import normalize
 from .model_io import load_model, save_model
 from .registry import get_pass, make_config
@@ -95,6 +95,16 @@ def _resolve_passes(names, options):
     return chosen
 
 
+def _check_runs(model):
+    """The input must load in ONNX Runtime (unknown ops, broken graphs): an input error, not a
+    failure of the first pass."""
+    try:
+        session(model)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputError(f"ONNX Runtime cannot load the input model: {msg}") from None
+
+
 def _data(calibration, validation, model, image_options, random_calibration, needs_data, seed):
     fit = val = None
     if calibration is not None:
@@ -126,6 +136,7 @@ def shrink(model_or_path, passes, calibration=None, target_flops=None, target_pa
             raise UsageError(f"a {metric} target needs a pass that can search a {metric} budget; none of "
                              f"{','.join(p.name for p, _ in chosen)} can")
     model = normalize(load_model(model_or_path))
+    _check_runs(model)
     original = model
     needs = next((p.name for p, _ in chosen if p.needs_data), None)
     fit, val = _data(calibration, validation, model, image_options, random_calibration, needs, seed)

@@ -28,11 +28,13 @@ from zoo.conftest import *  # noqa: F401,F403  (the zoo fixtures)
 CHAIN = "pfa,basisconv,pq"
 EXACT = {"foldbn"}  # passes whose result must equal the original to float tolerance
 
-# Cheaper settings for the tiny zoo models; only keys the pass's Config really has are used.
+# Settings for the tiny zoo models: fewer sampled positions (speed), and no rounding of kept
+# channels / ranks to multiples of 8 with a lower energy, so that the passes really rewrite these
+# 8–32-channel layers instead of keeping them whole. Only keys the pass's Config has are used.
 FAST_OPTIONS = {
-    "pfa": {"positions": 8},
-    "basisconv": {"positions": 8},
-    "lowrank": {"positions": 8},
+    "pfa": {"positions": 8, "channel_multiple": 1, "energy": 0.9},
+    "basisconv": {"positions": 8, "channel_multiple": 1, "energy": 0.9},
+    "lowrank": {"positions": 8, "channel_multiple": 1, "energy": 0.9},
 }
 
 # (pass or chain, zoo case) -> reason: a failure found by this matrix, xfail(strict=True).
@@ -158,7 +160,7 @@ def test_zoo_pass(passes, case, tmp_path):
     back = load_model(str(path))
     assert io_signature(back, "output") == io_signature(out, "output")
     assert len(back.graph.initializer) == len(out.graph.initializer)
-    if z.external:
+    if z.external and any(len(t.raw_data) >= 1024 for t in out.graph.initializer):
         assert (path.parent / "model.onnx.data").exists()
 
 
