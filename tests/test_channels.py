@@ -1,0 +1,309 @@
+"""Channel-coupling analysis on small hand-built graphs: one graph per pattern.
+
+Exactness check: pruning channels R must give the same function as the original model in which
+the consumers' input weights of R were zeroed by hand (so those channels contribute nothing).
+That checks every offset (Concat, Split/Slice, H·W column blocks) independently of the analysis.
+"""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from graphs import GraphBuilder, assert_close, run
+from onnxshrink.channels import analyze
+
+
+def feeds(model, n=3, seed=0):
+    rng = np.random.default_rng(seed)
+    out = {}
+    for vi in model.graph.input:
+        shape = [d.dim_value if d.dim_value > 0 else n for d in vi.type.tensor_type.shape.dim]
+        out[vi.name] = rng.standard_normal(shape).astype(np.float32)
+    return out
+
+
+def init(model, name):
+    return next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == name)
+
+
+def node(model, op, k=0):
+    return [n for n in model.graph.node if n.op_type == op][k]
+
+
+def zero_inputs(model, weight_name, axis, columns):
+    """A copy of the model with the given input columns of a weight zeroed."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for t in m.graph.initializer:
+        if t.name == weight_name:
+            a = numpy_helper.to_array(t).copy()
+            idx = [slice(None)] * a.ndim
+            idx[axis] = list(columns)
+            a[tuple(idx)] = 0
+            t.CopyFrom(numpy_helper.from_array(a, t.name))
+    return m
+
+
+def group_of(an, model, op, k=0):
+    return an.group_of(node(model, op, k).name)
+
+
+def test_conv_bn_relu_conv_prunes_bn_and_both_convs():
+    b = GraphBuilder(0)
+    x = b.input("x", ["N", 3, 8, 8])
+    h = b.relu(b.bn(b.conv(x, 3, 8), 8))
+    y = b.conv(h, 8, 4, out="y")
+    b.output(y)
+    m = b.model()
+    an = analyze(m)
+    g = group_of(an, m, "Conv", 0)
+    assert not g.pinned and g.size == 8 and len(g.consumers) == 1
+    drop = [1, 5, 6]
+    p = an.prune(m, {g.index: [i for i in range(8) if i not in drop]})
+    w2 = node(m, "Conv", 1).input[1]
+    assert_close(zero_inputs(m, w2, 1, drop), p, feeds(m))
+    assert init(p, node(p, "Conv", 0).input[1]).shape == (5, 3, 3, 3)
+    assert all(init(p, n).shape == (5,) for n in node(p, "BatchNormalization").input[1:])
+    assert init(p, node(p, "Conv", 1).input[1]).shape == (4, 5, 3, 3)
+    assert group_of(an, m, "Conv", 1).pinned  # reaches the graph output
+
+
+@pytest.mark.parametrize("act", ["Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Gelu", "Tanh",
+                                 "Dropout", "Identity"])
+def test_elementwise_activations_pass_channels(act):
+    b = GraphBuilder(1, opset=20)
+    x = b.input("x", ["N", 2, 6, 6])
+    h = b.conv(x, 2, 8)
+    if act == "Clip":
+        h = b.node("Clip", [h, b.const(np.float32(0)), b.const(np.float32(6))])
+    else:
+        h = b.node(act, [h])
+    b.output(b.conv(h, 8, 3, out="y"))
+    m = b.model()
+    an = analyze(m)
+    g = group_of(an, m, "Conv")
+    assert not g.pinned
+    p = an.prune(m, {g.index: [0, 2, 4, 6]})
+    assert run(p, feeds(m))[0].shape == (3, 3, 6, 6)
+    assert init(p, node(p, "Conv", 1).input[1]).shape == (3, 4, 3, 3)
+
+
+@pytest.mark.parametrize("op,shape", [("Mul", (1, 8, 1, 1)), ("Add", (8, 1, 1)), ("Sub", (1, 8, 1, 1)),
+                                      ("Mul", ()), ("Div", (1,))])
+def test_per_channel_constants_are_sliced(op, shape):
+    b = GraphBuilder(2)
+    x = b.input("x", ["N", 2, 5, 5])
+    h = b.conv(x, 2, 8)
+    c = b.const((np.arange(int(np.prod(shape)), dtype=np.float32) + 1).reshape(shape))
+    h = b.relu(b.node(op, [h, c]))
+    b.output(b.conv(h, 8, 3, out="y"))
+    m = b.model()
+    an = analyze(m)
+    g = group_of(an, m, "Conv")
+    drop = [0, 3, 7]
+    p = an.prune(m, {g.index: [i for i in range(8) if i not in drop]})
+    assert_close(zero_inputs(m, node(m, "Conv", 1).input[1], 1, drop), p, feeds(m))
+    pc = init(p, node(p, op).input[1])
+    assert pc.shape == (tuple(5 if d == 8 else d for d in shape) if shape else ())
+
+
+def test_depthwise_conv_and_pooling_follow_channels():
+    b = GraphBuilder(3)
+    x = b.input("x", ["N", 3, 8, 8])
+    h = b.relu(b.conv(x, 3, 8))
+    h = b.node("MaxPool", [h], kernel_shape=[2, 2], strides=[2, 2])
+    h = b.relu(b.conv(h, 8, 8, group=8))          # depthwise
+    h = b.node("AveragePool", [h], kernel_shape=[2, 2], strides=[2, 2])
+    h = b.node("GlobalAveragePool", [h])
+    h = b.node("Flatten", [h], axis=1)
+    b.output(b.gemm(h, 8, 4, out="y"))
+    m = b.model()
+    an = analyze(m)
+    g = group_of(an, m, "Conv", 0)
+    assert not g.pinned and [s.node for s in g.sources] == [node(m, "Conv", 0).name]
+    drop = [2, 3]
+    p = an.prune(m, {g.index: [i for i in range(8) if i not in drop]})
+    assert_close(zero_inputs(m, node(m, "Gemm").input[1], 1, drop), p, feeds(m))
+    dw = node(p, "Conv", 1)
+    assert [a.i for a in dw.attribute if a.name == "group"] == [6]
+    assert init(p, dw.input[1]).shape == (6, 1, 3, 3)
+
+
+def test_residual_add_ties_both_producers():
+    b = GraphBuilder(4)
+    x = b.input("x", ["N", 3, 6, 6])
+    a = b.relu(b.conv(x, 3, 8))
+    r = b.conv(b.relu(b.conv(a, 8, 4)), 4, 8)
+    s = b.relu(b.node("Add", [a, r]))
+    b.output(b.conv(s, 8, 2, out="y"))
+    m = b.model()
+    an = analyze(m)
+    g = group_of(an, m, "Conv", 0)
+    assert sorted(s.node for s in g.sources) == sorted([node(m, "Conv", 0).name, node(m, "Conv", 2).name])
+    assert sorted(g.consumers) == sorted([node(m, "Conv", 1).name, node(m, "Conv", 3).name])
+    drop = [4]
+    p = an.prune(m, {g.index: [i for i in range(8) if i not in drop]})
+    z = zero_inputs(zero_inputs(m, node(m, "Conv", 3).input[1], 1, drop), node(m, "Conv", 1).input[1], 1, drop)
+    assert_close(z, p, feeds(m))
+    assert init(p, node(p, "Conv", 2).input[1]).shape == (7, 4, 3, 3)
+
+
+def test_concat_offsets():
+    b = GraphBuilder(5)
+    x = b.input("x", ["N", 3, 6, 6])
+    a = b.relu(b.conv(x, 3, 4))
+    c = b.relu(b.conv(x, 3, 6))
+    h = b.node("Concat", [a, c], axis=1)
+    b.output(b.conv(h, 10, 2, k=1, out="y"))
+    m = b.model()
+    an = analyze(m)
+    ga, gc = group_of(an, m, "Conv", 0), group_of(an, m, "Conv", 1)
+    assert ga.index != gc.index and not ga.pinned and not gc.pinned
+    p = an.prune(m, {ga.index: [0, 2, 3], gc.index: [0, 1, 3, 5]})
+    assert_close(zero_inputs(m, node(m, "Conv", 2).input[1], 1, [1, 4 + 2, 4 + 4]), p, feeds(m))
+    assert init(p, node(p, "Conv", 2).input[1]).shape == (2, 7, 1, 1)
+
+
+def test_split_and_slice_on_channels():
+    b = GraphBuilder(6, opset=13)
+    x = b.input("x", ["N", 3, 5, 5])
+    h = b.relu(b.conv(x, 3, 8))
+    s1, s2 = b.node("Split", [h, b.const(np.array([3, 5], np.int64))], n_out=2, axis=1)
+    sl = b.node("Slice", [h, b.const(np.array([2], np.int64)), b.const(np.array([6], np.int64)),
+                          b.const(np.array([1], np.int64))])
+    y1 = b.conv(s1, 3, 2, k=1, out="y1")
+    y2 = b.conv(s2, 5, 2, k=1, out="y2")
+    y3 = b.conv(sl, 4, 2, k=1, out="y3")
+    for y in (y1, y2, y3):
+        b.output(y)
+    m = b.model()
+    an = analyze(m)
+    g = group_of(an, m, "Conv", 0)
+    assert not g.pinned
+    drop = [1, 3, 6]
+    p = an.prune(m, {g.index: [i for i in range(8) if i not in drop]})
+    z = zero_inputs(m, node(m, "Conv", 1).input[1], 1, [1])
+    z = zero_inputs(z, node(m, "Conv", 2).input[1], 1, [3 - 3, 6 - 3])
+    z = zero_inputs(z, node(m, "Conv", 3).input[1], 1, [3 - 2])
+    assert_close(z, p, feeds(m))
+    assert list(init(p, node(p, "Split").input[1])) == [2, 3]
+
+
+@pytest.mark.parametrize("how", ["Flatten", "Reshape"])
+def test_flatten_into_gemm_removes_hw_blocks(how):
+    b = GraphBuilder(7)
+    x = b.input("x", ["N", 2, 4, 4])
+    h = b.relu(b.conv(x, 2, 6, stride=2))  # (N, 6, 2, 2)
+    if how == "Flatten":
+        h = b.node("Flatten", [h], axis=1)
+    else:
+        h = b.node("Reshape", [h, b.const(np.array([-1, 24], np.int64))])
+    b.output(b.gemm(h, 24, 5, trans_b=0, out="y"))
+    m = b.model()
+    an = analyze(m)
+    g = group_of(an, m, "Conv")
+    assert not g.pinned
+    drop = [0, 4]
+    p = an.prune(m, {g.index: [1, 2, 3, 5]})
+    cols = [c * 4 + j for c in drop for j in range(4)]
+    assert_close(zero_inputs(m, node(m, "Gemm").input[1], 0, cols), p, feeds(m))
+    assert init(p, node(p, "Gemm").input[1]).shape == (16, 5)
+
+
+def test_squeeze_excitation():
+    b = GraphBuilder(8)
+    x = b.input("x", ["N", 3, 6, 6])
+    h = b.relu(b.conv(x, 3, 8))
+    s = b.node("GlobalAveragePool", [h])
+    s = b.relu(b.conv(s, 8, 2, k=1))
+    s = b.node("Sigmoid", [b.conv(s, 2, 8, k=1)])
+    h = b.node("Mul", [h, s])
+    b.output(b.conv(h, 8, 3, out="y"))
+    m = b.model()
+    an = analyze(m)
+    g = group_of(an, m, "Conv", 0)
+    assert sorted(s.node for s in g.sources) == sorted([node(m, "Conv", 0).name, node(m, "Conv", 2).name])
+    drop = [2, 7]
+    p = an.prune(m, {g.index: [i for i in range(8) if i not in drop]})
+    z = zero_inputs(zero_inputs(m, node(m, "Conv", 1).input[1], 1, drop), node(m, "Conv", 3).input[1], 1, drop)
+    assert_close(z, p, feeds(m))
+    assert init(p, node(p, "Conv", 2).input[1]).shape == (6, 2, 1, 1)
+
+
+def test_matmul_ffn_and_conv1d():
+    b = GraphBuilder(9)
+    x = b.input("x", ["N", 4, 6])
+    h = b.node("Add", [b.matmul(x, 6, 16), b.const(np.ones(16, np.float32))])
+    h = b.relu(h)
+    b.output(b.node("Add", [b.matmul(h, 16, 6), b.const(np.ones(6, np.float32))], out="y"))
+    m = b.model()
+    an = analyze(m)
+    g = group_of(an, m, "MatMul", 0)
+    assert not g.pinned and g.size == 16
+    drop = [0, 1, 9]
+    p = an.prune(m, {g.index: [i for i in range(16) if i not in drop]})
+    assert_close(zero_inputs(m, node(m, "MatMul", 1).input[1], 0, drop), p, feeds(m))
+
+    b = GraphBuilder(10)
+    x = b.input("x", ["N", 2, 12])
+    h = b.relu(b.conv(x, 2, 8, nd=1))
+    b.output(b.conv(h, 8, 3, nd=1, out="y"))
+    m = b.model()
+    an = analyze(m)
+    g = group_of(an, m, "Conv")
+    p = an.prune(m, {g.index: [0, 1, 2, 3]})
+    assert_close(zero_inputs(m, node(m, "Conv", 1).input[1], 1, [4, 5, 6, 7]), p, feeds(m))
+
+
+def pinned_reasons(an, g):
+    return " | ".join(f"{p.node}: {p.reason}" for p in g.pins)
+
+
+@pytest.mark.parametrize("case", ["output", "unknown", "grouped", "reshape_heads", "layernorm", "softmax"])
+def test_pinned_groups_are_left_whole(case):
+    b = GraphBuilder(11, opset=17)
+    x = b.input("x", ["N", 4, 4, 4])
+    h = b.conv(x, 4, 8, group=2 if case == "grouped" else 1)
+    if case == "output":
+        b.output(h)
+        h2 = b.conv(b.relu(h), 8, 2, out="y")
+    elif case == "unknown":
+        h2 = b.conv(b.node("LRN", [h], size=3), 8, 2, out="y")
+    elif case == "grouped":
+        h2 = b.conv(b.relu(h), 8, 2, out="y")
+    elif case == "reshape_heads":
+        r = b.node("Reshape", [h, b.const(np.array([0, 2, 4, 16], np.int64))])
+        h2 = b.node("Reshape", [r, b.const(np.array([0, 8, 4, 4], np.int64))], out="y")
+    elif case == "layernorm":
+        t = b.node("Transpose", [h], perm=[0, 2, 3, 1])
+        ln = b.node("LayerNormalization", [t, b.const(np.ones(8, np.float32)), b.const(np.zeros(8, np.float32))],
+                    axis=-1)
+        h2 = b.node("Transpose", [ln], perm=[0, 3, 1, 2], out="y")
+    else:
+        h2 = b.node("Softmax", [h], axis=1, out="y")
+    b.output(h2)
+    m = b.model()
+    an = analyze(m)
+    g = group_of(an, m, "Conv", 0)
+    assert g.pinned, case
+    want = {"output": "graph output", "unknown": "LRN", "grouped": "grouped Conv", "reshape_heads": "Reshape",
+            "layernorm": "LayerNormalization", "softmax": "Softmax"}[case]
+    assert want in pinned_reasons(an, g)
+    assert all(p.node for p in g.pins)
+    p = an.prune(m, {g.index: [0, 1]})  # a pinned group is left whole
+    assert_close(m, p, feeds(m))
+
+
+def test_reference_models_groups():
+    from onnxshrink.graph import normalize
+    from models import digits
+    m = normalize(onnx.load(digits.model_path("cnn_residual")))
+    an = analyze(m)
+    free = [g for g in an.groups if not g.pinned]
+    assert len(free) == 10
+    # the stem and the first block's projection form one residual group; the Concat branches two
+    assert sorted(g.size for g in free if len(g.sources) == 2) == [16, 32, 48]
+    m = normalize(onnx.load(digits.model_path("transformer")))
+    an = analyze(m)
+    assert sorted(g.size for g in an.groups if not g.pinned) == [256, 256]
