@@ -29,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.linalg
 
 from ..graph import concrete_input_shapes, infer_shapes
 
@@ -42,7 +43,7 @@ def cholesky_loaded(cov: np.ndarray, eps: float) -> np.ndarray:
     sym = (cov + cov.T) / 2
     for _ in range(8):
         try:
-            return np.linalg.cholesky(sym + lam * np.eye(d))
+            return scipy.linalg.cholesky(sym + lam * np.eye(d), lower=True, check_finite=False)
         except np.linalg.LinAlgError:
             lam = max(lam * 10, 1e-8 * scale)
     w, v = np.linalg.eigh(sym)
@@ -60,6 +61,14 @@ def factor(w: np.ndarray, cov: np.ndarray | None = None, eps: float = 1e-3):
     rank-r layer is W V_r V_rᵀ (projection of the outputs on their top principal subspace)."""
     d_in, d_out = w.shape
     k = min(d_in, d_out)
+    if d_in < d_out:  # thin side is the input: SVD of Lᵀ W (d_in × d_out) is the cheaper route
+        if cov is None:
+            u, s, vt = np.linalg.svd(w, full_matrices=False)
+            return u, s[:, None] * vt, s
+        L = cholesky_loaded(cov, eps)
+        u, s, vt = np.linalg.svd(L.T @ w, full_matrices=False)
+        a = scipy.linalg.solve_triangular(L.T, u, lower=False, check_finite=False)
+        return a, s[:, None] * vt, s
     if cov is None:
         gram = w.T @ w
     else:
@@ -67,7 +76,10 @@ def factor(w: np.ndarray, cov: np.ndarray | None = None, eps: float = 1e-3):
         lam = eps * max(float(np.trace(cov)) / max(d, 1), 1e-12)
         gram = w.T @ ((cov + cov.T) / 2) @ w + lam * (w.T @ w)
     gram = (gram + gram.T) / 2
-    ev, v = np.linalg.eigh(gram)
+    try:
+        ev, v = scipy.linalg.eigh(gram, driver="evr", check_finite=False)
+    except (np.linalg.LinAlgError, ValueError):
+        ev, v = np.linalg.eigh(gram)
     order = np.argsort(ev)[::-1][:k]
     ev, v = np.clip(ev[order], 0.0, None), v[:, order]
     s = np.sqrt(ev)

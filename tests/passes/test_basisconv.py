@@ -117,10 +117,10 @@ def test_cnn_energy_mode_keeps_accuracy(cnn):
 def test_unreachable_budget_says_why(cnn):
     model, calib, _ = cnn
     res = shrink(model, ["basisconv"], calibration=calib[:64], target_flops=0.05, force=True,
-                 options={"basisconv": {"positions": 4, "refit": False}})
+                 options={"basisconv": {"whiten": False, "refit": False}})
     budget = res.report["passes"][0]["budget"]["flops"]
     assert "why_not" in budget and budget["max_saving"] < budget["needed_saving"]
     assert not res.report["targets"]["flops"]["met"]
     with pytest.raises(TargetError):
         shrink(model, ["basisconv"], calibration=calib[:64], target_flops=0.05,
-               options={"basisconv": {"positions": 4, "refit": False}})
+               options={"basisconv": {"whiten": False, "refit": False}})
