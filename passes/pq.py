@@ -56,7 +56,7 @@ class PqConfig:
     damp: float = 0.01             # metric damping, relative to the mean input variance
     bias_correct: bool = True      # absorb the mean output shift into the bias
     first_conv: bool = False       # also quantize the first Conv of the model
-    positions: int = 32            # Conv: sampled output positions per calibration sample
+    positions: int = 16            # Conv: sampled output positions per calibration sample
 
     def __post_init__(self):
         if self.block < 0 or self.block > 64:

@@ -1,0 +1,180 @@
+"""pq: product-quantized weight codebooks, decoded in the graph."""
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from graphs import GraphBuilder, assert_close, run
+from onnx import numpy_helper
+
+from models import digits
+from onnxshrink import shrink
+from onnxshrink.errors import UsageError
+from onnxshrink.passes.pq import PqConfig, decoded_weight, output_error, quantize
+
+FAST = {"iters": 2, "refine": 4, "kmeans_iters": 3, "positions": 8}
+
+
+def _net(seed=0, distinct=None):
+    """input(N,3,8,8) -> Conv 3->8 -> Relu -> Conv 8->32 3x3 -> Relu -> Conv 32->32 1x1 -> Relu
+    -> GAP -> Flatten -> Gemm 32->64 -> Relu -> MatMul 64->48 -> Add -> Relu -> Gemm(transB=0) 48->10.
+
+    ``distinct``: rebuild every weight (except the first conv) from that many distinct sub-vectors."""
+    b = GraphBuilder(seed)
+    x = b.input("input", ["batch", 3, 8, 8])
+    h = b.relu(b.conv(x, 3, 8))
+    h = b.relu(b.conv(h, 8, 32))
+    h = b.relu(b.conv(h, 32, 32, k=1))
+    h = b.node("Flatten", [b.node("GlobalAveragePool", [h])], axis=1)
+    h = b.relu(b.gemm(h, 32, 64))
+    h = b.node("Add", [b.matmul(h, 64, 48), b.const((0.1 * b.rng.standard_normal(48)).astype(np.float32))])
+    b.gemm(b.relu(h), 48, 10, trans_b=0, out="logits")
+    b.output("logits", ["batch", 10])
+    m = b.model()
+    if distinct:
+        rng = np.random.default_rng(seed + 1)
+        for init in m.graph.initializer[2:]:  # the first conv's weight and bias stay as they are
+            w = numpy_helper.to_array(init)
+            if w.ndim < 2:
+                continue
+            d = 9 if w.ndim == 4 and w.shape[2] == 3 else 4
+            if w.ndim == 2 and init.name not in _transposed(m):
+                flat = w.reshape(-1, d)          # rows = outputs (Gemm transB=1)
+            else:
+                flat = w.T.reshape(-1, d) if w.ndim == 2 else w.reshape(-1, d)
+            table = rng.standard_normal((distinct, d)).astype(np.float32) * float(np.abs(w).mean())
+            new = table[rng.integers(distinct, size=len(flat))]
+            new = new.reshape(w.T.shape).T if (w.ndim == 2 and init.name in _transposed(m)) else new.reshape(w.shape)
+            init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(new), init.name))
+    return m
+
+
+def _transposed(m):
+    """Names of 2-D weights stored input-major (MatMul, Gemm transB=0)."""
+    out = set()
+    for n in m.graph.node:
+        tb = {a.name: a.i for a in n.attribute}.get("transB", 0)
+        if n.op_type == "MatMul" or (n.op_type == "Gemm" and not tb):
+            out.add(n.input[1])
+    return out
+
+
+def _calib(n=64, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, 3, 8, 8)).astype(np.float32)
+
+
+def _shrink(model, calib, **opts):
+    return shrink(model, ["pq"], calibration=calib, options={"pq": opts}, force=True)
+
+
+def test_decode_subgraph_reproduces_the_codebook_weight_exactly():
+    model = _net()
+    res = _shrink(model, _calib(), centroids=16, codebook_dtype="fp16", **FAST)
+    m = res.model
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    decoded = [n.output[0] for n in m.graph.node if n.output[0].endswith(".pq")]
+    assert len(decoded) == len(res.report["passes"][0]["changed"]) == 5
+    probe = onnx.ModelProto()
+    probe.CopyFrom(m)
+    for name in decoded:
+        probe.graph.output.add().name = name
+    outs = dict(zip([o.name for o in probe.graph.output], run(probe, {"input": _calib(2)})))
+    for name in decoded:
+        base = name[:-3]
+        codebook, codes = inits[base + ".pq_codebook"], inits[base + ".pq_codes"]
+        assert codebook.dtype == np.float16 and codes.dtype == np.uint8 and len(codebook) <= 16
+        consumer = next(n for n in m.graph.node if name in n.input)
+        rows_of = "transpose" if name in _transposed(m) else "natural"
+        want = decoded_weight(outs[name].shape, rows_of, codebook, codes)
+        assert want.dtype == outs[name].dtype == np.float32
+        assert np.array_equal(outs[name], want)
+    # only standard ops, and the original dense weights are gone
+    assert {n.op_type for n in m.graph.node} >= {"Gather", "Cast", "Reshape", "Transpose"}
+    assert not any(n.domain not in ("", "ai.onnx") for n in m.graph.node)
+
+
+def test_enough_centroids_leave_the_model_unchanged():
+    model = _net(distinct=12)
+    res = _shrink(model, _calib(), codebook_dtype="fp32", centroids=16)
+    rep = res.report["passes"][0]
+    assert len(rep["changed"]) == 5
+    assert all(info["centroids"] <= 12 for info in rep["layers"].values())
+    assert_close(model, res.model, {"input": _calib(16, seed=3)}, rtol=1e-5, atol=1e-5)
+
+
+def test_output_is_byte_identical_for_the_same_seed():
+    model = _net()
+    a = _shrink(model, _calib(), centroids=16, **FAST).model.SerializeToString()
+    b = _shrink(model, _calib(), centroids=16, **FAST).model.SerializeToString()
+    c = shrink(model, ["pq"], calibration=_calib(), options={"pq": dict(centroids=16, **FAST)}, force=True,
+               seed=7).model.SerializeToString()
+    assert a == b
+    assert a != c
+
+
+def test_skips_first_conv_small_layers_and_runtime_weights():
+    b = GraphBuilder(0)
+    x = b.input("input", ["batch", 4, 6, 6])
+    h = b.relu(b.conv(x, 4, 32))
+    h = b.relu(b.conv(h, 32, 32, k=1))           # 1024 weights: quantized
+    h = b.node("Flatten", [b.node("GlobalAveragePool", [h])], axis=1)
+    h = b.gemm(h, 32, 2)                           # 64 weights: small
+    y = b.node("MatMul", [b.node("Unsqueeze", [h, b.const(np.array([2]))]),
+                          b.node("Unsqueeze", [h, b.const(np.array([1]))])], out="y")
+    b.output(y)
+    res = shrink(b.model(), ["pq"], calibration={"input": _calib(32)[:, :1].repeat(4, 1)[:, :, :6, :6]},
+                 force=True, options={"pq": FAST})
+    rep = res.report["passes"][0]
+    reasons = {s["node"]: s["reason"] for s in rep["skipped"]}
+    assert len(rep["changed"]) == 1
+    assert any("first conv" in r for r in reasons.values())
+    assert any("small layer" in r for r in reasons.values())
+    assert any("computed at run time" in r for r in reasons.values())
+
+
+def test_activation_aware_assignment_lowers_the_output_error(rng):
+    """Inputs with very different scales: weighting the sub-vector distances by the input
+    covariance must beat plain k-means on the output error ‖X(W − Ŵ)‖."""
+    d_in, d_out = 64, 128
+    scale = np.exp(rng.uniform(-2.5, 2.5, d_in))
+    x = rng.standard_normal((2000, d_in)) * scale
+    h = x.T @ x / len(x)
+    t = rng.standard_normal((d_out, d_in))
+    plain = PqConfig(aware=False, centroids=32)
+    aware = PqConfig(centroids=32, gptq=False, refine=0)
+    full = PqConfig(centroids=32)
+    errs = []
+    for cfg in (plain, aware, full):
+        _, codes, t_hat = quantize(t, 4, 32, h if cfg.aware else None, cfg, np.random.default_rng(0), np.float32)
+        assert codes.shape == (d_out, d_in // 4) and codes.dtype == np.uint8
+        errs.append(output_error(t, t_hat, h))
+    assert errs[1] < 0.7 * errs[0]
+    assert errs[2] < errs[1]
+
+
+@pytest.mark.parametrize("opt", [{"centroids": 300}, {"codebook_dtype": "fp8"}, {"block": -1}])
+def test_bad_options_are_usage_errors(opt):
+    with pytest.raises(UsageError):
+        shrink(_net(), ["pq"], calibration=_calib(8), options={"pq": opt})
+
+
+def test_runtime_folds_the_decode_subgraph(tmp_path):
+    res = _shrink(_net(), _calib(), centroids=16, **FAST)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(res.model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node}
+    assert not ops & {"Gather", "Cast"}, ops
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn_plain"])
+def test_reference_models_8x_smaller_within_1pp(name):
+    kind = digits.MODELS[name]
+    original = onnx.load(digits.model_path(name))
+    res = shrink(original, ["pq"], calibration=digits.calibration(kind), options={"pq": FAST}, force=True)
+    real = len(res.model.SerializeToString())
+    assert res.report["after"]["bytes"] == real
+    assert len(original.SerializeToString()) / real >= 8.0
+    before, after = digits.accuracy(original, kind), digits.accuracy(res.model, kind)
+    assert after >= before - 0.01, (before, after)
