@@ -30,7 +30,7 @@ from ..errors import UsageError
 from ..graph import export_model, import_graph
 from ..reconstruct import layer_matrix, layer_stats_request, refit_order, ridge_solve, set_layer_matrix
 from ..registry import Pass, PassReport, Plan, Skip, register
-from ..stats import CrossMoments, ResponseStats
+from ..stats import CrossMoments, LayerStats, ResponseStats
 
 MODES = ("auto", "energy", "kl", "budget")
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -46,6 +46,7 @@ class PfaConfig:
     ridge: float = -1.0           # relative ridge of the reconstruction; < 0: chosen per layer
                                   # on held-out calibration batches from RIDGES
     positions: int = 32           # conv refits: sampled output positions per sample
+    residual_targets: bool = True  # a layer feeding a residual Add is fit to the reference sum
     prior: bool = True            # ridge toward the layer's own sliced weights (False: toward zero)
 
     def __post_init__(self):
@@ -148,6 +149,48 @@ def ridge_toward(cm: CrossMoments, w0: np.ndarray, ridge: float):
     except np.linalg.LinAlgError:
         w = np.linalg.lstsq(a, rhs, rcond=None)[0]
     return w, my - mx @ w
+
+
+@dataclass
+class _ResidualStats(LayerStats):
+    """LayerStats whose target is what the layer must add to the pruned network's skip tensor to
+    give the reference network's residual sum: y = R_ref[kept] − skip − shift. Fitting to it
+    also corrects the error that earlier pruning left in the skip path."""
+
+    skip: str = ""
+    mask: np.ndarray | None = None
+    shift: np.ndarray | None = None
+
+    def tensors(self):
+        return {"x": [self.x_tensor, self.skip], "y": [self.y_tensor]}
+
+    def _features(self, x_arrays, y_arrays, rng):
+        axis = 1 if self.kind == "conv" else -1
+        y = y_arrays[self.y_tensor]
+        if self.mask is not None and not self.mask.all():
+            y = np.compress(self.mask, y, axis=axis)
+        t = y - x_arrays[self.skip]
+        if self.shift is not None:
+            t = t - (self.shift.reshape((-1,) + (1,) * (t.ndim - 2)) if axis == 1 else self.shift)
+        return super()._features(x_arrays, {self.y_tensor: t.astype(np.float32)}, rng)
+
+
+def _residual(node: gs.Node):
+    """(sum tensor, skip tensor, bias constant) when the layer's output (through a MatMul's bias
+    Add) goes only into an Add with another computed tensor, else None."""
+    t, shift = node.outputs[0], None
+    users = list(t.outputs)
+    if node.op == "MatMul" and len(users) == 1 and users[0].op == "Add":
+        c = [i for i in users[0].inputs if i is not t]
+        if len(c) == 1 and isinstance(c[0], gs.Constant) and c[0].values.ndim >= 1:
+            shift, t = c[0].values.reshape(-1).astype(np.float64), users[0].outputs[0]
+            users = list(t.outputs)
+    if len(users) != 1 or users[0].op != "Add" or len(users[0].inputs) != 2:
+        return None
+    other = [i for i in users[0].inputs if i is not t]
+    if len(other) != 1 or isinstance(other[0], gs.Constant):
+        return None
+    return users[0].outputs[0].name, other[0].name, shift
 
 
 class _SplitStats:
@@ -311,13 +354,22 @@ class Pfa(Pass):
         for lv, names in enumerate(levels):
             graph = import_graph(cur)
             nodes = {n.name: n for n in graph.nodes}
-            reqs = [_SplitStats(layer_stats_request(nodes[n], n, nodes[n].inputs[0].name, nodes[n].outputs[0].name,
-                                                    positions=cfg.positions)) for n in names]
+            reqs, residual = [], set()
+            for n in names:
+                node = nodes[n]
+                req = layer_stats_request(node, n, node.inputs[0].name, node.outputs[0].name, positions=cfg.positions)
+                res = _residual(node) if cfg.residual_targets else None
+                if res is not None:
+                    mask = an.output_mask(n, keep)
+                    req = _ResidualStats(req.key, req.x_tensor, res[0], req.kind, req.conv_attrs, req.positions,
+                                         req.rows_per_batch, req.transpose_x, skip=res[1], mask=mask, shift=res[2])
+                    residual.add(n)
+                reqs.append(_SplitStats(req))
             accs = ctx.collect(reqs, model_x=cur, model_y=ctx.reference, desc=f"pfa refit {lv + 1}/{len(levels)}")
             for n in names:
                 node, (cm_a, cm_b) = nodes[n], accs[n]
                 mask = an.output_mask(n, keep)
-                if mask is not None and not mask.all():
+                if mask is not None and not mask.all() and n not in residual:
                     cm_a, cm_b = _slice_cross(cm_a, mask), _slice_cross(cm_b, mask)
                 w0 = layer_matrix(node)[0]
 
