@@ -256,7 +256,7 @@ def split_holdout(src: DataSource, fraction: float = 0.2):
 # ----------------------------------------------------------------------------- running
 def session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # errors come back as exceptions; no second copy on stderr
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     if threads:
         so.intra_op_num_threads = threads

@@ -135,8 +135,13 @@ def shrink(model_or_path, passes, calibration=None, target_flops=None, target_pa
         if not any(metric in p.budgets for p, _ in chosen):
             raise UsageError(f"a {metric} target needs a pass that can search a {metric} budget; none of "
                              f"{','.join(p.name for p, _ in chosen)} can")
-    model = normalize(load_model(model_or_path))
+    model = load_model(model_or_path)
     _check_runs(model)
+    try:
+        model = normalize(model)
+    except Exception as e:  # corrupt fields ONNX Runtime tolerated (bad dtypes, dangling names)
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputError(f"cannot read the graph of the input model: {type(e).__name__}: {msg}") from None
     original = model
     needs = next((p.name for p, _ in chosen if p.needs_data), None)
     fit, val = _data(calibration, validation, model, image_options, random_calibration, needs, seed)

@@ -60,10 +60,10 @@ def setup(tmp_path, rng):
     return Setup(tmp_path, rng)
 
 
-def fails_cleanly(setup, argv, capsys, match="", code=2):
+def fails_cleanly(setup, argv, capfd, match="", code=2):
     before = _snapshot(setup.root)
     rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
+    out, err = capfd.readouterr()
     assert rc == code, err
     assert "Traceback" not in err and "Traceback" not in out
     lines = [ln for ln in err.strip().splitlines() if not ln.startswith("onnxshrink: warning:")]
@@ -81,22 +81,22 @@ def _write(setup, name, data):
     return p
 
 
-def test_not_a_file(setup, capsys):
-    fails_cleanly(setup, setup.argv(model=setup.inp / "missing.onnx"), capsys, "does not exist")
-    fails_cleanly(setup, setup.argv(model=setup.inp), capsys, "not a file")
+def test_not_a_file(setup, capfd):
+    fails_cleanly(setup, setup.argv(model=setup.inp / "missing.onnx"), capfd, "does not exist")
+    fails_cleanly(setup, setup.argv(model=setup.inp), capfd, "not a file")
 
 
-def test_empty_truncated_random_bytes(setup, capsys):
+def test_empty_truncated_random_bytes(setup, capfd):
     data = setup.model.read_bytes()
-    fails_cleanly(setup, setup.argv(model=_write(setup, "empty.onnx", b"")), capsys, "empty")
+    fails_cleanly(setup, setup.argv(model=_write(setup, "empty.onnx", b"")), capfd, "empty")
     for cut in (1, 17, len(data) // 2, len(data) - 3):
-        fails_cleanly(setup, setup.argv(model=_write(setup, f"cut{cut}.onnx", data[:cut])), capsys)
+        fails_cleanly(setup, setup.argv(model=_write(setup, f"cut{cut}.onnx", data[:cut])), capfd)
     rnd = np.random.default_rng(5).integers(0, 256, 4096, dtype=np.uint8).tobytes()
-    fails_cleanly(setup, setup.argv(model=_write(setup, "random.onnx", rnd)), capsys)
-    fails_cleanly(setup, setup.argv(model=_write(setup, "text.onnx", b"this is not a model\n" * 20)), capsys)
+    fails_cleanly(setup, setup.argv(model=_write(setup, "random.onnx", rnd)), capfd)
+    fails_cleanly(setup, setup.argv(model=_write(setup, "text.onnx", b"this is not a model\n" * 20)), capfd)
 
 
-def test_unreadable_file(setup, capsys, monkeypatch):
+def test_unreadable_file(setup, capfd, monkeypatch):
     real_open = open
 
     def deny(path, *a, **k):
@@ -105,32 +105,32 @@ def test_unreadable_file(setup, capsys, monkeypatch):
         return real_open(path, *a, **k)
     import onnxshrink.model_io as mio
     monkeypatch.setattr(mio, "open", deny, raising=False)  # only the tool's reads are denied
-    fails_cleanly(setup, setup.argv(), capsys, "permission denied")
+    fails_cleanly(setup, setup.argv(), capfd, "permission denied")
 
 
 @pytest.mark.skipif(IS_ROOT, reason="root reads files whatever their mode")
-def test_unreadable_file_mode(setup, capsys):
+def test_unreadable_file_mode(setup, capfd):
     setup.model.chmod(0)
     try:
-        fails_cleanly(setup, setup.argv(), capsys, "cannot read")
+        fails_cleanly(setup, setup.argv(), capfd, "cannot read")
     finally:
         setup.model.chmod(0o644)
 
 
 @pytest.mark.parametrize("proto", ["tensor", "graph", "node", "model_without_graph"])
-def test_valid_protobuf_that_is_not_a_model(setup, capsys, proto):
+def test_valid_protobuf_that_is_not_a_model(setup, capfd, proto):
     m = conv_bn_net()
     msg = {"tensor": m.graph.initializer[0], "graph": m.graph, "node": m.graph.node[0],
            "model_without_graph": helper.make_model(helper.make_graph([], "g", [], []))}[proto]
     if proto == "model_without_graph":
         msg.ClearField("graph")
     p = _write(setup, f"{proto}.onnx", msg.SerializeToString())
-    fails_cleanly(setup, setup.argv(model=p), capsys)
+    fails_cleanly(setup, setup.argv(model=p), capfd)
 
 
 @pytest.mark.parametrize("location", ["../secret.bin", "../../etc/passwd", "/etc/passwd", "sub/../../x.bin",
                                       "C:\\weights.bin"])
-def test_external_data_outside_the_model_folder(setup, capsys, location):
+def test_external_data_outside_the_model_folder(setup, capfd, location):
     (setup.root / "secret.bin").write_bytes(b"\0" * 4096)
     m = conv_bn_net()
     t = m.graph.initializer[0]
@@ -142,21 +142,21 @@ def test_external_data_outside_the_model_folder(setup, capsys, location):
         e.key, e.value = k, v
     p = setup.inp / "evil.onnx"
     p.write_bytes(m.SerializeToString())
-    fails_cleanly(setup, setup.argv(model=p), capsys, "refusing external data")
+    fails_cleanly(setup, setup.argv(model=p), capfd, "refusing external data")
 
 
-def test_external_data_file_missing_or_short(setup, capsys):
+def test_external_data_file_missing_or_short(setup, capfd):
     from onnxshrink.model_io import save_model
     save_model(conv_bn_net(), str(setup.inp / "ext.onnx"), external=True)
     data = setup.inp / "ext.onnx.data"
     data.write_bytes(data.read_bytes()[:100])  # truncated weights
-    fails_cleanly(setup, setup.argv(model=setup.inp / "ext.onnx"), capsys)
+    fails_cleanly(setup, setup.argv(model=setup.inp / "ext.onnx"), capfd)
     data.unlink()
-    fails_cleanly(setup, setup.argv(model=setup.inp / "ext.onnx"), capsys, "not found")
+    fails_cleanly(setup, setup.argv(model=setup.inp / "ext.onnx"), capfd, "not found")
 
 
 @pytest.mark.parametrize("domain", ["", "com.example"])
-def test_op_no_runtime_knows(setup, capsys, domain):
+def test_op_no_runtime_knows(setup, capfd, domain):
     b = GraphBuilder(0)
     x = b.input("input", ["batch", 3, 8, 8])
     h = b.conv(x, 3, 4)
@@ -168,7 +168,7 @@ def test_op_no_runtime_knows(setup, capsys, domain):
     m.ir_version = 8
     p = setup.inp / "unknown_op.onnx"
     p.write_bytes(m.SerializeToString())
-    line = fails_cleanly(setup, setup.argv(model=p), capsys, "FrobnicateX")
+    line = fails_cleanly(setup, setup.argv(model=p), capfd, "FrobnicateX")
     assert "input model" in line  # blamed on the input, not on a pass
 
 
@@ -179,7 +179,7 @@ def test_op_no_runtime_knows(setup, capsys, domain):
     ("string", "dtype"), ("pickle", "cannot read"), ("missing", "does not exist"),
     ("mismatched_counts", "sample counts"),
 ])
-def test_bad_calibration_data(setup, capsys, case, match):
+def test_bad_calibration_data(setup, capfd, case, match):
     good = np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32)
     path = setup.inp / "bad.npz"
     if case == "wrong_name":
@@ -212,12 +212,12 @@ def test_bad_calibration_data(setup, capsys, case, match):
         model = setup.inp / "two.onnx"
         onnx.save(b.model(), str(model))
         np.savez(path, a=np.zeros((8, 4), np.float32), b=np.zeros((5, 4), np.float32))
-        fails_cleanly(setup, setup.argv(model=model, calib=path), capsys, match)
+        fails_cleanly(setup, setup.argv(model=model, calib=path), capfd, match)
         return
-    fails_cleanly(setup, setup.argv(calib=path), capsys, match)
+    fails_cleanly(setup, setup.argv(calib=path), capfd, match)
 
 
-def test_image_folder_with_unreadable_files(setup, capsys):
+def test_image_folder_with_unreadable_files(setup, capfd):
     from PIL import Image
     folder = setup.inp / "images"
     folder.mkdir()
@@ -226,12 +226,12 @@ def test_image_folder_with_unreadable_files(setup, capsys):
         Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(folder / f"ok{i}.png")
     (folder / "zz_broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
     (folder / "zz_empty.jpg").write_bytes(b"")
-    fails_cleanly(setup, setup.argv(calib=folder), capsys, "cannot read image")
+    fails_cleanly(setup, setup.argv(calib=folder), capfd, "cannot read image")
     # and a folder holding no images at all
     empty = setup.inp / "no_images"
     empty.mkdir()
     (empty / "notes.txt").write_text("x")
-    fails_cleanly(setup, setup.argv(calib=empty), capsys, "no images")
+    fails_cleanly(setup, setup.argv(calib=empty), capfd, "no images")
 
 
 # ----------------------------------------------------------------------------- options and targets
@@ -247,67 +247,67 @@ def _tunable():
     ("nosuchpass.energy=0.9", "unknown pass"), ("foldbn.nosuchkey=1", "unknown option"),
     ("foldbn", "PASS.KEY=VALUE"), ("=3", "PASS.KEY=VALUE"),
 ])
-def test_bad_set(setup, capsys, item, match):
-    fails_cleanly(setup, setup.argv("--set", item), capsys, match)
+def test_bad_set(setup, capfd, item, match):
+    fails_cleanly(setup, setup.argv("--set", item), capfd, match)
 
 
 @pytest.mark.parametrize("value", ["1.5", "0", "-1", "abc", "nan"])
-def test_set_out_of_range(setup, capsys, value):
+def test_set_out_of_range(setup, capfd, value):
     tunable = _tunable()
     if tunable is None:
         pytest.skip("no built pass has a range-checked 'energy' option yet")
     name, key = tunable
-    fails_cleanly(setup, setup.argv("--set", f"{name}.{key}={value}", passes=name), capsys)
+    fails_cleanly(setup, setup.argv("--set", f"{name}.{key}={value}", passes=name), capfd)
 
 
-def test_set_for_a_pass_not_in_the_chain(setup, capsys):
+def test_set_for_a_pass_not_in_the_chain(setup, capfd):
     other = sorted(n for n in all_passes() if n != "foldbn")[0]
-    fails_cleanly(setup, setup.argv("--set", f"{other}.x=1"), capsys)
+    fails_cleanly(setup, setup.argv("--set", f"{other}.x=1"), capfd)
 
 
 @pytest.mark.parametrize("flag", ["--target-flops", "--target-params", "--target-size"])
 @pytest.mark.parametrize("value", ["0", "-0.5", "1.0001", "2", "abc", "nan", "inf"])
-def test_bad_targets(setup, capsys, flag, value):
-    fails_cleanly(setup, setup.argv(flag, value), capsys)
+def test_bad_targets(setup, capfd, flag, value):
+    fails_cleanly(setup, setup.argv(flag, value), capfd)
 
 
 # ----------------------------------------------------------------------------- the output path
-def test_out_directory_missing(setup, capsys):
-    fails_cleanly(setup, setup.argv(out=setup.out_dir / "nodir" / "o.onnx"), capsys, "does not exist")
-    fails_cleanly(setup, setup.argv(out=setup.calib / "o.onnx"), capsys, "does not exist")  # under a file
-    fails_cleanly(setup, setup.argv(out=setup.out_dir), capsys, "directory")  # OUT is a folder
+def test_out_directory_missing(setup, capfd):
+    fails_cleanly(setup, setup.argv(out=setup.out_dir / "nodir" / "o.onnx"), capfd, "does not exist")
+    fails_cleanly(setup, setup.argv(out=setup.calib / "o.onnx"), capfd, "does not exist")  # under a file
+    fails_cleanly(setup, setup.argv(out=setup.out_dir), capfd, "directory")  # OUT is a folder
 
 
-def test_out_directory_not_writable(setup, capsys, monkeypatch):
+def test_out_directory_not_writable(setup, capfd, monkeypatch):
     import onnxshrink.model_io as mio
     real = os.access
     monkeypatch.setattr(mio.os, "access", lambda p, mode: False if (mode & os.W_OK and os.fspath(p) == str(setup.out_dir))
                         else real(p, mode))
-    fails_cleanly(setup, setup.argv(), capsys, "not writable")
+    fails_cleanly(setup, setup.argv(), capfd, "not writable")
 
 
 @pytest.mark.skipif(IS_ROOT, reason="root writes whatever a folder's mode")
-def test_out_directory_mode_readonly(setup, capsys):
+def test_out_directory_mode_readonly(setup, capfd):
     setup.out_dir.chmod(0o555)
     try:
-        fails_cleanly(setup, setup.argv(), capsys, "not writable")
+        fails_cleanly(setup, setup.argv(), capfd, "not writable")
     finally:
         setup.out_dir.chmod(0o755)
 
 
-def test_out_is_in(setup, capsys):
-    fails_cleanly(setup, setup.argv(out=setup.model), capsys, "input")
+def test_out_is_in(setup, capfd):
+    fails_cleanly(setup, setup.argv(out=setup.model), capfd, "input")
     other_spelling = setup.inp / ".." / "in" / "tiny.onnx"
-    fails_cleanly(setup, setup.argv(out=other_spelling), capsys, "input")
+    fails_cleanly(setup, setup.argv(out=other_spelling), capfd, "input")
     link = setup.out_dir / "link.onnx"
     link.symlink_to(setup.model)
-    fails_cleanly(setup, setup.argv(out=link), capsys, "input")
+    fails_cleanly(setup, setup.argv(out=link), capfd, "input")
 
 
-def test_good_run_still_works(setup, capsys):
+def test_good_run_still_works(setup, capfd):
     """The same setup with nothing wrong succeeds (so the failures above are the bad input's)."""
     rc = cli.main(setup.argv("--quiet"))
-    assert rc == 0, capsys.readouterr().err
+    assert rc == 0, capfd.readouterr().err
     assert sorted(os.listdir(setup.out_dir)) == ["o.onnx"]
     onnx.checker.check_model(onnx.load(str(setup.out)), full_check=True)
 
