@@ -27,6 +27,7 @@ error + λ·bytes, bisecting λ until the serialized model meets the goal.
 
 from __future__ import annotations
 
+import time
 import zlib
 from dataclasses import dataclass
 
@@ -527,14 +528,82 @@ class Pq(Pass):
         fit = (bias, cm.x.mean, cm.mean_y, alpha) if bias is not None else None
         return t, hd, fit, exact
 
+    def _candidates(self, layer, cfg):
+        """(d, K) settings tried by the size search."""
+        if layer.kernel > 1 and layer.node.op == "Conv":
+            ds = [layer.kernel, int(layer.shape[-1]), 2 * layer.kernel]
+        else:
+            ds = [2, 4, 8, 16]
+        ds = sorted({d for d in ds if layer.d_in % d == 0})
+        ks = sorted({min(cfg.centroids, 32), cfg.centroids})
+        return [(d, min(k, layer.n_weights // d)) for d in ds for k in ks if layer.n_weights // d > k]
+
+    def _search(self, ctx, model, blocks, cfg, goal):
+        """Per layer (d, K) or None (dense) minimising Σ relative output error subject to the
+        serialized size ≤ goal: Lagrangian relaxation, bisection on λ. Errors are measured on the
+        reference statistics with a quick quantization (few rounds)."""
+        dtype = CODEBOOK_DTYPES[cfg.codebook_dtype]
+        quick = PqConfig(block=cfg.block, centroids=cfg.centroids, codebook_dtype=cfg.codebook_dtype,
+                         aware=cfg.aware, iters=min(cfg.iters, 2), kmeans_iters=min(cfg.kmeans_iters, 3),
+                         gptq=cfg.gptq, refine=min(cfg.refine, 2), sequential=False, damp=cfg.damp,
+                         positions=cfg.positions, bias_correct=cfg.bias_correct)
+        layers = {n: b[0] for n, b in blocks.items()}
+        aware = [l for l in layers.values() if l.aware and (cfg.aware or cfg.bias_correct)]
+        stats = self._stats(ctx, aware, quick, ctx.reference) if aware else {}
+        options = {}
+        for name, layer in ctx.progress(sorted(layers.items()), total=len(layers), desc="pq size search"):
+            dense = layer.n_weights * layer.weight.values.dtype.itemsize
+            opts = [(None, 0.0, dense)]
+            for d, k in self._candidates(layer, cfg):
+                t, h, _, _ = self._layer_problem(layer, d, stats.get(name), quick)
+                rng = np.random.default_rng([ctx.seed, zlib.crc32(name.encode())])
+                cb, codes, t_hat = quantize(t, d, k, h if cfg.aware else None, quick, rng, dtype)
+                err = output_error(t, t_hat, h) if h is not None else float(
+                    ((t - t_hat) ** 2).sum() / max((t ** 2).sum(), 1e-30))
+                opts.append(((d, k), err, _bytes(codes.size, len(cb), d, dtype)))
+            options[name] = opts
+        fixed = ctx.cost(model)["bytes"] - sum(o[0][2] for o in options.values())
+
+        def pick(lam):
+            choice = {n: min(o, key=lambda c: (c[1] + lam * c[2], c[2])) for n, o in options.items()}
+            return choice, fixed + sum(c[2] for c in choice.values())
+
+        lo, hi = 0.0, 1.0
+        choice, size = pick(hi)
+        while size > goal and hi < 1e12:
+            hi *= 10
+            choice, size = pick(hi)
+        if size <= goal:
+            for _ in range(50):
+                mid = 0.5 * (lo + hi)
+                c, sz = pick(mid)
+                if sz <= goal:
+                    hi, choice, size = mid, c, sz
+                else:
+                    lo = mid
+        chosen = {n: c[0] for n, c in choice.items()}
+        search = {"goal_bytes": int(goal), "estimated_bytes": int(size),
+                  "choice": {n: (list(c[0]) if c[0] else "dense") for n, c in choice.items()},
+                  "estimated_rel_error": {n: round(c[1], 6) for n, c in choice.items()}}
+        return chosen, search
+
     def apply(self, model, cfg, ctx):
         graph = import_graph(model)
         report = PassReport(self.name)
         todo, skipped = self._scan(graph, cfg)
         report.skipped.extend(skipped)
         dtype = CODEBOOK_DTYPES[cfg.codebook_dtype]
-        blocks = {layer.node.name: (layer, d) for layer, d in todo}
+        blocks = {layer.node.name: (layer, d, min(cfg.centroids, layer.n_weights // d)) for layer, d in todo}
         use_stats = cfg.aware or cfg.bias_correct
+        if "bytes" in ctx.goals and blocks:
+            chosen, search = self._search(ctx, model, blocks, cfg, ctx.goals["bytes"].target)
+            report.details["size_search"] = search
+            for name in sorted(blocks):
+                if chosen[name] is None:
+                    report.skip(name, "kept dense by the size budget (no other setting lowers the error for its bytes)")
+                    del blocks[name]
+                else:
+                    blocks[name] = (blocks[name][0],) + chosen[name]
         if cfg.sequential and cfg.aware:
             levels = refit_order(graph, list(blocks))
         else:
@@ -546,12 +615,13 @@ class Pq(Pass):
             aware = [blocks[n][0] for n in level if blocks[n][0].aware and use_stats]
             stats = self._stats(ctx, aware, cfg, current) if aware else {}
             for name in level:
-                layer, d = blocks[name]
+                layer, d, k = blocks[name]
                 cm = stats.get(name)
                 t, h, fit, exact = self._layer_problem(layer, d, cm, cfg)
                 rng = np.random.default_rng([ctx.seed, zlib.crc32(name.encode())])
-                k = min(cfg.centroids, t.size // d)
+                tq = time.perf_counter()
                 cb, codes, t_hat = quantize(t, d, k, h if cfg.aware else None, cfg, rng, dtype)
+                seconds = time.perf_counter() - tq
                 t0 = layer.matrix().astype(np.float64)
                 info = {"block": d, "centroids": int(len(cb)),
                         "metric": "activation" if (h is not None and cfg.aware) else "weights",
@@ -565,6 +635,7 @@ class Pq(Pass):
                 layer.node.inputs[1] = _decode(graph, layer, cb, codes)
                 dense = layer.n_weights * layer.weight.values.dtype.itemsize
                 info["bytes"] = [dense, int(codes.nbytes + cb.nbytes)]
+                info["seconds"] = round(seconds, 2)
                 info_all[name] = info
                 report.changed.append(name)
                 done += 1

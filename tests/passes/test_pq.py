@@ -178,3 +178,19 @@ def test_reference_models_8x_smaller_within_1pp(name):
     assert len(original.SerializeToString()) / real >= 8.0
     before, after = digits.accuracy(original, kind), digits.accuracy(res.model, kind)
     assert after >= before - 0.01, (before, after)
+
+
+def test_target_size_meets_the_byte_goal_with_per_layer_settings():
+    model = _net(seed=2)
+    calib = _calib()
+    res = shrink(model, ["pq"], calibration=calib, options={"pq": FAST}, target_bytes=0.3, force=True)
+    base = res.report["before"]["bytes"]  # the model as loaded and normalised (shapes inferred)
+    rep = res.report["passes"][0]
+    assert abs(rep["size_search"]["goal_bytes"] - 0.3 * base) <= 1
+    assert len(res.model.SerializeToString()) <= 0.3 * base * 1.05
+    assert res.report["targets"]["bytes"]["met"]
+    # a looser goal keeps more bytes and no more error
+    loose = shrink(model, ["pq"], calibration=calib, options={"pq": FAST}, target_bytes=0.6, force=True)
+    err = lambda r: sum(r.report["passes"][0]["size_search"]["estimated_rel_error"].values())  # noqa: E731
+    assert len(loose.model.SerializeToString()) > len(res.model.SerializeToString())
+    assert err(loose) <= err(res)
