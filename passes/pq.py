@@ -1,24 +1,31 @@
 """pq: store weights as product-quantized codebooks, decoded in the graph.
 
-Product quantization of a weight layer (Gong et al. 2014; "Compression of Deep Neural Networks on
-the Fly", Soulié et al. 2016): write the layer as y = x W (W: d_in × d_out, the rows of W in the
+Product quantization of a weight layer ("Compressing Deep Convolutional Networks using Vector
+Quantization"; "Compression of Deep Neural Networks on the Fly"): write the layer as y = x W (W: d_in × d_out, the rows of W in the
 order of the layer's input features). Each output's column w_j is cut into sub-vectors of length
 d along the input features, w_j = [w_1j; …; w_Bj] (B = d_in / d; for a k×k Conv one sub-vector is
 one kernel, d = k·k). One codebook C = {c_1 … c_K} (K ≤ 256) per layer; each sub-vector is
 replaced by a centroid, stored as a uint8 code. Bytes: d_in·d_out·4 → d_in·d_out/d + K·d·(2|4).
 
-Activation-aware assignment ("And the bit goes down", Stock et al. 2020): the layer's output
-error on calibration inputs is ‖X (W − Ŵ)‖²; keeping the diagonal blocks H_b of the input
-covariance H = E[x xᵀ] (damped: H_b + λ·mean(diag H)·I), the error of one sub-vector is
-(w − c)ᵀ H_b (w − c). EM: E-step assigns each sub-vector to argmin_k (w − c_k)ᵀ H_b (w − c_k);
-M-step sets c_k = (Σ_{i∈k} H_b(i))⁻¹ Σ_{i∈k} H_b(i) w_i. Initialised by plain k-means (k-means++
-seeding, vectorised Lloyd steps). ``pq.aware=false`` keeps plain k-means (H_b = I). With the
-centered covariance as metric, the mean output shift is then removed by bias correction:
-b' = b + E[x]ᵀ (W − Ŵ).
+Activation-aware assignment ("And the Bit Goes Down: Revisiting the Quantization of Neural
+Networks"): the layer's output
+error on calibration inputs is ‖X (W − Ŵ)‖² = Σ_j (w_j − ŵ_j)ᵀ H (w_j − ŵ_j), H = Cov(x) + λI
+(λ = damp · mean input variance). Steps, per layer:
+1. plain k-means on the sub-vectors (k-means++ seeding, vectorised Lloyd steps) initialises C;
+2. EM with the diagonal blocks H_b of H: E-step argmin_k (w − c_k)ᵀ H_b (w − c_k), M-step
+   c_k = (Σ_{i∈k} H_b(i))⁻¹ Σ_{i∈k} H_b(i) w_i;
+3. assignment block by block with error feedback on the full H (optimal brain quantization, as
+   in GPTQ/GPTVQ): after block F is assigned, W_R −= U_FRᵀ U_FF⁻ᵀ (W_F − Ŵ_F), H⁻¹ = UᵀU;
+4. the codebook refit by least squares on the full H with the codes fixed (conjugate gradient).
+Layers are done in topological levels (sequential reconstruction): the target of a layer is
+W* = argmin ‖X̃ W* − Y‖² + λ‖W* − W‖², with X̃ its inputs in the already-quantized network and Y
+its outputs in the original one, and its bias is refit as b = E[y] − E[x̃]ᵀŴ. ``pq.aware=false``
+keeps plain k-means on the weights (still with the bias refit).
 
-In the graph: Cast(codes uint8 → int32) → Gather(codebook, ·) → (Cast fp16 → fp32) → Reshape
-(→ Transpose) → the node's weight input. All standard ops on constants: runtimes fold them once
-at load time, so inference runs at the original speed.
+In the graph: Gather(codebook (Cast fp16 → fp32 when stored as fp16), Cast(codes uint8 → int32))
+→ Reshape (→ Transpose) → the node's weight input. All standard ops on constants: runtimes fold them once
+at load time, so inference runs at the original speed. Small layers (codes + codebook would not
+save bytes) and the model's first Conv stay dense by default.
 
 Size budget (``--target-size``): each layer gets candidate (d, K) settings with their output
 error and bytes; a Lagrangian search picks per layer the setting minimising Σ relative output

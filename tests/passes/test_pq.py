@@ -172,7 +172,7 @@ def test_runtime_folds_the_decode_subgraph(tmp_path):
 def test_reference_models_8x_smaller_within_1pp(name):
     kind = digits.MODELS[name]
     original = onnx.load(digits.model_path(name))
-    res = shrink(original, ["pq"], calibration=digits.calibration(kind), options={"pq": FAST}, force=True)
+    res = shrink(original, ["pq"], calibration=digits.calibration(kind, n=256), options={"pq": FAST}, force=True)
     real = len(res.model.SerializeToString())
     assert res.report["after"]["bytes"] == real
     assert len(original.SerializeToString()) / real >= 8.0
