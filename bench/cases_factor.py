@@ -13,5 +13,10 @@ CASES = [
     Case("mlp", ["lowrank"], "lowrank params 0.3 plain SVD", {"lowrank": PLAIN}, target_params=0.3),
     Case("transformer", ["lowrank"], "lowrank params 0.5", target_params=0.5),
     Case("transformer", ["lowrank"], "lowrank params 0.5 plain SVD", {"lowrank": PLAIN}, target_params=0.5),
+    # tighter budgets, where the data matters most
+    Case("cnn_plain", ["basisconv"], "basisconv flops 0.4", target_flops=0.4),
+    Case("cnn_plain", ["basisconv"], "basisconv flops 0.4 plain SVD", {"basisconv": PLAIN}, target_flops=0.4),
+    Case("mlp", ["lowrank"], "lowrank params 0.1", target_params=0.1),
+    Case("mlp", ["lowrank"], "lowrank params 0.1 plain SVD", {"lowrank": PLAIN}, target_params=0.1),
     Case("cnn_plain", ["pfa", "basisconv"], "pfa,basisconv flops 0.4", target_flops=0.4),
 ]

@@ -303,6 +303,10 @@ def factorize(pass_name, model, cfg, ctx, layers, skipped, rewrite, multiple, re
                 choice, saved = allocate(options, need)
             budget[m] = {"goal": round(float(ctx.goals[m].target)), "needed_saving": round(float(need)),
                          "planned_saving": round(float(saved)), "max_saving": round(float(possible))}
+            goal = float(ctx.goals[m].target)
+            if need > 0 and saved - need > 0.05 * goal and need <= possible:
+                budget[m]["note"] = (f"ranks move in steps of {multiple}: the closest allocation found is "
+                                     f"{(saved - need) / goal:.1%} below the goal")
             if need > possible:
                 budget[m]["why_not"] = (f"factorizing every eligible layer at the lowest rank multiple of "
                                         f"{multiple} saves at most {possible:.0f} {m}, {need:.0f} needed")

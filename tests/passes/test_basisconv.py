@@ -124,3 +124,13 @@ def test_unreachable_budget_says_why(cnn):
     with pytest.raises(TargetError):
         shrink(model, ["basisconv"], calibration=calib[:64], target_flops=0.05,
                options={"basisconv": {"whiten": False, "refit": False}})
+
+
+def test_chained_after_pfa(cnn):
+    model, calib, acc0 = cnn
+    res = shrink(model, ["pfa", "basisconv"], calibration=calib[:192], target_flops=0.4,
+                 options={"basisconv": {"positions": 16}})
+    ratio = model_cost(res.model)["flops"] / model_cost(model)["flops"]
+    assert ratio <= 0.4 * 1.05, ratio
+    assert res.report["passes"][1]["changed"]
+    assert digits.accuracy(res.model, "cnn") >= acc0 - 0.02
