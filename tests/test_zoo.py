@@ -34,7 +34,7 @@ EXACT = {"foldbn"}  # passes whose result must equal the original to float toler
 FAST_OPTIONS = {
     "pfa": {"positions": 8, "channel_multiple": 1, "energy": 0.9},
     "basisconv": {"positions": 8, "channel_multiple": 1, "energy": 0.9},
-    "lowrank": {"positions": 8, "channel_multiple": 1, "energy": 0.9},
+    "lowrank": {"positions": 8, "rank_multiple": 1, "energy": 0.9},
 }
 
 # (pass or chain, zoo case) -> reason: a failure found by this matrix, xfail(strict=True).
