@@ -18,5 +18,6 @@ CASES = [
     Case("cnn_plain", ["basisconv"], "basisconv flops 0.4 plain SVD", {"basisconv": PLAIN}, target_flops=0.4),
     Case("mlp", ["lowrank"], "lowrank params 0.1", target_params=0.1),
     Case("mlp", ["lowrank"], "lowrank params 0.1 plain SVD", {"lowrank": PLAIN}, target_params=0.1),
+    Case("cnn_plain", ["lowrank"], "lowrank conv=true flops 0.6", {"lowrank": {"conv": True}}, target_flops=0.6),
     Case("cnn_plain", ["pfa", "basisconv"], "pfa,basisconv flops 0.4", target_flops=0.4),
 ]
