@@ -1,0 +1,171 @@
+"""hadamard pass: in-graph Walsh–Hadamard transform, Fastfood blocks, fitting, MLP accuracy."""
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+import pytest
+from scipy.linalg import hadamard
+
+from graphs import GraphBuilder
+from onnxshrink import shrink
+from onnxshrink.cost import model_cost
+from onnxshrink.graph import export_model, import_graph
+from onnxshrink.passes import hadamard as hp
+from onnxshrink.passes._hadamard_ops import next_pow2, wht_model
+from onnxshrink.validate import Tolerances
+
+
+def _run(model, feeds):
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+@pytest.mark.parametrize("d_in", [1, 2, 3, 8, 13, 64, 100, 512, 1000])
+def test_wht_subgraph_equals_scipy_hadamard(d_in):
+    rng = np.random.default_rng(d_in)
+    x = rng.standard_normal((5, d_in)).astype(np.float32)
+    model = wht_model(d_in)
+    onnx.checker.check_model(model, full_check=True)
+    d = next_pow2(d_in)
+    # no d × d matrix anywhere in the graph (only Kronecker factors)
+    assert all(np.prod(t.dims) < d * d or d <= 2 for t in model.graph.initializer if len(t.dims) == 2)
+    xp = np.zeros((5, d))
+    xp[:, :d_in] = x
+    (y,) = _run(model, {"x": x})
+    assert y.shape == (5, d)
+    np.testing.assert_allclose(y, (hadamard(d) @ xp.T).T, rtol=1e-5, atol=1e-5 * np.sqrt(d))
+
+
+def _random_fit(d_in, d_out, K, r, seed=0):
+    rng = np.random.default_rng(seed)
+    fit = hp.FastfoodFit(d_in, d_out, seed)
+    for j in range(fit.n_stack):
+        for k in range(K):
+            blk = hp.Block(fit.d, rng, fit._mask(j), fit.perm(j, k))
+            blk.b, blk.g = rng.standard_normal(fit.d), rng.standard_normal(fit.d)
+            blk.s = np.where(blk.mask, rng.standard_normal(fit.d), 0.0)
+            fit.blocks[j].append(blk)
+    fit.u = rng.standard_normal((d_in, r)) / np.sqrt(d_in)
+    fit.vt = rng.standard_normal((r, d_out))
+    fit.mx, fit.my = rng.standard_normal(d_in), rng.standard_normal(d_out)
+    return fit
+
+
+def _explicit_dense(fit):
+    """Σ_k S H G Π H B per stack, built with explicit matrices (the numpy reference)."""
+    d = fit.d
+    h = hadamard(d) / np.sqrt(d)
+    rows = []
+    for bl in fit.blocks:
+        v = np.zeros((d, d))
+        for blk in bl:
+            p = np.eye(d)[blk.perm]              # (P z)_i = z[perm[i]]
+            v += np.diag(blk.s) @ h @ np.diag(blk.g) @ p @ h @ np.diag(blk.b)
+        rows.append(v)
+    v = np.concatenate(rows)[: fit.d_out, : fit.d_in]
+    return v.T + fit.u @ fit.vt                  # d_in × d_out
+
+
+@pytest.mark.parametrize("d_in,d_out,K,r,lead", [(64, 64, 1, 0, ()), (48, 200, 2, 3, ()),
+                                                 (100, 20, 3, 0, (4,)), (16, 16, 1, 2, (2, 3))])
+def test_fastfood_block_graph_reproduces_dense_equivalent(d_in, d_out, K, r, lead):
+    fit = _random_fit(d_in, d_out, K, r)
+    w, bias = fit.dense()
+    np.testing.assert_allclose(w, _explicit_dense(fit), atol=1e-10)
+    # a MatMul/Gemm layer holding exactly that matrix, rewritten into the Fastfood subgraph
+    b = GraphBuilder(0)
+    x = b.input("x", ["N", *lead, d_in])
+    if lead:
+        y = b.node("Add", [b.node("MatMul", [x, b.const(w.astype(np.float32), "w")]),
+                           b.const(bias.astype(np.float32), "b")], out="y")
+    else:
+        y = b.node("Gemm", [x, b.const(w.astype(np.float32), "w"), b.const(bias.astype(np.float32), "b")], out="y")
+    b.output(y, ["N", *lead, d_out])
+    model = b.model()
+    graph = import_graph(model)
+    node = next(n for n in graph.nodes if n.op in ("Gemm", "MatMul"))
+    if node.op == "MatMul":
+        fit.my = fit.mx @ w  # the MatMul itself has no bias: the Add after it keeps it
+    hp._replace(graph, node, fit, {}, 17)
+    new = export_model(graph, like=model)
+    onnx.checker.check_model(new, full_check=True)
+    assert not any(n.op_type in ("Gemm",) for n in new.graph.node)
+    feeds = {"x": np.random.default_rng(1).standard_normal((3, *lead, d_in)).astype(np.float32)}
+    (a,), (c,) = _run(model, feeds), _run(new, feeds)
+    assert c.shape == a.shape
+    np.testing.assert_allclose(c, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fitting_recovers_planted_fastfood(seed):
+    d, n = 32, 300
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, d))
+    plant = _random_fit(d, d, 1, 0, seed=7)     # block (0, 0) uses the fit's fixed permutation
+    plant.mx, plant.my = np.zeros(d), np.full(d, 0.5)
+    y = plant.predict(x)
+    fit = hp.FastfoodFit(d, d, seed=7)
+    fit.set_data(x, y)
+    xc, yc = x - fit.mx, y - fit.my
+    fit.add_block(xc, yc, xc.T @ xc, iters=10, ridge=1e-9, cg=0, restarts=16)
+    fit.backfit(xc, xc, yc, xc.T @ xc, 40, 1e-9, cg=0)
+    assert hp.rel_error(fit.predict(x), y, y.mean(0)) < 1e-8
+    np.testing.assert_allclose(fit.dense()[0], plant.dense()[0], atol=1e-4)
+
+
+def test_als_step_never_increases_error():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 64))
+    t = x @ rng.standard_normal((64, 64)) / 8
+    blk = hp.Block(64, rng, np.ones(64, bool), rng.permutation(64))
+    errs = []
+    for _ in range(6):
+        blk.step(x, t, x.T @ x, 1e-9, cg=10)
+        errs.append(((blk.out(x) - t) ** 2).sum())
+    assert all(b <= a * (1 + 1e-9) for a, b in zip(errs, errs[1:]))
+    assert errs[-1] < 0.9 * (t ** 2).sum()
+
+
+def test_sequence_matmul_layer_and_skips():
+    b = GraphBuilder(3)
+    x = b.input("x", ["N", 4, 64])
+    h = b.relu(b.matmul(x, 64, 128))
+    b.matmul(h, 128, 8, out="y")
+    b.output("y", ["N", 4, 8])
+    model = b.model()
+    calib = np.random.default_rng(0).standard_normal((200, 4, 64)).astype(np.float32)
+    res = shrink(model, ["hadamard"], calibration=calib, options={"hadamard": {"tolerance": 0.9, "rank": 4}},
+                 tolerances=Tolerances(min_cosine=None), force=True)
+    rep = res.report["passes"][0]
+    first = next(n.name for n in model.graph.node if n.op_type == "MatMul")
+    assert any(c.startswith(first) and "Fastfood" in c for c in rep["changed"])
+    assert any("min_dim" in s["reason"] for s in rep["skipped"])
+    lay = rep["layers"][first]
+    assert lay["holdout_error"] <= 0.9
+    feeds = {"x": calib[:16]}
+    (a,), (c,) = _run(model, feeds), _run(res.model, feeds)
+    assert c.shape == a.shape
+    assert np.linalg.norm(c - a) / np.linalg.norm(a) < 1.0
+
+
+def test_mlp_accuracy_params_and_downstream_refit():
+    from models import digits
+    model = onnx.load(digits.model_path("mlp"))
+    split = digits.load_split()
+    calib = digits.to_model_input(split["x_train"][:512], "mlp")
+    val = digits.to_model_input(split["x_train"][512:768], "mlp")
+    res = shrink(model, ["hadamard"], calibration=calib, validation=val,
+                 options={"hadamard": {"blocks": 1, "rank": 16, "final_iters": 1}},
+                 tolerances=Tolerances(min_cosine=None), force=True)
+    rep = res.report["passes"][0]
+    fc2 = rep["layers"]["/fc2/Gemm"]
+    assert fc2.get("replaced") and fc2["blocks"] == 1 and fc2["rank"] == 16
+    assert fc2["dense_params"] >= 4 * fc2["params"]
+    assert rep["layers"]["/fc3/Gemm"].get("refit")            # downstream layer refit
+    assert not any(n.op_type == "Gemm" and "fc2" in n.name for n in res.model.graph.node)
+    before = digits.accuracy(model, "mlp")
+    after = digits.accuracy(res.model, "mlp")
+    assert after >= before - 0.02, (before, after)
+    shapes = {"input": (64,)}
+    assert model_cost(res.model, shapes)["params"] < 0.15 * model_cost(model, shapes)["params"]
