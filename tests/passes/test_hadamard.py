@@ -2,7 +2,6 @@
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
 from scipy.linalg import hadamard
