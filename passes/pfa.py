@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -34,14 +35,18 @@ from ..stats import CrossMoments, LayerStats, ResponseStats
 
 MODES = ("auto", "energy", "kl", "budget")
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
-SELECTIONS = ("pearson", "magnitude")
+SELECTIONS = ("reconstruction", "pearson", "magnitude")
+ALLOCATIONS = ("error", "energy")
 
 
 @dataclass
 class PfaConfig:
     mode: str = "auto"            # auto: budget when a flops/params target is given, else energy
     energy: float = 0.98          # PFA-En: fraction of the response spectrum's energy kept per group
-    selection: str = "pearson"    # pearson (the paper) or magnitude (smallest filter weight norm first)
+    selection: str = "reconstruction"  # reconstruction: backward elimination on the consumers' least-squares
+                                  # error; pearson (the paper); magnitude (smallest filter weight norm first)
+    allocation: str = "error"     # budget mode: error (greedy on per-group reconstruction-error curves per
+                                  # unit of cost) or energy (one global energy threshold, the paper)
     channel_multiple: int = 8     # round kept counts up to a multiple of this (1: no rounding)
     ridge: float = -1.0           # relative ridge of the reconstruction; < 0: chosen per layer
                                   # on held-out calibration batches from RIDGES
@@ -56,6 +61,8 @@ class PfaConfig:
             raise ValueError(f"pfa.selection must be one of {', '.join(SELECTIONS)}, got '{self.selection}'")
         if not 0.0 < self.energy <= 1.0:
             raise ValueError(f"pfa.energy must be in (0, 1], got {self.energy}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"pfa.allocation must be one of {', '.join(ALLOCATIONS)}, got '{self.allocation}'")
         if self.channel_multiple < 1:
             raise ValueError(f"pfa.channel_multiple must be >= 1, got {self.channel_multiple}")
         if self.positions < 1:
@@ -151,6 +158,226 @@ def ridge_toward(cm: CrossMoments, w0: np.ndarray, ridge: float):
     return w, my - mx @ w
 
 
+# ----------------------------------------------------------------------------- reconstruction-aware selection
+@dataclass
+class Problem:
+    """One consumer's least-squares problem seen from a group: Cov(x) (d×d) and Cov(x, y) (d×m) of its
+    inputs and outputs on the unpruned network, the total output variance tr Cov(y), and for each of
+    the group's channels the input columns it feeds (an empty array where it feeds none)."""
+    cxx: np.ndarray
+    cxy: np.ndarray
+    var: float
+    blocks: list
+
+
+def _spd_inverse(a: np.ndarray) -> np.ndarray:
+    """Inverse of a symmetric positive definite matrix by Cholesky (LAPACK potrf/potri), falling
+    back to the pseudo-inverse."""
+    try:
+        import scipy.linalg.lapack as lapack
+        c, info = lapack.dpotrf(a, lower=1)
+        if info == 0:
+            inv, info = lapack.dpotri(c, lower=1)
+            if info == 0:
+                inv = np.tril(inv) + np.tril(inv, -1).T
+                return inv
+    except ImportError:
+        pass
+    try:
+        return np.linalg.inv(a)
+    except np.linalg.LinAlgError:
+        return np.linalg.pinv(a)
+
+
+class _Elim:
+    """One consumer's state during elimination: H = (Cov(x) + αI)⁻¹ and W = H Cov(x, y) over the
+    columns still alive (compacted as columns go), and each channel's columns, by block size."""
+
+    def __init__(self, p: Problem, ridge: float):
+        d = p.cxx.shape[0]
+        alpha = ridge * max(np.trace(p.cxx) / max(d, 1), 1e-12)
+        self.h = _spd_inverse(p.cxx + alpha * np.eye(d))
+        self.w = self.h @ p.cxy
+        self.var = max(p.var, 1e-12)
+        self.base = max(self.var - float(np.sum(self.w * p.cxy)), 0.0) / self.var
+        self.pos = np.arange(d)                       # original column -> current row, -1 once removed
+        self.blocks = [np.asarray(b, dtype=np.int64) for b in p.blocks]
+        sizes = np.array([len(b) for b in self.blocks])
+        self.by_size = {int(s): (np.nonzero(sizes == s)[0], np.stack([self.blocks[c] for c in np.nonzero(sizes == s)[0]]))
+                        for s in np.unique(sizes) if s > 0}
+
+    def scores(self, alive: np.ndarray) -> np.ndarray:
+        """tr(W_Bᵀ (H_BB)⁻¹ W_B) / tr Cov(y) for every channel (0 for channels without columns here)."""
+        out = np.zeros(len(alive))
+        h, w = self.h, self.w
+        for size, (chans, idx) in self.by_size.items():
+            sel = alive[chans]
+            if not sel.any():
+                continue
+            cur = self.pos[idx[sel]]
+            if size == 1:
+                j = cur[:, 0]
+                val = np.einsum("ij,ij->i", w[j], w[j]) / np.maximum(h[j, j], 1e-300)
+            else:
+                hb = h[cur[:, :, None], cur[:, None, :]]
+                wb = w[cur]
+                try:
+                    x = np.linalg.solve(hb, wb)
+                except np.linalg.LinAlgError:
+                    x = np.matmul(np.linalg.pinv(hb), wb)
+                val = np.einsum("sbm,sbm->s", wb, x)
+            out[chans[sel]] = np.maximum(val, 0.0) / self.var
+        return out
+
+    def remove(self, chans) -> float:
+        """Drop the channels' columns; returns the increase of the relative error."""
+        orig = np.concatenate([self.blocks[c] for c in chans])
+        if len(orig) == 0:
+            return 0.0
+        cols = self.pos[orig]
+        h, w = self.h, self.w
+        hb = h[:, cols]
+        rhs = np.concatenate([hb.T, w[cols]], axis=1)
+        try:
+            k = np.linalg.solve(hb[cols], rhs)
+        except np.linalg.LinAlgError:
+            k = np.linalg.pinv(hb[cols]) @ rhs
+        d = h.shape[0]
+        inc = max(float(np.sum(w[cols] * k[:, d:])), 0.0) / self.var
+        keep = np.ones(d, dtype=bool)
+        keep[cols] = False
+        hk = hb[keep]
+        self.h = h[np.ix_(keep, keep)]
+        self.h -= hk @ k[:, :d][:, keep]
+        self.w = w[keep]
+        self.w -= hk @ k[:, d:]
+        alive_cols = np.nonzero(self.pos >= 0)[0]
+        self.pos[orig] = -1
+        newpos = np.cumsum(keep) - 1
+        self.pos[alive_cols] = np.where(self.pos[alive_cols] >= 0, newpos[self.pos[alive_cols].clip(0)], -1)
+        return inc
+
+
+def elimination_order(problems: list, n: int, ridge: float = 1e-3, step_fraction: float = 1 / 16):
+    """Greedy backward elimination of a group's channels on its consumers' least-squares problems
+    (ThiNet, Luo et al. 2017; He et al. 2017): repeatedly drop the channel whose removal increases
+    Σ_j min_W ‖X_j W − Y_j‖² / tr Cov(Y_j) the least. With H = (Cov(x) + αI)⁻¹ and W = H Cov(x, y)
+    the fit on the kept columns, dropping the columns B costs exactly tr(W_Bᵀ H_BB⁻¹ W_B), and
+    H ← H − H_·B H_BB⁻¹ H_B·, W ← W − H_·B H_BB⁻¹ W_B give the fit without them (block elimination).
+    Large groups drop ``step_fraction`` of the remaining channels per update (the cheapest ones).
+
+    Returns (order, err): all n channels in removal order, and err[k] = the summed relative error
+    with the last k channels of ``order`` kept (err[n]: nothing removed)."""
+    states = [_Elim(p, ridge) for p in problems]
+    alive = np.ones(n, dtype=bool)
+    order, err = [], np.zeros(n + 1)
+    total = err[n] = sum(st.base for st in states)
+    while alive.sum() > 1:
+        score = sum(st.scores(alive) for st in states)
+        cand = np.nonzero(alive)[0]
+        r = max(1, min(int(len(cand) * step_fraction), len(cand) - 1))
+        ranked = cand[np.argsort(score[cand], kind="stable")[:r]]
+        inc = sum(st.remove(ranked) for st in states)
+        # spread a joint step's increase over its channels in proportion to their single scores
+        s = score[ranked]
+        share = s / s.sum() if s.sum() > 0 else np.full(r, 1.0 / r)
+        for c, f in zip(ranked, share):
+            total += inc * f
+            order.append(int(c))
+            alive[c] = False
+            err[int(alive.sum())] = total
+    order.extend(int(c) for c in np.nonzero(alive)[0])
+    err[0] = err[1]
+    return np.asarray(order, dtype=np.int64), err
+
+
+def consumer_blocks(an, consumer: str, node: gs.Node) -> dict:
+    """{group index: [input columns of ``consumer``'s LayerStats features fed by each channel]}."""
+    comps = None
+    for e in an.edits:
+        if e.kind == "in" and e.node == consumer:
+            comps = np.asarray(e.comps)
+            break
+    if comps is None:
+        return {}
+    kk = 1
+    if node.op == "Conv":
+        kk = int(np.prod(node.inputs[1].values.shape[2:]))
+    cls = an.roots[comps]
+    gids, idx = an.class_group[cls], an.class_index[cls]
+    out = {}
+    for g in np.unique(gids):
+        size = an.groups[g].size
+        cols = [[] for _ in range(size)]
+        for p in np.nonzero(gids == g)[0]:
+            cols[idx[p]].extend(range(p * kk, (p + 1) * kk))
+        out[int(g)] = [np.asarray(c, dtype=np.int64) for c in cols]
+    return out
+
+
+# ----------------------------------------------------------------------------- cost without rebuilding
+class CostModel:
+    """Model cost as a function of the kept counts k_g, identified from a few probe prunes:
+    cost(k) = cost(n) + Σ_g [L_g u_g + Q_g (k_g² − n_g²)] + Σ_{g<h} C_gh u_g u_h, u_g = k_g − n_g.
+    Every node's params/FLOPs are at most bilinear in the counts of the groups it touches (in and out
+    channels), and quadratic in one group (a layer whose input and output are tied), so this is exact
+    for such graphs; groups that share a node are probed in pairs."""
+
+    def __init__(self, an, model, groups, cost_nodes):
+        self.groups = [g.index for g in groups]
+        self.n = {g.index: g.size for g in groups}
+        base = cost_nodes(model)
+        names = sorted(base)
+        vec = lambda c: np.array([[c.get(k, (0, 0))[0] for k in names], [c.get(k, (0, 0))[1] for k in names]],
+                                 dtype=np.float64)
+        b = vec(base)
+        self.base = b.sum(axis=1)
+        self.probes = 0
+
+        def probe(ks):
+            self.probes += 1
+            keep = {gi: np.arange(k) for gi, k in ks.items()}
+            return vec(cost_nodes(an.prune(model, keep)))
+
+        self.L, self.Q, touched = {}, {}, {}
+        for gi in self.groups:
+            n = self.n[gi]
+            d1 = probe({gi: 1}) - b
+            if n >= 3:
+                d2 = probe({gi: 2}) - b
+                u1, u2 = 1.0 - n, 2.0 - n
+                s1, s2 = 1.0 - n * n, 4.0 - n * n
+                det = u1 * s2 - u2 * s1
+                lq = [(d1 * s2 - d2 * s1) / det, (u1 * d2 - u2 * d1) / det]
+                touched[gi] = (np.abs(d1) + np.abs(d2)).sum(axis=0) > 0
+            else:
+                lq = [d1 / (1.0 - n), np.zeros_like(d1)]
+                touched[gi] = np.abs(d1).sum(axis=0) > 0
+            self.L[gi], self.Q[gi] = lq[0].sum(axis=1), lq[1].sum(axis=1)
+        self.C = {}
+        for i, gi in enumerate(self.groups):
+            for gj in self.groups[i + 1:]:
+                if not np.any(touched[gi] & touched[gj]):
+                    continue
+                d = (probe({gi: 1, gj: 1}) - b).sum(axis=1)
+                rest = self._single(gi, 1) + self._single(gj, 1)
+                self.C[(gi, gj)] = (d - rest) / ((1.0 - self.n[gi]) * (1.0 - self.n[gj]))
+
+    def _single(self, gi, k):
+        n = self.n[gi]
+        return self.L[gi] * (k - n) + self.Q[gi] * (k * k - n * n)
+
+    def __call__(self, ks: dict) -> dict:
+        """{"params", "flops"} at the kept counts ``ks`` ({group index: k}; missing groups whole)."""
+        c = self.base.copy()
+        for gi, k in ks.items():
+            if gi in self.L:
+                c += self._single(gi, k)
+        for (gi, gj), v in self.C.items():
+            c += v * (ks.get(gi, self.n[gi]) - self.n[gi]) * (ks.get(gj, self.n[gj]) - self.n[gj])
+        return {"params": float(c[0]), "flops": float(c[1])}
+
+
 @dataclass
 class _ResidualStats(LayerStats):
     """LayerStats whose target is what the layer must add to the pruned network's skip tensor to
@@ -221,6 +448,42 @@ def _error(cm: CrossMoments, w: np.ndarray, b: np.ndarray) -> float:
     return float(max(err.sum(), 0.0) / max(var.sum(), 1e-12))
 
 
+def choose_ridge(cm_a: CrossMoments, cm_b: CrossMoments, w0: np.ndarray | None, ridges=RIDGES,
+                 columns: int = 64, seed: int = 0) -> float:
+    """The ridge of ``ridges`` whose fit on ``cm_a`` (toward ``w0``, or zero) has the lowest error on
+    the held-out ``cm_b``. One eigendecomposition Cov_a(x) = V diag(e) Vᵀ serves every α:
+    W_α = V diag(1/(e + α)) Vᵀ (Cov_a(x, y) + α W0); the held-out error is measured on at most
+    ``columns`` output columns (a random subset), which is enough to rank a scalar."""
+    m = cm_a.sum_y.shape[0]
+    sub = np.sort(np.random.default_rng(seed).choice(m, size=columns, replace=False)) if m > columns else np.arange(m)
+    mask = np.zeros(m, dtype=bool)
+    mask[sub] = True
+    a, b = _slice_cross(cm_a, mask), _slice_cross(cm_b, mask)
+    n = max(a.n, 1)
+    mx, my = a.x.mean, a.mean_y
+    cxx = a.x.cov
+    cxy = a.xy / n - np.outer(mx, my)
+    d = cxx.shape[0]
+    scale = max(np.trace(cxx) / max(d, 1), 1e-12)
+    try:
+        import scipy.linalg
+        e, v = scipy.linalg.eigh(cxx, driver="evd")   # divide and conquer: the fast driver here
+    except Exception:
+        try:
+            e, v = np.linalg.eigh(cxx)
+        except np.linalg.LinAlgError:
+            return float(ridges[len(ridges) // 2])
+    e = np.clip(e, 0.0, None)
+    p = v.T @ cxy
+    p0 = v.T @ w0[:, sub] if w0 is not None else np.zeros_like(p)
+    held = []
+    for r in ridges:
+        alpha = r * scale
+        w = v @ ((p + alpha * p0) / (e + alpha)[:, None])
+        held.append(_error(b, w, my - mx @ w))
+    return float(ridges[int(np.argmin(held))])
+
+
 def _merged(a: CrossMoments, b: CrossMoments) -> CrossMoments:
     out = CrossMoments(a.x.sum.shape[0], a.sum_y.shape[0])
     return out.merge(a).merge(b)
@@ -266,20 +529,47 @@ class Pfa(Pass):
         return plan
 
     # -- statistics
-    def _group_covs(self, an, groups, ctx):
-        reqs = {}
-        for g in groups:
-            for o in g.observations:
-                reqs.setdefault((o.tensor, o.reduce), ResponseStats(o.tensor, o.reduce))
-        accs = ctx.collect(list(reqs.values()), desc="pfa responses")
+    def _statistics(self, model, an, groups, cfg, ctx, responses: bool, consumers: bool):
+        """One calibration run: the groups' response covariances and/or their consumers' moments."""
+        reqs, layer = {}, {}
+        if responses:
+            for g in groups:
+                for o in g.observations:
+                    reqs.setdefault((o.tensor, o.reduce), ResponseStats(o.tensor, o.reduce))
+        nodes = {}
+        if consumers:
+            graph = import_graph(model)
+            nodes = {n.name: n for n in graph.nodes}
+            for g in groups:
+                for c in g.consumers:
+                    node = nodes.get(c)
+                    if c in layer or node is None:
+                        continue
+                    try:
+                        layer[c] = layer_stats_request(node, "pfa-sel:" + c, node.inputs[0].name,
+                                                       node.outputs[0].name, positions=cfg.positions)
+                    except ValueError:
+                        continue
+        accs = ctx.collect(list(reqs.values()) + list(layer.values()), desc="pfa statistics")
         covs = {}
-        for g in groups:
-            c = np.zeros((g.size, g.size))
-            for o in g.observations:
-                cov = accs[reqs[(o.tensor, o.reduce)].key].cov
-                np.add.at(c, (o.indices[:, None], o.indices[None, :]), cov[np.ix_(o.positions, o.positions)])
-            covs[g.index] = c
-        return covs
+        if responses:
+            for g in groups:
+                c = np.zeros((g.size, g.size))
+                for o in g.observations:
+                    cov = accs[reqs[(o.tensor, o.reduce)].key].cov
+                    np.add.at(c, (o.indices[:, None], o.indices[None, :]), cov[np.ix_(o.positions, o.positions)])
+                covs[g.index] = c
+        problems = {g.index: [] for g in groups}
+        for c, req in layer.items():
+            cm = accs[req.key]
+            n = max(cm.n, 1)
+            cxx = cm.x.cov
+            cxy = cm.xy / n - np.outer(cm.x.mean, cm.mean_y)
+            var = float(np.sum(cm.yy / n - cm.mean_y ** 2))
+            for gi, blocks in consumer_blocks(an, c, nodes[c]).items():
+                if gi in problems:
+                    problems[gi].append(Problem(cxx, cxy, var, blocks))
+        return covs, problems
 
     def _magnitude(self, model, an, g):
         graph = import_graph(model)
@@ -291,26 +581,29 @@ class Pfa(Pass):
         return np.argsort(score, kind="stable")
 
     # -- budget search
-    def _budget_ks(self, an, model, groups, lams, cfg, ctx, details):
-        goals = {m: g for m, g in ctx.goals.items() if m in self.budgets}
+    def _cost_model(self, an, model, groups, ctx):
+        from ..cost import node_costs
+
+        def cost_nodes(m):
+            return {c.name: (c.params, c.flops) for c in node_costs(m, ctx.sample_shapes)}
+
+        return CostModel(an, model, groups, cost_nodes)
+
+    def _goals(self, ctx):
+        return {m: g for m, g in ctx.goals.items() if m in self.budgets}
+
+    def _budget_ks(self, groups, lams, cfg, cost, goals, details):
+        """One global energy threshold (the paper's recipe), searched by bisection."""
         cums = {g.index: np.cumsum(lams[g.index]) for g in groups}
         cands = np.unique(np.concatenate([np.clip(c, 0, 1) for c in cums.values()] + [np.array([0.0, 1.0])]))
-        cache = {}
 
         def ks_at(e):
             return {g.index: round_up(g.size if e >= 1.0 else
                                       min(g.size, np.searchsorted(cums[g.index], e - 1e-12) + 1),
                                       g.size, cfg.channel_multiple) for g in groups}
 
-        def cost_of(ks):
-            key = tuple(sorted(ks.items()))
-            if key not in cache:
-                keep = {gi: np.arange(k) for gi, k in ks.items()}
-                cache[key] = ctx.cost(an.prune(model, keep))
-            return cache[key]
-
         def fits(ks):
-            c = cost_of(ks)
+            c = cost(ks)
             return all(c[m] <= goal.target for m, goal in goals.items())
 
         if fits(ks_at(1.0)):
@@ -330,12 +623,12 @@ class Pfa(Pass):
         # "all the energy" long before all channels): spend what is left of the budget by moving
         # every group the same fraction t of the way from the fitting recipe to the next one.
         k_lo, k_hi = ks_at(cands[lo]), ks_at(cands[hi])
+        groups_by = {g.index: g for g in groups}
 
         def ks_t(t):
             return {gi: round_up(k_lo[gi] + t * (k_hi[gi] - k_lo[gi]), groups_by[gi].size, cfg.channel_multiple)
                     if k_hi[gi] > k_lo[gi] else k_lo[gi] for gi in k_lo}
 
-        groups_by = {g.index: g for g in groups}
         t_lo, t_hi = 0.0, 1.0
         for _ in range(8):
             t = 0.5 * (t_lo + t_hi)
@@ -343,8 +636,42 @@ class Pfa(Pass):
                 t_lo = t
             else:
                 t_hi = t
-        details["budget_evaluations"] = len(cache)
         return ks_t(t_lo), float(cands[lo])
+
+    def _allocate(self, groups, curves, cfg, cost, goals, details, ks=None):
+        """Greedy allocation: starting from ``ks`` (default: every group whole), repeatedly shrink the
+        group whose next step down (to the next multiple of ``channel_multiple``) adds the least
+        reconstruction error per unit of cost saved, until every goal is met."""
+        ks = dict(ks) if ks is not None else {g.index: g.size for g in groups}
+        m = cfg.channel_multiple
+        steps = 0
+        while True:
+            c = cost(ks)
+            unmet = [k for k, goal in goals.items() if c[k] > goal.target]
+            if not unmet:
+                break
+            best, best_ratio = None, None
+            for g in groups:
+                k = ks[g.index]
+                nxt = ((k - 1) // m) * m
+                if nxt < 1:
+                    continue
+                trial = dict(ks)
+                trial[g.index] = nxt
+                c2 = cost(trial)
+                saved = sum((c[k2] - c2[k2]) / max(goals[k2].target, 1e-12) for k2 in unmet)
+                if saved <= 0:
+                    continue
+                ratio = (curves[g.index][nxt] - curves[g.index][k]) / saved
+                if best_ratio is None or ratio < best_ratio:
+                    best, best_ratio = (g.index, nxt), ratio
+            if best is None:
+                details["budget"] = "not reachable: every group is at its smallest count"
+                break
+            ks[best[0]] = best[1]
+            steps += 1
+        details["allocation_steps"] = details.get("allocation_steps", 0) + steps
+        return ks
 
     # -- reconstruction
     def _refit(self, pruned, an, keep, consumers, cfg, ctx, report):
@@ -380,8 +707,7 @@ class Pfa(Pass):
                 if ridge < 0:  # pick the ridge that generalises best to the held-out batches
                     ridge = RIDGES[2]
                     if cm_b.n > 0 and cm_a.n > 0:
-                        held = [_error(cm_b, *solve(cm_a, r)) for r in RIDGES]
-                        ridge = RIDGES[int(np.argmin(held))]
+                        ridge = choose_ridge(cm_a, cm_b, w0 if cfg.prior else None)
                     ridges[n] = ridge
                 cm = _merged(cm_a, cm_b)
                 w, b = solve(cm, ridge)
@@ -411,37 +737,84 @@ class Pfa(Pass):
             mode = "budget" if has_goal else "energy"
         if mode == "budget" and not has_goal:
             raise UsageError("pfa.mode=budget needs --target-flops or --target-params")
-        details = {"mode": mode, "groups": len(an.groups), "prunable_groups": len(groups)}
+        details = {"mode": mode, "groups": len(an.groups), "prunable_groups": len(groups),
+                   "selection": cfg.selection}
         report.details = details
         if not groups:
             return model, report
-        covs = self._group_covs(an, groups, ctx)
-        lams = {g.index: spectrum(covs[g.index]) for g in groups}
+        by_error = mode == "budget" and cfg.allocation == "error"
+        need_problems = cfg.selection == "reconstruction" or by_error
+        covs, problems = self._statistics(model, an, groups, cfg, ctx, True, need_problems)
+        lams = _Lazy(lambda gi: spectrum(covs[gi]))      # eigenvalues only where a recipe needs them
+        sel_ridge = cfg.ridge if cfg.ridge >= 0 else 1e-3
+        orders, curves = {}, {}
+        for g in groups:
+            if need_problems and problems.get(g.index):
+                orders[g.index], curves[g.index] = elimination_order(problems[g.index], g.size, sel_ridge)
+            else:  # nothing to reconstruct from: the spectrum's lost energy stands in for the error
+                curves[g.index] = 1.0 - np.concatenate([[0.0], np.cumsum(lams[g.index])])
+                curves[g.index][-1] = 0.0
         if mode == "budget":
-            ks, energy = self._budget_ks(an, model, groups, lams, cfg, ctx, details)
-            details["energy"] = round(energy, 6)
+            details["allocation"] = cfg.allocation
+            goals = self._goals(ctx)
+            cost = self._cost_model(an, model, groups, ctx)
+            if by_error:
+                ks = self._allocate(groups, curves, cfg, cost, goals, details)
+            else:
+                ks, energy = self._budget_ks(groups, lams, cfg, cost, goals, details)
+                details["energy"] = round(energy, 6)
+            details["cost_probes"] = cost.probes
         elif mode == "kl":
             ks = {g.index: round_up(kept_kl(lams[g.index]), g.size, cfg.channel_multiple) for g in groups}
         else:
             ks = {g.index: round_up(kept_energy(lams[g.index], cfg.energy), g.size, cfg.channel_multiple)
                   for g in groups}
             details["energy"] = cfg.energy
-        keep, consumers, recipe = {}, set(), []
+
+        def keep_of(ks):
+            keep = {}
+            for g in groups:
+                k = ks[g.index]
+                if k >= g.size:
+                    continue
+                if cfg.selection == "reconstruction" and g.index in orders:
+                    order = orders[g.index]
+                elif cfg.selection == "magnitude":
+                    order = self._magnitude(model, an, g)
+                else:
+                    order = pearson_removal_order(covs[g.index])
+                keep[g.index] = np.sort(order[g.size - k:])
+            return keep
+
+        keep = keep_of(ks)
+        pruned = an.prune(model, keep) if keep else model
+        if mode == "budget" and keep:
+            # the cost model is exact for in/out-bilinear layers; check the real model, and step on
+            # (greedily, real cost) where something it cannot see kept it above the budget
+            for _ in range(64):
+                real = ctx.cost(pruned)
+                if all(real[m] <= goal.target for m, goal in goals.items()):
+                    break
+                scale = {m: goal.target * goal.target / max(real[m], 1e-12) for m, goal in goals.items()}
+                tighter = {m: SimpleNamespace(target=scale[m]) for m in goals}
+                ks2 = self._allocate(groups, curves, cfg, cost, tighter, details, ks)
+                if ks2 == ks:
+                    break
+                ks = ks2
+                keep = keep_of(ks)
+                pruned = an.prune(model, keep)
+        recipe, consumers = [], set()
         for g in groups:
             k = ks[g.index]
-            recipe.append({"group": g.name, "channels": g.size, "kept": k})
-            if k >= g.size:
-                continue
-            order = (pearson_removal_order(covs[g.index]) if cfg.selection == "pearson"
-                     else self._magnitude(model, an, g))
-            keep[g.index] = np.sort(order[g.size - k:])
-            consumers.update(g.consumers)
-            report.changed.append(f"{g.name}: {g.size} -> {k} channels")
+            recipe.append({"group": g.name, "channels": g.size, "kept": k,
+                           "predicted_error": round(float(curves[g.index][k]), 5)})
+            if g.index in keep:
+                consumers.update(g.consumers)
+                report.changed.append(f"{g.name}: {g.size} -> {k} channels")
         details["recipe"] = recipe
         if not keep:
             details["fit_seconds"] = round(time.perf_counter() - t0 - ctx.calibration_seconds, 3)
             return model, report
-        pruned = an.prune(model, keep)
         pruned, errors = self._refit(pruned, an, keep, consumers, cfg, ctx, report)
         if errors:
             details["refit_errors"] = {k: round(v, 5) for k, v in sorted(errors.items())}
@@ -450,6 +823,16 @@ class Pfa(Pass):
         details["calibration_runs"] = ctx.calibration_runs
         details["fit_seconds"] = round(time.perf_counter() - t0 - ctx.calibration_seconds, 3)
         return pruned, report
+
+
+class _Lazy(dict):
+    def __init__(self, make):
+        super().__init__()
+        self.make = make
+
+    def __missing__(self, key):
+        self[key] = value = self.make(key)
+        return value
 
 
 def _add_matmul_bias(graph: gs.Graph, node: gs.Node, b: np.ndarray) -> None:
