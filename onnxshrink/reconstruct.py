@@ -36,8 +36,14 @@ def ridge_solve(cm: CrossMoments, ridge: float = 1e-4, fit_bias: bool = True):
     else:
         cxx = cm.x.second
         cxy = cm.xy / max(cm.n, 1)
+    return ridge_from_moments(cxx, cxy, mx, my, ridge, fit_bias)
+
+
+def ridge_from_moments(cxx, cxy, mx, my, ridge: float = 1e-4, fit_bias: bool = True):
+    """W, b from moments (cxx, cxy centered when fit_bias, second moments otherwise);
+    α = ridge × the mean diagonal of cxx."""
     d = cxx.shape[0]
-    alpha = ridge * max(np.trace(cxx) / max(d, 1), 1e-12)
+    alpha = ridge * max(float(np.trace(cxx)) / max(d, 1), 1e-12)
     a = cxx + alpha * np.eye(d)
     try:
         w = np.linalg.solve(a, cxy)

@@ -31,7 +31,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.linalg
 
-from ..graph import concrete_input_shapes, infer_shapes
+from ..graph import concrete_input_shapes, infer_shapes, import_graph
+from ..reconstruct import ridge_from_moments as ridge
+from ..registry import Pass, PassReport, Plan, Skip
 
 
 # ----------------------------------------------------------------------------- linear algebra
@@ -88,20 +90,6 @@ def factor(w: np.ndarray, cov: np.ndarray | None = None, eps: float = 1e-3):
     a = (w @ v) / safe
     b = safe[:, None] * v.T
     return a, b, s
-
-
-def ridge(cxx, cxy, mx, my, ridge_rel=1e-4, fit_bias=True):
-    """W, b minimising ‖X W + b − Y‖² + α‖W‖² from moments (cxx, cxy centered when fit_bias,
-    second moments otherwise); α = ridge_rel × mean diagonal of cxx."""
-    d = cxx.shape[0]
-    alpha = ridge_rel * max(float(np.trace(cxx)) / max(d, 1), 1e-12)
-    a = cxx + alpha * np.eye(d)
-    try:
-        w = np.linalg.solve(a, cxy)
-    except np.linalg.LinAlgError:
-        w = np.linalg.lstsq(a, cxy, rcond=None)[0]
-    b = my - mx @ w if fit_bias else np.zeros(cxy.shape[1])
-    return w, b
 
 
 def round_up(r: int, multiple: int) -> int:
@@ -387,3 +375,36 @@ def factorize(pass_name, model, cfg, ctx, layers, skipped, rewrite, multiple, re
     if budget:
         details["budget"] = budget
     return working, details
+
+
+class FactorPass(Pass):
+    """What basisconv and lowrank share: find the layers, then factor them (``factorize``).
+    A subclass gives ``find_layers(graph, info, cfg)``, ``rewrite(graph, layer, r, As, Bs, bias)``
+    and the name of its rank-rounding option."""
+
+    needs_data = True
+    budgets = ("flops", "params")
+    multiple_option = "channel_multiple"
+
+    @staticmethod
+    def find_layers(graph, info, cfg):
+        raise NotImplementedError
+
+    @staticmethod
+    def rewrite(graph, layer, r, As, Bs, bias):
+        raise NotImplementedError
+
+    def plan(self, model, cfg):
+        layers, skipped = self.find_layers(import_graph(model), shape_info(model, None), cfg)
+        return Plan(targets=[l.node for l in layers], skipped=[Skip(n, r) for n, r in skipped])
+
+    def apply(self, model, cfg, ctx):
+        report = PassReport(self.name)
+        graph = import_graph(model)
+        layers, skipped = self.find_layers(graph, shape_info(model, ctx.sample_shapes), cfg)
+        if cfg.whiten or cfg.refit or cfg.alloc == "data":
+            ctx.require_data(self.name)
+        new, details = factorize(self.name, model, cfg, ctx, layers, skipped, self.rewrite,
+                                 getattr(cfg, self.multiple_option), report)
+        report.details.update(details)
+        return new, report

@@ -21,9 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..graph import import_graph
 from ..reconstruct import conv_attrs
-from ..registry import Pass, PassReport, Plan, Skip, register
+from ..registry import register
 from ..stats import LayerStats
 from . import _factor
 
@@ -158,28 +157,10 @@ def find_layers(graph, info, cfg):
 
 
 @register
-class BasisConv(Pass):
+class BasisConv(_factor.FactorPass):
     name = "basisconv"
     summary = "split a k×k Conv into M basis filters plus a 1×1 Conv (whitened SVD + refit)"
     Config = BasisConvConfig
-    needs_data = True
-    budgets = ("flops", "params")
-
-    def plan(self, model, cfg):
-        graph = import_graph(model)
-        info = _factor.shape_info(model, None)
-        layers, skipped = find_layers(graph, info, cfg)
-        plan = Plan(targets=[l.node for l in layers], skipped=[Skip(n, r) for n, r in skipped])
-        return plan
-
-    def apply(self, model, cfg, ctx):
-        report = PassReport(self.name)
-        graph = import_graph(model)
-        info = _factor.shape_info(model, ctx.sample_shapes)
-        layers, skipped = find_layers(graph, info, cfg)
-        if cfg.whiten or cfg.refit or cfg.alloc == "data":
-            ctx.require_data(self.name)
-        new, details = _factor.factorize(self.name, model, cfg, ctx, layers, skipped, _rewrite,
-                                         cfg.channel_multiple, report)
-        report.details.update(details)
-        return new, report
+    multiple_option = "channel_multiple"
+    find_layers = staticmethod(find_layers)
+    rewrite = staticmethod(_rewrite)

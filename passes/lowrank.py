@@ -25,9 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..graph import import_graph
 from ..reconstruct import conv_attrs, layer_matrix
-from ..registry import Pass, PassReport, Plan, Skip, register
+from ..registry import register
 from ..stats import LayerStats
 from . import _factor
 
@@ -258,26 +257,10 @@ def find_layers(graph, info, cfg):
 
 
 @register
-class LowRank(Pass):
+class LowRank(_factor.FactorPass):
     name = "lowrank"
     summary = "factorize Gemm/MatMul (and k×k Conv) weights into two thinner layers (whitened SVD + refit)"
     Config = LowRankConfig
-    needs_data = True
-    budgets = ("flops", "params")
-
-    def plan(self, model, cfg):
-        graph = import_graph(model)
-        layers, skipped = find_layers(graph, _factor.shape_info(model, None), cfg)
-        return Plan(targets=[l.node for l in layers], skipped=[Skip(n, r) for n, r in skipped])
-
-    def apply(self, model, cfg, ctx):
-        report = PassReport(self.name)
-        graph = import_graph(model)
-        info = _factor.shape_info(model, ctx.sample_shapes)
-        layers, skipped = find_layers(graph, info, cfg)
-        if cfg.whiten or cfg.refit or cfg.alloc == "data":
-            ctx.require_data(self.name)
-        new, details = _factor.factorize(self.name, model, cfg, ctx, layers, skipped, _rewrite,
-                                         cfg.rank_multiple, report)
-        report.details.update(details)
-        return new, report
+    multiple_option = "rank_multiple"
+    find_layers = staticmethod(find_layers)
+    rewrite = staticmethod(_rewrite)
