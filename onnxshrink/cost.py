@@ -3,7 +3,8 @@
 FLOPs count one multiply-add as 2 (Conv, ConvTranspose, Gemm, MatMul: 2·MACs, plus one per output
 for a bias); element-wise and normalisation ops count a small constant per output element.
 Figures are per sample: dynamic dims are fixed to 1 (batch) unless sample shapes are given.
-Parameters are the elements of constant (initializer) inputs, each initializer counted once.
+Parameters are the elements of constant (initializer) inputs that are not scalars, each
+initializer counted once.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def node_costs(model: onnx.ModelProto, sample_shapes: dict | None = None) -> lis
     for node in graph.nodes:
         params = 0
         for t in node.inputs:
-            if isinstance(t, gs.Constant) and t.name not in counted:
+            if isinstance(t, gs.Constant) and t.name not in counted and len(t.shape) > 0:  # scalars (Clip bounds) are not weights
                 counted.add(t.name)
                 if np.issubdtype(np.dtype(t.dtype), np.floating) or t.dtype in (np.int8, np.uint8):
                     params += int(np.prod(t.shape))

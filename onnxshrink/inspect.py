@@ -29,7 +29,8 @@ def inspect_model(path, passes=None) -> str:
         if c.op in ("Constant", "Identity", "Shape", "Reshape", "Flatten", "Transpose") and not c.params:
             continue
         shape = "x".join(str(d) for d in c.out_shape) if c.out_shape else "?"
-        lines.append(f"{c.name[:32]:32} {c.op[:20]:20} {shape[:18]:18} {c.params:>10} "
+        name = c.name if len(c.name) <= 32 else "…" + c.name[-31:]
+        lines.append(f"{name:32} {c.op[:20]:20} {shape[:18]:18} {c.params:>10} "
                      f"{100 * c.flops / total_flops:>6.1f}%  {','.join(applies.get(c.name, [])) or '-'}")
         for s in skips.get(c.name, []):
             lines.append(f"{'':32}   skip {s}")
