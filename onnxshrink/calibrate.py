@@ -261,7 +261,16 @@ def session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    from .model_io import EXTERNAL_THRESHOLD, save_model, weight_bytes
+    if weight_bytes(model) < EXTERNAL_THRESHOLD:
+        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    # near or over the 2 GB protobuf limit: ONNX Runtime reads a copy saved with external data
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="onnxshrink-") as d:
+        path = os.path.join(d, "model.onnx")
+        save_model(model, path, external=True)
+        return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
 def with_outputs(model: onnx.ModelProto, names) -> onnx.ModelProto:

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 
 from .calibrate import DataSource, run_model, session
+from .cost import model_bytes
 
 STANDARD_DOMAINS = ("", "ai.onnx")
 
@@ -29,7 +30,7 @@ class Tolerances:
 def structural_problems(original: onnx.ModelProto, model: onnx.ModelProto) -> list[str]:
     problems = []
     try:
-        if model.ByteSize() < 2**31 - 1:
+        if model_bytes(model) < 2**31 - 1:  # ByteSize() itself fails over 2 GB
             onnx.checker.check_model(model, full_check=True)
     except Exception as e:
         problems.append(f"onnx.checker: {str(e).splitlines()[0]}")

@@ -1,0 +1,106 @@
+"""A ~2.5 GB model with external data (over the 2 GB protobuf limit): onnxshrink runs a cheap
+pass on it, the output is saved with external data, and the tool's peak memory stays within
+2× the model size plus a calibration batch. Slow (writes ~5 GB to disk): ``pytest -m slow``.
+
+The model is written tensor by tensor straight to its data file, so the test process never holds
+it; the tool runs in a subprocess whose peak RSS (``RUSAGE_CHILDREN``) is measured.
+"""
+
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+pytestmark = pytest.mark.slow
+
+D = 4096            # Gemm width: one weight is 64 MiB
+LAYERS = 38         # 38 × 64 MiB ≈ 2.55 GB of weights
+BATCH = 32          # calibration samples
+
+
+def _external(name, array, data_file, offset):
+    t = TensorProto()
+    t.name = name
+    t.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+    t.dims.extend(array.shape)
+    t.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", os.path.basename(data_file.name)), ("offset", str(offset)),
+                 ("length", str(array.nbytes))):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+    data_file.write(array.tobytes())
+    return t, offset + array.nbytes
+
+
+def write_large_model(folder, layers=LAYERS, d=D, seed=0):
+    """x(N,D) ─ [Gemm(D×D) ─ BatchNormalization ─ Relu] × layers ─ y(N,D); weights in model.onnx.data."""
+    rng = np.random.default_rng(seed)
+    path = os.path.join(folder, "large.onnx")
+    nodes, inits, offset = [], [], 0
+    h = "x"
+    with open(path + ".data", "wb") as f:
+        for i in range(layers):
+            w = (rng.standard_normal((d, d), dtype=np.float32) / np.sqrt(d)).astype(np.float32)
+            t, offset = _external(f"w{i}", w, f, offset)
+            inits.append(t)
+            b = np.zeros(d, np.float32)
+            inits.append(onnx.numpy_helper.from_array(b, f"b{i}"))
+            bn = [rng.uniform(0.5, 1.5, d), 0.1 * rng.standard_normal(d), 0.1 * rng.standard_normal(d),
+                  rng.uniform(0.5, 1.5, d)]
+            bn_names = []
+            for j, v in enumerate(bn):
+                inits.append(onnx.numpy_helper.from_array(v.astype(np.float32), f"bn{i}_{j}"))
+                bn_names.append(f"bn{i}_{j}")
+            nodes.append(helper.make_node("Gemm", [h, f"w{i}", f"b{i}"], [f"g{i}"], name=f"gemm{i}", transB=1))
+            nodes.append(helper.make_node("BatchNormalization", [f"g{i}"] + bn_names, [f"n{i}"], name=f"bn{i}"))
+            h = "y" if i == layers - 1 else f"r{i}"
+            nodes.append(helper.make_node("Relu", [f"n{i}"], [h], name=f"relu{i}"))
+    graph = helper.make_graph(nodes, "large", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", d])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", d])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    with open(path, "wb") as f:
+        f.write(model.SerializeToString())
+    return path, offset
+
+
+@pytest.mark.xfail(strict=True, reason="peak RSS measured at 16.6 GB (6.5x) for a 2.55 GB model: the "
+                   "loaded model, its normalised copy, the pass's rewrite, the external-data copy each "
+                   "ONNX Runtime session is built from, and the sessions' own weights are all alive at "
+                   "once (see docs/limits.md)")
+def test_large_model_memory_and_external_output(tmp_path):
+    free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
+    if free < 12e9:
+        pytest.skip(f"needs ~12 GB free disk, {free / 1e9:.1f} GB free")
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if mem < 12e9:
+        pytest.skip(f"needs ~12 GB RAM, {mem / 1e9:.1f} GB")
+    path, weight_bytes = write_large_model(str(tmp_path))
+    size = os.path.getsize(path) + os.path.getsize(path + ".data")
+    assert size > 2**31  # over the protobuf limit
+    calib = tmp_path / "calib.npy"
+    batch = np.random.default_rng(1).standard_normal((BATCH, D)).astype(np.float32)
+    np.save(calib, batch)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "small.onnx"
+    t = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "onnxshrink.cli", path, str(out), "--passes", "foldbn",
+                        "--calibration-data", str(calib), "--quiet"], capture_output=True, text=True)
+    seconds = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # kB on Linux
+    print(f"\nmodel {size / 1e9:.2f} GB, tool peak RSS {peak / 1e9:.2f} GB "
+          f"({peak / size:.2f}x the model), {seconds:.0f} s")
+    assert p.returncode == 0, p.stderr
+    assert sorted(os.listdir(out_dir)) == ["small.onnx", "small.onnx.data"]  # saved with external data
+    assert os.path.getsize(out_dir / "small.onnx") < 10_000_000
+    assert os.path.getsize(out_dir / "small.onnx.data") > 2e9
+    back = onnx.load(str(out), load_external_data=False)
+    assert not any(n.op_type == "BatchNormalization" for n in back.graph.node)  # foldbn did its work
+    assert peak <= 2 * size + 8 * batch.nbytes, f"peak RSS {peak / 1e9:.2f} GB > 2x model {size / 1e9:.2f} GB"
