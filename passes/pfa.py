@@ -171,18 +171,6 @@ class Problem:
 
 
 def _spd_inverse(a: np.ndarray) -> np.ndarray:
-    """Inverse of a symmetric positive definite matrix by Cholesky (LAPACK potrf/potri), falling
-    back to the pseudo-inverse."""
-    try:
-        import scipy.linalg.lapack as lapack
-        c, info = lapack.dpotrf(a, lower=1)
-        if info == 0:
-            inv, info = lapack.dpotri(c, lower=1)
-            if info == 0:
-                inv = np.tril(inv) + np.tril(inv, -1).T
-                return inv
-    except ImportError:
-        pass
     try:
         return np.linalg.inv(a)
     except np.linalg.LinAlgError:
@@ -201,6 +189,7 @@ class _Elim:
         self.var = max(p.var, 1e-12)
         self.base = max(self.var - float(np.sum(self.w * p.cxy)), 0.0) / self.var
         self.pos = np.arange(d)                       # original column -> current row, -1 once removed
+        self.dead = np.zeros(d, dtype=bool)           # current rows already eliminated
         self.blocks = [np.asarray(b, dtype=np.int64) for b in p.blocks]
         sizes = np.array([len(b) for b in self.blocks])
         self.by_size = {int(s): (np.nonzero(sizes == s)[0], np.stack([self.blocks[c] for c in np.nonzero(sizes == s)[0]]))
@@ -230,7 +219,9 @@ class _Elim:
         return out
 
     def remove(self, chans) -> float:
-        """Drop the channels' columns; returns the increase of the relative error."""
+        """Drop the channels' columns; returns the increase of the relative error. The update runs
+        in place on the current arrays (dropped rows become zero and are no longer read); they are
+        compacted once a quarter of their rows is dead."""
         orig = np.concatenate([self.blocks[c] for c in chans])
         if len(orig) == 0:
             return 0.0
@@ -244,17 +235,18 @@ class _Elim:
             k = np.linalg.pinv(hb[cols]) @ rhs
         d = h.shape[0]
         inc = max(float(np.sum(w[cols] * k[:, d:])), 0.0) / self.var
-        keep = np.ones(d, dtype=bool)
-        keep[cols] = False
-        hk = hb[keep]
-        self.h = h[np.ix_(keep, keep)]
-        self.h -= hk @ k[:, :d][:, keep]
-        self.w = w[keep]
-        self.w -= hk @ k[:, d:]
-        alive_cols = np.nonzero(self.pos >= 0)[0]
+        h -= hb @ k[:, :d]
+        w -= hb @ k[:, d:]
         self.pos[orig] = -1
-        newpos = np.cumsum(keep) - 1
-        self.pos[alive_cols] = np.where(self.pos[alive_cols] >= 0, newpos[self.pos[alive_cols].clip(0)], -1)
+        self.dead[cols] = True
+        if self.dead.sum() * 4 >= d:
+            keep = ~self.dead
+            self.h = h[np.ix_(keep, keep)]
+            self.w = w[keep]
+            newpos = np.cumsum(keep) - 1
+            live = self.pos >= 0
+            self.pos[live] = newpos[self.pos[live]]
+            self.dead = np.zeros(int(keep.sum()), dtype=bool)
         return inc
 
 
@@ -264,7 +256,8 @@ def elimination_order(problems: list, n: int, ridge: float = 1e-3, step_fraction
     Σ_j min_W ‖X_j W − Y_j‖² / tr Cov(Y_j) the least. With H = (Cov(x) + αI)⁻¹ and W = H Cov(x, y)
     the fit on the kept columns, dropping the columns B costs exactly tr(W_Bᵀ H_BB⁻¹ W_B), and
     H ← H − H_·B H_BB⁻¹ H_B·, W ← W − H_·B H_BB⁻¹ W_B give the fit without them (block elimination).
-    Large groups drop ``step_fraction`` of the remaining channels per update (the cheapest ones).
+    Large groups drop ``step_fraction`` of the remaining channels per update (the cheapest ones;
+    twice that while more than 256 remain).
 
     Returns (order, err): all n channels in removal order, and err[k] = the summed relative error
     with the last k channels of ``order`` kept (err[n]: nothing removed)."""
@@ -275,7 +268,8 @@ def elimination_order(problems: list, n: int, ridge: float = 1e-3, step_fraction
     while alive.sum() > 1:
         score = sum(st.scores(alive) for st in states)
         cand = np.nonzero(alive)[0]
-        r = max(1, min(int(len(cand) * step_fraction), len(cand) - 1))
+        frac = step_fraction if len(cand) <= 256 else 2 * step_fraction   # wide layers: coarser early steps
+        r = max(1, min(int(len(cand) * frac), len(cand) - 1))
         ranked = cand[np.argsort(score[cand], kind="stable")[:r]]
         inc = sum(st.remove(ranked) for st in states)
         # spread a joint step's increase over its channels in proportion to their single scores
@@ -466,13 +460,9 @@ def choose_ridge(cm_a: CrossMoments, cm_b: CrossMoments, w0: np.ndarray | None, 
     d = cxx.shape[0]
     scale = max(np.trace(cxx) / max(d, 1), 1e-12)
     try:
-        import scipy.linalg
-        e, v = scipy.linalg.eigh(cxx, driver="evd")   # divide and conquer: the fast driver here
-    except Exception:
-        try:
-            e, v = np.linalg.eigh(cxx)
-        except np.linalg.LinAlgError:
-            return float(ridges[len(ridges) // 2])
+        e, v = np.linalg.eigh(cxx)
+    except np.linalg.LinAlgError:
+        return float(ridges[len(ridges) // 2])
     e = np.clip(e, 0.0, None)
     p = v.T @ cxy
     p0 = v.T @ w0[:, sub] if w0 is not None else np.zeros_like(p)
@@ -747,6 +737,7 @@ class Pfa(Pass):
         covs, problems = self._statistics(model, an, groups, cfg, ctx, True, need_problems)
         lams = _Lazy(lambda gi: spectrum(covs[gi]))      # eigenvalues only where a recipe needs them
         sel_ridge = cfg.ridge if cfg.ridge >= 0 else 1e-3
+        t_sel = time.perf_counter()
         orders, curves = {}, {}
         for g in groups:
             if need_problems and problems.get(g.index):
@@ -754,6 +745,8 @@ class Pfa(Pass):
             else:  # nothing to reconstruct from: the spectrum's lost energy stands in for the error
                 curves[g.index] = 1.0 - np.concatenate([[0.0], np.cumsum(lams[g.index])])
                 curves[g.index][-1] = 0.0
+        details["selection_seconds"] = round(time.perf_counter() - t_sel, 3)
+        t_alloc = time.perf_counter()
         if mode == "budget":
             details["allocation"] = cfg.allocation
             goals = self._goals(ctx)
@@ -803,6 +796,7 @@ class Pfa(Pass):
                 ks = ks2
                 keep = keep_of(ks)
                 pruned = an.prune(model, keep)
+        details["allocation_seconds"] = round(time.perf_counter() - t_alloc, 3)
         recipe, consumers = [], set()
         for g in groups:
             k = ks[g.index]
