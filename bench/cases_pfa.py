@@ -16,6 +16,8 @@ from common import Case, data, load, measure
 CASES = [
     Case("cnn_plain", ["pfa"], label="pfa target-flops 0.5", target_flops=0.5),
     Case("cnn_residual", ["pfa"], label="pfa target-flops 0.6", target_flops=0.6),
+    Case("cnn_residual", ["pfa"], label="pfa-paper 0.6 (pearson, energy)", target_flops=0.6,
+         options={"pfa": {"selection": "pearson", "allocation": "energy"}}),
     Case("mlp", ["pfa"], label="pfa target-params 0.5", target_params=0.5),
     Case("transformer", ["pfa"], label="pfa target-params 0.5", target_params=0.5),
     Case("cnn_plain", ["pfa"], label="pfa-KL (mode=kl)", options={"pfa": {"mode": "kl"}}),

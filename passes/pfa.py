@@ -6,15 +6,29 @@ responses r ∈ R^n of its channels are collected on calibration data (conv maps
 space; rows of linear outputs). With λ the eigenvalues of Cov(r), descending, normalised to sum 1:
 
     PFA-En:  keep the smallest k with Σ_{i≤k} λ_i ≥ energy;
-    PFA-KL:  KL = Σ λ_i log(n λ_i),  keep ceil(n · (1 − KL / log n));
-    budget:  the largest energy whose recipe meets --target-flops / --target-params (binary
-             search over the energies where some group's k changes).
+    PFA-KL:  KL = Σ λ_i log(n λ_i),  keep ceil(n · (1 − KL / log n)).
 
-k is rounded up to a multiple of ``channel_multiple``. Which channels go: repeatedly drop the one
-whose Pearson correlations with the remaining ones have the largest L1 norm (or, optionally, the
-smallest weight norm). Then every weight layer that reads a pruned tensor is refit, level by level
-on the pruned network's own inputs, to the reference network's pre-activation:
-W', b' = argmin ‖X̃ W' + b' − Y‖² + α‖W'‖² (``reconstruct.ridge_solve``).
+Which channels go (``selection``):
+- reconstruction (default; ThiNet, Luo et al. 2017 / He et al. 2017): greedy backward elimination on
+  the group's consumers. For a consumer with inputs x (its im2col/feature columns) and outputs y,
+  H = (Cov(x) + αI)⁻¹, W = H Cov(x, y); dropping channel c (its block B of k·k columns) raises
+  min ‖XW − Y‖² by tr(W_Bᵀ H_BB⁻¹ W_B), and H ← H − H_·B H_BB⁻¹ H_B·, W ← W − H_·B H_BB⁻¹ W_B refit
+  the rest. Summed over consumers (relative to tr Cov(y)), this also gives each group's error
+  curve e_g(k);
+- pearson (the paper): drop the channel whose |Pearson correlations| with the rest sum highest;
+- magnitude: smallest filter weight norm first.
+
+Budget mode (``--target-flops`` / ``--target-params``), ``allocation``:
+- error (default): from every group whole, repeatedly shrink (by ``channel_multiple``) the group with
+  the least Δe_g per unit of cost saved until the goals hold, then give back steps that still fit;
+- energy (the paper): the largest global energy whose PFA-En recipe meets the goals (bisection).
+Costs come from ``CostModel``: cost(k) is at most quadratic in the counts (a layer's params/FLOPs are
+bilinear in its input and output channel counts), identified from a few probe prunes.
+
+k is rounded up to a multiple of ``channel_multiple``. Then every weight layer that reads a pruned
+tensor is refit, level by level on the pruned network's own inputs, to the reference network's
+pre-activation: W', b' = argmin ‖X̃ W' + b' − Y‖² + α‖W' − W0‖² (toward the sliced weights), α
+chosen per layer on held-out calibration batches from one eigendecomposition of Cov(x̃).
 """
 
 from __future__ import annotations
