@@ -5,6 +5,10 @@
 - weights held in Constant nodes, or reaching a node through Identity, become initializers
   (gs.Constant), as many exporters keep weights in Constant nodes;
 - shapes are inferred.
+
+Large models (see ``model_io``): ``import_graph`` gives their on-disk weights values that are read
+from the file when a pass asks for them, and ``export_model`` writes big rewritten weights to the
+spill file as it exports, so a pass's output does not hold a second in-memory copy of the weights.
 """
 
 from __future__ import annotations
@@ -15,12 +19,54 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import numpy_helper, shape_inference
+from onnx_graphsurgeon.ir.tensor import LazyValues
+
+from .model_io import EXTERNAL_THRESHOLD, LAZY_MIN_BYTES, has_lazy, is_lazy, read_external, spill_array
 
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
+class ExternalValues(LazyValues):
+    """Values of a large model's weight, read from its file when first used."""
+
+    def load(self):
+        return read_external(self.tensor)
+
+
+def _constants(graph: gs.Graph):
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Constant):
+            yield t
+    for node in graph.nodes:
+        for v in node.attrs.values():
+            if isinstance(v, gs.Constant):
+                yield v
+
+
 def import_graph(model: onnx.ModelProto) -> gs.Graph:
-    return gs.import_onnx(model)
+    graph = gs.import_onnx(model)
+    if has_lazy(model):
+        for t in _constants(graph):
+            if type(t._values) is LazyValues and is_lazy(t._values.tensor):
+                t._values = ExternalValues(t._values.tensor)
+    return graph
+
+
+def _spill_constants(graph: gs.Graph) -> None:
+    """In a large graph, write big in-memory weights to the spill file, one at a time."""
+    consts = list(_constants(graph))
+    in_memory = [t for t in consts if isinstance(t._values, np.ndarray)]
+    if not in_memory:
+        return
+    large = (any(isinstance(t._values, ExternalValues) for t in consts)
+             or sum(t._values.nbytes for t in in_memory) > EXTERNAL_THRESHOLD)
+    if not large:
+        return
+    for t in in_memory:
+        if t._values.nbytes >= LAZY_MIN_BYTES and t._values.dtype != object:
+            t._values = ExternalValues(spill_array(t.name, t._values))
+        elif t.data_location == onnx.TensorProto.EXTERNAL:  # a rewritten weight, now small: inline
+            t.data_location = None
 
 
 def export_model(graph: gs.Graph, like: onnx.ModelProto | None = None) -> onnx.ModelProto:
@@ -32,6 +78,7 @@ def export_model(graph: gs.Graph, like: onnx.ModelProto | None = None) -> onnx.M
     for t in graph.tensors().values():
         if isinstance(t, gs.Variable) and t.name not in boundary:
             t.shape = None
+    _spill_constants(graph)
     model = gs.export_onnx(graph, do_type_check=False)
     if like is not None:
         model.ir_version = like.ir_version
@@ -58,7 +105,7 @@ def _constant_node_value(node: gs.Node):
 
 
 def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
-    graph = gs.import_onnx(model)
+    graph = import_graph(model)
     seen = Counter()
     names = set()
     for node in graph.nodes:
@@ -115,6 +162,14 @@ def _replace_tensor(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:
         for j, t in enumerate(consumer.inputs):
             if t is old:
                 consumer.inputs[j] = new
+
+
+def read_values(tensor: gs.Constant) -> np.ndarray:
+    """A constant's values without caching them on the tensor: a large model's weight read from
+    disk is freed as soon as the caller drops it (a replaced Constant may live on in reference
+    cycles until the next garbage collection)."""
+    v = tensor._values
+    return v.load() if isinstance(v, LazyValues) else v
 
 
 def constant_value(tensor) -> np.ndarray | None:

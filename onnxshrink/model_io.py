@@ -6,14 +6,23 @@
   into place with ``os.replace``; on any failure nothing is left behind. Models whose weights
   exceed the 2 GB protobuf limit (or that came with external data) are saved with their weights
   in ``OUT.data`` beside the model.
+- large models: a model read from a path whose external data passes ``EXTERNAL_THRESHOLD`` is not
+  read into memory. Its big tensors stay external, their ``location`` replaced by a token that
+  names the file in a process-wide table (``is_lazy``, ``read_external``); rewritten weights of
+  such models are written to a temporary spill file as the graph is exported (``spill_array``), so
+  the weights of a model exist once, on disk, and are read a tensor at a time (or memory-mapped
+  into ONNX Runtime sessions). Saving streams each tensor from its file into ``OUT.data``.
 """
 
 from __future__ import annotations
 
+import atexit
+import itertools
 import os
 import shutil
 import tempfile
 
+import numpy as np
 import onnx
 from onnx import external_data_helper
 
@@ -22,6 +31,133 @@ from .errors import InputError, UsageError
 PROTOBUF_LIMIT = 2**31 - 1
 # Keep a margin: the graph itself also needs room inside the 2 GB message.
 EXTERNAL_THRESHOLD = 1_800_000_000
+# In a large model, external tensors smaller than this are read into memory on load (shape
+# constants and the like must be visible to shape inference); bigger ones stay on disk.
+LAZY_MIN_BYTES = 1 << 20
+_ALIGN = 4096
+
+_FILES: dict[str, str] = {}      # location token -> absolute path of the data file
+_TOKENS: dict[str, str] = {}     # absolute path -> token
+_COUNTER = itertools.count()
+_WORK: dict = {}                 # the process's work folder and spill file
+
+
+def _work_dir() -> str:
+    """A temporary folder, removed at exit, holding the spill file and a hard link to each large
+    model's data file under its token (so ONNX Runtime can read every weight from one folder)."""
+    if not _WORK.get("dir") or not os.path.isdir(_WORK["dir"]):
+        _WORK.clear()
+        _WORK["dir"] = tempfile.mkdtemp(prefix="onnxshrink-")
+        atexit.register(shutil.rmtree, _WORK["dir"], True)
+    return _WORK["dir"]
+
+
+def _token_for(path: str) -> str:
+    path = os.path.realpath(path)
+    if path not in _TOKENS:
+        token = f"onnxshrink-{os.getpid()}-{next(_COUNTER)}-{os.path.basename(path)}"
+        _TOKENS[path], _FILES[token] = token, path
+        link = os.path.join(_work_dir(), token)
+        if os.path.realpath(link) != path:
+            try:
+                os.link(path, link)
+            except OSError:  # another file system: sessions get the weights another way
+                pass
+    return _TOKENS[path]
+
+
+def session_folder(model: onnx.ModelProto) -> str | None:
+    """The work folder when every lazy tensor of the model can be read from it by its token."""
+    d = _WORK.get("dir")
+    if not d:
+        return None
+    for t in lazy_tensors(model):
+        if not os.path.exists(os.path.join(d, _ext_info(t)["location"])):
+            return None
+    return d
+
+
+def _ext_info(tensor) -> dict:
+    return {e.key: e.value for e in tensor.external_data}
+
+
+def is_lazy(tensor) -> bool:
+    """A tensor whose data stays in a file this process knows (a large model's weights)."""
+    return (tensor.data_location == onnx.TensorProto.EXTERNAL
+            and _ext_info(tensor).get("location") in _FILES)
+
+
+def lazy_tensors(model: onnx.ModelProto) -> list:
+    """Lazy tensors anywhere in the model (initializers, Constant attributes, subgraphs)."""
+    if not _FILES:
+        return []
+    return [t for t in external_data_helper._get_all_tensors(model) if is_lazy(t)]
+
+
+def has_lazy(model: onnx.ModelProto) -> bool:
+    return bool(_FILES) and any(is_lazy(t) for t in external_data_helper._get_all_tensors(model))
+
+
+def _np_dtype(tensor):
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+
+
+def read_external(tensor, mmap: bool = False) -> np.ndarray:
+    """The value of a lazy tensor: a fresh array, or a read-only memory map of its file."""
+    info = _ext_info(tensor)
+    path, offset = _FILES[info["location"]], int(info.get("offset", 0))
+    dtype, shape = _np_dtype(tensor), tuple(tensor.dims)
+    count = int(np.prod(shape, dtype=np.int64))
+    if count == 0:
+        return np.zeros(shape, dtype)
+    if mmap:
+        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+    return np.fromfile(path, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+
+def _set_external(tensor, token: str, offset: int, length: int) -> None:
+    tensor.ClearField("raw_data")
+    del tensor.external_data[:]
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for k, v in (("location", token), ("offset", str(offset)), ("length", str(length))):
+        e = tensor.external_data.add()
+        e.key, e.value = k, v
+
+
+def _spill_file() -> tuple[str, str]:
+    path = _WORK.get("spill")
+    if not path or not os.path.exists(path):
+        path = os.path.join(_work_dir(), f"onnxshrink-{os.getpid()}-{next(_COUNTER)}-spill.data")
+        open(path, "wb").close()
+        _WORK["spill"] = path
+        _FILES[os.path.basename(path)] = path
+        _TOKENS[os.path.realpath(path)] = os.path.basename(path)
+    return path, os.path.basename(path)
+
+
+def spill_array(name: str, array: np.ndarray) -> onnx.TensorProto:
+    """Write an array to the process's spill file; returns a lazy TensorProto for it."""
+    path, token = _spill_file()
+    array = np.ascontiguousarray(array)
+    with open(path, "ab") as f:
+        offset = f.tell()
+        if offset % _ALIGN:
+            f.write(b"\0" * (_ALIGN - offset % _ALIGN))
+            offset = f.tell()
+        array.tofile(f)
+    t = onnx.TensorProto()
+    t.name = name
+    t.data_type = onnx.helper.np_dtype_to_tensor_dtype(array.dtype)
+    t.dims.extend(array.shape)
+    _set_external(t, token, offset, array.nbytes)
+    return t
+
+
+def _expected_nbytes(tensor) -> int | None:
+    try:
+        return int(np.prod(tuple(tensor.dims), dtype=np.int64)) * _np_dtype(tensor).itemsize
+    except Exception:  # sub-byte or unknown types: no size check
+        return None
 
 
 def _external_locations(model: onnx.ModelProto):
@@ -67,11 +203,50 @@ def load_model(path_or_model) -> onnx.ModelProto:
     base_dir = os.path.dirname(os.path.abspath(path))
     if any(True for _ in _external_locations(model)):
         check_external_paths(model, base_dir)
+        if _external_total(model) > EXTERNAL_THRESHOLD:
+            _attach_lazily(model, base_dir, path)
+            return model
         try:
             external_data_helper.load_external_data_for_model(model, base_dir)
         except Exception as e:  # truncated data files and the like
             raise InputError(f"cannot read external data of '{path}': {e}") from None
     return model
+
+
+def _external_total(model) -> int:
+    total = 0
+    for t in external_data_helper._get_all_tensors(model):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            n = _expected_nbytes(t)
+            total += n if n is not None else int(_ext_info(t).get("length", 0) or 0)
+    return total
+
+
+def _attach_lazily(model, base_dir, where) -> None:
+    """Large model: big external tensors stay in their files (checked for size), small ones are
+    read now."""
+    for t in external_data_helper._get_all_tensors(model):
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = _ext_info(t)
+        target = os.path.join(base_dir, info["location"])
+        offset = int(info.get("offset", 0) or 0)
+        size = os.path.getsize(target)
+        length = int(info["length"]) if info.get("length") else size - offset
+        want = _expected_nbytes(t)
+        if offset < 0 or length < 0 or offset + length > size or (want is not None and length != want):
+            raise InputError(f"cannot read external data of '{where}': tensor '{t.name}' needs "
+                             f"{want if want is not None else length} bytes at offset {offset} of "
+                             f"'{info['location']}' ({size} bytes)")
+        if length < LAZY_MIN_BYTES or want is None:
+            with open(target, "rb") as f:
+                f.seek(offset)
+                data = f.read(length)
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+            t.raw_data = data
+        else:
+            _set_external(t, _token_for(target), offset, length)
 
 
 def _parse(data: bytes, where: str) -> onnx.ModelProto:
@@ -96,6 +271,8 @@ def weight_bytes(model: onnx.ModelProto) -> int:
     for t in external_data_helper._get_all_tensors(model):
         if t.HasField("raw_data"):
             total += len(t.raw_data)
+        elif is_lazy(t):
+            total += int(_ext_info(t)["length"])
         else:
             total += t.ByteSize()
     return total
@@ -128,7 +305,17 @@ def save_model(model: onnx.ModelProto, out_path: str, external: bool | None = No
     try:
         tmp_model = os.path.join(tmp_dir, name)
         written = [out_path]
-        if external:
+        if has_lazy(model) and external:
+            data_name = name + ".data"
+            _save_streaming(model, tmp_model, os.path.join(tmp_dir, data_name), data_name)
+            os.replace(os.path.join(tmp_dir, data_name), os.path.join(out_dir, data_name))
+            written.append(os.path.join(out_dir, data_name))
+        elif has_lazy(model):
+            with open(tmp_model, "wb") as f:
+                f.write(materialized(model).SerializeToString())
+                f.flush()
+                os.fsync(f.fileno())
+        elif external:
             data_name = name + ".data"
             to_save = onnx.ModelProto()
             to_save.CopyFrom(model)
@@ -146,6 +333,57 @@ def save_model(model: onnx.ModelProto, out_path: str, external: bool | None = No
         return written
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def materialized(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy with every lazy tensor read into memory."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for t in lazy_tensors(m):
+        data = read_external(t).tobytes()
+        del t.external_data[:]
+        t.data_location = onnx.TensorProto.DEFAULT
+        t.raw_data = data
+    return m
+
+
+def _save_streaming(model, model_path, data_path, data_name) -> None:
+    """Save with external data, copying each tensor's bytes from its file (or from the proto for
+    inline tensors) into ``data_path``: one tensor at a time in memory."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    with open(data_path, "wb") as out:
+        for t in external_data_helper._get_all_tensors(m):
+            if is_lazy(t):
+                info = _ext_info(t)
+                src, offset, length = _FILES[info["location"]], int(info.get("offset", 0)), int(info["length"])
+            elif t.HasField("raw_data") and len(t.raw_data) >= 1024:
+                src, offset, length = None, 0, len(t.raw_data)
+            else:
+                continue
+            pos = out.tell()
+            if pos % _ALIGN:
+                out.write(b"\0" * (_ALIGN - pos % _ALIGN))
+                pos = out.tell()
+            if src is None:
+                out.write(t.raw_data)
+            else:
+                with open(src, "rb") as f:
+                    f.seek(offset)
+                    left = length
+                    while left:
+                        chunk = f.read(min(left, 64 << 20))
+                        if not chunk:
+                            raise OSError(f"external data of tensor '{t.name}' is shorter than recorded")
+                        out.write(chunk)
+                        left -= len(chunk)
+            _set_external(t, data_name, pos, length)
+        out.flush()
+        os.fsync(out.fileno())
+    with open(model_path, "wb") as f:
+        f.write(m.SerializeToString())
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_write_text(path: str, text: str) -> None:

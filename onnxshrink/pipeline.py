@@ -18,7 +18,7 @@ from .calibrate import DataSource, collect, load_data, random_data, session, spl
 from .cost import model_cost
 from .errors import InputError, OnnxShrinkError, PassError, UsageError, ValidationFailed
 from .graph import normalize
-from .model_io import load_model, save_model
+from .model_io import has_lazy, load_model, save_model
 from .registry import get_pass, make_config
 from .report import make_report
 from .validate import Tolerances, validate
@@ -156,7 +156,8 @@ def shrink(model_or_path, passes, calibration=None, target_flops=None, target_pa
         t = time.perf_counter()
         try:
             model, rep = p.apply(model, cfg, ctx)
-            session(model)
+            if not has_lazy(model):  # large models: validation builds the session, once
+                session(model)
         except OnnxShrinkError:
             raise
         except Exception as e:  # a bug or an unhandled graph: name the pass and the chain

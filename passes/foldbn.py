@@ -11,12 +11,12 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..graph import export_model, import_graph
+from ..graph import export_model, import_graph, read_values
 from ..registry import Pass, PassReport, Plan, Skip, register
 
 
 def _bn_scale_shift(bn: gs.Node):
-    vals = [t.values.astype(np.float64) for t in bn.inputs[1:5]]
+    vals = [read_values(t).astype(np.float64) for t in bn.inputs[1:5]]
     gamma, beta, mean, var = vals
     eps = float(bn.attrs.get("epsilon", 1e-5))
     s = gamma / np.sqrt(var + eps)
@@ -49,7 +49,7 @@ def _check(bn: gs.Node, graph_outputs) -> tuple[gs.Node | None, str | None]:
 
 
 def _fold(prod: gs.Node, s: np.ndarray, t: np.ndarray):
-    w = prod.inputs[1].values
+    w = read_values(prod.inputs[1])
     dtype = w.dtype
     w = w.astype(np.float64)
     n_out = s.shape[0]
@@ -67,7 +67,7 @@ def _fold(prod: gs.Node, s: np.ndarray, t: np.ndarray):
         prod.attrs["alpha"] = 1.0
     b = np.zeros(n_out)
     if len(prod.inputs) > 2:
-        b = np.broadcast_to(prod.inputs[2].values.astype(np.float64) * (prod.attrs.get("beta", 1.0) if prod.op == "Gemm" else 1.0), (n_out,))
+        b = np.broadcast_to(read_values(prod.inputs[2]).astype(np.float64) * (prod.attrs.get("beta", 1.0) if prod.op == "Gemm" else 1.0), (n_out,))
     if prod.op == "Gemm":
         prod.attrs["beta"] = 1.0
     new_b = s * b + t
