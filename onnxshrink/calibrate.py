@@ -261,29 +261,21 @@ def session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
-    from .model_io import EXTERNAL_THRESHOLD, has_lazy, is_lazy, read_external, save_model, session_folder, weight_bytes
+    from .model_io import EXTERNAL_THRESHOLD, has_lazy, is_lazy, save_model, session_folder, weight_bytes
     lazy = [t for t in model.graph.initializer if is_lazy(t)] if has_lazy(model) else []
     if lazy:
         # a large model whose weights stay on disk; prepacking would copy them
         so.add_session_config_entry("session.disable_prepacking", "1")
-        folder = session_folder(model)
-        if folder is not None:  # ONNX Runtime maps the data files itself: no copy in this process
-            import tempfile
+        folder = session_folder(model)  # ONNX Runtime maps the data files: no copy in this process
+        try:
+            path = os.path.join(folder, "model.onnx")
+            with open(path, "wb") as f:
+                f.write(model.SerializeToString())
+            return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        finally:
+            import shutil
 
-            fd, path = tempfile.mkstemp(suffix=".onnx", dir=folder)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(model.SerializeToString())
-                return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-            finally:
-                os.unlink(path)
-        # data files on another file system: hand the weights over as memory maps (ONNX Runtime
-        # copies them)
-        arrays = [read_external(t, mmap=True) for t in lazy]
-        so.add_external_initializers([t.name for t in lazy], [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays])
-        sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        sess._onnxshrink_buffers = arrays  # the maps must outlive the session
-        return sess
+            shutil.rmtree(folder, ignore_errors=True)
     if weight_bytes(model) < EXTERNAL_THRESHOLD:
         return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     # near or over the 2 GB protobuf limit: ONNX Runtime reads a copy saved with external data

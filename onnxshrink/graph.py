@@ -21,7 +21,8 @@ import onnx_graphsurgeon as gs
 from onnx import numpy_helper, shape_inference
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from .model_io import EXTERNAL_THRESHOLD, LAZY_MIN_BYTES, has_lazy, is_lazy, read_external, spill_array
+from . import model_io
+from .model_io import has_lazy, is_lazy, read_external, spill_array
 
 WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -59,11 +60,11 @@ def _spill_constants(graph: gs.Graph) -> None:
     if not in_memory:
         return
     large = (any(isinstance(t._values, ExternalValues) for t in consts)
-             or sum(t._values.nbytes for t in in_memory) > EXTERNAL_THRESHOLD)
+             or sum(t._values.nbytes for t in in_memory) > model_io.EXTERNAL_THRESHOLD)
     if not large:
         return
     for t in in_memory:
-        if t._values.nbytes >= LAZY_MIN_BYTES and t._values.dtype != object:
+        if t._values.nbytes >= model_io.LAZY_MIN_BYTES and t._values.dtype != object:
             t._values = ExternalValues(spill_array(t.name, t._values))
         elif t.data_location == onnx.TensorProto.EXTERNAL:  # a rewritten weight, now small: inline
             t.data_location = None

@@ -57,23 +57,29 @@ def _token_for(path: str) -> str:
     if path not in _TOKENS:
         token = f"onnxshrink-{os.getpid()}-{next(_COUNTER)}-{os.path.basename(path)}"
         _TOKENS[path], _FILES[token] = token, path
-        link = os.path.join(_work_dir(), token)
-        if os.path.realpath(link) != path:
-            try:
-                os.link(path, link)
-            except OSError:  # another file system: sessions get the weights another way
-                pass
     return _TOKENS[path]
 
 
-def session_folder(model: onnx.ModelProto) -> str | None:
-    """The work folder when every lazy tensor of the model can be read from it by its token."""
-    d = _WORK.get("dir")
-    if not d:
-        return None
-    for t in lazy_tensors(model):
-        if not os.path.exists(os.path.join(d, _ext_info(t)["location"])):
-            return None
+def session_folder(model: onnx.ModelProto) -> str:
+    """A new temporary folder holding each data file of the model's lazy tensors under its token:
+    a hard link (or, across file systems, a link to one cached copy in the work folder). ONNX
+    Runtime maps the files from there; the caller removes the folder once the session exists, so
+    the user's files carry the extra link only that long (onnx refuses hard-linked data files)."""
+    d = tempfile.mkdtemp(prefix="session-", dir=_work_dir())
+    try:
+        for token in sorted({_ext_info(t)["location"] for t in lazy_tensors(model)}):
+            src = _FILES[token]
+            try:
+                os.link(src, os.path.join(d, token))
+            except OSError:
+                copy = os.path.join(_work_dir(), "copy-" + token)
+                if not os.path.exists(copy):
+                    shutil.copyfile(src, copy + ".part")
+                    os.replace(copy + ".part", copy)
+                os.link(copy, os.path.join(d, token))
+    except BaseException:
+        shutil.rmtree(d, ignore_errors=True)
+        raise
     return d
 
 
