@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .graph import concrete_input_shapes, export_model, infer_shapes, opset
+from .graph import concrete_input_shapes, export_model, import_graph, infer_shapes, opset
 
 UNARY = {
     "Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Gelu", "Tanh", "Erf", "Elu",
@@ -132,6 +132,16 @@ def _ints(values):
     return [int(v) for v in np.asarray(values).reshape(-1)]
 
 
+def _axes(node):
+    """The axes of a Squeeze/Unsqueeze/Reduce*: from the input (opset ≥ 13/18) or the attribute."""
+    if len(node.inputs) > 1 and node.inputs[1].name:
+        v = _const(node.inputs[1])
+        if v is None:
+            raise _Unsupported(f"{node.op} with computed axes")
+        return _ints(v)
+    return _ints(node.attrs.get("axes", []))
+
+
 def _const(t):
     return t.values if isinstance(t, gs.Constant) else None
 
@@ -228,7 +238,7 @@ class ChannelAnalysis:
         self.edits: list[_Edit] = []
         self.comp_pins: dict[int, list[Pin]] = {}
         self.consumer_obs: list[tuple[str, str, _Map]] = []   # (consumer node, observed tensor, map)
-        self._run(gs.import_onnx(model))
+        self._run(import_graph(model))
         self._finish()
 
     # -- helpers
@@ -503,13 +513,7 @@ class ChannelAnalysis:
 
     def _squeeze(self, node, tracked):
         m = self._one(node, tracked)
-        if len(node.inputs) > 1 and node.inputs[1].name:
-            v = _const(node.inputs[1])
-            if v is None:
-                raise _Unsupported(f"{node.op} with computed axes")
-            axes = _ints(v)
-        else:
-            axes = _ints(node.attrs.get("axes", []))
+        axes = _axes(node)
         if node.op == "Squeeze":
             if not axes:
                 shape = self._shape(node.inputs[0])
@@ -531,13 +535,7 @@ class ChannelAnalysis:
 
     def _reduce(self, node, tracked):
         m = self._one(node, tracked)
-        if len(node.inputs) > 1 and node.inputs[1].name:
-            v = _const(node.inputs[1])
-            if v is None:
-                raise _Unsupported(f"{node.op} with computed axes")
-            axes = _ints(v)
-        else:
-            axes = _ints(node.attrs.get("axes", []))
+        axes = _axes(node)
         if not axes:
             raise _Unsupported(f"{node.op} over all axes")
         axes = [a + m.rank if a < 0 else a for a in axes]
@@ -740,7 +738,7 @@ class ChannelAnalysis:
             if len(kept) == 0 and not self.groups[gi].pinned:
                 raise ValueError(f"group {gi} would lose all its channels")
         alive = self.alive(keep)
-        graph = gs.import_onnx(model)
+        graph = import_graph(model)
         nodes = {n.name: n for n in graph.nodes}
         for e in self.edits:
             e.apply(nodes[e.node], alive, self.opset)

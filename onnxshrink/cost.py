@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from .graph import concrete_input_shapes, infer_shapes
+from .graph import concrete_input_shapes, import_graph, infer_shapes
 from .model_io import lazy_tensors, weight_bytes
 
 _ELEMENTWISE_COST = {
@@ -87,7 +87,7 @@ def node_flops(node: gs.Node, info: dict) -> int:
 
 def node_costs(model: onnx.ModelProto, sample_shapes: dict | None = None) -> list[NodeCost]:
     info = infer_shapes(model, concrete_input_shapes(model, sample_shapes, batch=1))
-    graph = gs.import_onnx(model)
+    graph = import_graph(model)
     counted = set()
     result = []
     for node in graph.nodes:
