@@ -36,6 +36,33 @@ from ..reconstruct import ridge_from_moments as ridge
 from ..registry import Pass, PassReport, Plan, Skip
 
 
+@dataclass
+class FactorConfig:
+    """Options basisconv and lowrank share; each adds its rank-rounding option."""
+
+    energy: float = 0.95          # per-layer whitened singular-value energy kept (no budget given)
+    whiten: bool = True           # factor whitened by the input covariance; false: plain SVD of W
+    refit: bool = True            # refit the second factor and bias on calibration outputs
+    alloc: str = "auto"           # rank allocation errors: "data", "weights" or "auto" (= data if whiten)
+    eps: float = 1e-3             # diagonal loading of the covariance, relative to its mean diagonal
+    ridge: float = 1e-4           # ridge of the refit, relative
+    positions: int = 32           # conv: sampled output positions per image for the statistics
+    force: bool = False           # rewrite even where it does not save (tests, inspection)
+
+    def __post_init__(self):
+        if not 0 < self.energy <= 1:
+            raise ValueError(f"energy must be in (0, 1], got {self.energy}")
+        for name in ("channel_multiple", "rank_multiple"):
+            if getattr(self, name, 1) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.alloc not in ("auto", "data", "weights"):
+            raise ValueError(f"alloc must be auto, data or weights, got '{self.alloc}'")
+        if self.eps < 0 or self.ridge < 0:
+            raise ValueError("eps and ridge must be >= 0")
+        if self.positions < 1:
+            raise ValueError("positions must be >= 1")
+
+
 # ----------------------------------------------------------------------------- linear algebra
 def cholesky_loaded(cov: np.ndarray, eps: float) -> np.ndarray:
     """Lower L with L Lᵀ = cov + λI, λ = eps × mean diagonal (raised until it factors)."""

@@ -28,28 +28,8 @@ from . import _factor
 
 
 @dataclass
-class BasisConvConfig:
-    energy: float = 0.95          # per-layer whitened singular-value energy kept (no budget given)
+class BasisConvConfig(_factor.FactorConfig):
     channel_multiple: int = 8     # M is rounded up to a multiple of this
-    whiten: bool = True           # basis from the SVD whitened by the input-patch covariance
-    refit: bool = True            # refit the 1×1 coefficients and bias on calibration outputs
-    alloc: str = "auto"           # rank allocation errors: "data", "weights" or "auto" (= data if whiten)
-    eps: float = 1e-3             # diagonal loading of Σ, relative to its mean diagonal
-    ridge: float = 1e-4           # ridge of the refit, relative
-    positions: int = 32           # sampled output positions per image for the statistics
-    force: bool = False           # rewrite even where it does not save (tests, inspection)
-
-    def __post_init__(self):
-        if not 0 < self.energy <= 1:
-            raise ValueError(f"energy must be in (0, 1], got {self.energy}")
-        if self.channel_multiple < 1:
-            raise ValueError(f"channel_multiple must be >= 1, got {self.channel_multiple}")
-        if self.alloc not in ("auto", "data", "weights"):
-            raise ValueError(f"alloc must be auto, data or weights, got '{self.alloc}'")
-        if self.eps < 0 or self.ridge < 0:
-            raise ValueError("eps and ridge must be >= 0")
-        if self.positions < 1:
-            raise ValueError("positions must be >= 1")
 
 
 def _check(node: gs.Node, info: dict):

@@ -32,29 +32,9 @@ from . import _factor
 
 
 @dataclass
-class LowRankConfig:
-    energy: float = 0.95          # per-layer whitened singular-value energy kept (no budget given)
+class LowRankConfig(_factor.FactorConfig):
     rank_multiple: int = 8        # r is rounded up to a multiple of this
-    whiten: bool = True           # whitened SVD (input covariance); false: plain SVD of W
-    refit: bool = True            # refit the second factor and bias on calibration outputs
-    alloc: str = "auto"           # rank allocation errors: "data", "weights" or "auto" (= data if whiten)
-    eps: float = 1e-3             # diagonal loading of the covariance, relative to its mean diagonal
-    ridge: float = 1e-4           # ridge of the refit, relative
     conv: bool = False            # also split k×k Convs into k×1 then 1×k (spatially separable)
-    positions: int = 32           # conv: sampled output positions per image
-    force: bool = False           # rewrite even where it does not save (tests, inspection)
-
-    def __post_init__(self):
-        if not 0 < self.energy <= 1:
-            raise ValueError(f"energy must be in (0, 1], got {self.energy}")
-        if self.rank_multiple < 1:
-            raise ValueError(f"rank_multiple must be >= 1, got {self.rank_multiple}")
-        if self.alloc not in ("auto", "data", "weights"):
-            raise ValueError(f"alloc must be auto, data or weights, got '{self.alloc}'")
-        if self.eps < 0 or self.ridge < 0:
-            raise ValueError("eps and ridge must be >= 0")
-        if self.positions < 1:
-            raise ValueError("positions must be >= 1")
 
 
 def _numel(shape):
