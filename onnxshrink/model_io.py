@@ -314,7 +314,7 @@ def save_model(model: onnx.ModelProto, out_path: str, external: bool | None = No
         if has_lazy(model) and external:
             data_name = name + ".data"
             _save_streaming(model, tmp_model, os.path.join(tmp_dir, data_name), data_name)
-            os.replace(os.path.join(tmp_dir, data_name), os.path.join(out_dir, data_name))
+            _publish(os.path.join(tmp_dir, data_name), os.path.join(out_dir, data_name))
             written.append(os.path.join(out_dir, data_name))
         elif has_lazy(model):
             with open(tmp_model, "wb") as f:
@@ -328,17 +328,26 @@ def save_model(model: onnx.ModelProto, out_path: str, external: bool | None = No
             onnx.save_model(to_save, tmp_model, save_as_external_data=True, all_tensors_to_one_file=True,
                             location=data_name, size_threshold=1024)
             if os.path.exists(os.path.join(tmp_dir, data_name)):
-                os.replace(os.path.join(tmp_dir, data_name), os.path.join(out_dir, data_name))
+                _publish(os.path.join(tmp_dir, data_name), os.path.join(out_dir, data_name))
                 written.append(os.path.join(out_dir, data_name))
         else:
             with open(tmp_model, "wb") as f:
                 f.write(model.SerializeToString())
                 f.flush()
                 os.fsync(f.fileno())
-        os.replace(tmp_model, out_path)
+        _publish(tmp_model, out_path)
         return written
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _publish(tmp: str, final: str) -> None:
+    """Give a finished temporary file the permissions a plain open() would (temporary files are
+    private) and move it into place atomically."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, final)
 
 
 def materialized(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -401,7 +410,7 @@ def atomic_write_text(path: str, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

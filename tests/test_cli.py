@@ -146,6 +146,8 @@ def test_external_data_round_trip(tmp_path):
     m = conv_bn_net()
     written = model_io.save_model(m, str(tmp_path / "ext.onnx"), external=True)
     assert len(written) == 2 and os.path.exists(tmp_path / "ext.onnx.data")
+    modes = {os.stat(f).st_mode & 0o777 for f in written}
+    assert len(modes) == 1 and modes.pop() & 0o044  # data file as readable as the model, not private
     back = model_io.load_model(str(tmp_path / "ext.onnx"))
     ref = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
     for t in back.graph.initializer:
