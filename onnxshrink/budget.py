@@ -57,17 +57,20 @@ def pass_goals(targets: dict, original: dict, current: dict, remaining_capable: 
     return goals
 
 
-def check_reached(targets: dict, original: dict, after: dict, force: bool = False) -> dict:
-    """{metric: {target, reached, met}}; raises TargetError when a target is missed."""
+def reached(targets: dict, original: dict, after: dict) -> dict:
+    """{metric: {target, reached, met}} for the report."""
     out = {}
-    missed = []
     for metric, fraction in targets.items():
-        reached = after[metric] / max(original[metric], 1)
-        ok = reached <= fraction * (1 + TOLERANCE)
-        out[metric] = {"target": fraction, "reached": round(reached, 4), "met": ok}
-        if not ok:
-            missed.append(f"{metric} {reached:.3f} of the original (target {fraction:.3f})")
-    if missed and not force:
-        raise TargetError("target cannot be met: the chain reached " + "; ".join(missed)
-                          + " (see the report's skipped nodes; --force writes the model anyway)")
+        value = after[metric] / max(original[metric], 1)
+        out[metric] = {"target": fraction, "reached": round(value, 4), "met": value <= fraction * (1 + TOLERANCE)}
     return out
+
+
+def missed(reached_targets: dict) -> TargetError | None:
+    """The error to raise when a target was missed, else None."""
+    misses = [f"{m} {r['reached']:.3f} of the original (target {r['target']:.3f})"
+              for m, r in reached_targets.items() if not r["met"]]
+    if not misses:
+        return None
+    return TargetError("target cannot be met: the chain reached " + "; ".join(misses)
+                       + " (see the report's skipped nodes; --force writes the model anyway)")

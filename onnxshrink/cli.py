@@ -11,7 +11,7 @@ import os
 import sys
 import warnings
 
-from .errors import OnnxShrinkError, UsageError
+from .errors import OnnxShrinkError, UsageError, first_line
 from .report import console_table, to_json
 from .validate import Tolerances
 
@@ -102,7 +102,7 @@ def main(argv=None) -> int:
     except Exception as e:  # a bug: still one line, unless --debug
         if debug:
             raise
-        print(f"onnxshrink: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+        print(f"onnxshrink: internal error: {type(e).__name__}: {first_line(e)} "
               "(rerun with --debug for a traceback)", file=sys.stderr)
         return 2
 

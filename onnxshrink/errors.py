@@ -2,6 +2,13 @@
 0 ok, 1 validation failed, 2 usage or input error."""
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (library errors are often pages long), or its
+    type name when it has no message."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 class OnnxShrinkError(Exception):
     """Base class: a clear, one-line message for the user."""
 

@@ -16,7 +16,7 @@ import onnx
 from . import budget as budget_mod
 from .calibrate import DataSource, collect, load_data, random_data, session, split_holdout
 from .cost import model_cost
-from .errors import InputError, OnnxShrinkError, PassError, UsageError, ValidationFailed
+from .errors import InputError, OnnxShrinkError, PassError, UsageError, ValidationFailed, first_line
 from .graph import normalize
 from .model_io import has_lazy, load_model, save_model
 from .registry import get_pass, make_config
@@ -101,7 +101,7 @@ def _check_runs(model):
     try:
         session(model)
     except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = first_line(e)
         raise InputError(f"ONNX Runtime cannot load the input model: {msg}") from None
 
 
@@ -140,7 +140,7 @@ def shrink(model_or_path, passes, calibration=None, target_flops=None, target_pa
     try:
         model = normalize(model)
     except Exception as e:  # corrupt fields ONNX Runtime tolerated (bad dtypes, dangling names)
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = first_line(e)
         raise InputError(f"cannot read the graph of the input model: {type(e).__name__}: {msg}") from None
     original = model
     needs = next((p.name for p, _ in chosen if p.needs_data), None)
@@ -161,14 +161,14 @@ def shrink(model_or_path, passes, calibration=None, target_flops=None, target_pa
         except OnnxShrinkError:
             raise
         except Exception as e:  # a bug or an unhandled graph: name the pass and the chain
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            msg = first_line(e)
             raise PassError(p.name, msg, done) from e
         rep.details.setdefault("seconds", round(time.perf_counter() - t, 3))
         rep.details.setdefault("calibration_seconds", round(ctx.calibration_seconds, 3))
         reports.append(rep)
         done.append(p.name)
     after = model_cost(model, sample_shapes)
-    reached = budget_mod.check_reached(targets, before, after, force=True)
+    reached = budget_mod.reached(targets, before, after)
     if val is None:
         val = random_data(original, 16, seed, sample_shapes)
         val.origin = "random inputs (no calibration data given)"
@@ -178,17 +178,11 @@ def shrink(model_or_path, passes, calibration=None, target_flops=None, target_pa
     report = make_report(before, after, reports, validation_result, reached, timing)
     result = Result(model, report)
     if not force:
-        missed = [m for m, r in reached.items() if not r["met"]]
-        if missed:
-            try:
-                budget_mod.check_reached(targets, before, after)
-            except OnnxShrinkError as e:
-                e.result = result
-                raise
-        if not validation_result["passed"]:
+        err = budget_mod.missed(reached)
+        if err is None and not validation_result["passed"]:
             err = ValidationFailed("validation failed: " + "; ".join(validation_result["problems"])
                                    + " (nothing written; --force writes it anyway)")
+        if err is not None:
             err.result = result
             raise err
     return result
-

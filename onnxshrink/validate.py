@@ -17,6 +17,7 @@ import onnx
 
 from .calibrate import DataSource, run_model, session
 from .cost import model_bytes
+from .errors import first_line
 from .model_io import has_lazy, lazy_tensors
 
 STANDARD_DOMAINS = ("", "ai.onnx")
@@ -38,7 +39,7 @@ def structural_problems(original: onnx.ModelProto, model: onnx.ModelProto) -> li
         elif model_bytes(model) < 2**31 - 1:  # ByteSize() itself fails over 2 GB
             onnx.checker.check_model(model, full_check=True)
     except Exception as e:
-        problems.append(f"onnx.checker: {str(e).splitlines()[0]}")
+        problems.append(f"onnx.checker: {first_line(e)}")
     foreign = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in STANDARD_DOMAINS})
     if foreign:
         problems.append("non-standard ops: " + ", ".join(foreign))
@@ -102,14 +103,14 @@ def validate(original: onnx.ModelProto, model: onnx.ModelProto, data: DataSource
     try:
         session(model)
     except Exception as e:
-        problems.append(f"ONNX Runtime cannot load the model: {str(e).splitlines()[0]}")
+        problems.append(f"ONNX Runtime cannot load the model: {first_line(e)}")
     else:
         if data is not None:
             ref = original_outputs if original_outputs is not None else run_model(original, data)
             try:
                 new = run_model(model, data)
             except Exception as e:
-                problems.append(f"ONNX Runtime fails to run the model: {str(e).splitlines()[0]}")
+                problems.append(f"ONNX Runtime fails to run the model: {first_line(e)}")
             else:
                 outputs = compare_outputs(ref, new)
                 problems += _tolerance_failures(outputs, tol)
