@@ -64,6 +64,9 @@ def console_table(report) -> str:
         t1 = m.get("top1_agreement")
         lines.append(f"output {name}: max_abs {m['max_abs']:.4g}, rel_l2 {m['rel_l2']:.4g}, "
                      f"cosine {m['cosine']:.5f}" + (f", top1 agreement {t1:.4f}" if t1 is not None else ""))
+    if v.get("tensorrt_unparseable"):
+        lines.append("warning: the rewrite introduced ops TensorRT's ONNX parser does not accept: "
+                     + ", ".join(v["tensorrt_unparseable"]))
     if v:
         lines.append(f"validation on {v.get('samples', 0)} held-out samples: "
                      + ("passed" if v.get("passed") else "FAILED: " + "; ".join(v.get("problems", []))))

@@ -1,7 +1,8 @@
 """Validation of a rewritten model against the original.
 
 Structural: ``onnx.checker.check_model(full_check=True)``, ONNX Runtime creates a session, only
-standard ONNX ops (domain "" / "ai.onnx"), graph inputs and outputs keep their names and dtypes.
+standard ONNX ops (domain "" / "ai.onnx"), graph inputs and outputs keep their names and dtypes;
+the ops a rewrite introduces are listed, with those TensorRT's ONNX parser would refuse.
 Numeric, on held-out inputs: per output max abs error, relative L2 error ‖a − b‖/‖a‖, cosine
 similarity of the flattened outputs, and for 2-D float outputs (classifier-like) top-1 agreement.
 """
@@ -21,6 +22,29 @@ from .errors import first_line
 from .model_io import has_lazy, lazy_tensors
 
 STANDARD_DOMAINS = ("", "ai.onnx")
+
+# Ops the TensorRT ONNX parser accepts (onnx-tensorrt's operator support matrix, TensorRT 8.4–10).
+# Only ops a rewrite *introduces* are checked against it: the original's ops are the user's.
+TENSORRT_OPS = frozenset("""
+Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization Cast Ceil
+Celu Clip Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum DepthToSpace
+DequantizeLinear Div Dropout Einsum Elu Equal Erf Exp Expand EyeLike Flatten Floor Gather
+GatherElements GatherND Gelu Gemm GlobalAveragePool GlobalLpPool GlobalMaxPool Greater
+GreaterOrEqual GroupNormalization GRU HardSigmoid HardSwish Identity If InstanceNormalization IsNaN
+LayerNormalization LeakyRelu Less LessOrEqual Log LogSoftmax Loop LRN LSTM LpNormalization LpPool
+MatMul Max MaxPool Mean Min Mul Neg Not Or Pad PRelu Pow QuantizeLinear Range ReduceL1 ReduceL2
+ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum ReduceSumSquare
+Relu Reshape Resize Round Scan ScatterElements ScatterND Selu Shape Sigmoid Sign Sin Sinh Size Slice
+Softmax Softplus Softsign SpaceToDepth Split Sqrt Squeeze Sub Sum Tan Tanh ThresholdedRelu Tile TopK
+Transpose Unsqueeze Upsample Where Xor
+""".split())
+
+
+def introduced_ops(original: onnx.ModelProto, model: onnx.ModelProto) -> dict:
+    """Op types the rewrite added, and those of them TensorRT's ONNX parser does not accept."""
+    before = {n.op_type for n in original.graph.node}
+    added = sorted({n.op_type for n in model.graph.node} - before)
+    return {"introduced_ops": added, "tensorrt_unparseable": [op for op in added if op not in TENSORRT_OPS]}
 
 
 @dataclass
@@ -115,7 +139,7 @@ def validate(original: onnx.ModelProto, model: onnx.ModelProto, data: DataSource
                 outputs = compare_outputs(ref, new)
                 problems += _tolerance_failures(outputs, tol)
     return {"outputs": outputs, "samples": data.n if data is not None else 0,
-            "problems": problems, "passed": not problems}
+            "problems": problems, "passed": not problems, **introduced_ops(original, model)}
 
 
 def _tolerance_failures(outputs, tol: Tolerances):

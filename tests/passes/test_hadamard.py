@@ -163,6 +163,7 @@ def test_mlp_accuracy_params_and_downstream_refit():
     assert fc2["dense_params"] >= 4 * fc2["params"]
     assert rep["layers"]["/fc3/Gemm"].get("refit")            # downstream layer refit
     assert not any(n.op_type == "Gemm" and "fc2" in n.name for n in res.model.graph.node)
+    assert res.report["validation"]["tensorrt_unparseable"] == []
     before = digits.accuracy(model, "mlp")
     after = digits.accuracy(res.model, "mlp")
     assert after >= before - 0.02, (before, after)
