@@ -178,8 +178,10 @@ class _Edit:
             sizes = [int(alive[c].sum()) for c in self.comps]
             if len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant):
                 _replace_const(node, 1, np.asarray(sizes, np.int64))
-            elif ops >= 13:
+            elif ops >= 13:   # sizes as the second input (replacing an omitted one), not num_outputs
                 node.attrs.pop("num_outputs", None)
+                while len(node.inputs) > 1:
+                    node.inputs.pop()
                 node.inputs.append(gs.Constant(node.name + "_split", np.asarray(sizes, np.int64)))
             else:
                 node.attrs["split"] = sizes
@@ -621,8 +623,11 @@ class ChannelAnalysis:
 
     def _matmul(self, node, tracked):
         b = _const(node.inputs[1])
-        if b is None or b.ndim != 2 or any(i != 0 for i, _ in tracked):
-            raise _Unsupported("MatMul between computed tensors")
+        if b is None:
+            left = _const(node.inputs[0]) is not None
+            raise _Unsupported("MatMul with the weight on the left (W @ x)" if left else "MatMul between computed tensors")
+        if b.ndim != 2:
+            raise _Unsupported(f"MatMul with a {b.ndim}-D weight")
         shared = len(node.inputs[1].outputs) > 1
         m = tracked[0][1] if tracked else None
         rank = m.rank if m is not None else self._rank(node.inputs[0])

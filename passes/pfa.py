@@ -511,6 +511,39 @@ def _weight_rows(node: gs.Node) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- the pass
+def eligible_groups(model, an):
+    """(groups pfa can prune, [Skip]): every pin, and why each other group is left whole."""
+    nodes = {n.name: n for n in import_graph(model).nodes}
+    groups, skipped = [], []
+
+    def skip(node, reason):
+        if not any(s.node == node and s.reason == reason for s in skipped):
+            skipped.append(Skip(node, reason))
+
+    for g in an.groups:
+        if g.pinned:
+            for p in g.pins:
+                skip(p.node, p.reason)
+            continue
+        if g.size < 2:
+            skip(g.name, "a single channel: nothing to remove")
+            continue
+        if not g.observations:
+            skip(g.name, "no tensor shows the channels' responses")
+            continue
+        blocked = False
+        for c in g.consumers:
+            node = nodes[c]
+            try:
+                layer_stats_request(node, c, node.inputs[0].name, node.outputs[0].name)
+            except ValueError as e:   # e.g. a Conv with auto_pad: it could not be refit
+                skip(c, f"{e}; the channels it reads ({g.name}) are left whole")
+                blocked = True
+        if not blocked:
+            groups.append(g)
+    return groups, skipped
+
+
 @register
 class Pfa(Pass):
     name = "pfa"
@@ -521,16 +554,8 @@ class Pfa(Pass):
     ready = True
 
     def plan(self, model, cfg):
-        an = analyze(model)
-        plan = Plan()
-        for g in an.groups:
-            if g.pinned:
-                for p in g.pins:
-                    if not any(s.node == p.node and s.reason == p.reason for s in plan.skipped):
-                        plan.skipped.append(Skip(p.node, p.reason))
-            elif g.size >= 2:
-                plan.targets.extend(s.node for s in g.sources if s.prunable)
-        return plan
+        groups, skipped = eligible_groups(model, analyze(model))
+        return Plan(targets=[s.node for g in groups for s in g.sources if s.prunable], skipped=skipped)
 
     # -- statistics
     def _statistics(self, model, an, groups, cfg, ctx, responses: bool, consumers: bool):
@@ -549,11 +574,8 @@ class Pfa(Pass):
                     node = nodes.get(c)
                     if c in layer or node is None:
                         continue
-                    try:
-                        layer[c] = layer_stats_request(node, "pfa-sel:" + c, node.inputs[0].name,
-                                                       node.outputs[0].name, positions=cfg.positions)
-                    except ValueError:
-                        continue
+                    layer[c] = layer_stats_request(node, "pfa-sel:" + c, node.inputs[0].name,
+                                                   node.outputs[0].name, positions=cfg.positions)
         accs = ctx.collect(list(reqs.values()) + list(layer.values()), desc="pfa statistics")
         covs = {}
         if responses:
@@ -753,10 +775,7 @@ class Pfa(Pass):
         ctx.require_data(self.name)
         report = PassReport(self.name)
         an = analyze(model, ctx.sample_shapes)
-        for p in an.pins:
-            if not any(s.node == p.node and s.reason == p.reason for s in report.skipped):
-                report.skip(p.node, p.reason)
-        groups = [g for g in an.groups if not g.pinned and g.size >= 2 and g.observations]
+        groups, report.skipped = eligible_groups(model, an)
         mode = cfg.mode
         has_goal = any(m in self.budgets for m in ctx.goals)
         if mode == "auto":
@@ -841,6 +860,8 @@ class Pfa(Pass):
             if g.index in keep:
                 consumers.update(g.consumers)
                 report.changed.append(f"{g.name}: {g.size} -> {k} channels")
+            else:
+                report.skip(g.name, f"recipe keeps all {g.size} channels")
         details["recipe"] = recipe
         if not keep:
             details["fit_seconds"] = round(time.perf_counter() - t0 - ctx.calibration_seconds, 3)

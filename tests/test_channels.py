@@ -307,3 +307,34 @@ def test_reference_models_groups():
     m = normalize(onnx.load(digits.model_path("transformer")))
     an = analyze(m)
     assert sorted(g.size for g in an.groups if not g.pinned) == [256, 256]
+
+
+def test_matmul_with_the_weight_on_the_left_pins_with_a_clear_reason():
+    b = GraphBuilder(12)
+    x = b.input("x", ["N", 16, 6])
+    h = b.relu(b.matmul(x, 6, 12))                                          # (N, 16, 12)
+    h = b.node("MatMul", [b.const(b.rng.standard_normal((10, 16)).astype(np.float32)), h])   # W @ h
+    b.output(b.matmul(b.relu(h), 12, 4, out="y"))
+    m = b.model()
+    an = analyze(m)
+    g = group_of(an, m, "MatMul", 0)
+    assert g.pinned and "weight on the left" in pinned_reasons(an, g)
+    p = an.prune(m, {g.index: [0, 1]})
+    assert_close(m, p, feeds(m))
+
+
+@pytest.mark.parametrize("opset,inputs", [(13, 1), (13, 2), (18, 1)])
+def test_equal_split_on_channels_gets_explicit_sizes(opset, inputs):
+    b = GraphBuilder(13, opset=opset)
+    x = b.input("x", ["N", 3, 5, 5])
+    h = b.relu(b.conv(x, 3, 8))
+    attrs = {"num_outputs": 2} if opset >= 18 else {}
+    s1, s2 = b.node("Split", [h, ""][:inputs], n_out=2, axis=1, **attrs)   # "": the omitted optional sizes
+    b.output(b.node("Add", [b.conv(s1, 4, 2, k=1), b.conv(s2, 4, 2, k=1)], out="y"))
+    m = b.model()
+    an = analyze(m)
+    g = group_of(an, m, "Conv", 0)
+    drop = [1, 5, 6]
+    p = an.prune(m, {g.index: [i for i in range(8) if i not in drop]})
+    z = zero_inputs(zero_inputs(m, node(m, "Conv", 1).input[1], 1, [1]), node(m, "Conv", 2).input[1], 1, [1, 2])
+    assert_close(z, p, feeds(m))

@@ -210,3 +210,36 @@ def test_kl_recipe_runs_on_a_small_cnn(tiny_cnn):
                  tolerances=Tolerances(min_cosine=None), force=True)
     rep = res.report["passes"][0]
     assert rep["mode"] == "kl" and rep["changed"], rep
+
+
+def _conv_pair(seed=0, consumer_attrs=None):
+    """x -> Conv(3->8) -> Relu -> Conv(8->4) -> y; ``consumer_attrs`` replace the second Conv's pads."""
+    from graphs import GraphBuilder
+    b = GraphBuilder(seed)
+    x = b.input("x", ["N", 3, 8, 8])
+    h = b.relu(b.conv(x, 3, 8))
+    if consumer_attrs is None:
+        b.output(b.conv(h, 8, 4, out="y"))
+    else:
+        w = b.const((0.2 * b.rng.standard_normal((4, 8, 3, 3))).astype(np.float32))
+        b.output(b.node("Conv", [h, w], out="y", kernel_shape=[3, 3], **consumer_attrs))
+    return b.model()
+
+
+def test_a_group_whose_recipe_keeps_every_channel_is_reported_as_skipped():
+    m = _conv_pair()
+    x = np.random.default_rng(0).standard_normal((64, 3, 8, 8)).astype(np.float32)
+    res = shrink(m, ["pfa"], calibration=x, options={"pfa": {"energy": 1.0}}, force=True)
+    rep = res.report["passes"][0]
+    assert rep["changed"] == []
+    assert {"node": rep["recipe"][0]["group"], "reason": "recipe keeps all 8 channels"} in rep["skipped"]
+
+
+def test_a_consumer_that_cannot_be_refit_leaves_its_group_whole_with_a_reason():
+    m = _conv_pair(consumer_attrs={"auto_pad": "SAME_UPPER"})
+    x = np.random.default_rng(0).standard_normal((64, 3, 8, 8)).astype(np.float32)
+    res = shrink(m, ["pfa"], calibration=x, options={"pfa": {"energy": 0.5, "channel_multiple": 1}}, force=True)
+    rep = res.report["passes"][0]
+    assert rep["changed"] == []
+    assert any("auto_pad=SAME_UPPER" in s["reason"] for s in rep["skipped"]), rep["skipped"]
+    assert_close(m, res.model, {"x": x[:4]}, rtol=1e-6, atol=1e-6)
