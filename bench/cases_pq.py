@@ -15,6 +15,10 @@ Bytes are the real serialized file sizes. Acceptance (issue): mlp and cnn_plain 
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import tempfile
 import time
 
 import numpy as np
@@ -66,10 +70,20 @@ def gemm_to_matmul(model):
     return m
 
 
+@contextlib.contextmanager
+def _quiet_logging():
+    """ONNX Runtime's quantizers log warnings (e.g. 'please consider pre-processing') through
+    the root logger; the bench prints only its table."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 def _int8(model):
-    import tempfile, os
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory() as d, _quiet_logging():
         src, dst = os.path.join(d, "in.onnx"), os.path.join(d, "out.onnx")
         onnx.save(model, src)
         quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
@@ -78,8 +92,9 @@ def _int8(model):
 
 def _nbits(model):
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-    q = MatMulNBitsQuantizer(gemm_to_matmul(model), bits=4, block_size=32, is_symmetric=True)
-    q.process()
+    with _quiet_logging():
+        q = MatMulNBitsQuantizer(gemm_to_matmul(model), bits=4, block_size=32, is_symmetric=True)
+        q.process()
     return q.model.model
 
 

@@ -1,7 +1,7 @@
 """Benchmark: ``python bench/run.py [--only NAME ...] [--runs N]``.
 
 Runs every case listed by the ``bench/cases_*.py`` modules (each defines ``CASES``, a list of
-``common.Case``, and optionally ``extra(rows)`` that prints peer baselines beside them) and prints
+``common.Case``, and optionally ``extra(rows, args)`` that prints peer baselines beside them) and prints
 one table: ratios are rewritten / original, measured side by side in this one run.
 """
 
@@ -20,11 +20,17 @@ import common  # noqa: E402
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--only", nargs="*", help="case modules to run (e.g. pfa lowrank)")
-    ap.add_argument("--runs", type=int, default=25, help="latency runs per model (median)")
-    args = ap.parse_args(argv)
     names = sorted(os.path.basename(p)[6:-3] for p in glob.glob(os.path.join(HERE, "cases_*.py")))
+    ap = argparse.ArgumentParser(
+        description="Run onnxshrink on the reference models and print, per case, the params/FLOPs/bytes "
+                    "ratios, the ONNX Runtime latency ratio, test accuracy before and after, and the "
+                    "tool's wall time (with the part spent in calibration), peer tools beside them.")
+    ap.add_argument("--only", nargs="*", metavar="NAME", choices=names,
+                    help=f"run only these case modules (bench/cases_NAME.py): {', '.join(names)}; default: all")
+    ap.add_argument("--runs", type=int, default=25, metavar="N",
+                    help="latency runs per model, interleaved with the original's; the median is reported "
+                         "(default: 25)")
+    args = ap.parse_args(argv)
     if args.only:
         names = [n for n in names if n in args.only]
     print("ratios are rewritten/original; latency: ONNX Runtime, 1 thread, batch 256, median of "

@@ -5,7 +5,7 @@ Quantization"; "Compression of Deep Neural Networks on the Fly"): write the laye
 order of the layer's input features). Each output's column w_j is cut into sub-vectors of length
 d along the input features, w_j = [w_1j; …; w_Bj] (B = d_in / d; for a k×k Conv one sub-vector is
 one kernel, d = k·k). One codebook C = {c_1 … c_K} (K ≤ 256) per layer; each sub-vector is
-replaced by a centroid, stored as a uint8 code. Bytes: d_in·d_out·4 → d_in·d_out/d + K·d·(2|4).
+replaced by a centroid, stored as a one-byte code. Bytes: d_in·d_out·4 → d_in·d_out/d + K·d·(2|4).
 
 Activation-aware assignment ("And the Bit Goes Down: Revisiting the Quantization of Neural
 Networks"): the layer's output
@@ -22,8 +22,9 @@ W* = argmin ‖X̃ W* − Y‖² + λ‖W* − W‖², with X̃ its inputs in th
 its outputs in the original one, and its bias is refit as b = E[y] − E[x̃]ᵀŴ. ``pq.aware=false``
 keeps plain k-means on the weights (still with the bias refit).
 
-In the graph: Gather(codebook (Cast fp16 → fp32 when stored as fp16), Cast(codes uint8 → int32))
-→ Reshape (→ Transpose) → the node's weight input. All standard ops on constants: runtimes fold them once
+In the graph: Gather(codebook (Cast fp16 → fp32 when stored as fp16), Cast(codes int8 → int32)
+(+ 128 when K > 128)) → Reshape (→ Transpose) → the node's weight input (int8, not uint8, codes:
+TensorRT's ONNX parser refuses UINT8). All standard ops on constants: runtimes fold them once
 at load time, so inference runs at the original speed. Small layers (codes + codebook would not
 save bytes) and the model's first Conv stay dense by default.
 
@@ -47,7 +48,6 @@ from ..reconstruct import conv_attrs, layer_stats_request, refit_order
 from ..registry import Pass, PassReport, Plan, Skip, register
 
 CODEBOOK_DTYPES = {"fp16": np.float16, "fp32": np.float32}
-NODE_OVERHEAD = 400  # serialized bytes of the decode nodes, shape constant and names (estimate)
 
 
 @dataclass
@@ -70,7 +70,7 @@ class PqConfig:
         if self.block < 0 or self.block > 64:
             raise ValueError(f"pq.block must be 0 (auto) or 1..64, got {self.block}")
         if not 2 <= self.centroids <= 256:
-            raise ValueError(f"pq.centroids must be in 2..256 (uint8 codes), got {self.centroids}")
+            raise ValueError(f"pq.centroids must be in 2..256 (one-byte codes), got {self.centroids}")
         if self.codebook_dtype not in CODEBOOK_DTYPES:
             raise ValueError(f"pq.codebook_dtype must be fp16 or fp32, got '{self.codebook_dtype}'")
         if self.iters < 0 or self.kmeans_iters < 1 or self.refine < 0:
@@ -162,18 +162,61 @@ def _default_block(layer: Layer, cfg: PqConfig) -> int:
     return 1
 
 
-def _bytes(n_sub: int, k: int, d: int, dtype) -> int:
-    return n_sub + k * d * np.dtype(dtype).itemsize + NODE_OVERHEAD
+def _element_bytes(proto) -> int:
+    """Serialized bytes of one element of a repeated GraphProto field (tag, length, message)."""
+    n = proto.ByteSize()
+    return 1 + _varint_len(n) + n
+
+
+def _varint_len(n: int) -> int:
+    return max(1, (n.bit_length() + 6) // 7)
+
+
+def _tensor_bytes(name: str, values: np.ndarray) -> int:
+    return _element_bytes(onnx.numpy_helper.from_array(np.ascontiguousarray(values), name))
+
+
+def _dense_bytes(layer: Layer) -> int:
+    return _tensor_bytes(layer.weight.name, layer.weight.values)
+
+
+def _pq_bytes(layer: Layer, d: int, k: int, dtype, bias_refit: bool) -> int:
+    """Serialized bytes of the layer's weight stored as k centroids of length d: the decode
+    nodes, their initializers and type information, and the bias where the refit adds or widens
+    one, measured on the protos the export writes, so that size budgets are exact."""
+    rows = layer.matrix().shape[0]
+    scratch = gs.Graph()
+    out = _decode(scratch, layer, np.zeros((k, d), dtype), np.zeros((rows, layer.d_in // d), np.uint8))
+    probe = gs.Variable("probe", dtype=out.dtype)  # a consumer, so the weight is typed like in the model
+    scratch.nodes.append(gs.Node("Identity", name="probe", inputs=[out], outputs=[probe]))
+    scratch.outputs = [probe]
+    g = export_model(scratch).graph
+    nodes = [n for n in g.node if n.name != "probe"]
+    pq = sum(_element_bytes(p) for p in (*nodes, *g.initializer, *g.value_info))
+    target = _bias_target(layer) if bias_refit else None
+    if target is not None and target[0] == "input":
+        node = layer.node
+        if len(node.inputs) > 2:
+            bias = node.inputs[2]
+            new = _tensor_bytes(bias.name, np.zeros(rows, bias.values.dtype))
+            old = _tensor_bytes(bias.name, bias.values)
+        else:
+            new, old = _tensor_bytes(node.name + ".pq_bias", np.zeros(rows, layer.weight.values.dtype)), 0
+        pq += max(new - old, 0)
+    return pq
 
 
 # ----------------------------------------------------------------------------- k-means / EM
-def _sqdist_argmin(x, c, chunk=1 << 15):
-    """Nearest centroid (Euclidean) of each row of x; float32 products."""
-    x32, c32 = x.astype(np.float32), c.astype(np.float32)
-    cc = (c32 * c32).sum(1)
+def _sqdist_argmin(x, c, chunk=4096):
+    """Nearest centroid (Euclidean) of each row of x; float32 products in cache-sized chunks."""
+    x32 = x.astype(np.float32)
+    ct = (-2.0 * c.T).astype(np.float32)
+    cc = (c.astype(np.float32) ** 2).sum(1)
     out = np.empty(len(x), dtype=np.int64)
     for s in range(0, len(x), chunk):
-        out[s:s + chunk] = np.argmin(cc[None, :] - 2.0 * (x32[s:s + chunk] @ c32.T), axis=1)
+        scores = x32[s:s + chunk] @ ct
+        scores += cc
+        out[s:s + chunk] = scores.argmin(1)
     return out
 
 
@@ -219,7 +262,7 @@ def kmeans(x, k, iters, rng, sample=65536):
     return c, (codes if x is full else _sqdist_argmin(full, c))
 
 
-def _metric_assign(hx, nb, c, hblocks, chunk=1 << 15):
+def _metric_assign(hx, nb, c, hblocks, chunk=4096):
     """argmin_k c_kᵀH_b c_k − 2 (H_b w)ᵀ c_k for each sub-vector; hx = H_b w, ordered (row, block)."""
     k, d = c.shape
     c2 = (-2.0 * c.T).astype(np.float32)
@@ -371,43 +414,57 @@ def quantize(t, d, k, h, cfg, rng, dtype):
 
 
 # ----------------------------------------------------------------------------- graph
+def code_offset(k: int) -> int:
+    """Codes are stored as int8 ``code − offset``: TensorRT's ONNX parser (8.x) has no UINT8
+    tensors and Cast only between FP32/FP16/INT32/INT8/BOOL, so uint8 codes could not be parsed.
+    Codebooks of up to 128 centroids need no offset; larger ones store code − 128 and the decode
+    adds 128 back after the Cast to int32."""
+    return 128 if k > 128 else 0
+
+
+def stored_codes(codes: np.ndarray, k: int) -> np.ndarray:
+    """The int8 initializer for codes 0..k−1 (see ``code_offset``)."""
+    return (codes.astype(np.int16) - code_offset(k)).astype(np.int8)
+
+
 def _decode(graph: gs.Graph, layer: Layer, codebook: np.ndarray, codes: np.ndarray) -> gs.Variable:
-    """Cast(codes) → Gather(codebook) → (Cast fp32) → Reshape (→ Transpose): the weight tensor."""
+    """Cast(int8 codes → int32) (→ Add offset) → Gather(codebook (→ Cast)) → Reshape
+    (→ Transpose): the weight tensor, from ops and types TensorRT's ONNX parser accepts."""
     base = layer.weight.name
     wdtype = layer.weight.values.dtype
+    k, d = codebook.shape
+    rows, nb = codes.shape
+
+    def add(op, inputs, suffix, dtype, shape, **attrs):
+        out = gs.Variable(f"{base}.pq{suffix}", dtype=dtype, shape=shape)
+        graph.nodes.append(gs.Node(op, name=f"{base}.pq{suffix}_{op.lower()}", attrs=attrs,
+                                   inputs=inputs, outputs=[out]))
+        return out
+
     cb = gs.Constant(base + ".pq_codebook", np.ascontiguousarray(codebook))
-    cd = gs.Constant(base + ".pq_codes", np.ascontiguousarray(codes))
-    idx = gs.Variable(base + ".pq_idx", dtype=np.int32, shape=list(codes.shape))
-    graph.nodes.append(gs.Node("Cast", name=base + ".pq_cast_codes", attrs={"to": onnx.TensorProto.INT32},
-                               inputs=[cd], outputs=[idx]))
+    cd = gs.Constant(base + ".pq_codes", np.ascontiguousarray(stored_codes(codes, k)))
+    idx = add("Cast", [cd], "_idx", np.int32, [rows, nb], to=onnx.TensorProto.INT32)
+    if code_offset(k):
+        offset = gs.Constant(base + ".pq_offset", np.array(code_offset(k), dtype=np.int32))
+        idx = add("Add", [idx, offset], "_index", np.int32, [rows, nb])
     table = cb
     if codebook.dtype != wdtype:
-        table = gs.Variable(base + ".pq_codebook_f", dtype=wdtype, shape=list(codebook.shape))
-        graph.nodes.append(gs.Node("Cast", name=base + ".pq_cast_codebook",
-                                   attrs={"to": onnx.helper.np_dtype_to_tensor_dtype(np.dtype(wdtype))},
-                                   inputs=[cb], outputs=[table]))
-    rows, nb = codes.shape
-    d = codebook.shape[1]
-    gathered = gs.Variable(base + ".pq_gathered", dtype=wdtype, shape=[rows, nb, d])
-    graph.nodes.append(gs.Node("Gather", name=base + ".pq_gather", attrs={"axis": 0},
-                               inputs=[table, idx], outputs=[gathered]))
-    shape = layer.shape
-    out = gs.Variable(base + ".pq", dtype=wdtype, shape=list(shape))
+        table = add("Cast", [cb], "_codebook_f", wdtype, [k, d],
+                    to=onnx.helper.np_dtype_to_tensor_dtype(np.dtype(wdtype)))
+    gathered = add("Gather", [table, idx], "_gathered", wdtype, [rows, nb, d], axis=0)
+    shape = list(layer.shape)
     if layer.rows_of == "transpose":
-        flat = gs.Variable(base + ".pq_rows", dtype=wdtype, shape=[rows, nb * d])
-        shp = gs.Constant(base + ".pq_shape", np.array([rows, nb * d], dtype=np.int64))
-        graph.nodes.append(gs.Node("Reshape", name=base + ".pq_reshape", inputs=[gathered, shp], outputs=[flat]))
-        graph.nodes.append(gs.Node("Transpose", name=base + ".pq_transpose", attrs={"perm": [1, 0]},
-                                   inputs=[flat], outputs=[out]))
-    else:
-        shp = gs.Constant(base + ".pq_shape", np.array(shape, dtype=np.int64))
-        graph.nodes.append(gs.Node("Reshape", name=base + ".pq_reshape", inputs=[gathered, shp], outputs=[out]))
-    return out
+        flat_shape = gs.Constant(base + ".pq_shape", np.array([rows, nb * d], dtype=np.int64))
+        flat = add("Reshape", [gathered, flat_shape], "_rows", wdtype, [rows, nb * d])
+        return add("Transpose", [flat], "", wdtype, shape, perm=[1, 0])
+    return add("Reshape", [gathered, gs.Constant(base + ".pq_shape", np.array(shape, dtype=np.int64))],
+               "", wdtype, shape)
 
 
-def decoded_weight(layer_shape, rows_of, codebook, codes) -> np.ndarray:
-    """The weight the decode subgraph computes, in numpy (for tests and reports)."""
-    t = codebook.astype(np.float32)[codes.astype(np.int64)].reshape(codes.shape[0], -1)
+def decoded_weight(layer_shape, rows_of, codebook, stored) -> np.ndarray:
+    """The weight the decode subgraph computes from the stored (int8) codes, in numpy."""
+    codes = stored.astype(np.int64) + code_offset(len(codebook))
+    t = codebook.astype(np.float32)[codes].reshape(codes.shape[0], -1)
     return t.T.copy() if rows_of == "transpose" else t.reshape(layer_shape)
 
 
@@ -452,7 +509,8 @@ def _write_bias(layer: Layer, target, b_new: np.ndarray):
         b_new = b_new / node.attrs.get("beta", 1.0)
     if len(node.inputs) > 2:
         c = node.inputs[2]
-        node.inputs[2] = gs.Constant(c.name, b_new.astype(c.values.dtype))
+        name = c.name if len(c.outputs) == 1 else node.name + ".pq_bias"  # a shared bias stays as it is
+        node.inputs[2] = gs.Constant(name, b_new.astype(c.values.dtype))
     else:
         node.inputs.append(gs.Constant(node.name + ".pq_bias", b_new.astype(dtype)))
 
@@ -486,9 +544,8 @@ class Pq(Pass):
                 skipped.append(Skip(node.name, f"sub-vector length {d} does not divide the {layer.d_in} "
                                                "input features"))
                 continue
-            n_sub = layer.n_weights // d
-            pq_bytes = _bytes(n_sub, min(cfg.centroids, n_sub), d, dtype)
-            dense = layer.n_weights * layer.weight.values.dtype.itemsize
+            k = min(cfg.centroids, layer.n_weights // d)
+            dense, pq_bytes = _dense_bytes(layer), _pq_bytes(layer, d, k, dtype, layer.aware and cfg.bias_correct)
             if pq_bytes >= dense:
                 skipped.append(Skip(node.name, f"small layer: codes + codebook ({pq_bytes} B) would not save "
                                                f"bytes over the dense weight ({dense} B)"))
@@ -559,15 +616,16 @@ class Pq(Pass):
         stats = self._stats(ctx, aware, quick, ctx.reference) if aware else {}
         options = {}
         for name, layer in ctx.progress(sorted(layers.items()), total=len(layers), desc="pq size search"):
-            dense = layer.n_weights * layer.weight.values.dtype.itemsize
-            opts = [(None, 0.0, dense)]
+            refit = layer.aware and cfg.bias_correct
+            opts = [(None, 0.0, _dense_bytes(layer))]
             for d, k in self._candidates(layer, cfg):
                 t, h, _, _ = self._layer_problem(layer, d, stats.get(name), quick)
                 rng = np.random.default_rng([ctx.seed, zlib.crc32(name.encode())])
                 cb, codes, t_hat = quantize(t, d, k, h if cfg.aware else None, quick, rng, dtype)
                 err = output_error(t, t_hat, h) if h is not None else float(
                     ((t - t_hat) ** 2).sum() / max((t ** 2).sum(), 1e-30))
-                opts.append(((d, k), err, _bytes(codes.size, len(cb), d, dtype)))
+                # k, not len(cb): the final quantization may keep more centroids than this quick one
+                opts.append(((d, k), err, _pq_bytes(layer, d, k, dtype, refit)))
             options[name] = opts
         fixed = ctx.cost(model)["bytes"] - sum(o[0][2] for o in options.values())
 
