@@ -29,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx_graphsurgeon as gs
 import scipy.linalg
 
 from ..graph import concrete_input_shapes, infer_shapes, import_graph
@@ -119,6 +120,20 @@ def factor(w: np.ndarray, cov: np.ndarray | None = None, eps: float = 1e-3):
     return a, b, s
 
 
+def gemm_bias_problem(node) -> str | None:
+    """Why a Gemm's bias C is not one constant value per output (None when it is): a bias that
+    differs between rows (shape M × N) has no place in a rewritten layer."""
+    if node.op != "Gemm" or len(node.inputs) < 3:
+        return None
+    c = node.inputs[2]
+    if not isinstance(c, gs.Constant):
+        return "Gemm bias is not a constant"
+    d_out = node.inputs[1].values.shape[0 if node.attrs.get("transB", 0) else 1]
+    if c.values.size not in (1, d_out):
+        return f"Gemm bias of shape {tuple(c.values.shape)} differs between rows"
+    return None
+
+
 def round_up(r: int, multiple: int) -> int:
     multiple = max(int(multiple), 1)
     return int(-(-max(r, 1) // multiple) * multiple)
@@ -174,7 +189,7 @@ def energy_curve(layer: Layer, covs=None, eps=1e-3):
         e = s ** 2
         total += e.sum()
         tail = np.concatenate([np.cumsum(e[::-1])[::-1], [0.0]])  # tail[r] = Σ_{i≥r} e_i
-        tails += tail[: layer.max_rank + 1] if len(tail) >= layer.max_rank + 1 else np.pad(tail, (0, layer.max_rank + 1 - len(tail)))
+        tails += tail[: layer.max_rank + 1]     # len(e) ≥ max_rank: the smallest group's rank
     return tails / max(total, 1e-30)
 
 

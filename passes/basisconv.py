@@ -106,8 +106,8 @@ def _rewrite(graph, layer, m, As, Bs, bias):
                     outputs=[z])
     inputs = [z, gs.Constant(node.inputs[1].name + "_coef", np.ascontiguousarray(coef_w))]
     if bias is not None:
-        bname = (node.inputs[2].name if len(node.inputs) > 2 else node.name + "_bias") + "_coef"
-        inputs.append(gs.Constant(bname, np.ascontiguousarray(bias.astype(dtype))))
+        # named after the node: the old bias may be shared with other layers
+        inputs.append(gs.Constant(node.name + "_coef_b", np.ascontiguousarray(bias.astype(dtype))))
     node.inputs.clear()
     node.inputs.extend(inputs)
     node.attrs = {"kernel_shape": [1] * nd, "strides": [1] * nd, "pads": [0] * (2 * nd),

@@ -34,6 +34,7 @@ import scipy.linalg
 from ..graph import export_model, import_graph, opset
 from ..reconstruct import layer_matrix
 from ..registry import Pass, PassReport, Plan, Skip, register
+from ._factor import gemm_bias_problem
 from ._hadamard_ops import Emitter, emit_fastfood, factors, next_pow2
 
 
@@ -265,10 +266,20 @@ class FastfoodFit:
         if chol is None:
             chol = np.linalg.cholesky(c + alpha * np.eye(len(c)))
         full = scipy.linalg.cho_solve((chol, True), xc.T @ t / len(xc))
-        u, sv, vt = np.linalg.svd(chol.T @ full, full_matrices=False)
-        r = min(r, len(sv))
-        self.u = scipy.linalg.solve_triangular(chol.T, u[:, :r] * sv[:r], lower=False)
-        self.vt = vt[:r]
+        # top r of the SVD U S Vᵀ of m = Lᵀ full, from the eigenvectors of the smaller Gram matrix
+        # (only r of them: much faster than a full SVD of a wide layer); u = L⁻ᵀ U_r S_r = full V_r
+        m = chol.T @ full
+        r = min(r, *m.shape)
+        by_cols = m.shape[1] <= m.shape[0]
+        gram = m.T @ m if by_cols else m @ m.T
+        ev, vec = scipy.linalg.eigh(gram, subset_by_index=[len(gram) - r, len(gram) - 1], check_finite=False)
+        ev, vec = ev[::-1], vec[:, ::-1]
+        if by_cols:                     # vec = V_r
+            self.u, self.vt = full @ vec, vec.T
+        else:                           # vec = U_r, ev = S_r²
+            sv = np.sqrt(np.clip(ev, 0.0, None))
+            self.u = scipy.linalg.solve_triangular(chol.T, vec * sv, lower=False)
+            self.vt = (vec.T @ m) / np.maximum(sv, 1e-30 + 1e-12 * sv[0])[:, None]
 
     def add_block(self, xp, resid, xtx, iters, ridge, cg=10, restarts=1):
         """Add one block per stack, fitted to the residual rows (the best of ``restarts`` random
@@ -431,6 +442,8 @@ def _linear_info(node: gs.Node):
     if node.op not in ("Gemm", "MatMul"):
         return None, None, "not a Gemm/MatMul"
     if len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
+        if isinstance(node.inputs[0], gs.Constant):
+            return None, None, "constant weight on the left (W·x): not supported"
         return None, None, "weights are not constants"
     if isinstance(node.inputs[0], gs.Constant):
         return None, None, "input is a constant"
@@ -438,11 +451,10 @@ def _linear_info(node: gs.Node):
         return None, None, "weights are not a 2-D matrix"
     if not np.issubdtype(node.inputs[1].values.dtype, np.floating):
         return None, None, "weights are not floating point"
-    if node.op == "Gemm":
-        if node.attrs.get("transA", 0):
-            return None, None, "Gemm with transA=1"
-        if len(node.inputs) > 2 and not isinstance(node.inputs[2], gs.Constant):
-            return None, None, "Gemm bias is not a constant"
+    if node.op == "Gemm" and node.attrs.get("transA", 0):
+        return None, None, "Gemm with transA=1"
+    if gemm_bias_problem(node):
+        return None, None, gemm_bias_problem(node)
     w, bias = layer_matrix(node)
     return w, bias, None
 
@@ -489,19 +501,18 @@ def _replace(graph, node, fit: FastfoodFit, shared, op_set):
 
 
 def _set_dense(node, w, b):
+    """Write refitted weights (and, for a Gemm, bias) as new constants named after the node (the
+    old ones may be shared with other layers). A MatMul is only refit without a bias."""
     dtype = node.inputs[1].values.dtype
     if node.op == "Gemm":
-        node.inputs[1] = gs.Constant(node.inputs[1].name, np.ascontiguousarray((w.T if node.attrs.get("transB", 0) else w).astype(dtype)))
+        w = w.T if node.attrs.get("transB", 0) else w
         node.attrs["alpha"], node.attrs["beta"] = 1.0, 1.0
-        bc = gs.Constant(node.inputs[2].name if len(node.inputs) > 2 else node.name + "_bias", b.astype(dtype))
+        bc = gs.Constant(node.name + "_refit_b", np.ascontiguousarray(b.astype(dtype)))
         if len(node.inputs) > 2:
             node.inputs[2] = bc
         else:
             node.inputs.append(bc)
-        return True
-    # MatMul: fold the bias shift into an existing constant Add consumer, else keep the old bias
-    node.inputs[1] = gs.Constant(node.inputs[1].name, np.ascontiguousarray(w.astype(dtype)))
-    return False
+    node.inputs[1] = gs.Constant(node.name + "_refit_w", np.ascontiguousarray(w.astype(dtype)))
 
 
 def _ridge_refit(x, y, ridge=1e-3, fit_bias=True):
@@ -576,8 +587,10 @@ class Hadamard(Pass):
                     layers[node.name] = entry
                     current = export_model(graph.copy(), like=model)
                     continue
+                best = (f"best held-out error {info['best_error']}" if info["tried"] else
+                        "none of the structures tried fits in max_params")
                 report.skip(node, f"no Fastfood structure within tolerance {cfg.tolerance} and "
-                                  f"max_params {cfg.max_params} (best held-out error {info.get('best_error')})")
+                                  f"max_params {cfg.max_params} ({best})")
             if cfg.refit and upstream_changed and (node.op == "Gemm" or bias is None):
                 w2, b2 = _ridge_refit(x, y, fit_bias=node.op == "Gemm")
                 # judge on the last rows, as the structure search does

@@ -71,11 +71,10 @@ def _linear_layer(node, info, cfg, graph_outputs):
         return None, f"weights of type {w_t.values.dtype}"
     if len(w_t.outputs) > 1:
         return None, "weights are shared with other nodes"
-    if node.op == "Gemm":
-        if node.attrs.get("transA", 0):
-            return None, "Gemm with transA=1"
-        if len(node.inputs) > 2 and not isinstance(node.inputs[2], gs.Constant):
-            return None, "bias is not a constant"
+    if node.op == "Gemm" and node.attrs.get("transA", 0):
+        return None, "Gemm with transA=1"
+    if _factor.gemm_bias_problem(node):
+        return None, _factor.gemm_bias_problem(node)
     y_shape = info.get(node.outputs[0].name, (None, None))[0]
     x_shape = info.get(node.inputs[0].name, (None, None))[0]
     if y_shape is None or x_shape is None:
@@ -196,8 +195,8 @@ def _rewrite(graph, layer, r, As, Bs, bias):
         node.attrs["alpha"] = 1.0
         node.attrs["beta"] = 1.0
         if bias is not None:
-            bconst = gs.Constant((node.inputs[2].name if len(node.inputs) > 2 else node.name + "_bias") + "_lowrank",
-                                 np.ascontiguousarray(bias.astype(dtype)))
+            # new constants are named after their node: the old ones may be shared
+            bconst = gs.Constant(node.name + "_lowrank_bias", np.ascontiguousarray(bias.astype(dtype)))
             if len(node.inputs) > 2:
                 node.inputs[2] = bconst
             else:
@@ -211,7 +210,7 @@ def _rewrite(graph, layer, r, As, Bs, bias):
         c = add.inputs[j].values
         new = c.astype(np.float64) + bias.reshape([1] * (c.ndim - 1) + [-1]) if c.ndim else \
             float(c) + bias
-        add.inputs[j] = gs.Constant(add.inputs[j].name + "_lowrank", np.ascontiguousarray(np.asarray(new).astype(c.dtype)))
+        add.inputs[j] = gs.Constant(add.name + "_lowrank_c", np.ascontiguousarray(np.asarray(new).astype(c.dtype)))
     return None
 
 
@@ -220,9 +219,13 @@ def find_layers(graph, info, cfg):
     layers, skipped = [], []
     for node in graph.nodes:
         if node.op in ("Gemm", "MatMul"):
-            if len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
+            if node.op == "MatMul" and isinstance(node.inputs[0], gs.Constant) \
+                    and not isinstance(node.inputs[1], gs.Constant):
+                layer, reason = None, "constant weight on the left (W·x): not supported"
+            elif len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
                 continue  # a product of two activations (attention), not a weight layer
-            layer, reason = _linear_layer(node, info, cfg, outs)
+            else:
+                layer, reason = _linear_layer(node, info, cfg, outs)
         elif node.op == "Conv" and cfg.conv:
             layer, reason = _conv_layer(node, info, cfg)
             if reason is not None and "already separable" in reason:

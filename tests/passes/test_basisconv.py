@@ -134,3 +134,23 @@ def test_chained_after_pfa(cnn):
     assert ratio <= 0.4 * 1.05, ratio
     assert res.report["passes"][1]["changed"]
     assert digits.accuracy(res.model, "cnn") >= acc0 - 0.02
+
+
+def test_shared_bias_rewritten_like_separate_copies():
+    """Two Convs reading one bias initializer each get their own refitted bias."""
+    def net(shared):
+        b = GraphBuilder(seed=5)
+        one = b.const(np.full(8, 0.1, np.float32), "shared_b")
+        h = b.input("input", ["batch", 8, 6, 6])
+        for i in range(2):
+            bias = one if shared else b.const(np.full(8, 0.1, np.float32), "copy_b")
+            w = b.const((b.rng.standard_normal((8, 8, 3, 3)) / 8).astype(np.float32), "w")
+            h = b.node("Conv", [h, w, bias], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+            h = b.relu(h) if i == 0 else h
+        b.node("Identity", [h], out="y")
+        b.output("y")
+        return b.model()
+
+    shared, copies = (_run(net(s), {"energy": 0.6, "force": True}).model for s in (True, False))
+    assert len({t.name for t in shared.graph.initializer}) == len(shared.graph.initializer)
+    assert_close(copies, shared, {"input": _feeds(shared, 8, seed=7)}, rtol=1e-5, atol=1e-5)

@@ -169,3 +169,32 @@ def test_mlp_accuracy_params_and_downstream_refit():
     assert after >= before - 0.02, (before, after)
     shapes = {"input": (64,)}
     assert model_cost(res.model, shapes)["params"] < 0.15 * model_cost(model, shapes)["params"]
+
+
+def test_dense_refit_of_layers_sharing_weights_and_bias():
+    """Layers kept dense and refit after an upstream replacement get their own new weights even
+    where the original ones were shared initializers."""
+    def net(shared):
+        b = GraphBuilder(4)
+        x = b.input("x", ["N", 64])
+        h = b.relu(b.matmul(x, 64, 64))
+        w = (b.rng.standard_normal((8, 8)) / 3).astype(np.float32)
+        c = np.full(8, 0.1, np.float32)
+        h = b.relu(b.node("MatMul", [h, b.const(b.rng.standard_normal((64, 8)).astype(np.float32) / 8)]))
+        one_w, one_c = b.const(w, "w"), b.const(c, "b")
+        for _ in range(2):
+            h = b.relu(b.node("Gemm", [h, one_w if shared else b.const(w, "w"), one_c if shared else b.const(c, "b")]))
+        b.node("Identity", [h], out="y")
+        b.output("y", ["N", 8])
+        return b.model()
+
+    calib = np.random.default_rng(0).standard_normal((200, 64)).astype(np.float32)
+    opts = {"hadamard": {"tolerance": 0.95, "blocks": 1, "rank": 16, "max_params": 1.0}}
+    res = [shrink(net(s), ["hadamard"], calibration=calib, options=opts,
+                  tolerances=Tolerances(min_cosine=None), force=True) for s in (True, False)]
+    layers = res[0].report["passes"][0]["layers"]
+    assert any(v.get("refit") for k, v in layers.items() if k.startswith("gemm"))
+    shared = res[0].model
+    assert len({t.name for t in shared.graph.initializer}) == len(shared.graph.initializer)
+    feeds = {"x": calib[:16]}
+    np.testing.assert_allclose(_run(shared, feeds)[0], _run(res[1].model, feeds)[0], rtol=1e-5, atol=1e-5)

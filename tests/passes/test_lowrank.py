@@ -134,3 +134,63 @@ def test_flops_budget():
     ratio = model_cost(res.model)["flops"] / model_cost(model)["flops"]
     assert abs(ratio - 0.7) <= 0.05 * 0.7, ratio
     assert digits.accuracy(res.model, kind) >= digits.accuracy(model, kind) - 0.02
+
+
+def _two_layers_sharing_a_bias(op, shared):
+    """Two 32→32 layers whose bias (Gemm C, or the constant of the Add after a MatMul) is one
+    initializer (``shared``) or two copies of it."""
+    b = GraphBuilder(seed=6)
+    h = b.input("input", ["batch", 32])
+    c = np.full(32, 0.2, np.float32)
+    one = b.const(c, "shared_b")
+    for i in range(2):
+        bias = one if shared else b.const(c, "copy_b")
+        w = b.const((b.rng.standard_normal((32, 32)) / 6).astype(np.float32), "w")
+        if op == "Gemm":
+            h = b.node("Gemm", [h, w, bias])
+        else:
+            h = b.node("Add", [b.node("MatMul", [h, w]), bias])
+        h = b.relu(h) if i == 0 else h
+    b.node("Identity", [h], out="y")
+    b.output("y")
+    return b.model()
+
+
+@pytest.mark.parametrize("op", ["Gemm", "MatMul"])
+def test_shared_bias_rewritten_like_separate_copies(op):
+    """Each layer gets its own new bias: one shared name must not collapse them into one."""
+    opts = {"energy": 0.6, "force": True}
+    shared, copies = (_run(_two_layers_sharing_a_bias(op, s), opts).model for s in (True, False))
+    assert len({t.name for t in shared.graph.initializer}) == len(shared.graph.initializer)
+    x = _data(shared, 8, 9)
+    assert_close(copies, shared, {"input": x}, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["lowrank", "hadamard"])
+def test_gemm_bias_of_shape_1_by_n(name):
+    """A Gemm bias given as a (1, N) row is read as a vector."""
+    b = GraphBuilder(seed=7)
+    x = b.input("input", ["batch", 32])
+    w = b.const((b.rng.standard_normal((32, 32)) / 6).astype(np.float32), "w")
+    b.node("Gemm", [x, w, b.const(np.full((1, 32), 0.5, np.float32), "b")], out="y", beta=2.0)
+    b.output("y")
+    m = b.model()
+    opts = {"lowrank": {"energy": 1.0, "force": True, "refit": False},
+            "hadamard": {"tolerance": 0.99, "max_params": 1.0}}
+    res = shrink(m, [name], calibration=_data(m, 96, 5), force=True, options={name: opts[name]})
+    assert res.report["passes"][0]["changed"]
+    if name == "lowrank":
+        assert_close(m, res.model, {"input": _data(m, 8, 9)})
+
+
+@pytest.mark.parametrize("name", ["lowrank", "hadamard"])
+def test_matmul_with_the_weight_on_the_left_is_skipped_with_a_reason(name):
+    b = GraphBuilder(seed=8)
+    x = b.input("input", ["batch", 32, 24])
+    b.node("MatMul", [b.const((b.rng.standard_normal((40, 32)) / 6).astype(np.float32), "w"), x], out="y")
+    b.output("y")
+    m = b.model()
+    res = shrink(m, [name], calibration=_data(m, 96, 5), force=True)
+    rep = res.report["passes"][0]
+    assert not rep["changed"]
+    assert [s["reason"] for s in rep["skipped"]] == ["constant weight on the left (W·x): not supported"]
