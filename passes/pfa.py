@@ -29,6 +29,9 @@ k is rounded up to a multiple of ``channel_multiple``. Then every weight layer t
 tensor is refit, level by level on the pruned network's own inputs, to the reference network's
 pre-activation: W', b' = argmin ‖X̃ W' + b' − Y‖² + α‖W' − W0‖² (toward the sliced weights), α
 chosen per layer on held-out calibration batches from one eigendecomposition of Cov(x̃).
+
+Recipes and selection live in ``_pfa_select``, the refit helpers in ``_pfa_refit``; this module holds
+the pass: statistics, the cost model and allocation, and the order of the steps.
 """
 
 from __future__ import annotations
@@ -38,17 +41,19 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
 from ..channels import analyze
 from ..errors import UsageError
 from ..graph import export_model, import_graph
 from ..reconstruct import layer_matrix, layer_stats_request, refit_order, ridge_solve, set_layer_matrix
 from ..registry import Pass, PassReport, Plan, Skip, register
-from ..stats import CrossMoments, LayerStats, ResponseStats
+from ..stats import ResponseStats
+from ._pfa_refit import (RIDGES, ResidualStats, SplitStats, add_matmul_bias, choose_ridge, merged, relative_error,
+                         residual_target, ridge_toward, slice_outputs)
+from ._pfa_select import (Problem, consumer_blocks, elimination_order, kept_energy, kept_kl, pearson_removal_order,
+                          round_up, spectrum, weight_row_norms)
 
 MODES = ("auto", "energy", "kl", "budget")
-RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 SELECTIONS = ("reconstruction", "pearson", "magnitude")
 ALLOCATIONS = ("error", "energy")
 
@@ -81,246 +86,6 @@ class PfaConfig:
             raise ValueError(f"pfa.channel_multiple must be >= 1, got {self.channel_multiple}")
         if self.positions < 1:
             raise ValueError(f"pfa.positions must be >= 1, got {self.positions}")
-
-
-# ----------------------------------------------------------------------------- recipes
-def spectrum(cov: np.ndarray) -> np.ndarray:
-    """Eigenvalues of a covariance, descending, clipped at 0, normalised to sum 1."""
-    cov = np.asarray(cov, dtype=np.float64)
-    try:
-        import scipy.linalg
-        ev = scipy.linalg.eigh(cov, eigvals_only=True, driver="ev")
-    except Exception:  # no scipy, or no convergence
-        ev = np.linalg.eigvalsh(cov)
-    lam = np.clip(ev[::-1], 0.0, None)
-    total = lam.sum()
-    if total <= 0:
-        out = np.zeros_like(lam)
-        out[0] = 1.0
-        return out
-    return lam / total
-
-
-def kept_energy(lam: np.ndarray, energy: float) -> int:
-    """PFA-En: smallest k with Σ_{i≤k} λ_i ≥ energy (all of them at energy 1)."""
-    n = len(lam)
-    if energy >= 1.0:
-        return n
-    cum = np.cumsum(lam)
-    return int(min(n, np.searchsorted(cum, energy - 1e-12, side="left") + 1))
-
-
-def kept_kl(lam: np.ndarray) -> int:
-    """PFA-KL: ceil(n · (1 − KL(λ ‖ uniform) / log n))."""
-    n = len(lam)
-    if n < 2:
-        return n
-    nz = lam[lam > 0]
-    kl = float(np.sum(nz * np.log(n * nz)))
-    return int(min(n, max(1, np.ceil(n * (1.0 - kl / np.log(n)) - 1e-9))))
-
-
-def round_up(k: int, n: int, multiple: int) -> int:
-    k = max(int(k), 1)
-    return int(min(n, -(-k // multiple) * multiple))
-
-
-def pearson_removal_order(cov: np.ndarray) -> np.ndarray:
-    """All channels in the order PFA removes them: channels with no variance first, then the one
-    whose |Pearson correlations| with the remaining channels sum highest (ties: the highest single
-    correlation), recomputed after each removal."""
-    cov = np.asarray(cov, dtype=np.float64)
-    n = len(cov)
-    d = np.diag(cov).copy()
-    dead = d <= 1e-10 * max(d.max(initial=0.0), 1e-30)
-    s = np.sqrt(np.where(dead, 1.0, d))
-    a = np.abs(cov / np.outer(s, s))
-    a[dead, :] = 0.0
-    a[:, dead] = 0.0
-    np.fill_diagonal(a, 0.0)
-    alive = np.ones(n, dtype=bool)
-    order = [int(i) for i in np.nonzero(dead)[0][np.argsort(d[dead])]]
-    alive[order] = False
-    sums = a[:, alive].sum(axis=1)
-    while alive.sum() > 0:
-        cand = np.nonzero(alive)[0]
-        best = sums[cand].max()
-        ties = cand[sums[cand] >= best - 1e-12]
-        j = int(ties[0]) if len(ties) == 1 else int(ties[np.argmax(a[np.ix_(ties, cand)].max(axis=1))])
-        order.append(j)
-        alive[j] = False
-        sums -= a[:, j]
-    return np.asarray(order, dtype=np.int64)
-
-
-def ridge_toward(cm: CrossMoments, w0: np.ndarray, ridge: float):
-    """W, b minimising ‖X W + b − Y‖² + α‖W − W0‖² (centered normal equations): the ridge pulls
-    toward the layer's own (sliced) weights rather than toward zero, so a layer that lost few
-    inputs stays close to what it was when the calibration data cannot pin every weight down."""
-    n = max(cm.n, 1)
-    mx, my = cm.x.mean, cm.mean_y
-    cxx = cm.x.cov
-    cxy = cm.xy / n - np.outer(mx, my)
-    d = cxx.shape[0]
-    alpha = ridge * max(np.trace(cxx) / max(d, 1), 1e-12)
-    a = cxx + alpha * np.eye(d)
-    rhs = cxy + alpha * w0
-    try:
-        w = np.linalg.solve(a, rhs)
-    except np.linalg.LinAlgError:
-        w = np.linalg.lstsq(a, rhs, rcond=None)[0]
-    return w, my - mx @ w
-
-
-# ----------------------------------------------------------------------------- reconstruction-aware selection
-@dataclass
-class Problem:
-    """One consumer's least-squares problem seen from a group: Cov(x) (d×d) and Cov(x, y) (d×m) of its
-    inputs and outputs on the unpruned network, the total output variance tr Cov(y), and for each of
-    the group's channels the input columns it feeds (an empty array where it feeds none)."""
-    cxx: np.ndarray
-    cxy: np.ndarray
-    var: float
-    blocks: list
-
-
-def _spd_inverse(a: np.ndarray) -> np.ndarray:
-    try:
-        return np.linalg.inv(a)
-    except np.linalg.LinAlgError:
-        return np.linalg.pinv(a)
-
-
-class _Elim:
-    """One consumer's state during elimination: H = (Cov(x) + αI)⁻¹ and W = H Cov(x, y) over the
-    columns still alive (compacted as columns go), and each channel's columns, by block size."""
-
-    def __init__(self, p: Problem, ridge: float):
-        d = p.cxx.shape[0]
-        alpha = ridge * max(np.trace(p.cxx) / max(d, 1), 1e-12)
-        self.h = _spd_inverse(p.cxx + alpha * np.eye(d))
-        self.w = self.h @ p.cxy
-        self.var = max(p.var, 1e-12)
-        self.base = max(self.var - float(np.sum(self.w * p.cxy)), 0.0) / self.var
-        self.pos = np.arange(d)                       # original column -> current row, -1 once removed
-        self.dead = np.zeros(d, dtype=bool)           # current rows already eliminated
-        self.blocks = [np.asarray(b, dtype=np.int64) for b in p.blocks]
-        sizes = np.array([len(b) for b in self.blocks])
-        self.by_size = {int(s): (np.nonzero(sizes == s)[0], np.stack([self.blocks[c] for c in np.nonzero(sizes == s)[0]]))
-                        for s in np.unique(sizes) if s > 0}
-
-    def scores(self, alive: np.ndarray) -> np.ndarray:
-        """tr(W_Bᵀ (H_BB)⁻¹ W_B) / tr Cov(y) for every channel (0 for channels without columns here)."""
-        out = np.zeros(len(alive))
-        h, w = self.h, self.w
-        for size, (chans, idx) in self.by_size.items():
-            sel = alive[chans]
-            if not sel.any():
-                continue
-            cur = self.pos[idx[sel]]
-            if size == 1:
-                j = cur[:, 0]
-                val = np.einsum("ij,ij->i", w[j], w[j]) / np.maximum(h[j, j], 1e-300)
-            else:
-                hb = h[cur[:, :, None], cur[:, None, :]]
-                wb = w[cur]
-                try:
-                    x = np.linalg.solve(hb, wb)
-                except np.linalg.LinAlgError:
-                    x = np.matmul(np.linalg.pinv(hb), wb)
-                val = np.einsum("sbm,sbm->s", wb, x)
-            out[chans[sel]] = np.maximum(val, 0.0) / self.var
-        return out
-
-    def remove(self, chans) -> float:
-        """Drop the channels' columns; returns the increase of the relative error. The update runs
-        in place on the current arrays (dropped rows become zero and are no longer read); they are
-        compacted once a quarter of their rows is dead."""
-        orig = np.concatenate([self.blocks[c] for c in chans])
-        if len(orig) == 0:
-            return 0.0
-        cols = self.pos[orig]
-        h, w = self.h, self.w
-        hb = h[:, cols]
-        rhs = np.concatenate([hb.T, w[cols]], axis=1)
-        try:
-            k = np.linalg.solve(hb[cols], rhs)
-        except np.linalg.LinAlgError:
-            k = np.linalg.pinv(hb[cols]) @ rhs
-        d = h.shape[0]
-        inc = max(float(np.sum(w[cols] * k[:, d:])), 0.0) / self.var
-        h -= hb @ k[:, :d]
-        w -= hb @ k[:, d:]
-        self.pos[orig] = -1
-        self.dead[cols] = True
-        if self.dead.sum() * 4 >= d:
-            keep = ~self.dead
-            self.h = h[np.ix_(keep, keep)]
-            self.w = w[keep]
-            newpos = np.cumsum(keep) - 1
-            live = self.pos >= 0
-            self.pos[live] = newpos[self.pos[live]]
-            self.dead = np.zeros(int(keep.sum()), dtype=bool)
-        return inc
-
-
-def elimination_order(problems: list, n: int, ridge: float = 1e-3, step_fraction: float = 1 / 16):
-    """Greedy backward elimination of a group's channels on its consumers' least-squares problems
-    (ThiNet, Luo et al. 2017; He et al. 2017): repeatedly drop the channel whose removal increases
-    Σ_j min_W ‖X_j W − Y_j‖² / tr Cov(Y_j) the least. With H = (Cov(x) + αI)⁻¹ and W = H Cov(x, y)
-    the fit on the kept columns, dropping the columns B costs exactly tr(W_Bᵀ H_BB⁻¹ W_B), and
-    H ← H − H_·B H_BB⁻¹ H_B·, W ← W − H_·B H_BB⁻¹ W_B give the fit without them (block elimination).
-    Large groups drop ``step_fraction`` of the remaining channels per update (the cheapest ones;
-    twice that while more than 256 remain).
-
-    Returns (order, err): all n channels in removal order, and err[k] = the summed relative error
-    with the last k channels of ``order`` kept (err[n]: nothing removed)."""
-    states = [_Elim(p, ridge) for p in problems]
-    alive = np.ones(n, dtype=bool)
-    order, err = [], np.zeros(n + 1)
-    total = err[n] = sum(st.base for st in states)
-    while alive.sum() > 1:
-        score = sum(st.scores(alive) for st in states)
-        cand = np.nonzero(alive)[0]
-        frac = step_fraction if len(cand) <= 256 else 2 * step_fraction   # wide layers: coarser early steps
-        r = max(1, min(int(len(cand) * frac), len(cand) - 1))
-        ranked = cand[np.argsort(score[cand], kind="stable")[:r]]
-        inc = sum(st.remove(ranked) for st in states)
-        # spread a joint step's increase over its channels in proportion to their single scores
-        s = score[ranked]
-        share = s / s.sum() if s.sum() > 0 else np.full(r, 1.0 / r)
-        for c, f in zip(ranked, share):
-            total += inc * f
-            order.append(int(c))
-            alive[c] = False
-            err[int(alive.sum())] = total
-    order.extend(int(c) for c in np.nonzero(alive)[0])
-    err[0] = err[1]
-    return np.asarray(order, dtype=np.int64), err
-
-
-def consumer_blocks(an, consumer: str, node: gs.Node) -> dict:
-    """{group index: [input columns of ``consumer``'s LayerStats features fed by each channel]}."""
-    comps = None
-    for e in an.edits:
-        if e.kind == "in" and e.node == consumer:
-            comps = np.asarray(e.comps)
-            break
-    if comps is None:
-        return {}
-    kk = 1
-    if node.op == "Conv":
-        kk = int(np.prod(node.inputs[1].values.shape[2:]))
-    cls = an.roots[comps]
-    gids, idx = an.class_group[cls], an.class_index[cls]
-    out = {}
-    for g in np.unique(gids):
-        size = an.groups[g].size
-        cols = [[] for _ in range(size)]
-        for p in np.nonzero(gids == g)[0]:
-            cols[idx[p]].extend(range(p * kk, (p + 1) * kk))
-        out[int(g)] = [np.asarray(c, dtype=np.int64) for c in cols]
-    return out
 
 
 # ----------------------------------------------------------------------------- cost without rebuilding
@@ -384,130 +149,6 @@ class CostModel:
         for (gi, gj), v in self.C.items():
             c += v * (ks.get(gi, self.n[gi]) - self.n[gi]) * (ks.get(gj, self.n[gj]) - self.n[gj])
         return {"params": float(c[0]), "flops": float(c[1])}
-
-
-@dataclass
-class _ResidualStats(LayerStats):
-    """LayerStats whose target is what the layer must add to the pruned network's skip tensor to
-    give the reference network's residual sum: y = R_ref[kept] − skip − shift. Fitting to it
-    also corrects the error that earlier pruning left in the skip path."""
-
-    skip: str = ""
-    mask: np.ndarray | None = None
-    shift: np.ndarray | None = None
-
-    def tensors(self):
-        return {"x": [self.x_tensor, self.skip], "y": [self.y_tensor]}
-
-    def _features(self, x_arrays, y_arrays, rng):
-        axis = 1 if self.kind == "conv" else -1
-        y = y_arrays[self.y_tensor]
-        if self.mask is not None and not self.mask.all():
-            y = np.compress(self.mask, y, axis=axis)
-        t = y - x_arrays[self.skip]
-        if self.shift is not None:
-            t = t - (self.shift.reshape((-1,) + (1,) * (t.ndim - 2)) if axis == 1 else self.shift)
-        return super()._features(x_arrays, {self.y_tensor: t.astype(np.float32)}, rng)
-
-
-def _residual(node: gs.Node):
-    """(sum tensor, skip tensor, bias constant) when the layer's output (through a MatMul's bias
-    Add) goes only into an Add with another computed tensor, else None."""
-    t, shift = node.outputs[0], None
-    users = list(t.outputs)
-    if node.op == "MatMul" and len(users) == 1 and users[0].op == "Add":
-        c = [i for i in users[0].inputs if i is not t]
-        if len(c) == 1 and isinstance(c[0], gs.Constant) and c[0].values.ndim >= 1:
-            shift, t = c[0].values.reshape(-1).astype(np.float64), users[0].outputs[0]
-            users = list(t.outputs)
-    if len(users) != 1 or users[0].op != "Add" or len(users[0].inputs) != 2:
-        return None
-    other = [i for i in users[0].inputs if i is not t]
-    if len(other) != 1 or isinstance(other[0], gs.Constant):
-        return None
-    return users[0].outputs[0].name, other[0].name, shift
-
-
-class _SplitStats:
-    """A LayerStats request whose batches alternate between two accumulators (fit / held out)."""
-
-    def __init__(self, inner):
-        self.inner, self.key, self._calls = inner, inner.key, 0
-
-    def tensors(self):
-        return self.inner.tensors()
-
-    def new(self, x_arrays, y_arrays):
-        return [self.inner.new(x_arrays, y_arrays), self.inner.new(x_arrays, y_arrays)]
-
-    def update(self, acc, x_arrays, y_arrays, rng):
-        self.inner.update(acc[self._calls % 2], x_arrays, y_arrays, rng)
-        self._calls += 1
-
-
-def _error(cm: CrossMoments, w: np.ndarray, b: np.ndarray) -> float:
-    """Relative squared error Σ‖xW + b − y‖² / Σ‖y − ȳ‖² from the moments (matrix products only)."""
-    n = max(cm.n, 1)
-    mx, my = cm.x.mean, cm.mean_y
-    pred2 = np.sum(w * (cm.x.second @ w), axis=0) + 2 * b * (mx @ w) + b * b
-    cross = np.sum(w * (cm.xy / n), axis=0) + b * my
-    err = pred2 - 2 * cross + cm.yy / n
-    var = cm.yy / n - my * my
-    return float(max(err.sum(), 0.0) / max(var.sum(), 1e-12))
-
-
-def choose_ridge(cm_a: CrossMoments, cm_b: CrossMoments, w0: np.ndarray | None, ridges=RIDGES,
-                 columns: int = 64, seed: int = 0) -> float:
-    """The ridge of ``ridges`` whose fit on ``cm_a`` (toward ``w0``, or zero) has the lowest error on
-    the held-out ``cm_b``. One eigendecomposition Cov_a(x) = V diag(e) Vᵀ serves every α:
-    W_α = V diag(1/(e + α)) Vᵀ (Cov_a(x, y) + α W0); the held-out error is measured on at most
-    ``columns`` output columns (a random subset), which is enough to rank a scalar."""
-    m = cm_a.sum_y.shape[0]
-    sub = np.sort(np.random.default_rng(seed).choice(m, size=columns, replace=False)) if m > columns else np.arange(m)
-    mask = np.zeros(m, dtype=bool)
-    mask[sub] = True
-    a, b = _slice_cross(cm_a, mask), _slice_cross(cm_b, mask)
-    n = max(a.n, 1)
-    mx, my = a.x.mean, a.mean_y
-    cxx = a.x.cov
-    cxy = a.xy / n - np.outer(mx, my)
-    d = cxx.shape[0]
-    scale = max(np.trace(cxx) / max(d, 1), 1e-12)
-    try:
-        e, v = np.linalg.eigh(cxx)
-    except np.linalg.LinAlgError:
-        return float(ridges[len(ridges) // 2])
-    e = np.clip(e, 0.0, None)
-    p = v.T @ cxy
-    p0 = v.T @ w0[:, sub] if w0 is not None else np.zeros_like(p)
-    held = []
-    for r in ridges:
-        alpha = r * scale
-        w = v @ ((p + alpha * p0) / (e + alpha)[:, None])
-        held.append(_error(b, w, my - mx @ w))
-    return float(ridges[int(np.argmin(held))])
-
-
-def _merged(a: CrossMoments, b: CrossMoments) -> CrossMoments:
-    out = CrossMoments(a.x.sum.shape[0], a.sum_y.shape[0])
-    return out.merge(a).merge(b)
-
-
-def _slice_cross(cm: CrossMoments, mask: np.ndarray) -> CrossMoments:
-    out = CrossMoments(cm.x.sum.shape[0], int(mask.sum()))
-    out.x = cm.x
-    out.sum_y, out.xy, out.yy = cm.sum_y[mask], cm.xy[:, mask], cm.yy[mask]
-    return out
-
-
-def _weight_rows(node: gs.Node) -> np.ndarray:
-    """Squared L2 norm of each output channel's weights."""
-    w = node.inputs[1].values.astype(np.float64)
-    if node.op == "Conv":
-        return (w.reshape(w.shape[0], -1) ** 2).sum(axis=1)
-    if node.op == "Gemm" and node.attrs.get("transB", 0):
-        return (w ** 2).sum(axis=1)
-    return (w ** 2).sum(axis=0)
 
 
 # ----------------------------------------------------------------------------- the pass
@@ -603,7 +244,7 @@ class Pfa(Pass):
         score = np.zeros(g.size)
         for s in g.sources:
             if s.prunable and s.node in nodes:
-                np.add.at(score, an.class_index[an.roots[s.comps]], _weight_rows(nodes[s.node]))
+                np.add.at(score, an.class_index[an.roots[s.comps]], weight_row_norms(nodes[s.node]))
         return np.argsort(score, kind="stable")
 
     # -- budget search
@@ -733,19 +374,19 @@ class Pfa(Pass):
             for n in names:
                 node = nodes[n]
                 req = layer_stats_request(node, n, node.inputs[0].name, node.outputs[0].name, positions=cfg.positions)
-                res = _residual(node) if cfg.residual_targets else None
+                res = residual_target(node) if cfg.residual_targets else None
                 if res is not None:
                     mask = an.output_mask(n, keep)
-                    req = _ResidualStats(req.key, req.x_tensor, res[0], req.kind, req.conv_attrs, req.positions,
+                    req = ResidualStats(req.key, req.x_tensor, res[0], req.kind, req.conv_attrs, req.positions,
                                          req.rows_per_batch, req.transpose_x, skip=res[1], mask=mask, shift=res[2])
                     residual.add(n)
-                reqs.append(_SplitStats(req))
+                reqs.append(SplitStats(req))
             accs = ctx.collect(reqs, model_x=cur, model_y=ctx.reference, desc=f"pfa refit {lv + 1}/{len(levels)}")
             for n in names:
                 node, (cm_a, cm_b) = nodes[n], accs[n]
                 mask = an.output_mask(n, keep)
                 if mask is not None and not mask.all() and n not in residual:
-                    cm_a, cm_b = _slice_cross(cm_a, mask), _slice_cross(cm_b, mask)
+                    cm_a, cm_b = slice_outputs(cm_a, mask), slice_outputs(cm_b, mask)
                 w0 = layer_matrix(node)[0]
 
                 def solve(cm, ridge):
@@ -757,12 +398,12 @@ class Pfa(Pass):
                     if cm_b.n > 0 and cm_a.n > 0:
                         ridge = choose_ridge(cm_a, cm_b, w0 if cfg.prior else None)
                     ridges[n] = ridge
-                cm = _merged(cm_a, cm_b)
+                cm = merged(cm_a, cm_b)
                 w, b = solve(cm, ridge)
-                errors[n] = _error(cm, w, b)
+                errors[n] = relative_error(cm, w, b)
                 if node.op == "MatMul":
                     set_layer_matrix(node, w, None)
-                    _add_matmul_bias(graph, node, b)
+                    add_matmul_bias(graph, node, b)
                 else:
                     set_layer_matrix(node, w, b)
             cur = export_model(graph, like=pruned)
@@ -885,23 +526,3 @@ class _Lazy(dict):
         self[key] = value = self.make(key)
         return value
 
-
-def _add_matmul_bias(graph: gs.Graph, node: gs.Node, b: np.ndarray) -> None:
-    """Put the refit bias of a MatMul into the Add that follows it, or insert one."""
-    out = node.outputs[0]
-    dtype = node.inputs[1].values.dtype
-    users = list(out.outputs)
-    if len(users) == 1 and users[0].op == "Add":
-        add = users[0]
-        j = 1 if add.inputs[0] is out else 0
-        c = add.inputs[j]
-        if isinstance(c, gs.Constant) and c.values.size == len(b) and c.values.shape[-1] == len(b):
-            new = c.values.astype(np.float64) + b.reshape(c.values.shape)
-            name = c.name if len(c.outputs) == 1 else f"{c.name}__{add.name}"
-            add.inputs[j] = gs.Constant(name, new.astype(dtype))
-            return
-    mm_out = gs.Variable(out.name + "_pre_bias", dtype=out.dtype)
-    node.outputs[0] = mm_out
-    graph.nodes.append(gs.Node("Add", name=node.name + "_bias", inputs=[mm_out, gs.Constant(node.name + "_bias_value", b.astype(dtype))],
-                               outputs=[out]))
-    graph.toposort()
