@@ -41,6 +41,22 @@ def model_inputs(model: onnx.ModelProto):
     return result
 
 
+def fixed_batch(model: onnx.ModelProto) -> int | None:
+    """The batch size the model's inputs fix (a model exported with batch 1), or None when dim 0
+    is dynamic."""
+    fixed = {shape[0] for _, shape, _ in model_inputs(model) if shape and shape[0] is not None}
+    return fixed.pop() if len(fixed) == 1 else None
+
+
+def _batches(data: "DataSource", batch_size: int, model: onnx.ModelProto):
+    """(batches, count): feed dicts of ``batch_size`` samples, or of exactly the model's fixed
+    batch size (a last, shorter batch is left out)."""
+    fixed = fixed_batch(model)
+    if fixed is None:
+        return data.batches(batch_size), -(-data.n // batch_size)
+    return (f for f in data.batches(fixed) if len(next(iter(f.values()))) == fixed), data.n // fixed
+
+
 # ----------------------------------------------------------------------------- data sources
 class DataSource:
     """Arrays keyed by input name, all with the same number of samples (axis 0)."""
@@ -74,6 +90,10 @@ class DataSource:
         names = [i[0] for i in inputs]
         if self.n == 0:
             raise CalibrationError(f"{self.origin}: zero samples")
+        batch = fixed_batch(model)
+        if batch is not None and self.n < batch:
+            raise CalibrationError(f"{self.origin}: {self.n} sample(s), but the model's inputs take a fixed "
+                                   f"batch of {batch}")
         missing = [n for n in names if n not in self.arrays]
         extra = [k for k in self.arrays if k not in names]
         if missing or extra:
@@ -117,6 +137,14 @@ class ImageFolderSource(DataSource):
         self.mean = np.asarray(mean, np.float32)
         self.std = np.asarray(std, np.float32)
         self.channels = channels or max(len(self.mean), len(self.std), 1)
+        if len(self.size) != 2 or not all(isinstance(d, (int, np.integer)) and d > 0 for d in self.size):
+            raise CalibrationError(f"--image-size expects H,W (two positive integers), got {image_size}")
+        for flag, v in (("--mean", self.mean), ("--std", self.std)):
+            if v.ndim != 1 or len(v) not in (1, self.channels):
+                raise CalibrationError(f"{flag} has {v.size} values; the model's input has {self.channels} "
+                                       f"channel(s) (give 1 or {self.channels})")
+        if not (self.std > 0).all():
+            raise CalibrationError(f"--std must be > 0, got {tuple(self.std.tolist())}")
         self.dtype = dtype
         self.origin = f"image folder '{folder}'"
         self.n = len(self.files)
@@ -150,8 +178,7 @@ class ImageFolderSource(DataSource):
         return {self.input_name: tuple(self.take(slice(0, 1))[self.input_name].shape[1:])}
 
     def check(self, model):
-        first = DataSource(self.take(slice(0, 1)), self.origin).check(model)  # shape/dtype check
-        del first
+        DataSource(self.take(slice(0, fixed_batch(model) or 1)), self.origin).check(model)  # shape/dtype check
         return self
 
 
@@ -336,9 +363,9 @@ def collect(data: DataSource, requests, model_x: onnx.ModelProto, model_y: onnx.
     run_x = _Runner(model_x, xs if model_y is not None else sorted(set(xs) | set(ys)))
     run_y = _Runner(model_y, ys) if model_y is not None and ys else None
     accs = {}
-    batches = data.batches(batch_size)
+    batches, count = _batches(data, batch_size, model_x)
     if progress is not None:
-        batches = progress(batches, total=(data.n + batch_size - 1) // batch_size)
+        batches = progress(batches, total=count)
     for b, feed in enumerate(batches):
         xa = run_x(feed)
         ya = run_y(feed) if run_y is not None else xa
@@ -355,7 +382,10 @@ def run_model(model: onnx.ModelProto, data: DataSource, batch_size: int = 256, t
     sess = session(model, threads)
     names = [o.name for o in sess.get_outputs()]
     outs = {n: [] for n in names}
-    for feed in data.batches(batch_size):
+    for feed in _batches(data, batch_size, model)[0]:
         for n, v in zip(names, sess.run(names, feed)):
             outs[n].append(v)
+    if not outs[names[0]]:
+        raise CalibrationError(f"{data.origin}: {data.n} sample(s), fewer than the model's fixed batch "
+                               f"of {fixed_batch(model)}")
     return {n: np.concatenate(v, axis=0) if v and v[0].ndim else np.stack(v) for n, v in outs.items()}

@@ -61,6 +61,18 @@ def _floats(text, flag):
         raise UsageError(f"{flag} expects comma-separated numbers, got '{text}'") from None
 
 
+def _image_size(text):
+    if text is None:
+        return None
+    try:
+        h, w = (int(v) for v in text.split(","))
+    except ValueError:
+        h = w = 0
+    if h < 1 or w < 1:
+        raise UsageError(f"--image-size expects H,W (two positive integers), got '{text}'")
+    return h, w
+
+
 def parse_sets(items) -> dict:
     options = {}
     for item in items:
@@ -128,7 +140,7 @@ def _main(argv) -> int:
         raise UsageError(f"input '{args.input}' is not a file")
     check_output_path(args.output, args.input, force=args.force)
     image_options = {k: v for k, v in {
-        "image_size": tuple(int(v) for v in _floats(args.image_size, "--image-size")) if args.image_size else None,
+        "image_size": _image_size(args.image_size),
         "mean": _floats(args.mean, "--mean"), "std": _floats(args.std, "--std"), "layout": args.layout,
     }.items() if v is not None}
     tol = Tolerances(max_error=args.max_error, min_cosine=args.min_cosine, min_top1=args.min_top1,

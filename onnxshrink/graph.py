@@ -180,6 +180,47 @@ def constant_value(tensor) -> np.ndarray | None:
     return None
 
 
+def fresh_name(where, base: str) -> str:
+    """``base``, or ``base_1``, ``base_2``, ...: a tensor name not yet used in ``where`` (a gs.Graph,
+    or a gs.Node: the tensors of the graph it is connected to)."""
+    taken = set(where.tensors()) if isinstance(where, gs.Graph) else _connected_tensor_names(where)
+    name, k = base, 0
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    return name
+
+
+def _connected_tensor_names(node: gs.Node) -> set:
+    names, seen, todo = set(), {id(node)}, [node]
+    while todo:
+        for t in (n := todo.pop()).inputs + n.outputs:
+            if t.name in names:
+                continue
+            names.add(t.name)
+            for m in list(t.inputs) + list(t.outputs):
+                if id(m) not in seen:
+                    seen.add(id(m))
+                    todo.append(m)
+    return names
+
+
+def set_constant_input(node: gs.Node, index: int, values: np.ndarray, where=None, base: str | None = None) -> None:
+    """Give ``node.inputs[index]`` (or a new last input) these values. A constant only this node
+    reads is replaced under its own name; one other nodes share, or a new input, gets a fresh name
+    from ``base`` (so the other readers keep the old values and no two tensors share a name)."""
+    old = node.inputs[index] if index < len(node.inputs) else None
+    if isinstance(old, gs.Constant) and old.name and len(old.outputs) == 1:
+        name = old.name
+    else:
+        name = fresh_name(where if where is not None else node, base or (old.name if old is not None else node.name))
+    const = gs.Constant(name, np.ascontiguousarray(values))
+    if old is None:
+        node.inputs.append(const)
+    else:
+        node.inputs[index] = const
+
+
 def producer(tensor: gs.Tensor):
     return tensor.inputs[0] if tensor.inputs else None
 

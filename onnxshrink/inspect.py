@@ -6,19 +6,20 @@ from __future__ import annotations
 from .cost import node_costs
 from .graph import normalize
 from .model_io import load_model
-from .registry import all_passes, make_config
+from .registry import all_passes, get_pass, make_config
 
 
 def inspect_model(path, passes=None) -> str:
     model = normalize(load_model(path))
     costs = node_costs(model)
     total_flops = sum(c.flops for c in costs) or 1
-    names = [n.strip() for n in passes.split(",")] if passes else None
+    names = [n.strip() for n in passes.split(",") if n.strip()] if passes else None
+    chosen = [get_pass(n) for n in names] if names else [cls() for _, cls in sorted(all_passes().items())]
     applies, skips = {}, {}
-    for name, cls in sorted(all_passes().items()):
-        if not cls.ready or (names and name not in names):
+    for p in chosen:
+        if not p.ready:
             continue
-        p = cls()
+        name = p.name
         plan = p.plan(model, make_config(p, {}))
         for t in plan.targets:
             applies.setdefault(t, []).append(name)

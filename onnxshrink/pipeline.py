@@ -131,6 +131,10 @@ def shrink(model_or_path, passes, calibration=None, target_flops=None, target_pa
                                   ("bytes", budget_mod.check_fraction("target-size", target_bytes)))
                if f is not None}
     chosen = _resolve_passes(passes, options)
+    if random_calibration is not None and (isinstance(random_calibration, bool) or int(random_calibration) < 1):
+        raise UsageError(f"--random-calibration must be a positive number of samples, got {random_calibration}")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     for metric in targets:
         if not any(metric in p.budgets for p, _ in chosen):
             raise UsageError(f"a {metric} target needs a pass that can search a {metric} budget; none of "

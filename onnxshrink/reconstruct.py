@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from .graph import set_constant_input
 from .stats import CrossMoments, LayerStats
 
 
@@ -105,7 +106,7 @@ def layer_matrix(node: gs.Node):
         bias = node.inputs[2].values.astype(np.float64)
         if node.op == "Gemm":
             beta = node.attrs.get("beta", 1.0)
-            bias = np.broadcast_to(bias * beta, (m.shape[1],)).copy()
+            bias = np.broadcast_to(bias.reshape(-1) * beta, (m.shape[1],)).copy()
     return m.astype(np.float64), bias
 
 
@@ -113,7 +114,8 @@ def set_layer_matrix(node: gs.Node, m: np.ndarray, bias: np.ndarray | None, in_s
     """Write M (d_in × d_out) and bias back into the node's weight (and bias) inputs.
 
     Conv: ``in_shape_tail`` is the kernel spatial shape; the input channel count is derived.
-    A new bias input is added to Conv/Gemm when a bias is given and the node had none.
+    A new bias input is added to Conv/Gemm when a bias is given and the node had none; a weight or
+    bias other nodes share is left to them (the node gets a new, uniquely named one).
     """
     dtype = node.inputs[1].values.dtype
     if node.op == "Conv":
@@ -126,16 +128,11 @@ def set_layer_matrix(node: gs.Node, m: np.ndarray, bias: np.ndarray | None, in_s
         node.attrs["beta"] = 1.0
     else:
         w = m
-    node.inputs[1] = gs.Constant(node.inputs[1].name, np.ascontiguousarray(w.astype(dtype)))
+    set_constant_input(node, 1, w.astype(dtype))
     if bias is not None:
         if node.op == "MatMul":
             raise ValueError("MatMul has no bias input; add an Add node instead")
-        bname = node.inputs[2].name if len(node.inputs) > 2 else node.name + "_bias"
-        const = gs.Constant(bname, np.ascontiguousarray(bias.astype(dtype)))
-        if len(node.inputs) > 2:
-            node.inputs[2] = const
-        else:
-            node.inputs.append(const)
+        set_constant_input(node, 2, bias.astype(dtype), base=node.name + "_bias")
 
 
 def layer_stats_request(node: gs.Node, key: str, x_tensor: str, y_tensor: str | None, positions: int = 32,

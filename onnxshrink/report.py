@@ -25,19 +25,20 @@ def make_report(before, after, passes, validation, targets=None, timing=None, mo
 
 
 def _clean(o):
+    """JSON-safe: numpy scalars and arrays become Python values, NaN and ±inf become strings."""
+    if hasattr(o, "tolist"):  # numpy scalars and arrays
+        o = o.tolist()
     if isinstance(o, float) and not math.isfinite(o):
         return str(o)
     if isinstance(o, dict):
         return {k: _clean(v) for k, v in o.items()}
     if isinstance(o, (list, tuple)):
         return [_clean(v) for v in o]
-    if hasattr(o, "item"):
-        return o.item()
     return o
 
 
 def to_json(report) -> str:
-    return json.dumps(_clean(report), indent=2)
+    return json.dumps(_clean(report), indent=2, allow_nan=False)
 
 
 def _human(n):

@@ -70,7 +70,6 @@ class CrossMoments:
         self.sum_y = np.zeros(dy)
         self.xy = np.zeros((dx, dy))
         self.yy = np.zeros(dy)
-        self.yy_full = None  # filled lazily when someone asks for E[y yᵀ]
 
     @property
     def n(self):
@@ -150,12 +149,6 @@ def rows_of(x: np.ndarray, transpose: bool = False) -> np.ndarray:
     if transpose:
         x = x.T
     return x.reshape(-1, x.shape[-1])
-
-
-def sample_rows(rows: np.ndarray, per_batch: int, rng: np.random.Generator) -> np.ndarray:
-    if per_batch <= 0 or rows.shape[0] <= per_batch:
-        return rows
-    return rows[np.sort(rng.choice(rows.shape[0], size=per_batch, replace=False))]
 
 
 def responses(x: np.ndarray, reduce: str) -> np.ndarray:

@@ -105,6 +105,10 @@ def compare_outputs(a: dict, b: dict) -> dict:
             continue
         xf = x.astype(np.float64).ravel()
         yf = y.astype(np.float64).ravel()
+        finite = np.isfinite(xf) & np.isfinite(yf)
+        # NaN/inf where the original has a finite value or another non-finite one
+        nonfinite = int((~finite & (xf != yf) & ~(np.isnan(xf) & np.isnan(yf))).sum())
+        xf, yf = xf[finite], yf[finite]  # the metrics are over the positions both have finite
         diff = xf - yf
         nx, ny = np.linalg.norm(xf), np.linalg.norm(yf)
         cos = float(xf @ yf / (nx * ny)) if nx > 0 and ny > 0 else float(np.allclose(xf, yf))
@@ -114,6 +118,8 @@ def compare_outputs(a: dict, b: dict) -> dict:
             "cosine": cos,
             "top1_agreement": None,
         }
+        if nonfinite:
+            entry["nonfinite_mismatch"] = nonfinite
         if x.ndim == 2 and x.shape[1] > 1 and np.issubdtype(x.dtype, np.floating):
             entry["top1_agreement"] = float((x.argmax(1) == y.argmax(1)).mean())
         result[name] = entry
@@ -148,6 +154,8 @@ def _tolerance_failures(outputs, tol: Tolerances):
         if "shape_mismatch" in m:
             fails.append(f"output '{name}' shape changed {m['shape_mismatch']}")
             continue
+        if m.get("nonfinite_mismatch"):
+            fails.append(f"output '{name}' has {m['nonfinite_mismatch']} NaN/Inf value(s) the original does not")
         if tol.max_error is not None and m["max_abs"] > tol.max_error:
             fails.append(f"output '{name}' max abs error {m['max_abs']:.4g} > {tol.max_error}")
         if tol.max_rel_l2 is not None and m["rel_l2"] > tol.max_rel_l2:

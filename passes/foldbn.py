@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..graph import export_model, import_graph, read_values
+from ..graph import export_model, import_graph, read_values, set_constant_input
 from ..registry import Pass, PassReport, Plan, Skip, register
 
 
@@ -41,14 +41,33 @@ def _check(bn: gs.Node, graph_outputs) -> tuple[gs.Node | None, str | None]:
         return None, f"output of '{prod.name}' has other consumers"
     if not isinstance(prod.inputs[1], gs.Constant) or (len(prod.inputs) > 2 and not isinstance(prod.inputs[2], gs.Constant)):
         return None, f"weights of '{prod.name}' are not constants"
-    if prod.op == "Gemm" and prod.attrs.get("transA", 0) not in (0,):
+    if prod.op == "Gemm" and prod.attrs.get("transA", 0):
         return None, "Gemm with transA=1"
     if len(prod.inputs[1].outputs) > 1:
         return None, f"weights of '{prod.name}' are shared with other nodes"
+    if len(prod.inputs) > 2 and not _per_channel(prod.inputs[2].shape, _n_out(prod)):
+        return None, f"bias of '{prod.name}' (shape {tuple(prod.inputs[2].shape)}) is not per-channel"
     return prod, None
 
 
-def _fold(prod: gs.Node, s: np.ndarray, t: np.ndarray):
+def _n_out(prod: gs.Node) -> int:
+    """Output channels of the layer: Conv W (O, C/g, k..), ConvTranspose W (C, O/g, k..), Gemm B."""
+    shape = prod.inputs[1].shape
+    if prod.op == "ConvTranspose":
+        return shape[1] * int(prod.attrs.get("group", 1))
+    if prod.op == "Gemm":
+        return shape[0] if prod.attrs.get("transB", 0) else shape[1]
+    return shape[0]
+
+
+def _per_channel(shape, n_out) -> bool:
+    """A bias of this shape adds one value per output channel (Gemm's C may be (N,), (1, N), a
+    scalar, ...; (M, N) with M > 1 is a bias per row)."""
+    shape = tuple(shape)
+    return all(d == 1 for d in shape[:-1]) and (not shape or shape[-1] in (1, n_out))
+
+
+def _fold(graph: gs.Graph, prod: gs.Node, s: np.ndarray, t: np.ndarray):
     w = read_values(prod.inputs[1])
     dtype = w.dtype
     w = w.astype(np.float64)
@@ -61,23 +80,17 @@ def _fold(prod: gs.Node, s: np.ndarray, t: np.ndarray):
         w = w.reshape((g, shp[0] // g, shp[1]) + shp[2:]) * s.reshape((g, 1, shp[1]) + (1,) * (len(shp) - 2))
         w = w.reshape(shp)
     else:  # Gemm: output column o
-        alpha = prod.attrs.get("alpha", 1.0)
-        w = w * alpha
+        w = w * prod.attrs.get("alpha", 1.0)
         w = w * (s[:, None] if prod.attrs.get("transB", 0) else s[None, :])
         prod.attrs["alpha"] = 1.0
     b = np.zeros(n_out)
     if len(prod.inputs) > 2:
-        b = np.broadcast_to(read_values(prod.inputs[2]).astype(np.float64) * (prod.attrs.get("beta", 1.0) if prod.op == "Gemm" else 1.0), (n_out,))
+        beta = prod.attrs.get("beta", 1.0) if prod.op == "Gemm" else 1.0
+        b = np.broadcast_to(read_values(prod.inputs[2]).astype(np.float64).reshape(-1) * beta, (n_out,))
     if prod.op == "Gemm":
         prod.attrs["beta"] = 1.0
-    new_b = s * b + t
-    prod.inputs[1] = gs.Constant(prod.inputs[1].name, np.ascontiguousarray(w.astype(dtype)))
-    bname = prod.inputs[2].name if len(prod.inputs) > 2 else prod.name + "_bias"
-    bconst = gs.Constant(bname, new_b.astype(dtype))
-    if len(prod.inputs) > 2:
-        prod.inputs[2] = bconst
-    else:
-        prod.inputs.append(bconst)
+    set_constant_input(prod, 1, w.astype(dtype), graph)
+    set_constant_input(prod, 2, (s * b + t).astype(dtype), graph, base=prod.name + "_bias")
 
 
 @register
@@ -109,7 +122,7 @@ class FoldBN(Pass):
                 report.skip(bn, reason)
                 continue
             s, t = _bn_scale_shift(bn)
-            _fold(prod, s, t)
+            _fold(graph, prod, s, t)
             y = bn.outputs[0]
             prod.outputs[0] = y  # the layer now writes the BN's output tensor directly
             bn.outputs.clear()

@@ -3,7 +3,7 @@
 import numpy as np
 import onnx
 import pytest
-from graphs import conv_bn_net
+from graphs import GraphBuilder, conv_bn_net
 
 from onnxshrink import Result, shrink
 from onnxshrink.calibrate import load_data, split_holdout
@@ -84,3 +84,22 @@ def test_api_result_save_and_report(tmp_path, model, x):
     assert set(res.report["validation"]["outputs"]["logits"]) >= {"max_abs", "rel_l2", "cosine", "top1_agreement"}
     res.save(str(tmp_path / "o.onnx"))
     onnx.checker.check_model(str(tmp_path / "o.onnx"), full_check=True)
+
+
+@pytest.mark.parametrize("pass_name", ["foldbn", "pfa"])
+def test_model_with_fixed_batch_dim(pass_name, rng):
+    """input(1,3,8,8) -> Conv -> BN -> Relu -> Conv -> y: exported with batch 1, run one sample at a time"""
+    b = GraphBuilder(3)
+    x = b.input("input", [1, 3, 8, 8])
+    b.conv(b.relu(b.bn(b.conv(x, 3, 4), 4)), 4, 4, out="y")
+    b.output("y")
+    r = shrink(b.model(), pass_name, calibration=rng.standard_normal((10, 3, 8, 8)).astype(np.float32), force=True)
+    assert r.report["validation"]["samples"] == 2 and r.report["validation"]["outputs"]["y"]["cosine"] > 0.9
+
+
+def test_fixed_batch_larger_than_the_data(rng):
+    b = GraphBuilder(3)
+    b.conv(b.input("input", [4, 3, 8, 8]), 3, 4, out="y")
+    b.output("y")
+    with pytest.raises(CalibrationError, match="batch of 4"):
+        load_data(rng.standard_normal((3, 3, 8, 8)).astype(np.float32), b.model())

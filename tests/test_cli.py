@@ -161,3 +161,60 @@ def test_list_passes_and_inspect(capsys):
         assert name in out
     rc, out, _ = _run(["--inspect", PLAIN], capsys)
     assert rc == 0 and "Conv" in out and "foldbn" in out and "total:" in out
+
+
+def test_report_json_is_valid_with_numpy_nan_and_inf():
+    from onnxshrink.report import to_json
+    report = {"a": np.float32("nan"), "b": np.float64("inf"), "c": np.array([1.0, -np.inf]), "d": [float("nan")],
+              "e": np.int64(3)}
+    assert json.loads(to_json(report)) == {"a": "nan", "b": "inf", "c": [1.0, "-inf"], "d": ["nan"], "e": 3}
+
+
+def test_validation_fails_on_nan_outputs_whatever_the_tolerances():
+    from onnxshrink.validate import Tolerances, _tolerance_failures, compare_outputs
+    x = np.ones((4, 3))
+    x[1, 2] = np.inf  # the original's own inf, reproduced: fine
+    y = x.copy()
+    assert _tolerance_failures(compare_outputs({"o": x}, {"o": y}), Tolerances(max_error=0.0)) == []
+    y[0, 0] = np.nan
+    m = compare_outputs({"o": x}, {"o": y})
+    assert m["o"]["nonfinite_mismatch"] == 1 and m["o"]["max_abs"] == 0.0
+    fails = _tolerance_failures(m, Tolerances(max_error=1.0, min_cosine=None))
+    assert len(fails) == 1 and "NaN" in fails[0]
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--image-size", "8"], "--image-size expects H,W"), (["--image-size", "8,8,8"], "--image-size expects H,W"),
+    (["--image-size", "8.5,8"], "--image-size expects H,W"), (["--image-size", "0,8"], "--image-size expects H,W"),
+    (["--image-size", "8,8", "--mean", "0.5,0.5"], "--mean has 2 values"), (["--std", "0"], "--std"),
+])
+def test_bad_image_options(flags, match, tmp_path, tiny, capsys):
+    from PIL import Image
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((10, 12, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    _fails_cleanly([tiny, tmp_path / "o.onnx", "--passes", "foldbn", "--calibration-data", folder] + flags,
+                   capsys, tmp_path, match=match)
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--random-calibration", "0"], "--random-calibration"), (["--random-calibration", "-2"], "--random-calibration"),
+    (["--random-calibration", "4", "--batch-size", "0"], "--batch-size"),
+])
+def test_bad_counts(flags, match, tmp_path, tiny, capsys):
+    _fails_cleanly([tiny, tmp_path / "o.onnx", "--passes", "pfa", "--quiet"] + flags, capsys, tmp_path, match=match)
+
+
+def test_random_calibration_warns_and_runs(tmp_path, tiny, capsys):
+    rc, out, err = _run([tiny, tmp_path / "o.onnx", "--passes", "pfa", "--random-calibration", "16",
+                         "--report", tmp_path / "r.json"], capsys)
+    assert rc == 0, err
+    assert "warning: using random calibration inputs" in err
+    assert json.loads((tmp_path / "r.json").read_text())["validation"]["samples"] == 3
+
+
+def test_inspect_with_passes(tmp_path, tiny, capsys):
+    rc, out, _ = _run(["--inspect", tiny, "--passes", "pfa"], capsys)
+    assert rc == 0 and "pfa" in out and "foldbn" not in out
+    _fails_cleanly(["--inspect", tiny, "--passes", "foldbn,nosuch"], capsys, tmp_path, match="unknown pass 'nosuch'")

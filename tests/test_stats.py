@@ -101,3 +101,38 @@ def test_paired_collect_reads_targets_from_second_model(rng):
     same = collect(data, [req], m)["k"]
     paired = collect(data, [req], m, model_y=m)["k"]
     np.testing.assert_allclose(paired.xy, same.xy)
+
+
+def test_set_layer_matrix_keeps_a_shared_bias_and_names_unique():
+    """input -> Gemm1(w1, c) -> y1 ; input -> Gemm2(w2, c) -> y2 ; Gemm3(no bias) -> y3, with a tensor
+    already named gemm3's default bias name: rewriting Gemm1 and Gemm3 leaves Gemm2 as it was."""
+    import onnx
+    from graphs import GraphBuilder
+
+    from onnxshrink.graph import export_model, import_graph, node_by_name
+    from onnxshrink.reconstruct import set_layer_matrix
+    b = GraphBuilder(0)
+    x = b.input("input", ["batch", 4])
+    c = b.const(np.ones((1, 3), np.float32), "c")
+    for i in (1, 2):
+        b.node("Gemm", [x, b.const(np.eye(4, 3, dtype=np.float32), "w"), c], out=f"y{i}")
+    b.node("Gemm", [x, b.const(np.eye(4, 3, dtype=np.float32), "w")], out="y3")
+    g3 = b.nodes[-1].name
+    b.node("Add", ["y3", b.const(np.ones(3, np.float32), "k")], out="y4")
+    b.inits[-1].name = b.nodes[-1].input[1] = g3 + "_bias"
+    for name in ("y1", "y2", "y4"):
+        b.output(name)
+    m = b.model()
+    graph = import_graph(m)
+    w, bias = layer_matrix(graph.nodes[0])
+    np.testing.assert_array_equal(bias, np.ones(3))  # C of shape (1, 3)
+    for node in (graph.nodes[0], node_by_name(graph, g3)):
+        set_layer_matrix(node, 2 * w, np.full(3, 5.0))
+    out = export_model(graph, like=m)
+    onnx.checker.check_model(out)
+    feeds = {"input": np.ones((2, 4), np.float32)}
+    from graphs import run
+    y1, y2, y4 = run(out, feeds)
+    np.testing.assert_allclose(y1, 2 + 5)
+    np.testing.assert_allclose(y2, 1 + 1)
+    np.testing.assert_allclose(y4, 2 + 5 + 1)
