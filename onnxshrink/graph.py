@@ -108,11 +108,7 @@ def _constant_node_value(node: gs.Node):
 def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = import_graph(model)
     seen = Counter()
-    names = set()
-    for node in graph.nodes:
-        if node.name and node.name not in names:
-            names.add(node.name)
-            continue
+    names = {node.name for node in graph.nodes if node.name}
     for i, node in enumerate(graph.nodes):
         if not node.name or seen[node.name]:
             base = node.name or f"{node.op}_{i}"
@@ -131,7 +127,8 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
             value = _constant_node_value(node)
             if value is None:
                 continue
-            _replace_tensor(graph, node.outputs[0], gs.Constant(node.outputs[0].name + "_const", np.asarray(value)))
+            name = fresh_name(graph, node.outputs[0].name + "_const")
+            _replace_tensor(graph, node.outputs[0], gs.Constant(name, np.asarray(value)))
             node.outputs.clear()
             changed = True
     for node in list(graph.nodes):

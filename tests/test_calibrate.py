@@ -103,3 +103,25 @@ def test_fixed_batch_larger_than_the_data(rng):
     b.output("y")
     with pytest.raises(CalibrationError, match="batch of 4"):
         load_data(rng.standard_normal((3, 3, 8, 8)).astype(np.float32), b.model())
+
+
+def test_constant_node_weights_get_unused_names(rng):
+    """input -> Conv(W from a Constant node 'w', whose '_const' name is taken) -> y"""
+    from graphs import GraphBuilder
+    from onnx import helper, numpy_helper
+
+    from onnxshrink.graph import normalize
+    b = GraphBuilder()
+    x = b.input("input", ["batch", 2, 5, 5])
+    w = rng.standard_normal((3, 2, 3, 3)).astype(np.float32)
+    b.nodes.append(helper.make_node("Constant", [], ["w"], name="wconst", value=numpy_helper.from_array(w)))
+    b.nodes.append(helper.make_node("Identity", [x], ["w_const"], name="taken"))
+    h = b.node("Conv", ["w_const", "w"], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    b.node("Relu", [h], out="y")
+    b.output("y")
+    m = b.model()
+    n = normalize(m)
+    assert [t.name for t in n.graph.initializer] == ["w_const_1"]
+    feeds = {"input": rng.standard_normal((2, 2, 5, 5)).astype(np.float32)}
+    from graphs import assert_close
+    assert_close(m, n, feeds)
