@@ -3,6 +3,8 @@
 FLOPs count one multiply-add as 2 (Conv, ConvTranspose, Gemm, MatMul: 2·MACs, plus one per output
 for a bias); element-wise and normalisation ops count a small constant per output element.
 Figures are per sample: dynamic dims are fixed to 1 (batch) unless sample shapes are given.
+Nodes whose inputs are all constants (a weight decoded in the graph, as pq emits) cost no FLOPs:
+ONNX Runtime and TensorRT fold them once when the model is loaded.
 Parameters are the elements of constant (initializer) inputs that are not scalars, each
 initializer counted once.
 """
@@ -89,15 +91,20 @@ def node_costs(model: onnx.ModelProto, sample_shapes: dict | None = None) -> lis
     info = infer_shapes(model, concrete_input_shapes(model, sample_shapes, batch=1))
     graph = import_graph(model)
     counted = set()
+    folded = set()  # tensors computed from constants only: runtimes fold them once at load time
     result = []
     for node in graph.nodes:
+        static = bool(node.inputs) and all(isinstance(t, gs.Constant) or t.name in folded or not t.name
+                                           for t in node.inputs)
+        if static:
+            folded.update(t.name for t in node.outputs)
         params = 0
         for t in node.inputs:
             if isinstance(t, gs.Constant) and t.name not in counted and len(t.shape) > 0:  # scalars (Clip bounds) are not weights
                 counted.add(t.name)
                 if np.issubdtype(np.dtype(t.dtype), np.floating) or t.dtype in (np.int8, np.uint8):
                     params += int(np.prod(t.shape))
-        result.append(NodeCost(node.name, node.op, params, node_flops(node, info),
+        result.append(NodeCost(node.name, node.op, params, 0 if static else node_flops(node, info),
                                _shape(info, node.outputs[0]) if node.outputs else None))
     return result
 

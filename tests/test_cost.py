@@ -51,3 +51,19 @@ def test_sample_shapes_fix_dynamic_spatial_dims():
 def test_model_bytes_is_serialized_size():
     m = conv_bn_net()
     assert model_cost(m)["bytes"] == len(m.SerializeToString())
+
+
+def test_constant_subgraphs_cost_no_flops():
+    """codes, codebook -> Gather -> Reshape -> Add(offset) -> W ; input -> MatMul(W) -> y : only the MatMul costs"""
+    b = GraphBuilder()
+    x = b.input("input", ["batch", 4])
+    book = b.const(np.arange(8, dtype=np.float32).reshape(4, 2))
+    codes = b.const(np.array([0, 1, 2, 3], dtype=np.int64))
+    w = b.node("Reshape", [b.node("Gather", [book, codes]), b.const(np.array([4, 2], dtype=np.int64))])
+    w = b.node("Add", [w, b.const(np.float32(1.0))])
+    b.node("MatMul", [x, w], out="y")
+    b.output("y")
+    costs = {c.op: c for c in node_costs(b.model())}
+    assert costs["Gather"].flops == 0 and costs["Reshape"].flops == 0 and costs["Add"].flops == 0
+    assert costs["MatMul"].flops == 2 * 2 * 4
+    assert model_cost(b.model())["flops"] == 2 * 2 * 4
