@@ -2,6 +2,8 @@
 
 ``normalize`` puts a loaded model into the one form passes see:
 - every node has a unique name (reports and skips refer to nodes by name);
+- a Conv's ``auto_pad`` becomes explicit ``pads`` where that holds for every input size (stride 1)
+  or the input size is known (tf2onnx and Keras exports use SAME_UPPER);
 - weights held in Constant nodes, or reaching a node through Identity, become initializers
   (gs.Constant), as many exporters keep weights in Constant nodes;
 - shapes are inferred.
@@ -109,6 +111,7 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = import_graph(model)
     seen = Counter()
     names = {node.name for node in graph.nodes if node.name}
+    renamed = False
     for i, node in enumerate(graph.nodes):
         if not node.name or seen[node.name]:
             base = node.name or f"{node.op}_{i}"
@@ -119,9 +122,13 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
                 k += 1
             node.name = name
             names.add(name)
+            renamed = True
         seen[node.name] += 1
+    changed = renamed
+    for node in graph.nodes:
+        if node.op == "Conv" and _explicit_pads(node):
+            changed = True
     out_names = {t.name for t in graph.outputs}
-    changed = False
     for node in list(graph.nodes):
         if node.op == "Constant" and len(node.outputs) == 1 and node.outputs[0].name not in out_names:
             value = _constant_node_value(node)
@@ -153,6 +160,38 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
         if vi.name in declared:
             vi.CopyFrom(declared[vi.name])
     return inferred
+
+
+def _explicit_pads(node: gs.Node) -> bool:
+    """Replace a Conv's ``auto_pad`` by the explicit ``pads`` it stands for, where that does not
+    depend on the input size (stride 1) or the input size is known. Returns True if changed."""
+    auto = node.attrs.get("auto_pad", "NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto == "NOTSET" or len(node.inputs) < 2 or node.inputs[1].shape is None:
+        return False
+    kernel = list(node.attrs.get("kernel_shape", node.inputs[1].shape[2:]))
+    nd = len(kernel)
+    strides = list(node.attrs.get("strides", [1] * nd))
+    dil = list(node.attrs.get("dilations", [1] * nd))
+    in_shape = node.inputs[0].shape
+    begins, ends = [], []
+    for i in range(nd):
+        if auto == "VALID":
+            total = 0
+        elif strides[i] == 1:
+            total = dil[i] * (kernel[i] - 1)
+        elif in_shape is not None and len(in_shape) == nd + 2 and isinstance(in_shape[2 + i], int):
+            size = in_shape[2 + i]
+            out = -(-size // strides[i])
+            total = max(0, (out - 1) * strides[i] + dil[i] * (kernel[i] - 1) + 1 - size)
+        else:
+            return False  # depends on a dynamic input size: passes that need pads skip it with a reason
+        low = total // 2 if auto == "SAME_UPPER" else total - total // 2
+        begins.append(low)
+        ends.append(total - low)
+    node.attrs["pads"] = begins + ends
+    node.attrs.pop("auto_pad", None)
+    return True
 
 
 def _replace_tensor(graph: gs.Graph, old: gs.Tensor, new: gs.Tensor) -> None:

@@ -125,3 +125,38 @@ def test_constant_node_weights_get_unused_names(rng):
     feeds = {"input": rng.standard_normal((2, 2, 5, 5)).astype(np.float32)}
     from graphs import assert_close
     assert_close(m, n, feeds)
+
+
+@pytest.mark.parametrize("auto,stride,k,spatial", [("SAME_UPPER", 1, 3, 9), ("SAME_LOWER", 1, 4, 9),
+                                                   ("SAME_UPPER", 2, 3, 9), ("SAME_LOWER", 2, 4, 8),
+                                                   ("VALID", 2, 3, 9), ("SAME_UPPER", 2, 3, "w")])
+def test_auto_pad_becomes_explicit_pads(auto, stride, k, spatial, rng):
+    """input(N,2,9,spatial) -> Conv(auto_pad, stride) -> Relu -> Conv -> y"""
+    from graphs import GraphBuilder, assert_close
+
+    from onnxshrink.graph import normalize
+    b = GraphBuilder()
+    x = b.input("input", ["batch", 2, 9, spatial])
+    w = b.const(rng.standard_normal((4, 2, k, k)).astype(np.float32))
+    h = b.relu(b.node("Conv", [x, w], auto_pad=auto, strides=[stride, stride], kernel_shape=[k, k]))
+    b.conv(h, 4, 3, k=1, out="y")
+    b.output("y")
+    m = b.model()
+    n = normalize(m)
+    conv = next(node for node in n.graph.node if node.op_type == "Conv")
+    attrs = {a.name for a in conv.attribute}
+    static = spatial != "w" or stride == 1
+    assert ("auto_pad" not in attrs and "pads" in attrs) == static
+    feeds = {"input": rng.standard_normal((3, 2, 9, 9 if spatial == "w" else spatial)).astype(np.float32)}
+    assert_close(m, n, feeds, rtol=1e-6, atol=1e-6)
+
+
+def test_unnamed_nodes_get_names(rng):
+    from graphs import conv_bn_net
+
+    from onnxshrink.graph import normalize
+    m = conv_bn_net()
+    for node in m.graph.node:
+        node.name = ""
+    names = [node.name for node in normalize(m).graph.node]
+    assert all(names) and len(set(names)) == len(names)

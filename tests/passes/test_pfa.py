@@ -212,11 +212,11 @@ def test_kl_recipe_runs_on_a_small_cnn(tiny_cnn):
     assert rep["mode"] == "kl" and rep["changed"], rep
 
 
-def _conv_pair(seed=0, consumer_attrs=None):
+def _conv_pair(seed=0, consumer_attrs=None, spatial=(8, 8)):
     """x -> Conv(3->8) -> Relu -> Conv(8->4) -> y; ``consumer_attrs`` replace the second Conv's pads."""
     from graphs import GraphBuilder
     b = GraphBuilder(seed)
-    x = b.input("x", ["N", 3, 8, 8])
+    x = b.input("x", ["N", 3, *spatial])
     h = b.relu(b.conv(x, 3, 8))
     if consumer_attrs is None:
         b.output(b.conv(h, 8, 4, out="y"))
@@ -236,10 +236,21 @@ def test_a_group_whose_recipe_keeps_every_channel_is_reported_as_skipped():
 
 
 def test_a_consumer_that_cannot_be_refit_leaves_its_group_whole_with_a_reason():
-    m = _conv_pair(consumer_attrs={"auto_pad": "SAME_UPPER"})
+    """SAME_UPPER with stride 2 on a dynamic spatial size: its pads depend on the input size, so
+    normalisation cannot make them explicit and the consumer cannot be refit."""
+    m = _conv_pair(consumer_attrs={"auto_pad": "SAME_UPPER", "strides": [2, 2]}, spatial=("H", "W"))
     x = np.random.default_rng(0).standard_normal((64, 3, 8, 8)).astype(np.float32)
     res = shrink(m, ["pfa"], calibration=x, options={"pfa": {"energy": 0.5, "channel_multiple": 1}}, force=True)
     rep = res.report["passes"][0]
     assert rep["changed"] == []
     assert any("auto_pad=SAME_UPPER" in s["reason"] for s in rep["skipped"]), rep["skipped"]
     assert_close(m, res.model, {"x": x[:4]}, rtol=1e-6, atol=1e-6)
+
+
+def test_a_same_upper_consumer_with_stride_1_is_pruned_and_refit():
+    m = _conv_pair(consumer_attrs={"auto_pad": "SAME_UPPER"})
+    x = np.random.default_rng(0).standard_normal((64, 3, 8, 8)).astype(np.float32)
+    res = shrink(m, ["pfa"], calibration=x, options={"pfa": {"energy": 0.5, "channel_multiple": 1}},
+                 tolerances=Tolerances(min_cosine=None))
+    assert res.report["passes"][0]["changed"]
+    assert res.report["validation"]["problems"] == []
