@@ -5,7 +5,8 @@ Quantization"; "Compression of Deep Neural Networks on the Fly"): write the laye
 order of the layer's input features). Each output's column w_j is cut into sub-vectors of length
 d along the input features, w_j = [w_1j; …; w_Bj] (B = d_in / d; for a k×k Conv one sub-vector is
 one kernel, d = k·k). One codebook C = {c_1 … c_K} (K ≤ 256) per layer; each sub-vector is
-replaced by a centroid, stored as a one-byte code. Bytes: d_in·d_out·4 → d_in·d_out/d + K·d·(2|4).
+replaced by a centroid, stored as a one-byte code, or for K ≤ 16 two 4-bit codes a byte.
+Bytes: d_in·d_out·4 → d_in·d_out/d (÷ 2 when packed) + K·d·(2|4).
 
 Activation-aware assignment ("And the Bit Goes Down: Revisiting the Quantization of Neural
 Networks"): the layer's output
@@ -24,8 +25,11 @@ keeps plain k-means on the weights (still with the bias refit).
 
 In the graph: Gather(codebook (Cast fp16 → fp32 when stored as fp16), Cast(codes int8 → int32)
 (+ 128 when K > 128)) → Reshape (→ Transpose) → the node's weight input (int8, not uint8, codes:
-TensorRT's ONNX parser refuses UINT8). All standard ops on constants: runtimes fold them once
-at load time, so inference runs at the original speed. Small layers (codes + codebook would not
+TensorRT's ONNX parser refuses UINT8). Packed 4-bit codes (``pq.bits``; auto packs K ≤ 16
+where it saves bytes) are unpacked without BitShift, which that parser lacks: byte =
+16·hi + lo − 128, v = Cast(int32) + 128, hi = v / 16, lo = v − 16·hi, Concat → the same Gather.
+All standard ops on constants: runtimes fold them once at load time, so inference runs at the
+original speed. Small layers (codes + codebook would not
 save bytes) and the model's first Conv stay dense by default.
 
 Size budget (``--target-size``): each layer gets candidate (d, K) settings with their output
@@ -65,6 +69,7 @@ class PqConfig:
     bias_correct: bool = True      # absorb the mean output shift into the bias
     first_conv: bool = False       # also quantize the first Conv of the model
     positions: int = 16            # Conv: sampled output positions per calibration sample
+    bits: str = "auto"             # code width: 8, 4 (two codes a byte, K ≤ 16), auto (4 where K ≤ 16 saves bytes)
 
     def __post_init__(self):
         if self.block < 0 or self.block > 64:
@@ -77,6 +82,11 @@ class PqConfig:
             raise ValueError("pq.iters and pq.refine must be ≥ 0, pq.kmeans_iters ≥ 1")
         if self.damp < 0:
             raise ValueError(f"pq.damp must be ≥ 0, got {self.damp}")
+        self.bits = str(self.bits).lower()
+        if self.bits not in ("auto", "4", "8"):
+            raise ValueError(f"pq.bits must be 4, 8 or auto, got '{self.bits}'")
+        if self.bits == "4" and self.centroids > 16:
+            raise ValueError(f"pq.bits=4 holds at most 16 centroids, got pq.centroids={self.centroids}")
 
 
 # ----------------------------------------------------------------------------- layers
@@ -180,13 +190,25 @@ def _dense_bytes(layer: Layer) -> int:
     return _tensor_bytes(layer.weight.name, layer.weight.values)
 
 
-def _pq_bytes(layer: Layer, d: int, k: int, dtype, bias_refit: bool) -> int:
+def _packed(layer: Layer, d: int, k: int, dtype, cfg: PqConfig) -> bool:
+    """Whether k centroids of length d are stored as 4-bit codes (two a byte): always with
+    pq.bits=4, never with 8; with auto where k ≤ 16 and the packed codes and their longer decode
+    take fewer bytes than one byte a code (tiny layers: the extra decode nodes cost more)."""
+    if cfg.bits != "auto":
+        return cfg.bits == "4"
+    if k > 16:
+        return False
+    refit = layer.aware and cfg.bias_correct
+    return _pq_bytes(layer, d, k, dtype, refit, True) < _pq_bytes(layer, d, k, dtype, refit, False)
+
+
+def _pq_bytes(layer: Layer, d: int, k: int, dtype, bias_refit: bool, packed: bool = False) -> int:
     """Serialized bytes of the layer's weight stored as k centroids of length d: the decode
     nodes, their initializers and type information, and the bias where the refit adds or widens
     one, measured on the protos the export writes, so that size budgets are exact."""
     rows = layer.matrix().shape[0]
     scratch = gs.Graph()
-    out = _decode(scratch, layer, np.zeros((k, d), dtype), np.zeros((rows, layer.d_in // d), np.uint8))
+    out = _decode(scratch, layer, np.zeros((k, d), dtype), np.zeros((rows, layer.d_in // d), np.uint8), packed)
     probe = gs.Variable("probe", dtype=out.dtype)  # a consumer, so the weight is typed like in the model
     scratch.nodes.append(gs.Node("Identity", name="probe", inputs=[out], outputs=[probe]))
     scratch.outputs = [probe]
@@ -380,7 +402,7 @@ def refine_codebook(t, codes, c, h, steps):
 def output_error(t, t_hat, h):
     """Σ_r (t̂_r − t_r)ᵀ H (t̂_r − t_r) / Σ_r t_rᵀ H t_r."""
     delta = t - t_hat
-    return float(np.einsum("ri,ij,rj->", delta, h, delta) / max(np.einsum("ri,ij,rj->", t, h, t), 1e-30))
+    return float(((delta @ h) * delta).sum() / max(((t @ h) * t).sum(), 1e-30))
 
 
 def quantize(t, d, k, h, cfg, rng, dtype):
@@ -427,13 +449,38 @@ def stored_codes(codes: np.ndarray, k: int) -> np.ndarray:
     return (codes.astype(np.int16) - code_offset(k)).astype(np.int8)
 
 
-def _decode(graph: gs.Graph, layer: Layer, codebook: np.ndarray, codes: np.ndarray) -> gs.Variable:
+def pack_codes(codes: np.ndarray) -> np.ndarray:
+    """4-bit codes (0..15) two a byte, as int8 (TensorRT parses no UINT8): the n codes in
+    row-major order are cut in halves, the first ⌈n/2⌉ give the high nibbles, the rest (padded
+    with one 0 when n is odd) the low ones, and byte i = 16·hi_i + lo_i − 128. Halves rather than
+    neighbours, so the decode joins them with one Concat instead of interleaving."""
+    flat = codes.reshape(-1).astype(np.int16)
+    if flat.size and flat.max() > 15:
+        raise ValueError("4-bit codes must be < 16")
+    h = (flat.size + 1) // 2
+    lo = np.zeros(h, dtype=np.int16)
+    lo[:flat.size - h] = flat[h:]
+    return (16 * flat[:h] + lo - 128).astype(np.int8)
+
+
+def unpack_codes(packed: np.ndarray, n: int) -> np.ndarray:
+    """The n codes ``pack_codes`` stored (int64), in numpy: what the decode subgraph computes."""
+    v = packed.astype(np.int64) + 128
+    hi = v // 16
+    return np.concatenate([hi, v - 16 * hi])[:n]
+
+
+def _decode(graph: gs.Graph, layer: Layer, codebook: np.ndarray, codes: np.ndarray,
+            packed: bool = False) -> gs.Variable:
     """Cast(int8 codes → int32) (→ Add offset) → Gather(codebook (→ Cast)) → Reshape
-    (→ Transpose): the weight tensor, from ops and types TensorRT's ONNX parser accepts."""
+    (→ Transpose): the weight tensor, from ops and types TensorRT's ONNX parser accepts.
+    Packed 4-bit codes: v = Cast(int32) + 128, hi = v / 16 (integer division, floor as v ≥ 0),
+    lo = v − 16·hi, Concat(hi, lo) (→ Slice to n when n is odd) → the same Gather."""
     base = layer.weight.name
     wdtype = layer.weight.values.dtype
     k, d = codebook.shape
     rows, nb = codes.shape
+    n = rows * nb
 
     def add(op, inputs, suffix, dtype, shape, **attrs):
         out = gs.Variable(f"{base}.pq{suffix}", dtype=dtype, shape=shape)
@@ -441,30 +488,56 @@ def _decode(graph: gs.Graph, layer: Layer, codebook: np.ndarray, codes: np.ndarr
                                    inputs=inputs, outputs=[out]))
         return out
 
-    cb = gs.Constant(base + ".pq_codebook", np.ascontiguousarray(codebook))
-    cd = gs.Constant(base + ".pq_codes", np.ascontiguousarray(stored_codes(codes, k)))
-    idx = add("Cast", [cd], "_idx", np.int32, [rows, nb], to=onnx.TensorProto.INT32)
-    if code_offset(k):
-        offset = gs.Constant(base + ".pq_offset", np.array(code_offset(k), dtype=np.int32))
-        idx = add("Add", [idx, offset], "_index", np.int32, [rows, nb])
+    def const(suffix, value):
+        return gs.Constant(base + ".pq_" + suffix, np.ascontiguousarray(value))
+
+    cb = const("codebook", codebook)
+    if packed:
+        if k > 16:
+            raise ValueError(f"4-bit codes hold at most 16 centroids, got {k}")
+        h = (n + 1) // 2
+        raw = add("Cast", [const("codes", pack_codes(codes))], "_packed", np.int32, [h],
+                  to=onnx.TensorProto.INT32)
+        sixteen = const("sixteen", np.array(16, dtype=np.int32))
+        v = add("Add", [raw, const("offset", np.array(128, dtype=np.int32))], "_byte", np.int32, [h])
+        hi = add("Div", [v, sixteen], "_hi", np.int32, [h])
+        lo = add("Sub", [v, add("Mul", [hi, sixteen], "_hi16", np.int32, [h])], "_lo", np.int32, [h])
+        idx = add("Concat", [hi, lo], "_nibbles", np.int32, [2 * h], axis=0)
+        if 2 * h != n:
+            idx = add("Slice", [idx, const("start", np.array([0], dtype=np.int64)),
+                                const("end", np.array([n], dtype=np.int64))], "_index", np.int32, [n])
+        gather_shape = [n, d]
+    else:
+        cd = const("codes", stored_codes(codes, k))
+        idx = add("Cast", [cd], "_idx", np.int32, [rows, nb], to=onnx.TensorProto.INT32)
+        if code_offset(k):
+            idx = add("Add", [idx, const("offset", np.array(code_offset(k), dtype=np.int32))],
+                      "_index", np.int32, [rows, nb])
+        gather_shape = [rows, nb, d]
     table = cb
     if codebook.dtype != wdtype:
         table = add("Cast", [cb], "_codebook_f", wdtype, [k, d],
                     to=onnx.helper.np_dtype_to_tensor_dtype(np.dtype(wdtype)))
-    gathered = add("Gather", [table, idx], "_gathered", wdtype, [rows, nb, d], axis=0)
+    gathered = add("Gather", [table, idx], "_gathered", wdtype, gather_shape, axis=0)
     shape = list(layer.shape)
     if layer.rows_of == "transpose":
-        flat_shape = gs.Constant(base + ".pq_shape", np.array([rows, nb * d], dtype=np.int64))
+        flat_shape = const("shape", np.array([rows, nb * d], dtype=np.int64))
         flat = add("Reshape", [gathered, flat_shape], "_rows", wdtype, [rows, nb * d])
         return add("Transpose", [flat], "", wdtype, shape, perm=[1, 0])
-    return add("Reshape", [gathered, gs.Constant(base + ".pq_shape", np.array(shape, dtype=np.int64))],
-               "", wdtype, shape)
+    return add("Reshape", [gathered, const("shape", np.array(shape, dtype=np.int64))], "", wdtype, shape)
 
 
 def decoded_weight(layer_shape, rows_of, codebook, stored) -> np.ndarray:
-    """The weight the decode subgraph computes from the stored (int8) codes, in numpy."""
-    codes = stored.astype(np.int64) + code_offset(len(codebook))
-    t = codebook.astype(np.float32)[codes].reshape(codes.shape[0], -1)
+    """The weight the decode subgraph computes from the stored (int8) codes, in numpy; 1-D
+    ``stored`` are packed 4-bit codes (``pack_codes``), 2-D ones a byte a code."""
+    cb = codebook.astype(np.float32)
+    if stored.ndim == 1:
+        n = int(np.prod(layer_shape)) // cb.shape[1]
+        rows = layer_shape[1] if rows_of == "transpose" else layer_shape[0]
+        codes = unpack_codes(stored, n).reshape(rows, -1)
+    else:
+        codes = stored.astype(np.int64) + code_offset(len(codebook))
+    t = cb[codes].reshape(codes.shape[0], -1)
     return t.T.copy() if rows_of == "transpose" else t.reshape(layer_shape)
 
 
@@ -545,7 +618,8 @@ class Pq(Pass):
                                                "input features"))
                 continue
             k = min(cfg.centroids, layer.n_weights // d)
-            dense, pq_bytes = _dense_bytes(layer), _pq_bytes(layer, d, k, dtype, layer.aware and cfg.bias_correct)
+            dense = _dense_bytes(layer)
+            pq_bytes = _pq_bytes(layer, d, k, dtype, layer.aware and cfg.bias_correct, _packed(layer, d, k, dtype, cfg))
             if pq_bytes >= dense:
                 skipped.append(Skip(node.name, f"small layer: codes + codebook ({pq_bytes} B) would not save "
                                                f"bytes over the dense weight ({dense} B)"))
@@ -599,7 +673,12 @@ class Pq(Pass):
         else:
             ds = [2, 4, 8, 16]
         ds = sorted({d for d in ds if layer.d_in % d == 0})
-        ks = sorted({min(cfg.centroids, 32), cfg.centroids})
+        ks = {min(cfg.centroids, 32), cfg.centroids}
+        if cfg.bits != "8":
+            ks.add(min(cfg.centroids, 16))  # 4-bit codes: half the bytes of the codes
+        if cfg.bits == "4":
+            ks = {min(cfg.centroids, 16)}
+        ks = sorted(ks)
         return [(d, min(k, layer.n_weights // d)) for d in ds for k in ks if layer.n_weights // d > k]
 
     def _search(self, ctx, model, blocks, cfg, goal):
@@ -610,7 +689,7 @@ class Pq(Pass):
         quick = PqConfig(block=cfg.block, centroids=cfg.centroids, codebook_dtype=cfg.codebook_dtype,
                          aware=cfg.aware, iters=min(cfg.iters, 2), kmeans_iters=min(cfg.kmeans_iters, 3),
                          gptq=cfg.gptq, refine=min(cfg.refine, 2), sequential=False, damp=cfg.damp,
-                         positions=cfg.positions, bias_correct=cfg.bias_correct)
+                         positions=cfg.positions, bias_correct=cfg.bias_correct, bits=cfg.bits)
         layers = {n: b[0] for n, b in blocks.items()}
         aware = [l for l in layers.values() if l.aware and (cfg.aware or cfg.bias_correct)]
         stats = self._stats(ctx, aware, quick, ctx.reference) if aware else {}
@@ -618,14 +697,14 @@ class Pq(Pass):
         for name, layer in ctx.progress(sorted(layers.items()), total=len(layers), desc="pq size search"):
             refit = layer.aware and cfg.bias_correct
             opts = [(None, 0.0, _dense_bytes(layer))]
+            t, h, _, _ = self._layer_problem(layer, 0, stats.get(name), quick)  # the same for every (d, K)
             for d, k in self._candidates(layer, cfg):
-                t, h, _, _ = self._layer_problem(layer, d, stats.get(name), quick)
                 rng = np.random.default_rng([ctx.seed, zlib.crc32(name.encode())])
                 cb, codes, t_hat = quantize(t, d, k, h if cfg.aware else None, quick, rng, dtype)
                 err = output_error(t, t_hat, h) if h is not None else float(
                     ((t - t_hat) ** 2).sum() / max((t ** 2).sum(), 1e-30))
                 # k, not len(cb): the final quantization may keep more centroids than this quick one
-                opts.append(((d, k), err, _pq_bytes(layer, d, k, dtype, refit)))
+                opts.append(((d, k), err, _pq_bytes(layer, d, k, dtype, refit, _packed(layer, d, k, dtype, cfg))))
             options[name] = opts
         fixed = ctx.cost(model)["bytes"] - sum(o[0][2] for o in options.values())
 
@@ -697,9 +776,11 @@ class Pq(Pass):
                     target, mx, my, alpha = fit
                     _write_bias(layer, target, my - mx @ (alpha * t_hat.T))
                     info["bias_refit"] = True
-                layer.node.inputs[1] = _decode(graph, layer, cb, codes)
+                packed = _packed(layer, d, len(cb), dtype, cfg)
+                layer.node.inputs[1] = _decode(graph, layer, cb, codes, packed)
                 dense = layer.n_weights * layer.weight.values.dtype.itemsize
-                info["bytes"] = [dense, int(codes.nbytes + cb.nbytes)]
+                info["bits"] = 4 if packed else 8
+                info["bytes"] = [dense, int((codes.size + 1) // 2 if packed else codes.nbytes) + int(cb.nbytes)]
                 info["seconds"] = round(seconds, 2)
                 info_all[name] = info
                 report.changed.append(name)

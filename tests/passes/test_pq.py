@@ -10,7 +10,7 @@ from onnx import numpy_helper
 from models import digits
 from onnxshrink import shrink
 from onnxshrink.errors import UsageError
-from onnxshrink.passes.pq import PqConfig, decoded_weight, output_error, quantize
+from onnxshrink.passes.pq import PqConfig, decoded_weight, output_error, pack_codes, quantize, unpack_codes
 
 FAST = {"iters": 2, "refine": 4, "kmeans_iters": 3, "positions": 8}
 
@@ -158,7 +158,8 @@ def test_activation_aware_assignment_lowers_the_output_error(rng):
     assert errs[2] < errs[1]
 
 
-@pytest.mark.parametrize("opt", [{"centroids": 300}, {"codebook_dtype": "fp8"}, {"block": -1}])
+@pytest.mark.parametrize("opt", [{"centroids": 300}, {"codebook_dtype": "fp8"}, {"block": -1}, {"bits": 2},
+                                 {"bits": 4, "centroids": 32}])
 def test_bad_options_are_usage_errors(opt):
     with pytest.raises(UsageError):
         shrink(_net(), ["pq"], calibration=_calib(8), options={"pq": opt})
@@ -223,3 +224,137 @@ def test_a_bias_shared_by_two_convs_is_refit_for_each_separately():
     onnx.checker.check_model(m, full_check=True)
     biases = [n.input[2] for n in m.graph.node if n.op_type == "Conv"][1:]
     assert len(set(biases)) == 2
+
+
+# ----------------------------------------------------------------------------- 4-bit codes
+def _odd_net(seed=0):
+    """input(N,35) -> Gemm(transB=1) 35->63 -> Relu -> MatMul 63->45: the default block is 1 (no
+    4, 8 or 2 divides 35 or 63), so the codes number 63·35 = 2205 and 45·63 = 2835, both odd."""
+    b = GraphBuilder(seed)
+    x = b.input("input", ["batch", 35])
+    h = b.relu(b.gemm(x, 35, 63))
+    b.output(b.matmul(h, 63, 45, out="y"), ["batch", 45])
+    return b.model()
+
+
+def _odd_calib(n=64, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, 35)).astype(np.float32)
+
+
+def _decoded_outputs(m, feed):
+    """{decoded weight name: (value the runtime computes, value decoded_weight gives)}."""
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    names = [n.output[0] for n in m.graph.node if n.output[0].endswith(".pq")]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(m)
+    for name in names:
+        probe.graph.output.add().name = name
+    outs = dict(zip([o.name for o in probe.graph.output], run(probe, feed)))
+    got = {}
+    for name in names:
+        base = name[:-3]
+        rows_of = "transpose" if name in _transposed(m) else "natural"
+        got[name] = (outs[name], decoded_weight(outs[name].shape, rows_of, inits[base + ".pq_codebook"],
+                                                inits[base + ".pq_codes"]))
+    return got, inits
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 566, 567])
+def test_pack_codes_round_trips_odd_and_even_counts(n):
+    codes = np.random.default_rng(n).integers(0, 16, size=n)
+    packed = pack_codes(codes)
+    assert packed.dtype == np.int8 and packed.shape == ((n + 1) // 2,)
+    assert np.array_equal(unpack_codes(packed, n), codes)
+
+
+@pytest.mark.parametrize("bits", ["4", "auto"])
+def test_packed_decode_reproduces_the_codebook_weight_exactly_with_odd_code_counts(bits):
+    model = _odd_net()
+    res = _shrink(model, _odd_calib(), centroids=16, bits=bits, **FAST)
+    rep = res.report["passes"][0]
+    assert len(rep["changed"]) == 2 and all(info["bits"] == 4 for info in rep["layers"].values())
+    got, inits = _decoded_outputs(res.model, {"input": _odd_calib(2)})
+    assert len(got) == 2
+    for name, (runtime, numpy_decoded) in got.items():
+        codes = inits[name[:-3] + ".pq_codes"]
+        n = runtime.size // inits[name[:-3] + ".pq_codebook"].shape[1]
+        assert n % 2 == 1 and codes.dtype == np.int8 and codes.shape == ((n + 1) // 2,)
+        assert runtime.dtype == numpy_decoded.dtype == np.float32
+        assert np.array_equal(runtime, numpy_decoded)
+    ops = {n.op_type for n in res.model.graph.node}
+    assert {"Div", "Concat", "Slice", "Gather"} <= ops and "BitShift" not in ops
+    assert not any(t.data_type == onnx.TensorProto.UINT8 for t in res.model.graph.initializer)
+    casts = {a.i for n in res.model.graph.node if n.op_type == "Cast" for a in n.attribute if a.name == "to"}
+    assert casts <= {onnx.TensorProto.INT32, onnx.TensorProto.FLOAT}
+    assert res.report["validation"]["tensorrt_unparseable"] == []
+    onnx.checker.check_model(res.model, full_check=True)
+
+
+def _wide_net(seed=0, hidden=512):
+    """input(N,64) -> Gemm 64->hidden -> Relu -> MatMul hidden->128: 8192 and 16384 codes at the
+    default block 4."""
+    b = GraphBuilder(seed)
+    x = b.input("input", ["batch", 64])
+    h = b.relu(b.gemm(x, 64, hidden))
+    b.output(b.matmul(h, hidden, 128, out="y"), ["batch", 128])
+    return b.model()
+
+
+def _wide_calib(n=128, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, 64)).astype(np.float32)
+
+
+def test_packed_codes_give_the_same_weights_in_half_the_code_bytes():
+    model = _wide_net()
+    quick = dict(FAST, gptq=False, refine=0)  # storage, not quality, is tested here
+    four = _shrink(model, _wide_calib(), centroids=16, bits=4, **quick)
+    eight = _shrink(model, _wide_calib(), centroids=16, bits=8, **quick)
+    g4, i4 = _decoded_outputs(four.model, {"input": _wide_calib(2)})
+    g8, i8 = _decoded_outputs(eight.model, {"input": _wide_calib(2)})
+    assert g4.keys() == g8.keys() and len(g4) == 2
+    for name in g4:  # same quantization, only the storage differs
+        assert np.array_equal(g4[name][0], g8[name][0])
+        c4, c8 = i4[name[:-3] + ".pq_codes"], i8[name[:-3] + ".pq_codes"]
+        assert c8.dtype == np.int8 and c4.nbytes == (c8.nbytes + 1) // 2
+    assert_close(eight.model, four.model, {"input": _wide_calib(16, seed=3)}, rtol=1e-6, atol=1e-6)
+    # the whole file: half the code bytes, less the longer decode (a few hundred bytes a layer)
+    b4, b8 = len(four.model.SerializeToString()), len(eight.model.SerializeToString())
+    codes8 = sum(i8[n[:-3] + ".pq_codes"].nbytes for n in g8)
+    assert 0.45 * codes8 <= b8 - b4 <= 0.5 * codes8, (b4, b8, codes8)
+    assert four.report["after"]["bytes"] == b4
+
+
+def test_auto_packs_only_where_it_saves_bytes():
+    wide = _shrink(_odd_net(), _odd_calib(), centroids=32, **FAST)  # K > 16: one byte a code
+    assert all(info["bits"] == 8 for info in wide.report["passes"][0]["layers"].values())
+    assert not {"Div", "Concat"} & {n.op_type for n in wide.model.graph.node}
+    # layers of at most 512 codes: the longer decode costs more bytes than packing saves
+    tiny = _shrink(_net(), _calib(), centroids=16, **FAST)
+    assert all(info["bits"] == 8 for info in tiny.report["passes"][0]["layers"].values())
+    forced = _shrink(_net(), _calib(), centroids=16, bits=4, **FAST)
+    assert len(forced.model.SerializeToString()) > len(tiny.model.SerializeToString())
+
+
+def test_packed_output_is_byte_identical_for_the_same_seed():
+    model = _odd_net()
+    a = _shrink(model, _odd_calib(), centroids=16, bits=4, **FAST).model.SerializeToString()
+    b = _shrink(model, _odd_calib(), centroids=16, bits=4, **FAST).model.SerializeToString()
+    assert a == b
+
+
+def test_target_size_search_uses_packed_16_centroid_settings():
+    model = _wide_net(seed=2, hidden=256)
+    opts = dict(FAST, centroids=32, gptq=False)  # candidates K = 16 (packed) and 32
+    res = shrink(model, ["pq"], calibration=_wide_calib(), options={"pq": opts}, target_bytes=0.05, force=True)
+    rep = res.report["passes"][0]
+    assert res.report["targets"]["bytes"]["met"]
+    assert len(res.model.SerializeToString()) <= rep["size_search"]["estimated_bytes"]
+    chosen = [c for c in rep["size_search"]["choice"].values() if c != "dense"]
+    assert any(k == 16 for _, k in chosen), chosen
+    assert any(info["bits"] == 4 for info in rep["layers"].values())
+    assert res.report["validation"]["tensorrt_unparseable"] == []
+    # with one byte a code the same budget leaves more output error
+    eight = shrink(model, ["pq"], calibration=_wide_calib(), options={"pq": dict(opts, bits=8)},
+                   target_bytes=0.05, force=True)
+    err = lambda r: sum(r.report["passes"][0]["size_search"]["estimated_rel_error"].values())  # noqa: E731
+    assert err(res) < err(eight)
