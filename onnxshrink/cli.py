@@ -1,13 +1,16 @@
 """Command line: argument parsing and printing only; the work is done by ``shrink``.
 
-Exit codes: 0 ok, 1 validation failed, 2 usage or input error. Errors are one line on stderr
-(a traceback only with --debug).
+Exit codes: 0 ok, 1 validation failed, 2 usage or input error, 130 interrupted (Ctrl-C), 143
+terminated (SIGTERM). Errors are one line on stderr (a traceback only with --debug). SIGTERM is
+turned into an exception while ``main`` runs, so temporary files are removed as on Ctrl-C (output
+files are written atomically: a run stopped early leaves nothing behind).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import warnings
 
@@ -98,11 +101,37 @@ def list_passes() -> str:
     return "\n".join(lines)
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread; a BaseException so that no ``except Exception`` on the
+    way up turns it into an ordinary error."""
+
+
+def _on_sigterm(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)   # a second SIGTERM during clean-up kills at once
+    raise _Terminated()
+
+
 def main(argv=None) -> int:
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        installed = True
+    except ValueError:   # not the main thread: leave signals alone
+        installed = False
+    try:
+        return _run(argv)
+    finally:
+        if installed:    # None: a handler not set from Python; the default is the closest
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _run(argv) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     try:
         return _main(argv)
+    except _Terminated:
+        print("onnxshrink: terminated (SIGTERM); temporary files removed", file=sys.stderr)
+        return 143
     except OnnxShrinkError as e:
         if debug:
             raise
@@ -157,12 +186,15 @@ def _main(argv) -> int:
                             quiet=args.quiet, batch_size=args.batch_size, seed=args.seed)
         except OnnxShrinkError as e:
             partial = getattr(e, "result", None)
-            if partial is not None and args.report:
-                _write_report(args.report, partial.report)
-            if partial is not None and not args.quiet:
-                print(console_table(partial.report))
+            if partial is not None:
+                partial.close()   # its model is not needed: only the report is written
+                if args.report:
+                    _write_report(args.report, partial.report)
+                if not args.quiet:
+                    print(console_table(partial.report))
             raise
-    result.save(args.output)
+    with result:
+        result.save(args.output)
     if args.report:
         _write_report(args.report, result.report)
     if not args.quiet:

@@ -10,7 +10,8 @@
 
 Large models (see ``model_io``): ``import_graph`` gives their on-disk weights values that are read
 from the file when a pass asks for them, and ``export_model`` writes big rewritten weights to the
-spill file as it exports, so a pass's output does not hold a second in-memory copy of the weights.
+active spill store (the current ``shrink`` call's, see ``model_io.spilling``) as it exports, so a
+pass's output does not hold a second in-memory copy of the weights.
 """
 
 from __future__ import annotations

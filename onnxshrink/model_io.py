@@ -12,11 +12,22 @@
   such models are written to a temporary spill file as the graph is exported (``spill_array``), so
   the weights of a model exist once, on disk, and are read a tensor at a time (or memory-mapped
   into ONNX Runtime sessions). Saving streams each tensor from its file into ``OUT.data``.
+- temporary files: one work folder per process (``_work_dir``, removed at exit) holds the
+  short-lived session folders, copies of data files that cannot be hard-linked, and one folder per
+  ``SpillStore``. ``shrink`` makes a store for each call and makes it the active one
+  (``spilling``); the returned ``Result`` owns it and removes it on ``close()``, at the end of a
+  ``with`` block, or when it is garbage-collected; a call that fails removes it at once (unless the
+  error carries a ``.result``, which then owns it). Exports outside any call (``normalize`` used
+  directly) spill to one process-wide store, removed at exit. A tensor of a removed store raises a
+  ``UsageError`` when used, instead of reading a missing file. The CLI turns SIGTERM into a normal
+  exit, so these folders are removed then too; only SIGKILL leaves them behind.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import contextvars
 import itertools
 import os
 import shutil
@@ -39,12 +50,15 @@ _ALIGN = 4096
 _FILES: dict[str, str] = {}      # location token -> absolute path of the data file
 _TOKENS: dict[str, str] = {}     # absolute path -> token
 _COUNTER = itertools.count()
-_WORK: dict = {}                 # the process's work folder and spill file
+_CLOSED: set[str] = set()        # tokens of spill files already removed
+_WORK: dict = {}                 # the process's work folder and fallback spill store
+_CLOSED_MSG = ("the weights of this model were in the spill folder of a shrink() Result that has "
+               "been closed or garbage-collected; keep the Result while using its model, or save it first")
 
 
 def _work_dir() -> str:
-    """A temporary folder, removed at exit, holding the spill file and a hard link to each large
-    model's data file under its token (so ONNX Runtime can read every weight from one folder)."""
+    """A temporary folder, removed at exit, holding the spill folders, the short-lived session
+    folders and, across file systems, one copy of each large model's data file."""
     if not _WORK.get("dir") or not os.path.isdir(_WORK["dir"]):
         _WORK.clear()
         _WORK["dir"] = tempfile.mkdtemp(prefix="onnxshrink-")
@@ -88,20 +102,25 @@ def _ext_info(tensor) -> dict:
 
 
 def is_lazy(tensor) -> bool:
-    """A tensor whose data stays in a file this process knows (a large model's weights)."""
-    return (tensor.data_location == onnx.TensorProto.EXTERNAL
-            and _ext_info(tensor).get("location") in _FILES)
+    """A tensor whose data stays in a file this process knows (a large model's weights). Raises
+    UsageError for a tensor whose spill store was closed."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return False
+    location = _ext_info(tensor).get("location")
+    if location in _CLOSED:
+        raise UsageError(_CLOSED_MSG)
+    return location in _FILES
 
 
 def lazy_tensors(model: onnx.ModelProto) -> list:
     """Lazy tensors anywhere in the model (initializers, Constant attributes, subgraphs)."""
-    if not _FILES:
+    if not _FILES and not _CLOSED:
         return []
     return [t for t in external_data_helper._get_all_tensors(model) if is_lazy(t)]
 
 
 def has_lazy(model: onnx.ModelProto) -> bool:
-    return bool(_FILES) and any(is_lazy(t) for t in external_data_helper._get_all_tensors(model))
+    return (bool(_FILES) or bool(_CLOSED)) and any(is_lazy(t) for t in external_data_helper._get_all_tensors(model))
 
 
 def _np_dtype(tensor):
@@ -111,6 +130,8 @@ def _np_dtype(tensor):
 def read_external(tensor, mmap: bool = False) -> np.ndarray:
     """The value of a lazy tensor: a fresh array, or a read-only memory map of its file."""
     info = _ext_info(tensor)
+    if info["location"] in _CLOSED:
+        raise UsageError(_CLOSED_MSG)
     path, offset = _FILES[info["location"]], int(info.get("offset", 0))
     dtype, shape = _np_dtype(tensor), tuple(tensor.dims)
     count = int(np.prod(shape, dtype=np.int64))
@@ -130,20 +151,55 @@ def _set_external(tensor, token: str, offset: int, length: int) -> None:
         e.key, e.value = k, v
 
 
-def _spill_file() -> tuple[str, str]:
-    path = _WORK.get("spill")
-    if not path or not os.path.exists(path):
-        path = os.path.join(_work_dir(), f"onnxshrink-{os.getpid()}-{next(_COUNTER)}-spill.data")
-        open(path, "wb").close()
-        _WORK["spill"] = path
-        _FILES[os.path.basename(path)] = path
-        _TOKENS[os.path.realpath(path)] = os.path.basename(path)
-    return path, os.path.basename(path)
+class SpillStore:
+    """Where rewritten weights of large models go: a folder of the work folder holding one spill
+    file, both made on the first write (a call on a small model writes nothing). ``close`` removes
+    the folder and forgets its token; it may be called more than once."""
+
+    def __init__(self):
+        self.dir = self.path = self.token = None
+        self.closed = False
+
+    def file(self) -> tuple[str, str]:
+        if self.closed:
+            raise UsageError(_CLOSED_MSG)
+        if self.path is None or not os.path.exists(self.path):
+            self.dir = tempfile.mkdtemp(prefix="spill-", dir=_work_dir())
+            self.token = f"onnxshrink-{os.getpid()}-{next(_COUNTER)}-spill.data"
+            self.path = os.path.join(self.dir, self.token)
+            open(self.path, "wb").close()
+            _FILES[self.token] = self.path
+        return self.path, self.token
+
+    def close(self) -> None:
+        self.closed = True
+        if self.token is not None:
+            _FILES.pop(self.token, None)
+            _CLOSED.add(self.token)
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("onnxshrink_spill_store", default=None)
+
+
+@contextlib.contextmanager
+def spilling(store: SpillStore):
+    """Make ``store`` the one ``spill_array`` writes to inside the block (per thread/context)."""
+    reset = _ACTIVE.set(store)
+    try:
+        yield store
+    finally:
+        _ACTIVE.reset(reset)
 
 
 def spill_array(name: str, array: np.ndarray) -> onnx.TensorProto:
-    """Write an array to the process's spill file; returns a lazy TensorProto for it."""
-    path, token = _spill_file()
+    """Write an array to the active spill store's file (outside any ``spilling`` block: the
+    process-wide one); returns a lazy TensorProto for it."""
+    store = _ACTIVE.get()
+    if store is None:
+        store = _WORK.setdefault("store", SpillStore())
+    path, token = store.file()
     array = np.ascontiguousarray(array)
     with open(path, "ab") as f:
         offset = f.tell()

@@ -3,12 +3,18 @@
 Passes ask for statistics through ``PassContext.collect`` when they need them, on the model as
 it is at that moment: a pass that runs after another sees the rewritten graph, and a pass that
 reconstructs layer by layer asks again for each level (sequential reconstruction).
+
+Temporary files of large models (see ``model_io``): each call writes rewritten weights into its own
+``SpillStore``, owned by the returned ``Result`` (removed by ``Result.close()``, a ``with`` block,
+or garbage collection) or removed at once when the call fails, unless the error carries a
+``.result`` (ValidationFailed, TargetError), which then owns it.
 """
 
 from __future__ import annotations
 
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import onnx
@@ -18,7 +24,7 @@ from .calibrate import DataSource, collect, load_data, random_data, session, spl
 from .cost import model_cost
 from .errors import InputError, OnnxShrinkError, PassError, UsageError, ValidationFailed, first_line
 from .graph import normalize
-from .model_io import has_lazy, load_model, save_model
+from .model_io import SpillStore, has_lazy, load_model, save_model, spilling
 from .registry import get_pass, make_config
 from .report import make_report
 from .validate import Tolerances, validate
@@ -69,11 +75,31 @@ class PassContext:
 
 @dataclass
 class Result:
+    """The rewritten model and its report. For a large model, the weights the passes rewrote are
+    in a temporary spill folder this Result owns: it is removed by ``close()``, on leaving a
+    ``with`` block, or when the Result is garbage-collected (at the latest at exit). Keep the
+    Result while using ``model`` (or save it first); afterwards such a model's rewritten weights
+    are gone and using them raises UsageError. For other models ``close()`` does nothing."""
+
     model: onnx.ModelProto
     report: dict
+    spill: SpillStore | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        self._close = weakref.finalize(self, self.spill.close) if self.spill is not None else None
 
     def save(self, path, external: bool | None = None):
         return save_model(self.model, path, external)
+
+    def close(self) -> None:
+        if self._close is not None:
+            self._close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def _resolve_passes(names, options):
@@ -124,7 +150,23 @@ def _data(calibration, validation, model, image_options, random_calibration, nee
 def shrink(model_or_path, passes, calibration=None, target_flops=None, target_params=None,
            options=None, validation=None, tolerances: Tolerances | None = None, image_options=None,
            random_calibration=None, force=False, quiet=True, batch_size=64, seed=0, target_bytes=None) -> Result:
-    """Compress a model. See the README for the arguments; raises OnnxShrinkError subclasses."""
+    """Compress a model. See the README for the arguments; raises OnnxShrinkError subclasses.
+    The result holds temporary files for large models: ``with shrink(...) as res:`` or
+    ``res.close()`` removes them at once (else garbage collection does)."""
+    store = SpillStore()
+    try:
+        with spilling(store):
+            return _shrink(store, model_or_path, passes, calibration, target_flops, target_params,
+                           options, validation, tolerances, image_options, random_calibration, force,
+                           quiet, batch_size, seed, target_bytes)
+    except BaseException as e:
+        if getattr(e, "result", None) is None:   # nothing left that uses the spilled weights
+            store.close()
+        raise
+
+
+def _shrink(store, model_or_path, passes, calibration, target_flops, target_params, options, validation,
+            tolerances, image_options, random_calibration, force, quiet, batch_size, seed, target_bytes):
     t0 = time.perf_counter()
     targets = {m: f for m, f in (("flops", budget_mod.check_fraction("target-flops", target_flops)),
                                   ("params", budget_mod.check_fraction("target-params", target_params)),
@@ -180,7 +222,7 @@ def shrink(model_or_path, passes, calibration=None, target_flops=None, target_pa
     validation_result["data"] = val.origin
     timing["total_seconds"] = round(time.perf_counter() - t0, 3)
     report = make_report(before, after, reports, validation_result, reached, timing)
-    result = Result(model, report)
+    result = Result(model, report, store)
     if not force:
         err = budget_mod.missed(reached)
         if err is None and not validation_result["passed"]:

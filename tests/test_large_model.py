@@ -6,9 +6,13 @@ process never holds it; the tool runs in a subprocess whose peak RSS (``RUSAGE_C
 measured.
 
 The fast tests run the same large-model code path on a small model by lowering the thresholds:
-weights stay in their files, rewritten ones are spilled, and the result equals the in-memory path.
+weights stay in their files, rewritten ones are spilled, and the result equals the in-memory path;
+each ``shrink()`` call's spill folder goes away with its Result (close, ``with``, garbage
+collection) or at once when the call fails, and the CLI leaves no temporary files after success,
+failure or SIGTERM.
 """
 
+import gc
 import os
 import resource
 import subprocess
@@ -22,9 +26,11 @@ from onnx import TensorProto, helper
 
 from onnxshrink import model_io
 from onnxshrink.calibrate import run_model
-from onnxshrink.errors import InputError
+from onnxshrink.errors import InputError, PassError, UsageError, ValidationFailed
 from onnxshrink.model_io import lazy_tensors, load_model, materialized
+from onnxshrink.passes.foldbn import FoldBN
 from onnxshrink.pipeline import shrink
+from onnxshrink.validate import Tolerances
 
 D = 4096            # Gemm width: one weight is 64 MiB
 LAYERS = 38         # 38 × 64 MiB ≈ 2.55 GB of weights
@@ -180,3 +186,125 @@ def test_large_path_sessions_across_file_systems(tmp_path, small_limits, monkeyp
     assert lazy_tensors(lazy)
     got = run_model(lazy, model_io_source(x))["y"]
     np.testing.assert_allclose(got, run_model(onnx.load(path), model_io_source(x))["y"], rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- fast: temporary files
+def _spill_dirs():
+    d = model_io._WORK.get("dir")
+    return {n for n in os.listdir(d) if n.startswith("spill-")} if d and os.path.isdir(d) else set()
+
+
+def _tree_bytes(folder):
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(folder) for f in files)
+
+
+def test_repeated_calls_do_not_grow_the_work_folder(tmp_path, small_limits):
+    path, _ = write_large_model(str(tmp_path), layers=3, d=128)
+    x = np.random.default_rng(3).standard_normal((24, 128)).astype(np.float32)
+    before = _spill_dirs()
+    sizes = []
+    for i in range(3):
+        res = shrink(path, "foldbn", calibration=x)
+        assert sorted(t.name for t in lazy_tensors(res.model)) == ["w0", "w1", "w2"]   # spilled
+        assert len(_spill_dirs() - before) == 1 and os.path.getsize(res.spill.path) >= 3 * 128 * 128 * 4
+        res.save(tmp_path / f"out{i}.onnx")
+        del res
+        gc.collect()
+        assert _spill_dirs() == before                     # gone with the Result
+        sizes.append(_tree_bytes(model_io._work_dir()))
+    assert sizes[1] == sizes[0] and sizes[2] == sizes[0], sizes
+    ref = run_model(onnx.load(path), model_io_source(x))["y"]
+    for i in range(3):                                     # the saved outputs do not need the spill
+        got = run_model(onnx.load(str(tmp_path / f"out{i}.onnx")), model_io_source(x))["y"]
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_result_close_and_with_block_remove_the_spill(tmp_path, small_limits):
+    path, _ = write_large_model(str(tmp_path), layers=3, d=128)
+    x = np.random.default_rng(4).standard_normal((24, 128)).astype(np.float32)
+    with shrink(path, "foldbn", calibration=x) as res:
+        spill = res.spill.dir
+        assert os.path.isdir(spill)
+        res.save(tmp_path / "a.onnx")
+    assert not os.path.exists(spill)
+    with pytest.raises(UsageError, match="closed or garbage-collected"):
+        res.save(tmp_path / "b.onnx")                      # a clear error, not a missing-file one
+    with pytest.raises(UsageError, match="closed or garbage-collected"):
+        materialized(res.model)
+    assert not os.path.exists(tmp_path / "b.onnx")
+    assert sorted(p for p in os.listdir(tmp_path) if not p.startswith("large")) == ["a.onnx", "a.onnx.data"]
+    res.close()                                            # twice is fine
+    small, _ = write_large_model(str(tmp_path / ".."), layers=1, d=16)   # under the threshold
+    with shrink(small, "foldbn", calibration=x[:, :16]) as res:
+        assert res.spill.dir is None                       # nothing spilled, no folder made
+
+
+def test_failing_call_leaves_no_spill(tmp_path, small_limits, monkeypatch):
+    path, _ = write_large_model(str(tmp_path), layers=3, d=128)
+    x = np.random.default_rng(5).standard_normal((24, 128)).astype(np.float32)
+    before = _spill_dirs()
+    real = FoldBN.apply
+    seen = []
+
+    def apply(self, model, cfg, ctx):
+        real(self, model, cfg, ctx)
+        seen.append(_spill_dirs() - before)                # the pass's output was spilled
+        raise RuntimeError("boom")
+    monkeypatch.setattr(FoldBN, "apply", apply)
+    with pytest.raises(PassError, match="boom"):
+        shrink(path, "foldbn", calibration=x)
+    assert len(seen) == 1 and len(seen[0]) == 1
+    assert _spill_dirs() == before                         # removed at once, no GC needed
+    monkeypatch.setattr(FoldBN, "apply", real)
+    # a failed validation keeps the spill for e.result (the CLI writes its report; --force-like use)
+    with pytest.raises(ValidationFailed) as info:
+        shrink(path, "foldbn", calibration=x, tolerances=Tolerances(min_cosine=1.5))
+    partial = info.value.result
+    assert len(_spill_dirs() - before) == 1
+    assert sorted(_weights(partial.model)) == sorted(["w0", "w1", "w2", "b0", "b1", "b2"])
+    partial.close()
+    assert _spill_dirs() == before
+
+
+_CLI = """
+import os, signal, sys
+from onnxshrink import model_io
+from onnxshrink.cli import main
+from onnxshrink.passes.foldbn import FoldBN
+model_io.EXTERNAL_THRESHOLD, model_io.LAZY_MIN_BYTES = 100_000, 4096
+mode, real = sys.argv[1], FoldBN.apply
+
+def apply(self, model, cfg, ctx):
+    out = real(self, model, cfg, ctx)
+    spilled = [n for n in os.listdir(model_io._work_dir()) if n.startswith("spill-")]
+    print("spilled", len(spilled), file=sys.stderr)
+    if mode == "term":
+        os.kill(os.getpid(), signal.SIGTERM)
+    elif mode == "error":
+        raise RuntimeError("boom")
+    return out
+FoldBN.apply = apply
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("mode, flags, code", [("ok", [], 0), ("error", [], 2),
+                                               ("ok", ["--min-cosine", "1.5"], 1), ("term", [], 143)])
+def test_cli_leaves_no_temporary_files(tmp_path, mode, flags, code):
+    path, _ = write_large_model(str(tmp_path), layers=3, d=128)
+    np.save(tmp_path / "calib.npy", np.random.default_rng(6).standard_normal((24, 128)).astype(np.float32))
+    tmp, out = tmp_path / "tmp", tmp_path / "out"
+    tmp.mkdir()
+    out.mkdir()
+    p = subprocess.run([sys.executable, "-c", _CLI, mode, path, str(out / "small.onnx"), "--passes", "foldbn",
+                        "--calibration-data", str(tmp_path / "calib.npy"), "--quiet", "--report",
+                        str(out / "report.json"), *flags],
+                       capture_output=True, text=True, env={**os.environ, "TMPDIR": str(tmp)}, timeout=300)
+    assert p.returncode == code, p.stderr
+    assert "spilled 1" in p.stderr                         # the large-model path ran
+    # work folder, spill and sessions removed (importing ONNX Runtime leaves its own `.ses` file)
+    assert [n for n in os.listdir(tmp) if n != ".ses"] == []
+    written = {"ok": ["report.json", "small.onnx", "small.onnx.data"], "error": [], "term": []}
+    assert sorted(os.listdir(out)) == (["report.json"] if code == 1 else written[mode])
+    if mode == "term":
+        assert "terminated" in p.stderr
