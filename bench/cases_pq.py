@@ -1,7 +1,9 @@
 """pq bench: product-quantized codebooks against ONNX Runtime's own weight quantizers.
 
 Rows: pq with activation-aware assignment (default) and with plain k-means (``pq.aware=false``)
-on the four reference models; a size budget (``--target-size``); the chained
+on the four reference models; K = 16 centroids stored as packed 4-bit codes on the MLP (d = 4:
+half the bytes of the default; d = 2: the default's bytes, 2 bits a weight either way); a size
+budget (``--target-size``); the chained
 ``pfa,basisconv,pq`` at ``--target-flops 0.4`` on cnn_plain.
 
 Peers (same models, same test split, same latency measurement), printed after the table:
@@ -31,6 +33,8 @@ from models import digits
 CASES = [
     Case("mlp", ["pq"], label="pq (aware)"),
     Case("mlp", ["pq"], label="pq plain k-means", options={"pq": {"aware": False}}),
+    Case("mlp", ["pq"], label="pq K=16 4-bit codes", options={"pq": {"centroids": 16}}),
+    Case("mlp", ["pq"], label="pq K=16 d=2 4-bit codes", options={"pq": {"centroids": 16, "block": 2}}),
     Case("cnn_plain", ["pq"], label="pq (aware)"),
     Case("cnn_plain", ["pq"], label="pq plain k-means", options={"pq": {"aware": False}}),
     Case("cnn_plain", ["pq"], label="pq target-size 0.05", target_bytes=0.05),
