@@ -157,7 +157,7 @@ def _main(argv) -> int:
         if not args.input:
             raise UsageError("--inspect needs a model path")
         from .inspect import inspect_model
-        print(inspect_model(args.input, args.passes))
+        print(inspect_model(args.input, args.passes, parse_sets(args.set)))
         return 0
     if not args.input or not args.output:
         raise UsageError("usage: onnxshrink IN OUT --passes a,b,... (see --help)")

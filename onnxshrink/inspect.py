@@ -9,7 +9,8 @@ from .model_io import load_model
 from .registry import all_passes, get_pass, make_config
 
 
-def inspect_model(path, passes=None) -> str:
+def inspect_model(path, passes=None, options=None) -> str:
+    """``options``: {pass: {key: value}} as ``--set`` gives them, applied to each pass's plan."""
     model = normalize(load_model(path))
     costs = node_costs(model)
     total_flops = sum(c.flops for c in costs) or 1
@@ -20,7 +21,7 @@ def inspect_model(path, passes=None) -> str:
         if not p.ready:
             continue
         name = p.name
-        plan = p.plan(model, make_config(p, {}))
+        plan = p.plan(model, make_config(p, (options or {}).get(p.name, {})))
         for t in plan.targets:
             applies.setdefault(t, []).append(name)
         for s in plan.skipped:

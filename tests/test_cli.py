@@ -218,3 +218,12 @@ def test_inspect_with_passes(tmp_path, tiny, capsys):
     rc, out, _ = _run(["--inspect", tiny, "--passes", "pfa"], capsys)
     assert rc == 0 and "pfa" in out and "foldbn" not in out
     _fails_cleanly(["--inspect", tiny, "--passes", "foldbn,nosuch"], capsys, tmp_path, match="unknown pass 'nosuch'")
+
+
+def test_inspect_applies_set_options(tmp_path, capsys):
+    rc, out, _ = _run(["--inspect", PLAIN, "--passes", "pq"], capsys)
+    assert rc == 0 and "first conv stays dense" in out
+    rc, out, _ = _run(["--inspect", PLAIN, "--passes", "pq", "--set", "pq.first_conv=true"], capsys)
+    assert rc == 0 and "first conv stays dense" not in out
+    _fails_cleanly(["--inspect", PLAIN, "--passes", "pq", "--set", "pq.nosuchkey=1"], capsys, tmp_path,
+                   match="unknown option 'pq.nosuchkey'")
