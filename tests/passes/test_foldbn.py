@@ -12,6 +12,14 @@ def _ops(model):
     return [n.op_type for n in model.graph.node]
 
 
+def _fold_exactly(m, feeds, ops):
+    """Run foldbn; the result has exactly ``ops`` and the original's outputs."""
+    r = shrink(m, ["foldbn"], calibration=feeds)
+    assert _ops(r.model) == ops
+    assert_close(m, r.model, feeds)
+    return r
+
+
 def test_fold_conv_and_gemm_exact(rng):
     m = conv_bn_net()
     x = rng.standard_normal((20, 3, 8, 8)).astype(np.float32)
@@ -31,9 +39,7 @@ def test_fold_gemm_bn(trans_b, rng):
     b.output("y")
     m = b.model()
     feeds = {"input": rng.standard_normal((10, 16)).astype(np.float32)}
-    r = shrink(m, ["foldbn"], calibration=feeds)
-    assert _ops(r.model) == ["Gemm"]
-    assert_close(m, r.model, feeds)
+    _fold_exactly(m, feeds, ["Gemm"])
 
 
 @pytest.mark.parametrize("group", [1, 2])
@@ -47,9 +53,7 @@ def test_fold_conv_transpose(group, rng):
     b.output("y")
     m = b.model()
     feeds = {"input": rng.standard_normal((4, 4, 5, 5)).astype(np.float32)}
-    r = shrink(m, ["foldbn"], calibration=feeds)
-    assert _ops(r.model) == ["ConvTranspose"]
-    assert_close(m, r.model, feeds)
+    _fold_exactly(m, feeds, ["ConvTranspose"])
 
 
 def test_skips_have_reasons(rng):
@@ -85,9 +89,7 @@ def test_bias_shared_by_two_convs(rng):
     b.output("y")
     m = b.model()
     feeds = {"input": rng.standard_normal((3, 3, 8, 8)).astype(np.float32)}
-    r = shrink(m, ["foldbn"], calibration=feeds)
-    assert _ops(r.model) == ["Conv", "Conv", "Add"]
-    assert_close(m, r.model, feeds)
+    _fold_exactly(m, feeds, ["Conv", "Conv", "Add"])
 
 
 def test_new_bias_name_does_not_collide(rng):
@@ -102,9 +104,7 @@ def test_new_bias_name_does_not_collide(rng):
     b.output("y")
     m = b.model()
     feeds = {"input": rng.standard_normal((3, 3, 8, 8)).astype(np.float32)}
-    r = shrink(m, ["foldbn"], calibration=feeds)
-    assert _ops(r.model) == ["Conv", "Add"]
-    assert_close(m, r.model, feeds)
+    _fold_exactly(m, feeds, ["Conv", "Add"])
 
 
 @pytest.mark.parametrize("c_shape", [(1, 5), (1,), ()])
@@ -118,9 +118,7 @@ def test_gemm_bias_broadcast_alpha_beta(c_shape, rng):
     b.output("y")
     m = b.model()
     feeds = {"input": rng.standard_normal((4, 6)).astype(np.float32)}
-    r = shrink(m, ["foldbn"], calibration=feeds)
-    assert _ops(r.model) == ["Gemm"]
-    assert_close(m, r.model, feeds)
+    _fold_exactly(m, feeds, ["Gemm"])
 
 
 def test_gemm_bias_per_row_is_skipped(rng):
