@@ -377,9 +377,10 @@ def collect(data: DataSource, requests, model_x: onnx.ModelProto, model_y: onnx.
     return accs
 
 
-def run_model(model: onnx.ModelProto, data: DataSource, batch_size: int = 256, threads: int = 0):
-    """All outputs of the model over the data, concatenated: {name: array}."""
-    sess = session(model, threads)
+def run_model(model: onnx.ModelProto, data: DataSource, batch_size: int = 256, threads: int = 0, sess=None):
+    """All outputs of the model over the data, concatenated: {name: array}. ``sess``: an ONNX
+    Runtime session of this model already made (one is created otherwise)."""
+    sess = sess if sess is not None else session(model, threads)
     names = [o.name for o in sess.get_outputs()]
     outs = {n: [] for n in names}
     for feed in _batches(data, batch_size, model)[0]:

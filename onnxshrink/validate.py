@@ -127,18 +127,20 @@ def compare_outputs(a: dict, b: dict) -> dict:
 
 
 def validate(original: onnx.ModelProto, model: onnx.ModelProto, data: DataSource | None,
-             tol: Tolerances, original_outputs: dict | None = None) -> dict:
+             tol: Tolerances) -> dict:
     problems = structural_problems(original, model)
     outputs = {}
+    # the original runs first and its session is gone before the rewritten model's is made:
+    # one session at a time (large models), and that one serves both the load check and the run
+    ref = run_model(original, data) if data is not None else None
     try:
-        session(model)
+        sess = session(model)
     except Exception as e:
         problems.append(f"ONNX Runtime cannot load the model: {first_line(e)}")
     else:
-        if data is not None:
-            ref = original_outputs if original_outputs is not None else run_model(original, data)
+        if ref is not None:
             try:
-                new = run_model(model, data)
+                new = run_model(model, data, sess=sess)
             except Exception as e:
                 problems.append(f"ONNX Runtime fails to run the model: {first_line(e)}")
             else:
