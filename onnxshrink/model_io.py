@@ -193,10 +193,15 @@ def spilling(store: SpillStore):
         _ACTIVE.reset(reset)
 
 
+def active_store() -> SpillStore | None:
+    """The store of the enclosing ``spilling`` block, if any."""
+    return _ACTIVE.get()
+
+
 def spill_array(name: str, array: np.ndarray) -> onnx.TensorProto:
     """Write an array to the active spill store's file (outside any ``spilling`` block: the
     process-wide one); returns a lazy TensorProto for it."""
-    store = _ACTIVE.get()
+    store = active_store()
     if store is None:
         store = _WORK.setdefault("store", SpillStore())
     path, token = store.file()

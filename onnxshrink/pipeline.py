@@ -12,6 +12,7 @@ or garbage collection) or removed at once when the call fails, unless the error 
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
 import weakref
@@ -24,7 +25,7 @@ from .calibrate import DataSource, collect, load_data, random_data, session, spl
 from .cost import model_cost
 from .errors import InputError, OnnxShrinkError, PassError, UsageError, ValidationFailed, first_line
 from .graph import normalize
-from .model_io import SpillStore, has_lazy, load_model, save_model, spilling
+from .model_io import SpillStore, active_store, has_lazy, load_model, save_model, spilling
 from .registry import get_pass, make_config
 from .report import make_report
 from .validate import Tolerances, validate
@@ -147,26 +148,29 @@ def _data(calibration, validation, model, image_options, random_calibration, nee
     return fit, val
 
 
+def _owning_spill(fn):
+    """Run ``fn`` with a fresh SpillStore active; on an error whose ``.result`` does not take it
+    over (anything but ValidationFailed/TargetError), remove it at once."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        store = SpillStore()
+        try:
+            with spilling(store):
+                return fn(*args, **kwargs)
+        except BaseException as e:
+            if getattr(e, "result", None) is None:   # nothing left that uses the spilled weights
+                store.close()
+            raise
+    return wrapper
+
+
+@_owning_spill
 def shrink(model_or_path, passes, calibration=None, target_flops=None, target_params=None,
            options=None, validation=None, tolerances: Tolerances | None = None, image_options=None,
            random_calibration=None, force=False, quiet=True, batch_size=64, seed=0, target_bytes=None) -> Result:
     """Compress a model. See the README for the arguments; raises OnnxShrinkError subclasses.
     The result holds temporary files for large models: ``with shrink(...) as res:`` or
     ``res.close()`` removes them at once (else garbage collection does)."""
-    store = SpillStore()
-    try:
-        with spilling(store):
-            return _shrink(store, model_or_path, passes, calibration, target_flops, target_params,
-                           options, validation, tolerances, image_options, random_calibration, force,
-                           quiet, batch_size, seed, target_bytes)
-    except BaseException as e:
-        if getattr(e, "result", None) is None:   # nothing left that uses the spilled weights
-            store.close()
-        raise
-
-
-def _shrink(store, model_or_path, passes, calibration, target_flops, target_params, options, validation,
-            tolerances, image_options, random_calibration, force, quiet, batch_size, seed, target_bytes):
     t0 = time.perf_counter()
     targets = {m: f for m, f in (("flops", budget_mod.check_fraction("target-flops", target_flops)),
                                   ("params", budget_mod.check_fraction("target-params", target_params)),
@@ -222,7 +226,7 @@ def _shrink(store, model_or_path, passes, calibration, target_flops, target_para
     validation_result["data"] = val.origin
     timing["total_seconds"] = round(time.perf_counter() - t0, 3)
     report = make_report(before, after, reports, validation_result, reached, timing)
-    result = Result(model, report, store)
+    result = Result(model, report, active_store())
     if not force:
         err = budget_mod.missed(reached)
         if err is None and not validation_result["passed"]:
