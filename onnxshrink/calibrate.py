@@ -16,6 +16,8 @@ from the original one.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import zlib
 
 import numpy as np
@@ -23,6 +25,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import CalibrationError, InputError
+from .model_io import EXTERNAL_THRESHOLD, has_lazy, is_lazy, save_model, session_folder, weight_bytes
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -288,7 +291,6 @@ def session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
-    from .model_io import EXTERNAL_THRESHOLD, has_lazy, is_lazy, save_model, session_folder, weight_bytes
     lazy = [t for t in model.graph.initializer if is_lazy(t)] if has_lazy(model) else []
     if lazy:
         # a large model whose weights stay on disk; prepacking would copy them
@@ -300,14 +302,10 @@ def session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
                 f.write(model.SerializeToString())
             return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
         finally:
-            import shutil
-
             shutil.rmtree(folder, ignore_errors=True)
     if weight_bytes(model) < EXTERNAL_THRESHOLD:
         return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
     # near or over the 2 GB protobuf limit: ONNX Runtime reads a copy saved with external data
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="onnxshrink-") as d:
         path = os.path.join(d, "model.onnx")
         save_model(model, path, external=True)
