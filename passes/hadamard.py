@@ -32,7 +32,7 @@ import onnx_graphsurgeon as gs
 import scipy.linalg
 
 from ..graph import export_model, import_graph, opset
-from ..reconstruct import layer_matrix
+from ..reconstruct import layer_matrix, set_layer_matrix
 from ..registry import Pass, PassReport, Plan, Skip, register
 from ._factor import gemm_bias_problem
 from ._hadamard_ops import Emitter, emit_fastfood, factors, next_pow2
@@ -500,21 +500,6 @@ def _replace(graph, node, fit: FastfoodFit, shared, op_set):
     emit_fastfood(em, x, rank, fit.d_in, fit.d_out, ff, lr, bias.astype(dtype), out=y)
 
 
-def _set_dense(node, w, b):
-    """Write refitted weights (and, for a Gemm, bias) as new constants named after the node (the
-    old ones may be shared with other layers). A MatMul is only refit without a bias."""
-    dtype = node.inputs[1].values.dtype
-    if node.op == "Gemm":
-        w = w.T if node.attrs.get("transB", 0) else w
-        node.attrs["alpha"], node.attrs["beta"] = 1.0, 1.0
-        bc = gs.Constant(node.name + "_refit_b", np.ascontiguousarray(b.astype(dtype)))
-        if len(node.inputs) > 2:
-            node.inputs[2] = bc
-        else:
-            node.inputs.append(bc)
-    node.inputs[1] = gs.Constant(node.name + "_refit_w", np.ascontiguousarray(w.astype(dtype)))
-
-
 def _ridge_refit(x, y, ridge=1e-3, fit_bias=True):
     mx = x.mean(0) if fit_bias else np.zeros(x.shape[1])
     my = y.mean(0) if fit_bias else np.zeros(y.shape[1])
@@ -599,7 +584,7 @@ class Hadamard(Pass):
                 wv, bv = _ridge_refit(x[: n - nh], y[: n - nh], fit_bias=node.op == "Gemm")
                 ym = y[: n - nh].mean(0)
                 if rel_error(x[n - nh:] @ wv + bv, y[n - nh:], ym) < rel_error(cur_pred[n - nh:], y[n - nh:], ym):
-                    _set_dense(node, w2, b2)
+                    set_layer_matrix(node, w2, b2 if node.op == "Gemm" else None)
                     entry["refit"] = True
                     entry["refit_error"] = round(rel_error(x @ w2 + b2, y, y.mean(0)), 5)
                     report.changed.append(f"{node.name}: kept dense, refit by least squares")
