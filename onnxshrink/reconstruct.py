@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .graph import set_constant_input
+from .graph import fresh_name, set_constant_input
 from .stats import CrossMoments, LayerStats
 
 
@@ -133,6 +133,29 @@ def set_layer_matrix(node: gs.Node, m: np.ndarray, bias: np.ndarray | None, in_s
         if node.op == "MatMul":
             raise ValueError("MatMul has no bias input; add an Add node instead")
         set_constant_input(node, 2, bias.astype(dtype), base=node.name + "_bias")
+
+
+def add_matmul_bias(graph: gs.Graph, node: gs.Node, b: np.ndarray) -> None:
+    """Add ``b`` (d_out) to a MatMul's output, which has no bias input: into the constant of the Add
+    that is its only consumer when that constant broadcasts along the last axis (a scalar, (d_out,),
+    (1, …, d_out)), else through a new Add that takes over the output tensor."""
+    out = node.outputs[0]
+    users = list(out.outputs)
+    if len(users) == 1 and users[0].op == "Add" and len(users[0].inputs) == 2 and out not in graph.outputs:
+        add = users[0]
+        j = 1 if add.inputs[0] is out else 0
+        c = add.inputs[j]
+        v = c.values if isinstance(c, gs.Constant) else None
+        if v is not None and v.size in (1, len(b)) and all(s == 1 for s in v.shape[:-1]):
+            new = v.astype(np.float64) + b.reshape([1] * max(v.ndim - 1, 0) + [-1])
+            set_constant_input(add, j, new.astype(v.dtype), graph)
+            return
+    dtype = node.inputs[1].values.dtype
+    pre = gs.Variable(fresh_name(graph, out.name + "_pre_bias"), dtype=out.dtype)
+    node.outputs[0] = pre
+    const = gs.Constant(fresh_name(graph, node.name + "_bias_value"), b.astype(dtype))
+    graph.nodes.append(gs.Node("Add", name=node.name + "_bias", inputs=[pre, const], outputs=[out]))
+    graph.toposort()
 
 
 def layer_stats_request(node: gs.Node, key: str, x_tensor: str, y_tensor: str | None, positions: int = 32,

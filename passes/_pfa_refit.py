@@ -146,24 +146,3 @@ def slice_outputs(cm: CrossMoments, mask: np.ndarray) -> CrossMoments:
     out.x = cm.x
     out.sum_y, out.xy, out.yy = cm.sum_y[mask], cm.xy[:, mask], cm.yy[mask]
     return out
-
-
-def add_matmul_bias(graph: gs.Graph, node: gs.Node, b: np.ndarray) -> None:
-    """Put the refit bias of a MatMul into the Add that follows it, or insert one."""
-    out = node.outputs[0]
-    dtype = node.inputs[1].values.dtype
-    users = list(out.outputs)
-    if len(users) == 1 and users[0].op == "Add":
-        add = users[0]
-        j = 1 if add.inputs[0] is out else 0
-        c = add.inputs[j]
-        if isinstance(c, gs.Constant) and c.values.size == len(b) and c.values.shape[-1] == len(b):
-            new = c.values.astype(np.float64) + b.reshape(c.values.shape)
-            name = c.name if len(c.outputs) == 1 else f"{c.name}__{add.name}"
-            add.inputs[j] = gs.Constant(name, new.astype(dtype))
-            return
-    mm_out = gs.Variable(out.name + "_pre_bias", dtype=out.dtype)
-    node.outputs[0] = mm_out
-    graph.nodes.append(gs.Node("Add", name=node.name + "_bias", inputs=[mm_out, gs.Constant(node.name + "_bias_value", b.astype(dtype))],
-                               outputs=[out]))
-    graph.toposort()

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..reconstruct import conv_attrs, layer_matrix
+from ..reconstruct import add_matmul_bias, conv_attrs, layer_matrix, set_layer_matrix
 from ..registry import register
 from ..stats import LayerStats
 from . import _factor
@@ -189,28 +189,9 @@ def _rewrite(graph, layer, r, As, Bs, bias):
                     outputs=[z])
     graph.nodes.append(first)
     node.inputs[0] = z
-    if node.op == "Gemm":
-        wb = b.T if node.attrs.get("transB", 0) else b
-        node.inputs[1] = gs.Constant(node.inputs[1].name + "_lowrank_b", np.ascontiguousarray(wb.astype(dtype)))
-        node.attrs["alpha"] = 1.0
-        node.attrs["beta"] = 1.0
-        if bias is not None:
-            # new constants are named after their node: the old ones may be shared
-            bconst = gs.Constant(node.name + "_lowrank_bias", np.ascontiguousarray(bias.astype(dtype)))
-            if len(node.inputs) > 2:
-                node.inputs[2] = bconst
-            else:
-                node.inputs.append(bconst)
-        return None
-    node.inputs[1] = gs.Constant(node.inputs[1].name + "_lowrank_b", np.ascontiguousarray(b.astype(dtype)))
-    add_name = layer.extra.get("add")
-    if add_name is not None and bias is not None:
-        add = next(n for n in graph.nodes if n.name == add_name)
-        j = 1 if add.inputs[0] is node.outputs[0] else 0
-        c = add.inputs[j].values
-        new = c.astype(np.float64) + bias.reshape([1] * (c.ndim - 1) + [-1]) if c.ndim else \
-            float(c) + bias
-        add.inputs[j] = gs.Constant(add.name + "_lowrank_c", np.ascontiguousarray(np.asarray(new).astype(c.dtype)))
+    set_layer_matrix(node, b, bias if node.op == "Gemm" else None)
+    if node.op == "MatMul" and layer.extra.get("add") is not None and bias is not None:
+        add_matmul_bias(graph, node, bias)
     return None
 
 

@@ -45,10 +45,10 @@ import numpy as np
 from ..channels import analyze
 from ..errors import UsageError
 from ..graph import export_model, import_graph
-from ..reconstruct import layer_matrix, layer_stats_request, refit_order, ridge_solve, set_layer_matrix
+from ..reconstruct import add_matmul_bias, layer_matrix, layer_stats_request, refit_order, ridge_solve, set_layer_matrix
 from ..registry import Pass, PassReport, Plan, Skip, register
 from ..stats import ResponseStats
-from ._pfa_refit import (RIDGES, ResidualStats, SplitStats, add_matmul_bias, choose_ridge, merged, relative_error,
+from ._pfa_refit import (RIDGES, ResidualStats, SplitStats, choose_ridge, merged, relative_error,
                          residual_target, ridge_toward, slice_outputs)
 from ._pfa_select import (Problem, consumer_blocks, elimination_order, kept_energy, kept_kl, pearson_removal_order,
                           round_up, spectrum, weight_row_norms)
