@@ -78,8 +78,15 @@ def _remove_stale_work_dirs() -> None:
         return
     for name in names:
         m = re.fullmatch(r"onnxshrink-(\d+)-[\w]+", name)
-        if m and not _pid_alive(int(m.group(1))) and os.path.isdir(os.path.join(base, name)):
-            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+        if not m:
+            continue
+        path = os.path.join(base, name)
+        try:
+            mine = os.path.isdir(path) and not os.path.islink(path) and os.stat(path).st_uid == os.getuid()
+        except OSError:
+            continue
+        if mine and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _token_for(path: str) -> str:
@@ -559,12 +566,12 @@ class Staging:
                     raise
                 done.append((final, backup))
         except BaseException as e:
-            for final, backup in reversed(done):
+            for published, backup in reversed(done):
                 try:
                     if backup:
-                        os.replace(backup, final)
+                        os.replace(backup, published)
                     else:
-                        os.unlink(final)
+                        os.unlink(published)
                 except OSError:
                     pass
             self.discard()

@@ -229,6 +229,19 @@ def _nothing_changed(reports) -> list[str]:
     return lines
 
 
+def _same_model(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
+    """Equal but for inferred shapes (``value_info``, which a re-exported graph may add)."""
+    if a is b:
+        return True
+    copies = []
+    for m in (a, b):
+        c = onnx.ModelProto()
+        c.CopyFrom(m)
+        del c.graph.value_info[:]
+        copies.append(c)
+    return copies[0] == copies[1]
+
+
 def _model_name(model_or_path) -> str:
     if isinstance(model_or_path, onnx.ModelProto):
         return "<ModelProto>"
@@ -328,7 +341,7 @@ def shrink(model_or_path, passes, calibration=None, *, validation=None, target_f
     report = make_report(before, after, reports, validation_result, reached, timing,
                          model=input_info["model"])
     report["input"] = input_info
-    if not any(r.changed for r in reports):
+    if not any(r.changed for r in reports) and _same_model(model, original):
         report["unchanged"] = True
         report["nothing_changed"] = _nothing_changed(reports)
     source = None

@@ -376,3 +376,14 @@ def test_cli_rephrases_api_arguments_as_flags():
         "--target-flops must be in (0, 1]; --force writes it"
     assert cli.cli_message("give calibration= (or random_calibration=N to use random inputs)") == \
         "give --calibration-data PATH (or --random-calibration N to use random inputs)"
+
+
+def test_work_folders_of_killed_processes_are_removed():
+    import tempfile
+    dead = tempfile.mkdtemp(prefix=f"onnxshrink-{_dead_pid()}-")
+    live = tempfile.mkdtemp(prefix=f"onnxshrink-{os.getppid()}-")
+    try:
+        model_io._remove_stale_work_dirs()
+        assert not os.path.exists(dead) and os.path.isdir(live)
+    finally:
+        os.rmdir(live)
