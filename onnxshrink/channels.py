@@ -142,6 +142,30 @@ def _axes(node):
     return _ints(node.attrs.get("axes", []))
 
 
+def _subgraphs(node):
+    for v in node.attrs.values():
+        if isinstance(v, gs.Graph):
+            yield v
+        elif isinstance(v, (list, tuple)):
+            yield from (g for g in v if isinstance(g, gs.Graph))
+
+
+def _outer_reads(node) -> set:
+    """Names of the tensors that ``node``'s subgraphs (recursively) read from an enclosing scope."""
+    reads = set()
+    for g in _subgraphs(node):
+        local = {t.name for t in g.inputs}
+        for n in g.nodes:
+            local.update(o.name for o in n.outputs)
+        inner = set()
+        for n in g.nodes:
+            inner.update(t.name for t in n.inputs if t.name and not isinstance(t, gs.Constant))
+            inner |= _outer_reads(n)
+        inner.update(t.name for t in g.outputs if not isinstance(t, gs.Constant))
+        reads |= inner - local
+    return reads
+
+
 def _const(t):
     return t.values if isinstance(t, gs.Constant) else None
 
@@ -295,6 +319,11 @@ class ChannelAnalysis:
             if t.name in self.tmap:
                 prod = t.inputs[0].name if t.inputs else t.name
                 self.pin(self.tmap[t.name], prod, f"channels reach graph output '{t.name}'")
+        for node in graph.nodes:   # If/Loop/Scan bodies read main-graph tensors through outer scope
+            for name in sorted(_outer_reads(node)):
+                if name in self.tmap:
+                    self.pin(self.tmap[name], node,
+                             f"'{name}' is read inside a {node.op} subgraph (not analysed)")
 
     def _handler(self, op):
         if op in ("Conv", "Gemm", "MatMul"):

@@ -8,7 +8,7 @@ That checks every offset (Concat, Split/Slice, H·W column blocks) independently
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from graphs import GraphBuilder, assert_close, run
 from onnxshrink.channels import analyze
@@ -348,3 +348,54 @@ def test_equal_split_on_channels_gets_explicit_sizes(opset, inputs):
     p = prune_dropping(an, m, g, drop)
     z = zero_inputs(zero_inputs(m, node(m, "Conv", 1).input[1], 1, [1]), node(m, "Conv", 2).input[1], 1, [1, 2])
     assert_close(z, p, feeds(m))
+
+
+def _branch(nodes, outputs, name):
+    return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(o, TensorProto.FLOAT, []) for o in outputs])
+
+
+@pytest.mark.parametrize("kind", ["if", "nested_if", "loop"])
+def test_a_tensor_read_inside_a_subgraph_pins_its_group(kind):
+    """A branch that reads ``h`` through outer scope: pruning h's channels would change what the
+    branch computes, and calibration/validation data that never takes the branch would not see it.
+
+        x ─ Conv0 ─ Relu ─ h ─ Conv1 ─ y
+        cond = ReduceMax(x) > 100 ─ If/Loop ─ z       (the body reads h: ReduceSum(h))
+    """
+    b = GraphBuilder(14, opset=17)
+    x = b.input("x", ["N", 3, 6, 6])
+    h = b.relu(b.conv(x, 3, 8))
+    b.output(b.conv(h, 8, 4, out="y"))
+    cond = b.node("Greater", [b.node("ReduceMax", [x], keepdims=0), b.const(np.float32(100.0))])
+    reads_h = [helper.make_node("ReduceSum", [h], ["t_sum"], keepdims=0, name="t_sum")]
+    other = [helper.make_node("ReduceSum", [x], ["e_sum"], keepdims=0, name="e_sum")]
+    if kind == "if":
+        b.node("If", [cond], out="z", then_branch=_branch(reads_h, ["t_sum"], "then"),
+               else_branch=_branch(other, ["e_sum"], "else"))
+    elif kind == "nested_if":
+        inner = helper.make_node("If", [cond], ["inner"], name="inner_if",
+                                 then_branch=_branch(reads_h, ["t_sum"], "then2"),
+                                 else_branch=_branch([helper.make_node("ReduceSum", [x], ["e2"], keepdims=0,
+                                                                       name="e2")], ["e2"], "else2"))
+        b.node("If", [cond], out="z", then_branch=_branch([inner], ["inner"], "then"),
+               else_branch=_branch(other, ["e_sum"], "else"))
+    else:
+        body = helper.make_graph(
+            reads_h + [helper.make_node("Add", ["v", "t_sum"], ["v_out"], name="acc"),
+                       helper.make_node("Identity", ["c"], ["c_out"], name="keep_going")], "body",
+            [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+             helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+             helper.make_tensor_value_info("v", TensorProto.FLOAT, [])],
+            [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
+             helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [])])
+        b.node("Loop", [b.const(np.int64(1)), cond, b.const(np.float32(0))], out="z", body=body)
+    b.output("z", [], TensorProto.FLOAT)
+    m = b.model()
+    an = analyze(m)
+    g = group_of(an, m, "Conv", 0)
+    assert g.pinned, kind
+    assert any("subgraph" in p.reason and h in p.reason for p in g.pins), pinned_reasons(an, g)
+    p = an.prune(m, {g.index: [0, 1, 2]})
+    big = {"x": 1000 * feeds(m)["x"]}                   # takes the branch that reads h
+    assert run(m, big)[1].shape == ()
+    assert_close(m, p, big)

@@ -254,3 +254,29 @@ def test_a_same_upper_consumer_with_stride_1_is_pruned_and_refit():
                  tolerances=Tolerances(min_cosine=None))
     assert res.report["passes"][0]["changed"]
     assert res.report["validation"]["problems"] == []
+
+
+def test_pfa_leaves_channels_read_inside_an_if_branch_whole():
+    """x ─ Conv0 ─ Relu ─ h ─ Conv1 ─ Relu ─ Conv2 ─ y;  If(ReduceMax(x) > 100): ReduceSum(h) else ReduceSum(x).
+    Calibration never takes the branch that reads h; pruning h would change it silently."""
+    from onnx import TensorProto, helper
+    from graphs import GraphBuilder, run
+    b = GraphBuilder(3, opset=17)
+    x = b.input("x", ["N", 3, 8, 8])
+    h = b.relu(b.conv(x, 3, 8))
+    g2 = b.relu(b.conv(h, 8, 8))
+    b.output(b.conv(g2, 8, 4, out="y"))
+    cond = b.node("Greater", [b.node("ReduceMax", [x], keepdims=0), b.const(np.float32(100.0))])
+    branch = lambda src, o: helper.make_graph([helper.make_node("ReduceSum", [src], [o], keepdims=0, name=o)], o, [],
+                                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, [])])
+    b.node("If", [cond], out="z", then_branch=branch(h, "t_sum"), else_branch=branch(x, "e_sum"))
+    b.output("z", [], TensorProto.FLOAT)
+    m = b.model()
+    calib = np.random.default_rng(0).standard_normal((64, 3, 8, 8)).astype(np.float32)
+    res = shrink(m, ["pfa"], calibration=calib, options={"pfa": {"energy": 0.5, "channel_multiple": 1}},
+                 tolerances=Tolerances(min_cosine=None), force=True)
+    rep = res.report["passes"][0]
+    assert any("inside a If subgraph" in s["reason"] for s in rep["skipped"]), rep["skipped"]
+    assert rep["changed"] and not any(c.startswith(m.graph.node[0].name) for c in rep["changed"]), rep["changed"]
+    big = {"x": 1000 * calib[:4]}                          # the branch that reads h
+    np.testing.assert_allclose(run(res.model, big)[1], run(m, big)[1], rtol=1e-5)
