@@ -220,10 +220,11 @@ class _Edit:
                 v[self.idx] = val
                 _replace_const(node, inp, v)
             return
-        if k == "reshape":
-            v = node.inputs[1].values.copy()
+        if k in ("reshape", "dim"):   # a shape constant's entry for the channel axis
+            at = self.extra[0] if self.extra else 1
+            v = node.inputs[at].values.copy()
             v[self.idx] = int(mask.sum())
-            _replace_const(node, 1, v)
+            _replace_const(node, at, v)
             return
         if mask.all():
             return
@@ -234,7 +235,10 @@ class _Edit:
             _slice_input(node, 2, 0, mask)
             node.attrs["group"] = int(mask.sum())
         elif k == "out":
-            if node.op == "Conv":
+            if node.op == "ConvTranspose":
+                _slice_input(node, 1, 1, mask)
+                _slice_input(node, 2, 0, mask)
+            elif node.op == "Conv":
                 _slice_input(node, 1, 0, mask)
                 _slice_input(node, 2, 0, mask)
             elif node.op == "Gemm":
@@ -244,7 +248,9 @@ class _Edit:
             else:  # MatMul
                 _slice_input(node, 1, node.inputs[1].values.ndim - 1, mask)
         elif k == "in":
-            if node.op == "Conv":
+            if node.op == "ConvTranspose":
+                _slice_input(node, 1, 0, mask)
+            elif node.op == "Conv":
                 _slice_input(node, 1, 1, mask)
             elif node.op == "Gemm":
                 _slice_input(node, 1, 1 if node.attrs.get("transB", 0) else 0, mask)
@@ -305,7 +311,7 @@ class ChannelAnalysis:
         for node in graph.nodes:
             tracked = [(i, self.tmap[t.name]) for i, t in enumerate(node.inputs)
                        if not isinstance(t, gs.Constant) and t.name in self.tmap]
-            if not tracked and node.op not in ("Conv", "Gemm", "MatMul"):
+            if not tracked and node.op not in ("Conv", "Gemm", "MatMul", "ConvTranspose"):
                 continue
             try:
                 handler = self._handler(node.op)
@@ -328,6 +334,8 @@ class ChannelAnalysis:
     def _handler(self, op):
         if op in ("Conv", "Gemm", "MatMul"):
             return getattr(self, "_" + op.lower())
+        if op == "Clip":
+            return self._clip
         if op in UNARY:
             return self._unary
         if op in POOL:
@@ -337,7 +345,10 @@ class ChannelAnalysis:
         table = {"BatchNormalization": self._bn, "InstanceNormalization": self._bn, "Concat": self._concat,
                  "Split": self._split, "Slice": self._slice, "Flatten": self._flatten, "Reshape": self._reshape,
                  "Transpose": self._transpose, "Squeeze": self._squeeze, "Unsqueeze": self._squeeze,
-                 "Softmax": self._axis_op, "LogSoftmax": self._axis_op, "LayerNormalization": self._layernorm}
+                 "Softmax": self._axis_op, "LogSoftmax": self._axis_op, "LayerNormalization": self._layernorm,
+                 "Pad": self._pad, "Resize": self._resize, "Upsample": self._resize, "Shape": self._shape_of,
+                 "Size": self._shape_of, "ConvTranspose": self._conv_transpose,
+                 "GroupNormalization": self._groupnorm}
         if op in table:
             return table[op]
         if op in REDUCE:
@@ -362,6 +373,131 @@ class ChannelAnalysis:
             if not isinstance(t, gs.Constant) and t.name:
                 raise _Unsupported(f"{node.op} with a computed parameter")
         self._set(node, _Map(m.axis, m.rank, m.comps))
+
+    def _clip(self, node, tracked):
+        m = self._one(node, tracked)
+        for t in node.inputs[1:]:   # min/max: constants (opset ≥ 11 inputs), or per-sample scalars
+            if t.name and not isinstance(t, gs.Constant) and self._rank(t) != 0:
+                raise _Unsupported("Clip with a computed non-scalar bound")
+            if isinstance(t, gs.Constant) and t.values.size != 1:
+                raise _Unsupported("Clip with a non-scalar bound")
+        self._set(node, _Map(m.axis, m.rank, m.comps))
+
+    def _shape_of(self, node, tracked):
+        """Shape/Size read the (pruned) tensor at run time: nothing to rewrite, nothing tracked."""
+        return
+
+    def _pad(self, node, tracked):
+        """Spatial pads leave channels alone; constant pads on the channel axis add fixed channels
+        around the tracked ones (their own, pinned, components)."""
+        m = self._one(node, tracked)
+        if len(node.inputs) > 1 and node.inputs[1].name:
+            pads = _const(node.inputs[1])
+            if pads is None:
+                raise _Unsupported("Pad with computed pads")
+            pads = _ints(pads)
+        else:
+            pads = _ints(node.attrs.get("pads", []))
+        axes = list(range(m.rank))
+        if len(node.inputs) > 3 and node.inputs[3].name:
+            a = _const(node.inputs[3])
+            if a is None:
+                raise _Unsupported("Pad with computed axes")
+            axes = [x + m.rank if x < 0 else x for x in _ints(a)]
+        if len(pads) != 2 * len(axes):
+            raise _Unsupported("Pad with pads that do not match its axes")
+        begin = dict(zip(axes, pads[:len(axes)]))
+        end = dict(zip(axes, pads[len(axes):]))
+        lo, hi = begin.get(m.axis, 0), end.get(m.axis, 0)
+        if lo == 0 and hi == 0:
+            self._set(node, _Map(m.axis, m.rank, m.comps))
+            return
+        if node.attrs.get("mode", "constant") not in ("constant", b"constant") or lo < 0 or hi < 0:
+            raise _Unsupported("Pad that copies or crops channels (reflect/edge or negative pads on the channel axis)")
+        parts = [self._source(node, gs.Variable(f"{node.name}:pad{k}"), n, m.rank, m.axis, prunable=False,
+                              reason="Pad's constant channels cannot be removed").comps
+                 for k, n in enumerate((lo, hi))]
+        self._set(node, _Map(m.axis, m.rank, np.concatenate([parts[0], m.comps, parts[1]])))
+
+    def _reads_own_shape(self, t, pos, m: _Map, depth=0) -> bool:
+        """True when entry ``pos`` of the 1-D int tensor ``t`` is computed from ``Shape`` of a
+        tensor carrying the same channels (PyTorch: sizes = Concat(Shape(x)[:2], spatial)): it
+        follows the pruned tensor at run time."""
+        if depth > 8 or isinstance(t, gs.Constant) or not t.inputs:
+            return False
+        p = t.inputs[0]
+        if p.op == "Shape":
+            src = self.tmap.get(p.inputs[0].name)
+            start = int(p.attrs.get("start", 0))
+            return src is not None and np.array_equal(src.comps, m.comps) and pos + start == src.axis
+        if p.op in ("Cast", "Identity", "Squeeze", "Unsqueeze"):
+            return self._reads_own_shape(p.inputs[0], pos, m, depth + 1)
+        if p.op == "Concat":
+            off = 0
+            for i in p.inputs:
+                shp = self._shape(i)
+                if shp is None or len(shp) != 1 or shp[0] is None:
+                    return False
+                if pos < off + shp[0]:
+                    return self._reads_own_shape(i, pos - off, m, depth + 1)
+                off += shp[0]
+            return False
+        if p.op == "Slice":
+            starts, axes = _const(p.inputs[1]), _const(p.inputs[3]) if len(p.inputs) > 3 and p.inputs[3].name else None
+            steps = _const(p.inputs[4]) if len(p.inputs) > 4 and p.inputs[4].name else None
+            if starts is None or (axes is not None and _ints(axes) != [0]) or (steps is not None and _ints(steps) != [1]):
+                return False
+            return _ints(starts)[0] >= 0 and self._reads_own_shape(p.inputs[0], pos + _ints(starts)[0], m, depth + 1)
+        if p.op == "Gather":
+            idx = _const(p.inputs[1])
+            if idx is None or int(p.attrs.get("axis", 0)) != 0:
+                return False
+            idx = np.asarray(idx).reshape(-1)
+            return pos < len(idx) and idx[pos] >= 0 and self._reads_own_shape(p.inputs[0], int(idx[pos]), m, depth + 1)
+        return False
+
+    def _resize(self, node, tracked):
+        """Resize/Upsample over spatial axes: the channel axis must keep its size (scale 1, or a
+        ``sizes`` entry that is a constant, which is rewritten, or read from the tensor's Shape)."""
+        m = self._one(node, tracked)
+        n = len(m.comps)
+        axes = node.attrs.get("axes")
+        if axes is not None:   # opset ≥ 18: scales/sizes only for these axes
+            if m.axis not in [a + m.rank if a < 0 else a for a in _ints(axes)]:
+                self._set(node, _Map(m.axis, m.rank, m.comps))
+                return
+            raise _Unsupported(f"{node.op} with the channel axis in its axes")
+        if node.op == "Upsample" and "scales" in node.attrs:
+            scales, sizes = node.attrs["scales"], None
+        else:
+            ins = list(node.inputs) + [gs.Variable("")] * 4
+            scales_t = ins[1] if node.op == "Upsample" else (ins[2] if self.opset >= 11 else ins[1])
+            sizes_t = ins[3] if node.op == "Resize" and self.opset >= 11 else None
+            scales = sizes = None
+            if scales_t.name:
+                scales = _const(scales_t)
+                if scales is None:
+                    out = self._shape(node.outputs[0])
+                    if out is None or out[m.axis] != n:
+                        raise _Unsupported(f"{node.op} with computed scales that may scale the channel axis")
+                    scales = np.ones(m.rank)
+            if sizes_t is not None and sizes_t.name:
+                sizes = _const(sizes_t)
+                if sizes is None:
+                    if not self._reads_own_shape(sizes_t, m.axis, m):
+                        raise _Unsupported(f"{node.op} with computed sizes not read from its input's Shape")
+                    self._set(node, _Map(m.axis, m.rank, m.comps))
+                    return
+        if sizes is not None and np.size(sizes):
+            if int(np.asarray(sizes).reshape(-1)[m.axis]) != n:
+                raise _Unsupported(f"{node.op} that changes the channel count")
+            self.edits.append(_Edit("dim", node.name, m.comps, idx=m.axis, extra=(3,)))
+        elif scales is not None and np.size(scales) and float(np.asarray(scales).reshape(-1)[m.axis]) != 1.0:
+            raise _Unsupported(f"{node.op} that scales the channel axis")
+        self._set(node, _Map(m.axis, m.rank, m.comps))
+
+    def _groupnorm(self, node, tracked):
+        raise _Unsupported("GroupNormalization: channels can only go by whole groups (not supported yet)")
 
     def _pool(self, node, tracked):
         m = self._one(node, tracked)
@@ -628,6 +764,42 @@ class ChannelAnalysis:
             self.pin(m, node, f"grouped Conv (group={group}) that is not depthwise")
         self._set(node, self._source(node, out, o, w.ndim, 1, prunable=False,
                                      reason=f"grouped Conv (group={group}) output"))
+
+    def _conv_transpose(self, node, tracked):
+        """ConvTranspose, W (C_in, C_out/group, k…): input channels are W's rows, outputs its columns."""
+        w = _const(node.inputs[1])
+        if w is None or any(i != 0 for i, _ in tracked):
+            raise _Unsupported("ConvTranspose with computed weights")
+        bias_ok = len(node.inputs) < 3 or not node.inputs[2].name or isinstance(node.inputs[2], gs.Constant)
+        shared = len(node.inputs[1].outputs) > 1
+        group = int(node.attrs.get("group", 1))
+        m = tracked[0][1] if tracked else None
+        c_in, o = w.shape[0], w.shape[1] * group
+        if m is not None and (m.axis != 1 or len(m.comps) != c_in):
+            raise _Unsupported("ConvTranspose input channels do not match the tracked axis")
+        if "output_shape" in node.attrs:
+            if m is not None:
+                self.pin(m, node, "ConvTranspose with an output_shape attribute")
+            self._set(node, self._source(node, node.outputs[0], o, w.ndim, 1, prunable=False,
+                                         reason="ConvTranspose with an output_shape attribute"))
+            return
+        if group == 1:
+            if m is not None:
+                if shared:
+                    self.pin(m, node, "ConvTranspose weights are shared with another node")
+                else:
+                    self._consume(node, m, node.inputs[0])
+            self._set(node, self._source(node, node.outputs[0], o, w.ndim, 1, prunable=not shared and bias_ok,
+                                         reason="ConvTranspose weights are shared or its bias is computed"))
+            return
+        if m is not None and group == c_in and w.shape[1] == 1 and not shared and bias_ok:
+            self.edits.append(_Edit("depthwise", node.name, m.comps))
+            self._set(node, _Map(1, m.rank, m.comps))
+            return
+        if m is not None:
+            self.pin(m, node, f"grouped ConvTranspose (group={group}) that is not depthwise")
+        self._set(node, self._source(node, node.outputs[0], o, w.ndim, 1, prunable=False,
+                                     reason=f"grouped ConvTranspose (group={group}) output"))
 
     def _gemm(self, node, tracked):
         w = _const(node.inputs[1])

@@ -399,3 +399,92 @@ def test_a_tensor_read_inside_a_subgraph_pins_its_group(kind):
     big = {"x": 1000 * feeds(m)["x"]}                   # takes the branch that reads h
     assert run(m, big)[1].shape == ()
     assert_close(m, p, big)
+
+
+@pytest.mark.parametrize("case", ["pad_attr_op10", "pad_input_op11", "pad_axes_op18", "upsample_op9",
+                                  "resize_scales_op10", "resize_sizes_const", "clip_scalar_input"])
+def test_spatial_ops_pass_channels(case):
+    """x(1,3,6,6) ─ Conv(3→8) ─ Relu ─ [op] ─ Conv(8→4) ─ y: the op is transparent to channels."""
+    opset = int(case.rsplit("op", 1)[1]) if "_op" in case else 13
+    b = GraphBuilder(15, opset=opset)
+    x = b.input("x", [1, 3, 6, 6])
+    h = b.relu(b.conv(x, 3, 8))
+    i64 = lambda v: b.const(np.array(v, np.int64))
+    f32 = lambda v: b.const(np.array(v, np.float32))
+    if case == "pad_attr_op10":
+        h = b.node("Pad", [h], pads=[0, 0, 1, 2, 0, 0, 2, 1], mode="edge")
+    elif case == "pad_input_op11":
+        h = b.node("Pad", [h, i64([0, 0, 1, 1, 0, 0, 1, 1]), f32(0.5)], mode="constant")
+    elif case == "pad_axes_op18":
+        h = b.node("Pad", [h, i64([1, 1, 1, 1]), "", i64([2, -1])], mode="reflect")
+    elif case == "upsample_op9":
+        h = b.node("Upsample", [h, f32([1, 1, 2, 2])], mode="nearest")
+    elif case == "resize_scales_op10":
+        h = b.node("Resize", [h, f32([1, 1, 2, 2])], mode="nearest")
+    elif case == "resize_sizes_const":
+        h = b.node("Resize", [h, "", "", i64([1, 8, 12, 12])], mode="nearest")
+    else:   # a per-sample scalar bound computed in the graph
+        hi = b.node("ReduceMax", [x], keepdims=0)
+        h = b.node("Clip", [h, f32(0.0), hi])
+    b.output(b.conv(h, 8, 4, out="y"))
+    m = b.model()
+    an = analyze(m)
+    g = group_of(an, m, "Conv", 0)
+    assert not g.pinned, pinned_reasons(an, g)
+    drop = [1, 4, 5]
+    p = prune_dropping(an, m, g, drop)
+    assert_close(zero_inputs(m, node(m, "Conv", 1).input[1], 1, drop), p, feeds(m))
+    if case == "resize_sizes_const":
+        assert list(init(p, node(p, "Resize").input[3])) == [1, 5, 12, 12]
+
+
+@pytest.mark.parametrize("case,want", [
+    ("pad_reflect_channels", "Pad that copies"), ("resize_channel_scale", "scales the channel axis"),
+    ("resize_sizes_computed", "computed sizes"),
+    ("groupnorm", "GroupNormalization"), ("pad_computed", "Pad with computed pads")])
+def test_ops_that_would_move_channels_pin_with_a_reason(case, want):
+    b = GraphBuilder(16, opset=21 if case == "groupnorm" else 18)
+    x = b.input("x", [1, 3, 6, 6])
+    h = b.relu(b.conv(x, 3, 8))
+    i64 = lambda v: b.const(np.array(v, np.int64))
+    f32 = lambda v: b.const(np.array(v, np.float32))
+    if case == "pad_reflect_channels":
+        h = b.node("Pad", [h, i64([0, 1, 0, 0, 0, 1, 0, 0])], mode="reflect")
+        c = 10
+    elif case == "resize_channel_scale":
+        h = b.node("Resize", [h, "", f32([1, 0.5, 1, 1])], mode="nearest")
+        c = 4
+    elif case == "resize_sizes_computed":
+        sz = b.node("Concat", [i64([1, 8]), b.node("Slice", [b.node("Shape", [x]), i64([2]), i64([4])])], axis=0)
+        h = b.node("Resize", [h, "", "", sz], mode="nearest")
+        c = 8
+    elif case == "groupnorm":
+        h = b.node("GroupNormalization", [h, f32(np.ones(8)), f32(np.zeros(8))], num_groups=2)
+        c = 8
+    else:
+        h = b.node("Pad", [h, b.node("Mul", [i64([0, 0, 1, 1, 0, 0, 1, 1]), i64(1)])])
+        c = 8
+    b.output(b.conv(h, c, 4, out="y"), [1, 4, 6, 6])
+    m = b.model()
+    an = analyze(m)
+    g = group_of(an, m, "Conv", 0)
+    assert g.pinned and want in pinned_reasons(an, g), pinned_reasons(an, g)
+    assert_close(m, an.prune(m, {g.index: [0, 1]}), feeds(m))
+
+
+def test_constant_pad_on_channels_shifts_the_consumers_columns():
+    """x ─ Conv(3→8) ─ Pad(C: 2 before, 3 after, value 1) ─ Conv(13→4): channels 2…9 of the Pad's
+    output are the Conv's; the padded channels stay."""
+    b = GraphBuilder(17, opset=13)
+    x = b.input("x", ["N", 3, 6, 6])
+    h = b.relu(b.conv(x, 3, 8))
+    h = b.node("Pad", [h, b.const(np.array([0, 2, 0, 0, 0, 3, 0, 0], np.int64)), b.const(np.float32(1.0))])
+    b.output(b.conv(h, 13, 4, out="y"))
+    m = b.model()
+    an = analyze(m)
+    g = group_of(an, m, "Conv", 0)
+    assert not g.pinned
+    drop = [0, 6]
+    p = prune_dropping(an, m, g, drop)
+    assert_close(zero_inputs(m, node(m, "Conv", 1).input[1], 1, [2 + d for d in drop]), p, feeds(m))
+    assert init(p, node(p, "Conv", 1).input[1]).shape == (4, 11, 3, 3)

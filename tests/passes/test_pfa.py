@@ -280,3 +280,53 @@ def test_pfa_leaves_channels_read_inside_an_if_branch_whole():
     assert rep["changed"] and not any(c.startswith(m.graph.node[0].name) for c in rep["changed"]), rep["changed"]
     big = {"x": 1000 * calib[:4]}                          # the branch that reads h
     np.testing.assert_allclose(run(res.model, big)[1], run(m, big)[1], rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- exporter patterns
+from zoo.patterns import PATTERN_NAMES, PATTERNS  # noqa: E402
+
+
+def _masked(model, an, keep):
+    """The original model with the input columns of every dropped channel zeroed in its consumers
+    (Conv/ConvTranspose/Gemm/MatMul weights): what pruning must reproduce exactly."""
+    from onnx import numpy_helper
+    alive = an.alive(keep)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    nodes = {n.name: n for n in m.graph.node}
+    inits = {t.name: t for t in m.graph.initializer}
+    for e in an.edits:
+        if e.kind != "in":
+            continue
+        dead = ~alive[e.comps]
+        if not dead.any():
+            continue
+        n = nodes[e.node]
+        t = inits[n.input[1]]
+        w = numpy_helper.to_array(t).copy()
+        axis = {"Conv": 1, "ConvTranspose": 0, "MatMul": w.ndim - 2}.get(
+            n.op_type, 1 if any(a.name == "transB" and a.i for a in n.attribute) else 0)
+        idx = [slice(None)] * w.ndim
+        idx[axis] = np.nonzero(dead)[0]
+        w[tuple(idx)] = 0
+        t.CopyFrom(numpy_helper.from_array(w, t.name))
+    return m
+
+
+@pytest.mark.parametrize("case", PATTERN_NAMES)
+def test_exporter_pattern_prunes_exactly_when_masked(case):
+    """Every free group loses every other channel: the pruned model equals the original with those
+    channels' consumer columns zeroed; keeping every channel gives the original back."""
+    from onnxshrink.graph import normalize
+    z = PATTERNS[case]()
+    m = normalize(z.model)
+    an = analyze(m, z.shapes)
+    free = [g for g in an.groups if not g.pinned and g.size >= 2]
+    assert free, case
+    x = z.calibration(4, seed=3)
+    assert_close(m, an.prune(m, {g.index: np.arange(g.size) for g in free}), x, rtol=1e-5, atol=1e-5)
+    keep = {g.index: np.arange(0, g.size, 2) for g in free}
+    pruned = an.prune(m, keep)
+    onnx.checker.check_model(pruned, full_check=True)
+    assert_close(_masked(m, an, keep), pruned, x)
+    assert model_cost(pruned, z.shapes)["params"] < model_cost(m, z.shapes)["params"]
