@@ -152,6 +152,14 @@ class CostModel:
 
 
 # ----------------------------------------------------------------------------- the pass
+SLICE_ONLY = ("ConvTranspose",)   # consumers whose input channels are sliced but not refit (no LayerStats)
+
+
+def refit_consumers(nodes, names):
+    """The consumers among ``names`` that are refit (the others are only sliced)."""
+    return [c for c in names if c in nodes and nodes[c].op not in SLICE_ONLY]
+
+
 def eligible_groups(model, an):
     """(groups pfa can prune, [Skip]): every pin, and why each other group is left whole."""
     nodes = {n.name: n for n in import_graph(model).nodes}
@@ -173,7 +181,7 @@ def eligible_groups(model, an):
             skip(g.name, "no tensor shows the channels' responses")
             continue
         blocked = False
-        for c in g.consumers:
+        for c in refit_consumers(nodes, g.consumers):
             node = nodes[c]
             try:
                 layer_stats_request(node, c, node.inputs[0].name, node.outputs[0].name)
@@ -211,7 +219,7 @@ class Pfa(Pass):
             graph = import_graph(model)
             nodes = {n.name: n for n in graph.nodes}
             for g in groups:
-                for c in g.consumers:
+                for c in refit_consumers(nodes, g.consumers):
                     node = nodes.get(c)
                     if c in layer or node is None:
                         continue
@@ -494,12 +502,13 @@ class Pfa(Pass):
                 pruned = an.prune(model, keep)
         details["allocation_seconds"] = round(time.perf_counter() - t_alloc, 3)
         recipe, consumers = [], set()
+        model_nodes = {n.name: n for n in import_graph(model).nodes}
         for g in groups:
             k = ks[g.index]
             recipe.append({"group": g.name, "channels": g.size, "kept": k,
                            "predicted_error": round(float(curves[g.index][k]), 5)})
             if g.index in keep:
-                consumers.update(g.consumers)
+                consumers.update(refit_consumers(model_nodes, g.consumers))
                 report.changed.append(f"{g.name}: {g.size} -> {k} channels")
             else:
                 report.skip(g.name, f"recipe keeps all {g.size} channels")
