@@ -671,6 +671,14 @@ class ChannelAnalysis:
                 self.edits.append(_Edit("reshape", node.name, m.comps, idx=1))
             self._set(node, _Map(1, len(out_shape), m.comps, m.origin))
             return
+        copies_channels = any(t == 0 and i >= m.rank - 1 for i, t in enumerate(target[:-1]))
+        if (m.axis == m.rank - 1 and out_shape[-1] == n and target[-1] in (n, -1)
+                and not (target[-1] == -1 and copies_channels)):
+            # rows regrouped, features kept last: (N, T, d) ↔ (N·T, d) around a Gemm (torch.export)
+            if target[-1] == n:
+                self.edits.append(_Edit("reshape", node.name, m.comps, idx=len(target) - 1))
+            self._set(node, _Map(len(out_shape) - 1, len(out_shape), m.comps))
+            return
         raise _Unsupported("Reshape that splits or merges the channel axis")
 
     def _transpose(self, node, tracked):

@@ -334,8 +334,8 @@ def test_exporter_pattern_prunes_exactly_when_masked(case):
 
 # relative output error ‖y' − y‖ / ‖y‖ on held-out inputs after pfa (energy 0.9) and the refit; the
 # bounds are about 1.5× what these random-weight graphs give (the neck and decoder lose more: their
-# ConvTranspose consumers are sliced, not refit)
-PATTERN_ERROR = {"fpn_neck": 0.5, "conv_transpose_decoder": 0.5}
+# ConvTranspose consumers are sliced, not refit; the random FFNs have flat response spectra)
+PATTERN_ERROR = {"fpn_neck": 0.5, "conv_transpose_decoder": 0.5, "transformer_ffn": 0.45}
 
 
 @pytest.mark.parametrize("case", PATTERN_NAMES)

@@ -190,6 +190,36 @@ def conv_transpose_decoder(opset=13):
     return b.finish(f"conv_transpose_decoder_op{opset}", {"input": (3, 4, 4)})
 
 
+def transformer_ffn(opset=17, style="dynamo"):
+    """Transformer FFN blocks as the exporters write them. ``dynamo`` (torch.export): rows flattened
+    around each Linear, ``Reshape(-1, d) ─ Gemm(transB) ─ Reshape(-1, T, f)``, LayerNormalization op,
+    Gelu as Div/Erf/Add/Mul; ``torchscript``: MatMul + bias Add on (N, T, d), LayerNormalization
+    decomposed into ReduceMean/Sub/Pow/Add/Sqrt/Div/Mul/Add.
+
+        x(N,8,16) ─ LN ─ Linear(16→32) ─ Gelu(erf) ─ Linear(32→16) ─ Add(x) ─ LN ─ Linear(16→24) ─ Relu
+                  ─ Linear(24→16) ─ ReduceMean(tokens) ─ Gemm ─ logits
+    """
+    from . import _gelu, _layernorm
+    b = ZooBuilder(28, opset)
+    t, d = 8, 16
+    x = b.input("tokens", ["N", t, d])
+
+    def linear(h, d_in, d_out):
+        if style == "torchscript":
+            return b.add(b.matmul(h, d_in, d_out), b.const(0.1 * b.rng.standard_normal(d_out).astype(np.float32), "b"))
+        rows = b.node("Reshape", [h, b.ints([-1, d_in])])
+        return b.node("Reshape", [b.gemm(rows, d_in, d_out), b.ints([-1, t, d_out])])
+
+    ln = "op" if style == "dynamo" else "decomposed"
+    h = _layernorm(b, x, d, ln)
+    h = b.add(linear(_gelu(b, linear(h, d, 32), "erf"), 32, d), x)
+    h = _layernorm(b, h, d, ln)
+    h = linear(b.relu(linear(h, d, 24)), 24, d)
+    b.gemm(b.reduce_mean(h, [1], keepdims=0), d, 4, out="logits")
+    b.output("logits", ["N", 4])
+    return b.finish(f"transformer_ffn_{style}_op{opset}", {"tokens": (t, d)})
+
+
 PATTERNS = {}
 for _fn, _kw in [
     (pad_spatial, {"opset": 13}),
@@ -204,6 +234,8 @@ for _fn, _kw in [
     (fpn_neck, {"opset": 13, "resize": "sizes"}),
     (fpn_neck, {"opset": 18, "resize": "axes"}),
     (conv_transpose_decoder, {"opset": 13}),
+    (transformer_ffn, {"opset": 17, "style": "dynamo"}),
+    (transformer_ffn, {"opset": 13, "style": "torchscript"}),
 ]:
     _builder = functools.partial(_fn, **_kw)
     PATTERNS[_builder().name] = _builder
