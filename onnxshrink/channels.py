@@ -679,6 +679,29 @@ class ChannelAnalysis:
                 self.edits.append(_Edit("reshape", node.name, m.comps, idx=len(target) - 1))
             self._set(node, _Map(len(out_shape) - 1, len(out_shape), m.comps))
             return
+        in_shape, out_shape = tuple(in_shape), tuple(out_shape)
+        r = m.rank
+        if (m.axis == r - 1 and len(out_shape) == r + 1 and out_shape[:r - 1] == in_shape[:r - 1]
+                and out_shape[r - 1] * out_shape[r] == n and out_shape[r - 1] > 1 and len(target) == r + 1):
+            # features → (heads, head size): a head's columns go together (attention heads)
+            h, dh = out_shape[r - 1], out_shape[r]
+            for j in range(h):
+                self._tie(np.full(dh - 1, m.comps[j * dh]), m.comps[j * dh + 1:(j + 1) * dh])
+            heads = m.comps[::dh]
+            if target[r - 1] > 0:
+                self.edits.append(_Edit("reshape", node.name, heads, idx=r - 1))
+            elif target[r - 1] != -1 and target[r] <= 0:
+                raise _Unsupported("Reshape into heads with neither the head count nor the head size given")
+            self._set(node, _Map(r - 1, r + 1, heads))
+            return
+        if (m.axis == r - 2 and len(out_shape) == r - 1 and out_shape[:r - 2] == in_shape[:r - 2]
+                and out_shape[r - 2] == n * in_shape[r - 1] and len(target) == r - 1):
+            # (…, heads, head size) → (…, features): each head spans head-size consecutive columns
+            comps = np.repeat(m.comps, in_shape[r - 1])
+            if target[r - 2] > 0:
+                self.edits.append(_Edit("reshape", node.name, comps, idx=r - 2))
+            self._set(node, _Map(r - 2, r - 1, comps))
+            return
         raise _Unsupported("Reshape that splits or merges the channel axis")
 
     def _transpose(self, node, tracked):
@@ -833,8 +856,9 @@ class ChannelAnalysis:
     def _matmul(self, node, tracked):
         b = _const(node.inputs[1])
         if b is None:
-            left = _const(node.inputs[0]) is not None
-            raise _Unsupported("MatMul with the weight on the left (W @ x)" if left else "MatMul between computed tensors")
+            if _const(node.inputs[0]) is not None:
+                raise _Unsupported("MatMul with the weight on the left (W @ x)")
+            return self._batched_matmul(node, tracked)
         if b.ndim != 2:
             raise _Unsupported(f"MatMul with a {b.ndim}-D weight")
         shared = len(node.inputs[1].outputs) > 1
@@ -851,6 +875,35 @@ class ChannelAnalysis:
                 self._consume(node, m, node.inputs[0])
         self._set(node, self._source(node, node.outputs[0], b.shape[1], max(rank, 2), max(rank, 2) - 1,
                                      prunable=not shared, reason="MatMul weights are shared"))
+
+    def _batched_matmul(self, node, tracked):
+        """A @ B between computed tensors: channels on a batch axis (attention heads) pass through
+        and tie A's to B's; channels on the matrix axes cannot be removed here."""
+        if not tracked:
+            return
+        maps = dict(tracked)
+        ranks = [maps[i].rank if i in maps else self._rank(node.inputs[i]) for i in range(2)]
+        if any(r is None or r < 3 for r in ranks):
+            raise _Unsupported("MatMul between computed tensors")
+        neg = None
+        for i, m in tracked:
+            if m.axis >= m.rank - 2:
+                raise _Unsupported("MatMul between computed tensors (channels on a matrix axis)")
+            if neg is not None and (m.axis - m.rank != neg or len(m.comps) != len(tracked[0][1].comps)):
+                raise _Unsupported("MatMul between computed tensors with channels that do not line up")
+            neg = m.axis - m.rank
+        first = tracked[0][1]
+        for i in range(2):
+            if i in maps:
+                continue
+            shape = self._shape(node.inputs[i])
+            pos = ranks[i] + neg
+            if shape is None or (pos >= 0 and shape[pos] != 1):
+                raise _Unsupported("MatMul between a tracked and a computed full-channel tensor")
+        if len(tracked) == 2:
+            self._tie(first.comps, tracked[1][1].comps)
+        out_rank = max(ranks)
+        self._set(node, _Map(out_rank + neg, out_rank, first.comps))
 
     # -- groups
     def _finish(self) -> None:

@@ -316,7 +316,7 @@ def test_reference_models_groups():
     assert sorted(g.size for g in free if len(g.sources) == 2) == [16, 32, 48]
     m = normalize(onnx.load(digits.model_path("transformer")))
     an = analyze(m)
-    assert sorted(g.size for g in an.groups if not g.pinned) == [256, 256]
+    assert sorted(g.size for g in an.groups if not g.pinned) == [4, 4, 256, 256]   # four heads per layer, two FFNs
 
 
 def test_matmul_with_the_weight_on_the_left_pins_with_a_clear_reason():

@@ -367,3 +367,30 @@ def test_pfa_prunes_exporter_patterns_and_keeps_outputs_close(case):
         assert len(dw) == 1 and numpy_helper.to_array(inits[dw[0].input[1]]).shape == (expand["kept"], 1, 3, 3)
         assert expand["kept"] < 16
         assert any("grouped Conv (group=2)" in s["reason"] for s in rep["skipped"])
+
+
+def test_pfa_removes_the_attention_head_that_contributes_least():
+    """Heads are whole channels: Q/K/V lose a head's columns together, the Reshape constants their
+    head count, the output projection the head's rows (then refit). Head 2's V is scaled by 0.02,
+    so the energy recipe drops one head and reconstruction picks head 2 (channel_multiple 4: columns,
+    one head of 4)."""
+    from onnx import numpy_helper
+    from graphs import run
+    z = PATTERNS["attention_heads_op17"]()
+    res = shrink(z.model, ["pfa"], calibration=z.calibration(256, seed=0), quiet=True, force=True,
+                 options={"pfa": {"energy": 0.97, "channel_multiple": 4}}, tolerances=Tolerances(min_cosine=None))
+    rep = res.report["passes"][0]
+    heads = next(r for r in rep["recipe"] if r["channels"] == 4 and "+" in r["group"])
+    assert heads["kept"] == 3, rep["recipe"]
+    inits = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
+    orig = {t.name: numpy_helper.to_array(t) for t in z.model.graph.initializer}
+    v_name = [n for n in z.model.graph.node if n.op_type == "MatMul"][2].input[1]
+    v_new = next(inits[n.input[1]] for n in res.model.graph.node if n.op_type == "MatMul" and n.input[1].startswith(
+        v_name))
+    kept_cols = [c for c in range(16) if c // 4 != 2]
+    np.testing.assert_array_equal(v_new, orig[v_name][:, kept_cols])          # V sliced, head 2 gone
+    shapes = [list(inits[n.input[1]]) for n in res.model.graph.node if n.op_type == "Reshape"]
+    assert sorted(shapes) == sorted([[-1, 8, 3, 4]] * 3 + [[-1, 8, 12]]), shapes
+    x = z.calibration(64, seed=5)
+    want, got = run(z.model, x)[0], run(res.model, x)[0]
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.05

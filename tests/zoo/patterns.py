@@ -220,6 +220,47 @@ def transformer_ffn(opset=17, style="dynamo"):
     return b.finish(f"transformer_ffn_{style}_op{opset}", {"tokens": (t, d)})
 
 
+def attention_heads(opset=17, weak_head=2):
+    """Multi-head self-attention as PyTorch writes it (4 heads of 4, T=8, d=16): Q/K/V as MatMul +
+    bias Add, Reshape(-1, T, h, dh) with one shared shape constant, Transpose to (N, h, T, dh), K
+    transposed to (N, h, dh, T), scaled scores, Softmax, the heads merged back by Transpose and
+    Reshape(-1, T, d), output projection, residual Add, LayerNormalization. Head ``weak_head`` has
+    V columns scaled by 0.02: it contributes little to the output.
+
+        x ─┬─ Q ─ Reshape ─ Transpose ───────────── MatMul ─ Mul ─ Softmax ─┐
+           ├─ K ─ Reshape ─ Transpose(0,2,3,1) ──────┘                      │
+           ├─ V ─ Reshape ─ Transpose ───────────────────────────────── MatMul ─ Transpose ─ Reshape ─ O ─ Add ─ LN ─┐
+           └───────────────────────────────────────────────────────────────────────────────────────────┘           │
+        ReduceMean(tokens) ─ Gemm ─ logits ────────────────────────────────────────────────────────────────────────┘
+    """
+    b = ZooBuilder(29, opset)
+    t, d, h = 8, 16, 4
+    dh = d // h
+    x = b.input("tokens", ["N", t, d])
+    shape = b.ints([-1, t, h, dh], "heads_shape")
+
+    def proj(scale=None):
+        w = (b.rng.standard_normal((d, d)) / np.sqrt(d)).astype(np.float32)
+        bias = (0.1 * b.rng.standard_normal(d)).astype(np.float32)
+        if scale is not None:
+            w[:, scale * dh:(scale + 1) * dh] *= 0.02
+            bias[scale * dh:(scale + 1) * dh] *= 0.02
+        return b.add(b.node("MatMul", [x, b.const(w, "w")]), b.const(bias, "b"))
+
+    q = b.node("Transpose", [b.node("Reshape", [proj(), shape])], perm=[0, 2, 1, 3])
+    k = b.node("Transpose", [b.node("Reshape", [proj(), shape])], perm=[0, 2, 3, 1])
+    v = b.node("Transpose", [b.node("Reshape", [proj(weak_head), shape])], perm=[0, 2, 1, 3])
+    att = b.node("Softmax", [b.node("Mul", [b.node("MatMul", [q, k]), b.scalar(1 / np.sqrt(dh))])], axis=-1)
+    o = b.node("Transpose", [b.node("MatMul", [att, v])], perm=[0, 2, 1, 3])
+    o = b.node("Reshape", [o, b.ints([-1, t, d])])
+    o = b.add(b.matmul(o, d, d), b.const(0.1 * b.rng.standard_normal(d).astype(np.float32), "b"))
+    from . import _layernorm
+    y = _layernorm(b, b.add(o, x), d, "op")
+    b.gemm(b.reduce_mean(y, [1], keepdims=0), d, 4, out="logits")
+    b.output("logits", ["N", 4])
+    return b.finish(f"attention_heads_op{opset}", {"tokens": (t, d)})
+
+
 PATTERNS = {}
 for _fn, _kw in [
     (pad_spatial, {"opset": 13}),
@@ -236,6 +277,7 @@ for _fn, _kw in [
     (conv_transpose_decoder, {"opset": 13}),
     (transformer_ffn, {"opset": 17, "style": "dynamo"}),
     (transformer_ffn, {"opset": 13, "style": "torchscript"}),
+    (attention_heads, {"opset": 17}),
 ]:
     _builder = functools.partial(_fn, **_kw)
     PATTERNS[_builder().name] = _builder
