@@ -10,11 +10,17 @@ from every tensor it flows into, up to the weight layers that consume it. Each s
     y = Concat(a, b) on channels    comp(y) = comp(a) ‖ comp(b)        (offsets)
     y = Split/Slice on channels     comp(y) = comp(x)[s:e]
     y = Flatten/Reshape(x) → (N, C·S)   comp(y) = repeat(comp(x), S)   (H·W column blocks)
+    y = Pad(x) on channels (constant)   comp(y) = fixed ‖ comp(x) ‖ fixed  (fixed: pinned)
+    y = Reshape(x) (…, d) → (…, h, dh)  a head's dh columns are one component; comp(y) = heads
+    y = A @ B, channels on a batch axis comp(A) ≡ comp(B) (attention heads: Q·Kᵀ, scores·V)
+    y = grouped Conv(x), G groups       a group's input channels are one component, its outputs
+                                        repeat it (channels go by whole groups)
 
 A *group* is a connected set of sources (weight layers whose output channels are created by a
 weight matrix) and their components: every tensor and parameter that carries them must lose the
 same channels. A group is *pinned* (left whole) when any of its channels reaches a graph output or
-an op the analysis does not understand; each pin names the node and the reason. This is the
+an op the analysis does not understand, or when a tensor carrying them is read inside an
+If/Loop/Scan body (those are not analysed); each pin names the node and the reason. This is the
 dependency-graph idea of structured pruning (e.g. DepGraph, Fang et al. 2023) specialised to ONNX.
 
 Use::
@@ -189,7 +195,7 @@ def _slice_input(node, idx, axis, mask):
 
 @dataclass
 class _Edit:
-    kind: str          # out | in | param | depthwise | split | slice | reshape
+    kind: str          # out | in | param | depthwise | grouped | split | slice | reshape | dim
     node: str
     comps: object      # np.ndarray, or a list of arrays (split)
     idx: int = 0
@@ -211,6 +217,13 @@ class _Edit:
                 node.attrs["split"] = sizes
             return
         mask = alive[self.comps]
+        if k == "grouped":
+            if mask.all():
+                return
+            _slice_input(node, 1, 0, alive[self.extra[0]] if self.extra[1] else mask)
+            _slice_input(node, 2, 0, mask)
+            node.attrs["group"] = int(mask.sum()) // self.idx
+            return
         if k == "slice":
             start, stop = self.extra
             new_start = int(mask[:start].sum())
@@ -791,10 +804,25 @@ class ChannelAnalysis:
             self.edits.append(_Edit("depthwise", node.name, m.comps))
             self._set(node, _Map(1, m.rank, m.comps))
             return
+        if m is not None and not shared and bias_ok:
+            self._grouped(node, m, group, c_in, o, weight_axis_in=False)
+            return
         if m is not None:
-            self.pin(m, node, f"grouped Conv (group={group}) that is not depthwise")
+            self.pin(m, node, f"grouped Conv (group={group}) with shared weights or a computed bias")
         self._set(node, self._source(node, out, o, w.ndim, 1, prunable=False,
                                      reason=f"grouped Conv (group={group}) output"))
+
+    def _grouped(self, node, m: _Map, group: int, c_in: int, o: int, weight_axis_in: bool):
+        """A grouped Conv/ConvTranspose (1 < group): output group j reads input group j only, so its
+        channels go by whole groups: one component per group, spanning the group's input and output
+        channels (depthwise with a channel multiplier: group = C_in)."""
+        ci, co = c_in // group, o // group
+        for j in range(group):
+            self._tie(np.full(ci - 1, m.comps[j * ci]), m.comps[j * ci + 1:(j + 1) * ci])
+        per_group = m.comps[::ci]
+        out = np.repeat(per_group, co)
+        self.edits.append(_Edit("grouped", node.name, out, idx=co, extra=(m.comps, weight_axis_in)))
+        self._set(node, _Map(1, m.rank, out))
 
     def _conv_transpose(self, node, tracked):
         """ConvTranspose, W (C_in, C_out/group, k…): input channels are W's rows, outputs its columns."""
@@ -827,8 +855,11 @@ class ChannelAnalysis:
             self.edits.append(_Edit("depthwise", node.name, m.comps))
             self._set(node, _Map(1, m.rank, m.comps))
             return
+        if m is not None and not shared and bias_ok:
+            self._grouped(node, m, group, c_in, o, weight_axis_in=True)
+            return
         if m is not None:
-            self.pin(m, node, f"grouped ConvTranspose (group={group}) that is not depthwise")
+            self.pin(m, node, f"grouped ConvTranspose (group={group}) with shared weights or a computed bias")
         self._set(node, self._source(node, node.outputs[0], o, w.ndim, 1, prunable=False,
                                      reason=f"grouped ConvTranspose (group={group}) output"))
 

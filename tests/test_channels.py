@@ -488,3 +488,30 @@ def test_constant_pad_on_channels_shifts_the_consumers_columns():
     p = prune_dropping(an, m, g, drop)
     assert_close(zero_inputs(m, node(m, "Conv", 1).input[1], 1, [2 + d for d in drop]), p, feeds(m))
     assert init(p, node(p, "Conv", 1).input[1]).shape == (4, 11, 3, 3)
+
+
+@pytest.mark.parametrize("op", ["Conv", "ConvTranspose"])
+def test_grouped_conv_loses_whole_groups(op):
+    """x ─ Conv(3→8) ─ Relu ─ [op](8→12, group 4) ─ Relu ─ Conv(12→4) ─ y: group j of the grouped
+    layer reads channels 2j, 2j+1 and writes 3j…3j+2; dropping groups 1 and 3 drops all of them."""
+    b = GraphBuilder(18, opset=13)
+    x = b.input("x", ["N", 3, 6, 6])
+    h = b.relu(b.conv(x, 3, 8))
+    if op == "Conv":
+        h = b.conv(h, 8, 12, group=4)
+    else:
+        w = b.rng.standard_normal((8, 3, 3, 3)).astype(np.float32) / 3
+        h = b.node("ConvTranspose", [h, b.const(w), b.const(b.rng.standard_normal(12).astype(np.float32))],
+                   kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=4)
+    b.output(b.conv(b.relu(h), 12, 4, out="y"))
+    m = b.model()
+    an = analyze(m)
+    g = group_of(an, m, "Conv", 0)
+    assert not g.pinned and g.size == 4
+    p = an.prune(m, {g.index: [0, 2]})
+    assert_close(zero_inputs(m, node(m, "Conv", 1 if op == "ConvTranspose" else 2).input[1], 1, [3, 4, 5, 9, 10, 11]),
+                 p, feeds(m))
+    assert init(p, node(p, "Conv", 0).input[1]).shape == (4, 3, 3, 3)
+    grouped = node(p, op, 1 if op == "Conv" else 0)
+    assert [a.i for a in grouped.attribute if a.name == "group"] == [2]
+    assert init(p, grouped.input[1]).shape == ((6, 2, 3, 3) if op == "Conv" else (4, 3, 3, 3))
