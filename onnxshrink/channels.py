@@ -10,11 +10,17 @@ from every tensor it flows into, up to the weight layers that consume it. Each s
     y = Concat(a, b) on channels    comp(y) = comp(a) ‖ comp(b)        (offsets)
     y = Split/Slice on channels     comp(y) = comp(x)[s:e]
     y = Flatten/Reshape(x) → (N, C·S)   comp(y) = repeat(comp(x), S)   (H·W column blocks)
+    y = Pad(x) on channels (constant)   comp(y) = fixed ‖ comp(x) ‖ fixed  (fixed: pinned)
+    y = Reshape(x) (…, d) → (…, h, dh)  a head's dh columns are one component; comp(y) = heads
+    y = A @ B, channels on a batch axis comp(A) ≡ comp(B) (attention heads: Q·Kᵀ, scores·V)
+    y = grouped Conv(x), G groups       a group's input channels are one component, its outputs
+                                        repeat it (channels go by whole groups)
 
 A *group* is a connected set of sources (weight layers whose output channels are created by a
 weight matrix) and their components: every tensor and parameter that carries them must lose the
 same channels. A group is *pinned* (left whole) when any of its channels reaches a graph output or
-an op the analysis does not understand; each pin names the node and the reason. This is the
+an op the analysis does not understand, or when a tensor carrying them is read inside an
+If/Loop/Scan body (those are not analysed); each pin names the node and the reason. This is the
 dependency-graph idea of structured pruning (e.g. DepGraph, Fang et al. 2023) specialised to ONNX.
 
 Use::
@@ -142,6 +148,30 @@ def _axes(node):
     return _ints(node.attrs.get("axes", []))
 
 
+def _subgraphs(node):
+    for v in node.attrs.values():
+        if isinstance(v, gs.Graph):
+            yield v
+        elif isinstance(v, (list, tuple)):
+            yield from (g for g in v if isinstance(g, gs.Graph))
+
+
+def _outer_reads(node) -> set:
+    """Names of the tensors that ``node``'s subgraphs (recursively) read from an enclosing scope."""
+    reads = set()
+    for g in _subgraphs(node):
+        local = {t.name for t in g.inputs}
+        for n in g.nodes:
+            local.update(o.name for o in n.outputs)
+        inner = set()
+        for n in g.nodes:
+            inner.update(t.name for t in n.inputs if t.name and not isinstance(t, gs.Constant))
+            inner |= _outer_reads(n)
+        inner.update(t.name for t in g.outputs if not isinstance(t, gs.Constant))
+        reads |= inner - local
+    return reads
+
+
 def _const(t):
     return t.values if isinstance(t, gs.Constant) else None
 
@@ -165,7 +195,7 @@ def _slice_input(node, idx, axis, mask):
 
 @dataclass
 class _Edit:
-    kind: str          # out | in | param | depthwise | split | slice | reshape
+    kind: str          # out | in | param | depthwise | grouped | split | slice | reshape | dim
     node: str
     comps: object      # np.ndarray, or a list of arrays (split)
     idx: int = 0
@@ -187,6 +217,13 @@ class _Edit:
                 node.attrs["split"] = sizes
             return
         mask = alive[self.comps]
+        if k == "grouped":
+            if mask.all():
+                return
+            _slice_input(node, 1, 0, alive[self.extra[0]] if self.extra[1] else mask)
+            _slice_input(node, 2, 0, mask)
+            node.attrs["group"] = int(mask.sum()) // self.idx
+            return
         if k == "slice":
             start, stop = self.extra
             new_start = int(mask[:start].sum())
@@ -196,10 +233,11 @@ class _Edit:
                 v[self.idx] = val
                 _replace_const(node, inp, v)
             return
-        if k == "reshape":
-            v = node.inputs[1].values.copy()
+        if k in ("reshape", "dim"):   # a shape constant's entry for the channel axis
+            at = self.extra[0] if self.extra else 1
+            v = node.inputs[at].values.copy()
             v[self.idx] = int(mask.sum())
-            _replace_const(node, 1, v)
+            _replace_const(node, at, v)
             return
         if mask.all():
             return
@@ -210,7 +248,10 @@ class _Edit:
             _slice_input(node, 2, 0, mask)
             node.attrs["group"] = int(mask.sum())
         elif k == "out":
-            if node.op == "Conv":
+            if node.op == "ConvTranspose":
+                _slice_input(node, 1, 1, mask)
+                _slice_input(node, 2, 0, mask)
+            elif node.op == "Conv":
                 _slice_input(node, 1, 0, mask)
                 _slice_input(node, 2, 0, mask)
             elif node.op == "Gemm":
@@ -220,7 +261,9 @@ class _Edit:
             else:  # MatMul
                 _slice_input(node, 1, node.inputs[1].values.ndim - 1, mask)
         elif k == "in":
-            if node.op == "Conv":
+            if node.op == "ConvTranspose":
+                _slice_input(node, 1, 0, mask)
+            elif node.op == "Conv":
                 _slice_input(node, 1, 1, mask)
             elif node.op == "Gemm":
                 _slice_input(node, 1, 1 if node.attrs.get("transB", 0) else 0, mask)
@@ -281,7 +324,7 @@ class ChannelAnalysis:
         for node in graph.nodes:
             tracked = [(i, self.tmap[t.name]) for i, t in enumerate(node.inputs)
                        if not isinstance(t, gs.Constant) and t.name in self.tmap]
-            if not tracked and node.op not in ("Conv", "Gemm", "MatMul"):
+            if not tracked and node.op not in ("Conv", "Gemm", "MatMul", "ConvTranspose"):
                 continue
             try:
                 handler = self._handler(node.op)
@@ -295,10 +338,17 @@ class ChannelAnalysis:
             if t.name in self.tmap:
                 prod = t.inputs[0].name if t.inputs else t.name
                 self.pin(self.tmap[t.name], prod, f"channels reach graph output '{t.name}'")
+        for node in graph.nodes:   # If/Loop/Scan bodies read main-graph tensors through outer scope
+            for name in sorted(_outer_reads(node)):
+                if name in self.tmap:
+                    self.pin(self.tmap[name], node,
+                             f"'{name}' is read inside a {node.op} subgraph (not analysed)")
 
     def _handler(self, op):
         if op in ("Conv", "Gemm", "MatMul"):
             return getattr(self, "_" + op.lower())
+        if op == "Clip":
+            return self._clip
         if op in UNARY:
             return self._unary
         if op in POOL:
@@ -308,7 +358,10 @@ class ChannelAnalysis:
         table = {"BatchNormalization": self._bn, "InstanceNormalization": self._bn, "Concat": self._concat,
                  "Split": self._split, "Slice": self._slice, "Flatten": self._flatten, "Reshape": self._reshape,
                  "Transpose": self._transpose, "Squeeze": self._squeeze, "Unsqueeze": self._squeeze,
-                 "Softmax": self._axis_op, "LogSoftmax": self._axis_op, "LayerNormalization": self._layernorm}
+                 "Softmax": self._axis_op, "LogSoftmax": self._axis_op, "LayerNormalization": self._layernorm,
+                 "Pad": self._pad, "Resize": self._resize, "Upsample": self._resize, "Shape": self._shape_of,
+                 "Size": self._shape_of, "ConvTranspose": self._conv_transpose,
+                 "GroupNormalization": self._groupnorm}
         if op in table:
             return table[op]
         if op in REDUCE:
@@ -333,6 +386,131 @@ class ChannelAnalysis:
             if not isinstance(t, gs.Constant) and t.name:
                 raise _Unsupported(f"{node.op} with a computed parameter")
         self._set(node, _Map(m.axis, m.rank, m.comps))
+
+    def _clip(self, node, tracked):
+        m = self._one(node, tracked)
+        for t in node.inputs[1:]:   # min/max: constants (opset ≥ 11 inputs), or per-sample scalars
+            if t.name and not isinstance(t, gs.Constant) and self._rank(t) != 0:
+                raise _Unsupported("Clip with a computed non-scalar bound")
+            if isinstance(t, gs.Constant) and t.values.size != 1:
+                raise _Unsupported("Clip with a non-scalar bound")
+        self._set(node, _Map(m.axis, m.rank, m.comps))
+
+    def _shape_of(self, node, tracked):
+        """Shape/Size read the (pruned) tensor at run time: nothing to rewrite, nothing tracked."""
+        return
+
+    def _pad(self, node, tracked):
+        """Spatial pads leave channels alone; constant pads on the channel axis add fixed channels
+        around the tracked ones (their own, pinned, components)."""
+        m = self._one(node, tracked)
+        if len(node.inputs) > 1 and node.inputs[1].name:
+            pads = _const(node.inputs[1])
+            if pads is None:
+                raise _Unsupported("Pad with computed pads")
+            pads = _ints(pads)
+        else:
+            pads = _ints(node.attrs.get("pads", []))
+        axes = list(range(m.rank))
+        if len(node.inputs) > 3 and node.inputs[3].name:
+            a = _const(node.inputs[3])
+            if a is None:
+                raise _Unsupported("Pad with computed axes")
+            axes = [x + m.rank if x < 0 else x for x in _ints(a)]
+        if len(pads) != 2 * len(axes):
+            raise _Unsupported("Pad with pads that do not match its axes")
+        begin = dict(zip(axes, pads[:len(axes)]))
+        end = dict(zip(axes, pads[len(axes):]))
+        lo, hi = begin.get(m.axis, 0), end.get(m.axis, 0)
+        if lo == 0 and hi == 0:
+            self._set(node, _Map(m.axis, m.rank, m.comps))
+            return
+        if node.attrs.get("mode", "constant") not in ("constant", b"constant") or lo < 0 or hi < 0:
+            raise _Unsupported("Pad that copies or crops channels (reflect/edge or negative pads on the channel axis)")
+        parts = [self._source(node, gs.Variable(f"{node.name}:pad{k}"), n, m.rank, m.axis, prunable=False,
+                              reason="Pad's constant channels cannot be removed").comps
+                 for k, n in enumerate((lo, hi))]
+        self._set(node, _Map(m.axis, m.rank, np.concatenate([parts[0], m.comps, parts[1]])))
+
+    def _reads_own_shape(self, t, pos, m: _Map, depth=0) -> bool:
+        """True when entry ``pos`` of the 1-D int tensor ``t`` is computed from ``Shape`` of a
+        tensor carrying the same channels (PyTorch: sizes = Concat(Shape(x)[:2], spatial)): it
+        follows the pruned tensor at run time."""
+        if depth > 8 or isinstance(t, gs.Constant) or not t.inputs:
+            return False
+        p = t.inputs[0]
+        if p.op == "Shape":
+            src = self.tmap.get(p.inputs[0].name)
+            start = int(p.attrs.get("start", 0))
+            return src is not None and np.array_equal(src.comps, m.comps) and pos + start == src.axis
+        if p.op in ("Cast", "Identity", "Squeeze", "Unsqueeze"):
+            return self._reads_own_shape(p.inputs[0], pos, m, depth + 1)
+        if p.op == "Concat":
+            off = 0
+            for i in p.inputs:
+                shp = self._shape(i)
+                if shp is None or len(shp) != 1 or shp[0] is None:
+                    return False
+                if pos < off + shp[0]:
+                    return self._reads_own_shape(i, pos - off, m, depth + 1)
+                off += shp[0]
+            return False
+        if p.op == "Slice":
+            starts, axes = _const(p.inputs[1]), _const(p.inputs[3]) if len(p.inputs) > 3 and p.inputs[3].name else None
+            steps = _const(p.inputs[4]) if len(p.inputs) > 4 and p.inputs[4].name else None
+            if starts is None or (axes is not None and _ints(axes) != [0]) or (steps is not None and _ints(steps) != [1]):
+                return False
+            return _ints(starts)[0] >= 0 and self._reads_own_shape(p.inputs[0], pos + _ints(starts)[0], m, depth + 1)
+        if p.op == "Gather":
+            idx = _const(p.inputs[1])
+            if idx is None or int(p.attrs.get("axis", 0)) != 0:
+                return False
+            idx = np.asarray(idx).reshape(-1)
+            return pos < len(idx) and idx[pos] >= 0 and self._reads_own_shape(p.inputs[0], int(idx[pos]), m, depth + 1)
+        return False
+
+    def _resize(self, node, tracked):
+        """Resize/Upsample over spatial axes: the channel axis must keep its size (scale 1, or a
+        ``sizes`` entry that is a constant, which is rewritten, or read from the tensor's Shape)."""
+        m = self._one(node, tracked)
+        n = len(m.comps)
+        axes = node.attrs.get("axes")
+        if axes is not None:   # opset ≥ 18: scales/sizes only for these axes
+            if m.axis not in [a + m.rank if a < 0 else a for a in _ints(axes)]:
+                self._set(node, _Map(m.axis, m.rank, m.comps))
+                return
+            raise _Unsupported(f"{node.op} with the channel axis in its axes")
+        if node.op == "Upsample" and "scales" in node.attrs:
+            scales, sizes = node.attrs["scales"], None
+        else:
+            ins = list(node.inputs) + [gs.Variable("")] * 4
+            scales_t = ins[1] if node.op == "Upsample" else (ins[2] if self.opset >= 11 else ins[1])
+            sizes_t = ins[3] if node.op == "Resize" and self.opset >= 11 else None
+            scales = sizes = None
+            if scales_t.name:
+                scales = _const(scales_t)
+                if scales is None:
+                    out = self._shape(node.outputs[0])
+                    if out is None or out[m.axis] != n:
+                        raise _Unsupported(f"{node.op} with computed scales that may scale the channel axis")
+                    scales = np.ones(m.rank)
+            if sizes_t is not None and sizes_t.name:
+                sizes = _const(sizes_t)
+                if sizes is None:
+                    if not self._reads_own_shape(sizes_t, m.axis, m):
+                        raise _Unsupported(f"{node.op} with computed sizes not read from its input's Shape")
+                    self._set(node, _Map(m.axis, m.rank, m.comps))
+                    return
+        if sizes is not None and np.size(sizes):
+            if int(np.asarray(sizes).reshape(-1)[m.axis]) != n:
+                raise _Unsupported(f"{node.op} that changes the channel count")
+            self.edits.append(_Edit("dim", node.name, m.comps, idx=m.axis, extra=(3,)))
+        elif scales is not None and np.size(scales) and float(np.asarray(scales).reshape(-1)[m.axis]) != 1.0:
+            raise _Unsupported(f"{node.op} that scales the channel axis")
+        self._set(node, _Map(m.axis, m.rank, m.comps))
+
+    def _groupnorm(self, node, tracked):
+        raise _Unsupported("GroupNormalization: channels can only go by whole groups (not supported yet)")
 
     def _pool(self, node, tracked):
         m = self._one(node, tracked)
@@ -506,6 +684,37 @@ class ChannelAnalysis:
                 self.edits.append(_Edit("reshape", node.name, m.comps, idx=1))
             self._set(node, _Map(1, len(out_shape), m.comps, m.origin))
             return
+        copies_channels = any(t == 0 and i >= m.rank - 1 for i, t in enumerate(target[:-1]))
+        if (m.axis == m.rank - 1 and out_shape[-1] == n and target[-1] in (n, -1)
+                and not (target[-1] == -1 and copies_channels)):
+            # rows regrouped, features kept last: (N, T, d) ↔ (N·T, d) around a Gemm (torch.export)
+            if target[-1] == n:
+                self.edits.append(_Edit("reshape", node.name, m.comps, idx=len(target) - 1))
+            self._set(node, _Map(len(out_shape) - 1, len(out_shape), m.comps))
+            return
+        in_shape, out_shape = tuple(in_shape), tuple(out_shape)
+        r = m.rank
+        if (m.axis == r - 1 and len(out_shape) == r + 1 and out_shape[:r - 1] == in_shape[:r - 1]
+                and out_shape[r - 1] * out_shape[r] == n and out_shape[r - 1] > 1 and len(target) == r + 1):
+            # features → (heads, head size): a head's columns go together (attention heads)
+            h, dh = out_shape[r - 1], out_shape[r]
+            for j in range(h):
+                self._tie(np.full(dh - 1, m.comps[j * dh]), m.comps[j * dh + 1:(j + 1) * dh])
+            heads = m.comps[::dh]
+            if target[r - 1] > 0:
+                self.edits.append(_Edit("reshape", node.name, heads, idx=r - 1))
+            elif target[r - 1] != -1 and target[r] <= 0:
+                raise _Unsupported("Reshape into heads with neither the head count nor the head size given")
+            self._set(node, _Map(r - 1, r + 1, heads))
+            return
+        if (m.axis == r - 2 and len(out_shape) == r - 1 and out_shape[:r - 2] == in_shape[:r - 2]
+                and out_shape[r - 2] == n * in_shape[r - 1] and len(target) == r - 1):
+            # (…, heads, head size) → (…, features): each head spans head-size consecutive columns
+            comps = np.repeat(m.comps, in_shape[r - 1])
+            if target[r - 2] > 0:
+                self.edits.append(_Edit("reshape", node.name, comps, idx=r - 2))
+            self._set(node, _Map(r - 2, r - 1, comps))
+            return
         raise _Unsupported("Reshape that splits or merges the channel axis")
 
     def _transpose(self, node, tracked):
@@ -595,10 +804,64 @@ class ChannelAnalysis:
             self.edits.append(_Edit("depthwise", node.name, m.comps))
             self._set(node, _Map(1, m.rank, m.comps))
             return
+        if m is not None and not shared and bias_ok:
+            self._grouped(node, m, group, c_in, o, weight_axis_in=False)
+            return
         if m is not None:
-            self.pin(m, node, f"grouped Conv (group={group}) that is not depthwise")
+            self.pin(m, node, f"grouped Conv (group={group}) with shared weights or a computed bias")
         self._set(node, self._source(node, out, o, w.ndim, 1, prunable=False,
                                      reason=f"grouped Conv (group={group}) output"))
+
+    def _grouped(self, node, m: _Map, group: int, c_in: int, o: int, weight_axis_in: bool):
+        """A grouped Conv/ConvTranspose (1 < group): output group j reads input group j only, so its
+        channels go by whole groups: one component per group, spanning the group's input and output
+        channels (depthwise with a channel multiplier: group = C_in)."""
+        ci, co = c_in // group, o // group
+        for j in range(group):
+            self._tie(np.full(ci - 1, m.comps[j * ci]), m.comps[j * ci + 1:(j + 1) * ci])
+        per_group = m.comps[::ci]
+        out = np.repeat(per_group, co)
+        self.edits.append(_Edit("grouped", node.name, out, idx=co, extra=(m.comps, weight_axis_in)))
+        self._set(node, _Map(1, m.rank, out))
+
+    def _conv_transpose(self, node, tracked):
+        """ConvTranspose, W (C_in, C_out/group, k…): input channels are W's rows, outputs its columns."""
+        w = _const(node.inputs[1])
+        if w is None or any(i != 0 for i, _ in tracked):
+            raise _Unsupported("ConvTranspose with computed weights")
+        bias_ok = len(node.inputs) < 3 or not node.inputs[2].name or isinstance(node.inputs[2], gs.Constant)
+        shared = len(node.inputs[1].outputs) > 1
+        group = int(node.attrs.get("group", 1))
+        m = tracked[0][1] if tracked else None
+        c_in, o = w.shape[0], w.shape[1] * group
+        if m is not None and (m.axis != 1 or len(m.comps) != c_in):
+            raise _Unsupported("ConvTranspose input channels do not match the tracked axis")
+        if "output_shape" in node.attrs:
+            if m is not None:
+                self.pin(m, node, "ConvTranspose with an output_shape attribute")
+            self._set(node, self._source(node, node.outputs[0], o, w.ndim, 1, prunable=False,
+                                         reason="ConvTranspose with an output_shape attribute"))
+            return
+        if group == 1:
+            if m is not None:
+                if shared:
+                    self.pin(m, node, "ConvTranspose weights are shared with another node")
+                else:
+                    self._consume(node, m, node.inputs[0])
+            self._set(node, self._source(node, node.outputs[0], o, w.ndim, 1, prunable=not shared and bias_ok,
+                                         reason="ConvTranspose weights are shared or its bias is computed"))
+            return
+        if m is not None and group == c_in and w.shape[1] == 1 and not shared and bias_ok:
+            self.edits.append(_Edit("depthwise", node.name, m.comps))
+            self._set(node, _Map(1, m.rank, m.comps))
+            return
+        if m is not None and not shared and bias_ok:
+            self._grouped(node, m, group, c_in, o, weight_axis_in=True)
+            return
+        if m is not None:
+            self.pin(m, node, f"grouped ConvTranspose (group={group}) with shared weights or a computed bias")
+        self._set(node, self._source(node, node.outputs[0], o, w.ndim, 1, prunable=False,
+                                     reason=f"grouped ConvTranspose (group={group}) output"))
 
     def _gemm(self, node, tracked):
         w = _const(node.inputs[1])
@@ -624,8 +887,9 @@ class ChannelAnalysis:
     def _matmul(self, node, tracked):
         b = _const(node.inputs[1])
         if b is None:
-            left = _const(node.inputs[0]) is not None
-            raise _Unsupported("MatMul with the weight on the left (W @ x)" if left else "MatMul between computed tensors")
+            if _const(node.inputs[0]) is not None:
+                raise _Unsupported("MatMul with the weight on the left (W @ x)")
+            return self._batched_matmul(node, tracked)
         if b.ndim != 2:
             raise _Unsupported(f"MatMul with a {b.ndim}-D weight")
         shared = len(node.inputs[1].outputs) > 1
@@ -642,6 +906,35 @@ class ChannelAnalysis:
                 self._consume(node, m, node.inputs[0])
         self._set(node, self._source(node, node.outputs[0], b.shape[1], max(rank, 2), max(rank, 2) - 1,
                                      prunable=not shared, reason="MatMul weights are shared"))
+
+    def _batched_matmul(self, node, tracked):
+        """A @ B between computed tensors: channels on a batch axis (attention heads) pass through
+        and tie A's to B's; channels on the matrix axes cannot be removed here."""
+        if not tracked:
+            return
+        maps = dict(tracked)
+        ranks = [maps[i].rank if i in maps else self._rank(node.inputs[i]) for i in range(2)]
+        if any(r is None or r < 3 for r in ranks):
+            raise _Unsupported("MatMul between computed tensors")
+        neg = None
+        for i, m in tracked:
+            if m.axis >= m.rank - 2:
+                raise _Unsupported("MatMul between computed tensors (channels on a matrix axis)")
+            if neg is not None and (m.axis - m.rank != neg or len(m.comps) != len(tracked[0][1].comps)):
+                raise _Unsupported("MatMul between computed tensors with channels that do not line up")
+            neg = m.axis - m.rank
+        first = tracked[0][1]
+        for i in range(2):
+            if i in maps:
+                continue
+            shape = self._shape(node.inputs[i])
+            pos = ranks[i] + neg
+            if shape is None or (pos >= 0 and shape[pos] != 1):
+                raise _Unsupported("MatMul between a tracked and a computed full-channel tensor")
+        if len(tracked) == 2:
+            self._tie(first.comps, tracked[1][1].comps)
+        out_rank = max(ranks)
+        self._set(node, _Map(out_rank + neg, out_rank, first.comps))
 
     # -- groups
     def _finish(self) -> None:

@@ -25,7 +25,8 @@ Budget mode (``--target-flops`` / ``--target-params``), ``allocation``:
 Costs come from ``CostModel``: cost(k) is at most quadratic in the counts (a layer's params/FLOPs are
 bilinear in its input and output channel counts), identified from a few probe prunes.
 
-k is rounded up to a multiple of ``channel_multiple``. Then every weight layer that reads a pruned
+k is rounded up to a multiple of ``channel_multiple`` columns (for attention heads, whose channel spans
+head-size columns, any head count). Then every weight layer that reads a pruned
 tensor is refit, level by level on the pruned network's own inputs, to the reference network's
 pre-activation: W', b' = argmin ‖X̃ W' + b' − Y‖² + α‖W' − W0‖² (toward the sliced weights), α
 chosen per layer on held-out calibration batches from one eigendecomposition of Cov(x̃).
@@ -152,6 +153,22 @@ class CostModel:
 
 
 # ----------------------------------------------------------------------------- the pass
+def multiple_of(g, channel_multiple: int) -> int:
+    """The step of a group's kept count: ``channel_multiple`` columns, where one channel of the group
+    spans several columns of its sources (an attention head: head-size columns of Q, K and V)."""
+    sources = [s for s in getattr(g, "sources", []) if s.prunable]
+    width = min(len(s.comps) for s in sources) // max(g.size, 1) if sources else 1
+    return max(1, channel_multiple // max(width, 1))
+
+
+SLICE_ONLY = ("ConvTranspose",)   # consumers whose input channels are sliced but not refit (no LayerStats)
+
+
+def refit_consumers(nodes, names):
+    """The consumers among ``names`` that are refit (the others are only sliced)."""
+    return [c for c in names if c in nodes and nodes[c].op not in SLICE_ONLY]
+
+
 def eligible_groups(model, an):
     """(groups pfa can prune, [Skip]): every pin, and why each other group is left whole."""
     nodes = {n.name: n for n in import_graph(model).nodes}
@@ -173,7 +190,7 @@ def eligible_groups(model, an):
             skip(g.name, "no tensor shows the channels' responses")
             continue
         blocked = False
-        for c in g.consumers:
+        for c in refit_consumers(nodes, g.consumers):
             node = nodes[c]
             try:
                 layer_stats_request(node, c, node.inputs[0].name, node.outputs[0].name)
@@ -211,7 +228,7 @@ class Pfa(Pass):
             graph = import_graph(model)
             nodes = {n.name: n for n in graph.nodes}
             for g in groups:
-                for c in g.consumers:
+                for c in refit_consumers(nodes, g.consumers):
                     node = nodes.get(c)
                     if c in layer or node is None:
                         continue
@@ -267,7 +284,7 @@ class Pfa(Pass):
         def ks_at(e):
             return {g.index: round_up(g.size if e >= 1.0 else
                                       min(g.size, np.searchsorted(cums[g.index], e - 1e-12) + 1),
-                                      g.size, cfg.channel_multiple) for g in groups}
+                                      g.size, multiple_of(g, cfg.channel_multiple)) for g in groups}
 
         def fits(ks):
             c = cost(ks)
@@ -293,7 +310,8 @@ class Pfa(Pass):
         groups_by = {g.index: g for g in groups}
 
         def ks_t(t):
-            return {gi: round_up(k_lo[gi] + t * (k_hi[gi] - k_lo[gi]), groups_by[gi].size, cfg.channel_multiple)
+            return {gi: round_up(k_lo[gi] + t * (k_hi[gi] - k_lo[gi]), groups_by[gi].size,
+                                 multiple_of(groups_by[gi], cfg.channel_multiple))
                     if k_hi[gi] > k_lo[gi] else k_lo[gi] for gi in k_lo}
 
         t_lo, t_hi = 0.0, 1.0
@@ -310,7 +328,7 @@ class Pfa(Pass):
         group whose next step down (to the next multiple of ``channel_multiple``) adds the least
         reconstruction error per unit of cost saved, until every goal is met."""
         ks = dict(ks) if ks is not None else {g.index: g.size for g in groups}
-        m = cfg.channel_multiple
+        mult = {g.index: multiple_of(g, cfg.channel_multiple) for g in groups}
         steps = 0
         while True:
             c = cost(ks)
@@ -319,7 +337,7 @@ class Pfa(Pass):
                 break
             best, best_ratio = None, None
             for g in groups:
-                k = ks[g.index]
+                k, m = ks[g.index], mult[g.index]
                 nxt = ((k - 1) // m) * m
                 if nxt < 1:
                     continue
@@ -342,7 +360,7 @@ class Pfa(Pass):
         while steps:
             best, best_gain = None, None
             for g in groups:
-                k = ks[g.index]
+                k, m = ks[g.index], mult[g.index]
                 if k >= g.size:
                     continue
                 up = min(g.size, (k // m + 1) * m)
@@ -454,10 +472,11 @@ class Pfa(Pass):
                 details["energy"] = round(energy, 6)
             details["cost_probes"] = cost.probes
         elif mode == "kl":
-            ks = {g.index: round_up(kept_kl(lams[g.index]), g.size, cfg.channel_multiple) for g in groups}
-        else:
-            ks = {g.index: round_up(kept_energy(lams[g.index], cfg.energy), g.size, cfg.channel_multiple)
+            ks = {g.index: round_up(kept_kl(lams[g.index]), g.size, multiple_of(g, cfg.channel_multiple))
                   for g in groups}
+        else:
+            ks = {g.index: round_up(kept_energy(lams[g.index], cfg.energy), g.size,
+                                    multiple_of(g, cfg.channel_multiple)) for g in groups}
             details["energy"] = cfg.energy
 
         def keep_of(ks):
@@ -494,12 +513,13 @@ class Pfa(Pass):
                 pruned = an.prune(model, keep)
         details["allocation_seconds"] = round(time.perf_counter() - t_alloc, 3)
         recipe, consumers = [], set()
+        model_nodes = {n.name: n for n in import_graph(model).nodes}
         for g in groups:
             k = ks[g.index]
             recipe.append({"group": g.name, "channels": g.size, "kept": k,
                            "predicted_error": round(float(curves[g.index][k]), 5)})
             if g.index in keep:
-                consumers.update(g.consumers)
+                consumers.update(refit_consumers(model_nodes, g.consumers))
                 report.changed.append(f"{g.name}: {g.size} -> {k} channels")
             else:
                 report.skip(g.name, f"recipe keeps all {g.size} channels")

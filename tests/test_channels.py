@@ -8,7 +8,7 @@ That checks every offset (Concat, Split/Slice, H·W column blocks) independently
 import numpy as np
 import onnx
 import pytest
-from onnx import numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from graphs import GraphBuilder, assert_close, run
 from onnxshrink.channels import analyze
@@ -316,7 +316,7 @@ def test_reference_models_groups():
     assert sorted(g.size for g in free if len(g.sources) == 2) == [16, 32, 48]
     m = normalize(onnx.load(digits.model_path("transformer")))
     an = analyze(m)
-    assert sorted(g.size for g in an.groups if not g.pinned) == [256, 256]
+    assert sorted(g.size for g in an.groups if not g.pinned) == [4, 4, 256, 256]   # four heads per layer, two FFNs
 
 
 def test_matmul_with_the_weight_on_the_left_pins_with_a_clear_reason():
@@ -348,3 +348,170 @@ def test_equal_split_on_channels_gets_explicit_sizes(opset, inputs):
     p = prune_dropping(an, m, g, drop)
     z = zero_inputs(zero_inputs(m, node(m, "Conv", 1).input[1], 1, [1]), node(m, "Conv", 2).input[1], 1, [1, 2])
     assert_close(z, p, feeds(m))
+
+
+def _branch(nodes, outputs, name):
+    return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(o, TensorProto.FLOAT, []) for o in outputs])
+
+
+@pytest.mark.parametrize("kind", ["if", "nested_if", "loop"])
+def test_a_tensor_read_inside_a_subgraph_pins_its_group(kind):
+    """A branch that reads ``h`` through outer scope: pruning h's channels would change what the
+    branch computes, and calibration/validation data that never takes the branch would not see it.
+
+        x ─ Conv0 ─ Relu ─ h ─ Conv1 ─ y
+        cond = ReduceMax(x) > 100 ─ If/Loop ─ z       (the body reads h: ReduceSum(h))
+    """
+    b = GraphBuilder(14, opset=17)
+    x = b.input("x", ["N", 3, 6, 6])
+    h = b.relu(b.conv(x, 3, 8))
+    b.output(b.conv(h, 8, 4, out="y"))
+    cond = b.node("Greater", [b.node("ReduceMax", [x], keepdims=0), b.const(np.float32(100.0))])
+    reads_h = [helper.make_node("ReduceSum", [h], ["t_sum"], keepdims=0, name="t_sum")]
+    other = [helper.make_node("ReduceSum", [x], ["e_sum"], keepdims=0, name="e_sum")]
+    if kind == "if":
+        b.node("If", [cond], out="z", then_branch=_branch(reads_h, ["t_sum"], "then"),
+               else_branch=_branch(other, ["e_sum"], "else"))
+    elif kind == "nested_if":
+        inner = helper.make_node("If", [cond], ["inner"], name="inner_if",
+                                 then_branch=_branch(reads_h, ["t_sum"], "then2"),
+                                 else_branch=_branch([helper.make_node("ReduceSum", [x], ["e2"], keepdims=0,
+                                                                       name="e2")], ["e2"], "else2"))
+        b.node("If", [cond], out="z", then_branch=_branch([inner], ["inner"], "then"),
+               else_branch=_branch(other, ["e_sum"], "else"))
+    else:
+        body = helper.make_graph(
+            reads_h + [helper.make_node("Add", ["v", "t_sum"], ["v_out"], name="acc"),
+                       helper.make_node("Identity", ["c"], ["c_out"], name="keep_going")], "body",
+            [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+             helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+             helper.make_tensor_value_info("v", TensorProto.FLOAT, [])],
+            [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []),
+             helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [])])
+        b.node("Loop", [b.const(np.int64(1)), cond, b.const(np.float32(0))], out="z", body=body)
+    b.output("z", [], TensorProto.FLOAT)
+    m = b.model()
+    an = analyze(m)
+    g = group_of(an, m, "Conv", 0)
+    assert g.pinned, kind
+    assert any("subgraph" in p.reason and h in p.reason for p in g.pins), pinned_reasons(an, g)
+    p = an.prune(m, {g.index: [0, 1, 2]})
+    big = {"x": 1000 * feeds(m)["x"]}                   # takes the branch that reads h
+    assert run(m, big)[1].shape == ()
+    assert_close(m, p, big)
+
+
+@pytest.mark.parametrize("case", ["pad_attr_op10", "pad_input_op11", "pad_axes_op18", "upsample_op9",
+                                  "resize_scales_op10", "resize_sizes_const", "clip_scalar_input"])
+def test_spatial_ops_pass_channels(case):
+    """x(1,3,6,6) ─ Conv(3→8) ─ Relu ─ [op] ─ Conv(8→4) ─ y: the op is transparent to channels."""
+    opset = int(case.rsplit("op", 1)[1]) if "_op" in case else 13
+    b = GraphBuilder(15, opset=opset)
+    x = b.input("x", [1, 3, 6, 6])
+    h = b.relu(b.conv(x, 3, 8))
+    i64 = lambda v: b.const(np.array(v, np.int64))
+    f32 = lambda v: b.const(np.array(v, np.float32))
+    if case == "pad_attr_op10":
+        h = b.node("Pad", [h], pads=[0, 0, 1, 2, 0, 0, 2, 1], mode="edge")
+    elif case == "pad_input_op11":
+        h = b.node("Pad", [h, i64([0, 0, 1, 1, 0, 0, 1, 1]), f32(0.5)], mode="constant")
+    elif case == "pad_axes_op18":
+        h = b.node("Pad", [h, i64([1, 1, 1, 1]), "", i64([2, -1])], mode="reflect")
+    elif case == "upsample_op9":
+        h = b.node("Upsample", [h, f32([1, 1, 2, 2])], mode="nearest")
+    elif case == "resize_scales_op10":
+        h = b.node("Resize", [h, f32([1, 1, 2, 2])], mode="nearest")
+    elif case == "resize_sizes_const":
+        h = b.node("Resize", [h, "", "", i64([1, 8, 12, 12])], mode="nearest")
+    else:   # a per-sample scalar bound computed in the graph
+        hi = b.node("ReduceMax", [x], keepdims=0)
+        h = b.node("Clip", [h, f32(0.0), hi])
+    b.output(b.conv(h, 8, 4, out="y"))
+    m = b.model()
+    an = analyze(m)
+    g = group_of(an, m, "Conv", 0)
+    assert not g.pinned, pinned_reasons(an, g)
+    drop = [1, 4, 5]
+    p = prune_dropping(an, m, g, drop)
+    assert_close(zero_inputs(m, node(m, "Conv", 1).input[1], 1, drop), p, feeds(m))
+    if case == "resize_sizes_const":
+        assert list(init(p, node(p, "Resize").input[3])) == [1, 5, 12, 12]
+
+
+@pytest.mark.parametrize("case,want", [
+    ("pad_reflect_channels", "Pad that copies"), ("resize_channel_scale", "scales the channel axis"),
+    ("resize_sizes_computed", "computed sizes"),
+    ("groupnorm", "GroupNormalization"), ("pad_computed", "Pad with computed pads")])
+def test_ops_that_would_move_channels_pin_with_a_reason(case, want):
+    b = GraphBuilder(16, opset=21 if case == "groupnorm" else 18)
+    x = b.input("x", [1, 3, 6, 6])
+    h = b.relu(b.conv(x, 3, 8))
+    i64 = lambda v: b.const(np.array(v, np.int64))
+    f32 = lambda v: b.const(np.array(v, np.float32))
+    if case == "pad_reflect_channels":
+        h = b.node("Pad", [h, i64([0, 1, 0, 0, 0, 1, 0, 0])], mode="reflect")
+        c = 10
+    elif case == "resize_channel_scale":
+        h = b.node("Resize", [h, "", f32([1, 0.5, 1, 1])], mode="nearest")
+        c = 4
+    elif case == "resize_sizes_computed":
+        sz = b.node("Concat", [i64([1, 8]), b.node("Slice", [b.node("Shape", [x]), i64([2]), i64([4])])], axis=0)
+        h = b.node("Resize", [h, "", "", sz], mode="nearest")
+        c = 8
+    elif case == "groupnorm":
+        h = b.node("GroupNormalization", [h, f32(np.ones(8)), f32(np.zeros(8))], num_groups=2)
+        c = 8
+    else:
+        h = b.node("Pad", [h, b.node("Mul", [i64([0, 0, 1, 1, 0, 0, 1, 1]), i64(1)])])
+        c = 8
+    b.output(b.conv(h, c, 4, out="y"), [1, 4, 6, 6])
+    m = b.model()
+    an = analyze(m)
+    g = group_of(an, m, "Conv", 0)
+    assert g.pinned and want in pinned_reasons(an, g), pinned_reasons(an, g)
+    assert_close(m, an.prune(m, {g.index: [0, 1]}), feeds(m))
+
+
+def test_constant_pad_on_channels_shifts_the_consumers_columns():
+    """x ─ Conv(3→8) ─ Pad(C: 2 before, 3 after, value 1) ─ Conv(13→4): channels 2…9 of the Pad's
+    output are the Conv's; the padded channels stay."""
+    b = GraphBuilder(17, opset=13)
+    x = b.input("x", ["N", 3, 6, 6])
+    h = b.relu(b.conv(x, 3, 8))
+    h = b.node("Pad", [h, b.const(np.array([0, 2, 0, 0, 0, 3, 0, 0], np.int64)), b.const(np.float32(1.0))])
+    b.output(b.conv(h, 13, 4, out="y"))
+    m = b.model()
+    an = analyze(m)
+    g = group_of(an, m, "Conv", 0)
+    assert not g.pinned
+    drop = [0, 6]
+    p = prune_dropping(an, m, g, drop)
+    assert_close(zero_inputs(m, node(m, "Conv", 1).input[1], 1, [2 + d for d in drop]), p, feeds(m))
+    assert init(p, node(p, "Conv", 1).input[1]).shape == (4, 11, 3, 3)
+
+
+@pytest.mark.parametrize("op", ["Conv", "ConvTranspose"])
+def test_grouped_conv_loses_whole_groups(op):
+    """x ─ Conv(3→8) ─ Relu ─ [op](8→12, group 4) ─ Relu ─ Conv(12→4) ─ y: group j of the grouped
+    layer reads channels 2j, 2j+1 and writes 3j…3j+2; dropping groups 1 and 3 drops all of them."""
+    b = GraphBuilder(18, opset=13)
+    x = b.input("x", ["N", 3, 6, 6])
+    h = b.relu(b.conv(x, 3, 8))
+    if op == "Conv":
+        h = b.conv(h, 8, 12, group=4)
+    else:
+        w = b.rng.standard_normal((8, 3, 3, 3)).astype(np.float32) / 3
+        h = b.node("ConvTranspose", [h, b.const(w), b.const(b.rng.standard_normal(12).astype(np.float32))],
+                   kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=4)
+    b.output(b.conv(b.relu(h), 12, 4, out="y"))
+    m = b.model()
+    an = analyze(m)
+    g = group_of(an, m, "Conv", 0)
+    assert not g.pinned and g.size == 4
+    p = an.prune(m, {g.index: [0, 2]})
+    assert_close(zero_inputs(m, node(m, "Conv", 1 if op == "ConvTranspose" else 2).input[1], 1, [3, 4, 5, 9, 10, 11]),
+                 p, feeds(m))
+    assert init(p, node(p, "Conv", 0).input[1]).shape == (4, 3, 3, 3)
+    grouped = node(p, op, 1 if op == "Conv" else 0)
+    assert [a.i for a in grouped.attribute if a.name == "group"] == [2]
+    assert init(p, grouped.input[1]).shape == ((6, 2, 3, 3) if op == "Conv" else (4, 3, 3, 3))

@@ -254,3 +254,145 @@ def test_a_same_upper_consumer_with_stride_1_is_pruned_and_refit():
                  tolerances=Tolerances(min_cosine=None))
     assert res.report["passes"][0]["changed"]
     assert res.report["validation"]["problems"] == []
+
+
+def test_pfa_leaves_channels_read_inside_an_if_branch_whole():
+    """x ─ Conv0 ─ Relu ─ h ─ Conv1 ─ Relu ─ Conv2 ─ y;  If(ReduceMax(x) > 100): ReduceSum(h) else ReduceSum(x).
+    Calibration never takes the branch that reads h; pruning h would change it silently."""
+    from onnx import TensorProto, helper
+    from graphs import GraphBuilder, run
+    b = GraphBuilder(3, opset=17)
+    x = b.input("x", ["N", 3, 8, 8])
+    h = b.relu(b.conv(x, 3, 8))
+    g2 = b.relu(b.conv(h, 8, 8))
+    b.output(b.conv(g2, 8, 4, out="y"))
+    cond = b.node("Greater", [b.node("ReduceMax", [x], keepdims=0), b.const(np.float32(100.0))])
+    branch = lambda src, o: helper.make_graph([helper.make_node("ReduceSum", [src], [o], keepdims=0, name=o)], o, [],
+                                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, [])])
+    b.node("If", [cond], out="z", then_branch=branch(h, "t_sum"), else_branch=branch(x, "e_sum"))
+    b.output("z", [], TensorProto.FLOAT)
+    m = b.model()
+    calib = np.random.default_rng(0).standard_normal((64, 3, 8, 8)).astype(np.float32)
+    res = shrink(m, ["pfa"], calibration=calib, options={"pfa": {"energy": 0.5, "channel_multiple": 1}},
+                 tolerances=Tolerances(min_cosine=None), force=True)
+    rep = res.report["passes"][0]
+    assert any("inside a If subgraph" in s["reason"] for s in rep["skipped"]), rep["skipped"]
+    assert rep["changed"] and not any(c.startswith(m.graph.node[0].name) for c in rep["changed"]), rep["changed"]
+    big = {"x": 1000 * calib[:4]}                          # the branch that reads h
+    np.testing.assert_allclose(run(res.model, big)[1], run(m, big)[1], rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- exporter patterns
+from zoo.patterns import PATTERN_NAMES, PATTERNS  # noqa: E402
+
+
+def _masked(model, an, keep):
+    """The original model with the input columns of every dropped channel zeroed in its consumers
+    (Conv/ConvTranspose/Gemm/MatMul weights): what pruning must reproduce exactly."""
+    from onnx import numpy_helper
+    alive = an.alive(keep)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    nodes = {n.name: n for n in m.graph.node}
+    inits = {t.name: t for t in m.graph.initializer}
+    for e in an.edits:
+        if e.kind != "in":
+            continue
+        dead = ~alive[e.comps]
+        if not dead.any():
+            continue
+        n = nodes[e.node]
+        t = inits[n.input[1]]
+        w = numpy_helper.to_array(t).copy()
+        axis = {"Conv": 1, "ConvTranspose": 0, "MatMul": w.ndim - 2}.get(
+            n.op_type, 1 if any(a.name == "transB" and a.i for a in n.attribute) else 0)
+        idx = [slice(None)] * w.ndim
+        idx[axis] = np.nonzero(dead)[0]
+        w[tuple(idx)] = 0
+        t.CopyFrom(numpy_helper.from_array(w, t.name))
+    return m
+
+
+@pytest.mark.parametrize("case", PATTERN_NAMES)
+def test_exporter_pattern_prunes_exactly_when_masked(case):
+    """Every free group loses every other channel: the pruned model equals the original with those
+    channels' consumer columns zeroed; keeping every channel gives the original back."""
+    from onnxshrink.graph import normalize
+    z = PATTERNS[case]()
+    m = normalize(z.model)
+    an = analyze(m, z.shapes)
+    free = [g for g in an.groups if not g.pinned and g.size >= 2]
+    assert free, case
+    x = z.calibration(4, seed=3)
+    assert_close(m, an.prune(m, {g.index: np.arange(g.size) for g in free}), x, rtol=1e-5, atol=1e-5)
+    keep = {g.index: np.arange(0, g.size, 2) for g in free}
+    pruned = an.prune(m, keep)
+    onnx.checker.check_model(pruned, full_check=True)
+    assert_close(_masked(m, an, keep), pruned, x)
+    assert model_cost(pruned, z.shapes)["params"] < model_cost(m, z.shapes)["params"]
+
+
+# relative output error ‖y' − y‖ / ‖y‖ on held-out inputs after pfa (energy 0.9) and the refit; the
+# bounds are about 1.5× what these random-weight graphs give (the neck and decoder lose more: their
+# ConvTranspose consumers are sliced, not refit; the random FFNs have flat response spectra)
+PATTERN_ERROR = {"fpn_neck": 0.5, "conv_transpose_decoder": 0.5, "transformer_ffn": 0.45}
+
+
+@pytest.mark.parametrize("case", PATTERN_NAMES)
+def test_pfa_prunes_exporter_patterns_and_keeps_outputs_close(case):
+    from graphs import run
+    z = PATTERNS[case]()
+    res = shrink(z.model, ["pfa"], calibration=z.calibration(128, seed=0), quiet=True, force=True,
+                 options={"pfa": {"energy": 0.9, "channel_multiple": 1, "positions": 8}},
+                 tolerances=Tolerances(min_cosine=None))
+    rep = res.report["passes"][0]
+    assert rep["changed"] and res.report["validation"]["problems"] == [], rep
+    onnx.checker.check_model(res.model, full_check=True)
+    assert model_cost(res.model, z.shapes)["params"] < 0.85 * model_cost(z.model, z.shapes)["params"]
+    x = z.calibration(64, seed=5)
+    bound = next((v for k, v in PATTERN_ERROR.items() if case.startswith(k)), 0.1)
+    for want, got in zip(run(z.model, x), run(res.model, x)):
+        assert np.linalg.norm(got - want) / np.linalg.norm(want) < bound
+    nodes = {n.name: n for n in res.model.graph.node}
+    if case.startswith("squeeze_excitation"):      # the SE's inner width is its own prunable group
+        inner = [r for r in rep["recipe"] if r["channels"] == 4]
+        assert len(inner) == 1 and inner[0]["kept"] < 4, rep["recipe"]
+    if case.startswith("depthwise_chain"):         # the depthwise Conv loses the expand Conv's channels
+        from onnx import numpy_helper
+        inits = {t.name: t for t in res.model.graph.initializer}
+        dw = [n for n in nodes.values() if n.op_type == "Conv" and any(
+            a.name == "group" and a.i > 2 and a.i == numpy_helper.to_array(inits[n.input[1]]).shape[0]
+            for a in n.attribute)]
+        expand = next(r for r in rep["recipe"] if r["channels"] == 16)
+        assert len(dw) == 1 and numpy_helper.to_array(inits[dw[0].input[1]]).shape == (expand["kept"], 1, 3, 3)
+        assert expand["kept"] < 16
+        # the group=2 Conv and the multiplier-2 depthwise Conv after it go by whole groups: their
+        # input's group has 2 channels (one per Conv group), each spanning 4 input columns
+        assert any(r["channels"] == 2 for r in rep["recipe"]), rep["recipe"]
+
+
+def test_pfa_removes_the_attention_head_that_contributes_least():
+    """Heads are whole channels: Q/K/V lose a head's columns together, the Reshape constants their
+    head count, the output projection the head's rows (then refit). Head 2's V is scaled by 0.02,
+    so the energy recipe drops one head and reconstruction picks head 2 (channel_multiple 4: columns,
+    one head of 4)."""
+    from onnx import numpy_helper
+    from graphs import run
+    z = PATTERNS["attention_heads_op17"]()
+    res = shrink(z.model, ["pfa"], calibration=z.calibration(256, seed=0), quiet=True, force=True,
+                 options={"pfa": {"energy": 0.97, "channel_multiple": 4}}, tolerances=Tolerances(min_cosine=None))
+    rep = res.report["passes"][0]
+    heads = next(r for r in rep["recipe"] if r["channels"] == 4 and "+" in r["group"])
+    assert heads["kept"] == 3, rep["recipe"]
+    inits = {t.name: numpy_helper.to_array(t) for t in res.model.graph.initializer}
+    orig = {t.name: numpy_helper.to_array(t) for t in z.model.graph.initializer}
+    v_name = [n for n in z.model.graph.node if n.op_type == "MatMul"][2].input[1]
+    v_new = next(inits[n.input[1]] for n in res.model.graph.node if n.op_type == "MatMul" and n.input[1].startswith(
+        v_name))
+    kept_cols = [c for c in range(16) if c // 4 != 2]
+    np.testing.assert_array_equal(v_new, orig[v_name][:, kept_cols])          # V sliced, head 2 gone
+    shapes = [list(inits[n.input[1]]) for n in res.model.graph.node if n.op_type == "Reshape"]
+    assert sorted(shapes) == sorted([[-1, 8, 3, 4]] * 3 + [[-1, 8, 12]]), shapes
+    x = z.calibration(64, seed=5)
+    want, got = run(z.model, x)[0], run(res.model, x)[0]
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.05
