@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 import onnx
 
 from . import budget as budget_mod
-from .calibrate import DataSource, collect, load_data, random_data, session, split_holdout
-from .cost import model_cost
-from .errors import InputError, OnnxShrinkError, PassError, UsageError, ValidationFailed, first_line
-from .graph import normalize
+from .calibrate import DataSource, ShapeObserver, collect, load_data, random_data, session, split_holdout
+from .cost import model_cost, unknown_flops
+from .errors import (CalibrationError, InputError, OnnxShrinkError, PassError, TargetError, UsageError,
+                     ValidationFailed, first_line)
+from .graph import normalize, observing
 from .model_io import SpillStore, active_store, has_lazy, load_model, save_model, spilling
 from .registry import get_pass, make_config
 from .report import make_report
@@ -39,12 +40,13 @@ class PassContext:
     reference: onnx.ModelProto          # the model as it entered this pass
     original: onnx.ModelProto           # the model as loaded (after normalisation)
     goals: dict = field(default_factory=dict)   # {metric: budget.Goal}
-    sample_shapes: dict | None = None
+    sample_shapes: dict | None = None    # input shapes of the first feed (per sample)
     batch_size: int = 64
     seed: int = 0
     quiet: bool = True
     calibration_seconds: float = 0.0
     calibration_runs: int = 0
+    signatures: list | None = None       # every input shape the data has, with sample counts
 
     def require_data(self, pass_name):
         if self.data is None:
@@ -71,7 +73,7 @@ class PassContext:
         return out
 
     def cost(self, model):
-        return model_cost(model, self.sample_shapes)
+        return model_cost(model, self.signatures or self.sample_shapes)
 
 
 @dataclass
@@ -133,19 +135,44 @@ def _check_runs(model):
 
 
 def _data(calibration, validation, model, image_options, random_calibration, needs_data, seed):
+    """(fit, held-out) sources. The held-out part is the validation data, or the last 20 % of the
+    calibration feeds (of its samples for one stacked array); a single calibration feed or sample
+    with no validation data is refused: there is nothing to validate on."""
     fit = val = None
-    if calibration is not None:
-        fit = load_data(calibration, model, image_options, "calibration data")
-    elif random_calibration:
-        warnings.warn("using random calibration inputs: statistics will not reflect real data")
-        fit = random_data(model, int(random_calibration), seed)
-    elif needs_data:
-        raise UsageError(f"pass '{needs_data}' needs calibration data: give --calibration-data PATH")
-    if validation is not None:
-        val = load_data(validation, model, image_options, "validation data")
-    elif fit is not None and fit.n >= 2:
-        fit, val = split_holdout(fit, 0.2)
+    try:
+        if calibration is not None:
+            fit = load_data(calibration, model, image_options, "calibration data")
+        elif random_calibration:
+            warnings.warn("using random calibration inputs: statistics will not reflect real data")
+            fit = random_data(model, int(random_calibration), seed)
+        elif needs_data:
+            raise UsageError(f"pass '{needs_data}' needs calibration data: give --calibration-data PATH")
+        if validation is not None:
+            val = load_data(validation, model, image_options, "validation data")
+        elif fit is not None:
+            if fit.units() < 2:
+                raise CalibrationError(
+                    f"{fit.origin}: a single {fit.unit} ({fit.n} sample(s)) and no validation data: nothing "
+                    "is left to validate the rewritten model on; give more calibration data or --validation-data")
+            fit, val = split_holdout(fit, 0.2)
+    except BaseException:
+        for src in (fit, val):
+            if src is not None:
+                src.close()
+        raise
     return fit, val
+
+
+def _flops_countable(model, shapes, targets):
+    """A FLOPs target needs FLOPs that can be counted: refuse it, saying why, when they cannot."""
+    if "flops" not in targets:
+        return
+    nodes = unknown_flops(model, shapes)
+    if nodes:
+        where = "at the calibration data's shapes" if shapes else \
+            "with the model's dynamic dims unknown (give --calibration-data to count them at its shapes)"
+        raise TargetError(f"--target-flops cannot be checked: the FLOPs of {len(nodes)} node(s) (e.g. "
+                          f"'{nodes[0]}') cannot be counted {where}: their shapes are unknown")
 
 
 def _owning_spill(fn):
@@ -195,14 +222,28 @@ def shrink(model_or_path, passes, calibration=None, target_flops=None, target_pa
     original = model
     needs = next((p.name for p, _ in chosen if p.needs_data), None)
     fit, val = _data(calibration, validation, model, image_options, random_calibration, needs, seed)
-    sample_shapes = (fit or val).sample_shapes() if (fit or val) is not None else None
-    before = model_cost(model, sample_shapes)
+    try:
+        reps = [r for src in (fit, val) if src is not None for r in src.representatives()]
+        with observing(ShapeObserver(reps)):
+            return _run(model, original, chosen, targets, fit, val, tolerances, force, quiet, batch_size, seed, t0)
+    finally:
+        for src in (fit, val):
+            if src is not None:
+                src.close()
+
+
+def _run(model, original, chosen, targets, fit, val, tolerances, force, quiet, batch_size, seed, t0):
+    source = fit if fit is not None else val
+    sample_shapes = source.sample_shapes() if source is not None else None
+    signatures = source.signatures() if source is not None else None
+    _flops_countable(model, signatures, targets)
+    before = model_cost(model, signatures)
     reports, timing, done = [], {}, []
     for i, (p, cfg) in enumerate(chosen):
-        current = model_cost(model, sample_shapes) if targets else before
+        current = model_cost(model, signatures) if targets else before
         remaining = {m: sum(1 for q, _ in chosen[i:] if m in q.budgets) for m in targets if m in p.budgets}
         goals = budget_mod.pass_goals(targets, before, current, remaining)
-        ctx = PassContext(fit, model, original, goals, sample_shapes, batch_size, seed, quiet)
+        ctx = PassContext(fit, model, original, goals, sample_shapes, batch_size, seed, quiet, signatures=signatures)
         t = time.perf_counter()
         try:
             model, rep = p.apply(model, cfg, ctx)
@@ -217,7 +258,7 @@ def shrink(model_or_path, passes, calibration=None, target_flops=None, target_pa
         rep.details.setdefault("calibration_seconds", round(ctx.calibration_seconds, 3))
         reports.append(rep)
         done.append(p.name)
-    after = model_cost(model, sample_shapes)
+    after = model_cost(model, signatures)
     reached = budget_mod.reached(targets, before, after)
     if val is None:
         val = random_data(original, 16, seed, sample_shapes)
@@ -226,6 +267,8 @@ def shrink(model_or_path, passes, calibration=None, target_flops=None, target_pa
     validation_result["data"] = val.origin
     timing["total_seconds"] = round(time.perf_counter() - t0, 3)
     report = make_report(before, after, reports, validation_result, reached, timing)
+    report["cost_shapes"] = [{"inputs": {k: list(v) for k, v in sig["inputs"].items()}, "batch": sig["batch"],
+                              "samples": sig["samples"]} for sig in signatures] if signatures else None
     result = Result(model, report, active_store())
     if not force:
         err = budget_mod.missed(reached)

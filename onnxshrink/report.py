@@ -16,7 +16,7 @@ def make_report(before, after, passes, validation, targets=None, timing=None, mo
         "model": model,
         "before": dict(before),
         "after": dict(after),
-        "ratios": {k: (after[k] / before[k] if before[k] else None) for k in before},
+        "ratios": {k: (after[k] / before[k] if before[k] and after.get(k) is not None else None) for k in before},
         "passes": [p.as_dict() if hasattr(p, "as_dict") else p for p in passes],
         "targets": targets or {},
         "validation": validation,
@@ -52,6 +52,9 @@ def console_table(report) -> str:
     b, a = report["before"], report["after"]
     lines = [f"{'':8}{'before':>12}{'after':>12}{'ratio':>9}"]
     for k in ("params", "flops", "bytes"):
+        if b[k] is None or a[k] is None:   # FLOPs not countable at unknown shapes
+            lines.append(f"{k:8}{'?' if b[k] is None else _human(b[k]):>12}{'?' if a[k] is None else _human(a[k]):>12}")
+            continue
         ratio = a[k] / b[k] if b[k] else float("nan")
         lines.append(f"{k:8}{_human(b[k]):>12}{_human(a[k]):>12}{ratio:>9.3f}")
     for p in report["passes"]:
