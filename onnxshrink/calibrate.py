@@ -206,8 +206,7 @@ class DataSource:
 
     # -- reading
     def take(self, idx) -> dict:
-        return {k: np.ascontiguousarray(v[idx] if self._batch_major(k) else v, dtype=self.cast.get(k))
-                for k, v in self.arrays.items()}
+        return {k: _contiguous(v[idx] if self._batch_major(k) else v, self.cast.get(k)) for k, v in self.arrays.items()}
 
     def batches(self, batch_size: int = 64):
         if not self.splittable:
@@ -319,7 +318,7 @@ class FeedSource(DataSource):
         feed = self.load(self.items[i])
         if not isinstance(feed, dict):
             raise CalibrationError(f"{self.origin}: expected dicts of input name -> array, got {type(feed).__name__}")
-        return {k: np.ascontiguousarray(np.asarray(v), dtype=self.cast.get(k)) for k, v in feed.items()}
+        return {k: _contiguous(v, self.cast.get(k)) for k, v in feed.items()}
 
     def _describe(self, feed):
         """(samples, key, shapes): key is None when the feed cannot be merged or split (a
@@ -452,6 +451,11 @@ class FeedSource(DataSource):
                                    f"batch of {batch}")
         survey.check(self.origin, src.n)
         return src
+
+
+def _contiguous(v, dtype=None):
+    """A C-contiguous array of ``dtype`` (0-d arrays stay 0-d, unlike np.ascontiguousarray)."""
+    return np.require(np.asarray(v, dtype=dtype), requirements="C")
 
 
 def _stack(feeds, roles):
