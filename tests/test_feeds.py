@@ -353,3 +353,35 @@ def test_nan_model_fails_validation(rng):
     data = load_data(seq_feeds(rng, 4), m)
     v = validate(m, bad, data, Tolerances(min_cosine=None))
     assert not v["passed"] and "NaN" in " ".join(v["problems"]) and v["feeds"] == 4
+
+
+def test_image_folder_of_different_sizes_through_the_cli(rng, tmp_path):
+    from PIL import Image
+    import json
+    onnx.save(dynamic_cnn(), tmp_path / "m.onnx")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, (h, w) in enumerate([(40, 60), (60, 40), (33, 50), (64, 64), (20, 90)] * 2):
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    rc = main([str(tmp_path / "m.onnx"), str(tmp_path / "o.onnx"), "--passes", "pfa", "--calibration-data",
+               str(folder), "--max-side", "48", "--size-multiple", "16", "--mean", "0.5", "--std", "0.25",
+               "--report", str(tmp_path / "r.json"), "--quiet", "--force"])
+    rep = json.loads((tmp_path / "r.json").read_text())
+    assert rc == 0 and rep["validation"]["feeds"] == 2
+    sizes = {tuple(s["inputs"]["input"][2:]) for s in rep["cost_shapes"]}
+    assert sizes == {(32, 48), (48, 32), (32, 48), (48, 48), (16, 48)}
+
+
+def test_flops_target_on_a_model_static_inference_cannot_count(rng, tmp_path):
+    """Before: --target-flops on a model whose shapes static inference misses counted 0 FLOPs and
+    reported "reached": 0.0, "met": true. Now the FLOPs are counted at the data's shapes."""
+    import json
+    onnx.save(reshape_model(), tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=rng.standard_normal((40, 6, 16)).astype(np.float32))
+    rc = main([str(tmp_path / "m.onnx"), str(tmp_path / "o.onnx"), "--passes", "lowrank", "--calibration-data",
+               str(tmp_path / "d.npz"), "--target-flops", "0.8", "--set", "lowrank.rank_multiple=1",
+               "--report", str(tmp_path / "r.json"), "--quiet", "--force"])
+    rep = json.loads((tmp_path / "r.json").read_text())
+    t = rep["targets"]["flops"]
+    assert rc == 0 and rep["before"]["flops"] == 2 * 6 * 16 * 32 * 2 + 6 * 32 + 3   # + the Mul on the shape vector
+    assert 0 < t["reached"] <= 0.8 * 1.05 and t["met"] and rep["passes"][0]["changed"]
