@@ -390,6 +390,7 @@ class FeedSource(DataSource):
         new = FeedSource(self.items[start:stop], self.origin, self.load, self.cast, self.roles,
                          self._meta[start:stop] if self._meta is not None else None)
         new.parent = self   # keeps the owner of temporary files alive
+        new.close = self.close   # closing a part removes the temporary feeds of the whole
         return new
 
     def sample_shapes(self):
@@ -693,6 +694,8 @@ def random_data(model: onnx.ModelProto, n: int, seed: int = 0, sample_shapes=Non
     for name, shape, dtype in model_inputs(model):
         given = (sample_shapes or {}).get(name)
         if roles[name] == "batch":
+            if given is not None and len(given) == len(shape):   # a full shape: its batch dim is replaced
+                given = tuple(given)[1:]
             rest = [d if d is not None else (given[i - 1] if given is not None and len(given) == len(shape) - 1
                                              else 1) for i, d in enumerate(shape) if i > 0]
             dims = [n] + rest

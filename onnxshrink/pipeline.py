@@ -40,7 +40,7 @@ class PassContext:
     reference: onnx.ModelProto          # the model as it entered this pass
     original: onnx.ModelProto           # the model as loaded (after normalisation)
     goals: dict = field(default_factory=dict)   # {metric: budget.Goal}
-    sample_shapes: dict | None = None    # input shapes of the first feed (per sample)
+    sample_shapes: dict | None = None    # full input shapes of the first signature (batch 1 where splittable)
     batch_size: int = 64
     seed: int = 0
     quiet: bool = True
@@ -234,8 +234,10 @@ def shrink(model_or_path, passes, calibration=None, target_flops=None, target_pa
 
 def _run(model, original, chosen, targets, fit, val, tolerances, force, quiet, batch_size, seed, t0):
     source = fit if fit is not None else val
-    sample_shapes = source.sample_shapes() if source is not None else None
     signatures = source.signatures() if source is not None else None
+    # the first signature's full input shapes: a feed ran at exactly these, so shapes static
+    # inference misses at them are observed (concrete_input_shapes takes full-rank shapes as they are)
+    sample_shapes = dict(signatures[0]["inputs"]) if signatures else None
     _flops_countable(model, signatures, targets)
     before = model_cost(model, signatures)
     reports, timing, done = [], {}, []

@@ -130,6 +130,11 @@ def test_generator_is_materialised_and_removed(rng, tmp_path, monkeypatch):
     res = shrink(seq_model(), "lowrank", calibration=(f for f in feeds), force=True)
     assert res.report["validation"]["feeds"] == 2 and res.report["validation"]["samples"] == 6
     assert glob.glob(str(tmp_path / "onnxshrink-feeds-*")) == []   # removed afterwards
+    from onnxshrink.calibrate import split_holdout
+    fit, val = split_holdout(load_data((f for f in feeds), seq_model()), 0.2)
+    assert len(glob.glob(str(tmp_path / "onnxshrink-feeds-*"))) == 1
+    fit.close()   # what shrink does when it ends: the parts remove the whole folder
+    assert glob.glob(str(tmp_path / "onnxshrink-feeds-*")) == [] and val.n == 6
     src = load_data((f for f in feeds), seq_model())
     folder = src.parent.owner
     assert len(os.listdir(folder)) == 10 and src.n == 30
