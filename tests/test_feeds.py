@@ -5,7 +5,6 @@ running where static inference fails; honest FLOPs; degenerate data refused."""
 import glob
 import os
 import tempfile
-import warnings
 
 import numpy as np
 import onnx
@@ -16,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxshrink import shrink
 from onnxshrink.calibrate import FeedSource, load_data
 from onnxshrink.cli import main
-from onnxshrink.errors import CalibrationError, TargetError, ValidationFailed
+from onnxshrink.errors import CalibrationError, TargetError
 
 
 def dynamic_cnn(seed=0):
@@ -282,6 +281,8 @@ def test_nhwc_model_suggests_layout_and_mean_message_names_channels(rng, tmp_pat
     b.output("y")
     with pytest.raises(CalibrationError, match="--layout NHWC"):
         load_data(str(folder), b.model())
+    with pytest.raises(CalibrationError, match="looks NCHW and the model takes NHWC"):
+        load_data(rng.standard_normal((4, 3, 16, 16)).astype(np.float32), b.model())
     b = GraphBuilder()
     b.conv(b.input("input", ["N", 1, 8, 8]), 1, 2, out="y")
     b.output("y")
@@ -390,3 +391,30 @@ def test_flops_target_on_a_model_static_inference_cannot_count(rng, tmp_path):
     t = rep["targets"]["flops"]
     assert rc == 0 and rep["before"]["flops"] == 2 * 6 * 16 * 32 * 2 + 6 * 32 + 3   # + the Mul on the shape vector
     assert 0 < t["reached"] <= 0.8 * 1.05 and t["met"] and rep["passes"][0]["changed"]
+
+
+def test_statistics_accumulate_over_feeds_of_different_shapes(rng):
+    """Gram matrices of rows (sequences) and of conv patches (images) over feeds of different
+    shapes equal those computed feed by feed directly."""
+    from onnxshrink.calibrate import collect, with_outputs
+    from onnxshrink.stats import LayerStats, ResponseStats
+    m = seq_model()
+    feeds = seq_feeds(rng, 6)
+    src = load_data(feeds, m)
+    mm = m.graph.node[0]   # the first MatMul: x -> hidden
+    got = collect(src, [ResponseStats(mm.output[0], "rows"), LayerStats("l", "x", mm.output[0])], m)
+    outs = [run(with_outputs(m, [mm.output[0]]), f)[1] for f in feeds]
+    rows = np.concatenate([o.reshape(-1, o.shape[-1]) for o in outs]).astype(np.float64)
+    xs = np.concatenate([f["x"].reshape(-1, 16) for f in feeds]).astype(np.float64)
+    r = got[f"resp:{mm.output[0]}:rows"]
+    assert r.n == len(rows) and np.allclose(r.outer, rows.T @ rows, rtol=1e-5)
+    assert got["l"].n == len(xs) and np.allclose(got["l"].xy, xs.T @ rows, rtol=1e-4, atol=1e-3)
+    cnn = dynamic_cnn()
+    conv = cnn.graph.node[0]
+    imgs = image_feeds(rng, SIZES)
+    req = LayerStats("c", "input", conv.output[0], kind="conv", positions=0,
+                     conv_attrs={"kernel_shape": [3, 3], "strides": [1, 1], "pads": [1, 1, 1, 1], "dilations": [1, 1]})
+    acc = collect(load_data(imgs, cnn), [req], cnn)["c"]
+    assert acc.n == sum(h * w for h, w in SIZES)   # every output position of every image
+    ys = np.concatenate([run(with_outputs(cnn, [conv.output[0]]), f)[1][0].reshape(8, -1).T for f in imgs])
+    assert np.allclose(acc.yy, (ys.astype(np.float64) ** 2).sum(0), rtol=1e-4)
