@@ -230,15 +230,18 @@ class DataSource:
         return self.n if self.splittable else 1
 
     def validation_batches(self, batch_size: int = 256):
-        """(feed, feed index or None, index of its first sample) for a feed-by-feed comparison."""
-        start = 0
+        """(feed, feed index or None, index of its first sample) for a feed-by-feed comparison;
+        indices count from the whole data a held-out part was split from."""
+        start = getattr(self, "first_sample", 0)
         for feed in self.batches(batch_size):
             yield feed, None, start
             start += self.batch_count(feed)
 
     def subset(self, start: int, stop: int) -> "DataSource":
         arrays = {k: v[start:stop] if self._batch_major(k) else v for k, v in self.arrays.items()}
-        return DataSource(arrays, self.origin, self.cast, self.roles)
+        new = DataSource(arrays, self.origin, self.cast, self.roles)
+        new.first_sample = getattr(self, "first_sample", 0) + start
+        return new
 
     # -- shapes
     def sample_shapes(self):
@@ -380,10 +383,10 @@ class FeedSource(DataSource):
         return total + (1 if count else 0)
 
     def validation_batches(self, batch_size: int = 256):
-        start = 0
+        start = getattr(self, "first_sample", 0)
         for i in range(len(self.items)):
             feed = self._get(i)
-            yield feed, i, start
+            yield feed, i + getattr(self, "first_feed", 0), start
             start += self.meta[i][0]
 
     def subset(self, start, stop):
@@ -391,6 +394,8 @@ class FeedSource(DataSource):
                          self._meta[start:stop] if self._meta is not None else None)
         new.parent = self   # keeps the owner of temporary files alive
         new.close = self.close   # closing a part removes the temporary feeds of the whole
+        new.first_feed = getattr(self, "first_feed", 0) + start   # indices in reports count from the whole
+        new.first_sample = getattr(self, "first_sample", 0) + sum(m[0] for m in self.meta[:start])
         return new
 
     def sample_shapes(self):
