@@ -51,7 +51,7 @@ def pass_goals(targets: dict, original: dict, current: dict, remaining_capable: 
         if not k:
             continue
         final = fraction * original[metric]
-        c = max(current[metric], 1e-9)
+        c = max(current[metric] if current[metric] is not None else original[metric], 1e-9)
         target = final if k == 1 else c * (min(final / c, 1.0)) ** (1.0 / k)
         goals[metric] = Goal(metric, target, final, fraction)
     return goals
@@ -61,6 +61,10 @@ def reached(targets: dict, original: dict, after: dict) -> dict:
     """{metric: {target, reached, met}} for the report."""
     out = {}
     for metric, fraction in targets.items():
+        if after.get(metric) is None or original.get(metric) is None:   # not countable: never "met"
+            out[metric] = {"target": fraction, "reached": None, "met": False,
+                           "why": f"the {metric} of the model cannot be counted (shapes unknown)"}
+            continue
         value = after[metric] / max(original[metric], 1)
         out[metric] = {"target": fraction, "reached": round(value, 4), "met": value <= fraction * (1 + TOLERANCE)}
     return out
@@ -68,7 +72,7 @@ def reached(targets: dict, original: dict, after: dict) -> dict:
 
 def missed(reached_targets: dict) -> TargetError | None:
     """The error to raise when a target was missed, else None."""
-    misses = [f"{m} {r['reached']:.3f} of the original (target {r['target']:.3f})"
+    misses = [r["why"] if r["reached"] is None else f"{m} {r['reached']:.3f} of the original (target {r['target']:.3f})"
               for m, r in reached_targets.items() if not r["met"]]
     if not misses:
         return None

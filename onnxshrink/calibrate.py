@@ -1,11 +1,22 @@
 """Calibration data and the ONNX Runtime run that gathers statistics.
 
-Data sources (all end up as a ``DataSource`` that yields feed-dict batches):
+Data is a sequence of *feeds*: dicts of input name -> array, each with its own shapes (photos of
+different sizes, sequences of different lengths). Sources:
 - a dict of arrays keyed by input name, an ``.npz`` file (keyed by input name; a single-input model
-  may use one unnamed array), a ``.npy`` file (single-input models);
-- a folder of images (``--image-size H,W --mean --std --layout``), decoded lazily per batch;
-- an iterable of feed dicts, or an onnxruntime ``CalibrationDataReader`` (materialised once,
-  since passes that reconstruct layer by layer read the data several times).
+  may use one unnamed array), a ``.npy`` file (single-input models): one stacked feed, split and
+  held out by sample;
+- a folder of ``.npz`` files, one feed each (sorted by name);
+- a folder of images, decoded lazily, one feed per image: at ``--image-size H,W``, or, when the
+  model's spatial dims are dynamic, at each image's own size (aspect kept, longest side at most
+  ``max_side``, sides rounded to ``size_multiple``);
+- any iterable of feed dicts, or an onnxruntime ``CalibrationDataReader``: a list is kept as it
+  is; a generator or reader is read once into a temporary folder of ``.npz`` feeds (passes read
+  the data several times), removed by ``close()``.
+
+An input's axis 0 is the batch axis when the model's dim 0 is dynamic (or every input fixes the
+same batch); other inputs (scalars, a recurrent state ``[2, B, 128]``) pass through as given:
+never split, stacked or merged. Batches are consecutive feeds of equal shapes merged up to
+``batch_size`` samples; statistics accumulate batch by batch.
 
 ``collect`` runs a model once over the data with the requested tensors exposed as extra outputs
 and updates each request's accumulator batch by batch; with a second model (``model_y``) the same
@@ -18,6 +29,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
+import weakref
 import zlib
 
 import numpy as np
@@ -28,6 +41,7 @@ from .errors import CalibrationError, InputError
 from .model_io import EXTERNAL_THRESHOLD, has_lazy, is_lazy, save_model, session_folder, weight_bytes
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+HUGE = 1e18   # |x| above this overflows float32 products and float64 sums of squares downstream
 
 
 # ----------------------------------------------------------------------------- model inputs
@@ -45,89 +59,465 @@ def model_inputs(model: onnx.ModelProto):
 
 
 def fixed_batch(model: onnx.ModelProto) -> int | None:
-    """The batch size the model's inputs fix (a model exported with batch 1), or None when dim 0
-    is dynamic."""
-    fixed = {shape[0] for _, shape, _ in model_inputs(model) if shape and shape[0] is not None}
-    return fixed.pop() if len(fixed) == 1 else None
+    """The batch size the model's inputs fix (a model exported with batch 1): every input of rank
+    ≥ 1 fixes the same dim 0. None when any dim 0 is dynamic."""
+    dims = [shape[0] for _, shape, _ in model_inputs(model) if shape]
+    if not dims or any(d is None for d in dims) or len(set(dims)) != 1:
+        return None
+    return dims[0]
+
+
+def input_roles(model: onnx.ModelProto) -> dict:
+    """{input name: "batch" | "pass"}: axis 0 is the batch axis when the model's dim 0 is dynamic
+    or every input fixes the same batch; scalars and inputs with another static dim 0 (a state
+    ``[2, B, 128]``) pass through as given."""
+    fixed = fixed_batch(model)
+    roles = {}
+    for name, shape, _ in model_inputs(model):
+        roles[name] = "batch" if shape and (shape[0] is None or fixed is not None) else "pass"
+    return roles
 
 
 def _batches(data: "DataSource", batch_size: int, model: onnx.ModelProto):
-    """(batches, count): feed dicts of ``batch_size`` samples, or of exactly the model's fixed
-    batch size (a last, shorter batch is left out)."""
+    """(batches, count): feed dicts of up to ``batch_size`` samples, or of exactly the model's
+    fixed batch size (a last, shorter batch is left out)."""
     fixed = fixed_batch(model)
     if fixed is None:
-        return data.batches(batch_size), -(-data.n // batch_size)
-    return (f for f in data.batches(fixed) if len(next(iter(f.values()))) == fixed), data.n // fixed
+        return data.batches(batch_size), data.count_batches(batch_size)
+    return ((f for f in data.batches(fixed) if data.batch_count(f) == fixed), data.n // fixed)
 
 
+def _fmt_shape(shape):
+    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
+
+
+def _layout_hint(shape, model_shape):
+    """A hint when NCHW-shaped data meets an NHWC model (or the reverse)."""
+    if len(shape) == 4 and len(model_shape) == 4:
+        nhwc = (shape[0], shape[2], shape[3], shape[1])
+        nchw = (shape[0], shape[3], shape[1], shape[2])
+        fits = lambda s: all(w is None or g == w for g, w in zip(s[1:], model_shape[1:]))  # noqa: E731
+        if fits(nhwc):
+            return " (the data looks NCHW and the model takes NHWC: give --layout NHWC for an image folder, " \
+                   "or transpose the arrays)"
+        if fits(nchw):
+            return " (the data looks NHWC and the model takes NCHW: give --layout NCHW, or transpose the arrays)"
+    return ""
+
+
+# ----------------------------------------------------------------------------- checks
+class _Survey:
+    """Per-input facts gathered while the data is checked, feed by feed: value range, whether
+    every sample equals the first, distinct samples (hashes), for the degenerate-data checks."""
+
+    def __init__(self):
+        self.lo, self.hi, self.big = {}, {}, {}
+        self.first, self.same, self.hashes = {}, {}, {}
+
+    def add(self, name, a, batch_major):
+        if np.dtype(a.dtype).kind != "f" or a.size == 0:
+            return
+        a64 = np.asarray(a)
+        self.lo[name] = min(self.lo.get(name, np.inf), float(a64.min()))
+        self.hi[name] = max(self.hi.get(name, -np.inf), float(a64.max()))
+        self.big[name] = max(self.big.get(name, 0.0), float(np.abs(a64).max()))
+        if not batch_major:
+            return
+        hashes = self.hashes.setdefault(name, set())
+        for s in a64:
+            s = np.ascontiguousarray(s)
+            if name not in self.first:
+                self.first[name], self.same[name] = s.copy(), True
+            elif self.same[name] and (s.shape != self.first[name].shape or not np.array_equal(s, self.first[name])):
+                self.same[name] = False
+            if len(hashes) < 4096:
+                hashes.add((s.shape, zlib.crc32(s.tobytes())))
+
+    def check(self, origin, n):
+        for name in self.lo:
+            if self.big[name] > HUGE:
+                raise CalibrationError(
+                    f"{origin}: input '{name}' has values up to {self.big[name]:.3g}: statistics of such "
+                    "values overflow (not finite); rescale the data to the range the model was trained on")
+            if self.lo[name] == self.hi[name]:
+                raise CalibrationError(
+                    f"{origin}: input '{name}' has zero variance: every value is {self.lo[name]:g} "
+                    "(blank images or a stuck sensor?); statistics of constant data mean nothing")
+            if self.same.get(name) and n > 1:
+                raise CalibrationError(
+                    f"{origin}: input '{name}' has zero variance across samples: all {n} samples are identical")
+        for name, hashes in self.hashes.items():
+            k = len(hashes)
+            if n > 1 and k < 4096 and (k < 4 or k < n / 2):
+                warnings.warn(f"{origin}: input '{name}' has only {k} distinct sample(s) among {n}: "
+                              "statistics from so few samples may not represent real data")
+
+
+def _check_feed(origin, feed, inputs, roles, where=""):
+    """Names, ranks, fixed dims and dtypes of one feed against the model; returns its arrays."""
+    names = [i[0] for i in inputs]
+    missing = [n for n in names if n not in feed]
+    extra = [k for k in feed if k not in names]
+    if missing or extra:
+        raise CalibrationError(
+            f"{origin}{where}: input names {sorted(feed)} do not match the model's inputs {names}"
+            + (f" (missing {missing})" if missing else "") + (f" (unknown {extra})" if extra else ""))
+    for name, shape, dtype in inputs:
+        a = feed[name]
+        if a.ndim != len(shape):
+            raise CalibrationError(f"{origin}{where}: input '{name}' has rank {a.ndim} (shape {tuple(a.shape)}) "
+                                   f"but the model expects rank {len(shape)} {_fmt_shape(shape)}")
+        first = 1 if roles.get(name) == "batch" else 0
+        for i, (got, want) in enumerate(zip(a.shape, shape)):
+            if i >= first and want is not None and got != want:
+                raise CalibrationError(f"{origin}{where}: input '{name}' has shape {tuple(a.shape)} but the "
+                                       f"model expects {_fmt_shape(shape)}" + _layout_hint(a.shape, shape))
+        a_kind, m_kind = np.dtype(a.dtype).kind, np.dtype(dtype).kind
+        if (m_kind == "f") != (a_kind == "f") or a_kind not in "fiub":
+            raise CalibrationError(f"{origin}{where}: input '{name}' has dtype {a.dtype} but the model "
+                                   f"expects {np.dtype(dtype).name}")
+        if a_kind == "f":
+            flat = a.reshape(-1) if a.ndim else a.reshape(1)
+            if not all(np.isfinite(flat[s:s + 1 << 20]).all() for s in range(0, flat.size, 1 << 20)):
+                raise CalibrationError(f"{origin}{where}: input '{name}' contains NaN or Inf values")
 # ----------------------------------------------------------------------------- data sources
 class DataSource:
-    """Arrays keyed by input name, all with the same number of samples (axis 0)."""
+    """One stacked feed: arrays keyed by input name, batch-major ones with the same number of
+    samples on axis 0; inputs whose role is "pass" (see ``input_roles``) are given whole to every
+    batch. Split, batched and held out by sample; when a pass-through input has rank ≥ 1 (a state
+    whose B must match), the whole feed runs at once."""
 
-    def __init__(self, arrays: dict, origin: str = "calibration data", cast: dict | None = None):
+    unit = "sample"
+
+    def __init__(self, arrays: dict, origin: str = "calibration data", cast: dict | None = None,
+                 roles: dict | None = None):
         self.arrays = arrays
         self.origin = origin
         self.cast = cast or {}   # input name -> dtype, applied per batch (memory-mapped arrays stay on disk)
-        ns = {k: len(v) for k, v in arrays.items()}
-        if len(set(ns.values())) > 1:
+        self.roles = dict(roles or {})
+        ns = {k: len(v) for k, v in arrays.items() if self._batch_major(k)}
+        if len(set(ns.values())) > 1 and roles is not None:
             raise CalibrationError(f"{origin}: inputs have different sample counts {ns}")
-        self.n = next(iter(ns.values())) if ns else 0
+        self.n = next(iter(ns.values())) if ns else (1 if arrays else 0)
+        self.splittable = not any(self.roles.get(k) == "pass" and np.ndim(v) > 0 for k, v in arrays.items())
 
+    def _batch_major(self, name):
+        return self.roles.get(name, "batch") == "batch" and np.ndim(self.arrays[name]) > 0
+
+    # -- reading
     def take(self, idx) -> dict:
-        return {k: np.ascontiguousarray(v[idx], dtype=self.cast.get(k)) for k, v in self.arrays.items()}
-
-    def subset(self, start: int, stop: int) -> "DataSource":
-        return DataSource({k: v[start:stop] for k, v in self.arrays.items()}, self.origin, self.cast)
+        return {k: _contiguous(v[idx] if self._batch_major(k) else v, self.cast.get(k)) for k, v in self.arrays.items()}
 
     def batches(self, batch_size: int = 64):
+        if not self.splittable:
+            yield self.take(slice(None))
+            return
         for s in range(0, self.n, batch_size):
             yield self.take(slice(s, min(s + batch_size, self.n)))
 
-    def sample_shapes(self):
-        return {k: tuple(v.shape[1:]) for k, v in self.arrays.items()}
+    def count_batches(self, batch_size: int) -> int:
+        return -(-self.n // batch_size) if self.splittable else 1
 
+    def batch_count(self, feed) -> int:
+        """Samples in one feed or batch of this source."""
+        for k, v in feed.items():
+            if self.roles.get(k, "batch") == "batch" and np.ndim(v) > 0:
+                return len(v)
+        return 1
+
+    def units(self) -> int:
+        """How many units (samples here, feeds for a FeedSource) a held-out split divides."""
+        return self.n if self.splittable else 1
+
+    def validation_batches(self, batch_size: int = 256):
+        """(feed, feed index or None, index of its first sample) for a feed-by-feed comparison;
+        indices count from the whole data a held-out part was split from."""
+        start = getattr(self, "first_sample", 0)
+        for feed in self.batches(batch_size):
+            yield feed, None, start
+            start += self.batch_count(feed)
+
+    def subset(self, start: int, stop: int) -> "DataSource":
+        arrays = {k: v[start:stop] if self._batch_major(k) else v for k, v in self.arrays.items()}
+        new = DataSource(arrays, self.origin, self.cast, self.roles)
+        new.first_sample = getattr(self, "first_sample", 0) + start
+        return new
+
+    # -- shapes
+    def sample_shapes(self):
+        """Per-sample shapes of batch-major inputs (axis 0 left out), full shapes of the others."""
+        return {k: tuple(np.shape(v)[1:]) if self._batch_major(k) else tuple(np.shape(v))
+                for k, v in self.arrays.items()}
+
+    def signatures(self) -> list:
+        """[{"inputs": {name: shape}, "batch": b, "samples": n}]: the distinct input shapes the data
+        runs at (batch-major inputs at batch 1 when they can be split), with their sample counts."""
+        if self.splittable:
+            shapes = {k: ((1,) + tuple(np.shape(v)[1:])) if self._batch_major(k) else tuple(np.shape(v))
+                      for k, v in self.arrays.items()}
+            return [{"inputs": shapes, "batch": 1, "samples": self.n}]
+        return [{"inputs": {k: tuple(np.shape(v)) for k, v in self.arrays.items()}, "batch": self.n,
+                 "samples": self.n}]
+
+    def representatives(self) -> list:
+        """One feed per signature (at the signature's shapes), for observing intermediate shapes."""
+        return [self.take(slice(0, 1)) if self.splittable else self.take(slice(None))]
+
+    # -- checks
     def check(self, model: onnx.ModelProto) -> "DataSource":
         """Validate names, ranks, fixed dims, dtypes and values against the model inputs; returns
-        a source with arrays cast to the model's dtype."""
+        a source whose batches are cast to the model's dtypes."""
         inputs = model_inputs(model)
-        names = [i[0] for i in inputs]
-        if self.n == 0:
+        roles = input_roles(model)
+        names = {i[0] for i in inputs}
+        if set(self.arrays) != names:
+            _check_feed(self.origin, self.arrays, inputs, roles)   # raises: names differ
+        src = DataSource(self.arrays, self.origin, {n: np.dtype(d) for n, _, d in inputs}, roles)
+        if src.n == 0 or any(np.ndim(v) > 0 and len(v) == 0 for v in self.arrays.values()):
             raise CalibrationError(f"{self.origin}: zero samples")
         batch = fixed_batch(model)
-        if batch is not None and self.n < batch:
-            raise CalibrationError(f"{self.origin}: {self.n} sample(s), but the model's inputs take a fixed "
+        if batch is not None and src.n < batch:
+            raise CalibrationError(f"{self.origin}: {src.n} sample(s), but the model's inputs take a fixed "
                                    f"batch of {batch}")
-        missing = [n for n in names if n not in self.arrays]
-        extra = [k for k in self.arrays if k not in names]
-        if missing or extra:
-            raise CalibrationError(
-                f"{self.origin}: input names {sorted(self.arrays)} do not match the model's inputs {names}"
-                + (f" (missing {missing})" if missing else "") + (f" (unknown {extra})" if extra else ""))
-        out = {}
-        for name, shape, dtype in inputs:
-            a = self.arrays[name]
-            if a.ndim != len(shape):
-                raise CalibrationError(f"{self.origin}: input '{name}' has rank {a.ndim} (shape {tuple(a.shape)}) "
-                                       f"but the model expects rank {len(shape)} {_fmt_shape(shape)}")
-            for i, (got, want) in enumerate(zip(a.shape, shape)):
-                if i > 0 and want is not None and got != want:
-                    raise CalibrationError(f"{self.origin}: input '{name}' has shape {tuple(a.shape)} "
-                                           f"but the model expects {_fmt_shape(shape)}")
-            a_kind, m_kind = np.dtype(a.dtype).kind, np.dtype(dtype).kind
-            if (m_kind == "f") != (a_kind == "f") or a_kind not in "fiub":
-                raise CalibrationError(f"{self.origin}: input '{name}' has dtype {a.dtype} but the model "
-                                       f"expects {np.dtype(dtype).name}")
-            if a_kind == "f" and not all(np.isfinite(a[s:s + 1024]).all() for s in range(0, len(a), 1024)):
-                raise CalibrationError(f"{self.origin}: input '{name}' contains NaN or Inf values")
-            out[name] = a
-        return DataSource(out, self.origin, {name: np.dtype(dtype) for name, _, dtype in inputs})
+        survey = _Survey()
+        step = 1024 if src.splittable else max(src.n, 1)
+        for s in range(0, src.n, step):
+            part = {k: np.asarray(v[s:s + step] if src._batch_major(k) else v) for k, v in self.arrays.items()}
+            _check_feed(self.origin, part, inputs, roles)
+            for k, v in part.items():
+                survey.add(k, v, src._batch_major(k))
+        survey.check(self.origin, src.n)
+        return src
+
+    def close(self) -> None:
+        """Remove temporary files this source owns (a materialised generator)."""
 
 
-class ImageFolderSource(DataSource):
-    """Images decoded lazily, resized, normalised: (x/255 - mean) / std, NCHW or NHWC."""
+class FeedSource(DataSource):
+    """A sequence of feeds, each a dict of arrays with its own shapes, read one at a time
+    (``load(item)``: an in-memory dict, an .npz path, an image path). Held out by feed; batches
+    merge consecutive feeds of equal shapes up to ``batch_size`` samples."""
 
-    def __init__(self, folder, input_name, image_size, mean=(0.0,), std=(1.0,), layout="NCHW",
-                 channels=None, dtype=np.float32):
+    unit = "feed"
+
+    def __init__(self, items, origin="calibration data", load=None, cast=None, roles=None, meta=None,
+                 owner=None):
+        self.items = list(items)
+        self.origin = origin
+        self.load = load or (lambda item: item)
+        self.cast = cast or {}
+        self.roles = dict(roles or {})
+        self.arrays = None
+        self._meta = meta          # per item: (samples, signature key, {name: shape})
+        self.owner = owner         # a temporary folder this source removes on close()
+        self._finalizer = weakref.finalize(self, shutil.rmtree, owner, True) if owner else None
+        self.splittable = True
+
+    def close(self):
+        if self._finalizer is not None:
+            self._finalizer()
+
+    def _get(self, i) -> dict:
+        feed = self.load(self.items[i])
+        if not isinstance(feed, dict):
+            raise CalibrationError(f"{self.origin}: expected dicts of input name -> array, got {type(feed).__name__}")
+        return {k: _contiguous(v, self.cast.get(k)) for k, v in feed.items()}
+
+    def _describe(self, feed):
+        """(samples, key, shapes): key is None when the feed cannot be merged or split (a
+        pass-through input of rank ≥ 1)."""
+        n, key, mergeable = 1, [], True
+        for k in sorted(feed):
+            v = feed[k]
+            if self.roles.get(k, "batch") == "batch" and v.ndim > 0:
+                n = len(v)
+                key.append((k, v.shape[1:], str(v.dtype)))
+            elif v.ndim == 0:
+                key.append((k, v.tobytes(), str(v.dtype)))
+            else:
+                mergeable = False
+        return n, (tuple(key) if mergeable else None), {k: tuple(v.shape) for k, v in feed.items()}
+
+    @property
+    def meta(self):
+        if self._meta is None:
+            self._meta = [self._describe(self._get(i)) for i in range(len(self.items))]
+        return self._meta
+
+    @property
+    def n(self):
+        return sum(m[0] for m in self.meta)
+
+    def units(self):
+        return len(self.items)
+
+    def batches(self, batch_size: int = 64):
+        buf, key, count = [], None, 0
+        for i in range(len(self.items)):
+            feed = self._get(i)
+            n, k, _ = self.meta[i]
+            if buf and (k is None or k != key or count + n > batch_size):
+                yield _stack(buf, self.roles)
+                buf, count = [], 0
+            if k is None:
+                yield feed
+                continue
+            if n > batch_size:
+                whole = DataSource(feed, self.origin, roles=self.roles)
+                yield from whole.batches(batch_size)
+                continue
+            buf.append(feed)
+            key, count = k, count + n
+        if buf:
+            yield _stack(buf, self.roles)
+
+    def count_batches(self, batch_size: int) -> int:
+        total, key, count = 0, None, 0
+        for n, k, _ in self.meta:
+            if count and (k is None or k != key or count + n > batch_size):
+                total, count = total + 1, 0
+            if k is None or n > batch_size:
+                total += 1 if k is None else -(-n // batch_size)
+                continue
+            key, count = k, count + n
+        return total + (1 if count else 0)
+
+    def validation_batches(self, batch_size: int = 256):
+        start = getattr(self, "first_sample", 0)
+        for i in range(len(self.items)):
+            feed = self._get(i)
+            yield feed, i + getattr(self, "first_feed", 0), start
+            start += self.meta[i][0]
+
+    def subset(self, start, stop):
+        new = FeedSource(self.items[start:stop], self.origin, self.load, self.cast, self.roles,
+                         self._meta[start:stop] if self._meta is not None else None)
+        new.parent = self   # keeps the owner of temporary files alive
+        new.close = self.close   # closing a part removes the temporary feeds of the whole
+        new.first_feed = getattr(self, "first_feed", 0) + start   # indices in reports count from the whole
+        new.first_sample = getattr(self, "first_sample", 0) + sum(m[0] for m in self.meta[:start])
+        return new
+
+    def sample_shapes(self):
+        n, _, shapes = self.meta[0]
+        return {k: s[1:] if self.roles.get(k, "batch") == "batch" and len(s) > 0 else s for k, s in shapes.items()}
+
+    def signatures(self):
+        sigs = {}
+        for n, key, shapes in self.meta:
+            if key is not None:
+                full = {k: ((1,) + s[1:]) if self.roles.get(k, "batch") == "batch" and len(s) > 0 else s
+                        for k, s in shapes.items()}
+                b = 1
+            else:
+                full, b = shapes, n
+            sk = (tuple(sorted(full.items())), b)
+            entry = sigs.setdefault(sk, {"inputs": full, "batch": b, "samples": 0})
+            entry["samples"] += n
+        return list(sigs.values())
+
+    def representatives(self):
+        seen, reps = set(), []
+        for i, (n, key, shapes) in enumerate(self.meta):
+            sk = (key, None if key is not None else tuple(sorted(shapes.items())))
+            if sk in seen:
+                continue
+            seen.add(sk)
+            feed = self._get(i)
+            if key is not None:
+                feed = {k: v[:1] if self.roles.get(k, "batch") == "batch" and v.ndim > 0 else v for k, v in feed.items()}
+            reps.append(feed)
+        return reps
+
+    def check(self, model):
+        inputs = model_inputs(model)
+        roles = input_roles(model)
+        src = FeedSource(self.items, self.origin, self.load, {n: np.dtype(d) for n, _, d in inputs}, roles,
+                         owner=None)
+        src.parent = self
+        if not self.items:
+            raise CalibrationError(f"{self.origin}: zero samples")
+        survey, meta = _Survey(), []
+        for i in range(len(self.items)):
+            raw = self.load(self.items[i])
+            if not isinstance(raw, dict):
+                raise CalibrationError(f"{self.origin}: expected dicts of input name -> array, got "
+                                       f"{type(raw).__name__}")
+            raw = {k: np.asarray(v) for k, v in raw.items()}
+            _check_feed(self.origin, raw, inputs, roles, f" (feed {i})")
+            for k, v in raw.items():
+                survey.add(k, v, roles.get(k) == "batch")
+            meta.append(src._describe({k: v.astype(src.cast[k], copy=False) for k, v in raw.items()}))
+        src._meta = meta
+        if src.n == 0:
+            raise CalibrationError(f"{self.origin}: zero samples")
+        batch = fixed_batch(model)
+        if batch is not None and src.n < batch:
+            raise CalibrationError(f"{self.origin}: {src.n} sample(s), but the model's inputs take a fixed "
+                                   f"batch of {batch}")
+        survey.check(self.origin, src.n)
+        return src
+
+
+def _contiguous(v, dtype=None):
+    """A C-contiguous array of ``dtype`` (0-d arrays stay 0-d, unlike np.ascontiguousarray)."""
+    return np.require(np.asarray(v, dtype=dtype), requirements="C")
+
+
+def _stack(feeds, roles):
+    if len(feeds) == 1:
+        return feeds[0]
+    return {k: np.concatenate([f[k] for f in feeds]) if roles.get(k, "batch") == "batch" and feeds[0][k].ndim > 0
+            else feeds[0][k] for k in feeds[0]}
+
+
+class _ImageLoader:
+    """One image file -> {input: (1, C, H, W) or (1, H, W, C)}: RGB or BGR channel order, pixel
+    values scaled to 0-1 (``scale=1``) or kept 0-255 (``scale=255``), then (x − mean) / std."""
+
+    def __init__(self, input_name, size, mean, std, layout, channels, dtype, channel_order="RGB", scale=1,
+                 max_side=960, multiple=32, dynamic=(False, False)):
+        self.input_name, self.size, self.layout, self.channels = input_name, size, layout, channels
+        self.mean, self.std, self.dtype = mean, std, dtype
+        self.bgr, self.divisor = channel_order == "BGR", 255.0 if scale == 1 else 1.0
+        self.max_side, self.multiple, self.dynamic = max_side, multiple, dynamic
+
+    def target_size(self, h, w):
+        """(H, W): the fixed size, or this image's own size (aspect kept) for dynamic dims."""
+        if self.size is not None and not any(self.dynamic):
+            return self.size
+        s = min(1.0, self.max_side / max(h, w))
+        m = self.multiple
+        own = [max(m, int(round(d * s / m)) * m) for d in (h, w)]
+        return tuple(own[i] if self.dynamic[i] else self.size[i] for i in range(2))
+
+    def __call__(self, path):
+        from PIL import Image
+        try:
+            with Image.open(path) as im:
+                im = im.convert("L" if self.channels == 1 else "RGB")
+                h, w = self.target_size(im.height, im.width)
+                a = np.asarray(im.resize((w, h)), dtype=np.float32) / self.divisor
+        except CalibrationError:
+            raise
+        except Exception as e:
+            raise CalibrationError(f"cannot read image '{path}': {e}") from None
+        if a.ndim == 2:
+            a = a[..., None]
+        if self.bgr:
+            a = a[..., ::-1]
+        a = (a - self.mean) / self.std
+        a = a.transpose(2, 0, 1) if self.layout == "NCHW" else a
+        return {self.input_name: a[None].astype(self.dtype)}
+
+
+class ImageFolderSource(FeedSource):
+    """Images decoded lazily, one feed each: resized (to ``image_size``, or each at its own size
+    when the model's spatial dims are dynamic), normalised, NCHW or NHWC."""
+
+    def __init__(self, folder, input_name, image_size=None, mean=(0.0,), std=(1.0,), layout="NCHW",
+                 channels=None, dtype=np.float32, channel_order="RGB", scale=1, max_side=960, size_multiple=32,
+                 dynamic=(False, False)):
         try:
             from PIL import Image  # noqa: F401
         except ImportError:
@@ -135,82 +525,89 @@ class ImageFolderSource(DataSource):
         files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTS))
         if not files:
             raise CalibrationError(f"image folder '{folder}' holds no images ({', '.join(IMAGE_EXTS)})")
-        self.files = [os.path.join(folder, f) for f in files]
-        self.input_name, self.size, self.layout = input_name, tuple(image_size), layout
-        self.mean = np.asarray(mean, np.float32)
-        self.std = np.asarray(std, np.float32)
-        self.channels = channels or max(len(self.mean), len(self.std), 1)
-        if len(self.size) != 2 or not all(isinstance(d, (int, np.integer)) and d > 0 for d in self.size):
+        mean = np.asarray(mean, np.float32)
+        std = np.asarray(std, np.float32)
+        channels = channels or max(len(mean), len(std), 1)
+        if image_size is not None and not any(dynamic) and (len(image_size) != 2 or not all(
+                isinstance(d, (int, np.integer)) and d > 0 for d in image_size)):
             raise CalibrationError(f"--image-size expects H,W (two positive integers), got {image_size}")
-        for flag, v in (("--mean", self.mean), ("--std", self.std)):
-            if v.ndim != 1 or len(v) not in (1, self.channels):
-                raise CalibrationError(f"{flag} has {v.size} values; the model's input has {self.channels} "
-                                       f"channel(s) (give 1 or {self.channels})")
-        if not (self.std > 0).all():
-            raise CalibrationError(f"--std must be > 0, got {tuple(self.std.tolist())}")
-        self.dtype = dtype
-        self.origin = f"image folder '{folder}'"
-        self.n = len(self.files)
-        self.arrays = None
+        for flag, v in (("--mean", mean), ("--std", std)):
+            if v.ndim != 1 or len(v) not in (1, channels):
+                want = "1 value" if channels == 1 else f"1 or {channels} values"
+                raise CalibrationError(f"{flag} has {v.size} values; the model's input '{input_name}' has "
+                                       f"{channels} channel{'s' if channels != 1 else ''}: give {want}")
+        if not (std > 0).all():
+            raise CalibrationError(f"--std must be > 0, got {tuple(std.tolist())}")
+        if channel_order not in ("RGB", "BGR"):
+            raise CalibrationError(f"--channel-order must be RGB or BGR, got '{channel_order}'")
+        if float(scale) not in (1.0, 255.0):
+            raise CalibrationError(f"--scale must be 1 (mean/std apply to 0-1 pixels) or 255 (to 0-255), got {scale}")
+        if int(max_side) < 1 or int(size_multiple) < 1:
+            raise CalibrationError(f"--max-side and --size-multiple must be positive, got {max_side}, {size_multiple}")
+        loader = _ImageLoader(input_name, tuple(image_size) if image_size is not None else None, mean, std, layout,
+                              channels, dtype, channel_order, float(scale), int(max_side), int(size_multiple),
+                              tuple(dynamic))
+        super().__init__([os.path.join(folder, f) for f in files], f"image folder '{folder}'", loader)
+        self.files = self.items
 
-    def _load(self, path):
-        from PIL import Image
+
+class _NpzLoader:
+    """One .npz file -> a feed; a single unnamed array (``arr_0``) goes to a single-input model."""
+
+    def __init__(self, single_input=None):
+        self.single = single_input
+
+    def __call__(self, path):
         try:
-            with Image.open(path) as im:
-                im = im.convert("L" if self.channels == 1 else "RGB").resize(self.size[::-1])
-                a = np.asarray(im, dtype=np.float32) / 255.0
+            with np.load(path, allow_pickle=False) as z:
+                feed = {k: z[k] for k in z.files}
         except Exception as e:
-            raise CalibrationError(f"cannot read image '{path}': {e}") from None
-        if a.ndim == 2:
-            a = a[..., None]
-        a = (a - self.mean) / self.std
-        return a.transpose(2, 0, 1) if self.layout == "NCHW" else a
-
-    def take(self, idx):
-        files = self.files[idx] if isinstance(idx, slice) else [self.files[i] for i in idx]
-        return {self.input_name: np.stack([self._load(f) for f in files]).astype(self.dtype)}
-
-    def subset(self, start, stop):
-        new = object.__new__(ImageFolderSource)
-        new.__dict__.update(self.__dict__)
-        new.files = self.files[start:stop]
-        new.n = len(new.files)
-        return new
-
-    def sample_shapes(self):
-        return {self.input_name: tuple(self.take(slice(0, 1))[self.input_name].shape[1:])}
-
-    def check(self, model):
-        DataSource(self.take(slice(0, fixed_batch(model) or 1)), self.origin).check(model)  # shape/dtype check
-        return self
-
-
-def _fmt_shape(shape):
-    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
+            raise CalibrationError(f"cannot read feed '{path}': {e}") from None
+        if self.single and len(feed) == 1 and next(iter(feed)).startswith("arr_") and self.single not in feed:
+            feed = {self.single: next(iter(feed.values()))}
+        return feed
 
 
 def from_feeds(feeds, origin="calibration data") -> DataSource:
-    """Materialise an iterable of feed dicts (or a CalibrationDataReader) into arrays."""
-    chunks = {}
+    """An iterable of feed dicts (or a CalibrationDataReader) as a source, without stacking: a list
+    or tuple is used as it is; anything that can be read only once (a generator, an iterator, a
+    reader) is read once into a temporary folder of .npz feeds that the source removes on
+    ``close()`` (or when it is garbage-collected). A single feed is one stacked array."""
     if hasattr(feeds, "get_next"):
         reader = feeds
         feeds = iter(lambda: reader.get_next(), None)
-    for feed in feeds:
-        if not isinstance(feed, dict):
-            raise CalibrationError(f"{origin}: expected dicts of input name -> array, got {type(feed).__name__}")
-        for k, v in feed.items():
-            chunks.setdefault(k, []).append(np.asarray(v))
-    if not chunks:
-        raise CalibrationError(f"{origin}: zero samples")
+    if isinstance(feeds, (list, tuple)):
+        items = list(feeds)
+        for f in items:
+            if not isinstance(f, dict):
+                raise CalibrationError(f"{origin}: expected dicts of input name -> array, got {type(f).__name__}")
+        if not items:
+            raise CalibrationError(f"{origin}: zero samples")
+        if len(items) == 1:
+            return DataSource({k: np.asarray(v) for k, v in items[0].items()}, origin)
+        return FeedSource(items, origin)
+    folder = tempfile.mkdtemp(prefix="onnxshrink-feeds-")
+    paths = []
     try:
-        return DataSource({k: np.concatenate(v, axis=0) for k, v in chunks.items()}, origin)
-    except ValueError as e:
-        raise CalibrationError(f"{origin}: feeds do not stack into one array per input ({e})") from None
+        for i, feed in enumerate(feeds):
+            if not isinstance(feed, dict):
+                raise CalibrationError(f"{origin}: expected dicts of input name -> array, got {type(feed).__name__}")
+            path = os.path.join(folder, f"{i:08d}.npz")
+            np.savez(path, **{k: np.asarray(v) for k, v in feed.items()})
+            paths.append(path)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    if not paths:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise CalibrationError(f"{origin}: zero samples")
+    return FeedSource(paths, origin, _NpzLoader(), owner=folder)
 
 
 def load_data(spec, model: onnx.ModelProto, image_options: dict | None = None,
               origin: str = "calibration data") -> DataSource:
-    """Any supported calibration spec -> a checked DataSource."""
+    """Any supported calibration spec -> a checked DataSource (a FeedSource for sequences of
+    feeds). The returned source may own temporary files: ``close()`` it when done."""
     inputs = model_inputs(model)
     if isinstance(spec, DataSource):
         src = spec
@@ -220,37 +617,67 @@ def load_data(spec, model: onnx.ModelProto, image_options: dict | None = None,
         if len(inputs) != 1:
             raise CalibrationError(f"{origin}: a single array needs a single-input model; the model has "
                                    f"inputs {[i[0] for i in inputs]}")
-        src = DataSource({inputs[0][0]: spec}, origin)
+        src = DataSource({inputs[0][0]: spec}, origin, roles=input_roles(model))
     elif isinstance(spec, dict):
-        src = DataSource({k: np.asarray(v) for k, v in spec.items()}, origin)
+        src = DataSource({k: np.asarray(v) for k, v in spec.items()}, origin, roles=input_roles(model))
     else:
         src = from_feeds(spec, origin)
-    return src.check(model)
+    try:
+        checked = src.check(model)
+    except BaseException:
+        src.close()
+        raise
+    if checked is not src and src.unit == "feed":
+        checked.close = src.close   # the checked source removes the temporary feeds it reads
+    return checked
+
+
+def _image_options(path, name, shape, dtype, image_options):
+    opts = dict(image_options)
+    layout = opts.get("layout", "NCHW")
+    if len(shape) != 4:
+        raise CalibrationError(f"an image folder needs a 4-D image input; the model's input '{name}' is "
+                               f"{_fmt_shape(shape)}")
+    c_axis = 1 if layout == "NCHW" else 3
+    other = 3 if layout == "NCHW" else 1
+    if shape[c_axis] not in (None, 1, 2, 3, 4) and shape[other] in (1, 3, 4):
+        better = "NHWC" if layout == "NCHW" else "NCHW"
+        raise CalibrationError(f"image folder: the model's input '{name}' {_fmt_shape(shape)} looks {better}, "
+                               f"not {layout}: give --layout {better}")
+    hw = shape[2:4] if layout == "NCHW" else shape[1:3]
+    dynamic = tuple(d is None for d in hw)
+    if opts.get("image_size"):
+        dynamic = (False, False)
+    elif not any(dynamic):
+        opts["image_size"] = tuple(hw)
+    else:
+        opts["image_size"] = tuple(d if d is not None else 0 for d in hw)
+    opts.setdefault("channels", shape[c_axis] or None)
+    return ImageFolderSource(path, name, dtype=dtype, dynamic=dynamic, **opts)
 
 
 def _load_path(path, inputs, image_options, origin):
     if not os.path.exists(path):
         raise CalibrationError(f"{origin} '{path}' does not exist")
     if os.path.isdir(path):
+        names = sorted(os.listdir(path))
+        npz = [f for f in names if f.lower().endswith(".npz")]
+        if npz:
+            single = inputs[0][0] if len(inputs) == 1 else None
+            src = FeedSource([os.path.join(path, f) for f in npz], f"{origin} folder '{path}'", _NpzLoader(single))
+            return src
         if len(inputs) != 1:
-            raise CalibrationError("an image folder needs a single-input model")
+            raise CalibrationError(f"{origin} folder '{path}': holds no .npz feeds, and an image folder needs a "
+                                   "single-input model")
         name, shape, dtype = inputs[0]
-        opts = dict(image_options)
-        if "image_size" not in opts or not opts["image_size"]:
-            layout = opts.get("layout", "NCHW")
-            hw = shape[2:4] if layout == "NCHW" else shape[1:3]
-            if len(shape) != 4 or None in hw:
-                raise CalibrationError("image folder: the model's input size is dynamic; give --image-size H,W")
-            opts["image_size"] = tuple(hw)
-        if "channels" not in opts and len(shape) == 4:
-            opts["channels"] = shape[1] if opts.get("layout", "NCHW") == "NCHW" else shape[3]
-        return ImageFolderSource(path, name, dtype=dtype, **opts)
+        return _image_options(path, name, shape, dtype, image_options)
     label = f"{origin} '{path}'"
     try:
         # .npy files are memory-mapped: batches are read from disk as they are needed
         loaded = np.load(path, allow_pickle=False, mmap_mode="r" if path.endswith(".npy") else None)
     except Exception as e:
-        raise CalibrationError(f"cannot read {label}: not a .npy/.npz file or an image folder ({e})") from None
+        raise CalibrationError(f"cannot read {label}: not a .npy/.npz file or a folder of .npz feeds or "
+                               f"images ({e})") from None
     if isinstance(loaded, np.ndarray):
         if len(inputs) != 1:
             raise CalibrationError(f"{label}: a .npy holds one array; the model has inputs "
@@ -264,23 +691,36 @@ def _load_path(path, inputs, image_options, origin):
 
 
 def random_data(model: onnx.ModelProto, n: int, seed: int = 0, sample_shapes=None) -> DataSource:
+    """``n`` random samples (standard normal floats, zero integers); dynamic dims from
+    ``sample_shapes`` (per-sample shapes of batch-major inputs, full shapes of the others) or 1."""
     rng = np.random.default_rng(seed)
+    roles = input_roles(model)
     arrays = {}
     for name, shape, dtype in model_inputs(model):
-        dims = [n] + [d if d is not None else (sample_shapes or {}).get(name, [1] * len(shape))[i - 1]
-                      for i, d in enumerate(shape) if i > 0]
+        given = (sample_shapes or {}).get(name)
+        if roles[name] == "batch":
+            if given is not None and len(given) == len(shape):   # a full shape: its batch dim is replaced
+                given = tuple(given)[1:]
+            rest = [d if d is not None else (given[i - 1] if given is not None and len(given) == len(shape) - 1
+                                             else 1) for i, d in enumerate(shape) if i > 0]
+            dims = [n] + rest
+        else:
+            dims = [d if d is not None else (given[i] if given is not None and len(given) == len(shape) else 1)
+                    for i, d in enumerate(shape)]
         arrays[name] = rng.standard_normal(dims).astype(dtype) if np.dtype(dtype).kind == "f" else \
             np.zeros(dims, dtype)
-    return DataSource(arrays, "random calibration data")
+    return DataSource(arrays, "random calibration data", roles=roles)
 
 
 def split_holdout(src: DataSource, fraction: float = 0.2):
-    """(fit, held-out): the last ``fraction`` of the samples are held out."""
-    n_val = max(1, int(round(src.n * fraction)))
-    if src.n - n_val < 1:
-        raise CalibrationError(f"{src.origin}: {src.n} sample(s) is too few to hold out validation "
-                               "data; give more samples or --validation-data")
-    return src.subset(0, src.n - n_val), src.subset(src.n - n_val, src.n)
+    """(fit, held-out): the last ``fraction`` of the feeds (of the samples of one stacked array)
+    are held out."""
+    units = src.units()
+    n_val = max(1, int(round(units * fraction)))
+    if units - n_val < 1:
+        raise CalibrationError(f"{src.origin}: {units} {src.unit}(s) is too few to hold out validation "
+                               "data; give more or --validation-data")
+    return src.subset(0, units - n_val), src.subset(units - n_val, units)
 
 
 # ----------------------------------------------------------------------------- running
@@ -326,7 +766,11 @@ def with_outputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
             pass
     for name in names:
         if name not in existing:
-            m.graph.output.append(onnx.helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None))
+            if types.get(name):
+                m.graph.output.append(onnx.helper.make_tensor_value_info(name, types[name], None))
+            else:   # type unknown (an op without type inference): ONNX Runtime infers it
+                vi = m.graph.output.add()
+                vi.name = name
             existing.add(name)
     return m
 
@@ -377,7 +821,8 @@ def collect(data: DataSource, requests, model_x: onnx.ModelProto, model_y: onnx.
 
 def run_model(model: onnx.ModelProto, data: DataSource, batch_size: int = 256, threads: int = 0, sess=None):
     """All outputs of the model over the data, concatenated: {name: array}. ``sess``: an ONNX
-    Runtime session of this model already made (one is created otherwise)."""
+    Runtime session of this model already made (one is created otherwise). Feeds whose outputs
+    differ in shape do not concatenate: compare them feed by feed (``validate``) instead."""
     sess = sess if sess is not None else session(model, threads)
     names = [o.name for o in sess.get_outputs()]
     outs = {n: [] for n in names}
@@ -387,4 +832,55 @@ def run_model(model: onnx.ModelProto, data: DataSource, batch_size: int = 256, t
     if not outs[names[0]]:
         raise CalibrationError(f"{data.origin}: {data.n} sample(s), fewer than the model's fixed batch "
                                f"of {fixed_batch(model)}")
-    return {n: np.concatenate(v, axis=0) if v and v[0].ndim else np.stack(v) for n, v in outs.items()}
+    try:
+        return {n: np.concatenate(v, axis=0) if v and v[0].ndim else np.stack(v) for n, v in outs.items()}
+    except ValueError:
+        raise CalibrationError(f"{data.origin}: outputs of feeds of different shapes do not concatenate") from None
+
+
+class ShapeObserver:
+    """Shapes of every tensor, observed by running the model on one feed per input-shape signature
+    (``DataSource.representatives``): ``observe(model, input_shapes)`` runs the model with all
+    intermediate tensors exposed on the representative whose shapes are ``input_shapes`` and
+    returns {tensor: shape}, or None when no representative has those shapes. Results are cached
+    per graph structure and input shapes."""
+
+    def __init__(self, feeds):
+        self.feeds = [f for f in feeds if f]
+        self.cache = {}
+
+    def _feed_for(self, model, input_shapes):
+        for feed in self.feeds:
+            if all(tuple(np.shape(feed.get(k, ()))) == tuple(s) for k, s in input_shapes.items()) \
+                    and set(feed) <= set(input_shapes):
+                return feed
+        return None
+
+    @staticmethod
+    def _key(model, input_shapes):
+        h = zlib.crc32(repr(sorted((k, tuple(v)) for k, v in input_shapes.items())).encode())
+        for n in model.graph.node:
+            h = zlib.crc32(n.SerializeToString(), h)
+        for t in model.graph.initializer:   # dims, and the values of small integer tensors (Reshape targets)
+            h = zlib.crc32(repr((t.name, tuple(t.dims), t.data_type)).encode(), h)
+            if t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32) and len(t.dims) <= 1 \
+                    and (not t.dims or t.dims[0] <= 16):
+                h = zlib.crc32(t.SerializeToString(), h)
+        return h
+
+    def observe(self, model, input_shapes):
+        feed = self._feed_for(model, input_shapes)
+        if feed is None:
+            return None
+        key = self._key(model, input_shapes)
+        if key not in self.cache:
+            inputs = {i[0] for i in model_inputs(model)}
+            init = {t.name for t in model.graph.initializer}
+            names = sorted({o for n in model.graph.node for o in n.output if o and o not in inputs and o not in init})
+            try:
+                sess = session(with_outputs(model, names))
+                vals = sess.run(names, {k: v for k, v in feed.items() if k in inputs})
+                self.cache[key] = {n: tuple(v.shape) for n, v in zip(names, vals) if hasattr(v, "shape")}
+            except Exception:
+                self.cache[key] = {}
+        return self.cache[key]

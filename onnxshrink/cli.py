@@ -57,13 +57,20 @@ def build_parser():
     p.add_argument("input", nargs="?", help="input model (.onnx); never modified")
     p.add_argument("output", nargs="?", help="output model path (written atomically)")
     p.add_argument("--passes", help="comma-separated passes, run in order (see --list-passes)")
-    p.add_argument("--calibration-data", metavar="PATH", help=".npz keyed by input name, .npy, or an image folder")
+    p.add_argument("--calibration-data", metavar="PATH", help=".npz keyed by input name, .npy, a folder of .npz feeds (one each), or an image folder")
     p.add_argument("--validation-data", metavar="PATH", help="held-out data (default: last 20%% of the calibration data)")
     p.add_argument("--random-calibration", type=int, metavar="N", help="use N random inputs as calibration data (warns)")
     p.add_argument("--image-size", metavar="H,W", help="image folder: resize to H,W")
     p.add_argument("--mean", metavar="M[,M,M]", help="image folder: mean subtracted after scaling to [0,1]")
     p.add_argument("--std", metavar="S[,S,S]", help="image folder: std divided after subtracting the mean")
     p.add_argument("--layout", choices=["NCHW", "NHWC"], default="NCHW", help="image folder: tensor layout")
+    p.add_argument("--channel-order", choices=["RGB", "BGR"], help="image folder: channel order (default RGB)")
+    p.add_argument("--scale", type=int, choices=[1, 255],
+                   help="image folder: mean/std apply to pixels scaled to 0-1 (1, default) or kept 0-255 (255)")
+    p.add_argument("--max-side", type=int, metavar="N",
+                   help="image folder, dynamic H/W: longest side at most N (default 960); aspect kept")
+    p.add_argument("--size-multiple", type=int, metavar="M",
+                   help="image folder, dynamic H/W: each side rounded to a multiple of M (default 32)")
     p.add_argument("--target-flops", metavar="F", help="FLOPs of the result as a fraction of the original (0 < F <= 1)")
     p.add_argument("--target-params", metavar="F", help="parameters of the result as a fraction of the original")
     p.add_argument("--target-size", metavar="F", help="bytes of the result as a fraction of the original (pq)")
@@ -102,6 +109,15 @@ def _image_size(text):
     if h < 1 or w < 1:
         raise UsageError(f"--image-size expects H,W (two positive integers), got '{text}'")
     return h, w
+
+
+def _image_options(args) -> dict:
+    return {k: v for k, v in {
+        "image_size": _image_size(args.image_size),
+        "mean": _floats(args.mean, "--mean"), "std": _floats(args.std, "--std"), "layout": args.layout,
+        "channel_order": args.channel_order, "scale": args.scale, "max_side": args.max_side,
+        "size_multiple": args.size_multiple,
+    }.items() if v is not None}
 
 
 def parse_sets(items) -> dict:
@@ -239,7 +255,8 @@ def _main(argv) -> int:
         if not args.input:
             raise UsageError("--inspect needs a model path")
         from .inspect import inspect_model
-        print(inspect_model(args.input, args.passes, parse_sets(args.set)))
+        print(inspect_model(args.input, args.passes, parse_sets(args.set), args.calibration_data,
+                            _image_options(args)))
         return EXIT_OK
     if not args.input or not args.output:
         raise UsageError("usage: onnxshrink IN OUT --passes a,b,... (see --help)")
@@ -254,10 +271,7 @@ def _main(argv) -> int:
     check_output_paths(args.output, args.input, args.report, force=args.force,
                        external=os.path.isfile(args.input) and _may_be_external(args.input),
                        data_paths=(args.calibration_data, args.validation_data))
-    image_options = {k: v for k, v in {
-        "image_size": _image_size(args.image_size),
-        "mean": _floats(args.mean, "--mean"), "std": _floats(args.std, "--std"), "layout": args.layout,
-    }.items() if v is not None}
+    image_options = _image_options(args)
     with warnings.catch_warnings():
         warnings.simplefilter("default")     # --quiet silences progress, never warnings
         warnings.showwarning = lambda m, *a, **k: print(f"onnxshrink: warning: {cli_message(str(m))}", file=sys.stderr)

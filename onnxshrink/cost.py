@@ -2,7 +2,11 @@
 
 FLOPs count one multiply-add as 2 (Conv, ConvTranspose, Gemm, MatMul: 2·MACs, plus one per output
 for a bias); element-wise and normalisation ops count a small constant per output element.
-Figures are per sample: dynamic dims are fixed to 1 (batch) unless sample shapes are given.
+Figures are per sample. FLOPs are only defined at a shape: ``model_cost`` takes the input shapes
+the calibration feeds actually have (``DataSource.signatures()``: one entry per distinct shape,
+with its sample count) and averages the per-sample FLOPs over the samples; with a plain dict of
+shapes, dynamic dims not given are fixed to 1. Where a shape stays unknown (static inference
+fails and no data ran through the tensor) the count is None, never a guess.
 Nodes whose inputs are all constants (a weight decoded in the graph, as pq emits) cost no FLOPs:
 ONNX Runtime and TensorRT fold them once when the model is loaded.
 Parameters are the elements of constant (initializer) inputs that are not scalars, each
@@ -35,6 +39,7 @@ class NodeCost:
     params: int
     flops: int
     out_shape: tuple | None
+    flops_known: bool = True   # False: an output shape this node's FLOPs depend on is unknown
 
 
 def _numel(shape):
@@ -48,17 +53,23 @@ def _shape(info, tensor):
     return s
 
 
-def node_flops(node: gs.Node, info: dict) -> int:
+def _counted(op):
+    return op in ("Conv", "ConvTranspose", "Gemm", "MatMul", "MaxPool", "AveragePool", "GlobalAveragePool") \
+        or _ELEMENTWISE_COST.get(op, 0) > 0
+
+
+def node_flops(node: gs.Node, info: dict) -> int | None:
+    """FLOPs of one node at the shapes in ``info``; None when a shape they depend on is unknown."""
     op = node.op
     outs = [_shape(info, o) for o in node.outputs]
     out = outs[0] if outs else None
     if out is None:
-        return 0
+        return None if _counted(op) else 0
     n_out = _numel(out)
     if op in ("Conv", "ConvTranspose"):
         w = _shape(info, node.inputs[1])
         if w is None:
-            return 0
+            return None
         group = node.attrs.get("group", 1)
         bias = n_out if len(node.inputs) > 2 else 0
         if op == "Conv":
@@ -70,20 +81,20 @@ def node_flops(node: gs.Node, info: dict) -> int:
     if op == "Gemm":
         a = _shape(info, node.inputs[0])
         if a is None:
-            return 0
+            return None
         k = a[0] if node.attrs.get("transA", 0) else a[-1]
         return 2 * n_out * k + (n_out if len(node.inputs) > 2 else 0)
     if op == "MatMul":
         a = _shape(info, node.inputs[0])
         if a is None:
-            return 0
+            return None
         return 2 * n_out * a[-1]
     if op in ("MaxPool", "AveragePool"):
         k = node.attrs.get("kernel_shape", [1])
         return n_out * int(np.prod(k))
     if op == "GlobalAveragePool":
         inp = _shape(info, node.inputs[0])
-        return _numel(inp)
+        return _numel(inp) if inp is not None else None
     return n_out * _ELEMENTWISE_COST.get(op, 0)
 
 
@@ -104,18 +115,46 @@ def node_costs(model: onnx.ModelProto, sample_shapes: dict | None = None) -> lis
                 counted.add(t.name)
                 if np.issubdtype(np.dtype(t.dtype), np.floating) or t.dtype in (np.int8, np.uint8):
                     params += int(np.prod(t.shape))
-        result.append(NodeCost(node.name, node.op, params, 0 if static else node_flops(node, info),
-                               _shape(info, node.outputs[0]) if node.outputs else None))
+        flops = 0 if static else node_flops(node, info)
+        result.append(NodeCost(node.name, node.op, params, flops or 0,
+                               _shape(info, node.outputs[0]) if node.outputs else None, flops is not None))
     return result
 
 
-def model_cost(model: onnx.ModelProto, sample_shapes: dict | None = None) -> dict:
-    costs = node_costs(model, sample_shapes)
+def signature_costs(model: onnx.ModelProto, shapes) -> list:
+    """[(node costs, weight)]: ``shapes`` is a dict of input shapes, or a list of signatures
+    ({"inputs": {name: shape}, "batch": b, "samples": n}); FLOPs are per sample (divided by b),
+    weights are sample counts."""
+    if isinstance(shapes, (list, tuple)):
+        out = []
+        for sig in shapes:
+            costs = node_costs(model, sig["inputs"])
+            b = max(int(sig.get("batch", 1)), 1)
+            if b > 1:
+                costs = [NodeCost(c.name, c.op, c.params, c.flops / b, c.out_shape, c.flops_known) for c in costs]
+            out.append((costs, sig.get("samples", 1)))
+        return out
+    return [(node_costs(model, shapes), 1)]
+
+
+def model_cost(model: onnx.ModelProto, sample_shapes=None) -> dict:
+    """{"params", "flops", "bytes"}: FLOPs per sample averaged over the signatures' samples
+    (``sample_shapes``: a dict of input shapes or a list of signatures), None when a node's
+    FLOPs cannot be counted at those shapes."""
+    per = signature_costs(model, sample_shapes)
+    total = sum(w for _, w in per) or 1
+    known = all(c.flops_known for costs, _ in per for c in costs)
+    flops = sum(w * sum(c.flops for c in costs) for costs, w in per) / total
     return {
-        "params": int(sum(c.params for c in costs)),
-        "flops": int(sum(c.flops for c in costs)),
+        "params": int(sum(c.params for c in per[0][0])),
+        "flops": int(round(flops)) if known else None,
         "bytes": int(model_bytes(model)),
     }
+
+
+def unknown_flops(model: onnx.ModelProto, sample_shapes=None) -> list:
+    """Names of nodes whose FLOPs cannot be counted (a shape they need is unknown)."""
+    return sorted({c.name for costs, _ in signature_costs(model, sample_shapes) for c in costs if not c.flops_known})
 
 
 def model_bytes(model: onnx.ModelProto) -> int:

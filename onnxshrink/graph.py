@@ -16,6 +16,8 @@ pass's output does not hold a second in-memory copy of the weights.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections import Counter
 
 import numpy as np
@@ -281,14 +283,18 @@ def opset(model: onnx.ModelProto) -> int:
 
 
 def concrete_input_shapes(model: onnx.ModelProto, sample_shapes: dict | None = None, batch: int = 1):
-    """Input shapes with dynamic dims fixed: from sample shapes when known, else batch/1."""
+    """Input shapes with dynamic dims fixed: from ``sample_shapes`` when known (a shape of the
+    input's full rank is used as it is; one of rank − 1 is a per-sample shape, the batch
+    prepended), else batch/1."""
     init = {t.name for t in model.graph.initializer}
     shapes = {}
     for vi in model.graph.input:
         if vi.name in init:
             continue
+        rank = len(vi.type.tensor_type.shape.dim)
         if sample_shapes and vi.name in sample_shapes:
-            shapes[vi.name] = (batch,) + tuple(sample_shapes[vi.name])
+            given = tuple(int(d) for d in sample_shapes[vi.name])
+            shapes[vi.name] = given if len(given) == rank else (batch,) + given
             continue
         dims = []
         for i, d in enumerate(vi.type.tensor_type.shape.dim):
@@ -300,9 +306,27 @@ def concrete_input_shapes(model: onnx.ModelProto, sample_shapes: dict | None = N
     return shapes
 
 
+# Shapes from running: while a ShapeObserver is active (the pipeline sets one over the calibration
+# data), shapes static inference leaves unknown are taken from running the model on a feed of the
+# requested input shapes.
+_OBSERVER: contextvars.ContextVar = contextvars.ContextVar("onnxshrink_shape_observer", default=None)
+
+
+@contextlib.contextmanager
+def observing(observer):
+    """Within the block, ``infer_shapes`` fills shapes static inference leaves unknown from
+    ``observer.observe(model, input_shapes)`` (None: no observation)."""
+    token = _OBSERVER.set(observer)
+    try:
+        yield observer
+    finally:
+        _OBSERVER.reset(token)
+
+
 def infer_shapes(model: onnx.ModelProto, input_shapes: dict | None = None) -> dict:
     """name -> (shape tuple or None, numpy dtype) for every tensor, with inputs fixed to
-    ``input_shapes`` (default: dynamic dims set to 1)."""
+    ``input_shapes`` (default: dynamic dims set to 1). Shapes static inference cannot resolve
+    come from running the model when an observer is active (see ``observing``)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     shapes = input_shapes or concrete_input_shapes(model)
@@ -333,6 +357,14 @@ def infer_shapes(model: onnx.ModelProto, input_shapes: dict | None = None) -> di
         info[vi.name] = (shape, dtype)
     for t in m.graph.initializer:
         info[t.name] = (tuple(t.dims), onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+    observer = _OBSERVER.get()
+    if observer is not None:
+        unknown = [o for n in model.graph.node for o in n.output if o and info.get(o, (None,))[0] is None]
+        if unknown:
+            seen = observer.observe(model, shapes) or {}
+            for name in unknown:
+                if name in seen:
+                    info[name] = (tuple(seen[name]), info.get(name, (None, None))[1])
     return info
 
 

@@ -1,19 +1,41 @@
 """``--inspect``: a per-layer table (op, output shape, params, FLOPs share) and, per node, which
-passes would rewrite it (from each built pass's ``plan``)."""
+passes would rewrite it (from each built pass's ``plan``). With calibration data the table is at the
+data's real input shapes (output shapes of the first feed; FLOPs per sample averaged over all feeds,
+shapes static inference misses taken from running the data) and says which shapes were used."""
 
 from __future__ import annotations
 
-from .cost import node_costs
-from .graph import normalize
+from .calibrate import ShapeObserver, load_data
+from .cost import signature_costs
+from .graph import normalize, observing
 from .model_io import load_model
 from .registry import all_passes, get_pass, make_config
 
 
-def inspect_model(path, passes=None, options=None) -> str:
-    """``options``: {pass: {key: value}} as ``--set`` gives them, applied to each pass's plan."""
+def inspect_model(path, passes=None, options=None, calibration=None, image_options=None) -> str:
+    """``options``: {pass: {key: value}} as ``--set`` gives them, applied to each pass's plan;
+    ``calibration``: data (any form ``shrink`` takes) whose shapes the table is counted at."""
     model = normalize(load_model(path))
-    costs = node_costs(model)
-    total_flops = sum(c.flops for c in costs) or 1
+    if calibration is None:
+        return _table(model, passes, options, None)
+    data = load_data(calibration, model, image_options, "calibration data")
+    try:
+        with observing(ShapeObserver(data.representatives())):
+            return _table(model, passes, options, data.signatures())
+    finally:
+        data.close()
+
+
+def _table(model, passes, options, signatures) -> str:
+    per = signature_costs(model, signatures or None)
+    costs = per[0][0]
+    weight = sum(w for _, w in per) or 1
+    flops = {c.name: 0.0 for c in costs}
+    for cs, w in per:
+        for c in cs:
+            flops[c.name] = flops.get(c.name, 0.0) + w * c.flops / weight
+    total_flops = sum(flops.values()) or 1
+    countable = all(c.flops_known for cs, _ in per for c in cs)
     names = [n.strip() for n in passes.split(",") if n.strip()] if passes else None
     chosen = [get_pass(n) for n in names] if names else [cls() for _, cls in sorted(all_passes().items())]
     applies, skips = {}, {}
@@ -33,9 +55,13 @@ def inspect_model(path, passes=None, options=None) -> str:
         shape = "x".join(str(d) for d in c.out_shape) if c.out_shape else "?"
         name = c.name if len(c.name) <= 32 else "…" + c.name[-31:]
         lines.append(f"{name:32} {c.op[:20]:20} {shape[:18]:18} {c.params:>10} "
-                     f"{100 * c.flops / total_flops:>6.1f}%  {','.join(applies.get(c.name, [])) or '-'}")
+                     f"{100 * flops[c.name] / total_flops:>6.1f}%  {','.join(applies.get(c.name, [])) or '-'}")
         for s in skips.get(c.name, []):
             lines.append(f"{'':32}   skip {s}")
-    lines.append(f"total: {sum(c.params for c in costs)} params, {sum(c.flops for c in costs)} FLOPs per sample, "
-                 f"{model.ByteSize()} bytes")
+    total = f"{round(sum(flops.values()))} FLOPs per sample" if countable else "FLOPs not countable (shapes unknown)"
+    lines.append(f"total: {sum(c.params for c in costs)} params, {total}, {model.ByteSize()} bytes")
+    if signatures:
+        used = "; ".join(", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in sig["inputs"].items())
+                         + f" ({sig['samples']} sample{'s' if sig['samples'] != 1 else ''})" for sig in signatures)
+        lines.append(f"shapes (calibration data; output shapes of the first): {used}")
     return "\n".join(lines)

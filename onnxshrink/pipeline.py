@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 import onnx
 
 from . import budget as budget_mod
-from .calibrate import DataSource, collect, load_data, random_data, session, split_holdout
-from .cost import model_cost
-from .errors import InputError, OnnxShrinkError, PassError, UsageError, ValidationFailed, first_line
-from .graph import is_quantized_layer, normalize, opset
+from .calibrate import DataSource, ShapeObserver, collect, load_data, random_data, session, split_holdout
+from .cost import model_cost, unknown_flops
+from .errors import (CalibrationError, InputError, OnnxShrinkError, PassError, TargetError, UsageError,
+                     ValidationFailed, first_line)
+from .graph import is_quantized_layer, normalize, observing, opset
 from .model_io import (SpillStore, Staging, active_store, check_output_paths, check_writable, has_external_data,
                        has_lazy, load_model, save_model, spilling)
 from .registry import get_pass, make_config
@@ -42,12 +43,13 @@ class PassContext:
     reference: onnx.ModelProto          # the model as it entered this pass
     original: onnx.ModelProto           # the model as loaded (after normalisation)
     goals: dict = field(default_factory=dict)   # {metric: budget.Goal}
-    sample_shapes: dict | None = None
+    sample_shapes: dict | None = None    # full input shapes of the first signature (batch 1 where splittable)
     batch_size: int = 64
     seed: int = 0
     quiet: bool = True
     calibration_seconds: float = 0.0
     calibration_runs: int = 0
+    signatures: list | None = None       # every input shape the data has, with sample counts
 
     def require_data(self, pass_name):
         if self.data is None:
@@ -74,7 +76,7 @@ class PassContext:
         return out
 
     def cost(self, model):
-        return model_cost(model, self.sample_shapes)
+        return model_cost(model, self.signatures or self.sample_shapes)
 
 
 @dataclass
@@ -158,19 +160,44 @@ def _check_runs(model):
 
 
 def _data(calibration, validation, model, image_options, random_calibration, needs_data, seed):
+    """(fit, held-out) sources. The held-out part is the validation data, or the last 20 % of the
+    calibration feeds (of its samples for one stacked array); a single calibration feed or sample
+    with no validation data is refused: there is nothing to validate on."""
     fit = val = None
-    if calibration is not None:
-        fit = load_data(calibration, model, image_options, "calibration data")
-    elif random_calibration:
-        warnings.warn("using random calibration inputs: statistics will not reflect real data")
-        fit = random_data(model, int(random_calibration), seed)
-    elif needs_data:
-        raise UsageError(f"pass '{needs_data}' needs calibration data: give --calibration-data PATH")
-    if validation is not None:
-        val = load_data(validation, model, image_options, "validation data")
-    elif fit is not None and fit.n >= 2:
-        fit, val = split_holdout(fit, 0.2)
+    try:
+        if calibration is not None:
+            fit = load_data(calibration, model, image_options, "calibration data")
+        elif random_calibration:
+            warnings.warn("using random calibration inputs: statistics will not reflect real data")
+            fit = random_data(model, int(random_calibration), seed)
+        elif needs_data:
+            raise UsageError(f"pass '{needs_data}' needs calibration data: give --calibration-data PATH")
+        if validation is not None:
+            val = load_data(validation, model, image_options, "validation data")
+        elif fit is not None:
+            if fit.units() < 2:
+                raise CalibrationError(
+                    f"{fit.origin}: a single {fit.unit} ({fit.n} sample(s)) and no validation data: nothing "
+                    "is left to validate the rewritten model on; give more calibration data or --validation-data")
+            fit, val = split_holdout(fit, 0.2)
+    except BaseException:
+        for src in (fit, val):
+            if src is not None:
+                src.close()
+        raise
     return fit, val
+
+
+def _flops_countable(model, shapes, targets):
+    """A FLOPs target needs FLOPs that can be counted: refuse it, saying why, when they cannot."""
+    if "flops" not in targets:
+        return
+    nodes = unknown_flops(model, shapes)
+    if nodes:
+        where = "at the calibration data's shapes" if shapes else \
+            "with the model's dynamic dims unknown (give --calibration-data to count them at its shapes)"
+        raise TargetError(f"--target-flops cannot be checked: the FLOPs of {len(nodes)} node(s) (e.g. "
+                          f"'{nodes[0]}') cannot be counted {where}: their shapes are unknown")
 
 
 def _owning_spill(fn):
@@ -302,14 +329,32 @@ def shrink(model_or_path, passes, calibration=None, *, validation=None, target_f
     quantized = [n for n in model.graph.node if is_quantized_layer(n)]
     needs = next((p.name for p, _ in chosen if p.needs_data), None)
     fit, val = _data(calibration, validation, model, image_options, random_calibration, needs, seed)
-    sample_shapes = (fit or val).sample_shapes() if (fit or val) is not None else None
-    before = model_cost(model, sample_shapes)
+    try:
+        reps = [r for src in (fit, val) if src is not None for r in src.representatives()]
+        with observing(ShapeObserver(reps)):
+            return _run(model, original, chosen, targets, fit, val, tol, force, quiet, batch_size, seed, t0,
+                        quantized, input_info, model_or_path)
+    finally:
+        for src in (fit, val):
+            if src is not None:
+                src.close()
+
+
+def _run(model, original, chosen, targets, fit, val, tol, force, quiet, batch_size, seed, t0,
+         quantized, input_info, model_or_path):
+    source = fit if fit is not None else val
+    signatures = source.signatures() if source is not None else None
+    # the first signature's full input shapes: a feed ran at exactly these, so shapes static
+    # inference misses at them are observed (concrete_input_shapes takes full-rank shapes as they are)
+    sample_shapes = dict(signatures[0]["inputs"]) if signatures else None
+    _flops_countable(model, signatures, targets)
+    before = model_cost(model, signatures)
     reports, timing, done = [], {}, []
     for i, (p, cfg) in enumerate(chosen):
-        current = model_cost(model, sample_shapes) if targets else before
+        current = model_cost(model, signatures) if targets else before
         remaining = {m: sum(1 for q, _ in chosen[i:] if m in q.budgets) for m in targets if m in p.budgets}
         goals = budget_mod.pass_goals(targets, before, current, remaining)
-        ctx = PassContext(fit, model, original, goals, sample_shapes, batch_size, seed, quiet)
+        ctx = PassContext(fit, model, original, goals, sample_shapes, batch_size, seed, quiet, signatures=signatures)
         t = time.perf_counter()
         try:
             model, rep = p.apply(model, cfg, ctx)
@@ -326,7 +371,7 @@ def shrink(model_or_path, passes, calibration=None, *, validation=None, target_f
         rep.details.setdefault("calibration_seconds", round(ctx.calibration_seconds, 3))
         reports.append(rep)
         done.append(p.name)
-    after = model_cost(model, sample_shapes)
+    after = model_cost(model, signatures)
     reached = budget_mod.reached(targets, before, after)
     if val is None:
         val = random_data(original, 16, seed, sample_shapes)
@@ -341,14 +386,16 @@ def shrink(model_or_path, passes, calibration=None, *, validation=None, target_f
     report = make_report(before, after, reports, validation_result, reached, timing,
                          model=input_info["model"])
     report["input"] = input_info
+    report["cost_shapes"] = [{"inputs": {k: list(v) for k, v in sig["inputs"].items()}, "batch": sig["batch"],
+                              "samples": sig["samples"]} for sig in signatures] if signatures else None
     if not any(r.changed for r in reports) and _same_model(model, original):
         report["unchanged"] = True
         report["nothing_changed"] = _nothing_changed(reports)
-    source = None
+    copy_of = None   # an unchanged run publishes the input's own bytes
     if report.get("unchanged") and isinstance(model_or_path, (str, os.PathLike)) \
             and not has_external_data(model_or_path):
-        source = os.path.abspath(os.fspath(model_or_path))
-    result = Result(model, report, active_store(), source)
+        copy_of = os.path.abspath(os.fspath(model_or_path))
+    result = Result(model, report, active_store(), copy_of)
     err = budget_mod.missed(reached)
     if err is None and not validation_result["passed"]:
         err = ValidationFailed("validation failed: " + "; ".join(validation_result["problems"]))

@@ -17,7 +17,7 @@ def make_report(before, after, passes, validation, targets=None, timing=None, mo
         "model": model,
         "before": dict(before),
         "after": dict(after),
-        "ratios": {k: (after[k] / before[k] if before[k] else None) for k in before},
+        "ratios": {k: (after[k] / before[k] if before[k] and after.get(k) is not None else None) for k in before},
         "passes": [p.as_dict() if hasattr(p, "as_dict") else p for p in passes],
         "targets": targets or {},
         "validation": validation,
@@ -53,8 +53,17 @@ def console_table(report) -> str:
     b, a = report["before"], report["after"]
     lines = [f"{'':8}{'before':>12}{'after':>12}{'ratio':>9}"]
     for k in ("params", "flops", "bytes"):
+        if b[k] is None or a[k] is None:   # FLOPs not countable at unknown shapes
+            lines.append(f"{k:8}{'?' if b[k] is None else _human(b[k]):>12}{'?' if a[k] is None else _human(a[k]):>12}")
+            continue
         ratio = a[k] / b[k] if b[k] else float("nan")
         lines.append(f"{k:8}{_human(b[k]):>12}{_human(a[k]):>12}{ratio:>9.3f}")
+    shapes = report.get("cost_shapes") or []
+    if shapes:
+        text = "; ".join(", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in sig["inputs"].items())
+                         for sig in shapes[:3])
+        lines.append(f"FLOPs per sample at the data's {len(shapes)} input shape(s): {text}"
+                     + (f"; ... {len(shapes) - 3} more" if len(shapes) > 3 else ""))
     for p in report["passes"]:
         lines.append(f"pass {p['name']}: {len(p['changed'])} changed, {len(p['skipped'])} skipped")
         for s in p["skipped"][:5]:
@@ -70,6 +79,14 @@ def console_table(report) -> str:
         lines.append("warning: the rewrite introduced ops TensorRT's ONNX parser does not accept: "
                      + ", ".join(v["tensorrt_unparseable"]))
     if v:
-        lines.append(f"validation on {v.get('samples', 0)} held-out samples: "
+        worst = [f"{name} cosine {m['worst']['cosine']:.4f} at " + (f"feed {m['worst']['feed']}" if m['worst'].get('feed')
+                 is not None else f"sample {m['worst']['sample']}") for name, m in (v.get("outputs") or {}).items()
+                 if isinstance(m.get("worst"), dict)]
+        if worst:
+            lines.append("worst: " + "; ".join(worst))
+        for note in v.get("notes") or []:
+            lines.append(f"note: {note}")
+        feeds = f" in {v['feeds']} feeds" if v.get("feeds") else ""
+        lines.append(f"validation on {v.get('samples', 0)} held-out samples{feeds}: "
                      + ("passed" if v.get("passed") else "FAILED: " + "; ".join(v.get("problems", []))))
     return "\n".join(lines)

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .calibrate import DataSource, run_model, session
+from .calibrate import DataSource, _batches, fixed_batch, session
 from .cost import model_bytes
-from .errors import UsageError, first_line
+from .errors import CalibrationError, UsageError, first_line
 from .model_io import has_lazy, lazy_tensors
 
 STANDARD_DOMAINS = ("", "ai.onnx")
@@ -110,59 +110,147 @@ def _check_lazy(model: onnx.ModelProto) -> None:
         onnx.checker.check_model(path, full_check=True)
 
 
-def compare_outputs(a: dict, b: dict) -> dict:
-    result = {}
-    for name, x in a.items():
-        y = b[name]
+class OutputStats:
+    """One output's comparison, accumulated feed by feed: max abs error, relative L2 error
+    ‖a − b‖/‖a‖ and cosine over every element both models give finite, top-1 agreement of
+    2-D outputs, the count of NaN/Inf values the rewritten model gives where the original does
+    not (a failure) and of those both give (reported), and the worst sample (lowest cosine)."""
+
+    def __init__(self):
+        self.max_abs, self.d2, self.a2, self.b2, self.ab = 0.0, 0.0, 0.0, 0.0, 0.0
+        self.agree = self.rows = self.compared = self.mismatch = self.both = self.total = 0
+        self.shape_mismatch = None
+        self.worst = None
+
+    def add(self, x, y, feed=None, first_sample=0, samples=None):
         if x.shape != y.shape:
-            result[name] = {"max_abs": float("inf"), "rel_l2": float("inf"), "cosine": -1.0,
-                            "top1_agreement": None, "shape_mismatch": [list(x.shape), list(y.shape)]}
-            continue
+            self.shape_mismatch = self.shape_mismatch or [list(x.shape), list(y.shape)]
+            return
         xf = x.astype(np.float64).ravel()
         yf = y.astype(np.float64).ravel()
-        finite = np.isfinite(xf) & np.isfinite(yf)
+        fx, fy = np.isfinite(xf), np.isfinite(yf)
+        finite = fx & fy
+        self.total += xf.size
         # NaN/inf where the original has a finite value or another non-finite one
-        nonfinite = int((~finite & (xf != yf) & ~(np.isnan(xf) & np.isnan(yf))).sum())
-        xf, yf = xf[finite], yf[finite]  # the metrics are over the positions both have finite
-        diff = xf - yf
-        nx, ny = np.linalg.norm(xf), np.linalg.norm(yf)
-        cos = float(xf @ yf / (nx * ny)) if nx > 0 and ny > 0 else float(np.allclose(xf, yf))
-        entry = {
-            "max_abs": float(np.abs(diff).max()) if diff.size else 0.0,
-            "rel_l2": float(np.linalg.norm(diff) / nx) if nx > 0 else float(np.linalg.norm(diff)),
-            "cosine": cos,
-            "top1_agreement": None,
-        }
-        if nonfinite:
-            entry["nonfinite_mismatch"] = nonfinite
+        self.mismatch += int((~finite & (xf != yf) & ~(np.isnan(xf) & np.isnan(yf))).sum())
+        self.both += int((~fx & ~fy & ((xf == yf) | (np.isnan(xf) & np.isnan(yf)))).sum())
+        xc, yc = xf[finite], yf[finite]
+        self.compared += xc.size
+        if xc.size:
+            d = xc - yc
+            self.max_abs = max(self.max_abs, float(np.abs(d).max()))
+            self.d2 += float(d @ d)
+            self.a2 += float(xc @ xc)
+            self.b2 += float(yc @ yc)
+            self.ab += float(xc @ yc)
         if x.ndim == 2 and x.shape[1] > 1 and np.issubdtype(x.dtype, np.floating):
-            entry["top1_agreement"] = float((x.argmax(1) == y.argmax(1)).mean())
+            self.agree += int((x.argmax(1) == y.argmax(1)).sum())
+            self.rows += x.shape[0]
+        self._worst(x, y, feed, first_sample, samples)
+
+    def _worst(self, x, y, feed, first_sample, samples):
+        """The sample (or, for outputs not sample-major, the feed) with the lowest cosine."""
+        per_sample = x.ndim >= 1 and samples is not None and x.shape[0] == samples and samples > 1
+        rows = x.reshape(x.shape[0], -1) if per_sample else x.reshape(1, -1)
+        rows_y = y.reshape(rows.shape)
+        for i, (a, b) in enumerate(zip(rows.astype(np.float64), rows_y.astype(np.float64))):
+            ok = np.isfinite(a) & np.isfinite(b)
+            a, b = a[ok], b[ok]
+            na, nb = np.linalg.norm(a), np.linalg.norm(b)
+            cos = float(a @ b / (na * nb)) if na > 0 and nb > 0 else float(np.allclose(a, b)) if a.size else float("nan")
+            if self.worst is None or not cos >= self.worst["cosine"]:
+                self.worst = {"cosine": cos, "rel_l2": float(np.linalg.norm(a - b) / na) if na > 0 else
+                              float(np.linalg.norm(a - b)), "feed": feed,
+                              "sample": first_sample + i if per_sample or samples == 1 else None}
+
+    def result(self) -> dict:
+        if self.shape_mismatch is not None:
+            return {"max_abs": float("inf"), "rel_l2": float("inf"), "cosine": -1.0, "top1_agreement": None,
+                    "shape_mismatch": self.shape_mismatch}
+        nx, ny = np.sqrt(self.a2), np.sqrt(self.b2)
+        if not self.compared:    # nothing finite to compare: never a perfect score
+            cos = rel = float("nan")
+        else:
+            cos = float(self.ab / (nx * ny)) if nx > 0 and ny > 0 else float(self.max_abs == 0.0)
+            rel = float(np.sqrt(self.d2) / nx) if nx > 0 else float(np.sqrt(self.d2))
+        entry = {"max_abs": self.max_abs, "rel_l2": rel, "cosine": cos,
+                 "top1_agreement": self.agree / self.rows if self.rows else None}
+        if self.mismatch:
+            entry["nonfinite_mismatch"] = self.mismatch
+        if self.both:
+            entry["nonfinite_both"] = self.both
+        if not self.compared:
+            entry["compared"] = 0
+        if self.worst is not None:
+            entry["worst"] = self.worst
+        return entry
+
+
+def compare_outputs(a: dict, b: dict) -> dict:
+    """{output: metrics} of one pair of output dicts (see ``OutputStats``)."""
+    result = {}
+    for name, x in a.items():
+        st = OutputStats()
+        st.add(x, b[name])
+        entry = st.result()
+        entry.pop("worst", None)
         result[name] = entry
     return result
+
+
+def _units(model, data):
+    fixed = fixed_batch(model)
+    if fixed is not None:   # a fixed-batch model runs whole batches only
+        return ((f, None, i * fixed) for i, f in enumerate(_batches(data, fixed, model)[0]))
+    return data.validation_batches(256)
+
+
+def compare_models(original, model, data: DataSource, problems: list):
+    """Run both models feed by feed and compare per feed; returns ({output: metrics aggregated
+    over the feeds}, samples, feeds). The original runs first and its session is gone before
+    the rewritten model's is made (one session at a time, for large models); that one session
+    also serves the load check (a failure is added to ``problems``)."""
+    sess = session(original)
+    names = [o.name for o in sess.get_outputs()]
+    ref = [(sess.run(names, feed), index, first, data.batch_count(feed)) for feed, index, first in _units(original, data)]
+    del sess
+    if not ref:
+        raise CalibrationError(f"{data.origin}: {data.n} sample(s), fewer than the model's fixed batch "
+                               f"of {fixed_batch(original)}")
+    try:
+        sess = session(model)
+    except Exception as e:
+        problems.append(f"ONNX Runtime cannot load the model: {first_line(e)}")
+        return {}, 0, 0
+    stats = {n: OutputStats() for n in names}
+    samples = 0
+    try:
+        for (outs, index, first, n), (feed, _, _) in zip(ref, _units(original, data)):
+            for name, x, y in zip(names, outs, sess.run(names, feed)):
+                stats[name].add(np.asarray(x), np.asarray(y), index, first, n)
+            samples += n
+    except Exception as e:
+        problems.append(f"ONNX Runtime fails to run the model: {first_line(e)}")
+        return {}, 0, 0
+    return {n: st.result() for n, st in stats.items()}, samples, len(ref)
 
 
 def validate(original: onnx.ModelProto, model: onnx.ModelProto, data: DataSource | None,
              tol: Tolerances) -> dict:
     problems = structural_problems(original, model)
-    outputs = {}
-    # the original runs first and its session is gone before the rewritten model's is made:
-    # one session at a time (large models), and that one serves both the load check and the run
-    ref = run_model(original, data) if data is not None else None
-    try:
-        sess = session(model)
-    except Exception as e:
-        problems.append(f"ONNX Runtime cannot load the model: {first_line(e)}")
+    outputs, samples, feeds = {}, 0, 0
+    if data is None:
+        try:
+            session(model)
+        except Exception as e:
+            problems.append(f"ONNX Runtime cannot load the model: {first_line(e)}")
     else:
-        if ref is not None:
-            try:
-                new = run_model(model, data, sess=sess)
-            except Exception as e:
-                problems.append(f"ONNX Runtime fails to run the model: {first_line(e)}")
-            else:
-                outputs = compare_outputs(ref, new)
-                problems += _tolerance_failures(outputs, tol)
-    return {"outputs": outputs, "samples": data.n if data is not None else 0,
-            "problems": problems, "passed": not problems, **introduced_ops(original, model)}
+        outputs, samples, feeds = compare_models(original, model, data, problems)
+        problems += _tolerance_failures(outputs, tol)
+    notes = [f"output '{k}': {m['nonfinite_both']} value(s) are NaN/Inf in both the original and the rewritten "
+             "model (left out of the metrics)" for k, m in outputs.items() if m.get("nonfinite_both")]
+    return {"outputs": outputs, "samples": samples, "feeds": feeds,
+            "problems": problems, "notes": notes, "passed": not problems, **introduced_ops(original, model)}
 
 
 def _tolerance_failures(outputs, tol: Tolerances):
@@ -170,6 +258,9 @@ def _tolerance_failures(outputs, tol: Tolerances):
     for name, m in outputs.items():
         if "shape_mismatch" in m:
             fails.append(f"output '{name}' shape changed {m['shape_mismatch']}")
+            continue
+        if m.get("compared") == 0:
+            fails.append(f"output '{name}' has no finite value to compare (the original gives NaN/Inf everywhere)")
             continue
         if m.get("nonfinite_mismatch"):
             fails.append(f"output '{name}' has {m['nonfinite_mismatch']} NaN/Inf value(s) the original does not")

@@ -539,7 +539,7 @@ class Hadamard(Pass):
                 report.skip(name, f"opset {op_set} < 11")
             return model, report
         shared, changed, layers, t0 = {}, set(), {}, time.perf_counter()
-        n_batches = max(1, -(-data.n // ctx.batch_size))
+        n_batches = max(1, data.count_batches(ctx.batch_size))   # feeds of different shapes batch apart
         per_batch = max(1, -(-cfg.max_rows // n_batches))
         current = model
         mem = 0

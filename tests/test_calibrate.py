@@ -44,7 +44,12 @@ def test_iterable_and_reader_and_holdout(model, x):
         def get_next(self):
             return next(self.it, None)
     assert load_data(Reader(), model).n == 30
-    fit, val = split_holdout(src, 0.2)
+    fit, val = split_holdout(src, 0.2)   # held out by feed: the last of the three feeds
+    assert (fit.n, val.n, fit.units(), val.units()) == (20, 10, 2, 1)
+    np.testing.assert_array_equal(next(val.batches(64))["input"], x[20:])
+    src.close()
+    stacked = load_data({"input": x}, model)   # one stacked array: held out by sample
+    fit, val = split_holdout(stacked, 0.2)
     assert (fit.n, val.n) == (24, 6)
     np.testing.assert_array_equal(val.take(slice(0, 6))["input"], x[24:])
 
@@ -60,9 +65,8 @@ def test_image_folder(tmp_path, rng):
     assert batch.shape == (4, 3, 8, 8) and batch.dtype == np.float32
     assert -2.01 <= batch.min() and batch.max() <= 2.01
     (folder / "broken.png").write_bytes(b"not an image")
-    src = load_data(str(folder), conv_bn_net(), {"image_size": (8, 8)})
-    with pytest.raises(CalibrationError, match="cannot read image"):
-        list(src.batches(16))
+    with pytest.raises(CalibrationError, match="cannot read image"):   # found while the data is checked
+        load_data(str(folder), conv_bn_net(), {"image_size": (8, 8)})
 
 
 @pytest.mark.parametrize("bad,match", [

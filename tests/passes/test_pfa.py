@@ -158,7 +158,7 @@ def test_small_cnn_prunes_and_reconstructs(tiny_cnn):
 
 
 def test_options_are_validated(tiny_cnn):
-    x = np.zeros((8, 3, 8, 8), np.float32)
+    x = np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32)  # real-looking data: zeros are refused
     with pytest.raises(UsageError):
         shrink(tiny_cnn, ["pfa"], calibration=x, options={"pfa": {"mode": "bogus"}})
     with pytest.raises(UsageError):
