@@ -12,6 +12,7 @@ or garbage collection) or removed at once when the call fails, unless the error 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 import warnings
@@ -31,6 +32,67 @@ from .report import make_report
 from .validate import Tolerances, validate
 
 
+TIMING_PARTS = ("calibration", "statistics", "session", "fit", "search", "export")
+TIMING_HELP = {
+    "calibration": "calibration inference (ONNX Runtime runs over the data)",
+    "statistics": "statistics accumulation (moments, sampled rows)",
+    "session": "ONNX Runtime session creation",
+    "fit": "fitting and solving (factorizations, least squares, k-means)",
+    "search": "structure / budget search",
+    "export": "graph export",
+}
+
+
+class _TimedRequest:
+    """A statistics request whose accumulation time is added to ``timings['statistics']``."""
+
+    def __init__(self, req, timings):
+        self._req, self._timings = req, timings
+
+    def __getattr__(self, name):
+        return getattr(self._req, name)
+
+    def new(self, xa, ya):
+        t = time.perf_counter()
+        try:
+            return self._req.new(xa, ya)
+        finally:
+            self._timings["statistics"] += time.perf_counter() - t
+
+    def update(self, acc, xa, ya, rng):
+        t = time.perf_counter()
+        try:
+            return self._req.update(acc, xa, ya, rng)
+        finally:
+            self._timings["statistics"] += time.perf_counter() - t
+
+
+class _Bar:
+    """One progress bar over a pass's layers (k of N, elapsed, estimate) with the current layer's
+    detail in its postfix; does nothing when quiet."""
+
+    def __init__(self, total, desc, quiet):
+        self._bar = None
+        if not quiet and total:
+            from tqdm.auto import tqdm
+            self._bar = tqdm(total=total, desc=desc, unit="layer", leave=False)
+
+    def update(self, n=1, postfix=None):
+        if self._bar is not None:
+            if postfix is not None:
+                self._bar.set_postfix_str(str(postfix)[:60], refresh=False)
+            self._bar.update(n)
+
+    def detail(self, postfix):
+        if self._bar is not None:
+            self._bar.set_postfix_str(str(postfix)[:60])
+
+    def close(self):
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
 @dataclass
 class PassContext:
     """What a pass gets besides the model and its config."""
@@ -45,6 +107,8 @@ class PassContext:
     quiet: bool = True
     calibration_seconds: float = 0.0
     calibration_runs: int = 0
+    timings: dict = field(default_factory=lambda: {k: 0.0 for k in TIMING_PARTS})
+    current_bar: _Bar | None = field(default=None, repr=False)
 
     def require_data(self, pass_name):
         if self.data is None:
@@ -58,20 +122,58 @@ class PassContext:
         from tqdm.auto import tqdm
         return tqdm(iterable, total=total, desc=desc, leave=False)
 
+    def bar(self, total, desc):
+        """The pass's one progress bar over its layers (``update(1, postfix=...)``, ``close()``);
+        calibration runs while it is open show in its postfix instead of bars of their own."""
+        self.current_bar = _Bar(total, desc, self.quiet)
+        return self.current_bar
+
+    @contextlib.contextmanager
+    def timed(self, part):
+        """Add the time spent in the block to ``timings[part]`` (one of TIMING_PARTS)."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[part] = self.timings.get(part, 0.0) + time.perf_counter() - t
+
     def collect(self, requests, model_x=None, model_y=None, desc="calibration"):
         """Statistics over the calibration data; x tensors from ``model_x`` (default: the
-        reference model), y tensors from ``model_y``."""
+        reference model), y tensors from ``model_y``. Time is split into session creation,
+        inference and statistics accumulation (``timings``)."""
         data = self.require_data("?") if self.data is None else self.data
         t = time.perf_counter()
-        prog = (lambda it, total: self.progress(it, total, desc)) if not self.quiet else None
-        out = collect(data, requests, model_x if model_x is not None else self.reference, model_y,
+        started = []
+        bar = self.current_bar if self.current_bar is not None and self.current_bar._bar is not None else None
+
+        def prog(it, total):
+            started.append(time.perf_counter())
+            if bar is not None:
+                bar.detail(desc)
+                return it
+            return self.progress(it, total, desc)
+
+        stats_before = self.timings["statistics"]
+        out = collect(data, [_TimedRequest(r, self.timings) for r in requests],
+                      model_x if model_x is not None else self.reference, model_y,
                       batch_size=self.batch_size, progress=prog, seed=self.seed)
-        self.calibration_seconds += time.perf_counter() - t
+        end = time.perf_counter()
+        begin = started[0] if started else end
+        self.timings["session"] += begin - t
+        self.timings["calibration"] += max(end - begin - (self.timings["statistics"] - stats_before), 0.0)
+        self.calibration_seconds += end - t
         self.calibration_runs += 1
         return out
 
     def cost(self, model):
         return model_cost(model, self.sample_shapes)
+
+    def timing_report(self, seconds):
+        """{part: seconds} with the calibration runs and the rest ('other') of ``seconds``."""
+        out = {k: round(self.timings.get(k, 0.0), 3) for k in TIMING_PARTS}
+        out["other"] = round(max(seconds - sum(self.timings.get(k, 0.0) for k in TIMING_PARTS), 0.0), 3)
+        out["calibration_runs"] = self.calibration_runs
+        return out
 
 
 @dataclass
@@ -206,8 +308,11 @@ def shrink(model_or_path, passes, calibration=None, target_flops=None, target_pa
         t = time.perf_counter()
         try:
             model, rep = p.apply(model, cfg, ctx)
+            if ctx.current_bar is not None:
+                ctx.current_bar.close()
             if not has_lazy(model):  # large models: validation builds the session, once
-                session(model)
+                with ctx.timed("session"):
+                    session(model)
         except OnnxShrinkError:
             raise
         except Exception as e:  # a bug or an unhandled graph: name the pass and the chain
@@ -215,6 +320,8 @@ def shrink(model_or_path, passes, calibration=None, target_flops=None, target_pa
             raise PassError(p.name, msg, done) from e
         rep.details.setdefault("seconds", round(time.perf_counter() - t, 3))
         rep.details.setdefault("calibration_seconds", round(ctx.calibration_seconds, 3))
+        rep.details.setdefault("calibration_runs", ctx.calibration_runs)
+        rep.details["timing"] = ctx.timing_report(rep.details["seconds"])
         reports.append(rep)
         done.append(p.name)
     after = model_cost(model, sample_shapes)

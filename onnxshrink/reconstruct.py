@@ -194,3 +194,16 @@ def refit_order(graph: gs.Graph, names) -> list[list[str]]:
     for n, lv in level.items():
         groups.setdefault(lv, []).append(n)
     return [sorted(groups[k]) for k in sorted(groups)]
+
+
+def shared_levels(graph: gs.Graph, groups: dict) -> list[list[str]]:
+    """``refit_order`` for layers that may span several nodes (a weight shared by several readers):
+    ``groups`` maps a layer key to its nodes' names; a layer's level is that of its earliest reader
+    (its statistics are gathered with the weight itself still as it was), levels renumbered 0, 1, …"""
+    order = refit_order(graph, [n for names in groups.values() for n in names])
+    level_of = {n: i for i, names in enumerate(order) for n in names}
+    first = {key: min(level_of[n] for n in names) for key, names in groups.items()}
+    out = {}
+    for key, lv in first.items():
+        out.setdefault(lv, []).append(key)
+    return [sorted(out[k]) for k in sorted(out)]
