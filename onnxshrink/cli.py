@@ -15,6 +15,7 @@ import sys
 import warnings
 
 from .errors import OnnxShrinkError, UsageError, first_line
+from .pipeline import profile_table
 from .report import console_table, to_json
 from .validate import Tolerances
 
@@ -52,6 +53,8 @@ def build_parser():
     p.add_argument("--inspect", action="store_true", help="print a per-layer table of INPUT and which passes apply")
     p.add_argument("--quiet", action="store_true", help="no progress bars or tables")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--profile", action="store_true", help="print where each pass spent its time (calibration "
+                   "inference and runs, statistics, session creation, fitting, search, export)")
     return p
 
 
@@ -195,6 +198,8 @@ def _main(argv) -> int:
             raise
     with result:
         result.save(args.output)
+    if args.profile:
+        print(profile_table(result.report))
     if args.report:
         _write_report(args.report, result.report)
     if not args.quiet:

@@ -43,6 +43,18 @@ TIMING_HELP = {
 }
 
 
+def profile_table(report) -> str:
+    """Per pass, the seconds spent in each part (``--profile``)."""
+    cols = TIMING_PARTS + ("other",)
+    lines = [f"{'pass':12}{'total s':>9}" + "".join(f"{c:>13}" for c in cols) + f"{'calib runs':>12}"]
+    for p in report["passes"]:
+        t = p.get("timing") or {}
+        lines.append(f"{p['name']:12}{p.get('seconds', 0.0):9.2f}" + "".join(f"{t.get(c, 0.0):13.2f}" for c in cols)
+                     + f"{t.get('calibration_runs', 0):12d}")
+    lines.append("; ".join(f"{k}: {v}" for k, v in TIMING_HELP.items()))
+    return "\n".join(lines)
+
+
 class _TimedRequest:
     """A statistics request whose accumulation time is added to ``timings['statistics']``."""
 

@@ -21,6 +21,8 @@ Layer ↔ matrix layouts:
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -207,3 +209,17 @@ def shared_levels(graph: gs.Graph, groups: dict) -> list[list[str]]:
     for key, lv in first.items():
         out.setdefault(lv, []).append(key)
     return [sorted(out[k]) for k in sorted(out)]
+
+
+@contextlib.contextmanager
+def deterministic():
+    """Run the block with one BLAS thread: k-means and code assignments compare float sums, and a
+    BLAS that splits a product differently with more threads could round them differently and flip
+    an argmin; the result must not depend on OMP/OPENBLAS/MKL_NUM_THREADS."""
+    try:
+        from threadpoolctl import threadpool_limits  # installed with scikit-learn
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield

@@ -473,7 +473,14 @@ def _scan(graph, cfg):
         w, _, reason = _linear_info(node)
         if reason is None:
             d_in, d_out = w.shape
-            if min(d_in, d_out) < cfg.min_dim:
+            readers = len(node.inputs[1].outputs)
+            if readers > 1:
+                reason = (f"weights shared by {readers} nodes: a Fastfood structure is fitted per layer, "
+                          "so the dense weight would stay for the others")
+            elif not np.isfinite(w).all() or (_linear_info(node)[1] is not None
+                                              and not np.isfinite(_linear_info(node)[1]).all()):
+                reason = "weights or bias contain NaN or Inf values: not rewritten"
+            elif min(d_in, d_out) < cfg.min_dim:
                 reason = f"{d_in}→{d_out} is below hadamard.min_dim={cfg.min_dim}"
             elif _input_rank(node) is None or _input_rank(node) < (2 if node.op == "Gemm" else 1):
                 reason = "input rank unknown"
@@ -576,7 +583,8 @@ class Hadamard(Pass):
                         "none of the structures tried fits in max_params")
                 report.skip(node, f"no Fastfood structure within tolerance {cfg.tolerance} and "
                                   f"max_params {cfg.max_params} ({best})")
-            if cfg.refit and upstream_changed and (node.op == "Gemm" or bias is None):
+            if cfg.refit and upstream_changed and (node.op == "Gemm" or bias is None) \
+                    and len(node.inputs[1].outputs) == 1 and np.isfinite(w).all():
                 w2, b2 = _ridge_refit(x, y, fit_bias=node.op == "Gemm")
                 # judge on the last rows, as the structure search does
                 n = len(x)

@@ -48,7 +48,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..graph import export_model, import_graph
-from ..reconstruct import conv_attrs, layer_stats_request, shared_levels
+from ..reconstruct import conv_attrs, deterministic, layer_stats_request, shared_levels
 from ..registry import Pass, PassReport, Plan, Skip, register
 from ..stats import CrossMoments
 
@@ -664,6 +664,32 @@ def _bias_fit(layer: Layer, cfg) -> bool:
     return _shared_bias(layer) is not None or any(_bias_target(layer, n) is not None for n in layer.nodes)
 
 
+def _fixed_bias(layer: Layer, node: gs.Node):
+    """The constant bias a Conv/Gemm adds to its product (d_out), or None."""
+    if node.op not in ("Conv", "Gemm") or len(node.inputs) < 3 or not isinstance(node.inputs[2], gs.Constant):
+        return None
+    n_out = layer.matrix().shape[0]
+    b = node.inputs[2].values.astype(np.float64).reshape(-1)
+    if b.size not in (1, n_out):
+        return None
+    if node.op == "Gemm":
+        b = b * float(node.attrs.get("beta", 1.0))
+    return np.broadcast_to(b, (n_out,)).copy()
+
+
+def _without_bias(cm, b):
+    """The moments of (x, y − b): the target of a layer whose bias stays as it is is its product."""
+    if b is None or not np.any(b):
+        return cm
+    out = CrossMoments(len(cm.x.mean), len(cm.sum_y))
+    out.x.merge(cm.x)
+    n = cm.n
+    out.sum_y = cm.sum_y - n * b
+    out.xy = cm.xy - np.outer(cm.x.sum, b)
+    out.yy = cm.yy - 2 * b * cm.sum_y + n * b * b
+    return out
+
+
 def pooled(cms):
     """One CrossMoments over the rows of several (the readers of a shared weight)."""
     cms = [c for c in cms if c is not None]
@@ -742,7 +768,12 @@ class Pq(Pass):
         if not reqs:
             return {}, {}
         got = ctx.collect(reqs, model_x=model_x, model_y=ctx.reference, desc="pq statistics")
-        per_node = {n.name: got["pq:" + n.name] for layer in layers for n in layer.nodes}
+        per_node = {}
+        for layer in layers:
+            fixed = not _bias_fit(layer, cfg)
+            for n in layer.nodes:
+                cm = got["pq:" + n.name]
+                per_node[n.name] = _without_bias(cm, _fixed_bias(layer, n)) if fixed else cm
         return {layer.node.name: pooled([per_node[n.name] for n in layer.nodes]) for layer in layers}, per_node
 
     def _layer_problem(self, layer, d, cm, cfg):
@@ -813,18 +844,23 @@ class Pq(Pass):
         aware = [l for l in layers.values() if l.aware and (cfg.aware or cfg.bias_correct)]
         stats = self._stats(ctx, aware, quick, ctx.reference)[0] if aware else {}
         options = {}
-        for name, layer in ctx.progress(sorted(layers.items()), total=len(layers), desc="pq size search"):
+        bar = ctx.bar(total=len(layers), desc="pq size search")
+        for name, layer in sorted(layers.items()):
+            bar.update(0, postfix=name)
             refit = layer.aware and cfg.bias_correct
             opts = [(None, 0.0, _dense_bytes(layer))]
             t, h, _, _ = self._layer_problem(layer, 0, stats.get(name), quick)  # the same for every (d, K)
             for d, k in self._candidates(layer, cfg):
                 rng = np.random.default_rng([ctx.seed, zlib.crc32(name.encode())])
-                cb, codes, t_hat = quantize(t, d, k, h if cfg.aware else None, quick, rng, dtype)
+                with ctx.timed("search"), deterministic():
+                    cb, codes, t_hat = quantize(t, d, k, h if cfg.aware else None, quick, rng, dtype)
                 err = output_error(t, t_hat, h) if h is not None else float(
                     ((t - t_hat) ** 2).sum() / max((t ** 2).sum(), 1e-30))
                 # k, not len(cb): the final quantization may keep more centroids than this quick one
                 opts.append(((d, k), err, _pq_bytes(layer, d, k, dtype, refit, _packed(layer, d, k, dtype, cfg))))
             options[name] = opts
+            bar.update(1)
+        bar.close()
         fixed = ctx.cost(model)["bytes"] - sum(o[0][2] for o in options.values())
 
         def pick(lam):
@@ -885,7 +921,7 @@ class Pq(Pass):
                 t, h, fit, exact = self._layer_problem(layer, d, cm, cfg)
                 rng = np.random.default_rng([ctx.seed, zlib.crc32(name.encode())])
                 tq = time.perf_counter()
-                with ctx.timed("fit"):
+                with ctx.timed("fit"), deterministic():
                     cb, codes, t_hat = quantize(t, d, k, h if cfg.aware else None, cfg, rng, dtype)
                 seconds = time.perf_counter() - tq
                 t0 = layer.matrix().astype(np.float64)
