@@ -19,6 +19,7 @@ import warnings
 import weakref
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 
 from . import budget as budget_mod
@@ -262,6 +263,30 @@ def _data(calibration, validation, model, image_options, random_calibration, nee
     return fit, val
 
 
+WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization")
+
+
+def _refuse_non_finite(model, chosen):
+    """Refuse a model whose layer weights hold NaN or Inf: every pass would fit (or fold) layers on
+    statistics and weights that are not numbers. One clear error naming the tensor and its node."""
+    from onnx import numpy_helper
+
+    from .model_io import is_lazy
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type not in WEIGHT_OPS:
+            continue
+        for name in node.input[1:]:
+            t = inits.get(name)
+            if t is None or is_lazy(t) or t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE,
+                                                              onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
+                continue
+            if not np.isfinite(numpy_helper.to_array(t).astype(np.float32, copy=False)).all():
+                names = ",".join(p.name for p, _ in chosen)
+                raise InputError(f"weight '{name}' of {node.op_type} node '{node.name}' contains NaN or Inf values: "
+                                 f"onnxshrink ({names}) does not rewrite such a model; fix the model first")
+
+
 def _owning_spill(fn):
     """Run ``fn`` with a fresh SpillStore active; on an error whose ``.result`` does not take it
     over (anything but ValidationFailed/TargetError), remove it at once."""
@@ -307,6 +332,7 @@ def shrink(model_or_path, passes, calibration=None, target_flops=None, target_pa
         msg = first_line(e)
         raise InputError(f"cannot read the graph of the input model: {type(e).__name__}: {msg}") from None
     original = model
+    _refuse_non_finite(model, chosen)
     needs = next((p.name for p, _ in chosen if p.needs_data), None)
     fit, val = _data(calibration, validation, model, image_options, random_calibration, needs, seed)
     sample_shapes = (fit or val).sample_shapes() if (fit or val) is not None else None

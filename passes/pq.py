@@ -456,8 +456,11 @@ def quantize(t, d, k, h, cfg, rng, dtype):
     rows, d_in = t.shape
     nb = d_in // d
     x = t.reshape(rows * nb, d).astype(np.float64)
-    uniq, inv = np.unique(x, axis=0, return_inverse=True)
-    if len(uniq) <= k:
+    # at most k distinct sub-vectors: they are the codebook. Sorting every row to find out costs
+    # more than the k-means of a large layer, so the first 4k + 1 rows are looked at first.
+    few = len(np.unique(x[: 4 * k + 1], axis=0)) <= k
+    uniq, inv = np.unique(x, axis=0, return_inverse=True) if few else (None, None)
+    if few and len(uniq) <= k:
         c, codes = uniq, inv.reshape(-1)
     else:
         c, codes = kmeans(x, k, cfg.kmeans_iters, rng)
