@@ -1,8 +1,10 @@
 """onnxshrink: make trained ONNX models smaller and faster by rewriting their graphs."""
 
-from .errors import OnnxShrinkError
+from .errors import (CalibrationError, CheckFailed, InputError, OnnxShrinkError, OutputError, PassError,
+                     TargetError, UsageError, ValidationFailed)
 from .pipeline import Result, shrink
 from .validate import Tolerances
 
-__all__ = ["shrink", "Result", "Tolerances", "OnnxShrinkError"]
+__all__ = ["shrink", "Result", "Tolerances", "OnnxShrinkError", "UsageError", "InputError", "CalibrationError",
+           "OutputError", "PassError", "CheckFailed", "ValidationFailed", "TargetError"]
 __version__ = "0.1.0"

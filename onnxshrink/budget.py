@@ -34,9 +34,9 @@ def check_fraction(name: str, f):
     try:
         f = float(f)
     except (TypeError, ValueError):
-        raise UsageError(f"--{name} must be a number in (0, 1], got '{f}'") from None
+        raise UsageError(f"{name} must be a number in (0, 1], got '{f}'") from None
     if not 0 < f <= 1:
-        raise UsageError(f"--{name} must be in (0, 1] (a fraction of the original), got {f}")
+        raise UsageError(f"{name} must be in (0, 1] (a fraction of the original), got {f}")
     return f
 
 
@@ -73,4 +73,4 @@ def missed(reached_targets: dict) -> TargetError | None:
     if not misses:
         return None
     return TargetError("target cannot be met: the chain reached " + "; ".join(misses)
-                       + " (see the report's skipped nodes; --force writes the model anyway)")
+                       + " (see the report's skipped nodes)")

@@ -1,7 +1,9 @@
 """Command line: argument parsing and printing only; the work is done by ``shrink``.
 
-Exit codes: 0 ok, 1 validation failed, 2 usage or input error, 130 interrupted (Ctrl-C), 143
-terminated (SIGTERM). Errors are one line on stderr (a traceback only with --debug). SIGTERM is
+Exit codes (also in ``--help``): 0 ok; 1 a check failed (validation, or a missed --target-*),
+model not written; 2 usage, input or output error (one line on stderr); 3 written anyway because
+of --force although a check failed; 130 interrupted (Ctrl-C); 141 stdout closed early (``| head``);
+143 terminated (SIGTERM). Errors are one line on stderr (a traceback only with --debug). SIGTERM is
 turned into an exception while ``main`` runs, so temporary files are removed as on Ctrl-C (output
 files are written atomically: a run stopped early leaves nothing behind).
 """
@@ -10,14 +12,38 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import sys
 import warnings
 
-from .errors import OnnxShrinkError, UsageError, first_line
+from . import __version__
+from .errors import (EXIT_CHECK_FAILED, EXIT_FORCED, EXIT_OK, EXIT_USAGE, CheckFailed, OnnxShrinkError, UsageError,
+                     first_line)
 from .pipeline import profile_table
 from .report import console_table, to_json
 from .validate import Tolerances
+
+EXIT_CODES = f"""exit codes:
+  {EXIT_OK}    ok: the model (and --report) written
+  {EXIT_CHECK_FAILED}    validation failed or a --target-* was missed: model not written (--report still is)
+  {EXIT_USAGE}    usage, input or output error (one line on stderr): nothing written
+  {EXIT_FORCED}    written anyway because of --force, although validation failed or a target was missed
+  130  interrupted (Ctrl-C), 143 terminated (SIGTERM): nothing written
+  141  standard output closed early (e.g. piped into head)"""
+
+# API argument names in library messages -> the CLI's flags
+_FLAGS = {"force=True": "--force", "target_flops": "--target-flops", "target_params": "--target-params",
+          "target_size": "--target-size", "min_cosine": "--min-cosine", "min_top1": "--min-top1",
+          "max_error": "--max-error", "max_rel_l2": "--max-rel-l2", "random_calibration=N": "--random-calibration N",
+          "random_calibration": "--random-calibration", "batch_size": "--batch-size",
+          "calibration=": "--calibration-data PATH", "validation=": "--validation-data PATH"}
+_FLAG_RE = re.compile(r"(?<![\w-])(" + "|".join(re.escape(k) for k in sorted(_FLAGS, key=len, reverse=True)) + r")(?![\w])")
+
+
+def cli_message(msg: str) -> str:
+    """A library message in the CLI's words: API argument names become flags."""
+    return _FLAG_RE.sub(lambda m: _FLAGS[m.group(1)], msg)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,7 +52,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser():
-    p = _Parser(prog="onnxshrink", description="Make trained ONNX models smaller and faster by rewriting their graphs.")
+    p = _Parser(prog="onnxshrink", description="Make trained ONNX models smaller and faster by rewriting their graphs.",
+                epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"onnxshrink {__version__}")
     p.add_argument("input", nargs="?", help="input model (.onnx); never modified")
     p.add_argument("output", nargs="?", help="output model path (written atomically)")
     p.add_argument("--passes", help="comma-separated passes, run in order (see --list-passes)")
@@ -46,12 +74,12 @@ def build_parser():
     p.add_argument("--max-rel-l2", type=float, help="fail if any output's relative L2 error exceeds this")
     p.add_argument("--min-cosine", type=float, default=0.9, help="fail if any output's cosine is below this (default 0.9)")
     p.add_argument("--min-top1", type=float, help="fail if top-1 agreement of a 2-D output is below this")
-    p.add_argument("--force", action="store_true", help="write even if validation fails or a target is missed; allow OUT == IN")
+    p.add_argument("--force", action="store_true", help="write even if validation fails or a target is missed (exit code 3); allow OUT == IN")
     p.add_argument("--batch-size", type=int, default=64, help="calibration batch size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--list-passes", action="store_true", help="list the registered passes and exit")
     p.add_argument("--inspect", action="store_true", help="print a per-layer table of INPUT and which passes apply")
-    p.add_argument("--quiet", action="store_true", help="no progress bars or tables")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or tables (warnings and failures are still printed)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--profile", action="store_true", help="print where each pass spent its time (calibration "
                    "inference and runs, statistics, session creation, fitting, search, export)")
@@ -121,10 +149,31 @@ def main(argv=None) -> int:
     except ValueError:   # not the main thread: leave signals alone
         installed = False
     try:
-        return _run(argv)
+        try:
+            code = _run(argv)
+            sys.stdout.flush()
+            return code
+        except BrokenPipeError:
+            return _pipe_closed()
     finally:
         if installed:    # None: a handler not set from Python; the default is the closest
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _pipe_closed() -> int:
+    """stdout was closed by its reader (``| head``): stop quietly. Later writes, and the flush at
+    exit, go to /dev/null instead of raising again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):   # not a real file (captured in tests)
+        pass
+    return 141
+
+
+def _error(msg: str) -> None:
+    print(f"onnxshrink: error: {cli_message(msg)}", file=sys.stderr)
 
 
 def _run(argv) -> int:
@@ -135,60 +184,95 @@ def _run(argv) -> int:
     except _Terminated:
         print("onnxshrink: terminated (SIGTERM); temporary files removed", file=sys.stderr)
         return 143
+    except SystemExit as e:          # --help, --version
+        return e.code if isinstance(e.code, int) else EXIT_OK
+    except CheckFailed as e:
+        if debug:
+            raise
+        _error(f"{e.detail} (model not written; --force writes it anyway)")
+        return e.exit_code
     except OnnxShrinkError as e:
         if debug:
             raise
-        print(f"onnxshrink: error: {e}", file=sys.stderr)
+        _error(str(e))
         return e.exit_code
     except KeyboardInterrupt:
         print("onnxshrink: interrupted; nothing written", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        raise
+    except OSError as e:              # no space, permissions, ...: the path and the OS's words
+        if debug:
+            raise
+        where = e.filename if e.filename is not None else "?"
+        _error(f"{where}: {e.strerror or first_line(e)}")
+        return EXIT_USAGE
     except Exception as e:  # a bug: still one line, unless --debug
         if debug:
             raise
         print(f"onnxshrink: internal error: {type(e).__name__}: {first_line(e)} "
               "(rerun with --debug for a traceback)", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+
+
+def _may_be_external(path) -> bool:
+    """Whether the output will probably be saved with external data (a large input)."""
+    from .model_io import EXTERNAL_THRESHOLD, _external_locations
+    try:
+        total = os.path.getsize(path)
+        if total > EXTERNAL_THRESHOLD:
+            return True
+        import onnx
+        m = onnx.load(path, load_external_data=False)
+        folder = os.path.dirname(os.path.abspath(path))
+        for loc in {loc for _, loc in _external_locations(m)}:
+            p = os.path.join(folder, loc)
+            total += os.path.getsize(p) if os.path.isfile(p) else 0
+        return total > EXTERNAL_THRESHOLD
+    except Exception:   # unreadable: the load reports it
+        return False
 
 
 def _main(argv) -> int:
     args = build_parser().parse_args(argv)
     if args.list_passes:
         print(list_passes())
-        return 0
+        return EXIT_OK
     if args.inspect:
         if not args.input:
             raise UsageError("--inspect needs a model path")
         from .inspect import inspect_model
         print(inspect_model(args.input, args.passes, parse_sets(args.set)))
-        return 0
+        return EXIT_OK
     if not args.input or not args.output:
         raise UsageError("usage: onnxshrink IN OUT --passes a,b,... (see --help)")
     if not args.passes:
         raise UsageError("--passes is required (see --list-passes)")
-    from .model_io import check_output_path
+    from .model_io import check_output_paths
     from .pipeline import shrink
     if not os.path.isfile(args.input) and os.path.exists(args.input):
         raise UsageError(f"input '{args.input}' is not a file")
-    check_output_path(args.output, args.input, force=args.force)
+    tol = Tolerances(max_error=args.max_error, min_cosine=args.min_cosine, min_top1=args.min_top1,
+                     max_rel_l2=args.max_rel_l2)
+    check_output_paths(args.output, args.input, args.report, force=args.force,
+                       external=os.path.isfile(args.input) and _may_be_external(args.input),
+                       data_paths=(args.calibration_data, args.validation_data))
     image_options = {k: v for k, v in {
         "image_size": _image_size(args.image_size),
         "mean": _floats(args.mean, "--mean"), "std": _floats(args.std, "--std"), "layout": args.layout,
     }.items() if v is not None}
-    tol = Tolerances(max_error=args.max_error, min_cosine=args.min_cosine, min_top1=args.min_top1,
-                     max_rel_l2=args.max_rel_l2)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore" if args.quiet else "default")
-        warnings.showwarning = lambda m, *a, **k: print(f"onnxshrink: warning: {m}", file=sys.stderr)
+        warnings.simplefilter("default")     # --quiet silences progress, never warnings
+        warnings.showwarning = lambda m, *a, **k: print(f"onnxshrink: warning: {cli_message(str(m))}", file=sys.stderr)
         try:
             result = shrink(args.input, args.passes, calibration=args.calibration_data,
                             validation=args.validation_data, target_flops=args.target_flops,
-                            target_params=args.target_params, target_bytes=args.target_size,
+                            target_params=args.target_params, target_size=args.target_size,
                             options=parse_sets(args.set), tolerances=tol, image_options=image_options,
                             random_calibration=args.random_calibration, force=args.force,
                             quiet=args.quiet, batch_size=args.batch_size, seed=args.seed)
-        except OnnxShrinkError as e:
-            partial = getattr(e, "result", None)
+        except CheckFailed as e:
+            partial = e.result
             if partial is not None:
                 partial.close()   # its model is not needed: only the report is written
                 if args.report:
@@ -197,15 +281,22 @@ def _main(argv) -> int:
                     print(console_table(partial.report))
             raise
     with result:
-        result.save(args.output)
+        result.save(args.output, report_path=args.report)
+    report = result.report
     if args.profile:
-        print(profile_table(result.report))
-    if args.report:
-        _write_report(args.report, result.report)
+        print(profile_table(report))
     if not args.quiet:
-        print(console_table(result.report))
+        print(console_table(report))
+    if report.get("unchanged"):
+        print("onnxshrink: warning: nothing changed (" + "; ".join(report["nothing_changed"])
+              + f"); wrote the input unchanged to {args.output}", file=sys.stderr)
+    if report.get("check_failed"):
+        print(f"onnxshrink: warning: {cli_message(report['check_failed'])}; written anyway because of --force",
+              file=sys.stderr)
+        return EXIT_FORCED
+    if not args.quiet:
         print(f"wrote {args.output}")
-    return 0
+    return EXIT_OK
 
 
 def _write_report(path, report):

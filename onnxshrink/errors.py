@@ -1,5 +1,15 @@
 """One exception hierarchy. The CLI turns each into one line on stderr and an exit code:
-0 ok, 1 validation failed, 2 usage or input error."""
+
+    0  ok: the model (and report) were written
+    1  a check failed (validation, or a --target-* that was missed); nothing written
+    2  usage or input error, or an OS error writing the output (nothing written)
+    3  written anyway because of --force, although validation failed or a target was missed
+
+API messages name the API's arguments (``force=True``, ``target_flops``); the CLI rephrases them
+with its flags.
+"""
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_FORCED = 0, 1, 2, 3
 
 
 def first_line(e: BaseException) -> str:
@@ -12,23 +22,23 @@ def first_line(e: BaseException) -> str:
 class OnnxShrinkError(Exception):
     """Base class: a clear, one-line message for the user."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 class UsageError(OnnxShrinkError):
-    """Bad flags, unknown pass, bad option value, impossible target."""
+    """Bad flags or arguments, unknown pass, bad option value, impossible target."""
 
 
 class InputError(OnnxShrinkError):
-    """Missing, unreadable or corrupt model or data file."""
+    """Missing, unreadable, corrupt or unsupported model or data file."""
 
 
 class CalibrationError(InputError):
     """Calibration or validation data that does not fit the model."""
 
 
-class TargetError(UsageError):
-    """A --target-flops / --target-params budget that cannot be met."""
+class OutputError(OnnxShrinkError):
+    """The output could not be written (no space, permissions, ...): "PATH: OS message"."""
 
 
 class PassError(OnnxShrinkError):
@@ -40,7 +50,22 @@ class PassError(OnnxShrinkError):
         self.pass_name = pass_name
 
 
-class ValidationFailed(OnnxShrinkError):
+class CheckFailed(OnnxShrinkError):
+    """A check of the rewritten model failed after the run. ``.result`` holds the unsaved
+    ``Result``; ``.detail`` the failure without the advice on ``force=True``."""
+
+    exit_code = EXIT_CHECK_FAILED
+    result = None
+
+    def __init__(self, detail: str):
+        super().__init__(f"{detail} (not saved; force=True returns the result anyway, and this "
+                         "error's .result holds it)")
+        self.detail = detail
+
+
+class ValidationFailed(CheckFailed):
     """The rewritten model failed validation; nothing is written unless forced."""
 
-    exit_code = 1
+
+class TargetError(CheckFailed):
+    """A target_flops / target_params / target_size budget the chain did not reach."""

@@ -338,3 +338,17 @@ def infer_shapes(model: onnx.ModelProto, input_shapes: dict | None = None) -> di
 
 def to_array(tensor_proto) -> np.ndarray:
     return numpy_helper.to_array(tensor_proto)
+
+
+# Layers already quantized in QOperator form (ONNX's and ONNX Runtime's contrib ops): their
+# weights are integer codes with scales; no pass rewrites them.
+QUANTIZED_OPS = frozenset({
+    "QLinearConv", "QLinearMatMul", "MatMulInteger", "ConvInteger", "QGemm", "QLinearAdd",
+    "QLinearMul", "QAttention", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits",
+    "MatMulBnb4", "QOrderedMatMul", "QLinearConvTranspose", "DynamicQuantizeLSTM", "QLinearSoftmax",
+})
+
+
+def is_quantized_layer(node) -> bool:
+    """A node (onnx NodeProto or graphsurgeon Node) of a layer in QOperator form."""
+    return getattr(node, "op_type", None) in QUANTIZED_OPS or getattr(node, "op", None) in QUANTIZED_OPS

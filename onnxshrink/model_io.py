@@ -30,6 +30,8 @@ import contextlib
 import contextvars
 import itertools
 import os
+import re
+import secrets
 import shutil
 import tempfile
 
@@ -37,7 +39,7 @@ import numpy as np
 import onnx
 from onnx import external_data_helper
 
-from .errors import InputError, UsageError
+from .errors import InputError, OutputError, UsageError, first_line
 
 PROTOBUF_LIMIT = 2**31 - 1
 # Keep a margin: the graph itself also needs room inside the 2 GB message.
@@ -61,9 +63,30 @@ def _work_dir() -> str:
     folders and, across file systems, one copy of each large model's data file."""
     if not _WORK.get("dir") or not os.path.isdir(_WORK["dir"]):
         _WORK.clear()
-        _WORK["dir"] = tempfile.mkdtemp(prefix="onnxshrink-")
+        _remove_stale_work_dirs()
+        _WORK["dir"] = tempfile.mkdtemp(prefix=f"onnxshrink-{os.getpid()}-")
         atexit.register(shutil.rmtree, _WORK["dir"], True)
     return _WORK["dir"]
+
+
+def _remove_stale_work_dirs() -> None:
+    """Work folders of processes that are gone (killed with SIGKILL): removed."""
+    base = tempfile.gettempdir()
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return
+    for name in names:
+        m = re.fullmatch(r"onnxshrink-(\d+)-[\w]+", name)
+        if not m:
+            continue
+        path = os.path.join(base, name)
+        try:
+            mine = os.path.isdir(path) and not os.path.islink(path) and os.stat(path).st_uid == os.getuid()
+        except OSError:
+            continue
+        if mine and not _pid_alive(int(m.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _token_for(path: str) -> str:
@@ -248,14 +271,18 @@ def check_external_paths(model: onnx.ModelProto, base_dir: str) -> None:
             raise InputError(f"external data file '{loc}' of tensor '{name}' not found next to the model")
 
 
-def load_model(path_or_model) -> onnx.ModelProto:
-    """Load a model from a path, bytes or a ModelProto (which is copied, never modified)."""
+def load_model(path_or_model, base_dir: str | None = None) -> onnx.ModelProto:
+    """Load a model from a path, bytes or a ModelProto (which is copied, never modified).
+
+    A ModelProto or bytes whose tensors point at external data that was not loaded is resolved
+    against ``base_dir`` (the folder of its data files, checked like a path's); without
+    ``base_dir`` it is refused: never resolved against the process's working folder."""
     if isinstance(path_or_model, onnx.ModelProto):
         model = onnx.ModelProto()
         model.CopyFrom(path_or_model)
-        return model
+        return _resolve_external(model, base_dir, "<ModelProto>")
     if isinstance(path_or_model, (bytes, bytearray)):
-        return _parse(bytes(path_or_model), "<bytes>")
+        return _resolve_external(_parse(bytes(path_or_model), "<bytes>"), base_dir, "<bytes>")
     path = os.fspath(path_or_model)
     if not os.path.exists(path):
         raise InputError(f"model file '{path}' does not exist")
@@ -267,17 +294,38 @@ def load_model(path_or_model) -> onnx.ModelProto:
     except OSError as e:
         raise InputError(f"cannot read model file '{path}': {e.strerror}") from None
     model = _parse(data, path)
-    base_dir = os.path.dirname(os.path.abspath(path))
-    if any(True for _ in _external_locations(model)):
-        check_external_paths(model, base_dir)
-        if _external_total(model) > EXTERNAL_THRESHOLD:
-            _attach_lazily(model, base_dir, path)
-            return model
-        try:
-            external_data_helper.load_external_data_for_model(model, base_dir)
-        except Exception as e:  # truncated data files and the like
-            raise InputError(f"cannot read external data of '{path}': {e}") from None
+    return _resolve_external(model, os.path.dirname(os.path.abspath(path)), path)
+
+
+def _resolve_external(model: onnx.ModelProto, base_dir: str | None, where: str) -> onnx.ModelProto:
+    unloaded = [(n, loc) for n, loc in _external_locations(model) if loc not in _FILES and loc not in _CLOSED]
+    if not unloaded:
+        return model
+    if base_dir is None:
+        name, loc = unloaded[0]
+        raise UsageError(f"tensor '{name}' of the {where} keeps its data in external file '{loc}', which "
+                         "was not loaded: load the model with its external data (onnx.load(path)), pass "
+                         "its path instead, or pass base_dir= the folder holding its data files")
+    if not os.path.isdir(base_dir):
+        raise UsageError(f"base_dir '{base_dir}' is not a folder")
+    check_external_paths(model, base_dir)
+    if _external_total(model) > EXTERNAL_THRESHOLD:
+        _attach_lazily(model, base_dir, where)
+        return model
+    try:
+        external_data_helper.load_external_data_for_model(model, base_dir)
+    except Exception as e:  # truncated data files and the like
+        raise InputError(f"cannot read external data of '{where}': {e}") from None
     return model
+
+
+def has_external_data(path: str) -> bool:
+    """Whether the model file at ``path`` keeps tensors in external files (its graph only is read)."""
+    try:
+        m = onnx.load(os.fspath(path), load_external_data=False)
+    except Exception:
+        return True
+    return any(True for _ in _external_locations(m))
 
 
 def _external_total(model) -> int:
@@ -345,70 +393,256 @@ def weight_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
+TMP_RE = re.compile(r"\.onnxshrink-(\d+)-[0-9a-f]+\.tmp")
+
+
+def _temp_name(folder: str) -> str:
+    """A short, recognisable temporary name in ``folder``: ``.onnxshrink-<pid>-<rand>.tmp``
+    (short so that a 250-character OUT name still works; the pid lets a later run remove what a
+    killed one left)."""
+    return os.path.join(folder, f".onnxshrink-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:        # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temps(folder: str) -> list[str]:
+    """Remove the temporary files of earlier runs in ``folder`` whose process is gone (SIGKILL
+    during a save); returns their paths."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        m = TMP_RE.fullmatch(name)
+        if m and not _pid_alive(int(m.group(1))):
+            path = os.path.join(folder, name)
+            try:
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                else:
+                    os.unlink(path)
+                removed.append(path)
+            except OSError:
+                pass
+    return removed
+
+
+def _name_max(folder: str) -> int:
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
+def _same(a: str, b: str) -> bool:
+    """Same file: the same path after resolving links, or (both existing) the same inode
+    (hard links)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_writable(path: str, what: str = "output") -> str:
+    """The folder of ``path`` exists and is writable, ``path`` is not a folder, its name fits the
+    file system. Returns the absolute path."""
+    path = os.path.abspath(os.fspath(path))
+    folder, name = os.path.dirname(path), os.path.basename(path)
+    if not os.path.isdir(folder):
+        raise UsageError(f"{what} directory '{folder}' does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"{what} directory '{folder}' is not writable")
+    if os.path.isdir(path):
+        raise UsageError(f"{what} path '{path}' is a directory")
+    limit = _name_max(folder)
+    if len(os.fsencode(name)) > limit:
+        raise UsageError(f"{what} file name '{name[:40]}...' is too long ({len(os.fsencode(name))} bytes; "
+                         f"this file system allows {limit})")
+    return path
+
+
+def check_output_paths(out_path, in_path=None, report_path=None, force: bool = False,
+                       external: bool = False, data_paths=()) -> None:
+    """Before any work: every file the run will write (the model, ``OUT.data`` when ``external``
+    and the report) can be written, and none of them is the input (the model, or ``OUT`` itself
+    without ``force``) or a data file. The report may never be the input or OUT."""
+    out = check_writable(out_path, "output")
+    outputs = [("output", out)]
+    if external:
+        outputs.append(("external data", check_writable(out + ".data", "external data")))
+    if report_path is not None:
+        rep = check_writable(report_path, "report")
+        for what, p in outputs:
+            if _same(rep, p):
+                raise UsageError(f"the report path '{report_path}' is the {what} path; give the report its own file")
+        outputs.append(("report", rep))
+    if in_path is not None:
+        for what, p in outputs:
+            if not _same(p, os.fspath(in_path)):
+                continue
+            if what == "output":
+                if not force:
+                    raise UsageError("output path is the input file; refusing to overwrite the input "
+                                     "(force=True allows it)")
+            else:
+                raise UsageError(f"the {what} path '{p}' is the input model; refusing to overwrite the input")
+    for data in data_paths:
+        if data is None or not isinstance(data, (str, os.PathLike)):
+            continue
+        for what, p in outputs:
+            if _same(p, os.fspath(data)):
+                raise UsageError(f"the {what} path '{p}' is a data file of this run; refusing to overwrite it")
+
+
 def check_output_path(out_path: str, in_path: str | None = None, force: bool = False) -> str:
-    out_path = os.fspath(out_path)
-    out_dir = os.path.dirname(os.path.abspath(out_path)) or "."
-    if not os.path.isdir(out_dir):
-        raise UsageError(f"output directory '{out_dir}' does not exist")
-    if not os.access(out_dir, os.W_OK):
-        raise UsageError(f"output directory '{out_dir}' is not writable")
-    if os.path.isdir(out_path):
-        raise UsageError(f"output path '{out_path}' is a directory")
-    if in_path is not None and os.path.exists(out_path) and os.path.exists(in_path):
-        if os.path.samefile(out_path, in_path) and not force:
-            raise UsageError("output path is the input file; refusing to overwrite the input "
-                             "(pass --force to allow)")
-    return out_path
+    check_output_paths(out_path, in_path, force=force)
+    return os.path.abspath(os.fspath(out_path))
 
 
-def save_model(model: onnx.ModelProto, out_path: str, external: bool | None = None) -> list[str]:
-    """Write atomically; returns the list of files written."""
-    out_path = os.path.abspath(os.fspath(out_path))
-    out_dir = os.path.dirname(out_path)
+class Staging:
+    """Files written under temporary names beside their final paths, then published together:
+    ``publish`` renames each into place; if one rename fails, those already published are rolled
+    back (the previous file restored from a hard-link backup, or the new one removed), so a
+    failure leaves no output, or the previous outputs, never a mix. ``discard`` removes the
+    temporary files. Use as a context manager: leaving the block without ``publish`` discards."""
+
+    def __init__(self):
+        self.pending: list[tuple[str, str]] = []    # (tmp, final)
+
+    def path_for(self, final: str) -> str:
+        final = os.path.abspath(os.fspath(final))
+        folder = os.path.dirname(final)
+        if not self.pending or all(os.path.dirname(f) != folder for _, f in self.pending):
+            remove_stale_temps(folder)
+        tmp = _temp_name(folder)
+        self.pending.append((tmp, final))
+        return tmp
+
+    def write_bytes(self, final: str, data: bytes) -> None:
+        tmp = self.path_for(final)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise _output_error(final, e) from None
+
+    def publish(self) -> list[str]:
+        umask = os.umask(0)
+        os.umask(umask)
+        done = []       # (final, backup or None)
+        final = None
+        try:
+            for tmp, final in self.pending:
+                if not os.path.exists(tmp):
+                    continue
+                backup = None
+                if os.path.isfile(final) and not os.path.islink(final):
+                    backup = _temp_name(os.path.dirname(final))
+                    try:
+                        os.link(final, backup)
+                    except OSError:
+                        backup = None
+                try:
+                    os.chmod(tmp, 0o666 & ~umask)   # temporary files are private; outputs are not
+                    os.replace(tmp, final)
+                except BaseException:
+                    if backup:
+                        os.unlink(backup)
+                    raise
+                done.append((final, backup))
+        except BaseException as e:
+            for published, backup in reversed(done):
+                try:
+                    if backup:
+                        os.replace(backup, published)
+                    else:
+                        os.unlink(published)
+                except OSError:
+                    pass
+            self.discard()
+            if isinstance(e, OSError):
+                raise _output_error(final, e) from None
+            raise
+        for _, backup in done:
+            if backup:
+                try:
+                    os.unlink(backup)
+                except OSError:
+                    pass
+        self.pending.clear()
+        return [final for final, _ in done]
+
+    def discard(self) -> None:
+        for tmp, _ in self.pending:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        self.pending.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.discard()
+
+
+def _output_error(path, e: OSError) -> OutputError:
+    return OutputError(f"{path}: {e.strerror or first_line(e)}")
+
+
+def save_model(model: onnx.ModelProto, out_path: str, external: bool | None = None,
+               staging: Staging | None = None, copy_from: str | None = None) -> list[str]:
+    """Write atomically; returns the list of files written. With ``staging`` the files are only
+    staged (the caller publishes them with other files). ``copy_from``: write that file's bytes
+    instead of serialising ``model`` (a model that nothing changed, saved byte-identical)."""
+    own = staging is None
+    staging = Staging() if own else staging
+    try:
+        _stage_model(model, out_path, external, staging, copy_from)
+        return staging.publish() if own else [f for _, f in staging.pending]
+    finally:
+        if own:
+            staging.discard()
+
+
+def _stage_model(model, out_path, external, staging, copy_from) -> None:
+    out_path = check_writable(out_path)
     name = os.path.basename(out_path)
+    if copy_from is not None:
+        tmp = staging.path_for(out_path)
+        try:
+            shutil.copyfile(copy_from, tmp)
+        except OSError as e:
+            raise _output_error(out_path, e) from None
+        return
     if external is None:
         external = weight_bytes(model) > EXTERNAL_THRESHOLD
-    tmp_dir = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=out_dir)
-    try:
-        tmp_model = os.path.join(tmp_dir, name)
-        written = [out_path]
-        if has_lazy(model) and external:
-            data_name = name + ".data"
-            _save_streaming(model, tmp_model, os.path.join(tmp_dir, data_name), data_name)
-            _publish(os.path.join(tmp_dir, data_name), os.path.join(out_dir, data_name))
-            written.append(os.path.join(out_dir, data_name))
-        elif has_lazy(model):
-            with open(tmp_model, "wb") as f:
-                f.write(materialized(model).SerializeToString())
-                f.flush()
-                os.fsync(f.fileno())
-        elif external:
-            data_name = name + ".data"
-            to_save = onnx.ModelProto()
-            to_save.CopyFrom(model)
-            onnx.save_model(to_save, tmp_model, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
-            if os.path.exists(os.path.join(tmp_dir, data_name)):
-                _publish(os.path.join(tmp_dir, data_name), os.path.join(out_dir, data_name))
-                written.append(os.path.join(out_dir, data_name))
-        else:
-            with open(tmp_model, "wb") as f:
-                f.write(model.SerializeToString())
-                f.flush()
-                os.fsync(f.fileno())
-        _publish(tmp_model, out_path)
-        return written
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-
-
-def _publish(tmp: str, final: str) -> None:
-    """Give a finished temporary file the permissions a plain open() would (temporary files are
-    private) and move it into place atomically."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, final)
+    if external:
+        data_final = check_writable(out_path + ".data", "external data")
+        tmp_data = staging.path_for(data_final)
+        tmp_model = staging.path_for(out_path)
+        try:
+            _save_streaming(model, tmp_model, tmp_data, name + ".data")
+        except OSError as e:
+            raise _output_error(out_path, e) from None
+    else:
+        staging.write_bytes(out_path, (materialized(model) if has_lazy(model) else model).SerializeToString())
 
 
 def materialized(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -463,16 +697,7 @@ def _save_streaming(model, model_path, data_path, data_name) -> None:
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    path = os.path.abspath(os.fspath(path))
-    d = os.path.dirname(path)
-    if not os.path.isdir(d):
-        raise UsageError(f"report directory '{d}' does not exist")
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        _publish(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    path = check_writable(path, "report")
+    with Staging() as st:
+        st.write_bytes(path, text.encode())
+        st.publish()

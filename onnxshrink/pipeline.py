@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import time
 import warnings
 import weakref
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,11 +28,12 @@ from . import budget as budget_mod
 from .calibrate import DataSource, collect, load_data, random_data, session, split_holdout
 from .cost import model_cost
 from .errors import InputError, OnnxShrinkError, PassError, UsageError, ValidationFailed, first_line
-from .graph import normalize
-from .model_io import SpillStore, active_store, has_lazy, load_model, save_model, spilling
+from .graph import is_quantized_layer, normalize, opset
+from .model_io import (SpillStore, Staging, active_store, check_output_paths, check_writable, has_external_data,
+                       has_lazy, load_model, save_model, spilling)
 from .registry import get_pass, make_config
-from .report import make_report
-from .validate import Tolerances, validate
+from .report import make_report, to_json
+from .validate import STANDARD_DOMAINS, Tolerances, structural_problems, validate
 
 
 TIMING_PARTS = ("calibration", "statistics", "session", "fit", "search", "export")
@@ -125,8 +128,8 @@ class PassContext:
 
     def require_data(self, pass_name):
         if self.data is None:
-            raise UsageError(f"pass '{pass_name}' needs calibration data: give --calibration-data PATH "
-                             "(or --random-calibration N to use random inputs, with a warning)")
+            raise UsageError(f"pass '{pass_name}' needs calibration data: give calibration= "
+                             "(or random_calibration=N to use random inputs, with a warning)")
         return self.data
 
     def progress(self, iterable, total=None, desc=None):
@@ -195,17 +198,39 @@ class Result:
     in a temporary spill folder this Result owns: it is removed by ``close()``, on leaving a
     ``with`` block, or when the Result is garbage-collected (at the latest at exit). Keep the
     Result while using ``model`` (or save it first); afterwards such a model's rewritten weights
-    are gone and using them raises UsageError. For other models ``close()`` does nothing."""
+    are gone and using them raises UsageError. For other models ``close()`` does nothing.
+
+    ``unchanged``: no pass changed anything; ``save`` then writes the input file's bytes as they
+    were (when the input was a path without external data)."""
 
     model: onnx.ModelProto
     report: dict
     spill: SpillStore | None = field(default=None, repr=False, compare=False)
+    source: str | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         self._close = weakref.finalize(self, self.spill.close) if self.spill is not None else None
 
-    def save(self, path, external: bool | None = None):
-        return save_model(self.model, path, external)
+    @property
+    def unchanged(self) -> bool:
+        return bool(self.report.get("unchanged"))
+
+    @property
+    def passed(self) -> bool:
+        """Validation passed and every target was met."""
+        v = self.report.get("validation") or {}
+        return bool(v.get("passed")) and all(t.get("met") for t in (self.report.get("targets") or {}).values())
+
+    def save(self, path, external: bool | None = None, report_path=None):
+        """Write the model (and, with ``report_path``, the JSON report) atomically, together: on
+        any failure neither is left. Returns the files written."""
+        check_output_paths(path, self.source, report_path, force=True, external=bool(external))
+        with Staging() as staging:
+            copy = self.source if self.unchanged and self.source and not external else None
+            save_model(self.model, path, external, staging=staging, copy_from=copy)
+            if report_path is not None:
+                staging.write_bytes(check_writable(report_path, "report"), to_json(self.report).encode())
+            return staging.publish()
 
     def close(self) -> None:
         if self._close is not None:
@@ -222,7 +247,7 @@ def _resolve_passes(names, options):
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     if not names:
-        raise UsageError("no passes given (--passes a,b,...; see --list-passes)")
+        raise UsageError("no passes given (see onnxshrink --list-passes)")
     options = dict(options or {})
     unknown = [k for k in options if k not in names]
     chosen = []
@@ -233,7 +258,7 @@ def _resolve_passes(names, options):
         chosen.append((p, make_config(p, options.get(name, {}))))
     for k in unknown:
         get_pass(k)  # raises for unknown pass names
-        raise UsageError(f"options given for pass '{k}', which is not in --passes {','.join(names)}")
+        raise UsageError(f"options given for pass '{k}', which is not among the passes ({','.join(names)})")
     return chosen
 
 
@@ -303,28 +328,103 @@ def _owning_spill(fn):
     return wrapper
 
 
+SUPPORTED_OPSETS = (11, 21)   # of the default ONNX domain; the passes are tested on these
+_DEFAULT = object()
+
+
+def _check_supported(model) -> None:
+    """Refused up front: what the passes cannot rewrite safely."""
+    v = opset(model)
+    lo, hi = SUPPORTED_OPSETS
+    if not lo <= v <= hi:
+        what = f"opset {v}" if v else "no opset"
+        raise InputError(f"the model uses {what} of the default ONNX domain; onnxshrink supports opsets "
+                         f"{lo}-{hi} (convert it first, e.g. onnx.version_converter.convert_version(model, 17))")
+
+
+def _tolerances(tolerances, values) -> Tolerances:
+    given = {k: v for k, v in values.items() if v is not _DEFAULT}
+    if tolerances is not None:
+        if given:
+            raise UsageError(f"give either tolerances= or {', '.join(k + '=' for k in given)} not both")
+        if not isinstance(tolerances, Tolerances):
+            raise UsageError(f"tolerances= must be an onnxshrink.Tolerances, got {type(tolerances).__name__}")
+        Tolerances.__post_init__(tolerances)   # fields may have been set after construction
+        return tolerances
+    return Tolerances(**given)
+
+
+def _nothing_changed(reports) -> list[str]:
+    """Per pass, why it changed nothing (from its skip reasons)."""
+    lines = []
+    for r in reports:
+        reasons = Counter(s.reason for s in r.skipped)
+        if not reasons:
+            lines.append(f"{r.name}: no layer it rewrites")
+            continue
+        top = "; ".join(f"{why} ({n}x)" if n > 1 else why for why, n in reasons.most_common(3))
+        more = len(reasons) - 3
+        lines.append(f"{r.name}: {top}" + (f"; {more} more reasons in the report" if more > 0 else ""))
+    return lines
+
+
+def _same_model(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
+    """Equal but for inferred shapes (``value_info``, which a re-exported graph may add)."""
+    if a is b:
+        return True
+    copies = []
+    for m in (a, b):
+        c = onnx.ModelProto()
+        c.CopyFrom(m)
+        del c.graph.value_info[:]
+        copies.append(c)
+    return copies[0] == copies[1]
+
+
+def _model_name(model_or_path) -> str:
+    if isinstance(model_or_path, onnx.ModelProto):
+        return "<ModelProto>"
+    if isinstance(model_or_path, (bytes, bytearray)):
+        return "<bytes>"
+    return os.fspath(model_or_path)
+
+
 @_owning_spill
-def shrink(model_or_path, passes, calibration=None, target_flops=None, target_params=None,
-           options=None, validation=None, tolerances: Tolerances | None = None, image_options=None,
-           random_calibration=None, force=False, quiet=True, batch_size=64, seed=0, target_bytes=None) -> Result:
-    """Compress a model. See the README for the arguments; raises OnnxShrinkError subclasses.
+def shrink(model_or_path, passes, calibration=None, *, validation=None, target_flops=None,
+           target_params=None, target_size=None, min_cosine=_DEFAULT, min_top1=_DEFAULT,
+           max_error=_DEFAULT, max_rel_l2=_DEFAULT, options=None, image_options=None,
+           random_calibration=None, force=False, quiet=True, batch_size=64, seed=0, base_dir=None,
+           tolerances: Tolerances | None = None, target_bytes=None) -> Result:
+    """Compress a model. See the README for the arguments; they mirror the CLI's flags
+    (``min_cosine`` is ``--min-cosine``; ``tolerances=`` and ``target_bytes=`` are older spellings
+    of the tolerance arguments and of ``target_size``). Raises OnnxShrinkError subclasses; a failed
+    check raises ValidationFailed/TargetError with the unsaved result in ``.result``, unless
+    ``force=True``, which returns it (``result.passed`` is then False).
     The result holds temporary files for large models: ``with shrink(...) as res:`` or
     ``res.close()`` removes them at once (else garbage collection does)."""
     t0 = time.perf_counter()
-    targets = {m: f for m, f in (("flops", budget_mod.check_fraction("target-flops", target_flops)),
-                                  ("params", budget_mod.check_fraction("target-params", target_params)),
-                                  ("bytes", budget_mod.check_fraction("target-size", target_bytes)))
+    if target_bytes is not None:
+        if target_size is not None:
+            raise UsageError("give target_size= (target_bytes= is its older name), not both")
+        target_size = target_bytes
+    tol = _tolerances(tolerances, {"min_cosine": min_cosine, "min_top1": min_top1, "max_error": max_error,
+                                   "max_rel_l2": max_rel_l2})
+    targets = {m: f for m, f in (("flops", budget_mod.check_fraction("target_flops", target_flops)),
+                                  ("params", budget_mod.check_fraction("target_params", target_params)),
+                                  ("bytes", budget_mod.check_fraction("target_size", target_size)))
                if f is not None}
     chosen = _resolve_passes(passes, options)
     if random_calibration is not None and (isinstance(random_calibration, bool) or int(random_calibration) < 1):
-        raise UsageError(f"--random-calibration must be a positive number of samples, got {random_calibration}")
+        raise UsageError(f"random_calibration must be a positive number of samples, got {random_calibration}")
     if batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+        raise UsageError(f"batch_size must be at least 1, got {batch_size}")
+    names = {"flops": "target_flops", "params": "target_params", "bytes": "target_size"}
     for metric in targets:
         if not any(metric in p.budgets for p, _ in chosen):
-            raise UsageError(f"a {metric} target needs a pass that can search a {metric} budget; none of "
+            raise UsageError(f"{names[metric]} needs a pass that can search a {metric} budget; none of "
                              f"{','.join(p.name for p, _ in chosen)} can")
-    model = load_model(model_or_path)
+    model = load_model(model_or_path, base_dir)
+    _check_supported(model)
     _check_runs(model)
     try:
         model = normalize(model)
@@ -333,6 +433,13 @@ def shrink(model_or_path, passes, calibration=None, target_flops=None, target_pa
         raise InputError(f"cannot read the graph of the input model: {type(e).__name__}: {msg}") from None
     original = model
     _refuse_non_finite(model, chosen)
+    # the input's own non-standard ops and checker complaints are the user's: reported, not held
+    # against the rewrite
+    input_info = {"model": _model_name(model_or_path),
+                  "nonstandard_ops": sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node
+                                             if n.domain not in STANDARD_DOMAINS}),
+                  "problems": structural_problems(original, original)}
+    quantized = [n for n in model.graph.node if is_quantized_layer(n)]
     needs = next((p.name for p, _ in chosen if p.needs_data), None)
     fit, val = _data(calibration, validation, model, image_options, random_calibration, needs, seed)
     sample_shapes = (fit or val).sample_shapes() if (fit or val) is not None else None
@@ -356,6 +463,8 @@ def shrink(model_or_path, passes, calibration=None, target_flops=None, target_pa
         except Exception as e:  # a bug or an unhandled graph: name the pass and the chain
             msg = first_line(e)
             raise PassError(p.name, msg, done) from e
+        for n in quantized:
+            rep.skip(n.name, f"quantized layer ({n.op_type}, QOperator form): left as it is")
         rep.details.setdefault("seconds", round(time.perf_counter() - t, 3))
         rep.details.setdefault("calibration_seconds", round(ctx.calibration_seconds, 3))
         rep.details.setdefault("calibration_runs", ctx.calibration_runs)
@@ -367,17 +476,29 @@ def shrink(model_or_path, passes, calibration=None, target_flops=None, target_pa
     if val is None:
         val = random_data(original, 16, seed, sample_shapes)
         val.origin = "random inputs (no calibration data given)"
-    validation_result = validate(original, model, val, tolerances or Tolerances())
+    validation_result = validate(original, model, val, tol)
+    inherited = [q for q in validation_result["problems"] if q in input_info["problems"]]
+    if inherited:
+        validation_result["problems"] = [q for q in validation_result["problems"] if q not in inherited]
+        validation_result["passed"] = not validation_result["problems"]
     validation_result["data"] = val.origin
     timing["total_seconds"] = round(time.perf_counter() - t0, 3)
-    report = make_report(before, after, reports, validation_result, reached, timing)
-    result = Result(model, report, active_store())
-    if not force:
-        err = budget_mod.missed(reached)
-        if err is None and not validation_result["passed"]:
-            err = ValidationFailed("validation failed: " + "; ".join(validation_result["problems"])
-                                   + " (nothing written; --force writes it anyway)")
-        if err is not None:
-            err.result = result
-            raise err
+    report = make_report(before, after, reports, validation_result, reached, timing,
+                         model=input_info["model"])
+    report["input"] = input_info
+    if not any(r.changed for r in reports) and _same_model(model, original):
+        report["unchanged"] = True
+        report["nothing_changed"] = _nothing_changed(reports)
+    source = None
+    if report.get("unchanged") and isinstance(model_or_path, (str, os.PathLike)) \
+            and not has_external_data(model_or_path):
+        source = os.path.abspath(os.fspath(model_or_path))
+    result = Result(model, report, active_store(), source)
+    err = budget_mod.missed(reached)
+    if err is None and not validation_result["passed"]:
+        err = ValidationFailed("validation failed: " + "; ".join(validation_result["problems"]))
+    report["check_failed"] = err.detail if err is not None else None
+    if err is not None and not force:
+        err.result = result
+        raise err
     return result

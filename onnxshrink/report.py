@@ -1,6 +1,7 @@
 """The report: one dict (also written as JSON) and a short console table.
 
-Keys: {"before": {params, flops, bytes}, "after": {...}, "passes": [{name, changed, skipped:
+Keys: {"model": the input path or "<ModelProto>", "input": {nonstandard_ops, problems}, "before":
+{params, flops, bytes}, "after": {...}, "passes": [{name, changed, skipped:
 [{node, reason}], ...}], "validation": {outputs: {NAME: {max_abs, rel_l2, cosine,
 top1_agreement}}, passed}, "targets": {...}, "timing": {...}}.
 """

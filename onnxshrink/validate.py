@@ -9,6 +9,7 @@ similarity of the flattened outputs, and for 2-D float outputs (classifier-like)
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import onnx
 
 from .calibrate import DataSource, run_model, session
 from .cost import model_bytes
-from .errors import first_line
+from .errors import UsageError, first_line
 from .model_io import has_lazy, lazy_tensors
 
 STANDARD_DOMAINS = ("", "ai.onnx")
@@ -54,6 +55,18 @@ class Tolerances:
     min_top1: float | None = None     # top-1 agreement for 2-D outputs
     max_rel_l2: float | None = None
 
+    def __post_init__(self):
+        for name in ("max_error", "min_cosine", "min_top1", "max_rel_l2"):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            try:
+                ok = not isinstance(v, bool) and math.isfinite(float(v))
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise UsageError(f"{name} must be a finite number (or None to skip the check), got {v!r}")
+
 
 def structural_problems(original: onnx.ModelProto, model: onnx.ModelProto) -> list[str]:
     problems = []
@@ -64,9 +77,11 @@ def structural_problems(original: onnx.ModelProto, model: onnx.ModelProto) -> li
             onnx.checker.check_model(model, full_check=True)
     except Exception as e:
         problems.append(f"onnx.checker: {first_line(e)}")
-    foreign = sorted({f"{n.domain}::{n.op_type}" for n in model.graph.node if n.domain not in STANDARD_DOMAINS})
+    def nonstandard(m):
+        return {f"{n.domain}::{n.op_type}" for n in m.graph.node if n.domain not in STANDARD_DOMAINS}
+    foreign = sorted(nonstandard(model) - nonstandard(original))  # the input's own are the user's
     if foreign:
-        problems.append("non-standard ops: " + ", ".join(foreign))
+        problems.append("non-standard ops introduced: " + ", ".join(foreign))
 
     def sig(m, which):
         init = {t.name for t in m.graph.initializer}

@@ -11,7 +11,7 @@ import pytest
 from graphs import conv_bn_net
 
 from models import digits
-from onnxshrink import cli, model_io
+from onnxshrink import OutputError, cli, model_io
 
 PLAIN = digits.model_path("cnn_plain")
 PLAIN_CALIB = digits.calib_path("cnn_plain")
@@ -125,8 +125,9 @@ def test_validation_failure_writes_nothing_unless_forced(tmp_path, tiny, capsys)
     out = tmp_path / "o.onnx"
     argv = [tiny, out, "--passes", "foldbn", "--calibration-data", tmp_path / "calib.npy", "--max-error", "0"]
     _fails_cleanly(argv, capsys, tmp_path, code=1, match="validation failed")
-    rc, _, _ = _run(argv + ["--force"], capsys)
-    assert rc == 0 and out.exists()
+    rc, _, err = _run(argv + ["--force"], capsys)
+    assert rc == 3 and out.exists()  # written, but the exit code says a check failed
+    assert "validation failed" in err and "--force" in err
 
 
 def test_atomic_save_leaves_nothing_on_failure(tmp_path, monkeypatch):
@@ -136,7 +137,7 @@ def test_atomic_save_leaves_nothing_on_failure(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
     monkeypatch.setattr(model_io.os, "replace", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(OutputError, match="o.onnx: disk full"):
         model_io.save_model(conv_bn_net(), str(target))
     assert target.read_bytes() == b"previous"
     assert sorted(os.listdir(tmp_path)) == ["o.onnx"]
