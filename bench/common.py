@@ -107,14 +107,18 @@ def run_case(case: Case, runs=25):
     row = measure(original, res.model, kind, case.batch, runs)
     row.update({
         "model": case.model, "label": case.label or ",".join(case.passes), "wall_s": wall,
-        "calib_s": sum(p.get("calibration_seconds", 0.0) for p in res.report["passes"]),
+        "calib_s": sum(p.get("timing", {}).get("calibration", p.get("calibration_seconds", 0.0))
+                       for p in res.report["passes"]),
+        "calib_runs": sum(p.get("timing", {}).get("calibration_runs", 0) for p in res.report["passes"]),
+        "fit_s": sum(p.get("timing", {}).get("fit", 0.0) + p.get("timing", {}).get("search", 0.0)
+                     for p in res.report["passes"]),
         "report": res.report, "result_model": res.model,
     })
     return row
 
 
 HEADER = (f"{'model':13} {'config':34} {'params':>7} {'flops':>7} {'bytes':>7} {'latency':>8} "
-          f"{'acc':>7} {'acc new':>7} {'Δpp':>6} {'tool s':>7} {'calib s':>7}")
+          f"{'acc':>7} {'acc new':>7} {'Δpp':>6} {'tool s':>7} {'calib s':>7} {'runs':>4} {'fit s':>7}")
 
 
 def format_row(r):
@@ -122,4 +126,5 @@ def format_row(r):
     wall = f"{r['wall_s']:7.1f}" if r.get("wall_s") is not None else f"{'-':>7}"
     calib = f"{r['calib_s']:7.1f}" if r.get("calib_s") is not None else f"{'-':>7}"
     return (f"{r['model']:13} {r['label'][:34]:34} {r['params']:7.3f} {r['flops']:7.3f} {r['bytes']:7.3f} "
-            f"{r['latency']:8.3f} {100 * r['acc_before']:7.2f} {100 * r['acc_after']:7.2f} {d:6.2f} {wall} {calib}")
+            f"{r['latency']:8.3f} {100 * r['acc_before']:7.2f} {100 * r['acc_after']:7.2f} {d:6.2f} {wall} {calib}"
+            f" {r.get('calib_runs', 0):4d} {r.get('fit_s', 0.0):7.1f}")

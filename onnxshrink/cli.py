@@ -20,6 +20,7 @@ import warnings
 from . import __version__
 from .errors import (EXIT_CHECK_FAILED, EXIT_FORCED, EXIT_OK, EXIT_USAGE, CheckFailed, OnnxShrinkError, UsageError,
                      first_line)
+from .pipeline import profile_table
 from .report import console_table, to_json
 from .validate import Tolerances
 
@@ -87,6 +88,8 @@ def build_parser():
     p.add_argument("--inspect", action="store_true", help="print a per-layer table of INPUT and which passes apply")
     p.add_argument("--quiet", action="store_true", help="no progress bars or tables (warnings and failures are still printed)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--profile", action="store_true", help="print where each pass spent its time (calibration "
+                   "inference and runs, statistics, session creation, fitting, search, export)")
     return p
 
 
@@ -294,6 +297,8 @@ def _main(argv) -> int:
     with result:
         result.save(args.output, report_path=args.report)
     report = result.report
+    if args.profile:
+        print(profile_table(report))
     if not args.quiet:
         print(console_table(report))
     if report.get("unchanged"):

@@ -12,6 +12,7 @@ or garbage collection) or removed at once when the call fails, unless the error 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import time
@@ -20,12 +21,13 @@ import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 
 from . import budget as budget_mod
 from .calibrate import DataSource, ShapeObserver, collect, load_data, random_data, session, split_holdout
 from .cost import model_cost, unknown_flops
-from .errors import (CalibrationError, InputError, OnnxShrinkError, PassError, TargetError, UsageError,
+from .errors import (CalibrationError, InputError, OnnxShrinkError, PassError, UsageError,
                      ValidationFailed, first_line)
 from .graph import is_quantized_layer, normalize, observing, opset
 from .model_io import (SpillStore, Staging, active_store, check_output_paths, check_writable, has_external_data,
@@ -33,6 +35,79 @@ from .model_io import (SpillStore, Staging, active_store, check_output_paths, ch
 from .registry import get_pass, make_config
 from .report import make_report, to_json
 from .validate import STANDARD_DOMAINS, Tolerances, structural_problems, validate
+
+
+TIMING_PARTS = ("calibration", "statistics", "session", "fit", "search", "export")
+TIMING_HELP = {
+    "calibration": "calibration inference (ONNX Runtime runs over the data)",
+    "statistics": "statistics accumulation (moments, sampled rows)",
+    "session": "ONNX Runtime session creation",
+    "fit": "fitting and solving (factorizations, least squares, k-means)",
+    "search": "structure / budget search",
+    "export": "graph export",
+}
+
+
+def profile_table(report) -> str:
+    """Per pass, the seconds spent in each part (``--profile``)."""
+    cols = TIMING_PARTS + ("other",)
+    lines = [f"{'pass':12}{'total s':>9}" + "".join(f"{c:>13}" for c in cols) + f"{'calib runs':>12}"]
+    for p in report["passes"]:
+        t = p.get("timing") or {}
+        lines.append(f"{p['name']:12}{p.get('seconds', 0.0):9.2f}" + "".join(f"{t.get(c, 0.0):13.2f}" for c in cols)
+                     + f"{t.get('calibration_runs', 0):12d}")
+    lines.append("; ".join(f"{k}: {v}" for k, v in TIMING_HELP.items()))
+    return "\n".join(lines)
+
+
+class _TimedRequest:
+    """A statistics request whose accumulation time is added to ``timings['statistics']``."""
+
+    def __init__(self, req, timings):
+        self._req, self._timings = req, timings
+
+    def __getattr__(self, name):
+        return getattr(self._req, name)
+
+    def new(self, xa, ya):
+        t = time.perf_counter()
+        try:
+            return self._req.new(xa, ya)
+        finally:
+            self._timings["statistics"] += time.perf_counter() - t
+
+    def update(self, acc, xa, ya, rng):
+        t = time.perf_counter()
+        try:
+            return self._req.update(acc, xa, ya, rng)
+        finally:
+            self._timings["statistics"] += time.perf_counter() - t
+
+
+class _Bar:
+    """One progress bar over a pass's layers (k of N, elapsed, estimate) with the current layer's
+    detail in its postfix; does nothing when quiet."""
+
+    def __init__(self, total, desc, quiet):
+        self._bar = None
+        if not quiet and total:
+            from tqdm.auto import tqdm
+            self._bar = tqdm(total=total, desc=desc, unit="layer", leave=False)
+
+    def update(self, n=1, postfix=None):
+        if self._bar is not None:
+            if postfix is not None:
+                self._bar.set_postfix_str(str(postfix)[:60], refresh=False)
+            self._bar.update(n)
+
+    def detail(self, postfix):
+        if self._bar is not None:
+            self._bar.set_postfix_str(str(postfix)[:60])
+
+    def close(self):
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 @dataclass
@@ -50,6 +125,8 @@ class PassContext:
     calibration_seconds: float = 0.0
     calibration_runs: int = 0
     signatures: list | None = None       # every input shape the data has, with sample counts
+    timings: dict = field(default_factory=lambda: {k: 0.0 for k in TIMING_PARTS})
+    current_bar: _Bar | None = field(default=None, repr=False)
 
     def require_data(self, pass_name):
         if self.data is None:
@@ -63,20 +140,58 @@ class PassContext:
         from tqdm.auto import tqdm
         return tqdm(iterable, total=total, desc=desc, leave=False)
 
+    def bar(self, total, desc):
+        """The pass's one progress bar over its layers (``update(1, postfix=...)``, ``close()``);
+        calibration runs while it is open show in its postfix instead of bars of their own."""
+        self.current_bar = _Bar(total, desc, self.quiet)
+        return self.current_bar
+
+    @contextlib.contextmanager
+    def timed(self, part):
+        """Add the time spent in the block to ``timings[part]`` (one of TIMING_PARTS)."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[part] = self.timings.get(part, 0.0) + time.perf_counter() - t
+
     def collect(self, requests, model_x=None, model_y=None, desc="calibration"):
         """Statistics over the calibration data; x tensors from ``model_x`` (default: the
-        reference model), y tensors from ``model_y``."""
+        reference model), y tensors from ``model_y``. Time is split into session creation,
+        inference and statistics accumulation (``timings``)."""
         data = self.require_data("?") if self.data is None else self.data
         t = time.perf_counter()
-        prog = (lambda it, total: self.progress(it, total, desc)) if not self.quiet else None
-        out = collect(data, requests, model_x if model_x is not None else self.reference, model_y,
+        started = []
+        bar = self.current_bar if self.current_bar is not None and self.current_bar._bar is not None else None
+
+        def prog(it, total):
+            started.append(time.perf_counter())
+            if bar is not None:
+                bar.detail(desc)
+                return it
+            return self.progress(it, total, desc)
+
+        stats_before = self.timings["statistics"]
+        out = collect(data, [_TimedRequest(r, self.timings) for r in requests],
+                      model_x if model_x is not None else self.reference, model_y,
                       batch_size=self.batch_size, progress=prog, seed=self.seed)
-        self.calibration_seconds += time.perf_counter() - t
+        end = time.perf_counter()
+        begin = started[0] if started else end
+        self.timings["session"] += begin - t
+        self.timings["calibration"] += max(end - begin - (self.timings["statistics"] - stats_before), 0.0)
+        self.calibration_seconds += end - t
         self.calibration_runs += 1
         return out
 
     def cost(self, model):
         return model_cost(model, self.signatures or self.sample_shapes)
+
+    def timing_report(self, seconds):
+        """{part: seconds} with the calibration runs and the rest ('other') of ``seconds``."""
+        out = {k: round(self.timings.get(k, 0.0), 3) for k in TIMING_PARTS}
+        out["other"] = round(max(seconds - sum(self.timings.get(k, 0.0) for k in TIMING_PARTS), 0.0), 3)
+        out["calibration_runs"] = self.calibration_runs
+        return out
 
 
 @dataclass
@@ -195,9 +310,33 @@ def _flops_countable(model, shapes, targets):
     nodes = unknown_flops(model, shapes)
     if nodes:
         where = "at the calibration data's shapes" if shapes else \
-            "with the model's dynamic dims unknown (give --calibration-data to count them at its shapes)"
-        raise TargetError(f"--target-flops cannot be checked: the FLOPs of {len(nodes)} node(s) (e.g. "
+            "with the model's dynamic dims unknown (give calibration= data to count them at its shapes)"
+        raise UsageError(f"target_flops cannot be checked: the FLOPs of {len(nodes)} node(s) (e.g. "
                           f"'{nodes[0]}') cannot be counted {where}: their shapes are unknown")
+
+
+WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization")
+
+
+def _refuse_non_finite(model, chosen):
+    """Refuse a model whose layer weights hold NaN or Inf: every pass would fit (or fold) layers on
+    statistics and weights that are not numbers. One clear error naming the tensor and its node."""
+    from onnx import numpy_helper
+
+    from .model_io import is_lazy
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type not in WEIGHT_OPS:
+            continue
+        for name in node.input[1:]:
+            t = inits.get(name)
+            if t is None or is_lazy(t) or t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE,
+                                                              onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16):
+                continue
+            if not np.isfinite(numpy_helper.to_array(t).astype(np.float32, copy=False)).all():
+                names = ",".join(p.name for p, _ in chosen)
+                raise InputError(f"weight '{name}' of {node.op_type} node '{node.name}' contains NaN or Inf values: "
+                                 f"onnxshrink ({names}) does not rewrite such a model; fix the model first")
 
 
 def _owning_spill(fn):
@@ -320,6 +459,7 @@ def shrink(model_or_path, passes, calibration=None, *, validation=None, target_f
         msg = first_line(e)
         raise InputError(f"cannot read the graph of the input model: {type(e).__name__}: {msg}") from None
     original = model
+    _refuse_non_finite(model, chosen)
     # the input's own non-standard ops and checker complaints are the user's: reported, not held
     # against the rewrite
     input_info = {"model": _model_name(model_or_path),
@@ -358,8 +498,11 @@ def _run(model, original, chosen, targets, fit, val, tol, force, quiet, batch_si
         t = time.perf_counter()
         try:
             model, rep = p.apply(model, cfg, ctx)
+            if ctx.current_bar is not None:
+                ctx.current_bar.close()
             if not has_lazy(model):  # large models: validation builds the session, once
-                session(model)
+                with ctx.timed("session"):
+                    session(model)
         except OnnxShrinkError:
             raise
         except Exception as e:  # a bug or an unhandled graph: name the pass and the chain
@@ -369,6 +512,8 @@ def _run(model, original, chosen, targets, fit, val, tol, force, quiet, batch_si
             rep.skip(n.name, f"quantized layer ({n.op_type}, QOperator form): left as it is")
         rep.details.setdefault("seconds", round(time.perf_counter() - t, 3))
         rep.details.setdefault("calibration_seconds", round(ctx.calibration_seconds, 3))
+        rep.details.setdefault("calibration_runs", ctx.calibration_runs)
+        rep.details["timing"] = ctx.timing_report(rep.details["seconds"])
         reports.append(rep)
         done.append(p.name)
     after = model_cost(model, signatures)

@@ -21,6 +21,8 @@ Layer ↔ matrix layouts:
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import onnx_graphsurgeon as gs
 
@@ -194,3 +196,30 @@ def refit_order(graph: gs.Graph, names) -> list[list[str]]:
     for n, lv in level.items():
         groups.setdefault(lv, []).append(n)
     return [sorted(groups[k]) for k in sorted(groups)]
+
+
+def shared_levels(graph: gs.Graph, groups: dict) -> list[list[str]]:
+    """``refit_order`` for layers that may span several nodes (a weight shared by several readers):
+    ``groups`` maps a layer key to its nodes' names; a layer's level is that of its earliest reader
+    (its statistics are gathered with the weight itself still as it was), levels renumbered 0, 1, …"""
+    order = refit_order(graph, [n for names in groups.values() for n in names])
+    level_of = {n: i for i, names in enumerate(order) for n in names}
+    first = {key: min(level_of[n] for n in names) for key, names in groups.items()}
+    out = {}
+    for key, lv in first.items():
+        out.setdefault(lv, []).append(key)
+    return [sorted(out[k]) for k in sorted(out)]
+
+
+@contextlib.contextmanager
+def deterministic():
+    """Run the block with one BLAS thread: k-means and code assignments compare float sums, and a
+    BLAS that splits a product differently with more threads could round them differently and flip
+    an argmin; the result must not depend on OMP/OPENBLAS/MKL_NUM_THREADS."""
+    try:
+        from threadpoolctl import threadpool_limits  # installed with scikit-learn
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield

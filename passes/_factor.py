@@ -156,6 +156,12 @@ class Layer:
     max_rank: int               # exact rank (min over groups of min(d_in_g, d_out_g))
     feature_map: object = None  # optional callable(cov, mean) -> (cov, mean) before factorizing
     extra: dict = field(default_factory=dict)
+    readers: list = field(default_factory=list)  # a shared weight: [(node, x, y)] of every reader
+
+    @property
+    def sources(self):
+        """[(node, x, y)] whose statistics pool into this layer's (one, unless the weight is shared)."""
+        return self.readers or [(self.node, self.x, self.y)]
 
     @property
     def groups(self):
@@ -270,6 +276,28 @@ def moments(cm, fit_bias: bool):
     return cm.x.second, cm.xy / n, np.zeros_like(mx), np.zeros_like(my)
 
 
+def pooled(cms):
+    """One CrossMoments over the rows of several (the readers of a shared weight)."""
+    if len(cms) == 1:
+        return cms[0]
+    from ..stats import CrossMoments
+    out = CrossMoments(len(cms[0].x.mean), len(cms[0].sum_y))
+    for c in cms:
+        out.merge(c)
+    return out
+
+
+def non_finite_skips(layers):
+    """Layers whose weights hold NaN or Inf, removed from ``layers``: [(node, reason)]."""
+    out = []
+    for layer in list(layers):
+        if not all(np.isfinite(w).all() for w in layer.ws) or \
+                (layer.bias is not None and not np.isfinite(layer.bias).all()):
+            layers.remove(layer)
+            out.extend((n, "weights or bias contain NaN or Inf values: not factorized") for n, _, _ in layer.sources)
+    return out
+
+
 # ----------------------------------------------------------------------------- the driver
 def _group_cov(layer: Layer, cm, g: int, fit_bias: bool):
     cxx, cxy, mx, my = moments(cm, fit_bias)
@@ -287,9 +315,9 @@ def factorize(pass_name, model, cfg, ctx, layers, skipped, rewrite, multiple, re
     bias)`` edits the graph and returns the name of a node to refit by a full ridge solve on its
     own input patches (or None when the moments refit already did it)."""
     from ..graph import export_model, import_graph, node_by_name
-    from ..reconstruct import layer_stats_request, refit_order, ridge_solve, set_layer_matrix
+    from ..reconstruct import layer_stats_request, ridge_solve, set_layer_matrix, shared_levels
 
-    for s in skipped:
+    for s in list(skipped) + non_finite_skips(layers):
         report.skip(s[0], s[1])
     goal_metrics = [m for m in ("flops", "params") if m in (ctx.goals or {})]
     use_data_alloc = cfg.alloc == "data" or (cfg.alloc == "auto" and cfg.whiten)
@@ -298,8 +326,9 @@ def factorize(pass_name, model, cfg, ctx, layers, skipped, rewrite, multiple, re
     for layer in list(layers):
         c = candidate_ranks(layer, multiple, force=cfg.force)
         if not c and not cfg.force:
-            report.skip(layer.node, f"no rank that is a multiple of {multiple} makes it cheaper "
-                                    f"(exact rank {layer.max_rank})")
+            for rn, _, _ in layer.sources:
+                report.skip(rn, f"no rank that is a multiple of {multiple} makes it cheaper "
+                                f"(exact rank {layer.max_rank})")
             layers.remove(layer)
             continue
         cands[layer.node] = c
@@ -308,12 +337,13 @@ def factorize(pass_name, model, cfg, ctx, layers, skipped, rewrite, multiple, re
     # planning statistics on the reference
     covs = {}
     if use_data_alloc:
-        reqs = [layer.request("plan:" + layer.node, layer.x, None) for layer in layers]
+        reqs = [layer.request("plan:" + n, x, None) for layer in layers for n, x, _ in layer.sources]
         stats = ctx.collect(reqs, model_x=ctx.reference, desc=f"{pass_name}: statistics")
         for layer in layers:
-            cm = stats["plan:" + layer.node]
+            cm = pooled([stats["plan:" + n] for n, _, _ in layer.sources])
             covs[layer.node] = [_group_cov(layer, cm, g, layer.fit_bias)[0] for g in range(layer.groups)]
-    curves = {l.node: energy_curve(l, covs.get(l.node), cfg.eps) for l in layers}
+    with ctx.timed("fit"):
+        curves = {l.node: energy_curve(l, covs.get(l.node), cfg.eps) for l in layers}
     ranks = {}
     budget = {}
     if goal_metrics:
@@ -346,28 +376,36 @@ def factorize(pass_name, model, cfg, ctx, layers, skipped, rewrite, multiple, re
                 ranks[k] = r if ranks.get(k) is None else min(ranks[k], r)
         for l in layers:
             if l.node not in ranks:
-                report.skip(l.node, "left whole: the budget is met at lower error elsewhere")
+                for rn, _, _ in l.sources:
+                    report.skip(rn, "left whole: the budget is met at lower error elsewhere")
     else:
         for l in layers:
             r = rank_by_energy(curves[l.node], cfg.energy, multiple, l.max_rank)
             if cfg.force or pays(l, r):
                 ranks[l.node] = r
             else:
-                report.skip(l.node, f"rank {r} for energy {cfg.energy} does not make it cheaper")
+                for rn, _, _ in l.sources:
+                    report.skip(rn, f"rank {r} for energy {cfg.energy} does not make it cheaper")
     layers = [l for l in layers if l.node in ranks]
     if not layers:
         return model, budget
     by_name = {l.node: l for l in layers}
     graph = import_graph(model)
-    levels = refit_order(graph, list(by_name))
+    levels = shared_levels(graph, {n: [r[0] for r in l.sources] for n, l in by_name.items()})
+    bar = ctx.bar(total=len(by_name), desc=pass_name)
     use_data = cfg.whiten or cfg.refit
     working = model
     for lv, names in enumerate(levels):
         stats = {}
         if use_data:
-            reqs = [by_name[n].request("lv:" + n, by_name[n].x, by_name[n].y) for n in names]
+            reqs = [by_name[n].request("lv:" + rn, x, y) for n in names for rn, x, y in by_name[n].sources]
             stats = ctx.collect(reqs, model_x=working, model_y=ctx.reference,
                                 desc=f"{pass_name}: level {lv + 1}/{len(levels)}")
+            for n in names:
+                src = by_name[n].sources
+                if len(src) > 1:
+                    by_name[n].extra["reader_stats"] = {rn: stats["lv:" + rn] for rn, _, _ in src}
+                stats["lv:" + n] = pooled([stats["lv:" + rn] for rn, _, _ in src])
         node_refits = []
         for n in names:
             layer, r = by_name[n], ranks[n]
@@ -375,7 +413,8 @@ def factorize(pass_name, model, cfg, ctx, layers, skipped, rewrite, multiple, re
             for g, w in enumerate(layer.ws):
                 if use_data:
                     cxx, cxy, mx, my = _group_cov(layer, stats["lv:" + n], g, layer.fit_bias)
-                a, b_mat, _ = factor(w, cxx if cfg.whiten else None, cfg.eps)
+                with ctx.timed("fit"):
+                    a, b_mat, _ = factor(w, cxx if cfg.whiten else None, cfg.eps)
                 a, b_mat = a[:, :r], b_mat[:r]
                 so = layer.extra["out_slices"][g]
                 b_orig = layer.bias[so] if layer.bias is not None else None
@@ -394,11 +433,22 @@ def factorize(pass_name, model, cfg, ctx, layers, skipped, rewrite, multiple, re
                 bs.append(bias)
             bias = None if all(b is None for b in bs) else np.concatenate(
                 [b if b is not None else np.zeros(Bs[i].shape[1]) for i, b in enumerate(bs)])
+            if len(layer.sources) > 1 and layer.fit_bias and use_data:
+                # one weight, several readers: each reader's own bias absorbs its own mean shift
+                w_new = As[0] @ Bs[0]
+                layer.extra["reader_bias"] = {rn: cm.mean_y - cm.x.mean @ w_new
+                                              for rn, cm in layer.extra["reader_stats"].items()}
             second = rewrite(graph, layer, r, As, Bs, bias)
             if second is not None and cfg.refit:
                 node_refits.append((n, second))
-            report.changed.append(f"{n} (rank {r} of {layer.max_rank})")
-        working = export_model(graph, like=model)
+            if len(layer.sources) > 1:
+                report.changed.extend(f"{rn} (rank {r} of {layer.max_rank}, weight shared by "
+                                      f"{len(layer.sources)} nodes, factorized once)" for rn, _, _ in layer.sources)
+            else:
+                report.changed.append(f"{n} (rank {r} of {layer.max_rank})")
+            bar.update(1, postfix=f"{n}: rank {r}")
+        with ctx.timed("export"):
+            working = export_model(graph, like=model)
         if node_refits:
             graph_w = import_graph(working)
             reqs = []
@@ -412,7 +462,9 @@ def factorize(pass_name, model, cfg, ctx, layers, skipped, rewrite, multiple, re
                 node = node_by_name(graph, second)
                 wmat, b = ridge_solve(stats["nr:" + n], cfg.ridge, fit_bias=by_name[n].fit_bias)
                 set_layer_matrix(node, wmat, b if by_name[n].fit_bias else None)
-            working = export_model(graph, like=model)
+            with ctx.timed("export"):
+                working = export_model(graph, like=model)
+    bar.close()
     details = {"ranks": {n: ranks[n] for n in by_name}}
     if budget:
         details["budget"] = budget
@@ -438,7 +490,7 @@ class FactorPass(Pass):
 
     def plan(self, model, cfg):
         layers, skipped = self.find_layers(import_graph(model), shape_info(model, None), cfg)
-        return Plan(targets=[l.node for l in layers], skipped=[Skip(n, r) for n, r in skipped])
+        return Plan(targets=[rn for l in layers for rn, _, _ in l.sources], skipped=[Skip(n, r) for n, r in skipped])
 
     def apply(self, model, cfg, ctx):
         report = PassReport(self.name)

@@ -46,6 +46,7 @@ class HadamardConfig:
     rank: int | None = None     # fixed low-rank correction; None: search 0, 1, 2, 4, 8, ...
     max_params: float = 0.25    # a structure may hold at most this fraction of the layer's params
     min_dim: int = 16           # layers with d_in or d_out below this stay dense
+    max_fits: int = 24          # blocks fitted in the structure search at most, per layer (0: no bound)
     iters: int = 4              # ALS sweeps per added block
     restarts: int = 1           # random starts per added block (the best is kept)
     cg_iters: int = 10          # conjugate-gradient iterations per diagonal solve (0: exact)
@@ -69,6 +70,8 @@ class HadamardConfig:
             raise ValueError("max_params must be in (0, 1]")
         if not 0 < self.holdout < 0.9:
             raise ValueError("holdout must be in (0, 0.9)")
+        if self.max_fits < 0:
+            raise ValueError("max_fits must be ≥ 0")
         if self.iters < 1 or self.final_iters < 0 or self.max_rows < 8:
             raise ValueError("iters ≥ 1, final_iters ≥ 0, max_rows ≥ 8")
 
@@ -152,7 +155,14 @@ class Block:
         self.mask = mask
 
     def _z2(self, x):
-        return fwht(x * self.b)[:, self.perm]
+        """Π H (b ⊙ x), cached while x and b stay the same arrays (b is replaced, never changed
+        in place, when it is refit)."""
+        c = getattr(self, "_z2c", None)
+        if c is not None and c[0] is x and c[1] is self.b:
+            return c[2]
+        z2 = fwht(x * self.b)[:, self.perm]
+        self._z2c = (x, self.b, z2)
+        return z2
 
     def out(self, x):
         return fwht(self._z2(x) * self.g) * self.s
@@ -168,11 +178,12 @@ class Block:
         self._fit_s(x, t, ridge)
         z2 = self._z2(x)
         hsh = _xor_conv(self.s ** 2)
-        self.g = _pcg(hsh * (z2.T @ z2), (z2 * fwht(t * self.s)).sum(0), self.g, ridge, cg)
+        hts = fwht(t * self.s)
+        self.g = _pcg(hsh * (z2.T @ z2), (z2 * hts).sum(0), self.g, ridge, cg)
         inv = np.argsort(self.perm)
         a = (hsh * np.outer(self.g, self.g))[inv][:, inv]
         a = fwht(fwht(a).T).T
-        mtt = fwht((fwht(t * self.s) * self.g)[:, inv])
+        mtt = fwht((hts * self.g)[:, inv])
         self.b = _pcg(a * xtx, (x * mtt).sum(0), self.b, ridge, cg)
         self._fit_s(x, t, ridge)
 
@@ -256,6 +267,10 @@ class FastfoodFit:
     def set_data(self, x, y):
         self.mx, self.my = x.mean(0), y.mean(0)
 
+    def set_lowrank(self, basis, r):
+        """The rank-r part from a ``LowRankBasis`` of the same rows (one decomposition, every rank)."""
+        self.u, self.vt = basis.factors(r)
+
     def fit_lowrank(self, xc, t, r, ridge=1e-4, chol=None):
         """Rank-r minimiser of ‖xc L − t‖ (whitened truncated SVD of the ridge solution)."""
         if r == 0:
@@ -300,11 +315,16 @@ class FastfoodFit:
             self.blocks[j].append(blk)
             lo, hi = j * self.d, min((j + 1) * self.d, self.d_out)
             resid[:, lo:hi] -= blk.out(xp)[:, : hi - lo]
+            blk._z2c = None  # the cached transform of the rows: n × d floats per block
         return resid
 
     def backfit(self, xp, xc, yc, xtx, sweeps, ridge, cg=10, lowrank_ridge=1e-4):
         """Sweeps of block-coordinate ALS over all blocks, then refit the low-rank part."""
         r = self.r
+        chol = None
+        if r and sweeps:
+            c = xc.T @ xc / len(xc)
+            chol = np.linalg.cholesky(c + lowrank_ridge * max(np.trace(c) / len(c), 1e-12) * np.eye(len(c)))
         for _ in range(sweeps):
             total = yc - xc @ self.u @ self.vt
             for j, bl in enumerate(self.blocks):
@@ -318,7 +338,39 @@ class FastfoodFit:
                     acc = acc - outs[k] + new
                     outs[k] = new
             if r:
-                self.fit_lowrank(xc, yc - self.blocks_out(xp), r, lowrank_ridge)
+                self.fit_lowrank(xc, yc - self.blocks_out(xp), r, lowrank_ridge, chol=chol)
+        for bl in self.blocks:
+            for blk in bl:
+                blk._z2c = None
+
+
+class LowRankBasis:
+    """The whitened SVD of the ridge least-squares fit of ``t`` on ``xc``, decomposed once: the
+    rank-r minimiser of ‖xc L − t‖ for every r is a slice (``FastfoodFit.fit_lowrank`` does one r)."""
+
+    def __init__(self, xc, t, chol, max_rank):
+        self.d_in, self.d_out = xc.shape[1], t.shape[1]
+        self.full = scipy.linalg.cho_solve((chol, True), xc.T @ t / len(xc))
+        m = chol.T @ self.full
+        self.by_cols = m.shape[1] <= m.shape[0]
+        gram = m.T @ m if self.by_cols else m @ m.T
+        r = max(0, min(max_rank, *m.shape))
+        if r == 0:
+            self.ev, self.vec = np.zeros(0), np.zeros((len(gram), 0))
+        else:
+            ev, vec = scipy.linalg.eigh(gram, subset_by_index=[len(gram) - r, len(gram) - 1], check_finite=False)
+            self.ev, self.vec = ev[::-1], vec[:, ::-1]
+        self.chol, self.m = chol, m
+
+    def factors(self, r):
+        if r == 0:
+            return np.zeros((self.d_in, 0)), np.zeros((0, self.d_out))
+        vec, ev = self.vec[:, :r], self.ev[:r]
+        if self.by_cols:
+            return self.full @ vec, vec.T.copy()
+        sv = np.sqrt(np.clip(ev, 0.0, None))
+        u = scipy.linalg.solve_triangular(self.chol.T, vec * sv, lower=False)
+        return u, (vec.T @ self.m) / np.maximum(sv, 1e-30 + 1e-12 * sv[0])[:, None]
 
 
 def rel_error(pred, y, mean_y):
@@ -339,6 +391,14 @@ def rank_candidates(d_in, d_out, cap_params, fixed=None):
 def choose_structure(x, y, cfg: HadamardConfig, dense_params: int):
     """Search (K, r) on the fit rows, judge on held-out rows; refit the chosen one on all rows.
 
+    The cheapest structure within tolerance is wanted. The held-out error falls with the rank, so
+    the largest affordable rank is tried first (a layer no structure fits is given up after one
+    rank), then the smallest rank that reaches the tolerance is found by bisection over the rank
+    candidates; at each rank blocks are added one at a time until the tolerance is met or the
+    extrapolated gain says it will not be. ``cfg.max_fits`` bounds the blocks fitted in the search
+    (the best structure found so far is kept). One decomposition of the layer gives the low-rank
+    part at every rank.
+
     Returns (fit or None, info dict)."""
     n = len(x)
     d_in, d_out = x.shape[1], y.shape[1]
@@ -348,44 +408,64 @@ def choose_structure(x, y, cfg: HadamardConfig, dense_params: int):
     cap = cfg.max_params * dense_params
     probe = FastfoodFit(d_in, d_out, cfg.seed)
     ks = [cfg.blocks] if cfg.blocks is not None else list(range(1, cfg.max_blocks + 1))
-    tried, best_any, best_ok = [], None, None
+    tried = []
+    state = {"best_any": None, "best_ok": None, "fits": 0}
     mx, my = xf.mean(0), yf.mean(0)
     xc, yc = xf - mx, yf - my
     c = xc.T @ xc / len(xc)
     chol = np.linalg.cholesky(c + 1e-4 * max(np.trace(c) / len(c), 1e-12) * np.eye(len(c)))
-    for r in rank_candidates(d_in, d_out, cap, cfg.rank):
-        if probe.params(min(ks), r) > cap or (best_ok and probe.params(min(ks), r) >= best_ok[0]):
-            continue
+    ranks = [r for r in rank_candidates(d_in, d_out, cap, cfg.rank) if probe.params(min(ks), r) <= cap]
+    basis = LowRankBasis(xc, yc, chol, max(ranks) if ranks else 0)
+    xp = probe._pad(xc)
+    xtx = xp.T @ xp
+
+    def evaluate(r):
+        """Blocks at rank r until within tolerance (then it is the best so far): True if so."""
+        best_ok = state["best_ok"]
+        if best_ok and probe.params(min(ks), r) >= best_ok[0]:
+            return False
         fit = FastfoodFit(d_in, d_out, cfg.seed)
         fit.mx, fit.my = mx, my
-        fit.fit_lowrank(xc, yc, r, chol=chol)
-        xp = fit._pad(xc)
-        xtx = xp.T @ xp
+        fit.set_lowrank(basis, r)
         resid = yc - xc @ fit.u @ fit.vt
         prev = None
         for k in range(1, max(ks) + 1):
             limit = min(cap, best_ok[0] - 1) if best_ok else cap
-            if fit.params(k, r) > limit:
-                break
+            if fit.params(k, r) > limit or (cfg.max_fits and state["fits"] >= cfg.max_fits):
+                return False
             resid = fit.add_block(xp, resid, xtx, cfg.iters, cfg.ridge, cfg.cg_iters, cfg.restarts)
+            state["fits"] += 1
             if k not in ks:
                 continue
             p = fit.params()
             err = rel_error(fit.predict(xh), yh, my)
             tried.append({"blocks": k, "rank": r, "params": p, "error": round(err, 5)})
-            if best_any is None or err < best_any[1]:
-                best_any = (p, err, k, r)
+            if state["best_any"] is None or err < state["best_any"][1]:
+                state["best_any"] = (p, err, k, r)
             if err <= cfg.tolerance:
-                best_ok = (p, err, k, r)
-                break
+                state["best_ok"] = (p, err, k, r)
+                return True
             # geometric extrapolation of the gain per block: give up on this rank when even the
             # most blocks the budget allows would not reach the tolerance
             if prev is not None and len(ks) > 1:
                 k_max = max(kk for kk in ks if fit.params(kk, r) <= limit) if fit.params(k + 1, r) <= limit else k
                 ratio = min(err / max(prev, 1e-30), 1.0)
                 if err * ratio ** (k_max - k) > cfg.tolerance:
-                    break
+                    return False
             prev = err
+        return False
+
+    if ranks and evaluate(ranks[-1]):
+        lo, hi = 0, len(ranks) - 1           # ranks[hi] fits; find the smallest rank that does
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if evaluate(ranks[mid]):
+                hi = mid
+            else:
+                lo = mid + 1
+        if hi + 1 < len(ranks) - 1:         # a larger rank with fewer blocks may still be cheaper
+            evaluate(ranks[hi + 1])
+    best_any, best_ok = state["best_any"], state["best_ok"]
     info = {"tried": tried}
     if best_ok is None:
         info["best_error"] = None if best_any is None else round(best_any[1], 5)
@@ -473,7 +553,14 @@ def _scan(graph, cfg):
         w, _, reason = _linear_info(node)
         if reason is None:
             d_in, d_out = w.shape
-            if min(d_in, d_out) < cfg.min_dim:
+            readers = len(node.inputs[1].outputs)
+            if readers > 1:
+                reason = (f"weights shared by {readers} nodes: a Fastfood structure is fitted per layer, "
+                          "so the dense weight would stay for the others")
+            elif not np.isfinite(w).all() or (_linear_info(node)[1] is not None
+                                              and not np.isfinite(_linear_info(node)[1]).all()):
+                reason = "weights or bias contain NaN or Inf values: not rewritten"
+            elif min(d_in, d_out) < cfg.min_dim:
                 reason = f"{d_in}→{d_out} is below hadamard.min_dim={cfg.min_dim}"
             elif _input_rank(node) is None or _input_rank(node) < (2 if node.op == "Gemm" else 1):
                 reason = "input rank unknown"
@@ -543,10 +630,14 @@ class Hadamard(Pass):
         per_batch = max(1, -(-cfg.max_rows // n_batches))
         current = model
         mem = 0
+        target_outs = {n.outputs[0].name for n in linear if n.name in targets}
+        todo = [n for n in linear if n.name in targets or (cfg.refit and self._upstream_changed(n, target_outs))]
+        bar = ctx.bar(total=len(todo), desc="hadamard")
         for node in linear:  # topological order: sequential reconstruction
             upstream_changed = self._upstream_changed(node, changed)
             if node.name not in targets and not (cfg.refit and upstream_changed):
                 continue
+            bar.update(0, postfix=f"{node.name}: statistics")
             req = RowSample(node.name, node.inputs[0].name, node.outputs[0].name, per_batch, cfg.max_rows)
             acc = ctx.collect([req], model_x=current, model_y=ctx.reference, desc=f"hadamard {node.name}")[node.name]
             x = np.concatenate(acc["x"]).astype(np.float64)
@@ -560,7 +651,9 @@ class Hadamard(Pass):
             entry = {"shape": [d_in, d_out], "dense_params": d_in * d_out + (d_out if bias is not None else 0),
                      "rows": len(x), "dense_error": round(cur_err, 5)}
             if node.name in targets:
-                fit, info = choose_structure(x, y, cfg, d_in * d_out + d_out)
+                bar.detail(f"{node.name}: structure search")
+                with ctx.timed("search"):
+                    fit, info = choose_structure(x, y, cfg, d_in * d_out + d_out)
                 entry.update(info)
                 if fit is not None:
                     changed.add(node.outputs[0].name)
@@ -570,18 +663,22 @@ class Hadamard(Pass):
                                           f"{' + rank ' + str(info['rank']) if info['rank'] else ''}, "
                                           f"held-out error {info['holdout_error']:.4f}")
                     layers[node.name] = entry
-                    current = export_model(graph.copy(), like=model)
+                    with ctx.timed("export"):
+                        current = export_model(graph.copy(), like=model)
+                    bar.update(1, postfix=f"{node.name}: K={info['blocks']} r={info['rank']}")
                     continue
                 best = (f"best held-out error {info['best_error']}" if info["tried"] else
                         "none of the structures tried fits in max_params")
                 report.skip(node, f"no Fastfood structure within tolerance {cfg.tolerance} and "
                                   f"max_params {cfg.max_params} ({best})")
-            if cfg.refit and upstream_changed and (node.op == "Gemm" or bias is None):
-                w2, b2 = _ridge_refit(x, y, fit_bias=node.op == "Gemm")
-                # judge on the last rows, as the structure search does
-                n = len(x)
-                nh = max(1, n // 5)
-                wv, bv = _ridge_refit(x[: n - nh], y[: n - nh], fit_bias=node.op == "Gemm")
+            if cfg.refit and upstream_changed and (node.op == "Gemm" or bias is None) \
+                    and np.isfinite(w).all():
+                with ctx.timed("fit"):
+                    w2, b2 = _ridge_refit(x, y, fit_bias=node.op == "Gemm")
+                    # judge on the last rows, as the structure search does
+                    n = len(x)
+                    nh = max(1, n // 5)
+                    wv, bv = _ridge_refit(x[: n - nh], y[: n - nh], fit_bias=node.op == "Gemm")
                 ym = y[: n - nh].mean(0)
                 if rel_error(x[n - nh:] @ wv + bv, y[n - nh:], ym) < rel_error(cur_pred[n - nh:], y[n - nh:], ym):
                     set_layer_matrix(node, w2, b2 if node.op == "Gemm" else None)
@@ -589,12 +686,17 @@ class Hadamard(Pass):
                     entry["refit_error"] = round(rel_error(x @ w2 + b2, y, y.mean(0)), 5)
                     report.changed.append(f"{node.name}: kept dense, refit by least squares")
                     changed.add(node.outputs[0].name)
-                    current = export_model(graph.copy(), like=model)
+                    with ctx.timed("export"):
+                        current = export_model(graph.copy(), like=model)
             layers[node.name] = entry
+            bar.update(1, postfix=node.name)
+        bar.close()
         report.details["layers"] = layers
         report.details["row_memory_bytes"] = int(mem)
         report.details["fit_seconds"] = round(time.perf_counter() - t0 - ctx.calibration_seconds, 3)
-        return export_model(graph, like=model), report
+        with ctx.timed("export"):
+            out = export_model(graph, like=model)
+        return out, report
 
     @staticmethod
     def _upstream_changed(node, changed):

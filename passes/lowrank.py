@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..graph import set_constant_input
 from ..reconstruct import add_matmul_bias, conv_attrs, layer_matrix, set_layer_matrix
 from ..registry import register
 from ..stats import LayerStats
@@ -69,8 +70,6 @@ def _linear_layer(node, info, cfg, graph_outputs):
         return None, f"weight of rank {w_t.values.ndim}, not a matrix"
     if not np.issubdtype(w_t.values.dtype, np.floating):
         return None, f"weights of type {w_t.values.dtype}"
-    if len(w_t.outputs) > 1:
-        return None, "weights are shared with other nodes"
     if node.op == "Gemm" and node.attrs.get("transA", 0):
         return None, "Gemm with transA=1"
     if _factor.gemm_bias_problem(node):
@@ -158,7 +157,82 @@ def _conv_layer(node, info, cfg):
     return layer, None
 
 
+def _shared_linear_layer(nodes, info, cfg, graph_outputs):
+    """One layer for a weight several Gemm/MatMul nodes read (an unrolled RNN, tied matrices):
+    factorized once from the pooled input statistics of all readers; each reader becomes two
+    products reading the shared factors. None and why when the readers differ in kind or layout."""
+    w_t = nodes[0].inputs[1]
+    why = f"weights shared by {len(nodes)} nodes"
+    layers = []
+    for n in nodes:
+        if n.op not in ("Gemm", "MatMul") or len(n.inputs) < 2 or n.inputs[1] is not w_t:
+            return None, f"{why}, one of them {n.name} ({n.op}) not reading it as a Gemm/MatMul weight"
+        layer, reason = _linear_layer(n, info, cfg, graph_outputs)
+        if layer is None:
+            return None, f"{why}; {n.name}: {reason}"
+        layers.append(layer)
+    first = nodes[0]
+    key = lambda n: (n.op, int(n.attrs.get("transB", 0)), float(n.attrs.get("alpha", 1.0)),  # noqa: E731
+                     len(n.inputs) > 2 and n.op == "Gemm")
+    if any(key(n) != key(first) for n in nodes) or len({l.fit_bias for l in layers}) > 1:
+        return None, f"{why} of different kinds or layouts ({', '.join(n.name + ' ' + n.op for n in nodes)})"
+    base = layers[0]
+    readers = [(l.node, l.x, l.y) for l in layers]
+    flops0 = sum(l.cost0["flops"] for l in layers)
+    bias_params = base.cost0["params"] - base.ws[0].size
+
+    def cost_at(r):
+        params = r * sum(base.ws[0].shape) + (base.cost_at(r)["params"] - r * sum(base.ws[0].shape))
+        return {"flops": sum(l.cost_at(r)["flops"] for l in layers), "params": params}
+
+    shared_bias = first.op == "Gemm" and len(first.inputs) > 2 and all(n.inputs[2] is first.inputs[2] for n in nodes) \
+        and {id(c) for c in first.inputs[2].outputs} == {id(n) for n in nodes}
+    layer = _factor.Layer(first.name, base.x, base.y, base.ws, base.bias, base.fit_bias, base.request,
+                          {"flops": flops0, "params": base.ws[0].size + bias_params}, cost_at, base.max_rank,
+                          readers=readers)
+    layer.extra.update(in_slices=[slice(None)], out_slices=[slice(None)], kind="linear",
+                       adds={l.node: l.extra["add"] for l in layers}, shared_bias=shared_bias,
+                       biases={l.node: l.bias for l in layers})
+    return layer, None
+
+
+def _rewrite_shared(graph, layer, r, a, b, bias):
+    """Every reader x → MatMul(x, A) → Gemm/MatMul(·, B): A and B one constant each, read by all."""
+    nodes = {n.name: n for n in graph.nodes}
+    first = nodes[layer.node]
+    dtype = first.inputs[1].values.dtype
+    a_c = gs.Constant(first.inputs[1].name + "_lowrank_a", np.ascontiguousarray(a.astype(dtype)))
+    if first.op == "Gemm" and first.attrs.get("transB", 0):
+        b_c = gs.Constant(first.inputs[1].name + "_lowrank_b", np.ascontiguousarray(b.T.astype(dtype)))
+    else:
+        b_c = gs.Constant(first.inputs[1].name + "_lowrank_b", np.ascontiguousarray(b.astype(dtype)))
+    per_reader = layer.extra.get("reader_bias") or {}
+    shared_b = None
+    if first.op == "Gemm" and layer.extra["shared_bias"] and bias is not None:
+        shared_b = gs.Constant(first.inputs[2].name, np.ascontiguousarray(bias.astype(first.inputs[2].values.dtype)))
+    for rn, _, _ in layer.sources:
+        node = nodes[rn]
+        z = gs.Variable(node.name + "_lowrank_out", dtype=node.outputs[0].dtype or np.float32)
+        graph.nodes.append(gs.Node("MatMul", node.name + "_lowrank_a", inputs=[node.inputs[0], a_c], outputs=[z]))
+        node.inputs[0] = z
+        node.inputs[1] = b_c
+        own = per_reader.get(rn, bias)
+        if node.op == "Gemm":
+            node.attrs["alpha"] = 1.0
+            if shared_b is not None:
+                node.inputs[2] = shared_b
+                node.attrs["beta"] = 1.0
+            elif own is not None:
+                node.attrs["beta"] = 1.0
+                set_constant_input(node, 2, own.astype(dtype), base=node.name + "_bias")
+        elif layer.extra["adds"].get(rn) is not None and own is not None:
+            add_matmul_bias(graph, node, own - (layer.extra["biases"][rn] if layer.extra["biases"][rn] is not None else 0))
+    return None
+
+
 def _rewrite(graph, layer, r, As, Bs, bias):
+    if len(layer.sources) > 1:
+        return _rewrite_shared(graph, layer, r, As[0], Bs[0], bias)
     node = next(n for n in graph.nodes if n.name == layer.node)
     a, b = As[0], Bs[0]
     dtype = node.inputs[1].values.dtype
@@ -197,7 +271,7 @@ def _rewrite(graph, layer, r, As, Bs, bias):
 
 def find_layers(graph, info, cfg):
     outs = {t.name for t in graph.outputs}
-    layers, skipped = [], []
+    layers, skipped, seen = [], [], set()
     for node in graph.nodes:
         if node.op in ("Gemm", "MatMul"):
             if node.op == "MatMul" and isinstance(node.inputs[0], gs.Constant) \
@@ -205,11 +279,26 @@ def find_layers(graph, info, cfg):
                 layer, reason = None, "constant weight on the left (W·x): not supported"
             elif len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
                 continue  # a product of two activations (attention), not a weight layer
+            elif len(node.inputs[1].outputs) > 1:
+                w_t = node.inputs[1]
+                if id(w_t) in seen:
+                    continue  # handled with its first reader
+                seen.add(id(w_t))
+                readers = list(w_t.outputs)
+                layer, reason = _shared_linear_layer(readers, info, cfg, outs)
+                if layer is None:
+                    skipped.extend((n.name, reason) for n in readers)
+                    continue
             else:
                 layer, reason = _linear_layer(node, info, cfg, outs)
-        elif node.op == "Conv" and cfg.conv:
+        elif node.op == "Conv":
+            if not cfg.conv:
+                if len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant):
+                    skipped.append((node.name, "Conv layers need lowrank.conv=true"))
+                continue
             layer, reason = _conv_layer(node, info, cfg)
             if reason is not None and "already separable" in reason:
+                skipped.append((node.name, reason + " (lowrank.conv splits k×k kernels only)"))
                 continue
         else:
             continue

@@ -48,8 +48,9 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..graph import export_model, import_graph
-from ..reconstruct import conv_attrs, layer_stats_request, refit_order
+from ..reconstruct import conv_attrs, deterministic, layer_stats_request, shared_levels
 from ..registry import Pass, PassReport, Plan, Skip, register
+from ..stats import CrossMoments
 
 CODEBOOK_DTYPES = {"fp16": np.float16, "fp32": np.float32}
 
@@ -92,13 +93,20 @@ class PqConfig:
 # ----------------------------------------------------------------------------- layers
 @dataclass
 class Layer:
-    """A weight layer seen as T (rows × d_in): row r holds the weights of output r (per group)."""
+    """A weight layer seen as T (rows × d_in): row r holds the weights of output r (per group).
+    ``nodes``: every node that reads the weight (several when the weight is shared: an unrolled
+    RNN's time steps, tied matrices); the weight is quantized once and they all read the one
+    decoded tensor."""
 
-    node: gs.Node
+    nodes: list
     weight: gs.Constant
     rows_of: str          # "natural" (T = W.reshape(rows, -1)) or "transpose" (T = W.T)
     aware: bool           # LayerStats can give the input covariance (group-1 Conv, Gemm, MatMul)
     kernel: int           # k·k of a Conv/ConvTranspose kernel, 1 otherwise
+
+    @property
+    def node(self) -> gs.Node:
+        return self.nodes[0]
 
     @property
     def shape(self):
@@ -131,28 +139,58 @@ def _layer(node: gs.Node, graph_outputs) -> tuple[Layer | None, str | None]:
         return None, "weights are not constants"
     if not np.issubdtype(w.values.dtype, np.floating):
         return None, f"weights of dtype {w.values.dtype}, not float"
-    if len(w.outputs) > 1:
-        return None, f"weights shared by {len(w.outputs)} nodes"
     if w.name in graph_outputs:
         return None, "weights are a graph output"
+    if any(t is w for i, t in enumerate(node.inputs) if i != 1):
+        return None, "the weight is also another input of the node"
     shape = w.values.shape
     if node.op == "MatMul":
         if len(shape) != 2:
             return None, f"MatMul weight of rank {len(shape)} (only 2-D right operands)"
-        return Layer(node, w, "transpose", True, 1), None
+        return Layer([node], w, "transpose", True, 1), None
     if node.op == "Gemm":
         if len(shape) != 2:
             return None, "Gemm weight is not 2-D"
         trans = bool(node.attrs.get("transB", 0))
-        return Layer(node, w, "natural" if trans else "transpose", True, 1), None
+        return Layer([node], w, "natural" if trans else "transpose", True, 1), None
     kernel = int(np.prod(shape[2:])) if len(shape) > 2 else 1
     if node.op == "Conv":
         try:
             attrs = conv_attrs(node, shape)
         except ValueError as e:
             return None, str(e)
-        return Layer(node, w, "natural", attrs["group"] == 1, kernel), None
-    return Layer(node, w, "natural", False, kernel), None  # ConvTranspose: weight space
+        return Layer([node], w, "natural", attrs["group"] == 1, kernel), None
+    return Layer([node], w, "natural", False, kernel), None  # ConvTranspose: weight space
+
+
+def _shared_layer(layer: Layer, graph_outputs) -> tuple[Layer | None, str | None]:
+    """The layer of a weight several nodes read: one Layer over all of them when every reader is a
+    weight layer of the same kind and layout (the same matrix view, so their input statistics
+    pool), else None and why."""
+    readers = list(layer.weight.outputs)
+    nodes = []
+    for n in readers:
+        other, reason = _layer(n, graph_outputs)
+        if other is None:
+            return None, (f"weights shared by {len(readers)} nodes, one of them {n.name} ({n.op}) "
+                          f"{'is not a weight layer' if reason is None else 'cannot be rewritten: ' + reason}")
+        if (n.op, other.rows_of, other.aware) != (layer.node.op, layer.rows_of, layer.aware) or \
+                (n.op == "Gemm" and n.attrs.get("alpha", 1.0) != layer.node.attrs.get("alpha", 1.0)):
+            return None, (f"weights shared by {len(readers)} nodes of different kinds or layouts "
+                          f"({layer.node.name} {layer.node.op}, {n.name} {n.op})")
+        nodes.append(n)
+    return Layer(nodes, layer.weight, layer.rows_of, layer.aware, layer.kernel), None
+
+
+def _weight_bytes(graph: gs.Graph, skip: str | None = None) -> int:
+    """Bytes of the float constants of the graph (``skip``: leave out those whose name holds it)."""
+    return int(sum(t.values.nbytes for t in graph.tensors().values()
+                   if isinstance(t, gs.Constant) and np.issubdtype(t.values.dtype, np.floating)
+                   and (skip is None or skip not in t.name)))
+
+
+def _non_finite(values) -> bool:
+    return not np.isfinite(values).all()
 
 
 def _default_block(layer: Layer, cfg: PqConfig) -> int:
@@ -215,16 +253,22 @@ def _pq_bytes(layer: Layer, d: int, k: int, dtype, bias_refit: bool, packed: boo
     g = export_model(scratch).graph
     nodes = [n for n in g.node if n.name != "probe"]
     pq = sum(_element_bytes(p) for p in (*nodes, *g.initializer, *g.value_info))
-    target = _bias_target(layer) if bias_refit else None
-    if target is not None and target[0] == "input":
-        node = layer.node
-        if len(node.inputs) > 2:
-            bias = node.inputs[2]
-            new = _tensor_bytes(bias.name, np.zeros(rows, bias.values.dtype))
-            old = _tensor_bytes(bias.name, bias.values)
-        else:
-            new, old = _tensor_bytes(node.name + ".pq_bias", np.zeros(rows, layer.weight.values.dtype)), 0
-        pq += max(new - old, 0)
+    if bias_refit:
+        shared = _shared_bias(layer)
+        for node in ([] if shared is not None else layer.nodes):
+            target = _bias_target(layer, node)
+            if target is None or target[0] != "input":
+                continue
+            if len(node.inputs) > 2:
+                bias = node.inputs[2]
+                if len(bias.outputs) > 1:  # a bias other nodes share: this node gets its own copy
+                    pq += _tensor_bytes(node.name + ".pq_bias", np.zeros(rows, bias.values.dtype))
+                    continue
+                new = _tensor_bytes(bias.name, np.zeros(rows, bias.values.dtype))
+                old = _tensor_bytes(bias.name, bias.values)
+            else:
+                new, old = _tensor_bytes(node.name + ".pq_bias", np.zeros(rows, layer.weight.values.dtype)), 0
+            pq += max(new - old, 0)
     return pq
 
 
@@ -412,8 +456,11 @@ def quantize(t, d, k, h, cfg, rng, dtype):
     rows, d_in = t.shape
     nb = d_in // d
     x = t.reshape(rows * nb, d).astype(np.float64)
-    uniq, inv = np.unique(x, axis=0, return_inverse=True)
-    if len(uniq) <= k:
+    # at most k distinct sub-vectors: they are the codebook. Sorting every row to find out costs
+    # more than the k-means of a large layer, so the first 4k + 1 rows are looked at first.
+    few = len(np.unique(x[: 4 * k + 1], axis=0)) <= k
+    uniq, inv = np.unique(x, axis=0, return_inverse=True) if few else (None, None)
+    if few and len(uniq) <= k:
         c, codes = uniq, inv.reshape(-1)
     else:
         c, codes = kmeans(x, k, cfg.kmeans_iters, rng)
@@ -541,10 +588,9 @@ def decoded_weight(layer_shape, rows_of, codebook, stored) -> np.ndarray:
     return t.T.copy() if rows_of == "transpose" else t.reshape(layer_shape)
 
 
-def _bias_target(layer: Layer):
-    """(kind, tensor holder) where a bias correction can go: ("input", node) for Conv/Gemm,
-    ("add", add_node, const_index) for a MatMul followed by an Add of a constant vector."""
-    node = layer.node
+def _bias_target(layer: Layer, node: gs.Node):
+    """(kind, tensor holder) where ``node``'s bias correction can go: ("input", node) for
+    Conv/Gemm, ("add", add_node, const_index) for a MatMul followed by an Add of a constant vector."""
     n_out = layer.matrix().shape[0]
     if node.op == "Conv":
         if len(node.inputs) > 2 and not isinstance(node.inputs[2], gs.Constant):
@@ -568,10 +614,28 @@ def _bias_target(layer: Layer):
     return None
 
 
-def _write_bias(layer: Layer, target, b_new: np.ndarray):
+def _shared_bias(layer: Layer):
+    """The bias constant of a shared-weight layer when every reader of the weight reads that one
+    bias (Conv/Gemm input 2, same Gemm beta) and nothing else reads it: it is refit once, from the
+    pooled statistics. None otherwise (each reader's bias is refit on its own)."""
+    if len(layer.nodes) < 2 or layer.node.op not in ("Conv", "Gemm"):
+        return None
+    n_out = layer.matrix().shape[0]
+    first = layer.node.inputs[2] if len(layer.node.inputs) > 2 else None
+    if not isinstance(first, gs.Constant) or first.values.size not in (1, n_out):
+        return None
+    beta = layer.node.attrs.get("beta", 1.0)
+    if beta == 0 or any(len(n.inputs) < 3 or n.inputs[2] is not first or n.attrs.get("beta", 1.0) != beta
+                        for n in layer.nodes):
+        return None
+    if {id(n) for n in first.outputs} != {id(n) for n in layer.nodes}:
+        return None
+    return first
+
+
+def _write_bias(layer: Layer, node: gs.Node, target, b_new: np.ndarray):
     """Conv/Gemm: b_new is the whole bias of the output y; MatMul + Add: y excludes the Add's
     constant, so b_new is added to it."""
-    node = layer.node
     dtype = layer.weight.values.dtype
     if target[0] == "add":
         _, add, i = target
@@ -588,6 +652,58 @@ def _write_bias(layer: Layer, target, b_new: np.ndarray):
         node.inputs.append(gs.Constant(node.name + ".pq_bias", b_new.astype(dtype)))
 
 
+def _write_shared_bias(layer: Layer, bias: gs.Constant, b_new: np.ndarray):
+    if layer.node.op == "Gemm":
+        b_new = b_new / layer.node.attrs.get("beta", 1.0)
+    new = gs.Constant(bias.name, b_new.astype(bias.values.dtype))
+    for n in layer.nodes:
+        n.inputs[2] = new
+
+
+def _bias_fit(layer: Layer, cfg) -> bool:
+    """Whether the layer's output shift can be absorbed into a bias (of some reader)."""
+    if not cfg.bias_correct:
+        return False
+    return _shared_bias(layer) is not None or any(_bias_target(layer, n) is not None for n in layer.nodes)
+
+
+def _fixed_bias(layer: Layer, node: gs.Node):
+    """The constant bias a Conv/Gemm adds to its product (d_out), or None."""
+    if node.op not in ("Conv", "Gemm") or len(node.inputs) < 3 or not isinstance(node.inputs[2], gs.Constant):
+        return None
+    n_out = layer.matrix().shape[0]
+    b = node.inputs[2].values.astype(np.float64).reshape(-1)
+    if b.size not in (1, n_out):
+        return None
+    if node.op == "Gemm":
+        b = b * float(node.attrs.get("beta", 1.0))
+    return np.broadcast_to(b, (n_out,)).copy()
+
+
+def _without_bias(cm, b):
+    """The moments of (x, y − b): the target of a layer whose bias stays as it is is its product."""
+    if b is None or not np.any(b):
+        return cm
+    out = CrossMoments(len(cm.x.mean), len(cm.sum_y))
+    out.x.merge(cm.x)
+    n = cm.n
+    out.sum_y = cm.sum_y - n * b
+    out.xy = cm.xy - np.outer(cm.x.sum, b)
+    out.yy = cm.yy - 2 * b * cm.sum_y + n * b * b
+    return out
+
+
+def pooled(cms):
+    """One CrossMoments over the rows of several (the readers of a shared weight)."""
+    cms = [c for c in cms if c is not None]
+    if len(cms) == 1:
+        return cms[0]
+    out = CrossMoments(len(cms[0].x.mean), len(cms[0].sum_y))
+    for c in cms:
+        out.merge(c)
+    return out
+
+
 # ----------------------------------------------------------------------------- the pass
 @register
 class Pq(Pass):
@@ -602,55 +718,77 @@ class Pq(Pass):
         outs = {t.name for t in graph.outputs}
         first_conv = next((n.name for n in graph.nodes if n.op in ("Conv", "ConvTranspose")), None)
         dtype = CODEBOOK_DTYPES[cfg.codebook_dtype]
-        todo, skipped = [], []
+        todo, skipped, seen = [], [], set()
+
+        def skip(layer, reason):
+            skipped.extend(Skip(n.name, reason) for n in layer.nodes)
+
         for node in graph.nodes:
             layer, reason = _layer(node, outs)
             if layer is None:
                 if reason:
                     skipped.append(Skip(node.name, reason))
                 continue
-            if node.name == first_conv and not cfg.first_conv:
-                skipped.append(Skip(node.name, "first conv stays dense (pq.first_conv=true to quantize it)"))
+            if id(layer.weight) in seen:
+                continue  # a shared weight: handled with its first reader
+            seen.add(id(layer.weight))
+            if len(layer.weight.outputs) > 1:
+                shared, reason = _shared_layer(layer, outs)
+                if shared is None:
+                    for n in layer.weight.outputs:
+                        skipped.append(Skip(n.name, reason))
+                    continue
+                layer = shared
+            if _non_finite(layer.weight.values):
+                skip(layer, f"weights contain NaN or Inf values ({layer.weight.name}): not quantized")
+                continue
+            if first_conv in {n.name for n in layer.nodes} and not cfg.first_conv:
+                skip(layer, "first conv stays dense (pq.first_conv=true to quantize it)")
                 continue
             d = _default_block(layer, cfg)
             if layer.d_in % d:
-                skipped.append(Skip(node.name, f"sub-vector length {d} does not divide the {layer.d_in} "
-                                               "input features"))
+                skip(layer, f"sub-vector length {d} does not divide the {layer.d_in} input features")
                 continue
             k = min(cfg.centroids, layer.n_weights // d)
             dense = _dense_bytes(layer)
             pq_bytes = _pq_bytes(layer, d, k, dtype, layer.aware and cfg.bias_correct, _packed(layer, d, k, dtype, cfg))
             if pq_bytes >= dense:
-                skipped.append(Skip(node.name, f"small layer: codes + codebook ({pq_bytes} B) would not save "
-                                               f"bytes over the dense weight ({dense} B)"))
+                skip(layer, f"small layer: codes + codebook ({pq_bytes} B) would not save "
+                            f"bytes over the dense weight ({dense} B)")
                 continue
             todo.append((layer, d))
         return todo, skipped
 
     def plan(self, model, cfg):
         todo, skipped = self._scan(import_graph(model), cfg)
-        return Plan(targets=[layer.node.name for layer, _ in todo], skipped=skipped)
+        return Plan(targets=[n.name for layer, _ in todo for n in layer.nodes], skipped=skipped)
 
     def _stats(self, ctx, layers, cfg, model_x):
-        """{node name: CrossMoments} of the layers' input features (from ``model_x``) and their
-        outputs in the reference model."""
-        reqs = [layer_stats_request(layer.node, "pq:" + layer.node.name, layer.node.inputs[0].name,
-                                    layer.node.outputs[0].name, positions=cfg.positions) for layer in layers]
+        """({layer name: CrossMoments pooled over its readers}, {reader name: CrossMoments}): the
+        input features (from ``model_x``) and the outputs in the reference model of every reader."""
+        reqs = [layer_stats_request(n, "pq:" + n.name, n.inputs[0].name, n.outputs[0].name, positions=cfg.positions)
+                for layer in layers for n in layer.nodes]
         if not reqs:
-            return {}
+            return {}, {}
         got = ctx.collect(reqs, model_x=model_x, model_y=ctx.reference, desc="pq statistics")
-        return {layer.node.name: got["pq:" + layer.node.name] for layer in layers}
+        per_node = {}
+        for layer in layers:
+            fixed = not _bias_fit(layer, cfg)
+            for n in layer.nodes:
+                cm = got["pq:" + n.name]
+                per_node[n.name] = _without_bias(cm, _fixed_bias(layer, n)) if fixed else cm
+        return {layer.node.name: pooled([per_node[n.name] for n in layer.nodes]) for layer in layers}, per_node
 
     def _layer_problem(self, layer, d, cm, cfg):
-        """(target T* rows × d_in, metric H or None, bias fit or None, exact): what to quantize."""
+        """(target T* rows × d_in, metric H or None, bias refit or not, exact): what to quantize."""
         t = layer.matrix().astype(np.float64)
         if cm is None:
-            return t, None, None, True
+            return t, None, False, True
         node = layer.node
         alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
-        bias = _bias_target(layer) if cfg.bias_correct else None
+        bias = _bias_fit(layer, cfg)
         n = max(cm.n, 1)
-        if bias is not None:
+        if bias:
             h = cm.x.cov
             cxy = cm.xy / n - np.outer(cm.x.mean, cm.mean_y)
         else:
@@ -663,8 +801,23 @@ class Pq(Pass):
         if cfg.sequential and cfg.aware and not exact:
             m = np.linalg.solve(hd, cxy + lam * m)
             t = m.T / alpha
-        fit = (bias, cm.x.mean, cm.mean_y, alpha) if bias is not None else None
-        return t, hd, fit, exact
+        return t, hd, bias, exact
+
+    def _refit_biases(self, layer, t_hat, cm, per_node):
+        """b = E[y] − E[x̃]ᵀŴ: once from the pooled statistics for a bias all readers share,
+        else per reader from its own."""
+        node = layer.node
+        alpha = float(node.attrs.get("alpha", 1.0)) if node.op == "Gemm" else 1.0
+        w = alpha * t_hat.T
+        shared = _shared_bias(layer)
+        if shared is not None:
+            _write_shared_bias(layer, shared, cm.mean_y - cm.x.mean @ w)
+            return
+        for n in layer.nodes:
+            target = _bias_target(layer, n)
+            own = per_node.get(n.name, cm)
+            if target is not None:
+                _write_bias(layer, n, target, own.mean_y - own.x.mean @ w)
 
     def _candidates(self, layer, cfg):
         """(d, K) settings tried by the size search."""
@@ -692,20 +845,25 @@ class Pq(Pass):
                          positions=cfg.positions, bias_correct=cfg.bias_correct, bits=cfg.bits)
         layers = {n: b[0] for n, b in blocks.items()}
         aware = [l for l in layers.values() if l.aware and (cfg.aware or cfg.bias_correct)]
-        stats = self._stats(ctx, aware, quick, ctx.reference) if aware else {}
+        stats = self._stats(ctx, aware, quick, ctx.reference)[0] if aware else {}
         options = {}
-        for name, layer in ctx.progress(sorted(layers.items()), total=len(layers), desc="pq size search"):
+        bar = ctx.bar(total=len(layers), desc="pq size search")
+        for name, layer in sorted(layers.items()):
+            bar.update(0, postfix=name)
             refit = layer.aware and cfg.bias_correct
             opts = [(None, 0.0, _dense_bytes(layer))]
             t, h, _, _ = self._layer_problem(layer, 0, stats.get(name), quick)  # the same for every (d, K)
             for d, k in self._candidates(layer, cfg):
                 rng = np.random.default_rng([ctx.seed, zlib.crc32(name.encode())])
-                cb, codes, t_hat = quantize(t, d, k, h if cfg.aware else None, quick, rng, dtype)
+                with ctx.timed("search"), deterministic():
+                    cb, codes, t_hat = quantize(t, d, k, h if cfg.aware else None, quick, rng, dtype)
                 err = output_error(t, t_hat, h) if h is not None else float(
                     ((t - t_hat) ** 2).sum() / max((t ** 2).sum(), 1e-30))
                 # k, not len(cb): the final quantization may keep more centroids than this quick one
                 opts.append(((d, k), err, _pq_bytes(layer, d, k, dtype, refit, _packed(layer, d, k, dtype, cfg))))
             options[name] = opts
+            bar.update(1)
+        bar.close()
         fixed = ctx.cost(model)["bytes"] - sum(o[0][2] for o in options.values())
 
         def pick(lam):
@@ -749,44 +907,66 @@ class Pq(Pass):
                 else:
                     blocks[name] = (blocks[name][0],) + chosen[name]
         if cfg.sequential and cfg.aware:
-            levels = refit_order(graph, list(blocks))
+            levels = shared_levels(graph, {n: [x.name for x in b[0].nodes] for n, b in blocks.items()})
         else:
             levels = [sorted(blocks)]
         info_all = {}
-        done = 0
         current = model
+        runtime = {"before": _weight_bytes(graph), "decoded": 0, "stored": 0}
+        file_before = ctx.cost(model)["bytes"]
+        bar = ctx.bar(total=len(blocks), desc="pq")
         for level in levels:
             aware = [blocks[n][0] for n in level if blocks[n][0].aware and use_stats]
-            stats = self._stats(ctx, aware, cfg, current) if aware else {}
+            stats, per_node = self._stats(ctx, aware, cfg, current) if aware else ({}, {})
             for name in level:
                 layer, d, k = blocks[name]
                 cm = stats.get(name)
                 t, h, fit, exact = self._layer_problem(layer, d, cm, cfg)
                 rng = np.random.default_rng([ctx.seed, zlib.crc32(name.encode())])
                 tq = time.perf_counter()
-                cb, codes, t_hat = quantize(t, d, k, h if cfg.aware else None, cfg, rng, dtype)
+                with ctx.timed("fit"), deterministic():
+                    cb, codes, t_hat = quantize(t, d, k, h if cfg.aware else None, cfg, rng, dtype)
                 seconds = time.perf_counter() - tq
                 t0 = layer.matrix().astype(np.float64)
                 info = {"block": d, "centroids": int(len(cb)),
                         "metric": "activation" if (h is not None and cfg.aware) else "weights",
                         "rel_weight_error": round(float(((t0 - t_hat) ** 2).sum() / max((t0 ** 2).sum(), 1e-30)), 6)}
+                if len(layer.nodes) > 1:
+                    info["shared_by"] = [n.name for n in layer.nodes]
+                    info["weight"] = layer.weight.name
                 if h is not None:
                     info["rel_output_error"] = round(output_error(t, t_hat, h), 6)
-                if fit is not None:
-                    target, mx, my, alpha = fit
-                    _write_bias(layer, target, my - mx @ (alpha * t_hat.T))
+                if fit:
+                    self._refit_biases(layer, t_hat, cm, per_node)
                     info["bias_refit"] = True
                 packed = _packed(layer, d, len(cb), dtype, cfg)
-                layer.node.inputs[1] = _decode(graph, layer, cb, codes, packed)
+                decoded = _decode(graph, layer, cb, codes, packed)
+                for n in layer.nodes:
+                    n.inputs[1] = decoded
                 dense = layer.n_weights * layer.weight.values.dtype.itemsize
+                stored = int((codes.size + 1) // 2 if packed else codes.nbytes) + int(cb.nbytes)
+                runtime["decoded"] += dense
+                runtime["stored"] += stored
                 info["bits"] = 4 if packed else 8
-                info["bytes"] = [dense, int((codes.size + 1) // 2 if packed else codes.nbytes) + int(cb.nbytes)]
+                info["bytes"] = [dense, stored]
                 info["seconds"] = round(seconds, 2)
                 info_all[name] = info
-                report.changed.append(name)
-                done += 1
-            if len(levels) > 1:
-                current = export_model(graph, like=model)
+                report.changed.extend(n.name for n in layer.nodes)
+                bar.update(1, postfix=f"{name}: d={d} K={len(cb)}")
+            if len(levels) > 1 and level is not levels[-1]:
+                with ctx.timed("export"):
+                    current = export_model(graph, like=model)
+        bar.close()
         report.details["layers"] = info_all
         report.details["codebook_dtype"] = cfg.codebook_dtype
-        return export_model(graph, like=model), report
+        with ctx.timed("export"):
+            out = export_model(graph, like=model)
+        after = _weight_bytes(import_graph(out), skip=".pq_codebook")
+        report.details["memory"] = {
+            "file_bytes": {"before": int(file_before), "after": int(ctx.cost(out)["bytes"])},
+            "runtime_weight_bytes": {"before": int(runtime["before"]), "after": int(after + runtime["decoded"])},
+            "note": ("ONNX Runtime folds the decode subgraphs at load: the weights it holds are the decoded "
+                     "float tensors, as large as the original ones (runtime_weight_bytes); pq makes the file "
+                     "smaller, not the resident memory"),
+        }
+        return out, report

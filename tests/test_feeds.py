@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxshrink import shrink
 from onnxshrink.calibrate import FeedSource, load_data
 from onnxshrink.cli import main
-from onnxshrink.errors import CalibrationError, TargetError
+from onnxshrink.errors import CalibrationError, UsageError
 
 
 def dynamic_cnn(seed=0):
@@ -222,7 +222,7 @@ def test_flops_target_on_uncountable_model_is_an_error(rng, monkeypatch):
     from onnxshrink.calibrate import ShapeObserver
     feeds = seq_feeds(rng, 10)
     monkeypatch.setattr(ShapeObserver, "observe", lambda self, m, s: None)   # no shapes from running
-    with pytest.raises(TargetError, match="cannot be counted"):
+    with pytest.raises(UsageError, match="cannot be counted"):
         shrink(reshape_model(), "lowrank", calibration=feeds, target_flops=0.8)
     from onnxshrink.budget import missed, reached
     r = reached({"flops": 0.8}, {"flops": None}, {"flops": None})

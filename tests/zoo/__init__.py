@@ -531,6 +531,44 @@ def two_inputs(opset=13):
     return b.finish(f"two_inputs_op{opset}", {"img": (3, 8, 8), "feat": (6,)})
 
 
+def unrolled_lstm(opset=13, steps=4, d=32, hidden=32, classes=10):
+    """A PyTorch LSTM cell traced over ``steps`` time steps (CRNN text-reader style): every step
+    reads the same W_ih, W_hh, biases and output projection, so each weight is one initializer
+    shared by several Gemm nodes. Step 0 has no recurrent Gemm (zero state folded by the tracer).
+
+        x(N,T,D) ─ Gather(t) ─ Gemm(W_ih, b_ih) ─┐
+        h_{t-1} ─────────────── Gemm(W_hh, b_hh) ─ Add ─ Split(4) ─ σ/σ/tanh/σ ─ c_t, h_t
+        h_t ─ Gemm(W_out, b_out) ─ Unsqueeze ─ Concat over t ─ logits(N,T,C)
+    """
+    b = ZooBuilder(17, opset)
+    x = b.input("input", ["N", steps, d])
+    r = b.rng
+    w_ih = b.const((r.standard_normal((4 * hidden, d)) / np.sqrt(d)).astype(np.float32), "lstm_w_ih")
+    w_hh = b.const((r.standard_normal((4 * hidden, hidden)) / np.sqrt(hidden)).astype(np.float32), "lstm_w_hh")
+    b_ih = b.const((0.1 * r.standard_normal(4 * hidden)).astype(np.float32), "lstm_b_ih")
+    b_hh = b.const((0.1 * r.standard_normal(4 * hidden)).astype(np.float32), "lstm_b_hh")
+    w_out = b.const((r.standard_normal((classes, hidden)) / np.sqrt(hidden)).astype(np.float32), "fc_w")
+    b_out = b.const((0.1 * r.standard_normal(classes)).astype(np.float32), "fc_b")
+    h = c = None
+    outs = []
+    for t in range(steps):
+        xt = b.node("Gather", [x, b.const(np.array(t, np.int64), "step")], axis=1)
+        gates = b.node("Gemm", [xt, w_ih, b_ih], transB=1)
+        if h is None:
+            gates = b.add(gates, b_hh)
+        else:
+            gates = b.add(gates, b.node("Gemm", [h, w_hh, b_hh], transB=1))
+        i, f, g, o = b.split(gates, [hidden] * 4)
+        i, f, o = (b.node("Sigmoid", [v]) for v in (i, f, o))
+        ig = b.node("Mul", [i, b.node("Tanh", [g])])
+        c = ig if c is None else b.add(b.node("Mul", [f, c]), ig)
+        h = b.node("Mul", [o, b.node("Tanh", [c])])
+        outs.append(b.unsqueeze(b.node("Gemm", [h, w_out, b_out], transB=1), [1]))
+    b.node("Concat", outs, out="logits", axis=1)
+    b.output("logits", ["N", steps, classes])
+    return b.finish(f"unrolled_lstm_op{opset}", {"input": (steps, d)})
+
+
 ZOO = {}
 for _fn, _kw in [
     (resnet_basic, {"opset": 11}), (resnet_basic, {"opset": 13}), (resnet_basic, {"opset": 17}),
@@ -553,6 +591,7 @@ for _fn, _kw in [
     (dynamic_spatial, {"opset": 17}),
     (external_data, {"opset": 17}),
     (two_inputs, {"opset": 13}),
+    (unrolled_lstm, {"opset": 13}),
 ]:
     _builder = functools.partial(_fn, **_kw)
     ZOO[_builder().name] = _builder
