@@ -35,7 +35,7 @@ EXIT_CODES = f"""exit codes:
 # API argument names in library messages -> the CLI's flags
 _FLAGS = {"force=True": "--force", "target_flops": "--target-flops", "target_params": "--target-params",
           "target_size": "--target-size", "min_cosine": "--min-cosine", "min_top1": "--min-top1",
-          "max_error": "--max-error", "max_rel_l2": "--max-rel-l2", "random_calibration=N": "--random-calibration N",
+          "max_error": "--max-error", "max_rel_l2": "--max-rel-l2", "max_drop": "--max-drop", "metric=": "--metric", "random_calibration=N": "--random-calibration N",
           "random_calibration": "--random-calibration", "batch_size": "--batch-size",
           "calibration=": "--calibration-data PATH", "validation=": "--validation-data PATH"}
 _FLAG_RE = re.compile(r"(?<![\w-])(" + "|".join(re.escape(k) for k in sorted(_FLAGS, key=len, reverse=True)) + r")(?![\w])")
@@ -81,6 +81,12 @@ def build_parser():
     p.add_argument("--max-rel-l2", type=float, help="fail if any output's relative L2 error exceeds this")
     p.add_argument("--min-cosine", type=float, default=0.9, help="fail if any output's cosine is below this (default 0.9)")
     p.add_argument("--min-top1", type=float, help="fail if top-1 agreement of a 2-D output is below this")
+    p.add_argument("--metric", metavar="NAME|FILE.py:FN|MODULE:FN",
+                   help="task metric, higher is better, evaluated on the validation feeds for the original and the "
+                        "result: top1, cosine, rel_l2, mse, or fn(outputs_per_feed, feeds) -> float of your own")
+    p.add_argument("--max-drop", type=float, metavar="D",
+                   help="fail if the metric drops by more than D (absolute); without a target, search the "
+                        "smallest model within D")
     p.add_argument("--force", action="store_true", help="write even if validation fails or a target is missed (exit code 3); allow OUT == IN")
     p.add_argument("--batch-size", type=int, default=64, help="calibration batch size")
     p.add_argument("--seed", type=int, default=0)
@@ -284,7 +290,8 @@ def _main(argv) -> int:
                             target_params=args.target_params, target_size=args.target_size,
                             options=parse_sets(args.set), tolerances=tol, image_options=image_options,
                             random_calibration=args.random_calibration, force=args.force,
-                            quiet=args.quiet, batch_size=args.batch_size, seed=args.seed)
+                            quiet=args.quiet, batch_size=args.batch_size, seed=args.seed,
+                            metric=args.metric, max_drop=args.max_drop)
         except CheckFailed as e:
             partial = e.result
             if partial is not None:

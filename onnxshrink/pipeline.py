@@ -13,6 +13,7 @@ or garbage collection) or removed at once when the call fails, unless the error 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import time
@@ -25,6 +26,8 @@ import numpy as np
 import onnx
 
 from . import budget as budget_mod
+from . import metrics as metrics_mod
+from . import search as search_mod
 from .calibrate import DataSource, ShapeObserver, collect, load_data, random_data, session, split_holdout
 from .cost import model_cost, unknown_flops
 from .errors import (CalibrationError, InputError, OnnxShrinkError, PassError, UsageError,
@@ -34,7 +37,7 @@ from .model_io import (SpillStore, Staging, active_store, check_output_paths, ch
                        has_lazy, load_model, save_model, spilling)
 from .registry import get_pass, make_config
 from .report import make_report, to_json
-from .validate import STANDARD_DOMAINS, Tolerances, structural_problems, validate
+from .validate import STANDARD_DOMAINS, Tolerances, model_outputs, structural_problems, validate
 
 
 TIMING_PARTS = ("calibration", "statistics", "session", "fit", "search", "export")
@@ -421,15 +424,23 @@ def shrink(model_or_path, passes, calibration=None, *, validation=None, target_f
            target_params=None, target_size=None, min_cosine=_DEFAULT, min_top1=_DEFAULT,
            max_error=_DEFAULT, max_rel_l2=_DEFAULT, options=None, image_options=None,
            random_calibration=None, force=False, quiet=True, batch_size=64, seed=0, base_dir=None,
-           tolerances: Tolerances | None = None, target_bytes=None) -> Result:
+           metric=None, max_drop=None, tolerances: Tolerances | None = None, target_bytes=None) -> Result:
     """Compress a model. See the README for the arguments; they mirror the CLI's flags
     (``min_cosine`` is ``--min-cosine``; ``tolerances=`` and ``target_bytes=`` are older spellings
     of the tolerance arguments and of ``target_size``). Raises OnnxShrinkError subclasses; a failed
     check raises ValidationFailed/TargetError with the unsaved result in ``.result``, unless
     ``force=True``, which returns it (``result.passed`` is then False).
+    ``metric`` (a built-in name, ``"file.py:function"``, ``"module:function"`` or a callable
+    ``fn(outputs_per_feed, feeds) -> float``, higher is better) is evaluated on the validation
+    feeds for the original and the result; with ``max_drop`` a larger drop fails validation, and
+    without a target the chain's budget is searched for the smallest model within the drop.
     The result holds temporary files for large models: ``with shrink(...) as res:`` or
     ``res.close()`` removes them at once (else garbage collection does)."""
     t0 = time.perf_counter()
+    task = metrics_mod.resolve(metric)
+    max_drop = metrics_mod.check_max_drop(max_drop)
+    if max_drop is not None and task is None:
+        raise UsageError("max_drop needs metric= (a built-in name such as 'top1', 'file.py:function' or a callable)")
     if target_bytes is not None:
         if target_size is not None:
             raise UsageError("give target_size= (target_bytes= is its older name), not both")
@@ -472,29 +483,45 @@ def shrink(model_or_path, passes, calibration=None, *, validation=None, target_f
     try:
         reps = [r for src in (fit, val) if src is not None for r in src.representatives()]
         with observing(ShapeObserver(reps)):
-            return _run(model, original, chosen, targets, fit, val, tol, force, quiet, batch_size, seed, t0,
-                        quantized, input_info, model_or_path)
+            run = _Run(chosen, targets, fit, val, tol, force, quiet, batch_size, seed, t0, quantized,
+                       input_info, model_or_path, task, max_drop)
+            return _run(model, original, run)
     finally:
         for src in (fit, val):
             if src is not None:
                 src.close()
 
 
-def _run(model, original, chosen, targets, fit, val, tol, force, quiet, batch_size, seed, t0,
-         quantized, input_info, model_or_path):
-    source = fit if fit is not None else val
-    signatures = source.signatures() if source is not None else None
-    # the first signature's full input shapes: a feed ran at exactly these, so shapes static
-    # inference misses at them are observed (concrete_input_shapes takes full-rank shapes as they are)
-    sample_shapes = dict(signatures[0]["inputs"]) if signatures else None
-    _flops_countable(model, signatures, targets)
-    before = model_cost(model, signatures)
-    reports, timing, done = [], {}, []
-    for i, (p, cfg) in enumerate(chosen):
+@dataclass
+class _Run:
+    """One call's settings and data, as ``shrink`` checked them."""
+
+    chosen: list                # [(pass, config)]
+    targets: dict               # {cost metric: fraction of the original}
+    fit: DataSource | None
+    val: DataSource | None
+    tol: Tolerances
+    force: bool
+    quiet: bool
+    batch_size: int
+    seed: int
+    t0: float
+    quantized: list             # QOperator layers every pass leaves alone
+    input_info: dict
+    model_or_path: object
+    metric: metrics_mod.Metric | None = None
+    max_drop: float | None = None
+
+
+def _chain(model, original, run: _Run, targets, before, signatures, sample_shapes):
+    """Run the chosen passes in order toward ``targets``; returns (model, pass reports)."""
+    reports, done = [], []
+    for i, (p, cfg) in enumerate(run.chosen):
         current = model_cost(model, signatures) if targets else before
-        remaining = {m: sum(1 for q, _ in chosen[i:] if m in q.budgets) for m in targets if m in p.budgets}
+        remaining = {m: sum(1 for q, _ in run.chosen[i:] if m in q.budgets) for m in targets if m in p.budgets}
         goals = budget_mod.pass_goals(targets, before, current, remaining)
-        ctx = PassContext(fit, model, original, goals, sample_shapes, batch_size, seed, quiet, signatures=signatures)
+        ctx = PassContext(run.fit, model, original, goals, sample_shapes, run.batch_size, run.seed, run.quiet,
+                          signatures=signatures)
         t = time.perf_counter()
         try:
             model, rep = p.apply(model, cfg, ctx)
@@ -508,7 +535,7 @@ def _run(model, original, chosen, targets, fit, val, tol, force, quiet, batch_si
         except Exception as e:  # a bug or an unhandled graph: name the pass and the chain
             msg = first_line(e)
             raise PassError(p.name, msg, done) from e
-        for n in quantized:
+        for n in run.quantized:
             rep.skip(n.name, f"quantized layer ({n.op_type}, QOperator form): left as it is")
         rep.details.setdefault("seconds", round(time.perf_counter() - t, 3))
         rep.details.setdefault("calibration_seconds", round(ctx.calibration_seconds, 3))
@@ -516,36 +543,111 @@ def _run(model, original, chosen, targets, fit, val, tol, force, quiet, batch_si
         rep.details["timing"] = ctx.timing_report(rep.details["seconds"])
         reports.append(rep)
         done.append(p.name)
+    return model, reports
+
+
+def _search_budget(run: _Run) -> str:
+    """The cost metric an accuracy-controlled search turns: the first the chain can search."""
+    for m in budget_mod.METRICS:
+        if any(m in p.budgets for p, _ in run.chosen):
+            return m
+    names = ",".join(p.name for p, _ in run.chosen)
+    raise UsageError(f"max_drop without a target needs a pass that searches a budget (pfa, basisconv, "
+                     f"lowrank, hadamard, pq); none of {names} does")
+
+
+def _searched_chain(model, original, run: _Run, before, signatures, sample_shapes):
+    """The smallest model whose metric drops by at most ``max_drop``: a bisection over one budget
+    fraction of the whole chain (see ``search``). Each step fits on the first 80 % of the
+    calibration feeds and is scored on the other 20 % (scored on its own fitting data, a refit
+    looks better than it is); the chosen fraction is then fitted on all of them. Returns (model,
+    reports, search report)."""
+    budget = _search_budget(run)
+    if run.fit.units() < 5:
+        raise CalibrationError(f"{run.fit.origin}: {run.fit.units()} {run.fit.unit}(s) are too few to search "
+                               "a budget under max_drop (5 or more: 80 % fit, 20 % score each step); give more "
+                               "calibration data or a target")
+    fit_part, score_part = split_holdout(run.fit, 0.2)
+    steps_run = dataclasses.replace(run, fit=fit_part)
+    reference, feeds = model_outputs(original, score_part)
+
+    def build(f):
+        cand, _ = _chain(model, original, steps_run, {budget: f}, before, signatures, sample_shapes)
+        value = model_cost(cand, signatures)[budget]
+        return cand, (value / before[budget] if value is not None and before[budget] else 1.0)
+
+    def score(cand):
+        outs, _ = model_outputs(cand, score_part, like=original)
+        return run.metric.values(reference, outs, feeds)[1]
+
+    original_value = run.metric.values(reference, reference, feeds)[0]
+    found = search_mod.smallest_within(build, score, original_value, run.max_drop)
+    info = {"budget": budget, "metric": run.metric.name, "data": f"{score_part.n} held-out calibration "
+            f"{score_part.unit}(s)", "original": original_value, "max_drop": run.max_drop,
+            "steps": [st.as_dict() for st in found.steps]}
+    if found.best is None:
+        mildest = max(found.steps, key=lambda st: st.fraction)
+        info["chosen"] = None
+        info["problem"] = (f"no budget keeps metric '{run.metric.name}' within max_drop {run.max_drop} on "
+                           f"held-out calibration data: the mildest tried ({budget} {mildest.fraction:.3f}) "
+                           f"dropped it by {mildest.drop:.4g}; the model is left as it was")
+        return model, [], info
+    info["chosen"] = round(found.best_step.fraction, 4)
+    cand, reps = _chain(model, original, run, {budget: found.best_step.fraction}, before, signatures, sample_shapes)
+    return cand, reps, info
+
+
+def _run(model, original, run: _Run):
+    source = run.fit if run.fit is not None else run.val
+    signatures = source.signatures() if source is not None else None
+    # the first signature's full input shapes: a feed ran at exactly these, so shapes static
+    # inference misses at them are observed (concrete_input_shapes takes full-rank shapes as they are)
+    sample_shapes = dict(signatures[0]["inputs"]) if signatures else None
+    targets = run.targets
+    _flops_countable(model, signatures, targets)
+    before = model_cost(model, signatures)
+    timing, search_info = {}, None
+    if run.max_drop is not None and not targets:
+        if run.fit is None:
+            raise UsageError("max_drop without a target searches on calibration data: give calibration=")
+        model, reports, search_info = _searched_chain(model, original, run, before, signatures, sample_shapes)
+    else:
+        model, reports = _chain(model, original, run, targets, before, signatures, sample_shapes)
     after = model_cost(model, signatures)
     reached = budget_mod.reached(targets, before, after)
+    val = run.val
     if val is None:
-        val = random_data(original, 16, seed, sample_shapes)
+        val = random_data(original, 16, run.seed, sample_shapes)
         val.origin = "random inputs (no calibration data given)"
-    validation_result = validate(original, model, val, tol)
-    inherited = [q for q in validation_result["problems"] if q in input_info["problems"]]
+    validation_result = validate(original, model, val, run.tol, run.metric, run.max_drop)
+    inherited = [q for q in validation_result["problems"] if q in run.input_info["problems"]]
     if inherited:
         validation_result["problems"] = [q for q in validation_result["problems"] if q not in inherited]
-        validation_result["passed"] = not validation_result["problems"]
+    if search_info is not None and search_info.get("problem"):
+        validation_result["problems"].append(search_info["problem"])
+    validation_result["passed"] = not validation_result["problems"]
     validation_result["data"] = val.origin
-    timing["total_seconds"] = round(time.perf_counter() - t0, 3)
+    timing["total_seconds"] = round(time.perf_counter() - run.t0, 3)
     report = make_report(before, after, reports, validation_result, reached, timing,
-                         model=input_info["model"])
-    report["input"] = input_info
+                         model=run.input_info["model"])
+    report["input"] = run.input_info
     report["cost_shapes"] = [{"inputs": {k: list(v) for k, v in sig["inputs"].items()}, "batch": sig["batch"],
                               "samples": sig["samples"]} for sig in signatures] if signatures else None
+    if search_info is not None:
+        report["search"] = search_info
     if not any(r.changed for r in reports) and _same_model(model, original):
         report["unchanged"] = True
         report["nothing_changed"] = _nothing_changed(reports)
     copy_of = None   # an unchanged run publishes the input's own bytes
-    if report.get("unchanged") and isinstance(model_or_path, (str, os.PathLike)) \
-            and not has_external_data(model_or_path):
-        copy_of = os.path.abspath(os.fspath(model_or_path))
+    if report.get("unchanged") and isinstance(run.model_or_path, (str, os.PathLike)) \
+            and not has_external_data(run.model_or_path):
+        copy_of = os.path.abspath(os.fspath(run.model_or_path))
     result = Result(model, report, active_store(), copy_of)
     err = budget_mod.missed(reached)
     if err is None and not validation_result["passed"]:
         err = ValidationFailed("validation failed: " + "; ".join(validation_result["problems"]))
     report["check_failed"] = err.detail if err is not None else None
-    if err is not None and not force:
+    if err is not None and not run.force:
         err.result = result
         raise err
     return result

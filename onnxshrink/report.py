@@ -70,6 +70,13 @@ def console_table(report) -> str:
             lines.append(f"  skipped {s['node']}: {s['reason']}")
         if len(p["skipped"]) > 5:
             lines.append(f"  ... {len(p['skipped']) - 5} more skipped (see --report)")
+    sr = report.get("search")
+    if sr:
+        for st in sr["steps"]:
+            lines.append(f"search {sr['budget']} {st['fraction']:.3f}: reached {st['reached']:.3f}, "
+                         f"{sr['metric']} {st['metric']:.4g} (drop {st['drop']:.4g})" + ("" if st["within"] else ", over"))
+        lines.append(f"search chose {sr['budget']} {sr['chosen']}" if sr.get("chosen") is not None
+                     else "search: " + sr.get("problem", "nothing within the drop"))
     v = report.get("validation") or {}
     for name, m in (v.get("outputs") or {}).items():
         t1 = m.get("top1_agreement")
@@ -86,6 +93,10 @@ def console_table(report) -> str:
             lines.append("worst: " + "; ".join(worst))
         for note in v.get("notes") or []:
             lines.append(f"note: {note}")
+        t = v.get("metric")
+        if t:
+            lines.append(f"metric {t['name']}: original {t['original']:.4g}, result {t['candidate']:.4g}, "
+                         f"drop {t['drop']:.4g}" + (f" (max_drop {t['max_drop']})" if t.get("max_drop") is not None else ""))
         feeds = f" in {v['feeds']} feeds" if v.get("feeds") else ""
         lines.append(f"validation on {v.get('samples', 0)} held-out samples{feeds}: "
                      + ("passed" if v.get("passed") else "FAILED: " + "; ".join(v.get("problems", []))))

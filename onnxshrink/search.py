@@ -2,8 +2,9 @@
 
 The chain of passes is run at a global budget fraction ``f`` of one cost metric (FLOPs, params or
 bytes: the one the chain's passes can search) and the candidate is scored by the user's metric on
-calibration feeds. With the drop assumed to grow as ``f`` shrinks, a bisection over ``f`` finds the
-smallest fraction whose drop is within ``max_drop`` in a handful of runs; every step is recorded
+calibration feeds. With the drop assumed to grow as ``f`` shrinks, a bisection over ``log f`` finds
+the smallest fraction whose drop is within ``max_drop`` in a handful of runs (relative steps: a
+budget of 0.02 is resolved as finely as one of 0.6); every step is recorded
 (fraction asked, fraction reached, metric, drop) so the report shows how the budget was found.
 The final model is judged again on the held-out validation feeds, which the search never sees.
 """
@@ -35,8 +36,8 @@ class SearchResult:
 
 
 def smallest_within(run: Callable[[float], tuple[object, float]], score: Callable[[object], float],
-                    original: float, max_drop: float, lowest: float = 0.05, steps: int = 7) -> SearchResult:
-    """Bisection over the budget fraction in [lowest, 1].
+                    original: float, max_drop: float, lowest: float = 0.01, steps: int = 8) -> SearchResult:
+    """Bisection over the budget fraction in [lowest, 1], at geometric midpoints.
 
     ``run(f) -> (candidate, reached_fraction)`` builds a candidate at budget ``f``; ``score(candidate)``
     is its metric (higher is better); ``original`` the original's metric. Returns the candidate with the
@@ -59,11 +60,11 @@ def smallest_within(run: Callable[[float], tuple[object, float]], score: Callabl
         return result
     lo, hi = lowest, 1.0
     for _ in range(max(1, steps - 1)):
-        mid = (lo + hi) / 2
+        mid = (lo * hi) ** 0.5
         if attempt(mid).within:
             hi = mid
         else:
             lo = mid
-        if hi - lo < 0.01:
+        if hi / lo < 1.03:
             break
     return result

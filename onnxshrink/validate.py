@@ -205,11 +205,13 @@ def _units(model, data):
     return data.validation_batches(256)
 
 
-def compare_models(original, model, data: DataSource, problems: list):
+def compare_models(original, model, data: DataSource, problems: list, keep: dict | None = None):
     """Run both models feed by feed and compare per feed; returns ({output: metrics aggregated
     over the feeds}, samples, feeds). The original runs first and its session is gone before
     the rewritten model's is made (one session at a time, for large models); that one session
-    also serves the load check (a failure is added to ``problems``)."""
+    also serves the load check (a failure is added to ``problems``). With ``keep`` (a dict), the
+    per-feed outputs of both models and the feeds are kept in it ("reference", "outputs",
+    "feeds"), for a task metric."""
     sess = session(original)
     names = [o.name for o in sess.get_outputs()]
     ref = [(sess.run(names, feed), index, first, data.batch_count(feed)) for feed, index, first in _units(original, data)]
@@ -226,9 +228,14 @@ def compare_models(original, model, data: DataSource, problems: list):
     samples = 0
     try:
         for (outs, index, first, n), (feed, _, _) in zip(ref, _units(original, data)):
-            for name, x, y in zip(names, outs, sess.run(names, feed)):
+            new = sess.run(names, feed)
+            for name, x, y in zip(names, outs, new):
                 stats[name].add(np.asarray(x), np.asarray(y), index, first, n)
             samples += n
+            if keep is not None:
+                keep.setdefault("reference", []).append(dict(zip(names, outs)))
+                keep.setdefault("outputs", []).append(dict(zip(names, new)))
+                keep.setdefault("feeds", []).append(feed)
     except Exception as e:
         problems.append(f"ONNX Runtime fails to run the model: {first_line(e)}")
         return {}, 0, 0
@@ -236,21 +243,54 @@ def compare_models(original, model, data: DataSource, problems: list):
 
 
 def validate(original: onnx.ModelProto, model: onnx.ModelProto, data: DataSource | None,
-             tol: Tolerances) -> dict:
+             tol: Tolerances, metric=None, max_drop: float | None = None) -> dict:
+    """Structural checks, and on ``data`` the per-output comparison against the tolerances; with a
+    task ``metric`` (``metrics.Metric``) also its value for the original and the rewritten model
+    on the same feeds, failing when the drop exceeds ``max_drop``."""
     problems = structural_problems(original, model)
     outputs, samples, feeds = {}, 0, 0
+    keep = {} if metric is not None else None
+    task = None
     if data is None:
         try:
             session(model)
         except Exception as e:
             problems.append(f"ONNX Runtime cannot load the model: {first_line(e)}")
     else:
-        outputs, samples, feeds = compare_models(original, model, data, problems)
+        outputs, samples, feeds = compare_models(original, model, data, problems, keep)
         problems += _tolerance_failures(outputs, tol)
+        if keep:
+            task = task_metric(metric, keep["reference"], keep["outputs"], keep["feeds"], max_drop)
+            if task["within"] is False:
+                problems.append(f"metric '{task['name']}' dropped by {task['drop']:.4g} "
+                                f"({task['original']:.4g} -> {task['candidate']:.4g}), more than max_drop {max_drop}")
     notes = [f"output '{k}': {m['nonfinite_both']} value(s) are NaN/Inf in both the original and the rewritten "
              "model (left out of the metrics)" for k, m in outputs.items() if m.get("nonfinite_both")]
-    return {"outputs": outputs, "samples": samples, "feeds": feeds,
-            "problems": problems, "notes": notes, "passed": not problems, **introduced_ops(original, model)}
+    result = {"outputs": outputs, "samples": samples, "feeds": feeds,
+              "problems": problems, "notes": notes, "passed": not problems, **introduced_ops(original, model)}
+    if task is not None:
+        result["metric"] = task
+    return result
+
+
+def task_metric(metric, reference: list, outputs: list, feeds: list, max_drop: float | None = None) -> dict:
+    """{name, original, candidate, drop, max_drop, within} of a task metric on the same feeds."""
+    orig, cand = metric.values(reference, outputs, feeds)
+    drop = orig - cand
+    return {"name": metric.name, "original": orig, "candidate": cand, "drop": drop, "max_drop": max_drop,
+            "within": None if max_drop is None else bool(drop <= max_drop)}
+
+
+def model_outputs(model: onnx.ModelProto, data: DataSource, like: onnx.ModelProto | None = None):
+    """(per-feed outputs, feeds) of one model over ``data``, split as validation splits it (``like``:
+    the model whose batch rules decide the split, default ``model``)."""
+    sess = session(model)
+    names = [o.name for o in sess.get_outputs()]
+    outs, feeds = [], []
+    for feed, _, _ in _units(like if like is not None else model, data):
+        outs.append(dict(zip(names, sess.run(names, feed))))
+        feeds.append(feed)
+    return outs, feeds
 
 
 def _tolerance_failures(outputs, tol: Tolerances):

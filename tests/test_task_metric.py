@@ -1,0 +1,98 @@
+"""The user's metric through the API and the CLI: values of the original and the result on the
+validation feeds, max_drop as a gate, and the accuracy-controlled search of the smallest model
+within the drop (digits MLP, pfa, real test accuracy)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from models import digits
+from onnxshrink import CheckFailed, UsageError, ValidationFailed, cli, shrink
+
+MLP = digits.model_path("mlp")
+PLAIN = digits.model_path("cnn_plain")
+
+
+def _calib():
+    return np.load(digits.calib_path("mlp"))["input"]
+
+
+def _write_accuracy_metric(folder):
+    """A user metric with real labels: digits accuracy, labels looked up by the image's bytes
+    (the same function serves the search's held-out part and the validation part)."""
+    path = os.path.join(folder, "digits_metric.py")
+    with open(path, "w") as f:
+        f.write(
+            "import numpy as np\n"
+            "from sklearn.datasets import load_digits\n"
+            "d = load_digits()\n"
+            "LABELS = {(img / 16).astype(np.float32).reshape(-1).tobytes(): int(y) for img, y in zip(d.images, d.target)}\n"
+            "def accuracy(outputs, feeds):\n"
+            "    pred = np.concatenate([o['logits'].argmax(1) for o in outputs])\n"
+            "    rows = np.concatenate([f['input'].reshape(len(f['input']), -1) for f in feeds])\n"
+            "    labels = np.array([LABELS[r.astype(np.float32).tobytes()] for r in rows])\n"
+            "    return float((pred == labels).mean())\n")
+    return path
+
+
+def test_search_finds_a_small_model_within_the_drop():
+    res = shrink(MLP, ["pfa"], calibration=_calib(), metric="top1", max_drop=0.01)
+    search = res.report["search"]
+    assert search["budget"] == "flops" and search["metric"] == "top1"
+    assert search["steps"] and search["chosen"] is not None
+    chosen = [s for s in search["steps"] if s["fraction"] == search["chosen"]][0]
+    assert chosen["within"] and chosen["drop"] <= 0.01
+    # no step that was within the drop reached a smaller model than the one chosen
+    assert all(s["reached"] >= chosen["reached"] - 1e-9 for s in search["steps"] if s["within"])
+    m = res.report["validation"]["metric"]
+    assert m["name"] == "top1" and m["original"] == 1.0 and m["drop"] <= 0.01 and m["within"]
+    assert res.report["ratios"]["flops"] < 0.5          # it did compress: the search was not idle
+    # the held-out test set, seen neither by the search nor by validation
+    assert digits.accuracy(MLP, "mlp") - digits.accuracy(res.model, "mlp") <= 0.015
+
+
+def test_user_metric_from_a_file_with_a_target_reports_both_values(tmp_path):
+    path = _write_accuracy_metric(str(tmp_path))
+    res = shrink(MLP, ["pfa"], calibration=_calib(), target_params=0.5, metric=f"{path}:accuracy", max_drop=0.05)
+    m = res.report["validation"]["metric"]
+    assert m["name"].endswith("digits_metric.py:accuracy")
+    assert 0.9 < m["original"] <= 1.0 and m["candidate"] > 0.85 and m["drop"] == pytest.approx(m["original"] - m["candidate"])
+    assert "search" not in res.report                     # a target was given: no search
+
+
+def test_a_drop_over_max_drop_fails_validation():
+    with pytest.raises(ValidationFailed, match="metric 'top1' dropped"):
+        shrink(PLAIN, ["pfa"], calibration=digits.calib_path("cnn_plain"), target_flops=0.03, metric="top1",
+               max_drop=0.0)
+
+
+def test_max_drop_needs_a_metric():
+    with pytest.raises(UsageError, match="max_drop needs metric"):
+        shrink(MLP, ["pfa"], calibration=_calib(), max_drop=0.01)
+
+
+def test_cli_metric_and_max_drop(tmp_path, capsys):
+    path = _write_accuracy_metric(str(tmp_path))
+    out, report = tmp_path / "small.onnx", tmp_path / "r.json"
+    calib = tmp_path / "calib.npy"
+    np.save(calib, _calib())
+    rc = cli.main([MLP, str(out), "--passes", "pfa", "--calibration-data", str(calib), "--target-params", "0.5",
+                   "--metric", f"{path}:accuracy", "--max-drop", "0.05", "--report", str(report), "--quiet"])
+    assert rc == 0 and out.exists()
+    m = json.loads(report.read_text())["validation"]["metric"]
+    assert m["within"] is True and m["drop"] <= 0.05
+    # an impossible drop: exit 1, no model written, the report says why
+    out2 = tmp_path / "small2.onnx"
+    rc = cli.main([PLAIN, str(out2), "--passes", "pfa", "--calibration-data", digits.calib_path("cnn_plain"),
+                   "--target-flops", "0.03",
+                   "--metric", "top1", "--max-drop", "0", "--report", str(report), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1 and not out2.exists() and "dropped" in err
+    assert json.loads(report.read_text())["validation"]["metric"]["within"] is False
+    # bad specs are usage errors (exit 2) before any work
+    assert cli.main([MLP, str(out2), "--passes", "pfa", "--calibration-data", str(calib), "--metric", "nope"]) == 2
+    assert cli.main([MLP, str(out2), "--passes", "pfa", "--calibration-data", str(calib), "--max-drop", "0.1"]) == 2
+    assert not out2.exists()
+    assert issubclass(ValidationFailed, CheckFailed)
