@@ -1,7 +1,7 @@
 """``python bench/run.py --zoo [--zoo-models NAME ...]``: the real-model zoo (``realzoo.py``).
 
 Per zoo model and applicable pass (modest budget, as in ``tests/real``): params/FLOPs/bytes ratios,
-ONNX Runtime latency ratio (1 thread, one held-out feed, interleaved median), the task metric on the
+ONNX Runtime latency ratio (1 thread, over the held-out feeds, interleaved, median of rounds), the task metric on the
 held-out feeds and the tool's wall time; beside them, on the same feeds, ONNX Runtime's int8 dynamic
 quantization (``quantize_dynamic``) and 4-bit ``MatMulNBits`` (when importable). Failures are printed
 as such, with the tool's message.
@@ -66,18 +66,42 @@ def _peer_models(path):
     return out
 
 
-def _measure(e, original, model, val, orig_out, shapes, runs):
-    cb, ca = model_cost(original, shapes), model_cost(model, shapes)
-    r = {k: (ca[k] / cb[k] if cb[k] else None) for k in ("params", "flops", "bytes")}
+def latency_ratio(model_a, model_b, feeds, runs):
+    """Median over ``runs`` of (time of b over all feeds) / (time of a over all feeds), a and b
+    interleaved, one thread each: robust to load on a shared machine and to tiny models."""
+    sa, sb = common.session(model_a), common.session(model_b)
+    ratios = []
+    for r in range(runs + 1):
+        ta = tb = 0.0
+        for f in feeds:
+            t = time.perf_counter()
+            sa.run(None, f)
+            ta += time.perf_counter() - t
+            t = time.perf_counter()
+            sb.run(None, f)
+            tb += time.perf_counter() - t
+        if r:  # the first round warms up
+            ratios.append(tb / ta)
+    return float(sorted(ratios)[len(ratios) // 2])
+
+
+def _measure(e, original, model, val, orig_out, shapes, runs, report=None):
+    """Ratios (the tool's report for its rows; for the peers params counted by ``model_cost`` and no
+    FLOPs, which that count does not define for integer ops), latency and the task metric."""
+    if report is not None:
+        r = dict(report["ratios"])
+    else:
+        cb, ca = model_cost(original, shapes), model_cost(model, shapes)
+        r = {"params": ca["params"] / cb["params"], "flops": None}
     r["bytes"] = model.ByteSize() / original.ByteSize()
-    r["latency"], _, _ = common.latency_ratio(original, model, val[0], runs=runs)
+    r["latency"] = latency_ratio(original, model, val, runs)
     r["fidelity"] = e.metric(orig_out, realzoo.run(model, val), val)
     return r
 
 
 def run_zoo(names=None, runs=25, json_path=None):
-    print("ratios are new/original; latency: ONNX Runtime, 1 thread, one held-out feed, median of "
-          f"{runs} interleaved runs; fidelity: the task metric vs the original on the held-out feeds "
+    print("ratios are new/original; latency: ONNX Runtime, 1 thread, all held-out feeds, median of "
+          f"{runs} interleaved rounds; fidelity: the task metric vs the original on the held-out feeds "
           "(ok: ≥ the model's threshold)")
     print(HEADER)
     rows = []
@@ -108,8 +132,9 @@ def run_zoo(names=None, runs=25, json_path=None):
                 print(_row(name, p, rec, e, f"FAILED {rec['error'][:200]}"), flush=True)
                 continue
             rec["wall_s"] = time.perf_counter() - t
-            rec.update(_measure(e, original, res.model, val, orig_out, shapes, runs))
+            rec.update(_measure(e, original, res.model, val, orig_out, shapes, runs, res.report))
             rec["note"] = note
+            rec["validation_passed"] = bool(res.report.get("validation", {}).get("passed"))
             rows.append(rec)
             print(_row(name, p, rec, e, note[:200]), flush=True)
         for peer, m in _peer_models(path):

@@ -16,11 +16,29 @@ import numpy as np
 import pytest
 
 import realzoo
-from conftest import entry_or_skip
 from onnxshrink.errors import ValidationFailed
 
-# (model, pass) -> the failure seen today (strict xfail).
-KNOWN_FAILURES = {}
+pytestmark = pytest.mark.real
+
+# (model, pass) -> the failure seen today (strict xfail). Figures from one run on 2 cores.
+BATCH1 = ("the tool stacks the feeds into one batch, and this model only runs at batch 1: ONNX Runtime "
+          "fails in Reshape 'node_view' (input {40,2,576} to requested {40,1,3,192})")
+KNOWN_FAILURES = {
+    ("mtcnn_pnet", "pfa"): "validation failed: output 'conv2d_4' cosine 0.8769 < 0.9; FLOPs 0.600 for a "
+                           "0.9 target; box recall 0.176",
+    ("mtcnn_pnet", "basisconv"): "validation passes but box recall 0.728 < 0.95 (FLOPs 0.769 for a 0.9 target)",
+    ("mtcnn_pnet", "pq"): "validation passes but box recall 0.809 < 0.95",
+    ("oww_melspec", "lowrank"): "TargetError: the chain reached params 0.978 of the original (target 0.900)",
+    ("oww_embedding", "pfa"): "validation passes but worst-sample embedding cosine 0.934 < 0.99",
+    ("oww_embedding", "basisconv"): "validation passes but worst-sample embedding cosine 0.909 < 0.99",
+    ("oww_embedding", "pq"): "validation passes but worst-sample embedding cosine 0.960 < 0.99",
+    ("oww_hey_jarvis", "lowrank"): "validation failed: output '53' cosine 0.2973 < 0.9 on near-zero scores "
+                                   "(the task metric is 1.0)",
+    ("khmer_segmenter", "lowrank"): "PassError: " + BATCH1,
+    ("khmer_segmenter", "hadamard"): "PassError: " + BATCH1,
+    ("khmer_segmenter", "pq"): "PassError: " + BATCH1,
+    ("nsfw_resnet50", "pfa"): "TargetError: the chain reached flops 1.000 of the original (target 0.900)",
+}
 
 
 def _pairs():
@@ -34,6 +52,16 @@ def _pairs():
         marks = [pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[(m, p)])] if (m, p) in KNOWN_FAILURES else []
         out.append(pytest.param(m, p, id=f"{m}-{p}", marks=marks))
     return out
+
+
+def entry_or_skip(name):
+    """The zoo entry with its model file at hand, or a skip saying why the package cannot be had."""
+    e = realzoo.ZOO[name]
+    try:
+        e.model_path()
+    except realzoo.Unavailable as exc:
+        pytest.skip(f"{name}: {exc}")
+    return e
 
 
 @functools.lru_cache(maxsize=None)
