@@ -37,6 +37,9 @@ KNOWN_FAILURES = {
     ("khmer_segmenter", "lowrank"): "PassError: " + BATCH1,
     ("khmer_segmenter", "hadamard"): "PassError: " + BATCH1,
     ("khmer_segmenter", "pq"): "PassError: " + BATCH1,
+    ("captcha_crnn", "pfa"): "validation passes but the same text on 0.812 of the captchas < 0.9",
+    ("captcha_crnn", "basisconv"): "validation passes but the same text on 0.844 of the captchas < 0.9",
+    ("captcha_crnn", "lowrank"): "TargetError: the chain reached params 0.999 of the original (target 0.900)",
     ("nsfw_resnet50", "pfa"): "TargetError: the chain reached flops 1.000 of the original (target 0.900)",
 }
 
