@@ -382,9 +382,10 @@ def same_text(orig, new, feeds):
 def worst_cosine(orig, new, feeds):
     cos = []
     for o, n in zip(orig, new):
-        a, b = _first(o).reshape(len(_first(o)), -1), _first(n).reshape(len(_first(n)), -1)
+        a = _first(o).reshape(len(_first(o)), -1).astype(np.float64)
+        b = _first(n).reshape(len(_first(n)), -1).astype(np.float64)
         cos.extend((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12))
-    return float(np.min(cos))
+    return float(min(1.0, np.min(cos)))
 
 
 def one_minus_worst_rel_l2(orig, new, feeds):

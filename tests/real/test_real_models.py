@@ -78,11 +78,11 @@ def _data(name):
 def test_original_runs_and_metric_is_one(name):
     e = entry_or_skip(name)
     calib, val, orig = _data(name)
-    assert 24 <= len(calib) <= 200 and 14 <= len(val) <= 64, (len(calib), len(val))
+    assert 20 <= len(calib) <= 200 and 14 <= len(val) <= 64, (len(calib), len(val))
     for outs in orig:
         for k, v in outs.items():
             assert np.all(np.isfinite(v)), (name, k)
-    assert e.metric(orig, orig, val) == 1.0
+    assert e.metric(orig, orig, val) == pytest.approx(1.0, abs=1e-9)
     # the split is held out: no validation feed equals a calibration feed
     key = lambda f: b"".join(np.ascontiguousarray(v).tobytes() for v in f.values())  # noqa: E731
     assert not ({key(f) for f in calib} & {key(f) for f in val})
