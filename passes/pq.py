@@ -497,12 +497,14 @@ def _rel_error(t, t_hat, h):
 
 def _ladder(layer: Layer, d: int) -> list:
     """Sub-vector lengths tried in turn under pq.max_error: the default d, then shorter ones (a
-    Conv kernel row, half the length), down to 1 (scalar codes, 8 bits a weight)."""
+    Conv kernel row or half the length, 2), down to 1 (scalar codes, 8 bits a weight)."""
     out = [d]
     if layer.kernel > 1 and d == layer.kernel and 1 < int(layer.shape[-1]) < d:
         out.append(int(layer.shape[-1]))
     elif d > 2 and layer.d_in % (d // 2) == 0:
         out.append(d // 2)
+    if out[-1] > 2 and layer.d_in % 2 == 0:
+        out.append(2)  # 4 bits a weight with 256 centroids
     if out[-1] > 1:
         out.append(1)
     return out
