@@ -71,6 +71,12 @@ class PqConfig:
     first_conv: bool = False       # also quantize the first Conv of the model
     positions: int = 16            # Conv: sampled output positions per calibration sample
     bits: str = "auto"             # code width: 8, 4 (two codes a byte, K ≤ 16), auto (4 where K ≤ 16 saves bytes)
+    max_error: float = 3e-4        # per-layer budget on the relative output error; a layer over it is
+                                   # redone with shorter sub-vectors (down to 1: scalar codes), else stays float
+                                   # (0 = no budget: the first setting is kept whatever its error)
+    min_bytes: int = 4096          # layers whose dense weight is smaller stay float (little to gain)
+    rounds: int = 4                # sequential: at most this many statistics rounds (consecutive
+                                   # topological levels share one; 0 = one round per level)
 
     def __post_init__(self):
         if self.block < 0 or self.block > 64:
@@ -86,6 +92,12 @@ class PqConfig:
         self.bits = str(self.bits).lower()
         if self.bits not in ("auto", "4", "8"):
             raise ValueError(f"pq.bits must be 4, 8 or auto, got '{self.bits}'")
+        if self.max_error < 0:
+            raise ValueError(f"pq.max_error must be ≥ 0 (0: no budget), got {self.max_error}")
+        if self.rounds < 0:
+            raise ValueError(f"pq.rounds must be ≥ 0 (0: one per level), got {self.rounds}")
+        if self.min_bytes < 0:
+            raise ValueError(f"pq.min_bytes must be ≥ 0, got {self.min_bytes}")
         if self.bits == "4" and self.centroids > 16:
             raise ValueError(f"pq.bits=4 holds at most 16 centroids, got pq.centroids={self.centroids}")
 
@@ -197,12 +209,9 @@ def _default_block(layer: Layer, cfg: PqConfig) -> int:
     d_in = layer.d_in
     if cfg.block:
         return cfg.block
-    if layer.node.op == "ConvTranspose":
-        # W (C_in, C_out/g, k..): rows are input channels; blocks of one kernel, or of 4 outputs
-        if layer.kernel > 1:
-            return layer.kernel if layer.kernel <= 16 else int(layer.shape[-1])
-        d_in = layer.d_in
-    elif layer.kernel > 1:
+    # a kernel of up to 16 taps is one sub-vector; a longer one (a 1-D filter bank, an STFT as
+    # Conv) is cut like a dense row: a 512-long sub-vector would need as many centroids as rows
+    if layer.kernel > 1 and (layer.kernel <= 16 or int(layer.shape[-1]) <= 16):
         return layer.kernel if layer.kernel <= 16 else int(layer.shape[-1])
     for d in (4, 8, 2):
         if d_in % d == 0:
@@ -275,6 +284,8 @@ def _pq_bytes(layer: Layer, d: int, k: int, dtype, bias_refit: bool, packed: boo
 # ----------------------------------------------------------------------------- k-means / EM
 def _sqdist_argmin(x, c, chunk=4096):
     """Nearest centroid (Euclidean) of each row of x; float32 products in cache-sized chunks."""
+    if c.shape[1] == 1:
+        return _nearest_scalar(x[:, 0], c[:, 0])
     x32 = x.astype(np.float32)
     ct = (-2.0 * c.T).astype(np.float32)
     cc = (c.astype(np.float32) ** 2).sum(1)
@@ -284,6 +295,18 @@ def _sqdist_argmin(x, c, chunk=4096):
         scores += cc
         out[s:s + chunk] = scores.argmin(1)
     return out
+
+
+def _nearest_scalar(v, c):
+    """Index of the nearest of the scalar centroids c for each v (ties to the lower index), by
+    binary search in the sorted centroids: O(n log k) instead of the n × k distance table."""
+    order = np.argsort(c, kind="stable")
+    cs = c[order]
+    mids = 0.5 * (cs[1:] + cs[:-1])
+    pos = np.searchsorted(mids, v, side="left")
+    # equal centroids: the lowest index among them, as argmin would
+    first = order[np.searchsorted(cs, cs, side="left")]
+    return first[pos].astype(np.int64)
 
 
 def _kmeanspp(x, k, rng, sample=20000):
@@ -331,6 +354,9 @@ def kmeans(x, k, iters, rng, sample=65536):
 def _metric_assign(hx, nb, c, hblocks, chunk=4096):
     """argmin_k c_kᵀH_b c_k − 2 (H_b w)ᵀ c_k for each sub-vector; hx = H_b w, ordered (row, block)."""
     k, d = c.shape
+    if d == 1:  # h_b (c − w)² with h_b > 0: the nearest centroid to w = hx / h_b
+        hb = hblocks.reshape(nb)
+        return _nearest_scalar((hx.reshape(-1, nb) / hb[None, :]).reshape(-1), c[:, 0])
     c2 = (-2.0 * c.T).astype(np.float32)
     q = np.einsum("kd,bde,ke->bk", c, hblocks, c).astype(np.float32)  # (B, K)
     hx3 = hx.astype(np.float32).reshape(-1, nb, d)
@@ -441,6 +467,47 @@ def refine_codebook(t, codes, c, h, steps):
         p = z + (rz_new / rz) * p
         rz = rz_new
     return x
+
+
+def _merge_levels(levels: list, rounds: int) -> list:
+    """Consecutive topological levels joined into at most ``rounds`` groups of about equal layer
+    counts: each group's statistics come from one run of the network quantized up to the groups
+    before it (fewer calibration runs on deep models; 0 keeps one group per level)."""
+    if rounds <= 0 or len(levels) <= rounds:
+        return levels
+    total = sum(len(lv) for lv in levels)
+    out, cur, done = [], [], 0
+    for lv in levels:
+        cur = cur + list(lv)
+        done += len(lv)
+        if done * rounds >= total * (len(out) + 1) and len(out) < rounds - 1:
+            out.append(cur)
+            cur = []
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _rel_error(t, t_hat, h):
+    """Relative output error under the metric h, or relative weight error without one."""
+    if h is not None:
+        return output_error(t, t_hat, h)
+    return float(((t - t_hat) ** 2).sum() / max((t ** 2).sum(), 1e-30))
+
+
+def _ladder(layer: Layer, d: int) -> list:
+    """Sub-vector lengths tried in turn under pq.max_error: the default d, then shorter ones (a
+    Conv kernel row or half the length, 2), down to 1 (scalar codes, 8 bits a weight)."""
+    out = [d]
+    if layer.kernel > 1 and d == layer.kernel and 1 < int(layer.shape[-1]) < d:
+        out.append(int(layer.shape[-1]))
+    elif d > 2 and layer.d_in % (d // 2) == 0:
+        out.append(d // 2)
+    if out[-1] > 2 and layer.d_in % 2 == 0:
+        out.append(2)  # 4 bits a weight with 256 centroids
+    if out[-1] > 1:
+        out.append(1)
+    return out
 
 
 def output_error(t, t_hat, h):
@@ -745,6 +812,10 @@ class Pq(Pass):
             if first_conv in {n.name for n in layer.nodes} and not cfg.first_conv:
                 skip(layer, "first conv stays dense (pq.first_conv=true to quantize it)")
                 continue
+            if layer.n_weights * layer.weight.values.dtype.itemsize < cfg.min_bytes:
+                skip(layer, f"small layer: {layer.n_weights * layer.weight.values.dtype.itemsize} B of weights "
+                            f"< pq.min_bytes={cfg.min_bytes}, stays float (little to gain)")
+                continue
             d = _default_block(layer, cfg)
             if layer.d_in % d:
                 skip(layer, f"sub-vector length {d} does not divide the {layer.d_in} input features")
@@ -897,6 +968,7 @@ class Pq(Pass):
         dtype = CODEBOOK_DTYPES[cfg.codebook_dtype]
         blocks = {layer.node.name: (layer, d, min(cfg.centroids, layer.n_weights // d)) for layer, d in todo}
         use_stats = cfg.aware or cfg.bias_correct
+        searched = "bytes" in ctx.goals and bool(blocks)
         if "bytes" in ctx.goals and blocks:
             chosen, search = self._search(ctx, model, blocks, cfg, ctx.goals["bytes"].target)
             report.details["size_search"] = search
@@ -907,7 +979,8 @@ class Pq(Pass):
                 else:
                     blocks[name] = (blocks[name][0],) + chosen[name]
         if cfg.sequential and cfg.aware:
-            levels = shared_levels(graph, {n: [x.name for x in b[0].nodes] for n, b in blocks.items()})
+            levels = _merge_levels(shared_levels(graph, {n: [x.name for x in b[0].nodes] for n, b in blocks.items()}),
+                                   cfg.rounds)
         else:
             levels = [sorted(blocks)]
         info_all = {}
@@ -922,11 +995,31 @@ class Pq(Pass):
                 layer, d, k = blocks[name]
                 cm = stats.get(name)
                 t, h, fit, exact = self._layer_problem(layer, d, cm, cfg)
-                rng = np.random.default_rng([ctx.seed, zlib.crc32(name.encode())])
                 tq = time.perf_counter()
-                with ctx.timed("fit"), deterministic():
-                    cb, codes, t_hat = quantize(t, d, k, h if cfg.aware else None, cfg, rng, dtype)
+                budget = cfg.max_error if (cfg.max_error > 0 and not searched) else None
+                tried = []
+                for d_try in (_ladder(layer, d) if budget is not None else [d]):
+                    k_try = min(k, layer.n_weights // d_try)
+                    rng = np.random.default_rng([ctx.seed, zlib.crc32(name.encode())])
+                    with ctx.timed("fit"), deterministic():
+                        cb, codes, t_hat = quantize(t, d_try, k_try, h if cfg.aware else None, cfg, rng, dtype)
+                    err = _rel_error(t, t_hat, h)
+                    tried.append((d_try, len(cb), err))
+                    if budget is None or err <= budget:
+                        d = d_try
+                        break
                 seconds = time.perf_counter() - tq
+                if budget is not None and tried[-1][2] > budget:
+                    report.skip(name, "kept float: relative output error over pq.max_error=%g at every "
+                                "setting tried (%s)" % (budget, ", ".join(f"d={a} K={b}: {e:.4g}" for a, b, e in tried)))
+                    bar.update(1, postfix=f"{name}: float")
+                    continue
+                packed = _packed(layer, d, len(cb), dtype, cfg)
+                if budget is not None and _pq_bytes(layer, d, len(cb), dtype, fit, packed) >= _dense_bytes(layer):
+                    report.skip(name, f"kept float: the setting within pq.max_error (d={d} K={len(cb)}) "
+                                      "would not save bytes")
+                    bar.update(1, postfix=f"{name}: float")
+                    continue
                 t0 = layer.matrix().astype(np.float64)
                 info = {"block": d, "centroids": int(len(cb)),
                         "metric": "activation" if (h is not None and cfg.aware) else "weights",
@@ -936,10 +1029,11 @@ class Pq(Pass):
                     info["weight"] = layer.weight.name
                 if h is not None:
                     info["rel_output_error"] = round(output_error(t, t_hat, h), 6)
+                if len(tried) > 1:
+                    info["tried"] = [{"block": a, "centroids": b, "rel_error": round(e, 6)} for a, b, e in tried]
                 if fit:
                     self._refit_biases(layer, t_hat, cm, per_node)
                     info["bias_refit"] = True
-                packed = _packed(layer, d, len(cb), dtype, cfg)
                 decoded = _decode(graph, layer, cb, codes, packed)
                 for n in layer.nodes:
                     n.inputs[1] = decoded

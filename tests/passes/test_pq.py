@@ -12,7 +12,8 @@ from onnxshrink import shrink
 from onnxshrink.errors import UsageError
 from onnxshrink.passes.pq import PqConfig, decoded_weight, output_error, pack_codes, quantize, unpack_codes
 
-FAST = {"iters": 2, "refine": 4, "kmeans_iters": 3, "positions": 8}
+# the mechanics tests run on layers far below the default size threshold, without the error budget
+FAST = {"iters": 2, "refine": 4, "kmeans_iters": 3, "positions": 8, "min_bytes": 0, "max_error": 0}
 
 
 def _net(seed=0, distinct=None):
@@ -101,7 +102,7 @@ def test_decode_subgraph_reproduces_the_codebook_weight_exactly(centroids):
 
 def test_enough_centroids_leave_the_model_unchanged():
     model = _net(distinct=12)
-    res = _shrink(model, _calib(), codebook_dtype="fp32", centroids=16)
+    res = _shrink(model, _calib(), codebook_dtype="fp32", centroids=16, min_bytes=0)
     rep = res.report["passes"][0]
     assert len(rep["changed"]) == 5
     assert all(info["centroids"] <= 12 for info in rep["layers"].values())
@@ -360,3 +361,103 @@ def test_target_size_search_uses_packed_16_centroid_settings():
                    target_bytes=0.05, force=True)
     err = lambda r: sum(r.report["passes"][0]["size_search"]["estimated_rel_error"].values())  # noqa: E731
     assert err(res) < err(eight)
+
+
+# ----------------------------------------------------------------------------- error budget, size threshold
+def _wide_mlp(seed=0):
+    """input(N,64) -> Gemm 64->256 -> Relu -> MatMul 256->256 -> Relu -> Gemm 256->10: two layers of
+    64-256 KiB and a 10 KiB head."""
+    b = GraphBuilder(seed)
+    x = b.input("input", ["batch", 64])
+    h = b.relu(b.gemm(x, 64, 256))
+    h = b.relu(b.matmul(h, 256, 256))
+    b.gemm(h, 256, 10, out="logits")
+    b.output("logits", ["batch", 10])
+    return b.model()
+
+
+def _mlp_calib(n=256, seed=0):
+    return {"input": np.random.default_rng(seed).standard_normal((n, 64)).astype(np.float32)}
+
+
+def test_small_layers_stay_float_with_the_reason():
+    res = shrink(_wide_mlp(), ["pq"], calibration=_mlp_calib(), force=True,
+                 options={"pq": dict(FAST, min_bytes=20000, max_error=0)})
+    rep = res.report["passes"][0]
+    skipped = {s["node"]: s["reason"] for s in rep["skipped"]}
+    assert sorted(rep["changed"]) == ["gemm_3", "matmul_6"], rep["changed"]
+    assert "pq.min_bytes=20000" in skipped["gemm_10"] and "10240 B of weights" in skipped["gemm_10"]
+
+
+def test_a_layer_over_the_error_budget_gets_shorter_subvectors_or_stays_float():
+    model, calib = _wide_mlp(), _mlp_calib()
+    free = shrink(model, ["pq"], calibration=calib, force=True, options={"pq": dict(FAST, max_error=0)})
+    errs = {n: i["rel_output_error"] for n, i in free.report["passes"][0]["layers"].items()}
+    assert all(i["block"] == 4 for i in free.report["passes"][0]["layers"].values())
+    budget = 0.5 * min(errs.values())  # every layer is over it at the default d = 4
+    tight = shrink(model, ["pq"], calibration=calib, force=True, options={"pq": dict(FAST, max_error=budget)})
+    rep = tight.report["passes"][0]
+    for name, info in rep["layers"].items():
+        assert info["block"] < 4 and info["rel_output_error"] <= budget, (name, info)
+        assert info["tried"][0]["block"] == 4 and info["tried"][0]["rel_error"] > budget
+    # an impossible budget: every layer stays float, each with the settings it tried
+    none = shrink(model, ["pq"], calibration=calib, force=True, options={"pq": dict(FAST, max_error=1e-12)})
+    rep = none.report["passes"][0]
+    assert rep["changed"] == []
+    reasons = [s["reason"] for s in rep["skipped"]]
+    assert len(reasons) == 3 and all("kept float" in r and "d=4" in r and "d=1" in r for r in reasons)
+    assert_close(model, none.model, _mlp_calib(16, seed=5), rtol=1e-6, atol=1e-6)
+    # the tighter budget costs bytes, and buys accuracy on held-out data
+    x = _mlp_calib(64, seed=9)
+    ref = run(model, x)[0]
+    gap = [np.linalg.norm(run(r.model, x)[0] - ref) for r in (free, tight)]
+    assert gap[1] < 0.5 * gap[0], gap
+    assert tight.report["after"]["bytes"] > free.report["after"]["bytes"]
+
+
+def test_a_planted_sensitive_layer_gets_a_finer_setting_while_the_others_keep_the_default():
+    """Two layers hold only the weights ±a (any 4 of them: at most 16 distinct sub-vectors, exact
+    with 256 centroids); the planted one holds heavy-tailed weights, whose output error at the
+    default d = 4 is over the budget: only it is redone finer (or left float)."""
+    model = _wide_mlp()
+    inits = {t.name: t for t in model.graph.initializer}
+    gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
+    rng = np.random.default_rng(4)
+    for t in model.graph.initializer:
+        w = numpy_helper.to_array(t)
+        if w.ndim != 2:
+            continue
+        if t.name == gemm.input[1]:
+            new = (rng.standard_t(2, size=w.shape) * 0.1).astype(np.float32)  # the planted layer
+        else:
+            new = (np.sign(w) * 0.05).astype(np.float32)
+        t.CopyFrom(numpy_helper.from_array(new, t.name))
+    res = shrink(model, ["pq"], calibration=_mlp_calib(), force=True, options={"pq": dict(FAST, max_error=3e-4)})
+    rep = res.report["passes"][0]
+    layers = rep["layers"]
+    kept = {s["node"]: s["reason"] for s in rep["skipped"] if "kept float" in s["reason"]}
+    assert gemm.name in kept or layers[gemm.name]["block"] < 4, (layers.get(gemm.name), kept)
+    if gemm.name in layers:
+        assert layers[gemm.name]["tried"][0]["rel_error"] > 3e-4 >= layers[gemm.name]["rel_output_error"]
+    others = {n: i for n, i in layers.items() if n != gemm.name}
+    assert len(others) == 2 and all(i["block"] == 4 and "tried" not in i for i in others.values()), others
+    assert inits  # the model was edited in place before the run
+
+
+def test_a_long_1d_kernel_is_cut_into_short_subvectors():
+    """An STFT written as Conv (257 filters of 512 taps, one input channel): one 512-long sub-vector
+    per filter would need as many centroids as filters; it is cut into sub-vectors of 4."""
+    from onnxshrink.passes.pq import Layer, _default_block
+    import onnx_graphsurgeon as gs
+    w = gs.Constant("w", np.zeros((257, 1, 512), np.float32))
+    layer = Layer([gs.Node("Conv", inputs=[gs.Variable("x"), w], outputs=[gs.Variable("y")])], w, "natural", True, 512)
+    assert _default_block(layer, PqConfig()) == 4
+    w3 = gs.Constant("w3", np.zeros((8, 4, 3, 3), np.float32))
+    conv = Layer([gs.Node("Conv", inputs=[gs.Variable("x"), w3], outputs=[gs.Variable("y")])], w3, "natural", True, 9)
+    assert _default_block(conv, PqConfig()) == 9
+
+
+def test_error_budget_and_size_threshold_options_are_checked():
+    for bad in ({"max_error": -1}, {"min_bytes": -5}):
+        with pytest.raises(ValueError, match="pq.m"):
+            PqConfig(**bad)

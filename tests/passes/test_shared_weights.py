@@ -75,7 +75,7 @@ def test_pq_quantizes_a_shared_weight_once_and_every_step_reads_it():
 
 def test_pq_on_random_lstm_weights_bounded_error():
     z = _lstm()
-    res = _shrink(z, "pq")
+    res = _shrink(z, "pq", max_error=0)  # the mechanics at the default d, without the error budget
     rep = res.report["passes"][0]
     assert set(rep["changed"]) >= {n for v in _readers(z.model, "lstm_w_").values() for n in v}
     assert all(v["rel_output_error"] < 0.06 for v in rep["layers"].values() if "rel_output_error" in v)

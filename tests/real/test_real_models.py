@@ -27,11 +27,9 @@ KNOWN_FAILURES = {
     ("mtcnn_pnet", "pfa"): "validation failed: output 'conv2d_4' cosine 0.8769 < 0.9; FLOPs 0.600 for a "
                            "0.9 target; box recall 0.176",
     ("mtcnn_pnet", "basisconv"): "validation passes but box recall 0.728 < 0.95 (FLOPs 0.769 for a 0.9 target)",
-    ("mtcnn_pnet", "pq"): "validation passes but box recall 0.809 < 0.95",
     ("oww_melspec", "lowrank"): "TargetError: the chain reached params 0.978 of the original (target 0.900)",
     ("oww_embedding", "pfa"): "validation passes but worst-sample embedding cosine 0.934 < 0.99",
     ("oww_embedding", "basisconv"): "validation passes but worst-sample embedding cosine 0.909 < 0.99",
-    ("oww_embedding", "pq"): "validation passes but worst-sample embedding cosine 0.960 < 0.99",
     ("oww_hey_jarvis", "lowrank"): "validation failed: output '53' cosine 0.2973 < 0.9 on near-zero scores "
                                    "(the task metric is 1.0)",
     ("khmer_segmenter", "lowrank"): "PassError: " + BATCH1,
