@@ -1,0 +1,80 @@
+"""What a pass can act on: ``--inspect`` shows per budget pass the share of the model's params and
+FLOPs it can change and the lowest fraction it alone could leave; a TargetError names the same
+figures, so an unreachable target says why (here: lowrank on a model whose weights sit in a Conv)."""
+
+import numpy as np
+import pytest
+
+from graphs import GraphBuilder
+from onnxshrink import shrink
+from onnxshrink.cost import model_cost
+from onnxshrink.errors import TargetError
+from onnxshrink.inspect import inspect_model
+from onnxshrink.passes.lowrank import LowRank
+from onnxshrink.registry import make_config
+
+
+def _conv_heavy():
+    """input(N,4,12,12) ─ Conv 3×3 (4→32) ─ Relu ─ GAP ─ Flatten ─ Gemm 32→24 ─ Relu ─ Gemm 24→6 ─ y
+
+    Most params and FLOPs are in the Conv; lowrank (without lowrank.conv) can only factor the Gemms."""
+    b = GraphBuilder(seed=11)
+    x = b.input("input", ["batch", 4, 12, 12])
+    h = b.relu(b.conv(x, 4, 32, k=3, pad=1))
+    h = b.node("Flatten", [b.node("GlobalAveragePool", [h])], axis=1)
+    h = b.relu(b.gemm(h, 32, 24))
+    b.gemm(h, 24, 6, out="y")
+    b.output("y", ["batch", 6])
+    return b.model()
+
+
+def _data(n=48, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"input": rng.standard_normal((n, 4, 12, 12)).astype(np.float32)}
+
+
+def test_lowrank_reach_is_the_share_of_its_layers():
+    model = _conv_heavy()
+    p = LowRank()
+    r = p.reach(model, make_config(p, {"rank_multiple": 1}), {"input": [1, 4, 12, 12]})
+    cost = model_cost(model, {"input": [1, 4, 12, 12]})
+    gemm_params = 32 * 24 + 24 + 24 * 6 + 6
+    assert r["acts_on"]["params"] == pytest.approx(gemm_params / cost["params"], rel=1e-6)
+    # each Gemm at rank 1: r·(d_in + d_out) + d_out
+    floor = cost["params"] - gemm_params + (32 + 24 + 24) + (24 + 6 + 6)
+    assert r["floor"]["params"] == pytest.approx(floor / cost["params"], rel=1e-6)
+    assert 0.5 < r["floor"]["params"] < 1.0   # a params target of 0.5 is out of its reach
+
+
+def test_target_error_states_what_is_reachable():
+    model = _conv_heavy()
+    with pytest.raises(TargetError) as info:
+        shrink(model, ["lowrank"], calibration=_data(), target_params=0.5)
+    msg = str(info.value)
+    assert "reachable: lowrank acts on" in msg and "short of the target" in msg
+    floor = float(msg.split("could leave at least ")[1].split(" ")[0])
+    reached = float(msg.split("params ")[1].split(" ")[0])
+    assert floor <= reached + 1e-3 and floor > 0.5
+    rep = info.value.result.report["passes"][0]["reach"]
+    assert rep["floor"]["params"] == pytest.approx(floor, abs=1e-3)
+
+
+def test_pfa_reach_enough_and_reached():
+    model = _conv_heavy()
+    res = shrink(model, ["pfa"], calibration=_data(), target_flops=0.6, force=True,
+                 options={"pfa": {"channel_multiple": 4}})
+    reach = res.report["passes"][0]["reach"]
+    assert reach["acts_on"]["flops"] > 0.9 and reach["floor"]["flops"] < 0.6
+    assert res.report["targets"]["flops"]["met"]
+
+
+def test_inspect_prints_reach(tmp_path):
+    import onnx
+    path = str(tmp_path / "m.onnx")
+    onnx.save(_conv_heavy(), path)
+    out = inspect_model(path, "pfa,lowrank,basisconv")
+    lines = {ln.split()[0]: ln for ln in out.splitlines() if ln.startswith("  ") and "acts on" in ln}
+    assert set(lines) == {"pfa", "lowrank", "basisconv"}
+    p = LowRank()
+    r = p.reach(onnx.load(path), make_config(p, {}), None)
+    assert f"{100 * r['acts_on']['params']:.1f}% of params" in lines["lowrank"]
