@@ -161,6 +161,19 @@ def multiple_of(g, channel_multiple: int) -> int:
     return max(1, channel_multiple // max(width, 1))
 
 
+def _overshoot_note(real, goals, multiple) -> dict:
+    """{"note": ...} when whole steps of ``multiple`` channels left the model well below a goal (a
+    small group, 10 or 16 channels, can only go to 8: one step is a large share of a small net)."""
+    from ..budget import TOLERANCE
+    over = [f"{m} {real[m] / max(goal.final / goal.fraction, 1e-12):.3f} of the original for a goal of "
+            f"{goal.target / max(goal.final / goal.fraction, 1e-12):.3f}"
+            for m, goal in goals.items() if real.get(m) is not None and real[m] < goal.target * (1 - TOLERANCE)]
+    if not over:
+        return {}
+    return {"note": f"channels go in steps of pfa.channel_multiple={multiple}: the smallest allocation meeting "
+                    f"the goal leaves {'; '.join(over)} (pfa.channel_multiple=1 allows finer steps)"}
+
+
 def cost_table(model, shapes):
     """{"total": {metric: value or None}, "nodes": {metric: {node: value}}}: params, and FLOPs per
     sample averaged over ``shapes`` (a dict of input shapes, a list of signatures, or None)."""
@@ -555,6 +568,8 @@ class Pfa(Pass):
                 ks = ks2
                 keep = keep_of(ks)
                 pruned = an.prune(model, keep)
+        if mode == "budget" and keep and cfg.channel_multiple > 1:
+            details.update(_overshoot_note(ctx.cost(pruned), goals, cfg.channel_multiple))
         details["allocation_seconds"] = round(time.perf_counter() - t_alloc, 3)
         recipe, consumers = [], set()
         model_nodes = {n.name: n for n in import_graph(model).nodes}

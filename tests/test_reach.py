@@ -78,3 +78,31 @@ def test_inspect_prints_reach(tmp_path):
     p = LowRank()
     r = p.reach(onnx.load(path), make_config(p, {}), None)
     assert f"{100 * r['acts_on']['params']:.1f}% of params" in lines["lowrank"]
+
+
+def _small_fcn():
+    """input(N,3,24,24) ─ Conv 3×3 (3→10) ─ Relu ─ Conv 3×3 (10→16) ─ Relu ─ Conv 3×3 (16→32) ─ Relu
+    ─ Conv 1×1 (32→2) ─ y          (a proposal net as small as MTCNN's P-Net)"""
+    b = GraphBuilder(seed=5)
+    x = b.input("input", ["batch", 3, 24, 24])
+    h = b.relu(b.conv(x, 3, 10, k=3))
+    h = b.relu(b.conv(h, 10, 16, k=3))
+    h = b.relu(b.conv(h, 16, 32, k=3))
+    b.conv(h, 32, 2, k=1, out="y")
+    b.output("y")
+    return b.model()
+
+
+def test_pfa_says_when_channel_steps_overshoot():
+    model = _small_fcn()
+    rng = np.random.default_rng(1)
+    data = {"input": rng.standard_normal((40, 3, 24, 24)).astype(np.float32)}
+    coarse = shrink(model, ["pfa"], calibration=data, target_flops=0.9, force=True)
+    reached = coarse.report["targets"]["flops"]["reached"]
+    assert reached < 0.9 * 0.95   # 16 → 8 or 32 → 24: one step of 8 is more than the 10 % asked for
+    note = coarse.report["passes"][0]["note"]
+    assert "pfa.channel_multiple=8" in note and f"flops {reached:.3f}" in note
+    fine = shrink(model, ["pfa"], calibration=data, target_flops=0.9, force=True,
+                  options={"pfa": {"channel_multiple": 1}})
+    assert 0.8 <= fine.report["targets"]["flops"]["reached"] <= 0.9 * 1.05
+    assert "note" not in fine.report["passes"][0]
