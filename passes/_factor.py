@@ -510,7 +510,15 @@ class FactorPass(Pass):
 
     def plan(self, model, cfg):
         layers, skipped = self.find_layers(import_graph(model), shape_info(model, None), cfg)
-        return Plan(targets=[rn for l in layers for rn, _, _ in l.sources], skipped=[Skip(n, r) for n, r in skipped])
+        multiple = getattr(cfg, self.multiple_option)
+        targets, skips = [], [Skip(n, r) for n, r in skipped]
+        for l in layers:   # a layer no rank makes cheaper is not a target (as factorize would skip it)
+            if cfg.force or candidate_ranks(l, multiple):
+                targets.extend(rn for rn, _, _ in l.sources)
+            else:
+                skips.extend(Skip(rn, f"no rank that is a multiple of {multiple} makes it cheaper "
+                                      f"(exact rank {l.max_rank})") for rn, _, _ in l.sources)
+        return Plan(targets=targets, skipped=skips)
 
     def reach(self, model, cfg, shapes=None):
         """What this pass alone can do to ``model`` at input ``shapes`` (a dict of input shapes):

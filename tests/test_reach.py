@@ -106,3 +106,19 @@ def test_pfa_says_when_channel_steps_overshoot():
                   options={"pfa": {"channel_multiple": 1}})
     assert 0.8 <= fine.report["targets"]["flops"]["reached"] <= 0.9 * 1.05
     assert "note" not in fine.report["passes"][0]
+
+
+def test_lowrank_plan_leaves_out_layers_no_rank_makes_cheaper():
+    """A classifier's last Gemm (32→2, like ResNet's 1024→2) has no paying rank: not a target."""
+    b = GraphBuilder(seed=6)
+    x = b.input("input", ["batch", 32])
+    h = b.relu(b.gemm(x, 32, 64))
+    b.gemm(h, 64, 2, out="y")
+    b.output("y", ["batch", 2])
+    model = b.model()
+    p = LowRank()
+    plan = p.plan(model, make_config(p, {}))
+    last = [n.name for n in model.graph.node if n.op_type == "Gemm"][-1]
+    assert last not in plan.targets and len(plan.targets) == 1
+    assert any(s.node == last and "makes it cheaper" in s.reason for s in plan.skipped)
+    assert p.plan(model, make_config(p, {"force": True})).targets[-1] == last
