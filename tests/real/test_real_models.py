@@ -42,7 +42,6 @@ KNOWN_FAILURES = {
     ("khmer_segmenter", "pq"): "PassError: " + BATCH1,
     ("captcha_crnn", "pfa"): "validation passes but the same text on 0.812 of the captchas < 0.9 (FLOPs 0.899)",
     ("captcha_crnn", "basisconv"): "validation passes but the same text on 0.844 of the captchas < 0.9 (FLOPs 0.897)",
-    ("nsfw_resnet50", "pfa"): "TargetError: the chain reached flops 1.000 of the original (target 0.900)",
 }
 
 
