@@ -512,11 +512,11 @@ class FactorPass(Pass):
         layers, skipped = self.find_layers(import_graph(model), shape_info(model, None), cfg)
         multiple = getattr(cfg, self.multiple_option)
         targets, skips = [], [Skip(n, r) for n, r in skipped]
-        for l in layers:   # a layer no rank makes cheaper is not a target (as factorize would skip it)
-            if cfg.force or candidate_ranks(l, multiple):
+        for l in layers:   # a layer no rank makes smaller is not a target (FLOPs need the data's shapes: not here)
+            if cfg.force or candidate_ranks(l, multiple, metrics=("params",)):
                 targets.extend(rn for rn, _, _ in l.sources)
             else:
-                skips.extend(Skip(rn, f"no rank that is a multiple of {multiple} makes it cheaper "
+                skips.extend(Skip(rn, f"no rank that is a multiple of {multiple} has fewer params "
                                       f"(exact rank {l.max_rank})") for rn, _, _ in l.sources)
         return Plan(targets=targets, skipped=skips)
 
