@@ -614,12 +614,21 @@ PASS_ARGS = {"pfa": {"target_flops": 0.9}, "basisconv": {"target_flops": 0.9},
 
 
 def planned(entry: Entry, pass_name: str) -> list:
-    """Nodes the pass's plan would rewrite in this model (empty: the pass does not apply)."""
-    from onnxshrink.graph import normalize
+    """Nodes the pass's plan would rewrite in this model (empty: the pass does not apply), with the
+    shapes static inference misses taken from running a few calibration feeds (as ``--inspect``
+    does with data, and as the tool does before a pass)."""
+    from onnxshrink.calibrate import ShapeObserver, load_data
+    from onnxshrink.graph import normalize, observing
     from onnxshrink.model_io import load_model
     from onnxshrink.registry import get_pass, make_config
     p = get_pass(pass_name)
-    return list(p.plan(normalize(load_model(entry.model_path())), make_config(p, {})).targets)
+    model = normalize(load_model(entry.model_path()))
+    data = load_data(entry.feeds("calib")[:4], model, None, "calibration data")
+    try:
+        with observing(ShapeObserver(data.representatives())):
+            return list(p.plan(model, make_config(p, {})).targets)
+    finally:
+        data.close()
 
 
 def shrink_entry(entry: Entry, pass_name: str, calib=None, val=None, **kw):

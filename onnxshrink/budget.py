@@ -70,11 +70,26 @@ def reached(targets: dict, original: dict, after: dict) -> dict:
     return out
 
 
-def missed(reached_targets: dict) -> TargetError | None:
-    """The error to raise when a target was missed, else None."""
+def missed(reached_targets: dict, reports=()) -> TargetError | None:
+    """The error to raise when a target was missed, else None. ``reports``: the chain's pass
+    reports; a pass that says what it could reach (``details["reach"]``: the share of its input's
+    cost it acts on and the lowest fraction it could leave) is named in the message."""
     misses = [r["why"] if r["reached"] is None else f"{m} {r['reached']:.3f} of the original (target {r['target']:.3f})"
               for m, r in reached_targets.items() if not r["met"]]
     if not misses:
         return None
-    return TargetError("target cannot be met: the chain reached " + "; ".join(misses)
+    reach = []
+    for m, r in reached_targets.items():
+        if r["met"]:
+            continue
+        for rep in reports or ():
+            info = (getattr(rep, "details", None) or {}).get("reach") or {}
+            floor, acts = (info.get("floor") or {}).get(m), (info.get("acts_on") or {}).get(m)
+            if floor is None or acts is None:
+                continue
+            verdict = "enough for the target" if floor <= r["target"] * (1 + TOLERANCE) else "short of the target"
+            reach.append(f"{rep.name} acts on {acts:.1%} of the {m} it was given and could leave at least "
+                         f"{floor:.3f} of them ({verdict})")
+    why = ("; reachable: " + "; ".join(reach)) if reach else ""
+    return TargetError("target cannot be met: the chain reached " + "; ".join(misses) + why
                        + " (see the report's skipped nodes)")

@@ -60,8 +60,38 @@ def _table(model, passes, options, signatures) -> str:
             lines.append(f"{'':32}   skip {s}")
     total = f"{round(sum(flops.values()))} FLOPs per sample" if countable else "FLOPs not countable (shapes unknown)"
     lines.append(f"total: {sum(c.params for c in costs)} params, {total}, {model.ByteSize()} bytes")
+    shapes = dict(signatures[0]["inputs"]) if signatures else None
+    lines.extend(reach_lines(model, chosen, options, shapes))
     if signatures:
         used = "; ".join(", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in sig["inputs"].items())
                          + f" ({sig['samples']} sample{'s' if sig['samples'] != 1 else ''})" for sig in signatures)
         lines.append(f"shapes (calibration data; output shapes of the first): {used}")
     return "\n".join(lines)
+
+
+def _pct(v):
+    return "?" if v is None else f"{100 * v:.1f}%"
+
+
+def _frac(v):
+    return "?" if v is None else f"{v:.3f}"
+
+
+def reach_lines(model, chosen, options, shapes) -> list:
+    """Per budget-capable pass: the share of the model's params and FLOPs it can act on, and the
+    lowest fraction of each it alone could leave (so a user sees whether a target is reachable)."""
+    rows = []
+    for p in chosen:
+        if not p.ready or not hasattr(p, "reach"):
+            continue
+        try:
+            r = p.reach(model, make_config(p, (options or {}).get(p.name, {})), shapes)
+        except Exception as e:  # never let the summary break the table
+            rows.append(f"  {p.name:10} reach unknown ({type(e).__name__}: {e})")
+            continue
+        a, f = r["acts_on"], r["floor"]
+        rows.append(f"  {p.name:10} acts on {_pct(a['params']):>6} of params, {_pct(a['flops']):>6} of FLOPs; "
+                    f"alone it could leave params {_frac(f['params'])}, FLOPs {_frac(f['flops'])} of the original")
+    if not rows:
+        return []
+    return ["reach (a --target-params/--target-flops below a pass's floor cannot be met by it):"] + rows

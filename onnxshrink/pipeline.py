@@ -643,7 +643,7 @@ def _run(model, original, run: _Run):
             and not has_external_data(run.model_or_path):
         copy_of = os.path.abspath(os.fspath(run.model_or_path))
     result = Result(model, report, active_store(), copy_of)
-    err = budget_mod.missed(reached)
+    err = budget_mod.missed(reached, reports)
     if err is None and not validation_result["passed"]:
         err = ValidationFailed("validation failed: " + "; ".join(validation_result["problems"]))
     report["check_failed"] = err.detail if err is not None else None

@@ -471,6 +471,26 @@ def factorize(pass_name, model, cfg, ctx, layers, skipped, rewrite, multiple, re
     return working, details
 
 
+def reach_of(model, layers, multiple, shapes):
+    """{"acts_on", "floor"} ({metric: fraction of ``model``'s cost}) for ``layers``: the share in
+    them, and what is left with each at its smallest candidate rank (None: not countable)."""
+    from ..cost import model_cost
+    total = model_cost(model, shapes)
+    acts, floor = {}, {}
+    for m in ("params", "flops"):
+        if not total.get(m):
+            acts[m] = floor[m] = None
+            continue
+        share = sum(float(l.cost0[m]) for l in layers)
+        saving = 0.0
+        for l in layers:
+            c = candidate_ranks(l, multiple)
+            if c:
+                saving += max(float(l.cost0[m] - l.cost_at(c[0])[m]), 0.0)
+        acts[m], floor[m] = share / total[m], (total[m] - saving) / total[m]
+    return {"acts_on": acts, "floor": floor}
+
+
 class FactorPass(Pass):
     """What basisconv and lowrank share: find the layers, then factor them (``factorize``).
     A subclass gives ``find_layers(graph, info, cfg)``, ``rewrite(graph, layer, r, As, Bs, bias)``
@@ -490,7 +510,22 @@ class FactorPass(Pass):
 
     def plan(self, model, cfg):
         layers, skipped = self.find_layers(import_graph(model), shape_info(model, None), cfg)
-        return Plan(targets=[rn for l in layers for rn, _, _ in l.sources], skipped=[Skip(n, r) for n, r in skipped])
+        multiple = getattr(cfg, self.multiple_option)
+        targets, skips = [], [Skip(n, r) for n, r in skipped]
+        for l in layers:   # a layer no rank makes smaller is not a target (FLOPs need the data's shapes: not here)
+            if cfg.force or candidate_ranks(l, multiple, metrics=("params",)):
+                targets.extend(rn for rn, _, _ in l.sources)
+            else:
+                skips.extend(Skip(rn, f"no rank that is a multiple of {multiple} has fewer params "
+                                      f"(exact rank {l.max_rank})") for rn, _, _ in l.sources)
+        return Plan(targets=targets, skipped=skips)
+
+    def reach(self, model, cfg, shapes=None):
+        """What this pass alone can do to ``model`` at input ``shapes`` (a dict of input shapes):
+        {"acts_on": {metric: share of the model's cost in the layers it can factor}, "floor":
+        {metric: the fraction of the cost left with every layer at its lowest paying rank}}."""
+        layers, _ = self.find_layers(import_graph(model), shape_info(model, shapes), cfg)
+        return reach_of(model, layers, getattr(cfg, self.multiple_option), shapes)
 
     def apply(self, model, cfg, ctx):
         report = PassReport(self.name)
@@ -498,7 +533,9 @@ class FactorPass(Pass):
         layers, skipped = self.find_layers(graph, shape_info(model, ctx.sample_shapes), cfg)
         if cfg.whiten or cfg.refit or cfg.alloc == "data":
             ctx.require_data(self.name)
-        new, details = factorize(self.name, model, cfg, ctx, layers, skipped, self.rewrite,
-                                 getattr(cfg, self.multiple_option), report)
+        multiple = getattr(cfg, self.multiple_option)
+        if any(m in self.budgets for m in (ctx.goals or {})):
+            report.details["reach"] = reach_of(model, layers, multiple, ctx.sample_shapes)
+        new, details = factorize(self.name, model, cfg, ctx, layers, skipped, self.rewrite, multiple, report)
         report.details.update(details)
         return new, report

@@ -161,6 +161,50 @@ def multiple_of(g, channel_multiple: int) -> int:
     return max(1, channel_multiple // max(width, 1))
 
 
+def _overshoot_note(real, goals, multiple) -> dict:
+    """{"note": ...} when whole steps of ``multiple`` channels left the model well below a goal (a
+    small group, 10 or 16 channels, can only go to 8: one step is a large share of a small net)."""
+    from ..budget import TOLERANCE
+    over = [f"{m} {real[m] / max(goal.final / goal.fraction, 1e-12):.3f} of the original for a goal of "
+            f"{goal.target / max(goal.final / goal.fraction, 1e-12):.3f}"
+            for m, goal in goals.items() if real.get(m) is not None and real[m] < goal.target * (1 - TOLERANCE)]
+    if not over:
+        return {}
+    return {"note": f"channels go in steps of pfa.channel_multiple={multiple}: the smallest allocation meeting "
+                    f"the goal leaves {'; '.join(over)} (pfa.channel_multiple=1 allows finer steps)"}
+
+
+def cost_table(model, shapes):
+    """{"total": {metric: value or None}, "nodes": {metric: {node: value}}}: params, and FLOPs per
+    sample averaged over ``shapes`` (a dict of input shapes, a list of signatures, or None)."""
+    from ..cost import signature_costs
+    per = signature_costs(model, shapes)
+    weight = sum(w for _, w in per) or 1
+    params = {c.name: c.params for c in per[0][0]}
+    flops = {}
+    for costs, w in per:
+        for c in costs:
+            flops[c.name] = flops.get(c.name, 0.0) + w * c.flops / weight
+    known = all(c.flops_known for costs, _ in per for c in costs)
+    return {"total": {"params": sum(params.values()), "flops": sum(flops.values()) if known else None},
+            "nodes": {"params": params, "flops": flops}}
+
+
+def reach_of(model, smallest, shapes):
+    """{"acts_on": {metric: share of ``model``'s cost in nodes whose cost differs in ``smallest``},
+    "floor": {metric: cost of ``smallest`` as a fraction of ``model``'s}} (None where not countable)."""
+    before, after = cost_table(model, shapes), cost_table(smallest, shapes)
+    acts, floor = {}, {}
+    for m in ("params", "flops"):
+        total, low = before["total"][m], after["total"][m]
+        if not total or low is None:
+            acts[m] = floor[m] = None
+            continue
+        moved = sum(v for k, v in before["nodes"][m].items() if abs(after["nodes"][m].get(k, 0) - v) > 1e-9 * total)
+        acts[m], floor[m] = moved / total, low / total
+    return {"acts_on": acts, "floor": floor}
+
+
 SLICE_ONLY = ("ConvTranspose",)   # consumers whose input channels are sliced but not refit (no LayerStats)
 
 
@@ -214,6 +258,17 @@ class Pfa(Pass):
     def plan(self, model, cfg):
         groups, skipped = eligible_groups(model, analyze(model))
         return Plan(targets=[s.node for g in groups for s in g.sources if s.prunable], skipped=skipped)
+
+    def reach(self, model, cfg, shapes=None, an=None, groups=None):
+        """What pfa alone can do to ``model`` at input ``shapes``: {"acts_on": {metric: share of the
+        model's cost in nodes whose cost changes when channels go}, "floor": {metric: the fraction
+        of the cost left with every prunable group at its smallest count (``channel_multiple``)}}."""
+        if an is None:
+            an = analyze(model, shapes if isinstance(shapes, dict) else None)
+            groups, _ = eligible_groups(model, an)
+        keep = {g.index: np.arange(multiple_of(g, cfg.channel_multiple)) for g in groups
+                if multiple_of(g, cfg.channel_multiple) < g.size}
+        return reach_of(model, an.prune(model, keep) if keep else model, shapes)
 
     # -- statistics
     def _statistics(self, model, an, groups, cfg, ctx, responses: bool, consumers: bool):
@@ -444,6 +499,8 @@ class Pfa(Pass):
         details = {"mode": mode, "groups": len(an.groups), "prunable_groups": len(groups),
                    "selection": cfg.selection}
         report.details = details
+        if has_goal:   # what pfa alone could reach, for the report and a TargetError's message
+            details["reach"] = self.reach(model, cfg, ctx.sample_shapes, an, groups)
         if not groups:
             return model, report
         by_error = mode == "budget" and cfg.allocation == "error"
@@ -511,6 +568,8 @@ class Pfa(Pass):
                 ks = ks2
                 keep = keep_of(ks)
                 pruned = an.prune(model, keep)
+        if mode == "budget" and keep and cfg.channel_multiple > 1:
+            details.update(_overshoot_note(ctx.cost(pruned), goals, cfg.channel_multiple))
         details["allocation_seconds"] = round(time.perf_counter() - t_alloc, 3)
         recipe, consumers = [], set()
         model_nodes = {n.name: n for n in import_graph(model).nodes}
