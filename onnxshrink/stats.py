@@ -95,6 +95,18 @@ class CrossMoments:
     def mean_y(self):
         return self.sum_y / max(self.n, 1)
 
+    @classmethod
+    def pooled(cls, parts) -> "CrossMoments":
+        """One CrossMoments over the rows of several (the readers of a shared weight); ``None``
+        parts are left out, and a single part is returned as it is."""
+        parts = [c for c in parts if c is not None]
+        if len(parts) == 1:
+            return parts[0]
+        out = cls(len(parts[0].x.mean), len(parts[0].sum_y))
+        for c in parts:
+            out.merge(c)
+        return out
+
 
 # ----------------------------------------------------------------------------- feature maps
 def spatial_positions(out_spatial: tuple, per_sample: int, rng: np.random.Generator) -> np.ndarray:

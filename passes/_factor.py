@@ -34,6 +34,7 @@ import scipy.linalg
 
 from ..graph import concrete_input_shapes, infer_shapes, import_graph
 from ..reconstruct import ridge_from_moments as ridge
+from ..stats import CrossMoments
 from ..registry import Pass, PassReport, Plan, Skip
 
 
@@ -276,17 +277,6 @@ def moments(cm, fit_bias: bool):
     return cm.x.second, cm.xy / n, np.zeros_like(mx), np.zeros_like(my)
 
 
-def pooled(cms):
-    """One CrossMoments over the rows of several (the readers of a shared weight)."""
-    if len(cms) == 1:
-        return cms[0]
-    from ..stats import CrossMoments
-    out = CrossMoments(len(cms[0].x.mean), len(cms[0].sum_y))
-    for c in cms:
-        out.merge(c)
-    return out
-
-
 def non_finite_skips(layers):
     """Layers whose weights hold NaN or Inf, removed from ``layers``: [(node, reason)]."""
     out = []
@@ -340,7 +330,7 @@ def factorize(pass_name, model, cfg, ctx, layers, skipped, rewrite, multiple, re
         reqs = [layer.request("plan:" + n, x, None) for layer in layers for n, x, _ in layer.sources]
         stats = ctx.collect(reqs, model_x=ctx.reference, desc=f"{pass_name}: statistics")
         for layer in layers:
-            cm = pooled([stats["plan:" + n] for n, _, _ in layer.sources])
+            cm = CrossMoments.pooled([stats["plan:" + n] for n, _, _ in layer.sources])
             covs[layer.node] = [_group_cov(layer, cm, g, layer.fit_bias)[0] for g in range(layer.groups)]
     with ctx.timed("fit"):
         curves = {l.node: energy_curve(l, covs.get(l.node), cfg.eps) for l in layers}
@@ -405,7 +395,7 @@ def factorize(pass_name, model, cfg, ctx, layers, skipped, rewrite, multiple, re
                 src = by_name[n].sources
                 if len(src) > 1:
                     by_name[n].extra["reader_stats"] = {rn: stats["lv:" + rn] for rn, _, _ in src}
-                stats["lv:" + n] = pooled([stats["lv:" + rn] for rn, _, _ in src])
+                stats["lv:" + n] = CrossMoments.pooled([stats["lv:" + rn] for rn, _, _ in src])
         node_refits = []
         for n in names:
             layer, r = by_name[n], ranks[n]

@@ -760,17 +760,6 @@ def _without_bias(cm, b):
     return out
 
 
-def pooled(cms):
-    """One CrossMoments over the rows of several (the readers of a shared weight)."""
-    cms = [c for c in cms if c is not None]
-    if len(cms) == 1:
-        return cms[0]
-    out = CrossMoments(len(cms[0].x.mean), len(cms[0].sum_y))
-    for c in cms:
-        out.merge(c)
-    return out
-
-
 # ----------------------------------------------------------------------------- the pass
 @register
 class Pq(Pass):
@@ -848,7 +837,7 @@ class Pq(Pass):
             for n in layer.nodes:
                 cm = got["pq:" + n.name]
                 per_node[n.name] = _without_bias(cm, _fixed_bias(layer, n)) if fixed else cm
-        return {layer.node.name: pooled([per_node[n.name] for n in layer.nodes]) for layer in layers}, per_node
+        return {layer.node.name: CrossMoments.pooled([per_node[n.name] for n in layer.nodes]) for layer in layers}, per_node
 
     def _layer_problem(self, layer, d, cm, cfg):
         """(target T* rows × d_in, metric H or None, bias refit or not, exact): what to quantize."""
