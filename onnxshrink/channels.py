@@ -779,14 +779,19 @@ class ChannelAnalysis:
         obs_tensor, obs_map = m.origin if m.origin is not None else (x_tensor.name, m)
         self.consumer_obs.append((node.name, obs_tensor, obs_map))
 
-    def _conv(self, node, tracked):
+    @staticmethod
+    def _conv_parts(node, tracked):
+        """(weight, bias is a constant or absent, weight shared, group, tracked input map) of a
+        Conv/ConvTranspose; computed weights are not understood."""
         w = _const(node.inputs[1])
         if w is None or any(i != 0 for i, _ in tracked):
-            raise _Unsupported("Conv with computed weights")
+            raise _Unsupported(f"{node.op} with computed weights")
         bias_ok = len(node.inputs) < 3 or not node.inputs[2].name or isinstance(node.inputs[2], gs.Constant)
         shared = len(node.inputs[1].outputs) > 1
-        group = int(node.attrs.get("group", 1))
-        m = tracked[0][1] if tracked else None
+        return w, bias_ok, shared, int(node.attrs.get("group", 1)), tracked[0][1] if tracked else None
+
+    def _conv(self, node, tracked):
+        w, bias_ok, shared, group, m = self._conv_parts(node, tracked)
         c_in, o = w.shape[1] * group, w.shape[0]
         out = node.outputs[0]
         if m is not None and (m.axis != 1 or len(m.comps) != c_in):
@@ -826,13 +831,7 @@ class ChannelAnalysis:
 
     def _conv_transpose(self, node, tracked):
         """ConvTranspose, W (C_in, C_out/group, k…): input channels are W's rows, outputs its columns."""
-        w = _const(node.inputs[1])
-        if w is None or any(i != 0 for i, _ in tracked):
-            raise _Unsupported("ConvTranspose with computed weights")
-        bias_ok = len(node.inputs) < 3 or not node.inputs[2].name or isinstance(node.inputs[2], gs.Constant)
-        shared = len(node.inputs[1].outputs) > 1
-        group = int(node.attrs.get("group", 1))
-        m = tracked[0][1] if tracked else None
+        w, bias_ok, shared, group, m = self._conv_parts(node, tracked)
         c_in, o = w.shape[0], w.shape[1] * group
         if m is not None and (m.axis != 1 or len(m.comps) != c_in):
             raise _Unsupported("ConvTranspose input channels do not match the tracked axis")
