@@ -28,7 +28,8 @@ import onnx
 from . import budget as budget_mod
 from . import metrics as metrics_mod
 from . import search as search_mod
-from .calibrate import DataSource, ShapeObserver, collect, load_data, random_data, session, split_holdout
+from .calibrate import (DataSource, ShapeObserver, collect, load_data, probe_batching, random_data, session,
+                        split_holdout)
 from .cost import model_cost, unknown_flops
 from .errors import (CalibrationError, InputError, OnnxShrinkError, PassError, UsageError,
                      ValidationFailed, first_line)
@@ -298,6 +299,9 @@ def _data(calibration, validation, model, image_options, random_calibration, nee
                     f"{fit.origin}: a single {fit.unit} ({fit.n} sample(s)) and no validation data: nothing "
                     "is left to validate the rewritten model on; give more calibration data or --validation-data")
             fit, val = split_holdout(fit, 0.2)
+        probed = fit if fit is not None else val
+        if probed is not None and probe_batching(model, probed) and val is not None and val is not probed:
+            val.max_batch, val.batch_note = probed.max_batch, probed.batch_note
     except BaseException:
         for src in (fit, val):
             if src is not None:
@@ -627,6 +631,8 @@ def _run(model, original, run: _Run):
         validation_result["problems"].append(search_info["problem"])
     validation_result["passed"] = not validation_result["problems"]
     validation_result["data"] = val.origin
+    if source is not None and source.batch_note:
+        validation_result["notes"].insert(0, source.batch_note)
     timing["total_seconds"] = round(time.perf_counter() - run.t0, 3)
     report = make_report(before, after, reports, validation_result, reached, timing,
                          model=run.input_info["model"])
