@@ -91,7 +91,8 @@ def do_stats(out):
         v = validate(original, onnx.load(path), val, Tolerances())
         row["passed_now"] = v["passed"]
         row["problems_now"] = v["problems"]
-        row["outputs"] = {k: {s: m.get(s) for s in ("cosine", "rel_l2", "top1_agreement", "worst")}
+        row["outputs"] = {k: {s: m.get(s) for s in ("cosine", "rel_l2", "range_error", "probability", "distribution",
+                                                   "top1_agreement", "worst", "worst_rel_l2", "values_per_sample")}
                           for k, m in v["outputs"].items()}
         rows.append(row)
         print(json.dumps(row), flush=True)

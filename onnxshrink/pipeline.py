@@ -426,7 +426,8 @@ def _model_name(model_or_path) -> str:
 @_owning_spill
 def shrink(model_or_path, passes, calibration=None, *, validation=None, target_flops=None,
            target_params=None, target_size=None, min_cosine=_DEFAULT, min_top1=_DEFAULT,
-           max_error=_DEFAULT, max_rel_l2=_DEFAULT, options=None, image_options=None,
+           max_error=_DEFAULT, max_rel_l2=_DEFAULT, max_range_error=_DEFAULT, min_worst_cosine=_DEFAULT,
+           options=None, image_options=None,
            random_calibration=None, force=False, quiet=True, batch_size=64, seed=0, base_dir=None,
            metric=None, max_drop=None, tolerances: Tolerances | None = None, target_bytes=None) -> Result:
     """Compress a model. See the README for the arguments; they mirror the CLI's flags
@@ -450,7 +451,8 @@ def shrink(model_or_path, passes, calibration=None, *, validation=None, target_f
             raise UsageError("give target_size= (target_bytes= is its older name), not both")
         target_size = target_bytes
     tol = _tolerances(tolerances, {"min_cosine": min_cosine, "min_top1": min_top1, "max_error": max_error,
-                                   "max_rel_l2": max_rel_l2})
+                                   "max_rel_l2": max_rel_l2, "max_range_error": max_range_error,
+                                   "min_worst_cosine": min_worst_cosine})
     targets = {m: f for m, f in (("flops", budget_mod.check_fraction("target_flops", target_flops)),
                                   ("params", budget_mod.check_fraction("target_params", target_params)),
                                   ("bytes", budget_mod.check_fraction("target_size", target_size)))
