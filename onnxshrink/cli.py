@@ -92,9 +92,9 @@ def build_parser():
     p.add_argument("--min-top1", type=_limit, default=0.9, metavar="X|none",
                    help="fail if the top-1 agreement of a probability distribution over the last axis is below this "
                         "(default 0.9)")
-    p.add_argument("--max-range-error", type=_limit, default=0.18, metavar="X|none",
+    p.add_argument("--max-range-error", type=_limit, default=0.35, metavar="X|none",
                    help="fail if an output's max abs error exceeds this fraction of its range (1 for probabilities; "
-                        "default 0.18)")
+                        "default 0.35)")
     p.add_argument("--min-worst-cosine", type=_limit, default=0.98, metavar="X|none",
                    help="fail if the worst sample's cosine of an output of >= 32 values a sample is below this "
                         "(default 0.98)")

@@ -50,6 +50,8 @@ class HadamardConfig:
     search_seconds: float = 8.0  # structure search time per layer at most (0: no bound); the best
                                  # structure found within it is kept
     row_memory_mb: int = 256    # calibration rows of several layers are gathered in one run up to this
+    time_budget: float = 45.0   # seconds for the whole pass's structure searches (0: no bound); layers
+                                # reached after it stay dense (refit where their inputs changed)
     iters: int = 4              # ALS sweeps per added block
     restarts: int = 1           # random starts per added block (the best is kept)
     cg_iters: int = 10          # conjugate-gradient iterations per diagonal solve (0: exact)
@@ -77,6 +79,8 @@ class HadamardConfig:
             raise ValueError("max_fits must be ≥ 0")
         if not self.search_seconds >= 0:
             raise ValueError("search_seconds must be ≥ 0")
+        if not self.time_budget >= 0:
+            raise ValueError("time_budget must be ≥ 0")
         if self.row_memory_mb < 1:
             raise ValueError("row_memory_mb must be ≥ 1")
         if self.iters < 1 or self.final_iters < 0 or self.max_rows < 8:
@@ -660,7 +664,13 @@ class Hadamard(Pass):
         collect_runs = 0
         for node in linear:  # topological order: sequential reconstruction
             upstream_changed = self._upstream_changed(node, changed)
-            if node.name not in targets and not (cfg.refit and upstream_changed):
+            search = node.name in targets
+            if search and cfg.time_budget and time.perf_counter() - t0 > cfg.time_budget:
+                report.skip(node, f"hadamard.time_budget={cfg.time_budget}s spent before this layer")
+                search = False
+            if not search and not (cfg.refit and upstream_changed):
+                if node.name in targets:
+                    bar.update(1, postfix=node.name)
                 continue
             bar.update(0, postfix=f"{node.name}: statistics")
             if node.name not in cache:
@@ -677,7 +687,7 @@ class Hadamard(Pass):
             cur_err = rel_error(cur_pred, y, y.mean(0))
             entry = {"shape": [d_in, d_out], "dense_params": d_in * d_out + (d_out if bias is not None else 0),
                      "rows": len(x), "dense_error": round(cur_err, 5)}
-            if node.name in targets:
+            if search:
                 bar.detail(f"{node.name}: structure search")
                 with ctx.timed("search"):
                     fit, info = choose_structure(x, y, cfg, d_in * d_out + d_out)

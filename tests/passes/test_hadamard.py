@@ -242,3 +242,14 @@ def test_search_seconds_bounds_the_search_and_keeps_the_best_so_far():
     assert "search_stopped_by" not in free and len(free["tried"]) > 1
     with pytest.raises(ValueError):
         hp.HadamardConfig(search_seconds=-1)
+
+
+def test_time_budget_spent_leaves_the_remaining_layers_dense():
+    calib = np.random.default_rng(0).standard_normal((120, 64)).astype(np.float32)
+    res = shrink(_three_layer(), ["hadamard"], calibration=calib,
+                 options={"hadamard": {"tolerance": 0.9, "time_budget": 1e-9}}, force=True)
+    rep = res.report["passes"][0]
+    assert rep["changed"] == [] and rep["calibration_runs"] == 0
+    assert sum("time_budget" in s["reason"] for s in rep["skipped"]) == 3
+    with pytest.raises(ValueError):
+        hp.HadamardConfig(time_budget=-1)
