@@ -85,19 +85,19 @@ def build_parser():
     p.add_argument("--set", action="append", default=[], metavar="PASS.KEY=VALUE", help="pass option (repeatable)")
     p.add_argument("--report", metavar="PATH", help="write the JSON report here")
     p.add_argument("--max-error", type=float, help="fail if any output's max abs error exceeds this")
-    p.add_argument("--max-rel-l2", type=_limit, default=0.2, metavar="X|none",
-                   help="fail if an output's relative L2 error exceeds this (default 0.2; not for probability outputs)")
+    p.add_argument("--max-rel-l2", type=_limit, default=None, metavar="X|none",
+                   help="fail if an output's relative L2 error exceeds this (zoo gate 0.2; not for probability outputs)")
     p.add_argument("--min-cosine", type=_limit, default=0.9, metavar="X|none",
                    help="fail if an output's cosine is below this (default 0.9; not for probability outputs)")
-    p.add_argument("--min-top1", type=_limit, default=0.9, metavar="X|none",
+    p.add_argument("--min-top1", type=_limit, default=None, metavar="X|none",
                    help="fail if the top-1 agreement of a probability distribution over the last axis is below this "
-                        "(default 0.9)")
-    p.add_argument("--max-range-error", type=_limit, default=0.35, metavar="X|none",
+                        "(zoo gate 0.9)")
+    p.add_argument("--max-range-error", type=_limit, default=None, metavar="X|none",
                    help="fail if an output's max abs error exceeds this fraction of its range (1 for probabilities; "
-                        "default 0.35)")
-    p.add_argument("--min-worst-cosine", type=_limit, default=0.98, metavar="X|none",
+                        "zoo gate 0.35)")
+    p.add_argument("--min-worst-cosine", type=_limit, default=None, metavar="X|none",
                    help="fail if the worst sample's cosine of an output of >= 32 values a sample is below this "
-                        "(default 0.98)")
+                        "(zoo gate 0.98)")
     p.add_argument("--metric", metavar="NAME|FILE.py:FN|MODULE:FN",
                    help="task metric, higher is better, evaluated on the validation feeds for the original and the "
                         "result: top1, cosine, rel_l2, mse, or fn(outputs_per_feed, feeds) -> float of your own")

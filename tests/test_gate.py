@@ -1,4 +1,4 @@
-"""The default validation gate (``Tolerances()``): a planted broken detection head fails it while
+"""The zoo validation gate (``ZOO_GATE``, opt-in): a planted broken detection head fails it while
 raw cosine alone would pass it; a faithful rewrite of the same model passes; scores that all sit
 near 0 are judged on their own absolute scale."""
 
@@ -8,7 +8,9 @@ from graphs import GraphBuilder
 from onnx import numpy_helper
 
 from onnxshrink.calibrate import load_data
-from onnxshrink.validate import Tolerances, validate
+from onnxshrink.validate import ZOO_GATE, Tolerances, validate
+
+GATE = Tolerances(**ZOO_GATE)
 
 COSINE_ONLY = Tolerances(min_cosine=0.9, min_top1=None, max_rel_l2=None, max_range_error=None, min_worst_cosine=None)
 
@@ -57,7 +59,7 @@ def test_broken_detection_head_fails_default_gate_that_cosine_passes():
     old = validate(model, broken, data, COSINE_ONLY)
     assert old["passed"], old["problems"]                       # raw cosine hides it ...
     assert old["outputs"]["boxes"]["cosine"] > 0.9
-    new = validate(model, broken, data, Tolerances())
+    new = validate(model, broken, data, GATE)
     assert not new["passed"]                                    # ... the default gate does not
     boxes = [p for p in new["problems"] if "'boxes'" in p]
     assert any("relative L2" in p for p in boxes) and any("worst-sample cosine" in p for p in boxes), new["problems"]
@@ -72,7 +74,7 @@ def test_broken_score_head_fails_on_probability_scale():
     model = detector()
     data = load_data(_feeds(), model)
     broken = _perturb_head(model, 1.5, rows=slice(4, 6))
-    new = validate(model, broken, data, Tolerances())
+    new = validate(model, broken, data, GATE)
     m = new["outputs"]["scores"]
     assert m["probability"] and m["distribution"] and m["scale"] == 1.0
     assert any("'scores'" in p and "probability scale" in p for p in new["problems"]), new["problems"]
@@ -83,7 +85,7 @@ def test_faithful_rewrite_passes_default_gate():
     model = detector()
     data = load_data(_feeds(), model)
     close = _perturb_head(_perturb_head(model, 0.01), 0.01, rows=slice(4, 6), seed=2)
-    v = validate(model, close, data, Tolerances())
+    v = validate(model, close, data, GATE)
     assert v["passed"], v["problems"]
     assert v["outputs"]["scores"]["top1_agreement"] > 0.95
     assert 0 < v["outputs"]["boxes"]["rel_l2"] < 0.05
@@ -113,7 +115,7 @@ def test_near_zero_scores_judged_on_absolute_scale():
     init = next(t for t in m.graph.initializer if t.name == sub.input[1])
     for shift, passes in ((-1.5, True), (-9.0, False)):   # scores ×~4.5 (still ≈ 0.0005) / to ≈ 0.5
         init.CopyFrom(numpy_helper.from_array(np.array([9.0 + shift], np.float32), init.name))
-        v = validate(model, m, data, Tolerances())
+        v = validate(model, m, data, GATE)
         assert v["outputs"]["score"]["probability"]
         assert v["passed"] is passes, v["problems"]
         if passes:   # the relative measures would have failed it
