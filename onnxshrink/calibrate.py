@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .errors import CalibrationError, InputError
+from .errors import CalibrationError, InputError, first_line
 from .model_io import EXTERNAL_THRESHOLD, has_lazy, is_lazy, save_model, session_folder, weight_bytes
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -188,6 +188,8 @@ class DataSource:
     whose B must match), the whole feed runs at once."""
 
     unit = "sample"
+    max_batch = None   # 1 for a model that runs at batch 1 only although its batch dim is dynamic
+    batch_note = None  # why, for the report
 
     def __init__(self, arrays: dict, origin: str = "calibration data", cast: dict | None = None,
                  roles: dict | None = None):
@@ -212,10 +214,12 @@ class DataSource:
         if not self.splittable:
             yield self.take(slice(None))
             return
+        batch_size = min(batch_size, self.max_batch or batch_size)
         for s in range(0, self.n, batch_size):
             yield self.take(slice(s, min(s + batch_size, self.n)))
 
     def count_batches(self, batch_size: int) -> int:
+        batch_size = min(batch_size, self.max_batch or batch_size)
         return -(-self.n // batch_size) if self.splittable else 1
 
     def batch_count(self, feed) -> int:
@@ -240,6 +244,7 @@ class DataSource:
     def subset(self, start: int, stop: int) -> "DataSource":
         arrays = {k: v[start:stop] if self._batch_major(k) else v for k, v in self.arrays.items()}
         new = DataSource(arrays, self.origin, self.cast, self.roles)
+        new.max_batch, new.batch_note = self.max_batch, self.batch_note
         new.first_sample = getattr(self, "first_sample", 0) + start
         return new
 
@@ -352,6 +357,7 @@ class FeedSource(DataSource):
         return len(self.items)
 
     def batches(self, batch_size: int = 64):
+        batch_size = min(batch_size, self.max_batch or batch_size)
         buf, key, count = [], None, 0
         for i in range(len(self.items)):
             feed = self._get(i)
@@ -372,6 +378,7 @@ class FeedSource(DataSource):
             yield _stack(buf, self.roles)
 
     def count_batches(self, batch_size: int) -> int:
+        batch_size = min(batch_size, self.max_batch or batch_size)
         total, key, count = 0, None, 0
         for n, k, _ in self.meta:
             if count and (k is None or k != key or count + n > batch_size):
@@ -386,12 +393,18 @@ class FeedSource(DataSource):
         start = getattr(self, "first_sample", 0)
         for i in range(len(self.items)):
             feed = self._get(i)
-            yield feed, i + getattr(self, "first_feed", 0), start
-            start += self.meta[i][0]
+            n, key, _ = self.meta[i]
+            if self.max_batch and key is not None and n > self.max_batch:   # a stacked feed, split
+                for s, part in enumerate(DataSource(feed, self.origin, roles=self.roles).batches(self.max_batch)):
+                    yield part, i + getattr(self, "first_feed", 0), start + s * self.max_batch
+            else:
+                yield feed, i + getattr(self, "first_feed", 0), start
+            start += n
 
     def subset(self, start, stop):
         new = FeedSource(self.items[start:stop], self.origin, self.load, self.cast, self.roles,
                          self._meta[start:stop] if self._meta is not None else None)
+        new.max_batch, new.batch_note = self.max_batch, self.batch_note
         new.parent = self   # keeps the owner of temporary files alive
         new.close = self.close   # closing a part removes the temporary feeds of the whole
         new.first_feed = getattr(self, "first_feed", 0) + start   # indices in reports count from the whole
@@ -710,6 +723,38 @@ def random_data(model: onnx.ModelProto, n: int, seed: int = 0, sample_shapes=Non
         arrays[name] = rng.standard_normal(dims).astype(dtype) if np.dtype(dtype).kind == "f" else \
             np.zeros(dims, dtype)
     return DataSource(arrays, "random calibration data", roles=roles)
+
+
+def probe_batching(model: onnx.ModelProto, src: DataSource) -> str | None:
+    """Some models declare a dynamic batch dim but only run at batch 1 (a Reshape whose target
+    bakes the exporter's batch of 1 into a constant). Run the model once on two samples of ``src``
+    stacked into one batch; when that fails while one sample alone runs, the source is limited to
+    batches of one sample (``max_batch = 1``) and the reason is returned (also kept as
+    ``batch_note``). None when stacking works or cannot apply (a fixed batch, nothing to stack)."""
+    roles = input_roles(model)
+    if fixed_batch(model) is not None or not src.splittable or "batch" not in roles.values() or src.max_batch:
+        return None
+    one = next(iter(src.batches(1)), None)
+    if one is None:
+        return None
+    pair = next(iter(src.batches(2)))
+    if src.batch_count(pair) < 2:   # one sample, or no two of the same shape: the first one twice
+        pair = _stack([one, one], roles)
+    sess = session(model)
+    names = [o.name for o in sess.get_outputs()]
+    try:
+        sess.run(names, pair)
+        return None
+    except Exception as e:
+        stacked_error = first_line(e)
+    try:
+        sess.run(names, one)
+    except Exception:
+        return None   # it does not run at all: the run itself reports that
+    src.max_batch = 1
+    src.batch_note = (f"{src.origin}: the model runs one sample at a time only (its batch dim is dynamic, but two "
+                      f"samples stacked fail: {stacked_error}); every run uses batches of 1")
+    return src.batch_note
 
 
 def split_holdout(src: DataSource, fraction: float = 0.2):

@@ -35,11 +35,18 @@ EXIT_CODES = f"""exit codes:
 # API argument names in library messages -> the CLI's flags
 _FLAGS = {"force=True": "--force", "target_flops": "--target-flops", "target_params": "--target-params",
           "target_size": "--target-size", "min_cosine": "--min-cosine", "min_top1": "--min-top1",
-          "max_error": "--max-error", "max_rel_l2": "--max-rel-l2", "max_drop": "--max-drop", "metric=": "--metric", "random_calibration=N": "--random-calibration N",
+          "max_error": "--max-error", "max_rel_l2": "--max-rel-l2", "max_range_error": "--max-range-error",
+          "min_worst_cosine": "--min-worst-cosine", "max_drop": "--max-drop", "metric=": "--metric", "random_calibration=N": "--random-calibration N",
           "random_calibration": "--random-calibration", "batch_size": "--batch-size",
           "calibration=": "--calibration-data PATH", "validation=": "--validation-data PATH"}
 _FLAG_RE = re.compile(r"(?<![\w-])(" + "|".join(re.escape(k) for k in sorted(_FLAGS, key=len, reverse=True)) + r")(?![\w])")
 
+
+def _limit(text):
+    """A tolerance flag's value: a number, or "none" to skip that check."""
+    if text.strip().lower() == "none":
+        return None
+    return float(text)
 
 def cli_message(msg: str) -> str:
     """A library message in the CLI's words: API argument names become flags."""
@@ -78,9 +85,19 @@ def build_parser():
     p.add_argument("--set", action="append", default=[], metavar="PASS.KEY=VALUE", help="pass option (repeatable)")
     p.add_argument("--report", metavar="PATH", help="write the JSON report here")
     p.add_argument("--max-error", type=float, help="fail if any output's max abs error exceeds this")
-    p.add_argument("--max-rel-l2", type=float, help="fail if any output's relative L2 error exceeds this")
-    p.add_argument("--min-cosine", type=float, default=0.9, help="fail if any output's cosine is below this (default 0.9)")
-    p.add_argument("--min-top1", type=float, help="fail if top-1 agreement of a 2-D output is below this")
+    p.add_argument("--max-rel-l2", type=_limit, default=None, metavar="X|none",
+                   help="fail if an output's relative L2 error exceeds this (zoo gate 0.2; not for probability outputs)")
+    p.add_argument("--min-cosine", type=_limit, default=0.9, metavar="X|none",
+                   help="fail if an output's cosine is below this (default 0.9; not for probability outputs)")
+    p.add_argument("--min-top1", type=_limit, default=None, metavar="X|none",
+                   help="fail if the top-1 agreement of a probability distribution over the last axis is below this "
+                        "(zoo gate 0.9)")
+    p.add_argument("--max-range-error", type=_limit, default=None, metavar="X|none",
+                   help="fail if an output's max abs error exceeds this fraction of its range (1 for probabilities; "
+                        "zoo gate 0.35)")
+    p.add_argument("--min-worst-cosine", type=_limit, default=None, metavar="X|none",
+                   help="fail if the worst sample's cosine of an output of >= 32 values a sample is below this "
+                        "(zoo gate 0.98)")
     p.add_argument("--metric", metavar="NAME|FILE.py:FN|MODULE:FN",
                    help="task metric, higher is better, evaluated on the validation feeds for the original and the "
                         "result: top1, cosine, rel_l2, mse, or fn(outputs_per_feed, feeds) -> float of your own")
@@ -276,7 +293,8 @@ def _main(argv) -> int:
     if not os.path.isfile(args.input) and os.path.exists(args.input):
         raise UsageError(f"input '{args.input}' is not a file")
     tol = Tolerances(max_error=args.max_error, min_cosine=args.min_cosine, min_top1=args.min_top1,
-                     max_rel_l2=args.max_rel_l2)
+                     max_rel_l2=args.max_rel_l2, max_range_error=args.max_range_error,
+                     min_worst_cosine=args.min_worst_cosine)
     check_output_paths(args.output, args.input, args.report, force=args.force,
                        external=os.path.isfile(args.input) and _may_be_external(args.input),
                        data_paths=(args.calibration_data, args.validation_data))

@@ -28,7 +28,8 @@ import onnx
 from . import budget as budget_mod
 from . import metrics as metrics_mod
 from . import search as search_mod
-from .calibrate import DataSource, ShapeObserver, collect, load_data, random_data, session, split_holdout
+from .calibrate import (DataSource, ShapeObserver, collect, load_data, probe_batching, random_data, session,
+                        split_holdout)
 from .cost import model_cost, unknown_flops
 from .errors import (CalibrationError, InputError, OnnxShrinkError, PassError, UsageError,
                      ValidationFailed, first_line)
@@ -298,6 +299,9 @@ def _data(calibration, validation, model, image_options, random_calibration, nee
                     f"{fit.origin}: a single {fit.unit} ({fit.n} sample(s)) and no validation data: nothing "
                     "is left to validate the rewritten model on; give more calibration data or --validation-data")
             fit, val = split_holdout(fit, 0.2)
+        probed = fit if fit is not None else val
+        if probed is not None and probe_batching(model, probed) and val is not None and val is not probed:
+            val.max_batch, val.batch_note = probed.max_batch, probed.batch_note
     except BaseException:
         for src in (fit, val):
             if src is not None:
@@ -422,7 +426,8 @@ def _model_name(model_or_path) -> str:
 @_owning_spill
 def shrink(model_or_path, passes, calibration=None, *, validation=None, target_flops=None,
            target_params=None, target_size=None, min_cosine=_DEFAULT, min_top1=_DEFAULT,
-           max_error=_DEFAULT, max_rel_l2=_DEFAULT, options=None, image_options=None,
+           max_error=_DEFAULT, max_rel_l2=_DEFAULT, max_range_error=_DEFAULT, min_worst_cosine=_DEFAULT,
+           options=None, image_options=None,
            random_calibration=None, force=False, quiet=True, batch_size=64, seed=0, base_dir=None,
            metric=None, max_drop=None, tolerances: Tolerances | None = None, target_bytes=None) -> Result:
     """Compress a model. See the README for the arguments; they mirror the CLI's flags
@@ -446,7 +451,8 @@ def shrink(model_or_path, passes, calibration=None, *, validation=None, target_f
             raise UsageError("give target_size= (target_bytes= is its older name), not both")
         target_size = target_bytes
     tol = _tolerances(tolerances, {"min_cosine": min_cosine, "min_top1": min_top1, "max_error": max_error,
-                                   "max_rel_l2": max_rel_l2})
+                                   "max_rel_l2": max_rel_l2, "max_range_error": max_range_error,
+                                   "min_worst_cosine": min_worst_cosine})
     targets = {m: f for m, f in (("flops", budget_mod.check_fraction("target_flops", target_flops)),
                                   ("params", budget_mod.check_fraction("target_params", target_params)),
                                   ("bytes", budget_mod.check_fraction("target_size", target_size)))
@@ -627,6 +633,8 @@ def _run(model, original, run: _Run):
         validation_result["problems"].append(search_info["problem"])
     validation_result["passed"] = not validation_result["problems"]
     validation_result["data"] = val.origin
+    if source is not None and source.batch_note:
+        validation_result["notes"].insert(0, source.batch_note)
     timing["total_seconds"] = round(time.perf_counter() - run.t0, 3)
     report = make_report(before, after, reports, validation_result, reached, timing,
                          model=run.input_info["model"])

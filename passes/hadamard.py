@@ -47,6 +47,13 @@ class HadamardConfig:
     max_params: float = 0.25    # a structure may hold at most this fraction of the layer's params
     min_dim: int = 16           # layers with d_in or d_out below this stay dense
     max_fits: int = 24          # blocks fitted in the structure search at most, per layer (0: no bound)
+    search_seconds: float = 0.0  # structure search time per layer at most (0: no bound); the best
+                                 # structure found within it is kept. Off by default: a time bound
+                                 # makes the result depend on the machine's speed (max_fits does not)
+    row_memory_mb: int = 256    # calibration rows of several layers are gathered in one run up to this
+    time_budget: float = 0.0    # seconds for the whole pass's structure searches (0: no bound); layers
+                                # reached after it stay dense (refit where their inputs changed).
+                                # Off by default, for the same reason as search_seconds
     iters: int = 4              # ALS sweeps per added block
     restarts: int = 1           # random starts per added block (the best is kept)
     cg_iters: int = 10          # conjugate-gradient iterations per diagonal solve (0: exact)
@@ -72,6 +79,12 @@ class HadamardConfig:
             raise ValueError("holdout must be in (0, 0.9)")
         if self.max_fits < 0:
             raise ValueError("max_fits must be ≥ 0")
+        if not self.search_seconds >= 0:
+            raise ValueError("search_seconds must be ≥ 0")
+        if not self.time_budget >= 0:
+            raise ValueError("time_budget must be ≥ 0")
+        if self.row_memory_mb < 1:
+            raise ValueError("row_memory_mb must be ≥ 1")
         if self.iters < 1 or self.final_iters < 0 or self.max_rows < 8:
             raise ValueError("iters ≥ 1, final_iters ≥ 0, max_rows ≥ 8")
 
@@ -396,8 +409,8 @@ def choose_structure(x, y, cfg: HadamardConfig, dense_params: int):
     rank), then the smallest rank that reaches the tolerance is found by bisection over the rank
     candidates; at each rank blocks are added one at a time until the tolerance is met or the
     extrapolated gain says it will not be. ``cfg.max_fits`` bounds the blocks fitted in the search
-    (the best structure found so far is kept). One decomposition of the layer gives the low-rank
-    part at every rank.
+    and ``cfg.search_seconds`` its time (the best structure found so far is kept). One
+    decomposition of the layer gives the low-rank part at every rank.
 
     Returns (fit or None, info dict)."""
     n = len(x)
@@ -409,12 +422,15 @@ def choose_structure(x, y, cfg: HadamardConfig, dense_params: int):
     probe = FastfoodFit(d_in, d_out, cfg.seed)
     ks = [cfg.blocks] if cfg.blocks is not None else list(range(1, cfg.max_blocks + 1))
     tried = []
-    state = {"best_any": None, "best_ok": None, "fits": 0}
+    state = {"best_any": None, "best_ok": None, "fits": 0, "stopped": None}
+    ranks = [r for r in rank_candidates(d_in, d_out, cap, cfg.rank) if probe.params(min(ks), r) <= cap]
+    if not ranks:   # nothing affordable: decided before any decomposition or fit
+        return None, {"tried": tried, "best_error": None}
+    deadline = time.perf_counter() + cfg.search_seconds if cfg.search_seconds else None
     mx, my = xf.mean(0), yf.mean(0)
     xc, yc = xf - mx, yf - my
     c = xc.T @ xc / len(xc)
     chol = np.linalg.cholesky(c + 1e-4 * max(np.trace(c) / len(c), 1e-12) * np.eye(len(c)))
-    ranks = [r for r in rank_candidates(d_in, d_out, cap, cfg.rank) if probe.params(min(ks), r) <= cap]
     basis = LowRankBasis(xc, yc, chol, max(ranks) if ranks else 0)
     xp = probe._pad(xc)
     xtx = xp.T @ xp
@@ -431,7 +447,13 @@ def choose_structure(x, y, cfg: HadamardConfig, dense_params: int):
         prev = None
         for k in range(1, max(ks) + 1):
             limit = min(cap, best_ok[0] - 1) if best_ok else cap
-            if fit.params(k, r) > limit or (cfg.max_fits and state["fits"] >= cfg.max_fits):
+            if fit.params(k, r) > limit:
+                return False
+            if cfg.max_fits and state["fits"] >= cfg.max_fits:
+                state["stopped"] = f"max_fits={cfg.max_fits}"
+                return False
+            if deadline is not None and state["fits"] and time.perf_counter() > deadline:
+                state["stopped"] = f"search_seconds={cfg.search_seconds}"
                 return False
             resid = fit.add_block(xp, resid, xtx, cfg.iters, cfg.ridge, cfg.cg_iters, cfg.restarts)
             state["fits"] += 1
@@ -467,6 +489,8 @@ def choose_structure(x, y, cfg: HadamardConfig, dense_params: int):
             evaluate(ranks[hi + 1])
     best_any, best_ok = state["best_any"], state["best_ok"]
     info = {"tried": tried}
+    if state["stopped"]:
+        info["search_stopped_by"] = state["stopped"]
     if best_ok is None:
         info["best_error"] = None if best_any is None else round(best_any[1], 5)
         return None, info
@@ -565,10 +589,12 @@ def _scan(graph, cfg):
             elif _input_rank(node) is None or _input_rank(node) < (2 if node.op == "Gemm" else 1):
                 reason = "input rank unknown"
             else:
-                d = next_pow2(d_in)
-                one_block = 3 * d * -(-d_out // d) + d_out
-                if one_block > cfg.max_params * (d_in * d_out + d_out):
-                    reason = (f"one Fastfood block ({one_block} params) is above hadamard.max_params="
+                # the smallest structure the config allows (one block, or the fixed blocks/rank)
+                least = FastfoodFit(d_in, d_out).params(cfg.blocks or 1, cfg.rank or 0)
+                if least > cfg.max_params * (d_in * d_out + d_out):
+                    what = ("one Fastfood block" if cfg.blocks is None and not cfg.rank else
+                            f"the structure of {cfg.blocks or 1} block(s) + rank {cfg.rank or 0}")
+                    reason = (f"{what} ({least} params) is above hadamard.max_params="
                               f"{cfg.max_params} of the dense layer ({d_in * d_out + d_out})")
         out.append((node, reason))
     return out
@@ -633,13 +659,26 @@ class Hadamard(Pass):
         target_outs = {n.outputs[0].name for n in linear if n.name in targets}
         todo = [n for n in linear if n.name in targets or (cfg.refit and self._upstream_changed(n, target_outs))]
         bar = ctx.bar(total=len(todo), desc="hadamard")
+        # Rows of the layers still to do are gathered together in one run of the current model (up
+        # to row_memory_mb); a rewrite makes the rows of the layers after it stale, and the next
+        # layer gathers again from the rewritten model: one calibration run per change, not per layer.
+        cache = {}
+        collect_runs = 0
         for node in linear:  # topological order: sequential reconstruction
             upstream_changed = self._upstream_changed(node, changed)
-            if node.name not in targets and not (cfg.refit and upstream_changed):
+            search = node.name in targets
+            if search and cfg.time_budget and time.perf_counter() - t0 > cfg.time_budget:
+                report.skip(node, f"hadamard.time_budget={cfg.time_budget}s spent before this layer")
+                search = False
+            if not search and not (cfg.refit and upstream_changed):
+                if node.name in targets:
+                    bar.update(1, postfix=node.name)
                 continue
             bar.update(0, postfix=f"{node.name}: statistics")
-            req = RowSample(node.name, node.inputs[0].name, node.outputs[0].name, per_batch, cfg.max_rows)
-            acc = ctx.collect([req], model_x=current, model_y=ctx.reference, desc=f"hadamard {node.name}")[node.name]
+            if node.name not in cache:
+                cache = self._gather(ctx, current, todo[todo.index(node):], per_batch, cfg)
+                collect_runs += 1
+            acc = cache.pop(node.name)
             x = np.concatenate(acc["x"]).astype(np.float64)
             y = np.concatenate(acc["y"]).astype(np.float64)
             mem = max(mem, x.nbytes // 2 + y.nbytes // 2)
@@ -650,7 +689,7 @@ class Hadamard(Pass):
             cur_err = rel_error(cur_pred, y, y.mean(0))
             entry = {"shape": [d_in, d_out], "dense_params": d_in * d_out + (d_out if bias is not None else 0),
                      "rows": len(x), "dense_error": round(cur_err, 5)}
-            if node.name in targets:
+            if search:
                 bar.detail(f"{node.name}: structure search")
                 with ctx.timed("search"):
                     fit, info = choose_structure(x, y, cfg, d_in * d_out + d_out)
@@ -665,6 +704,7 @@ class Hadamard(Pass):
                     layers[node.name] = entry
                     with ctx.timed("export"):
                         current = export_model(graph.copy(), like=model)
+                    cache = {}
                     bar.update(1, postfix=f"{node.name}: K={info['blocks']} r={info['rank']}")
                     continue
                 best = (f"best held-out error {info['best_error']}" if info["tried"] else
@@ -688,15 +728,31 @@ class Hadamard(Pass):
                     changed.add(node.outputs[0].name)
                     with ctx.timed("export"):
                         current = export_model(graph.copy(), like=model)
+                    cache = {}
             layers[node.name] = entry
             bar.update(1, postfix=node.name)
         bar.close()
         report.details["layers"] = layers
         report.details["row_memory_bytes"] = int(mem)
+        report.details["calibration_runs"] = collect_runs
         report.details["fit_seconds"] = round(time.perf_counter() - t0 - ctx.calibration_seconds, 3)
         with ctx.timed("export"):
             out = export_model(graph, like=model)
         return out, report
+
+    @staticmethod
+    def _gather(ctx, current, nodes, per_batch, cfg):
+        """{layer name: rows} of ``nodes[0]`` and of the layers after it, as many as fit in
+        ``cfg.row_memory_mb``, in one calibration run of ``current``."""
+        reqs, budget = [], cfg.row_memory_mb * 2**20
+        for n in nodes:
+            w = n.inputs[1].values
+            size = cfg.max_rows * (w.shape[0] + w.shape[1]) * 4
+            if reqs and size > budget:
+                break
+            budget -= size
+            reqs.append(RowSample(n.name, n.inputs[0].name, n.outputs[0].name, per_batch, cfg.max_rows))
+        return ctx.collect(reqs, model_x=current, model_y=ctx.reference, desc=f"hadamard {nodes[0].name}")
 
     @staticmethod
     def _upstream_changed(node, changed):

@@ -420,3 +420,52 @@ def test_statistics_accumulate_over_feeds_of_different_shapes(rng):
     assert acc.n == sum(h * w for h, w in SIZES)   # every output position of every image
     ys = np.concatenate([run(with_outputs(cnn, [conv.output[0]]), f)[1][0].reshape(8, -1).T for f in imgs])
     assert np.allclose(acc.yy, (ys.astype(np.float64) ** 2).sum(0), rtol=1e-4)
+
+
+def batch1_model(seed=0):
+    """input(N,3,8,8) -> Conv3x3 -> Relu -> Conv3x3 -> Relu -> Reshape [1,16,64] -> ReduceMean -> Gemm -> logits(N,10)
+
+    The batch dim is symbolic, but the Reshape target is a constant with the exporter's batch of 1
+    baked in: the model runs one sample at a time only (two stacked samples fail in the Reshape)."""
+    b = GraphBuilder(seed)
+    x = b.input("input", ["N", 3, 8, 8])
+    h = b.relu(b.conv(x, 3, 8))
+    h = b.relu(b.conv(h, 8, 16))
+    h = b.node("Reshape", [h, b.const(np.array([1, 16, 64], np.int64))])
+    h = b.node("ReduceMean", [h], axes=[2], keepdims=0)
+    b.gemm(h, 16, 10, out="logits")
+    b.output("logits", ["N", 10])
+    return b.model()
+
+
+@pytest.mark.parametrize("pass_name", ["pfa", "lowrank", "hadamard", "pq", "basisconv"])
+def test_batch1_only_model_runs_every_pass(pass_name):
+    """Stacked feeds fail in the Reshape; each feed alone runs: the data is never stacked for this
+    model (batches of 1), every pass runs, the report says why."""
+    rng = np.random.default_rng(0)
+    model = batch1_model()
+    feeds = [{"input": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(24)]
+    stacked = {"input": np.concatenate([feeds[0]["input"], feeds[1]["input"]])}
+    with pytest.raises(Exception):
+        run(model, stacked)   # the planted failure is real
+    run(model, feeds[0])
+    res = shrink(model, pass_name, calibration=feeds, force=True, options=LOWRANK.get(pass_name))
+    notes = res.report["validation"]["notes"]
+    assert any("one sample at a time" in n for n in notes), notes
+    assert res.report["validation"]["samples"] == 5
+    for f in feeds[:3]:   # the result still runs at batch 1
+        assert run(res.model, f)[0].shape == (1, 10)
+
+
+def test_batch1_probe_leaves_stackable_models_alone():
+    """A model that runs stacked batches keeps its batching (no note, no limit)."""
+    from onnxshrink.calibrate import probe_batching
+    rng = np.random.default_rng(1)
+    feeds = [{"input": rng.standard_normal((1, 3, 8, 8)).astype(np.float32)} for _ in range(4)]
+    src = load_data(feeds, dynamic_cnn())
+    assert probe_batching(dynamic_cnn(), src) is None and src.max_batch is None
+    src = load_data(feeds, batch1_model())
+    assert probe_batching(batch1_model(), src) is not None and src.max_batch == 1
+    assert [src.batch_count(b) for b in src.batches(64)] == [1, 1, 1, 1]
+    part = src.subset(2, 4)
+    assert part.max_batch == 1 and part.count_batches(64) == 2

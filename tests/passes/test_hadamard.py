@@ -198,3 +198,58 @@ def test_dense_refit_of_layers_sharing_weights_and_bias():
     assert len({t.name for t in shared.graph.initializer}) == len(shared.graph.initializer)
     feeds = {"x": calib[:16]}
     np.testing.assert_allclose(_run(shared, feeds)[0], _run(res[1].model, feeds)[0], rtol=1e-5, atol=1e-5)
+
+
+def _three_layer(seed=5):
+    """x(N,64) -> MatMul 64x64 -> Relu -> MatMul 64x64 -> Relu -> MatMul 64x64 -> y"""
+    b = GraphBuilder(seed)
+    x = b.input("x", ["N", 64])
+    h = b.relu(b.matmul(x, 64, 64))
+    h = b.relu(b.matmul(h, 64, 64))
+    b.matmul(h, 64, 64, out="y")
+    b.output("y", ["N", 64])
+    return b.model()
+
+
+def test_no_change_takes_one_calibration_run_and_unaffordable_is_decided_before_fitting():
+    """Random dense layers no Fastfood structure fits within a tight tolerance: nothing changes,
+    and the rows of all three layers come from one calibration run. With max_params below one
+    block, the plan refuses every layer and no run happens at all."""
+    calib = np.random.default_rng(0).standard_normal((120, 64)).astype(np.float32)
+    res = shrink(_three_layer(), ["hadamard"], calibration=calib, options={"hadamard": {"tolerance": 1e-4}},
+                 force=True)
+    rep = res.report["passes"][0]
+    assert rep["changed"] == [] and len(rep["layers"]) == 3
+    assert rep["calibration_runs"] == 1
+    res = shrink(_three_layer(), ["hadamard"], calibration=calib, options={"hadamard": {"max_params": 0.01}},
+                 force=True)
+    rep = res.report["passes"][0]
+    assert rep["calibration_runs"] == 0 and rep["layers"] == {}
+    assert all("above hadamard.max_params" in s["reason"] for s in rep["skipped"])
+
+
+def test_search_seconds_bounds_the_search_and_keeps_the_best_so_far():
+    """A time budget that is spent at once: the search stops after its first fit and says so; a
+    structure within tolerance found by then is used."""
+    x = np.random.default_rng(1).standard_normal((400, 64))
+    w = np.random.default_rng(2).standard_normal((64, 64)) / 8
+    y = x @ w
+    cfg = hp.HadamardConfig(tolerance=0.9, search_seconds=1e-9)
+    fit, info = hp.choose_structure(x, y, cfg, 64 * 64 + 64)
+    assert info["search_stopped_by"] == "search_seconds=1e-09"
+    assert len(info["tried"]) == 1 and fit is not None and info["holdout_error"] <= 0.9
+    free = hp.choose_structure(x, y, hp.HadamardConfig(tolerance=0.9, search_seconds=0), 64 * 64 + 64)[1]
+    assert "search_stopped_by" not in free and len(free["tried"]) > 1
+    with pytest.raises(ValueError):
+        hp.HadamardConfig(search_seconds=-1)
+
+
+def test_time_budget_spent_leaves_the_remaining_layers_dense():
+    calib = np.random.default_rng(0).standard_normal((120, 64)).astype(np.float32)
+    res = shrink(_three_layer(), ["hadamard"], calibration=calib,
+                 options={"hadamard": {"tolerance": 0.9, "time_budget": 1e-9}}, force=True)
+    rep = res.report["passes"][0]
+    assert rep["changed"] == [] and rep["calibration_runs"] == 0
+    assert sum("time_budget" in s["reason"] for s in rep["skipped"]) == 3
+    with pytest.raises(ValueError):
+        hp.HadamardConfig(time_budget=-1)
