@@ -290,7 +290,7 @@ def _data(calibration, validation, model, image_options, random_calibration, nee
             warnings.warn("using random calibration inputs: statistics will not reflect real data")
             fit = random_data(model, int(random_calibration), seed)
         elif needs_data:
-            raise UsageError(f"pass '{needs_data}' needs calibration data: give --calibration-data PATH")
+            raise UsageError(f"pass '{needs_data}' needs calibration data: give calibration=")
         if validation is not None:
             val = load_data(validation, model, image_options, "validation data")
         elif fit is not None:
