@@ -805,17 +805,23 @@ class ChannelAnalysis:
             self._set(node, self._source(node, out, o, w.ndim, 1, prunable=not shared and bias_ok,
                                          reason="Conv weights are shared or its bias is computed"))
             return
-        if m is not None and group == c_in and w.shape[1] == 1 and o == c_in and not shared and bias_ok:
+        self._grouped_or_pinned(node, m, w, group, c_in, o, shared or not bias_ok,
+                                depthwise=w.shape[1] == 1 and o == c_in, weight_axis_in=False)
+
+    def _grouped_or_pinned(self, node, m, w, group, c_in, o, fixed, depthwise, weight_axis_in):
+        """A Conv/ConvTranspose with 1 < group: depthwise (the tracked channels pass through), by
+        whole groups, or pinned when its weight is shared or its bias computed (``fixed``)."""
+        if m is not None and not fixed and depthwise and group == c_in:
             self.edits.append(_Edit("depthwise", node.name, m.comps))
             self._set(node, _Map(1, m.rank, m.comps))
             return
-        if m is not None and not shared and bias_ok:
-            self._grouped(node, m, group, c_in, o, weight_axis_in=False)
+        if m is not None and not fixed:
+            self._grouped(node, m, group, c_in, o, weight_axis_in=weight_axis_in)
             return
         if m is not None:
-            self.pin(m, node, f"grouped Conv (group={group}) with shared weights or a computed bias")
-        self._set(node, self._source(node, out, o, w.ndim, 1, prunable=False,
-                                     reason=f"grouped Conv (group={group}) output"))
+            self.pin(m, node, f"grouped {node.op} (group={group}) with shared weights or a computed bias")
+        self._set(node, self._source(node, node.outputs[0], o, w.ndim, 1, prunable=False,
+                                     reason=f"grouped {node.op} (group={group}) output"))
 
     def _grouped(self, node, m: _Map, group: int, c_in: int, o: int, weight_axis_in: bool):
         """A grouped Conv/ConvTranspose (1 < group): output group j reads input group j only, so its
@@ -850,17 +856,8 @@ class ChannelAnalysis:
             self._set(node, self._source(node, node.outputs[0], o, w.ndim, 1, prunable=not shared and bias_ok,
                                          reason="ConvTranspose weights are shared or its bias is computed"))
             return
-        if m is not None and group == c_in and w.shape[1] == 1 and not shared and bias_ok:
-            self.edits.append(_Edit("depthwise", node.name, m.comps))
-            self._set(node, _Map(1, m.rank, m.comps))
-            return
-        if m is not None and not shared and bias_ok:
-            self._grouped(node, m, group, c_in, o, weight_axis_in=True)
-            return
-        if m is not None:
-            self.pin(m, node, f"grouped ConvTranspose (group={group}) with shared weights or a computed bias")
-        self._set(node, self._source(node, node.outputs[0], o, w.ndim, 1, prunable=False,
-                                     reason=f"grouped ConvTranspose (group={group}) output"))
+        self._grouped_or_pinned(node, m, w, group, c_in, o, shared or not bias_ok,
+                                depthwise=w.shape[1] == 1, weight_axis_in=True)
 
     def _gemm(self, node, tracked):
         w = _const(node.inputs[1])
