@@ -280,7 +280,7 @@ def _main(argv) -> int:
     if args.inspect:
         if not args.input:
             raise UsageError("--inspect needs a model path")
-        from .inspect import inspect_model
+        from .inspection import inspect_model
         print(inspect_model(args.input, args.passes, parse_sets(args.set), args.calibration_data,
                             _image_options(args)))
         return EXIT_OK
