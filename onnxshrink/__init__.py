@@ -4,6 +4,7 @@ from .errors import (CalibrationError, CheckFailed, InputError, OnnxShrinkError,
                      TargetError, UsageError, ValidationFailed)
 from .pipeline import Result, shrink
 from .validate import Tolerances
+from . import passes  # noqa: E402  the built-in passes (listed in passes/__init__.py) register here
 
 __all__ = ["shrink", "Result", "Tolerances", "OnnxShrinkError", "UsageError", "InputError", "CalibrationError",
            "OutputError", "PassError", "CheckFailed", "ValidationFailed", "TargetError"]

@@ -161,13 +161,15 @@ def list_passes() -> str:
     from .registry import all_passes
     lines = []
     for name, cls in sorted(all_passes().items()):
-        status = "" if cls.ready else " [not built yet]"
         extra = []
-        if cls.needs_data:
+        if cls.requires.data:
             extra.append("needs calibration data")
+        if cls.requires.opsets is not None:
+            lo, hi = cls.requires.opsets
+            extra.append(f"opsets {lo if lo is not None else ''}-{hi if hi is not None else ''}")
         if cls.budgets:
             extra.append("budgets: " + ",".join(cls.budgets))
-        lines.append(f"{name:10} {cls.summary}{status}" + (f" ({'; '.join(extra)})" if extra else ""))
+        lines.append(f"{name:10} {cls.summary}" + (f" ({'; '.join(extra)})" if extra else ""))
     return "\n".join(lines)
 
 

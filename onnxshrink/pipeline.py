@@ -36,7 +36,7 @@ from .errors import (CalibrationError, InputError, OnnxShrinkError, PassError, U
 from .graph import is_quantized_layer, normalize, observing, opset
 from .model_io import (SpillStore, Staging, active_store, check_output_paths, check_writable, has_external_data,
                        has_lazy, load_model, save_model, spilling)
-from .registry import get_pass, make_config
+from .registry import Requires, get_pass, make_config
 from .report import make_report, to_json
 from .validate import STANDARD_DOMAINS, Tolerances, model_outputs, structural_problems, validate
 
@@ -131,11 +131,14 @@ class PassContext:
     signatures: list | None = None       # every input shape the data has, with sample counts
     timings: dict = field(default_factory=lambda: {k: 0.0 for k in TIMING_PARTS})
     current_bar: _Bar | None = field(default=None, repr=False)
+    pass_name: str = "?"                 # the pass this context was made for (named in errors)
 
-    def require_data(self, pass_name):
+    def require_data(self, pass_name=None):
+        """The calibration data; UsageError naming the pass without it. (The pipeline checks a
+        pass's ``requires`` before ``apply``: a pass that declares ``Requires(data=True)`` need not
+        call this.)"""
         if self.data is None:
-            raise UsageError(f"pass '{pass_name}' needs calibration data: give calibration= "
-                             "(or random_calibration=N to use random inputs, with a warning)")
+            raise UsageError(Requires(data=True).problem(pass_name or self.pass_name, None, 0))
         return self.data
 
     def progress(self, iterable, total=None, desc=None):
@@ -163,7 +166,7 @@ class PassContext:
         """Statistics over the calibration data; x tensors from ``model_x`` (default: the
         reference model), y tensors from ``model_y``. Time is split into session creation,
         inference and statistics accumulation (``timings``)."""
-        data = self.require_data("?") if self.data is None else self.data
+        data = self.require_data()
         t = time.perf_counter()
         started = []
         bar = self.current_bar if self.current_bar is not None and self.current_bar._bar is not None else None
@@ -259,8 +262,6 @@ def _resolve_passes(names, options):
     chosen = []
     for name in names:
         p = get_pass(name)
-        if not p.ready:
-            raise UsageError(f"pass '{name}' is not built yet in this version of onnxshrink")
         chosen.append((p, make_config(p, options.get(name, {}))))
     for k in unknown:
         get_pass(k)  # raises for unknown pass names
@@ -278,10 +279,11 @@ def _check_runs(model):
         raise InputError(f"ONNX Runtime cannot load the input model: {msg}") from None
 
 
-def _data(calibration, validation, model, image_options, random_calibration, needs_data, seed):
+def _data(calibration, validation, model, image_options, random_calibration, chosen, seed):
     """(fit, held-out) sources. The held-out part is the validation data, or the last 20 % of the
     calibration feeds (of its samples for one stacked array); a single calibration feed or sample
-    with no validation data is refused: there is nothing to validate on."""
+    with no validation data is refused: there is nothing to validate on. No data at all is refused
+    up front when a chosen pass requires it."""
     fit = val = None
     try:
         if calibration is not None:
@@ -289,8 +291,8 @@ def _data(calibration, validation, model, image_options, random_calibration, nee
         elif random_calibration:
             warnings.warn("using random calibration inputs: statistics will not reflect real data")
             fit = random_data(model, int(random_calibration), seed)
-        elif needs_data:
-            raise UsageError(f"pass '{needs_data}' needs calibration data: give calibration=")
+        else:
+            _check_requires(chosen, None, opset(model))
         if validation is not None:
             val = load_data(validation, model, image_options, "validation data")
         elif fit is not None:
@@ -308,6 +310,15 @@ def _data(calibration, validation, model, image_options, random_calibration, nee
                 src.close()
         raise
     return fit, val
+
+
+def _check_requires(chosen, data, model_opset) -> None:
+    """Each pass's ``requires`` against the data and the model's opset: UsageError naming the
+    first pass that cannot run."""
+    for p, _ in chosen:
+        problem = p.requires.problem(p.name, data, model_opset)
+        if problem:
+            raise UsageError(problem)
 
 
 def _flops_countable(model, shapes, targets):
@@ -484,8 +495,8 @@ def shrink(model_or_path, passes, calibration=None, *, validation=None, target_f
                                              if n.domain not in STANDARD_DOMAINS}),
                   "problems": structural_problems(original, original)}
     quantized = [n for n in model.graph.node if is_quantized_layer(n)]
-    needs = next((p.name for p, _ in chosen if p.needs_data), None)
-    fit, val = _data(calibration, validation, model, image_options, random_calibration, needs, seed)
+    _check_requires(chosen, True, opset(model))   # opsets now, before data is read
+    fit, val = _data(calibration, validation, model, image_options, random_calibration, chosen, seed)
     try:
         reps = [r for src in (fit, val) if src is not None for r in src.representatives()]
         with observing(ShapeObserver(reps)):
@@ -527,7 +538,8 @@ def _chain(model, original, run: _Run, targets, before, signatures, sample_shape
         remaining = {m: sum(1 for q, _ in run.chosen[i:] if m in q.budgets) for m in targets if m in p.budgets}
         goals = budget_mod.pass_goals(targets, before, current, remaining)
         ctx = PassContext(run.fit, model, original, goals, sample_shapes, run.batch_size, run.seed, run.quiet,
-                          signatures=signatures)
+                          signatures=signatures, pass_name=p.name)
+        _check_requires([(p, cfg)], run.fit, opset(model))   # the model as it enters this pass
         t = time.perf_counter()
         try:
             model, rep = p.apply(model, cfg, ctx)

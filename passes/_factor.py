@@ -35,7 +35,7 @@ import scipy.linalg
 from ..graph import concrete_input_shapes, infer_shapes, import_graph
 from ..reconstruct import ridge_from_moments as ridge
 from ..stats import CrossMoments
-from ..registry import Pass, PassReport, Plan, Skip
+from ..registry import Pass, PassReport, Plan, Requires, Skip
 
 
 @dataclass
@@ -486,7 +486,7 @@ class FactorPass(Pass):
     A subclass gives ``find_layers(graph, info, cfg)``, ``rewrite(graph, layer, r, As, Bs, bias)``
     and the name of its rank-rounding option."""
 
-    needs_data = True
+    requires = Requires(data=True)
     budgets = ("flops", "params")
     multiple_option = "channel_multiple"
 
@@ -521,8 +521,6 @@ class FactorPass(Pass):
         report = PassReport(self.name)
         graph = import_graph(model)
         layers, skipped = self.find_layers(graph, shape_info(model, ctx.sample_shapes), cfg)
-        if cfg.whiten or cfg.refit or cfg.alloc == "data":
-            ctx.require_data(self.name)
         multiple = getattr(cfg, self.multiple_option)
         if any(m in self.budgets for m in (ctx.goals or {})):
             report.details["reach"] = reach_of(model, layers, multiple, ctx.sample_shapes)
