@@ -140,7 +140,7 @@ class PassContext:
         pass's ``requires`` before ``apply``: a pass that declares ``Requires(data=True)`` need not
         call this.)"""
         if self.data is None:
-            raise UsageError(Requires(data=True).problem(pass_name or self.pass_name, None, 0))
+            raise UsageError(Requires(data=True).problem(pass_name or self.pass_name, has_data=False))
         return self.data
 
     def progress(self, iterable, total=None, desc=None):
@@ -294,7 +294,7 @@ def _data(calibration, validation, model, image_options, random_calibration, cho
             warnings.warn("using random calibration inputs: statistics will not reflect real data")
             fit = random_data(model, int(random_calibration), seed)
         else:
-            _check_requires(chosen, None, opset(model))
+            _check_requires(chosen, has_data=False)
         if validation is not None:
             val = load_data(validation, model, image_options, "validation data")
         elif fit is not None:
@@ -314,11 +314,11 @@ def _data(calibration, validation, model, image_options, random_calibration, cho
     return fit, val
 
 
-def _check_requires(chosen, data, model_opset) -> None:
-    """Each pass's ``requires`` against the data and the model's opset: UsageError naming the
-    first pass that cannot run."""
+def _check_requires(chosen, has_data=None, model_opset=None) -> None:
+    """Each pass's ``requires`` against the data and the model's opset (None: not checked):
+    UsageError naming the first pass that cannot run."""
     for p, _ in chosen:
-        problem = p.requires.problem(p.name, data, model_opset)
+        problem = p.requires.problem(p.name, has_data=has_data, model_opset=model_opset)
         if problem:
             raise UsageError(problem)
 
@@ -483,7 +483,7 @@ def shrink(model_or_path, passes, calibration=None, *, data: Data | None = None,
                                              if n.domain not in STANDARD_DOMAINS}),
                   "problems": structural_problems(original, original)}
     quantized = [n for n in model.graph.node if is_quantized_layer(n)]
-    _check_requires(chosen, True, opset(model))   # opsets now, before data is read
+    _check_requires(chosen, model_opset=opset(model))   # before data is read
     fit, val = _data(data.calibration, data.validation, model, data.image_options, data.random, chosen, run.seed)
     try:
         reps = [r for src in (fit, val) if src is not None for r in src.representatives()]
@@ -526,7 +526,7 @@ def _chain(model, original, call: _Call, budget: budget_mod.Budget, signatures, 
         goals = budget.goals(i, model_cost(model, signatures)) if budget else {}
         ctx = PassContext(call.fit, model, original, goals, sample_shapes, call.batch_size, call.seed, call.quiet,
                           signatures=signatures, pass_name=p.name)
-        _check_requires([(p, cfg)], call.fit, opset(model))   # the model as it enters this pass
+        _check_requires([(p, cfg)], has_data=call.fit is not None, model_opset=opset(model))   # as it enters
         t = time.perf_counter()
         try:
             model, rep = p.apply(model, cfg, ctx)

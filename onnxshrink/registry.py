@@ -84,12 +84,13 @@ class Requires:
     data: bool = False
     opsets: tuple | None = None
 
-    def problem(self, pass_name, data, model_opset) -> str | None:
-        """Why the pass cannot run (one line naming it), or None."""
-        if self.data and data is None:
+    def problem(self, pass_name, *, has_data: bool | None = None, model_opset: int | None = None) -> str | None:
+        """Why the pass cannot run (one line naming it), or None; an argument left None is not
+        checked."""
+        if self.data and has_data is False:
             return (f"pass '{pass_name}' needs calibration data: give calibration= "
                     "(or random_calibration=N to use random inputs)")
-        if self.opsets is not None:
+        if self.opsets is not None and model_opset is not None:
             lo, hi = self.opsets
             if (lo is not None and model_opset < lo) or (hi is not None and model_opset > hi):
                 span = f"{lo if lo is not None else ''}-{hi if hi is not None else ''}"
