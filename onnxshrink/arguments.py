@@ -83,7 +83,8 @@ def grouped(groups: dict, flat: dict, caller: str = "shrink") -> dict:
     unknown keyword, UsageError for a group given both ways or an object of the wrong type."""
     flat = dict(flat)
     for old, new in OLDER.items():
-        if old not in flat:
+        if old not in flat or flat[old] is None:   # an older spelling given as None: not given
+            flat.pop(old, None)
             continue
         if new == "checks":
             if groups.get("checks") is not None:

@@ -66,6 +66,9 @@ def test_every_flat_keyword_fills_one_field():
         if g != "checks":
             assert getattr(groups[g], field) == f"v-{k}", k
     assert grouped({}, {"target_bytes": 0.3})["targets"].size == 0.3
+    # the older spellings given as None are not given (as before the groups)
+    g = grouped({"checks": Tolerances(min_cosine=0.5)}, {"target_bytes": None, "target_size": 0.4, "tolerances": None})
+    assert g["targets"].size == 0.4 and g["checks"].min_cosine == 0.5
     assert grouped({}, {})["checks"] == Tolerances()
 
 
