@@ -18,6 +18,7 @@ import sys
 import warnings
 
 from . import __version__
+from .arguments import Data, Run, Targets
 from .errors import (EXIT_CHECK_FAILED, EXIT_FORCED, EXIT_OK, EXIT_USAGE, CheckFailed, OnnxShrinkError, UsageError,
                      first_line)
 from .pipeline import profile_table
@@ -161,13 +162,15 @@ def list_passes() -> str:
     from .registry import all_passes
     lines = []
     for name, cls in sorted(all_passes().items()):
-        status = "" if cls.ready else " [not built yet]"
         extra = []
-        if cls.needs_data:
+        if cls.requires.data:
             extra.append("needs calibration data")
+        if cls.requires.opsets is not None:
+            lo, hi = cls.requires.opsets
+            extra.append(f"opsets {lo if lo is not None else ''}-{hi if hi is not None else ''}")
         if cls.budgets:
             extra.append("budgets: " + ",".join(cls.budgets))
-        lines.append(f"{name:10} {cls.summary}{status}" + (f" ({'; '.join(extra)})" if extra else ""))
+        lines.append(f"{name:10} {cls.summary}" + (f" ({'; '.join(extra)})" if extra else ""))
     return "\n".join(lines)
 
 
@@ -280,7 +283,7 @@ def _main(argv) -> int:
     if args.inspect:
         if not args.input:
             raise UsageError("--inspect needs a model path")
-        from .inspect import inspect_model
+        from .inspection import inspect_model
         print(inspect_model(args.input, args.passes, parse_sets(args.set), args.calibration_data,
                             _image_options(args)))
         return EXIT_OK
@@ -298,18 +301,17 @@ def _main(argv) -> int:
     check_output_paths(args.output, args.input, args.report, force=args.force,
                        external=os.path.isfile(args.input) and _may_be_external(args.input),
                        data_paths=(args.calibration_data, args.validation_data))
-    image_options = _image_options(args)
+    data = Data(calibration=args.calibration_data, validation=args.validation_data,
+                image_options=_image_options(args), random=args.random_calibration)
+    targets = Targets(flops=args.target_flops, params=args.target_params, size=args.target_size,
+                      metric=args.metric, max_drop=args.max_drop)
+    run = Run(force=args.force, quiet=args.quiet, batch_size=args.batch_size, seed=args.seed,
+              options=parse_sets(args.set))
     with warnings.catch_warnings():
         warnings.simplefilter("default")     # --quiet silences progress, never warnings
         warnings.showwarning = lambda m, *a, **k: print(f"onnxshrink: warning: {cli_message(str(m))}", file=sys.stderr)
         try:
-            result = shrink(args.input, args.passes, calibration=args.calibration_data,
-                            validation=args.validation_data, target_flops=args.target_flops,
-                            target_params=args.target_params, target_size=args.target_size,
-                            options=parse_sets(args.set), tolerances=tol, image_options=image_options,
-                            random_calibration=args.random_calibration, force=args.force,
-                            quiet=args.quiet, batch_size=args.batch_size, seed=args.seed,
-                            metric=args.metric, max_drop=args.max_drop)
+            result = shrink(args.input, args.passes, data=data, targets=targets, checks=tol, run=run)
         except CheckFailed as e:
             partial = e.result
             if partial is not None:

@@ -28,7 +28,9 @@ import onnx
 from . import budget as budget_mod
 from . import metrics as metrics_mod
 from . import search as search_mod
-from .calibrate import (DataSource, ShapeObserver, collect, load_data, probe_batching, random_data, session,
+from .arguments import Data, Run, Targets, grouped
+from .calibrate import collect as calibrate_requests   # the run itself; PassContext.collect is the passes' door
+from .calibrate import (DataSource, ShapeObserver, load_data, probe_batching, random_data, session,
                         split_holdout)
 from .cost import model_cost, unknown_flops
 from .errors import (CalibrationError, InputError, OnnxShrinkError, PassError, UsageError,
@@ -36,7 +38,7 @@ from .errors import (CalibrationError, InputError, OnnxShrinkError, PassError, U
 from .graph import is_quantized_layer, normalize, observing, opset
 from .model_io import (SpillStore, Staging, active_store, check_output_paths, check_writable, has_external_data,
                        has_lazy, load_model, save_model, spilling)
-from .registry import get_pass, make_config
+from .registry import Requires, get_pass, make_config
 from .report import make_report, to_json
 from .validate import STANDARD_DOMAINS, Tolerances, model_outputs, structural_problems, validate
 
@@ -131,11 +133,14 @@ class PassContext:
     signatures: list | None = None       # every input shape the data has, with sample counts
     timings: dict = field(default_factory=lambda: {k: 0.0 for k in TIMING_PARTS})
     current_bar: _Bar | None = field(default=None, repr=False)
+    pass_name: str = "?"                 # the pass this context was made for (named in errors)
 
-    def require_data(self, pass_name):
+    def require_data(self, pass_name=None):
+        """The calibration data; UsageError naming the pass without it. (The pipeline checks a
+        pass's ``requires`` before ``apply``: a pass that declares ``Requires(data=True)`` need not
+        call this.)"""
         if self.data is None:
-            raise UsageError(f"pass '{pass_name}' needs calibration data: give calibration= "
-                             "(or random_calibration=N to use random inputs, with a warning)")
+            raise UsageError(Requires(data=True).problem(pass_name or self.pass_name, has_data=False))
         return self.data
 
     def progress(self, iterable, total=None, desc=None):
@@ -163,7 +168,7 @@ class PassContext:
         """Statistics over the calibration data; x tensors from ``model_x`` (default: the
         reference model), y tensors from ``model_y``. Time is split into session creation,
         inference and statistics accumulation (``timings``)."""
-        data = self.require_data("?") if self.data is None else self.data
+        data = self.require_data()
         t = time.perf_counter()
         started = []
         bar = self.current_bar if self.current_bar is not None and self.current_bar._bar is not None else None
@@ -176,7 +181,7 @@ class PassContext:
             return self.progress(it, total, desc)
 
         stats_before = self.timings["statistics"]
-        out = collect(data, [_TimedRequest(r, self.timings) for r in requests],
+        out = calibrate_requests(data, [_TimedRequest(r, self.timings) for r in requests],
                       model_x if model_x is not None else self.reference, model_y,
                       batch_size=self.batch_size, progress=prog, seed=self.seed)
         end = time.perf_counter()
@@ -259,8 +264,6 @@ def _resolve_passes(names, options):
     chosen = []
     for name in names:
         p = get_pass(name)
-        if not p.ready:
-            raise UsageError(f"pass '{name}' is not built yet in this version of onnxshrink")
         chosen.append((p, make_config(p, options.get(name, {}))))
     for k in unknown:
         get_pass(k)  # raises for unknown pass names
@@ -278,10 +281,11 @@ def _check_runs(model):
         raise InputError(f"ONNX Runtime cannot load the input model: {msg}") from None
 
 
-def _data(calibration, validation, model, image_options, random_calibration, needs_data, seed):
+def _data(calibration, validation, model, image_options, random_calibration, chosen, seed):
     """(fit, held-out) sources. The held-out part is the validation data, or the last 20 % of the
     calibration feeds (of its samples for one stacked array); a single calibration feed or sample
-    with no validation data is refused: there is nothing to validate on."""
+    with no validation data is refused: there is nothing to validate on. No data at all is refused
+    up front when a chosen pass requires it."""
     fit = val = None
     try:
         if calibration is not None:
@@ -289,8 +293,8 @@ def _data(calibration, validation, model, image_options, random_calibration, nee
         elif random_calibration:
             warnings.warn("using random calibration inputs: statistics will not reflect real data")
             fit = random_data(model, int(random_calibration), seed)
-        elif needs_data:
-            raise UsageError(f"pass '{needs_data}' needs calibration data: give calibration=")
+        else:
+            _check_requires(chosen, has_data=False)
         if validation is not None:
             val = load_data(validation, model, image_options, "validation data")
         elif fit is not None:
@@ -308,6 +312,15 @@ def _data(calibration, validation, model, image_options, random_calibration, nee
                 src.close()
         raise
     return fit, val
+
+
+def _check_requires(chosen, has_data=None, model_opset=None) -> None:
+    """Each pass's ``requires`` against the data and the model's opset (None: not checked):
+    UsageError naming the first pass that cannot run."""
+    for p, _ in chosen:
+        problem = p.requires.problem(p.name, has_data=has_data, model_opset=model_opset)
+        if problem:
+            raise UsageError(problem)
 
 
 def _flops_countable(model, shapes, targets):
@@ -363,7 +376,6 @@ def _owning_spill(fn):
 
 
 SUPPORTED_OPSETS = (11, 21)   # of the default ONNX domain; the passes are tested on these
-_DEFAULT = object()
 
 
 def _check_supported(model) -> None:
@@ -374,18 +386,6 @@ def _check_supported(model) -> None:
         what = f"opset {v}" if v else "no opset"
         raise InputError(f"the model uses {what} of the default ONNX domain; onnxshrink supports opsets "
                          f"{lo}-{hi} (convert it first, e.g. onnx.version_converter.convert_version(model, 17))")
-
-
-def _tolerances(tolerances, values) -> Tolerances:
-    given = {k: v for k, v in values.items() if v is not _DEFAULT}
-    if tolerances is not None:
-        if given:
-            raise UsageError(f"give either tolerances= or {', '.join(k + '=' for k in given)} not both")
-        if not isinstance(tolerances, Tolerances):
-            raise UsageError(f"tolerances= must be an onnxshrink.Tolerances, got {type(tolerances).__name__}")
-        Tolerances.__post_init__(tolerances)   # fields may have been set after construction
-        return tolerances
-    return Tolerances(**given)
 
 
 def _nothing_changed(reports) -> list[str]:
@@ -424,50 +424,49 @@ def _model_name(model_or_path) -> str:
 
 
 @_owning_spill
-def shrink(model_or_path, passes, calibration=None, *, validation=None, target_flops=None,
-           target_params=None, target_size=None, min_cosine=_DEFAULT, min_top1=_DEFAULT,
-           max_error=_DEFAULT, max_rel_l2=_DEFAULT, max_range_error=_DEFAULT, min_worst_cosine=_DEFAULT,
-           options=None, image_options=None,
-           random_calibration=None, force=False, quiet=True, batch_size=64, seed=0, base_dir=None,
-           metric=None, max_drop=None, tolerances: Tolerances | None = None, target_bytes=None) -> Result:
-    """Compress a model. See the README for the arguments; they mirror the CLI's flags
-    (``min_cosine`` is ``--min-cosine``; ``tolerances=`` and ``target_bytes=`` are older spellings
-    of the tolerance arguments and of ``target_size``). Raises OnnxShrinkError subclasses; a failed
-    check raises ValidationFailed/TargetError with the unsaved result in ``.result``, unless
-    ``force=True``, which returns it (``result.passed`` is then False).
-    ``metric`` (a built-in name, ``"file.py:function"``, ``"module:function"`` or a callable
-    ``fn(outputs_per_feed, feeds) -> float``, higher is better) is evaluated on the validation
-    feeds for the original and the result; with ``max_drop`` a larger drop fails validation, and
-    without a target the chain's budget is searched for the smallest model within the drop.
-    The result holds temporary files for large models: ``with shrink(...) as res:`` or
-    ``res.close()`` removes them at once (else garbage collection does)."""
+def shrink(model_or_path, passes, calibration=None, *, data: Data | None = None, targets: Targets | None = None,
+           checks: Tolerances | None = None, run: Run | None = None, **short) -> Result:
+    """Compress a model: run ``passes`` (names, in order, or "a,b") on ``model_or_path`` (a path,
+    bytes or a ModelProto; never modified), validate the result against the original and return it.
+
+    The arguments come in four groups (``onnxshrink.arguments``): ``data=Data(calibration=...,
+    validation=..., image_options=..., random=N, base_dir=...)``, ``targets=Targets(flops=...,
+    params=..., size=..., metric=..., max_drop=...)``, ``checks=Tolerances(min_cosine=...,
+    max_error=..., ...)`` and ``run=Run(force=..., quiet=..., batch_size=..., seed=..,
+    options={pass: {key: value}})``. The short form gives the same fields as flat keywords named
+    like the CLI's flags: ``calibration`` (also the third positional argument), ``validation``,
+    ``image_options``, ``random_calibration``, ``base_dir``; ``target_flops``, ``target_params``,
+    ``target_size``, ``metric``, ``max_drop``; ``min_cosine``, ``max_error``, ``max_rel_l2``,
+    ``min_top1``, ``max_range_error``, ``min_worst_cosine``; ``force``, ``quiet``, ``batch_size``,
+    ``seed``, ``options`` (``tolerances=`` and ``target_bytes=`` are older spellings of ``checks=``
+    and ``target_size=``). A group is given one way or the other, not both.
+
+    Raises OnnxShrinkError subclasses; a failed check raises ValidationFailed/TargetError with the
+    unsaved result in ``.result``, unless ``force``, which returns it (``result.passed`` is then
+    False). The task ``metric`` (a built-in name, ``"file.py:function"``, ``"module:function"`` or
+    a callable ``fn(outputs_per_feed, feeds) -> float``, higher is better) is evaluated on the
+    validation feeds for the original and the result; with ``max_drop`` a larger drop fails
+    validation, and without a cost target the chain's budget is searched for the smallest model
+    within the drop. The result holds temporary files for large models: ``with shrink(...) as
+    res:`` or ``res.close()`` removes them at once (else garbage collection does)."""
     t0 = time.perf_counter()
-    task = metrics_mod.resolve(metric)
-    max_drop = metrics_mod.check_max_drop(max_drop)
+    if calibration is not None:
+        short["calibration"] = calibration
+    g = grouped({"data": data, "targets": targets, "checks": checks, "run": run}, short)
+    data, targets, tol, run = g["data"], g["targets"], g["checks"], g["run"]
+    task = metrics_mod.resolve(targets.metric)
+    max_drop = metrics_mod.check_max_drop(targets.max_drop)
     if max_drop is not None and task is None:
         raise UsageError("max_drop needs metric= (a built-in name such as 'top1', 'file.py:function' or a callable)")
-    if target_bytes is not None:
-        if target_size is not None:
-            raise UsageError("give target_size= (target_bytes= is its older name), not both")
-        target_size = target_bytes
-    tol = _tolerances(tolerances, {"min_cosine": min_cosine, "min_top1": min_top1, "max_error": max_error,
-                                   "max_rel_l2": max_rel_l2, "max_range_error": max_range_error,
-                                   "min_worst_cosine": min_worst_cosine})
-    targets = {m: f for m, f in (("flops", budget_mod.check_fraction("target_flops", target_flops)),
-                                  ("params", budget_mod.check_fraction("target_params", target_params)),
-                                  ("bytes", budget_mod.check_fraction("target_size", target_size)))
-               if f is not None}
-    chosen = _resolve_passes(passes, options)
-    if random_calibration is not None and (isinstance(random_calibration, bool) or int(random_calibration) < 1):
-        raise UsageError(f"random_calibration must be a positive number of samples, got {random_calibration}")
-    if batch_size < 1:
-        raise UsageError(f"batch_size must be at least 1, got {batch_size}")
-    names = {"flops": "target_flops", "params": "target_params", "bytes": "target_size"}
-    for metric in targets:
-        if not any(metric in p.budgets for p, _ in chosen):
-            raise UsageError(f"{names[metric]} needs a pass that can search a {metric} budget; none of "
-                             f"{','.join(p.name for p, _ in chosen)} can")
-    model = load_model(model_or_path, base_dir)
+    fractions = {m: budget_mod.check_fraction(budget_mod.ARGUMENTS[m], f)
+                 for m, f in (("flops", targets.flops), ("params", targets.params), ("bytes", targets.size))}
+    chosen = _resolve_passes(passes, run.options)
+    if data.random is not None and (isinstance(data.random, bool) or int(data.random) < 1):
+        raise UsageError(f"random_calibration must be a positive number of samples, got {data.random}")
+    if run.batch_size < 1:
+        raise UsageError(f"batch_size must be at least 1, got {run.batch_size}")
+    budget = budget_mod.Budget.of({m: f for m, f in fractions.items() if f is not None}, [p for p, _ in chosen])
+    model = load_model(model_or_path, data.base_dir)
     _check_supported(model)
     _check_runs(model)
     try:
@@ -484,14 +483,14 @@ def shrink(model_or_path, passes, calibration=None, *, validation=None, target_f
                                              if n.domain not in STANDARD_DOMAINS}),
                   "problems": structural_problems(original, original)}
     quantized = [n for n in model.graph.node if is_quantized_layer(n)]
-    needs = next((p.name for p, _ in chosen if p.needs_data), None)
-    fit, val = _data(calibration, validation, model, image_options, random_calibration, needs, seed)
+    _check_requires(chosen, model_opset=opset(model))   # before data is read
+    fit, val = _data(data.calibration, data.validation, model, data.image_options, data.random, chosen, run.seed)
     try:
         reps = [r for src in (fit, val) if src is not None for r in src.representatives()]
         with observing(ShapeObserver(reps)):
-            run = _Run(chosen, targets, fit, val, tol, force, quiet, batch_size, seed, t0, quantized,
-                       input_info, model_or_path, task, max_drop)
-            return _run(model, original, run)
+            call = _Call(chosen, budget, fit, val, tol, run.force, run.quiet, run.batch_size, run.seed, t0,
+                         quantized, input_info, model_or_path, task, max_drop)
+            return _execute(model, original, call)
     finally:
         for src in (fit, val):
             if src is not None:
@@ -499,11 +498,11 @@ def shrink(model_or_path, passes, calibration=None, *, validation=None, target_f
 
 
 @dataclass
-class _Run:
+class _Call:
     """One call's settings and data, as ``shrink`` checked them."""
 
     chosen: list                # [(pass, config)]
-    targets: dict               # {cost metric: fraction of the original}
+    budget: budget_mod.Budget   # the cost targets (fractions of the original) over the chain
     fit: DataSource | None
     val: DataSource | None
     tol: Tolerances
@@ -519,15 +518,15 @@ class _Run:
     max_drop: float | None = None
 
 
-def _chain(model, original, run: _Run, targets, before, signatures, sample_shapes):
-    """Run the chosen passes in order toward ``targets``; returns (model, pass reports)."""
+def _chain(model, original, call: _Call, budget: budget_mod.Budget, signatures, sample_shapes):
+    """Run the chosen passes in order toward ``budget`` (which knows the original cost); returns
+    (model, pass reports)."""
     reports, done = [], []
-    for i, (p, cfg) in enumerate(run.chosen):
-        current = model_cost(model, signatures) if targets else before
-        remaining = {m: sum(1 for q, _ in run.chosen[i:] if m in q.budgets) for m in targets if m in p.budgets}
-        goals = budget_mod.pass_goals(targets, before, current, remaining)
-        ctx = PassContext(run.fit, model, original, goals, sample_shapes, run.batch_size, run.seed, run.quiet,
-                          signatures=signatures)
+    for i, (p, cfg) in enumerate(call.chosen):
+        goals = budget.goals(i, model_cost(model, signatures)) if budget else {}
+        ctx = PassContext(call.fit, model, original, goals, sample_shapes, call.batch_size, call.seed, call.quiet,
+                          signatures=signatures, pass_name=p.name)
+        _check_requires([(p, cfg)], has_data=call.fit is not None, model_opset=opset(model))   # as it enters
         t = time.perf_counter()
         try:
             model, rep = p.apply(model, cfg, ctx)
@@ -541,7 +540,7 @@ def _chain(model, original, run: _Run, targets, before, signatures, sample_shape
         except Exception as e:  # a bug or an unhandled graph: name the pass and the chain
             msg = first_line(e)
             raise PassError(p.name, msg, done) from e
-        for n in run.quantized:
+        for n in call.quantized:
             rep.skip(n.name, f"quantized layer ({n.op_type}, QOperator form): left as it is")
         rep.details.setdefault("seconds", round(time.perf_counter() - t, 3))
         rep.details.setdefault("calibration_seconds", round(ctx.calibration_seconds, 3))
@@ -552,81 +551,82 @@ def _chain(model, original, run: _Run, targets, before, signatures, sample_shape
     return model, reports
 
 
-def _search_budget(run: _Run) -> str:
+def _search_budget(call: _Call) -> str:
     """The cost metric an accuracy-controlled search turns: the first the chain can search."""
     for m in budget_mod.METRICS:
-        if any(m in p.budgets for p, _ in run.chosen):
+        if any(m in p.budgets for p, _ in call.chosen):
             return m
-    names = ",".join(p.name for p, _ in run.chosen)
+    names = ",".join(p.name for p, _ in call.chosen)
     raise UsageError(f"max_drop without a target needs a pass that searches a budget (pfa, basisconv, "
                      f"lowrank, hadamard, pq); none of {names} does")
 
 
-def _searched_chain(model, original, run: _Run, before, signatures, sample_shapes):
+def _searched_chain(model, original, call: _Call, before, signatures, sample_shapes):
     """The smallest model whose metric drops by at most ``max_drop``: a bisection over one budget
     fraction of the whole chain (see ``search``). Each step fits on the first 80 % of the
     calibration feeds and is scored on the other 20 % (scored on its own fitting data, a refit
     looks better than it is); the chosen fraction is then fitted on all of them. Returns (model,
     reports, search report)."""
-    budget = _search_budget(run)
-    if run.fit.units() < 5:
-        raise CalibrationError(f"{run.fit.origin}: {run.fit.units()} {run.fit.unit}(s) are too few to search "
+    metric = _search_budget(call)
+    if call.fit.units() < 5:
+        raise CalibrationError(f"{call.fit.origin}: {call.fit.units()} {call.fit.unit}(s) are too few to search "
                                "a budget under max_drop (5 or more: 80 % fit, 20 % score each step); give more "
                                "calibration data or a target")
-    fit_part, score_part = split_holdout(run.fit, 0.2)
-    steps_run = dataclasses.replace(run, fit=fit_part)
+    fit_part, score_part = split_holdout(call.fit, 0.2)
+    steps = dataclasses.replace(call, fit=fit_part)
     reference, feeds = model_outputs(original, score_part)
 
     def build(f):
-        cand, _ = _chain(model, original, steps_run, {budget: f}, before, signatures, sample_shapes)
-        value = model_cost(cand, signatures)[budget]
-        return cand, (value / before[budget] if value is not None and before[budget] else 1.0)
+        cand, _ = _chain(model, original, steps, call.budget.with_targets({metric: f}), signatures, sample_shapes)
+        value = model_cost(cand, signatures)[metric]
+        return cand, (value / before[metric] if value is not None and before[metric] else 1.0)
 
     def score(cand):
         outs, _ = model_outputs(cand, score_part, like=original)
-        return run.metric.values(reference, outs, feeds)[1]
+        return call.metric.values(reference, outs, feeds)[1]
 
-    original_value = run.metric.values(reference, reference, feeds)[0]
-    found = search_mod.smallest_within(build, score, original_value, run.max_drop)
-    info = {"budget": budget, "metric": run.metric.name, "data": f"{score_part.n} held-out calibration "
-            f"{score_part.unit}(s)", "original": original_value, "max_drop": run.max_drop,
+    original_value = call.metric.values(reference, reference, feeds)[0]
+    found = search_mod.smallest_within(build, score, original_value, call.max_drop)
+    info = {"budget": metric, "metric": call.metric.name, "data": f"{score_part.n} held-out calibration "
+            f"{score_part.unit}(s)", "original": original_value, "max_drop": call.max_drop,
             "steps": [st.as_dict() for st in found.steps]}
     if found.best is None:
         mildest = max(found.steps, key=lambda st: st.fraction)
         info["chosen"] = None
-        info["problem"] = (f"no budget keeps metric '{run.metric.name}' within max_drop {run.max_drop} on "
-                           f"held-out calibration data: the mildest tried ({budget} {mildest.fraction:.3f}) "
+        info["problem"] = (f"no budget keeps metric '{call.metric.name}' within max_drop {call.max_drop} on "
+                           f"held-out calibration data: the mildest tried ({metric} {mildest.fraction:.3f}) "
                            f"dropped it by {mildest.drop:.4g}; the model is left as it was")
         return model, [], info
     info["chosen"] = round(found.best_step.fraction, 4)
-    cand, reps = _chain(model, original, run, {budget: found.best_step.fraction}, before, signatures, sample_shapes)
+    cand, reps = _chain(model, original, call, call.budget.with_targets({metric: found.best_step.fraction}),
+                        signatures, sample_shapes)
     return cand, reps, info
 
 
-def _run(model, original, run: _Run):
-    source = run.fit if run.fit is not None else run.val
+def _execute(model, original, call: _Call):
+    source = call.fit if call.fit is not None else call.val
     signatures = source.signatures() if source is not None else None
     # the first signature's full input shapes: a feed ran at exactly these, so shapes static
     # inference misses at them are observed (concrete_input_shapes takes full-rank shapes as they are)
     sample_shapes = dict(signatures[0]["inputs"]) if signatures else None
-    targets = run.targets
-    _flops_countable(model, signatures, targets)
+    _flops_countable(model, signatures, call.budget.targets)
     before = model_cost(model, signatures)
+    call = dataclasses.replace(call, budget=call.budget.at(before))
     timing, search_info = {}, None
-    if run.max_drop is not None and not targets:
-        if run.fit is None:
+    if call.max_drop is not None and not call.budget:
+        if call.fit is None:
             raise UsageError("max_drop without a target searches on calibration data: give calibration=")
-        model, reports, search_info = _searched_chain(model, original, run, before, signatures, sample_shapes)
+        model, reports, search_info = _searched_chain(model, original, call, before, signatures, sample_shapes)
     else:
-        model, reports = _chain(model, original, run, targets, before, signatures, sample_shapes)
+        model, reports = _chain(model, original, call, call.budget, signatures, sample_shapes)
     after = model_cost(model, signatures)
-    reached = budget_mod.reached(targets, before, after)
-    val = run.val
+    reached, missed = call.budget.verdict(after, reports)
+    val = call.val
     if val is None:
-        val = random_data(original, 16, run.seed, sample_shapes)
+        val = random_data(original, 16, call.seed, sample_shapes)
         val.origin = "random inputs (no calibration data given)"
-    validation_result = validate(original, model, val, run.tol, run.metric, run.max_drop)
-    inherited = [q for q in validation_result["problems"] if q in run.input_info["problems"]]
+    validation_result = validate(original, model, val, call.tol, call.metric, call.max_drop)
+    inherited = [q for q in validation_result["problems"] if q in call.input_info["problems"]]
     if inherited:
         validation_result["problems"] = [q for q in validation_result["problems"] if q not in inherited]
     if search_info is not None and search_info.get("problem"):
@@ -635,10 +635,10 @@ def _run(model, original, run: _Run):
     validation_result["data"] = val.origin
     if source is not None and source.batch_note:
         validation_result["notes"].insert(0, source.batch_note)
-    timing["total_seconds"] = round(time.perf_counter() - run.t0, 3)
+    timing["total_seconds"] = round(time.perf_counter() - call.t0, 3)
     report = make_report(before, after, reports, validation_result, reached, timing,
-                         model=run.input_info["model"])
-    report["input"] = run.input_info
+                         model=call.input_info["model"])
+    report["input"] = call.input_info
     report["cost_shapes"] = [{"inputs": {k: list(v) for k, v in sig["inputs"].items()}, "batch": sig["batch"],
                               "samples": sig["samples"]} for sig in signatures] if signatures else None
     if search_info is not None:
@@ -647,15 +647,15 @@ def _run(model, original, run: _Run):
         report["unchanged"] = True
         report["nothing_changed"] = _nothing_changed(reports)
     copy_of = None   # an unchanged run publishes the input's own bytes
-    if report.get("unchanged") and isinstance(run.model_or_path, (str, os.PathLike)) \
-            and not has_external_data(run.model_or_path):
-        copy_of = os.path.abspath(os.fspath(run.model_or_path))
+    if report.get("unchanged") and isinstance(call.model_or_path, (str, os.PathLike)) \
+            and not has_external_data(call.model_or_path):
+        copy_of = os.path.abspath(os.fspath(call.model_or_path))
     result = Result(model, report, active_store(), copy_of)
-    err = budget_mod.missed(reached, reports)
+    err = missed
     if err is None and not validation_result["passed"]:
         err = ValidationFailed("validation failed: " + "; ".join(validation_result["problems"]))
     report["check_failed"] = err.detail if err is not None else None
-    if err is not None and not run.force:
+    if err is not None and not call.force:
         err.result = result
         raise err
     return result

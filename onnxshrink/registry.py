@@ -2,18 +2,18 @@
 
 A pass is small and declarative::
 
-    @register
     class FoldBN(Pass):
         name = "foldbn"
         summary = "fold BatchNormalization into the preceding Conv/ConvTranspose/Gemm"
         Config = FoldBNConfig           # a dataclass; --set foldbn.KEY=VALUE fills it
-        def plan(self, model, cfg) -> Plan             # what it would touch, skips with reasons
+        requires = Requires()           # what the pipeline checks before apply: data, opsets
+        budgets = ()                    # metrics ("flops", "params", "bytes") it can search a goal for
+        def plan(self, model, cfg) -> Plan             # which nodes it would touch, skips with reasons
         def apply(self, model, cfg, ctx) -> (model, PassReport)
 
-``needs_data`` passes get calibration data through ``ctx``; ``budgets`` names the metrics
-("flops", "params", "bytes") whose target the pass can search its own knob for. A skip is a
-value with a reason (``Skip(node, reason)``), never an exception. The registry refuses duplicate
-names.
+The built-in passes are listed in ``passes/__init__.py``; a third-party pass registers itself
+with ``@register``. The registry refuses a second class under a name already taken. A skip is a
+value with a reason (``Skip(node, reason)``), never an exception.
 """
 
 from __future__ import annotations
@@ -34,10 +34,22 @@ class Skip:
         return {"node": self.node, "reason": self.reason}
 
 
-@dataclass
 class Plan:
-    targets: list = field(default_factory=list)
-    skipped: list = field(default_factory=list)
+    """What a pass would do to a model: ``nodes`` it would rewrite and ``skipped`` ones with their
+    reasons. (``targets`` is the older name of ``nodes``, kept while passes switch.)"""
+
+    def __init__(self, nodes=None, skipped=None, *, targets=None):
+        if nodes is not None and targets is not None:
+            raise TypeError("Plan: give nodes= (targets= is its older name), not both")
+        self.nodes = list(nodes if nodes is not None else targets if targets is not None else [])
+        self.skipped = list(skipped if skipped is not None else [])
+
+    @property
+    def targets(self) -> list:
+        return self.nodes
+
+    def __repr__(self):
+        return f"Plan(nodes={self.nodes!r}, skipped={self.skipped!r})"
 
 
 @dataclass
@@ -62,13 +74,48 @@ class NoConfig:
     pass
 
 
+@dataclass(frozen=True)
+class Requires:
+    """What a pass needs before it can run; the pipeline checks it before ``apply`` and names the
+    pass when it is not there. ``data``: calibration data (``ctx.data``, ``ctx.collect``);
+    ``opsets``: (lowest, highest) opset of the default ONNX domain the pass rewrites (None: any the
+    pipeline accepts; a bound of None: open)."""
+
+    data: bool = False
+    opsets: tuple | None = None
+
+    def problem(self, pass_name, *, has_data: bool | None = None, model_opset: int | None = None) -> str | None:
+        """Why the pass cannot run (one line naming it), or None; an argument left None is not
+        checked."""
+        if self.data and has_data is False:
+            return (f"pass '{pass_name}' needs calibration data: give calibration= "
+                    "(or random_calibration=N to use random inputs)")
+        if self.opsets is not None and model_opset is not None:
+            lo, hi = self.opsets
+            if (lo is not None and model_opset < lo) or (hi is not None and model_opset > hi):
+                span = f"{lo if lo is not None else ''}-{hi if hi is not None else ''}"
+                return (f"pass '{pass_name}' rewrites opsets {span} of the default ONNX domain; the model "
+                        f"uses opset {model_opset} (convert it first, e.g. onnx.version_converter)")
+        return None
+
+
 class Pass:
     name = ""
     summary = ""
     Config = NoConfig
-    needs_data = False
+    requires = Requires()
+    needs_data = False      # older spelling of requires.data, kept in step with it
     budgets: tuple = ()
-    ready = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__
+        if "requires" in own:
+            if "needs_data" in own and bool(own["needs_data"]) != own["requires"].data:
+                raise TypeError(f"pass class {cls.__name__}: needs_data and requires.data disagree")
+            cls.needs_data = own["requires"].data
+        elif "needs_data" in own:   # a pass written before requires: the same requirement
+            cls.requires = dataclasses.replace(cls.requires, data=bool(own["needs_data"]))
 
     def plan(self, model, cfg) -> Plan:
         return Plan()
@@ -81,6 +128,7 @@ _REGISTRY: dict[str, type] = {}
 
 
 def register(cls):
+    """Add a pass class to the registry (a decorator; returns the class)."""
     if not cls.name:
         raise ValueError(f"pass class {cls.__name__} has no name")
     if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
@@ -89,12 +137,8 @@ def register(cls):
     return cls
 
 
-def _load_builtin():
-    from . import passes  # noqa: F401  (registers the built-in passes)
-
-
 def all_passes() -> dict:
-    _load_builtin()
+    """{name: pass class}: the built-in passes (``onnxshrink.passes``) and those registered since."""
     return dict(_REGISTRY)
 
 

@@ -35,7 +35,7 @@ import scipy.linalg
 from ..graph import concrete_input_shapes, infer_shapes, import_graph
 from ..reconstruct import ridge_from_moments as ridge
 from ..stats import CrossMoments
-from ..registry import Pass, PassReport, Plan, Skip
+from ..registry import Pass, PassReport, Plan, Requires, Skip
 
 
 @dataclass
@@ -339,7 +339,8 @@ def factorize(pass_name, model, cfg, ctx, layers, skipped, rewrite, multiple, re
     if goal_metrics:
         current = ctx.cost(model)
         for m in goal_metrics:
-            need = current[m] - ctx.goals[m].target
+            goal = ctx.goals[m]
+            need = current[m] - goal.limit
             options = {}
             for l in layers:
                 opts = [(None, 0.0, 0.0)]
@@ -347,16 +348,15 @@ def factorize(pass_name, model, cfg, ctx, layers, skipped, rewrite, multiple, re
                     opts.append((r, float(l.cost0[m] - l.cost_at(r)[m]), float(curves[l.node][r])))
                 options[l.node] = opts
             possible = sum(max(o[1] for o in opts) for opts in options.values())
-            if need <= 0:
+            if goal.met(current[m]):
                 choice, saved = {k: None for k in options}, 0.0
             else:
                 choice, saved = allocate(options, need)
-            budget[m] = {"goal": round(float(ctx.goals[m].target)), "needed_saving": round(float(need)),
+            budget[m] = {"goal": round(float(goal.limit)), "needed_saving": round(float(need)),
                          "planned_saving": round(float(saved)), "max_saving": round(float(possible))}
-            goal = float(ctx.goals[m].target)
-            if need > 0 and saved - need > 0.05 * goal and need <= possible:
+            if need > 0 and goal.overshot(current[m] - saved) and need <= possible:
                 budget[m]["note"] = (f"ranks move in steps of {multiple}: the closest allocation found is "
-                                     f"{(saved - need) / goal:.1%} below the goal")
+                                     f"{(saved - need) / goal.limit:.1%} below the goal")
             if need > possible:
                 budget[m]["why_not"] = (f"factorizing every eligible layer at the lowest rank multiple of "
                                         f"{multiple} saves at most {possible:.0f} {m}, {need:.0f} needed")
@@ -486,7 +486,7 @@ class FactorPass(Pass):
     A subclass gives ``find_layers(graph, info, cfg)``, ``rewrite(graph, layer, r, As, Bs, bias)``
     and the name of its rank-rounding option."""
 
-    needs_data = True
+    requires = Requires(data=True)
     budgets = ("flops", "params")
     multiple_option = "channel_multiple"
 
@@ -521,8 +521,6 @@ class FactorPass(Pass):
         report = PassReport(self.name)
         graph = import_graph(model)
         layers, skipped = self.find_layers(graph, shape_info(model, ctx.sample_shapes), cfg)
-        if cfg.whiten or cfg.refit or cfg.alloc == "data":
-            ctx.require_data(self.name)
         multiple = getattr(cfg, self.multiple_option)
         if any(m in self.budgets for m in (ctx.goals or {})):
             report.details["reach"] = reach_of(model, layers, multiple, ctx.sample_shapes)

@@ -22,7 +22,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..reconstruct import conv_attrs
-from ..registry import register
+from ..registry import Requires
 from ..stats import LayerStats
 from . import _factor
 
@@ -136,11 +136,11 @@ def find_layers(graph, info, cfg):
     return layers, skipped
 
 
-@register
 class BasisConv(_factor.FactorPass):
     name = "basisconv"
     summary = "split a k×k Conv into M basis filters plus a 1×1 Conv (whitened SVD + refit)"
     Config = BasisConvConfig
+    requires = Requires(data=True)
     multiple_option = "channel_multiple"
     find_layers = staticmethod(find_layers)
     rewrite = staticmethod(_rewrite)

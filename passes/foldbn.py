@@ -12,7 +12,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..graph import export_model, import_graph, read_values, set_constant_input
-from ..registry import Pass, PassReport, Plan, Skip, register
+from ..registry import Pass, PassReport, Plan, Requires, Skip
 
 
 def _bn_scale_shift(bn: gs.Node):
@@ -93,10 +93,10 @@ def _fold(graph: gs.Graph, prod: gs.Node, s: np.ndarray, t: np.ndarray):
     set_constant_input(prod, 2, (s * b + t).astype(dtype), graph, base=prod.name + "_bias")
 
 
-@register
 class FoldBN(Pass):
     name = "foldbn"
     summary = "fold BatchNormalization into the preceding Conv/ConvTranspose/Gemm (exact)"
+    requires = Requires(data=False)
 
     def _scan(self, graph):
         outs = {t.name for t in graph.outputs}

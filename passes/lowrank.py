@@ -27,7 +27,7 @@ import onnx_graphsurgeon as gs
 
 from ..graph import set_constant_input
 from ..reconstruct import add_matmul_bias, conv_attrs, layer_matrix, set_layer_matrix
-from ..registry import register
+from ..registry import Requires
 from ..stats import LayerStats
 from . import _factor
 
@@ -309,11 +309,11 @@ def find_layers(graph, info, cfg):
     return layers, skipped
 
 
-@register
 class LowRank(_factor.FactorPass):
     name = "lowrank"
     summary = "factorize Gemm/MatMul (and k×k Conv) weights into two thinner layers (whitened SVD + refit)"
     Config = LowRankConfig
+    requires = Requires(data=True)
     multiple_option = "rank_multiple"
     find_layers = staticmethod(find_layers)
     rewrite = staticmethod(_rewrite)

@@ -70,7 +70,7 @@ def test_console_script_subprocess(tmp_path, tiny):
 
 @pytest.mark.parametrize("case,match", [
     ("missing", "does not exist"), ("corrupt", "not a valid ONNX model"), ("unknown_pass", "unknown pass"),
-    ("not_built", ""), ("bad_shape", "shape"), ("bad_dtype", "dtype"), ("bad_name", "do not match"),
+    ("bad_shape", "shape"), ("bad_dtype", "dtype"), ("bad_name", "do not match"),
     ("unreachable", "target"), ("bad_target", "(0, 1]"), ("no_data", "calibration data"),
     ("out_is_in", "input"), ("bad_set", "unknown option"), ("bad_outdir", "does not exist"),
 ])
@@ -86,13 +86,6 @@ def test_error_paths(case, match, tmp_path, tiny, capsys):
         argv[0] = bad
     elif case == "unknown_pass":
         argv[3] = "foldbn,nosuchpass"
-    elif case == "not_built":
-        from onnxshrink.registry import all_passes
-        unbuilt = [n for n, c in all_passes().items() if not c.ready]
-        if not unbuilt:
-            pytest.skip("every pass is built")
-        argv[3] = unbuilt[0]
-        match = "not built"
     elif case == "bad_shape":
         np.save(calib, np.zeros((4, 3, 7, 8), np.float32))
     elif case == "bad_dtype":
@@ -106,7 +99,7 @@ def test_error_paths(case, match, tmp_path, tiny, capsys):
         argv += ["--target-params", "1.5"]
     elif case == "no_data":
         from onnxshrink.registry import all_passes
-        data_passes = [n for n, c in all_passes().items() if c.ready and c.needs_data]
+        data_passes = [n for n, c in all_passes().items() if c.requires.data]
         if not data_passes:
             pytest.skip("no built pass needs data")
         argv = [tiny, out, "--passes", data_passes[0]]

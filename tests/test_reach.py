@@ -9,7 +9,7 @@ from graphs import GraphBuilder
 from onnxshrink import shrink
 from onnxshrink.cost import model_cost
 from onnxshrink.errors import TargetError
-from onnxshrink.inspect import inspect_model
+from onnxshrink.inspection import inspect_model
 from onnxshrink.passes.lowrank import LowRank
 from onnxshrink.registry import make_config
 

@@ -40,12 +40,10 @@ def _table(model, passes, options, signatures) -> str:
     chosen = [get_pass(n) for n in names] if names else [cls() for _, cls in sorted(all_passes().items())]
     applies, skips = {}, {}
     for p in chosen:
-        if not p.ready:
-            continue
         name = p.name
         plan = p.plan(model, make_config(p, (options or {}).get(p.name, {})))
-        for t in plan.targets:
-            applies.setdefault(t, []).append(name)
+        for node in plan.nodes:
+            applies.setdefault(node, []).append(name)
         for s in plan.skipped:
             skips.setdefault(s.node, []).append(f"{name}: {s.reason}")
     lines = [f"{'node':32} {'op':20} {'output shape':18} {'params':>10} {'flops%':>7}  passes"]
@@ -82,7 +80,7 @@ def reach_lines(model, chosen, options, shapes) -> list:
     lowest fraction of each it alone could leave (so a user sees whether a target is reachable)."""
     rows = []
     for p in chosen:
-        if not p.ready or not hasattr(p, "reach"):
+        if not hasattr(p, "reach"):
             continue
         try:
             r = p.reach(model, make_config(p, (options or {}).get(p.name, {})), shapes)
