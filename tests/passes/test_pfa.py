@@ -10,6 +10,7 @@ from onnxshrink import shrink
 from onnxshrink.cost import model_cost
 from onnxshrink.errors import UsageError
 from onnxshrink.channels import analyze
+from onnxshrink.passes.pfa.allocation import by_error
 from onnxshrink.passes.pfa import (CostModel, Pfa, PfaConfig, Problem, choose_ridge, elimination_order, kept_energy,
                                    kept_kl, pearson_removal_order, round_up, spectrum)
 from onnxshrink.stats import CrossMoments
@@ -129,12 +130,10 @@ def test_allocation_spends_the_budget_where_error_is_cheapest():
     k = np.arange(33)
     curves = {0: 0.001 * (32 - k), 1: 0.1 * (32 - k)}        # group 0 is ten times cheaper to shrink
     cost = lambda ks: {"flops": 10.0 * ks[0] + 10.0 * ks[1]}
-    goal = {"flops": type("Goal", (), {"target": 480.0})()}
     details = {}
-    ks = Pfa()._allocate(groups, curves, PfaConfig(channel_multiple=8), cost, goal, details)
+    ks = by_error(groups, curves, 8, cost, {"flops": 480.0}, details)
     assert cost(ks)["flops"] <= 480 and ks == {0: 16, 1: 32}
-    goal = {"flops": type("Goal", (), {"target": 150.0})()}
-    ks = Pfa()._allocate(groups, curves, PfaConfig(channel_multiple=8), cost, goal, details)
+    ks = by_error(groups, curves, 8, cost, {"flops": 150.0}, details)
     assert ks == {0: 8, 1: 8}                                 # multiples of 8, smallest is 8 here
     assert "not reachable" in details["budget"]
 

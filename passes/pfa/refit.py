@@ -1,14 +1,23 @@
-"""pfa, refitting: the ridge toward the sliced weights, the held-out ridge choice, residual targets
-and the statistics requests the sequential refit uses."""
+"""pfa, refitting: every weight layer that reads a pruned tensor is refit, level by level on the
+pruned network's own inputs x̃, to the reference network's pre-activation y:
+
+    W', b' = argmin ‖X̃ W' + b' − Y‖² + α‖W' − W0‖²
+
+(toward the layer's sliced weights W0, or toward zero), α relative to the mean diagonal of Cov(x̃) and
+chosen per layer on held-out calibration batches from one eigendecomposition of Cov(x̃). A layer whose
+output goes only into a residual Add is fit to what it must add to the pruned skip tensor to give the
+reference sum (``ResidualStats``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
-from ..stats import CrossMoments, LayerStats
+from ...graph import export_model, import_graph
+from ...reconstruct import layer_matrix, layer_stats_request, refit_order, ridge_solve
+from ...stats import CrossMoments, LayerStats
+from .edits import residual_target, write_layer
 
 RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
@@ -33,8 +42,6 @@ def ridge_toward(cm: CrossMoments, w0: np.ndarray, ridge: float):
 
 
 @dataclass
-
-
 class ResidualStats(LayerStats):
     """LayerStats whose target is what the layer must add to the pruned network's skip tensor to
     give the reference network's residual sum: y = R_ref[kept] − skip − shift. Fitting to it
@@ -56,24 +63,6 @@ class ResidualStats(LayerStats):
         if self.shift is not None:
             t = t - (self.shift.reshape((-1,) + (1,) * (t.ndim - 2)) if axis == 1 else self.shift)
         return super()._features(x_arrays, {self.y_tensor: t.astype(np.float32)}, rng)
-
-
-def residual_target(node: gs.Node):
-    """(sum tensor, skip tensor, bias constant) when the layer's output (through a MatMul's bias
-    Add) goes only into an Add with another computed tensor, else None."""
-    t, shift = node.outputs[0], None
-    users = list(t.outputs)
-    if node.op == "MatMul" and len(users) == 1 and users[0].op == "Add":
-        c = [i for i in users[0].inputs if i is not t]
-        if len(c) == 1 and isinstance(c[0], gs.Constant) and c[0].values.ndim >= 1:
-            shift, t = c[0].values.reshape(-1).astype(np.float64), users[0].outputs[0]
-            users = list(t.outputs)
-    if len(users) != 1 or users[0].op != "Add" or len(users[0].inputs) != 2:
-        return None
-    other = [i for i in users[0].inputs if i is not t]
-    if len(other) != 1 or isinstance(other[0], gs.Constant):
-        return None
-    return users[0].outputs[0].name, other[0].name, shift
 
 
 class SplitStats:
@@ -146,3 +135,45 @@ def slice_outputs(cm: CrossMoments, mask: np.ndarray) -> CrossMoments:
     out.x = cm.x
     out.sum_y, out.xy, out.yy = cm.sum_y[mask], cm.xy[:, mask], cm.yy[mask]
     return out
+
+
+def sequential_refit(pruned, an, keep, consumers, cfg, ctx):
+    """Refit ``consumers`` of the pruned channels level by level (``refit_order``): collect the level's
+    statistics on the model as rewritten so far (x) and on the reference (y), solve, write, go on.
+    Returns (model, {layer: relative error}, {layer: chosen ridge})."""
+    levels = refit_order(import_graph(pruned), consumers)
+    errors, ridges = {}, {}
+    cur = pruned
+    for lv, names in enumerate(levels):
+        graph = import_graph(cur)
+        nodes = {n.name: n for n in graph.nodes}
+        reqs, residual = [], set()
+        for n in names:
+            node = nodes[n]
+            req = layer_stats_request(node, n, node.inputs[0].name, node.outputs[0].name, positions=cfg.positions)
+            res = residual_target(node) if cfg.residual_targets else None
+            if res is not None:
+                base = {f.name: getattr(req, f.name) for f in fields(LayerStats)}
+                base["y_tensor"] = res[0]
+                req = ResidualStats(**base, skip=res[1], mask=an.output_mask(n, keep), shift=res[2])
+                residual.add(n)
+            reqs.append(SplitStats(req))
+        accs = ctx.collect(reqs, model_x=cur, model_y=ctx.reference, desc=f"pfa refit {lv + 1}/{len(levels)}")
+        for n in names:
+            node, (cm_a, cm_b) = nodes[n], accs[n]
+            mask = an.output_mask(n, keep)
+            if mask is not None and not mask.all() and n not in residual:
+                cm_a, cm_b = slice_outputs(cm_a, mask), slice_outputs(cm_b, mask)
+            w0 = layer_matrix(node)[0]
+            ridge = cfg.ridge
+            if ridge < 0:  # pick the ridge that generalises best to the held-out batches
+                ridge = RIDGES[2]
+                if cm_b.n > 0 and cm_a.n > 0:
+                    ridge = choose_ridge(cm_a, cm_b, w0 if cfg.prior else None)
+                ridges[n] = ridge
+            cm = merged(cm_a, cm_b)
+            w, b = ridge_toward(cm, w0, ridge) if cfg.prior else ridge_solve(cm, ridge)
+            errors[n] = relative_error(cm, w, b)
+            write_layer(graph, node, w, b)
+        cur = export_model(graph, like=pruned)
+    return cur, errors, ridges
