@@ -147,56 +147,22 @@ class Pfa(Pass):
         by_error = mode == "budget" and cfg.allocation == "error"
         covs, problems = collect_statistics(model, an, groups, cfg, ctx,
                                             consumers=cfg.selection == "reconstruction" or by_error)
-        lams = _Lazy(lambda gi: spectrum(covs[gi]))      # eigenvalues only where a recipe needs them
         t_sel = time.perf_counter()
-        orders, curves = self._orders_and_curves(groups, problems, lams, cfg)
+        sel = Selection.of(model, an, groups, covs, problems, cfg)
         details["selection_seconds"] = round(time.perf_counter() - t_sel, 3)
 
         t_alloc = time.perf_counter()
-        goals = {m: g for m, g in ctx.goals.items() if m in self.budgets}
         if mode == "budget":
-            details["allocation"] = cfg.allocation
-            cost = CostModel(an, model, groups,
-                             lambda m: {c.name: (c.params, c.flops) for c in node_costs(m, ctx.sample_shapes)})
-            targets = {m: goal.target for m, goal in goals.items()}
-            if by_error:
-                ks = allocation.by_error(groups, curves, cfg.channel_multiple, cost, targets, details)
-            else:
-                ks, energy = allocation.by_energy(groups, lams, cfg.channel_multiple, cost, targets, details)
-                details["energy"] = round(energy, 6)
-            details["cost_probes"] = cost.probes
-        elif mode == "kl":
-            ks = {g.index: round_up(kept_kl(lams[g.index]), g.size, multiple_of(g, cfg.channel_multiple))
-                  for g in groups}
+            ks, keep, pruned = self._meet_budget(sel, ctx, details)
         else:
-            ks = {g.index: round_up(kept_energy(lams[g.index], cfg.energy), g.size,
-                                    multiple_of(g, cfg.channel_multiple)) for g in groups}
-            details["energy"] = cfg.energy
-
-        def keep_of(ks):
-            return self._keep(model, an, groups, ks, orders, covs, cfg)
-
-        keep = keep_of(ks)
-        pruned = an.prune(model, keep) if keep else model
-        if mode == "budget" and keep:
-            # the cost model is exact for in/out-bilinear layers; check the real model, and step on
-            # (greedily, real cost) where something it cannot see kept it above the budget
-            for _ in range(64):
-                real = ctx.cost(pruned)
-                if all(real[m] <= goal.target for m, goal in goals.items()):
-                    break
-                tighter = {m: goal.target * goal.target / max(real[m], 1e-12) for m, goal in goals.items()}
-                ks2 = allocation.by_error(groups, curves, cfg.channel_multiple, cost, tighter, details, ks)
-                if ks2 == ks:
-                    break
-                ks = ks2
-                keep = keep_of(ks)
-                pruned = an.prune(model, keep)
-        if mode == "budget" and keep and cfg.channel_multiple > 1:
-            details.update(overshoot_note(ctx.cost(pruned), goals, cfg.channel_multiple))
+            ks = sel.recipe(mode)
+            if mode == "energy":
+                details["energy"] = cfg.energy
+            keep = sel.keep(ks)
+            pruned = an.prune(model, keep) if keep else model
         details["allocation_seconds"] = round(time.perf_counter() - t_alloc, 3)
 
-        consumers = self._report_recipe(model, groups, ks, keep, curves, report)
+        consumers = self._report_recipe(sel, ks, keep, report)
         if not keep:
             details["fit_seconds"] = round(time.perf_counter() - t0 - ctx.calibration_seconds, 3)
             return model, report
@@ -211,9 +177,77 @@ class Pfa(Pass):
         details["fit_seconds"] = round(time.perf_counter() - t0 - ctx.calibration_seconds, 3)
         return pruned, report
 
+    def _meet_budget(self, sel, ctx, details):
+        """(ks, keep, pruned model) for the goals of ``ctx`` (budget mode): allocate on the cost
+        model, then check the real model's cost and step on where the cost model missed."""
+        cfg, model, an = sel.cfg, sel.model, sel.an
+        goals = {m: g for m, g in ctx.goals.items() if m in self.budgets}
+        details["allocation"] = cfg.allocation
+        cost = CostModel(an, model, sel.groups,
+                         lambda m: {c.name: (c.params, c.flops) for c in node_costs(m, ctx.sample_shapes)})
+        targets = {m: goal.target for m, goal in goals.items()}
+        if cfg.allocation == "error":
+            ks = allocation.by_error(sel.groups, sel.curves, cfg.channel_multiple, cost, targets, details)
+        else:
+            ks, energy = allocation.by_energy(sel.groups, sel.lams, cfg.channel_multiple, cost, targets, details)
+            details["energy"] = round(energy, 6)
+        details["cost_probes"] = cost.probes
+        keep = sel.keep(ks)
+        pruned = an.prune(model, keep) if keep else model
+        if not keep:
+            return ks, keep, pruned
+        # the cost model is exact for in/out-bilinear layers; check the real model, and step on
+        # (greedily, real cost) where something it cannot see kept it above the budget
+        for _ in range(64):
+            real = ctx.cost(pruned)
+            if all(real[m] <= goal.target for m, goal in goals.items()):
+                break
+            tighter = {m: goal.target * goal.target / max(real[m], 1e-12) for m, goal in goals.items()}
+            ks2 = allocation.by_error(sel.groups, sel.curves, cfg.channel_multiple, cost, tighter, details, ks)
+            if ks2 == ks:
+                break
+            ks = ks2
+            keep = sel.keep(ks)
+            pruned = an.prune(model, keep)
+        if cfg.channel_multiple > 1:
+            details.update(overshoot_note(ctx.cost(pruned), goals, cfg.channel_multiple))
+        return ks, keep, pruned
+
     @staticmethod
-    def _orders_and_curves(groups, problems, lams, cfg):
-        """({group: removal order} where the consumers' problems give one, {group: e_g(k), k = 0..n})."""
+    def _report_recipe(sel, ks, keep, report):
+        """Write each group's recipe into ``report``; returns the consumers to refit."""
+        recipe, consumers = [], set()
+        model_nodes = {n.name: n for n in import_graph(sel.model).nodes}
+        for g in sel.groups:
+            k = ks[g.index]
+            recipe.append({"group": g.name, "channels": g.size, "kept": k,
+                           "predicted_error": round(float(sel.curves[g.index][k]), 5)})
+            if g.index in keep:
+                consumers.update(refit_consumers(model_nodes, g.consumers))
+                report.changed.append(f"{g.name}: {g.size} -> {k} channels")
+            else:
+                report.skip(g.name, f"recipe keeps all {g.size} channels")
+        report.details["recipe"] = recipe
+        return consumers
+
+
+@dataclass
+class Selection:
+    """What pfa knows about the groups it may prune: their response covariances ``covs``, spectra
+    ``lams`` (computed where asked), removal ``orders`` (where the consumers' problems give one) and
+    error curves ``curves`` (e_g(k), k = 0..n)."""
+    model: object
+    an: object
+    groups: list
+    covs: dict
+    lams: dict
+    orders: dict
+    curves: dict
+    cfg: PfaConfig
+
+    @classmethod
+    def of(cls, model, an, groups, covs, problems, cfg):
+        lams = _Lazy(lambda gi: spectrum(covs[gi]))      # eigenvalues only where a recipe needs them
         sel_ridge = cfg.ridge if cfg.ridge >= 0 else 1e-3
         orders, curves = {}, {}
         for g in groups:
@@ -222,50 +256,41 @@ class Pfa(Pass):
             else:  # nothing to reconstruct from: the spectrum's lost energy stands in for the error
                 curves[g.index] = 1.0 - np.concatenate([[0.0], np.cumsum(lams[g.index])])
                 curves[g.index][-1] = 0.0
-        return orders, curves
+        return cls(model, an, groups, covs, lams, orders, curves, cfg)
 
-    def _keep(self, model, an, groups, ks, orders, covs, cfg):
+    def recipe(self, mode) -> dict:
+        """{group index: kept count} by the paper's recipe (``mode`` "kl" or "energy"), rounded up."""
+        cfg = self.cfg
+        if mode == "kl":
+            return {g.index: round_up(kept_kl(self.lams[g.index]), g.size, multiple_of(g, cfg.channel_multiple))
+                    for g in self.groups}
+        return {g.index: round_up(kept_energy(self.lams[g.index], cfg.energy), g.size,
+                                  multiple_of(g, cfg.channel_multiple)) for g in self.groups}
+
+    def keep(self, ks) -> dict:
         """{group index: the sorted channels kept} for the groups that lose channels at counts ``ks``."""
         keep = {}
-        for g in groups:
+        for g in self.groups:
             k = ks[g.index]
             if k >= g.size:
                 continue
-            if cfg.selection == "reconstruction" and g.index in orders:
-                order = orders[g.index]
-            elif cfg.selection == "magnitude":
-                order = self._magnitude(model, an, g)
+            if self.cfg.selection == "reconstruction" and g.index in self.orders:
+                order = self.orders[g.index]
+            elif self.cfg.selection == "magnitude":
+                order = self._magnitude(g)
             else:
-                order = pearson_removal_order(covs[g.index])
+                order = pearson_removal_order(self.covs[g.index])
             keep[g.index] = np.sort(order[g.size - k:])
         return keep
 
-    @staticmethod
-    def _magnitude(model, an, g):
+    def _magnitude(self, g):
         """The group's channels by the summed squared norm of their filters, smallest first."""
-        nodes = {n.name: n for n in import_graph(model).nodes}
+        nodes = {n.name: n for n in import_graph(self.model).nodes}
         score = np.zeros(g.size)
         for s in g.sources:
             if s.prunable and s.node in nodes:
-                np.add.at(score, an.class_index[an.roots[s.comps]], weight_row_norms(nodes[s.node]))
+                np.add.at(score, self.an.class_index[self.an.roots[s.comps]], weight_row_norms(nodes[s.node]))
         return np.argsort(score, kind="stable")
-
-    @staticmethod
-    def _report_recipe(model, groups, ks, keep, curves, report):
-        """Write each group's recipe into ``report``; returns the consumers to refit."""
-        recipe, consumers = [], set()
-        model_nodes = {n.name: n for n in import_graph(model).nodes}
-        for g in groups:
-            k = ks[g.index]
-            recipe.append({"group": g.name, "channels": g.size, "kept": k,
-                           "predicted_error": round(float(curves[g.index][k]), 5)})
-            if g.index in keep:
-                consumers.update(refit_consumers(model_nodes, g.consumers))
-                report.changed.append(f"{g.name}: {g.size} -> {k} channels")
-            else:
-                report.skip(g.name, f"recipe keeps all {g.size} channels")
-        report.details["recipe"] = recipe
-        return consumers
 
 
 class _Lazy(dict):
