@@ -30,7 +30,7 @@ def collect_statistics(model, an, groups, cfg, ctx, consumers: bool):
         for g in groups:
             for c in refit_consumers(nodes, g.consumers):
                 node = nodes.get(c)
-                if c in layer or node is None:
+                if c in layer:
                     continue
                 layer[c] = layer_stats_request(node, "pfa-sel:" + c, node.inputs[0].name,
                                                node.outputs[0].name, positions=cfg.positions)

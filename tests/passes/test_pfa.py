@@ -246,6 +246,21 @@ def test_a_consumer_that_cannot_be_refit_leaves_its_group_whole_with_a_reason():
     assert_close(m, res.model, {"x": x[:4]}, rtol=1e-6, atol=1e-6)
 
 
+def test_check_gives_the_reason_a_group_stays_whole_and_plan_lists_it():
+    """x -> Conv(3->8) -> Relu -> Conv(8->4) -> y: the 8 channels are prunable, y's 4 are pinned."""
+    from types import SimpleNamespace as G
+    assert Pfa.check(G(size=1, observations=[object()])) == "a single channel: nothing to remove"
+    assert Pfa.check(G(size=4, observations=[])) == "no tensor shows the channels' responses"
+    assert Pfa.check(G(size=4, observations=[object()])) is None
+    m = _conv_pair()
+    plan = Pfa().plan(m, PfaConfig())
+    an = analyze(m)
+    prunable = [g for g in an.groups if not g.pinned]
+    assert len(prunable) == 1 and prunable[0].size == 8
+    assert plan.targets == [s.node for s in prunable[0].sources if s.prunable] and len(plan.targets) == 1
+    assert [s.reason for s in plan.skipped] == ["channels reach graph output 'y'"]
+
+
 def test_a_same_upper_consumer_with_stride_1_is_pruned_and_refit():
     m = _conv_pair(consumer_attrs={"auto_pad": "SAME_UPPER"})
     x = np.random.default_rng(0).standard_normal((64, 3, 8, 8)).astype(np.float32)
