@@ -173,6 +173,16 @@ class WeightLayer:
         return s[0]
 
     @property
+    def c_in(self) -> int:
+        """Input channels over all groups: a Conv/ConvTranspose input's axis 1 (C), else d_in."""
+        s = self.weight.shape
+        if self.op == "Conv":
+            return s[1] * self.group
+        if self.op == "ConvTranspose":
+            return s[0]
+        return self.d_in
+
+    @property
     def d_out(self) -> int:
         """Output channels (columns of ``matrix()``)."""
         s = self.weight.shape

@@ -189,3 +189,20 @@ def test_stats_request_rows_match_matrix(rng):
     w, bias = ridge_solve(acc, ridge=1e-10)
     np.testing.assert_allclose(w, layer.matrix(), atol=1e-4)
     np.testing.assert_allclose(bias, layer.bias(), atol=1e-4)
+
+
+def test_channel_counts_of_each_op():
+    import onnx_graphsurgeon as gs
+    x = gs.Variable("x", dtype=np.float32)
+
+    def layer(op, shape, **attrs):
+        return L.WeightLayer(gs.Node(op, op, attrs, [x, gs.Constant("w", np.zeros(shape, np.float32))],
+                                     [gs.Variable("y")]))
+    conv = layer("Conv", (6, 2, 3, 3), group=2)
+    assert (conv.c_in, conv.d_in, conv.d_out, conv.kernel) == (4, 18, 6, [3, 3])
+    ct = layer("ConvTranspose", (4, 3, 3, 3), group=2)
+    assert (ct.c_in, ct.d_in, ct.d_out) == (4, 18, 6)
+    gemm = layer("Gemm", (5, 7), transB=1)
+    assert (gemm.c_in, gemm.d_in, gemm.d_out) == (7, 7, 5)
+    mm = layer("MatMul", (5, 7))
+    assert (mm.c_in, mm.d_in, mm.d_out) == (5, 5, 7)
