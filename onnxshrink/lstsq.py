@@ -24,6 +24,8 @@ without fine-tuning (ThiNet, Luo et al. 2017; He et al. 2017 channel pruning).
 - ``pcg(a, rhs, x0, ridge, iters)``: Jacobi-preconditioned conjugate gradient on (a + αI) u = rhs
   from a warm start; each iterate lowers the quadratic ½uᵀ(a + αI)u − rhsᵀu, so a truncated run
   inside an alternating scheme never raises the objective (Hestenes & Stiefel 1952).
+- ``choose_ridge(cm_a, cm_b, w0)``: the ridge of a few (``RIDGES``) whose fit on one set of moments
+  generalises best to held-out moments, from one eigendecomposition.
 
 Two relative errors with different meanings:
 - ``fit_error`` (moments) / ``fit_error_rows`` (rows): how much of the output's variance a fit
@@ -151,6 +153,36 @@ def weighted_error(t: np.ndarray, t_hat: np.ndarray, h: np.ndarray | None = None
     if h is None:
         return float((delta ** 2).sum() / max((t ** 2).sum(), 1e-30))
     return float(((delta @ h) * delta).sum() / max(((t @ h) * t).sum(), 1e-30))
+
+
+RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)   # the relative ridges ``choose_ridge`` tries by default
+
+
+def choose_ridge(cm_a, cm_b, w0=None, ridges=RIDGES, columns: int = 64, seed: int = 0) -> float:
+    """The ridge of ``ridges`` whose fit on the moments ``cm_a`` (toward ``w0``, or zero) has the
+    lowest ``fit_error`` on the held-out moments ``cm_b`` (both ``stats.CrossMoments``). One
+    eigendecomposition Cov_a(x) = V diag(e) Vᵀ serves every α: W_α = V diag(1/(e + α)) Vᵀ
+    (Cov_a(x, y) + α W0), α relative (``relative_alpha``); the held-out error is measured on at most
+    ``columns`` output columns (a random subset drawn with ``seed``), which is enough to rank a scalar."""
+    m = cm_a.sum_y.shape[0]
+    sub = np.sort(np.random.default_rng(seed).choice(m, size=columns, replace=False)) if m > columns else np.arange(m)
+    mask = np.zeros(m, dtype=bool)
+    mask[sub] = True
+    a, b = cm_a.outputs(mask), cm_b.outputs(mask)
+    cxx, cxy, mx, my = a.moments(centered=True)
+    try:
+        e, v = np.linalg.eigh(cxx)
+    except np.linalg.LinAlgError:
+        return float(ridges[len(ridges) // 2])
+    e = np.clip(e, 0.0, None)
+    p = v.T @ cxy
+    p0 = v.T @ w0[:, sub] if w0 is not None else np.zeros_like(p)
+    held = []
+    for r in ridges:
+        alpha = relative_alpha(cxx, r)
+        w = v @ ((p + alpha * p0) / (e + alpha)[:, None])
+        held.append(fit_error(b, w, my - mx @ w))
+    return float(ridges[int(np.argmin(held))])
 
 
 @contextlib.contextmanager
