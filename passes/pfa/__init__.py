@@ -33,15 +33,15 @@ chosen per layer on held-out calibration batches from one eigendecomposition of 
 
 The package: ``pass_`` (the pass: eligibility, plan, the order of the steps, the report), ``recipes``
 (PFA-En, PFA-KL, the Pearson order), ``elimination`` (reconstruction-aware order and error curves),
-``allocation`` (cost model, budget search, reach), ``refit`` (the ridge refit), ``statistics`` (what one
-calibration run measures) and ``edits`` (consumers, residual Adds, writing a refit layer).
+``allocation`` (cost model, budget search, reach), ``refit`` (the ridge refit, on the shared
+``onnxshrink.refit`` loop and ``lstsq``), ``statistics`` (what one calibration run measures) and
+``edits`` (consumers and whether they can be refit, their input columns, residual Adds).
 """
 
 from .allocation import CostModel, multiple_of
 from .elimination import Problem, elimination_order
 from .pass_ import Pfa, PfaConfig
 from .recipes import kept_energy, kept_kl, pearson_removal_order, round_up, spectrum
-from .refit import RIDGES, choose_ridge, relative_error, ridge_toward
 
 __all__ = ["Pfa", "PfaConfig", "CostModel", "multiple_of", "Problem", "elimination_order", "kept_energy", "kept_kl",
-           "pearson_removal_order", "round_up", "spectrum", "RIDGES", "choose_ridge", "relative_error", "ridge_toward"]
+           "pearson_removal_order", "round_up", "spectrum"]

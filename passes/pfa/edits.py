@@ -1,5 +1,6 @@
-"""pfa, the graph side: which nodes read a group's channels and how (its consumers, their input
-columns per channel, a residual Add after them), and writing a refit layer back.
+"""pfa, the graph side: which nodes read a group's channels and how (its consumers, whether they can
+be refit, their input columns per channel, a residual Add after them); layers are read through
+``layers.WeightLayer``.
 
 Removing the channels themselves is ``onnxshrink.channels`` (``Analysis.prune``): every tensor of a
 coupling group loses the same channels, and each consumer's input columns are sliced. The consumers
@@ -10,7 +11,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ...reconstruct import add_matmul_bias, layer_stats_request, set_layer_matrix
+from ...layers import WeightLayer, explicit_pads
+from ...registry import Skip
 
 SLICE_ONLY = ("ConvTranspose",)   # consumers whose input channels are sliced but not refit (no LayerStats)
 
@@ -20,13 +22,20 @@ def refit_consumers(nodes, names):
     return [c for c in names if c in nodes and nodes[c].op not in SLICE_ONLY]
 
 
-def refit_reason(node: gs.Node) -> str | None:
-    """Why ``node`` cannot be refit (e.g. a Conv with auto_pad), or None when it can."""
-    try:
-        layer_stats_request(node, node.name, node.inputs[0].name, node.outputs[0].name)
-    except ValueError as e:
-        return str(e)
+def single_group(layer: WeightLayer) -> str | None:
+    """A grouped Conv's input columns are refit per group, which pfa does not do."""
+    if layer.op == "Conv" and layer.group != 1:
+        return "grouped Conv: refit per group is not supported by this helper"
     return None
+
+
+REFIT_CHECKS = (explicit_pads, single_group)   # what a consumer must pass to be refit
+
+
+def refit_reason(node: gs.Node, graph: gs.Graph | None = None) -> str | None:
+    """Why ``node`` cannot be refit (e.g. a Conv with auto_pad), or None when it can."""
+    layer = WeightLayer.of(node, graph, *REFIT_CHECKS)
+    return layer.reason if isinstance(layer, Skip) else None
 
 
 def consumer_blocks(an, consumer: str, node: gs.Node) -> dict:
@@ -38,9 +47,7 @@ def consumer_blocks(an, consumer: str, node: gs.Node) -> dict:
             break
     if comps is None:
         return {}
-    kk = 1
-    if node.op == "Conv":
-        kk = int(np.prod(node.inputs[1].values.shape[2:]))
+    kk = int(np.prod(WeightLayer(node).kernel))   # a Conv's input channel is k·k columns, else one
     cls = an.roots[comps]
     gids, idx = an.class_group[cls], an.class_index[cls]
     out = {}
@@ -54,37 +61,22 @@ def consumer_blocks(an, consumer: str, node: gs.Node) -> dict:
 
 
 def weight_row_norms(node: gs.Node) -> np.ndarray:
-    """Squared L2 norm of each output channel's weights."""
-    w = node.inputs[1].values.astype(np.float64)
-    if node.op == "Conv":
-        return (w.reshape(w.shape[0], -1) ** 2).sum(axis=1)
-    if node.op == "Gemm" and node.attrs.get("transB", 0):
-        return (w ** 2).sum(axis=1)
-    return (w ** 2).sum(axis=0)
+    """Squared L2 norm of each output channel's weights (the columns of the layer's matrix)."""
+    return (WeightLayer(node).matrix() ** 2).sum(axis=0)
 
 
-def residual_target(node: gs.Node):
-    """(sum tensor, skip tensor, bias constant) when the layer's output (through a MatMul's bias
-    Add) goes only into an Add with another computed tensor, else None."""
-    t, shift = node.outputs[0], None
+def residual_target(layer: WeightLayer):
+    """(sum tensor, skip tensor, bias) when the layer's output (through a MatMul's bias Add,
+    ``WeightLayer.bias_add``, whose constant is then the bias) goes only into an Add with another
+    computed tensor, else None."""
+    t, shift = layer.node.outputs[0], None
+    add = layer.bias_add
+    if add is not None:
+        shift, t = layer.bias(), add.outputs[0]
     users = list(t.outputs)
-    if node.op == "MatMul" and len(users) == 1 and users[0].op == "Add":
-        c = [i for i in users[0].inputs if i is not t]
-        if len(c) == 1 and isinstance(c[0], gs.Constant) and c[0].values.ndim >= 1:
-            shift, t = c[0].values.reshape(-1).astype(np.float64), users[0].outputs[0]
-            users = list(t.outputs)
     if len(users) != 1 or users[0].op != "Add" or len(users[0].inputs) != 2:
         return None
     other = [i for i in users[0].inputs if i is not t]
     if len(other) != 1 or isinstance(other[0], gs.Constant):
         return None
     return users[0].outputs[0].name, other[0].name, shift
-
-
-def write_layer(graph: gs.Graph, node: gs.Node, w: np.ndarray, b: np.ndarray) -> None:
-    """Write a refit W (d_in × d_out) and bias b into ``node`` (a MatMul's bias into its Add)."""
-    if node.op == "MatMul":
-        set_layer_matrix(node, w, None)
-        add_matmul_bias(graph, node, b)
-    else:
-        set_layer_matrix(node, w, b)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ...lstsq import relative_alpha
+
 
 @dataclass
 class Problem:
@@ -42,7 +44,7 @@ class _Elim:
 
     def __init__(self, p: Problem, ridge: float):
         d = p.cxx.shape[0]
-        alpha = ridge * max(np.trace(p.cxx) / max(d, 1), 1e-12)
+        alpha = relative_alpha(p.cxx, ridge)
         self.h = _spd_inverse(p.cxx + alpha * np.eye(d))
         self.w = self.h @ p.cxy
         self.var = max(p.var, 1e-12)

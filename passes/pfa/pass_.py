@@ -83,7 +83,8 @@ class Pfa(Pass):
     def eligible(self, model, an):
         """(groups pfa can prune, [Skip]): every pin, each group's ``check``, and every consumer that
         could not be refit (``edits.refit_reason``), which leaves the channels it reads whole."""
-        nodes = {n.name: n for n in import_graph(model).nodes}
+        graph = import_graph(model)
+        nodes = {n.name: n for n in graph.nodes}
         groups, skipped = [], []
 
         def skip(node, reason):
@@ -101,7 +102,7 @@ class Pfa(Pass):
                 continue
             blocked = False
             for c in refit_consumers(nodes, g.consumers):
-                reason = refit_reason(nodes[c])
+                reason = refit_reason(nodes[c], graph)
                 if reason is not None:
                     skip(c, f"{reason}; the channels it reads ({g.name}) are left whole")
                     blocked = True

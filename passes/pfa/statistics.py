@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...graph import import_graph
-from ...reconstruct import layer_stats_request
+from ...layers import WeightLayer
 from ...stats import ResponseStats
 from .edits import consumer_blocks, refit_consumers
 from .elimination import Problem
@@ -29,11 +29,8 @@ def collect_statistics(model, an, groups, cfg, ctx, consumers: bool):
         nodes = {n.name: n for n in graph.nodes}
         for g in groups:
             for c in refit_consumers(nodes, g.consumers):
-                node = nodes.get(c)
-                if c in layer:
-                    continue
-                layer[c] = layer_stats_request(node, "pfa-sel:" + c, node.inputs[0].name,
-                                               node.outputs[0].name, positions=cfg.positions)
+                if c not in layer:
+                    layer[c] = WeightLayer(nodes[c]).stats_request("pfa-sel:" + c, positions=cfg.positions)
     accs = ctx.collect(list(reqs.values()) + list(layer.values()), desc="pfa statistics")
     covs = {}
     for g in groups:
@@ -45,10 +42,8 @@ def collect_statistics(model, an, groups, cfg, ctx, consumers: bool):
     problems = {g.index: [] for g in groups}
     for c, req in layer.items():
         cm = accs[req.key]
-        n = max(cm.n, 1)
-        cxx = cm.x.cov
-        cxy = cm.xy / n - np.outer(cm.x.mean, cm.mean_y)
-        var = float(np.sum(cm.yy / n - cm.mean_y ** 2))
+        cxx, cxy, _, my = cm.moments(centered=True)
+        var = float(np.sum(cm.yy / max(cm.n, 1) - my ** 2))
         for gi, blocks in consumer_blocks(an, c, nodes[c]).items():
             if gi in problems:
                 problems[gi].append(Problem(cxx, cxy, var, blocks))

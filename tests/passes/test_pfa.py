@@ -11,7 +11,8 @@ from onnxshrink.cost import model_cost
 from onnxshrink.errors import UsageError
 from onnxshrink.channels import analyze
 from onnxshrink.passes.pfa.allocation import by_error
-from onnxshrink.passes.pfa import (CostModel, Pfa, PfaConfig, Problem, choose_ridge, elimination_order, kept_energy,
+from onnxshrink.lstsq import choose_ridge
+from onnxshrink.passes.pfa import (CostModel, Pfa, PfaConfig, Problem, elimination_order, kept_energy,
                                    kept_kl, pearson_removal_order, round_up, spectrum)
 from onnxshrink.stats import CrossMoments
 from onnxshrink.validate import Tolerances
