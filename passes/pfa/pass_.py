@@ -64,6 +64,10 @@ class PfaConfig:
 
 @register
 class Pfa(Pass):
+    """Remove the channels of each coupling group that its consumers' least-squares refit misses
+    least (or the paper's Pearson / a magnitude order), as many as a PFA recipe or the budget says,
+    then refit the consumers (the package docstring has the math)."""
+
     name = "pfa"
     summary = "Principal Filter Analysis: remove Conv filters / linear neurons whose responses are correlated"
     Config = PfaConfig
