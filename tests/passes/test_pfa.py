@@ -10,7 +10,9 @@ from onnxshrink import shrink
 from onnxshrink.cost import model_cost
 from onnxshrink.errors import UsageError
 from onnxshrink.channels import analyze
-from onnxshrink.passes.pfa import (CostModel, Pfa, PfaConfig, Problem, choose_ridge, elimination_order, kept_energy,
+from onnxshrink.passes.pfa.allocation import by_error
+from onnxshrink.lstsq import choose_ridge
+from onnxshrink.passes.pfa import (CostModel, Pfa, PfaConfig, Problem, elimination_order, kept_energy,
                                    kept_kl, pearson_removal_order, round_up, spectrum)
 from onnxshrink.stats import CrossMoments
 from onnxshrink.validate import Tolerances
@@ -129,12 +131,10 @@ def test_allocation_spends_the_budget_where_error_is_cheapest():
     k = np.arange(33)
     curves = {0: 0.001 * (32 - k), 1: 0.1 * (32 - k)}        # group 0 is ten times cheaper to shrink
     cost = lambda ks: {"flops": 10.0 * ks[0] + 10.0 * ks[1]}
-    goal = {"flops": type("Goal", (), {"target": 480.0})()}
     details = {}
-    ks = Pfa()._allocate(groups, curves, PfaConfig(channel_multiple=8), cost, goal, details)
+    ks = by_error(groups, curves, 8, cost, {"flops": 480.0}, details)
     assert cost(ks)["flops"] <= 480 and ks == {0: 16, 1: 32}
-    goal = {"flops": type("Goal", (), {"target": 150.0})()}
-    ks = Pfa()._allocate(groups, curves, PfaConfig(channel_multiple=8), cost, goal, details)
+    ks = by_error(groups, curves, 8, cost, {"flops": 150.0}, details)
     assert ks == {0: 8, 1: 8}                                 # multiples of 8, smallest is 8 here
     assert "not reachable" in details["budget"]
 
@@ -245,6 +245,21 @@ def test_a_consumer_that_cannot_be_refit_leaves_its_group_whole_with_a_reason():
     assert rep["changed"] == []
     assert any("auto_pad=SAME_UPPER" in s["reason"] for s in rep["skipped"]), rep["skipped"]
     assert_close(m, res.model, {"x": x[:4]}, rtol=1e-6, atol=1e-6)
+
+
+def test_check_gives_the_reason_a_group_stays_whole_and_plan_lists_it():
+    """x -> Conv(3->8) -> Relu -> Conv(8->4) -> y: the 8 channels are prunable, y's 4 are pinned."""
+    from types import SimpleNamespace as G
+    assert Pfa.check(G(size=1, observations=[object()])) == "a single channel: nothing to remove"
+    assert Pfa.check(G(size=4, observations=[])) == "no tensor shows the channels' responses"
+    assert Pfa.check(G(size=4, observations=[object()])) is None
+    m = _conv_pair()
+    plan = Pfa().plan(m, PfaConfig())
+    an = analyze(m)
+    prunable = [g for g in an.groups if not g.pinned]
+    assert len(prunable) == 1 and prunable[0].size == 8
+    assert plan.targets == [s.node for s in prunable[0].sources if s.prunable] and len(plan.targets) == 1
+    assert [s.reason for s in plan.skipped] == ["channels reach graph output 'y'"]
 
 
 def test_a_same_upper_consumer_with_stride_1_is_pruned_and_refit():

@@ -1,93 +1,26 @@
-"""pfa, choosing channels: the PFA recipes on a response spectrum (PFA-En, PFA-KL), the paper's
-Pearson-correlation removal order, and reconstruction-aware backward elimination on the consumers'
-least-squares problems (which also gives each group's error curve for the budget allocation)."""
+"""pfa, reconstruction-aware selection: greedy backward elimination of a group's channels on its
+consumers' least-squares problems (ThiNet, Luo et al. 2017; He et al. 2017 channel pruning).
+
+For a consumer with inputs x (its im2col/feature columns) and outputs y, H = (Cov(x) + αI)⁻¹ and
+W = H Cov(x, y) is the ridge fit. Dropping a channel c (its block B of input columns, k·k for a
+k×k Conv) raises min ‖XW − Y‖² by tr(W_Bᵀ H_BB⁻¹ W_B), and the block elimination
+
+    H ← H − H_·B H_BB⁻¹ H_B·,    W ← W − H_·B H_BB⁻¹ W_B
+
+refits the remaining columns without a new solve. Summed over a group's consumers (each relative to
+its tr Cov(y)), the increases give the order of removal and the group's error curve e_g(k), which the
+budget allocation trades against cost."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
-import onnx_graphsurgeon as gs
 
-
-# ----------------------------------------------------------------------------- recipes
-
-
-def spectrum(cov: np.ndarray) -> np.ndarray:
-    """Eigenvalues of a covariance, descending, clipped at 0, normalised to sum 1."""
-    cov = np.asarray(cov, dtype=np.float64)
-    try:
-        import scipy.linalg
-        ev = scipy.linalg.eigh(cov, eigvals_only=True, driver="ev")
-    except Exception:  # no scipy, or no convergence
-        ev = np.linalg.eigvalsh(cov)
-    lam = np.clip(ev[::-1], 0.0, None)
-    total = lam.sum()
-    if total <= 0:
-        out = np.zeros_like(lam)
-        out[0] = 1.0
-        return out
-    return lam / total
-
-
-def kept_energy(lam: np.ndarray, energy: float) -> int:
-    """PFA-En: smallest k with Σ_{i≤k} λ_i ≥ energy (all of them at energy 1)."""
-    n = len(lam)
-    if energy >= 1.0:
-        return n
-    cum = np.cumsum(lam)
-    return int(min(n, np.searchsorted(cum, energy - 1e-12, side="left") + 1))
-
-
-def kept_kl(lam: np.ndarray) -> int:
-    """PFA-KL: ceil(n · (1 − KL(λ ‖ uniform) / log n))."""
-    n = len(lam)
-    if n < 2:
-        return n
-    nz = lam[lam > 0]
-    kl = float(np.sum(nz * np.log(n * nz)))
-    return int(min(n, max(1, np.ceil(n * (1.0 - kl / np.log(n)) - 1e-9))))
-
-
-def round_up(k: int, n: int, multiple: int) -> int:
-    k = max(int(k), 1)
-    return int(min(n, -(-k // multiple) * multiple))
-
-
-def pearson_removal_order(cov: np.ndarray) -> np.ndarray:
-    """All channels in the order PFA removes them: channels with no variance first, then the one
-    whose |Pearson correlations| with the remaining channels sum highest (ties: the highest single
-    correlation), recomputed after each removal."""
-    cov = np.asarray(cov, dtype=np.float64)
-    n = len(cov)
-    d = np.diag(cov).copy()
-    dead = d <= 1e-10 * max(d.max(initial=0.0), 1e-30)
-    s = np.sqrt(np.where(dead, 1.0, d))
-    a = np.abs(cov / np.outer(s, s))
-    a[dead, :] = 0.0
-    a[:, dead] = 0.0
-    np.fill_diagonal(a, 0.0)
-    alive = np.ones(n, dtype=bool)
-    order = [int(i) for i in np.nonzero(dead)[0][np.argsort(d[dead])]]
-    alive[order] = False
-    sums = a[:, alive].sum(axis=1)
-    while alive.sum() > 0:
-        cand = np.nonzero(alive)[0]
-        best = sums[cand].max()
-        ties = cand[sums[cand] >= best - 1e-12]
-        j = int(ties[0]) if len(ties) == 1 else int(ties[np.argmax(a[np.ix_(ties, cand)].max(axis=1))])
-        order.append(j)
-        alive[j] = False
-        sums -= a[:, j]
-    return np.asarray(order, dtype=np.int64)
-
-
-# ----------------------------------------------------------------------------- reconstruction-aware selection
+from ...lstsq import relative_alpha
 
 
 @dataclass
-
-
 class Problem:
     """One consumer's least-squares problem seen from a group: Cov(x) (d×d) and Cov(x, y) (d×m) of its
     inputs and outputs on the unpruned network, the total output variance tr Cov(y), and for each of
@@ -111,7 +44,7 @@ class _Elim:
 
     def __init__(self, p: Problem, ridge: float):
         d = p.cxx.shape[0]
-        alpha = ridge * max(np.trace(p.cxx) / max(d, 1), 1e-12)
+        alpha = relative_alpha(p.cxx, ridge)
         self.h = _spd_inverse(p.cxx + alpha * np.eye(d))
         self.w = self.h @ p.cxy
         self.var = max(p.var, 1e-12)
@@ -211,37 +144,3 @@ def elimination_order(problems: list, n: int, ridge: float = 1e-3, step_fraction
     order.extend(int(c) for c in np.nonzero(alive)[0])
     err[0] = err[1]
     return np.asarray(order, dtype=np.int64), err
-
-
-def consumer_blocks(an, consumer: str, node: gs.Node) -> dict:
-    """{group index: [input columns of ``consumer``'s LayerStats features fed by each channel]}."""
-    comps = None
-    for e in an.edits:
-        if e.kind == "in" and e.node == consumer:
-            comps = np.asarray(e.comps)
-            break
-    if comps is None:
-        return {}
-    kk = 1
-    if node.op == "Conv":
-        kk = int(np.prod(node.inputs[1].values.shape[2:]))
-    cls = an.roots[comps]
-    gids, idx = an.class_group[cls], an.class_index[cls]
-    out = {}
-    for g in np.unique(gids):
-        size = an.groups[g].size
-        cols = [[] for _ in range(size)]
-        for p in np.nonzero(gids == g)[0]:
-            cols[idx[p]].extend(range(p * kk, (p + 1) * kk))
-        out[int(g)] = [np.asarray(c, dtype=np.int64) for c in cols]
-    return out
-
-
-def weight_row_norms(node: gs.Node) -> np.ndarray:
-    """Squared L2 norm of each output channel's weights."""
-    w = node.inputs[1].values.astype(np.float64)
-    if node.op == "Conv":
-        return (w.reshape(w.shape[0], -1) ** 2).sum(axis=1)
-    if node.op == "Gemm" and node.attrs.get("transB", 0):
-        return (w ** 2).sum(axis=1)
-    return (w ** 2).sum(axis=0)

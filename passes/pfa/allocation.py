@@ -1,0 +1,247 @@
+"""pfa, budget mode: how many channels each group keeps so that the model meets its goals.
+
+The cost of the pruned model as a function of the kept counts k_g (``CostModel``) is identified from
+a few probe prunes: a node's params/FLOPs are at most bilinear in its input and output channel counts
+(and quadratic in one group when a layer's input and output are tied), so
+
+    cost(k) = cost(n) + Σ_g [L_g u_g + Q_g (k_g² − n_g²)] + Σ_{g<h} C_gh u_g u_h,   u_g = k_g − n_g
+
+is exact for such graphs. Two allocations search it:
+- ``by_error`` (default): from every group whole, repeatedly shrink (by the group's step) the group
+  whose next step adds the least reconstruction error e_g(k) per unit of cost saved until every
+  target holds, then give back steps that still fit;
+- ``by_energy`` (the paper): the largest global energy whose PFA-En recipe meets the targets
+  (bisection), then the same fraction of the way to the next recipe for every group.
+
+A target is an absolute value per metric ({"flops": ..., "params": ...}) the cost must not exceed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ...budget import TOLERANCE
+from ...cost import signature_costs
+from .recipes import round_up
+
+
+def multiple_of(g, channel_multiple: int) -> int:
+    """The step of a group's kept count: ``channel_multiple`` columns, where one channel of the group
+    spans several columns of its sources (an attention head: head-size columns of Q, K and V)."""
+    sources = [s for s in getattr(g, "sources", []) if s.prunable]
+    width = min(len(s.comps) for s in sources) // max(g.size, 1) if sources else 1
+    return max(1, channel_multiple // max(width, 1))
+
+
+# ----------------------------------------------------------------------------- cost without rebuilding
+class CostModel:
+    """Model cost as a function of the kept counts k_g, identified from a few probe prunes:
+    cost(k) = cost(n) + Σ_g [L_g u_g + Q_g (k_g² − n_g²)] + Σ_{g<h} C_gh u_g u_h, u_g = k_g − n_g.
+    Every node's params/FLOPs are at most bilinear in the counts of the groups it touches (in and out
+    channels), and quadratic in one group (a layer whose input and output are tied), so this is exact
+    for such graphs; groups that share a node are probed in pairs."""
+
+    def __init__(self, an, model, groups, cost_nodes):
+        self.groups = [g.index for g in groups]
+        self.n = {g.index: g.size for g in groups}
+        base = cost_nodes(model)
+        names = sorted(base)
+        vec = lambda c: np.array([[c.get(k, (0, 0))[0] for k in names], [c.get(k, (0, 0))[1] for k in names]],
+                                 dtype=np.float64)
+        b = vec(base)
+        self.base = b.sum(axis=1)
+        self.probes = 0
+
+        def probe(ks):
+            self.probes += 1
+            keep = {gi: np.arange(k) for gi, k in ks.items()}
+            return vec(cost_nodes(an.prune(model, keep)))
+
+        self.L, self.Q, touched = {}, {}, {}
+        for gi in self.groups:
+            n = self.n[gi]
+            d1 = probe({gi: 1}) - b
+            if n >= 3:
+                d2 = probe({gi: 2}) - b
+                u1, u2 = 1.0 - n, 2.0 - n
+                s1, s2 = 1.0 - n * n, 4.0 - n * n
+                det = u1 * s2 - u2 * s1
+                lq = [(d1 * s2 - d2 * s1) / det, (u1 * d2 - u2 * d1) / det]
+                touched[gi] = (np.abs(d1) + np.abs(d2)).sum(axis=0) > 0
+            else:
+                lq = [d1 / (1.0 - n), np.zeros_like(d1)]
+                touched[gi] = np.abs(d1).sum(axis=0) > 0
+            self.L[gi], self.Q[gi] = lq[0].sum(axis=1), lq[1].sum(axis=1)
+        self.C = {}
+        for i, gi in enumerate(self.groups):
+            for gj in self.groups[i + 1:]:
+                if not np.any(touched[gi] & touched[gj]):
+                    continue
+                d = (probe({gi: 1, gj: 1}) - b).sum(axis=1)
+                rest = self._single(gi, 1) + self._single(gj, 1)
+                self.C[(gi, gj)] = (d - rest) / ((1.0 - self.n[gi]) * (1.0 - self.n[gj]))
+
+    def _single(self, gi, k):
+        n = self.n[gi]
+        return self.L[gi] * (k - n) + self.Q[gi] * (k * k - n * n)
+
+    def __call__(self, ks: dict) -> dict:
+        """{"params", "flops"} at the kept counts ``ks`` ({group index: k}; missing groups whole)."""
+        c = self.base.copy()
+        for gi, k in ks.items():
+            if gi in self.L:
+                c += self._single(gi, k)
+        for (gi, gj), v in self.C.items():
+            c += v * (ks.get(gi, self.n[gi]) - self.n[gi]) * (ks.get(gj, self.n[gj]) - self.n[gj])
+        return {"params": float(c[0]), "flops": float(c[1])}
+
+
+# ----------------------------------------------------------------------------- the two allocations
+def by_error(groups, curves, channel_multiple, cost, targets, details, ks=None):
+    """Greedy allocation: starting from ``ks`` (default: every group whole), repeatedly shrink the
+    group whose next step down (to the next multiple of its step) adds the least reconstruction
+    error ``curves[g][k]`` per unit of cost saved, until every target is met; then give channels back
+    where they buy the most error per unit of cost while the targets hold."""
+    ks = dict(ks) if ks is not None else {g.index: g.size for g in groups}
+    mult = {g.index: multiple_of(g, channel_multiple) for g in groups}
+    steps = 0
+    while True:
+        c = cost(ks)
+        unmet = [k for k, target in targets.items() if c[k] > target]
+        if not unmet:
+            break
+        best, best_ratio = None, None
+        for g in groups:
+            k, m = ks[g.index], mult[g.index]
+            nxt = ((k - 1) // m) * m
+            if nxt < 1:
+                continue
+            trial = dict(ks)
+            trial[g.index] = nxt
+            c2 = cost(trial)
+            saved = sum((c[k2] - c2[k2]) / max(targets[k2], 1e-12) for k2 in unmet)
+            if saved <= 0:
+                continue
+            ratio = (curves[g.index][nxt] - curves[g.index][k]) / saved
+            if best_ratio is None or ratio < best_ratio:
+                best, best_ratio = (g.index, nxt), ratio
+        if best is None:
+            details["budget"] = "not reachable: every group is at its smallest count"
+            break
+        ks[best[0]] = best[1]
+        steps += 1
+    # the last step can overshoot (one step of a wide layer is several percent of the cost):
+    # give channels back where they buy the most error per unit of cost, while the targets hold
+    while steps:
+        best, best_gain = None, None
+        for g in groups:
+            k, m = ks[g.index], mult[g.index]
+            if k >= g.size:
+                continue
+            up = min(g.size, (k // m + 1) * m)
+            trial = dict(ks)
+            trial[g.index] = up
+            c2 = cost(trial)
+            if any(c2[k2] > target for k2, target in targets.items()):
+                continue
+            c = cost(ks)
+            added = sum(max(c2[k2] - c[k2], 0.0) / max(targets[k2], 1e-12) for k2 in targets)
+            gain = (curves[g.index][k] - curves[g.index][up]) / max(added, 1e-12)
+            if best_gain is None or gain > best_gain:
+                best, best_gain = (g.index, up), gain
+        if best is None:
+            break
+        ks[best[0]] = best[1]
+    details["allocation_steps"] = details.get("allocation_steps", 0) + steps
+    return ks
+
+
+def by_energy(groups, lams, channel_multiple, cost, targets, details):
+    """One global energy threshold (the paper's recipe), searched by bisection: (ks, energy)."""
+    cums = {g.index: np.cumsum(lams[g.index]) for g in groups}
+    cands = np.unique(np.concatenate([np.clip(c, 0, 1) for c in cums.values()] + [np.array([0.0, 1.0])]))
+
+    def ks_at(e):
+        return {g.index: round_up(g.size if e >= 1.0 else
+                                  min(g.size, np.searchsorted(cums[g.index], e - 1e-12) + 1),
+                                  g.size, multiple_of(g, channel_multiple)) for g in groups}
+
+    def fits(ks):
+        c = cost(ks)
+        return all(c[m] <= target for m, target in targets.items())
+
+    if fits(ks_at(1.0)):
+        details["budget"] = "met without removing channels"
+        return ks_at(1.0), 1.0
+    if not fits(ks_at(0.0)):
+        details["budget"] = "not reachable: the smallest recipe (1 channel per group, rounded) misses it"
+        return ks_at(0.0), 0.0
+    lo, hi = 0, len(cands) - 1        # cands[lo] fits, cands[hi] does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(ks_at(cands[mid])):
+            lo = mid
+        else:
+            hi = mid
+    # Between two neighbouring energies the counts can jump (a spectrum whose tail is ~0 reaches
+    # "all the energy" long before all channels): spend what is left of the budget by moving
+    # every group the same fraction t of the way from the fitting recipe to the next one.
+    k_lo, k_hi = ks_at(cands[lo]), ks_at(cands[hi])
+    groups_by = {g.index: g for g in groups}
+
+    def ks_t(t):
+        return {gi: round_up(k_lo[gi] + t * (k_hi[gi] - k_lo[gi]), groups_by[gi].size,
+                             multiple_of(groups_by[gi], channel_multiple))
+                if k_hi[gi] > k_lo[gi] else k_lo[gi] for gi in k_lo}
+
+    t_lo, t_hi = 0.0, 1.0
+    for _ in range(8):
+        t = 0.5 * (t_lo + t_hi)
+        if fits(ks_t(t)):
+            t_lo = t
+        else:
+            t_hi = t
+    return ks_t(t_lo), float(cands[lo])
+
+
+def overshoot_note(real, goals, multiple) -> dict:
+    """{"note": ...} when whole steps of ``multiple`` channels left the model well below a goal (a
+    small group, 10 or 16 channels, can only go to 8: one step is a large share of a small net)."""
+    over = [f"{m} {real[m] / max(goal.final / goal.fraction, 1e-12):.3f} of the original for a goal of "
+            f"{goal.target / max(goal.final / goal.fraction, 1e-12):.3f}"
+            for m, goal in goals.items() if real.get(m) is not None and real[m] < goal.target * (1 - TOLERANCE)]
+    if not over:
+        return {}
+    return {"note": f"channels go in steps of pfa.channel_multiple={multiple}: the smallest allocation meeting "
+                    f"the goal leaves {'; '.join(over)} (pfa.channel_multiple=1 allows finer steps)"}
+
+
+# ----------------------------------------------------------------------------- reach
+def cost_table(model, shapes):
+    """{"total": {metric: value or None}, "nodes": {metric: {node: value}}}: params, and FLOPs per
+    sample averaged over ``shapes`` (a dict of input shapes, a list of signatures, or None)."""
+    per = signature_costs(model, shapes)
+    weight = sum(w for _, w in per) or 1
+    params = {c.name: c.params for c in per[0][0]}
+    flops = {}
+    for costs, w in per:
+        for c in costs:
+            flops[c.name] = flops.get(c.name, 0.0) + w * c.flops / weight
+    known = all(c.flops_known for costs, _ in per for c in costs)
+    return {"total": {"params": sum(params.values()), "flops": sum(flops.values()) if known else None},
+            "nodes": {"params": params, "flops": flops}}
+
+
+def reach_of(model, smallest, shapes):
+    """{"acts_on": {metric: share of ``model``'s cost in nodes whose cost differs in ``smallest``},
+    "floor": {metric: cost of ``smallest`` as a fraction of ``model``'s}} (None where not countable)."""
+    before, after = cost_table(model, shapes), cost_table(smallest, shapes)
+    acts, floor = {}, {}
+    for m in ("params", "flops"):
+        total, low = before["total"][m], after["total"][m]
+        if not total or low is None:
+            acts[m] = floor[m] = None
+            continue
+        moved = sum(v for k, v in before["nodes"][m].items() if abs(after["nodes"][m].get(k, 0) - v) > 1e-9 * total)
+        acts[m], floor[m] = moved / total, low / total
+    return {"acts_on": acts, "floor": floor}

@@ -1,0 +1,82 @@
+"""pfa, the graph side: which nodes read a group's channels and how (its consumers, whether they can
+be refit, their input columns per channel, a residual Add after them); layers are read through
+``layers.WeightLayer``.
+
+Removing the channels themselves is ``onnxshrink.channels`` (``Analysis.prune``): every tensor of a
+coupling group loses the same channels, and each consumer's input columns are sliced. The consumers
+are then refit (``refit``); the ones in ``SLICE_ONLY`` are only sliced."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ...layers import WeightLayer, explicit_pads
+from ...registry import Skip
+
+SLICE_ONLY = ("ConvTranspose",)   # consumers whose input channels are sliced but not refit (no LayerStats)
+
+
+def refit_consumers(nodes, names):
+    """The consumers among ``names`` that are refit (the others are only sliced)."""
+    return [c for c in names if c in nodes and nodes[c].op not in SLICE_ONLY]
+
+
+def single_group(layer: WeightLayer) -> str | None:
+    """A grouped Conv's input columns are refit per group, which pfa does not do."""
+    if layer.op == "Conv" and layer.group != 1:
+        return "grouped Conv: refit per group is not supported by this helper"
+    return None
+
+
+REFIT_CHECKS = (explicit_pads, single_group)   # what a consumer must pass to be refit
+
+
+def refit_reason(node: gs.Node, graph: gs.Graph | None = None) -> str | None:
+    """Why ``node`` cannot be refit (e.g. a Conv with auto_pad), or None when it can."""
+    layer = WeightLayer.of(node, graph, *REFIT_CHECKS)
+    return layer.reason if isinstance(layer, Skip) else None
+
+
+def consumer_blocks(an, consumer: str, node: gs.Node) -> dict:
+    """{group index: [input columns of ``consumer``'s LayerStats features fed by each channel]}."""
+    comps = None
+    for e in an.edits:
+        if e.kind == "in" and e.node == consumer:
+            comps = np.asarray(e.comps)
+            break
+    if comps is None:
+        return {}
+    kk = int(np.prod(WeightLayer(node).kernel))   # a Conv's input channel is k·k columns, else one
+    cls = an.roots[comps]
+    gids, idx = an.class_group[cls], an.class_index[cls]
+    out = {}
+    for g in np.unique(gids):
+        size = an.groups[g].size
+        cols = [[] for _ in range(size)]
+        for p in np.nonzero(gids == g)[0]:
+            cols[idx[p]].extend(range(p * kk, (p + 1) * kk))
+        out[int(g)] = [np.asarray(c, dtype=np.int64) for c in cols]
+    return out
+
+
+def weight_row_norms(node: gs.Node) -> np.ndarray:
+    """Squared L2 norm of each output channel's weights (the columns of the layer's matrix)."""
+    return (WeightLayer(node).matrix() ** 2).sum(axis=0)
+
+
+def residual_target(layer: WeightLayer):
+    """(sum tensor, skip tensor, bias) when the layer's output (through a MatMul's bias Add,
+    ``WeightLayer.bias_add``, whose constant is then the bias) goes only into an Add with another
+    computed tensor, else None."""
+    t, shift = layer.node.outputs[0], None
+    add = layer.bias_add
+    if add is not None:
+        shift, t = layer.bias(), add.outputs[0]
+    users = list(t.outputs)
+    if len(users) != 1 or users[0].op != "Add" or len(users[0].inputs) != 2:
+        return None
+    other = [i for i in users[0].inputs if i is not t]
+    if len(other) != 1 or isinstance(other[0], gs.Constant):
+        return None
+    return users[0].outputs[0].name, other[0].name, shift

@@ -1,0 +1,310 @@
+"""The pfa pass: which groups it may prune (``check``), and the order of the steps in ``apply``:
+
+    statistics (one run) → removal order and error curve per group → kept counts (recipe or
+    budget) → prune → refit the consumers, level by level → report.
+
+The numerics live beside it: ``recipes`` (PFA-En, PFA-KL, Pearson order), ``elimination``
+(reconstruction-aware order and error curves), ``allocation`` (cost model and budget search),
+``refit`` (the ridge refit); the graph side in ``edits`` and ``statistics``."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ...channels import analyze
+from ...cost import node_costs
+from ...errors import UsageError
+from ...graph import import_graph
+from ...registry import Pass, PassReport, Plan, Skip, register
+from . import allocation
+from .allocation import CostModel, multiple_of, overshoot_note, reach_of
+from .edits import refit_consumers, refit_reason, weight_row_norms
+from .elimination import elimination_order
+from .recipes import kept_energy, kept_kl, pearson_removal_order, round_up, spectrum
+from .refit import sequential_refit
+from .statistics import collect_statistics
+
+MODES = ("auto", "energy", "kl", "budget")
+SELECTIONS = ("reconstruction", "pearson", "magnitude")
+ALLOCATIONS = ("error", "energy")
+
+
+@dataclass
+class PfaConfig:
+    mode: str = "auto"            # auto: budget when a flops/params target is given, else energy
+    energy: float = 0.98          # PFA-En: fraction of the response spectrum's energy kept per group
+    selection: str = "reconstruction"  # reconstruction: backward elimination on the consumers' least-squares
+                                  # error; pearson (the paper); magnitude (smallest filter weight norm first)
+    allocation: str = "error"     # budget mode: error (greedy on per-group reconstruction-error curves per
+                                  # unit of cost) or energy (one global energy threshold, the paper)
+    channel_multiple: int = 8     # round kept counts up to a multiple of this (1: no rounding)
+    ridge: float = -1.0           # relative ridge of the reconstruction; < 0: chosen per layer
+                                  # on held-out calibration batches from RIDGES
+    positions: int = 32           # conv refits: sampled output positions per sample
+    residual_targets: bool = True  # a layer feeding a residual Add is fit to the reference sum
+    prior: bool = True            # ridge toward the layer's own sliced weights (False: toward zero)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"pfa.mode must be one of {', '.join(MODES)}, got '{self.mode}'")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"pfa.selection must be one of {', '.join(SELECTIONS)}, got '{self.selection}'")
+        if not 0.0 < self.energy <= 1.0:
+            raise ValueError(f"pfa.energy must be in (0, 1], got {self.energy}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"pfa.allocation must be one of {', '.join(ALLOCATIONS)}, got '{self.allocation}'")
+        if self.channel_multiple < 1:
+            raise ValueError(f"pfa.channel_multiple must be >= 1, got {self.channel_multiple}")
+        if self.positions < 1:
+            raise ValueError(f"pfa.positions must be >= 1, got {self.positions}")
+
+
+@register
+class Pfa(Pass):
+    """Remove the channels of each coupling group that its consumers' least-squares refit misses
+    least (or the paper's Pearson / a magnitude order), as many as a PFA recipe or the budget says,
+    then refit the consumers (the package docstring has the math)."""
+
+    name = "pfa"
+    summary = "Principal Filter Analysis: remove Conv filters / linear neurons whose responses are correlated"
+    Config = PfaConfig
+    needs_data = True
+    budgets = ("flops", "params")
+
+    # -- which groups
+    @staticmethod
+    def check(group) -> str | None:
+        """Why pfa leaves an unpinned coupling group whole, or None when it may prune it."""
+        if group.size < 2:
+            return "a single channel: nothing to remove"
+        if not group.observations:
+            return "no tensor shows the channels' responses"
+        return None
+
+    def eligible(self, model, an):
+        """(groups pfa can prune, [Skip]): every pin, each group's ``check``, and every consumer that
+        could not be refit (``edits.refit_reason``), which leaves the channels it reads whole."""
+        graph = import_graph(model)
+        nodes = {n.name: n for n in graph.nodes}
+        groups, skipped = [], []
+
+        def skip(node, reason):
+            if not any(s.node == node and s.reason == reason for s in skipped):
+                skipped.append(Skip(node, reason))
+
+        for g in an.groups:
+            if g.pinned:
+                for p in g.pins:
+                    skip(p.node, p.reason)
+                continue
+            reason = self.check(g)
+            if reason is not None:
+                skip(g.name, reason)
+                continue
+            blocked = False
+            for c in refit_consumers(nodes, g.consumers):
+                reason = refit_reason(nodes[c], graph)
+                if reason is not None:
+                    skip(c, f"{reason}; the channels it reads ({g.name}) are left whole")
+                    blocked = True
+            if not blocked:
+                groups.append(g)
+        return groups, skipped
+
+    def plan(self, model, cfg):
+        groups, skipped = self.eligible(model, analyze(model))
+        return Plan(targets=[s.node for g in groups for s in g.sources if s.prunable], skipped=skipped)
+
+    def reach(self, model, cfg, shapes=None, an=None, groups=None):
+        """What pfa alone can do to ``model`` at input ``shapes``: {"acts_on": {metric: share of the
+        model's cost in nodes whose cost changes when channels go}, "floor": {metric: the fraction
+        of the cost left with every prunable group at its smallest count (``channel_multiple``)}}."""
+        if an is None:
+            an = analyze(model, shapes if isinstance(shapes, dict) else None)
+            groups, _ = self.eligible(model, an)
+        keep = {g.index: np.arange(multiple_of(g, cfg.channel_multiple)) for g in groups
+                if multiple_of(g, cfg.channel_multiple) < g.size}
+        return reach_of(model, an.prune(model, keep) if keep else model, shapes)
+
+    # -- the steps
+    def apply(self, model, cfg, ctx):
+        t0 = time.perf_counter()
+        ctx.require_data(self.name)
+        report = PassReport(self.name)
+        an = analyze(model, ctx.sample_shapes)
+        groups, report.skipped = self.eligible(model, an)
+        mode = cfg.mode
+        has_goal = any(m in self.budgets for m in ctx.goals)
+        if mode == "auto":
+            mode = "budget" if has_goal else "energy"
+        if mode == "budget" and not has_goal:
+            raise UsageError("pfa.mode=budget needs --target-flops or --target-params")
+        details = {"mode": mode, "groups": len(an.groups), "prunable_groups": len(groups),
+                   "selection": cfg.selection}
+        report.details = details
+        if has_goal:   # what pfa alone could reach, for the report and a TargetError's message
+            details["reach"] = self.reach(model, cfg, ctx.sample_shapes, an, groups)
+        if not groups:
+            return model, report
+        by_error = mode == "budget" and cfg.allocation == "error"
+        covs, problems = collect_statistics(model, an, groups, cfg, ctx,
+                                            consumers=cfg.selection == "reconstruction" or by_error)
+        t_sel = time.perf_counter()
+        sel = Selection.of(model, an, groups, covs, problems, cfg)
+        details["selection_seconds"] = round(time.perf_counter() - t_sel, 3)
+
+        t_alloc = time.perf_counter()
+        if mode == "budget":
+            ks, keep, pruned = self._meet_budget(sel, ctx, details)
+        else:
+            ks = sel.recipe(mode)
+            if mode == "energy":
+                details["energy"] = cfg.energy
+            keep = sel.keep(ks)
+            pruned = an.prune(model, keep) if keep else model
+        details["allocation_seconds"] = round(time.perf_counter() - t_alloc, 3)
+
+        consumers = self._report_recipe(sel, ks, keep, report)
+        if not keep:
+            details["fit_seconds"] = round(time.perf_counter() - t0 - ctx.calibration_seconds, 3)
+            return model, report
+        pruned, errors, ridges = sequential_refit(pruned, an, keep, consumers, cfg, ctx)
+        if ridges:
+            details["ridges"] = {k: ridges[k] for k in sorted(ridges)}
+        if errors:
+            details["refit_errors"] = {k: round(v, 5) for k, v in sorted(errors.items())}
+            details["refit_error_mean"] = round(float(np.mean(list(errors.values()))), 6)
+            details["refit_error_max"] = round(float(np.max(list(errors.values()))), 6)
+        details["calibration_runs"] = ctx.calibration_runs
+        details["fit_seconds"] = round(time.perf_counter() - t0 - ctx.calibration_seconds, 3)
+        return pruned, report
+
+    def _meet_budget(self, sel, ctx, details):
+        """(ks, keep, pruned model) for the goals of ``ctx`` (budget mode): allocate on the cost
+        model, then check the real model's cost and step on where the cost model missed."""
+        cfg, model, an = sel.cfg, sel.model, sel.an
+        goals = {m: g for m, g in ctx.goals.items() if m in self.budgets}
+        details["allocation"] = cfg.allocation
+        cost = CostModel(an, model, sel.groups,
+                         lambda m: {c.name: (c.params, c.flops) for c in node_costs(m, ctx.sample_shapes)})
+        targets = {m: goal.target for m, goal in goals.items()}
+        if cfg.allocation == "error":
+            ks = allocation.by_error(sel.groups, sel.curves, cfg.channel_multiple, cost, targets, details)
+        else:
+            ks, energy = allocation.by_energy(sel.groups, sel.lams, cfg.channel_multiple, cost, targets, details)
+            details["energy"] = round(energy, 6)
+        details["cost_probes"] = cost.probes
+        keep = sel.keep(ks)
+        pruned = an.prune(model, keep) if keep else model
+        if not keep:
+            return ks, keep, pruned
+        # the cost model is exact for in/out-bilinear layers; check the real model, and step on
+        # (greedily, real cost) where something it cannot see kept it above the budget
+        for _ in range(64):
+            real = ctx.cost(pruned)
+            if all(real[m] <= goal.target for m, goal in goals.items()):
+                break
+            tighter = {m: goal.target * goal.target / max(real[m], 1e-12) for m, goal in goals.items()}
+            ks2 = allocation.by_error(sel.groups, sel.curves, cfg.channel_multiple, cost, tighter, details, ks)
+            if ks2 == ks:
+                break
+            ks = ks2
+            keep = sel.keep(ks)
+            pruned = an.prune(model, keep)
+        if cfg.channel_multiple > 1:
+            details.update(overshoot_note(ctx.cost(pruned), goals, cfg.channel_multiple))
+        return ks, keep, pruned
+
+    @staticmethod
+    def _report_recipe(sel, ks, keep, report):
+        """Write each group's recipe into ``report``; returns the consumers to refit."""
+        recipe, consumers = [], set()
+        model_nodes = {n.name: n for n in import_graph(sel.model).nodes}
+        for g in sel.groups:
+            k = ks[g.index]
+            recipe.append({"group": g.name, "channels": g.size, "kept": k,
+                           "predicted_error": round(float(sel.curves[g.index][k]), 5)})
+            if g.index in keep:
+                consumers.update(refit_consumers(model_nodes, g.consumers))
+                report.changed.append(f"{g.name}: {g.size} -> {k} channels")
+            else:
+                report.skip(g.name, f"recipe keeps all {g.size} channels")
+        report.details["recipe"] = recipe
+        return consumers
+
+
+@dataclass
+class Selection:
+    """What pfa knows about the groups it may prune: their response covariances ``covs``, spectra
+    ``lams`` (computed where asked), removal ``orders`` (where the consumers' problems give one) and
+    error curves ``curves`` (e_g(k), k = 0..n)."""
+    model: object
+    an: object
+    groups: list
+    covs: dict
+    lams: dict
+    orders: dict
+    curves: dict
+    cfg: PfaConfig
+
+    @classmethod
+    def of(cls, model, an, groups, covs, problems, cfg):
+        lams = _Lazy(lambda gi: spectrum(covs[gi]))      # eigenvalues only where a recipe needs them
+        sel_ridge = cfg.ridge if cfg.ridge >= 0 else 1e-3
+        orders, curves = {}, {}
+        for g in groups:
+            if problems.get(g.index):
+                orders[g.index], curves[g.index] = elimination_order(problems[g.index], g.size, sel_ridge)
+            else:  # nothing to reconstruct from: the spectrum's lost energy stands in for the error
+                curves[g.index] = 1.0 - np.concatenate([[0.0], np.cumsum(lams[g.index])])
+                curves[g.index][-1] = 0.0
+        return cls(model, an, groups, covs, lams, orders, curves, cfg)
+
+    def recipe(self, mode) -> dict:
+        """{group index: kept count} by the paper's recipe (``mode`` "kl" or "energy"), rounded up."""
+        cfg = self.cfg
+        if mode == "kl":
+            return {g.index: round_up(kept_kl(self.lams[g.index]), g.size, multiple_of(g, cfg.channel_multiple))
+                    for g in self.groups}
+        return {g.index: round_up(kept_energy(self.lams[g.index], cfg.energy), g.size,
+                                  multiple_of(g, cfg.channel_multiple)) for g in self.groups}
+
+    def keep(self, ks) -> dict:
+        """{group index: the sorted channels kept} for the groups that lose channels at counts ``ks``."""
+        keep = {}
+        for g in self.groups:
+            k = ks[g.index]
+            if k >= g.size:
+                continue
+            if self.cfg.selection == "reconstruction" and g.index in self.orders:
+                order = self.orders[g.index]
+            elif self.cfg.selection == "magnitude":
+                order = self._magnitude(g)
+            else:
+                order = pearson_removal_order(self.covs[g.index])
+            keep[g.index] = np.sort(order[g.size - k:])
+        return keep
+
+    def _magnitude(self, g):
+        """The group's channels by the summed squared norm of their filters, smallest first."""
+        nodes = {n.name: n for n in import_graph(self.model).nodes}
+        score = np.zeros(g.size)
+        for s in g.sources:
+            if s.prunable and s.node in nodes:
+                np.add.at(score, self.an.class_index[self.an.roots[s.comps]], weight_row_norms(nodes[s.node]))
+        return np.argsort(score, kind="stable")
+
+
+class _Lazy(dict):
+    """A dict that computes a missing key's value with ``make(key)`` once."""
+
+    def __init__(self, make):
+        super().__init__()
+        self.make = make
+
+    def __missing__(self, key):
+        self[key] = value = self.make(key)
+        return value
