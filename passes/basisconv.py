@@ -22,8 +22,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..graph import Emitter
-from ..layers import WeightLayer
-from ..registry import register
+from ..layers import WeightLayer, explicit_pads, float_weights, not_shared, ops
+from ..registry import Skip, register
 from ..stats import LayerStats
 from . import _factor
 
@@ -33,23 +33,12 @@ class BasisConvConfig(_factor.FactorConfig):
     channel_multiple: int = 8     # M is rounded up to a multiple of this
 
 
-def _check(node: gs.Node, info: dict):
+def _check(node: gs.Node, graph: gs.Graph, info: dict):
     """(attrs, None) when the Conv can be rewritten, else (None, reason)."""
-    if node.op != "Conv":
-        return None, "not a Conv"
-    if len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
-        return None, "weights are not constants"
-    if len(node.inputs) > 2 and not isinstance(node.inputs[2], gs.Constant):
-        return None, "bias is not a constant"
-    w = node.inputs[1].values
-    if not np.issubdtype(w.dtype, np.floating):
-        return None, f"weights of type {w.dtype}"
-    if len(node.inputs[1].outputs) > 1:
-        return None, "weights are shared with other nodes"
-    try:
-        attrs = WeightLayer(node).conv_attrs()
-    except ValueError as e:
-        return None, str(e)
+    layer = WeightLayer.of(node, graph, ops("Conv"), float_weights, not_shared, explicit_pads)
+    if isinstance(layer, Skip):
+        return None, layer.reason
+    attrs = layer.conv_attrs()
     if all(k == 1 for k in attrs["kernel_shape"]):
         return None, "1×1 kernel: nothing to factor"
     y_shape = info.get(node.outputs[0].name, (None, None))[0]
@@ -120,7 +109,7 @@ def find_layers(graph, info, cfg):
     for node in graph.nodes:
         if node.op != "Conv":
             continue
-        attrs, reason = _check(node, info)
+        attrs, reason = _check(node, graph, info)
         if attrs is None:
             if reason != "1×1 kernel: nothing to factor":
                 skipped.append((node.name, reason))

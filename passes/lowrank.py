@@ -26,7 +26,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..graph import Emitter, set_constant_input
-from ..layers import WeightLayer, float_weights, no_trans_a, per_column_bias
+from ..layers import WeightLayer, explicit_pads, float_weights, no_trans_a, not_shared, per_column_bias
 from ..registry import Skip, register
 from ..stats import LayerStats
 from . import _factor
@@ -79,19 +79,14 @@ def _linear_layer(node, graph, info, cfg):
     return layer, None
 
 
-def _conv_layer(node, info, cfg):
-    w_t = node.inputs[1]
-    if not isinstance(w_t, gs.Constant) or (len(node.inputs) > 2 and not isinstance(node.inputs[2], gs.Constant)):
-        return None, "weights are not constants"
-    if len(w_t.outputs) > 1:
-        return None, "weights are shared with other nodes"
-    w = w_t.values.astype(np.float64)
+def _conv_layer(node, graph, info, cfg):
+    wl = WeightLayer.of(node, graph, not_shared, explicit_pads)
+    if isinstance(wl, Skip):
+        return None, wl.reason
+    w = wl.weight.values.astype(np.float64)
     if w.ndim != 4:
         return None, "spatially separable split needs a 2-D kernel"
-    try:
-        attrs = WeightLayer(node).conv_attrs()
-    except ValueError as e:
-        return None, str(e)
+    attrs = wl.conv_attrs()
     if attrs["group"] != 1:
         return None, f"grouped Conv (group {attrs['group']}): no separable split"
     o, c, kh, kw = w.shape
@@ -263,7 +258,7 @@ def find_layers(graph, info, cfg):
                 if len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant):
                     skipped.append((node.name, "Conv layers need lowrank.conv=true"))
                 continue
-            layer, reason = _conv_layer(node, info, cfg)
+            layer, reason = _conv_layer(node, graph, info, cfg)
             if reason is not None and "already separable" in reason:
                 skipped.append((node.name, reason + " (lowrank.conv splits k×k kernels only)"))
                 continue
