@@ -21,8 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..reconstruct import conv_attrs
-from ..registry import Requires
+from ..graph import Emitter
+from ..layers import WeightLayer, explicit_pads, float_weights, not_shared, ops
+from ..registry import Requires, Skip
 from ..stats import LayerStats
 from . import _factor
 
@@ -32,23 +33,12 @@ class BasisConvConfig(_factor.FactorConfig):
     channel_multiple: int = 8     # M is rounded up to a multiple of this
 
 
-def _check(node: gs.Node, info: dict):
+def _check(node: gs.Node, graph: gs.Graph, info: dict):
     """(attrs, None) when the Conv can be rewritten, else (None, reason)."""
-    if node.op != "Conv":
-        return None, "not a Conv"
-    if len(node.inputs) < 2 or not isinstance(node.inputs[1], gs.Constant):
-        return None, "weights are not constants"
-    if len(node.inputs) > 2 and not isinstance(node.inputs[2], gs.Constant):
-        return None, "bias is not a constant"
-    w = node.inputs[1].values
-    if not np.issubdtype(w.dtype, np.floating):
-        return None, f"weights of type {w.dtype}"
-    if len(node.inputs[1].outputs) > 1:
-        return None, "weights are shared with other nodes"
-    try:
-        attrs = conv_attrs(node, w.shape)
-    except ValueError as e:
-        return None, str(e)
+    layer = WeightLayer.of(node, graph, ops("Conv"), float_weights, not_shared, explicit_pads)
+    if isinstance(layer, Skip):
+        return None, layer.reason
+    attrs = layer.conv_attrs()
     if all(k == 1 for k in attrs["kernel_shape"]):
         return None, "1×1 kernel: nothing to factor"
     y_shape = info.get(node.outputs[0].name, (None, None))[0]
@@ -98,21 +88,19 @@ def _rewrite(graph, layer, m, As, Bs, bias):
     g = attrs["group"]
     basis_w = np.concatenate([a.T.reshape([m, cg] + kshape) for a in As]).astype(dtype)
     coef_w = np.concatenate([b.T for b in Bs]).reshape([o, m] + [1] * nd).astype(dtype)
-    z = gs.Variable(node.name + "_basis_out", dtype=node.outputs[0].dtype or np.float32)
-    basis = gs.Node("Conv", node.name + "_basis",
-                    attrs={"kernel_shape": kshape, "strides": attrs["strides"], "pads": attrs["pads"],
-                           "dilations": attrs["dilations"], "group": g},
-                    inputs=[node.inputs[0], gs.Constant(node.name + "_basis_w", np.ascontiguousarray(basis_w))],
-                    outputs=[z])
-    inputs = [z, gs.Constant(node.inputs[1].name + "_coef", np.ascontiguousarray(coef_w))]
+    em = Emitter(graph, dtype=dtype)
+    z = em.variable("", node.outputs[0].dtype or np.float32, name=node.name + "_basis_out")
+    em.op("Conv", [node.inputs[0], em.const(basis_w, name=node.name + "_basis_w")], out=z, name=node.name + "_basis",
+          attrs={"kernel_shape": kshape, "strides": attrs["strides"], "pads": attrs["pads"],
+                 "dilations": attrs["dilations"], "group": g})
+    inputs = [z, em.const(coef_w, name=node.inputs[1].name + "_coef")]
     if bias is not None:
         # named after the node: the old bias may be shared with other layers
-        inputs.append(gs.Constant(node.name + "_coef_b", np.ascontiguousarray(bias.astype(dtype))))
+        inputs.append(em.const(bias, name=node.name + "_coef_b"))
     node.inputs.clear()
     node.inputs.extend(inputs)
     node.attrs = {"kernel_shape": [1] * nd, "strides": [1] * nd, "pads": [0] * (2 * nd),
                   "dilations": [1] * nd, "group": g}
-    graph.nodes.append(basis)
     return None
 
 
@@ -121,7 +109,7 @@ def find_layers(graph, info, cfg):
     for node in graph.nodes:
         if node.op != "Conv":
             continue
-        attrs, reason = _check(node, info)
+        attrs, reason = _check(node, graph, info)
         if attrs is None:
             if reason != "1×1 kernel: nothing to factor":
                 skipped.append((node.name, reason))
