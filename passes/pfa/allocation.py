@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...budget import TOLERANCE
 from ...cost import signature_costs
 from .recipes import round_up
 
@@ -208,8 +207,8 @@ def overshoot_note(real, goals, multiple) -> dict:
     """{"note": ...} when whole steps of ``multiple`` channels left the model well below a goal (a
     small group, 10 or 16 channels, can only go to 8: one step is a large share of a small net)."""
     over = [f"{m} {real[m] / max(goal.final / goal.fraction, 1e-12):.3f} of the original for a goal of "
-            f"{goal.target / max(goal.final / goal.fraction, 1e-12):.3f}"
-            for m, goal in goals.items() if real.get(m) is not None and real[m] < goal.target * (1 - TOLERANCE)]
+            f"{goal.limit / max(goal.final / goal.fraction, 1e-12):.3f}"
+            for m, goal in goals.items() if real.get(m) is not None and goal.overshot(real[m])]
     if not over:
         return {}
     return {"note": f"channels go in steps of pfa.channel_multiple={multiple}: the smallest allocation meeting "

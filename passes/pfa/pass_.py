@@ -18,7 +18,7 @@ from ...channels import analyze
 from ...cost import node_costs
 from ...errors import UsageError
 from ...graph import import_graph
-from ...registry import Pass, PassReport, Plan, Skip, register
+from ...registry import Pass, PassReport, Plan, Requires, Skip
 from . import allocation
 from .allocation import CostModel, multiple_of, overshoot_note, reach_of
 from .edits import refit_consumers, refit_reason, weight_row_norms
@@ -62,7 +62,6 @@ class PfaConfig:
             raise ValueError(f"pfa.positions must be >= 1, got {self.positions}")
 
 
-@register
 class Pfa(Pass):
     """Remove the channels of each coupling group that its consumers' least-squares refit misses
     least (or the paper's Pearson / a magnitude order), as many as a PFA recipe or the budget says,
@@ -71,7 +70,7 @@ class Pfa(Pass):
     name = "pfa"
     summary = "Principal Filter Analysis: remove Conv filters / linear neurons whose responses are correlated"
     Config = PfaConfig
-    needs_data = True
+    requires = Requires(data=True)
     budgets = ("flops", "params")
 
     # -- which groups
@@ -132,7 +131,6 @@ class Pfa(Pass):
     # -- the steps
     def apply(self, model, cfg, ctx):
         t0 = time.perf_counter()
-        ctx.require_data(self.name)
         report = PassReport(self.name)
         an = analyze(model, ctx.sample_shapes)
         groups, report.skipped = self.eligible(model, an)
@@ -190,7 +188,7 @@ class Pfa(Pass):
         details["allocation"] = cfg.allocation
         cost = CostModel(an, model, sel.groups,
                          lambda m: {c.name: (c.params, c.flops) for c in node_costs(m, ctx.sample_shapes)})
-        targets = {m: goal.target for m, goal in goals.items()}
+        targets = {m: goal.limit for m, goal in goals.items()}
         if cfg.allocation == "error":
             ks = allocation.by_error(sel.groups, sel.curves, cfg.channel_multiple, cost, targets, details)
         else:
@@ -205,9 +203,9 @@ class Pfa(Pass):
         # (greedily, real cost) where something it cannot see kept it above the budget
         for _ in range(64):
             real = ctx.cost(pruned)
-            if all(real[m] <= goal.target for m, goal in goals.items()):
+            if all(goal.met(real[m]) for m, goal in goals.items()):
                 break
-            tighter = {m: goal.target * goal.target / max(real[m], 1e-12) for m, goal in goals.items()}
+            tighter = {m: goal.limit * goal.limit / max(real[m], 1e-12) for m, goal in goals.items()}
             ks2 = allocation.by_error(sel.groups, sel.curves, cfg.channel_multiple, cost, tighter, details, ks)
             if ks2 == ks:
                 break
