@@ -447,14 +447,14 @@ def test_a_planted_sensitive_layer_gets_a_finer_setting_while_the_others_keep_th
 def test_a_long_1d_kernel_is_cut_into_short_subvectors():
     """An STFT written as Conv (257 filters of 512 taps, one input channel): one 512-long sub-vector
     per filter would need as many centroids as filters; it is cut into sub-vectors of 4."""
-    from onnxshrink.passes.pq import Layer, _default_block
+    from onnxshrink.passes.pq.layer import Layer, default_block
     import onnx_graphsurgeon as gs
     w = gs.Constant("w", np.zeros((257, 1, 512), np.float32))
     layer = Layer([gs.Node("Conv", inputs=[gs.Variable("x"), w], outputs=[gs.Variable("y")])], w, "natural", True, 512)
-    assert _default_block(layer, PqConfig()) == 4
+    assert default_block(layer, PqConfig()) == 4
     w3 = gs.Constant("w3", np.zeros((8, 4, 3, 3), np.float32))
     conv = Layer([gs.Node("Conv", inputs=[gs.Variable("x"), w3], outputs=[gs.Variable("y")])], w3, "natural", True, 9)
-    assert _default_block(conv, PqConfig()) == 9
+    assert default_block(conv, PqConfig()) == 9
 
 
 def test_error_budget_and_size_threshold_options_are_checked():
