@@ -47,7 +47,7 @@ from .config import CODEBOOK_DTYPES, PqConfig
 from .kmeans import aware_em, kmeans
 from .gptq import gptq_assign, refine_codebook
 from .pass_ import Pq
-from .quantize import output_error, quantize
+from .quantize import quantize
 
 __all__ = ["CODEBOOK_DTYPES", "Pq", "PqConfig", "aware_em", "code_offset", "decoded_weight", "gptq_assign",
-           "kmeans", "output_error", "pack_codes", "quantize", "refine_codebook", "stored_codes", "unpack_codes"]
+           "kmeans", "pack_codes", "quantize", "refine_codebook", "stored_codes", "unpack_codes"]

@@ -4,7 +4,8 @@ the refit writes.
 Decode: Cast(int8 codes → int32) (+ 128 when K > 128) → Gather(codebook (Cast fp16 → the weight's
 dtype)) → Reshape (→ Transpose) → the weight input of every reader. Packed 4-bit codes:
 v = Cast(int32) + 128, hi = v / 16, lo = v − 16·hi, Concat(hi, lo) → the same Gather. All
-standard ops on constants, which runtimes fold once at load time (see ``codec``).
+standard ops on constants, which runtimes fold once at load time (see ``codec``). Nodes are built
+with ``graph.Emitter`` under names derived from the weight's (``W.pq_codebook``, ``W.pq_idx``, …).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from ...graph import Emitter
 from .codec import code_offset, pack_codes, stored_codes
-from .layer import Layer, bias_target, shared_bias
+from .layer import Layer, own_bias, shared_bias
 
 
 def decode(graph: gs.Graph, layer: Layer, codebook: np.ndarray, codes: np.ndarray,
@@ -29,14 +31,14 @@ def decode(graph: gs.Graph, layer: Layer, codebook: np.ndarray, codes: np.ndarra
     rows, nb = codes.shape
     n = rows * nb
 
+    em = Emitter(graph, dtype=wdtype)
+
     def add(op, inputs, suffix, dtype, shape, **attrs):
-        out = gs.Variable(f"{base}.pq{suffix}", dtype=dtype, shape=shape)
-        graph.nodes.append(gs.Node(op, name=f"{base}.pq{suffix}_{op.lower()}", attrs=attrs,
-                                   inputs=inputs, outputs=[out]))
-        return out
+        out = gs.Variable(em.name("", f"{base}.pq{suffix}"), dtype=dtype, shape=shape)
+        return em.op(op, inputs, attrs, out=out, name=f"{base}.pq{suffix}_{op.lower()}")
 
     def const(suffix, value):
-        return gs.Constant(base + ".pq_" + suffix, np.ascontiguousarray(value))
+        return em.const(value, dtype=value.dtype, name=f"{base}.pq_{suffix}")
 
     cb = const("codebook", codebook)
     if packed:
@@ -82,43 +84,26 @@ def replace_weight(graph: gs.Graph, layer: Layer, codebook: np.ndarray, codes: n
 
 
 # ----------------------------------------------------------------------------- biases
-def _write_bias(layer: Layer, node: gs.Node, target, b_new: np.ndarray):
-    """Conv/Gemm: b_new is the whole bias of the output y; MatMul + Add: y excludes the Add's
-    constant, so b_new is added to it."""
-    dtype = layer.weight.values.dtype
-    if target[0] == "add":
-        _, add, i = target
-        c = add.inputs[i]
-        add.inputs[i] = gs.Constant(c.name, (c.values.astype(np.float64) + b_new).astype(c.values.dtype))
-        return
-    if node.op == "Gemm":
-        b_new = b_new / node.attrs.get("beta", 1.0)
-    if len(node.inputs) > 2:
-        c = node.inputs[2]
-        name = c.name if len(c.outputs) == 1 else node.name + ".pq_bias"  # a shared bias stays as it is
-        node.inputs[2] = gs.Constant(name, b_new.astype(c.values.dtype))
-    else:
-        node.inputs.append(gs.Constant(node.name + ".pq_bias", b_new.astype(dtype)))
-
-
-def _write_shared_bias(layer: Layer, bias: gs.Constant, b_new: np.ndarray):
-    if layer.node.op == "Gemm":
-        b_new = b_new / layer.node.attrs.get("beta", 1.0)
-    new = gs.Constant(bias.name, b_new.astype(bias.values.dtype))
-    for n in layer.nodes:
-        n.inputs[2] = new
-
-
 def refit_biases(layer: Layer, t_hat, cm, per_node) -> None:
     """b = E[y] − E[x̃]ᵀŴ: once from the pooled statistics ``cm`` for a bias all readers share,
-    else per reader from its own (``per_node``)."""
+    else per reader from its own (``per_node``). Conv/Gemm: b is the whole bias of the output y;
+    MatMul: y excludes its bias Add, so b is added to that Add's constant."""
     w = layer.alpha * t_hat.T
     shared = shared_bias(layer)
     if shared is not None:
-        _write_shared_bias(layer, shared, cm.mean_y - cm.x.mean @ w)
+        b = cm.mean_y - cm.x.mean @ w
+        if layer.node.op == "Gemm":
+            b = b / layer.node.attrs.get("beta", 1.0)
+        new = gs.Constant(shared.name, b.astype(shared.values.dtype))
+        for n in layer.nodes:
+            n.inputs[2] = new
         return
     for n in layer.nodes:
-        target = bias_target(layer, n)
+        if not own_bias(layer, n):
+            continue
         own = per_node.get(n.name, cm)
-        if target is not None:
-            _write_bias(layer, n, target, own.mean_y - own.x.mean @ w)
+        b = own.mean_y - own.x.mean @ w
+        if n.op == "MatMul":
+            layer.reader(n).add_bias(b)
+        else:
+            layer.reader(n).set_bias(b, base=n.name + ".pq_bias")

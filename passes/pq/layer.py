@@ -1,42 +1,63 @@
-"""The weight layers pq quantizes, as pq sees them: T (rows × d_in), row r the weights of output r.
+"""pq's view of a weight layer (``layers.WeightLayer``): every reader of one weight, quantized once,
+and the order the weight's stored elements are cut into sub-vectors.
 
-Conv/ConvTranspose: T = W.reshape(rows, −1) (a sub-vector of length k·k is one kernel); Gemm
-with transB=1: T = B; Gemm with transB=0 and MatMul: T = Bᵀ. A weight several nodes read (an
-unrolled RNN's time steps, tied matrices) is one layer over all its readers, quantized once.
-The bias a refit can write: Conv/Gemm input 2, or the constant vector of the Add that is a
-MatMul's only consumer.
+T (rows × d_in), row r the weights of output r, in the weight's storage order (the decode rebuilds
+the stored tensor from T): Conv/ConvTranspose W.reshape(rows, −1) (a sub-vector of length k·k is one
+kernel; a ConvTranspose's rows are its input channels: weight space, it has no statistics); Gemm
+with transB=1: B; Gemm with transB=0 and MatMul: Bᵀ. For a group-1 Conv, a Gemm and a MatMul,
+alpha·Tᵀ is ``WeightLayer.matrix()``, whose rows match the layer statistics ("aware").
+A weight several nodes read (an unrolled RNN's time steps, tied matrices) is one layer over all of
+them when they are alike. The bias rule, bias values and bias writes are ``WeightLayer``'s.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ...reconstruct import conv_attrs
+from ...layers import LAYER_OPS, WeightLayer, explicit_pads, float_weights, per_column_bias
+from ...registry import Skip
 
 
-@dataclass
+@dataclass(eq=False)
 class Layer:
-    """A weight layer seen as T (rows × d_in): row r holds the weights of output r (per group).
-    ``nodes``: every node that reads the weight (several when the weight is shared: an unrolled
-    RNN's time steps, tied matrices); the weight is quantized once and they all read the one
-    decoded tensor."""
+    """A weight layer seen as T (rows × d_in); ``nodes``: every node that reads the weight (the
+    first is ``layer``'s); they all read the one decoded tensor."""
 
-    nodes: list
-    weight: gs.Constant
-    rows_of: str          # "natural" (T = W.reshape(rows, -1)) or "transpose" (T = W.T)
-    aware: bool           # LayerStats can give the input covariance (group-1 Conv, Gemm, MatMul)
-    kernel: int           # k·k of a Conv/ConvTranspose kernel, 1 otherwise
+    layer: WeightLayer
+    nodes: list = field(default_factory=list)
+
+    weight: gs.Constant = field(init=False)  # the weight as found (the readers then read its decode)
+
+    def __post_init__(self):
+        self.nodes = self.nodes or [self.layer.node]
+        self.weight = self.layer.weight
 
     @property
     def node(self) -> gs.Node:
-        return self.nodes[0]
+        return self.layer.node
 
     @property
     def shape(self):
         return tuple(self.weight.values.shape)
+
+    @property
+    def rows_of(self) -> str:
+        """"natural" (T = W.reshape(rows, −1)) or "transpose" (T = Wᵀ)."""
+        trans = self.node.op == "MatMul" or (self.node.op == "Gemm" and not self.node.attrs.get("transB", 0))
+        return "transpose" if trans else "natural"
+
+    @property
+    def aware(self) -> bool:
+        """The layer statistics give T's input covariance (group-1 Conv, Gemm, MatMul)."""
+        return self.node.op in ("Gemm", "MatMul") or (self.node.op == "Conv" and self.layer.group == 1)
+
+    @property
+    def kernel(self) -> int:
+        """k·k of a Conv/ConvTranspose kernel, 1 otherwise."""
+        return int(np.prod(self.shape[2:])) if len(self.shape) > 2 else 1
 
     def matrix(self) -> np.ndarray:
         w = self.weight.values
@@ -57,62 +78,52 @@ class Layer:
         """Gemm's alpha (the product the layer computes is alpha · x W), 1 otherwise."""
         return float(self.node.attrs.get("alpha", 1.0)) if self.node.op == "Gemm" else 1.0
 
+    def reader(self, node: gs.Node) -> WeightLayer:
+        """The WeightLayer of one reader."""
+        return self.layer if node is self.node else WeightLayer(node, self.layer.graph)
 
-def layer_of(node: gs.Node, graph_outputs) -> tuple[Layer | None, str | None]:
+
+# ----------------------------------------------------------------------------- finding layers
+def _not_an_output(layer: WeightLayer) -> str | None:
+    outs = {t.name for t in layer.graph.outputs} if layer.graph is not None else set()
+    return "weights are a graph output" if layer.weight.name in outs else None
+
+
+def _read_once(layer: WeightLayer) -> str | None:
+    w = layer.weight
+    return "the weight is also another input of the node" if any(
+        t is w for i, t in enumerate(layer.node.inputs) if i != 1) else None
+
+
+CHECKS = (float_weights, _not_an_output, _read_once, explicit_pads, per_column_bias)
+
+
+def layer_of(node: gs.Node, graph: gs.Graph) -> tuple[Layer | None, str | None]:
     """(the node's layer, None), or (None, why it cannot be quantized), or (None, None) for a
     node that is not a weight layer."""
-    if node.op not in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+    if node.op not in LAYER_OPS:
         return None, None
-    if len(node.inputs) < 2:
-        return None, "no weight input"
-    w = node.inputs[1]
-    if not isinstance(w, gs.Constant):
-        if node.op == "MatMul":
-            return None, "MatMul whose right operand is computed at run time (no constant weight)"
-        return None, "weights are not constants"
-    if not np.issubdtype(w.values.dtype, np.floating):
-        return None, f"weights of dtype {w.values.dtype}, not float"
-    if w.name in graph_outputs:
-        return None, "weights are a graph output"
-    if any(t is w for i, t in enumerate(node.inputs) if i != 1):
-        return None, "the weight is also another input of the node"
-    shape = w.values.shape
-    if node.op == "MatMul":
-        if len(shape) != 2:
-            return None, f"MatMul weight of rank {len(shape)} (only 2-D right operands)"
-        return Layer([node], w, "transpose", True, 1), None
-    if node.op == "Gemm":
-        if len(shape) != 2:
-            return None, "Gemm weight is not 2-D"
-        trans = bool(node.attrs.get("transB", 0))
-        return Layer([node], w, "natural" if trans else "transpose", True, 1), None
-    kernel = int(np.prod(shape[2:])) if len(shape) > 2 else 1
-    if node.op == "Conv":
-        try:
-            attrs = conv_attrs(node, shape)
-        except ValueError as e:
-            return None, str(e)
-        return Layer([node], w, "natural", attrs["group"] == 1, kernel), None
-    return Layer([node], w, "natural", False, kernel), None  # ConvTranspose: weight space
+    found = WeightLayer.of(node, graph, *CHECKS)
+    if isinstance(found, Skip):
+        return None, found.reason
+    return Layer(found), None
 
 
-def shared_layer(layer: Layer, graph_outputs) -> tuple[Layer | None, str | None]:
+def shared_layer(layer: Layer) -> tuple[Layer | None, str | None]:
     """The layer of a weight several nodes read: one Layer over all of them when every reader is a
     weight layer of the same kind and layout (the same matrix view, so their input statistics
     pool), else None and why."""
-    readers = list(layer.weight.outputs)
-    nodes = []
+    readers = layer.layer.shared
     for n in readers:
-        other, reason = layer_of(n, graph_outputs)
+        other, reason = layer_of(n, layer.layer.graph)
         if other is None:
             return None, (f"weights shared by {len(readers)} nodes, one of them {n.name} ({n.op}) "
                           f"{'is not a weight layer' if reason is None else 'cannot be rewritten: ' + reason}")
         if (n.op, other.rows_of, other.aware) != (layer.node.op, layer.rows_of, layer.aware) or \
-                (n.op == "Gemm" and n.attrs.get("alpha", 1.0) != layer.node.attrs.get("alpha", 1.0)):
+                (n.op == "Gemm" and other.alpha != layer.alpha):
             return None, (f"weights shared by {len(readers)} nodes of different kinds or layouts "
                           f"({layer.node.name} {layer.node.op}, {n.name} {n.op})")
-        nodes.append(n)
-    return Layer(nodes, layer.weight, layer.rows_of, layer.aware, layer.kernel), None
+    return Layer(layer.layer, readers), None
 
 
 # ----------------------------------------------------------------------------- sub-vector lengths
@@ -163,31 +174,18 @@ def candidates(layer: Layer, cfg) -> list:
     return [(d, min(k, layer.n_weights // d)) for d in ds for k in ks if layer.n_weights // d > k]
 
 
-# ----------------------------------------------------------------------------- biases
-def bias_target(layer: Layer, node: gs.Node):
-    """(kind, tensor holder) where ``node``'s bias correction can go: ("input", node) for
-    Conv/Gemm, ("add", add_node, const_index) for a MatMul followed by an Add of a constant vector."""
-    n_out = layer.matrix().shape[0]
+# ----------------------------------------------------------------------------- which biases the refit writes
+def own_bias(layer: Layer, node: gs.Node) -> bool:
+    """Whether the refit writes ``node``'s bias on its own: a Conv's or Gemm's input 2 (a Gemm's
+    only when beta ≠ 0 and no other node reads it), a MatMul's ``bias_add``."""
     if node.op == "Conv":
-        if len(node.inputs) > 2 and not isinstance(node.inputs[2], gs.Constant):
-            return None
-        return ("input", node)
+        return True
     if node.op == "Gemm":
-        if node.attrs.get("beta", 1.0) == 0:
-            return None
-        if len(node.inputs) > 2 and (not isinstance(node.inputs[2], gs.Constant)
-                                     or node.inputs[2].values.size not in (1, n_out)
-                                     or len(node.inputs[2].outputs) > 1):
-            return None
-        return ("input", node)
+        c = node.inputs[2] if len(node.inputs) > 2 else None
+        return node.attrs.get("beta", 1.0) != 0 and (c is None or len(c.outputs) == 1)
     if node.op == "MatMul":
-        out = node.outputs[0]
-        if len(out.outputs) == 1 and out.outputs[0].op == "Add":
-            add = out.outputs[0]
-            for i, t in enumerate(add.inputs):
-                if (isinstance(t, gs.Constant) and t.values.shape == (n_out,) and len(t.outputs) == 1):
-                    return ("add", add, i)
-    return None
+        return layer.reader(node).bias_add is not None
+    return False
 
 
 def shared_bias(layer: Layer):
@@ -196,9 +194,8 @@ def shared_bias(layer: Layer):
     pooled statistics. None otherwise (each reader's bias is refit on its own)."""
     if len(layer.nodes) < 2 or layer.node.op not in ("Conv", "Gemm"):
         return None
-    n_out = layer.matrix().shape[0]
     first = layer.node.inputs[2] if len(layer.node.inputs) > 2 else None
-    if not isinstance(first, gs.Constant) or first.values.size not in (1, n_out):
+    if not isinstance(first, gs.Constant):
         return None
     beta = layer.node.attrs.get("beta", 1.0)
     if beta == 0 or any(len(n.inputs) < 3 or n.inputs[2] is not first or n.attrs.get("beta", 1.0) != beta
@@ -213,17 +210,10 @@ def bias_fit(layer: Layer, cfg) -> bool:
     """Whether the layer's output shift can be absorbed into a bias (of some reader)."""
     if not cfg.bias_correct:
         return False
-    return shared_bias(layer) is not None or any(bias_target(layer, n) is not None for n in layer.nodes)
+    return shared_bias(layer) is not None or any(own_bias(layer, n) for n in layer.nodes)
 
 
 def fixed_bias(layer: Layer, node: gs.Node):
-    """The constant bias a Conv/Gemm adds to its product (d_out), or None."""
-    if node.op not in ("Conv", "Gemm") or len(node.inputs) < 3 or not isinstance(node.inputs[2], gs.Constant):
-        return None
-    n_out = layer.matrix().shape[0]
-    b = node.inputs[2].values.astype(np.float64).reshape(-1)
-    if b.size not in (1, n_out):
-        return None
-    if node.op == "Gemm":
-        b = b * float(node.attrs.get("beta", 1.0))
-    return np.broadcast_to(b, (n_out,)).copy()
+    """The constant bias a Conv/Gemm adds to its product (d_out), or None (a MatMul's Add is not
+    part of its output)."""
+    return layer.reader(node).bias() if node.op in ("Conv", "Gemm") else None

@@ -13,15 +13,16 @@ import zlib
 import numpy as np
 
 from ...graph import export_model, import_graph
-from ...reconstruct import deterministic, shared_levels
+from ...lstsq import deterministic, weighted_error
+from ...refit import refit_levels, shared_levels
 from ...registry import Pass, PassReport, Plan, Skip, register
 from .config import PqConfig
 from .edits import refit_biases, replace_weight
 from .layer import default_block, ladder, layer_of, shared_layer
-from .quantize import output_error, quantize, rel_error, weight_error
+from .quantize import quantize
 from .search import size_search
 from .sizes import dense_bytes, packed, pq_bytes, setting_bytes, weight_bytes
-from .target import gather, layer_problem
+from .target import layer_problem, moments, requests
 
 
 @register
@@ -56,10 +57,9 @@ class Pq(Pass):
     def _layers(graph):
         """(layer, []) for each weight layer of the graph, one per weight (a shared weight: one
         layer over all its readers), or (None, [Skip]) for weight layers that cannot be one."""
-        outs = {t.name for t in graph.outputs}
         seen = set()
         for node in graph.nodes:
-            layer, reason = layer_of(node, outs)
+            layer, reason = layer_of(node, graph)
             if layer is None:
                 if reason:
                     yield None, [Skip(node.name, reason)]
@@ -68,7 +68,7 @@ class Pq(Pass):
                 continue  # a shared weight: handled with its first reader
             seen.add(id(layer.weight))
             if len(layer.weight.outputs) > 1:
-                shared, reason = shared_layer(layer, outs)
+                shared, reason = shared_layer(layer)
                 if shared is None:
                     yield None, [Skip(n.name, reason) for n in layer.weight.outputs]
                     continue
@@ -112,34 +112,39 @@ class Pq(Pass):
                 else:
                     blocks[name] = (blocks[name][0],) + chosen[name]
         budget = cfg.max_error if (cfg.max_error > 0 and not searched) else None
-        levels = self._levels(graph, blocks, cfg)
+        use_stats = cfg.aware or cfg.bias_correct
         info_all = {}
-        current = model
         runtime = {"before": weight_bytes(graph), "decoded": 0, "stored": 0}
         file_before = ctx.cost(model)["bytes"]
         bar = ctx.bar(total=len(blocks), desc="pq")
-        for level in levels:
-            aware = [blocks[n][0] for n in level if blocks[n][0].aware and (cfg.aware or cfg.bias_correct)]
-            stats, per_node = gather(ctx, aware, cfg, current) if aware else ({}, {})
-            for name in level:
-                info, reason = self._rewrite(ctx, graph, name, blocks[name], stats.get(name), per_node, cfg, budget)
-                if info is None:
-                    report.skip(name, reason)
-                    bar.update(1, postfix=f"{name}: float")
-                    continue
-                runtime["decoded"] += info["bytes"][0]
-                runtime["stored"] += info["bytes"][1]
-                info_all[name] = info
-                report.changed.extend(n.name for n in blocks[name][0].nodes)
-                bar.update(1, postfix=f"{name}: d={info['block']} K={info['centroids']}")
-            if len(levels) > 1 and level is not levels[-1]:
-                with ctx.timed("export"):
-                    current = export_model(graph, like=model)
+
+        def wanted(name, graph):
+            layer = blocks[name][0]
+            return requests(layer, cfg) if layer.aware and use_stats else []
+
+        def rewrite(name, stats, graph, level) -> bool:
+            layer = blocks[name][0]
+            cm, per_node = moments(layer, stats, cfg) if layer.aware and use_stats else (None, {})
+            info, reason = self._rewrite(ctx, graph, name, blocks[name], cm, per_node, cfg, budget)
+            if info is None:
+                report.skip(name, reason)
+                bar.update(1, postfix=f"{name}: float")
+                return False
+            runtime["decoded"] += info["bytes"][0]
+            runtime["stored"] += info["bytes"][1]
+            info_all[name] = info
+            report.changed.extend(n.name for n in layer.nodes)
+            bar.update(1, postfix=f"{name}: d={info['block']} K={info['centroids']}")
+            return True
+
+        out = refit_levels(ctx, model, None, rewrite, requests=wanted, levels=self._levels(graph, blocks, cfg),
+                           graph=graph, desc="pq statistics")
         bar.close()
         report.details["layers"] = info_all
         report.details["codebook_dtype"] = cfg.codebook_dtype
-        with ctx.timed("export"):
-            out = export_model(graph, like=model)
+        if out is model:  # nothing quantized: the graph as imported
+            with ctx.timed("export"):
+                out = export_model(graph, like=model)
         report.details["memory"] = self._memory(ctx, out, file_before, runtime)
         return out, report
 
@@ -164,7 +169,7 @@ class Pq(Pass):
             rng = np.random.default_rng([ctx.seed, zlib.crc32(name.encode())])
             with ctx.timed("fit"), deterministic():
                 cb, codes, t_hat = quantize(t, d_try, k_try, h if cfg.aware else None, cfg, rng, cfg.dtype)
-            err = rel_error(t, t_hat, h)
+            err = weighted_error(t, t_hat, h)
             tried.append((d_try, len(cb), err))
             if budget is None or err <= budget:
                 d = d_try
@@ -178,12 +183,12 @@ class Pq(Pass):
             return None, f"kept float: the setting within pq.max_error (d={d} K={len(cb)}) would not save bytes"
         info = {"block": d, "centroids": int(len(cb)),
                 "metric": "activation" if (h is not None and cfg.aware) else "weights",
-                "rel_weight_error": round(weight_error(layer.matrix().astype(np.float64), t_hat), 6)}
+                "rel_weight_error": round(weighted_error(layer.matrix().astype(np.float64), t_hat), 6)}
         if len(layer.nodes) > 1:
             info["shared_by"] = [n.name for n in layer.nodes]
             info["weight"] = layer.weight.name
         if h is not None:
-            info["rel_output_error"] = round(output_error(t, t_hat, h), 6)
+            info["rel_output_error"] = round(weighted_error(t, t_hat, h), 6)
         if len(tried) > 1:
             info["tried"] = [{"block": a, "centroids": b, "rel_error": round(e, 6)} for a, b, e in tried]
         if fit:

@@ -8,7 +8,8 @@ Steps (activation-aware, with H the damped input covariance, see ``target``):
 4. the codebook refit on the full H with the codes fixed (``gptq.refine_codebook``).
 Without H (``pq.aware=false``, or a layer without input statistics) only step 1 runs. A layer with
 at most K distinct sub-vectors is stored exactly. The quality measure is the relative output error
-Σ_r (t̂_r − t_r)ᵀ H (t̂_r − t_r) / Σ_r t_rᵀ H t_r (the relative weight error without H).
+Σ_r (t̂_r − t_r)ᵀ H (t̂_r − t_r) / Σ_r t_rᵀ H t_r (the relative weight error without H),
+``lstsq.weighted_error``.
 """
 
 from __future__ import annotations
@@ -17,24 +18,6 @@ import numpy as np
 
 from .gptq import gptq_assign, refine_codebook
 from .kmeans import aware_em, kmeans
-
-
-def output_error(t, t_hat, h):
-    """Σ_r (t̂_r − t_r)ᵀ H (t̂_r − t_r) / Σ_r t_rᵀ H t_r."""
-    delta = t - t_hat
-    return float(((delta @ h) * delta).sum() / max(((t @ h) * t).sum(), 1e-30))
-
-
-def weight_error(t, t_hat):
-    """‖T − T̂‖² / ‖T‖²."""
-    return float(((t - t_hat) ** 2).sum() / max((t ** 2).sum(), 1e-30))
-
-
-def rel_error(t, t_hat, h):
-    """Relative output error under the metric h, or relative weight error without one."""
-    if h is not None:
-        return output_error(t, t_hat, h)
-    return weight_error(t, t_hat)
 
 
 def quantize(t, d, k, h, cfg, rng, dtype):

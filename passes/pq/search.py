@@ -12,9 +12,9 @@ from dataclasses import replace
 
 import numpy as np
 
-from ...reconstruct import deterministic
+from ...lstsq import deterministic, weighted_error
 from .layer import candidates
-from .quantize import quantize, rel_error
+from .quantize import quantize
 from .sizes import dense_bytes, setting_bytes
 from .target import gather, layer_problem
 
@@ -30,7 +30,7 @@ def size_search(ctx, model, layers: dict, cfg, goal):
     serialized size ≤ goal; ``layers``: {name: Layer}. Returns (choice, the search's report)."""
     quick = quick_config(cfg)
     aware = [l for l in layers.values() if l.aware and (cfg.aware or cfg.bias_correct)]
-    stats = gather(ctx, aware, quick, ctx.reference)[0] if aware else {}
+    stats = gather(ctx, aware, quick, ctx.reference) if aware else {}
     options = {}
     bar = ctx.bar(total=len(layers), desc="pq size search")
     for name, layer in sorted(layers.items()):
@@ -42,7 +42,7 @@ def size_search(ctx, model, layers: dict, cfg, goal):
             with ctx.timed("search"), deterministic():
                 _, _, t_hat = quantize(t, d, k, h if cfg.aware else None, quick, rng, cfg.dtype)
             # k, not len(cb): the final quantization may keep more centroids than this quick one
-            opts.append(((d, k), rel_error(t, t_hat, h), setting_bytes(layer, d, k, cfg)))
+            opts.append(((d, k), weighted_error(t, t_hat, h), setting_bytes(layer, d, k, cfg)))
         options[name] = opts
         bar.update(1)
     bar.close()

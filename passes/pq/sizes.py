@@ -9,7 +9,7 @@ import onnx_graphsurgeon as gs
 
 from ...graph import export_model
 from .edits import decode
-from .layer import Layer, bias_target, shared_bias
+from .layer import Layer, own_bias, shared_bias
 
 
 def weight_bytes(graph: gs.Graph, skip: str | None = None) -> int:
@@ -66,8 +66,7 @@ def pq_bytes(layer: Layer, d: int, k: int, dtype, bias_refit: bool, packed: bool
     if bias_refit:
         shared = shared_bias(layer)
         for node in ([] if shared is not None else layer.nodes):
-            target = bias_target(layer, node)
-            if target is None or target[0] != "input":
+            if node.op not in ("Conv", "Gemm") or not own_bias(layer, node):
                 continue
             if len(node.inputs) > 2:
                 bias = node.inputs[2]
