@@ -464,3 +464,24 @@ def test_error_budget_and_size_threshold_options_are_checked():
     for bad in ({"max_error": -1}, {"min_bytes": -5}):
         with pytest.raises(ValueError, match="pq.m"):
             PqConfig(**bad)
+
+
+def test_size_search_picks_the_least_error_within_the_goal():
+    """The Lagrangian choice over per-layer (setting, error, bytes) options: the least total error
+    whose bytes meet the goal, all dense when the goal is loose, the smallest when it cannot be met."""
+    from onnxshrink.passes.pq.search import lagrangian
+    options = {"a": [(None, 0.0, 100), ((4, 256), 0.01, 30), ((2, 16), 0.05, 10)],
+               "b": [(None, 0.0, 50), ((4, 16), 0.02, 20)]}
+    pick = lambda goal: (lambda c, s: ({n: o[0] for n, o in c.items()}, s))(*lagrangian(options, 5, goal))  # noqa: E731
+    assert pick(60) == ({"a": (4, 256), "b": (4, 16)}, 55)
+    assert pick(1000) == ({"a": None, "b": None}, 155)
+    assert pick(20) == ({"a": (2, 16), "b": (4, 16)}, 35)   # unreachable: the fewest bytes
+
+
+def test_statistics_rounds_merge_consecutive_levels():
+    """pq.rounds=2 over five topological levels (six layers): two groups of consecutive levels,
+    the first closed once it holds at least half the layers; 0 or enough rounds keep the levels."""
+    from onnxshrink.passes.pq.pass_ import merge_levels
+    levels = [["a"], ["b"], ["c", "d"], ["e"], ["f"]]
+    assert merge_levels(levels, 2) == [["a", "b", "c", "d"], ["e", "f"]]   # a level is never split
+    assert merge_levels(levels, 0) == levels and merge_levels(levels, 5) == levels
