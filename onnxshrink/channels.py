@@ -40,6 +40,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .graph import concrete_input_shapes, export_model, import_graph, infer_shapes, opset
+from .layers import WeightLayer
 
 UNARY = {
     "Relu", "Clip", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Gelu", "Tanh", "Erf", "Elu",
@@ -781,34 +782,35 @@ class ChannelAnalysis:
 
     @staticmethod
     def _conv_parts(node, tracked):
-        """(weight, bias is a constant or absent, weight shared, group, tracked input map) of a
-        Conv/ConvTranspose; computed weights are not understood."""
-        w = _const(node.inputs[1])
-        if w is None or any(i != 0 for i, _ in tracked):
+        """(layer, bias is a constant or absent, tracked input map) of a Conv/ConvTranspose;
+        computed weights are not understood."""
+        if _const(node.inputs[1]) is None or any(i != 0 for i, _ in tracked):
             raise _Unsupported(f"{node.op} with computed weights")
         bias_ok = len(node.inputs) < 3 or not node.inputs[2].name or isinstance(node.inputs[2], gs.Constant)
-        shared = len(node.inputs[1].outputs) > 1
-        return w, bias_ok, shared, int(node.attrs.get("group", 1)), tracked[0][1] if tracked else None
+        return WeightLayer(node), bias_ok, tracked[0][1] if tracked else None
 
     def _conv(self, node, tracked):
-        w, bias_ok, shared, group, m = self._conv_parts(node, tracked)
-        c_in, o = w.shape[1] * group, w.shape[0]
-        out = node.outputs[0]
+        layer, bias_ok, m = self._conv_parts(node, tracked)
+        c_in, o, group, shared, rank = layer.c_in, layer.d_out, layer.group, layer.is_shared, len(layer.weight.shape)
         if m is not None and (m.axis != 1 or len(m.comps) != c_in):
             raise _Unsupported("Conv input channels do not match the tracked axis")
         if group == 1:
-            if m is not None:
-                if shared:
-                    self.pin(m, node, "Conv weights are shared with another node")
-                else:
-                    self._consume(node, m, node.inputs[0])
-            self._set(node, self._source(node, out, o, w.ndim, 1, prunable=not shared and bias_ok,
-                                         reason="Conv weights are shared or its bias is computed"))
-            return
-        self._grouped_or_pinned(node, m, w, group, c_in, o, shared or not bias_ok,
-                                depthwise=w.shape[1] == 1 and o == c_in, weight_axis_in=False)
+            return self._ungrouped(node, m, o, rank, shared, bias_ok)
+        self._grouped_or_pinned(node, m, rank, group, c_in, o, shared or not bias_ok,
+                                depthwise=c_in == group and o == c_in, weight_axis_in=False)
 
-    def _grouped_or_pinned(self, node, m, w, group, c_in, o, fixed, depthwise, weight_axis_in):
+    def _ungrouped(self, node, m, o, rank, shared, bias_ok):
+        """A group-1 Conv/ConvTranspose: it consumes the tracked channels (pinned when its weight is
+        shared) and is the source of its output channels."""
+        if m is not None:
+            if shared:
+                self.pin(m, node, f"{node.op} weights are shared with another node")
+            else:
+                self._consume(node, m, node.inputs[0])
+        self._set(node, self._source(node, node.outputs[0], o, rank, 1, prunable=not shared and bias_ok,
+                                     reason=f"{node.op} weights are shared or its bias is computed"))
+
+    def _grouped_or_pinned(self, node, m, rank, group, c_in, o, fixed, depthwise, weight_axis_in):
         """A Conv/ConvTranspose with 1 < group: depthwise (the tracked channels pass through), by
         whole groups, or pinned when its weight is shared or its bias computed (``fixed``)."""
         if m is not None and not fixed and depthwise and group == c_in:
@@ -820,7 +822,7 @@ class ChannelAnalysis:
             return
         if m is not None:
             self.pin(m, node, f"grouped {node.op} (group={group}) with shared weights or a computed bias")
-        self._set(node, self._source(node, node.outputs[0], o, w.ndim, 1, prunable=False,
+        self._set(node, self._source(node, node.outputs[0], o, rank, 1, prunable=False,
                                      reason=f"grouped {node.op} (group={group}) output"))
 
     def _grouped(self, node, m: _Map, group: int, c_in: int, o: int, weight_axis_in: bool):
@@ -837,35 +839,26 @@ class ChannelAnalysis:
 
     def _conv_transpose(self, node, tracked):
         """ConvTranspose, W (C_in, C_out/group, k…): input channels are W's rows, outputs its columns."""
-        w, bias_ok, shared, group, m = self._conv_parts(node, tracked)
-        c_in, o = w.shape[0], w.shape[1] * group
+        layer, bias_ok, m = self._conv_parts(node, tracked)
+        c_in, o, group, shared, rank = layer.c_in, layer.d_out, layer.group, layer.is_shared, len(layer.weight.shape)
         if m is not None and (m.axis != 1 or len(m.comps) != c_in):
             raise _Unsupported("ConvTranspose input channels do not match the tracked axis")
         if "output_shape" in node.attrs:
             if m is not None:
                 self.pin(m, node, "ConvTranspose with an output_shape attribute")
-            self._set(node, self._source(node, node.outputs[0], o, w.ndim, 1, prunable=False,
+            self._set(node, self._source(node, node.outputs[0], o, rank, 1, prunable=False,
                                          reason="ConvTranspose with an output_shape attribute"))
             return
         if group == 1:
-            if m is not None:
-                if shared:
-                    self.pin(m, node, "ConvTranspose weights are shared with another node")
-                else:
-                    self._consume(node, m, node.inputs[0])
-            self._set(node, self._source(node, node.outputs[0], o, w.ndim, 1, prunable=not shared and bias_ok,
-                                         reason="ConvTranspose weights are shared or its bias is computed"))
-            return
-        self._grouped_or_pinned(node, m, w, group, c_in, o, shared or not bias_ok,
-                                depthwise=w.shape[1] == 1, weight_axis_in=True)
+            return self._ungrouped(node, m, o, rank, shared, bias_ok)
+        self._grouped_or_pinned(node, m, rank, group, c_in, o, shared or not bias_ok,
+                                depthwise=o == group, weight_axis_in=True)
 
     def _gemm(self, node, tracked):
-        w = _const(node.inputs[1])
-        if w is None or any(i != 0 for i, _ in tracked):
+        if _const(node.inputs[1]) is None or any(i != 0 for i, _ in tracked):
             raise _Unsupported("Gemm with computed weights or bias")
-        trans_b = node.attrs.get("transB", 0)
-        d_in, d_out = (w.shape[1], w.shape[0]) if trans_b else w.shape
-        shared = len(node.inputs[1].outputs) > 1
+        layer = WeightLayer(node)
+        d_in, d_out, shared = layer.d_in, layer.d_out, layer.is_shared
         m = tracked[0][1] if tracked else None
         if m is not None:
             if node.attrs.get("transA", 0) or m.axis != 1 or m.rank != 2 or len(m.comps) != d_in:
@@ -888,19 +881,20 @@ class ChannelAnalysis:
             return self._batched_matmul(node, tracked)
         if b.ndim != 2:
             raise _Unsupported(f"MatMul with a {b.ndim}-D weight")
-        shared = len(node.inputs[1].outputs) > 1
+        layer = WeightLayer(node)
+        shared = layer.is_shared
         m = tracked[0][1] if tracked else None
         rank = m.rank if m is not None else self._rank(node.inputs[0])
         if rank is None:
             raise _Unsupported("MatMul input of unknown rank")
         if m is not None:
-            if m.axis != m.rank - 1 or len(m.comps) != b.shape[0]:
+            if m.axis != m.rank - 1 or len(m.comps) != layer.d_in:
                 raise _Unsupported("MatMul input channels are not on the last axis")
             if shared:
                 self.pin(m, node, "MatMul weights are shared with another node")
             else:
                 self._consume(node, m, node.inputs[0])
-        self._set(node, self._source(node, node.outputs[0], b.shape[1], max(rank, 2), max(rank, 2) - 1,
+        self._set(node, self._source(node, node.outputs[0], layer.d_out, max(rank, 2), max(rank, 2) - 1,
                                      prunable=not shared, reason="MatMul weights are shared"))
 
     def _batched_matmul(self, node, tracked):

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from .graph import fresh_name, read_values, set_constant_input
+from .graph import Emitter, read_values, set_constant_input
 from .registry import Skip
 from .stats import LayerStats
 
@@ -340,11 +340,10 @@ class WeightLayer:
         if graph is None:
             raise ValueError("a MatMul without a bias Add needs the graph to add one")
         out = self.node.outputs[0]
-        dtype = read_values(self.weight).dtype
-        pre = gs.Variable(fresh_name(graph, out.name + "_pre_bias"), dtype=out.dtype)
+        em = Emitter(graph, dtype=read_values(self.weight).dtype)
+        pre = gs.Variable(em.name("", out.name + "_pre_bias"), dtype=out.dtype)
         self.node.outputs[0] = pre
-        const = gs.Constant(fresh_name(graph, self.node.name + "_bias_value"), delta.astype(dtype))
-        graph.nodes.append(gs.Node("Add", name=self.node.name + "_bias", inputs=[pre, const], outputs=[out]))
+        em.op("Add", [pre, em.const(delta, name=self.node.name + "_bias_value")], out=out, name=self.node.name + "_bias")
         graph.toposort()
 
     # ---------------------------------------------------------------- statistics

@@ -21,9 +21,10 @@ without fine-tuning (ThiNet, Luo et al. 2017; He et al. 2017 channel pruning).
   them first, e.g. z = x A: Cov z = Aᵀ Cov x A); ``ridge_rows(x, y, …)`` from raw rows.
 - ``solve(a, rhs, spd)``: LU (or Cholesky for SPD) with a least-squares fallback when singular;
   ``spd_solve(a, rhs, ridge)``: (a + αI) u = rhs, α relative.
-- ``pcg(a, rhs, x0, ridge, iters)``: Jacobi-preconditioned conjugate gradient on (a + αI) u = rhs
-  from a warm start; each iterate lowers the quadratic ½uᵀ(a + αI)u − rhsᵀu, so a truncated run
-  inside an alternating scheme never raises the objective (Hestenes & Stiefel 1952).
+- ``cg(matvec, rhs, x0, iters, precond, …)``: the preconditioned conjugate-gradient loop, for any
+  operator; ``pcg(a, rhs, x0, ridge, iters)`` runs it on (a + αI) u = rhs with a Jacobi
+  preconditioner. Each iterate lowers the quadratic ½uᵀAu − rhsᵀu, so a truncated run inside an
+  alternating scheme never raises the objective (Hestenes & Stiefel 1952).
 
 Two relative errors with different meanings:
 - ``fit_error`` (moments) / ``fit_error_rows`` (rows): how much of the output's variance a fit
@@ -95,34 +96,51 @@ def ridge_rows(x: np.ndarray, y: np.ndarray, ridge: float = 1e-3, fit_bias: bool
     return w, my - mx @ w
 
 
-def pcg(a: np.ndarray, rhs: np.ndarray, x0: np.ndarray, ridge: float, iters: int) -> np.ndarray:
-    """Jacobi-preconditioned conjugate gradients on (a + αI) u = rhs (α relative, see ``spd_solve``)
-    from the warm start ``x0``, ``iters`` iterations; ``iters`` ≤ 0: the exact SPD solve."""
-    if iters <= 0:
-        return spd_solve(a, rhs, ridge)
-    diag = np.diag(a).copy()
-    alpha = ridge * max(diag.mean(), 1e-30)
-    diag += alpha
+def cg(matvec, rhs, x0, iters: int, precond=None, dot=None, stop: float = 0.0, project=None):
+    """Preconditioned conjugate gradients on A u = rhs, A symmetric positive (semi)definite given
+    by ``matvec`` (arrays of any shape: a matrix-free operator), from the warm start ``x0``, at
+    most ``iters`` iterations. ``precond(r)``: an SPD approximation of A⁻¹ applied to the residual
+    (default: none); ``dot(a, b)``: the inner product (default Σ a ⊙ b); stops when rᵀz ≤ ``stop``
+    or a direction has no positive curvature; ``project(r)``: zero the residual where u is held
+    fixed (in place), e.g. unused rows of a codebook."""
+    precond = precond if precond is not None else (lambda r: r)
+    dot = dot if dot is not None else (lambda a, b: float((a * b).sum()))
     x = x0.copy()
-    r = rhs - (a @ x + alpha * x)
-    z = r / diag
+    r = rhs - matvec(x)
+    if project is not None:
+        project(r)
+    z = precond(r)
     p = z.copy()
-    rz = r @ z
+    rz = dot(r, z)
     for _ in range(iters):
-        if rz <= 1e-30:
+        if rz <= stop:
             break
-        ap = a @ p + alpha * p
-        pap = p @ ap
+        ap = matvec(p)
+        pap = dot(p, ap)
         if pap <= 0:
             break
         step = rz / pap
         x += step * p
         r -= step * ap
-        z = r / diag
-        rz_new = r @ z
+        if project is not None:
+            project(r)
+        z = precond(r)
+        rz_new = dot(r, z)
         p = z + (rz_new / rz) * p
         rz = rz_new
     return x
+
+
+def pcg(a: np.ndarray, rhs: np.ndarray, x0: np.ndarray, ridge: float, iters: int) -> np.ndarray:
+    """``cg`` on (a + αI) u = rhs for a dense matrix ``a``, Jacobi-preconditioned (α relative, see
+    ``spd_solve``); ``iters`` ≤ 0: the exact SPD solve."""
+    if iters <= 0:
+        return spd_solve(a, rhs, ridge)
+    diag = np.diag(a).copy()
+    alpha = ridge * max(diag.mean(), 1e-30)
+    diag += alpha
+    return cg(lambda v: a @ v + alpha * v, rhs, x0, iters, precond=lambda r: r / diag,
+              dot=lambda u, v: u @ v, stop=1e-30)
 
 
 def fit_error(cm, w: np.ndarray, b: np.ndarray) -> float:

@@ -32,10 +32,13 @@ import numpy as np
 import onnx_graphsurgeon as gs
 import scipy.linalg
 
-from ..graph import concrete_input_shapes, infer_shapes, import_graph
-from ..reconstruct import ridge_from_moments as ridge
-from ..stats import CrossMoments
+from ..graph import concrete_input_shapes, import_graph, infer_shapes, node_by_name
+from ..layers import WeightLayer, per_column_bias
+from ..lstsq import ridge_from_moments as ridge
+from ..lstsq import ridge_solve
+from ..refit import Again, refit_levels
 from ..registry import Pass, PassReport, Plan, Skip
+from ..stats import CrossMoments
 
 
 @dataclass
@@ -126,13 +129,9 @@ def gemm_bias_problem(node) -> str | None:
     differs between rows (shape M × N) has no place in a rewritten layer."""
     if node.op != "Gemm" or len(node.inputs) < 3:
         return None
-    c = node.inputs[2]
-    if not isinstance(c, gs.Constant):
+    if not isinstance(node.inputs[2], gs.Constant):
         return "Gemm bias is not a constant"
-    d_out = node.inputs[1].values.shape[0 if node.attrs.get("transB", 0) else 1]
-    if c.values.size not in (1, d_out):
-        return f"Gemm bias of shape {tuple(c.values.shape)} differs between rows"
-    return None
+    return per_column_bias(WeightLayer(node))
 
 
 def round_up(r: int, multiple: int) -> int:
@@ -268,15 +267,6 @@ def shape_info(model, sample_shapes):
     return infer_shapes(model, concrete_input_shapes(model, sample_shapes, batch=1))
 
 
-def moments(cm, fit_bias: bool):
-    """(cxx, cxy, mx, my) of CrossMoments: centered when fitting a bias, else second moments."""
-    n = max(cm.n, 1)
-    mx, my = cm.x.mean, cm.mean_y
-    if fit_bias:
-        return cm.x.cov, cm.xy / n - np.outer(mx, my), mx, my
-    return cm.x.second, cm.xy / n, np.zeros_like(mx), np.zeros_like(my)
-
-
 def non_finite_skips(layers):
     """Layers whose weights hold NaN or Inf, removed from ``layers``: [(node, reason)]."""
     out = []
@@ -290,7 +280,7 @@ def non_finite_skips(layers):
 
 # ----------------------------------------------------------------------------- the driver
 def _group_cov(layer: Layer, cm, g: int, fit_bias: bool):
-    cxx, cxy, mx, my = moments(cm, fit_bias)
+    cxx, cxy, mx, my = cm.moments(centered=fit_bias)
     si, so = layer.extra["in_slices"][g], layer.extra["out_slices"][g]
     cxy_g = cxy[si, so] if cxy.shape[1] else cxy[si]
     my_g = my[so] if my.shape[0] else my
@@ -304,9 +294,6 @@ def factorize(pass_name, model, cfg, ctx, layers, skipped, rewrite, multiple, re
     """Allocate ranks, then rewrite and refit level by level. ``rewrite(graph, layer, r, As, Bs,
     bias)`` edits the graph and returns the name of a node to refit by a full ridge solve on its
     own input patches (or None when the moments refit already did it)."""
-    from ..graph import export_model, import_graph, node_by_name
-    from ..reconstruct import layer_stats_request, ridge_solve, set_layer_matrix, shared_levels
-
     for s in list(skipped) + non_finite_skips(layers):
         report.skip(s[0], s[1])
     goal_metrics = [m for m in ("flops", "params") if m in (ctx.goals or {})]
@@ -380,80 +367,72 @@ def factorize(pass_name, model, cfg, ctx, layers, skipped, rewrite, multiple, re
     if not layers:
         return model, budget
     by_name = {l.node: l for l in layers}
-    graph = import_graph(model)
-    levels = shared_levels(graph, {n: [r[0] for r in l.sources] for n, l in by_name.items()})
     bar = ctx.bar(total=len(by_name), desc=pass_name)
     use_data = cfg.whiten or cfg.refit
-    working = model
-    for lv, names in enumerate(levels):
-        stats = {}
+
+    def requests(n, graph):
+        return [by_name[n].request("lv:" + rn, x, y) for rn, x, y in by_name[n].sources] if use_data else []
+
+    def solve(n, stats, graph, level):
+        """The rank-r factors of every group and the bias: (As, Bs, bias)."""
+        layer, r = by_name[n], ranks[n]
         if use_data:
-            reqs = [by_name[n].request("lv:" + rn, x, y) for n in names for rn, x, y in by_name[n].sources]
-            stats = ctx.collect(reqs, model_x=working, model_y=ctx.reference,
-                                desc=f"{pass_name}: level {lv + 1}/{len(levels)}")
-            for n in names:
-                src = by_name[n].sources
-                if len(src) > 1:
-                    by_name[n].extra["reader_stats"] = {rn: stats["lv:" + rn] for rn, _, _ in src}
-                stats["lv:" + n] = CrossMoments.pooled([stats["lv:" + rn] for rn, _, _ in src])
-        node_refits = []
-        for n in names:
-            layer, r = by_name[n], ranks[n]
-            As, Bs, bs = [], [], []
-            for g, w in enumerate(layer.ws):
-                if use_data:
-                    cxx, cxy, mx, my = _group_cov(layer, stats["lv:" + n], g, layer.fit_bias)
-                with ctx.timed("fit"):
-                    a, b_mat, _ = factor(w, cxx if cfg.whiten else None, cfg.eps)
-                a, b_mat = a[:, :r], b_mat[:r]
-                so = layer.extra["out_slices"][g]
-                b_orig = layer.bias[so] if layer.bias is not None else None
-                bias = b_orig
-                if cfg.refit and layer.feature_map is None:
-                    czz = a.T @ cxx @ a
-                    czy = a.T @ cxy
-                    b_mat, bias = ridge(czz, czy, mx @ a, my, cfg.ridge, layer.fit_bias)
-                    if not layer.fit_bias:
-                        bias = None
-                elif cfg.whiten and layer.fit_bias and layer.feature_map is None:
-                    corr = mx @ (w - a @ b_mat)
-                    bias = corr if b_orig is None else b_orig + corr
-                As.append(a)
-                Bs.append(b_mat)
-                bs.append(bias)
-            bias = None if all(b is None for b in bs) else np.concatenate(
-                [b if b is not None else np.zeros(Bs[i].shape[1]) for i, b in enumerate(bs)])
-            if len(layer.sources) > 1 and layer.fit_bias and use_data:
-                # one weight, several readers: each reader's own bias absorbs its own mean shift
-                w_new = As[0] @ Bs[0]
-                layer.extra["reader_bias"] = {rn: cm.mean_y - cm.x.mean @ w_new
-                                              for rn, cm in layer.extra["reader_stats"].items()}
-            second = rewrite(graph, layer, r, As, Bs, bias)
-            if second is not None and cfg.refit:
-                node_refits.append((n, second))
             if len(layer.sources) > 1:
-                report.changed.extend(f"{rn} (rank {r} of {layer.max_rank}, weight shared by "
-                                      f"{len(layer.sources)} nodes, factorized once)" for rn, _, _ in layer.sources)
-            else:
-                report.changed.append(f"{n} (rank {r} of {layer.max_rank})")
-            bar.update(1, postfix=f"{n}: rank {r}")
-        with ctx.timed("export"):
-            working = export_model(graph, like=model)
-        if node_refits:
-            graph_w = import_graph(working)
-            reqs = []
-            for n, second in node_refits:
-                node = node_by_name(graph_w, second)
-                reqs.append(layer_stats_request(node, "nr:" + n, node.inputs[0].name, by_name[n].y,
-                                                positions=cfg.positions))
-            stats = ctx.collect(reqs, model_x=working, model_y=ctx.reference,
-                                desc=f"{pass_name}: refit level {lv + 1}/{len(levels)}")
-            for n, second in node_refits:
-                node = node_by_name(graph, second)
-                wmat, b = ridge_solve(stats["nr:" + n], cfg.ridge, fit_bias=by_name[n].fit_bias)
-                set_layer_matrix(node, wmat, b if by_name[n].fit_bias else None)
-            with ctx.timed("export"):
-                working = export_model(graph, like=model)
+                layer.extra["reader_stats"] = {rn: stats["lv:" + rn] for rn, _, _ in layer.sources}
+            cm = CrossMoments.pooled([stats["lv:" + rn] for rn, _, _ in layer.sources])
+        As, Bs, bs = [], [], []
+        for g, w in enumerate(layer.ws):
+            if use_data:
+                cxx, cxy, mx, my = _group_cov(layer, cm, g, layer.fit_bias)
+            with ctx.timed("fit"):
+                a, b_mat, _ = factor(w, cxx if cfg.whiten else None, cfg.eps)
+            a, b_mat = a[:, :r], b_mat[:r]
+            so = layer.extra["out_slices"][g]
+            b_orig = layer.bias[so] if layer.bias is not None else None
+            bias = b_orig
+            if cfg.refit and layer.feature_map is None:
+                czz = a.T @ cxx @ a
+                czy = a.T @ cxy
+                b_mat, bias = ridge(czz, czy, mx @ a, my, cfg.ridge, layer.fit_bias)
+                if not layer.fit_bias:
+                    bias = None
+            elif cfg.whiten and layer.fit_bias and layer.feature_map is None:
+                corr = mx @ (w - a @ b_mat)
+                bias = corr if b_orig is None else b_orig + corr
+            As.append(a)
+            Bs.append(b_mat)
+            bs.append(bias)
+        bias = None if all(b is None for b in bs) else np.concatenate(
+            [b if b is not None else np.zeros(Bs[i].shape[1]) for i, b in enumerate(bs)])
+        if len(layer.sources) > 1 and layer.fit_bias and use_data:
+            # one weight, several readers: each reader's own bias absorbs its own mean shift
+            w_new = As[0] @ Bs[0]
+            layer.extra["reader_bias"] = {rn: cm.mean_y - cm.x.mean @ w_new
+                                          for rn, cm in layer.extra["reader_stats"].items()}
+        return As, Bs, bias
+
+    def write(n, factors, graph, level):
+        """Rewrite the layer; a second node to refit on its own new inputs comes back as ``Again``."""
+        layer, r = by_name[n], ranks[n]
+        second = rewrite(graph, layer, r, *factors)
+        if len(layer.sources) > 1:
+            report.changed.extend(f"{rn} (rank {r} of {layer.max_rank}, weight shared by "
+                                  f"{len(layer.sources)} nodes, factorized once)" for rn, _, _ in layer.sources)
+        else:
+            report.changed.append(f"{n} (rank {r} of {layer.max_rank})")
+        bar.update(1, postfix=f"{n}: rank {r}")
+        if second is None or not cfg.refit:
+            return None
+        node = node_by_name(graph, second)
+        req = WeightLayer(node, graph).stats_request("nr:" + n, node.inputs[0].name, layer.y, positions=cfg.positions)
+
+        def refit_second(stats, graph):
+            wmat, b = ridge_solve(stats["nr:" + n], cfg.ridge, fit_bias=layer.fit_bias)
+            WeightLayer(node_by_name(graph, second), graph).write(wmat, b if layer.fit_bias else None)
+        return Again([req], refit_second)
+
+    working = refit_levels(ctx, model, {n: [r[0] for r in l.sources] for n, l in by_name.items()}, solve, write,
+                           requests=requests, desc=f"{pass_name}: level")
     bar.close()
     details = {"ranks": {n: ranks[n] for n in by_name}}
     if budget:

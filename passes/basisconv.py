@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..reconstruct import conv_attrs
+from ..graph import Emitter
+from ..layers import WeightLayer
 from ..registry import register
 from ..stats import LayerStats
 from . import _factor
@@ -46,7 +47,7 @@ def _check(node: gs.Node, info: dict):
     if len(node.inputs[1].outputs) > 1:
         return None, "weights are shared with other nodes"
     try:
-        attrs = conv_attrs(node, w.shape)
+        attrs = WeightLayer(node).conv_attrs()
     except ValueError as e:
         return None, str(e)
     if all(k == 1 for k in attrs["kernel_shape"]):
@@ -98,21 +99,19 @@ def _rewrite(graph, layer, m, As, Bs, bias):
     g = attrs["group"]
     basis_w = np.concatenate([a.T.reshape([m, cg] + kshape) for a in As]).astype(dtype)
     coef_w = np.concatenate([b.T for b in Bs]).reshape([o, m] + [1] * nd).astype(dtype)
-    z = gs.Variable(node.name + "_basis_out", dtype=node.outputs[0].dtype or np.float32)
-    basis = gs.Node("Conv", node.name + "_basis",
-                    attrs={"kernel_shape": kshape, "strides": attrs["strides"], "pads": attrs["pads"],
-                           "dilations": attrs["dilations"], "group": g},
-                    inputs=[node.inputs[0], gs.Constant(node.name + "_basis_w", np.ascontiguousarray(basis_w))],
-                    outputs=[z])
-    inputs = [z, gs.Constant(node.inputs[1].name + "_coef", np.ascontiguousarray(coef_w))]
+    em = Emitter(graph, dtype=dtype)
+    z = em.variable("", node.outputs[0].dtype or np.float32, name=node.name + "_basis_out")
+    em.op("Conv", [node.inputs[0], em.const(basis_w, name=node.name + "_basis_w")], out=z, name=node.name + "_basis",
+          attrs={"kernel_shape": kshape, "strides": attrs["strides"], "pads": attrs["pads"],
+                 "dilations": attrs["dilations"], "group": g})
+    inputs = [z, em.const(coef_w, name=node.inputs[1].name + "_coef")]
     if bias is not None:
         # named after the node: the old bias may be shared with other layers
-        inputs.append(gs.Constant(node.name + "_coef_b", np.ascontiguousarray(bias.astype(dtype))))
+        inputs.append(em.const(bias, name=node.name + "_coef_b"))
     node.inputs.clear()
     node.inputs.extend(inputs)
     node.attrs = {"kernel_shape": [1] * nd, "strides": [1] * nd, "pads": [0] * (2 * nd),
                   "dilations": [1] * nd, "group": g}
-    graph.nodes.append(basis)
     return None
 
 

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ..graph import set_constant_input
-from ..reconstruct import add_matmul_bias, conv_attrs, layer_matrix, set_layer_matrix
-from ..registry import register
+from ..graph import Emitter, set_constant_input
+from ..layers import WeightLayer, float_weights, no_trans_a, per_column_bias
+from ..registry import Skip, register
 from ..stats import LayerStats
 from . import _factor
 
@@ -42,43 +42,15 @@ def _numel(shape):
     return int(np.prod(shape))
 
 
-def _bias_add(node: gs.Node, d_out: int, graph_outputs):
-    """The Add that adds a constant vector to a MatMul output, if it is the only consumer."""
-    y = node.outputs[0]
-    if y.name in graph_outputs or len(y.outputs) != 1:
-        return None
-    add = y.outputs[0]
-    if add.op != "Add" or len(add.inputs) != 2:
-        return None
-    other = add.inputs[1] if add.inputs[0] is y else add.inputs[0]
-    if not isinstance(other, gs.Constant):
-        return None
-    v = other.values
-    if v.size not in (1, d_out) or (v.ndim and v.shape[-1] not in (1, d_out)) or \
-            any(s != 1 for s in v.shape[:-1]):
-        return None
-    return add
-
-
-def _linear_layer(node, info, cfg, graph_outputs):
-    w_t = node.inputs[1] if len(node.inputs) > 1 else None
-    if not isinstance(w_t, gs.Constant):
-        return None, "weight is not a constant right operand"
-    if isinstance(node.inputs[0], gs.Constant):
-        return None, "left operand is a constant"
-    if w_t.values.ndim != 2:
-        return None, f"weight of rank {w_t.values.ndim}, not a matrix"
-    if not np.issubdtype(w_t.values.dtype, np.floating):
-        return None, f"weights of type {w_t.values.dtype}"
-    if node.op == "Gemm" and node.attrs.get("transA", 0):
-        return None, "Gemm with transA=1"
-    if _factor.gemm_bias_problem(node):
-        return None, _factor.gemm_bias_problem(node)
+def _linear_layer(node, graph, info, cfg):
+    wl = WeightLayer.of(node, graph, float_weights, no_trans_a, per_column_bias)
+    if isinstance(wl, Skip):
+        return None, wl.reason
     y_shape = info.get(node.outputs[0].name, (None, None))[0]
     x_shape = info.get(node.inputs[0].name, (None, None))[0]
     if y_shape is None or x_shape is None:
         return None, "input or output shape unknown"
-    w, bias = layer_matrix(node)
+    w, bias = wl.matrix(), (wl.bias() if node.op == "Gemm" else None)
     d_in, d_out = w.shape
     if x_shape[-1] != d_in or y_shape[-1] != d_out:
         return None, "operand shapes do not match a row-times-matrix product"
@@ -87,7 +59,7 @@ def _linear_layer(node, info, cfg, graph_outputs):
     if node.op == "Gemm":
         has_bias, fit_bias = bias is not None, True
     else:
-        add = _bias_add(node, d_out, graph_outputs)
+        add = wl.bias_add
         has_bias, fit_bias = False, add is not None
     new_bias = node.op == "Gemm" and (has_bias or cfg.refit or cfg.whiten)
 
@@ -117,7 +89,7 @@ def _conv_layer(node, info, cfg):
     if w.ndim != 4:
         return None, "spatially separable split needs a 2-D kernel"
     try:
-        attrs = conv_attrs(node, w.shape)
+        attrs = WeightLayer(node).conv_attrs()
     except ValueError as e:
         return None, str(e)
     if attrs["group"] != 1:
@@ -157,7 +129,7 @@ def _conv_layer(node, info, cfg):
     return layer, None
 
 
-def _shared_linear_layer(nodes, info, cfg, graph_outputs):
+def _shared_linear_layer(nodes, graph, info, cfg):
     """One layer for a weight several Gemm/MatMul nodes read (an unrolled RNN, tied matrices):
     factorized once from the pooled input statistics of all readers; each reader becomes two
     products reading the shared factors. None and why when the readers differ in kind or layout."""
@@ -167,7 +139,7 @@ def _shared_linear_layer(nodes, info, cfg, graph_outputs):
     for n in nodes:
         if n.op not in ("Gemm", "MatMul") or len(n.inputs) < 2 or n.inputs[1] is not w_t:
             return None, f"{why}, one of them {n.name} ({n.op}) not reading it as a Gemm/MatMul weight"
-        layer, reason = _linear_layer(n, info, cfg, graph_outputs)
+        layer, reason = _linear_layer(n, graph, info, cfg)
         if layer is None:
             return None, f"{why}; {n.name}: {reason}"
         layers.append(layer)
@@ -201,19 +173,18 @@ def _rewrite_shared(graph, layer, r, a, b, bias):
     nodes = {n.name: n for n in graph.nodes}
     first = nodes[layer.node]
     dtype = first.inputs[1].values.dtype
-    a_c = gs.Constant(first.inputs[1].name + "_lowrank_a", np.ascontiguousarray(a.astype(dtype)))
-    if first.op == "Gemm" and first.attrs.get("transB", 0):
-        b_c = gs.Constant(first.inputs[1].name + "_lowrank_b", np.ascontiguousarray(b.T.astype(dtype)))
-    else:
-        b_c = gs.Constant(first.inputs[1].name + "_lowrank_b", np.ascontiguousarray(b.astype(dtype)))
+    em = Emitter(graph, dtype=dtype)
+    a_c = em.const(a, name=first.inputs[1].name + "_lowrank_a")
+    b_c = em.const(b.T if first.op == "Gemm" and first.attrs.get("transB", 0) else b, name=first.inputs[1].name + "_lowrank_b")
     per_reader = layer.extra.get("reader_bias") or {}
     shared_b = None
     if first.op == "Gemm" and layer.extra["shared_bias"] and bias is not None:
         shared_b = gs.Constant(first.inputs[2].name, np.ascontiguousarray(bias.astype(first.inputs[2].values.dtype)))
+    em = Emitter(graph)
     for rn, _, _ in layer.sources:
         node = nodes[rn]
-        z = gs.Variable(node.name + "_lowrank_out", dtype=node.outputs[0].dtype or np.float32)
-        graph.nodes.append(gs.Node("MatMul", node.name + "_lowrank_a", inputs=[node.inputs[0], a_c], outputs=[z]))
+        z = em.variable("", node.outputs[0].dtype or np.float32, name=node.name + "_lowrank_out")
+        em.op("MatMul", [node.inputs[0], a_c], out=z, name=node.name + "_lowrank_a")
         node.inputs[0] = z
         node.inputs[1] = b_c
         own = per_reader.get(rn, bias)
@@ -226,7 +197,7 @@ def _rewrite_shared(graph, layer, r, a, b, bias):
                 node.attrs["beta"] = 1.0
                 set_constant_input(node, 2, own.astype(dtype), base=node.name + "_bias")
         elif layer.extra["adds"].get(rn) is not None and own is not None:
-            add_matmul_bias(graph, node, own - (layer.extra["biases"][rn] if layer.extra["biases"][rn] is not None else 0))
+            WeightLayer(node, graph).add_bias(own - (layer.extra["biases"][rn] if layer.extra["biases"][rn] is not None else 0))
     return None
 
 
@@ -237,40 +208,36 @@ def _rewrite(graph, layer, r, As, Bs, bias):
     a, b = As[0], Bs[0]
     dtype = node.inputs[1].values.dtype
     out_dtype = node.outputs[0].dtype or np.float32
-    z = gs.Variable(node.name + "_lowrank_out", dtype=out_dtype)
+    em = Emitter(graph, dtype=dtype)
+    z = em.variable("", out_dtype, name=node.name + "_lowrank_out")
     if layer.extra["kind"] == "conv":
         attrs = layer.extra["attrs"]
         o, c, kh, kw = node.inputs[1].values.shape
         s, p, d = attrs["strides"], attrs["pads"], attrs["dilations"]
-        first = gs.Node("Conv", node.name + "_vertical",
-                        attrs={"kernel_shape": [kh, 1], "strides": [s[0], 1], "pads": [p[0], 0, p[2], 0],
-                               "dilations": [d[0], 1], "group": 1},
-                        inputs=[node.inputs[0], gs.Constant(node.name + "_vertical_w",
-                                                            np.ascontiguousarray(a.T.reshape(r, c, kh, 1).astype(dtype)))],
-                        outputs=[z])
+        vertical_w = em.const(a.T.reshape(r, c, kh, 1), name=node.name + "_vertical_w")
+        em.op("Conv", [node.inputs[0], vertical_w], out=z, name=node.name + "_vertical",
+              attrs={"kernel_shape": [kh, 1], "strides": [s[0], 1], "pads": [p[0], 0, p[2], 0],
+                     "dilations": [d[0], 1], "group": 1})
         hw = b.reshape(r, o, kw).transpose(1, 0, 2)[:, :, None, :]
-        inputs = [z, gs.Constant(node.inputs[1].name + "_horizontal", np.ascontiguousarray(hw.astype(dtype)))]
+        inputs = [z, em.const(hw, name=node.inputs[1].name + "_horizontal")]
         if bias is not None:
-            inputs.append(gs.Constant(node.name + "_horizontal_b", np.ascontiguousarray(bias.astype(dtype))))
+            inputs.append(em.const(bias, name=node.name + "_horizontal_b"))
         node.inputs.clear()
         node.inputs.extend(inputs)
         node.attrs = {"kernel_shape": [1, kw], "strides": [1, s[1]], "pads": [0, p[1], 0, p[3]],
                       "dilations": [1, d[1]], "group": 1}
-        graph.nodes.append(first)
         return node.name
-    first = gs.Node("MatMul", node.name + "_lowrank_a",
-                    inputs=[node.inputs[0], gs.Constant(node.name + "_lowrank_a_w", np.ascontiguousarray(a.astype(dtype)))],
-                    outputs=[z])
-    graph.nodes.append(first)
+    em.op("MatMul", [node.inputs[0], em.const(a, name=node.name + "_lowrank_a_w")], out=z,
+          name=node.name + "_lowrank_a")
     node.inputs[0] = z
-    set_layer_matrix(node, b, bias if node.op == "Gemm" else None)
+    wl = WeightLayer(node, graph)
+    wl.write(b, bias if node.op == "Gemm" else None)
     if node.op == "MatMul" and layer.extra.get("add") is not None and bias is not None:
-        add_matmul_bias(graph, node, bias)
+        wl.add_bias(bias)
     return None
 
 
 def find_layers(graph, info, cfg):
-    outs = {t.name for t in graph.outputs}
     layers, skipped, seen = [], [], set()
     for node in graph.nodes:
         if node.op in ("Gemm", "MatMul"):
@@ -285,12 +252,12 @@ def find_layers(graph, info, cfg):
                     continue  # handled with its first reader
                 seen.add(id(w_t))
                 readers = list(w_t.outputs)
-                layer, reason = _shared_linear_layer(readers, info, cfg, outs)
+                layer, reason = _shared_linear_layer(readers, graph, info, cfg)
                 if layer is None:
                     skipped.extend((n.name, reason) for n in readers)
                     continue
             else:
-                layer, reason = _linear_layer(node, info, cfg, outs)
+                layer, reason = _linear_layer(node, graph, info, cfg)
         elif node.op == "Conv":
             if not cfg.conv:
                 if len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant):
