@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...lstsq import cg
 from .kmeans import bincount_rows
 
 
@@ -55,7 +56,8 @@ def gptq_assign(t, d, c, h, group=256):
 
 def refine_codebook(t, codes, c, h, steps):
     """Least squares for the codebook with the assignments fixed, on the full covariance:
-    min_C Σ_r (t̂_r(C) − t_r)ᵀ H (t̂_r(C) − t_r); preconditioned conjugate gradient."""
+    min_C Σ_r (t̂_r(C) − t_r)ᵀ H (t̂_r(C) − t_r); ``lstsq.cg``, matrix-free, preconditioned by
+    the per-centroid blocks Σ_b count_bk H_b."""
     rows, nb = codes.shape
     k, d = c.shape
     flat = codes.reshape(-1)
@@ -72,24 +74,8 @@ def refine_codebook(t, codes, c, h, steps):
     used = counts.sum(0) > 0
     pre[~used] = np.eye(d)
     pinv = np.linalg.inv(pre)
-    rhs = scatter(t @ h)
-    x = c.copy()
-    r = rhs - op(x)
-    r[~used] = 0
-    z = np.einsum("kde,ke->kd", pinv, r)
-    p = z.copy()
-    rz = float((r * z).sum())
-    for _ in range(steps):
-        ap = op(p)
-        denom = float((p * ap).sum())
-        if denom <= 0 or rz <= 0:
-            break
-        alpha = rz / denom
-        x += alpha * p
-        r -= alpha * ap
+
+    def project(r):  # centroids no sub-vector uses stay as they are
         r[~used] = 0
-        z = np.einsum("kde,ke->kd", pinv, r)
-        rz_new = float((r * z).sum())
-        p = z + (rz_new / rz) * p
-        rz = rz_new
-    return x
+
+    return cg(op, scatter(t @ h), c, steps, precond=lambda r: np.einsum("kde,ke->kd", pinv, r), project=project)
