@@ -305,6 +305,19 @@ class WeightLayer:
             return
         set_constant_input(self.node, 2, bias.astype(dtype), self.graph, base=self.node.name + "_bias")
 
+    def set_bias(self, bias: np.ndarray, base: str | None = None) -> None:
+        """Set the bias to ``bias`` (d_out), the weight as it is. Conv/ConvTranspose/Gemm: input 2
+        (Gemm: beta becomes 1 where it was not); a new input, or a copy of one other nodes share,
+        is named from ``base`` (default ``{node}_bias``). MatMul: through ``add_bias``."""
+        if self.op == "MatMul":
+            old = self.bias()
+            self.add_bias(bias - old if old is not None else bias)
+            return
+        if self.op == "Gemm" and self.node.attrs.get("beta", 1.0) != 1.0:
+            self.node.attrs["beta"] = 1.0
+        set_constant_input(self.node, 2, bias.astype(read_values(self.weight).dtype), self.graph,
+                           base=base or self.node.name + "_bias")
+
     def add_bias(self, delta: np.ndarray) -> None:
         """Add ``delta`` (d_out) to the layer's bias. MatMul: into its ``bias_add`` constant (in
         that constant's shape), else through a new Add that takes over the output tensor."""

@@ -206,3 +206,42 @@ def test_channel_counts_of_each_op():
     assert (gemm.c_in, gemm.d_in, gemm.d_out) == (7, 7, 5)
     mm = layer("MatMul", (5, 7))
     assert (mm.c_in, mm.d_in, mm.d_out) == (5, 5, 7)
+
+
+@pytest.mark.parametrize("op", ["Conv", "Gemm", "MatMul"])
+def test_set_bias_writes_the_whole_bias_and_keeps_the_weight(op, rng):
+    """x -> Conv(3->4, no bias) | Gemm(6->4, beta 2) | MatMul(6->4) -> Add(c) -> y: after
+    set_bias(b) the output is x·W + b, the weight tensor untouched; a new bias is named from base."""
+    import onnx
+    b = GraphBuilder(5)
+    if op == "Conv":
+        x = b.input("x", [2, 3, 5, 5])
+        b.conv(x, 3, 4, bias=False, out="y")
+        shape = [2, 3, 5, 5]
+    else:
+        x = b.input("x", [3, 6])
+        shape = [3, 6]
+        if op == "Gemm":
+            b.gemm(x, 6, 4, out="y")
+            b.nodes[-1].attribute.extend([onnx.helper.make_attribute("beta", 2.0)])
+        else:
+            b.node("Add", [b.matmul(x, 6, 4), b.const(rng.standard_normal(4).astype(np.float32))], out="y")
+    b.output("y")
+    m = b.model()
+    graph = import_graph(m)
+    layer = L.WeightLayer.of(_node(graph, op), graph)
+    weight = layer.weight
+    old = layer.bias()
+    bias = rng.standard_normal(4)
+    layer.set_bias(bias, base="the_bias")
+    assert layer.weight is weight
+    np.testing.assert_allclose(layer.bias(), bias, atol=1e-6)
+    out = export_model(graph, like=m)
+    feed = rng.standard_normal(shape).astype(np.float32)
+    shift = bias - (0 if old is None else old)
+    if op == "Conv":
+        shift = shift[None, :, None, None]
+        assert "the_bias" in {t.name for t in out.graph.initializer}
+    np.testing.assert_allclose(run(out, {"x": feed})[0], run(m, {"x": feed})[0] + shift, atol=1e-4)
+    if op == "Gemm":
+        assert _node(import_graph(out), "Gemm").attrs["beta"] == 1.0

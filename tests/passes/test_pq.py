@@ -10,7 +10,8 @@ from onnx import numpy_helper
 from models import digits
 from onnxshrink import shrink
 from onnxshrink.errors import UsageError
-from onnxshrink.passes.pq import PqConfig, decoded_weight, output_error, pack_codes, quantize, unpack_codes
+from onnxshrink.lstsq import weighted_error
+from onnxshrink.passes.pq import PqConfig, decoded_weight, pack_codes, quantize, unpack_codes
 
 # the mechanics tests run on layers far below the default size threshold, without the error budget
 FAST = {"iters": 2, "refine": 4, "kmeans_iters": 3, "positions": 8, "min_bytes": 0, "max_error": 0}
@@ -154,7 +155,7 @@ def test_activation_aware_assignment_lowers_the_output_error(rng):
     for cfg in (plain, aware, full):
         _, codes, t_hat = quantize(t, 4, 32, h if cfg.aware else None, cfg, np.random.default_rng(0), np.float32)
         assert codes.shape == (d_out, d_in // 4) and codes.dtype == np.uint8
-        errs.append(output_error(t, t_hat, h))
+        errs.append(weighted_error(t, t_hat, h))
     assert errs[1] < 0.7 * errs[0]
     assert errs[2] < errs[1]
 
@@ -447,17 +448,40 @@ def test_a_planted_sensitive_layer_gets_a_finer_setting_while_the_others_keep_th
 def test_a_long_1d_kernel_is_cut_into_short_subvectors():
     """An STFT written as Conv (257 filters of 512 taps, one input channel): one 512-long sub-vector
     per filter would need as many centroids as filters; it is cut into sub-vectors of 4."""
-    from onnxshrink.passes.pq import Layer, _default_block
     import onnx_graphsurgeon as gs
-    w = gs.Constant("w", np.zeros((257, 1, 512), np.float32))
-    layer = Layer([gs.Node("Conv", inputs=[gs.Variable("x"), w], outputs=[gs.Variable("y")])], w, "natural", True, 512)
-    assert _default_block(layer, PqConfig()) == 4
-    w3 = gs.Constant("w3", np.zeros((8, 4, 3, 3), np.float32))
-    conv = Layer([gs.Node("Conv", inputs=[gs.Variable("x"), w3], outputs=[gs.Variable("y")])], w3, "natural", True, 9)
-    assert _default_block(conv, PqConfig()) == 9
+
+    from onnxshrink.layers import WeightLayer
+    from onnxshrink.passes.pq.layer import Layer, default_block
+
+    def conv(shape):
+        w = gs.Constant("w", np.zeros(shape, np.float32))
+        return Layer(WeightLayer(gs.Node("Conv", inputs=[gs.Variable("x"), w], outputs=[gs.Variable("y")])))
+    assert conv((257, 1, 512)).kernel == 512 and default_block(conv((257, 1, 512)), PqConfig()) == 4
+    assert default_block(conv((8, 4, 3, 3)), PqConfig()) == 9
 
 
 def test_error_budget_and_size_threshold_options_are_checked():
     for bad in ({"max_error": -1}, {"min_bytes": -5}):
         with pytest.raises(ValueError, match="pq.m"):
             PqConfig(**bad)
+
+
+def test_size_search_picks_the_least_error_within_the_goal():
+    """The Lagrangian choice over per-layer (setting, error, bytes) options: the least total error
+    whose bytes meet the goal, all dense when the goal is loose, the smallest when it cannot be met."""
+    from onnxshrink.passes.pq.search import lagrangian
+    options = {"a": [(None, 0.0, 100), ((4, 256), 0.01, 30), ((2, 16), 0.05, 10)],
+               "b": [(None, 0.0, 50), ((4, 16), 0.02, 20)]}
+    pick = lambda goal: (lambda c, s: ({n: o[0] for n, o in c.items()}, s))(*lagrangian(options, 5, goal))  # noqa: E731
+    assert pick(60) == ({"a": (4, 256), "b": (4, 16)}, 55)
+    assert pick(1000) == ({"a": None, "b": None}, 155)
+    assert pick(20) == ({"a": (2, 16), "b": (4, 16)}, 35)   # unreachable: the fewest bytes
+
+
+def test_statistics_rounds_merge_consecutive_levels():
+    """pq.rounds=2 over five topological levels (six layers): two groups of consecutive levels,
+    the first closed once it holds at least half the layers; 0 or enough rounds keep the levels."""
+    from onnxshrink.passes.pq.pass_ import merge_levels
+    levels = [["a"], ["b"], ["c", "d"], ["e"], ["f"]]
+    assert merge_levels(levels, 2) == [["a", "b", "c", "d"], ["e", "f"]]   # a level is never split
+    assert merge_levels(levels, 0) == levels and merge_levels(levels, 5) == levels

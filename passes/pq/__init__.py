@@ -1,0 +1,53 @@
+"""pq: store weights as product-quantized codebooks, decoded in the graph.
+
+Product quantization of a weight layer ("Compressing Deep Convolutional Networks using Vector
+Quantization"; "Compression of Deep Neural Networks on the Fly"): write the layer as y = x W (W: d_in × d_out, the rows of W in the
+order of the layer's input features). Each output's column w_j is cut into sub-vectors of length
+d along the input features, w_j = [w_1j; …; w_Bj] (B = d_in / d; for a k×k Conv one sub-vector is
+one kernel, d = k·k). One codebook C = {c_1 … c_K} (K ≤ 256) per layer; each sub-vector is
+replaced by a centroid, stored as a one-byte code, or for K ≤ 16 two 4-bit codes a byte.
+Bytes: d_in·d_out·4 → d_in·d_out/d (÷ 2 when packed) + K·d·(2|4).
+
+Activation-aware assignment ("And the Bit Goes Down: Revisiting the Quantization of Neural
+Networks"): the layer's output
+error on calibration inputs is ‖X (W − Ŵ)‖² = Σ_j (w_j − ŵ_j)ᵀ H (w_j − ŵ_j), H = Cov(x) + λI
+(λ = damp · mean input variance). Steps, per layer:
+1. plain k-means on the sub-vectors (k-means++ seeding, vectorised Lloyd steps) initialises C;
+2. EM with the diagonal blocks H_b of H: E-step argmin_k (w − c_k)ᵀ H_b (w − c_k), M-step
+   c_k = (Σ_{i∈k} H_b(i))⁻¹ Σ_{i∈k} H_b(i) w_i;
+3. assignment block by block with error feedback on the full H (optimal brain quantization, as
+   in GPTQ/GPTVQ): after block F is assigned, W_R −= U_FRᵀ U_FF⁻ᵀ (W_F − Ŵ_F), H⁻¹ = UᵀU;
+4. the codebook refit by least squares on the full H with the codes fixed (conjugate gradient).
+Layers are done in topological levels (sequential reconstruction): the target of a layer is
+W* = argmin ‖X̃ W* − Y‖² + λ‖W* − W‖², with X̃ its inputs in the already-quantized network and Y
+its outputs in the original one, and its bias is refit as b = E[y] − E[x̃]ᵀŴ. ``pq.aware=false``
+keeps plain k-means on the weights (still with the bias refit).
+
+In the graph: Gather(codebook (Cast fp16 → fp32 when stored as fp16), Cast(codes int8 → int32)
+(+ 128 when K > 128)) → Reshape (→ Transpose) → the node's weight input (int8, not uint8, codes:
+TensorRT's ONNX parser refuses UINT8). Packed 4-bit codes (``pq.bits``; auto packs K ≤ 16
+where it saves bytes) are unpacked without BitShift, which that parser lacks: byte =
+16·hi + lo − 128, v = Cast(int32) + 128, hi = v / 16, lo = v − 16·hi, Concat → the same Gather.
+All standard ops on constants: runtimes fold them once at load time, so inference runs at the
+original speed. Small layers (codes + codebook would not
+save bytes) and the model's first Conv stay dense by default.
+
+Size budget (``--target-size``): each layer gets candidate (d, K) settings with their output
+error and bytes; a Lagrangian search picks per layer the setting minimising Σ relative output
+error + λ·bytes, bisecting λ until the serialized model meets the goal.
+
+Modules: ``pass_`` (the pass: checks, order, report), ``config``, ``layer`` (the layers and their
+biases), ``target`` (what a layer is quantized toward), ``kmeans``, ``gptq`` and ``quantize`` (one
+layer's codebook and codes), ``search`` (the size budget), ``codec`` (the stored code format),
+``edits`` (the decode subgraph and bias writes), ``sizes`` (byte counts).
+"""
+
+from .codec import code_offset, decoded_weight, pack_codes, stored_codes, unpack_codes
+from .config import CODEBOOK_DTYPES, PqConfig
+from .kmeans import aware_em, kmeans
+from .gptq import gptq_assign, refine_codebook
+from .pass_ import Pq
+from .quantize import quantize
+
+__all__ = ["CODEBOOK_DTYPES", "Pq", "PqConfig", "aware_em", "code_offset", "decoded_weight", "gptq_assign",
+           "kmeans", "pack_codes", "quantize", "refine_codebook", "stored_codes", "unpack_codes"]

@@ -1,0 +1,61 @@
+"""pq's options (``--set pq.KEY=VALUE``), checked when the config is made."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+CODEBOOK_DTYPES = {"fp16": np.float16, "fp32": np.float32}
+
+
+@dataclass
+class PqConfig:
+    block: int = 0                 # sub-vector length d; 0 = per layer type (kernel k·k, else 4)
+    centroids: int = 256           # K, centroids per layer codebook (2..256)
+    codebook_dtype: str = "fp16"   # fp16 or fp32
+    aware: bool = True             # activation-aware EM (False: plain k-means on the weights)
+    iters: int = 8                 # activation-aware EM rounds
+    gptq: bool = True              # assign block by block with error feedback (full covariance)
+    refine: int = 15               # conjugate-gradient steps refitting the codebook (full covariance)
+    sequential: bool = True        # targets: original outputs, inputs from the already-quantized net
+    kmeans_iters: int = 8          # plain Lloyd rounds (the initialisation)
+    damp: float = 0.01             # metric damping, relative to the mean input variance
+    bias_correct: bool = True      # absorb the mean output shift into the bias
+    first_conv: bool = False       # also quantize the first Conv of the model
+    positions: int = 16            # Conv: sampled output positions per calibration sample
+    bits: str = "auto"             # code width: 8, 4 (two codes a byte, K ≤ 16), auto (4 where K ≤ 16 saves bytes)
+    max_error: float = 3e-4        # per-layer budget on the relative output error; a layer over it is
+                                   # redone with shorter sub-vectors (down to 1: scalar codes), else stays float
+                                   # (0 = no budget: the first setting is kept whatever its error)
+    min_bytes: int = 4096          # layers whose dense weight is smaller stay float (little to gain)
+    rounds: int = 4                # sequential: at most this many statistics rounds (consecutive
+                                   # topological levels share one; 0 = one round per level)
+
+    def __post_init__(self):
+        if self.block < 0 or self.block > 64:
+            raise ValueError(f"pq.block must be 0 (auto) or 1..64, got {self.block}")
+        if not 2 <= self.centroids <= 256:
+            raise ValueError(f"pq.centroids must be in 2..256 (one-byte codes), got {self.centroids}")
+        if self.codebook_dtype not in CODEBOOK_DTYPES:
+            raise ValueError(f"pq.codebook_dtype must be fp16 or fp32, got '{self.codebook_dtype}'")
+        if self.iters < 0 or self.kmeans_iters < 1 or self.refine < 0:
+            raise ValueError("pq.iters and pq.refine must be ≥ 0, pq.kmeans_iters ≥ 1")
+        if self.damp < 0:
+            raise ValueError(f"pq.damp must be ≥ 0, got {self.damp}")
+        self.bits = str(self.bits).lower()
+        if self.bits not in ("auto", "4", "8"):
+            raise ValueError(f"pq.bits must be 4, 8 or auto, got '{self.bits}'")
+        if self.max_error < 0:
+            raise ValueError(f"pq.max_error must be ≥ 0 (0: no budget), got {self.max_error}")
+        if self.rounds < 0:
+            raise ValueError(f"pq.rounds must be ≥ 0 (0: one per level), got {self.rounds}")
+        if self.min_bytes < 0:
+            raise ValueError(f"pq.min_bytes must be ≥ 0, got {self.min_bytes}")
+        if self.bits == "4" and self.centroids > 16:
+            raise ValueError(f"pq.bits=4 holds at most 16 centroids, got pq.centroids={self.centroids}")
+
+    @property
+    def dtype(self):
+        """The numpy dtype codebooks are stored in."""
+        return CODEBOOK_DTYPES[self.codebook_dtype]

@@ -1,0 +1,122 @@
+"""k-means on sub-vectors: plain (Euclidean) and under per-block metrics.
+
+Plain k-means (k-means++ seeding, vectorised Lloyd steps) initialises a layer's codebook C from
+its sub-vectors w_i. The activation-aware EM ("And the Bit Goes Down: Revisiting the Quantization
+of Neural Networks") then measures a sub-vector of input block b with H_b, the b-th diagonal
+block of the damped input covariance H:
+    E-step  code(i) = argmin_k (w_i − c_k)ᵀ H_b (w_i − c_k) = argmin_k c_kᵀH_b c_k − 2 (H_b w_i)ᵀ c_k,
+    M-step  c_k = (Σ_{i∈k} H_b(i))⁻¹ Σ_{i∈k} H_b(i) w_i.
+Distances are float32 products in cache-sized chunks; scalar centroids (d = 1) use a binary
+search in the sorted centroids instead of the n × k table.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def nearest_scalar(v, c):
+    """Index of the nearest of the scalar centroids c for each v (ties to the lower index), by
+    binary search in the sorted centroids: O(n log k) instead of the n × k distance table."""
+    order = np.argsort(c, kind="stable")
+    cs = c[order]
+    mids = 0.5 * (cs[1:] + cs[:-1])
+    pos = np.searchsorted(mids, v, side="left")
+    # equal centroids: the lowest index among them, as argmin would
+    first = order[np.searchsorted(cs, cs, side="left")]
+    return first[pos].astype(np.int64)
+
+
+def bincount_rows(codes, vals, k):
+    """Σ of the rows of vals per code: (k, d)."""
+    return np.stack([np.bincount(codes, weights=vals[:, e], minlength=k) for e in range(vals.shape[1])], axis=1)
+
+
+def _sqdist_argmin(x, c, chunk=4096):
+    """Nearest centroid (Euclidean) of each row of x; float32 products in cache-sized chunks."""
+    if c.shape[1] == 1:
+        return nearest_scalar(x[:, 0], c[:, 0])
+    x32 = x.astype(np.float32)
+    ct = (-2.0 * c.T).astype(np.float32)
+    cc = (c.astype(np.float32) ** 2).sum(1)
+    out = np.empty(len(x), dtype=np.int64)
+    for s in range(0, len(x), chunk):
+        scores = x32[s:s + chunk] @ ct
+        scores += cc
+        out[s:s + chunk] = scores.argmin(1)
+    return out
+
+
+def _kmeanspp(x, k, rng, sample=20000):
+    if len(x) > sample:
+        x = x[np.sort(rng.choice(len(x), size=sample, replace=False))]
+    centers = np.empty((k, x.shape[1]))
+    centers[0] = x[rng.integers(len(x))]
+    d2 = ((x - centers[0]) ** 2).sum(1)
+    for i in range(1, k):
+        total = d2.sum()
+        if total <= 0:
+            centers[i:] = centers[0]
+            break
+        j = int(np.searchsorted(np.cumsum(d2), rng.random() * total))
+        centers[i] = x[min(j, len(x) - 1)]
+        d2 = np.minimum(d2, ((x - centers[i]) ** 2).sum(1))
+    return centers
+
+
+def kmeans(x, k, iters, rng, sample=65536):
+    """Plain k-means (k-means++ seeding, Lloyd steps on at most ``sample`` points, then one
+    assignment of all points) -> (centroids k×d, codes)."""
+    c = _kmeanspp(x, k, rng)
+    full = x
+    if len(x) > sample:
+        x = x[np.sort(rng.choice(len(x), size=sample, replace=False))]
+    codes = _sqdist_argmin(x, c)
+    for _ in range(iters):
+        counts = np.bincount(codes, minlength=k)
+        sums = bincount_rows(codes, x, k)
+        nz = counts > 0
+        c[nz] = sums[nz] / counts[nz, None]
+        new = _sqdist_argmin(x, c)
+        if np.array_equal(new, codes):
+            break
+        codes = new
+    return c, (codes if x is full else _sqdist_argmin(full, c))
+
+
+def _metric_assign(hx, nb, c, hblocks, chunk=4096):
+    """argmin_k c_kᵀH_b c_k − 2 (H_b w)ᵀ c_k for each sub-vector; hx = H_b w, ordered (row, block)."""
+    k, d = c.shape
+    if d == 1:  # h_b (c − w)² with h_b > 0: the nearest centroid to w = hx / h_b
+        hb = hblocks.reshape(nb)
+        return nearest_scalar((hx.reshape(-1, nb) / hb[None, :]).reshape(-1), c[:, 0])
+    c2 = (-2.0 * c.T).astype(np.float32)
+    q = np.einsum("kd,bde,ke->bk", c, hblocks, c).astype(np.float32)  # (B, K)
+    hx3 = hx.astype(np.float32).reshape(-1, nb, d)
+    per = max(1, chunk // nb)
+    out = np.empty((len(hx3), nb), dtype=np.int64)
+    for s in range(0, len(hx3), per):
+        scores = hx3[s:s + per] @ c2
+        scores += q[None]
+        out[s:s + per] = np.argmin(scores, axis=2)
+    return out.reshape(-1)
+
+
+def aware_em(x, blk, hblocks, c, codes, iters):
+    """EM under per-block metrics: returns (centroids, codes). x: (rows·B, d), blk = i mod B."""
+    k, d = c.shape
+    nb = len(hblocks)
+    hx = np.einsum("bde,rbe->rbd", hblocks, x.reshape(-1, nb, d)).reshape(-1, d)
+    for _ in range(iters):
+        counts = np.bincount(blk * k + codes, minlength=nb * k).reshape(nb, k)
+        hsum = np.einsum("bk,bde->kde", counts.astype(np.float64), hblocks)
+        rhs = bincount_rows(codes, hx, k)
+        nz = counts.sum(0) > 0
+        if nz.any():
+            c = c.copy()
+            c[nz] = np.linalg.solve(hsum[nz], rhs[nz][..., None])[..., 0]
+        new = _metric_assign(hx, nb, c, hblocks)
+        if np.array_equal(new, codes):
+            break
+        codes = new
+    return c, codes

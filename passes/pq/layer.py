@@ -1,0 +1,219 @@
+"""pq's view of a weight layer (``layers.WeightLayer``): every reader of one weight, quantized once,
+and the order the weight's stored elements are cut into sub-vectors.
+
+T (rows × d_in), row r the weights of output r, in the weight's storage order (the decode rebuilds
+the stored tensor from T): Conv/ConvTranspose W.reshape(rows, −1) (a sub-vector of length k·k is one
+kernel; a ConvTranspose's rows are its input channels: weight space, it has no statistics); Gemm
+with transB=1: B; Gemm with transB=0 and MatMul: Bᵀ. For a group-1 Conv, a Gemm and a MatMul,
+alpha·Tᵀ is ``WeightLayer.matrix()``, whose rows match the layer statistics ("aware").
+A weight several nodes read (an unrolled RNN's time steps, tied matrices) is one layer over all of
+them when they are alike. The bias rule, bias values and bias writes are ``WeightLayer``'s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ...layers import LAYER_OPS, WeightLayer, explicit_pads, float_weights, per_column_bias
+from ...registry import Skip
+
+
+@dataclass(eq=False)
+class Layer:
+    """A weight layer seen as T (rows × d_in); ``nodes``: every node that reads the weight (the
+    first is ``layer``'s); they all read the one decoded tensor."""
+
+    layer: WeightLayer
+    nodes: list = field(default_factory=list)
+
+    weight: gs.Constant = field(init=False)  # the weight as found (the readers then read its decode)
+
+    def __post_init__(self):
+        self.nodes = self.nodes or [self.layer.node]
+        self.weight = self.layer.weight
+
+    @property
+    def node(self) -> gs.Node:
+        return self.layer.node
+
+    @property
+    def shape(self):
+        return tuple(self.weight.values.shape)
+
+    @property
+    def rows_of(self) -> str:
+        """"natural" (T = W.reshape(rows, −1)) or "transpose" (T = Wᵀ)."""
+        trans = self.node.op == "MatMul" or (self.node.op == "Gemm" and not self.node.attrs.get("transB", 0))
+        return "transpose" if trans else "natural"
+
+    @property
+    def aware(self) -> bool:
+        """The layer statistics give T's input covariance (group-1 Conv, Gemm, MatMul)."""
+        return self.node.op in ("Gemm", "MatMul") or (self.node.op == "Conv" and self.layer.group == 1)
+
+    @property
+    def kernel(self) -> int:
+        """k·k of a Conv/ConvTranspose kernel, 1 otherwise."""
+        return int(np.prod(self.shape[2:])) if len(self.shape) > 2 else 1
+
+    def matrix(self) -> np.ndarray:
+        w = self.weight.values
+        if self.rows_of == "transpose":
+            return w.T
+        return w.reshape(w.shape[0], -1)
+
+    @property
+    def d_in(self):
+        return self.matrix().shape[1]
+
+    @property
+    def n_weights(self):
+        return int(np.prod(self.shape))
+
+    @property
+    def alpha(self) -> float:
+        """Gemm's alpha (the product the layer computes is alpha · x W), 1 otherwise."""
+        return float(self.node.attrs.get("alpha", 1.0)) if self.node.op == "Gemm" else 1.0
+
+    def reader(self, node: gs.Node) -> WeightLayer:
+        """The WeightLayer of one reader."""
+        return self.layer if node is self.node else WeightLayer(node, self.layer.graph)
+
+
+# ----------------------------------------------------------------------------- finding layers
+def _not_an_output(layer: WeightLayer) -> str | None:
+    outs = {t.name for t in layer.graph.outputs} if layer.graph is not None else set()
+    return "weights are a graph output" if layer.weight.name in outs else None
+
+
+def _read_once(layer: WeightLayer) -> str | None:
+    w = layer.weight
+    return "the weight is also another input of the node" if any(
+        t is w for i, t in enumerate(layer.node.inputs) if i != 1) else None
+
+
+CHECKS = (float_weights, _not_an_output, _read_once, explicit_pads, per_column_bias)
+
+
+def layer_of(node: gs.Node, graph: gs.Graph) -> tuple[Layer | None, str | None]:
+    """(the node's layer, None), or (None, why it cannot be quantized), or (None, None) for a
+    node that is not a weight layer."""
+    if node.op not in LAYER_OPS:
+        return None, None
+    found = WeightLayer.of(node, graph, *CHECKS)
+    if isinstance(found, Skip):
+        return None, found.reason
+    return Layer(found), None
+
+
+def shared_layer(layer: Layer) -> tuple[Layer | None, str | None]:
+    """The layer of a weight several nodes read: one Layer over all of them when every reader is a
+    weight layer of the same kind and layout (the same matrix view, so their input statistics
+    pool), else None and why."""
+    readers = layer.layer.shared
+    for n in readers:
+        other, reason = layer_of(n, layer.layer.graph)
+        if other is None:
+            return None, (f"weights shared by {len(readers)} nodes, one of them {n.name} ({n.op}) "
+                          f"{'is not a weight layer' if reason is None else 'cannot be rewritten: ' + reason}")
+        if (n.op, other.rows_of, other.aware) != (layer.node.op, layer.rows_of, layer.aware) or \
+                (n.op == "Gemm" and other.alpha != layer.alpha):
+            return None, (f"weights shared by {len(readers)} nodes of different kinds or layouts "
+                          f"({layer.node.name} {layer.node.op}, {n.name} {n.op})")
+    return Layer(layer.layer, readers), None
+
+
+# ----------------------------------------------------------------------------- sub-vector lengths
+def default_block(layer: Layer, cfg) -> int:
+    """The sub-vector length d: ``pq.block``, else a Conv kernel of up to 16 taps, else 4, 8 or 2
+    (the first that divides d_in), else 1."""
+    d_in = layer.d_in
+    if cfg.block:
+        return cfg.block
+    # a kernel of up to 16 taps is one sub-vector; a longer one (a 1-D filter bank, an STFT as
+    # Conv) is cut like a dense row: a 512-long sub-vector would need as many centroids as rows
+    if layer.kernel > 1 and (layer.kernel <= 16 or int(layer.shape[-1]) <= 16):
+        return layer.kernel if layer.kernel <= 16 else int(layer.shape[-1])
+    for d in (4, 8, 2):
+        if d_in % d == 0:
+            return d
+    return 1
+
+
+def ladder(layer: Layer, d: int) -> list:
+    """Sub-vector lengths tried in turn under pq.max_error: the default d, then shorter ones (a
+    Conv kernel row or half the length, 2), down to 1 (scalar codes, 8 bits a weight)."""
+    out = [d]
+    if layer.kernel > 1 and d == layer.kernel and 1 < int(layer.shape[-1]) < d:
+        out.append(int(layer.shape[-1]))
+    elif d > 2 and layer.d_in % (d // 2) == 0:
+        out.append(d // 2)
+    if out[-1] > 2 and layer.d_in % 2 == 0:
+        out.append(2)  # 4 bits a weight with 256 centroids
+    if out[-1] > 1:
+        out.append(1)
+    return out
+
+
+def candidates(layer: Layer, cfg) -> list:
+    """(d, K) settings tried by the size search."""
+    if layer.kernel > 1 and layer.node.op == "Conv":
+        ds = [layer.kernel, int(layer.shape[-1]), 2 * layer.kernel]
+    else:
+        ds = [2, 4, 8, 16]
+    ds = sorted({d for d in ds if layer.d_in % d == 0})
+    ks = {min(cfg.centroids, 32), cfg.centroids}
+    if cfg.bits != "8":
+        ks.add(min(cfg.centroids, 16))  # 4-bit codes: half the bytes of the codes
+    if cfg.bits == "4":
+        ks = {min(cfg.centroids, 16)}
+    ks = sorted(ks)
+    return [(d, min(k, layer.n_weights // d)) for d in ds for k in ks if layer.n_weights // d > k]
+
+
+# ----------------------------------------------------------------------------- which biases the refit writes
+def own_bias(layer: Layer, node: gs.Node) -> bool:
+    """Whether the refit writes ``node``'s bias on its own: a Conv's or Gemm's input 2 (a Gemm's
+    only when beta ≠ 0 and no other node reads it), a MatMul's ``bias_add``."""
+    if node.op == "Conv":
+        return True
+    if node.op == "Gemm":
+        c = node.inputs[2] if len(node.inputs) > 2 else None
+        return node.attrs.get("beta", 1.0) != 0 and (c is None or len(c.outputs) == 1)
+    if node.op == "MatMul":
+        return layer.reader(node).bias_add is not None
+    return False
+
+
+def shared_bias(layer: Layer):
+    """The bias constant of a shared-weight layer when every reader of the weight reads that one
+    bias (Conv/Gemm input 2, same Gemm beta) and nothing else reads it: it is refit once, from the
+    pooled statistics. None otherwise (each reader's bias is refit on its own)."""
+    if len(layer.nodes) < 2 or layer.node.op not in ("Conv", "Gemm"):
+        return None
+    first = layer.node.inputs[2] if len(layer.node.inputs) > 2 else None
+    if not isinstance(first, gs.Constant):
+        return None
+    beta = layer.node.attrs.get("beta", 1.0)
+    if beta == 0 or any(len(n.inputs) < 3 or n.inputs[2] is not first or n.attrs.get("beta", 1.0) != beta
+                        for n in layer.nodes):
+        return None
+    if {id(n) for n in first.outputs} != {id(n) for n in layer.nodes}:
+        return None
+    return first
+
+
+def bias_fit(layer: Layer, cfg) -> bool:
+    """Whether the layer's output shift can be absorbed into a bias (of some reader)."""
+    if not cfg.bias_correct:
+        return False
+    return shared_bias(layer) is not None or any(own_bias(layer, n) for n in layer.nodes)
+
+
+def fixed_bias(layer: Layer, node: gs.Node):
+    """The constant bias a Conv/Gemm adds to its product (d_out), or None (a MatMul's Add is not
+    part of its output)."""
+    return layer.reader(node).bias() if node.op in ("Conv", "Gemm") else None

@@ -1,0 +1,233 @@
+"""The pq pass: which layers it quantizes (``check``), in what order, and what it reports.
+
+The numerics live beside it (``kmeans``, ``gptq``, ``quantize``: one layer's codebook and codes;
+``target``: what a layer is quantized toward; ``search``: the size budget), the graph edits in
+``edits`` (the decode subgraph, the biases), the byte counts in ``sizes``.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+
+import numpy as np
+
+from ...graph import export_model, import_graph
+from ...lstsq import deterministic, weighted_error
+from ...refit import refit_levels, shared_levels
+from ...registry import Pass, PassReport, Plan, Requires, Skip
+from .config import PqConfig
+from .edits import refit_biases, replace_weight
+from .layer import default_block, ladder, layer_of, shared_layer
+from .quantize import quantize
+from .search import size_search
+from .sizes import dense_bytes, packed, pq_bytes, setting_bytes, weight_bytes
+from .target import layer_problem, moments, requests
+
+
+class Pq(Pass):
+    name = "pq"
+    summary = "store weights as product-quantized codebooks decoded in the graph"
+    Config = PqConfig
+    requires = Requires(data=True)
+    budgets = ("bytes",)
+
+    # ------------------------------------------------------------------------- what is quantized
+    def check(self, layer, cfg, first_conv: str | None) -> str | None:
+        """Why ``layer`` stays float, or None when it is quantized; ``first_conv``: the name of
+        the model's first Conv."""
+        if not np.isfinite(layer.weight.values).all():
+            return f"weights contain NaN or Inf values ({layer.weight.name}): not quantized"
+        if first_conv in {n.name for n in layer.nodes} and not cfg.first_conv:
+            return "first conv stays dense (pq.first_conv=true to quantize it)"
+        nbytes = layer.n_weights * layer.weight.values.dtype.itemsize
+        if nbytes < cfg.min_bytes:
+            return f"small layer: {nbytes} B of weights < pq.min_bytes={cfg.min_bytes}, stays float (little to gain)"
+        d = default_block(layer, cfg)
+        if layer.d_in % d:
+            return f"sub-vector length {d} does not divide the {layer.d_in} input features"
+        dense = dense_bytes(layer)
+        coded = setting_bytes(layer, d, min(cfg.centroids, layer.n_weights // d), cfg)
+        if coded >= dense:
+            return f"small layer: codes + codebook ({coded} B) would not save bytes over the dense weight ({dense} B)"
+        return None
+
+    @staticmethod
+    def _layers(graph):
+        """(layer, []) for each weight layer of the graph, one per weight (a shared weight: one
+        layer over all its readers), or (None, [Skip]) for weight layers that cannot be one."""
+        seen = set()
+        for node in graph.nodes:
+            layer, reason = layer_of(node, graph)
+            if layer is None:
+                if reason:
+                    yield None, [Skip(node.name, reason)]
+                continue
+            if id(layer.weight) in seen:
+                continue  # a shared weight: handled with its first reader
+            seen.add(id(layer.weight))
+            if len(layer.weight.outputs) > 1:
+                shared, reason = shared_layer(layer)
+                if shared is None:
+                    yield None, [Skip(n.name, reason) for n in layer.weight.outputs]
+                    continue
+                layer = shared
+            yield layer, []
+
+    def _scan(self, graph, cfg):
+        """[(layer, d)] to quantize and [Skip]."""
+        first_conv = next((n.name for n in graph.nodes if n.op in ("Conv", "ConvTranspose")), None)
+        todo, skipped = [], []
+        for layer, skips in self._layers(graph):
+            skipped.extend(skips)
+            if layer is None:
+                continue
+            reason = self.check(layer, cfg, first_conv)
+            if reason:
+                skipped.extend(Skip(n.name, reason) for n in layer.nodes)
+            else:
+                todo.append((layer, default_block(layer, cfg)))
+        return todo, skipped
+
+    def plan(self, model, cfg):
+        todo, skipped = self._scan(import_graph(model), cfg)
+        return Plan(targets=[n.name for layer, _ in todo for n in layer.nodes], skipped=skipped)
+
+    # ------------------------------------------------------------------------- the rewrite
+    def apply(self, model, cfg, ctx):
+        graph = import_graph(model)
+        report = PassReport(self.name)
+        todo, skipped = self._scan(graph, cfg)
+        report.skipped.extend(skipped)
+        blocks = {layer.node.name: (layer, d, min(cfg.centroids, layer.n_weights // d)) for layer, d in todo}
+        searched = "bytes" in ctx.goals and bool(blocks)
+        if searched:
+            chosen, report.details["size_search"] = size_search(
+                ctx, model, {n: b[0] for n, b in blocks.items()}, cfg, ctx.goals["bytes"])
+            for name in sorted(blocks):
+                if chosen[name] is None:
+                    report.skip(name, "kept dense by the size budget (no other setting lowers the error for its bytes)")
+                    del blocks[name]
+                else:
+                    blocks[name] = (blocks[name][0],) + chosen[name]
+        budget = cfg.max_error if (cfg.max_error > 0 and not searched) else None
+        use_stats = cfg.aware or cfg.bias_correct
+        info_all = {}
+        runtime = {"before": weight_bytes(graph), "decoded": 0, "stored": 0}
+        file_before = ctx.cost(model)["bytes"]
+        bar = ctx.bar(total=len(blocks), desc="pq")
+
+        def wanted(name, graph):
+            layer = blocks[name][0]
+            return requests(layer, cfg) if layer.aware and use_stats else []
+
+        def rewrite(name, stats, graph, level) -> bool:
+            layer = blocks[name][0]
+            cm, per_node = moments(layer, stats, cfg) if layer.aware and use_stats else (None, {})
+            info, reason = self._rewrite(ctx, graph, name, blocks[name], cm, per_node, cfg, budget)
+            if info is None:
+                report.skip(name, reason)
+                bar.update(1, postfix=f"{name}: float")
+                return False
+            runtime["decoded"] += info["bytes"][0]
+            runtime["stored"] += info["bytes"][1]
+            info_all[name] = info
+            report.changed.extend(n.name for n in layer.nodes)
+            bar.update(1, postfix=f"{name}: d={info['block']} K={info['centroids']}")
+            return True
+
+        out = refit_levels(ctx, model, None, rewrite, requests=wanted, levels=self._levels(graph, blocks, cfg),
+                           graph=graph, desc="pq statistics")
+        bar.close()
+        report.details["layers"] = info_all
+        report.details["codebook_dtype"] = cfg.codebook_dtype
+        if out is model:  # nothing quantized: the graph as imported
+            with ctx.timed("export"):
+                out = export_model(graph, like=model)
+        report.details["memory"] = self._memory(ctx, out, file_before, runtime)
+        return out, report
+
+    @staticmethod
+    def _levels(graph, blocks, cfg) -> list:
+        """The groups of layers quantized together: sequential, topological levels (merged into
+        at most ``pq.rounds`` statistics rounds); otherwise one group."""
+        if not (cfg.sequential and cfg.aware):
+            return [sorted(blocks)]
+        return merge_levels(shared_levels(graph, {n: [x.name for x in b[0].nodes] for n, b in blocks.items()}),
+                            cfg.rounds)
+
+    def _rewrite(self, ctx, graph, name, block, cm, per_node, cfg, budget):
+        """Quantize one layer and rewrite its readers: (its report entry, None), or (None, why it
+        stays float). Under the error ``budget`` shorter sub-vectors are tried in turn."""
+        layer, d, k = block
+        t, h, fit = layer_problem(layer, cm, cfg)
+        tq = time.perf_counter()
+        tried = []
+        for d_try in (ladder(layer, d) if budget is not None else [d]):
+            k_try = min(k, layer.n_weights // d_try)
+            rng = np.random.default_rng([ctx.seed, zlib.crc32(name.encode())])
+            with ctx.timed("fit"), deterministic():
+                cb, codes, t_hat = quantize(t, d_try, k_try, h if cfg.aware else None, cfg, rng, cfg.dtype)
+            err = weighted_error(t, t_hat, h)
+            tried.append((d_try, len(cb), err))
+            if budget is None or err <= budget:
+                d = d_try
+                break
+        seconds = time.perf_counter() - tq
+        if budget is not None and tried[-1][2] > budget:
+            return None, ("kept float: relative output error over pq.max_error=%g at every setting tried (%s)"
+                          % (budget, ", ".join(f"d={a} K={b}: {e:.4g}" for a, b, e in tried)))
+        four_bit = packed(layer, d, len(cb), cfg.dtype, cfg)
+        if budget is not None and pq_bytes(layer, d, len(cb), cfg.dtype, fit, four_bit) >= dense_bytes(layer):
+            return None, f"kept float: the setting within pq.max_error (d={d} K={len(cb)}) would not save bytes"
+        info = {"block": d, "centroids": int(len(cb)),
+                "metric": "activation" if (h is not None and cfg.aware) else "weights",
+                "rel_weight_error": round(weighted_error(layer.matrix().astype(np.float64), t_hat), 6)}
+        if len(layer.nodes) > 1:
+            info["shared_by"] = [n.name for n in layer.nodes]
+            info["weight"] = layer.weight.name
+        if h is not None:
+            info["rel_output_error"] = round(weighted_error(t, t_hat, h), 6)
+        if len(tried) > 1:
+            info["tried"] = [{"block": a, "centroids": b, "rel_error": round(e, 6)} for a, b, e in tried]
+        if fit:
+            refit_biases(layer, t_hat, cm, per_node)
+            info["bias_refit"] = True
+        replace_weight(graph, layer, cb, codes, four_bit)
+        dense = layer.n_weights * layer.weight.values.dtype.itemsize
+        stored = int((codes.size + 1) // 2 if four_bit else codes.nbytes) + int(cb.nbytes)
+        info["bits"] = 4 if four_bit else 8
+        info["bytes"] = [dense, stored]
+        info["seconds"] = round(seconds, 2)
+        return info, None
+
+    @staticmethod
+    def _memory(ctx, out, file_before, runtime) -> dict:
+        """The file's bytes and the weight bytes a runtime holds, before and after."""
+        after = weight_bytes(import_graph(out), skip=".pq_codebook")
+        return {
+            "file_bytes": {"before": int(file_before), "after": int(ctx.cost(out)["bytes"])},
+            "runtime_weight_bytes": {"before": int(runtime["before"]), "after": int(after + runtime["decoded"])},
+            "note": ("ONNX Runtime folds the decode subgraphs at load: the weights it holds are the decoded "
+                     "float tensors, as large as the original ones (runtime_weight_bytes); pq makes the file "
+                     "smaller, not the resident memory"),
+        }
+
+
+def merge_levels(levels: list, rounds: int) -> list:
+    """Consecutive topological levels joined into at most ``rounds`` groups of about equal layer
+    counts: each group's statistics come from one run of the network quantized up to the groups
+    before it (fewer calibration runs on deep models; 0 keeps one group per level)."""
+    if rounds <= 0 or len(levels) <= rounds:
+        return levels
+    total = sum(len(lv) for lv in levels)
+    out, cur, done = [], [], 0
+    for lv in levels:
+        cur = cur + list(lv)
+        done += len(lv)
+        if done * rounds >= total * (len(out) + 1) and len(out) < rounds - 1:
+            out.append(cur)
+            cur = []
+    if cur:
+        out.append(cur)
+    return out

@@ -1,0 +1,53 @@
+"""One layer's product quantization: T (rows × d_in, row r = the weights of output r) → a
+codebook of K centroids of length d and one code per sub-vector.
+
+Steps (activation-aware, with H the damped input covariance, see ``target``):
+1. plain k-means on the sub-vectors initialises C (``kmeans.kmeans``);
+2. EM under the diagonal blocks H_b of H (``kmeans.aware_em``);
+3. assignment block by block with error feedback on the full H (``gptq.gptq_assign``);
+4. the codebook refit on the full H with the codes fixed (``gptq.refine_codebook``).
+Without H (``pq.aware=false``, or a layer without input statistics) only step 1 runs. A layer with
+at most K distinct sub-vectors is stored exactly. The quality measure is the relative output error
+Σ_r (t̂_r − t_r)ᵀ H (t̂_r − t_r) / Σ_r t_rᵀ H t_r (the relative weight error without H),
+``lstsq.weighted_error``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .gptq import gptq_assign, refine_codebook
+from .kmeans import aware_em, kmeans
+
+
+def quantize(t, d, k, h, cfg, rng, dtype):
+    """T (rows × d_in) -> (codebook K'×d in ``dtype``, codes rows × B uint8, T̂).
+
+    h: the damped input covariance (d_in × d_in) for activation-aware layers, else None."""
+    rows, d_in = t.shape
+    nb = d_in // d
+    x = t.reshape(rows * nb, d).astype(np.float64)
+    # at most k distinct sub-vectors: they are the codebook. Sorting every row to find out costs
+    # more than the k-means of a large layer, so the first 4k + 1 rows are looked at first.
+    few = len(np.unique(x[: 4 * k + 1], axis=0)) <= k
+    uniq, inv = np.unique(x, axis=0, return_inverse=True) if few else (None, None)
+    if few and len(uniq) <= k:
+        c, codes = uniq, inv.reshape(-1)
+    else:
+        c, codes = kmeans(x, k, cfg.kmeans_iters, rng)
+        if h is not None and cfg.aware:
+            hblocks = h.reshape(nb, d, nb, d)[np.arange(nb), :, np.arange(nb), :]
+            if cfg.iters:
+                c, codes = aware_em(x, np.tile(np.arange(nb), rows), hblocks, c, codes, cfg.iters)
+            if cfg.gptq:
+                codes = gptq_assign(t, d, c, h).reshape(-1)
+            if cfg.refine:
+                c = refine_codebook(t, codes.reshape(rows, nb), c, h, cfg.refine)
+        # drop unused centroids (fewer bytes, same weights)
+        used = np.unique(codes)
+        remap = np.zeros(len(c), dtype=np.int64)
+        remap[used] = np.arange(len(used))
+        c, codes = c[used], remap[codes]
+    cb = c.astype(dtype)
+    t_hat = cb.astype(np.float64)[codes].reshape(rows, d_in)
+    return cb, codes.reshape(rows, nb).astype(np.uint8), t_hat

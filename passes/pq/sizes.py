@@ -1,0 +1,88 @@
+"""Bytes: what a layer costs dense and as codes + codebook, measured on the protos the export
+writes (so that size budgets are exact), and the float weight bytes of a graph."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ...graph import export_model
+from .edits import decode
+from .layer import Layer, own_bias, shared_bias
+
+
+def weight_bytes(graph: gs.Graph, skip: str | None = None) -> int:
+    """Bytes of the float constants of the graph (``skip``: leave out those whose name holds it)."""
+    return int(sum(t.values.nbytes for t in graph.tensors().values()
+                   if isinstance(t, gs.Constant) and np.issubdtype(t.values.dtype, np.floating)
+                   and (skip is None or skip not in t.name)))
+
+
+def _element_bytes(proto) -> int:
+    """Serialized bytes of one element of a repeated GraphProto field (tag, length, message)."""
+    n = proto.ByteSize()
+    return 1 + _varint_len(n) + n
+
+
+def _varint_len(n: int) -> int:
+    return max(1, (n.bit_length() + 6) // 7)
+
+
+def _tensor_bytes(name: str, values: np.ndarray) -> int:
+    return _element_bytes(onnx.numpy_helper.from_array(np.ascontiguousarray(values), name))
+
+
+def dense_bytes(layer: Layer) -> int:
+    """Serialized bytes of the layer's weight as it is."""
+    return _tensor_bytes(layer.weight.name, layer.weight.values)
+
+
+def packed(layer: Layer, d: int, k: int, dtype, cfg) -> bool:
+    """Whether k centroids of length d are stored as 4-bit codes (two a byte): always with
+    pq.bits=4, never with 8; with auto where k ≤ 16 and the packed codes and their longer decode
+    take fewer bytes than one byte a code (tiny layers: the extra decode nodes cost more)."""
+    if cfg.bits != "auto":
+        return cfg.bits == "4"
+    if k > 16:
+        return False
+    refit = layer.aware and cfg.bias_correct
+    return pq_bytes(layer, d, k, dtype, refit, True) < pq_bytes(layer, d, k, dtype, refit, False)
+
+
+def pq_bytes(layer: Layer, d: int, k: int, dtype, bias_refit: bool, packed: bool = False) -> int:
+    """Serialized bytes of the layer's weight stored as k centroids of length d: the decode
+    nodes, their initializers and type information, and the bias where the refit adds or widens
+    one, measured on the protos the export writes, so that size budgets are exact."""
+    rows = layer.matrix().shape[0]
+    scratch = gs.Graph()
+    out = decode(scratch, layer, np.zeros((k, d), dtype), np.zeros((rows, layer.d_in // d), np.uint8), packed)
+    probe = gs.Variable("probe", dtype=out.dtype)  # a consumer, so the weight is typed like in the model
+    scratch.nodes.append(gs.Node("Identity", name="probe", inputs=[out], outputs=[probe]))
+    scratch.outputs = [probe]
+    g = export_model(scratch).graph
+    nodes = [n for n in g.node if n.name != "probe"]
+    pq = sum(_element_bytes(p) for p in (*nodes, *g.initializer, *g.value_info))
+    if bias_refit:
+        shared = shared_bias(layer)
+        for node in ([] if shared is not None else layer.nodes):
+            if node.op not in ("Conv", "Gemm") or not own_bias(layer, node):
+                continue
+            if len(node.inputs) > 2:
+                bias = node.inputs[2]
+                if len(bias.outputs) > 1:  # a bias other nodes share: this node gets its own copy
+                    pq += _tensor_bytes(node.name + ".pq_bias", np.zeros(rows, bias.values.dtype))
+                    continue
+                new = _tensor_bytes(bias.name, np.zeros(rows, bias.values.dtype))
+                old = _tensor_bytes(bias.name, bias.values)
+            else:
+                new, old = _tensor_bytes(node.name + ".pq_bias", np.zeros(rows, layer.weight.values.dtype)), 0
+            pq += max(new - old, 0)
+    return pq
+
+
+def setting_bytes(layer: Layer, d: int, k: int, cfg) -> int:
+    """Bytes of the layer stored with sub-vectors of length d and k centroids, packed where
+    ``packed`` says so."""
+    dtype = cfg.dtype
+    return pq_bytes(layer, d, k, dtype, layer.aware and cfg.bias_correct, packed(layer, d, k, dtype, cfg))
