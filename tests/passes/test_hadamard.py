@@ -11,7 +11,7 @@ from onnxshrink import shrink
 from onnxshrink.cost import model_cost
 from onnxshrink.graph import export_model, import_graph
 from onnxshrink.passes import hadamard as hp
-from onnxshrink.passes._hadamard_ops import next_pow2, wht_model
+from onnxshrink.passes.hadamard import next_pow2, wht_model
 from onnxshrink.validate import Tolerances
 
 
@@ -86,7 +86,7 @@ def test_fastfood_block_graph_reproduces_dense_equivalent(d_in, d_out, K, r, lea
     node = next(n for n in graph.nodes if n.op in ("Gemm", "MatMul"))
     if node.op == "MatMul":
         fit.my = fit.mx @ w  # the MatMul itself has no bias: the Add after it keeps it
-    hp._replace(graph, node, fit, {}, 17)
+    hp.replace(graph, node, fit, {}, 17)
     new = export_model(graph, like=model)
     onnx.checker.check_model(new, full_check=True)
     assert not any(n.op_type in ("Gemm",) for n in new.graph.node)

@@ -22,18 +22,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from scipy.linalg import hadamard
 
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, int(n - 1).bit_length())
-
-
-def factors(d: int) -> tuple[int, int]:
-    """(a, b) with a·b = d, both powers of two, a ≤ b, as balanced as possible."""
-    k = int(d).bit_length() - 1
-    if 1 << k != d:
-        raise ValueError(f"{d} is not a power of two")
-    a = 1 << (k // 2)
-    return a, d // a
+from .transform import factors, next_pow2
 
 
 def transposed_position(d: int) -> np.ndarray:
@@ -56,7 +45,6 @@ class Emitter:
                  opset: int = 17):
         self.graph, self.prefix, self.dtype, self.opset = graph, prefix, dtype, opset
         self.shared = {} if shared is None else shared
-        self.nodes = []
         self._k = 0
 
     def _name(self, base):
@@ -82,7 +70,6 @@ class Emitter:
         y = out if out is not None else gs.Variable(name + "_out", dtype=dtype or self.dtype)
         node = gs.Node(op, name, attrs or {}, inputs, [y])
         self.graph.nodes.append(node)
-        self.nodes.append(node)
         return y
 
     # ------------------------------------------------------------------ building blocks
@@ -200,3 +187,24 @@ def emit_fastfood(em: Emitter, x: gs.Variable, rank: int, d_in: int, d_out: int,
     elif out is not None:
         h = em.op("Identity", [h], out=out)
     return h
+
+
+def input_rank(node: gs.Node) -> int | None:
+    """The rank of a layer's input, or None when shape inference does not know it."""
+    shape = node.inputs[0].shape
+    return len(shape) if shape is not None else None
+
+
+def replace(graph: gs.Graph, node: gs.Node, fit, shared: dict, op_set: int) -> None:
+    """Replace the Gemm/MatMul ``node`` by the Fastfood subgraph of ``fit`` (a ``FastfoodFit``),
+    writing the same output tensor; ``shared`` holds the Hadamard factors already in the graph."""
+    ff, lowrank, bias = fit.graph_params()
+    dtype = node.inputs[1].values.dtype
+    y = node.outputs[0]
+    x = node.inputs[0]
+    rank = input_rank(node)
+    em = Emitter(graph, node.name + "/fastfood", shared, dtype=dtype, opset=op_set)
+    lr = (lowrank[0].astype(dtype), lowrank[1].astype(dtype)) if fit.r else None
+    node.inputs.clear()
+    node.outputs.clear()
+    emit_fastfood(em, x, rank, fit.d_in, fit.d_out, ff, lr, bias.astype(dtype), out=y)
