@@ -159,29 +159,13 @@ class FastfoodFit:
         self.u, self.vt = basis.factors(r)
 
     def fit_lowrank(self, xc, t, r, ridge=1e-4, chol=None):
-        """Rank-r minimiser of ‖xc L − t‖ (whitened truncated SVD of the ridge solution)."""
+        """Rank-r minimiser of ‖xc L − t‖ (whitened truncated SVD of the ridge solution); ``chol``:
+        ``whitening(xc, ridge)`` when the caller has it."""
         if r == 0:
             self.u, self.vt = np.zeros((self.d_in, 0)), np.zeros((0, self.d_out))
             return
-        c = xc.T @ xc / len(xc)
-        alpha = ridge * max(np.trace(c) / len(c), 1e-12)
-        if chol is None:
-            chol = np.linalg.cholesky(c + alpha * np.eye(len(c)))
-        full = scipy.linalg.cho_solve((chol, True), xc.T @ t / len(xc))
-        # top r of the SVD U S Vᵀ of m = Lᵀ full, from the eigenvectors of the smaller Gram matrix
-        # (only r of them: much faster than a full SVD of a wide layer); u = L⁻ᵀ U_r S_r = full V_r
-        m = chol.T @ full
-        r = min(r, *m.shape)
-        by_cols = m.shape[1] <= m.shape[0]
-        gram = m.T @ m if by_cols else m @ m.T
-        ev, vec = scipy.linalg.eigh(gram, subset_by_index=[len(gram) - r, len(gram) - 1], check_finite=False)
-        ev, vec = ev[::-1], vec[:, ::-1]
-        if by_cols:                     # vec = V_r
-            self.u, self.vt = full @ vec, vec.T
-        else:                           # vec = U_r, ev = S_r²
-            sv = np.sqrt(np.clip(ev, 0.0, None))
-            self.u = scipy.linalg.solve_triangular(chol.T, vec * sv, lower=False)
-            self.vt = (vec.T @ m) / np.maximum(sv, 1e-30 + 1e-12 * sv[0])[:, None]
+        chol = whitening(xc, ridge) if chol is None else chol
+        self.u, self.vt = LowRankBasis(xc, t, chol, r).factors(r)
 
     def add_block(self, xp, resid, xtx, iters, ridge, cg=10, restarts=1):
         """Add one block per stack, fitted to the residual rows (the best of ``restarts`` random
@@ -208,10 +192,7 @@ class FastfoodFit:
     def backfit(self, xp, xc, yc, xtx, sweeps, ridge, cg=10, lowrank_ridge=1e-4):
         """Sweeps of block-coordinate ALS over all blocks, then refit the low-rank part."""
         r = self.r
-        chol = None
-        if r and sweeps:
-            c = xc.T @ xc / len(xc)
-            chol = np.linalg.cholesky(c + lowrank_ridge * max(np.trace(c) / len(c), 1e-12) * np.eye(len(c)))
+        chol = whitening(xc, lowrank_ridge) if r and sweeps else None
         for _ in range(sweeps):
             total = yc - xc @ self.u @ self.vt
             for j, bl in enumerate(self.blocks):
@@ -231,9 +212,17 @@ class FastfoodFit:
                 blk.forget()
 
 
+def whitening(xc, ridge=1e-4):
+    """L with L Lᵀ = Cov(xc) + αI (α relative: ``ridge`` × its mean diagonal), xc centred rows."""
+    c = xc.T @ xc / len(xc)
+    return np.linalg.cholesky(c + ridge * max(np.trace(c) / len(c), 1e-12) * np.eye(len(c)))
+
+
 class LowRankBasis:
     """The whitened SVD of the ridge least-squares fit of ``t`` on ``xc``, decomposed once: the
-    rank-r minimiser of ‖xc L − t‖ for every r is a slice (``FastfoodFit.fit_lowrank`` does one r)."""
+    rank-r minimiser of ‖xc L − t‖ for every r is a slice. The top r of the SVD U S Vᵀ of
+    m = Lᵀ full come from the eigenvectors of the smaller Gram matrix (only r of them: much faster
+    than a full SVD of a wide layer); u = L⁻ᵀ U_r S_r = full V_r."""
 
     def __init__(self, xc, t, chol, max_rank):
         self.d_in, self.d_out = xc.shape[1], t.shape[1]

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 
 from .config import HadamardConfig
-from .fastfood import FastfoodFit, LowRankBasis
+from .fastfood import FastfoodFit, LowRankBasis, whitening
 from .solve import rel_error
 
 
@@ -59,9 +58,8 @@ class _Search:
         self.deadline = time.perf_counter() + cfg.search_seconds if cfg.search_seconds else None
         self.mx, self.my = self.xf.mean(0), self.yf.mean(0)
         self.xc, self.yc = self.xf - self.mx, self.yf - self.my
-        c = self.xc.T @ self.xc / len(self.xc)
-        chol = np.linalg.cholesky(c + 1e-4 * max(np.trace(c) / len(c), 1e-12) * np.eye(len(c)))
-        self.basis = LowRankBasis(self.xc, self.yc, chol, max(self.ranks) if self.ranks else 0)
+        chol = whitening(self.xc, 1e-4)
+        self.basis = LowRankBasis(self.xc, self.yc, chol, max(self.ranks))
         self.xp = self.probe.pad(self.xc)
         self.xtx = self.xp.T @ self.xp
 
