@@ -23,14 +23,11 @@ from collections import Counter
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import numpy_helper, shape_inference
+from onnx import shape_inference
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from . import model_io
 from .model_io import has_lazy, is_lazy, read_external, spill_array
-
-WEIGHT_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-
 
 class ExternalValues(LazyValues):
     """Values of a large model's weight, read from its file when first used."""
@@ -212,21 +209,20 @@ def read_values(tensor: gs.Constant) -> np.ndarray:
     return v.load() if isinstance(v, LazyValues) else v
 
 
-def constant_value(tensor) -> np.ndarray | None:
-    """The numpy value of a weight tensor, or None when it is computed at run time."""
-    if isinstance(tensor, gs.Constant):
-        return tensor.values
-    return None
-
-
 def fresh_name(where, base: str) -> str:
     """``base``, or ``base_1``, ``base_2``, ...: a tensor name not yet used in ``where`` (a gs.Graph,
-    or a gs.Node: the tensors of the graph it is connected to)."""
-    taken = set(where.tensors()) if isinstance(where, gs.Graph) else _connected_tensor_names(where)
+    or a gs.Node: the tensors of the graph it is connected to), or a name not in ``where`` when it
+    is a set of names, to which the name returned is then added (a builder's running record)."""
+    if isinstance(where, set):
+        taken = where
+    else:
+        taken = set(where.tensors()) if isinstance(where, gs.Graph) else _connected_tensor_names(where)
     name, k = base, 0
     while name in taken:
         k += 1
         name = f"{base}_{k}"
+    if isinstance(where, set):
+        where.add(name)
     return name
 
 
@@ -258,14 +254,6 @@ def set_constant_input(node: gs.Node, index: int, values: np.ndarray, where=None
         node.inputs.append(const)
     else:
         node.inputs[index] = const
-
-
-def producer(tensor: gs.Tensor):
-    return tensor.inputs[0] if tensor.inputs else None
-
-
-def consumers(tensor: gs.Tensor):
-    return list(tensor.outputs)
 
 
 def node_by_name(graph: gs.Graph, name: str) -> gs.Node:
@@ -368,10 +356,6 @@ def infer_shapes(model: onnx.ModelProto, input_shapes: dict | None = None) -> di
     return info
 
 
-def to_array(tensor_proto) -> np.ndarray:
-    return numpy_helper.to_array(tensor_proto)
-
-
 # Layers already quantized in QOperator form (ONNX's and ONNX Runtime's contrib ops): their
 # weights are integer codes with scales; no pass rewrites them.
 QUANTIZED_OPS = frozenset({
@@ -384,3 +368,80 @@ QUANTIZED_OPS = frozenset({
 def is_quantized_layer(node) -> bool:
     """A node (onnx NodeProto or graphsurgeon Node) of a layer in QOperator form."""
     return getattr(node, "op_type", None) in QUANTIZED_OPS or getattr(node, "op", None) in QUANTIZED_OPS
+
+
+# ----------------------------------------------------------------------------- building nodes
+class Emitter:
+    """The one node builder: appends nodes to a graphsurgeon graph, every new node, tensor and
+    constant named through ``fresh_name`` (checked against the graph's tensor and node names and
+    the names this builder made). Names are ``{prefix}/{base}_{k}`` (k counts this builder's
+    names) unless a ``name=`` is given, which is kept when free. Constants built through
+    ``shared_const`` are made once per key and reused (``shared``: a dict several builders share).
+
+        em = Emitter(graph, node.name + "/fastfood", dtype=np.float32, opset=17)
+        y = em.op("MatMul", [x, em.const(w, "W")])
+    """
+
+    def __init__(self, graph: gs.Graph, prefix: str = "", shared: dict | None = None, dtype=np.float32,
+                 opset: int = 17):
+        self.graph, self.prefix, self.dtype, self.opset = graph, prefix, dtype, opset
+        self.shared = {} if shared is None else shared
+        self.nodes = []
+        self._k = 0
+        self._taken = set(graph.tensors()) | {n.name for n in graph.nodes}
+
+    def name(self, base: str, exact: str | None = None) -> str:
+        """A fresh name: ``exact`` when free, else ``{prefix}/{base}_{k}``."""
+        if exact is not None:
+            return fresh_name(self._taken, exact)
+        self._k += 1
+        return fresh_name(self._taken, f"{self.prefix}/{base}_{self._k}" if self.prefix else f"{base}_{self._k}")
+
+    _name = name
+
+    def const(self, value, base="const", dtype=None, name: str | None = None) -> gs.Constant:
+        value = np.ascontiguousarray(np.asarray(value, dtype=dtype or self.dtype))
+        return gs.Constant(self.name(base, name), value)
+
+    def ints(self, values, base="shape", name: str | None = None) -> gs.Constant:
+        return gs.Constant(self.name(base, name), np.asarray(values, dtype=np.int64))
+
+    def shared_const(self, key, make, name: str) -> gs.Constant:
+        """The constant for ``key`` in ``shared``, made once from ``make()`` under ``name``."""
+        if key not in self.shared:
+            self.shared[key] = gs.Constant(fresh_name(self._taken, name), make())
+        return self.shared[key]
+
+    def variable(self, base: str, dtype=None, name: str | None = None) -> gs.Variable:
+        return gs.Variable(self.name(base, name), dtype=dtype or self.dtype)
+
+    def op(self, op, inputs, attrs=None, out=None, dtype=None, name: str | None = None):
+        """Append ``op`` (inputs, attrs) and return its output: ``out`` when given, else a new
+        variable named after the node (``{node}_out``). ``name``: the node's name, when free."""
+        node_name = self.name(op, name)
+        y = out if out is not None else gs.Variable(fresh_name(self._taken, node_name + "_out"),
+                                                    dtype=dtype or self.dtype)
+        node = gs.Node(op, node_name, attrs or {}, inputs, [y])
+        self.graph.nodes.append(node)
+        self.nodes.append(node)
+        return y
+
+    # ------------------------------------------------------------------ building blocks
+    def reshape(self, x, shape):
+        return self.op("Reshape", [x, self.ints(shape)])
+
+    def swap_last(self, x, rank):
+        perm = list(range(rank - 2)) + [rank - 1, rank - 2]
+        return self.op("Transpose", [x], {"perm": perm})
+
+    def pad_last(self, x, rank, amount):
+        pads = [0] * rank + [0] * (rank - 1) + [amount]
+        return self.op("Pad", [x, self.ints(pads, "pads")], {"mode": "constant"})
+
+    def reduce_sum(self, x, axis):
+        if self.opset >= 13:
+            return self.op("ReduceSum", [x, self.ints([axis], "axes")], {"keepdims": 0})
+        return self.op("ReduceSum", [x], {"axes": [axis], "keepdims": 0})
+
+    def slice_last(self, x, stop):
+        return self.op("Slice", [x, self.ints([0], "starts"), self.ints([stop], "ends"), self.ints([-1], "axes")])

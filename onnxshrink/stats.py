@@ -1,21 +1,41 @@
 """Statistics that passes request from calibration, and their streaming accumulators.
 
 Every accumulator keeps sums only (count, Σx, Σxxᵀ, Σxyᵀ, ...), never the activations, so memory
-is bounded by the statistic, not by the data, and two shards' accumulators add (``merge``).
+is bounded by the statistic, not by the data, and two shards' accumulators add (``merge``). The
+one exception, ``RowSample``, keeps a bounded, seeded sample of rows (see its docstring for why).
+
+The request protocol (``Request``): a pass hands ``PassContext.collect`` a list of objects with
+
+- ``key``: a unique string; the result is ``{key: accumulator}``;
+- ``tensors() -> {"x": [names], "y": [names]}``: the tensors it reads; "x" tensors come from the
+  model being rewritten, "y" tensors from the reference model (the original network's outputs a
+  refit must reproduce; both from one model when no reference is given);
+- ``new(x_arrays, y_arrays) -> accumulator``: an empty accumulator, shaped by the first batch;
+- ``update(acc, x_arrays, y_arrays, rng)``: add one batch ({name: array}); ``rng`` is seeded by
+  the run's seed, the batch index and the key, so a run is reproducible.
 
 Requests:
 - ``ResponseStats(tensor, reduce)``: per-channel responses of one tensor. ``reduce="spatial_max"``
   (conv outputs N,C,*: max over the spatial positions, the PFA response), ``"spatial_mean"``, or
   ``"rows"`` (every row of the last axis for linear layers: N·T rows of C features).
-- ``LayerStats(key, node, x_tensor, y_tensor)``: the input features of a Conv/Gemm/MatMul (im2col
+- ``LayerStats(key, x_tensor, y_tensor)``: the input features of a Conv/Gemm/MatMul (im2col
   patch rows at sampled output positions for a Conv; input rows for a linear layer) and, when
   ``y_tensor`` is given, the layer's target output at the same positions, possibly read from
   another model (the original network, for reconstruction). Accumulates [x 1]ᵀ[x 1], [x 1]ᵀy, yᵀy.
+  ``layers.WeightLayer.stats_request`` makes the one that matches a layer's matrix.
+- ``ResidualStats``: a LayerStats whose target is what the layer must add to a skip tensor to give
+  the reference's residual sum.
+- ``SplitStats(inner)``: the inner request's batches alternate between two accumulators (fit /
+  held out), for choosing a ridge on data the fit did not see.
+- ``RowSample``: up to ``max_rows`` raw rows of a layer's input and target output.
+
+Centred cross-moments are computed in one place, ``CrossMoments.moments``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -94,6 +114,36 @@ class CrossMoments:
     @property
     def mean_y(self):
         return self.sum_y / max(self.n, 1)
+
+    def moments(self, centered: bool = True):
+        """(cxx, cxy, mx, my): the centred covariances Cov(x), Cov(x, y) and the means, or with
+        ``centered=False`` the second moments E[x xᵀ], E[x yᵀ] and zero means (a fit without a
+        bias)."""
+        n = max(self.n, 1)
+        mx, my = self.x.mean, self.mean_y
+        if centered:
+            return self.x.cov, self.xy / n - np.outer(mx, my), mx, my
+        return self.x.second, self.xy / n, np.zeros_like(mx), np.zeros_like(my)
+
+    def minus_bias(self, b) -> "CrossMoments":
+        """The moments of (x, y − b): the target of a layer whose bias ``b`` (d_out) stays as it
+        is is its product. ``self`` when b is None or zero."""
+        if b is None or not np.any(b):
+            return self
+        out = CrossMoments(len(self.x.mean), len(self.sum_y))
+        out.x.merge(self.x)
+        n = self.n
+        out.sum_y = self.sum_y - n * b
+        out.xy = self.xy - np.outer(self.x.sum, b)
+        out.yy = self.yy - 2 * b * self.sum_y + n * b * b
+        return out
+
+    def outputs(self, mask) -> "CrossMoments":
+        """The moments with only the y columns where ``mask`` (bool, d_out) is True (x shared)."""
+        out = CrossMoments(self.x.sum.shape[0], int(np.sum(mask)))
+        out.x = self.x
+        out.sum_y, out.xy, out.yy = self.sum_y[mask], self.xy[:, mask], self.yy[mask]
+        return out
 
     @classmethod
     def pooled(cls, parts) -> "CrossMoments":
@@ -177,6 +227,19 @@ def responses(x: np.ndarray, reduce: str) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- requests
+@runtime_checkable
+class Request(Protocol):
+    """What ``PassContext.collect`` accepts (see the module docstring)."""
+
+    key: str
+
+    def tensors(self) -> dict: ...
+
+    def new(self, x_arrays: dict, y_arrays: dict): ...
+
+    def update(self, acc, x_arrays: dict, y_arrays: dict, rng: np.random.Generator) -> None: ...
+
+
 @dataclass
 class ResponseStats:
     tensor: str
@@ -251,3 +314,87 @@ class LayerStats:
     def update(self, acc, x_arrays, y_arrays, rng):
         xr, yr = self._features(x_arrays, y_arrays, rng)
         acc.update(xr, yr)
+
+
+@dataclass
+class ResidualStats(LayerStats):
+    """LayerStats whose target is what the layer must add to the pruned network's skip tensor to
+    give the reference network's residual sum: y = R_ref[kept] − skip − shift. Fitting to it
+    also corrects the error that earlier pruning left in the skip path."""
+
+    skip: str = ""
+    mask: np.ndarray | None = None
+    shift: np.ndarray | None = None
+
+    def tensors(self):
+        return {"x": [self.x_tensor, self.skip], "y": [self.y_tensor]}
+
+    def _features(self, x_arrays, y_arrays, rng):
+        axis = 1 if self.kind == "conv" else -1
+        y = y_arrays[self.y_tensor]
+        if self.mask is not None and not self.mask.all():
+            y = np.compress(self.mask, y, axis=axis)
+        t = y - x_arrays[self.skip]
+        if self.shift is not None:
+            t = t - (self.shift.reshape((-1,) + (1,) * (t.ndim - 2)) if axis == 1 else self.shift)
+        return super()._features(x_arrays, {self.y_tensor: t.astype(np.float32)}, rng)
+
+
+class SplitStats:
+    """A request whose batches alternate between two accumulators [fit, held out] (batch 0, 2, …
+    into the first, 1, 3, … into the second)."""
+
+    def __init__(self, inner):
+        self.inner, self.key, self._calls = inner, inner.key, 0
+
+    def tensors(self):
+        return self.inner.tensors()
+
+    def new(self, x_arrays, y_arrays):
+        return [self.inner.new(x_arrays, y_arrays), self.inner.new(x_arrays, y_arrays)]
+
+    def update(self, acc, x_arrays, y_arrays, rng):
+        self.inner.update(acc[self._calls % 2], x_arrays, y_arrays, rng)
+        self._calls += 1
+
+
+class RowSample:
+    """Up to ``max_rows`` rows of a layer's input (``x_tensor``, from the rewritten model) and its
+    target output (``y_tensor``, from the reference), in float32: memory at most
+    max_rows·(d_in + d_out)·4 bytes per request. Each batch contributes at most ``per_batch`` rows,
+    drawn without replacement by the collector's seeded ``rng`` (the same rows on every run), until
+    ``max_rows`` are held; a caller spreads the rows over the data with per_batch ≈ max_rows /
+    batches.
+
+    The one request that keeps rows against this module's rule: a fit that is not linear in its
+    parameters (the Fastfood diagonals of ``hadamard``, where the features depend on the other
+    diagonals being fitted) cannot be done from fixed second moments. The bound above is what keeps
+    it within the rule's purpose. Accumulator: {"x": [arrays], "y": [arrays], "n": rows held}."""
+
+    def __init__(self, key, x_tensor, y_tensor, per_batch, max_rows, transpose_x=False):
+        self.key, self.x_tensor, self.y_tensor = key, x_tensor, y_tensor
+        self.per_batch, self.max_rows, self.transpose_x = per_batch, max_rows, transpose_x
+
+    def tensors(self):
+        return {"x": [self.x_tensor], "y": [self.y_tensor]}
+
+    def new(self, xa, ya):
+        return {"x": [], "y": [], "n": 0}
+
+    def update(self, acc, xa, ya, rng):
+        x = xa[self.x_tensor]
+        x = x.T if self.transpose_x else x
+        x = x.reshape(-1, x.shape[-1])
+        y = ya[self.y_tensor].reshape(-1, ya[self.y_tensor].shape[-1])
+        take = min(self.per_batch, self.max_rows - acc["n"], len(x))
+        if take <= 0:
+            return
+        sel = np.arange(len(x)) if take >= len(x) else np.sort(rng.choice(len(x), take, replace=False))
+        acc["x"].append(x[sel].astype(np.float32))
+        acc["y"].append(y[sel].astype(np.float32))
+        acc["n"] += len(sel)
+
+    @staticmethod
+    def rows(acc):
+        """(x, y) float64 arrays of the rows held."""
+        return np.concatenate(acc["x"]).astype(np.float64), np.concatenate(acc["y"]).astype(np.float64)

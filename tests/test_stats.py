@@ -136,3 +136,17 @@ def test_set_layer_matrix_keeps_a_shared_bias_and_names_unique():
     np.testing.assert_allclose(y1, 2 + 5)
     np.testing.assert_allclose(y2, 1 + 1)
     np.testing.assert_allclose(y4, 2 + 5 + 1)
+
+
+def test_every_request_type_follows_the_protocol_and_row_samples_are_bounded(rng):
+    from onnxshrink.stats import LayerStats, Request, ResidualStats, RowSample, SplitStats
+    reqs = [ResponseStats("y"), LayerStats("l", "input", "y"), ResidualStats("r", "input", "y", skip="input"),
+            SplitStats(LayerStats("s", "input", "y")), RowSample("rows", "input", "y", per_batch=7, max_rows=20)]
+    assert all(isinstance(r, Request) for r in reqs)
+    m = _conv_model(k=1, pad=0)
+    data = DataSource({"input": rng.standard_normal((64, 4, 9, 9)).astype(np.float32)})
+    acc = collect(data, [RowSample("rows", "input", "y", per_batch=7, max_rows=20)], m, batch_size=8)["rows"]
+    x, y = RowSample.rows(acc)
+    assert acc["n"] == 20 == len(x) == len(y)           # 7 + 7 + 6 of the 8 batches
+    again = collect(data, [RowSample("rows", "input", "y", per_batch=7, max_rows=20)], m, batch_size=8)["rows"]
+    np.testing.assert_array_equal(RowSample.rows(again)[0], x)   # seeded: the same rows

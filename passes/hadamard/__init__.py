@@ -16,7 +16,7 @@ The package:
 """
 
 from .config import HadamardConfig
-from .emit import Emitter, emit_fastfood, replace, wht_model
+from .emit import HadamardEmitter, emit_fastfood, replace, wht_model
 from .fastfood import Block, FastfoodFit, LowRankBasis
 from .pass_ import Hadamard, candidate_problem, linear_problem
 from .rows import RowSample
@@ -27,5 +27,5 @@ from .transform import factors, fwht, next_pow2
 _replace = replace   # the name tests and benchmarks import
 
 __all__ = ["Hadamard", "HadamardConfig", "Block", "FastfoodFit", "LowRankBasis", "RowSample",
-           "Emitter", "emit_fastfood", "replace", "wht_model", "choose_structure", "rank_candidates",
+           "HadamardEmitter", "emit_fastfood", "replace", "wht_model", "choose_structure", "rank_candidates",
            "candidate_problem", "linear_problem", "rel_error", "factors", "fwht", "next_pow2"]

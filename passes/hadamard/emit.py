@@ -22,6 +22,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from scipy.linalg import hadamard
 
+from ...graph import Emitter
 from .transform import factors, next_pow2
 
 
@@ -37,60 +38,13 @@ def natural_index(d: int) -> np.ndarray:
     return np.argsort(transposed_position(d))
 
 
-class Emitter:
-    """Appends nodes to a graphsurgeon graph under a name prefix; constants of the Hadamard
-    factors are shared (one initializer per size) through ``shared``."""
-
-    def __init__(self, graph: gs.Graph, prefix: str, shared: dict | None = None, dtype=np.float32,
-                 opset: int = 17):
-        self.graph, self.prefix, self.dtype, self.opset = graph, prefix, dtype, opset
-        self.shared = {} if shared is None else shared
-        self._k = 0
-
-    def _name(self, base):
-        self._k += 1
-        return f"{self.prefix}/{base}_{self._k}"
-
-    def const(self, value, base, dtype=None):
-        value = np.ascontiguousarray(np.asarray(value, dtype=dtype or self.dtype))
-        return gs.Constant(self._name(base), value)
-
-    def ints(self, values, base="shape"):
-        return gs.Constant(self._name(base), np.asarray(values, dtype=np.int64))
+class HadamardEmitter(Emitter):
+    """``graph.Emitter`` with the Hadamard factors: one constant per size and dtype, shared by the
+    layers of a pass through ``shared``."""
 
     def hmat(self, n):
-        key = ("H", n, np.dtype(self.dtype).str)
-        if key not in self.shared:
-            self.shared[key] = gs.Constant(f"hadamard/H{n}_{np.dtype(self.dtype).name}",
-                                           hadamard(n).astype(self.dtype))
-        return self.shared[key]
-
-    def op(self, op, inputs, attrs=None, out=None, dtype=None):
-        name = self._name(op)
-        y = out if out is not None else gs.Variable(name + "_out", dtype=dtype or self.dtype)
-        node = gs.Node(op, name, attrs or {}, inputs, [y])
-        self.graph.nodes.append(node)
-        return y
-
-    # ------------------------------------------------------------------ building blocks
-    def reshape(self, x, shape):
-        return self.op("Reshape", [x, self.ints(shape)])
-
-    def swap_last(self, x, rank):
-        perm = list(range(rank - 2)) + [rank - 1, rank - 2]
-        return self.op("Transpose", [x], {"perm": perm})
-
-    def pad_last(self, x, rank, amount):
-        pads = [0] * rank + [0] * (rank - 1) + [amount]
-        return self.op("Pad", [x, self.ints(pads, "pads")], {"mode": "constant"})
-
-    def reduce_sum(self, x, axis):
-        if self.opset >= 13:
-            return self.op("ReduceSum", [x, self.ints([axis], "axes")], {"keepdims": 0})
-        return self.op("ReduceSum", [x], {"axes": [axis], "keepdims": 0})
-
-    def slice_last(self, x, stop):
-        return self.op("Slice", [x, self.ints([0], "starts"), self.ints([stop], "ends"), self.ints([-1], "axes")])
+        dt = np.dtype(self.dtype)
+        return self.shared_const(("H", n, dt.str), lambda: hadamard(n).astype(self.dtype), f"hadamard/H{n}_{dt.name}")
 
     def hadamard_2d(self, x, lead: int, d: int, first: str, transposed_out: bool):
         """x: (*lead dims, d) flattened as (…, d). Applies H_d (unnormalised) along the last axis.
@@ -127,7 +81,7 @@ def wht_model(d_in: int, opset: int = 17, dtype=np.float32) -> onnx.ModelProto:
     d = next_pow2(d_in)
     x = gs.Variable("x", dtype=dtype, shape=["N", d_in])
     graph = gs.Graph(inputs=[x], opset=opset)
-    em = Emitter(graph, "wht", dtype=dtype, opset=opset)
+    em = HadamardEmitter(graph, "wht", dtype=dtype, opset=opset)
     h = em.pad_last(x, 2, d - d_in) if d > d_in else x
     y, _ = em.hadamard_2d(h, 1, d, "natural", transposed_out=False)
     y.name, y.shape = "y", ["N", d]
@@ -138,7 +92,7 @@ def wht_model(d_in: int, opset: int = 17, dtype=np.float32) -> onnx.ModelProto:
     return model
 
 
-def emit_fastfood(em: Emitter, x: gs.Variable, rank: int, d_in: int, d_out: int, ff, lowrank=None,
+def emit_fastfood(em: HadamardEmitter, x: gs.Variable, rank: int, d_in: int, d_out: int, ff, lowrank=None,
                   bias=None, out: gs.Variable | None = None):
     """Emit y = Σ_k Fastfood_{j,k}(pad(x)) stacked over j, sliced to d_out, + x U Vᵀ + bias.
 
@@ -203,7 +157,7 @@ def replace(graph: gs.Graph, node: gs.Node, fit, shared: dict, op_set: int) -> N
     y = node.outputs[0]
     x = node.inputs[0]
     rank = input_rank(node)
-    em = Emitter(graph, node.name + "/fastfood", shared, dtype=dtype, opset=op_set)
+    em = HadamardEmitter(graph, node.name + "/fastfood", shared, dtype=dtype, opset=op_set)
     lr = (lowrank[0].astype(dtype), lowrank[1].astype(dtype)) if fit.r else None
     node.inputs.clear()
     node.outputs.clear()

@@ -1,0 +1,167 @@
+"""Least squares: the ridge solves, the relative errors and the iterative solver the passes share.
+
+A weight layer computes y = x W + b (x a feature row, W d_in × d_out, see ``layers``). A refit
+looks for
+
+    W', b' = argmin ‖X W' + 1 b'ᵀ − Y‖² + α ‖W' − W0‖²
+
+(W0 = 0: plain ridge; W0 the layer's own weights: a pull toward them, so a layer whose inputs
+changed little stays close to what it was where the data cannot pin every weight down). With the
+moments of the rows (centred when a bias is fitted) the normal equations are
+
+    (Cov(x) + α I) W' = Cov(x, y) + α W0,        b' = E[y] − E[x]ᵀ W',
+
+and without a bias the uncentred second moments E[x xᵀ], E[x yᵀ] take their place, b' = 0.
+α is relative: α = ridge × the mean diagonal of the left-hand matrix (``relative_alpha``), so one
+``ridge`` means the same on layers of any scale. This refit is what keeps a model's accuracy
+without fine-tuning (ThiNet, Luo et al. 2017; He et al. 2017 channel pruning).
+
+- ``ridge_solve(cm, …)``: from streamed ``stats.CrossMoments`` (memory bounded by d_in·d_out);
+  ``ridge_from_moments(cxx, cxy, mx, my, …)`` from the moments themselves (a caller that maps
+  them first, e.g. z = x A: Cov z = Aᵀ Cov x A); ``ridge_rows(x, y, …)`` from raw rows.
+- ``solve(a, rhs, spd)``: LU (or Cholesky for SPD) with a least-squares fallback when singular;
+  ``spd_solve(a, rhs, ridge)``: (a + αI) u = rhs, α relative.
+- ``pcg(a, rhs, x0, ridge, iters)``: Jacobi-preconditioned conjugate gradient on (a + αI) u = rhs
+  from a warm start; each iterate lowers the quadratic ½uᵀ(a + αI)u − rhsᵀu, so a truncated run
+  inside an alternating scheme never raises the objective (Hestenes & Stiefel 1952).
+
+Two relative errors with different meanings:
+- ``fit_error`` (moments) / ``fit_error_rows`` (rows): how much of the output's variance a fit
+  misses, Σ‖x W + b − y‖² / Σ‖y − ȳ‖² (1 − R²; 0 exact, 1 no better than the mean);
+- ``weighted_error(t, t_hat, h)``: the relative change of weights under the metric of the input
+  second moments, Σ_r (t̂_r − t_r)ᵀ H (t̂_r − t_r) / Σ_r t_rᵀ H t_r (rows r of Wᵀ): the output
+  error of a replaced weight relative to the output's own energy (plain relative weight error
+  without H). Used by quantizers, whose target is a weight, not a fit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import scipy.linalg
+
+ALPHA_FLOOR = 1e-12
+
+
+def relative_alpha(a: np.ndarray, ridge: float, floor: float = ALPHA_FLOOR) -> float:
+    """α = ridge × the mean diagonal of ``a`` (at least ridge × ``floor``)."""
+    d = a.shape[0]
+    return ridge * max(float(np.trace(a)) / max(d, 1), floor)
+
+
+def solve(a: np.ndarray, rhs: np.ndarray, spd: bool = False) -> np.ndarray:
+    """x with a x = rhs: LU (``spd``: Cholesky-based, for a symmetric positive definite ``a``);
+    least squares when ``a`` is singular."""
+    try:
+        if spd:
+            return scipy.linalg.solve(a, rhs, assume_a="pos", check_finite=False)
+        return np.linalg.solve(a, rhs)
+    except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
+        return np.linalg.lstsq(a, rhs, rcond=None)[0]
+
+
+def spd_solve(a: np.ndarray, rhs: np.ndarray, ridge: float, floor: float = 1e-30) -> np.ndarray:
+    """(a + αI) u = rhs with α = ``relative_alpha(a, ridge, floor)``, ``a`` SPD."""
+    return solve(a + relative_alpha(a, ridge, floor) * np.eye(len(a)), rhs, spd=True)
+
+
+def ridge_from_moments(cxx, cxy, mx, my, ridge: float = 1e-4, fit_bias: bool = True, w0=None):
+    """W (d_in × d_out), b (d_out) from moments: ``cxx``, ``cxy`` centred when ``fit_bias`` (else
+    second moments, and b = 0); ``w0``: the weights the ridge pulls toward (None: zero)."""
+    d = cxx.shape[0]
+    alpha = relative_alpha(cxx, ridge)
+    rhs = cxy if w0 is None else cxy + alpha * w0
+    w = solve(cxx + alpha * np.eye(d), rhs)
+    b = my - mx @ w if fit_bias else np.zeros(cxy.shape[1])
+    return w, b
+
+
+def ridge_solve(cm, ridge: float = 1e-4, fit_bias: bool = True, w0=None):
+    """W, b minimising ‖X W + b − Y‖² + α‖W − W0‖² from ``stats.CrossMoments`` (see the module)."""
+    cxx, cxy, _, _ = cm.moments(centered=fit_bias)
+    return ridge_from_moments(cxx, cxy, cm.x.mean, cm.mean_y, ridge, fit_bias, w0)
+
+
+def ridge_rows(x: np.ndarray, y: np.ndarray, ridge: float = 1e-3, fit_bias: bool = True):
+    """W, b of the ridge fit from raw rows x (n × d_in), y (n × d_out); Cholesky solve of the
+    centred (when ``fit_bias``) normal equations, α relative to their mean diagonal."""
+    mx = x.mean(0) if fit_bias else np.zeros(x.shape[1])
+    my = y.mean(0) if fit_bias else np.zeros(y.shape[1])
+    xc, yc = x - mx, y - my
+    c = xc.T @ xc
+    alpha = relative_alpha(c, ridge)
+    w = scipy.linalg.solve(c + alpha * np.eye(len(c)), xc.T @ yc, assume_a="pos", check_finite=False)
+    return w, my - mx @ w
+
+
+def pcg(a: np.ndarray, rhs: np.ndarray, x0: np.ndarray, ridge: float, iters: int) -> np.ndarray:
+    """Jacobi-preconditioned conjugate gradients on (a + αI) u = rhs (α relative, see ``spd_solve``)
+    from the warm start ``x0``, ``iters`` iterations; ``iters`` ≤ 0: the exact SPD solve."""
+    if iters <= 0:
+        return spd_solve(a, rhs, ridge)
+    diag = np.diag(a).copy()
+    alpha = ridge * max(diag.mean(), 1e-30)
+    diag += alpha
+    x = x0.copy()
+    r = rhs - (a @ x + alpha * x)
+    z = r / diag
+    p = z.copy()
+    rz = r @ z
+    for _ in range(iters):
+        if rz <= 1e-30:
+            break
+        ap = a @ p + alpha * p
+        pap = p @ ap
+        if pap <= 0:
+            break
+        step = rz / pap
+        x += step * p
+        r -= step * ap
+        z = r / diag
+        rz_new = r @ z
+        p = z + (rz_new / rz) * p
+        rz = rz_new
+    return x
+
+
+def fit_error(cm, w: np.ndarray, b: np.ndarray) -> float:
+    """Σ‖x W + b − y‖² / Σ‖y − ȳ‖² over the rows of ``stats.CrossMoments`` (matrix products only)."""
+    n = max(cm.n, 1)
+    mx, my = cm.x.mean, cm.mean_y
+    pred2 = np.sum(w * (cm.x.second @ w), axis=0) + 2 * b * (mx @ w) + b * b
+    cross = np.sum(w * (cm.xy / n), axis=0) + b * my
+    err = pred2 - 2 * cross + cm.yy / n
+    var = cm.yy / n - my * my
+    return float(max(err.sum(), 0.0) / max(var.sum(), 1e-12))
+
+
+def fit_error_rows(pred: np.ndarray, y: np.ndarray, mean_y=None) -> float:
+    """Σ‖pred − y‖² / Σ‖y − ȳ‖² on rows (``mean_y``: ȳ, default the rows' mean; give the fit's
+    own to judge held-out rows against it)."""
+    mean_y = y.mean(0) if mean_y is None else mean_y
+    den = float(((y - mean_y) ** 2).sum())
+    return float(((pred - y) ** 2).sum()) / max(den, 1e-30)
+
+
+def weighted_error(t: np.ndarray, t_hat: np.ndarray, h: np.ndarray | None = None) -> float:
+    """Σ_r (t̂_r − t_r)ᵀ H (t̂_r − t_r) / Σ_r t_rᵀ H t_r over the rows of T (outputs × d_in);
+    without ``h`` the relative squared weight error."""
+    delta = t - t_hat
+    if h is None:
+        return float((delta ** 2).sum() / max((t ** 2).sum(), 1e-30))
+    return float(((delta @ h) * delta).sum() / max(((t @ h) * t).sum(), 1e-30))
+
+
+@contextlib.contextmanager
+def deterministic():
+    """Run the block with one BLAS thread: k-means and code assignments compare float sums, and a
+    BLAS that splits a product differently with more threads could round them differently and flip
+    an argmin; the result must not depend on OMP/OPENBLAS/MKL_NUM_THREADS."""
+    try:
+        from threadpoolctl import threadpool_limits  # installed with scikit-learn
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield

@@ -1,0 +1,167 @@
+"""The sequential refit loop: collect on the rewritten model → solve → write → next level.
+
+After a structural change, each weight layer downstream is refit so that, fed by the *rewritten*
+network's activations, it reproduces the *reference* network's output (``lstsq``). A layer's
+inputs depend on the layers before it, so layers are refit in topological levels: a layer's level
+is 1 + the highest level of a refit layer upstream of it (``refit_order``). Layers of one level do
+not feed each other, so one calibration run of the model as rewritten so far serves the whole
+level; the level's edits are then exported and the next level collects on that model (sequential
+reconstruction, as in ThiNet and the channel-pruning papers, and layer-wise as in GPTQ).
+
+``refit_levels`` is that loop; a pass gives what differs: the requests of a layer, ``solve`` and
+``write`` (into the graph). Options cover the variants the passes need: a second round in the
+same level (``Again``: e.g. refit the second factor of a split layer on its own new inputs), levels
+given by the pass (merged for fewer runs), requests of later levels gathered ahead in one run while
+nothing upstream changes (``ahead``), and a graph re-imported from each level's model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from .graph import export_model, import_graph
+
+
+def refit_order(graph: gs.Graph, names) -> list[list[str]]:
+    """Group nodes to refit into levels: a node's level is 1 + the highest level of a refit node
+    upstream of it. Nodes in one level do not feed each other, so one calibration run serves them
+    all; levels are refit in order (sequential reconstruction)."""
+    names = set(names)
+    level = {}
+    upstream_level = {}  # tensor name -> max level of refit nodes upstream
+    for node in graph.nodes:  # graph must be toposorted
+        lv_in = max([upstream_level.get(t.name, -1) for t in node.inputs if not isinstance(t, gs.Constant)] + [-1])
+        if node.name in names:
+            level[node.name] = lv_in + 1
+            lv_out = lv_in + 1
+        else:
+            lv_out = lv_in
+        for t in node.outputs:
+            upstream_level[t.name] = lv_out
+    groups = {}
+    for n, lv in level.items():
+        groups.setdefault(lv, []).append(n)
+    return [sorted(groups[k]) for k in sorted(groups)]
+
+
+def shared_levels(graph: gs.Graph, groups: dict) -> list[list[str]]:
+    """``refit_order`` for layers that may span several nodes (a weight shared by several readers):
+    ``groups`` maps a layer key to its nodes' names; a layer's level is that of its earliest reader
+    (its statistics are gathered with the weight itself still as it was), levels renumbered 0, 1, …"""
+    order = refit_order(graph, [n for names in groups.values() for n in names])
+    level_of = {n: i for i, names in enumerate(order) for n in names}
+    first = {key: min(level_of[n] for n in names) for key, names in groups.items()}
+    out = {}
+    for key, lv in first.items():
+        out.setdefault(lv, []).append(key)
+    return [sorted(out[k]) for k in sorted(out)]
+
+
+@dataclass
+class Again:
+    """Returned by ``write`` (or ``solve`` alone): once the level's edits are exported, collect ``requests`` on that model
+    (one run for all of a level's ``Again``s) and call ``fit(stats, graph)``."""
+
+    requests: list
+    fit: Callable
+
+
+@dataclass
+class Level:
+    """Where the loop is, for ``solve``/``write``: level ``index`` of ``count``, its layer ``keys``, and the
+    model the level's statistics were collected on."""
+
+    index: int
+    count: int
+    keys: list
+    model: onnx.ModelProto
+
+
+def refit_levels(ctx, model: onnx.ModelProto, layers, solve: Callable, write: Callable | None = None,
+                 requests: Callable | None = None, *,
+                 levels: list | None = None, graph: gs.Graph | None = None, desc: str = "refit",
+                 reimport: bool = False, ahead: Callable | None = None, like: onnx.ModelProto | None = None,
+                 model_y: onnx.ModelProto | None = None) -> onnx.ModelProto:
+    """Refit ``layers`` level by level and return the rewritten model (``model`` when no level
+    changed anything).
+
+    - ``layers``: {key: [node names]} (a layer that spans several nodes, e.g. a shared weight, is at
+      the level of its earliest reader) or an iterable of node names (each its own key); ignored
+      when ``levels`` ([[key]] in order) is given.
+    - ``requests(key, graph) -> [stats.Request]``: what to collect for a layer (x from the model as
+      rewritten so far, y from ``model_y``, default ``ctx.reference``); None or [] for none. A level
+      without requests is not collected.
+    - ``solve(key, stats, graph, level) -> result``: ``stats`` is {request key: accumulator} of the
+      level (``level``: a ``Level``); ``write(key, result, graph, level) -> None | bool | Again``
+      puts the result into ``graph``. Without ``write``, ``solve`` writes too and its return is
+      read as write's: False when the graph was left as it was (no export; statistics gathered
+      ahead stay valid), an ``Again`` for a second round in this level, else None/True.
+    - ``graph``: the graph the edits go into (default: imported from ``model``); with
+      ``reimport=True`` a fresh graph is imported from each level's model instead.
+    - ``ahead(levels_left) -> n``: gather the requests of the next n levels (≥ 1) in one run; their
+      statistics are used while no level between changes the graph (default 1: one run a level).
+    - ``like``: the model whose opsets and metadata exports keep (default ``model``);
+      ``desc``: the progress label ("{desc} {i}/{n}").
+    """
+    like = model if like is None else like
+    model_y = ctx.reference if model_y is None else model_y
+    if graph is None or reimport:
+        graph = import_graph(model)
+    if levels is None:
+        groups = layers if isinstance(layers, dict) else {n: [n] for n in layers}
+        levels = shared_levels(graph, groups)
+    levels = [list(lv) for lv in levels]
+    current = model
+    cached: dict = {}        # level index -> stats gathered ahead on ``current``
+    for i, keys in enumerate(levels):
+        if reimport and i > 0:
+            graph = import_graph(current)
+        stats = cached.pop(i, None)
+        if stats is None:
+            n = max(1, int(ahead(levels[i:]))) if ahead is not None else 1
+            stats = _collect(ctx, current, model_y, graph, levels, range(i, min(i + n, len(levels))), requests,
+                             f"{desc} {i + 1}/{len(levels)}", cached)
+        level = Level(i, len(levels), keys, current)
+        changed, again = False, []
+        for key in keys:
+            out = solve(key, stats, graph, level)
+            if write is not None:
+                out = write(key, out, graph, level)
+            if out is not False:
+                changed = True
+            if isinstance(out, Again):
+                again.append(out)
+        if not changed:
+            continue
+        cached.clear()
+        with ctx.timed("export"):
+            current = export_model(graph, like=like)
+        if again:
+            reqs = [r for a in again for r in a.requests]
+            got = ctx.collect(reqs, model_x=current, model_y=model_y, desc=f"{desc} {i + 1}/{len(levels)} (again)") \
+                if reqs else {}
+            for a in again:
+                a.fit(got, graph)
+            with ctx.timed("export"):
+                current = export_model(graph, like=like)
+    return current
+
+
+def _collect(ctx, current, model_y, graph, levels, which, requests, desc, cached) -> dict:
+    """Statistics of the levels ``which`` in one run; those after the first go into ``cached``."""
+    if requests is None:
+        return {}
+    per_level = {j: [r for key in levels[j] for r in (requests(key, graph) or [])] for j in which}
+    reqs = [r for j in which for r in per_level[j]]
+    if not reqs:
+        return {}
+    got = ctx.collect(reqs, model_x=current, model_y=model_y, desc=desc)
+    first = which[0]
+    for j in which:
+        if j != first:
+            cached[j] = {r.key: got[r.key] for r in per_level[j]}
+    return {r.key: got[r.key] for r in per_level[first]}
