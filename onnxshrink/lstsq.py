@@ -20,7 +20,9 @@ without fine-tuning (ThiNet, Luo et al. 2017; He et al. 2017 channel pruning).
   ``ridge_from_moments(cxx, cxy, mx, my, …)`` from the moments themselves (a caller that maps
   them first, e.g. z = x A: Cov z = Aᵀ Cov x A); ``ridge_rows(x, y, …)`` from raw rows.
 - ``solve(a, rhs, spd)``: LU (or Cholesky for SPD) with a least-squares fallback when singular;
-  ``spd_solve(a, rhs, ridge)``: (a + αI) u = rhs, α relative.
+  ``spd_solve(a, rhs, ridge)``: (a + αI) u = rhs, α relative; ``ridge_cholesky(cxx, ridge)``: the
+  factor L Lᵀ = cxx + αI, and ``ridge_with_factor(L, cxy)`` the solve with it (several right-hand
+  sides on one factor, or whitening by it).
 - ``pcg(a, rhs, x0, ridge, iters)``: Jacobi-preconditioned conjugate gradient on (a + αI) u = rhs
   from a warm start; each iterate lowers the quadratic ½uᵀ(a + αI)u − rhsᵀu, so a truncated run
   inside an alternating scheme never raises the objective (Hestenes & Stiefel 1952).
@@ -64,6 +66,18 @@ def solve(a: np.ndarray, rhs: np.ndarray, spd: bool = False) -> np.ndarray:
 def spd_solve(a: np.ndarray, rhs: np.ndarray, ridge: float, floor: float = 1e-30) -> np.ndarray:
     """(a + αI) u = rhs with α = ``relative_alpha(a, ridge, floor)``, ``a`` SPD."""
     return solve(a + relative_alpha(a, ridge, floor) * np.eye(len(a)), rhs, spd=True)
+
+
+def ridge_cholesky(cxx: np.ndarray, ridge: float, floor: float = ALPHA_FLOOR) -> np.ndarray:
+    """L (lower triangular) with L Lᵀ = cxx + αI, α = ``relative_alpha(cxx, ridge, floor)``: the
+    factor of a ridge system, for a caller that solves it for several right-hand sides
+    (``ridge_with_factor``) or whitens by it (the rows x L⁻ᵀ have identity covariance)."""
+    return np.linalg.cholesky(cxx + relative_alpha(cxx, ridge, floor) * np.eye(len(cxx)))
+
+
+def ridge_with_factor(chol: np.ndarray, cxy: np.ndarray) -> np.ndarray:
+    """W = (cxx + αI)⁻¹ cxy from ``chol = ridge_cholesky(cxx, ridge)``."""
+    return scipy.linalg.cho_solve((chol, True), cxy)
 
 
 def ridge_from_moments(cxx, cxy, mx, my, ridge: float = 1e-4, fit_bias: bool = True, w0=None):
