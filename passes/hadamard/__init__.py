@@ -10,8 +10,7 @@ The package:
 - ``config``: its options;
 - ``search``: which structure (K blocks, rank r) a layer gets;
 - ``fastfood``: the Fastfood model of a layer and its alternating-least-squares fit;
-- ``transform``, ``solve``: the Walsh–Hadamard transform and the linear algebra under the fit;
-- ``rows``: the calibration rows the fit needs;
+- ``transform``: the Walsh–Hadamard transform in numpy;
 - ``emit``: the graph edits (the transform and the blocks as standard ONNX ops).
 """
 
@@ -19,13 +18,11 @@ from .config import HadamardConfig
 from .emit import HadamardEmitter, emit_fastfood, replace, wht_model
 from .fastfood import Block, FastfoodFit, LowRankBasis
 from .pass_ import Hadamard, candidate_problem, linear_problem
-from .rows import RowSample
 from .search import choose_structure, rank_candidates
-from .solve import rel_error
 from .transform import factors, fwht, next_pow2
 
 _replace = replace   # the name tests and benchmarks import
 
-__all__ = ["Hadamard", "HadamardConfig", "Block", "FastfoodFit", "LowRankBasis", "RowSample",
+__all__ = ["Hadamard", "HadamardConfig", "Block", "FastfoodFit", "LowRankBasis",
            "HadamardEmitter", "emit_fastfood", "replace", "wht_model", "choose_structure", "rank_candidates",
-           "candidate_problem", "linear_problem", "rel_error", "factors", "fwht", "next_pow2"]
+           "candidate_problem", "linear_problem", "factors", "fwht", "next_pow2"]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.linalg
 
-from .solve import pcg
+from ...lstsq import pcg, ridge_cholesky, ridge_with_factor
 from .transform import fwht, next_pow2, xor_conv
 
 
@@ -214,8 +214,7 @@ class FastfoodFit:
 
 def whitening(xc, ridge=1e-4):
     """L with L Lᵀ = Cov(xc) + αI (α relative: ``ridge`` × its mean diagonal), xc centred rows."""
-    c = xc.T @ xc / len(xc)
-    return np.linalg.cholesky(c + ridge * max(np.trace(c) / len(c), 1e-12) * np.eye(len(c)))
+    return ridge_cholesky(xc.T @ xc / len(xc), ridge)
 
 
 class LowRankBasis:
@@ -226,7 +225,7 @@ class LowRankBasis:
 
     def __init__(self, xc, t, chol, max_rank):
         self.d_in, self.d_out = xc.shape[1], t.shape[1]
-        self.full = scipy.linalg.cho_solve((chol, True), xc.T @ t / len(xc))
+        self.full = ridge_with_factor(chol, xc.T @ t / len(xc))
         m = chol.T @ self.full
         self.by_cols = m.shape[1] <= m.shape[0]
         gram = m.T @ m if self.by_cols else m @ m.T

@@ -19,15 +19,15 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ...graph import export_model, import_graph, opset
+from ...lstsq import fit_error_rows, ridge_rows
 from ...reconstruct import layer_matrix, set_layer_matrix
 from ...registry import Pass, PassReport, Plan, Skip, register
+from ...stats import RowSample
 from .._factor import gemm_bias_problem
 from .config import HadamardConfig
 from .emit import input_rank, replace
 from .fastfood import FastfoodFit
-from .rows import RowSample
 from .search import choose_structure
-from .solve import rel_error, ridge_refit
 
 
 def linear_problem(node: gs.Node) -> str | None:
@@ -167,9 +167,7 @@ class _Run:
         if node.name not in self.cache:
             self.cache = self.gather(self.todo[self.todo.index(node):])
             self.collect_runs += 1
-        acc = self.cache.pop(node.name)
-        x = np.concatenate(acc["x"]).astype(np.float64)
-        y = np.concatenate(acc["y"]).astype(np.float64)
+        x, y = RowSample.rows(self.cache.pop(node.name))
         self.mem = max(self.mem, x.nbytes // 2 + y.nbytes // 2)
         return x, y
 
@@ -201,7 +199,7 @@ class _Run:
         d_in, d_out = w.shape
         cur_pred = x @ w + (bias if bias is not None else np.zeros(d_out))
         entry = {"shape": [d_in, d_out], "dense_params": d_in * d_out + (d_out if bias is not None else 0),
-                 "rows": len(x), "dense_error": round(rel_error(cur_pred, y, y.mean(0)), 5)}
+                 "rows": len(x), "dense_error": round(fit_error_rows(cur_pred, y, y.mean(0)), 5)}
         if search and self.search(node, x, y, entry):
             self.bar.update(1, postfix=f"{node.name}: K={entry['blocks']} r={entry['rank']}")
             return
@@ -240,15 +238,15 @@ class _Run:
         last fifth of the rows (judged as the structure search judges)."""
         fit_bias = node.op == "Gemm"
         with self.ctx.timed("fit"):
-            w2, b2 = ridge_refit(x, y, fit_bias=fit_bias)
+            w2, b2 = ridge_rows(x, y, fit_bias=fit_bias)
             n = len(x)
             nh = max(1, n // 5)
-            wv, bv = ridge_refit(x[: n - nh], y[: n - nh], fit_bias=fit_bias)
+            wv, bv = ridge_rows(x[: n - nh], y[: n - nh], fit_bias=fit_bias)
         ym = y[: n - nh].mean(0)
-        if rel_error(x[n - nh:] @ wv + bv, y[n - nh:], ym) < rel_error(cur_pred[n - nh:], y[n - nh:], ym):
+        if fit_error_rows(x[n - nh:] @ wv + bv, y[n - nh:], ym) < fit_error_rows(cur_pred[n - nh:], y[n - nh:], ym):
             set_layer_matrix(node, w2, b2 if fit_bias else None)
             entry["refit"] = True
-            entry["refit_error"] = round(rel_error(x @ w2 + b2, y, y.mean(0)), 5)
+            entry["refit_error"] = round(fit_error_rows(x @ w2 + b2, y, y.mean(0)), 5)
             self.report.changed.append(f"{node.name}: kept dense, refit by least squares")
             self.rewritten(node.outputs[0].name)
 

@@ -16,7 +16,7 @@ import time
 
 from .config import HadamardConfig
 from .fastfood import FastfoodFit, LowRankBasis, whitening
-from .solve import rel_error
+from ...lstsq import fit_error_rows
 
 
 def rank_candidates(d_in, d_out, cap_params, fixed=None):
@@ -93,7 +93,7 @@ class _Search:
             if k not in ks:
                 continue
             p = fit.params()
-            err = rel_error(fit.predict(self.xh), self.yh, self.my)
+            err = fit_error_rows(fit.predict(self.xh), self.yh, self.my)
             self.tried.append({"blocks": k, "rank": r, "params": p, "error": round(err, 5)})
             if self.best_any is None or err < self.best_any[1]:
                 self.best_any = (p, err, k, r)
@@ -162,5 +162,5 @@ def choose_structure(x, y, cfg: HadamardConfig, dense_params: int):
     _, err, k, r = search.best_ok
     fit = refit_structure(x, y, cfg, k, r)
     info.update({"blocks": k, "rank": r, "holdout_error": round(err, 5),
-                 "fit_error": round(rel_error(fit.predict(x), y, fit.my), 5), "params": fit.params()})
+                 "fit_error": round(fit_error_rows(fit.predict(x), y, fit.my), 5), "params": fit.params()})
     return fit, info
