@@ -17,7 +17,7 @@ The package:
 from .config import HadamardConfig
 from .emit import HadamardEmitter, emit_fastfood, replace, wht_model
 from .fastfood import Block, FastfoodFit, LowRankBasis
-from .pass_ import Hadamard, candidate_problem, linear_problem
+from .pass_ import Hadamard, candidate_problem, dense_layer
 from .search import choose_structure, rank_candidates
 from .transform import factors, fwht, next_pow2
 
@@ -25,4 +25,4 @@ _replace = replace   # the name tests and benchmarks import
 
 __all__ = ["Hadamard", "HadamardConfig", "Block", "FastfoodFit", "LowRankBasis",
            "HadamardEmitter", "emit_fastfood", "replace", "wht_model", "choose_structure", "rank_candidates",
-           "candidate_problem", "linear_problem", "factors", "fwht", "next_pow2"]
+           "candidate_problem", "dense_layer", "factors", "fwht", "next_pow2"]

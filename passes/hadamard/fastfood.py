@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.linalg
 
-from ...lstsq import pcg, ridge_cholesky, ridge_with_factor
+from ...lstsq import diagonal_ridge, pcg, ridge_cholesky, ridge_with_factor
 from .transform import fwht, next_pow2, xor_conv
 
 
@@ -57,8 +57,7 @@ class Block:
 
     def _fit_s(self, x, t, ridge):
         z4 = fwht(self._z2(x) * self.g)
-        num, den = (z4 * t).sum(0), (z4 * z4).sum(0)
-        self.s = np.where(self.mask, num / (den + ridge * max(den.mean(), 1e-30) + 1e-30), 0.0)
+        self.s = np.where(self.mask, diagonal_ridge((z4 * z4).sum(0), (z4 * t).sum(0), ridge), 0.0)
 
     def step(self, x, t, xtx, ridge, cg=0):
         """One ALS sweep (S, G, B, S) towards the target rows t (n × d); ``cg`` > 0: that many
