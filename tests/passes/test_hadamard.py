@@ -204,11 +204,11 @@ def test_dense_refit_of_layers_sharing_weights_and_bias():
 def _three_layer(seed=5):
     """x(N,64) -> MatMul 64x64 -> Relu -> MatMul 64x64 -> Relu -> MatMul 64x64 -> y"""
     b = GraphBuilder(seed)
-    x = b.input("x", ["N", 64])
-    h = b.relu(b.matmul(x, 64, 64))
-    h = b.relu(b.matmul(h, 64, 64))
-    b.matmul(h, 64, 64, out="y")
-    b.output("y", ["N", 64])
+    h = b.input("x", ["N", 64])
+    for last in (False, False, True):
+        h = b.matmul(h, 64, 64, out="y" if last else None)
+        h = h if last else b.relu(h)
+    b.output(h, ["N", 64])
     return b.model()
 
 
