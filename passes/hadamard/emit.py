@@ -149,15 +149,14 @@ def input_rank(node: gs.Node) -> int | None:
     return len(shape) if shape is not None else None
 
 
-def replace(graph: gs.Graph, node: gs.Node, fit, shared: dict, op_set: int, rank: int | None = None) -> None:
+def replace(graph: gs.Graph, node: gs.Node, fit, shared: dict, op_set: int) -> None:
     """Replace the Gemm/MatMul ``node`` by the Fastfood subgraph of ``fit`` (a ``FastfoodFit``),
-    writing the same output tensor; ``shared`` holds the Hadamard factors already in the graph;
-    ``rank``: the input's rank (default: from its shape)."""
+    writing the same output tensor; ``shared`` holds the Hadamard factors already in the graph."""
     ff, lowrank, bias = fit.graph_params()
     dtype = node.inputs[1].values.dtype
     y = node.outputs[0]
     x = node.inputs[0]
-    rank = input_rank(node) if rank is None else rank
+    rank = input_rank(node)
     em = HadamardEmitter(graph, node.name + "/fastfood", shared, dtype=dtype, opset=op_set)
     lr = (lowrank[0].astype(dtype), lowrank[1].astype(dtype)) if fit.r else None
     node.inputs.clear()

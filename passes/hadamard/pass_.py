@@ -134,13 +134,12 @@ class _Run:
         self.graph = import_graph(model)
         self.report = PassReport(p.name)
         self.op_set = opset(model)
-        self.dense, self.ranks, self.targets = {}, {}, set()
+        self.dense, self.targets = {}, set()
         for node, layer, reason in p.scan(self.graph, cfg):
             if reason:
                 self.report.skip(node, reason)
             if layer is not None:
                 self.dense[node.name] = layer
-                self.ranks[node.name] = input_rank(node)   # shapes are dropped by the exports
                 if reason is None:
                     self.targets.add(node.name)
         self.shared, self.changed, self.layers, self.visits = {}, set(), {}, {}
@@ -159,9 +158,8 @@ class _Run:
                 if n in self.targets or (cfg.refit and _upstream_changed(layer.node, target_outs))]
         runs_before = self.ctx.calibration_runs
         self.bar = self.ctx.bar(total=len(todo), desc="hadamard")
-        self.result = refit_levels(self.ctx, self.model, None, self.solve, requests=self.requests,
-                                   levels=[[n] for n in todo], graph=self.graph, desc="hadamard",
-                                   ahead=self.ahead, like=self.model)
+        refit_levels(self.ctx, self.model, None, self.solve, requests=self.requests, levels=[[n] for n in todo],
+                     graph=self.graph, desc="hadamard", ahead=self.ahead, like=self.model, export_copy=True)
         self.bar.close()
         self.collect_runs = self.ctx.calibration_runs - runs_before
 
@@ -244,7 +242,7 @@ class _Run:
                                    f"max_params {cfg.max_params} ({best})")
             return False
         self.changed.add(node.outputs[0].name)
-        replace(self.graph, node, fit, self.shared, self.op_set, self.ranks[node.name])
+        replace(self.graph, node, fit, self.shared, self.op_set)
         entry["replaced"] = True
         self.report.changed.append(f"{node.name}: {d_in}→{d_out} as {info['blocks']} Fastfood block(s)"
                                    f"{' + rank ' + str(info['rank']) if info['rank'] else ''}, "
@@ -277,8 +275,6 @@ class _Run:
         report.details["row_memory_bytes"] = int(self.mem)
         report.details["calibration_runs"] = self.collect_runs
         report.details["fit_seconds"] = round(time.perf_counter() - self.t0 - self.ctx.calibration_seconds, 3)
-        out = self.result
-        if out is self.model:   # nothing changed: the model as exported, like every result of the pass
-            with self.ctx.timed("export"):
-                out = export_model(self.graph, like=self.model)
+        with self.ctx.timed("export"):
+            out = export_model(self.graph, like=self.model)
         return out, report
