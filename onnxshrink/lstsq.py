@@ -19,11 +19,11 @@ without fine-tuning (ThiNet, Luo et al. 2017; He et al. 2017 channel pruning).
 - ``ridge_solve(cm, …)``: from streamed ``stats.CrossMoments`` (memory bounded by d_in·d_out);
   ``ridge_from_moments(cxx, cxy, mx, my, …)`` from the moments themselves (a caller that maps
   them first, e.g. z = x A: Cov z = Aᵀ Cov x A); ``ridge_rows(x, y, …)`` from raw rows.
-- ``solve(a, rhs, spd)``: LU (or Cholesky for SPD) with a least-squares fallback when singular;
-  ``spd_solve(a, rhs, ridge)``: (a + αI) u = rhs, α relative.
 - ``ridge_cholesky(cxx, ridge)``: the factor L Lᵀ = cxx + αI, and ``ridge_with_factor(L, cxy)``
   the solve with it (several right-hand sides on one factor, or whitening by it);
   ``diagonal_ridge(den, num, ridge)``: the ridge solve of a diagonal system.
+- ``solve(a, rhs, spd)``: LU (or Cholesky for SPD) with a least-squares fallback when singular;
+  ``spd_solve(a, rhs, ridge)``: (a + αI) u = rhs, α relative.
 - ``pcg(a, rhs, x0, ridge, iters)``: Jacobi-preconditioned conjugate gradient on (a + αI) u = rhs
   from a warm start; each iterate lowers the quadratic ½uᵀ(a + αI)u − rhsᵀu, so a truncated run
   inside an alternating scheme never raises the objective (Hestenes & Stiefel 1952).
@@ -81,6 +81,13 @@ def ridge_with_factor(chol: np.ndarray, cxy: np.ndarray) -> np.ndarray:
     return scipy.linalg.cho_solve((chol, True), cxy)
 
 
+def diagonal_ridge(den: np.ndarray, num: np.ndarray, ridge: float, floor: float = 1e-30) -> np.ndarray:
+    """u with (diag(den) + αI) u = num, α = ridge × the mean of ``den`` (at least ridge × ``floor``):
+    a ridge solve whose matrix is diagonal (one least-squares coefficient per column; a column
+    whose ``den`` and ``num`` are 0 gets 0)."""
+    return num / (den + ridge * max(den.mean(), floor) + 1e-30)
+
+
 def ridge_from_moments(cxx, cxy, mx, my, ridge: float = 1e-4, fit_bias: bool = True, w0=None):
     """W (d_in × d_out), b (d_out) from moments: ``cxx``, ``cxy`` centred when ``fit_bias`` (else
     second moments, and b = 0); ``w0``: the weights the ridge pulls toward (None: zero)."""
@@ -108,13 +115,6 @@ def ridge_rows(x: np.ndarray, y: np.ndarray, ridge: float = 1e-3, fit_bias: bool
     alpha = relative_alpha(c, ridge)
     w = scipy.linalg.solve(c + alpha * np.eye(len(c)), xc.T @ yc, assume_a="pos", check_finite=False)
     return w, my - mx @ w
-
-
-def diagonal_ridge(den: np.ndarray, num: np.ndarray, ridge: float, floor: float = 1e-30) -> np.ndarray:
-    """u with (diag(den) + αI) u = num, α = ridge × the mean of ``den`` (at least ridge × ``floor``):
-    a ridge solve whose matrix is diagonal (one least-squares coefficient per column; a column
-    whose ``den`` and ``num`` are 0 gets 0)."""
-    return num / (den + ridge * max(den.mean(), floor) + 1e-30)
 
 
 def pcg(a: np.ndarray, rhs: np.ndarray, x0: np.ndarray, ridge: float, iters: int) -> np.ndarray:
