@@ -626,7 +626,7 @@ def planned(entry: Entry, pass_name: str) -> list:
     data = load_data(entry.feeds("calib")[:4], model, None, "calibration data")
     try:
         with observing(ShapeObserver(data.representatives())):
-            return list(p.plan(model, make_config(p, {})).targets)
+            return list(p.plan(model, make_config(p, {})).nodes)
     finally:
         data.close()
 

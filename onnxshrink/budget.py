@@ -43,11 +43,6 @@ class Goal:
         """Well below the limit (by more than TOLERANCE): more was taken than asked for."""
         return value < self.limit * (1 - TOLERANCE)
 
-    @property
-    def target(self) -> float:
-        """The older name of ``limit``, kept while passes switch to ``met``."""
-        return self.limit
-
 
 def check_fraction(name: str, f):
     if f is None:

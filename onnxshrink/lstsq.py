@@ -19,6 +19,9 @@ without fine-tuning (ThiNet, Luo et al. 2017; He et al. 2017 channel pruning).
 - ``ridge_solve(cm, …)``: from streamed ``stats.CrossMoments`` (memory bounded by d_in·d_out);
   ``ridge_from_moments(cxx, cxy, mx, my, …)`` from the moments themselves (a caller that maps
   them first, e.g. z = x A: Cov z = Aᵀ Cov x A); ``ridge_rows(x, y, …)`` from raw rows.
+- ``ridge_cholesky(cxx, ridge)``: the factor L Lᵀ = cxx + αI, and ``ridge_with_factor(L, cxy)``
+  the solve with it (several right-hand sides on one factor, or whitening by it);
+  ``diagonal_ridge(den, num, ridge)``: the ridge solve of a diagonal system.
 - ``solve(a, rhs, spd)``: LU (or Cholesky for SPD) with a least-squares fallback when singular;
   ``spd_solve(a, rhs, ridge)``: (a + αI) u = rhs, α relative.
 - ``cg(matvec, rhs, x0, iters, precond, …)``: the preconditioned conjugate-gradient loop, for any
@@ -67,6 +70,25 @@ def solve(a: np.ndarray, rhs: np.ndarray, spd: bool = False) -> np.ndarray:
 def spd_solve(a: np.ndarray, rhs: np.ndarray, ridge: float, floor: float = 1e-30) -> np.ndarray:
     """(a + αI) u = rhs with α = ``relative_alpha(a, ridge, floor)``, ``a`` SPD."""
     return solve(a + relative_alpha(a, ridge, floor) * np.eye(len(a)), rhs, spd=True)
+
+
+def ridge_cholesky(cxx: np.ndarray, ridge: float, floor: float = ALPHA_FLOOR) -> np.ndarray:
+    """L (lower triangular) with L Lᵀ = cxx + αI, α = ``relative_alpha(cxx, ridge, floor)``: the
+    factor of a ridge system, for a caller that solves it for several right-hand sides
+    (``ridge_with_factor``) or whitens by it (the rows x L⁻ᵀ have identity covariance)."""
+    return np.linalg.cholesky(cxx + relative_alpha(cxx, ridge, floor) * np.eye(len(cxx)))
+
+
+def ridge_with_factor(chol: np.ndarray, cxy: np.ndarray) -> np.ndarray:
+    """W = (cxx + αI)⁻¹ cxy from ``chol = ridge_cholesky(cxx, ridge)``."""
+    return scipy.linalg.cho_solve((chol, True), cxy)
+
+
+def diagonal_ridge(den: np.ndarray, num: np.ndarray, ridge: float, floor: float = 1e-30) -> np.ndarray:
+    """u with (diag(den) + αI) u = num, α = ridge × the mean of ``den`` (at least ridge × ``floor``):
+    a ridge solve whose matrix is diagonal (one least-squares coefficient per column; a column
+    whose ``den`` and ``num`` are 0 gets 0)."""
+    return num / (den + ridge * max(den.mean(), floor) + 1e-30)
 
 
 def ridge_from_moments(cxx, cxy, mx, my, ridge: float = 1e-4, fit_bias: bool = True, w0=None):

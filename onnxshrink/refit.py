@@ -85,7 +85,7 @@ def refit_levels(ctx, model: onnx.ModelProto, layers, solve: Callable, write: Ca
                  requests: Callable | None = None, *,
                  levels: list | None = None, graph: gs.Graph | None = None, desc: str = "refit",
                  reimport: bool = False, ahead: Callable | None = None, like: onnx.ModelProto | None = None,
-                 model_y: onnx.ModelProto | None = None) -> onnx.ModelProto:
+                 model_y: onnx.ModelProto | None = None, export_copy: bool = False) -> onnx.ModelProto:
     """Refit ``layers`` level by level and return the rewritten model (``model`` when no level
     changed anything).
 
@@ -106,6 +106,9 @@ def refit_levels(ctx, model: onnx.ModelProto, layers, solve: Callable, write: Ca
       statistics are used while no level between changes the graph (default 1: one run a level).
     - ``like``: the model whose opsets and metadata exports keep (default ``model``);
       ``desc``: the progress label ("{desc} {i}/{n}").
+    - ``export_copy``: export a copy of ``graph`` at each level, leaving the graph itself as the
+      pass built it (its node order, its tensors' shapes); by default the export cleans up, sorts
+      and drops intermediate shapes in place.
     """
     like = model if like is None else like
     model_y = ctx.reference if model_y is None else model_y
@@ -139,7 +142,7 @@ def refit_levels(ctx, model: onnx.ModelProto, layers, solve: Callable, write: Ca
             continue
         cached.clear()
         with ctx.timed("export"):
-            current = export_model(graph, like=like)
+            current = export_model(graph.copy() if export_copy else graph, like=like)
         if again:
             reqs = [r for a in again for r in a.requests]
             got = ctx.collect(reqs, model_x=current, model_y=model_y, desc=f"{desc} {i + 1}/{len(levels)} (again)") \
@@ -147,7 +150,7 @@ def refit_levels(ctx, model: onnx.ModelProto, layers, solve: Callable, write: Ca
             for a in again:
                 a.fit(got, graph)
             with ctx.timed("export"):
-                current = export_model(graph, like=like)
+                current = export_model(graph.copy() if export_copy else graph, like=like)
     return current
 
 

@@ -34,22 +34,13 @@ class Skip:
         return {"node": self.node, "reason": self.reason}
 
 
+@dataclass
 class Plan:
     """What a pass would do to a model: ``nodes`` it would rewrite and ``skipped`` ones with their
-    reasons. (``targets`` is the older name of ``nodes``, kept while passes switch.)"""
+    reasons."""
 
-    def __init__(self, nodes=None, skipped=None, *, targets=None):
-        if nodes is not None and targets is not None:
-            raise TypeError("Plan: give nodes= (targets= is its older name), not both")
-        self.nodes = list(nodes if nodes is not None else targets if targets is not None else [])
-        self.skipped = list(skipped if skipped is not None else [])
-
-    @property
-    def targets(self) -> list:
-        return self.nodes
-
-    def __repr__(self):
-        return f"Plan(nodes={self.nodes!r}, skipped={self.skipped!r})"
+    nodes: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
 
 
 @dataclass

@@ -487,7 +487,7 @@ class FactorPass(Pass):
             else:
                 skips.extend(Skip(rn, f"no rank that is a multiple of {multiple} has fewer params "
                                       f"(exact rank {l.max_rank})") for rn, _, _ in l.sources)
-        return Plan(targets=targets, skipped=skips)
+        return Plan(nodes=targets, skipped=skips)
 
     def reach(self, model, cfg, shapes=None):
         """What this pass alone can do to ``model`` at input ``shapes`` (a dict of input shapes):

@@ -85,7 +85,7 @@ class FoldBN(Pass):
             if layer is None:
                 plan.skipped.append(Skip(bn.name, reason))
             else:
-                plan.targets.append(bn.name)
+                plan.nodes.append(bn.name)
         return plan
 
     def apply(self, model, cfg, ctx):

@@ -119,6 +119,6 @@ def test_lowrank_plan_leaves_out_layers_no_rank_makes_cheaper():
     p = LowRank()
     plan = p.plan(model, make_config(p, {}))
     last = [n.name for n in model.graph.node if n.op_type == "Gemm"][-1]
-    assert last not in plan.targets and len(plan.targets) == 1
+    assert last not in plan.nodes and len(plan.nodes) == 1
     assert any(s.node == last and "has fewer params" in s.reason for s in plan.skipped)
-    assert p.plan(model, make_config(p, {"force": True})).targets[-1] == last
+    assert p.plan(model, make_config(p, {"force": True})).nodes[-1] == last

@@ -125,9 +125,9 @@ def test_collect_without_data_names_the_pass(tiny_cnn):
         ctx.require_data("other")
 
 
-def test_plan_nodes_and_the_older_targets():
+def test_plan_lists_nodes_and_skips():
     p = Plan(nodes=["a"])
-    p.targets.append("b")
-    assert p.nodes == ["a", "b"] and Plan(targets=["c"]).nodes == ["c"] and Plan().nodes == []
+    p.nodes.append("b")
+    assert p.nodes == ["a", "b"] and Plan().nodes == [] and Plan().skipped == []
     with pytest.raises(TypeError):
-        Plan(nodes=["a"], targets=["b"])
+        Plan(targets=["b"])   # the older name is gone: "target" means the user's fraction only

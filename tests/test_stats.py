@@ -6,7 +6,8 @@ from graphs import GraphBuilder
 
 from onnxshrink.calibrate import DataSource, collect, run_model
 from onnxshrink.graph import import_graph, normalize
-from onnxshrink.reconstruct import fit_error, layer_matrix, layer_stats_request, ridge_solve
+from onnxshrink.layers import WeightLayer
+from onnxshrink.lstsq import fit_error, ridge_solve
 from onnxshrink.stats import CrossMoments, Moments, ResponseStats, conv_patches, spatial_positions
 
 
@@ -53,9 +54,9 @@ def test_layer_stats_recover_conv_weights(k, stride, dilation, pad, nd, rng):
     m = _conv_model(k, stride, dilation, pad, nd)
     node = import_graph(m).nodes[0]
     data = DataSource({"input": rng.standard_normal((64, 4) + (9,) * nd).astype(np.float32)})
-    acc = collect(data, [layer_stats_request(node, "k", "input", "y", positions=20)], m, batch_size=16)["k"]
+    acc = collect(data, [WeightLayer(node).stats_request("k", "input", "y", positions=20)], m, batch_size=16)["k"]
     w, b = ridge_solve(acc, ridge=1e-10)
-    w0, b0 = layer_matrix(node)
+    w0, b0 = WeightLayer(node).matrix(), WeightLayer(node).bias()
     np.testing.assert_allclose(w, w0, atol=1e-5)
     np.testing.assert_allclose(b, b0, atol=1e-5)
     assert fit_error(acc, w, b) < 1e-9
@@ -82,11 +83,11 @@ def test_linear_rows_and_cross_moments_merge(rng):
     m = normalize(b.model())
     node = import_graph(m).nodes[0]
     data = DataSource({"input": rng.standard_normal((40, 5, 16)).astype(np.float32)})
-    acc = collect(data, [layer_stats_request(node, "k", "input", "y")], m)["k"]
+    acc = collect(data, [WeightLayer(node).stats_request("k", "input", "y")], m)["k"]
     assert acc.n == 200
     w, bias = ridge_solve(acc, ridge=1e-10)
-    np.testing.assert_allclose(w, layer_matrix(node)[0], atol=1e-5)
-    halves = [collect(data.subset(s, e), [layer_stats_request(node, "k", "input", "y")], m)["k"] for s, e in ((0, 13), (13, 40))]
+    np.testing.assert_allclose(w, WeightLayer(node).matrix(), atol=1e-5)
+    halves = [collect(data.subset(s, e), [WeightLayer(node).stats_request("k", "input", "y")], m)["k"] for s, e in ((0, 13), (13, 40))]
     merged = halves[0].merge(halves[1])
     np.testing.assert_allclose(merged.xy, acc.xy, rtol=1e-10)
     assert isinstance(merged, CrossMoments)
@@ -97,20 +98,19 @@ def test_paired_collect_reads_targets_from_second_model(rng):
     m = _conv_model()
     data = DataSource({"input": rng.standard_normal((16, 4, 9, 9)).astype(np.float32)})
     node = import_graph(m).nodes[0]
-    req = layer_stats_request(node, "k", "input", "y", positions=5)
+    req = WeightLayer(node).stats_request("k", "input", "y", positions=5)
     same = collect(data, [req], m)["k"]
     paired = collect(data, [req], m, model_y=m)["k"]
     np.testing.assert_allclose(paired.xy, same.xy)
 
 
-def test_set_layer_matrix_keeps_a_shared_bias_and_names_unique():
+def test_layer_write_keeps_a_shared_bias_and_names_unique():
     """input -> Gemm1(w1, c) -> y1 ; input -> Gemm2(w2, c) -> y2 ; Gemm3(no bias) -> y3, with a tensor
     already named gemm3's default bias name: rewriting Gemm1 and Gemm3 leaves Gemm2 as it was."""
     import onnx
     from graphs import GraphBuilder
 
     from onnxshrink.graph import export_model, import_graph, node_by_name
-    from onnxshrink.reconstruct import set_layer_matrix
     b = GraphBuilder(0)
     x = b.input("input", ["batch", 4])
     c = b.const(np.ones((1, 3), np.float32), "c")
@@ -124,10 +124,10 @@ def test_set_layer_matrix_keeps_a_shared_bias_and_names_unique():
         b.output(name)
     m = b.model()
     graph = import_graph(m)
-    w, bias = layer_matrix(graph.nodes[0])
+    w, bias = WeightLayer(graph.nodes[0]).matrix(), WeightLayer(graph.nodes[0]).bias()
     np.testing.assert_array_equal(bias, np.ones(3))  # C of shape (1, 3)
     for node in (graph.nodes[0], node_by_name(graph, g3)):
-        set_layer_matrix(node, 2 * w, np.full(3, 5.0))
+        WeightLayer(node).write(2 * w, np.full(3, 5.0))
     out = export_model(graph, like=m)
     onnx.checker.check_model(out)
     feeds = {"input": np.ones((2, 4), np.float32)}

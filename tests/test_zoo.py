@@ -113,7 +113,7 @@ def check_report(passes, report, original):
     p = get_pass(first["name"])
     plan = p.plan(original, make_config(p, options_for(first["name"]).get(first["name"], {})))
     skipped = {s["node"] for s in first["skipped"]}
-    missing = sorted(set(plan.targets) - skipped)
+    missing = sorted(set(plan.nodes) - skipped)
     assert not missing, f"{first['name']} changed nothing and gave no reason for its planned targets {missing}"
 
 

@@ -115,7 +115,7 @@ class Pfa(Pass):
 
     def plan(self, model, cfg):
         groups, skipped = self.eligible(model, analyze(model))
-        return Plan(targets=[s.node for g in groups for s in g.sources if s.prunable], skipped=skipped)
+        return Plan(nodes=[s.node for g in groups for s in g.sources if s.prunable], skipped=skipped)
 
     def reach(self, model, cfg, shapes=None, an=None, groups=None):
         """What pfa alone can do to ``model`` at input ``shapes``: {"acts_on": {metric: share of the

@@ -91,7 +91,7 @@ class Pq(Pass):
 
     def plan(self, model, cfg):
         todo, skipped = self._scan(import_graph(model), cfg)
-        return Plan(targets=[n.name for layer, _ in todo for n in layer.nodes], skipped=skipped)
+        return Plan(nodes=[n.name for layer, _ in todo for n in layer.nodes], skipped=skipped)
 
     # ------------------------------------------------------------------------- the rewrite
     def apply(self, model, cfg, ctx):

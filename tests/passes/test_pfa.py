@@ -258,7 +258,7 @@ def test_check_gives_the_reason_a_group_stays_whole_and_plan_lists_it():
     an = analyze(m)
     prunable = [g for g in an.groups if not g.pinned]
     assert len(prunable) == 1 and prunable[0].size == 8
-    assert plan.targets == [s.node for s in prunable[0].sources if s.prunable] and len(plan.targets) == 1
+    assert plan.nodes == [s.node for s in prunable[0].sources if s.prunable] and len(plan.nodes) == 1
     assert [s.reason for s in plan.skipped] == ["channels reach graph output 'y'"]
 
 

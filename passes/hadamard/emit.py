@@ -22,20 +22,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from scipy.linalg import hadamard
 
-from ..graph import Emitter as graph_emitter
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, int(n - 1).bit_length())
-
-
-def factors(d: int) -> tuple[int, int]:
-    """(a, b) with a·b = d, both powers of two, a ≤ b, as balanced as possible."""
-    k = int(d).bit_length() - 1
-    if 1 << k != d:
-        raise ValueError(f"{d} is not a power of two")
-    a = 1 << (k // 2)
-    return a, d // a
+from ...graph import Emitter
+from .transform import factors, next_pow2
 
 
 def transposed_position(d: int) -> np.ndarray:
@@ -50,7 +38,7 @@ def natural_index(d: int) -> np.ndarray:
     return np.argsort(transposed_position(d))
 
 
-class Emitter(graph_emitter):
+class HadamardEmitter(Emitter):
     """``graph.Emitter`` with the Hadamard factors: one constant per size and dtype, shared by the
     layers of a pass through ``shared``."""
 
@@ -93,7 +81,7 @@ def wht_model(d_in: int, opset: int = 17, dtype=np.float32) -> onnx.ModelProto:
     d = next_pow2(d_in)
     x = gs.Variable("x", dtype=dtype, shape=["N", d_in])
     graph = gs.Graph(inputs=[x], opset=opset)
-    em = Emitter(graph, "wht", dtype=dtype, opset=opset)
+    em = HadamardEmitter(graph, "wht", dtype=dtype, opset=opset)
     h = em.pad_last(x, 2, d - d_in) if d > d_in else x
     y, _ = em.hadamard_2d(h, 1, d, "natural", transposed_out=False)
     y.name, y.shape = "y", ["N", d]
@@ -104,7 +92,7 @@ def wht_model(d_in: int, opset: int = 17, dtype=np.float32) -> onnx.ModelProto:
     return model
 
 
-def emit_fastfood(em: Emitter, x: gs.Variable, rank: int, d_in: int, d_out: int, ff, lowrank=None,
+def emit_fastfood(em: HadamardEmitter, x: gs.Variable, rank: int, d_in: int, d_out: int, ff, lowrank=None,
                   bias=None, out: gs.Variable | None = None):
     """Emit y = Σ_k Fastfood_{j,k}(pad(x)) stacked over j, sliced to d_out, + x U Vᵀ + bias.
 
@@ -153,3 +141,24 @@ def emit_fastfood(em: Emitter, x: gs.Variable, rank: int, d_in: int, d_out: int,
     elif out is not None:
         h = em.op("Identity", [h], out=out)
     return h
+
+
+def input_rank(node: gs.Node) -> int | None:
+    """The rank of a layer's input, or None when shape inference does not know it."""
+    shape = node.inputs[0].shape
+    return len(shape) if shape is not None else None
+
+
+def replace(graph: gs.Graph, node: gs.Node, fit, shared: dict, op_set: int) -> None:
+    """Replace the Gemm/MatMul ``node`` by the Fastfood subgraph of ``fit`` (a ``FastfoodFit``),
+    writing the same output tensor; ``shared`` holds the Hadamard factors already in the graph."""
+    ff, lowrank, bias = fit.graph_params()
+    dtype = node.inputs[1].values.dtype
+    y = node.outputs[0]
+    x = node.inputs[0]
+    rank = input_rank(node)
+    em = HadamardEmitter(graph, node.name + "/fastfood", shared, dtype=dtype, opset=op_set)
+    lr = (lowrank[0].astype(dtype), lowrank[1].astype(dtype)) if fit.r else None
+    node.inputs.clear()
+    node.outputs.clear()
+    emit_fastfood(em, x, rank, fit.d_in, fit.d_out, ff, lr, bias.astype(dtype), out=y)

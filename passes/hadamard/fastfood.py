@@ -1,0 +1,248 @@
+"""The Fastfood model of a dense layer and its fit by alternating least squares (Deep Fried
+Convnets, Yang et al. 2015; Fastfood, Le, Sarlós & Smola 2013).
+
+A dense layer y = W x + c (W: d_out × d_in) becomes, with x zero-padded to d = 2^⌈log2 d_in⌉,
+
+    y = [ Σ_k S_jk H G_jk Π_jk H B_jk pad(x) ]_{j = 1..⌈d_out/d⌉, sliced to d_out} + U Vᵀ x + c,
+
+B, G, S diagonal (fitted), Π a fixed random permutation, H = H_d/√d the orthonormal Walsh–Hadamard
+matrix, K summed blocks per output stack j, and an optional rank-r correction U Vᵀ. Storage is
+3d per block instead of d_in·d_out.
+
+The output error E = ‖Ṽ X − Y‖² is quadratic in each diagonal with the other two fixed, so the
+diagonals are fitted by alternating least squares. With L, R the fixed factors left and right of a
+diagonal u, (Lᵀ L ⊙ R Xᵀ X Rᵀ + αI) u = diag(R Xᵀ Y L); for S the system is diagonal, for G,
+Lᵀ L = H S² H is a dyadic (XOR) convolution matrix. Blocks are added one at a time on the residual
+(stagewise), then refit together (backfitting); the low-rank part is a whitened truncated SVD of
+the least-squares fit of the residual.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.linalg
+
+from ...lstsq import diagonal_ridge, pcg, ridge_cholesky, ridge_with_factor
+from .transform import fwht, next_pow2, xor_conv
+
+
+class Block:
+    """One Fastfood block s ⊙ H(g ⊙ Π H(b ⊙ x)), rows x (n × d)."""
+
+    def __init__(self, d, rng, mask, perm):
+        self.d = d
+        self.b = rng.choice([-1.0, 1.0], d)
+        self.g = rng.standard_normal(d)
+        self.s = np.zeros(d)
+        self.perm = perm
+        self.mask = mask
+        self._z2c = None
+
+    def _z2(self, x):
+        """Π H (b ⊙ x), cached while x and b stay the same arrays (b is replaced, never changed
+        in place, when it is refit)."""
+        c = self._z2c
+        if c is not None and c[0] is x and c[1] is self.b:
+            return c[2]
+        z2 = fwht(x * self.b)[:, self.perm]
+        self._z2c = (x, self.b, z2)
+        return z2
+
+    def forget(self):
+        """Drop the cached transform of the rows (n × d floats per block)."""
+        self._z2c = None
+
+    def out(self, x):
+        return fwht(self._z2(x) * self.g) * self.s
+
+    def _fit_s(self, x, t, ridge):
+        z4 = fwht(self._z2(x) * self.g)
+        self.s = np.where(self.mask, diagonal_ridge((z4 * z4).sum(0), (z4 * t).sum(0), ridge), 0.0)
+
+    def step(self, x, t, xtx, ridge, cg=0):
+        """One ALS sweep (S, G, B, S) towards the target rows t (n × d); ``cg`` > 0: that many
+        conjugate-gradient iterations per diagonal solve instead of a Cholesky solve."""
+        self._fit_s(x, t, ridge)
+        z2 = self._z2(x)
+        hsh = xor_conv(self.s ** 2)
+        hts = fwht(t * self.s)
+        self.g = pcg(hsh * (z2.T @ z2), (z2 * hts).sum(0), self.g, ridge, cg)
+        inv = np.argsort(self.perm)
+        a = (hsh * np.outer(self.g, self.g))[inv][:, inv]
+        a = fwht(fwht(a).T).T
+        mtt = fwht((hts * self.g)[:, inv])
+        self.b = pcg(a * xtx, (x * mtt).sum(0), self.b, ridge, cg)
+        self._fit_s(x, t, ridge)
+
+
+class FastfoodFit:
+    """Stacked/summed Fastfood blocks + low-rank + bias for a d_in → d_out layer."""
+
+    def __init__(self, d_in, d_out, seed=0):
+        self.d_in, self.d_out = d_in, d_out
+        self.d = next_pow2(d_in)
+        self.n_stack = -(-d_out // self.d)
+        self.seed = seed
+        self.rng = np.random.default_rng(seed)
+        self.blocks = [[] for _ in range(self.n_stack)]   # per stack: list of Block
+        self.u = np.zeros((d_in, 0))
+        self.vt = np.zeros((0, d_out))
+        self.mx = np.zeros(d_in)
+        self.my = np.zeros(d_out)
+
+    @property
+    def K(self):
+        return len(self.blocks[0])
+
+    @property
+    def r(self):
+        return self.u.shape[1]
+
+    def params(self, K=None, r=None):
+        K = self.K if K is None else K
+        r = self.r if r is None else r
+        return 3 * self.d * self.n_stack * K + r * (self.d_in + self.d_out) + self.d_out
+
+    def pad(self, x):
+        if self.d == self.d_in:
+            return x
+        out = np.zeros((x.shape[0], self.d))
+        out[:, : self.d_in] = x
+        return out
+
+    def perm(self, j, k):
+        """The fixed permutation Π of block k of stack j (a function of the seed only)."""
+        return np.random.default_rng([self.seed, j, k]).permutation(self.d)
+
+    def _mask(self, j):
+        return np.arange(j * self.d, (j + 1) * self.d) < self.d_out
+
+    def _cols(self, y, j):
+        """Target columns of stack j, zero-padded to d."""
+        t = np.zeros((y.shape[0], self.d))
+        lo, hi = j * self.d, min((j + 1) * self.d, self.d_out)
+        t[:, : hi - lo] = y[:, lo:hi]
+        return t
+
+    def blocks_out(self, xp):
+        out = np.zeros((xp.shape[0], self.n_stack * self.d))
+        for j, bl in enumerate(self.blocks):
+            for blk in bl:
+                out[:, j * self.d:(j + 1) * self.d] += blk.out(xp)
+        return out[:, : self.d_out]
+
+    def predict(self, x):
+        xc = x - self.mx
+        return self.blocks_out(self.pad(xc)) + xc @ self.u @ self.vt + self.my
+
+    def dense(self):
+        """(W_eff d_in × d_out, bias) of the fitted function."""
+        eye = np.eye(self.d_in)
+        w = self.blocks_out(self.pad(eye)) + self.u @ self.vt
+        return w, self.my - self.mx @ w
+
+    def graph_params(self):
+        M = (self.n_stack, self.K, self.d)
+        pick = lambda f: np.array([[f(b) for b in bl] for bl in self.blocks]).reshape(M)  # noqa: E731
+        ff = {"b": pick(lambda b: b.b), "g": pick(lambda b: b.g), "s": pick(lambda b: b.s),
+              "perms": pick(lambda b: b.perm).astype(np.int64)}
+        _, bias = self.dense()
+        return ff, (self.u, self.vt), bias
+
+    # ---------------------------------------------------------------- fitting
+    def set_data(self, x, y):
+        self.mx, self.my = x.mean(0), y.mean(0)
+
+    def set_lowrank(self, basis, r):
+        """The rank-r part from a ``LowRankBasis`` of the same rows (one decomposition, every rank)."""
+        self.u, self.vt = basis.factors(r)
+
+    def fit_lowrank(self, xc, t, r, ridge=1e-4, chol=None):
+        """Rank-r minimiser of ‖xc L − t‖ (whitened truncated SVD of the ridge solution); ``chol``:
+        ``whitening(xc, ridge)`` when the caller has it."""
+        if r == 0:
+            self.u, self.vt = np.zeros((self.d_in, 0)), np.zeros((0, self.d_out))
+            return
+        chol = whitening(xc, ridge) if chol is None else chol
+        self.u, self.vt = LowRankBasis(xc, t, chol, r).factors(r)
+
+    def add_block(self, xp, resid, xtx, iters, ridge, cg=10, restarts=1):
+        """Add one block per stack, fitted to the residual rows (the best of ``restarts`` random
+        starts: the problem is not convex); returns the new residual."""
+        resid = resid.copy()
+        for j in range(self.n_stack):
+            t = self._cols(resid, j)
+            best = None
+            perm = self.perm(j, len(self.blocks[j]))
+            for _ in range(max(1, restarts)):
+                blk = Block(self.d, self.rng, self._mask(j), perm)
+                for _ in range(iters):
+                    blk.step(xp, t, xtx, ridge, cg)
+                err = float(((blk.out(xp) - t) ** 2).sum())
+                if best is None or err < best[0]:
+                    best = (err, blk)
+            blk = best[1]
+            self.blocks[j].append(blk)
+            lo, hi = j * self.d, min((j + 1) * self.d, self.d_out)
+            resid[:, lo:hi] -= blk.out(xp)[:, : hi - lo]
+            blk.forget()
+        return resid
+
+    def backfit(self, xp, xc, yc, xtx, sweeps, ridge, cg=10, lowrank_ridge=1e-4):
+        """Sweeps of block-coordinate ALS over all blocks, then refit the low-rank part."""
+        r = self.r
+        chol = whitening(xc, lowrank_ridge) if r and sweeps else None
+        for _ in range(sweeps):
+            total = yc - xc @ self.u @ self.vt
+            for j, bl in enumerate(self.blocks):
+                outs = [blk.out(xp) for blk in bl]
+                t_all = self._cols(total, j)
+                acc = sum(outs) if outs else 0
+                for k, blk in enumerate(bl):
+                    t = t_all - (acc - outs[k])
+                    blk.step(xp, t, xtx, ridge, cg)
+                    new = blk.out(xp)
+                    acc = acc - outs[k] + new
+                    outs[k] = new
+            if r:
+                self.fit_lowrank(xc, yc - self.blocks_out(xp), r, lowrank_ridge, chol=chol)
+        for bl in self.blocks:
+            for blk in bl:
+                blk.forget()
+
+
+def whitening(xc, ridge=1e-4):
+    """L with L Lᵀ = Cov(xc) + αI (α relative: ``ridge`` × its mean diagonal), xc centred rows."""
+    return ridge_cholesky(xc.T @ xc / len(xc), ridge)
+
+
+class LowRankBasis:
+    """The whitened SVD of the ridge least-squares fit of ``t`` on ``xc``, decomposed once: the
+    rank-r minimiser of ‖xc L − t‖ for every r is a slice. The top r of the SVD U S Vᵀ of
+    m = Lᵀ full come from the eigenvectors of the smaller Gram matrix (only r of them: much faster
+    than a full SVD of a wide layer); u = L⁻ᵀ U_r S_r = full V_r."""
+
+    def __init__(self, xc, t, chol, max_rank):
+        self.d_in, self.d_out = xc.shape[1], t.shape[1]
+        self.full = ridge_with_factor(chol, xc.T @ t / len(xc))
+        m = chol.T @ self.full
+        self.by_cols = m.shape[1] <= m.shape[0]
+        gram = m.T @ m if self.by_cols else m @ m.T
+        r = max(0, min(max_rank, *m.shape))
+        if r == 0:
+            self.ev, self.vec = np.zeros(0), np.zeros((len(gram), 0))
+        else:
+            ev, vec = scipy.linalg.eigh(gram, subset_by_index=[len(gram) - r, len(gram) - 1], check_finite=False)
+            self.ev, self.vec = ev[::-1], vec[:, ::-1]
+        self.chol, self.m = chol, m
+
+    def factors(self, r):
+        if r == 0:
+            return np.zeros((self.d_in, 0)), np.zeros((0, self.d_out))
+        vec, ev = self.vec[:, :r], self.ev[:r]
+        if self.by_cols:
+            return self.full @ vec, vec.T.copy()
+        sv = np.sqrt(np.clip(ev, 0.0, None))
+        u = scipy.linalg.solve_triangular(self.chol.T, vec * sv, lower=False)
+        return u, (vec.T @ self.m) / np.maximum(sv, 1e-30 + 1e-12 * sv[0])[:, None]
+

@@ -1,0 +1,279 @@
+"""The hadamard pass: which Gemm/MatMul layers are candidates, and the sequential run over them.
+
+Layers are visited in topological order, one refit level each (``refit.refit_levels``). A
+candidate's calibration rows are x from the already rewritten network and y = the reference
+network's output of the layer, so every layer is reconstructed sequentially. Per candidate the
+cheapest (K, r) Fastfood structure within ``tolerance`` on held-out rows replaces it
+(``search``); a candidate none fits, or one past the time budget, stays dense, and every dense
+layer whose inputs changed is refit by ridge least squares when that lowers its held-out error.
+Rows of the layers still to do are gathered together in one calibration run of the current model
+(up to ``row_memory_mb``): a rewrite makes the rows of the layers after it stale, and the next
+layer gathers again from the rewritten model, so there is one calibration run per change, not per
+layer.
+
+The layer is the node itself: y is its own output, so a MatMul's bias Add (``layers.bias_add``)
+stays after it, and the fit's bias is the Fastfood subgraph's own.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ...graph import export_model, import_graph, opset
+from ...layers import WeightLayer, finite, float_weights, no_trans_a, ops, per_column_bias
+from ...lstsq import fit_error_rows, ridge_rows
+from ...refit import refit_levels
+from ...registry import Pass, PassReport, Plan, Requires, Skip
+from ...stats import RowSample
+from .config import HadamardConfig
+from .emit import input_rank, replace
+from .fastfood import FastfoodFit
+from .search import choose_structure
+
+
+# ----------------------------------------------------------------------------- checks
+def input_not_constant(layer: WeightLayer) -> str | None:
+    return "input is a constant" if isinstance(layer.node.inputs[0], gs.Constant) else None
+
+
+def own_weight(layer: WeightLayer) -> str | None:
+    n = len(layer.shared)
+    return None if n == 1 else (f"weights shared by {n} nodes: a Fastfood structure is fitted per layer, "
+                                "so the dense weight would stay for the others")
+
+
+def dense_layer(node: gs.Node, graph: gs.Graph) -> WeightLayer | Skip:
+    """The node as a dense layer x·W (+ c) the pass can refit or replace, or a Skip with the reason."""
+    return WeightLayer.of(node, graph, ops("Gemm", "MatMul"), input_not_constant, float_weights, no_trans_a,
+                          per_column_bias)
+
+
+def candidate_problem(layer: WeightLayer, cfg: HadamardConfig) -> str | None:
+    """Why the pass does not replace the dense ``layer`` by a Fastfood structure (None: a candidate)."""
+    d_in, d_out = layer.d_in, layer.d_out
+    for check in (own_weight, finite):
+        reason = check(layer)
+        if reason is not None:
+            return reason
+    if min(d_in, d_out) < cfg.min_dim:
+        return f"{d_in}→{d_out} is below hadamard.min_dim={cfg.min_dim}"
+    rank = input_rank(layer.node)
+    if rank is None or rank < (2 if layer.op == "Gemm" else 1):
+        return "input rank unknown"
+    # the smallest structure the config allows (one block, or the fixed blocks/rank)
+    least = FastfoodFit(d_in, d_out).params(cfg.blocks or 1, cfg.rank or 0)
+    if least > cfg.max_params * (d_in * d_out + d_out):
+        what = ("one Fastfood block" if cfg.blocks is None and not cfg.rank else
+                f"the structure of {cfg.blocks or 1} block(s) + rank {cfg.rank or 0}")
+        return (f"{what} ({least} params) is above hadamard.max_params="
+                f"{cfg.max_params} of the dense layer ({d_in * d_out + d_out})")
+    return None
+
+
+def _upstream_changed(node, changed) -> bool:
+    """Whether a tensor in ``changed`` lies upstream of the node's input."""
+    seen, stack = set(), [node.inputs[0]]
+    while stack:
+        t = stack.pop()
+        if t.name in seen:
+            continue
+        seen.add(t.name)
+        if t.name in changed:
+            return True
+        for p in t.inputs:
+            stack.extend(i for i in p.inputs if not isinstance(i, gs.Constant))
+    return False
+
+
+# ----------------------------------------------------------------------------- the pass
+class Hadamard(Pass):
+    name = "hadamard"
+    summary = "replace a Gemm/MatMul by a Fastfood-style Hadamard-structured subgraph"
+    Config = HadamardConfig
+    requires = Requires(data=True, opsets=(11, None))
+
+    def check(self, layer: WeightLayer, cfg: HadamardConfig) -> str | None:
+        """Why the pass does not replace this dense layer (None: a candidate)."""
+        return candidate_problem(layer, cfg)
+
+    def scan(self, graph, cfg):
+        """[(node, dense layer or None, reason or None)] over the Gemm/MatMul nodes."""
+        out = []
+        for node in graph.nodes:
+            if node.op in ("Gemm", "MatMul"):
+                layer = dense_layer(node, graph)
+                if isinstance(layer, Skip):
+                    out.append((node, None, layer.reason))
+                else:
+                    out.append((node, layer, self.check(layer, cfg)))
+        return out
+
+    def plan(self, model, cfg):
+        plan = Plan()
+        for node, _, reason in self.scan(import_graph(model), cfg):
+            (plan.skipped.append(Skip(node.name, reason)) if reason else plan.nodes.append(node.name))
+        return plan
+
+    def apply(self, model, cfg, ctx):
+        run = _Run(self, model, cfg, ctx)
+        run.layers_in_order()
+        return run.finish()
+
+
+class _Run:
+    """One application of the pass: the graph being rewritten, the dense layers and candidates,
+    the tensors changed so far, and what was decided at each layer's visit."""
+
+    def __init__(self, p: Hadamard, model, cfg, ctx):
+        self.data = ctx.data
+        self.model, self.cfg, self.ctx = model, cfg, ctx
+        self.graph = import_graph(model)
+        self.report = PassReport(p.name)
+        self.op_set = opset(model)
+        self.dense, self.targets = {}, set()
+        for node, layer, reason in p.scan(self.graph, cfg):
+            if reason:
+                self.report.skip(node, reason)
+            if layer is not None:
+                self.dense[node.name] = layer
+                if reason is None:
+                    self.targets.add(node.name)
+        self.shared, self.changed, self.layers, self.visits = {}, set(), {}, {}
+        self.t0 = time.perf_counter()
+        self.mem = 0
+        n_batches = max(1, self.data.count_batches(ctx.batch_size))   # feeds of different shapes batch apart
+        self.per_batch = max(1, -(-cfg.max_rows // n_batches))
+
+    # ---------------------------------------------------------------- the sequential run
+    def layers_in_order(self):
+        """Visit the dense layers in topological order, one level each: search the candidates,
+        refit the others whose inputs changed."""
+        cfg = self.cfg
+        target_outs = {self.dense[n].node.outputs[0].name for n in self.targets}
+        todo = [n for n, layer in self.dense.items()
+                if n in self.targets or (cfg.refit and _upstream_changed(layer.node, target_outs))]
+        runs_before = self.ctx.calibration_runs
+        self.bar = self.ctx.bar(total=len(todo), desc="hadamard")
+        refit_levels(self.ctx, self.model, None, self.solve, requests=self.requests, levels=[[n] for n in todo],
+                     graph=self.graph, desc="hadamard", ahead=self.ahead, like=self.model, export_copy=True)
+        self.bar.close()
+        self.collect_runs = self.ctx.calibration_runs - runs_before
+
+    def visit(self, name):
+        """(search, refit) decided once per layer, when it is reached: search a candidate unless
+        the time budget is spent (then say so), refit a dense layer whose inputs changed."""
+        if name not in self.visits:
+            cfg, layer = self.cfg, self.dense[name]
+            search = name in self.targets
+            if search and cfg.time_budget and time.perf_counter() - self.t0 > cfg.time_budget:
+                self.report.skip(layer.node, f"hadamard.time_budget={cfg.time_budget}s spent before this layer")
+                search = False
+            self.visits[name] = (search, cfg.refit and _upstream_changed(layer.node, self.changed))
+        return self.visits[name]
+
+    def ahead(self, levels_left) -> int:
+        """How many layers' rows one run gathers: none when the next layer needs none, else it and
+        the layers after it while their rows fit in ``row_memory_mb`` (at least the next one)."""
+        first = levels_left[0][0]
+        if not any(self.visit(first)):
+            return 1
+        self.bar.update(0, postfix=f"{first}: statistics")
+        budget, n = self.cfg.row_memory_mb * 2**20, 0
+        for (name,) in levels_left:
+            layer = self.dense[name]
+            size = self.cfg.max_rows * (layer.d_in + layer.d_out) * 4
+            if n and size > budget:
+                break
+            budget -= size
+            n += 1
+        return n
+
+    def requests(self, name, graph):
+        """The rows of a layer: none for one reached that needs none."""
+        if name in self.visits and not any(self.visits[name]):
+            return []
+        node = self.dense[name].node
+        return [RowSample(name, node.inputs[0].name, node.outputs[0].name, self.per_batch, self.cfg.max_rows)]
+
+    def solve(self, name, stats, graph, level) -> bool:
+        """Search or refit the layer ``name``; False when the graph is left as it was."""
+        search, refit = self.visit(name)
+        if not (search or refit):
+            if name in self.targets:
+                self.bar.update(1, postfix=name)
+            return False
+        x, y = RowSample.rows(stats[name])
+        self.mem = max(self.mem, x.nbytes // 2 + y.nbytes // 2)
+        layer = self.dense[name]
+        w = layer.matrix()
+        bias = layer.bias() if layer.op == "Gemm" else None   # the node's own: see the module docstring
+        cur_pred = x @ w + (bias if bias is not None else np.zeros(layer.d_out))
+        entry = {"shape": [layer.d_in, layer.d_out],
+                 "dense_params": layer.d_in * layer.d_out + (layer.d_out if bias is not None else 0),
+                 "rows": len(x), "dense_error": round(fit_error_rows(cur_pred, y, y.mean(0)), 5)}
+        if search and self.search(layer, x, y, entry):
+            self.bar.update(1, postfix=f"{name}: K={entry['blocks']} r={entry['rank']}")
+            return True
+        changed = False
+        if refit and (layer.op == "Gemm" or bias is None) and np.isfinite(w).all():
+            changed = self.refit(layer, x, y, cur_pred, entry)
+        self.layers[name] = entry
+        self.bar.update(1, postfix=name)
+        return changed
+
+    # ---------------------------------------------------------------- one layer
+    def search(self, layer, x, y, entry) -> bool:
+        """Replace the layer by the cheapest Fastfood structure within tolerance; False (with a
+        skip saying the best error reached) when there is none."""
+        cfg, node = self.cfg, layer.node
+        d_in, d_out = layer.d_in, layer.d_out
+        self.bar.detail(f"{node.name}: structure search")
+        with self.ctx.timed("search"):
+            fit, info = choose_structure(x, y, cfg, d_in * d_out + d_out)
+        entry.update(info)
+        if fit is None:
+            best = (f"best held-out error {info['best_error']}" if info["tried"] else
+                    "none of the structures tried fits in max_params")
+            self.report.skip(node, f"no Fastfood structure within tolerance {cfg.tolerance} and "
+                                   f"max_params {cfg.max_params} ({best})")
+            return False
+        self.changed.add(node.outputs[0].name)
+        replace(self.graph, node, fit, self.shared, self.op_set)
+        entry["replaced"] = True
+        self.report.changed.append(f"{node.name}: {d_in}→{d_out} as {info['blocks']} Fastfood block(s)"
+                                   f"{' + rank ' + str(info['rank']) if info['rank'] else ''}, "
+                                   f"held-out error {info['holdout_error']:.4f}")
+        self.layers[node.name] = entry
+        return True
+
+    def refit(self, layer, x, y, cur_pred, entry) -> bool:
+        """Ridge refit of a dense layer on its new inputs, kept when it lowers the error on the
+        last fifth of the rows (judged as the structure search judges)."""
+        fit_bias = layer.op == "Gemm"
+        with self.ctx.timed("fit"):
+            w2, b2 = ridge_rows(x, y, fit_bias=fit_bias)
+            n = len(x)
+            nh = max(1, n // 5)
+            wv, bv = ridge_rows(x[: n - nh], y[: n - nh], fit_bias=fit_bias)
+        ym = y[: n - nh].mean(0)
+        if fit_error_rows(x[n - nh:] @ wv + bv, y[n - nh:], ym) >= fit_error_rows(cur_pred[n - nh:], y[n - nh:], ym):
+            return False
+        layer.write(w2, b2 if fit_bias else None)
+        entry["refit"] = True
+        entry["refit_error"] = round(fit_error_rows(x @ w2 + b2, y, y.mean(0)), 5)
+        self.report.changed.append(f"{layer.name}: kept dense, refit by least squares")
+        self.changed.add(layer.node.outputs[0].name)
+        return True
+
+    def finish(self):
+        report = self.report
+        report.details["layers"] = self.layers
+        report.details["row_memory_bytes"] = int(self.mem)
+        report.details["calibration_runs"] = self.collect_runs
+        report.details["fit_seconds"] = round(time.perf_counter() - self.t0 - self.ctx.calibration_seconds, 3)
+        with self.ctx.timed("export"):
+            out = export_model(self.graph, like=self.model)
+        return out, report

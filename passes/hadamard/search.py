@@ -1,0 +1,166 @@
+"""The structure search of one layer: which (K blocks, rank r) Fastfood structure to fit.
+
+The cheapest structure whose relative error on held-out calibration rows is within the tolerance
+is wanted. The held-out error falls with the rank, so the largest affordable rank is tried first
+(a layer no structure fits is given up after one rank), then the smallest rank that reaches the
+tolerance is found by bisection over the rank candidates 0, 1, 2, 4, …; at each rank blocks are
+added one at a time until the tolerance is met or a geometric extrapolation of the gain per block
+says it will not be. One decomposition of the layer (``LowRankBasis``) gives the low-rank part at
+every rank. The chosen structure is then refit on all rows (stagewise, then backfitting).
+"""
+
+from __future__ import annotations
+
+import time
+
+
+from .config import HadamardConfig
+from .fastfood import FastfoodFit, LowRankBasis, whitening
+from ...lstsq import fit_error_rows
+
+
+def rank_candidates(d_in, d_out, cap_params, fixed=None):
+    """0 and the powers of two whose low-rank part fits in ``cap_params`` (or just ``fixed``)."""
+    if fixed is not None:
+        return [fixed]
+    out, r = [0], 1
+    while r * (d_in + d_out) <= cap_params and r < min(d_in, d_out):
+        out.append(r)
+        r *= 2
+    return out
+
+
+class _Search:
+    """The search state of one layer: rows split into fit and held-out parts, the candidates, the
+    best structure so far (``best_ok`` within tolerance, ``best_any`` at all) as (params, error,
+    K, r), the blocks fitted, and why the search stopped early (a bound), if it did."""
+
+    def __init__(self, x, y, cfg: HadamardConfig, dense_params: int):
+        n = len(x)
+        self.cfg = cfg
+        self.d_in, self.d_out = x.shape[1], y.shape[1]
+        n_hold = max(1, int(round(n * cfg.holdout))) if n >= 10 else 0
+        self.xf, self.yf = x[: n - n_hold], y[: n - n_hold]
+        self.xh, self.yh = (x[n - n_hold:], y[n - n_hold:]) if n_hold else (self.xf, self.yf)
+        self.cap = cfg.max_params * dense_params
+        self.probe = FastfoodFit(self.d_in, self.d_out, cfg.seed)
+        self.ks = [cfg.blocks] if cfg.blocks is not None else list(range(1, cfg.max_blocks + 1))
+        self.ranks = [r for r in rank_candidates(self.d_in, self.d_out, self.cap, cfg.rank)
+                      if self.probe.params(min(self.ks), r) <= self.cap]
+        self.tried = []
+        self.best_any = self.best_ok = None
+        self.fits = 0
+        self.stopped = None
+
+    def prepare(self):
+        """Centre the fit rows, decompose them once for every rank, pad them for the blocks."""
+        cfg = self.cfg
+        self.deadline = time.perf_counter() + cfg.search_seconds if cfg.search_seconds else None
+        self.mx, self.my = self.xf.mean(0), self.yf.mean(0)
+        self.xc, self.yc = self.xf - self.mx, self.yf - self.my
+        chol = whitening(self.xc, 1e-4)
+        self.basis = LowRankBasis(self.xc, self.yc, chol, max(self.ranks))
+        self.xp = self.probe.pad(self.xc)
+        self.xtx = self.xp.T @ self.xp
+
+    def bound_reached(self) -> bool:
+        """max_fits or search_seconds spent (saying which in ``stopped``)."""
+        cfg = self.cfg
+        if cfg.max_fits and self.fits >= cfg.max_fits:
+            self.stopped = f"max_fits={cfg.max_fits}"
+            return True
+        if self.deadline is not None and self.fits and time.perf_counter() > self.deadline:
+            self.stopped = f"search_seconds={cfg.search_seconds}"
+            return True
+        return False
+
+    def evaluate(self, r) -> bool:
+        """Blocks at rank r until within tolerance (then it is the best so far): True if so."""
+        cfg, ks, best_ok = self.cfg, self.ks, self.best_ok
+        if best_ok and self.probe.params(min(ks), r) >= best_ok[0]:
+            return False
+        fit = FastfoodFit(self.d_in, self.d_out, cfg.seed)
+        fit.mx, fit.my = self.mx, self.my
+        fit.set_lowrank(self.basis, r)
+        resid = self.yc - self.xc @ fit.u @ fit.vt
+        prev = None
+        for k in range(1, max(ks) + 1):
+            limit = min(self.cap, best_ok[0] - 1) if best_ok else self.cap
+            if fit.params(k, r) > limit or self.bound_reached():
+                return False
+            resid = fit.add_block(self.xp, resid, self.xtx, cfg.iters, cfg.ridge, cfg.cg_iters, cfg.restarts)
+            self.fits += 1
+            if k not in ks:
+                continue
+            p = fit.params()
+            err = fit_error_rows(fit.predict(self.xh), self.yh, self.my)
+            self.tried.append({"blocks": k, "rank": r, "params": p, "error": round(err, 5)})
+            if self.best_any is None or err < self.best_any[1]:
+                self.best_any = (p, err, k, r)
+            if err <= cfg.tolerance:
+                self.best_ok = (p, err, k, r)
+                return True
+            # geometric extrapolation of the gain per block: give up on this rank when even the
+            # most blocks the budget allows would not reach the tolerance
+            if prev is not None and len(ks) > 1:
+                k_max = max(kk for kk in ks if fit.params(kk, r) <= limit) if fit.params(k + 1, r) <= limit else k
+                ratio = min(err / max(prev, 1e-30), 1.0)
+                if err * ratio ** (k_max - k) > cfg.tolerance:
+                    return False
+            prev = err
+        return False
+
+    def run(self):
+        """The largest rank first; if it fits, bisect for the smallest rank that does."""
+        ranks = self.ranks
+        if ranks and self.evaluate(ranks[-1]):
+            lo, hi = 0, len(ranks) - 1           # ranks[hi] fits; find the smallest rank that does
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if self.evaluate(ranks[mid]):
+                    hi = mid
+                else:
+                    lo = mid + 1
+            if hi + 1 < len(ranks) - 1:         # a larger rank with fewer blocks may still be cheaper
+                self.evaluate(ranks[hi + 1])
+
+
+def refit_structure(x, y, cfg: HadamardConfig, k: int, r: int) -> FastfoodFit:
+    """K blocks and rank r fitted on all rows: the low-rank part, the blocks stagewise on its
+    residual, then ``cfg.final_iters`` backfitting sweeps."""
+    fit = FastfoodFit(x.shape[1], y.shape[1], cfg.seed)
+    fit.set_data(x, y)
+    xc, yc = x - fit.mx, y - fit.my
+    fit.fit_lowrank(xc, yc, r)
+    xp = fit.pad(xc)
+    xtx = xp.T @ xp
+    resid = yc - xc @ fit.u @ fit.vt
+    for _ in range(k):
+        resid = fit.add_block(xp, resid, xtx, cfg.iters, cfg.ridge, cfg.cg_iters, cfg.restarts)
+    fit.backfit(xp, xc, yc, xtx, cfg.final_iters, cfg.ridge, cfg.cg_iters)
+    return fit
+
+
+def choose_structure(x, y, cfg: HadamardConfig, dense_params: int):
+    """Search (K, r) on the fit rows, judge on held-out rows; refit the chosen one on all rows.
+    ``cfg.max_fits`` bounds the blocks fitted in the search and ``cfg.search_seconds`` its time
+    (the best structure found so far is kept).
+
+    Returns (fit or None, info dict)."""
+    search = _Search(x, y, cfg, dense_params)
+    if not search.ranks:   # nothing affordable: decided before any decomposition or fit
+        return None, {"tried": search.tried, "best_error": None}
+    search.prepare()
+    search.run()
+    info = {"tried": search.tried}
+    if search.stopped:
+        info["search_stopped_by"] = search.stopped
+    if search.best_ok is None:
+        best_any = search.best_any
+        info["best_error"] = None if best_any is None else round(best_any[1], 5)
+        return None, info
+    _, err, k, r = search.best_ok
+    fit = refit_structure(x, y, cfg, k, r)
+    info.update({"blocks": k, "rank": r, "holdout_error": round(err, 5),
+                 "fit_error": round(fit_error_rows(fit.predict(x), y, fit.my), 5), "params": fit.params()})
+    return fit, info

@@ -1,0 +1,55 @@
+"""The Walsh–Hadamard transform in numpy, in the Kronecker form the graph uses.
+
+The Sylvester Hadamard matrix of size d = a·b (both powers of two) factorises as H_d = H_a ⊗ H_b,
+so for a row z read as a row-major a × b matrix Z, H_d z = vec(H_a Z H_b): two small products, no
+d × d matrix. ``fwht`` applies the orthonormal H = H_d/√d along the last axis;
+``xor_conv`` gives H diag(v) H, a dyadic (XOR) convolution matrix, the Gram matrix of the G
+diagonal's least-squares problem.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import scipy.linalg
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n - 1).bit_length())
+
+
+def factors(d: int) -> tuple[int, int]:
+    """(a, b) with a·b = d, both powers of two, a ≤ b, as balanced as possible."""
+    k = int(d).bit_length() - 1
+    if 1 << k != d:
+        raise ValueError(f"{d} is not a power of two")
+    a = 1 << (k // 2)
+    return a, d // a
+
+
+_HCACHE = {}
+
+
+def _hfac(n):
+    if n not in _HCACHE:
+        _HCACHE[n] = scipy.linalg.hadamard(n).astype(np.float64)
+    return _HCACHE[n]
+
+
+def fwht(z: np.ndarray) -> np.ndarray:
+    """Orthonormal Walsh–Hadamard transform H_d z/√d along the last axis (Kronecker form)."""
+    d = z.shape[-1]
+    a, b = factors(d)
+    shp = z.shape
+    y = z.reshape(-1, a, b) @ _hfac(b)
+    y = np.matmul(_hfac(a), y)
+    return y.reshape(shp) / math.sqrt(d)
+
+
+def xor_conv(v: np.ndarray) -> np.ndarray:
+    """H diag(v) H (orthonormal H) = (1/d)(H_d v)[i ⊕ j]."""
+    d = len(v)
+    w = fwht(v[None])[0] / math.sqrt(d)
+    idx = np.bitwise_xor.outer(np.arange(d), np.arange(d))
+    return w[idx]
