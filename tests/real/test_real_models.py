@@ -7,10 +7,18 @@ node of the model; otherwise the pair is skipped with that reason.
 Pairs that fail today are in ``KNOWN_FAILURES`` (strict xfail with the current failure), so they
 flip to an unexpected pass when fixed. Subsets: ``-k pnet``, ``-k pfa``, or ``ONNXSHRINK_ZOO_SHARD=i/n``
 for the i-th of n rotating shards.
+
+Pairs that take longer than ten minutes on 2 cores are in ``SLOW_PAIRS`` and skipped with their
+measured time unless ``ONNXSHRINK_ZOO_SLOW=1``. With ``ONNXSHRINK_ZOO_CI=1`` (``.ci/run``) the pairs
+whose outcome is too close to call are left out too (``NOT_IN_CI``: a task metric or validation
+figure within 1 % of its threshold would make CI flaky), and with ``ONNXSHRINK_ZOO_BUDGET_S=S`` a pass
+test that would start after S seconds of the session is skipped with that reason (a wall-time
+bound: the last test started runs to its end).
 """
 
 import functools
 import os
+import time
 
 import numpy as np
 import pytest
@@ -38,14 +46,36 @@ KNOWN_FAILURES = {
 }
 
 
+# (model, pass) -> measured time: pairs over ten minutes, skipped unless ONNXSHRINK_ZOO_SLOW=1
+SLOW_PAIRS = {
+}
+
+# (model, pass) -> why CI leaves the pair out (an outcome within 1 % of its threshold)
+NOT_IN_CI = {
+}
+
+_ENV_ON = lambda name: os.environ.get(name, "") not in ("", "0")  # noqa: E731
+_START = time.monotonic()
+
+
+def _shard(pairs):
+    shard = os.environ.get("ONNXSHRINK_ZOO_SHARD")
+    if not shard:
+        return pairs
+    try:
+        i, n = (int(v) for v in shard.split("/"))
+        assert 0 <= i < n
+    except (ValueError, AssertionError):
+        raise pytest.UsageError(f"ONNXSHRINK_ZOO_SHARD={shard!r}: expected i/n with 0 <= i < n") from None
+    return pairs[i::n]
+
+
 def _pairs():
     pairs = [(m, p) for m in realzoo.ZOO for p in realzoo.PASSES]
-    shard = os.environ.get("ONNXSHRINK_ZOO_SHARD")
-    if shard:
-        i, n = (int(v) for v in shard.split("/"))
-        pairs = pairs[i::n]
+    if _ENV_ON("ONNXSHRINK_ZOO_CI"):   # CI shards only the pairs it can run
+        pairs = [q for q in pairs if q not in NOT_IN_CI and q not in SLOW_PAIRS]
     out = []
-    for m, p in pairs:
+    for m, p in _shard(pairs):
         marks = [pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[(m, p)])] if (m, p) in KNOWN_FAILURES else []
         out.append(pytest.param(m, p, id=f"{m}-{p}", marks=marks))
     return out
@@ -84,8 +114,8 @@ def test_original_runs_and_metric_is_one(name):
 
 @pytest.mark.parametrize("name", list(realzoo.ZOO))
 def test_varying_shape_feeds_run(name):
-    """The varying-shape variant (real sizes) runs through the original model; until the tool
-    accepts feeds of different shapes, the fixed variant is what the pass tests use."""
+    """The varying-shape variant (real sizes) runs through the original model (the pass tests use
+    the fixed variant, whose figures the known failures and the bench table record)."""
     e = entry_or_skip(name)
     feeds = e.feeds("val", varying=True)
     outs = realzoo.run(e.model_path(), feeds[:8])
@@ -94,6 +124,11 @@ def test_varying_shape_feeds_run(name):
 
 @pytest.mark.parametrize("name,pass_name", _pairs())
 def test_pass_keeps_task(name, pass_name):
+    if (name, pass_name) in SLOW_PAIRS and not _ENV_ON("ONNXSHRINK_ZOO_SLOW"):
+        pytest.skip(f"slow pair ({SLOW_PAIRS[(name, pass_name)]}); ONNXSHRINK_ZOO_SLOW=1 runs it")
+    budget = os.environ.get("ONNXSHRINK_ZOO_BUDGET_S")
+    if budget and time.monotonic() - _START > float(budget):
+        pytest.skip(f"the wall-time budget of {float(budget):.0f} s (ONNXSHRINK_ZOO_BUDGET_S) is spent")
     e = entry_or_skip(name)
     if not realzoo.planned(e, pass_name):
         pytest.skip(f"{pass_name}: its plan touches no node of {name}")
