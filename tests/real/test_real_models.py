@@ -8,11 +8,12 @@ Pairs that fail today are in ``KNOWN_FAILURES`` (strict xfail with the current f
 flip to an unexpected pass when fixed. Subsets: ``-k pnet``, ``-k pfa``, or ``ONNXSHRINK_ZOO_SHARD=i/n``
 for the i-th of n rotating shards.
 
-Pairs that take longer than ten minutes on 2 cores are in ``SLOW_PAIRS`` and skipped with their
-measured time unless ``ONNXSHRINK_ZOO_SLOW=1``. With ``ONNXSHRINK_ZOO_CI=1`` (``.ci/run``) the pairs
-whose outcome is too close to call are left out too (``NOT_IN_CI``: a task metric or validation
-figure within 1 % of its threshold would make CI flaky), and with ``ONNXSHRINK_ZOO_BUDGET_S=S`` a pass
-test that would start after S seconds of the session is skipped with that reason (a wall-time
+Pairs that need more than ten minutes of CPU (``bench/run.py --zoo`` measures CPU seconds, steady on a
+loaded machine) are in ``SLOW_PAIRS`` and skipped with their measured time unless
+``ONNXSHRINK_ZOO_SLOW=1``. With ``ONNXSHRINK_ZOO_CI=1`` (``.ci/run``) only the pairs of ``CI_PAIRS``
+run (measured, fast, outcome clear of its threshold; those within 1 % of a task-metric or
+validation threshold are in ``NOT_IN_CI`` with the figure), and with ``ONNXSHRINK_ZOO_BUDGET_S=S`` a
+pass test that would start after S seconds of the session is skipped with that reason (a wall-time
 bound: the last test started runs to its end).
 """
 
@@ -28,7 +29,8 @@ from onnxshrink.errors import ValidationFailed
 
 pytestmark = pytest.mark.real
 
-# (model, pass) -> the failure seen today (strict xfail). Figures from one run on 2 cores.
+# (model, pass) -> the failure seen today (strict xfail), figures of bench/zoo_results.json (the
+# channel_multiple=1 figures from an earlier run).
 KNOWN_FAILURES = {
     ("mtcnn_pnet", "pfa"): "validation failed: output 'conv2d_4' cosine 0.8769 < 0.9; FLOPs 0.600 for a "
                            "0.9 target (steps of 8 channels on groups of 10/16/32); box recall 0.176 (0.676 at "
@@ -52,6 +54,45 @@ SLOW_PAIRS = {
 
 # (model, pass) -> why CI leaves the pair out (an outcome within 1 % of its threshold)
 NOT_IN_CI = {
+    ("oww_embedding", "pq"): "worst cosine 0.9944 against a threshold of 0.99 (0.4 % margin)",
+    ("khmer_segmenter", "lowrank"): "same segmentation 0.917 = 22 of 24 sentences against 0.9: one sentence "
+                                    "more would fail",
+}
+
+# The pairs CI may run (ONNXSHRINK_ZOO_CI=1): measured (bench/zoo_results.json: outcome, the tool's wall
+# seconds on 2 cores at a load of 13-24, and its CPU seconds where recorded), outcome clear of its
+# threshold by more than 1 % (and by more than one sample on a count metric), under 300 CPU seconds.
+# A pair not measured yet stays out.
+CI_PAIRS = {
+    ("mtcnn_pnet", "pfa"): "fail, 5 s",
+    ("mtcnn_pnet", "basisconv"): "fail, 4 s",
+    ("mtcnn_pnet", "pq"): "pass, 9 s",
+    ("mtcnn_rnet", "pfa"): "pass, 7 s",
+    ("mtcnn_rnet", "basisconv"): "pass, 9 s",
+    ("mtcnn_rnet", "lowrank"): "pass, 5 s",
+    ("mtcnn_rnet", "hadamard"): "pass, 11 s",
+    ("mtcnn_rnet", "pq"): "pass, 13 s",
+    ("mtcnn_onet", "pfa"): "pass, 18 s",
+    ("mtcnn_onet", "basisconv"): "pass, 12 s",
+    ("mtcnn_onet", "lowrank"): "pass, 12 s",
+    ("mtcnn_onet", "hadamard"): "pass, 105 s",
+    ("mtcnn_onet", "pq"): "pass, 43 s",
+    ("captcha_crnn", "pfa"): "fail, 300 s",
+    ("captcha_crnn", "basisconv"): "fail, 181 s (40 CPU s)",
+    ("captcha_crnn", "lowrank"): "pass, 304 s (66 CPU s)",
+    ("captcha_crnn", "hadamard"): "pass, 64 s (14 CPU s)",
+    ("oww_melspec", "pfa"): "pass, 6 s",
+    ("oww_melspec", "basisconv"): "pass, 10 s",
+    ("oww_melspec", "lowrank"): "fail, 5 s",
+    ("oww_melspec", "hadamard"): "pass, 12 s",
+    ("oww_melspec", "pq"): "pass, 20 s",
+    ("oww_embedding", "pfa"): "fail, 41 s",
+    ("oww_embedding", "basisconv"): "fail, 33 s",
+    ("oww_hey_jarvis", "lowrank"): "pass, 16 s (3 CPU s)",
+    ("oww_hey_jarvis", "hadamard"): "pass, 38 s (8 CPU s)",
+    ("oww_hey_jarvis", "pq"): "pass, 30 s (7 CPU s)",
+    ("vit_focus", "foldbn"): "pass, 141 s (31 CPU s)",
+    ("khmer_segmenter", "hadamard"): "pass, 213 s (46 CPU s)",
 }
 
 _ENV_ON = lambda name: os.environ.get(name, "") not in ("", "0")  # noqa: E731
@@ -73,7 +114,7 @@ def _shard(pairs):
 def _pairs():
     pairs = [(m, p) for m in realzoo.ZOO for p in realzoo.PASSES]
     if _ENV_ON("ONNXSHRINK_ZOO_CI"):   # CI shards only the pairs it can run
-        pairs = [q for q in pairs if q not in NOT_IN_CI and q not in SLOW_PAIRS]
+        pairs = [q for q in pairs if q in CI_PAIRS and q not in NOT_IN_CI and q not in SLOW_PAIRS]
     out = []
     for m, p in _shard(pairs):
         marks = [pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[(m, p)])] if (m, p) in KNOWN_FAILURES else []
