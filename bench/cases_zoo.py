@@ -162,7 +162,7 @@ def measure_pair(name, method, runs=5, latency=True):
         res, _ = realzoo.shrink_entry(e, method, calib, val)
         reason = ""
     except ValidationFailed as exc:
-        res, reason = exc.result, f"validation failed: {str(exc).splitlines()[0][:240]}"
+        res, reason = exc.result, str(exc).splitlines()[0][:240]
     except Exception as exc:  # noqa: BLE001 - the tool's failure is the pair's outcome
         return {**rec, "outcome": "fail", "wall_s": time.perf_counter() - t, "cpu_s": _cpu_seconds() - cpu,
                 "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0][:240]}"}
@@ -288,6 +288,15 @@ def _seconds(r):
     return f"{r['wall_s']:.0f}" + (f" ({r['cpu_s']:.0f})" if r.get("cpu_s") is not None else "")
 
 
+def _short(r):
+    """The failure's reason in a table cell: the tool's first clause, no advice."""
+    reason = (r.get("reason") or "").replace("validation failed: validation failed:", "validation failed:")
+    reason = reason.split(" (not saved")[0].split("; reachable")[0]
+    if not reason and r.get("fidelity") is not None:
+        reason = f"{r.get('metric_name', 'metric')} below {r.get('threshold')}"
+    return reason
+
+
 def render_markdown(table) -> str:
     """The README's zoo table from the JSON rows (n/a pairs left out, listed below the table)."""
     fmt = lambda v, d=3: "–" if v is None else f"{v:.{d}f}"  # noqa: E731
@@ -300,13 +309,14 @@ def render_markdown(table) -> str:
             continue
         fid = r.get("fidelity")
         fids = fmt(fid) if fid is None or fid >= r.get("threshold", 0) else f"**{fid:.3f}**"
-        outcome = "pass" if r["outcome"] == "pass" else f"{r['outcome']}: {r.get('reason', '')}".replace("|", "/")
+        outcome = "pass" if r["outcome"] == "pass" else f"{r['outcome']}: {_short(r)}".replace("|", "/")
         lines.append(f"| {r['model']} | {r['method']} | {fmt(r.get('params'))} | {fmt(r.get('flops'))} | "
                      f"{fmt(r.get('bytes'))} | {fmt(r.get('latency'), 2)} | {r.get('metric_name', '')} "
                      f"({r.get('threshold', '')}) | {fids} | {_seconds(r)} | {outcome} |")
     if na:
         lines.append("")
-        lines.append("Not applicable (the plan names no node): " + ", ".join(sorted(na)) + ".")
+        lines.append("Not applicable (the pass's plan names no node; for MatMulNBits4: no MatMul with a constant "
+                     "weight): " + ", ".join(sorted(na)) + ".")
     return "\n".join(lines) + "\n"
 
 
