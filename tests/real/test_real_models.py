@@ -45,6 +45,8 @@ KNOWN_FAILURES = {
     ("captcha_crnn", "basisconv"): "validation passes but the same text on 0.844 of the captchas < 0.9 (FLOPs 0.897)",
     ("vit_focus", "basisconv"): "TargetError: FLOPs 0.993 (target 0.900): basisconv acts on 0.8 % of the FLOPs "
                                 "(the 16×16 patch-embedding Conv; the rest is MatMul/attention)",
+    ("vit_focus", "lowrank"): "validation passes but the saliency map IoU@0.5 is 0.898 < 0.9 (params 0.900, "
+                              "FLOPs 0.918; within 1 % of the threshold, so kept out of CI)",
     ("vit_focus", "pfa"): "validation passes (worst output cosine 0.922) but the saliency map IoU@0.5 is 0.392 < 0.9 "
                           "(FLOPs 0.895, params 0.980)",
 }
@@ -59,6 +61,7 @@ NOT_IN_CI = {
     ("oww_embedding", "pq"): "worst cosine 0.9944 against a threshold of 0.99 (0.4 % margin)",
     ("khmer_segmenter", "lowrank"): "same segmentation 0.917 = 22 of 24 sentences against 0.9: one sentence "
                                     "more would fail",
+    ("vit_focus", "lowrank"): "map IoU@0.5 0.898 against a threshold of 0.9 (0.2 % below)",
     ("khmer_segmenter", "pq"): "same segmentation 0.917 = 22 of 24 sentences against 0.9: one sentence more "
                                "would fail",
 }
