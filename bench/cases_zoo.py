@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -19,7 +22,6 @@ import onnx
 
 import common
 import realzoo
-from onnxshrink.cost import model_cost
 from onnxshrink.errors import ValidationFailed
 
 HEADER = (f"{'model':16} {'method':16} {'params':>7} {'flops':>7} {'bytes':>7} {'latency':>8} "
@@ -52,8 +54,12 @@ def _peer_models(path):
             out.append(("ort int8 dynamic", f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"))
         try:
             from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-        except ImportError:
-            return out
+        except ImportError as exc:
+            try:  # the module's name before onnxruntime 1.20
+                from onnxruntime.quantization.matmul_4bits_quantizer import MatMul4BitsQuantizer as MatMulNBitsQuantizer
+            except ImportError:  # e.g. onnx_ir missing: pip install -e '.[bench]'
+                out.append(("ort MatMulNBits4", f"cannot import the quantizer: {exc}"))
+                return out
         try:
             q = MatMulNBitsQuantizer(onnx.load(src), block_size=32, is_symmetric=True)
             q.process()
@@ -101,71 +107,232 @@ def latency_feeds(model, feeds):
 
 
 def _measure(e, original, model, val, orig_out, shapes, runs, report=None):
-    """Ratios (the tool's report for its rows; for the peers params counted by ``model_cost`` and no
-    FLOPs, which that count does not define for integer ops), latency and the task metric."""
+    """Ratios (the tool's report for its rows; for the quantizing peers only bytes), latency and the
+    task metric."""
     if report is not None:
         r = dict(report["ratios"])
     else:
-        cb, ca = model_cost(original, shapes), model_cost(model, shapes)
-        r = {"params": ca["params"] / cb["params"], "flops": None}
+        r = {"params": None, "flops": None}  # quantization keeps every parameter; FLOPs of integer ops are not counted
     r["bytes"] = model.ByteSize() / original.ByteSize()
-    r["latency"] = latency_ratio(original, model, latency_feeds(original, val), runs)
+    r["latency"] = latency_ratio(original, model, latency_feeds(original, val), runs) if runs else None
     r["fidelity"] = e.metric(orig_out, realzoo.run(model, val), val)
     return r
 
 
-def run_zoo(names=None, runs=25, json_path=None):
+def _validation_cosine(report):
+    """The lowest per-output cosine of the tool's validation (the default gate is cosine >= 0.9)."""
+    vals = [o.get("cosine") for o in (report.get("validation") or {}).get("outputs", {}).values()]
+    vals = [v for v in vals if isinstance(v, (int, float))]
+    return min(vals) if vals else None
+
+
+def measure_pair(name, method, runs=5, latency=True):
+    """One record for zoo model ``name`` and ``method`` (a pass of ``realzoo.PASSES``, or "peers"
+    for ONNX Runtime's quantizers: then a list of records). ``outcome`` is what ``tests/real`` asserts:
+    "pass" (checker + ORT load, validation passed, task metric >= threshold), "fail" (with the
+    reason), "n/a" (the pass's plan names no node), "unavailable" (the package cannot be had)."""
+    e = realzoo.ZOO[name]
+    rec = {"model": name, "method": method, "metric_name": e.metric_name, "threshold": e.threshold}
+    try:
+        path = e.model_path()
+    except realzoo.Unavailable as exc:
+        return {**rec, "outcome": "unavailable", "reason": str(exc)}
+    original = onnx.load(path)
+    calib, val = e.feeds("calib"), e.feeds("val")
+    orig_out = realzoo.run(path, val)
+    shapes = {k: v.shape for k, v in calib[0].items()}
+    if method == "peers":
+        out = []
+        for peer, m in _peer_models(path):
+            r = {**rec, "method": peer}
+            if isinstance(m, str):
+                r.update(outcome="n/a" if m.startswith("no MatMul") else "error", reason=m)
+            else:
+                try:
+                    r.update(_measure(e, original, m, val, orig_out, shapes, runs if latency else 0))
+                    r["outcome"] = "pass" if r["fidelity"] >= e.threshold else "fail"
+                except Exception as exc:  # noqa: BLE001 - the peer's failure is a row
+                    r.update(outcome="error", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+            out.append(r)
+        return out
+    if not realzoo.planned(e, method):
+        return {**rec, "outcome": "n/a", "reason": f"the plan of {method} names no node of {name}"}
+    t, cpu = time.perf_counter(), _cpu_seconds()
+    try:
+        res, _ = realzoo.shrink_entry(e, method, calib, val)
+        reason = ""
+    except ValidationFailed as exc:
+        res, reason = exc.result, str(exc).splitlines()[0][:240]
+    except Exception as exc:  # noqa: BLE001 - the tool's failure is the pair's outcome
+        return {**rec, "outcome": "fail", "wall_s": time.perf_counter() - t, "cpu_s": _cpu_seconds() - cpu,
+                "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0][:240]}"}
+    rec["wall_s"], rec["cpu_s"] = time.perf_counter() - t, _cpu_seconds() - cpu
+    try:
+        realzoo.check_valid(res.model)
+    except Exception as exc:  # noqa: BLE001
+        reason = reason or f"invalid model: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+    rec.update(_measure(e, original, res.model, val, orig_out, shapes, runs if latency else 0, res.report))
+    rec["validation_passed"] = bool(res.report.get("validation", {}).get("passed"))
+    rec["validation_cosine"] = _validation_cosine(res.report)
+    if not reason and rec["fidelity"] < e.threshold:
+        reason = f"{e.metric_name} {rec['fidelity']:.3f} < {e.threshold}"
+    rec["outcome"] = "fail" if reason else "pass"
+    rec["reason"] = reason
+    return rec
+
+
+def _cpu_seconds():
+    """CPU seconds of this process, all threads (user + system): on a loaded machine a steadier
+    measure of a pair's cost than wall time."""
+    import resource
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _limit_cpu(seconds):
+    def apply():
+        import resource
+        resource.setrlimit(resource.RLIMIT_CPU, (int(seconds), int(seconds) + 10))
+    return apply
+
+
+def _run_child(name, method, runs, latency, timeout, cpu_limit=None):
+    """``measure_pair`` in a child process (at most ``cpu_limit`` CPU seconds, SIGXCPU past them,
+    and ``timeout`` seconds of wall time, its process group killed on expiry, against a hang);
+    returns a list of records."""
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "rec.json")
+        cmd = [sys.executable, os.path.abspath(__file__), "--pair", name, method, "--runs", str(runs),
+               "--out", out] + ([] if latency else ["--no-latency"])
+        t = time.perf_counter()
+        p = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=_limit_cpu(cpu_limit) if cpu_limit else None)
+        try:
+            _, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+            return [{"model": name, "method": method, "outcome": "timeout", "wall_s": time.perf_counter() - t,
+                     "reason": f"over {timeout:.0f} s of wall time (killed)"}]
+        if p.returncode in (-signal.SIGXCPU, -signal.SIGKILL) and cpu_limit:
+            return [{"model": name, "method": method, "outcome": "timeout", "wall_s": time.perf_counter() - t,
+                     "cpu_s": float(cpu_limit), "reason": f"over {cpu_limit:.0f} CPU s (stopped)"}]
+        if p.returncode != 0 or not os.path.exists(out):
+            last = (err.strip().splitlines() or ["no output"])[-1]
+            return [{"model": name, "method": method, "outcome": "error", "reason": f"exit {p.returncode}: {last[:240]}"}]
+        with open(out) as f:
+            rec = json.load(f)
+    return rec if isinstance(rec, list) else [rec]
+
+
+def _environment():
+    import platform
+    import onnxruntime
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.machine(),
+            "cpus": os.cpu_count(), "load1": load, "onnxruntime": onnxruntime.__version__,
+            "python": platform.python_version()}
+
+
+def run_zoo(names=None, runs=5, json_path=None, methods=None, timeout=3600.0, markdown=None, latency=True,
+            cpu_limit=900.0):
+    """Every (model, method) pair in a child process with a time bound; rows printed as they come,
+    merged into ``json_path`` (rows of other pairs kept, so the table can be filled model by model)
+    and rendered to ``markdown``."""
     print("ratios are new/original; latency: ONNX Runtime, 1 thread, all held-out feeds (one batch where the model allows), median of "
           f"{runs} interleaved rounds; fidelity: the task metric vs the original on the held-out feeds "
           "(ok: ≥ the model's threshold)")
     print(HEADER)
+    table = load_table(json_path) if json_path else {}
     rows = []
     for name in names or list(realzoo.ZOO):
         e = realzoo.ZOO[name]
-        try:
-            path = e.model_path()
-        except realzoo.Unavailable as exc:
-            print(f"{name:16} unavailable: {exc}")
-            continue
-        original = onnx.load(path)
-        calib, val = e.feeds("calib"), e.feeds("val")
-        orig_out = realzoo.run(path, val)
-        shapes = {k: v.shape for k, v in calib[0].items()}
-        for p in realzoo.PASSES:
-            if not realzoo.planned(e, p):
-                continue
-            rec = {"model": name, "method": p}
-            t = time.perf_counter()
-            try:
-                res, _ = realzoo.shrink_entry(e, p, calib, val)
-                note = ""
-            except ValidationFailed as exc:
-                res, note = exc.result, f"validation failed: {exc}"
-            except Exception as exc:  # noqa: BLE001 - the tool's failure is a row of the table
-                rec.update(error=f"{type(exc).__name__}: {exc}", wall_s=time.perf_counter() - t)
+        for method in [m for m in (*realzoo.PASSES, "peers") if not methods or m in methods]:
+            env = _environment()
+            for rec in _run_child(name, method, runs, latency, timeout, cpu_limit):
+                rec.update(env)
                 rows.append(rec)
-                print(_row(name, p, rec, e, f"FAILED {rec['error'][:200]}"), flush=True)
-                continue
-            rec["wall_s"] = time.perf_counter() - t
-            rec.update(_measure(e, original, res.model, val, orig_out, shapes, runs, res.report))
-            rec["note"] = note
-            rec["validation_passed"] = bool(res.report.get("validation", {}).get("passed"))
-            rows.append(rec)
-            print(_row(name, p, rec, e, note[:200]), flush=True)
-        for peer, m in _peer_models(path):
-            rec = {"model": name, "method": peer}
-            if isinstance(m, str):
-                rec["error"] = m
-                print(_row(name, peer, rec, e, f"FAILED {m}"), flush=True)
-            else:
-                try:
-                    rec.update(_measure(e, original, m, val, orig_out, shapes, runs))
-                    print(_row(name, peer, rec, e), flush=True)
-                except Exception as exc:  # noqa: BLE001
-                    rec["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-                    print(_row(name, peer, rec, e, f"FAILED {rec['error']}"), flush=True)
-            rows.append(rec)
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(rows, f, indent=1, default=str)
+                table[(rec["model"], rec["method"])] = rec
+                if rec["outcome"] != "n/a":
+                    print(_row(name, rec["method"], rec, e, rec.get("reason", "") if rec["outcome"] != "pass" else ""), flush=True)
+                else:
+                    print(f"{name:16} {rec['method']:16} n/a: {rec.get('reason', '')}", flush=True)
+            if json_path:
+                save_table(table, json_path)
+                if markdown:
+                    with open(markdown, "w") as f:
+                        f.write(render_markdown(table))
     return rows
+
+
+def load_table(path):
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return {(r["model"], r["method"]): r for r in json.load(f)}
+
+
+def save_table(table, path):
+    order = {m: i for i, m in enumerate(realzoo.ZOO)}
+    meth = {m: i for i, m in enumerate((*realzoo.PASSES, "ort int8 dynamic", "ort MatMulNBits4"))}
+    rows = sorted(table.values(), key=lambda r: (order.get(r["model"], 99), meth.get(r["method"], 99)))
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(rows, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def _seconds(r):
+    if r.get("wall_s") is None:
+        return "–"
+    return f"{r['wall_s']:.0f}" + (f" ({r['cpu_s']:.0f})" if r.get("cpu_s") is not None else "")
+
+
+def _short(r):
+    """The failure's reason in a table cell: the tool's first clause, no advice."""
+    reason = (r.get("reason") or "").replace("validation failed: validation failed:", "validation failed:")
+    reason = reason.split(" (not saved")[0].split("; reachable")[0]
+    if not reason and r.get("fidelity") is not None:
+        reason = f"{r.get('metric_name', 'metric')} below {r.get('threshold')}"
+    return reason
+
+
+def render_markdown(table) -> str:
+    """The README's zoo table from the JSON rows (n/a pairs left out, listed below the table)."""
+    fmt = lambda v, d=3: "–" if v is None else f"{v:.{d}f}"  # noqa: E731
+    lines = ["| model | method | params | FLOPs | file | latency | task metric (threshold) | fidelity | tool s (CPU s) | outcome |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    na = []
+    for r in table.values():
+        if r["outcome"] == "n/a":
+            na.append(f"{r['model']}/{r['method']}")
+            continue
+        fid = r.get("fidelity")
+        fids = fmt(fid) if fid is None or fid >= r.get("threshold", 0) else f"**{fid:.3f}**"
+        outcome = "pass" if r["outcome"] == "pass" else f"{r['outcome']}: {_short(r)}".replace("|", "/")
+        lines.append(f"| {r['model']} | {r['method']} | {fmt(r.get('params'))} | {fmt(r.get('flops'))} | "
+                     f"{fmt(r.get('bytes'))} | {fmt(r.get('latency'), 2)} | {r.get('metric_name', '')} "
+                     f"({r.get('threshold', '')}) | {fids} | {_seconds(r)} | {outcome} |")
+    if na:
+        lines.append("")
+        lines.append("Not applicable (the pass's plan names no node; for MatMulNBits4: no MatMul with a constant "
+                     "weight): " + ", ".join(sorted(na)) + ".")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    import argparse
+    ap = argparse.ArgumentParser(description="one zoo pair in this process (used by run_zoo's children)")
+    ap.add_argument("--pair", nargs=2, metavar=("MODEL", "METHOD"), required=True)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--no-latency", action="store_true")
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args(argv)
+    rec = measure_pair(*a.pair, runs=a.runs, latency=not a.no_latency)
+    with open(a.out, "w") as f:
+        json.dump(rec, f, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    main()

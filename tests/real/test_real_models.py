@@ -7,10 +7,19 @@ node of the model; otherwise the pair is skipped with that reason.
 Pairs that fail today are in ``KNOWN_FAILURES`` (strict xfail with the current failure), so they
 flip to an unexpected pass when fixed. Subsets: ``-k pnet``, ``-k pfa``, or ``ONNXSHRINK_ZOO_SHARD=i/n``
 for the i-th of n rotating shards.
+
+Pairs that need more than ten minutes of CPU (``bench/run.py --zoo`` measures CPU seconds, steady on a
+loaded machine) are in ``SLOW_PAIRS`` and skipped with their measured time unless
+``ONNXSHRINK_ZOO_SLOW=1``. With ``ONNXSHRINK_ZOO_CI=1`` (``.ci/run``) only the pairs of ``CI_PAIRS``
+run (measured, fast, outcome clear of its threshold; those within 1 % of a task-metric or
+validation threshold are in ``NOT_IN_CI`` with the figure), and with ``ONNXSHRINK_ZOO_BUDGET_S=S`` a
+pass test that would start after S seconds of the session is skipped with that reason (a wall-time
+bound: the last test started runs to its end).
 """
 
 import functools
 import os
+import time
 
 import numpy as np
 import pytest
@@ -20,7 +29,8 @@ from onnxshrink.errors import ValidationFailed
 
 pytestmark = pytest.mark.real
 
-# (model, pass) -> the failure seen today (strict xfail). Figures from one run on 2 cores.
+# (model, pass) -> the failure seen today (strict xfail), figures of bench/zoo_results.json (the
+# channel_multiple=1 figures from an earlier run).
 KNOWN_FAILURES = {
     ("mtcnn_pnet", "pfa"): "validation failed: output 'conv2d_4' cosine 0.8769 < 0.9; FLOPs 0.600 for a "
                            "0.9 target (steps of 8 channels on groups of 10/16/32); box recall 0.176 (0.676 at "
@@ -31,21 +41,89 @@ KNOWN_FAILURES = {
     ("oww_embedding", "pfa"): "validation passes but worst-sample embedding cosine 0.934 < 0.99 (FLOPs 0.880; "
                               "0.904 at pfa.channel_multiple=1, FLOPs 0.900)",
     ("oww_embedding", "basisconv"): "validation passes but worst-sample embedding cosine 0.909 < 0.99 (FLOPs 0.897)",
-    ("khmer_segmenter", "pq"): "validation passes (the CRF emissions stay within the default gate) but the same "
-                                "segmentation on 0.375 of the sentences < 0.9",
     ("captcha_crnn", "pfa"): "validation passes but the same text on 0.812 of the captchas < 0.9 (FLOPs 0.899)",
     ("captcha_crnn", "basisconv"): "validation passes but the same text on 0.844 of the captchas < 0.9 (FLOPs 0.897)",
+    ("vit_focus", "basisconv"): "TargetError: FLOPs 0.993 (target 0.900): basisconv acts on 0.8 % of the FLOPs "
+                                "(the 16×16 patch-embedding Conv; the rest is MatMul/attention)",
+    ("vit_focus", "lowrank"): "validation passes but the saliency map IoU@0.5 is 0.898 < 0.9 (params 0.900, "
+                              "FLOPs 0.918; within 1 % of the threshold, so kept out of CI)",
+    ("vit_focus", "pfa"): "validation passes (worst output cosine 0.922) but the saliency map IoU@0.5 is 0.392 < 0.9 "
+                          "(FLOPs 0.895, params 0.980)",
 }
+
+
+# (model, pass) -> measured time: pairs over ten minutes, skipped unless ONNXSHRINK_ZOO_SLOW=1
+SLOW_PAIRS = {
+}
+
+# (model, pass) -> why CI leaves the pair out (an outcome within 1 % of its threshold)
+NOT_IN_CI = {
+    ("oww_embedding", "pq"): "worst cosine 0.9944 against a threshold of 0.99 (0.4 % margin)",
+    ("khmer_segmenter", "lowrank"): "same segmentation 0.917 = 22 of 24 sentences against 0.9: one sentence "
+                                    "more would fail",
+    ("vit_focus", "lowrank"): "map IoU@0.5 0.898 against a threshold of 0.9 (0.2 % below)",
+    ("khmer_segmenter", "pq"): "same segmentation 0.917 = 22 of 24 sentences against 0.9: one sentence more "
+                               "would fail",
+}
+
+# The pairs CI may run (ONNXSHRINK_ZOO_CI=1): measured (bench/zoo_results.json: outcome, the tool's wall
+# seconds on 2 cores at a load of 13-24, and its CPU seconds where recorded), outcome clear of its
+# threshold by more than 1 % (and by more than one sample on a count metric), under 300 CPU seconds.
+# A pair not measured yet stays out.
+CI_PAIRS = {
+    ("mtcnn_pnet", "pfa"): "fail, 5 s",
+    ("mtcnn_pnet", "basisconv"): "fail, 4 s",
+    ("mtcnn_pnet", "pq"): "pass, 9 s",
+    ("mtcnn_rnet", "pfa"): "pass, 7 s",
+    ("mtcnn_rnet", "basisconv"): "pass, 9 s",
+    ("mtcnn_rnet", "lowrank"): "pass, 5 s",
+    ("mtcnn_rnet", "hadamard"): "pass, 11 s",
+    ("mtcnn_rnet", "pq"): "pass, 13 s",
+    ("mtcnn_onet", "pfa"): "pass, 18 s",
+    ("mtcnn_onet", "basisconv"): "pass, 12 s",
+    ("mtcnn_onet", "lowrank"): "pass, 12 s",
+    ("mtcnn_onet", "hadamard"): "pass, 105 s",
+    ("mtcnn_onet", "pq"): "pass, 43 s",
+    ("captcha_crnn", "pfa"): "fail, 300 s",
+    ("captcha_crnn", "basisconv"): "fail, 181 s (40 CPU s)",
+    ("captcha_crnn", "lowrank"): "pass, 304 s (66 CPU s)",
+    ("captcha_crnn", "hadamard"): "pass, 64 s (14 CPU s)",
+    ("oww_melspec", "pfa"): "pass, 6 s",
+    ("oww_melspec", "basisconv"): "pass, 10 s",
+    ("oww_melspec", "lowrank"): "fail, 5 s",
+    ("oww_melspec", "hadamard"): "pass, 12 s",
+    ("oww_melspec", "pq"): "pass, 20 s",
+    ("oww_embedding", "pfa"): "fail, 41 s",
+    ("oww_embedding", "basisconv"): "fail, 33 s",
+    ("oww_hey_jarvis", "lowrank"): "pass, 16 s (3 CPU s)",
+    ("oww_hey_jarvis", "hadamard"): "pass, 38 s (8 CPU s)",
+    ("oww_hey_jarvis", "pq"): "pass, 30 s (7 CPU s)",
+    ("vit_focus", "foldbn"): "pass, 141 s (31 CPU s)",
+    ("khmer_segmenter", "hadamard"): "pass, 213 s (46 CPU s)",
+}
+
+_ENV_ON = lambda name: os.environ.get(name, "") not in ("", "0")  # noqa: E731
+_START = time.monotonic()
+
+
+def _shard(pairs):
+    shard = os.environ.get("ONNXSHRINK_ZOO_SHARD")
+    if not shard:
+        return pairs
+    try:
+        i, n = (int(v) for v in shard.split("/"))
+        assert 0 <= i < n
+    except (ValueError, AssertionError):
+        raise pytest.UsageError(f"ONNXSHRINK_ZOO_SHARD={shard!r}: expected i/n with 0 <= i < n") from None
+    return pairs[i::n]
 
 
 def _pairs():
     pairs = [(m, p) for m in realzoo.ZOO for p in realzoo.PASSES]
-    shard = os.environ.get("ONNXSHRINK_ZOO_SHARD")
-    if shard:
-        i, n = (int(v) for v in shard.split("/"))
-        pairs = pairs[i::n]
+    if _ENV_ON("ONNXSHRINK_ZOO_CI"):   # CI shards only the pairs it can run
+        pairs = [q for q in pairs if q in CI_PAIRS and q not in NOT_IN_CI and q not in SLOW_PAIRS]
     out = []
-    for m, p in pairs:
+    for m, p in _shard(pairs):
         marks = [pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[(m, p)])] if (m, p) in KNOWN_FAILURES else []
         out.append(pytest.param(m, p, id=f"{m}-{p}", marks=marks))
     return out
@@ -84,8 +162,8 @@ def test_original_runs_and_metric_is_one(name):
 
 @pytest.mark.parametrize("name", list(realzoo.ZOO))
 def test_varying_shape_feeds_run(name):
-    """The varying-shape variant (real sizes) runs through the original model; until the tool
-    accepts feeds of different shapes, the fixed variant is what the pass tests use."""
+    """The varying-shape variant (real sizes) runs through the original model (the pass tests use
+    the fixed variant, whose figures the known failures and the bench table record)."""
     e = entry_or_skip(name)
     feeds = e.feeds("val", varying=True)
     outs = realzoo.run(e.model_path(), feeds[:8])
@@ -94,6 +172,11 @@ def test_varying_shape_feeds_run(name):
 
 @pytest.mark.parametrize("name,pass_name", _pairs())
 def test_pass_keeps_task(name, pass_name):
+    if (name, pass_name) in SLOW_PAIRS and not _ENV_ON("ONNXSHRINK_ZOO_SLOW"):
+        pytest.skip(f"slow pair ({SLOW_PAIRS[(name, pass_name)]}); ONNXSHRINK_ZOO_SLOW=1 runs it")
+    budget = os.environ.get("ONNXSHRINK_ZOO_BUDGET_S")
+    if budget and time.monotonic() - _START > float(budget):
+        pytest.skip(f"the wall-time budget of {float(budget):.0f} s (ONNXSHRINK_ZOO_BUDGET_S) is spent")
     e = entry_or_skip(name)
     if not realzoo.planned(e, pass_name):
         pytest.skip(f"{pass_name}: its plan touches no node of {name}")
