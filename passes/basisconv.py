@@ -23,7 +23,7 @@ import onnx_graphsurgeon as gs
 
 from ..graph import Emitter
 from ..layers import WeightLayer, explicit_pads, float_weights, not_shared, ops
-from ..registry import Requires, Skip
+from ..registry import Skip
 from ..stats import LayerStats
 from . import _factor
 
@@ -128,7 +128,6 @@ class BasisConv(_factor.FactorPass):
     name = "basisconv"
     summary = "split a k×k Conv into M basis filters plus a 1×1 Conv (whitened SVD + refit)"
     Config = BasisConvConfig
-    requires = Requires(data=True)
     multiple_option = "channel_multiple"
     find_layers = staticmethod(find_layers)
     rewrite = staticmethod(_rewrite)

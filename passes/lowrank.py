@@ -27,7 +27,7 @@ import onnx_graphsurgeon as gs
 
 from ..graph import Emitter, set_constant_input
 from ..layers import WeightLayer, explicit_pads, float_weights, no_trans_a, not_shared, per_column_bias
-from ..registry import Requires, Skip
+from ..registry import Skip
 from ..stats import LayerStats
 from . import _factor
 
@@ -275,7 +275,6 @@ class LowRank(_factor.FactorPass):
     name = "lowrank"
     summary = "factorize Gemm/MatMul (and k×k Conv) weights into two thinner layers (whitened SVD + refit)"
     Config = LowRankConfig
-    requires = Requires(data=True)
     multiple_option = "rank_multiple"
     find_layers = staticmethod(find_layers)
     rewrite = staticmethod(_rewrite)
