@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import TargetError, UsageError
+from .errors import TargetError, UsageError, number
 
 METRICS = ("flops", "params", "bytes")
 TOLERANCE = 0.05  # the chain's verdict: the reached value may exceed the target by this fraction
@@ -47,10 +47,7 @@ class Goal:
 def check_fraction(name: str, f):
     if f is None:
         return None
-    try:
-        f = float(f)
-    except (TypeError, ValueError):
-        raise UsageError(f"{name} must be a number in (0, 1], got '{f}'") from None
+    f = number(f, f"{name} (a fraction in (0, 1])")
     if not 0 < f <= 1:
         raise UsageError(f"{name} must be in (0, 1] (a fraction of the original), got {f}")
     return f

@@ -12,6 +12,14 @@ with its flags.
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE, EXIT_FORCED = 0, 1, 2, 3
 
 
+def number(value, what: str) -> float:
+    """``float(value)``, or a UsageError saying ``what`` must be a number (user-given options)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{what} must be a number, got '{value}'") from None
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an exception's message (library errors are often pages long), or its
     type name when it has no message."""

@@ -29,7 +29,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import UsageError, first_line
+from .errors import UsageError, first_line, number
 
 
 @dataclass
@@ -113,25 +113,32 @@ def cosine(reference, outputs) -> float:
     return float(min(v.min() for v in per.values()))
 
 
-def rel_l2(reference, outputs) -> float:
-    num, den = {}, {}
+def _sums(reference, outputs, weight):
+    """({output: Σ (a − b)²}, {output: Σ weight(a)}) over the feeds; None when a shape differs."""
+    err, base = {}, {}
     for name, a, b in _pairs(reference, outputs):
         if a.shape != b.shape:
-            return -math.inf
-        num[name] = num.get(name, 0.0) + float(((a - b) ** 2).sum())
-        den[name] = den.get(name, 0.0) + float((a ** 2).sum())
+            return None
+        err[name] = err.get(name, 0.0) + float(((a - b) ** 2).sum())
+        base[name] = base.get(name, 0.0) + weight(a)
+    return err, base
+
+
+def rel_l2(reference, outputs) -> float:
+    sums = _sums(reference, outputs, lambda a: float((a ** 2).sum()))
+    if sums is None:
+        return -math.inf
+    num, den = sums
     errs = [math.sqrt(num[k] / den[k]) if den[k] > 0 else math.sqrt(num[k]) for k in num]
     worst = max(errs)
     return -worst if math.isfinite(worst) else -math.inf
 
 
 def mse(reference, outputs) -> float:
-    sq, n = {}, {}
-    for name, a, b in _pairs(reference, outputs):
-        if a.shape != b.shape:
-            return -math.inf
-        sq[name] = sq.get(name, 0.0) + float(((a - b) ** 2).sum())
-        n[name] = n.get(name, 0) + a.size
+    sums = _sums(reference, outputs, lambda a: a.size)
+    if sums is None:
+        return -math.inf
+    sq, n = sums
     worst = max(sq[k] / max(n[k], 1) for k in sq)
     return -worst if math.isfinite(worst) else -math.inf
 
@@ -185,10 +192,7 @@ def _load_module(where: str, spec: str):
 def check_max_drop(value) -> float | None:
     if value is None:
         return None
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise UsageError(f"max-drop must be a number, got '{value}'") from None
+    value = number(value, "max-drop")
     if not math.isfinite(value) or value < 0:
         raise UsageError(f"max-drop must be a finite number >= 0 (an absolute drop of the metric), got {value}")
     return value

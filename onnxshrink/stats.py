@@ -106,9 +106,8 @@ class CrossMoments:
 
     def merge(self, other: "CrossMoments") -> "CrossMoments":
         self.x.merge(other.x)
-        self.sum_y += other.sum_y
-        self.xy += other.xy
-        self.yy += other.yy
+        for f in ("sum_y", "xy", "yy"):   # the y-side sums add like the x side's
+            setattr(self, f, getattr(self, f) + getattr(other, f))
         return self
 
     @property
