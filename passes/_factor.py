@@ -35,7 +35,7 @@ import scipy.linalg
 from ..graph import concrete_input_shapes, import_graph, infer_shapes, node_by_name
 from ..layers import WeightLayer, per_column_bias
 from ..lstsq import ridge_from_moments as ridge
-from ..lstsq import ridge_solve
+from ..lstsq import relative_alpha, ridge_solve
 from ..refit import Again, refit_levels
 from ..registry import Pass, PassReport, Plan, Requires, Skip
 from ..stats import CrossMoments
@@ -72,7 +72,7 @@ class FactorConfig:
 def cholesky_loaded(cov: np.ndarray, eps: float) -> np.ndarray:
     """Lower L with L Lᵀ = cov + λI, λ = eps × mean diagonal (raised until it factors)."""
     d = cov.shape[0]
-    scale = max(float(np.trace(cov)) / max(d, 1), 1e-12)
+    scale = relative_alpha(cov, 1.0)
     lam = eps * scale
     sym = (cov + cov.T) / 2
     for _ in range(8):
@@ -106,8 +106,7 @@ def factor(w: np.ndarray, cov: np.ndarray | None = None, eps: float = 1e-3):
     if cov is None:
         gram = w.T @ w
     else:
-        d = cov.shape[0]
-        lam = eps * max(float(np.trace(cov)) / max(d, 1), 1e-12)
+        lam = relative_alpha(cov, eps)
         gram = w.T @ ((cov + cov.T) / 2) @ w + lam * (w.T @ w)
     gram = (gram + gram.T) / 2
     try:
