@@ -134,6 +134,7 @@ class Elimination:
         self.err = np.full(n + 1, np.nan)
         self.total = self.err[n] = sum(st.base for st in self.states)
         self.err_view = _Curve(self)
+        self.closed = False
 
     def _step(self) -> None:
         alive = self.alive
@@ -156,11 +157,18 @@ class Elimination:
     def run_to(self, k: int) -> None:
         """Eliminate until at most max(k, 1) channels are left (err[k] known)."""
         while self.left > max(int(k), 1):
+            if self.closed:
+                raise RuntimeError("elimination closed before reaching the count asked")
             self._step()
         if self.left <= 1:
             self.states = []      # done: the consumers' matrices are no longer needed
         if k <= 0:
             self.err[0] = self.err[1]
+
+    def close(self) -> None:
+        """Free the consumers' matrices: no further step can run (values already known stay)."""
+        self.states = []
+        self.closed = True
 
     def order(self) -> np.ndarray:
         """All n channels in removal order (the full elimination)."""

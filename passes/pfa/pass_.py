@@ -166,6 +166,8 @@ class Pfa(Pass):
         details["allocation_seconds"] = round(time.perf_counter() - t_alloc, 3)
 
         consumers = self._report_recipe(sel, ks, keep, report)
+        for e in sel.eliminations.values():   # the counts are final: free the consumers' matrices
+            e.close()
         if not keep:
             details["fit_seconds"] = round(time.perf_counter() - t0 - ctx.calibration_seconds, 3)
             return model, report
