@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...cost import signature_costs
+from ...graph import import_graph
 from .recipes import round_up
 
 
@@ -38,47 +39,102 @@ class CostModel:
     cost(k) = cost(n) + Σ_g [L_g u_g + Q_g (k_g² − n_g²)] + Σ_{g<h} C_gh u_g u_h, u_g = k_g − n_g.
     Every node's params/FLOPs are at most bilinear in the counts of the groups it touches (in and out
     channels), and quadratic in one group (a layer whose input and output are tied), so this is exact
-    for such graphs; groups that share a node are probed in pairs."""
+    for such graphs; groups that share a node are probed in pairs.
 
-    def __init__(self, an, model, groups, cost_nodes):
+    A probe prunes the whole model and recounts it, so groups (and pairs) whose nodes are disjoint
+    (the nodes whose tensors carry their channels, ``_supports``) are probed together and each one's
+    change read off its own nodes. A node that changes outside every support of a joint probe, or a
+    joint check (all groups at 1 and at 2 channels) that the model misses, falls back to probing
+    one group (pair) at a time; either way the coefficients are the same numbers."""
+
+    def __init__(self, an, model, groups, cost_nodes, joint=True):
         self.groups = [g.index for g in groups]
         self.n = {g.index: g.size for g in groups}
         base = cost_nodes(model)
-        names = sorted(base)
-        vec = lambda c: np.array([[c.get(k, (0, 0))[0] for k in names], [c.get(k, (0, 0))[1] for k in names]],
-                                 dtype=np.float64)
-        b = vec(base)
+        self._names = names = sorted(base)
+        self._b = b = self._vec(base)
         self.base = b.sum(axis=1)
         self.probes = 0
+        self._an, self._model, self._cost_nodes = an, model, cost_nodes
+        if joint:
+            try:
+                self._identify(_supports(an, model, self.groups, names))
+                return
+            except _Leak:
+                pass
+        self._identify(None)
 
-        def probe(ks):
-            self.probes += 1
-            keep = {gi: np.arange(k) for gi, k in ks.items()}
-            return vec(cost_nodes(an.prune(model, keep)))
+    def _vec(self, c):
+        names = self._names
+        return np.array([[c.get(k, (0, 0))[0] for k in names], [c.get(k, (0, 0))[1] for k in names]],
+                        dtype=np.float64)
 
-        self.L, self.Q, touched = {}, {}, {}
+    def _probe(self, ks):
+        self.probes += 1
+        keep = {gi: np.arange(k) for gi, k in ks.items()}
+        return self._vec(self._cost_nodes(self._an.prune(self._model, keep))) - self._b
+
+    def _deltas(self, items, ks_of, support):
+        """{item: per-node change of the cost} for ``items`` (groups or pairs of groups) probed at
+        ``ks_of(item)``: one probe per item, or (``support``: {item: node mask}) one per batch of
+        items with disjoint supports, each item's change its own nodes' part."""
+        if support is None:
+            return {it: self._probe(ks_of(it)) for it in items}
+        batches = []
+        for it in items:
+            for bt in batches:
+                if not np.any(bt[1] & support[it]):
+                    bt[0].append(it)
+                    bt[1] |= support[it]
+                    break
+            else:
+                batches.append([[it], support[it].copy()])
+        out = {}
+        for members, union in batches:
+            ks = {}
+            for it in members:
+                ks.update(ks_of(it))
+            d = self._probe(ks)
+            if np.any(d[:, ~union]):
+                raise _Leak
+            for it in members:
+                out[it] = np.where(support[it], d, 0.0)
+        return out
+
+    def _identify(self, supports):
+        n = self.n
+        self.L, self.Q, self.C, touched = {}, {}, {}, {}
+        d1s = self._deltas(self.groups, lambda gi: {gi: 1}, supports)
+        wide = [gi for gi in self.groups if n[gi] >= 3]
+        d2s = self._deltas(wide, lambda gi: {gi: 2}, supports)
         for gi in self.groups:
-            n = self.n[gi]
-            d1 = probe({gi: 1}) - b
-            if n >= 3:
-                d2 = probe({gi: 2}) - b
-                u1, u2 = 1.0 - n, 2.0 - n
-                s1, s2 = 1.0 - n * n, 4.0 - n * n
+            d1 = d1s[gi]
+            if n[gi] >= 3:
+                d2 = d2s[gi]
+                u1, u2 = 1.0 - n[gi], 2.0 - n[gi]
+                s1, s2 = 1.0 - n[gi] * n[gi], 4.0 - n[gi] * n[gi]
                 det = u1 * s2 - u2 * s1
                 lq = [(d1 * s2 - d2 * s1) / det, (u1 * d2 - u2 * d1) / det]
                 touched[gi] = (np.abs(d1) + np.abs(d2)).sum(axis=0) > 0
             else:
-                lq = [d1 / (1.0 - n), np.zeros_like(d1)]
+                lq = [d1 / (1.0 - n[gi]), np.zeros_like(d1)]
                 touched[gi] = np.abs(d1).sum(axis=0) > 0
             self.L[gi], self.Q[gi] = lq[0].sum(axis=1), lq[1].sum(axis=1)
-        self.C = {}
-        for i, gi in enumerate(self.groups):
-            for gj in self.groups[i + 1:]:
-                if not np.any(touched[gi] & touched[gj]):
-                    continue
-                d = (probe({gi: 1, gj: 1}) - b).sum(axis=1)
-                rest = self._single(gi, 1) + self._single(gj, 1)
-                self.C[(gi, gj)] = (d - rest) / ((1.0 - self.n[gi]) * (1.0 - self.n[gj]))
+        pairs = [(gi, gj) for i, gi in enumerate(self.groups) for gj in self.groups[i + 1:]
+                 if np.any(touched[gi] & touched[gj])]
+        pair_support = None if supports is None else {p: supports[p[0]] | supports[p[1]] for p in pairs}
+        ds = self._deltas(pairs, lambda p: {p[0]: 1, p[1]: 1}, pair_support)
+        for gi, gj in pairs:
+            d = ds[(gi, gj)].sum(axis=1)
+            rest = self._single(gi, 1) + self._single(gj, 1)
+            self.C[(gi, gj)] = (d - rest) / ((1.0 - n[gi]) * (1.0 - n[gj]))
+        if supports is not None:   # the joint check: every group at its smallest counts at once
+            for k in (1, 2):
+                ks = {gi: min(k, n[gi]) for gi in self.groups}
+                real = self.base + self._probe(ks).sum(axis=1)
+                pred = self(ks)
+                if any(abs(pred[m] - real[i]) > 1e-9 * max(abs(real[i]), 1.0) for i, m in enumerate(("params", "flops"))):
+                    raise _Leak
 
     def _single(self, gi, k):
         n = self.n[gi]
@@ -93,6 +149,36 @@ class CostModel:
         for (gi, gj), v in self.C.items():
             c += v * (ks.get(gi, self.n[gi]) - self.n[gi]) * (ks.get(gj, self.n[gj]) - self.n[gj])
         return {"params": float(c[0]), "flops": float(c[1])}
+
+
+class _Leak(Exception):
+    """A joint probe changed a node outside its groups' supports: probe one at a time."""
+
+
+def _supports(an, model, groups, names) -> dict:
+    """{group index: boolean mask over ``names``}: the nodes whose cost can change with the group's
+    count, i.e. that read or write a tensor carrying its channels, or whose weights it slices."""
+    index = {name: i for i, name in enumerate(names)}
+    of = lambda comps: set(an.class_group[an.roots[np.asarray(comps, dtype=np.int64)]].tolist())  # noqa: E731
+    tensor_groups = {t: of(m.comps) for t, m in an.tmap.items() if len(m.comps)}
+    node_groups = {}
+    for node in import_graph(model).nodes:
+        s = node_groups.setdefault(node.name, set())
+        for t in list(node.inputs) + list(node.outputs):
+            s |= tensor_groups.get(t.name, set())
+    for e in an.edits:
+        parts = e.comps if isinstance(e.comps, (list, tuple)) else [e.comps]
+        comps = [np.asarray(c, dtype=np.int64).ravel() for c in parts]
+        comps = np.concatenate(comps) if comps else np.zeros(0, np.int64)
+        if len(comps):
+            node_groups.setdefault(e.node, set()).update(of(comps))
+    out = {gi: np.zeros(len(names), dtype=bool) for gi in groups}
+    for node, gs_ in node_groups.items():
+        if node not in index:
+            continue
+        for gi in gs_ & set(out):
+            out[gi][index[node]] = True
+    return out
 
 
 # ----------------------------------------------------------------------------- the two allocations

@@ -111,8 +111,8 @@ class _Elim:
         return inc
 
 
-def elimination_order(problems: list, n: int, ridge: float = 1e-3, step_fraction: float = 1 / 16):
-    """Greedy backward elimination of a group's channels on its consumers' least-squares problems
+class Elimination:
+    """Greedy backward elimination of a group's n channels on its consumers' least-squares problems
     (ThiNet, Luo et al. 2017; He et al. 2017): repeatedly drop the channel whose removal increases
     Σ_j min_W ‖X_j W − Y_j‖² / tr Cov(Y_j) the least. With H = (Cov(x) + αI)⁻¹ and W = H Cov(x, y)
     the fit on the kept columns, dropping the columns B costs exactly tr(W_Bᵀ H_BB⁻¹ W_B), and
@@ -120,27 +120,86 @@ def elimination_order(problems: list, n: int, ridge: float = 1e-3, step_fraction
     Large groups drop ``step_fraction`` of the remaining channels per update (the cheapest ones;
     twice that while more than 256 remain).
 
-    Returns (order, err): all n channels in removal order, and err[k] = the summed relative error
-    with the last k channels of ``order`` kept (err[n]: nothing removed)."""
-    states = [_Elim(p, ridge) for p in problems]
-    alive = np.ones(n, dtype=bool)
-    order, err = [], np.zeros(n + 1)
-    total = err[n] = sum(st.base for st in states)
-    while alive.sum() > 1:
-        score = sum(st.scores(alive) for st in states)
+    It runs on demand: ``err[k]`` and ``kept(k)`` eliminate only down to k channels (a budget that
+    removes a tenth of the channels needs the first steps only, the widest and dearest, not the
+    ~16·ln n of a full curve); the steps are the same whenever they run, so a value never depends
+    on what was asked before."""
+
+    def __init__(self, problems: list, n: int, ridge: float = 1e-3, step_fraction: float = 1 / 16):
+        self.states = [_Elim(p, ridge) for p in problems]
+        self.n, self.step_fraction = n, step_fraction
+        self.alive = np.ones(n, dtype=bool)
+        self.left = n
+        self.removed: list = []
+        self.err = np.full(n + 1, np.nan)
+        self.total = self.err[n] = sum(st.base for st in self.states)
+        self.err_view = _Curve(self)
+        self.closed = False
+
+    def _step(self) -> None:
+        alive = self.alive
+        score = sum(st.scores(alive) for st in self.states)
         cand = np.nonzero(alive)[0]
-        frac = step_fraction if len(cand) <= 256 else 2 * step_fraction   # wide layers: coarser early steps
+        frac = self.step_fraction if len(cand) <= 256 else 2 * self.step_fraction   # wide layers: coarser early steps
         r = max(1, min(int(len(cand) * frac), len(cand) - 1))
         ranked = cand[np.argsort(score[cand], kind="stable")[:r]]
-        inc = sum(st.remove(ranked) for st in states)
+        inc = sum(st.remove(ranked) for st in self.states)
         # spread a joint step's increase over its channels in proportion to their single scores
         s = score[ranked]
         share = s / s.sum() if s.sum() > 0 else np.full(r, 1.0 / r)
         for c, f in zip(ranked, share):
-            total += inc * f
-            order.append(int(c))
+            self.total += inc * f
+            self.removed.append(int(c))
             alive[c] = False
-            err[int(alive.sum())] = total
-    order.extend(int(c) for c in np.nonzero(alive)[0])
-    err[0] = err[1]
-    return np.asarray(order, dtype=np.int64), err
+            self.left -= 1
+            self.err[self.left] = self.total
+
+    def run_to(self, k: int) -> None:
+        """Eliminate until at most max(k, 1) channels are left (err[k] known)."""
+        while self.left > max(int(k), 1):
+            if self.closed:
+                raise RuntimeError("elimination closed before reaching the count asked")
+            self._step()
+        if self.left <= 1:
+            self.states = []      # done: the consumers' matrices are no longer needed
+        if k <= 0:
+            self.err[0] = self.err[1]
+
+    def close(self) -> None:
+        """Free the consumers' matrices: no further step can run (values already known stay)."""
+        self.states = []
+        self.closed = True
+
+    def order(self) -> np.ndarray:
+        """All n channels in removal order (the full elimination)."""
+        self.run_to(0)
+        return np.asarray(self.removed + [int(c) for c in np.nonzero(self.alive)[0]], dtype=np.int64)
+
+    def kept(self, k: int) -> np.ndarray:
+        """The sorted channels left with ``k`` kept (the last k of ``order()``)."""
+        self.run_to(k)
+        gone = np.asarray(self.removed[:self.n - int(k)], dtype=np.int64)
+        mask = np.ones(self.n, dtype=bool)
+        mask[gone] = False
+        return np.nonzero(mask)[0]
+
+
+class _Curve:
+    """The error curve e(k) of an ``Elimination``, indexable like the array it fills on demand."""
+
+    def __init__(self, elim: Elimination):
+        self.elim = elim
+
+    def __getitem__(self, k):
+        self.elim.run_to(k)
+        return self.elim.err[k]
+
+    def __len__(self):
+        return self.elim.n + 1
+
+
+def elimination_order(problems: list, n: int, ridge: float = 1e-3, step_fraction: float = 1 / 16):
+    """The full ``Elimination``: (order, err), all n channels in removal order, and err[k] = the summed
+    relative error with the last k channels of ``order`` kept (err[n]: nothing removed)."""
+    e = Elimination(problems, n, ridge, step_fraction)
+    return e.order(), e.err

@@ -22,7 +22,7 @@ from ...registry import Pass, PassReport, Plan, Requires, Skip
 from . import allocation
 from .allocation import CostModel, multiple_of, overshoot_note, reach_of
 from .edits import refit_consumers, refit_reason, weight_row_norms
-from .elimination import elimination_order
+from .elimination import Elimination
 from .recipes import kept_energy, kept_kl, pearson_removal_order, round_up, spectrum
 from .refit import sequential_refit
 from .statistics import collect_statistics
@@ -166,6 +166,8 @@ class Pfa(Pass):
         details["allocation_seconds"] = round(time.perf_counter() - t_alloc, 3)
 
         consumers = self._report_recipe(sel, ks, keep, report)
+        for e in sel.eliminations.values():   # the counts are final: free the consumers' matrices
+            e.close()
         if not keep:
             details["fit_seconds"] = round(time.perf_counter() - t0 - ctx.calibration_seconds, 3)
             return model, report
@@ -237,14 +239,14 @@ class Pfa(Pass):
 @dataclass
 class Selection:
     """What pfa knows about the groups it may prune: their response covariances ``covs``, spectra
-    ``lams`` (computed where asked), removal ``orders`` (where the consumers' problems give one) and
-    error curves ``curves`` (e_g(k), k = 0..n)."""
+    ``lams`` (computed where asked), ``eliminations`` (where the consumers' problems give a removal
+    order; run on demand) and error curves ``curves`` (e_g(k), k = 0..n)."""
     model: object
     an: object
     groups: list
     covs: dict
     lams: dict
-    orders: dict
+    eliminations: dict
     curves: dict
     cfg: PfaConfig
 
@@ -252,14 +254,15 @@ class Selection:
     def of(cls, model, an, groups, covs, problems, cfg):
         lams = _Lazy(lambda gi: spectrum(covs[gi]))      # eigenvalues only where a recipe needs them
         sel_ridge = cfg.ridge if cfg.ridge >= 0 else 1e-3
-        orders, curves = {}, {}
+        elims, curves = {}, {}
         for g in groups:
             if problems.get(g.index):
-                orders[g.index], curves[g.index] = elimination_order(problems[g.index], g.size, sel_ridge)
+                elims[g.index] = Elimination(problems[g.index], g.size, sel_ridge)
+                curves[g.index] = elims[g.index].err_view
             else:  # nothing to reconstruct from: the spectrum's lost energy stands in for the error
                 curves[g.index] = 1.0 - np.concatenate([[0.0], np.cumsum(lams[g.index])])
                 curves[g.index][-1] = 0.0
-        return cls(model, an, groups, covs, lams, orders, curves, cfg)
+        return cls(model, an, groups, covs, lams, elims, curves, cfg)
 
     def recipe(self, mode) -> dict:
         """{group index: kept count} by the paper's recipe (``mode`` "kl" or "energy"), rounded up."""
@@ -277,9 +280,10 @@ class Selection:
             k = ks[g.index]
             if k >= g.size:
                 continue
-            if self.cfg.selection == "reconstruction" and g.index in self.orders:
-                order = self.orders[g.index]
-            elif self.cfg.selection == "magnitude":
+            if self.cfg.selection == "reconstruction" and g.index in self.eliminations:
+                keep[g.index] = self.eliminations[g.index].kept(k)
+                continue
+            if self.cfg.selection == "magnitude":
                 order = self._magnitude(g)
             else:
                 order = pearson_removal_order(self.covs[g.index])

@@ -12,6 +12,7 @@ from onnxshrink.errors import UsageError
 from onnxshrink.channels import analyze
 from onnxshrink.passes.pfa.allocation import by_error
 from onnxshrink.lstsq import choose_ridge
+from onnxshrink.passes.pfa.elimination import Elimination
 from onnxshrink.passes.pfa import (CostModel, Pfa, PfaConfig, Problem, elimination_order, kept_energy,
                                    kept_kl, pearson_removal_order, round_up, spectrum)
 from onnxshrink.stats import CrossMoments
@@ -76,6 +77,24 @@ def test_elimination_error_curve_is_the_least_squares_error_of_the_kept_channels
     for k in (8, 6, 4, 3, 2, 1):
         assert err[k] == pytest.approx(_ls_error(prob, order[8 - k:]), abs=1e-6), k
     assert np.all(np.diff(err[1:]) <= 1e-9)                  # error never falls as channels go
+
+
+def test_elimination_on_demand_gives_the_full_runs_values_and_steps_only_as_far_as_asked():
+    rng = np.random.default_rng(3)
+    n, kk, m = 40, 2, 5
+    x = rng.standard_normal((400, n * kk)) @ rng.standard_normal((n * kk, n * kk))
+    c = np.cov(np.hstack([x, x @ rng.standard_normal((n * kk, m))]).T)
+    d = n * kk
+    prob = Problem(c[:d, :d], c[:d, d:], float(np.trace(c[d:, d:])), [np.arange(i * kk, (i + 1) * kk) for i in range(n)])
+    order, err = elimination_order([prob], n)
+    lazy = Elimination([prob], n)
+    assert lazy.err_view[n - 3] == err[n - 3]
+    assert lazy.left == n - 4                                  # two steps of int(n / 16) = 2 channels, no more
+    assert np.array_equal(lazy.kept(n - 3), np.sort(order[3:]))
+    for k in (30, 12, 5, 1, 0):                                # asked in any order: the same numbers
+        assert lazy.err_view[k] == err[k]
+        assert np.array_equal(lazy.kept(k) if k else np.zeros(0, np.int64), np.sort(order[n - k:]))
+    assert np.array_equal(lazy.order(), order)
 
 
 def test_reconstruction_selection_beats_correlation_on_a_planted_case():
