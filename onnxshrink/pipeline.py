@@ -134,6 +134,16 @@ class PassContext:
     timings: dict = field(default_factory=lambda: {k: 0.0 for k in TIMING_PARTS})
     current_bar: _Bar | None = field(default=None, repr=False)
     pass_name: str = "?"                 # the pass this context was made for (named in errors)
+    protected: dict = field(default_factory=dict)   # {node name: why it stays whole} (the accuracy search)
+
+    def kept(self, nodes) -> str | None:
+        """Why a unit made of ``nodes`` (names) must stay whole: the reason of the first protected
+        one, or None. Every pass that searches a budget asks this of its candidates."""
+        for n in nodes:
+            reason = self.protected.get(getattr(n, "name", n))
+            if reason is not None:
+                return reason
+        return None
 
     def require_data(self, pass_name=None):
         """The calibration data; UsageError naming the pass without it. (The pipeline checks a
@@ -518,14 +528,14 @@ class _Call:
     max_drop: float | None = None
 
 
-def _chain(model, original, call: _Call, budget: budget_mod.Budget, signatures, sample_shapes):
-    """Run the chosen passes in order toward ``budget`` (which knows the original cost); returns
-    (model, pass reports)."""
+def _chain(model, original, call: _Call, budget: budget_mod.Budget, signatures, sample_shapes, protected=None):
+    """Run the chosen passes in order toward ``budget`` (which knows the original cost), keeping
+    the nodes of ``protected`` ({name: reason}) whole; returns (model, pass reports)."""
     reports, done = [], []
     for i, (p, cfg) in enumerate(call.chosen):
         goals = budget.goals(i, model_cost(model, signatures)) if budget else {}
         ctx = PassContext(call.fit, model, original, goals, sample_shapes, call.batch_size, call.seed, call.quiet,
-                          signatures=signatures, pass_name=p.name)
+                          signatures=signatures, pass_name=p.name, protected=dict(protected or {}))
         _check_requires([(p, cfg)], has_data=call.fit is not None, model_opset=opset(model))   # as it enters
         t = time.perf_counter()
         try:
@@ -563,10 +573,11 @@ def _search_budget(call: _Call) -> str:
 
 def _searched_chain(model, original, call: _Call, before, signatures, sample_shapes):
     """The smallest model whose metric drops by at most ``max_drop``: a bisection over one budget
-    fraction of the whole chain (see ``search``). Each step fits on the first 80 % of the
-    calibration feeds and is scored on the other 20 % (scored on its own fitting data, a refit
-    looks better than it is); the chosen fraction is then fitted on all of them. Returns (model,
-    reports, search report)."""
+    fraction of the whole chain, then the per-layer correction that keeps the most sensitive units
+    whole (see ``search``). Each step fits on the first 80 % of the calibration feeds and is scored
+    on the other 20 % (scored on its own fitting data, a refit looks better than it is); the chosen
+    fraction (and protected set) is then fitted on all of them. Returns (model, reports, search
+    report)."""
     metric = _search_budget(call)
     if call.fit.units() < 5:
         raise CalibrationError(f"{call.fit.origin}: {call.fit.units()} {call.fit.unit}(s) are too few to search "
@@ -576,20 +587,26 @@ def _searched_chain(model, original, call: _Call, before, signatures, sample_sha
     steps = dataclasses.replace(call, fit=fit_part)
     reference, feeds = model_outputs(original, score_part)
 
-    def build(f):
-        cand, _ = _chain(model, original, steps, call.budget.with_targets({metric: f}), signatures, sample_shapes)
+    def build(f, protected=None):
+        cand, reps = _chain(model, original, steps, call.budget.with_targets({metric: f}), signatures, sample_shapes,
+                            protected)
         value = model_cost(cand, signatures)[metric]
-        return cand, (value / before[metric] if value is not None and before[metric] else 1.0)
+        return (cand, reps), (value / before[metric] if value is not None and before[metric] else 1.0)
 
     def score(cand):
-        outs, _ = model_outputs(cand, score_part, like=original)
+        outs, _ = model_outputs(cand[0], score_part, like=original)
         return call.metric.values(reference, outs, feeds)[1]
 
+    def units_of(cand):
+        return [dataclasses.replace(u, label=f"{r.name}:{u.label}") for r in cand[1] for u in r.units]
+
     original_value = call.metric.values(reference, reference, feeds)[0]
-    found = search_mod.smallest_within(build, score, original_value, call.max_drop)
+    found = search_mod.smallest_within(build, score, original_value, call.max_drop, units_of=units_of)
+    search_mod.correct(found, build, score, original_value, call.max_drop, units_of)
     info = {"budget": metric, "metric": call.metric.name, "data": f"{score_part.n} held-out calibration "
             f"{score_part.unit}(s)", "original": original_value, "max_drop": call.max_drop,
             "steps": [st.as_dict() for st in found.steps]}
+    info["correction"] = _correction_report(found)
     if found.best is None:
         mildest = max(found.steps, key=lambda st: st.fraction)
         info["chosen"] = None
@@ -599,8 +616,25 @@ def _searched_chain(model, original, call: _Call, before, signatures, sample_sha
         return model, [], info
     info["chosen"] = round(found.best_step.fraction, 4)
     cand, reps = _chain(model, original, call, call.budget.with_targets({metric: found.best_step.fraction}),
-                        signatures, sample_shapes)
+                        signatures, sample_shapes, found.protected())
     return cand, reps, info
+
+
+def _correction_report(found) -> dict:
+    """The per-layer correction for the report: where it started, each measured unit's
+    sensitivity, what the chosen model keeps whole and why, or why nothing was kept."""
+    b = found.bisection
+    out = {"bisection_chosen": round(b.fraction, 4) if b is not None else None,
+           "bisection_reached": round(b.reached, 4) if b is not None else None,
+           "from_step": round(found.failing.fraction, 4) if found.failing is not None else None,
+           "sensitivity": [s.as_dict() for s in found.sensitivity]}
+    chosen = set(found.best_step.protected) if found.best_step is not None else set()
+    out["protected"] = [{"unit": s.unit.label, "nodes": list(s.unit.nodes), "reason": s.reason()}
+                        for s in found.sensitivity if s.unit.label in chosen]
+    if not out["protected"]:
+        out["note"] = found.note or ("the correction found no model smaller than the bisection's within the drop"
+                                     if found.failing is not None else None)
+    return out
 
 
 def _execute(model, original, call: _Call):

@@ -44,14 +44,30 @@ class Plan:
 
 
 @dataclass
+class Unit:
+    """One thing a pass changed and could have left whole: a layer, or a coupling group of layers.
+    ``nodes``: the node names whose protection (``PassContext.protected``) keeps it whole;
+    ``amount``: the share of it the pass removed (channels, rank, bytes), 0..1."""
+
+    label: str
+    nodes: tuple
+    amount: float
+
+
+@dataclass
 class PassReport:
     name: str
     changed: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
     details: dict = field(default_factory=dict)
+    units: list = field(default_factory=list)   # [Unit] it changed (the accuracy search's handles; not in the JSON)
 
     def skip(self, node, reason):
         self.skipped.append(Skip(getattr(node, "name", node), reason))
+
+    def unit(self, label, nodes, amount):
+        """Record a changed unit (see ``Unit``)."""
+        self.units.append(Unit(str(label), tuple(nodes), float(amount)))
 
     def as_dict(self):
         d = {"name": self.name, "changed": list(self.changed),

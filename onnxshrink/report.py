@@ -73,8 +73,15 @@ def console_table(report) -> str:
     sr = report.get("search")
     if sr:
         for st in sr["steps"]:
+            kept = f" [{st.get('kind')}, kept whole: {', '.join(st['protected'])}]" if st.get("protected") else ""
             lines.append(f"search {sr['budget']} {st['fraction']:.3f}: reached {st['reached']:.3f}, "
-                         f"{sr['metric']} {st['metric']:.4g} (drop {st['drop']:.4g})" + ("" if st["within"] else ", over"))
+                         f"{sr['metric']} {st['metric']:.4g} (drop {st['drop']:.4g})" + ("" if st["within"] else ", over")
+                         + kept)
+        corr = sr.get("correction") or {}
+        for p in corr.get("protected") or []:
+            lines.append(f"search kept {p['unit']} whole: {p['reason']}")
+        if corr.get("note"):
+            lines.append(f"search correction: {corr['note']}")
         lines.append(f"search chose {sr['budget']} {sr['chosen']}" if sr.get("chosen") is not None
                      else "search: " + sr.get("problem", "nothing within the drop"))
     v = report.get("validation") or {}

@@ -295,6 +295,12 @@ def factorize(pass_name, model, cfg, ctx, layers, skipped, rewrite, multiple, re
     own input patches (or None when the moments refit already did it)."""
     for s in list(skipped) + non_finite_skips(layers):
         report.skip(s[0], s[1])
+    for layer in list(layers):   # kept whole by the accuracy search
+        reason = ctx.kept(rn for rn, _, _ in layer.sources)
+        if reason is not None:
+            layers.remove(layer)
+            for rn, _, _ in layer.sources:
+                report.skip(rn, reason)
     goal_metrics = [m for m in ("flops", "params") if m in (ctx.goals or {})]
     use_data_alloc = cfg.alloc == "data" or (cfg.alloc == "auto" and cfg.whiten)
     # candidates
@@ -419,6 +425,7 @@ def factorize(pass_name, model, cfg, ctx, layers, skipped, rewrite, multiple, re
                                   f"{len(layer.sources)} nodes, factorized once)" for rn, _, _ in layer.sources)
         else:
             report.changed.append(f"{n} (rank {r} of {layer.max_rank})")
+        report.unit(n, [rn for rn, _, _ in layer.sources], 1.0 - r / max(layer.max_rank, 1))
         bar.update(1, postfix=f"{n}: rank {r}")
         if second is None or not cfg.refit:
             return None

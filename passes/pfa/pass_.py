@@ -134,6 +134,7 @@ class Pfa(Pass):
         report = PassReport(self.name)
         an = analyze(model, ctx.sample_shapes)
         groups, report.skipped = self.eligible(model, an)
+        groups = self._unprotected(groups, ctx, report)
         mode = cfg.mode
         has_goal = any(m in self.budgets for m in ctx.goals)
         if mode == "auto":
@@ -181,6 +182,19 @@ class Pfa(Pass):
         details["calibration_runs"] = ctx.calibration_runs
         details["fit_seconds"] = round(time.perf_counter() - t0 - ctx.calibration_seconds, 3)
         return pruned, report
+
+    @staticmethod
+    def _unprotected(groups, ctx, report):
+        """The groups none of whose source layers the accuracy search protects (``ctx.kept``);
+        the others are skipped with its reason."""
+        out = []
+        for g in groups:
+            reason = ctx.kept(s.node for s in g.sources)
+            if reason is None:
+                out.append(g)
+            else:
+                report.skip(g.name, reason)
+        return out
 
     def _meet_budget(self, sel, ctx, details):
         """(ks, keep, pruned model) for the goals of ``ctx`` (budget mode): allocate on the cost
@@ -230,6 +244,7 @@ class Pfa(Pass):
             if g.index in keep:
                 consumers.update(refit_consumers(model_nodes, g.consumers))
                 report.changed.append(f"{g.name}: {g.size} -> {k} channels")
+                report.unit(g.name, [s.node for s in g.sources if s.prunable], 1.0 - k / g.size)
             else:
                 report.skip(g.name, f"recipe keeps all {g.size} channels")
         report.details["recipe"] = recipe

@@ -99,6 +99,11 @@ class Pq(Pass):
         report = PassReport(self.name)
         todo, skipped = self._scan(graph, cfg)
         report.skipped.extend(skipped)
+        kept = {id(layer): ctx.kept(layer.nodes) for layer, _ in todo}   # by the accuracy search
+        for layer, _ in todo:
+            if kept[id(layer)] is not None:
+                report.skipped.extend(Skip(n.name, kept[id(layer)]) for n in layer.nodes)
+        todo = [(layer, d) for layer, d in todo if kept[id(layer)] is None]
         blocks = {layer.node.name: (layer, d, min(cfg.centroids, layer.n_weights // d)) for layer, d in todo}
         searched = "bytes" in ctx.goals and bool(blocks)
         if searched:
@@ -133,6 +138,7 @@ class Pq(Pass):
             runtime["stored"] += info["bytes"][1]
             info_all[name] = info
             report.changed.extend(n.name for n in layer.nodes)
+            report.unit(name, [n.name for n in layer.nodes], 1.0 - info["bytes"][1] / max(info["bytes"][0], 1))
             bar.update(1, postfix=f"{name}: d={info['block']} K={info['centroids']}")
             return True
 
