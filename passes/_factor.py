@@ -133,14 +133,14 @@ def gemm_bias_problem(node) -> str | None:
     return per_column_bias(WeightLayer(node))
 
 
-def round_up(r: int, multiple: int) -> int:
+def round_rank(r: int, multiple: int) -> int:
     multiple = max(int(multiple), 1)
     return int(-(-max(r, 1) // multiple) * multiple)
 
 
 # ----------------------------------------------------------------------------- layers
 @dataclass
-class Layer:
+class FactorLayer:
     """One factorizable layer, split into ``groups`` independent blocks of W."""
 
     node: str
@@ -167,7 +167,7 @@ class Layer:
         return len(self.ws)
 
 
-def candidate_ranks(layer: Layer, multiple: int, metrics=("flops", "params"), force=False):
+def candidate_ranks(layer: FactorLayer, multiple: int, metrics=("flops", "params"), force=False):
     """Ranks (multiples of ``multiple``, below the exact rank) that make the layer cheaper in
     every metric (``force``: all of them)."""
     out = []
@@ -180,12 +180,12 @@ def candidate_ranks(layer: Layer, multiple: int, metrics=("flops", "params"), fo
     return out
 
 
-def pays(layer: Layer, r: int, metrics=("flops", "params")) -> bool:
+def pays(layer: FactorLayer, r: int, metrics=("flops", "params")) -> bool:
     c = layer.cost_at(r)
     return all(c[m] < layer.cost0[m] for m in metrics)
 
 
-def energy_curve(layer: Layer, covs=None, eps=1e-3):
+def energy_curve(layer: FactorLayer, covs=None, eps=1e-3):
     """Relative output error after truncation to rank r, for r = 0..max_rank (array)."""
     tails = np.zeros(layer.max_rank + 1)
     total = 0.0
@@ -203,7 +203,7 @@ def rank_by_energy(curve: np.ndarray, energy: float, multiple: int, max_rank: in
         return max_rank
     ok = np.nonzero(curve <= 1.0 - energy + 1e-12)[0]
     r = int(ok[0]) if len(ok) else max_rank
-    return min(round_up(r, multiple), max_rank)
+    return min(round_rank(r, multiple), max_rank)
 
 
 def allocate(options: dict, saving: float):
@@ -278,7 +278,7 @@ def non_finite_skips(layers):
 
 
 # ----------------------------------------------------------------------------- the driver
-def _group_cov(layer: Layer, cm, g: int, fit_bias: bool):
+def _group_cov(layer: FactorLayer, cm, g: int, fit_bias: bool):
     cxx, cxy, mx, my = cm.moments(centered=fit_bias)
     si, so = layer.extra["in_slices"][g], layer.extra["out_slices"][g]
     cxy_g = cxy[si, so] if cxy.shape[1] else cxy[si]

@@ -47,7 +47,7 @@ def _check(node: gs.Node, graph: gs.Graph, info: dict):
     return attrs, None
 
 
-def _layer(node: gs.Node, attrs: dict, info: dict, cfg) -> _factor.Layer:
+def _layer(node: gs.Node, attrs: dict, info: dict, cfg) -> _factor.FactorLayer:
     w = node.inputs[1].values.astype(np.float64)
     o, cg = w.shape[:2]
     g = attrs["group"]
@@ -69,7 +69,7 @@ def _layer(node: gs.Node, attrs: dict, info: dict, cfg) -> _factor.Layer:
         return {"flops": flops, "params": params}
 
     cost0 = {"flops": 2 * o * p * cg * k + (o * p if has_bias else 0), "params": o * cg * k + (o if has_bias else 0)}
-    layer = _factor.Layer(node.name, node.inputs[0].name, node.outputs[0].name, ws, bias, True, request,
+    layer = _factor.FactorLayer(node.name, node.inputs[0].name, node.outputs[0].name, ws, bias, True, request,
                           cost0, cost_at, min(cg * k, og))
     layer.extra["in_slices"] = [slice(i * cg * k, (i + 1) * cg * k) for i in range(g)]
     layer.extra["out_slices"] = [slice(i * og, (i + 1) * og) for i in range(g)]

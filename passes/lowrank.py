@@ -72,7 +72,7 @@ def _linear_layer(node, graph, info, cfg):
 
     cost0 = {"flops": 2 * rows * d_in * d_out + (rows * d_out if has_bias else 0),
              "params": d_in * d_out + (d_out if has_bias else 0)}
-    layer = _factor.Layer(node.name, node.inputs[0].name, node.outputs[0].name, [w], bias, fit_bias, request,
+    layer = _factor.FactorLayer(node.name, node.inputs[0].name, node.outputs[0].name, [w], bias, fit_bias, request,
                           cost0, cost_at, min(d_in, d_out))
     layer.extra.update(in_slices=[slice(None)], out_slices=[slice(None)], kind="linear",
                        add=add.name if add is not None else None)
@@ -118,7 +118,7 @@ def _conv_layer(node, graph, info, cfg):
 
     cost0 = {"flops": 2 * o * ho * wo * c * kh * kw + (o * ho * wo if has_bias else 0),
              "params": o * c * kh * kw + (o if has_bias else 0)}
-    layer = _factor.Layer(node.name, node.inputs[0].name, node.outputs[0].name, [m], bias, True, request,
+    layer = _factor.FactorLayer(node.name, node.inputs[0].name, node.outputs[0].name, [m], bias, True, request,
                           cost0, cost_at, min(c * kh, o * kw), feature_map=vertical)
     layer.extra.update(in_slices=[slice(None)], out_slices=[slice(None)], kind="conv", attrs=attrs)
     return layer, None
@@ -154,7 +154,7 @@ def _shared_linear_layer(nodes, graph, info, cfg):
 
     shared_bias = first.op == "Gemm" and len(first.inputs) > 2 and all(n.inputs[2] is first.inputs[2] for n in nodes) \
         and {id(c) for c in first.inputs[2].outputs} == {id(n) for n in nodes}
-    layer = _factor.Layer(first.name, base.x, base.y, base.ws, base.bias, base.fit_bias, base.request,
+    layer = _factor.FactorLayer(first.name, base.x, base.y, base.ws, base.bias, base.fit_bias, base.request,
                           {"flops": flops0, "params": base.ws[0].size + bias_params}, cost_at, base.max_rank,
                           readers=readers)
     layer.extra.update(in_slices=[slice(None)], out_slices=[slice(None)], kind="linear",

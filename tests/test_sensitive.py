@@ -154,6 +154,7 @@ REASON = "kept by the accuracy search: test"
     ("pfa", "mlp", {"target_params": 0.5}, "/fc2/Gemm"),
     ("lowrank", "mlp", {"target_params": 0.5}, "/fc2/Gemm"),
     ("pq", "mlp", {}, "/fc2/Gemm"),
+    ("hadamard", "mlp", {}, "/fc1/Gemm"),   # (its first layer: a later one is refit when its input changes)
     ("basisconv", "tiny_cnn", {"options": {"basisconv": {"energy": 0.8, "force": True}}}, "conv_11"),
 ])
 def test_each_budget_pass_honours_the_protected_set(monkeypatch, passes, model, kw, node):

@@ -135,6 +135,8 @@ class _Run:
         self.op_set = opset(model)
         self.dense, self.targets = {}, set()
         for node, layer, reason in p.scan(self.graph, cfg):
+            if layer is not None and reason is None:
+                reason = ctx.kept([node.name])   # kept whole by the accuracy search
             if reason:
                 self.report.skip(node, reason)
             if layer is not None:
@@ -243,6 +245,7 @@ class _Run:
         self.changed.add(node.outputs[0].name)
         replace(self.graph, node, fit, self.shared, self.op_set)
         entry["replaced"] = True
+        self.report.unit(node.name, [node.name], 1 - info["params"] / max(d_in * d_out + d_out, 1))
         self.report.changed.append(f"{node.name}: {d_in}→{d_out} as {info['blocks']} Fastfood block(s)"
                                    f"{' + rank ' + str(info['rank']) if info['rank'] else ''}, "
                                    f"held-out error {info['holdout_error']:.4f}")
