@@ -44,10 +44,10 @@ def test_builtin_requires():
 
 def test_register_refuses_a_second_class_under_a_name(registered):
     class A(Pass):
-        name = "house_a"
+        name = "plugin_a"
 
     class B(Pass):
-        name = "house_a"
+        name = "plugin_a"
 
     assert registered(A) is A and registered(A) is A      # the same class again: fine
     with pytest.raises(ValueError, match="already registered"):
@@ -87,14 +87,14 @@ class _Counting(Pass):
 def test_missing_data_is_refused_before_apply_naming_the_pass(registered, tiny_cnn):
     @registered
     class NeedsData(_Counting):
-        name = "house_needs_data"
+        name = "plugin_needs_data"
         requires = Requires(data=True)
 
-    with pytest.raises(UsageError, match=r"pass 'house_needs_data' needs calibration data: give calibration="):
-        shrink(tiny_cnn, ["foldbn", "house_needs_data"])
+    with pytest.raises(UsageError, match=r"pass 'plugin_needs_data' needs calibration data: give calibration="):
+        shrink(tiny_cnn, ["foldbn", "plugin_needs_data"])
     assert NeedsData.calls == 0
     # with data it runs, once
-    shrink(tiny_cnn, ["house_needs_data"], calibration=_feeds())
+    shrink(tiny_cnn, ["plugin_needs_data"], calibration=_feeds())
     assert NeedsData.calls == 1
 
 
@@ -105,15 +105,15 @@ def test_opsets_are_checked_before_apply_naming_the_pass(registered, tiny_cnn, o
 
     @registered
     class Picky(_Counting):
-        name = "house_picky"
+        name = "plugin_picky"
         requires = Requires(opsets=opsets)
 
     if ok:
-        shrink(tiny_cnn, ["house_picky"], calibration=_feeds())
+        shrink(tiny_cnn, ["plugin_picky"], calibration=_feeds())
         assert Picky.calls == 1
         return
-    with pytest.raises(UsageError, match=r"pass 'house_picky' rewrites opsets .* the model uses opset 17"):
-        shrink(tiny_cnn, ["foldbn", "house_picky"], calibration=_feeds())
+    with pytest.raises(UsageError, match=r"pass 'plugin_picky' rewrites opsets .* the model uses opset 17"):
+        shrink(tiny_cnn, ["foldbn", "plugin_picky"], calibration=_feeds())
     assert Picky.calls == 0
 
 
