@@ -145,6 +145,21 @@ class PassContext:
                 return reason
         return None
 
+    def unprotected(self, items, nodes_of, report, names_of=None) -> list:
+        """The ``items`` (layers, groups) none of whose nodes (``nodes_of(item)``: names) the
+        accuracy search protects; each other one is skipped in ``report`` with its reason, under
+        ``names_of(item)`` (default: its nodes)."""
+        out = []
+        for item in items:
+            nodes = list(nodes_of(item))
+            reason = self.kept(nodes)
+            if reason is None:
+                out.append(item)
+            else:
+                for name in (names_of(item) if names_of is not None else nodes):
+                    report.skip(name, reason)
+        return out
+
     def require_data(self, pass_name=None):
         """The calibration data; UsageError naming the pass without it. (The pipeline checks a
         pass's ``requires`` before ``apply``: a pass that declares ``Requires(data=True)`` need not
@@ -628,9 +643,8 @@ def _correction_report(found) -> dict:
            "bisection_reached": round(b.reached, 4) if b is not None else None,
            "from_step": round(found.failing.fraction, 4) if found.failing is not None else None,
            "sensitivity": [s.as_dict() for s in found.sensitivity]}
-    chosen = set(found.best_step.protected) if found.best_step is not None else set()
     out["protected"] = [{"unit": s.unit.label, "nodes": list(s.unit.nodes), "reason": s.reason()}
-                        for s in found.sensitivity if s.unit.label in chosen]
+                        for s in found.kept()]
     if not out["protected"]:
         out["note"] = found.note or ("the correction found no model smaller than the bisection's within the drop"
                                      if found.failing is not None else None)

@@ -74,10 +74,14 @@ class SearchResult:
     sensitivity: list = field(default_factory=list)   # [Sensitivity], most sensitive first
     note: str | None = None               # why the correction found nothing better
 
+    def kept(self) -> list:
+        """[Sensitivity] of the units the chosen candidate keeps whole."""
+        chosen = set(self.best_step.protected) if self.best_step is not None else set()
+        return [s for s in self.sensitivity if s.unit.label in chosen]
+
     def protected(self) -> dict:
         """{node name: reason} of the units the chosen candidate keeps whole."""
-        chosen = set(self.best_step.protected) if self.best_step is not None else set()
-        return {n: s.reason() for s in self.sensitivity if s.unit.label in chosen for n in s.unit.nodes}
+        return {n: s.reason() for s in self.kept() for n in s.unit.nodes}
 
 
 def smallest_within(run: Callable[[float], tuple[object, float]], score: Callable[[object], float],

@@ -295,12 +295,7 @@ def factorize(pass_name, model, cfg, ctx, layers, skipped, rewrite, multiple, re
     own input patches (or None when the moments refit already did it)."""
     for s in list(skipped) + non_finite_skips(layers):
         report.skip(s[0], s[1])
-    for layer in list(layers):   # kept whole by the accuracy search
-        reason = ctx.kept(rn for rn, _, _ in layer.sources)
-        if reason is not None:
-            layers.remove(layer)
-            for rn, _, _ in layer.sources:
-                report.skip(rn, reason)
+    layers = ctx.unprotected(layers, lambda l: (rn for rn, _, _ in l.sources), report)   # the accuracy search's
     goal_metrics = [m for m in ("flops", "params") if m in (ctx.goals or {})]
     use_data_alloc = cfg.alloc == "data" or (cfg.alloc == "auto" and cfg.whiten)
     # candidates

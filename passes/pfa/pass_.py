@@ -134,7 +134,8 @@ class Pfa(Pass):
         report = PassReport(self.name)
         an = analyze(model, ctx.sample_shapes)
         groups, report.skipped = self.eligible(model, an)
-        groups = self._unprotected(groups, ctx, report)
+        groups = ctx.unprotected(groups, lambda g: (s.node for s in g.sources), report,
+                                         names_of=lambda g: [g.name])   # the accuracy search's
         mode = cfg.mode
         has_goal = any(m in self.budgets for m in ctx.goals)
         if mode == "auto":
@@ -182,19 +183,6 @@ class Pfa(Pass):
         details["calibration_runs"] = ctx.calibration_runs
         details["fit_seconds"] = round(time.perf_counter() - t0 - ctx.calibration_seconds, 3)
         return pruned, report
-
-    @staticmethod
-    def _unprotected(groups, ctx, report):
-        """The groups none of whose source layers the accuracy search protects (``ctx.kept``);
-        the others are skipped with its reason."""
-        out = []
-        for g in groups:
-            reason = ctx.kept(s.node for s in g.sources)
-            if reason is None:
-                out.append(g)
-            else:
-                report.skip(g.name, reason)
-        return out
 
     def _meet_budget(self, sel, ctx, details):
         """(ks, keep, pruned model) for the goals of ``ctx`` (budget mode): allocate on the cost

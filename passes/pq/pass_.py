@@ -99,11 +99,7 @@ class Pq(Pass):
         report = PassReport(self.name)
         todo, skipped = self._scan(graph, cfg)
         report.skipped.extend(skipped)
-        kept = {id(layer): ctx.kept(layer.nodes) for layer, _ in todo}   # by the accuracy search
-        for layer, _ in todo:
-            if kept[id(layer)] is not None:
-                report.skipped.extend(Skip(n.name, kept[id(layer)]) for n in layer.nodes)
-        todo = [(layer, d) for layer, d in todo if kept[id(layer)] is None]
+        todo = ctx.unprotected(todo, lambda t: [n.name for n in t[0].nodes], report)   # the accuracy search's
         blocks = {layer.node.name: (layer, d, min(cfg.centroids, layer.n_weights // d)) for layer, d in todo}
         searched = "bytes" in ctx.goals and bool(blocks)
         if searched:
