@@ -64,7 +64,7 @@ def test_one_batch_still_has_held_out_rows():
 
 def test_energy_recipe_keeps_groups_whole_when_rows_are_too_few():
     """The MLP's hidden layers have 1024 channels; 32 rows show at most 31 directions, so the
-    energy recipe would keep a handful (measured before this rule: 24 of 1024, accuracy 98.67 ->
+    energy recipe would keep a handful (measured before this rule: 32 and 24 of 1024, accuracy 98.67 ->
     84.0). pfa keeps them whole and says why."""
     kind = digits.MODELS["mlp"]
     model = onnx.load(digits.model_path("mlp"))
