@@ -229,3 +229,14 @@ def test_score_outputs_are_those_a_sigmoid_gives():
     assert score_outputs(anchor_detector()) == {"scores"}
     assert score_outputs(_tiny_score_model()) == {"score"}
     assert score_outputs(detector()) == set()
+
+
+def test_cli_flags_start_from_the_default_or_the_cosine_only_gate():
+    from onnxshrink.cli import build_parser, tolerances
+    p = build_parser()
+    assert tolerances(p.parse_args(["a", "b"])) == GATE
+    assert tolerances(p.parse_args(["a", "b", "--gate", "cosine-only"])) == COSINE_ONLY
+    t = tolerances(p.parse_args(["a", "b", "--gate", "cosine-only", "--min-decision-iou", "0.7"]))
+    assert t == dataclasses.replace(COSINE_ONLY, min_decision_iou=0.7)
+    t = tolerances(p.parse_args(["a", "b", "--min-worst-cosine", "none", "--max-error", "0.5"]))
+    assert t == dataclasses.replace(GATE, min_worst_cosine=None, max_error=0.5)
