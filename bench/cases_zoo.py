@@ -120,7 +120,7 @@ def _measure(e, original, model, val, orig_out, shapes, runs, report=None):
 
 
 def _validation_cosine(report):
-    """The lowest per-output cosine of the tool's validation (the default gate is cosine >= 0.9)."""
+    """The lowest per-output cosine of the tool's validation (one of the default gate's checks)."""
     vals = [o.get("cosine") for o in (report.get("validation") or {}).get("outputs", {}).values()]
     vals = [v for v in vals if isinstance(v, (int, float))]
     return min(vals) if vals else None

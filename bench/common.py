@@ -24,7 +24,6 @@ sys.path.insert(0, ROOT)
 from models import digits  # noqa: E402
 from onnxshrink import shrink  # noqa: E402
 from onnxshrink.cost import model_cost  # noqa: E402
-from onnxshrink.validate import Tolerances  # noqa: E402
 
 
 @dataclass
@@ -102,7 +101,7 @@ def run_case(case: Case, runs=25):
     t = time.perf_counter()
     res = shrink(original, case.passes, calibration=calib, validation=val, options=case.options,
                  target_flops=case.target_flops, target_params=case.target_params,
-                 target_bytes=case.target_bytes, tolerances=Tolerances(min_cosine=None), force=True)
+                 target_bytes=case.target_bytes, force=True)   # the default gate; its verdict is in the row
     wall = time.perf_counter() - t
     row = measure(original, res.model, kind, case.batch, runs)
     row.update({
@@ -113,6 +112,7 @@ def run_case(case: Case, runs=25):
         "fit_s": sum(p.get("timing", {}).get("fit", 0.0) + p.get("timing", {}).get("search", 0.0)
                      for p in res.report["passes"]),
         "report": res.report, "result_model": res.model,
+        "gate": res.report["validation"]["passed"],
     })
     return row
 
@@ -127,4 +127,5 @@ def format_row(r):
     calib = f"{r['calib_s']:7.1f}" if r.get("calib_s") is not None else f"{'-':>7}"
     return (f"{r['model']:13} {r['label'][:34]:34} {r['params']:7.3f} {r['flops']:7.3f} {r['bytes']:7.3f} "
             f"{r['latency']:8.3f} {100 * r['acc_before']:7.2f} {100 * r['acc_after']:7.2f} {d:6.2f} {wall} {calib}"
-            f" {r.get('calib_runs', 0):4d} {r.get('fit_s', 0.0):7.1f}")
+            f" {r.get('calib_runs', 0):4d} {r.get('fit_s', 0.0):7.1f}"
+            + ("" if r.get("gate", True) else "  default gate fails: " + "; ".join(r["report"]["validation"]["problems"])))

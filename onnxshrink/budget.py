@@ -71,10 +71,13 @@ def reached(targets: dict, original: dict, after: dict) -> dict:
     return out
 
 
-def missed(reached_targets: dict, reports=()) -> TargetError | None:
+def missed(reached_targets: dict, reports=(), others: dict | None = None) -> TargetError | None:
     """The error to raise when a target was missed, else None. ``reports``: the chain's pass
     reports; a pass that says what it could reach (``details["reach"]``: the share of its input's
-    cost it acts on and the lowest fraction it could leave) is named in the message."""
+    cost it acts on and the lowest fraction it could leave) is named in the message. ``others``:
+    {metric: {pass: floor}} of passes outside the chain (``inspection.floors``); those whose floor
+    meets a missed target are named as passes that could reach it (also in ``reached_targets``,
+    as "could_reach")."""
     misses = [r["why"] if r["reached"] is None else f"{m} {r['reached']:.3f} of the original (target {r['target']:.3f})"
               for m, r in reached_targets.items() if not r["met"]]
     if not misses:
@@ -91,7 +94,17 @@ def missed(reached_targets: dict, reports=()) -> TargetError | None:
             verdict = "enough for the target" if _verdict_goal(m, r["target"]).met(floor) else "short of the target"
             reach.append(f"{rep.name} acts on {acts:.1%} of the {m} it was given and could leave at least "
                          f"{floor:.3f} of them ({verdict})")
+    could = []
+    for m, r in reached_targets.items():
+        if r["met"] or others is None or m not in others:
+            continue
+        ok = sorted((f, name) for name, f in others[m].items() if _verdict_goal(m, r["target"]).met(f))
+        r["could_reach"] = [{"pass": name, "floor": round(f, 4)} for f, name in ok]
+        could.append(f"{m} {r['target']:.3f} is within reach of " + ", ".join(
+            f"{name} (alone it could leave {f:.3f})" for f, name in ok) if ok else
+            f"no other pass alone could leave {m} {r['target']:.3f}")
     why = ("; reachable: " + "; ".join(reach)) if reach else ""
+    why += ("; " + "; ".join(could)) if could else ""
     return TargetError("target cannot be met: the chain reached " + "; ".join(misses) + why
                        + " (see the report's skipped nodes)")
 
@@ -140,8 +153,12 @@ class Budget:
             goals[metric] = Goal(metric, limit, final, fraction)
         return goals
 
-    def verdict(self, after: dict, reports=()) -> tuple:
+    def verdict(self, after: dict, reports=(), others=None) -> tuple:
         """(reached: {metric: {target, reached, met}} for the report, the TargetError to raise
-        when a target was missed, else None)."""
+        when a target was missed, else None). ``others``: a callable giving ``missed``'s
+        {metric: {pass: floor}} of the passes outside the chain, called only when a target was missed."""
         out = reached(self.targets, self.original, after)
-        return out, missed(out, reports)
+        err = missed(out, reports)
+        if err is not None and others is not None:
+            err = missed(out, reports, others([m for m, r in out.items() if not r["met"]]))
+        return out, err

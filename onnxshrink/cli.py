@@ -11,6 +11,7 @@ files are written atomically: a run stopped early leaves nothing behind).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import signal
@@ -37,10 +38,22 @@ EXIT_CODES = f"""exit codes:
 _FLAGS = {"force=True": "--force", "target_flops": "--target-flops", "target_params": "--target-params",
           "target_size": "--target-size", "min_cosine": "--min-cosine", "min_top1": "--min-top1",
           "max_error": "--max-error", "max_rel_l2": "--max-rel-l2", "max_range_error": "--max-range-error",
-          "min_worst_cosine": "--min-worst-cosine", "max_drop": "--max-drop", "metric=": "--metric", "random_calibration=N": "--random-calibration N",
+          "min_worst_cosine": "--min-worst-cosine",
+          "min_decision_iou": "--min-decision-iou", "max_drop": "--max-drop", "metric=": "--metric", "random_calibration=N": "--random-calibration N",
           "random_calibration": "--random-calibration", "batch_size": "--batch-size",
           "calibration=": "--calibration-data PATH", "validation=": "--validation-data PATH"}
 _FLAG_RE = re.compile(r"(?<![\w-])(" + "|".join(re.escape(k) for k in sorted(_FLAGS, key=len, reverse=True)) + r")(?![\w])")
+
+
+_UNSET = object()   # a tolerance flag not given
+
+
+def tolerances(args) -> Tolerances:
+    """The tolerances of the flags: those given over the gate ``--gate`` names."""
+    base = Tolerances.cosine_only() if args.gate == "cosine-only" else Tolerances()
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Tolerances)
+             if getattr(args, f.name) is not _UNSET}
+    return dataclasses.replace(base, **given)
 
 
 def _limit(text):
@@ -85,20 +98,30 @@ def build_parser():
     p.add_argument("--target-size", metavar="F", help="bytes of the result as a fraction of the original (pq)")
     p.add_argument("--set", action="append", default=[], metavar="PASS.KEY=VALUE", help="pass option (repeatable)")
     p.add_argument("--report", metavar="PATH", help="write the JSON report here")
-    p.add_argument("--max-error", type=float, help="fail if any output's max abs error exceeds this")
-    p.add_argument("--max-rel-l2", type=_limit, default=None, metavar="X|none",
-                   help="fail if an output's relative L2 error exceeds this (zoo gate 0.2; not for probability outputs)")
-    p.add_argument("--min-cosine", type=_limit, default=0.9, metavar="X|none",
-                   help="fail if an output's cosine is below this (default 0.9; not for probability outputs)")
-    p.add_argument("--min-top1", type=_limit, default=None, metavar="X|none",
+    p.add_argument("--max-error", type=_limit, default=_UNSET, metavar="X|none",
+                   help="fail if any output's max abs error exceeds this (default: off)")
+    d = Tolerances()   # the default gate; a flag not given keeps its default (or --gate cosine-only's)
+    p.add_argument("--gate", choices=["default", "cosine-only"], default="default",
+                   help="the set of validation checks the flags below start from: default (the gate chosen on the "
+                        "real-model zoo) or cosine-only (the former lenient default: --min-cosine 0.9 alone)")
+    p.add_argument("--max-rel-l2", type=_limit, default=_UNSET, metavar="X|none",
+                   help=f"fail if an output's relative L2 error exceeds this (default {d.max_rel_l2}; not for "
+                        "probability outputs)")
+    p.add_argument("--min-cosine", type=_limit, default=_UNSET, metavar="X|none",
+                   help=f"fail if an output's cosine is below this (default {d.min_cosine}; not for probability outputs)")
+    p.add_argument("--min-top1", type=_limit, default=_UNSET, metavar="X|none",
                    help="fail if the top-1 agreement of a probability distribution over the last axis is below this "
-                        "(zoo gate 0.9)")
-    p.add_argument("--max-range-error", type=_limit, default=None, metavar="X|none",
+                        f"(default {d.min_top1})")
+    p.add_argument("--max-range-error", type=_limit, default=_UNSET, metavar="X|none",
                    help="fail if an output's max abs error exceeds this fraction of its range (1 for probabilities; "
-                        "zoo gate 0.35)")
-    p.add_argument("--min-worst-cosine", type=_limit, default=None, metavar="X|none",
+                        f"default {d.max_range_error})")
+    p.add_argument("--min-worst-cosine", type=_limit, default=_UNSET, metavar="X|none",
                    help="fail if the worst sample's cosine of an output of >= 32 values a sample is below this "
-                        "(zoo gate 0.98)")
+                        f"(default {d.min_worst_cosine})")
+    p.add_argument("--min-decision-iou", type=_limit, default=_UNSET, metavar="X|none",
+                   help="fail if, for a probability output that is not a distribution (sigmoid scores, maps), the "
+                        "IoU of the values above 0.25, 0.5 or 0.75 in the original and the result is below this "
+                        f"(default {d.min_decision_iou})")
     p.add_argument("--metric", metavar="NAME|FILE.py:FN|MODULE:FN",
                    help="task metric, higher is better, evaluated on the validation feeds for the original and the "
                         "result: top1, cosine, rel_l2, mse, or fn(outputs_per_feed, feeds) -> float of your own")
@@ -295,9 +318,7 @@ def _main(argv) -> int:
     from .pipeline import shrink
     if not os.path.isfile(args.input) and os.path.exists(args.input):
         raise UsageError(f"input '{args.input}' is not a file")
-    tol = Tolerances(max_error=args.max_error, min_cosine=args.min_cosine, min_top1=args.min_top1,
-                     max_rel_l2=args.max_rel_l2, max_range_error=args.max_range_error,
-                     min_worst_cosine=args.min_worst_cosine)
+    tol = tolerances(args)
     check_output_paths(args.output, args.input, args.report, force=args.force,
                        external=os.path.isfile(args.input) and _may_be_external(args.input),
                        data_paths=(args.calibration_data, args.validation_data))

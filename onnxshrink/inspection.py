@@ -75,6 +75,26 @@ def _frac(v):
     return "?" if v is None else f"{v:.3f}"
 
 
+def floors(model, metrics, shapes, exclude=()) -> dict:
+    """{metric: {pass name: the lowest fraction of it the pass alone could leave}} for the built
+    passes outside ``exclude`` that can search a budget of ``metric`` (their ``reach`` at default
+    options; a pass whose reach fails is left out): which other passes could meet a target."""
+    out = {m: {} for m in metrics}
+    for name, cls in sorted(all_passes().items()):
+        p = cls()
+        wanted = [m for m in metrics if m in getattr(p, "budgets", ())]
+        if name in exclude or not wanted or not hasattr(p, "reach"):
+            continue
+        try:
+            floor = p.reach(model, make_config(p, {}), shapes)["floor"]
+        except Exception:   # never let the message of another failure break
+            continue
+        for m in wanted:
+            if floor.get(m) is not None:
+                out[m][name] = floor[m]
+    return out
+
+
 def reach_lines(model, chosen, options, shapes) -> list:
     """Per budget-capable pass: the share of the model's params and FLOPs it can act on, and the
     lowest fraction of each it alone could leave (so a user sees whether a target is reachable)."""

@@ -116,6 +116,22 @@ class _Bar:
             self._bar = None
 
 
+ROWS_PER_COLUMN = 1   # a refit from fewer rows than input columns is underdetermined: only the ridge holds it
+
+
+def few_rows_warning(reports) -> str | None:
+    """One line for the whole run when a pass refit layers from fewer calibration rows than
+    their input columns (``PassContext.note_rows``), else None."""
+    few = [(r.name, k, r.details["rows"][k]) for r in reports for k in r.details.get("few_rows", ())]
+    if not few:
+        return None
+    name, layer, worst = min(few, key=lambda f: f[2]["rows"] / max(f[2]["width"], 1))
+    return (f"the calibration data is small for {len(few)} refit layer(s): {name} refit '{layer}' from "
+            f"{worst['rows']} rows for {worst['width']} input columns (the fewest per column); the ridge "
+            "is chosen on held-out rows, but more calibration samples would make the refits surer "
+            "(the report's passes[].rows lists every layer)")
+
+
 @dataclass
 class PassContext:
     """What a pass gets besides the model and its config."""
@@ -135,6 +151,18 @@ class PassContext:
     current_bar: _Bar | None = field(default=None, repr=False)
     pass_name: str = "?"                 # the pass this context was made for (named in errors)
     protected: dict = field(default_factory=dict)   # {node name: why it stays whole} (the accuracy search)
+    rows: dict = field(default_factory=dict)        # {refit layer: {"rows", "width"}} (``note_rows``)
+
+    def note_rows(self, layer: str, rows: int, width: int) -> None:
+        """Record that ``layer`` was refit from ``rows`` calibration rows (samples × the spatial
+        positions or tokens used) for an input of ``width`` columns; the pass's report lists them
+        and a run warns when a layer has fewer rows than ``ROWS_PER_COLUMN`` × its width."""
+        self.rows[layer] = {"rows": int(rows), "width": int(width)}
+
+    def calibration_batches(self) -> int:
+        """How many batches a calibration run over the data takes (1: the data is one batch)."""
+        from .calibrate import _batches
+        return _batches(self.require_data(), self.batch_size, self.reference)[1]
 
     def kept(self, nodes) -> str | None:
         """Why a unit made of ``nodes`` (names) must stay whole: the reason of the first protected
@@ -571,6 +599,11 @@ def _chain(model, original, call: _Call, budget: budget_mod.Budget, signatures, 
         rep.details.setdefault("calibration_seconds", round(ctx.calibration_seconds, 3))
         rep.details.setdefault("calibration_runs", ctx.calibration_runs)
         rep.details["timing"] = ctx.timing_report(rep.details["seconds"])
+        if ctx.rows:
+            rep.details["rows"] = {k: ctx.rows[k] for k in sorted(ctx.rows)}
+            few = [k for k in sorted(ctx.rows) if ctx.rows[k]["rows"] < ROWS_PER_COLUMN * ctx.rows[k]["width"]]
+            if few:
+                rep.details["few_rows"] = few
         reports.append(rep)
         done.append(p.name)
     return model, reports
@@ -659,6 +692,7 @@ def _execute(model, original, call: _Call):
     sample_shapes = dict(signatures[0]["inputs"]) if signatures else None
     _flops_countable(model, signatures, call.budget.targets)
     before = model_cost(model, signatures)
+    loaded = model
     call = dataclasses.replace(call, budget=call.budget.at(before))
     timing, search_info = {}, None
     if call.max_drop is not None and not call.budget:
@@ -668,7 +702,15 @@ def _execute(model, original, call: _Call):
     else:
         model, reports = _chain(model, original, call, call.budget, signatures, sample_shapes)
     after = model_cost(model, signatures)
-    reached, missed = call.budget.verdict(after, reports)
+    small = few_rows_warning(reports)
+    if small is not None:
+        warnings.warn(small, stacklevel=2)
+    chain = {r.name for r in reports}
+
+    def others(metrics):   # the passes outside the chain that could meet a missed target
+        from .inspection import floors
+        return floors(loaded, metrics, sample_shapes, exclude=chain)
+    reached, missed = call.budget.verdict(after, reports, others)
     val = call.val
     if val is None:
         val = random_data(original, 16, call.seed, sample_shapes)
@@ -687,6 +729,8 @@ def _execute(model, original, call: _Call):
     report = make_report(before, after, reports, validation_result, reached, timing,
                          model=call.input_info["model"])
     report["input"] = call.input_info
+    if small is not None:
+        report["warnings"] = report.get("warnings", []) + [small]
     report["cost_shapes"] = [{"inputs": {k: list(v) for k, v in sig["inputs"].items()}, "batch": sig["batch"],
                               "samples": sig["samples"]} for sig in signatures] if signatures else None
     if search_info is not None:

@@ -87,8 +87,10 @@ def console_table(report) -> str:
     v = report.get("validation") or {}
     for name, m in (v.get("outputs") or {}).items():
         t1 = m.get("top1_agreement")
+        iou = m.get("decision_iou")
         lines.append(f"output {name}: max_abs {m['max_abs']:.4g}, rel_l2 {m['rel_l2']:.4g}, "
-                     f"cosine {m['cosine']:.5f}" + (f", top1 agreement {t1:.4f}" if t1 is not None else ""))
+                     f"cosine {m['cosine']:.5f}" + (f", top1 agreement {t1:.4f}" if t1 is not None else "")
+                     + (f", decision IoU {iou:.4f}" if iou is not None else ""))
     if v.get("tensorrt_unparseable"):
         lines.append("warning: the rewrite introduced ops TensorRT's ONNX parser does not accept: "
                      + ", ".join(v["tensorrt_unparseable"]))

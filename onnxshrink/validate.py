@@ -6,14 +6,18 @@ the ops a rewrite introduces are listed, with those TensorRT's ONNX parser would
 Numeric, on held-out inputs, per output: max abs error, relative L2 error ‖a − b‖/‖a‖, cosine
 similarity of the flattened outputs, the max abs error relative to the output's scale (the range
 of the original's values, or 1 for probabilities), the worst sample (lowest cosine, largest
-relative L2), and for outputs whose last axis is > 1 top-1 agreement along it.
+relative L2), for outputs whose last axis is > 1 top-1 agreement along it, and for score outputs
+(a Sigmoid gives them) the decision IoU: of the values above 0.5 in either model, the share
+above it in both.
 
-The zoo gate (``ZOO_GATE``; not yet the default: the default is cosine ≥ 0.9), chosen on the real-model zoo (README, "What the default
-validation checks"): per output, max abs error ≤ 0.35 of the output's scale; relative L2 ≤ 0.2
+The default gate (``Tolerances()``, the same as ``ZOO_GATE``), chosen on the real-model zoo
+(README, "What the default validation checks"; ``Tolerances.cosine_only()`` is the former,
+lenient default): per output, max abs error ≤ 0.35 of the output's scale; relative L2 ≤ 0.2
 and cosine ≥ 0.9 overall; worst-sample cosine ≥ 0.98 for outputs of at least 32 values a sample;
-top-1 agreement ≥ 0.9 for probability distributions over the last axis. Probability outputs
-(every value of the original in [0, 1]) are judged on their own absolute scale only: relative
-measures of scores that all sit near 0 measure noise.
+top-1 agreement ≥ 0.9 for probability distributions over the last axis; decision IoU ≥ 0.8 for
+score outputs with at least 10 values above 0.5. Probability outputs (every value of the original
+in [0, 1]) are judged on their own absolute scale only: relative measures of scores that all sit
+near 0 measure noise.
 """
 
 from __future__ import annotations
@@ -58,19 +62,25 @@ def introduced_ops(original: onnx.ModelProto, model: onnx.ModelProto) -> dict:
 
 
 WORST_SAMPLE_MIN_VALUES = 32   # worst-sample cosine is judged on outputs of at least this many values a sample
+DECISION_THRESHOLD = 0.5      # a score output's decisions: its values above this
+DECISION_MIN_POSITIVES = 10    # the decision IoU is judged when at least this many values are above it (either model)
+SCORE_OPS = ("Sigmoid", "HardSigmoid")          # an output one of these gives (through SHAPE_OPS) is a score output
+SHAPE_OPS = ("Identity", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze")
 
 
 @dataclass
 class Tolerances:
     max_error: float | None = None    # max abs error per output
     min_cosine: float | None = 0.9    # cosine similarity per output (not for probability outputs)
-    min_top1: float | None = None     # top-1 agreement of probability distributions over the last axis
-    max_rel_l2: float | None = None   # relative L2 error per output (not for probability outputs)
-    max_range_error: float | None = None   # max abs error / the output's scale (range, or 1 for probabilities)
-    min_worst_cosine: float | None = None  # the worst sample's cosine, outputs of ≥ 32 values a sample
+    min_top1: float | None = 0.9      # top-1 agreement of probability distributions over the last axis
+    max_rel_l2: float | None = 0.2    # relative L2 error per output (not for probability outputs)
+    max_range_error: float | None = 0.35   # max abs error / the output's scale (range, or 1 for probabilities)
+    min_worst_cosine: float | None = 0.98  # the worst sample's cosine, outputs of ≥ 32 values a sample
+    min_decision_iou: float | None = 0.8   # score outputs (a Sigmoid gives them): IoU of the values above 0.5
 
     def __post_init__(self):
-        for name in ("max_error", "min_cosine", "min_top1", "max_rel_l2", "max_range_error", "min_worst_cosine"):
+        for name in ("max_error", "min_cosine", "min_top1", "max_rel_l2", "max_range_error", "min_worst_cosine",
+                     "min_decision_iou"):
             v = getattr(self, name)
             if v is None:
                 continue
@@ -81,9 +91,18 @@ class Tolerances:
             if not ok:
                 raise UsageError(f"{name} must be a finite number (or None to skip the check), got {v!r}")
 
+    @classmethod
+    def cosine_only(cls, min_cosine: float = 0.9) -> "Tolerances":
+        """The former default: cosine ≥ ``min_cosine`` on every output that is not a probability,
+        no other check (lenient: it passes task-broken models; README, "What the default
+        validation checks")."""
+        return cls(min_cosine=min_cosine, min_top1=None, max_rel_l2=None, max_range_error=None,
+                   min_worst_cosine=None, min_decision_iou=None)
+
 
 # the gate chosen on the real-model zoo (README, "What the default validation checks")
-ZOO_GATE = dict(min_cosine=0.9, min_top1=0.9, max_rel_l2=0.2, max_range_error=0.35, min_worst_cosine=0.98)
+ZOO_GATE = dict(min_cosine=0.9, min_top1=0.9, max_rel_l2=0.2, max_range_error=0.35, min_worst_cosine=0.98,
+                min_decision_iou=0.8)
 
 
 def structural_problems(original: onnx.ModelProto, model: onnx.ModelProto) -> list[str]:
@@ -137,7 +156,8 @@ class OutputStats:
     both give (reported), and the worst sample (lowest cosine; its relative L2, and the largest
     relative L2 of any sample)."""
 
-    def __init__(self):
+    def __init__(self, score: bool = False):
+        self.score = score
         self.max_abs, self.d2, self.a2, self.b2, self.ab = 0.0, 0.0, 0.0, 0.0, 0.0
         self.agree = self.rows = self.compared = self.mismatch = self.both = self.total = 0
         self.shape_mismatch = None
@@ -146,6 +166,7 @@ class OutputStats:
         self.lo, self.hi = math.inf, -math.inf
         self.distribution = True
         self.values_per_sample = None
+        self.above_both = self.above_either = 0   # values above DECISION_THRESHOLD in both models, in either
 
     def add(self, x, y, feed=None, first_sample=0, samples=None):
         if x.shape != y.shape:
@@ -169,6 +190,10 @@ class OutputStats:
             self.b2 += float(yc @ yc)
             self.ab += float(xc @ yc)
             self.lo, self.hi = min(self.lo, float(xc.min())), max(self.hi, float(xc.max()))
+            if self.score:
+                px, py = xc > DECISION_THRESHOLD, yc > DECISION_THRESHOLD
+                self.above_both += int(np.count_nonzero(px & py))
+                self.above_either += int(np.count_nonzero(px | py))
         floating = np.issubdtype(x.dtype, np.floating)
         if x.ndim >= 1 and x.shape[-1] > 1 and floating and x.size:
             ok = np.isfinite(x).all(-1) & np.isfinite(y).all(-1)
@@ -219,6 +244,11 @@ class OutputStats:
                  "range_error": range_error, "scale": scale, "probability": probability,
                  "distribution": bool(probability and self.rows and self.distribution),
                  "worst_rel_l2": self.worst_rel_l2, "values_per_sample": self.values_per_sample}
+        if self.score:
+            entry["score"] = True
+            entry["above_threshold"] = self.above_either
+            if self.above_either >= DECISION_MIN_POSITIVES:
+                entry["decision_iou"] = self.above_both / self.above_either
         if self.mismatch:
             entry["nonfinite_mismatch"] = self.mismatch
         if self.both:
@@ -228,6 +258,21 @@ class OutputStats:
         if self.worst is not None:
             entry["worst"] = self.worst
         return entry
+
+
+def score_outputs(model: onnx.ModelProto) -> set:
+    """Names of the graph outputs that are scores: a Sigmoid (``SCORE_OPS``) gives them, directly
+    or through ops that only move values (``SHAPE_OPS``). Their values above 0.5 are decisions (a
+    detection kept, a pixel in a mask)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    out = set()
+    for o in model.graph.output:
+        t, hops = o.name, 0
+        while t in producer and producer[t].op_type in SHAPE_OPS and producer[t].input and hops < 64:
+            t, hops = producer[t].input[0], hops + 1
+        if t in producer and producer[t].op_type in SCORE_OPS:
+            out.add(o.name)
+    return out
 
 
 def compare_outputs(a: dict, b: dict) -> dict:
@@ -268,7 +313,8 @@ def compare_models(original, model, data: DataSource, problems: list, keep: dict
     except Exception as e:
         problems.append(f"ONNX Runtime cannot load the model: {first_line(e)}")
         return {}, 0, 0
-    stats = {n: OutputStats() for n in names}
+    scores = score_outputs(original)
+    stats = {n: OutputStats(score=n in scores) for n in names}
     samples = 0
     try:
         for (outs, index, first, n), (feed, _, _) in zip(ref, _units(original, data)):
@@ -369,4 +415,8 @@ def _tolerance_failures(outputs, tol: Tolerances):
         if tol.min_top1 is not None and m.get("distribution") and m["top1_agreement"] is not None \
                 and m["top1_agreement"] < tol.min_top1:
             fails.append(f"output '{name}' top-1 agreement {m['top1_agreement']:.4f} < {tol.min_top1}")
+        iou = m.get("decision_iou")
+        if tol.min_decision_iou is not None and iou is not None and iou < tol.min_decision_iou:
+            fails.append(f"output '{name}' decision IoU {iou:.4f} (its values above {DECISION_THRESHOLD} in the "
+                         f"original and in the result) < {tol.min_decision_iou}")
     return fails

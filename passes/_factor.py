@@ -428,7 +428,9 @@ def factorize(pass_name, model, cfg, ctx, layers, skipped, rewrite, multiple, re
         req = WeightLayer(node, graph).stats_request("nr:" + n, node.inputs[0].name, layer.y, positions=cfg.positions)
 
         def refit_second(stats, graph):
-            wmat, b = ridge_solve(stats["nr:" + n], cfg.ridge, fit_bias=layer.fit_bias)
+            cm = stats["nr:" + n]
+            ctx.note_rows(second, cm.n, cm.xy.shape[0])
+            wmat, b = ridge_solve(cm, cfg.ridge, fit_bias=layer.fit_bias)
             WeightLayer(node_by_name(graph, second), graph).write(wmat, b if layer.fit_bias else None)
         return Again([req], refit_second)
 

@@ -162,12 +162,15 @@ def test_npz_folder_through_the_cli(rng, tmp_path):
     ("pq", {}), ("lowrank", {"lowrank": {"conv": True, "energy": 0.8, "rank_multiple": 1}})])
 def test_passes_on_images_of_different_sizes(pass_name, opts, rng):
     model = dynamic_cnn()
-    feeds = image_feeds(rng, SIZES * 2)
+    # pfa's energy recipe needs more response rows than a group's channels (16): 32 fitting images
+    reps = 4 if pass_name == "pfa" else 2
+    feeds = image_feeds(rng, SIZES * reps)
     res = shrink(model, pass_name, calibration=feeds, options=opts)
     v = res.report["validation"]
+    held = 2 * reps   # the last 20 % of the feeds
     assert res.report["passes"][0]["changed"], res.report["passes"][0]
-    assert v["passed"] and v["feeds"] == 4 and v["samples"] == 4 and v["outputs"]["logits"]["cosine"] > 0.99
-    assert 16 <= v["outputs"]["logits"]["worst"]["feed"] <= 19   # indices of the whole data's feeds
+    assert v["passed"] and v["feeds"] == held and v["samples"] == held and v["outputs"]["logits"]["cosine"] > 0.99
+    assert len(feeds) - held <= v["outputs"]["logits"]["worst"]["feed"] < len(feeds)   # indices of the whole data's feeds
     for f in feeds[:3]:   # the rewritten model runs at every size
         assert run(res.model, f)[0].shape == (1, 10)
 
@@ -182,7 +185,11 @@ def test_passes_on_sequences_of_different_lengths(pass_name, rng):
 
 @pytest.mark.parametrize("pass_name", ["pfa", "lowrank"])
 def test_scalar_and_state_inputs_pass_through(pass_name, rng):
-    res = shrink(state_model(), pass_name, calibration=state_feeds(rng), force=True, options=LOWRANK.get(pass_name))
+    # 20 fitting samples are too few for pfa's energy recipe on 32 channels (it keeps them whole):
+    # a target's allocation, which fits the consumer, prunes them
+    target = {"target_params": 0.7} if pass_name == "pfa" else {}
+    res = shrink(state_model(), pass_name, calibration=state_feeds(rng), force=True, options=LOWRANK.get(pass_name),
+                 **target)
     v = res.report["validation"]
     assert v["feeds"] == 2 and v["outputs"]["y"]["cosine"] > 0.5
     assert res.report["passes"][0]["changed"]
@@ -386,9 +393,11 @@ def test_flops_target_on_a_model_static_inference_cannot_count(rng, tmp_path):
     import json
     onnx.save(reshape_model(), tmp_path / "m.onnx")
     np.savez(tmp_path / "d.npz", x=rng.standard_normal((40, 6, 16)).astype(np.float32))
+    # about counting FLOPs: a random-weight MatMul on white noise at rank 0.8 is a real loss (relative
+    # L2 0.37, which the default gate rightly fails), so this test keeps the former cosine-only gate
     rc = main([str(tmp_path / "m.onnx"), str(tmp_path / "o.onnx"), "--passes", "lowrank", "--calibration-data",
                str(tmp_path / "d.npz"), "--target-flops", "0.8", "--set", "lowrank.rank_multiple=1",
-               "--report", str(tmp_path / "r.json"), "--quiet", "--force"])
+               "--report", str(tmp_path / "r.json"), "--quiet", "--force", "--gate", "cosine-only"])
     rep = json.loads((tmp_path / "r.json").read_text())
     t = rep["targets"]["flops"]
     assert rc == 0 and rep["before"]["flops"] == 2 * 6 * 16 * 32 * 2 + 6 * 32 + 3   # + the Mul on the shape vector

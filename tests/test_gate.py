@@ -1,18 +1,28 @@
-"""The zoo validation gate (``ZOO_GATE``, opt-in): a planted broken detection head fails it while
-raw cosine alone would pass it; a faithful rewrite of the same model passes; scores that all sit
-near 0 are judged on their own absolute scale."""
+"""The default validation gate (``Tolerances()``, chosen on the zoo: ``ZOO_GATE``): planted broken
+detection heads fail it while raw cosine alone (the former default, ``Tolerances.cosine_only()``)
+would pass them; a faithful rewrite of the same model passes; scores that all sit near 0 are
+judged on their own absolute scale."""
+
+import dataclasses
 
 import numpy as np
 import onnx
-from graphs import GraphBuilder
+import pytest
+from graphs import GraphBuilder, run
 from onnx import numpy_helper
 
 from onnxshrink.calibrate import load_data
 from onnxshrink.validate import ZOO_GATE, Tolerances, validate
 
-GATE = Tolerances(**ZOO_GATE)
+GATE = Tolerances()
 
-COSINE_ONLY = Tolerances(min_cosine=0.9, min_top1=None, max_rel_l2=None, max_range_error=None, min_worst_cosine=None)
+COSINE_ONLY = Tolerances.cosine_only()
+
+
+def test_default_is_the_zoo_gate_and_cosine_only_is_explicit():
+    assert dataclasses.asdict(GATE) == {"max_error": None, **ZOO_GATE}
+    off = [f for f, v in dataclasses.asdict(COSINE_ONLY).items() if v is None]
+    assert COSINE_ONLY.min_cosine == 0.9 and len(off) == len(dataclasses.fields(Tolerances)) - 1
 
 
 def detector(seed=0):
@@ -34,11 +44,12 @@ def detector(seed=0):
     return b.model()
 
 
-def _perturb_head(model, rel, rows=slice(0, 4), seed=1):
-    """A copy whose head Conv (the last Conv) has weights W + rel·‖W‖·R/‖R‖ on output channels ``rows``."""
+def _perturb_head(model, rel, rows=slice(0, 4), seed=1, conv=-1):
+    """A copy whose head Conv (the last Conv, or Conv number ``conv``) has weights W + rel·‖W‖·R/‖R‖
+    on output channels ``rows``."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    head = [n for n in m.graph.node if n.op_type == "Conv"][-1]
+    head = [n for n in m.graph.node if n.op_type == "Conv"][conv]
     init = next(t for t in m.graph.initializer if t.name == head.input[1])
     w = numpy_helper.to_array(init).copy()
     r = np.random.default_rng(seed).standard_normal(w[rows].shape).astype(np.float32)
@@ -120,3 +131,112 @@ def test_near_zero_scores_judged_on_absolute_scale():
         assert v["passed"] is passes, v["problems"]
         if passes:   # the relative measures would have failed it
             assert v["outputs"]["score"]["rel_l2"] > 0.2
+
+
+def anchor_detector(seed=0, anchors=3):
+    """input(N,3,16,16) -> Conv s2 -> Relu -> Conv -> Relu -> two 1x1 heads over the 8x8 cells:
+         -> boxes (N, 192, 4)                 (4 numbers per anchor)
+         -> Sigmoid -> scores (N, 192)        (one objectness score per anchor)
+
+    A single-stage detector's head (YOLO/SSD style, 3 anchors a cell). The score bias is set so
+    that about 10 % of the anchors score above 0.5, as in a picture with a few objects."""
+    b = GraphBuilder(seed)
+    x = b.input("input", ["N", 3, 16, 16])
+    h = b.relu(b.conv(x, 3, 16, stride=2))
+    h = b.relu(b.conv(h, 16, 16))
+    boxes = b.node("Transpose", [b.conv(h, 16, 4 * anchors, k=1)], perm=[0, 2, 3, 1])
+    b.node("Reshape", [boxes, b.const(np.array([0, -1, 4], np.int64))], out="boxes")
+    logits = b.node("Transpose", [b.conv(h, 16, anchors, k=1)], perm=[0, 2, 3, 1])
+    b.node("Sigmoid", [b.node("Reshape", [logits, b.const(np.array([0, -1], np.int64))])], out="scores")
+    b.output("boxes", ["N", None, 4])
+    b.output("scores", ["N", None])
+    model = b.model()
+    scores = np.concatenate([run(model, f)[1].ravel() for f in _det_feeds()])
+    q = float(np.quantile(np.log(scores / (1 - scores)), 0.9))
+    return _shift_scores(model, q)
+
+
+def _shift_scores(model, shift):
+    """A copy whose score head's bias is lowered by ``shift`` (every anchor's logit − shift)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    head = [n for n in m.graph.node if n.op_type == "Conv"][-1]
+    init = next(t for t in m.graph.initializer if t.name == head.input[2])
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) - np.float32(shift), init.name))
+    return m
+
+
+def _det_feeds(n=16, seed=0):
+    rng = np.random.default_rng(seed)
+    return [{"input": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(n)]
+
+
+def _scores(model):
+    return np.concatenate([run(model, f)[1].ravel() for f in _det_feeds()])
+
+
+def test_planted_broken_score_head_fails_the_default_gate_on_decisions():
+    """The issue's case: the scores' raw cosine stays >= 0.99 while the detections kept after the
+    score threshold fall to under half. The range error (0.12 of the probability scale) and the
+    cosine pass it; the decision IoU (of the values above 0.5 in either model, the share above it
+    in both) fails it."""
+    model = anchor_detector()
+    data = load_data(_det_feeds(), model)
+    broken = _shift_scores(model, 0.5)
+    a, b = _scores(model), _scores(broken)
+    assert 0.08 < (a > 0.5).mean() < 0.12
+    cosine = float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+    recall = float(((a > 0.5) & (b > 0.5)).sum() / (a > 0.5).sum())
+    assert cosine >= 0.99 and recall < 0.5          # what a detection metric sees
+    old = validate(model, broken, data, COSINE_ONLY)
+    assert old["passed"], old["problems"]            # raw cosine passes it
+    v = validate(model, broken, data, GATE)
+    m = v["outputs"]["scores"]
+    assert m["probability"] and not m["distribution"] and m["score"]
+    assert m["range_error"] < ZOO_GATE["max_range_error"]          # not the range check: 0.12
+    assert len(v["problems"]) == 1 and "'scores' decision IoU" in v["problems"][0], v["problems"]
+    assert m["decision_iou"] == pytest.approx(recall, abs=1e-6) and recall < 0.5   # nothing new above 0.5: IoU = recall
+    assert f"{m['decision_iou']:.4f}" in v["problems"][0]
+    assert "decision_iou" not in v["outputs"]["boxes"] and v["outputs"]["boxes"]["rel_l2"] == 0.0
+
+
+def test_faithful_score_head_passes_the_default_gate():
+    model = anchor_detector()
+    data = load_data(_det_feeds(), model)
+    close = _shift_scores(_perturb_head(model, 0.01, rows=slice(0, 12), conv=-2), 0.02)   # boxes 1 %, logits − 0.02
+    v = validate(model, close, data, GATE)
+    assert v["passed"], v["problems"]
+    m = v["outputs"]["scores"]
+    assert m["score"] and m["above_threshold"] > 100 and m["decision_iou"] > 0.9
+    assert 0 < v["outputs"]["boxes"]["rel_l2"] < 0.05
+
+
+def test_decision_iou_needs_enough_values_above_the_threshold():
+    """Scores all near 0 (background only): fewer than 10 values above 0.5, so there is no decision
+    IoU and the check does not apply (the range error still does)."""
+    model = _tiny_score_model()
+    rng = np.random.default_rng(0)
+    data = load_data({"x": rng.standard_normal((40, 16)).astype(np.float32)}, model)
+    v = validate(model, model, data, GATE)
+    m = v["outputs"]["score"]
+    assert m["score"] and m["above_threshold"] < 10 and "decision_iou" not in m and v["passed"]
+
+
+def test_score_outputs_are_those_a_sigmoid_gives():
+    """Through shape-only ops (Reshape) a Sigmoid still makes a score; values in [0, 1] from a Gemm
+    (normalised landmarks, boxes) or a Softmax are not thresholded decisions."""
+    from onnxshrink.validate import score_outputs
+    assert score_outputs(anchor_detector()) == {"scores"}
+    assert score_outputs(_tiny_score_model()) == {"score"}
+    assert score_outputs(detector()) == set()
+
+
+def test_cli_flags_start_from_the_default_or_the_cosine_only_gate():
+    from onnxshrink.cli import build_parser, tolerances
+    p = build_parser()
+    assert tolerances(p.parse_args(["a", "b"])) == GATE
+    assert tolerances(p.parse_args(["a", "b", "--gate", "cosine-only"])) == COSINE_ONLY
+    t = tolerances(p.parse_args(["a", "b", "--gate", "cosine-only", "--min-decision-iou", "0.7"]))
+    assert t == dataclasses.replace(COSINE_ONLY, min_decision_iou=0.7)
+    t = tolerances(p.parse_args(["a", "b", "--min-worst-cosine", "none", "--max-error", "0.5"]))
+    assert t == dataclasses.replace(GATE, min_worst_cosine=None, max_error=0.5)

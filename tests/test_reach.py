@@ -57,6 +57,45 @@ def test_target_error_states_what_is_reachable():
     assert floor <= reached + 1e-3 and floor > 0.5
     rep = info.value.result.report["passes"][0]["reach"]
     assert rep["floor"]["params"] == pytest.approx(floor, abs=1e-3)
+    # the passes outside the chain that could: pfa prunes the Conv's channels (its own reach)
+    from onnxshrink.passes.pfa import Pfa
+    pfa_floor = Pfa().reach(model, make_config(Pfa(), {}), {"input": [1, 4, 12, 12]})["floor"]["params"]
+    assert pfa_floor < 0.5
+    assert f"params 0.500 is within reach of pfa (alone it could leave {pfa_floor:.3f})" in msg
+    could = info.value.result.report["targets"]["params"]["could_reach"]
+    assert {c["pass"] for c in could} == {"pfa"} and could[0]["floor"] == pytest.approx(pfa_floor, abs=1e-4)
+
+
+def test_target_error_says_when_no_other_pass_could_reach_it():
+    """params 0.01: below every pass's floor (pfa keeps 8 channels a layer)."""
+    with pytest.raises(TargetError) as info:
+        shrink(_conv_heavy(), ["lowrank"], calibration=_data(), target_params=0.01)
+    assert "no other pass alone could leave params 0.010" in str(info.value)
+    assert info.value.result.report["targets"]["params"]["could_reach"] == []
+
+
+def test_cli_missed_target_writes_only_with_force(tmp_path, capsys):
+    """exit 1 and nothing written; with --force exit 3 and the best model found is written (the
+    one the chain reached, as in the report), the failure on stderr."""
+    import onnx
+    from onnxshrink import cli
+    src, out, rep = tmp_path / "m.onnx", tmp_path / "o.onnx", tmp_path / "r.json"
+    onnx.save(_conv_heavy(), str(src))
+    np.savez(tmp_path / "c.npz", input=_data()["input"])
+    argv = [str(src), str(out), "--passes", "lowrank", "--calibration-data", str(tmp_path / "c.npz"),
+            "--target-params", "0.5", "--quiet", "--report", str(rep)]
+    assert cli.main(argv) == 1 and not out.exists()
+    err = capsys.readouterr().err
+    assert "target cannot be met" in err and "within reach of pfa" in err and "--force" in err
+    assert cli.main(argv + ["--force"]) == 3 and out.exists()
+    err = capsys.readouterr().err
+    assert "target cannot be met" in err
+    import json
+    report = json.loads(rep.read_text())
+    written = onnx.load(str(out))
+    cost = model_cost(written, {"input": [1, 4, 12, 12]})["params"] / model_cost(_conv_heavy(), {"input": [1, 4, 12, 12]})["params"]
+    assert cost == pytest.approx(report["targets"]["params"]["reached"], abs=1e-3) and cost < 0.9
+    assert report["check_failed"] and "target cannot be met" in report["check_failed"]
 
 
 def test_pfa_reach_enough_and_reached():

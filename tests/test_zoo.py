@@ -22,7 +22,7 @@ import zoo
 from onnxshrink.graph import normalize
 from onnxshrink.model_io import load_model
 from onnxshrink.registry import all_passes, get_pass, make_config
-from onnxshrink.validate import Tolerances
+from graphs import NO_NUMERIC_CHECKS
 from zoo.conftest import *  # noqa: F401,F403  (the zoo fixtures)
 
 CHAIN = "pfa,basisconv,pq"
@@ -123,7 +123,7 @@ def test_zoo_pass(passes, case, tmp_path):
     original = normalize(load_model(z.source(str(tmp_path))))
     result = onnxshrink.shrink(z.source(str(tmp_path)), passes, calibration=z.calibration(32),
                                options=options_for(passes), force=True, quiet=True,
-                               tolerances=Tolerances(min_cosine=None))
+                               tolerances=NO_NUMERIC_CHECKS)   # structure only: random weights at energy 0.9
     out = result.model
     onnx.checker.check_model(out, full_check=True)
     assert result.report["validation"]["problems"] == []

@@ -150,8 +150,13 @@ class Pfa(Pass):
         if not groups:
             return model, report
         by_error = mode == "budget" and cfg.allocation == "error"
+        rows = {}
         covs, problems = collect_statistics(model, an, groups, cfg, ctx,
-                                            consumers=cfg.selection == "reconstruction" or by_error)
+                                            consumers=cfg.selection == "reconstruction" or by_error, rows=rows)
+        if mode in ("energy", "kl"):   # a recipe from the response spectrum: only where the rows show it
+            groups = self._supported(groups, rows, report, details)
+            if not groups:
+                return model, report
         t_sel = time.perf_counter()
         sel = Selection.of(model, an, groups, covs, problems, cfg)
         details["selection_seconds"] = round(time.perf_counter() - t_sel, 3)
@@ -183,6 +188,24 @@ class Pfa(Pass):
         details["calibration_runs"] = ctx.calibration_runs
         details["fit_seconds"] = round(time.perf_counter() - t0 - ctx.calibration_seconds, 3)
         return pruned, report
+
+    @staticmethod
+    def _supported(groups, rows, report, details):
+        """The groups whose response statistics have more rows than channels. With R rows the
+        spectrum has at most R − 1 non-zero eigenvalues whatever the layer's redundancy, so a
+        recipe from it would keep at most R − 1 channels because the data is small, not because
+        the channels are redundant: such a group is kept whole, and the report says so."""
+        out = []
+        for g in groups:
+            if rows.get(g.index, 0) > g.size:
+                out.append(g)
+                continue
+            report.skip(g.name, f"{rows.get(g.index, 0)} calibration rows for {g.size} channels: too few to "
+                        f"measure which are redundant (the energy recipe needs more rows than channels; "
+                        f"give more calibration samples, or a target_flops or target_params, whose "
+                        f"allocation fits the consumers on many more rows)")
+            details.setdefault("too_few_rows", []).append(g.name)
+        return out
 
     def _meet_budget(self, sel, ctx, details):
         """(ks, keep, pruned model) for the goals of ``ctx`` (budget mode): allocate on the cost

@@ -25,6 +25,7 @@ def sequential_refit(pruned, an, keep, consumers, cfg, ctx):
     """Refit ``consumers`` of the pruned channels of ``pruned`` (``keep``: {group: kept channels} of the
     analysis ``an``). Returns (model, {layer: relative error}, {layer: chosen ridge})."""
     errors, ridges, residual = {}, {}, set()
+    batches = ctx.calibration_batches()   # one batch (a few samples): SplitStats splits its samples
 
     def requests(name, graph):
         layer = WeightLayer(node_by_name(graph, name), graph)
@@ -35,7 +36,7 @@ def sequential_refit(pruned, an, keep, consumers, cfg, ctx):
             inner["y_tensor"] = res[0]
             req = ResidualStats(**inner, skip=res[1], mask=an.output_mask(name, keep), shift=res[2])
             residual.add(name)
-        return [SplitStats(req)]
+        return [SplitStats(req, batches)]
 
     def solve(name, stats, graph, level):
         cm_a, cm_b = stats[name]
@@ -50,6 +51,7 @@ def sequential_refit(pruned, an, keep, consumers, cfg, ctx):
                 ridge = choose_ridge(cm_a, cm_b, w0)
             ridges[name] = ridge
         cm = CrossMoments.pooled([cm_a, cm_b])
+        ctx.note_rows(name, cm.n, cm.xy.shape[0])
         w, b = ridge_solve(cm, ridge, w0=w0)
         errors[name] = fit_error(cm, w, b)
         return w, b

@@ -16,9 +16,10 @@ from .edits import consumer_blocks, refit_consumers
 from .elimination import Problem
 
 
-def collect_statistics(model, an, groups, cfg, ctx, consumers: bool):
+def collect_statistics(model, an, groups, cfg, ctx, consumers: bool, rows: dict | None = None):
     """({group index: response covariance}, {group index: [Problem]}) from one calibration run; the
-    consumers' problems only when ``consumers`` (every list empty otherwise)."""
+    consumers' problems only when ``consumers`` (every list empty otherwise). ``rows``, a dict, gets
+    {group index: the rows of its response statistics} (the fewest of its observations)."""
     reqs, layer = {}, {}
     for g in groups:
         for o in g.observations:
@@ -39,6 +40,8 @@ def collect_statistics(model, an, groups, cfg, ctx, consumers: bool):
             cov = accs[reqs[(o.tensor, o.reduce)].key].cov
             np.add.at(c, (o.indices[:, None], o.indices[None, :]), cov[np.ix_(o.positions, o.positions)])
         covs[g.index] = c
+        if rows is not None:
+            rows[g.index] = min(accs[reqs[(o.tensor, o.reduce)].key].n for o in g.observations)
     problems = {g.index: [] for g in groups}
     for c, req in layer.items():
         cm = accs[req.key]

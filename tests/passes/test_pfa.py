@@ -4,7 +4,7 @@ import numpy as np
 import onnx
 import pytest
 
-from graphs import assert_close, conv_bn_net
+from graphs import NO_NUMERIC_CHECKS, assert_close, conv_bn_net
 from models import digits
 from onnxshrink import shrink
 from onnxshrink.cost import model_cost
@@ -284,8 +284,10 @@ def test_check_gives_the_reason_a_group_stays_whole_and_plan_lists_it():
 def test_a_same_upper_consumer_with_stride_1_is_pruned_and_refit():
     m = _conv_pair(consumer_attrs={"auto_pad": "SAME_UPPER"})
     x = np.random.default_rng(0).standard_normal((64, 3, 8, 8)).astype(np.float32)
+    # structure only: 8 random responses to white noise have no redundancy, so any channel removed
+    # is a real loss (relative L2 0.21 with one of 8 gone, 0.63 at energy 0.5; the default gate fails it)
     res = shrink(m, ["pfa"], calibration=x, options={"pfa": {"energy": 0.5, "channel_multiple": 1}},
-                 tolerances=Tolerances(min_cosine=None))
+                 tolerances=NO_NUMERIC_CHECKS)
     assert res.report["passes"][0]["changed"]
     assert res.report["validation"]["problems"] == []
 
@@ -378,7 +380,7 @@ def test_pfa_prunes_exporter_patterns_and_keeps_outputs_close(case):
     z = PATTERNS[case]()
     res = shrink(z.model, ["pfa"], calibration=z.calibration(128, seed=0), quiet=True, force=True,
                  options={"pfa": {"energy": 0.9, "channel_multiple": 1, "positions": 8}},
-                 tolerances=Tolerances(min_cosine=None))
+                 tolerances=NO_NUMERIC_CHECKS)   # the relative error is bounded below (PATTERN_ERROR)
     rep = res.report["passes"][0]
     assert rep["changed"] and res.report["validation"]["problems"] == [], rep
     onnx.checker.check_model(res.model, full_check=True)

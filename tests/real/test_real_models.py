@@ -35,13 +35,21 @@ KNOWN_FAILURES = {
     ("mtcnn_pnet", "pfa"): "validation failed: output 'conv2d_4' cosine 0.8769 < 0.9; FLOPs 0.600 for a "
                            "0.9 target (steps of 8 channels on groups of 10/16/32); box recall 0.176 (0.676 at "
                            "pfa.channel_multiple=1, FLOPs 0.883)",
-    ("mtcnn_pnet", "basisconv"): "validation passes but box recall 0.728 < 0.95 (FLOPs 0.769 for a 0.9 target)",
+    ("mtcnn_pnet", "basisconv"): "box recall 0.728 < 0.95 (FLOPs 0.769 for a 0.9 target); the default gate fails it "
+                                 "too (boxes relative L2 0.31, worst-sample cosine 0.90)",
     ("oww_melspec", "lowrank"): "TargetError: params 0.978 (target 0.900): lowrank acts on 3.0 % of the params "
                                 "(the mel MatMul; the STFT is two Conv1d it does not split), floor 0.978",
-    ("oww_embedding", "pfa"): "validation passes but worst-sample embedding cosine 0.934 < 0.99 (FLOPs 0.880; "
-                              "0.904 at pfa.channel_multiple=1, FLOPs 0.900)",
-    ("oww_embedding", "basisconv"): "validation passes but worst-sample embedding cosine 0.909 < 0.99 (FLOPs 0.897)",
-    ("captcha_crnn", "pfa"): "validation passes but the same text on 0.812 of the captchas < 0.9 (FLOPs 0.899)",
+    ("oww_embedding", "pfa"): "worst-sample embedding cosine 0.934 < 0.99, which the default gate fails (< 0.98) "
+                              "(FLOPs 0.880; 0.904 at pfa.channel_multiple=1, FLOPs 0.900)",
+    ("oww_embedding", "basisconv"): "worst-sample embedding cosine 0.909 < 0.99, which the default gate fails (< 0.98) "
+                                    "(FLOPs 0.897)",
+    ("captcha_crnn", "pfa"): "the same text on 0.812 of the captchas < 0.9 (FLOPs 0.899); the default gate fails it "
+                             "too (logits range error 0.39, worst-sample cosine 0.975)",
+    ("mtcnn_onet", "hadamard"): "the default gate fails it: box output 'dense_5' relative L2 0.36 > 0.2 (the task "
+                                "metric reads the face decision only, 1.000; the boxes are degraded)",
+    ("oww_melspec", "pq"): "the default gate fails it: 8 of 74,496 mel values off by 0.35-0.56 of the output's range "
+                           "(7-15 where the original gives 34-55: below anything the original gives), max abs error "
+                           "0.56 of the range; the task metric (1 - worst relative L2) is 0.972",
     ("captcha_crnn", "basisconv"): "validation passes but the same text on 0.844 of the captchas < 0.9 (FLOPs 0.897)",
     ("vit_focus", "basisconv"): "TargetError: FLOPs 0.993 (target 0.900): basisconv acts on 0.8 % of the FLOPs "
                                 "(the 16×16 patch-embedding Conv; the rest is MatMul/attention)",
@@ -84,7 +92,7 @@ CI_PAIRS = {
     ("mtcnn_onet", "pfa"): "pass, 18 s",
     ("mtcnn_onet", "basisconv"): "pass, 12 s",
     ("mtcnn_onet", "lowrank"): "pass, 12 s",
-    ("mtcnn_onet", "hadamard"): "pass, 105 s",
+    ("mtcnn_onet", "hadamard"): "fail (default gate), 105 s",
     ("mtcnn_onet", "pq"): "pass, 43 s",
     ("captcha_crnn", "pfa"): "fail, 300 s",
     ("captcha_crnn", "basisconv"): "fail, 181 s (40 CPU s)",
@@ -94,7 +102,7 @@ CI_PAIRS = {
     ("oww_melspec", "basisconv"): "pass, 10 s",
     ("oww_melspec", "lowrank"): "fail, 5 s",
     ("oww_melspec", "hadamard"): "pass, 12 s",
-    ("oww_melspec", "pq"): "pass, 20 s",
+    ("oww_melspec", "pq"): "fail (default gate), 20 s",
     ("oww_embedding", "pfa"): "fail, 41 s",
     ("oww_embedding", "basisconv"): "fail, 33 s",
     ("oww_hey_jarvis", "lowrank"): "pass, 16 s (3 CPU s)",
