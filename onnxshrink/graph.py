@@ -129,14 +129,18 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
         if node.op == "Conv" and _explicit_pads(node):
             changed = True
     out_names = {t.name for t in graph.outputs}
+    taken = None   # the graph's tensor names, kept up to date (one scan, not one per Constant)
     for node in list(graph.nodes):
         if node.op == "Constant" and len(node.outputs) == 1 and node.outputs[0].name not in out_names:
             value = _constant_node_value(node)
             if value is None:
                 continue
-            name = fresh_name(graph, node.outputs[0].name + "_const")
+            taken = set(graph.tensors()) if taken is None else taken
+            old = node.outputs[0].name
+            name = fresh_name(taken, old + "_const")
             _replace_tensor(graph, node.outputs[0], gs.Constant(name, np.asarray(value)))
             node.outputs.clear()
+            taken.discard(old)   # no longer in the graph once its node has no output
             changed = True
     for node in list(graph.nodes):
         if (node.op == "Identity" and isinstance(node.inputs[0], gs.Constant)
