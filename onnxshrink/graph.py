@@ -365,11 +365,13 @@ def _static_inference(m: onnx.ModelProto, rounds: int = 16) -> onnx.ModelProto:
         except Exception:
             return inferred
         known = {}
-        for vi in list(inferred.graph.input) + list(inferred.graph.value_info):
+        for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
             tt = vi.type.tensor_type
             if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
                 known[vi.name] = [d.dim_value for d in tt.shape.dim]
         known.update({t.name: list(t.dims) for t in m.graph.initializer})
+        if all(o in known for n in m.graph.node for o in n.output if o):
+            return inferred   # every shape known: nothing left to resolve
         replaced = False
         for node in m.graph.node:
             if node.op_type == "Shape" and node.domain in ("", "ai.onnx") and node.input[0] in known:
