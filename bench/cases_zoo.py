@@ -3,7 +3,8 @@
 Per zoo model and applicable pass (modest budget, as in ``tests/real``): params/FLOPs/bytes ratios,
 ONNX Runtime latency ratio (1 thread, over the held-out feeds, stacked into one batch where the model
 allows, interleaved, median of rounds), the task metric on the
-held-out feeds and the tool's wall time; beside them, on the same feeds, ONNX Runtime's int8 dynamic
+held-out feeds, the tool's wall time, its calibration inference time (and runs over the data) and their
+ratio; beside them, on the same feeds, ONNX Runtime's int8 dynamic
 quantization (``quantize_dynamic``) and 4-bit ``MatMulNBits`` (when importable). Failures are printed
 as such, with the tool's message.
 """
@@ -25,7 +26,7 @@ import realzoo
 from onnxshrink.errors import ValidationFailed
 
 HEADER = (f"{'model':16} {'method':16} {'params':>7} {'flops':>7} {'bytes':>7} {'latency':>8} "
-          f"{'metric':>18} {'fidelity':>8} {'ok':>4} {'tool s':>7}  note")
+          f"{'metric':>18} {'fidelity':>8} {'ok':>4} {'tool s':>7} {'calib s':>7} {'tool/cal':>8}  note")
 
 
 def _row(model, method, r, e, note=""):
@@ -35,8 +36,11 @@ def _row(model, method, r, e, note=""):
     lat = f"{r['latency']:8.2f}" if r.get("latency") is not None else f"{'-':>8}"
     wall = f"{r['wall_s']:7.1f}" if r.get("wall_s") is not None else f"{'-':>7}"
     fids = f"{fid:8.3f}" if fid is not None else f"{'-':>8}"
+    calib = f"{r['calib_s']:7.1f}" if r.get("calib_s") is not None else f"{'-':>7}"
+    ratio = common.tool_over_calibration(r.get("wall_s"), r.get("calib_s"))
+    ratio = f"{ratio:8.1f}" if ratio is not None else f"{'-':>8}"
     return (f"{model:16} {method:16} {f('params')} {f('flops')} {f('bytes')} {lat} {e.metric_name[:18]:>18} "
-            f"{fids} {ok:>4} {wall}  {note}")
+            f"{fids} {ok:>4} {wall} {calib} {ratio}  {note}")
 
 
 def _peer_models(path):
@@ -167,6 +171,7 @@ def measure_pair(name, method, runs=5, latency=True):
         return {**rec, "outcome": "fail", "wall_s": time.perf_counter() - t, "cpu_s": _cpu_seconds() - cpu,
                 "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0][:240]}"}
     rec["wall_s"], rec["cpu_s"] = time.perf_counter() - t, _cpu_seconds() - cpu
+    rec.update(common.report_times(res.report))   # calibration inference (wall s), runs, fit + search
     try:
         realzoo.check_valid(res.model)
     except Exception as exc:  # noqa: BLE001
@@ -288,6 +293,13 @@ def _seconds(r):
     return f"{r['wall_s']:.0f}" + (f" ({r['cpu_s']:.0f})" if r.get("cpu_s") is not None else "")
 
 
+def _calibration(r):
+    """The calibration inference seconds (wall) of the tool's report and its runs over the data."""
+    if r.get("calib_s") is None:
+        return "–"
+    return f"{r['calib_s']:.1f} ({r.get('calib_runs', 0)})"
+
+
 def _short(r):
     """The failure's reason in a table cell: the tool's first clause, no advice."""
     reason = (r.get("reason") or "").replace("validation failed: validation failed:", "validation failed:")
@@ -300,8 +312,9 @@ def _short(r):
 def render_markdown(table) -> str:
     """The README's zoo table from the JSON rows (n/a pairs left out, listed below the table)."""
     fmt = lambda v, d=3: "–" if v is None else f"{v:.{d}f}"  # noqa: E731
-    lines = ["| model | method | params | FLOPs | file | latency | task metric (threshold) | fidelity | tool s (CPU s) | outcome |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | method | params | FLOPs | file | latency | task metric (threshold) | fidelity | tool s (CPU s) "
+             "| calib s (runs) | tool/calib | outcome |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     na = []
     for r in table.values():
         if r["outcome"] == "n/a":
@@ -312,7 +325,8 @@ def render_markdown(table) -> str:
         outcome = "pass" if r["outcome"] == "pass" else f"{r['outcome']}: {_short(r)}".replace("|", "/")
         lines.append(f"| {r['model']} | {r['method']} | {fmt(r.get('params'))} | {fmt(r.get('flops'))} | "
                      f"{fmt(r.get('bytes'))} | {fmt(r.get('latency'), 2)} | {r.get('metric_name', '')} "
-                     f"({r.get('threshold', '')}) | {fids} | {_seconds(r)} | {outcome} |")
+                     f"({r.get('threshold', '')}) | {fids} | {_seconds(r)} | {_calibration(r)} | "
+                     f"{fmt(common.tool_over_calibration(r.get('wall_s'), r.get('calib_s')), 1)} | {outcome} |")
     if na:
         lines.append("")
         lines.append("Not applicable (the pass's plan names no node; for MatMulNBits4: no MatMul with a constant "

@@ -1,7 +1,7 @@
 """Shared benchmark machinery: run onnxshrink on a reference model and measure, in one process,
 params/FLOPs/bytes ratios, ONNX Runtime latency ratio (interleaved, median, 1 thread), accuracy
-before/after on the digits test split, and the tool's wall time (and the part spent in
-calibration inference).
+before/after on the digits test split, and the tool's wall time, the part spent in calibration
+inference (and runs over the data), their ratio, and the fitting + search seconds.
 
 Calibration is the 512 first training images (models/<name>_calib.npz); validation uses the
 next 256 training images, so no test image is ever seen by the tool.
@@ -104,28 +104,42 @@ def run_case(case: Case, runs=25):
                  target_bytes=case.target_bytes, force=True)   # the default gate; its verdict is in the row
     wall = time.perf_counter() - t
     row = measure(original, res.model, kind, case.batch, runs)
-    row.update({
-        "model": case.model, "label": case.label or ",".join(case.passes), "wall_s": wall,
-        "calib_s": sum(p.get("timing", {}).get("calibration", p.get("calibration_seconds", 0.0))
-                       for p in res.report["passes"]),
-        "calib_runs": sum(p.get("timing", {}).get("calibration_runs", 0) for p in res.report["passes"]),
-        "fit_s": sum(p.get("timing", {}).get("fit", 0.0) + p.get("timing", {}).get("search", 0.0)
-                     for p in res.report["passes"]),
-        "report": res.report, "result_model": res.model,
-        "gate": res.report["validation"]["passed"],
-    })
+    row.update({"model": case.model, "label": case.label or ",".join(case.passes), "wall_s": wall,
+                "report": res.report, "result_model": res.model, "gate": res.report["validation"]["passed"]})
+    row.update(report_times(res.report))
     return row
 
 
+def report_times(report):
+    """From a report's per-pass timing: calibration inference seconds (``calib_s``), runs over the
+    data (``calib_runs``) and fitting + search seconds (``fit_s``), summed over the passes."""
+    passes = report.get("passes") or []
+    t = lambda p, k: (p.get("timing") or {}).get(k, 0.0)  # noqa: E731
+    return {"calib_s": sum(t(p, "calibration") for p in passes),
+            "calib_runs": int(sum(t(p, "calibration_runs") for p in passes)),
+            "fit_s": sum(t(p, "fit") + t(p, "search") for p in passes)}
+
+
 HEADER = (f"{'model':13} {'config':34} {'params':>7} {'flops':>7} {'bytes':>7} {'latency':>8} "
-          f"{'acc':>7} {'acc new':>7} {'Δpp':>6} {'tool s':>7} {'calib s':>7} {'runs':>4} {'fit s':>7}")
+          f"{'acc':>7} {'acc new':>7} {'Δpp':>6} {'tool s':>7} {'calib s':>7} {'tool/cal':>8} {'runs':>4} "
+          f"{'fit s':>7}")
+
+
+def tool_over_calibration(tool_s, calib_s):
+    """The tool's time over its calibration inference time (the physical floor of a post-training
+    compressor): None when either is unknown or no inference ran."""
+    if tool_s is None or not calib_s:
+        return None
+    return tool_s / calib_s
 
 
 def format_row(r):
     d = 100 * (r["acc_after"] - r["acc_before"])
     wall = f"{r['wall_s']:7.1f}" if r.get("wall_s") is not None else f"{'-':>7}"
     calib = f"{r['calib_s']:7.1f}" if r.get("calib_s") is not None else f"{'-':>7}"
+    ratio = tool_over_calibration(r.get("wall_s"), r.get("calib_s"))
+    ratio = f"{ratio:8.1f}" if ratio is not None else f"{'-':>8}"
     return (f"{r['model']:13} {r['label'][:34]:34} {r['params']:7.3f} {r['flops']:7.3f} {r['bytes']:7.3f} "
             f"{r['latency']:8.3f} {100 * r['acc_before']:7.2f} {100 * r['acc_after']:7.2f} {d:6.2f} {wall} {calib}"
-            f" {r.get('calib_runs', 0):4d} {r.get('fit_s', 0.0):7.1f}"
+            f" {ratio} {r.get('calib_runs', 0):4d} {r.get('fit_s', 0.0):7.1f}"
             + ("" if r.get("gate", True) else "  default gate fails: " + "; ".join(r["report"]["validation"]["problems"])))

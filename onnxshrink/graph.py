@@ -23,7 +23,7 @@ from collections import Counter
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import shape_inference
+from onnx import numpy_helper, shape_inference
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from . import model_io
@@ -129,14 +129,18 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
         if node.op == "Conv" and _explicit_pads(node):
             changed = True
     out_names = {t.name for t in graph.outputs}
+    taken = None   # the graph's tensor names, kept up to date (one scan, not one per Constant)
     for node in list(graph.nodes):
         if node.op == "Constant" and len(node.outputs) == 1 and node.outputs[0].name not in out_names:
             value = _constant_node_value(node)
             if value is None:
                 continue
-            name = fresh_name(graph, node.outputs[0].name + "_const")
+            taken = set(graph.tensors()) if taken is None else taken
+            old = node.outputs[0].name
+            name = fresh_name(taken, old + "_const")
             _replace_tensor(graph, node.outputs[0], gs.Constant(name, np.asarray(value)))
             node.outputs.clear()
+            taken.discard(old)   # no longer in the graph once its node has no output
             changed = True
     for node in list(graph.nodes):
         if (node.op == "Identity" and isinstance(node.inputs[0], gs.Constant)
@@ -311,6 +315,79 @@ def observing(observer):
         _OBSERVER.reset(token)
 
 
+_FOLD_MAX = 4096   # elements: only small constant-only subgraphs (pads, shapes, axes) are folded
+
+
+def _fold_small_constants(m: onnx.ModelProto) -> None:
+    """Replace, in ``m`` (a copy made for shape inference), the nodes of the default domain whose
+    inputs are all small constants by initializers of their values (the reference evaluator), so
+    shapes that depend on them (a TF-style Pad whose pads are computed from constants, which static
+    inference does not propagate) are known without running the model."""
+    from onnx.reference import ReferenceEvaluator
+    small = {t.name: t for t in m.graph.initializer if int(np.prod(t.dims)) <= _FOLD_MAX}
+    values, keep, added = {}, [], []
+    for node in m.graph.node:
+        ins = [i for i in node.input if i]
+        if not ins or node.domain not in ("", "ai.onnx") or node.op_type.startswith("Random") \
+                or node.op_type == "Multinomial" or node.attribute and any(a.g.node or a.graphs for a in node.attribute) \
+                or not all(i in small or i in values for i in ins):
+            keep.append(node)
+            continue
+        try:
+            feed = {i: values[i] if i in values else numpy_helper.to_array(small[i]) for i in ins}
+            outs = ReferenceEvaluator(node).run(None, feed)
+        except Exception:   # an op the evaluator lacks: leave it to inference
+            keep.append(node)
+            continue
+        if any(not isinstance(v, np.ndarray) or v.size > _FOLD_MAX for v in outs):
+            keep.append(node)
+            continue
+        for name, v in zip(node.output, outs):
+            if name:
+                values[name] = v
+                added.append(numpy_helper.from_array(v, name))
+    if added:
+        del m.graph.node[:]
+        m.graph.node.extend(keep)
+        m.graph.initializer.extend(added)
+
+
+def _static_inference(m: onnx.ModelProto, rounds: int = 16) -> onnx.ModelProto:
+    """``shape_inference.infer_shapes`` (data propagation on) of ``m`` (a copy: it is changed),
+    repeated while it pays: small constant-only subgraphs are folded and each ``Shape`` whose
+    input's shape became known is replaced by its value, so shapes computed from other shapes
+    (pads, Expand targets) resolve without running the model. The original graph is unchanged."""
+    inferred = m
+    for _ in range(rounds):
+        _fold_small_constants(m)
+        try:
+            inferred = shape_inference.infer_shapes(m, data_prop=True)
+        except Exception:
+            return inferred
+        known = {}
+        for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
+            tt = vi.type.tensor_type
+            if tt.HasField("shape") and all(d.HasField("dim_value") for d in tt.shape.dim):
+                known[vi.name] = [d.dim_value for d in tt.shape.dim]
+        known.update({t.name: list(t.dims) for t in m.graph.initializer})
+        if all(o in known for n in m.graph.node for o in n.output if o):
+            return inferred   # every shape known: nothing left to resolve
+        replaced = False
+        for node in m.graph.node:
+            if node.op_type == "Shape" and node.domain in ("", "ai.onnx") and node.input[0] in known:
+                attrs = {a.name: a.i for a in node.attribute}
+                value = np.array(known[node.input[0]], dtype=np.int64)[attrs.get("start", 0):attrs.get("end", None)]
+                m.graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+                node.op_type = "Identity__folded"   # dropped below
+                replaced = True
+        if not replaced:
+            return inferred
+        keep = [n for n in m.graph.node if n.op_type != "Identity__folded"]
+        del m.graph.node[:]
+        m.graph.node.extend(keep)
+    return inferred
+
+
 def infer_shapes(model: onnx.ModelProto, input_shapes: dict | None = None) -> dict:
     """name -> (shape tuple or None, numpy dtype) for every tensor, with inputs fixed to
     ``input_shapes`` (default: dynamic dims set to 1). Shapes static inference cannot resolve
@@ -327,10 +404,7 @@ def infer_shapes(model: onnx.ModelProto, input_shapes: dict | None = None) -> di
     del m.graph.value_info[:]
     for o in m.graph.output:
         o.type.tensor_type.ClearField("shape")
-    try:
-        m = shape_inference.infer_shapes(m, data_prop=True)
-    except Exception:
-        pass
+    m = _static_inference(m)
     info = {}
     for vi in list(m.graph.input) + list(m.graph.value_info) + list(m.graph.output):
         tt = vi.type.tensor_type

@@ -109,6 +109,11 @@ def refit_levels(ctx, model: onnx.ModelProto, layers, solve: Callable, write: Ca
     - ``export_copy``: export a copy of ``graph`` at each level, leaving the graph itself as the
       pass built it (its node order, its tensors' shapes); by default the export cleans up, sorts
       and drops intermediate shapes in place.
+
+    Timing (``ctx.timed``): ``solve``/``write`` and an ``Again``'s fit count as "fit", the level
+    exports as "export", the runs as calibration/statistics/session; a pass times only what it does
+    inside ``solve`` that is another part (a structure search: "search"), which nested blocks
+    subtract from the enclosing "fit".
     """
     like = model if like is None else like
     model_y = ctx.reference if model_y is None else model_y
@@ -131,9 +136,10 @@ def refit_levels(ctx, model: onnx.ModelProto, layers, solve: Callable, write: Ca
         level = Level(i, len(levels), keys, current)
         changed, again = False, []
         for key in keys:
-            out = solve(key, stats, graph, level)
-            if write is not None:
-                out = write(key, out, graph, level)
+            with ctx.timed("fit"):   # a pass's search or collection inside counts as its own part
+                out = solve(key, stats, graph, level)
+                if write is not None:
+                    out = write(key, out, graph, level)
             if out is not False:
                 changed = True
             if isinstance(out, Again):
@@ -147,8 +153,9 @@ def refit_levels(ctx, model: onnx.ModelProto, layers, solve: Callable, write: Ca
             reqs = [r for a in again for r in a.requests]
             got = ctx.collect(reqs, model_x=current, model_y=model_y, desc=f"{desc} {i + 1}/{len(levels)} (again)") \
                 if reqs else {}
-            for a in again:
-                a.fit(got, graph)
+            with ctx.timed("fit"):
+                for a in again:
+                    a.fit(got, graph)
             with ctx.timed("export"):
                 current = export_model(graph.copy() if export_copy else graph, like=like)
     return current

@@ -384,8 +384,7 @@ def factorize(pass_name, model, cfg, ctx, layers, skipped, rewrite, multiple, re
         for g, w in enumerate(layer.ws):
             if use_data:
                 cxx, cxy, mx, my = _group_cov(layer, cm, g, layer.fit_bias)
-            with ctx.timed("fit"):
-                a, b_mat, _ = factor(w, cxx if cfg.whiten else None, cfg.eps)
+            a, b_mat, _ = factor(w, cxx if cfg.whiten else None, cfg.eps)   # timed as "fit" by refit_levels
             a, b_mat = a[:, :r], b_mat[:r]
             so = layer.extra["out_slices"][g]
             b_orig = layer.bias[so] if layer.bias is not None else None

@@ -55,17 +55,22 @@ def state_model(seed=0):
 
 
 def reshape_model(seed=0):
-    """x(N,T,16) -> Reshape(x, Cast(Cast(Shape(x), float) * 1, int64)) -> MatMul 16x32 -> Relu -> MatMul 32x16 -> y
+    """x(N,T,16) -> Reshape(x, Cast(Cast(Shape(x), float) * 1 + 0·max(x), int64)) -> MatMul 16x32 -> Relu
+    -> MatMul 32x16 -> y
 
-    The Reshape target goes through float: onnx's static shape inference cannot resolve it, so
-    every shape after it is unknown until the data runs through."""
+    The Reshape target reads the values of x (times 0): neither onnx's static shape inference nor
+    folding the shape subgraph resolves it, so every shape after it is unknown until the data runs
+    through."""
     rng = np.random.default_rng(seed)
-    inits = [numpy_helper.from_array(np.ones(3, np.float32), "one"),
+    inits = [numpy_helper.from_array(np.ones(3, np.float32), "one"), numpy_helper.from_array(np.float32(0), "zero"),
              numpy_helper.from_array((rng.standard_normal((16, 32)) / 4).astype(np.float32), "w1"),
              numpy_helper.from_array((rng.standard_normal((32, 16)) / 6).astype(np.float32), "w2")]
     nodes = [helper.make_node("Shape", ["x"], ["s"], name="shape"),
              helper.make_node("Cast", ["s"], ["sf"], to=TensorProto.FLOAT, name="cast1"),
-             helper.make_node("Mul", ["sf", "one"], ["sf2"], name="mul"),
+             helper.make_node("Mul", ["sf", "one"], ["sf1"], name="mul"),
+             helper.make_node("ReduceMax", ["x"], ["xmax"], keepdims=0, name="xmax"),
+             helper.make_node("Mul", ["xmax", "zero"], ["xzero"], name="xzero"),
+             helper.make_node("Add", ["sf1", "xzero"], ["sf2"], name="add"),
              helper.make_node("Cast", ["sf2"], ["s2"], to=TensorProto.INT64, name="cast2"),
              helper.make_node("Reshape", ["x", "s2"], ["h"], name="reshape"),
              helper.make_node("MatMul", ["h", "w1"], ["a"], name="mm1"),
@@ -201,6 +206,37 @@ def test_static_inference_fails_on_the_reshape_model():
     m = reshape_model()
     info = infer_shapes(m, concrete_input_shapes(m, {"x": (5, 16)}))
     assert info["h"][0] is None and info["a"][0] is None
+
+
+def test_shape_subgraphs_of_constants_and_known_shapes_are_folded_for_inference():
+    """A TF-style Pad whose pads are computed from constants, and a Reshape whose target is computed
+    from Shape(x) through float: static inference alone leaves both unknown; folded, every shape is
+    known without running the model (and the model itself is unchanged)."""
+    from onnxshrink.graph import infer_shapes
+    inits = [numpy_helper.from_array(np.array([0, 0, 0, 1, 2, 3], np.int64), "p4"),
+             numpy_helper.from_array(np.array([2, 3], np.int64), "p_shape"),
+             numpy_helper.from_array(np.ones(3, np.float32), "one")]
+    nodes = [helper.make_node("Reshape", ["p4", "p_shape"], ["p24"], name="r"),
+             helper.make_node("Transpose", ["p24"], ["p42"], perm=[1, 0], name="t"),
+             helper.make_node("Reshape", ["p42", "p_flat"], ["pads"], name="r2"),
+             helper.make_node("Pad", ["x", "pads"], ["xp"], name="pad"),
+             helper.make_node("Shape", ["xp"], ["s"], name="shape"),
+             helper.make_node("Cast", ["s"], ["sf"], to=TensorProto.FLOAT, name="c1"),
+             helper.make_node("Mul", ["sf", "one"], ["sf2"], name="mul"),
+             helper.make_node("Cast", ["sf2"], ["s2"], to=TensorProto.INT64, name="c2"),
+             helper.make_node("Reshape", ["xp", "s2"], ["y"], name="reshape")]
+    inits.append(numpy_helper.from_array(np.array([-1], np.int64), "p_flat"))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 5])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    before = m.SerializeToString()
+    plain = onnx.shape_inference.infer_shapes(m, data_prop=True)
+    assert not any(vi.name == "xp" and vi.type.tensor_type.shape.dim for vi in plain.graph.value_info
+                   if all(d.HasField("dim_value") for d in vi.type.tensor_type.shape.dim))
+    info = infer_shapes(m, {"x": (1, 3, 5)})
+    # pads = Reshape(Reshape(p4, 2x3)ᵀ, -1) = (0, 1, 0, 2, 0, 3): begins (0, 1, 0), ends (2, 0, 3)
+    assert info["xp"][0] == (3, 4, 8) and info["y"][0] == (3, 4, 8) and info["s2"][0] == (3,)
+    assert m.SerializeToString() == before
 
 
 @pytest.mark.parametrize("pass_name", ["lowrank", "pfa"])
@@ -400,7 +436,8 @@ def test_flops_target_on_a_model_static_inference_cannot_count(rng, tmp_path):
                "--report", str(tmp_path / "r.json"), "--quiet", "--force", "--gate", "cosine-only"])
     rep = json.loads((tmp_path / "r.json").read_text())
     t = rep["targets"]["flops"]
-    assert rc == 0 and rep["before"]["flops"] == 2 * 6 * 16 * 32 * 2 + 6 * 32 + 3   # + the Mul on the shape vector
+    # + the Mul and the Add on the shape vector (3 each) and the Mul of max(x) by 0 (1)
+    assert rc == 0 and rep["before"]["flops"] == 2 * 6 * 16 * 32 * 2 + 6 * 32 + 3 + 3 + 1
     assert 0 < t["reached"] <= 0.8 * 1.05 and t["met"] and rep["passes"][0]["changed"]
 
 

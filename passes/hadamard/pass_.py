@@ -256,11 +256,10 @@ class _Run:
         """Ridge refit of a dense layer on its new inputs, kept when it lowers the error on the
         last fifth of the rows (judged as the structure search judges)."""
         fit_bias = layer.op == "Gemm"
-        with self.ctx.timed("fit"):
-            w2, b2 = ridge_rows(x, y, fit_bias=fit_bias)
-            n = len(x)
-            nh = max(1, n // 5)
-            wv, bv = ridge_rows(x[: n - nh], y[: n - nh], fit_bias=fit_bias)
+        w2, b2 = ridge_rows(x, y, fit_bias=fit_bias)    # timed as "fit" by refit_levels, which calls solve
+        n = len(x)
+        nh = max(1, n // 5)
+        wv, bv = ridge_rows(x[: n - nh], y[: n - nh], fit_bias=fit_bias)
         ym = y[: n - nh].mean(0)
         if fit_error_rows(x[n - nh:] @ wv + bv, y[n - nh:], ym) >= fit_error_rows(cur_pred[n - nh:], y[n - nh:], ym):
             return False

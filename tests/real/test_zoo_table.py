@@ -24,7 +24,7 @@ def test_table_merges_by_pair_and_renders(tmp_path):
     cases_zoo.save_table({("mtcnn_rnet", "pfa"): _row("mtcnn_rnet", "pfa", "fail", 0.5, wall_s=3.0)}, path)
     table = cases_zoo.load_table(path)
     table[("mtcnn_rnet", "pfa")] = _row("mtcnn_rnet", "pfa", "pass", 1.0, params=0.98, flops=0.875, bytes=0.983,
-                                        latency=0.7, wall_s=7.4, cpu_s=2.1)
+                                        latency=0.7, wall_s=7.4, cpu_s=2.1, calib_s=2.5, calib_runs=3)
     table[("mtcnn_pnet", "pfa")] = _row(
         "mtcnn_pnet", "pfa", "fail", 0.176, wall_s=4.5,
         reason="validation failed: output 'conv2d_4' cosine 0.8769 < 0.9 (not saved; force=True returns it)")
@@ -38,7 +38,8 @@ def test_table_merges_by_pair_and_renders(tmp_path):
     pnet = next(line for line in md if line.startswith("| mtcnn_pnet | pfa |"))
     assert "**0.176**" in pnet and "fail: validation failed: output 'conv2d_4' cosine 0.8769 < 0.9 |" in pnet
     rnet = next(line for line in md if line.startswith("| mtcnn_rnet | pfa |"))
-    assert "| 0.980 | 0.875 | 0.983 | 0.70 |" in rnet and "| 1.000 | 7 (2) | pass |" in rnet
+    assert "| 0.980 | 0.875 | 0.983 | 0.70 |" in rnet and "| 1.000 | 7 (2) | 2.5 (3) | 3.0 | pass |" in rnet
+    assert "**0.176** | 4 | – | – | fail:" in pnet    # a row measured before the calibration column
     assert md[-1].endswith("mtcnn_pnet/lowrank.")
 
 
