@@ -48,11 +48,15 @@ _FLAG_RE = re.compile(r"(?<![\w-])(" + "|".join(re.escape(k) for k in sorted(_FL
 _UNSET = object()   # a tolerance flag not given
 
 
-def tolerances(args) -> Tolerances:
-    """The tolerances of the flags: those given over the gate ``--gate`` names."""
-    base = Tolerances.cosine_only() if args.gate == "cosine-only" else Tolerances()
+def tolerances(args) -> Tolerances | None:
+    """The tolerances of the flags: those given over the gate ``--gate`` names; None when neither
+    ``--gate`` nor a tolerance flag is given (the library's choice: the default gate, or with
+    ``--metric`` and ``--max-drop`` the metric alone)."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Tolerances)
              if getattr(args, f.name) is not _UNSET}
+    if args.gate is None and not given:
+        return None
+    base = {"cosine-only": Tolerances.cosine_only, "metric": Tolerances.metric_only}.get(args.gate, Tolerances)()
     return dataclasses.replace(base, **given)
 
 
@@ -101,9 +105,11 @@ def build_parser():
     p.add_argument("--max-error", type=_limit, default=_UNSET, metavar="X|none",
                    help="fail if any output's max abs error exceeds this (default: off)")
     d = Tolerances()   # the default gate; a flag not given keeps its default (or --gate cosine-only's)
-    p.add_argument("--gate", choices=["default", "cosine-only"], default="default",
+    p.add_argument("--gate", choices=["default", "cosine-only", "metric"], default=None,
                    help="the set of validation checks the flags below start from: default (the gate chosen on the "
-                        "real-model zoo) or cosine-only (the former lenient default: --min-cosine 0.9 alone)")
+                        "real-model zoo; used unless --metric and --max-drop are given), cosine-only (the former "
+                        "lenient default: --min-cosine 0.9 alone) or metric (no output threshold: --metric with "
+                        "--max-drop judges; the default when both are given and no tolerance flag is)")
     p.add_argument("--max-rel-l2", type=_limit, default=_UNSET, metavar="X|none",
                    help=f"fail if an output's relative L2 error exceeds this (default {d.max_rel_l2}; not for "
                         "probability outputs)")
@@ -319,6 +325,8 @@ def _main(argv) -> int:
     if not os.path.isfile(args.input) and os.path.exists(args.input):
         raise UsageError(f"input '{args.input}' is not a file")
     tol = tolerances(args)
+    if args.gate == "metric" and (args.metric is None or args.max_drop is None):
+        raise UsageError("--gate metric needs --metric and --max-drop (the metric is then the only judge)")
     check_output_paths(args.output, args.input, args.report, force=args.force,
                        external=os.path.isfile(args.input) and _may_be_external(args.input),
                        data_paths=(args.calibration_data, args.validation_data))

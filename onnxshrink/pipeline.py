@@ -510,12 +510,17 @@ def shrink(model_or_path, passes, calibration=None, *, data: Data | None = None,
     t0 = time.perf_counter()
     if calibration is not None:
         short["calibration"] = calibration
+    checks_given = checks is not None or short.get("tolerances") is not None \
+        or any(f.name in short for f in dataclasses.fields(Tolerances))
     g = grouped({"data": data, "targets": targets, "checks": checks, "run": run}, short)
     data, targets, tol, run = g["data"], g["targets"], g["checks"], g["run"]
     task = metrics_mod.resolve(targets.metric)
     max_drop = metrics_mod.check_max_drop(targets.max_drop)
     if max_drop is not None and task is None:
         raise UsageError("max_drop needs metric= (a built-in name such as 'top1', 'file.py:function' or a callable)")
+    gate = "given" if checks_given else "default"
+    if task is not None and max_drop is not None and not checks_given:
+        tol, gate = Tolerances.metric_only(), "metric"   # the user's metric judges; outputs are reported
     fractions = {m: budget_mod.check_fraction(budget_mod.ARGUMENTS[m], f)
                  for m, f in (("flops", targets.flops), ("params", targets.params), ("bytes", targets.size))}
     chosen = _resolve_passes(passes, run.options)
@@ -547,7 +552,7 @@ def shrink(model_or_path, passes, calibration=None, *, data: Data | None = None,
         reps = [r for src in (fit, val) if src is not None for r in src.representatives()]
         with observing(ShapeObserver(reps)):
             call = _Call(chosen, budget, fit, val, tol, run.force, run.quiet, run.batch_size, run.seed, t0,
-                         quantized, input_info, model_or_path, task, max_drop)
+                         quantized, input_info, model_or_path, task, max_drop, gate)
             return _execute(model, original, call)
     finally:
         for src in (fit, val):
@@ -574,6 +579,7 @@ class _Call:
     model_or_path: object
     metric: metrics_mod.Metric | None = None
     max_drop: float | None = None
+    gate: str = "default"       # the tolerances' origin: "default", "given", or "metric" (the metric judges)
 
 
 def _chain(model, original, call: _Call, budget: budget_mod.Budget, signatures, sample_shapes, protected=None):
@@ -700,7 +706,7 @@ def _execute(model, original, call: _Call):
     loaded = model
     call = dataclasses.replace(call, budget=call.budget.at(before))
     timing, search_info = {}, None
-    if call.max_drop is not None and not call.budget:
+    if call.max_drop is not None and not call.budget and any(p.budgets for p, _ in call.chosen):
         if call.fit is None:
             raise UsageError("max_drop without a target searches on calibration data: give calibration=")
         model, reports, search_info = _searched_chain(model, original, call, before, signatures, sample_shapes)
@@ -728,6 +734,7 @@ def _execute(model, original, call: _Call):
         validation_result["problems"].append(search_info["problem"])
     validation_result["passed"] = not validation_result["problems"]
     validation_result["data"] = val.origin
+    validation_result["gate"] = call.gate
     if source is not None and source.batch_note:
         validation_result["notes"].insert(0, source.batch_note)
     timing["total_seconds"] = round(time.perf_counter() - call.t0, 3)

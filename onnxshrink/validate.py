@@ -99,6 +99,14 @@ class Tolerances:
         return cls(min_cosine=min_cosine, min_top1=None, max_rel_l2=None, max_range_error=None,
                    min_worst_cosine=None, min_decision_iou=None)
 
+    @classmethod
+    def metric_only(cls) -> "Tolerances":
+        """No output-level threshold: the user's task metric with ``max_drop`` is the judge (the
+        gate a run with ``metric=`` and ``max_drop=`` and no tolerances of its own gets). Shapes and
+        NaN/Inf the original does not give still fail; every output measure is still reported."""
+        return cls(min_cosine=None, min_top1=None, max_rel_l2=None, max_range_error=None,
+                   min_worst_cosine=None, min_decision_iou=None)
+
 
 # the gate chosen on the real-model zoo (README, "What the default validation checks")
 ZOO_GATE = dict(min_cosine=0.9, min_top1=0.9, max_rel_l2=0.2, max_range_error=0.35, min_worst_cosine=0.98,

@@ -234,7 +234,9 @@ def test_score_outputs_are_those_a_sigmoid_gives():
 def test_cli_flags_start_from_the_default_or_the_cosine_only_gate():
     from onnxshrink.cli import build_parser, tolerances
     p = build_parser()
-    assert tolerances(p.parse_args(["a", "b"])) == GATE
+    assert tolerances(p.parse_args(["a", "b"])) is None      # nothing given: the library's choice
+    assert tolerances(p.parse_args(["a", "b", "--gate", "default"])) == GATE
+    assert tolerances(p.parse_args(["a", "b", "--gate", "metric"])) == Tolerances.metric_only()
     assert tolerances(p.parse_args(["a", "b", "--gate", "cosine-only"])) == COSINE_ONLY
     t = tolerances(p.parse_args(["a", "b", "--gate", "cosine-only", "--min-decision-iou", "0.7"]))
     assert t == dataclasses.replace(COSINE_ONLY, min_decision_iou=0.7)

@@ -96,3 +96,65 @@ def test_cli_metric_and_max_drop(tmp_path, capsys):
     assert cli.main([MLP, str(out2), "--passes", "pfa", "--calibration-data", str(calib), "--max-drop", "0.1"]) == 2
     assert not out2.exists()
     assert issubclass(ValidationFailed, CheckFailed)
+
+
+@pytest.fixture
+def logits_scaled():
+    """A plug-in pass that scales the output layer's weights and bias by 1.5: every argmax is kept
+    (top-1 drop 0) while the logits' relative L2 error is 0.5, over the default gate's 0.2."""
+    import onnx
+    from onnx import numpy_helper
+
+    from onnxshrink import registry
+    from onnxshrink.registry import Pass, PassReport, register
+
+    class ScaleLogits(Pass):
+        name = "plugin_scale_logits"
+
+        def apply(self, model, cfg, ctx):
+            model = onnx.ModelProto.FromString(model.SerializeToString())
+            g = model.graph
+            last = next(n for n in g.node if g.output[0].name in n.output)
+            inits = {t.name: t for t in g.initializer}
+            for name in last.input:
+                if name in inits:
+                    inits[name].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(inits[name]) * 1.5, name))
+            return model, PassReport(self.name)
+
+    before = dict(registry._REGISTRY)
+    register(ScaleLogits)
+    yield ScaleLogits.name
+    registry._REGISTRY.clear()
+    registry._REGISTRY.update(before)
+
+
+def test_the_metric_with_max_drop_is_the_gate_unless_tolerances_are_given(logits_scaled):
+    # without a metric: the default gate fails the scaled logits on their relative L2 error
+    with pytest.raises(ValidationFailed) as e:
+        shrink(MLP, [logits_scaled], calibration=_calib())
+    v = e.value.result.report["validation"]
+    assert v["gate"] == "default" and abs(v["outputs"]["logits"]["rel_l2"] - 0.5) < 1e-3
+    assert any("relative L2" in q for q in v["problems"])
+    # with the user's metric and max_drop, the metric judges: same top-1, passed; the outputs are reported
+    res = shrink(MLP, [logits_scaled], calibration=_calib(), metric="top1", max_drop=0.01)
+    v = res.report["validation"]
+    assert v["gate"] == "metric" and v["passed"] and v["metric"]["drop"] == 0.0
+    assert abs(v["outputs"]["logits"]["rel_l2"] - 0.5) < 1e-3
+    # tolerances given explicitly still apply beside the metric
+    with pytest.raises(ValidationFailed) as e:
+        shrink(MLP, [logits_scaled], calibration=_calib(), metric="top1", max_drop=0.01, max_rel_l2=0.2)
+    assert e.value.result.report["validation"]["gate"] == "given"
+
+
+def test_cli_gate_follows_metric_and_max_drop(logits_scaled, tmp_path, capsys):
+    out = str(tmp_path / "o.onnx")
+    calib = str(tmp_path / "c.npy")
+    np.save(calib, _calib())
+    base = [MLP, out, "--passes", logits_scaled, "--calibration-data", calib, "--quiet"]
+    assert cli.main(base) == 1 and not os.path.exists(out)
+    assert cli.main(base + ["--metric", "top1", "--max-drop", "0.01", "--report", str(tmp_path / "r.json")]) == 0
+    assert json.load(open(tmp_path / "r.json"))["validation"]["gate"] == "metric"
+    os.remove(out)
+    assert cli.main(base + ["--metric", "top1", "--max-drop", "0.01", "--gate", "default"]) == 1
+    assert cli.main(base + ["--gate", "metric"]) == 2
+    assert "--gate metric needs --metric and --max-drop" in capsys.readouterr().err
