@@ -143,19 +143,27 @@ def default_block(layer: Layer, cfg) -> int:
     return 1
 
 
-def ladder(layer: Layer, d: int) -> list:
-    """Sub-vector lengths tried in turn under pq.max_error: the default d, then shorter ones (a
-    Conv kernel row or half the length, 2), down to 1 (scalar codes, 8 bits a weight)."""
-    out = [d]
+def ladder(layer: Layer, d: int, k: int, cfg) -> list:
+    """(d, K) settings tried in turn under pq.max_error, fewest bytes first: the default (d, K),
+    shorter sub-vectors (a Conv kernel row or half the length, 2), scalar codes with 16 centroids
+    (4 bits a weight, packed two a byte) and with K (8 bits a weight). The first within the budget
+    is kept."""
+    from .sizes import setting_bytes
+    ds = [d]
     if layer.kernel > 1 and d == layer.kernel and 1 < int(layer.shape[-1]) < d:
-        out.append(int(layer.shape[-1]))
+        ds.append(int(layer.shape[-1]))
     elif d > 2 and layer.d_in % (d // 2) == 0:
-        out.append(d // 2)
-    if out[-1] > 2 and layer.d_in % 2 == 0:
-        out.append(2)  # 4 bits a weight with 256 centroids
-    if out[-1] > 1:
-        out.append(1)
-    return out
+        ds.append(d // 2)
+    if ds[-1] > 2 and layer.d_in % 2 == 0:
+        ds.append(2)  # 4 bits a weight with 256 centroids
+    if ds[-1] > 1:
+        ds.append(1)
+    settings = [(x, min(k, layer.n_weights // x)) for x in ds]
+    if cfg.bits != "8" and k > 16:
+        settings.append((1, min(16, layer.n_weights)))  # 4-bit scalar codes: a small codebook
+    settings = list(dict.fromkeys(settings))
+    order = {s: i for i, s in enumerate(settings)}
+    return sorted(settings, key=lambda s: (setting_bytes(layer, s[0], s[1], cfg), order[s]))
 
 
 def candidates(layer: Layer, cfg) -> list:
