@@ -54,13 +54,16 @@ def quantize(t, d, k, h, cfg, rng, dtype):
     return cb, codes.reshape(rows, nb).astype(np.uint8), t_hat
 
 
+ROW_SLACK = 4.0   # the mean per-output relative error may be this many times pq.max_error
+
+
 def budget_error(t, t_hat, h, floor=1e-3) -> float:
     """The error ``pq.max_error`` bounds: the larger of the relative output error of the layer
-    (``lstsq.weighted_error``) and the mean over its outputs of each output's own relative error
-    e_r = (t̂_r − t_r)ᵀ H (t̂_r − t_r) / t_rᵀ H t_r, over the outputs whose energy t_rᵀ H t_r is at
-    least ``floor`` times the mean (dead outputs left out). The mean keeps weak outputs (the high
-    bands of a filter bank, channels a normalisation or a log scales up) from hiding behind
-    strong ones. Without ``h``: the same on the weights."""
+    (``lstsq.weighted_error``) and 1/``ROW_SLACK`` of the mean over its outputs of each output's
+    own relative error e_r = (t̂_r − t_r)ᵀ H (t̂_r − t_r) / t_rᵀ H t_r, over the outputs whose
+    energy t_rᵀ H t_r is at least ``floor`` times the mean (dead outputs left out). The mean keeps
+    weak outputs (the high bands of a filter bank or an STFT, which a log scales up) from hiding
+    behind strong ones. Without ``h``: the same on the weights."""
     total = weighted_error(t, t_hat, h)
     delta = t - t_hat
     if h is None:
@@ -70,4 +73,4 @@ def budget_error(t, t_hat, h, floor=1e-3) -> float:
     live = den >= floor * max(float(den.mean()), 1e-30)
     if not live.any():
         return total
-    return max(total, float((num[live] / den[live]).mean()))
+    return max(total, float((num[live] / den[live]).mean()) / ROW_SLACK)
