@@ -86,7 +86,9 @@ def replace_weight(graph: gs.Graph, layer: Layer, codebook: np.ndarray, codes: n
     """Every reader of the layer's weight reads the decoded tensor instead."""
     decoded = decode(graph, layer, codebook, codes, packed)
     for n in layer.nodes:
-        n.inputs[1] = decoded
+        for i, t in enumerate(n.inputs):
+            if t is layer.weight:
+                n.inputs[i] = decoded
 
 
 # ----------------------------------------------------------------------------- biases

@@ -83,6 +83,62 @@ class Layer:
         return self.layer if node is self.node else WeightLayer(node, self.layer.graph)
 
 
+@dataclass(eq=False)
+class Table:
+    """A float constant that data-movement nodes read (an embedding table a Gather looks rows up
+    in, a positional-encoding table a Slice cuts): no product with an input, so no statistics;
+    quantized in weight space like a ConvTranspose. T = W.reshape(−1, last dimension) (a 1-D
+    table: one row); the decode rebuilds W in its shape, and every reader reads it."""
+
+    weight: gs.Constant
+    nodes: list
+
+    rows_of = "natural"
+    aware = False
+    kernel = 1
+    alpha = 1.0
+
+    @property
+    def node(self) -> gs.Node:
+        return self.nodes[0]
+
+    @property
+    def shape(self):
+        return tuple(self.weight.values.shape)
+
+    def matrix(self) -> np.ndarray:
+        w = self.weight.values
+        return w.reshape(-1, w.shape[-1]) if w.ndim > 1 else w.reshape(1, -1)
+
+    @property
+    def d_in(self):
+        return self.matrix().shape[1]
+
+    @property
+    def n_weights(self):
+        return int(self.weight.values.size)
+
+
+TABLE_READERS = {"Gather": 0, "Slice": 0}   # op → the input that holds the table
+
+
+def tables(graph: gs.Graph, taken: set) -> list:
+    """The float constants (other than the weights in ``taken``, by id) that only Gather (as its
+    data) and Slice (as its data) read, and that are no graph output: one Table each."""
+    outs = {t.name for t in graph.outputs}
+    found = []
+    for t in graph.tensors().values():
+        if not isinstance(t, gs.Constant) or id(t) in taken or t.name in outs or not t.outputs:
+            continue
+        if not np.issubdtype(t.values.dtype, np.floating) or t.values.size < 2:
+            continue
+        if all(n.op in TABLE_READERS and len(n.inputs) > TABLE_READERS[n.op]
+               and n.inputs[TABLE_READERS[n.op]] is t
+               and sum(x is t for x in n.inputs) == 1 for n in t.outputs):
+            found.append(Table(t, list(t.outputs)))
+    return found
+
+
 # ----------------------------------------------------------------------------- finding layers
 def _not_an_output(layer: WeightLayer) -> str | None:
     outs = {t.name for t in layer.graph.outputs} if layer.graph is not None else set()

@@ -18,7 +18,7 @@ from ...refit import refit_levels, shared_levels
 from ...registry import Pass, PassReport, Plan, Requires, Skip
 from .config import PqConfig
 from .edits import refit_biases, replace_weight
-from .layer import default_block, ladder, layer_of, shared_layer
+from .layer import default_block, ladder, layer_of, shared_layer, tables
 from .quantize import budget_error, quantize
 from .search import size_search
 from .sizes import dense_bytes, packed, pq_bytes, setting_bytes, weight_bytes
@@ -84,6 +84,11 @@ class Pq(Pass):
             skipped.extend(skips)
             if layer is not None:
                 found.append(layer)
+        taken = {id(layer.weight) for layer in found}
+        for node in graph.nodes:  # weights of layers that cannot be rewritten are no tables either
+            if layer_of(node, graph)[1] is not None and len(node.inputs) > 1:
+                taken.add(id(node.inputs[1]))
+        found.extend(tables(graph, taken))
         total = sum(layer.n_weights * layer.weight.values.dtype.itemsize for layer in found)
         for layer in found:
             reason = self.check(layer, cfg, first_conv, total)

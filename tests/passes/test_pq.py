@@ -5,7 +5,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from graphs import GraphBuilder, assert_close, run
-from onnx import numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from models import digits
 from onnxshrink import shrink
@@ -513,3 +513,41 @@ def test_statistics_rounds_merge_consecutive_levels():
     levels = [["a"], ["b"], ["c", "d"], ["e"], ["f"]]
     assert merge_levels(levels, 2) == [["a", "b", "c", "d"], ["e", "f"]]   # a level is never split
     assert merge_levels(levels, 0) == levels and merge_levels(levels, 5) == levels
+
+
+def _table_net(seed=0):
+    """ids → Gather(emb 100×32) ─┐
+               Slice(pe 1×64×32) ─ Add → MatMul(w 32×8) → y"""
+    rng = np.random.default_rng(seed)
+    emb = rng.standard_normal((100, 32)).astype(np.float32)
+    pe = np.sin(np.arange(64)[:, None] / (10 ** (np.arange(32)[None] / 32))).astype(np.float32)[None]
+    w = (rng.standard_normal((32, 8)) / 6).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["e"], axis=0, name="gather"),
+             helper.make_node("Slice", ["pe", "st", "en", "ax"], ["p"], name="slice"),
+             helper.make_node("Add", ["e", "p"], ["h"], name="add"),
+             helper.make_node("MatMul", ["h", "w"], ["y"], name="mm")]
+    inits = [numpy_helper.from_array(emb, "emb"), numpy_helper.from_array(pe, "pe"), numpy_helper.from_array(w, "w"),
+             numpy_helper.from_array(np.array([0]), "st"), numpy_helper.from_array(np.array([16]), "en"),
+             numpy_helper.from_array(np.array([1]), "ax")]
+    g = helper.make_graph(nodes, "tables", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m, [{"ids": rng.integers(0, 100, (4, 16))} for _ in range(8)]
+
+
+def test_gather_and_slice_tables_are_quantized_within_the_budget():
+    model, calib = _table_net()
+    res = shrink(model, ["pq"], calibration=calib, force=True)
+    rep = res.report["passes"][0]
+    assert sorted(rep["changed"]) == ["gather", "slice"], rep
+    for name, info in rep["layers"].items():
+        assert info["metric"] == "weights" and info["rel_weight_error"] <= PqConfig().max_error, (name, info)
+        assert info["bytes"][1] < 0.35 * info["bytes"][0], (name, info)
+    assert len(res.model.SerializeToString()) < 0.5 * len(model.SerializeToString())
+    ref = run(model, calib[0])[0]
+    got = run(res.model, calib[0])[0]
+    assert np.linalg.norm(got - ref) <= 0.03 * np.linalg.norm(ref)
+    assert ref.shape == got.shape == (4, 16, 8)
+    ops = {n.op_type for n in res.model.graph.node}
+    assert {"Gather", "Slice", "MatMul"} <= ops and "emb" not in {t.name for t in res.model.graph.initializer}
