@@ -28,6 +28,7 @@ class Layer:
 
     layer: WeightLayer
     nodes: list = field(default_factory=list)
+    inner: bool = False   # its readers are inside a subgraph (If/Loop/Scan body): no statistics there
 
     weight: gs.Constant = field(init=False)  # the weight as found (the readers then read its decode)
 
@@ -51,7 +52,10 @@ class Layer:
 
     @property
     def aware(self) -> bool:
-        """The layer statistics give T's input covariance (group-1 Conv, Gemm, MatMul)."""
+        """The layer statistics give T's input covariance (group-1 Conv, Gemm, MatMul, outside
+        subgraphs: a subgraph's tensors cannot be model outputs)."""
+        if self.inner:
+            return False
         return self.node.op in ("Gemm", "MatMul") or (self.node.op == "Conv" and self.layer.group == 1)
 
     @property
@@ -95,6 +99,7 @@ class Table:
 
     rows_of = "natural"
     aware = False
+    inner = False
     kernel = 1
     alpha = 1.0
 
@@ -179,7 +184,19 @@ def shared_layer(layer: Layer) -> tuple[Layer | None, str | None]:
                 (n.op == "Gemm" and other.alpha != layer.alpha):
             return None, (f"weights shared by {len(readers)} nodes of different kinds or layouts "
                           f"({layer.node.name} {layer.node.op}, {n.name} {n.op})")
-    return Layer(layer.layer, readers), None
+    return Layer(layer.layer, readers, layer.inner), None
+
+
+def subgraph_nodes(graph: gs.Graph):
+    """(node, its subgraph) for every node inside the subgraphs (If branches, Loop/Scan bodies)
+    of ``graph``'s nodes, at any depth."""
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            for sub in (value if isinstance(value, list) else [value]):
+                if isinstance(sub, gs.Graph):
+                    for n in sub.nodes:
+                        yield n, sub
+                    yield from subgraph_nodes(sub)
 
 
 # ----------------------------------------------------------------------------- sub-vector lengths

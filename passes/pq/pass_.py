@@ -18,7 +18,7 @@ from ...refit import refit_levels, shared_levels
 from ...registry import Pass, PassReport, Plan, Requires, Skip
 from .config import PqConfig
 from .edits import refit_biases, replace_weight
-from .layer import default_block, ladder, layer_of, shared_layer, tables
+from .layer import default_block, ladder, layer_of, shared_layer, subgraph_nodes, tables
 from .quantize import budget_error, quantize
 from .search import size_search
 from .sizes import dense_bytes, packed, pq_bytes, setting_bytes, weight_bytes
@@ -59,12 +59,14 @@ class Pq(Pass):
         """(layer, []) for each weight layer of the graph, one per weight (a shared weight: one
         layer over all its readers), or (None, [Skip]) for weight layers that cannot be one."""
         seen = set()
-        for node in graph.nodes:
-            layer, reason = layer_of(node, graph)
+        inner = {id(n) for n, _ in subgraph_nodes(graph)}
+        for node, where in [(n, graph) for n in graph.nodes] + list(subgraph_nodes(graph)):
+            layer, reason = layer_of(node, where)
             if layer is None:
                 if reason:
                     yield None, [Skip(node.name, reason)]
                 continue
+            layer.inner = any(id(n) in inner for n in layer.weight.outputs)
             if id(layer.weight) in seen:
                 continue  # a shared weight: handled with its first reader
             seen.add(id(layer.weight))
@@ -164,8 +166,10 @@ class Pq(Pass):
         at most ``pq.rounds`` statistics rounds); otherwise one group."""
         if not (cfg.sequential and cfg.aware):
             return [sorted(blocks)]
-        return merge_levels(shared_levels(graph, {n: [x.name for x in b[0].nodes] for n, b in blocks.items()}),
-                            cfg.rounds)
+        inner = sorted(n for n, b in blocks.items() if b[0].inner)  # no statistics: done last, in one group
+        levels = merge_levels(shared_levels(graph, {n: [x.name for x in b[0].nodes] for n, b in blocks.items()
+                                                    if not b[0].inner}), cfg.rounds)
+        return levels + ([inner] if inner else [])
 
     def _rewrite(self, ctx, graph, name, block, cm, per_node, cfg, budget):
         """Quantize one layer and rewrite its readers: (its report entry, None), or (None, why it

@@ -551,3 +551,39 @@ def test_gather_and_slice_tables_are_quantized_within_the_budget():
     assert ref.shape == got.shape == (4, 16, 8)
     ops = {n.op_type for n in res.model.graph.node}
     assert {"Gather", "Slice", "MatMul"} <= ops and "emb" not in {t.name for t in res.model.graph.initializer}
+
+
+def _if_net(seed=0):
+    """x → MatMul(w1 64×64) → h; If(cond) then MatMul(h, w2 64×64) (w2 from the outer scope)
+    else Identity(h) → y"""
+    rng = np.random.default_rng(seed)
+    w1 = (rng.standard_normal((64, 64)) / 8).astype(np.float32)
+    w2 = (rng.standard_normal((64, 64)) / 8).astype(np.float32)
+    then = helper.make_graph([helper.make_node("MatMul", ["h", "w2"], ["t"], name="inner_mm")], "then", [],
+                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Identity", ["h"], ["o"], name="inner_id")], "else", [],
+                              [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="outer_mm"),
+             helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then, else_branch=other)]
+    g = helper.make_graph(nodes, "if_net", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 64]),
+                                            helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    feeds = [{"x": rng.standard_normal((16, 64)).astype(np.float32), "cond": np.array(i % 2 == 0)} for i in range(8)]
+    return m, feeds
+
+
+def test_a_weight_read_inside_an_if_branch_is_quantized_in_weight_space():
+    model, feeds = _if_net()
+    res = shrink(model, ["pq"], calibration=feeds, force=True)
+    rep = res.report["passes"][0]
+    assert sorted(rep["changed"]) == ["inner_mm", "outer_mm"], rep
+    assert rep["layers"]["inner_mm"]["metric"] == "weights" and rep["layers"]["outer_mm"]["metric"] == "activation"
+    assert rep["layers"]["inner_mm"]["rel_weight_error"] <= PqConfig().max_error
+    assert not {"w1", "w2"} & {t.name for t in res.model.graph.initializer}
+    for cond in (True, False):  # both branches, the one reading the decode and the other
+        feed = {"x": feeds[0]["x"], "cond": np.array(cond)}
+        ref, got = run(model, feed)[0], run(res.model, feed)[0]
+        assert np.linalg.norm(got - ref) <= 0.03 * np.linalg.norm(ref), cond
