@@ -587,3 +587,23 @@ def test_a_weight_read_inside_an_if_branch_is_quantized_in_weight_space():
         feed = {"x": feeds[0]["x"], "cond": np.array(cond)}
         ref, got = run(model, feed)[0], run(res.model, feed)[0]
         assert np.linalg.norm(got - ref) <= 0.03 * np.linalg.norm(ref), cond
+
+
+def test_the_budget_counts_the_error_of_weak_outputs():
+    """Two outputs, one with 1/100 of the other's energy: an error of 10 % on the weak one is
+    1e-4 of the total output energy, but a quarter of the mean per-output relative error
+    ((0 + 0.01) / 2 / 4) counts."""
+    from onnxshrink.passes.pq.quantize import ROW_SLACK, budget_error
+    t = np.array([[1.0, 0.0], [0.0, 0.1]])
+    t_hat = np.array([[1.0, 0.0], [0.0, 0.11]])
+    h = np.eye(2)
+    assert weighted_error(t, t_hat, h) == pytest.approx(1e-4 / 1.01)
+    assert budget_error(t, t_hat, h) == pytest.approx(0.01 / 2 / ROW_SLACK)
+    assert budget_error(t, t_hat, None) == pytest.approx(0.01 / 2 / ROW_SLACK)
+    # an error spread like the outputs' energy: the global figure decides
+    even = t * 1.01
+    assert budget_error(t, even, h) == pytest.approx(weighted_error(t, even, h))
+    # an output under 1e-3 of the mean energy counts as dead: left out of the mean
+    dead = np.array([[1.0, 0.0], [0.0, 1e-3]])
+    off = dead * np.array([[1.0], [2.0]])
+    assert budget_error(dead, off, h) == pytest.approx(weighted_error(dead, off, h))
