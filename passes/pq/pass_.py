@@ -33,14 +33,15 @@ class Pq(Pass):
     budgets = ("bytes",)
 
     # ------------------------------------------------------------------------- what is quantized
-    def check(self, layer, cfg, first_conv: str | None, total: int = 0) -> str | None:
+    def check(self, layer, cfg, first_conv: str | None, total: int | None = None) -> str | None:
         """Why ``layer`` stays float, or None when it is quantized; ``first_conv``: the name of
         the model's first Conv; ``total``: the weight bytes of all the model's layers (a first
-        Conv holding at least a quarter of them, such as an STFT written as Conv, is quantized)."""
+        Conv holding at least a quarter of them, such as an STFT written as Conv, is quantized;
+        None: the first Conv stays dense)."""
         if not np.isfinite(layer.weight.values).all():
             return f"weights contain NaN or Inf values ({layer.weight.name}): not quantized"
         nbytes = layer.n_weights * layer.weight.values.dtype.itemsize
-        if first_conv in {n.name for n in layer.nodes} and not cfg.first_conv and 4 * nbytes < total:
+        if first_conv in {n.name for n in layer.nodes} and not cfg.first_conv and (total is None or 4 * nbytes < total):
             return ("first conv stays dense: %d B, under a quarter of the model's weight bytes "
                     "(pq.first_conv=true to quantize it)" % nbytes)
         if nbytes < cfg.min_bytes:
