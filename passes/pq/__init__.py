@@ -30,7 +30,14 @@ where it saves bytes) are unpacked without BitShift, which that parser lacks: by
 16·hi + lo − 128, v = Cast(int32) + 128, hi = v / 16, lo = v − 16·hi, Concat → the same Gather.
 All standard ops on constants: runtimes fold them once at load time, so inference runs at the
 original speed. Small layers (codes + codebook would not
-save bytes) and the model's first Conv stay dense by default.
+save bytes) and the model's first Conv (when it holds under a quarter of the weight bytes) stay
+dense by default.
+
+Error budget (``pq.max_error``): per layer, the settings (d, K) are tried fewest bytes first (the
+default d with 256 centroids, shorter d, scalar codes with 16 centroids packed, with 256) and the
+first whose relative output error, and a quarter of the mean of its outputs' own relative errors,
+are within the budget is kept. Layers without statistics (inside If/Loop/Scan subgraphs) and float
+tables that only Gather/Slice read (embeddings, positional encodings) are quantized in weight space.
 
 Size budget (``--target-size``): each layer gets candidate (d, K) settings with their output
 error and bytes; a Lagrangian search picks per layer the setting minimising Σ relative output

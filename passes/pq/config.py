@@ -22,11 +22,11 @@ class PqConfig:
     kmeans_iters: int = 8          # plain Lloyd rounds (the initialisation)
     damp: float = 0.01             # metric damping, relative to the mean input variance
     bias_correct: bool = True      # absorb the mean output shift into the bias
-    first_conv: bool = False       # also quantize the first Conv of the model
+    first_conv: bool = False       # also quantize the first Conv when it holds < 1/4 of the weight bytes
     positions: int = 16            # Conv: sampled output positions per calibration sample
     bits: str = "auto"             # code width: 8, 4 (two codes a byte, K ≤ 16), auto (4 where K ≤ 16 saves bytes)
-    max_error: float = 3e-4        # per-layer budget on the relative output error; a layer over it is
-                                   # redone with shorter sub-vectors (down to 1: scalar codes), else stays float
+    max_error: float = 3e-4        # per-layer budget on the relative output error; settings are tried fewest
+                                   # bytes first (down to scalar codes), the first within it kept, else float
                                    # (0 = no budget: the first setting is kept whatever its error)
     min_bytes: int = 4096          # layers whose dense weight is smaller stay float (little to gain)
     rounds: int = 4                # sequential: at most this many statistics rounds (consecutive

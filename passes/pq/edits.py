@@ -32,9 +32,11 @@ def decode(graph: gs.Graph, layer: Layer, codebook: np.ndarray, codes: np.ndarra
     n = rows * nb
 
     em = Emitter(graph, dtype=wdtype)
+    made = []
 
     def add(op, inputs, suffix, dtype, shape, **attrs):
         out = gs.Variable(em.name("", f"{base}.pq{suffix}"), dtype=dtype, shape=shape)
+        made.append(out)
         return em.op(op, inputs, attrs, out=out, name=f"{base}.pq{suffix}_{op.lower()}")
 
     def const(suffix, value):
@@ -72,15 +74,21 @@ def decode(graph: gs.Graph, layer: Layer, codebook: np.ndarray, codes: np.ndarra
     if layer.rows_of == "transpose":
         flat_shape = const("shape", np.array([rows, nb * d], dtype=np.int64))
         flat = add("Reshape", [gathered, flat_shape], "_rows", wdtype, [rows, nb * d])
-        return add("Transpose", [flat], "", wdtype, shape, perm=[1, 0])
-    return add("Reshape", [gathered, const("shape", np.array(shape, dtype=np.int64))], "", wdtype, shape)
+        out = add("Transpose", [flat], "", wdtype, shape, perm=[1, 0])
+    else:
+        out = add("Reshape", [gathered, const("shape", np.array(shape, dtype=np.int64))], "", wdtype, shape)
+    for v in made[:-1]:  # the decode's inner tensors are written without type information (fewer bytes)
+        v.dtype = None
+    return out
 
 
 def replace_weight(graph: gs.Graph, layer: Layer, codebook: np.ndarray, codes: np.ndarray, packed: bool) -> None:
     """Every reader of the layer's weight reads the decoded tensor instead."""
     decoded = decode(graph, layer, codebook, codes, packed)
     for n in layer.nodes:
-        n.inputs[1] = decoded
+        for i, t in enumerate(n.inputs):
+            if t is layer.weight:
+                n.inputs[i] = decoded
 
 
 # ----------------------------------------------------------------------------- biases

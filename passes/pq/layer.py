@@ -28,6 +28,7 @@ class Layer:
 
     layer: WeightLayer
     nodes: list = field(default_factory=list)
+    inner: bool = False   # its readers are inside a subgraph (If/Loop/Scan body): no statistics there
 
     weight: gs.Constant = field(init=False)  # the weight as found (the readers then read its decode)
 
@@ -51,7 +52,10 @@ class Layer:
 
     @property
     def aware(self) -> bool:
-        """The layer statistics give T's input covariance (group-1 Conv, Gemm, MatMul)."""
+        """The layer statistics give T's input covariance (group-1 Conv, Gemm, MatMul, outside
+        subgraphs: a subgraph's tensors cannot be model outputs)."""
+        if self.inner:
+            return False
         return self.node.op in ("Gemm", "MatMul") or (self.node.op == "Conv" and self.layer.group == 1)
 
     @property
@@ -81,6 +85,63 @@ class Layer:
     def reader(self, node: gs.Node) -> WeightLayer:
         """The WeightLayer of one reader."""
         return self.layer if node is self.node else WeightLayer(node, self.layer.graph)
+
+
+@dataclass(eq=False)
+class Table:
+    """A float constant that data-movement nodes read (an embedding table a Gather looks rows up
+    in, a positional-encoding table a Slice cuts): no product with an input, so no statistics;
+    quantized in weight space like a ConvTranspose. T = W.reshape(−1, last dimension) (a 1-D
+    table: one row); the decode rebuilds W in its shape, and every reader reads it."""
+
+    weight: gs.Constant
+    nodes: list
+
+    rows_of = "natural"
+    aware = False
+    inner = False
+    kernel = 1
+    alpha = 1.0
+
+    @property
+    def node(self) -> gs.Node:
+        return self.nodes[0]
+
+    @property
+    def shape(self):
+        return tuple(self.weight.values.shape)
+
+    def matrix(self) -> np.ndarray:
+        w = self.weight.values
+        return w.reshape(-1, w.shape[-1]) if w.ndim > 1 else w.reshape(1, -1)
+
+    @property
+    def d_in(self):
+        return self.matrix().shape[1]
+
+    @property
+    def n_weights(self):
+        return int(self.weight.values.size)
+
+
+TABLE_READERS = {"Gather": 0, "Slice": 0}   # op → the input that holds the table
+
+
+def tables(graph: gs.Graph, taken: set) -> list:
+    """The float constants (other than the weights in ``taken``, by id) that only Gather (as its
+    data) and Slice (as its data) read, and that are no graph output: one Table each."""
+    outs = {t.name for t in graph.outputs}
+    found = []
+    for t in graph.tensors().values():
+        if not isinstance(t, gs.Constant) or id(t) in taken or t.name in outs or not t.outputs:
+            continue
+        if not np.issubdtype(t.values.dtype, np.floating) or t.values.size < 2:
+            continue
+        if all(n.op in TABLE_READERS and len(n.inputs) > TABLE_READERS[n.op]
+               and n.inputs[TABLE_READERS[n.op]] is t
+               and sum(x is t for x in n.inputs) == 1 for n in t.outputs):
+            found.append(Table(t, list(t.outputs)))
+    return found
 
 
 # ----------------------------------------------------------------------------- finding layers
@@ -123,7 +184,19 @@ def shared_layer(layer: Layer) -> tuple[Layer | None, str | None]:
                 (n.op == "Gemm" and other.alpha != layer.alpha):
             return None, (f"weights shared by {len(readers)} nodes of different kinds or layouts "
                           f"({layer.node.name} {layer.node.op}, {n.name} {n.op})")
-    return Layer(layer.layer, readers), None
+    return Layer(layer.layer, readers, layer.inner), None
+
+
+def subgraph_nodes(graph: gs.Graph):
+    """(node, its subgraph) for every node inside the subgraphs (If branches, Loop/Scan bodies)
+    of ``graph``'s nodes, at any depth."""
+    for node in graph.nodes:
+        for value in node.attrs.values():
+            for sub in (value if isinstance(value, list) else [value]):
+                if isinstance(sub, gs.Graph):
+                    for n in sub.nodes:
+                        yield n, sub
+                    yield from subgraph_nodes(sub)
 
 
 # ----------------------------------------------------------------------------- sub-vector lengths
@@ -143,19 +216,27 @@ def default_block(layer: Layer, cfg) -> int:
     return 1
 
 
-def ladder(layer: Layer, d: int) -> list:
-    """Sub-vector lengths tried in turn under pq.max_error: the default d, then shorter ones (a
-    Conv kernel row or half the length, 2), down to 1 (scalar codes, 8 bits a weight)."""
-    out = [d]
+def ladder(layer: Layer, d: int, k: int, cfg) -> list:
+    """(d, K) settings tried in turn under pq.max_error, fewest bytes first: the default (d, K),
+    shorter sub-vectors (a Conv kernel row or half the length, 2), scalar codes with 16 centroids
+    (4 bits a weight, packed two a byte) and with K (8 bits a weight). The first within the budget
+    is kept."""
+    from .sizes import setting_bytes
+    ds = [d]
     if layer.kernel > 1 and d == layer.kernel and 1 < int(layer.shape[-1]) < d:
-        out.append(int(layer.shape[-1]))
+        ds.append(int(layer.shape[-1]))
     elif d > 2 and layer.d_in % (d // 2) == 0:
-        out.append(d // 2)
-    if out[-1] > 2 and layer.d_in % 2 == 0:
-        out.append(2)  # 4 bits a weight with 256 centroids
-    if out[-1] > 1:
-        out.append(1)
-    return out
+        ds.append(d // 2)
+    if ds[-1] > 2 and layer.d_in % 2 == 0:
+        ds.append(2)  # 4 bits a weight with 256 centroids
+    if ds[-1] > 1:
+        ds.append(1)
+    settings = [(x, min(k, layer.n_weights // x)) for x in ds]
+    if cfg.bits != "8" and k > 16:
+        settings.append((1, min(16, layer.n_weights)))  # 4-bit scalar codes: a small codebook
+    settings = list(dict.fromkeys(settings))
+    order = {s: i for i, s in enumerate(settings)}
+    return sorted(settings, key=lambda s: (setting_bytes(layer, s[0], s[1], cfg), order[s]))
 
 
 def candidates(layer: Layer, cfg) -> list:

@@ -18,8 +18,8 @@ from ...refit import refit_levels, shared_levels
 from ...registry import Pass, PassReport, Plan, Requires, Skip
 from .config import PqConfig
 from .edits import refit_biases, replace_weight
-from .layer import default_block, ladder, layer_of, shared_layer
-from .quantize import quantize
+from .layer import default_block, ladder, layer_of, shared_layer, subgraph_nodes, tables
+from .quantize import budget_error, quantize
 from .search import size_search
 from .sizes import dense_bytes, packed, pq_bytes, setting_bytes, weight_bytes
 from .target import layer_problem, moments, requests
@@ -33,14 +33,17 @@ class Pq(Pass):
     budgets = ("bytes",)
 
     # ------------------------------------------------------------------------- what is quantized
-    def check(self, layer, cfg, first_conv: str | None) -> str | None:
+    def check(self, layer, cfg, first_conv: str | None, total: int | None = None) -> str | None:
         """Why ``layer`` stays float, or None when it is quantized; ``first_conv``: the name of
-        the model's first Conv."""
+        the model's first Conv; ``total``: the weight bytes of all the model's layers (a first
+        Conv holding at least a quarter of them, such as an STFT written as Conv, is quantized;
+        None: the first Conv stays dense)."""
         if not np.isfinite(layer.weight.values).all():
             return f"weights contain NaN or Inf values ({layer.weight.name}): not quantized"
-        if first_conv in {n.name for n in layer.nodes} and not cfg.first_conv:
-            return "first conv stays dense (pq.first_conv=true to quantize it)"
         nbytes = layer.n_weights * layer.weight.values.dtype.itemsize
+        if first_conv in {n.name for n in layer.nodes} and not cfg.first_conv and (total is None or 4 * nbytes < total):
+            return ("first conv stays dense: %d B, under a quarter of the model's weight bytes "
+                    "(pq.first_conv=true to quantize it)" % nbytes)
         if nbytes < cfg.min_bytes:
             return f"small layer: {nbytes} B of weights < pq.min_bytes={cfg.min_bytes}, stays float (little to gain)"
         d = default_block(layer, cfg)
@@ -57,12 +60,14 @@ class Pq(Pass):
         """(layer, []) for each weight layer of the graph, one per weight (a shared weight: one
         layer over all its readers), or (None, [Skip]) for weight layers that cannot be one."""
         seen = set()
-        for node in graph.nodes:
-            layer, reason = layer_of(node, graph)
+        inner = {id(n) for n, _ in subgraph_nodes(graph)}
+        for node, where in [(n, graph) for n in graph.nodes] + list(subgraph_nodes(graph)):
+            layer, reason = layer_of(node, where)
             if layer is None:
                 if reason:
                     yield None, [Skip(node.name, reason)]
                 continue
+            layer.inner = any(id(n) in inner for n in layer.weight.outputs)
             if id(layer.weight) in seen:
                 continue  # a shared weight: handled with its first reader
             seen.add(id(layer.weight))
@@ -77,12 +82,19 @@ class Pq(Pass):
     def _scan(self, graph, cfg):
         """[(layer, d)] to quantize and [Skip]."""
         first_conv = next((n.name for n in graph.nodes if n.op in ("Conv", "ConvTranspose")), None)
-        todo, skipped = [], []
+        todo, skipped, found = [], [], []
         for layer, skips in self._layers(graph):
             skipped.extend(skips)
-            if layer is None:
-                continue
-            reason = self.check(layer, cfg, first_conv)
+            if layer is not None:
+                found.append(layer)
+        taken = {id(layer.weight) for layer in found}
+        for node in graph.nodes:  # weights of layers that cannot be rewritten are no tables either
+            if layer_of(node, graph)[1] is not None and len(node.inputs) > 1:
+                taken.add(id(node.inputs[1]))
+        found.extend(tables(graph, taken))
+        total = sum(layer.n_weights * layer.weight.values.dtype.itemsize for layer in found)
+        for layer in found:
+            reason = self.check(layer, cfg, first_conv, total)
             if reason:
                 skipped.extend(Skip(n.name, reason) for n in layer.nodes)
             else:
@@ -155,8 +167,10 @@ class Pq(Pass):
         at most ``pq.rounds`` statistics rounds); otherwise one group."""
         if not (cfg.sequential and cfg.aware):
             return [sorted(blocks)]
-        return merge_levels(shared_levels(graph, {n: [x.name for x in b[0].nodes] for n, b in blocks.items()}),
-                            cfg.rounds)
+        inner = sorted(n for n, b in blocks.items() if b[0].inner)  # no statistics: done last, in one group
+        levels = merge_levels(shared_levels(graph, {n: [x.name for x in b[0].nodes] for n, b in blocks.items()
+                                                    if not b[0].inner}), cfg.rounds)
+        return levels + ([inner] if inner else [])
 
     def _rewrite(self, ctx, graph, name, block, cm, per_node, cfg, budget):
         """Quantize one layer and rewrite its readers: (its report entry, None), or (None, why it
@@ -165,12 +179,11 @@ class Pq(Pass):
         t, h, fit = layer_problem(layer, cm, cfg)
         tq = time.perf_counter()
         tried = []
-        for d_try in (ladder(layer, d) if budget is not None else [d]):
-            k_try = min(k, layer.n_weights // d_try)
+        for d_try, k_try in (ladder(layer, d, k, cfg) if budget is not None else [(d, k)]):
             rng = np.random.default_rng([ctx.seed, zlib.crc32(name.encode())])
             with ctx.timed("fit"), deterministic():
                 cb, codes, t_hat = quantize(t, d_try, k_try, h if cfg.aware else None, cfg, rng, cfg.dtype)
-            err = weighted_error(t, t_hat, h)
+            err = budget_error(t, t_hat, h)
             tried.append((d_try, len(cb), err))
             if budget is None or err <= budget:
                 d = d_try

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ...lstsq import weighted_error
 from .gptq import gptq_assign, refine_codebook
 from .kmeans import aware_em, kmeans
 
@@ -51,3 +52,25 @@ def quantize(t, d, k, h, cfg, rng, dtype):
     cb = c.astype(dtype)
     t_hat = cb.astype(np.float64)[codes].reshape(rows, d_in)
     return cb, codes.reshape(rows, nb).astype(np.uint8), t_hat
+
+
+ROW_SLACK = 4.0   # the mean per-output relative error may be this many times pq.max_error
+
+
+def budget_error(t, t_hat, h, floor=1e-3) -> float:
+    """The error ``pq.max_error`` bounds: the larger of the relative output error of the layer
+    (``lstsq.weighted_error``) and 1/``ROW_SLACK`` of the mean over its outputs of each output's
+    own relative error e_r = (t̂_r − t_r)ᵀ H (t̂_r − t_r) / t_rᵀ H t_r, over the outputs whose
+    energy t_rᵀ H t_r is at least ``floor`` times the mean (dead outputs left out). The mean keeps
+    weak outputs (the high bands of a filter bank or an STFT, which a log scales up) from hiding
+    behind strong ones. Without ``h``: the same on the weights."""
+    total = weighted_error(t, t_hat, h)
+    delta = t - t_hat
+    if h is None:
+        num, den = (delta ** 2).sum(1), (t ** 2).sum(1)
+    else:
+        num, den = ((delta @ h) * delta).sum(1), ((t @ h) * t).sum(1)
+    live = den >= floor * max(float(den.mean()), 1e-30)
+    if not live.any():
+        return total
+    return max(total, float((num[live] / den[live]).mean()) / ROW_SLACK)
