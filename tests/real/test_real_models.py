@@ -49,7 +49,8 @@ KNOWN_FAILURES = {
                                 "metric reads the face decision only, 1.000; the boxes are degraded)",
     ("oww_melspec", "pq"): "the default gate fails it: 8 of 74,496 mel values off by 0.35-0.56 of the output's range "
                            "(7-15 where the original gives 34-55: below anything the original gives), max abs error "
-                           "0.56 of the range; the task metric (1 - worst relative L2) is 0.972",
+                           "0.56 of the range; the task metric (1 - worst relative L2) is 0.972 (at file 0.618; at 0.258 since the "
+                           "STFT Conv is quantized: range error 0.558, task metric 0.976)",
     ("captcha_crnn", "basisconv"): "validation passes but the same text on 0.844 of the captchas < 0.9 (FLOPs 0.897)",
     ("vit_focus", "basisconv"): "TargetError: FLOPs 0.993 (target 0.900): basisconv acts on 0.8 % of the FLOPs "
                                 "(the 16×16 patch-embedding Conv; the rest is MatMul/attention)",
@@ -101,7 +102,7 @@ CI_PAIRS = {
     ("oww_melspec", "basisconv"): "pass, 10 s",
     ("oww_melspec", "lowrank"): "fail, 5 s",
     ("oww_melspec", "hadamard"): "pass, 12 s",
-    ("oww_melspec", "pq"): "pass, 21 s",
+    ("oww_melspec", "pq"): "fail (default gate), 21 s",
     ("oww_embedding", "pfa"): "fail, 41 s",
     ("oww_embedding", "basisconv"): "fail, 33 s",
     ("oww_hey_jarvis", "lowrank"): "pass, 16 s (3 CPU s)",
