@@ -341,10 +341,13 @@ class ResidualStats(LayerStats):
 
 class SplitStats:
     """A request whose batches alternate between two accumulators [fit, held out] (batch 0, 2, …
-    into the first, 1, 3, … into the second)."""
+    into the first, 1, 3, … into the second). With ``by_sample`` (for data that comes in a single
+    batch, where alternating batches would hold nothing out) each batch is split instead: its
+    samples (axis 0 of every tensor, where they all share it) alternate, counted across batches."""
 
-    def __init__(self, inner):
+    def __init__(self, inner, by_sample: bool = False):
         self.inner, self.key, self._calls = inner, inner.key, 0
+        self.by_sample, self._samples = by_sample, 0
 
     def tensors(self):
         return self.inner.tensors()
@@ -353,6 +356,16 @@ class SplitStats:
         return [self.inner.new(x_arrays, y_arrays), self.inner.new(x_arrays, y_arrays)]
 
     def update(self, acc, x_arrays, y_arrays, rng):
+        sizes = {np.shape(a)[0] if np.ndim(a) else 0 for a in (*x_arrays.values(), *y_arrays.values())}
+        if self.by_sample and len(sizes) == 1 and min(sizes) >= 2:
+            b = sizes.pop()
+            parity = (self._samples + np.arange(b)) % 2
+            self._samples += b
+            for half in (0, 1):
+                idx = np.nonzero(parity == half)[0]
+                self.inner.update(acc[half], {k: v[idx] for k, v in x_arrays.items()},
+                                  {k: v[idx] for k, v in y_arrays.items()}, rng)
+            return
         self.inner.update(acc[self._calls % 2], x_arrays, y_arrays, rng)
         self._calls += 1
 

@@ -20,7 +20,7 @@ from ...errors import UsageError
 from ...graph import import_graph
 from ...registry import Pass, PassReport, Plan, Requires, Skip
 from . import allocation
-from .allocation import CostModel, multiple_of, overshoot_note, reach_of
+from .allocation import CostModel, multiple_of, overshoot_note, reach_of, step_of
 from .edits import refit_consumers, refit_reason, weight_row_norms
 from .elimination import Elimination
 from .recipes import kept_energy, kept_kl, pearson_removal_order, round_up, spectrum
@@ -120,12 +120,12 @@ class Pfa(Pass):
     def reach(self, model, cfg, shapes=None, an=None, groups=None):
         """What pfa alone can do to ``model`` at input ``shapes``: {"acts_on": {metric: share of the
         model's cost in nodes whose cost changes when channels go}, "floor": {metric: the fraction
-        of the cost left with every prunable group at its smallest count (``channel_multiple``)}}."""
+        of the cost left with every prunable group at its smallest count (``allocation.step_of``)}}."""
         if an is None:
             an = analyze(model, shapes if isinstance(shapes, dict) else None)
             groups, _ = self.eligible(model, an)
-        keep = {g.index: np.arange(multiple_of(g, cfg.channel_multiple)) for g in groups
-                if multiple_of(g, cfg.channel_multiple) < g.size}
+        keep = {g.index: np.arange(step_of(g, cfg.channel_multiple)) for g in groups
+                if step_of(g, cfg.channel_multiple) < g.size}
         return reach_of(model, an.prune(model, keep) if keep else model, shapes)
 
     # -- the steps
@@ -313,3 +313,4 @@ class _Lazy(dict):
     def __missing__(self, key):
         self[key] = value = self.make(key)
         return value
+

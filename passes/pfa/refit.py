@@ -25,6 +25,8 @@ def sequential_refit(pruned, an, keep, consumers, cfg, ctx):
     """Refit ``consumers`` of the pruned channels of ``pruned`` (``keep``: {group: kept channels} of the
     analysis ``an``). Returns (model, {layer: relative error}, {layer: chosen ridge})."""
     errors, ridges, residual = {}, {}, set()
+    # data in one batch holds nothing out batch by batch: hold out every other sample instead
+    by_sample = ctx.data is not None and ctx.data.count_batches(ctx.batch_size) < 2
 
     def requests(name, graph):
         layer = WeightLayer(node_by_name(graph, name), graph)
@@ -35,7 +37,7 @@ def sequential_refit(pruned, an, keep, consumers, cfg, ctx):
             inner["y_tensor"] = res[0]
             req = ResidualStats(**inner, skip=res[1], mask=an.output_mask(name, keep), shift=res[2])
             residual.add(name)
-        return [SplitStats(req)]
+        return [SplitStats(req, by_sample=by_sample)]
 
     def solve(name, stats, graph, level):
         cm_a, cm_b = stats[name]

@@ -46,5 +46,5 @@ def collect_statistics(model, an, groups, cfg, ctx, consumers: bool):
         var = float(np.sum(cm.yy / max(cm.n, 1) - my ** 2))
         for gi, blocks in consumer_blocks(an, c, nodes[c]).items():
             if gi in problems:
-                problems[gi].append(Problem(cxx, cxy, var, blocks))
+                problems[gi].append(Problem(cxx, cxy, var, blocks, rows=cm.n))
     return covs, problems
