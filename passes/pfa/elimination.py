@@ -40,7 +40,7 @@ class Problem:
     rows: int = 0          # rows the moments were summed over (0: unknown, no correction)
 
 
-MIN_ROWS_PER_COLUMN = 2
+MIN_ROWS_PER_COLUMN = 1
 
 
 def _spd_inverse(a: np.ndarray) -> np.ndarray:

@@ -97,6 +97,55 @@ def test_elimination_on_demand_gives_the_full_runs_values_and_steps_only_as_far_
     assert np.array_equal(lazy.order(), order)
 
 
+def test_error_curve_expects_the_error_on_new_rows():
+    """With n rows and p columns left the in-sample error is scaled by (n + p)/(n − p); a consumer
+    with fewer rows than columns (its fit is exact at any width) counts as lost (1) once it loses a
+    channel, so its group is the budget's last resort; rows unknown (0): the in-sample curve."""
+    prob, _ = _planted()
+    d = len(np.concatenate(prob.blocks))
+    raw = elimination_order([prob], 8, ridge=1e-9)[1]
+    rows = 4 * d
+    counted = Problem(prob.cxx, prob.cxy, prob.var, prob.blocks, rows=rows)
+    order, err = elimination_order([counted], 8, ridge=1e-9)
+    for k in (8, 5, 2):
+        p = 3 * k
+        assert err[k] == pytest.approx(raw[k] * (rows + p) / (rows - p), rel=1e-9), k
+    blind = Problem(prob.cxx, prob.cxy, prob.var, prob.blocks, rows=d - 1)
+    err = elimination_order([blind], 8, ridge=1e-9)[1]
+    assert err[8] == pytest.approx(raw[8]) and np.allclose(err[:8], 1.0)
+    # the allocation then takes the group with an honest curve first
+    class G:
+        def __init__(self, index, size):
+            self.index, self.size, self.sources = index, size, []
+
+    curves = {0: err, 1: raw * 5}
+    ks = by_error([G(0, 8), G(1, 8)], curves, 1, lambda ks: {"flops": float(ks[0] + ks[1])}, {"flops": 13.0}, {})
+    assert ks == {0: 8, 1: 5}
+
+
+def test_few_samples_get_more_conv_positions():
+    """A 3×3 Conv over 64 channels (576 columns): 48 samples get 16 rows per column (192 positions
+    per sample), 10 000 samples keep the configured 32, a dense layer is not sampled by position."""
+    from onnxshrink.passes.pfa.statistics import MAX_POSITIONS, ROWS_PER_COLUMN, positions_for
+
+    class L:
+        def __init__(self, op, cols):
+            self.op, self._cols = op, cols
+
+        def matrix(self):
+            return np.zeros((self._cols, 4))
+
+    class Ctx:
+        def __init__(self, n):
+            self.data = type("D", (), {"n": n})()
+
+    cfg = PfaConfig()
+    assert positions_for(L("Conv", 576), cfg, Ctx(48)) == 576 * ROWS_PER_COLUMN // 48 == 192
+    assert positions_for(L("Conv", 576), cfg, Ctx(10000)) == cfg.positions
+    assert positions_for(L("Conv", 576), cfg, Ctx(1)) == MAX_POSITIONS
+    assert positions_for(L("Gemm", 576), cfg, Ctx(1)) == cfg.positions
+
+
 def test_reconstruction_selection_beats_correlation_on_a_planted_case():
     prob, resp_cov = _planted()
     rec, _ = elimination_order([prob], 8)
