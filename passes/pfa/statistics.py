@@ -5,11 +5,8 @@
   tr Cov(y) and the input columns each channel feeds), for the reconstruction-aware selection and
   the error curves of the budget allocation.
 
-A Conv's rows are ``positions`` sampled output positions per sample; with the tens of samples
-users have, 32 positions give a 3×3 Conv over 64 channels (576 columns) fewer than three rows per
-column, and its refit overfits the calibration rows. ``positions_for`` raises the count so that a
-layer has at least ``ROWS_PER_COLUMN`` rows per column (at most ``MAX_POSITIONS`` per sample; a map
-smaller than that gives all its positions)."""
+A Conv's rows are sampled output positions, enough of them for a least-squares fit when samples
+are few (``stats.positions_for``)."""
 
 from __future__ import annotations
 
@@ -18,23 +15,16 @@ import numpy as np
 from ...graph import import_graph
 from ...layers import WeightLayer
 from ...stats import ResponseStats
+from ...stats import positions_for as stats_positions
 from .edits import consumer_blocks, refit_consumers
 from .elimination import Problem
 
 
-ROWS_PER_COLUMN = 16
-MAX_POSITIONS = 1024
-
-
 def positions_for(layer: WeightLayer, cfg, ctx) -> int:
-    """Sampled output positions per sample for ``layer``'s statistics: ``cfg.positions``, or more
-    where the calibration samples are too few for ``ROWS_PER_COLUMN`` rows per input column."""
+    """Sampled output positions per sample for ``layer``'s statistics (``stats.positions_for``)."""
     if layer.op != "Conv":
         return cfg.positions
-    samples = max(int(getattr(ctx.data, "n", 0) or 0), 1)
-    cols = int(layer.matrix().shape[0])
-    need = -(-ROWS_PER_COLUMN * cols // samples)
-    return int(max(cfg.positions, min(need, MAX_POSITIONS)))
+    return stats_positions(layer.matrix().shape[0], getattr(ctx.data, "n", 0) or 0, cfg.positions)
 
 
 def collect_statistics(model, an, groups, cfg, ctx, consumers: bool):

@@ -126,7 +126,8 @@ def test_error_curve_expects_the_error_on_new_rows():
 def test_few_samples_get_more_conv_positions():
     """A 3×3 Conv over 64 channels (576 columns): 48 samples get 16 rows per column (192 positions
     per sample), 10 000 samples keep the configured 32, a dense layer is not sampled by position."""
-    from onnxshrink.passes.pfa.statistics import MAX_POSITIONS, ROWS_PER_COLUMN, positions_for
+    from onnxshrink.passes.pfa.statistics import positions_for
+    from onnxshrink.stats import MAX_POSITIONS, ROWS_PER_COLUMN
 
     class L:
         def __init__(self, op, cols):

@@ -229,3 +229,23 @@ def test_pass_runs_on_varying_shape_feeds(name, pass_name):
     for o in outs:
         for k, v in o.items():
             assert np.all(np.isfinite(v)), (name, pass_name, k)
+
+
+def test_max_drop_search_keeps_the_embedding_within_one_point():
+    """Issue 12 on a real model: ``metric="cosine"`` (the worst sample's cosine to the original's
+    output, the zoo's own metric for the embedding model) with ``max_drop=0.01`` and pfa: the
+    accuracy search finds a budget, reports the FLOPs it reached, and the written model keeps the
+    worst held-out cosine within 0.01 of the original. (About 120 CPU s: CI leaves it out.)"""
+    if _ENV_ON("ONNXSHRINK_ZOO_CI"):
+        pytest.skip("accuracy search on oww_embedding: about 120 CPU s, outside the CI pairs")
+    e = entry_or_skip("oww_embedding")
+    calib, val, orig = _data("oww_embedding")
+    res, _ = realzoo.shrink_entry(e, "pfa", calib, val, target_flops=None, metric="cosine", max_drop=0.01)
+    search = res.report["search"]
+    assert search["budget"] == "flops" and search["chosen"] is not None, search.get("problem")
+    chosen = [s for s in search["steps"] if s["within"] and s["reached"] <= res.report["ratios"]["flops"] + 0.02]
+    assert chosen, search["steps"]
+    assert res.report["ratios"]["flops"] < 0.99                 # it compressed, and says how far
+    m = res.report["validation"]["metric"]
+    assert m["name"] == "cosine" and m["within"] and m["drop"] <= 0.01
+    assert e.metric(orig, realzoo.run(res.model, val), val) >= 1 - 0.01
