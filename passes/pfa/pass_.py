@@ -40,7 +40,8 @@ class PfaConfig:
                                   # error; pearson (the paper); magnitude (smallest filter weight norm first)
     allocation: str = "error"     # budget mode: error (greedy on per-group reconstruction-error curves per
                                   # unit of cost) or energy (one global energy threshold, the paper)
-    channel_multiple: int = 8     # round kept counts up to a multiple of this (1: no rounding)
+    channel_multiple: int = 8     # round kept counts up to a multiple of this (1: no rounding); a budget
+                                  # moves a group of fewer than 4 such steps by an eighth of it (allocation.step_of)
     ridge: float = -1.0           # relative ridge of the reconstruction; < 0: chosen per layer
                                   # on held-out calibration batches from RIDGES
     positions: int = 32           # conv refits: sampled output positions per sample
