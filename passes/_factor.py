@@ -38,7 +38,7 @@ from ..lstsq import ridge_from_moments as ridge
 from ..lstsq import relative_alpha, ridge_solve
 from ..refit import Again, refit_levels
 from ..registry import Pass, PassReport, Plan, Requires, Skip
-from ..stats import CrossMoments, positions_for
+from ..stats import CrossMoments
 
 
 @dataclass
@@ -139,14 +139,6 @@ def round_rank(r: int, multiple: int) -> int:
 
 
 # ----------------------------------------------------------------------------- layers
-def _sampled(req, columns: int, ctx):
-    """``req`` with enough sampled positions per sample for its ``columns`` (a Conv's statistics when
-    calibration samples are few: ``stats.positions_for``)."""
-    if getattr(req, "kind", None) == "conv":
-        req.positions = positions_for(columns, getattr(ctx.data, "n", 0) or 0, req.positions)
-    return req
-
-
 @dataclass
 class FactorLayer:
     """One factorizable layer, split into ``groups`` independent blocks of W."""
@@ -169,11 +161,6 @@ class FactorLayer:
     def sources(self):
         """[(node, x, y)] whose statistics pool into this layer's (one, unless the weight is shared)."""
         return self.readers or [(self.node, self.x, self.y)]
-
-    @property
-    def rows(self) -> int:
-        """Rows of the layer's statistics features: Σ_g d_in_g."""
-        return int(sum(w.shape[0] for w in self.ws))
 
     @property
     def groups(self):
@@ -327,8 +314,7 @@ def factorize(pass_name, model, cfg, ctx, layers, skipped, rewrite, multiple, re
     # planning statistics on the reference
     covs = {}
     if use_data_alloc:
-        reqs = [_sampled(layer.request("plan:" + n, x, None), layer.rows, ctx)
-                for layer in layers for n, x, _ in layer.sources]
+        reqs = [layer.request("plan:" + n, x, None) for layer in layers for n, x, _ in layer.sources]
         stats = ctx.collect(reqs, model_x=ctx.reference, desc=f"{pass_name}: statistics")
         for layer in layers:
             cm = CrossMoments.pooled([stats["plan:" + n] for n, _, _ in layer.sources])
@@ -385,8 +371,7 @@ def factorize(pass_name, model, cfg, ctx, layers, skipped, rewrite, multiple, re
     use_data = cfg.whiten or cfg.refit
 
     def requests(n, graph):
-        return [_sampled(by_name[n].request("lv:" + rn, x, y), by_name[n].rows, ctx)
-                for rn, x, y in by_name[n].sources] if use_data else []
+        return [by_name[n].request("lv:" + rn, x, y) for rn, x, y in by_name[n].sources] if use_data else []
 
     def solve(n, stats, graph, level):
         """The rank-r factors of every group and the bias: (As, Bs, bias)."""
@@ -440,9 +425,7 @@ def factorize(pass_name, model, cfg, ctx, layers, skipped, rewrite, multiple, re
         if second is None or not cfg.refit:
             return None
         node = node_by_name(graph, second)
-        second_layer = WeightLayer(node, graph)
-        req = _sampled(second_layer.stats_request("nr:" + n, node.inputs[0].name, layer.y, positions=cfg.positions),
-                       second_layer.matrix().shape[0], ctx)
+        req = WeightLayer(node, graph).stats_request("nr:" + n, node.inputs[0].name, layer.y, positions=cfg.positions)
 
         def refit_second(stats, graph):
             wmat, b = ridge_solve(stats["nr:" + n], cfg.ridge, fit_bias=layer.fit_bias)

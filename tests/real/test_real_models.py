@@ -35,14 +35,13 @@ KNOWN_FAILURES = {
     ("mtcnn_pnet", "pfa"): "validation passes but box recall 0.566 < 0.95 (FLOPs 0.865 for a 0.9 target: groups "
                            "of 10/16 now move in steps of 1/2 channels; any pruning flips marginal detections: "
                            "2 of 16 channels of conv2d_1 alone, FLOPs 0.90, recall 0.75)",
-    ("mtcnn_pnet", "basisconv"): "validation passes but box recall 0.684 < 0.95 (FLOPs 0.769 for a 0.9 target: "
-                                 "ranks in steps of 8)",
+    ("mtcnn_pnet", "basisconv"): "validation passes but box recall 0.728 < 0.95 (FLOPs 0.769 for a 0.9 target)",
     ("oww_melspec", "lowrank"): "TargetError: params 0.978 (target 0.900): lowrank acts on 3.0 % of the params "
                                 "(the mel MatMul; the STFT is two Conv1d it does not split), floor 0.978",
     ("oww_embedding", "pfa"): "validation passes but worst-sample embedding cosine 0.966 < 0.99 (FLOPs 0.896; "
                               "each pruned group costs 0.004-0.014 of the worst cosine alone; the max_drop "
                               "search keeps it within 0.01 at FLOPs 0.93)",
-    ("oww_embedding", "basisconv"): "validation passes but worst-sample embedding cosine 0.936 < 0.99 (FLOPs 0.897)",
+    ("oww_embedding", "basisconv"): "validation passes but worst-sample embedding cosine 0.909 < 0.99 (FLOPs 0.897)",
     ("captcha_crnn", "pfa"): "validation passes but the same text on 0.812 of the captchas < 0.9 (FLOPs 0.900; "
                              "26 of 32, 28 in a run before the last change)",
     ("captcha_crnn", "basisconv"): "validation passes but the same text on 0.844 of the captchas < 0.9 (FLOPs 0.897)",
@@ -77,7 +76,7 @@ NOT_IN_CI = {
 # A pair not measured yet stays out.
 CI_PAIRS = {
     ("mtcnn_pnet", "pfa"): "fail, 3 s (1 CPU s)",
-    ("mtcnn_pnet", "basisconv"): "fail, 2 s (1 CPU s)",
+    ("mtcnn_pnet", "basisconv"): "fail, 4 s",
     ("mtcnn_pnet", "pq"): "pass, 9 s",
     ("mtcnn_rnet", "pfa"): "pass, 7 s",
     ("mtcnn_rnet", "basisconv"): "pass, 9 s",
@@ -89,7 +88,7 @@ CI_PAIRS = {
     ("mtcnn_onet", "lowrank"): "pass, 12 s",
     ("mtcnn_onet", "hadamard"): "pass, 105 s",
     ("mtcnn_onet", "pq"): "pass, 43 s",
-    ("captcha_crnn", "pfa"): "fail, 300 s",
+    ("captcha_crnn", "pfa"): "fail, 194 s (76 CPU s)",
     ("captcha_crnn", "basisconv"): "fail, 181 s (40 CPU s)",
     ("captcha_crnn", "lowrank"): "pass, 304 s (66 CPU s)",
     ("captcha_crnn", "hadamard"): "pass, 64 s (14 CPU s)",
@@ -99,7 +98,7 @@ CI_PAIRS = {
     ("oww_melspec", "hadamard"): "pass, 12 s",
     ("oww_melspec", "pq"): "pass, 20 s",
     ("oww_embedding", "pfa"): "fail, 10 s (5 CPU s)",
-    ("oww_embedding", "basisconv"): "fail, 9 s (4 CPU s)",
+    ("oww_embedding", "basisconv"): "fail, 33 s",
     ("oww_hey_jarvis", "lowrank"): "pass, 16 s (3 CPU s)",
     ("oww_hey_jarvis", "hadamard"): "pass, 38 s (8 CPU s)",
     ("oww_hey_jarvis", "pq"): "pass, 30 s (7 CPU s)",
