@@ -116,7 +116,7 @@ class _Bar:
             self._bar = None
 
 
-ROWS_PER_COLUMN = 1   # a refit from fewer rows than input columns is underdetermined: only the ridge holds it
+FEW_ROWS_PER_COLUMN = 1   # a refit from fewer rows than input columns is underdetermined: only the ridge holds it
 
 
 def few_rows_warning(reports) -> str | None:
@@ -156,7 +156,7 @@ class PassContext:
     def note_rows(self, layer: str, rows: int, width: int) -> None:
         """Record that ``layer`` was refit from ``rows`` calibration rows (samples × the spatial
         positions or tokens used) for an input of ``width`` columns; the pass's report lists them
-        and a run warns when a layer has fewer rows than ``ROWS_PER_COLUMN`` × its width."""
+        and a run warns when a layer has fewer rows than ``FEW_ROWS_PER_COLUMN`` × its width."""
         self.rows[layer] = {"rows": int(rows), "width": int(width)}
 
     def calibration_batches(self) -> int:
@@ -612,7 +612,7 @@ def _chain(model, original, call: _Call, budget: budget_mod.Budget, signatures, 
         rep.details["timing"] = ctx.timing_report(rep.details["seconds"])
         if ctx.rows:
             rep.details["rows"] = {k: ctx.rows[k] for k in sorted(ctx.rows)}
-            few = [k for k in sorted(ctx.rows) if ctx.rows[k]["rows"] < ROWS_PER_COLUMN * ctx.rows[k]["width"]]
+            few = [k for k in sorted(ctx.rows) if ctx.rows[k]["rows"] < FEW_ROWS_PER_COLUMN * ctx.rows[k]["width"]]
             if few:
                 rep.details["few_rows"] = few
         reports.append(rep)

@@ -339,6 +339,20 @@ class ResidualStats(LayerStats):
         return super()._features(x_arrays, {self.y_tensor: t.astype(np.float32)}, rng)
 
 
+ROWS_PER_COLUMN = 16      # rows a least-squares fit wants per input column (``positions_for``)
+MAX_POSITIONS = 1024      # sampled output positions per sample, at most
+
+
+def positions_for(columns: int, samples: int, positions: int) -> int:
+    """Sampled output positions per sample for a Conv's ``LayerStats``: ``positions``, or more where
+    ``samples`` are too few for ``ROWS_PER_COLUMN`` rows per input column (C·∏k): with the tens of
+    samples users have, 32 positions give a 3×3 Conv over 64 channels (576 columns) under three rows
+    per column, and a fit on them overfits the calibration rows. At most ``MAX_POSITIONS`` (a map
+    smaller than the count gives all its positions)."""
+    need = -(-ROWS_PER_COLUMN * int(columns) // max(int(samples), 1))
+    return int(max(positions, min(need, MAX_POSITIONS)))
+
+
 class SplitStats:
     """A request whose batches alternate between two accumulators [fit, held out] (batch 0, 2, …
     into the first, 1, 3, … into the second). With ``batches=1`` (the data is one batch: a few

@@ -150,3 +150,21 @@ def test_every_request_type_follows_the_protocol_and_row_samples_are_bounded(rng
     assert acc["n"] == 20 == len(x) == len(y)           # 7 + 7 + 6 of the 8 batches
     again = collect(data, [RowSample("rows", "input", "y", per_batch=7, max_rows=20)], m, batch_size=8)["rows"]
     np.testing.assert_array_equal(RowSample.rows(again)[0], x)   # seeded: the same rows
+
+
+def test_split_stats_by_sample_holds_out_every_other_sample_of_one_batch(rng):
+    """Data in one batch: alternating batches would hold nothing out; by sample, the two halves
+    get the even and odd samples of each batch and pool to the whole."""
+    from onnxshrink.stats import LayerStats, SplitStats
+    x, y = rng.standard_normal((7, 3)), rng.standard_normal((7, 2))
+    whole = LayerStats("w", "x", "y")
+    for batches, sizes in ((None, (5, 2)), (1, (4, 3))):   # batches of 5 and 2 samples
+        req = SplitStats(LayerStats("s", "x", "y"), batches)
+        acc = req.new({"x": x}, {"y": y})
+        req.update(acc, {"x": x[:5]}, {"y": y[:5]}, rng)
+        req.update(acc, {"x": x[5:]}, {"y": y[5:]}, rng)
+        assert (acc[0].n, acc[1].n) == sizes
+    ref = whole.new({"x": x}, {"y": y})
+    whole.update(ref, {"x": x}, {"y": y}, rng)
+    assert np.allclose(acc[0].xy, x[0::2].T @ y[0::2]) and np.allclose(acc[1].xy, x[1::2].T @ y[1::2])
+    assert np.allclose(acc[0].xy + acc[1].xy, ref.xy)

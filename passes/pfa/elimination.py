@@ -9,7 +9,15 @@ k×k Conv) raises min ‖XW − Y‖² by tr(W_Bᵀ H_BB⁻¹ W_B), and the bloc
 
 refits the remaining columns without a new solve. Summed over a group's consumers (each relative to
 its tr Cov(y)), the increases give the order of removal and the group's error curve e_g(k), which the
-budget allocation trades against cost."""
+budget allocation trades against cost.
+
+That error is measured on the rows it was fitted to. With n rows and p columns left, a least-squares
+residual underestimates the error on new data by about (n − p)/(n + p) (ordinary least squares'
+in-sample vs. prediction error), so each consumer's share of the curve is scaled by (n + p)/(n − p).
+A consumer with fewer than ``MIN_ROWS_PER_COLUMN`` rows per column (a last layer on a 1×1 map, a
+dense layer with 40 samples) fits its calibration rows almost exactly at any width: its in-sample
+error says nothing, and removing any of its input channels counts as losing all of its output (the
+curve's value 1), which leaves such a group whole unless nothing else can meet the budget."""
 
 from __future__ import annotations
 
@@ -29,6 +37,10 @@ class Problem:
     cxy: np.ndarray
     var: float
     blocks: list
+    rows: int = 0          # rows the moments were summed over (0: unknown, no correction)
+
+
+MIN_ROWS_PER_COLUMN = 1
 
 
 def _spd_inverse(a: np.ndarray) -> np.ndarray:
@@ -52,6 +64,9 @@ class _Elim:
         self.pos = np.arange(d)                       # original column -> current row, -1 once removed
         self.dead = np.zeros(d, dtype=bool)           # current rows already eliminated
         self.blocks = [np.asarray(b, dtype=np.int64) for b in p.blocks]
+        self.rows, self.cols = int(p.rows), d         # rows of the fit, columns alive
+        self.raw = self.base                          # in-sample relative error so far
+        self.blind = 0 < self.rows < MIN_ROWS_PER_COLUMN * d
         sizes = np.array([len(b) for b in self.blocks])
         self.by_size = {int(s): (np.nonzero(sizes == s)[0], np.stack([self.blocks[c] for c in np.nonzero(sizes == s)[0]]))
                         for s in np.unique(sizes) if s > 0}
@@ -96,6 +111,8 @@ class _Elim:
             k = np.linalg.pinv(hb[cols]) @ rhs
         d = h.shape[0]
         inc = max(float(np.sum(w[cols] * k[:, d:])), 0.0) / self.var
+        self.raw += inc
+        self.cols -= len(cols)
         h -= hb @ k[:, :d]
         w -= hb @ k[:, d:]
         self.pos[orig] = -1
@@ -109,6 +126,15 @@ class _Elim:
             self.pos[live] = newpos[self.pos[live]]
             self.dead = np.zeros(int(keep.sum()), dtype=bool)
         return inc
+
+    def expected(self) -> float:
+        """The relative error to expect on new rows: ``raw`` scaled by (n + p)/(n − p); 1 once a
+        blind consumer (too few rows per column) has lost a column."""
+        if self.rows <= 0:
+            return self.raw
+        if self.blind:
+            return self.raw if self.cols == len(self.pos) else 1.0
+        return self.raw * (self.rows + self.cols) / max(self.rows - self.cols, 1)
 
 
 class Elimination:
@@ -132,7 +158,7 @@ class Elimination:
         self.left = n
         self.removed: list = []
         self.err = np.full(n + 1, np.nan)
-        self.total = self.err[n] = sum(st.base for st in self.states)
+        self.total = self.err[n] = sum(st.expected() for st in self.states)
         self.err_view = _Curve(self)
         self.closed = False
 
@@ -143,7 +169,9 @@ class Elimination:
         frac = self.step_fraction if len(cand) <= 256 else 2 * self.step_fraction   # wide layers: coarser early steps
         r = max(1, min(int(len(cand) * frac), len(cand) - 1))
         ranked = cand[np.argsort(score[cand], kind="stable")[:r]]
-        inc = sum(st.remove(ranked) for st in self.states)
+        for st in self.states:
+            st.remove(ranked)
+        inc = sum(st.expected() for st in self.states) - self.total
         # spread a joint step's increase over its channels in proportion to their single scores
         s = score[ranked]
         share = s / s.sum() if s.sum() > 0 else np.full(r, 1.0 / r)

@@ -20,7 +20,7 @@ from ...errors import UsageError
 from ...graph import import_graph
 from ...registry import Pass, PassReport, Plan, Requires, Skip
 from . import allocation
-from .allocation import CostModel, multiple_of, overshoot_note, reach_of
+from .allocation import CostModel, multiple_of, overshoot_note, reach_of, step_of
 from .edits import refit_consumers, refit_reason, weight_row_norms
 from .elimination import Elimination
 from .recipes import kept_energy, kept_kl, pearson_removal_order, round_up, spectrum
@@ -40,7 +40,8 @@ class PfaConfig:
                                   # error; pearson (the paper); magnitude (smallest filter weight norm first)
     allocation: str = "error"     # budget mode: error (greedy on per-group reconstruction-error curves per
                                   # unit of cost) or energy (one global energy threshold, the paper)
-    channel_multiple: int = 8     # round kept counts up to a multiple of this (1: no rounding)
+    channel_multiple: int = 8     # round kept counts up to a multiple of this (1: no rounding); a budget
+                                  # moves a group of fewer than 4 such steps by an eighth of it (allocation.step_of)
     ridge: float = -1.0           # relative ridge of the reconstruction; < 0: chosen per layer
                                   # on held-out calibration batches from RIDGES
     positions: int = 32           # conv refits: sampled output positions per sample
@@ -120,12 +121,12 @@ class Pfa(Pass):
     def reach(self, model, cfg, shapes=None, an=None, groups=None):
         """What pfa alone can do to ``model`` at input ``shapes``: {"acts_on": {metric: share of the
         model's cost in nodes whose cost changes when channels go}, "floor": {metric: the fraction
-        of the cost left with every prunable group at its smallest count (``channel_multiple``)}}."""
+        of the cost left with every prunable group at its smallest count (``allocation.step_of``)}}."""
         if an is None:
             an = analyze(model, shapes if isinstance(shapes, dict) else None)
             groups, _ = self.eligible(model, an)
-        keep = {g.index: np.arange(multiple_of(g, cfg.channel_multiple)) for g in groups
-                if multiple_of(g, cfg.channel_multiple) < g.size}
+        keep = {g.index: np.arange(step_of(g, cfg.channel_multiple)) for g in groups
+                if step_of(g, cfg.channel_multiple) < g.size}
         return reach_of(model, an.prune(model, keep) if keep else model, shapes)
 
     # -- the steps
@@ -336,3 +337,4 @@ class _Lazy(dict):
     def __missing__(self, key):
         self[key] = value = self.make(key)
         return value
+

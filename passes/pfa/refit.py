@@ -19,6 +19,7 @@ from ...lstsq import RIDGES, choose_ridge, fit_error, ridge_solve
 from ...refit import refit_levels
 from ...stats import CrossMoments, LayerStats, ResidualStats, SplitStats
 from .edits import residual_target
+from .statistics import positions_for
 
 
 def sequential_refit(pruned, an, keep, consumers, cfg, ctx):
@@ -29,7 +30,7 @@ def sequential_refit(pruned, an, keep, consumers, cfg, ctx):
 
     def requests(name, graph):
         layer = WeightLayer(node_by_name(graph, name), graph)
-        req = layer.stats_request(name, positions=cfg.positions)
+        req = layer.stats_request(name, positions=positions_for(layer, cfg, ctx))
         res = residual_target(layer) if cfg.residual_targets else None
         if res is not None:
             inner = {f.name: getattr(req, f.name) for f in fields(LayerStats)}

@@ -3,7 +3,10 @@
   rows of linear outputs), summed over the tensors that show them (``Group.observations``);
 - per consumer of a group, its least-squares problem (``elimination.Problem``: Cov(x), Cov(x, y),
   tr Cov(y) and the input columns each channel feeds), for the reconstruction-aware selection and
-  the error curves of the budget allocation."""
+  the error curves of the budget allocation.
+
+A Conv's rows are sampled output positions, enough of them for a least-squares fit when samples
+are few (``stats.positions_for``)."""
 
 from __future__ import annotations
 
@@ -12,8 +15,16 @@ import numpy as np
 from ...graph import import_graph
 from ...layers import WeightLayer
 from ...stats import ResponseStats
+from ...stats import positions_for as stats_positions
 from .edits import consumer_blocks, refit_consumers
 from .elimination import Problem
+
+
+def positions_for(layer: WeightLayer, cfg, ctx) -> int:
+    """Sampled output positions per sample for ``layer``'s statistics (``stats.positions_for``)."""
+    if layer.op != "Conv":
+        return cfg.positions
+    return stats_positions(layer.matrix().shape[0], getattr(ctx.data, "n", 0) or 0, cfg.positions)
 
 
 def collect_statistics(model, an, groups, cfg, ctx, consumers: bool, rows: dict | None = None):
@@ -31,7 +42,8 @@ def collect_statistics(model, an, groups, cfg, ctx, consumers: bool, rows: dict 
         for g in groups:
             for c in refit_consumers(nodes, g.consumers):
                 if c not in layer:
-                    layer[c] = WeightLayer(nodes[c]).stats_request("pfa-sel:" + c, positions=cfg.positions)
+                    wl = WeightLayer(nodes[c])
+                    layer[c] = wl.stats_request("pfa-sel:" + c, positions=positions_for(wl, cfg, ctx))
     accs = ctx.collect(list(reqs.values()) + list(layer.values()), desc="pfa statistics")
     covs = {}
     for g in groups:
@@ -49,5 +61,5 @@ def collect_statistics(model, an, groups, cfg, ctx, consumers: bool, rows: dict 
         var = float(np.sum(cm.yy / max(cm.n, 1) - my ** 2))
         for gi, blocks in consumer_blocks(an, c, nodes[c]).items():
             if gi in problems:
-                problems[gi].append(Problem(cxx, cxy, var, blocks))
+                problems[gi].append(Problem(cxx, cxy, var, blocks, rows=cm.n))
     return covs, problems

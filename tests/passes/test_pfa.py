@@ -10,7 +10,7 @@ from onnxshrink import shrink
 from onnxshrink.cost import model_cost
 from onnxshrink.errors import UsageError
 from onnxshrink.channels import analyze
-from onnxshrink.passes.pfa.allocation import by_error
+from onnxshrink.passes.pfa.allocation import by_error, multiple_of, step_of
 from onnxshrink.lstsq import choose_ridge
 from onnxshrink.passes.pfa.elimination import Elimination
 from onnxshrink.passes.pfa import (CostModel, Pfa, PfaConfig, Problem, elimination_order, kept_energy,
@@ -97,6 +97,56 @@ def test_elimination_on_demand_gives_the_full_runs_values_and_steps_only_as_far_
     assert np.array_equal(lazy.order(), order)
 
 
+def test_error_curve_expects_the_error_on_new_rows():
+    """With n rows and p columns left the in-sample error is scaled by (n + p)/(n − p); a consumer
+    with fewer rows than columns (its fit is exact at any width) counts as lost (1) once it loses a
+    channel, so its group is the budget's last resort; rows unknown (0): the in-sample curve."""
+    prob, _ = _planted()
+    d = len(np.concatenate(prob.blocks))
+    raw = elimination_order([prob], 8, ridge=1e-9)[1]
+    rows = 4 * d
+    counted = Problem(prob.cxx, prob.cxy, prob.var, prob.blocks, rows=rows)
+    order, err = elimination_order([counted], 8, ridge=1e-9)
+    for k in (8, 5, 2):
+        p = 3 * k
+        assert err[k] == pytest.approx(raw[k] * (rows + p) / (rows - p), rel=1e-9), k
+    blind = Problem(prob.cxx, prob.cxy, prob.var, prob.blocks, rows=d - 1)
+    err = elimination_order([blind], 8, ridge=1e-9)[1]
+    assert err[8] == pytest.approx(raw[8]) and np.allclose(err[:8], 1.0)
+    # the allocation then takes the group with an honest curve first
+    class G:
+        def __init__(self, index, size):
+            self.index, self.size, self.sources = index, size, []
+
+    curves = {0: err, 1: raw * 5}
+    ks = by_error([G(0, 8), G(1, 8)], curves, 1, lambda ks: {"flops": float(ks[0] + ks[1])}, {"flops": 13.0}, {})
+    assert ks == {0: 8, 1: 5}
+
+
+def test_few_samples_get_more_conv_positions():
+    """A 3×3 Conv over 64 channels (576 columns): 48 samples get 16 rows per column (192 positions
+    per sample), 10 000 samples keep the configured 32, a dense layer is not sampled by position."""
+    from onnxshrink.passes.pfa.statistics import positions_for
+    from onnxshrink.stats import MAX_POSITIONS, ROWS_PER_COLUMN
+
+    class L:
+        def __init__(self, op, cols):
+            self.op, self._cols = op, cols
+
+        def matrix(self):
+            return np.zeros((self._cols, 4))
+
+    class Ctx:
+        def __init__(self, n):
+            self.data = type("D", (), {"n": n})()
+
+    cfg = PfaConfig()
+    assert positions_for(L("Conv", 576), cfg, Ctx(48)) == 576 * ROWS_PER_COLUMN // 48 == 192
+    assert positions_for(L("Conv", 576), cfg, Ctx(10000)) == cfg.positions
+    assert positions_for(L("Conv", 576), cfg, Ctx(1)) == MAX_POSITIONS
+    assert positions_for(L("Gemm", 576), cfg, Ctx(1)) == cfg.positions
+
+
 def test_reconstruction_selection_beats_correlation_on_a_planted_case():
     prob, resp_cov = _planted()
     rec, _ = elimination_order([prob], 8)
@@ -146,16 +196,43 @@ def test_allocation_spends_the_budget_where_error_is_cheapest():
         def __init__(self, index, size):
             self.index, self.size = index, size
 
-    groups = [G(0, 32), G(1, 32)]
-    k = np.arange(33)
-    curves = {0: 0.001 * (32 - k), 1: 0.1 * (32 - k)}        # group 0 is ten times cheaper to shrink
+    groups = [G(0, 64), G(1, 64)]
+    k = np.arange(65)
+    curves = {0: 0.001 * (64 - k), 1: 0.1 * (64 - k)}        # group 0 is a hundred times cheaper to shrink
     cost = lambda ks: {"flops": 10.0 * ks[0] + 10.0 * ks[1]}
     details = {}
-    ks = by_error(groups, curves, 8, cost, {"flops": 480.0}, details)
-    assert cost(ks)["flops"] <= 480 and ks == {0: 16, 1: 32}
+    ks = by_error(groups, curves, 8, cost, {"flops": 960.0}, details)
+    assert cost(ks)["flops"] <= 960 and ks == {0: 32, 1: 64}
     ks = by_error(groups, curves, 8, cost, {"flops": 150.0}, details)
     assert ks == {0: 8, 1: 8}                                 # multiples of 8, smallest is 8 here
     assert "not reachable" in details["budget"]
+
+
+def test_small_groups_move_in_steps_of_at_most_an_eighth():
+    class G:
+        def __init__(self, size):
+            self.size, self.sources = size, []
+
+    # under 4 steps of 8: an eighth of the group, a power of two; from 32 channels on: steps of 8
+    assert [step_of(G(n), 8) for n in (2, 10, 16, 24, 31, 32, 48, 64, 512)] == [1, 1, 2, 2, 2, 8, 8, 8, 8]
+    assert [step_of(G(n), 1) for n in (10, 64)] == [1, 1]
+    assert [multiple_of(G(n), 8) for n in (10, 64)] == [8, 8]    # recipes still round to channel_multiple
+
+
+def test_allocation_does_not_overshoot_with_a_coarse_cheap_step():
+    """The best error per cost can be a step far larger than what is missing: group 0 (16 channels,
+    steps of 2) saves 40 per step at error 0.01, group 1 (64, steps of 8) 10 per step at 0.005. Five
+    are missing: one step of group 1 meets the target at half the error of group 0's step, which the
+    error-per-cost greedy alone would take (leaving the model at 0.9 of the target)."""
+    class G:
+        def __init__(self, index, size):
+            self.index, self.size, self.sources = index, size, []
+
+    groups = [G(0, 16), G(1, 64)]
+    curves = {0: 0.005 * (16 - np.arange(17)), 1: 0.000625 * (64 - np.arange(65))}
+    cost = lambda ks: {"flops": 20.0 * ks[0] + 1.25 * ks[1]}
+    ks = by_error(groups, curves, 8, cost, {"flops": 395.0}, {})
+    assert ks == {0: 16, 1: 56} and cost(ks)["flops"] == 390.0
 
 
 def test_energy_one_leaves_model_unchanged(tiny_cnn):

@@ -32,19 +32,18 @@ pytestmark = pytest.mark.real
 # (model, pass) -> the failure seen today (strict xfail), figures of bench/zoo_results.json (the
 # channel_multiple=1 figures from an earlier run).
 KNOWN_FAILURES = {
-    ("mtcnn_pnet", "pfa"): "validation failed: output 'conv2d_4' cosine 0.8769 < 0.9; FLOPs 0.600 for a "
-                           "0.9 target (steps of 8 channels on groups of 10/16/32); box recall 0.176 (0.676 at "
-                           "pfa.channel_multiple=1, FLOPs 0.883)",
-    ("mtcnn_pnet", "basisconv"): "box recall 0.728 < 0.95 (FLOPs 0.769 for a 0.9 target); the default gate fails it "
-                                 "too (boxes relative L2 0.31, worst-sample cosine 0.90)",
+    ("mtcnn_pnet", "pfa"): "box recall 0.566 < 0.95 (FLOPs 0.865 for a 0.9 target: groups "
+                           "of 10/16 now move in steps of 1/2 channels; any pruning flips marginal detections: "
+                           "2 of 16 channels of conv2d_1 alone, FLOPs 0.90, recall 0.75)",
+    ("mtcnn_pnet", "basisconv"): "box recall 0.728 < 0.95 (FLOPs 0.769 for a 0.9 target)",
     ("oww_melspec", "lowrank"): "TargetError: params 0.978 (target 0.900): lowrank acts on 3.0 % of the params "
                                 "(the mel MatMul; the STFT is two Conv1d it does not split), floor 0.978",
-    ("oww_embedding", "pfa"): "worst-sample embedding cosine 0.934 < 0.99, which the default gate fails (< 0.98) "
-                              "(FLOPs 0.880; 0.904 at pfa.channel_multiple=1, FLOPs 0.900)",
-    ("oww_embedding", "basisconv"): "worst-sample embedding cosine 0.909 < 0.99, which the default gate fails (< 0.98) "
-                                    "(FLOPs 0.897)",
-    ("captcha_crnn", "pfa"): "the same text on 0.812 of the captchas < 0.9 (FLOPs 0.899); the default gate fails it "
-                             "too (logits range error 0.39, worst-sample cosine 0.975)",
+    ("oww_embedding", "pfa"): "worst-sample embedding cosine 0.966 < 0.99, which the default gate fails (< 0.98) (FLOPs 0.896; "
+                              "each pruned group costs 0.004-0.014 of the worst cosine alone; the max_drop "
+                              "search keeps it within 0.01 at FLOPs 0.93)",
+    ("oww_embedding", "basisconv"): "worst-sample embedding cosine 0.909 < 0.99, which the default gate fails (< 0.98) (FLOPs 0.897)",
+    ("captcha_crnn", "pfa"): "the same text on 0.812 of the captchas < 0.9 (FLOPs 0.900; "
+                             "26 of 32, 28 in a run before the last change)",
     ("mtcnn_onet", "hadamard"): "the default gate fails it: box output 'dense_5' relative L2 0.36 > 0.2 (the task "
                                 "metric reads the face decision only, 1.000; the boxes are degraded)",
     ("oww_melspec", "pq"): "the default gate fails it: 8 of 74,496 mel values off by 0.35-0.56 of the output's range "
@@ -81,7 +80,7 @@ NOT_IN_CI = {
 # threshold by more than 1 % (and by more than one sample on a count metric), under 300 CPU seconds.
 # A pair not measured yet stays out.
 CI_PAIRS = {
-    ("mtcnn_pnet", "pfa"): "fail, 5 s",
+    ("mtcnn_pnet", "pfa"): "fail, 3 s (1 CPU s)",
     ("mtcnn_pnet", "basisconv"): "fail, 4 s",
     ("mtcnn_pnet", "pq"): "pass, 6 s",
     ("mtcnn_rnet", "pfa"): "pass, 7 s",
@@ -94,7 +93,7 @@ CI_PAIRS = {
     ("mtcnn_onet", "lowrank"): "pass, 12 s",
     ("mtcnn_onet", "hadamard"): "fail (default gate), 105 s",
     ("mtcnn_onet", "pq"): "pass, 43 s",
-    ("captcha_crnn", "pfa"): "fail, 300 s",
+    ("captcha_crnn", "pfa"): "fail, 194 s (76 CPU s)",
     ("captcha_crnn", "basisconv"): "fail, 181 s (40 CPU s)",
     ("captcha_crnn", "lowrank"): "pass, 304 s (66 CPU s)",
     ("captcha_crnn", "hadamard"): "pass, 64 s (14 CPU s)",
@@ -103,7 +102,7 @@ CI_PAIRS = {
     ("oww_melspec", "lowrank"): "fail, 5 s",
     ("oww_melspec", "hadamard"): "pass, 12 s",
     ("oww_melspec", "pq"): "fail (default gate), 21 s",
-    ("oww_embedding", "pfa"): "fail, 41 s",
+    ("oww_embedding", "pfa"): "fail, 10 s (5 CPU s)",
     ("oww_embedding", "basisconv"): "fail, 33 s",
     ("oww_hey_jarvis", "lowrank"): "pass, 16 s (3 CPU s)",
     ("oww_hey_jarvis", "hadamard"): "pass, 38 s (8 CPU s)",
@@ -238,3 +237,23 @@ def test_pass_runs_on_varying_shape_feeds(name, pass_name):
     for o in outs:
         for k, v in o.items():
             assert np.all(np.isfinite(v)), (name, pass_name, k)
+
+
+def test_max_drop_search_keeps_the_embedding_within_one_point():
+    """Issue 12 on a real model: ``metric="cosine"`` (the worst sample's cosine to the original's
+    output, the zoo's own metric for the embedding model) with ``max_drop=0.01`` and pfa: the
+    accuracy search finds a budget, reports the FLOPs it reached, and the written model keeps the
+    worst held-out cosine within 0.01 of the original. (About 120 CPU s: CI leaves it out.)"""
+    if _ENV_ON("ONNXSHRINK_ZOO_CI"):
+        pytest.skip("accuracy search on oww_embedding: about 120 CPU s, outside the CI pairs")
+    e = entry_or_skip("oww_embedding")
+    calib, val, orig = _data("oww_embedding")
+    res, _ = realzoo.shrink_entry(e, "pfa", calib, val, target_flops=None, metric="cosine", max_drop=0.01)
+    search = res.report["search"]
+    assert search["budget"] == "flops" and search["chosen"] is not None, search.get("problem")
+    chosen = [s for s in search["steps"] if s["within"] and s["reached"] <= res.report["ratios"]["flops"] + 0.02]
+    assert chosen, search["steps"]
+    assert res.report["ratios"]["flops"] < 0.99                 # it compressed, and says how far
+    m = res.report["validation"]["metric"]
+    assert m["name"] == "cosine" and m["within"] and m["drop"] <= 0.01
+    assert e.metric(orig, realzoo.run(res.model, val), val) >= 1 - 0.01
