@@ -405,14 +405,16 @@ def test_pfa_prunes_exporter_patterns_and_keeps_outputs_close(case):
         assert any(r["channels"] == 2 for r in rep["recipe"]), rep["recipe"]
 
 
-def test_pfa_removes_the_attention_head_that_contributes_least():
+@pytest.mark.parametrize("case", ["attention_heads_op17", "attention_heads_computed_op14"])
+def test_pfa_removes_the_attention_head_that_contributes_least(case):
     """Heads are whole channels: Q/K/V lose a head's columns together, the Reshape constants their
     head count, the output projection the head's rows (then refit). Head 2's V is scaled by 0.02,
     so the energy recipe drops one head and reconstruction picks head 2 (channel_multiple 4: columns,
-    one head of 4)."""
+    one head of 4). With targets computed as ``Concat(Shape-derived dims, [h, dh])`` (TorchScript
+    exports), the head count is rewritten in the Concat's constant input."""
     from onnx import numpy_helper
     from graphs import run
-    z = PATTERNS["attention_heads_op17"]()
+    z = PATTERNS[case]()
     res = shrink(z.model, ["pfa"], calibration=z.calibration(256, seed=0), quiet=True, force=True,
                  options={"pfa": {"energy": 0.97, "channel_multiple": 4}}, tolerances=Tolerances(min_cosine=None))
     rep = res.report["passes"][0]
@@ -425,8 +427,12 @@ def test_pfa_removes_the_attention_head_that_contributes_least():
         v_name))
     kept_cols = [c for c in range(16) if c // 4 != 2]
     np.testing.assert_array_equal(v_new, orig[v_name][:, kept_cols])          # V sliced, head 2 gone
-    shapes = [list(inits[n.input[1]]) for n in res.model.graph.node if n.op_type == "Reshape"]
-    assert sorted(shapes) == sorted([[-1, 8, 3, 4]] * 3 + [[-1, 8, 12]]), shapes
+    if case == "attention_heads_op17":
+        shapes = [list(inits[n.input[1]]) for n in res.model.graph.node if n.op_type == "Reshape"]
+        assert sorted(shapes) == sorted([[-1, 8, 3, 4]] * 3 + [[-1, 8, 12]]), shapes
+    else:
+        tails = [list(inits[n.input[2]]) for n in res.model.graph.node if n.op_type == "Concat"]
+        assert sorted(tails) == sorted([[3, 4]] * 3 + [[12]]), tails
     x = z.calibration(64, seed=5)
     want, got = run(z.model, x)[0], run(res.model, x)[0]
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.05
