@@ -436,3 +436,28 @@ def test_pfa_removes_the_attention_head_that_contributes_least(case):
     x = z.calibration(64, seed=5)
     want, got = run(z.model, x)[0], run(res.model, x)[0]
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.05
+
+
+def test_a_group_read_by_a_sliced_consumer_is_not_free_to_prune():
+    """A group whose consumer is only sliced (ConvTranspose, not refit) loses the removed channels'
+    whole contribution: its error curve is their share of the response energy, never 0 while a
+    channel with energy goes, even where few samples leave the response spectrum rank-deficient (a
+    spectrum of rank 3 would call keeping 3 of 8 channels free)."""
+    from onnxshrink.graph import normalize
+    from onnxshrink.passes.pfa.pass_ import PfaConfig, Selection
+    z = PATTERNS["conv_transpose_decoder_op13"]()
+    m = normalize(z.model)
+    an = analyze(m, z.shapes)
+    ops = {n.name: n.op_type for n in m.graph.node}
+    g = next(g for g in an.groups if not g.pinned and g.sources[0].op == "Conv"
+             and [ops[c] for c in g.consumers] == ["ConvTranspose"])
+    rng = np.random.default_rng(0)
+    r = rng.standard_normal((3, g.size)) * np.linspace(1.0, 2.0, g.size)   # 3 samples: rank 3
+    cov = r.T @ r / 3
+    sel = Selection.of(m, an, [g], {g.index: cov}, {}, PfaConfig())
+    curve = np.array([sel.curves[g.index][k] for k in range(g.size + 1)])
+    assert curve[g.size] == 0.0 and curve[0] == pytest.approx(1.0)
+    assert np.all(curve[:g.size] > 0.01) and np.all(np.diff(curve) <= 1e-12), curve
+    order = sel.order(g)   # the curve follows the order in which keep() removes the channels
+    energy = np.diag(cov)[order]
+    assert curve[g.size - 2] == pytest.approx(energy[:2].sum() / energy.sum())
