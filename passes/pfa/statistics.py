@@ -51,11 +51,13 @@ def collect_statistics(model, an, groups, cfg, ctx, consumers: bool):
         cm = accs[req.key]
         cxx, cxy, _, my = cm.moments(centered=True)
         var = float(np.sum(cm.yy / max(cm.n, 1) - my ** 2))
+        own = None
         if c in streams:   # judged in the block's output: λ ⊙ y, relative to the residual sum
             req, scale = streams[c]
             cxy = cxy * scale[None, :]
+            own = float(np.sum((cm.yy / max(cm.n, 1) - my ** 2) * scale ** 2))
             var = float(np.trace(accs[req.key].cov))
         for gi, blocks in consumer_blocks(an, c, nodes[c]).items():
             if gi in problems:
-                problems[gi].append(Problem(cxx, cxy, var, blocks))
+                problems[gi].append(Problem(cxx, cxy, var, blocks, own))
     return covs, problems

@@ -461,3 +461,38 @@ def test_a_group_read_by_a_sliced_consumer_is_not_free_to_prune():
     order = sel.order(g)   # the curve follows the order in which keep() removes the channels
     energy = np.diag(cov)[order]
     assert curve[g.size - 2] == pytest.approx(energy[:2].sum() / energy.sum())
+
+
+def test_ffn_units_are_judged_by_their_share_of_the_block_output():
+    """Two equal FFN blocks whose outputs are scaled by a layer scale λ before the residual Add
+    (λ = 0.02 and λ = 1): in the block's output the first one's units matter 2500× less, so a
+    params budget takes its units first (``edits.block_output``: λ ⊙ y, relative to the sum).
+
+        x ─ MatMul(8→16) ─ Relu ─ MatMul(16→8) ─ +b ─ ×λa ─ Add(x) ─ (same, λb) ─ Add ─ y
+    """
+    from graphs import GraphBuilder
+    from onnxshrink.graph import import_graph
+    from onnxshrink.layers import WeightLayer
+    from onnxshrink.passes.pfa.edits import block_output
+    b = GraphBuilder(41)
+    x = b.input("x", ["N", 6, 8])
+    h = x
+    for lam in (0.02, 1.0):
+        f = b.matmul(b.relu(b.matmul(h, 8, 16)), 16, 8)
+        f = b.node("Add", [f, b.const((0.1 * b.rng.standard_normal(8)).astype(np.float32))])
+        f = b.node("Mul", [f, b.const(np.full(8, lam, np.float32))])
+        h = b.node("Add", [f, h], out="y" if lam == 1.0 else None)
+    b.output("y")
+    m = b.model()
+    graph = import_graph(m)
+    downs = [n for n in graph.nodes if n.op == "MatMul"][1::2]
+    outs = [block_output(WeightLayer(n, graph)) for n in downs]
+    first_sum = next(n for n in graph.nodes if n.op == "Add" and "x" in [i.name for i in n.inputs]).outputs[0].name
+    assert [o[0] for o in outs] == [first_sum, "y"]
+    np.testing.assert_allclose([o[1][0] for o in outs], [0.02, 1.0], rtol=1e-6)
+    assert block_output(WeightLayer([n for n in graph.nodes if n.op == "MatMul"][0], graph)) is None  # into Relu
+    x_cal = {"x": np.random.default_rng(0).standard_normal((64, 6, 8)).astype(np.float32)}
+    res = shrink(m, ["pfa"], calibration=x_cal, target_params=0.75, quiet=True, force=True,
+                 options={"pfa": {"channel_multiple": 1}}, tolerances=Tolerances(min_cosine=None))
+    kept = [r["kept"] for r in res.report["passes"][0]["recipe"] if r["channels"] == 16]
+    assert len(kept) == 2 and kept[0] < kept[1], res.report["passes"][0]["recipe"]
