@@ -245,7 +245,7 @@ def measure_heads(name, flops=0.5, runs=5, latency=True):
             before, after = model_cost(original, shapes), model_cost(mag, shapes)
     finally:
         data.close()
-    base = {**rec, "method": "magnitude, no refit"}
+    base = {**rec, "method": f"magnitude @ FLOPs {flops}, no refit"}
     base.update(_measure(e, original, mag, val, orig_out, shapes, runs if latency else 0,
                          {"ratios": {m: after[m] / before[m] for m in ("params", "flops")}}))
     base["outcome"] = "pass" if base["fidelity"] >= e.threshold else "fail"

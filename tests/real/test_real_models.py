@@ -43,6 +43,9 @@ KNOWN_FAILURES = {
     ("oww_embedding", "basisconv"): "validation passes but worst-sample embedding cosine 0.909 < 0.99 (FLOPs 0.897)",
     ("captcha_crnn", "pfa"): "validation passes but the same text on 0.812 of the captchas < 0.9 (FLOPs 0.899)",
     ("captcha_crnn", "basisconv"): "validation passes but the same text on 0.844 of the captchas < 0.9 (FLOPs 0.897)",
+    ("khmer_segmenter", "pfa"): "validation passes (cosine 0.9999) but the same segmentation on 0.750 of the "
+                                "sentences < 0.9 (FLOPs 0.900: the three FFNs only; the packed QKV projections "
+                                "stay whole)",
     ("vit_focus", "lowrank"): "validation passes but the saliency map IoU@0.5 is 0.898 < 0.9 (params 0.900, "
                               "FLOPs 0.918; within 1 % of the threshold, so kept out of CI)",
     ("vit_focus", "pfa"): "validation passes (worst output cosine 0.922) but the saliency map IoU@0.5 is 0.392 < 0.9 "
