@@ -23,7 +23,7 @@ import onnx
 
 import common
 import realzoo
-from onnxshrink.errors import ValidationFailed
+from onnxshrink.errors import TargetError, ValidationFailed
 
 HEADER = (f"{'model':16} {'method':16} {'params':>7} {'flops':>7} {'bytes':>7} {'latency':>8} "
           f"{'metric':>18} {'fidelity':>8} {'ok':>4} {'tool s':>7} {'calib s':>7} {'tool/cal':>8}  note")
@@ -167,6 +167,12 @@ def measure_pair(name, method, runs=5, latency=True):
         reason = ""
     except ValidationFailed as exc:
         res, reason = exc.result, str(exc).splitlines()[0][:240]
+    except TargetError as exc:
+        short = unreachable(exc, method)
+        rec.update(wall_s=time.perf_counter() - t, cpu_s=_cpu_seconds() - cpu)
+        if short:   # a correct refusal: the pass cannot act on enough of the model
+            return {**rec, "outcome": "unreachable", "reason": short}
+        return {**rec, "outcome": "fail", "reason": f"TargetError: {str(exc).splitlines()[0][:240]}"}
     except Exception as exc:  # noqa: BLE001 - the tool's failure is the pair's outcome
         return {**rec, "outcome": "fail", "wall_s": time.perf_counter() - t, "cpu_s": _cpu_seconds() - cpu,
                 "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0][:240]}"}
@@ -184,6 +190,86 @@ def measure_pair(name, method, runs=5, latency=True):
     rec["outcome"] = "fail" if reason else "pass"
     rec["reason"] = reason
     return rec
+
+
+def magnitude_prune(model, recipe, shapes):
+    """The plain baseline beside pfa: every group that pfa shrank keeps pfa's count (the same
+    FLOPs), but its channels are the ones with the largest summed squared weight norms of their
+    sources (a head: its Q, K and V columns), the smallest removed, and nothing is refit."""
+    import numpy as np
+    from onnxshrink.channels import analyze
+    from onnxshrink.graph import import_graph, normalize
+    from onnxshrink.passes.pfa.edits import weight_row_norms
+    model = normalize(model)
+    an = analyze(model, shapes)
+    nodes = {n.name: n for n in import_graph(model).nodes}
+    kept = {r["group"]: r["kept"] for r in recipe if r["kept"] < r["channels"]}
+    keep = {}
+    for g in an.groups:
+        if g.name not in kept:
+            continue
+        score = np.zeros(g.size)
+        for s in g.sources:
+            if s.prunable:
+                np.add.at(score, an.class_index[an.roots[s.comps]], weight_row_norms(nodes[s.node]))
+        keep[g.index] = np.sort(np.argsort(score, kind="stable")[g.size - kept[g.name]:])
+    if len(keep) != len(kept):
+        raise RuntimeError(f"magnitude baseline: {len(kept) - len(keep)} of pfa's groups not found")
+    return an.prune(model, keep)
+
+
+def measure_heads(name, flops=0.5, runs=5, latency=True):
+    """pfa on a transformer at ``flops`` (heads, FFN units and whatever else it prunes, refit),
+    beside plain magnitude pruning of the same groups to the same counts without refit
+    (``magnitude_prune``): two records with ratios, latency ratio and the task metric."""
+    from onnxshrink.cost import model_cost
+    from onnxshrink.graph import observing
+    from onnxshrink.calibrate import ShapeObserver, load_data
+    e = realzoo.ZOO[name]
+    original = onnx.load(e.model_path())
+    calib, val = e.feeds("calib"), e.feeds("val")
+    orig_out = realzoo.run(e.model_path(), val)
+    shapes = {k: v.shape for k, v in calib[0].items()}
+    rec = {"model": name, "metric_name": e.metric_name, "threshold": e.threshold, "target_flops": flops}
+    t, cpu = time.perf_counter(), _cpu_seconds()
+    try:
+        res, _ = realzoo.shrink_entry(e, "pfa", calib, val, target_flops=flops)
+        reason = ""
+    except ValidationFailed as exc:
+        res, reason = exc.result, str(exc).splitlines()[0][:240]
+    pfa = {**rec, "method": f"pfa @ FLOPs {flops}", "wall_s": time.perf_counter() - t, "cpu_s": _cpu_seconds() - cpu}
+    pfa.update(_measure(e, original, res.model, val, orig_out, shapes, runs if latency else 0, res.report))
+    recipe = res.report["passes"][0]["recipe"]
+    pfa["groups"] = {r["group"]: [r["channels"], r["kept"]] for r in recipe if r["kept"] < r["channels"]}
+    pfa["outcome"] = "fail" if reason or pfa["fidelity"] < e.threshold else "pass"
+    pfa["reason"] = reason or (f"{e.metric_name} {pfa['fidelity']:.3f} < {e.threshold}" if pfa["outcome"] == "fail" else "")
+    data = load_data(calib[:2], original, None, "calibration data")
+    try:
+        with observing(ShapeObserver(data.representatives())):
+            mag = magnitude_prune(original, recipe, shapes)
+            before, after = model_cost(original, shapes), model_cost(mag, shapes)
+    finally:
+        data.close()
+    base = {**rec, "method": f"magnitude @ FLOPs {flops}, no refit"}
+    base.update(_measure(e, original, mag, val, orig_out, shapes, runs if latency else 0,
+                         {"ratios": {m: after[m] / before[m] for m in ("params", "flops")}}))
+    base["outcome"] = "pass" if base["fidelity"] >= e.threshold else "fail"
+    base["reason"] = "" if base["outcome"] == "pass" else f"{e.metric_name} {base['fidelity']:.3f} < {e.threshold}"
+    return [pfa, base]
+
+
+def unreachable(exc, method) -> str:
+    """For a ``TargetError``: "acts on X % of the M; floor F (target T)" when the pass's own reach
+    (``details["reach"]``) shows the target is out of its range whatever its settings, else ""."""
+    report = getattr(getattr(exc, "result", None), "report", None) or {}
+    rep = next((p for p in report.get("passes", []) if p.get("name") == method), {})
+    reach = rep.get("reach") or (rep.get("details") or {}).get("reach") or {}
+    for m, t in (report.get("targets") or {}).items():
+        floor, acts = (reach.get("floor") or {}).get(m), (reach.get("acts_on") or {}).get(m)
+        target = t.get("target") if isinstance(t, dict) else None
+        if floor is not None and acts is not None and target is not None and floor > target:
+            return f"{method} acts on {acts:.1%} of the {m}; floor {floor:.3f} (target {target:.3f})"
+    return ""
 
 
 def _cpu_seconds():
@@ -323,6 +409,8 @@ def render_markdown(table) -> str:
         fid = r.get("fidelity")
         fids = fmt(fid) if fid is None or fid >= r.get("threshold", 0) else f"**{fid:.3f}**"
         outcome = "pass" if r["outcome"] == "pass" else f"{r['outcome']}: {_short(r)}".replace("|", "/")
+        if r["outcome"] == "unreachable":   # an expected, correct refusal, not a fidelity failure
+            outcome = f"unreachable (expected): {r.get('reason', '')}"
         lines.append(f"| {r['model']} | {r['method']} | {fmt(r.get('params'))} | {fmt(r.get('flops'))} | "
                      f"{fmt(r.get('bytes'))} | {fmt(r.get('latency'), 2)} | {r.get('metric_name', '')} "
                      f"({r.get('threshold', '')}) | {fids} | {_seconds(r)} | {_calibration(r)} | "
@@ -337,12 +425,20 @@ def render_markdown(table) -> str:
 def main(argv=None):
     import argparse
     ap = argparse.ArgumentParser(description="one zoo pair in this process (used by run_zoo's children)")
-    ap.add_argument("--pair", nargs=2, metavar=("MODEL", "METHOD"), required=True)
+    ap.add_argument("--pair", nargs=2, metavar=("MODEL", "METHOD"))
+    ap.add_argument("--heads", metavar="MODEL", help="instead of a pair: pfa at --flops beside magnitude pruning "
+                                                     "of the same groups to the same counts, no refit")
+    ap.add_argument("--flops", type=float, default=0.5)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--no-latency", action="store_true")
     ap.add_argument("--out", required=True)
     a = ap.parse_args(argv)
-    rec = measure_pair(*a.pair, runs=a.runs, latency=not a.no_latency)
+    if (a.pair is None) == (a.heads is None):
+        ap.error("give one of --pair MODEL METHOD or --heads MODEL")
+    if a.heads:
+        rec = measure_heads(a.heads, a.flops, runs=a.runs, latency=not a.no_latency)
+    else:
+        rec = measure_pair(*a.pair, runs=a.runs, latency=not a.no_latency)
     with open(a.out, "w") as f:
         json.dump(rec, f, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o))
 

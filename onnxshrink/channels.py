@@ -662,13 +662,52 @@ class ChannelAnalysis:
         out, _ = self._flatten_to(node, m, node.inputs[0], 2)
         self._set(node, out)
 
+    def _reshape_target(self, node):
+        """(entries, where) of a Reshape's target shape: a constant, or a ``Concat`` (read by this
+        Reshape only) of constants and computed parts (torch exports: ``Concat(Shape(x)[0],
+        Shape(x)[1], [heads, head size])``). A computed entry reads as the dim seen at run time;
+        ``where[i]`` is (node, input, offset) of the constant holding entry i, None where computed.
+        (None, None) when neither form, or the shapes are unknown."""
+        t = node.inputs[1]
+        v = _const(t)
+        if v is not None:
+            vals = _ints(v)
+            return vals, [(node.name, 1, i) for i in range(len(vals))]
+        out_shape = self._shape(node.outputs[0])
+        p = t.inputs[0] if t.inputs else None
+        if p is None or p.op != "Concat" or len(t.outputs) != 1 or out_shape is None:
+            return None, None
+        vals, where = [], []
+        for k, i in enumerate(p.inputs):
+            c = _const(i)
+            if c is not None:
+                for j, x in enumerate(_ints(c)):
+                    vals.append(x)
+                    where.append((p.name, k, j))
+                continue
+            shp = self._shape(i)
+            if shp is None or len(shp) != 1 or shp[0] is None:
+                return None, None
+            vals.extend([None] * shp[0])
+            where.extend([None] * shp[0])
+        if len(vals) != len(out_shape) or any(x is None and out_shape[i] is None for i, x in enumerate(vals)):
+            return None, None
+        return [int(out_shape[i]) if x is None else x for i, x in enumerate(vals)], where
+
+    @staticmethod
+    def _shape_edit(where, comps, i) -> _Edit:
+        """The edit that writes the kept count of ``comps`` into entry ``i`` of a Reshape's target."""
+        if where[i] is None:
+            raise _Unsupported("Reshape whose channel-axis entry is computed at run time")
+        node, at, off = where[i]
+        return _Edit("reshape", node, comps, idx=off, extra=(at,) if at != 1 else ())
+
     def _reshape(self, node, tracked):
         m = self._one(node, tracked)
-        target = _const(node.inputs[1])
+        target, where = self._reshape_target(node)
         in_shape, out_shape = self._shape(node.inputs[0]), self._shape(node.outputs[0])
         if target is None or in_shape is None or out_shape is None:
             raise _Unsupported("Reshape with a computed or unknown shape")
-        target = _ints(target)
         if tuple(in_shape) == tuple(out_shape):
             self._set(node, _Map(m.axis, m.rank, m.comps, m.origin))
             return
@@ -676,13 +715,13 @@ class ChannelAnalysis:
         if m.axis == 1 and len(out_shape) == 2 and out_shape[0] == in_shape[0] and out_shape[1] == int(np.prod(in_shape[1:])):
             out, s = self._flatten_to(node, m, node.inputs[0], 2)
             if target[1] > 0:
-                self.edits.append(_Edit("reshape", node.name, out.comps, idx=1))
+                self.edits.append(self._shape_edit(where, out.comps, 1))
             self._set(node, out)
             return
         if (m.axis == 1 and len(in_shape) >= 2 and len(out_shape) >= 2 and out_shape[0] == in_shape[0]
                 and out_shape[1] == n and all(d == 1 for d in out_shape[2:]) and all(d == 1 for d in in_shape[2:])):
             if target[1] > 0:
-                self.edits.append(_Edit("reshape", node.name, m.comps, idx=1))
+                self.edits.append(self._shape_edit(where, m.comps, 1))
             self._set(node, _Map(1, len(out_shape), m.comps, m.origin))
             return
         copies_channels = any(t == 0 and i >= m.rank - 1 for i, t in enumerate(target[:-1]))
@@ -690,7 +729,7 @@ class ChannelAnalysis:
                 and not (target[-1] == -1 and copies_channels)):
             # rows regrouped, features kept last: (N, T, d) ↔ (N·T, d) around a Gemm (torch.export)
             if target[-1] == n:
-                self.edits.append(_Edit("reshape", node.name, m.comps, idx=len(target) - 1))
+                self.edits.append(self._shape_edit(where, m.comps, len(target) - 1))
             self._set(node, _Map(len(out_shape) - 1, len(out_shape), m.comps))
             return
         in_shape, out_shape = tuple(in_shape), tuple(out_shape)
@@ -699,13 +738,17 @@ class ChannelAnalysis:
                 and out_shape[r - 1] * out_shape[r] == n and out_shape[r - 1] > 1 and len(target) == r + 1):
             # features → (heads, head size): a head's columns go together (attention heads)
             h, dh = out_shape[r - 1], out_shape[r]
-            for j in range(h):
-                self._tie(np.full(dh - 1, m.comps[j * dh]), m.comps[j * dh + 1:(j + 1) * dh])
             heads = m.comps[::dh]
             if target[r - 1] > 0:
-                self.edits.append(_Edit("reshape", node.name, heads, idx=r - 1))
+                edit = self._shape_edit(where, heads, r - 1)
             elif target[r - 1] != -1 and target[r] <= 0:
                 raise _Unsupported("Reshape into heads with neither the head count nor the head size given")
+            else:
+                edit = None
+            for j in range(h):
+                self._tie(np.full(dh - 1, m.comps[j * dh]), m.comps[j * dh + 1:(j + 1) * dh])
+            if edit is not None:
+                self.edits.append(edit)
             self._set(node, _Map(r - 1, r + 1, heads))
             return
         if (m.axis == r - 2 and len(out_shape) == r - 1 and out_shape[:r - 2] == in_shape[:r - 2]
@@ -713,7 +756,7 @@ class ChannelAnalysis:
             # (…, heads, head size) → (…, features): each head spans head-size consecutive columns
             comps = np.repeat(m.comps, in_shape[r - 1])
             if target[r - 2] > 0:
-                self.edits.append(_Edit("reshape", node.name, comps, idx=r - 2))
+                self.edits.append(self._shape_edit(where, comps, r - 2))
             self._set(node, _Map(r - 2, r - 1, comps))
             return
         raise _Unsupported("Reshape that splits or merges the channel axis")

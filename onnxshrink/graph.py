@@ -388,6 +388,13 @@ def _static_inference(m: onnx.ModelProto, rounds: int = 16) -> onnx.ModelProto:
     return inferred
 
 
+def observed_input_shapes() -> dict | None:
+    """The input shapes of the active observer's first feed (None without an observer): what a
+    pass's plan analyses at, so that shapes taken from running are found (``observing``)."""
+    feeds = getattr(_OBSERVER.get(), "feeds", None)
+    return {k: tuple(np.shape(v)) for k, v in feeds[0].items()} if feeds else None
+
+
 def infer_shapes(model: onnx.ModelProto, input_shapes: dict | None = None) -> dict:
     """name -> (shape tuple or None, numpy dtype) for every tensor, with inputs fixed to
     ``input_shapes`` (default: dynamic dims set to 1). Shapes static inference cannot resolve

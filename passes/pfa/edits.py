@@ -80,3 +80,48 @@ def residual_target(layer: WeightLayer):
     if len(other) != 1 or isinstance(other[0], gs.Constant):
         return None
     return users[0].outputs[0].name, other[0].name, shift
+
+
+def block_output(layer: WeightLayer):
+    """(sum tensor, scale) when a MatMul/Gemm layer's output (through its bias Add) goes, possibly
+    scaled by a constant Mul (a transformer's layer scale: a scalar or one value per output column),
+    only into an Add with another computed tensor that the layer's input was computed from (the
+    residual stream): what its output error reaches is ``scale ⊙ error`` in that sum. None
+    otherwise (two branches summed, and Conv layers)."""
+    if layer.op not in ("MatMul", "Gemm"):
+        return None
+    t = layer.node.outputs[0]
+    if layer.bias_add is not None:
+        t = layer.bias_add.outputs[0]
+    scale = np.ones(layer.d_out)
+    users = list(t.outputs)
+    if len(users) == 1 and users[0].op == "Mul" and len(users[0].inputs) == 2:
+        const = [i for i in users[0].inputs if isinstance(i, gs.Constant)]
+        if len(const) != 1 or const[0].values.size not in (1, layer.d_out) or \
+                (const[0].values.size > 1 and const[0].values.shape[-1] != layer.d_out):
+            return None
+        scale = scale * np.asarray(const[0].values, dtype=np.float64).reshape(-1)
+        t = users[0].outputs[0]
+        users = list(t.outputs)
+    if len(users) != 1 or users[0].op != "Add" or len(users[0].inputs) != 2:
+        return None
+    other = [i for i in users[0].inputs if i is not t]
+    if len(other) != 1 or isinstance(other[0], gs.Constant) or not _upstream(layer.node.inputs[0], other[0]):
+        return None   # two branches summed, not a block on a residual stream
+    return users[0].outputs[0].name, scale
+
+
+def _upstream(t, skip, limit: int = 400) -> bool:
+    """True when tensor ``skip`` is among the producers' inputs back from ``t`` (a residual stream:
+    the block read it, through its norm, before adding to it), looking at most ``limit`` tensors."""
+    seen, todo = set(), [t]
+    while todo and len(seen) < limit:
+        cur = todo.pop()
+        if cur is skip:
+            return True
+        if cur.name in seen:
+            continue
+        seen.add(cur.name)
+        for p in cur.inputs:
+            todo.extend(i for i in p.inputs if not isinstance(i, gs.Constant))
+    return False

@@ -32,12 +32,14 @@ from ...lstsq import relative_alpha
 class Problem:
     """One consumer's least-squares problem seen from a group: Cov(x) (d×d) and Cov(x, y) (d×m) of its
     inputs and outputs on the unpruned network, the total output variance tr Cov(y), and for each of
-    the group's channels the input columns it feeds (an empty array where it feeds none)."""
+    the group's channels the input columns it feeds (an empty array where it feeds none). ``own``:
+    tr Cov(y) where ``var`` is another total the error is measured against (a block's output)."""
     cxx: np.ndarray
     cxy: np.ndarray
     var: float
     blocks: list
     rows: int = 0          # rows the moments were summed over (0: unknown, no correction)
+    own: float | None = None
 
 
 MIN_ROWS_PER_COLUMN = 1
@@ -60,7 +62,8 @@ class _Elim:
         self.h = _spd_inverse(p.cxx + alpha * np.eye(d))
         self.w = self.h @ p.cxy
         self.var = max(p.var, 1e-12)
-        self.base = max(self.var - float(np.sum(self.w * p.cxy)), 0.0) / self.var
+        own = p.var if p.own is None else p.own
+        self.base = max(own - float(np.sum(self.w * p.cxy)), 0.0) / self.var
         self.pos = np.arange(d)                       # original column -> current row, -1 once removed
         self.dead = np.zeros(d, dtype=bool)           # current rows already eliminated
         self.blocks = [np.asarray(b, dtype=np.int64) for b in p.blocks]

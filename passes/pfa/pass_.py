@@ -17,7 +17,7 @@ import numpy as np
 from ...channels import analyze
 from ...cost import node_costs
 from ...errors import UsageError
-from ...graph import import_graph
+from ...graph import import_graph, observed_input_shapes
 from ...registry import Pass, PassReport, Plan, Requires, Skip
 from . import allocation
 from .allocation import CostModel, multiple_of, overshoot_note, reach_of, step_of
@@ -115,7 +115,7 @@ class Pfa(Pass):
         return groups, skipped
 
     def plan(self, model, cfg):
-        groups, skipped = self.eligible(model, analyze(model))
+        groups, skipped = self.eligible(model, analyze(model, observed_input_shapes()))
         return Plan(nodes=[s.node for g in groups for s in g.sources if s.prunable], skipped=skipped)
 
     def reach(self, model, cfg, shapes=None, an=None, groups=None):
@@ -282,14 +282,23 @@ class Selection:
         lams = _Lazy(lambda gi: spectrum(covs[gi]))      # eigenvalues only where a recipe needs them
         sel_ridge = cfg.ridge if cfg.ridge >= 0 else 1e-3
         elims, curves = {}, {}
+        sel = cls(model, an, groups, covs, lams, elims, curves, cfg)
+        nodes = {n.name: n for n in import_graph(model).nodes}
         for g in groups:
             if problems.get(g.index):
                 elims[g.index] = Elimination(problems[g.index], g.size, sel_ridge)
                 curves[g.index] = elims[g.index].err_view
+            elif len(refit_consumers(nodes, g.consumers)) < len([c for c in g.consumers if c in nodes]):
+                # a consumer that is only sliced (ConvTranspose) loses the removed channels' whole
+                # contribution: their share of the response energy, in the order they go
+                order = sel.order(g)
+                energy = np.clip(np.diag(covs[g.index]), 0.0, None)[order]
+                curves[g.index] = np.concatenate([[0.0], np.cumsum(energy)])[::-1] / max(energy.sum(), 1e-30)
+                curves[g.index][-1] = 0.0
             else:  # nothing to reconstruct from: the spectrum's lost energy stands in for the error
                 curves[g.index] = 1.0 - np.concatenate([[0.0], np.cumsum(lams[g.index])])
                 curves[g.index][-1] = 0.0
-        return cls(model, an, groups, covs, lams, elims, curves, cfg)
+        return sel
 
     def recipe(self, mode) -> dict:
         """{group index: kept count} by the paper's recipe (``mode`` "kl" or "energy"), rounded up."""
@@ -310,12 +319,15 @@ class Selection:
             if self.cfg.selection == "reconstruction" and g.index in self.eliminations:
                 keep[g.index] = self.eliminations[g.index].kept(k)
                 continue
-            if self.cfg.selection == "magnitude":
-                order = self._magnitude(g)
-            else:
-                order = pearson_removal_order(self.covs[g.index])
-            keep[g.index] = np.sort(order[g.size - k:])
+            keep[g.index] = np.sort(self.order(g)[g.size - k:])
         return keep
+
+    def order(self, g) -> np.ndarray:
+        """A group's channels in the order they go where no elimination ranks them: the smallest
+        filters first (``magnitude``), else the paper's Pearson order."""
+        if self.cfg.selection == "magnitude":
+            return self._magnitude(g)
+        return pearson_removal_order(self.covs[g.index])
 
     def _magnitude(self, g):
         """The group's channels by the summed squared norm of their filters, smallest first."""

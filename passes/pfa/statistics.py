@@ -3,7 +3,11 @@
   rows of linear outputs), summed over the tensors that show them (``Group.observations``);
 - per consumer of a group, its least-squares problem (``elimination.Problem``: Cov(x), Cov(x, y),
   tr Cov(y) and the input columns each channel feeds), for the reconstruction-aware selection and
-  the error curves of the budget allocation.
+  the error curves of the budget allocation. A MatMul/Gemm consumer that adds (through a constant
+  layer scale λ) into a residual stream s is judged by its contribution to the block's output:
+  y ← λ ⊙ y (Cov(x, y) columns scaled) and the error relative to tr Cov(s) (Kwon et al. 2022
+  select heads and FFN units by the block's output error), so that groups of blocks with a small
+  layer scale, or a small share of a large residual stream, are not overrated against the others.
 
 A Conv's rows are sampled output positions, enough of them for a least-squares fit when samples
 are few (``stats.positions_for``)."""
@@ -16,7 +20,7 @@ from ...graph import import_graph
 from ...layers import WeightLayer
 from ...stats import ResponseStats
 from ...stats import positions_for as stats_positions
-from .edits import consumer_blocks, refit_consumers
+from .edits import block_output, consumer_blocks, refit_consumers
 from .elimination import Problem
 
 
@@ -35,7 +39,7 @@ def collect_statistics(model, an, groups, cfg, ctx, consumers: bool, rows: dict 
     for g in groups:
         for o in g.observations:
             reqs.setdefault((o.tensor, o.reduce), ResponseStats(o.tensor, o.reduce))
-    nodes = {}
+    nodes, streams = {}, {}
     if consumers:
         graph = import_graph(model)
         nodes = {n.name: n for n in graph.nodes}
@@ -44,6 +48,9 @@ def collect_statistics(model, an, groups, cfg, ctx, consumers: bool, rows: dict 
                 if c not in layer:
                     wl = WeightLayer(nodes[c])
                     layer[c] = wl.stats_request("pfa-sel:" + c, positions=positions_for(wl, cfg, ctx))
+                    out = block_output(WeightLayer(nodes[c], graph))
+                    if out is not None:
+                        streams[c] = (reqs.setdefault((out[0], "rows"), ResponseStats(out[0], "rows")), out[1])
     accs = ctx.collect(list(reqs.values()) + list(layer.values()), desc="pfa statistics")
     covs = {}
     for g in groups:
@@ -59,7 +66,13 @@ def collect_statistics(model, an, groups, cfg, ctx, consumers: bool, rows: dict 
         cm = accs[req.key]
         cxx, cxy, _, my = cm.moments(centered=True)
         var = float(np.sum(cm.yy / max(cm.n, 1) - my ** 2))
+        own = None
+        if c in streams:   # judged in the block's output: λ ⊙ y, relative to the residual sum
+            req, scale = streams[c]
+            cxy = cxy * scale[None, :]
+            own = float(np.sum((cm.yy / max(cm.n, 1) - my ** 2) * scale ** 2))
+            var = float(np.trace(accs[req.key].cov))
         for gi, blocks in consumer_blocks(an, c, nodes[c]).items():
             if gi in problems:
-                problems[gi].append(Problem(cxx, cxy, var, blocks, rows=cm.n))
+                problems[gi].append(Problem(cxx, cxy, var, blocks, rows=cm.n, own=own))
     return covs, problems

@@ -484,14 +484,16 @@ def test_pfa_prunes_exporter_patterns_and_keeps_outputs_close(case):
         assert any(r["channels"] == 2 for r in rep["recipe"]), rep["recipe"]
 
 
-def test_pfa_removes_the_attention_head_that_contributes_least():
+@pytest.mark.parametrize("case", ["attention_heads_op17", "attention_heads_computed_op14"])
+def test_pfa_removes_the_attention_head_that_contributes_least(case):
     """Heads are whole channels: Q/K/V lose a head's columns together, the Reshape constants their
     head count, the output projection the head's rows (then refit). Head 2's V is scaled by 0.02,
     so the energy recipe drops one head and reconstruction picks head 2 (channel_multiple 4: columns,
-    one head of 4)."""
+    one head of 4). With targets computed as ``Concat(Shape-derived dims, [h, dh])`` (TorchScript
+    exports), the head count is rewritten in the Concat's constant input."""
     from onnx import numpy_helper
     from graphs import run
-    z = PATTERNS["attention_heads_op17"]()
+    z = PATTERNS[case]()
     res = shrink(z.model, ["pfa"], calibration=z.calibration(256, seed=0), quiet=True, force=True,
                  options={"pfa": {"energy": 0.97, "channel_multiple": 4}}, tolerances=Tolerances(min_cosine=None))
     rep = res.report["passes"][0]
@@ -504,8 +506,72 @@ def test_pfa_removes_the_attention_head_that_contributes_least():
         v_name))
     kept_cols = [c for c in range(16) if c // 4 != 2]
     np.testing.assert_array_equal(v_new, orig[v_name][:, kept_cols])          # V sliced, head 2 gone
-    shapes = [list(inits[n.input[1]]) for n in res.model.graph.node if n.op_type == "Reshape"]
-    assert sorted(shapes) == sorted([[-1, 8, 3, 4]] * 3 + [[-1, 8, 12]]), shapes
+    if case == "attention_heads_op17":
+        shapes = [list(inits[n.input[1]]) for n in res.model.graph.node if n.op_type == "Reshape"]
+        assert sorted(shapes) == sorted([[-1, 8, 3, 4]] * 3 + [[-1, 8, 12]]), shapes
+    else:
+        tails = [list(inits[n.input[2]]) for n in res.model.graph.node if n.op_type == "Concat"]
+        assert sorted(tails) == sorted([[3, 4]] * 3 + [[12]]), tails
     x = z.calibration(64, seed=5)
     want, got = run(z.model, x)[0], run(res.model, x)[0]
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.05
+
+
+def test_a_group_read_by_a_sliced_consumer_is_not_free_to_prune():
+    """A group whose consumer is only sliced (ConvTranspose, not refit) loses the removed channels'
+    whole contribution: its error curve is their share of the response energy, never 0 while a
+    channel with energy goes, even where few samples leave the response spectrum rank-deficient (a
+    spectrum of rank 3 would call keeping 3 of 8 channels free)."""
+    from onnxshrink.graph import normalize
+    from onnxshrink.passes.pfa.pass_ import PfaConfig, Selection
+    z = PATTERNS["conv_transpose_decoder_op13"]()
+    m = normalize(z.model)
+    an = analyze(m, z.shapes)
+    ops = {n.name: n.op_type for n in m.graph.node}
+    g = next(g for g in an.groups if not g.pinned and g.sources[0].op == "Conv"
+             and [ops[c] for c in g.consumers] == ["ConvTranspose"])
+    rng = np.random.default_rng(0)
+    r = rng.standard_normal((3, g.size)) * np.linspace(1.0, 2.0, g.size)   # 3 samples: rank 3
+    cov = r.T @ r / 3
+    sel = Selection.of(m, an, [g], {g.index: cov}, {}, PfaConfig())
+    curve = np.array([sel.curves[g.index][k] for k in range(g.size + 1)])
+    assert curve[g.size] == 0.0 and curve[0] == pytest.approx(1.0)
+    assert np.all(curve[:g.size] > 0.01) and np.all(np.diff(curve) <= 1e-12), curve
+    order = sel.order(g)   # the curve follows the order in which keep() removes the channels
+    energy = np.diag(cov)[order]
+    assert curve[g.size - 2] == pytest.approx(energy[:2].sum() / energy.sum())
+
+
+def test_ffn_units_are_judged_by_their_share_of_the_block_output():
+    """Two equal FFN blocks whose outputs are scaled by a layer scale λ before the residual Add
+    (λ = 0.02 and λ = 1): in the block's output the first one's units matter 2500× less, so a
+    params budget takes its units first (``edits.block_output``: λ ⊙ y, relative to the sum).
+
+        x ─ MatMul(8→16) ─ Relu ─ MatMul(16→8) ─ +b ─ ×λa ─ Add(x) ─ (same, λb) ─ Add ─ y
+    """
+    from graphs import GraphBuilder
+    from onnxshrink.graph import import_graph
+    from onnxshrink.layers import WeightLayer
+    from onnxshrink.passes.pfa.edits import block_output
+    b = GraphBuilder(41)
+    x = b.input("x", ["N", 6, 8])
+    h = x
+    for lam in (0.02, 1.0):
+        f = b.matmul(b.relu(b.matmul(h, 8, 16)), 16, 8)
+        f = b.node("Add", [f, b.const((0.1 * b.rng.standard_normal(8)).astype(np.float32))])
+        f = b.node("Mul", [f, b.const(np.full(8, lam, np.float32))])
+        h = b.node("Add", [f, h], out="y" if lam == 1.0 else None)
+    b.output("y")
+    m = b.model()
+    graph = import_graph(m)
+    downs = [n for n in graph.nodes if n.op == "MatMul"][1::2]
+    outs = [block_output(WeightLayer(n, graph)) for n in downs]
+    first_sum = next(n for n in graph.nodes if n.op == "Add" and "x" in [i.name for i in n.inputs]).outputs[0].name
+    assert [o[0] for o in outs] == [first_sum, "y"]
+    np.testing.assert_allclose([o[1][0] for o in outs], [0.02, 1.0], rtol=1e-6)
+    assert block_output(WeightLayer([n for n in graph.nodes if n.op == "MatMul"][0], graph)) is None  # into Relu
+    x_cal = {"x": np.random.default_rng(0).standard_normal((64, 6, 8)).astype(np.float32)}
+    res = shrink(m, ["pfa"], calibration=x_cal, target_params=0.75, quiet=True, force=True,
+                 options={"pfa": {"channel_multiple": 1}}, tolerances=Tolerances(min_cosine=None))
+    kept = [r["kept"] for r in res.report["passes"][0]["recipe"] if r["channels"] == 16]
+    assert len(kept) == 2 and kept[0] < kept[1], res.report["passes"][0]["recipe"]

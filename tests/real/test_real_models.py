@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 import realzoo
-from onnxshrink.errors import ValidationFailed
+from onnxshrink.errors import TargetError, ValidationFailed
 
 pytestmark = pytest.mark.real
 
@@ -51,14 +51,23 @@ KNOWN_FAILURES = {
                            "0.56 of the range; the task metric (1 - worst relative L2) is 0.972 (at file 0.618; at 0.258 since the "
                            "STFT Conv is quantized: range error 0.558, task metric 0.976)",
     ("captcha_crnn", "basisconv"): "validation passes but the same text on 0.844 of the captchas < 0.9 (FLOPs 0.897)",
-    ("vit_focus", "basisconv"): "TargetError: FLOPs 0.993 (target 0.900): basisconv acts on 0.8 % of the FLOPs "
-                                "(the 16×16 patch-embedding Conv; the rest is MatMul/attention)",
+    ("khmer_segmenter", "pfa"): "validation passes (cosine 0.9999) but the same segmentation on 0.750 of the "
+                                "sentences < 0.9 (FLOPs 0.900: the three FFNs only; the packed QKV projections "
+                                "stay whole)",
     ("vit_focus", "lowrank"): "validation passes but the saliency map IoU@0.5 is 0.898 < 0.9 (params 0.900, "
                               "FLOPs 0.918; within 1 % of the threshold, so kept out of CI)",
-    ("vit_focus", "pfa"): "validation passes (worst output cosine 0.922) but the saliency map IoU@0.5 is 0.392 < 0.9 "
-                          "(FLOPs 0.895, params 0.980)",
+    ("vit_focus", "pfa"): "validation passes (output cosine 0.992) but the saliency map IoU@0.5 is 0.892 < 0.9 "
+                          "(FLOPs 0.900, params 0.912: heads, FFN units and decoder channels; 0.392 before heads "
+                          "were prunable and the decoder's sliced ConvTranspose inputs were costed)",
 }
 
+
+# (model, pass) -> why the budget is out of the pass's reach: a correct refusal (TargetError naming the
+# share of the cost the pass acts on), asserted as such rather than as a failure
+UNREACHABLE = {
+    ("vit_focus", "basisconv"): "FLOPs 0.993 (target 0.900): basisconv acts on 0.8 % of the FLOPs (the 16×16 "
+                                "patch-embedding Conv; the rest is MatMul/attention)",
+}
 
 # (model, pass) -> measured time: pairs over ten minutes, skipped unless ONNXSHRINK_ZOO_SLOW=1
 SLOW_PAIRS = {
@@ -191,6 +200,13 @@ def test_pass_keeps_task(name, pass_name):
     if not realzoo.planned(e, pass_name):
         pytest.skip(f"{pass_name}: its plan touches no node of {name}")
     calib, val, orig = _data(name)
+    if (name, pass_name) in UNREACHABLE:
+        import cases_zoo
+        with pytest.raises(TargetError) as exc:
+            realzoo.shrink_entry(e, pass_name, calib, val)
+        assert "acts on" in str(exc.value), str(exc.value)
+        assert cases_zoo.unreachable(exc.value, pass_name), str(exc.value)
+        return
     try:
         res, _ = realzoo.shrink_entry(e, pass_name, calib, val)
     except ValidationFailed as exc:

@@ -59,3 +59,23 @@ def test_pair_over_its_cpu_limit_is_a_timeout(tmp_path, monkeypatch):
     assert time.perf_counter() - t < 50
     assert rec[0]["outcome"] == "timeout" and rec[0]["reason"] == "over 1 CPU s (stopped)", rec
     assert os.path.exists(spin)
+
+
+def test_a_target_out_of_the_pass_reach_is_an_expected_unreachable_row():
+    """A TargetError whose pass says it acts on too little of the model (its floor above the
+    target) is recorded as "unreachable" with the share it acts on; one whose floor was low enough
+    stays a failure."""
+    from types import SimpleNamespace
+
+    def exc(floor):
+        report = {"targets": {"flops": {"target": 0.9, "reached": 0.993, "met": False}},
+                  "passes": [{"name": "basisconv", "reach": {"acts_on": {"flops": 0.0076, "params": 0.009},
+                                                             "floor": {"flops": floor, "params": 0.99}}}]}
+        return SimpleNamespace(result=SimpleNamespace(report=report))
+
+    assert cases_zoo.unreachable(exc(0.9925), "basisconv") == "basisconv acts on 0.8% of the flops; floor 0.993 (target 0.900)"
+    assert cases_zoo.unreachable(exc(0.5), "basisconv") == ""
+    assert cases_zoo.unreachable(exc(0.9925), "pfa") == ""    # another pass's reach says nothing
+    row = _row("vit_focus", "basisconv", "unreachable", reason=cases_zoo.unreachable(exc(0.9925), "basisconv"))
+    md = cases_zoo.render_markdown({("vit_focus", "basisconv"): row})
+    assert "| unreachable (expected): basisconv acts on 0.8% of the flops; floor 0.993 (target 0.900) |" in md

@@ -220,12 +220,15 @@ def transformer_ffn(opset=17, style="dynamo"):
     return b.finish(f"transformer_ffn_{style}_op{opset}", {"tokens": (t, d)})
 
 
-def attention_heads(opset=17, weak_head=2):
+def attention_heads(opset=17, weak_head=2, shape="constant"):
     """Multi-head self-attention as PyTorch writes it (4 heads of 4, T=8, d=16): Q/K/V as MatMul +
     bias Add, Reshape(-1, T, h, dh) with one shared shape constant, Transpose to (N, h, T, dh), K
     transposed to (N, h, dh, T), scaled scores, Softmax, the heads merged back by Transpose and
     Reshape(-1, T, d), output projection, residual Add, LayerNormalization. Head ``weak_head`` has
-    V columns scaled by 0.02: it contributes little to the output.
+    V columns scaled by 0.02: it contributes little to the output. ``shape="computed"`` writes each
+    Reshape's target as TorchScript exports of Hugging Face models do (ViT, BERT):
+    ``Concat(Unsqueeze(Gather(Shape(x), 0)), Unsqueeze(Gather(Shape(x), 1)), [h, dh])`` (and
+    ``[d]`` where the heads merge back), the head count in a constant input of the Concat.
 
         x ─┬─ Q ─ Reshape ─ Transpose ───────────── MatMul ─ Mul ─ Softmax ─┐
            ├─ K ─ Reshape ─ Transpose(0,2,3,1) ──────┘                      │
@@ -237,7 +240,18 @@ def attention_heads(opset=17, weak_head=2):
     t, d, h = 8, 16, 4
     dh = d // h
     x = b.input("tokens", ["N", t, d])
-    shape = b.ints([-1, t, h, dh], "heads_shape")
+    const_shape = b.ints([-1, t, h, dh], "heads_shape")
+
+    def target(y, tail):
+        """The Reshape target for ``y``: one shared constant, or computed from ``y``'s shape."""
+        if shape == "constant":
+            return const_shape if tail == "heads" else b.ints([-1, t, d])
+        dims = [b.node("Unsqueeze", [b.node("Gather", [b.node("Shape", [y]), b.ints(i)], axis=0), b.ints([0])])
+                for i in (0, 1)]
+        return b.node("Concat", dims + [b.ints([h, dh] if tail == "heads" else [d])], axis=0)
+
+    def split(y):
+        return b.node("Reshape", [y, target(y, "heads")])
 
     def proj(scale=None):
         w = (b.rng.standard_normal((d, d)) / np.sqrt(d)).astype(np.float32)
@@ -247,18 +261,19 @@ def attention_heads(opset=17, weak_head=2):
             bias[scale * dh:(scale + 1) * dh] *= 0.02
         return b.add(b.node("MatMul", [x, b.const(w, "w")]), b.const(bias, "b"))
 
-    q = b.node("Transpose", [b.node("Reshape", [proj(), shape])], perm=[0, 2, 1, 3])
-    k = b.node("Transpose", [b.node("Reshape", [proj(), shape])], perm=[0, 2, 3, 1])
-    v = b.node("Transpose", [b.node("Reshape", [proj(weak_head), shape])], perm=[0, 2, 1, 3])
+    q = b.node("Transpose", [split(proj())], perm=[0, 2, 1, 3])
+    k = b.node("Transpose", [split(proj())], perm=[0, 2, 3, 1])
+    v = b.node("Transpose", [split(proj(weak_head))], perm=[0, 2, 1, 3])
     att = b.node("Softmax", [b.node("Mul", [b.node("MatMul", [q, k]), b.scalar(1 / np.sqrt(dh))])], axis=-1)
     o = b.node("Transpose", [b.node("MatMul", [att, v])], perm=[0, 2, 1, 3])
-    o = b.node("Reshape", [o, b.ints([-1, t, d])])
+    o = b.node("Reshape", [o, target(o, "merge")])
     o = b.add(b.matmul(o, d, d), b.const(0.1 * b.rng.standard_normal(d).astype(np.float32), "b"))
     from . import _layernorm
-    y = _layernorm(b, b.add(o, x), d, "op")
+    y = _layernorm(b, b.add(o, x), d, "op" if opset >= 17 else "decomposed")
     b.gemm(b.reduce_mean(y, [1], keepdims=0), d, 4, out="logits")
     b.output("logits", ["N", 4])
-    return b.finish(f"attention_heads_op{opset}", {"tokens": (t, d)})
+    name = "attention_heads" if shape == "constant" else f"attention_heads_{shape}"
+    return b.finish(f"{name}_op{opset}", {"tokens": (t, d)})
 
 
 PATTERNS = {}
@@ -278,6 +293,7 @@ for _fn, _kw in [
     (transformer_ffn, {"opset": 17, "style": "dynamo"}),
     (transformer_ffn, {"opset": 13, "style": "torchscript"}),
     (attention_heads, {"opset": 17}),
+    (attention_heads, {"opset": 14, "shape": "computed"}),
 ]:
     _builder = functools.partial(_fn, **_kw)
     PATTERNS[_builder().name] = _builder
