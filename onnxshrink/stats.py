@@ -356,13 +356,13 @@ def positions_for(columns: int, samples: int, positions: int) -> int:
 class SplitStats:
     """A request whose batches alternate between two accumulators [fit, held out] (batch 0, 2, …
     into the first, 1, 3, … into the second). With ``batches=1`` (the data is one batch: a few
-    samples) each batch's samples are split instead (even samples fit, odd ones held out), so
-    that few samples still have held-out rows; tensors whose axis 0 is not the batch's samples
-    (sizes differ, or fewer than 2) leave the batch whole to the first."""
+    samples) the samples are split instead (even samples fit, odd ones held out, counted across
+    updates), so that few samples still have held-out rows; tensors whose axis 0 is not the
+    batch's samples (sizes differ, or fewer than 2) leave the batch whole to the first."""
 
     def __init__(self, inner, batches: int | None = None):
         self.inner, self.key, self._calls = inner, inner.key, 0
-        self.within = batches == 1
+        self.within, self._samples = batches == 1, 0
 
     def tensors(self):
         return self.inner.tensors()
@@ -377,9 +377,12 @@ class SplitStats:
             ys = {k: y_arrays[k] for k in names["y"]}
             sizes = {np.shape(a)[0] if np.ndim(a) else None for d in (xs, ys) for a in d.values()}
             if len(sizes) == 1 and (n := sizes.pop()) is not None and n >= 2:
+                parity = (self._samples + np.arange(n)) % 2   # counted across batches
+                self._samples += n
                 for half in (0, 1):
-                    self.inner.update(acc[half], {k: v[half::2] for k, v in xs.items()},
-                                      {k: v[half::2] for k, v in ys.items()}, rng)
+                    idx = np.nonzero(parity == half)[0]
+                    self.inner.update(acc[half], {k: v[idx] for k, v in xs.items()},
+                                      {k: v[idx] for k, v in ys.items()}, rng)
                 return
         self.inner.update(acc[self._calls % 2], x_arrays, y_arrays, rng)
         self._calls += 1

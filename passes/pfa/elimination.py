@@ -13,11 +13,10 @@ budget allocation trades against cost.
 
 That error is measured on the rows it was fitted to. With n rows and p columns left, a least-squares
 residual underestimates the error on new data by about (n − p)/(n + p) (ordinary least squares'
-in-sample vs. prediction error), so each consumer's share of the curve is scaled by (n + p)/(n − p).
-A consumer with fewer than ``MIN_ROWS_PER_COLUMN`` rows per column (a last layer on a 1×1 map, a
-dense layer with 40 samples) fits its calibration rows almost exactly at any width: its in-sample
-error says nothing, and removing any of its input channels counts as losing all of its output (the
-curve's value 1), which leaves such a group whole unless nothing else can meet the budget."""
+in-sample vs. prediction error), so each consumer's share of the curve is scaled by (n + p)/(n − p)
+(by n + p where n ≤ p: its fit is then held by the ridge alone). Counting such a consumer as wholly
+lost once it loses a channel was tried and dropped: on the digits CNN with 40 samples it moved the
+budget onto the early convs (accuracy 99.56 → 95.33 %, against 99.33 % with the scaled curve)."""
 
 from __future__ import annotations
 
@@ -41,8 +40,6 @@ class Problem:
     rows: int = 0          # rows the moments were summed over (0: unknown, no correction)
     own: float | None = None
 
-
-MIN_ROWS_PER_COLUMN = 1
 
 
 def _spd_inverse(a: np.ndarray) -> np.ndarray:
@@ -69,7 +66,6 @@ class _Elim:
         self.blocks = [np.asarray(b, dtype=np.int64) for b in p.blocks]
         self.rows, self.cols = int(p.rows), d         # rows of the fit, columns alive
         self.raw = self.base                          # in-sample relative error so far
-        self.blind = 0 < self.rows < MIN_ROWS_PER_COLUMN * d
         sizes = np.array([len(b) for b in self.blocks])
         self.by_size = {int(s): (np.nonzero(sizes == s)[0], np.stack([self.blocks[c] for c in np.nonzero(sizes == s)[0]]))
                         for s in np.unique(sizes) if s > 0}
@@ -131,12 +127,9 @@ class _Elim:
         return inc
 
     def expected(self) -> float:
-        """The relative error to expect on new rows: ``raw`` scaled by (n + p)/(n − p); 1 once a
-        blind consumer (too few rows per column) has lost a column."""
+        """The relative error to expect on new rows: ``raw`` scaled by (n + p)/max(n − p, 1)."""
         if self.rows <= 0:
             return self.raw
-        if self.blind:
-            return self.raw if self.cols == len(self.pos) else 1.0
         return self.raw * (self.rows + self.cols) / max(self.rows - self.cols, 1)
 
 

@@ -98,9 +98,8 @@ def test_elimination_on_demand_gives_the_full_runs_values_and_steps_only_as_far_
 
 
 def test_error_curve_expects_the_error_on_new_rows():
-    """With n rows and p columns left the in-sample error is scaled by (n + p)/(n − p); a consumer
-    with fewer rows than columns (its fit is exact at any width) counts as lost (1) once it loses a
-    channel, so its group is the budget's last resort; rows unknown (0): the in-sample curve."""
+    """With n rows and p columns left the in-sample error is scaled by (n + p)/(n − p), by n + p
+    where n ≤ p; rows unknown (0): the in-sample curve."""
     prob, _ = _planted()
     d = len(np.concatenate(prob.blocks))
     raw = elimination_order([prob], 8, ridge=1e-9)[1]
@@ -110,17 +109,10 @@ def test_error_curve_expects_the_error_on_new_rows():
     for k in (8, 5, 2):
         p = 3 * k
         assert err[k] == pytest.approx(raw[k] * (rows + p) / (rows - p), rel=1e-9), k
-    blind = Problem(prob.cxx, prob.cxy, prob.var, prob.blocks, rows=d - 1)
-    err = elimination_order([blind], 8, ridge=1e-9)[1]
-    assert err[8] == pytest.approx(raw[8]) and np.allclose(err[:8], 1.0)
-    # the allocation then takes the group with an honest curve first
-    class G:
-        def __init__(self, index, size):
-            self.index, self.size, self.sources = index, size, []
-
-    curves = {0: err, 1: raw * 5}
-    ks = by_error([G(0, 8), G(1, 8)], curves, 1, lambda ks: {"flops": float(ks[0] + ks[1])}, {"flops": 13.0}, {})
-    assert ks == {0: 8, 1: 5}
+    few = Problem(prob.cxx, prob.cxy, prob.var, prob.blocks, rows=d - 1)
+    err = elimination_order([few], 8, ridge=1e-9)[1]
+    assert err[8] == pytest.approx(raw[8] * (2 * d - 1))        # n = d − 1 < p = d: scaled by n + p
+    assert err[2] == pytest.approx(raw[2] * (d - 1 + 6) / (d - 1 - 6), rel=1e-9)
 
 
 def test_few_samples_get_more_conv_positions():
