@@ -158,7 +158,5 @@ class Budget:
         when a target was missed, else None). ``others``: a callable giving ``missed``'s
         {metric: {pass: floor}} of the passes outside the chain, called only when a target was missed."""
         out = reached(self.targets, self.original, after)
-        err = missed(out, reports)
-        if err is not None and others is not None:
-            err = missed(out, reports, others([m for m, r in out.items() if not r["met"]]))
-        return out, err
+        unmet = [m for m, r in out.items() if not r["met"]]
+        return out, missed(out, reports, others(unmet) if unmet and others is not None else None)

@@ -125,8 +125,8 @@ def build_parser():
                    help="fail if the worst sample's cosine of an output of >= 32 values a sample is below this "
                         f"(default {d.min_worst_cosine})")
     p.add_argument("--min-decision-iou", type=_limit, default=_UNSET, metavar="X|none",
-                   help="fail if, for a probability output that is not a distribution (sigmoid scores, maps), the "
-                        "IoU of the values above 0.25, 0.5 or 0.75 in the original and the result is below this "
+                   help="fail if, for a score output (a Sigmoid gives it), the IoU of its values above 0.5 in the "
+                        "original and in the result is below this, judged when at least 10 are above 0.5 "
                         f"(default {d.min_decision_iou})")
     p.add_argument("--metric", metavar="NAME|FILE.py:FN|MODULE:FN",
                    help="task metric, higher is better, evaluated on the validation feeds for the original and the "

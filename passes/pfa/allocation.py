@@ -33,6 +33,9 @@ def multiple_of(g, channel_multiple: int) -> int:
     return max(1, channel_multiple // max(width, 1))
 
 
+SMALL_GROUP = 4   # a group of fewer steps than this moves by an eighth of it (``step_of``)
+
+
 def step_of(g, channel_multiple: int) -> int:
     """The step of a group's kept count in a budget search: ``multiple_of``, except for a group of
     fewer than ``SMALL_GROUP`` steps (10, 16 or 24 channels at the default 8, where one step is a
@@ -43,9 +46,6 @@ def step_of(g, channel_multiple: int) -> int:
     if size >= SMALL_GROUP * step:
         return step
     return max(1, min(step, 1 << max(int(np.floor(np.log2(max(size / 8, 1)))), 0)))
-
-
-SMALL_GROUP = 4
 
 
 # ----------------------------------------------------------------------------- cost without rebuilding

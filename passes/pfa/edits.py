@@ -73,13 +73,22 @@ def residual_target(layer: WeightLayer):
     add = layer.bias_add
     if add is not None:
         shift, t = layer.bias(), add.outputs[0]
+    found = _sole_add(t)
+    if found is None:
+        return None
+    return found[0].outputs[0].name, found[1].name, shift
+
+
+def _sole_add(t):
+    """(the Add, its other input) when tensor ``t`` goes only into an Add with another computed
+    tensor, else None."""
     users = list(t.outputs)
     if len(users) != 1 or users[0].op != "Add" or len(users[0].inputs) != 2:
         return None
     other = [i for i in users[0].inputs if i is not t]
     if len(other) != 1 or isinstance(other[0], gs.Constant):
         return None
-    return users[0].outputs[0].name, other[0].name, shift
+    return users[0], other[0]
 
 
 def block_output(layer: WeightLayer):
@@ -102,13 +111,10 @@ def block_output(layer: WeightLayer):
             return None
         scale = scale * np.asarray(const[0].values, dtype=np.float64).reshape(-1)
         t = users[0].outputs[0]
-        users = list(t.outputs)
-    if len(users) != 1 or users[0].op != "Add" or len(users[0].inputs) != 2:
-        return None
-    other = [i for i in users[0].inputs if i is not t]
-    if len(other) != 1 or isinstance(other[0], gs.Constant) or not _upstream(layer.node.inputs[0], other[0]):
+    found = _sole_add(t)
+    if found is None or not _upstream(layer.node.inputs[0], found[1]):
         return None   # two branches summed, not a block on a residual stream
-    return users[0].outputs[0].name, scale
+    return found[0].outputs[0].name, scale
 
 
 def _upstream(t, skip, limit: int = 400) -> bool:

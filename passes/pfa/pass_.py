@@ -349,4 +349,3 @@ class _Lazy(dict):
     def __missing__(self, key):
         self[key] = value = self.make(key)
         return value
-
