@@ -37,6 +37,8 @@ class Block:
         self.perm = perm
         self.mask = mask
         self._z2c = None
+        self._z4c = None   # (x, b, g, H(g ⊙ z2)): the transform before S
+        self._sfit = None  # (x, b, g, t, ridge) S was last fitted to
 
     def _z2(self, x):
         """Π H (b ⊙ x), cached while x and b stay the same arrays (b is replaced, never changed
@@ -48,16 +50,32 @@ class Block:
         self._z2c = (x, self.b, z2)
         return z2
 
+    def _z4(self, x):
+        """H (g ⊙ Π H (b ⊙ x)), cached like ``_z2`` while x, b and g stay the same arrays."""
+        c = self._z4c
+        if c is not None and c[0] is x and c[1] is self.b and c[2] is self.g:
+            return c[3]
+        z4 = fwht(self._z2(x) * self.g)
+        self._z4c = (x, self.b, self.g, z4)
+        return z4
+
     def forget(self):
-        """Drop the cached transform of the rows (n × d floats per block)."""
-        self._z2c = None
+        """Drop the cached transforms of the rows (n × d floats each per block)."""
+        self._z2c = self._z4c = self._sfit = None
 
     def out(self, x):
-        return fwht(self._z2(x) * self.g) * self.s
+        return self._z4(x) * self.s
 
     def _fit_s(self, x, t, ridge):
-        z4 = fwht(self._z2(x) * self.g)
+        """S from the rows; skipped when it was last fitted to the same x, b, g, t and ridge (the
+        same solve: an ALS sweep ends with the S its next sweep would begin with)."""
+        key = self._sfit
+        if key is not None and key[0] is x and key[1] is self.b and key[2] is self.g and key[3] is t \
+                and key[4] == ridge:
+            return
+        z4 = self._z4(x)
         self.s = np.where(self.mask, diagonal_ridge((z4 * z4).sum(0), (z4 * t).sum(0), ridge), 0.0)
+        self._sfit = (x, self.b, self.g, t, ridge)
 
     def step(self, x, t, xtx, ridge, cg=0):
         """One ALS sweep (S, G, B, S) towards the target rows t (n × d); ``cg`` > 0: that many
