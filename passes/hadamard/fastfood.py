@@ -23,7 +23,7 @@ import numpy as np
 import scipy.linalg
 
 from ...lstsq import diagonal_ridge, pcg, ridge_cholesky, ridge_with_factor
-from .transform import fwht, next_pow2, xor_conv
+from .transform import fwht, next_pow2, xor_index, xor_kernel
 
 
 class Block:
@@ -82,11 +82,12 @@ class Block:
         conjugate-gradient iterations per diagonal solve instead of a Cholesky solve."""
         self._fit_s(x, t, ridge)
         z2 = self._z2(x)
-        hsh = xor_conv(self.s ** 2)
+        w = xor_kernel(self.s ** 2)
         hts = fwht(t * self.s)
-        self.g = pcg(hsh * (z2.T @ z2), (z2 * hts).sum(0), self.g, ridge, cg)
+        self.g = pcg(w[xor_index(self.d)] * (z2.T @ z2), (z2 * hts).sum(0), self.g, ridge, cg)
         inv = np.argsort(self.perm)
-        a = (hsh * np.outer(self.g, self.g))[inv][:, inv]
+        gi = self.g[inv]
+        a = w[np.bitwise_xor.outer(inv, inv)] * np.outer(gi, gi)   # (H S² H ⊙ g gᵀ) permuted by Π⁻¹, one gather
         a = fwht(fwht(a).T).T
         mtt = fwht((hts * self.g)[:, inv])
         self.b = pcg(a * xtx, (x * mtt).sum(0), self.b, ridge, cg)

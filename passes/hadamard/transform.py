@@ -47,9 +47,23 @@ def fwht(z: np.ndarray) -> np.ndarray:
     return y.reshape(shp) / math.sqrt(d)
 
 
+_XCACHE = {}
+
+
+def xor_index(d: int) -> np.ndarray:
+    """The d × d matrix i ⊕ j (kept per size)."""
+    if d not in _XCACHE:
+        _XCACHE.clear()   # one size at a time: d × d integers
+        _XCACHE[d] = np.bitwise_xor.outer(np.arange(d), np.arange(d))
+    return _XCACHE[d]
+
+
+def xor_kernel(v: np.ndarray) -> np.ndarray:
+    """w with H diag(v) H = w[i ⊕ j] (orthonormal H): w = (1/d) H_d v."""
+    d = len(v)
+    return fwht(v[None])[0] / math.sqrt(d)
+
+
 def xor_conv(v: np.ndarray) -> np.ndarray:
     """H diag(v) H (orthonormal H) = (1/d)(H_d v)[i ⊕ j]."""
-    d = len(v)
-    w = fwht(v[None])[0] / math.sqrt(d)
-    idx = np.bitwise_xor.outer(np.arange(d), np.arange(d))
-    return w[idx]
+    return xor_kernel(v)[xor_index(len(v))]
