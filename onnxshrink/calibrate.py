@@ -797,26 +797,95 @@ def session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
         return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
+def _elem_types(model: onnx.ModelProto, names) -> dict:
+    """{tensor: element type} from the model's value_info and inputs, and from shape inference
+    when one of ``names`` (not a graph output) is not among them."""
+    g = model.graph
+    existing = {o.name for o in g.output}
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in list(g.value_info) + list(g.input)}
+    if any(n not in types and n not in existing for n in names):
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model)
+            types.update({vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info})
+        except Exception:
+            pass
+    return types
+
+
+def _add_outputs(graph, names, types) -> None:
+    existing = {o.name for o in graph.output}
+    for name in names:
+        if name not in existing:
+            if types.get(name):
+                graph.output.append(onnx.helper.make_tensor_value_info(name, types[name], None))
+            else:   # type unknown (an op without type inference): ONNX Runtime infers it
+                vi = graph.output.add()
+                vi.name = name
+            existing.add(name)
+
+
 def with_outputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
     """A copy of the model exposing the named intermediate tensors as extra graph outputs."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    existing = {o.name for o in m.graph.output}
-    types = {vi.name: vi.type.tensor_type.elem_type for vi in list(m.graph.value_info) + list(m.graph.input)}
-    if any(n not in types and n not in existing for n in names):
-        try:
-            inferred = onnx.shape_inference.infer_shapes(m)
-            types.update({vi.name: vi.type.tensor_type.elem_type for vi in inferred.graph.value_info})
-        except Exception:
-            pass
-    for name in names:
-        if name not in existing:
-            if types.get(name):
-                m.graph.output.append(onnx.helper.make_tensor_value_info(name, types[name], None))
-            else:   # type unknown (an op without type inference): ONNX Runtime infers it
-                vi = m.graph.output.add()
-                vi.name = name
-            existing.add(name)
+    _add_outputs(m.graph, names, _elem_types(m, names))
+    return m
+
+
+def _subgraph_names(node) -> set:
+    """Every tensor name a node's subgraphs (If/Loop/Scan bodies) read, their own included: a
+    superset of the outer-scope names they capture."""
+    out = set()
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for g in graphs:
+            for n in g.node:
+                out.update(i for i in n.input if i)
+                out |= _subgraph_names(n)
+    return out
+
+
+def upstream_of(model: onnx.ModelProto, names) -> onnx.ModelProto:
+    """A model whose outputs are exactly ``names`` (tensors of ``model``), holding only the nodes
+    and initializers they depend on; every real input is kept. ONNX Runtime runs every node of a
+    model whatever outputs are fetched, so a calibration run that reads tensors early in the
+    network runs only that part of it. The nodes kept are unchanged, so the values are those the
+    whole model computes."""
+    graph = model.graph
+    producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
+    keep, seen, stack = set(), set(), list(names)
+    while stack:
+        t = stack.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        i = producer.get(t)
+        if i is None or i in keep:
+            continue
+        keep.add(i)
+        node = graph.node[i]
+        stack.extend(x for x in node.input if x)
+        stack.extend(_subgraph_names(node))
+    m = onnx.ModelProto()
+    for f, value in model.ListFields():   # everything but the graph, copied as it is
+        if f.name == "graph":
+            continue
+        if hasattr(value, "extend"):     # a repeated field
+            getattr(m, f.name).extend(value)
+        elif f.message_type is not None:
+            getattr(m, f.name).CopyFrom(value)
+        else:
+            setattr(m, f.name, value)
+    g = m.graph
+    g.name = graph.name
+    g.node.extend(graph.node[i] for i in sorted(keep))
+    g.initializer.extend(t for t in graph.initializer if t.name in seen)
+    g.sparse_initializer.extend(t for t in graph.sparse_initializer if t.values.name in seen)
+    init = {t.name for t in graph.initializer} | {t.values.name for t in graph.sparse_initializer}
+    g.input.extend(vi for vi in graph.input if vi.name not in init or vi.name in seen)
+    g.value_info.extend(vi for vi in graph.value_info if vi.name in seen)
+    g.output.extend(vi for vi in graph.output if vi.name in set(names))
+    _add_outputs(g, names, _elem_types(model, names))
     return m
 
 
@@ -825,7 +894,7 @@ class _Runner:
         inputs = {i[0] for i in model_inputs(model)}
         self.from_feed = [n for n in names if n in inputs]
         wanted = [n for n in names if n not in inputs]
-        self.sess = session(with_outputs(model, wanted)) if wanted or not self.from_feed else None
+        self.sess = session(upstream_of(model, wanted)) if wanted or not self.from_feed else None
         self.wanted = wanted
 
     def __call__(self, feed):

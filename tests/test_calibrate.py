@@ -164,3 +164,47 @@ def test_unnamed_nodes_get_names(rng):
         node.name = ""
     names = [node.name for node in normalize(m).graph.node]
     assert all(names) and len(set(names)) == len(names)
+
+
+def test_upstream_of_runs_only_what_the_tensors_need(rng):
+    """``upstream_of`` keeps the nodes a fetched tensor depends on (an If body's captured outer
+    tensor included) and gives the values the whole model gives; the calibration run uses it.
+
+        x ─ MatMul(w1) ─ h ─ Relu ─ r ─ MatMul(w2) ─ y
+                          └─ ReduceMax ─ > 0 ─ If(then: h + r_outer, else: h) ─ z
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxshrink.calibrate import DataSource, collect, session, upstream_of, with_outputs
+    from onnxshrink.stats import RowSample
+
+    w1 = numpy_helper.from_array(rng.standard_normal((6, 6)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.standard_normal((6, 4)).astype(np.float32), "w2")
+    zero = numpy_helper.from_array(np.zeros((), np.float32), "zero")
+
+    def body(name, out):
+        nodes = [helper.make_node("Add", ["h", "r"], [out])] if out.startswith("t") else \
+            [helper.make_node("Identity", ["h"], [out])]
+        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)])
+
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"]),
+             helper.make_node("ReduceMax", ["h"], ["m"], keepdims=0), helper.make_node("Greater", ["m", "zero"], ["c"]),
+             helper.make_node("If", ["c"], ["z"], then_branch=body("then", "t_out"), else_branch=body("else", "e_out"))]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4]),
+                               helper.make_tensor_value_info("z", TensorProto.FLOAT, None)], [w1, w2, zero])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    feed = {"x": rng.standard_normal((5, 6)).astype(np.float32)}
+    for names, kept in ((["h"], 1), (["r"], 2), (["z"], 5), (["y", "h"], 3)):
+        small = upstream_of(model, names)
+        assert len(small.graph.node) == kept and [o.name for o in small.graph.output] == names
+        assert {t.name for t in small.graph.initializer} <= {"w1", "w2", "zero"}
+        got = session(small).run(names, feed)
+        want = session(with_outputs(model, names)).run(names, feed)
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+    assert len(model.graph.node) == 6 and [o.name for o in model.graph.output] == ["y", "z"]   # input untouched
+    acc = collect(DataSource({"x": feed["x"]}), [RowSample("k", "h", "r", 100, 100)], model)
+    x_rows, y_rows = RowSample.rows(acc["k"])
+    np.testing.assert_array_equal(y_rows, np.maximum(x_rows, 0))
