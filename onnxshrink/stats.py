@@ -25,6 +25,8 @@ Requests:
   ``layers.WeightLayer.stats_request`` makes the one that matches a layer's matrix.
 - ``ResidualStats``: a LayerStats whose target is what the layer must add to a skip tensor to give
   the reference's residual sum.
+- ``PooledStats(key, parts)``: several LayerStats (the readers of one shared weight) into one
+  accumulator, each part's means kept (``PooledMoments``).
 - ``SplitStats(inner)``: the inner request's batches alternate between two accumulators (fit /
   held out), for choosing a ridge on data the fit did not see.
 - ``RowSample``: up to ``max_rows`` raw rows of a layer's input and target output.
@@ -313,6 +315,57 @@ class LayerStats:
     def update(self, acc, x_arrays, y_arrays, rng):
         xr, yr = self._features(x_arrays, y_arrays, rng)
         acc.update(xr, yr)
+
+
+class PooledMoments(CrossMoments):
+    """``CrossMoments`` over the rows of several parts, with each part's count and sums kept:
+    ``part_means[key]`` = (E[x], E[y]) over that part's rows."""
+
+    def __init__(self, dx: int, dy: int, keys):
+        super().__init__(dx, dy)
+        self.parts = {k: [0, np.zeros(dx), np.zeros(dy)] for k in keys}
+
+    def add_part(self, key, x_rows, y_rows) -> None:
+        part = self.parts[key]
+        part[0] += x_rows.shape[0]
+        part[1] += np.asarray(x_rows, dtype=np.float64).sum(axis=0)
+        if y_rows is not None:
+            part[2] += np.asarray(y_rows, dtype=np.float64).sum(axis=0)
+
+    def part_means(self, key):
+        n, sx, sy = self.parts[key]
+        return sx / max(n, 1), sy / max(n, 1)
+
+
+@dataclass
+class PooledStats:
+    """The ``LayerStats`` of several tensors pairs read by one weight (the readers of a shared
+    weight) accumulated into one ``PooledMoments``: a batch's rows of every part go into one
+    product, so the moments cost one d × d accumulator, not one per part (and no merging), with
+    each part's means kept. ``parts``: LayerStats of equal feature sizes."""
+
+    key: str
+    parts: list
+
+    def tensors(self):
+        out = {"x": [], "y": []}
+        for p in self.parts:
+            for side, names in p.tensors().items():
+                out[side].extend(n for n in names if n not in out[side])
+        return out
+
+    def new(self, x_arrays, y_arrays):
+        first = self.parts[0].new(x_arrays, y_arrays)
+        return PooledMoments(len(first.x.sum), len(first.sum_y), [p.key for p in self.parts])
+
+    def update(self, acc, x_arrays, y_arrays, rng):
+        xs, ys = [], []
+        for p in self.parts:
+            xr, yr = p._features(x_arrays, y_arrays, rng)
+            acc.add_part(p.key, xr, yr)
+            xs.append(xr)
+            ys.append(yr)
+        acc.update(np.concatenate(xs), None if ys[0] is None else np.concatenate(ys))
 
 
 @dataclass

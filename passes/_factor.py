@@ -38,7 +38,7 @@ from ..lstsq import ridge_from_moments as ridge
 from ..lstsq import relative_alpha, ridge_solve
 from ..refit import Again, refit_levels
 from ..registry import Pass, PassReport, Plan, Requires, Skip
-from ..stats import CrossMoments
+from ..stats import PooledStats
 
 
 @dataclass
@@ -278,6 +278,16 @@ def non_finite_skips(layers):
 
 
 # ----------------------------------------------------------------------------- the driver
+def layer_requests(layer: FactorLayer, prefix: str, with_y: bool = True) -> list:
+    """The statistics request of a layer, under the key ``prefix + layer.node``: its own
+    LayerStats, or for a weight several nodes read one ``stats.PooledStats`` over the readers
+    (one accumulator, each reader's means kept under ``prefix + reader``)."""
+    parts = [layer.request(prefix + rn, x, y if with_y else None) for rn, x, y in layer.sources]
+    if len(parts) == 1:   # the layer's own node: rn == layer.node
+        return parts
+    return [PooledStats(prefix + layer.node, parts)]
+
+
 def _group_cov(layer: FactorLayer, cm, g: int, fit_bias: bool):
     cxx, cxy, mx, my = cm.moments(centered=fit_bias)
     si, so = layer.extra["in_slices"][g], layer.extra["out_slices"][g]
@@ -314,10 +324,10 @@ def factorize(pass_name, model, cfg, ctx, layers, skipped, rewrite, multiple, re
     # planning statistics on the reference
     covs = {}
     if use_data_alloc:
-        reqs = [layer.request("plan:" + n, x, None) for layer in layers for n, x, _ in layer.sources]
+        reqs = [r for layer in layers for r in layer_requests(layer, "plan:", with_y=False)]
         stats = ctx.collect(reqs, model_x=ctx.reference, desc=f"{pass_name}: statistics")
         for layer in layers:
-            cm = CrossMoments.pooled([stats["plan:" + n] for n, _, _ in layer.sources])
+            cm = stats["plan:" + layer.node]
             covs[layer.node] = [_group_cov(layer, cm, g, layer.fit_bias)[0] for g in range(layer.groups)]
     with ctx.timed("fit"):
         curves = {l.node: energy_curve(l, covs.get(l.node), cfg.eps) for l in layers}
@@ -371,15 +381,13 @@ def factorize(pass_name, model, cfg, ctx, layers, skipped, rewrite, multiple, re
     use_data = cfg.whiten or cfg.refit
 
     def requests(n, graph):
-        return [by_name[n].request("lv:" + rn, x, y) for rn, x, y in by_name[n].sources] if use_data else []
+        return layer_requests(by_name[n], "lv:") if use_data else []
 
     def solve(n, stats, graph, level):
         """The rank-r factors of every group and the bias: (As, Bs, bias)."""
         layer, r = by_name[n], ranks[n]
         if use_data:
-            if len(layer.sources) > 1:
-                layer.extra["reader_stats"] = {rn: stats["lv:" + rn] for rn, _, _ in layer.sources}
-            cm = CrossMoments.pooled([stats["lv:" + rn] for rn, _, _ in layer.sources])
+            cm = stats["lv:" + n]
         As, Bs, bs = [], [], []
         for g, w in enumerate(layer.ws):
             if use_data:
@@ -406,8 +414,8 @@ def factorize(pass_name, model, cfg, ctx, layers, skipped, rewrite, multiple, re
         if len(layer.sources) > 1 and layer.fit_bias and use_data:
             # one weight, several readers: each reader's own bias absorbs its own mean shift
             w_new = As[0] @ Bs[0]
-            layer.extra["reader_bias"] = {rn: cm.mean_y - cm.x.mean @ w_new
-                                          for rn, cm in layer.extra["reader_stats"].items()}
+            means = {rn: cm.part_means("lv:" + rn) for rn, _, _ in layer.sources}
+            layer.extra["reader_bias"] = {rn: my - mx @ w_new for rn, (mx, my) in means.items()}
         return As, Bs, bias
 
     def write(n, factors, graph, level):

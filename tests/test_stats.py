@@ -168,3 +168,33 @@ def test_split_stats_by_sample_holds_out_every_other_sample_of_one_batch(rng):
     whole.update(ref, {"x": x}, {"y": y}, rng)
     assert np.allclose(acc[0].xy, x[0::2].T @ y[0::2]) and np.allclose(acc[1].xy, x[1::2].T @ y[1::2])
     assert np.allclose(acc[0].xy + acc[1].xy, ref.xy)
+
+
+def test_pooled_stats_one_accumulator_with_each_parts_means(rng):
+    """``PooledStats`` over the readers of one weight equals the pooled separate LayerStats, and
+    keeps each reader's means (what a shared layer's per-reader bias needs)."""
+    from onnxshrink.stats import LayerStats, PooledMoments, PooledStats
+    xa = {"a": rng.standard_normal((4, 3, 6)), "b": rng.standard_normal((5, 6)) + 2.0}
+    ya = {"ya": rng.standard_normal((4, 3, 2)), "yb": rng.standard_normal((5, 2)) - 1.0}
+    parts = [LayerStats("p:a", "a", "ya"), LayerStats("p:b", "b", "yb")]
+    req = PooledStats("p:w", parts)
+    assert req.tensors() == {"x": ["a", "b"], "y": ["ya", "yb"]}
+    acc = req.new(xa, ya)
+    assert isinstance(acc, PooledMoments)
+    for _ in range(2):   # two batches
+        req.update(acc, xa, ya, np.random.default_rng(0))
+    separate = []
+    for p in parts:
+        cm = p.new(xa, ya)
+        for _ in range(2):
+            p.update(cm, xa, ya, np.random.default_rng(0))
+        separate.append(cm)
+    ref = CrossMoments.pooled(separate)
+    assert acc.n == ref.n == 2 * (12 + 5)
+    for got, want in zip(acc.moments(), ref.moments()):
+        np.testing.assert_allclose(got, want, atol=1e-12)
+    np.testing.assert_allclose(acc.yy, ref.yy, atol=1e-12)
+    for p, cm in zip(parts, separate):
+        mx, my = acc.part_means(p.key)
+        np.testing.assert_allclose(mx, cm.x.mean, atol=1e-12)
+        np.testing.assert_allclose(my, cm.mean_y, atol=1e-12)
