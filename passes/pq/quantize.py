@@ -17,14 +17,16 @@ from __future__ import annotations
 import numpy as np
 
 from ...lstsq import weighted_error
-from .gptq import gptq_assign, refine_codebook
+from .gptq import gptq_assign, hinv_cholesky, refine_codebook
 from .kmeans import aware_em, kmeans
 
 
-def quantize(t, d, k, h, cfg, rng, dtype):
+def quantize(t, d, k, h, cfg, rng, dtype, cache: dict | None = None):
     """T (rows × d_in) -> (codebook K'×d in ``dtype``, codes rows × B uint8, T̂).
 
-    h: the damped input covariance (d_in × d_in) for activation-aware layers, else None."""
+    h: the damped input covariance (d_in × d_in) for activation-aware layers, else None.
+    cache: a dict kept across calls on the same (t, h) (the settings tried on one layer), which
+    holds what depends on h alone (the Cholesky factor of H⁻¹)."""
     rows, d_in = t.shape
     nb = d_in // d
     x = t.reshape(rows * nb, d).astype(np.float64)
@@ -41,7 +43,10 @@ def quantize(t, d, k, h, cfg, rng, dtype):
             if cfg.iters:
                 c, codes = aware_em(x, np.tile(np.arange(nb), rows), hblocks, c, codes, cfg.iters)
             if cfg.gptq:
-                codes = gptq_assign(t, d, c, h).reshape(-1)
+                cache = {} if cache is None else cache
+                if "u" not in cache:
+                    cache["u"] = hinv_cholesky(h)
+                codes = gptq_assign(t, d, c, h, u=cache["u"]).reshape(-1)
             if cfg.refine:
                 c = refine_codebook(t, codes.reshape(rows, nb), c, h, cfg.refine)
         # drop unused centroids (fewer bytes, same weights)
