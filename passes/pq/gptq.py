@@ -11,25 +11,39 @@ conjugate gradient.
 from __future__ import annotations
 
 import numpy as np
+from scipy.linalg.lapack import dgetrf, dgetrs
 
 from ...lstsq import cg
 from .kmeans import bincount_rows
 
 
-def gptq_assign(t, d, c, h, group=256):
+def hinv_cholesky(h):
+    """U upper triangular with H⁻¹ = UᵀU (what ``gptq_assign`` works with; the same for every
+    (d, K) tried on one layer, so callers may compute it once)."""
+    hinv = np.linalg.inv(h)
+    return np.linalg.cholesky(0.5 * (hinv + hinv.T)).T
+
+
+def gptq_assign(t, d, c, h, group=256, u=None):
     """Assign sub-vectors block by block along the input features with a fixed codebook,
     feeding each block's error forward to the blocks not yet assigned (optimal brain
     quantization with H⁻¹ = UᵀU, U upper Cholesky): metric G = (U_FFᵀU_FF)⁻¹ for block F, update
     W_R −= U_FRᵀ U_FF⁻ᵀ Δ_F. t: rows × d_in (row = one output). Updates beyond the current group
-    of blocks are applied once per group (lazy batch)."""
+    of blocks are applied once per group (lazy batch). ``u``: ``hinv_cholesky(h)`` when known."""
     rows, d_in = t.shape
     nb = d_in // d
-    hinv = np.linalg.inv(h)
-    u = np.linalg.cholesky(0.5 * (hinv + hinv.T)).T  # upper: hinv = uᵀ u
+    u = hinv_cholesky(h) if u is None else u
     w = t.T.copy()  # d_in × rows
     codes = np.empty((rows, nb), dtype=np.int64)
     per = max(1, group // d)
     ct = c.T.copy()
+    # every block's metric G_b = (U_bbᵀU_bb)⁻¹ and centroid norms c_kᵀG_b c_k, in batches
+    ar = np.arange(nb)
+    ubb = u.reshape(nb, d, nb, d)[ar, :, ar, :]
+    gms = np.linalg.inv(np.matmul(ubb.transpose(0, 2, 1), ubb))
+    gms = 0.5 * (gms + gms.transpose(0, 2, 1))
+    qs = np.einsum("kd,bde,ke->bk", c, gms, c)
+    lus = [dgetrf(ubb[b].T)[:2] for b in range(nb)]   # U_bbᵀ = LU, for the solves below (gesv's own steps)
     for g0 in range(0, nb, per):
         g1 = min(nb, g0 + per)
         lo, hi = g0 * d, g1 * d
@@ -38,14 +52,10 @@ def gptq_assign(t, d, c, h, group=256):
         for b in range(g0, g1):
             f = slice(b * d - lo, (b + 1) * d - lo)
             fa = slice(b * d, (b + 1) * d)
-            uff = u[fa, fa]
-            gm = np.linalg.inv(uff.T @ uff)
-            gm = 0.5 * (gm + gm.T)
             wf = wg[f]
-            q = np.einsum("kd,de,ke->k", c, gm, c)
-            cb = np.argmin(q[None, :] - 2.0 * (wf.T @ gm) @ ct, axis=1)
+            cb = np.argmin(qs[b][None, :] - 2.0 * (wf.T @ gms[b]) @ ct, axis=1)
             codes[:, b] = cb
-            z = np.linalg.solve(uff.T, wf - ct[:, cb])
+            z = dgetrs(*lus[b], wf - ct[:, cb])[0]
             zs[f] = z
             if b + 1 < g1:
                 wg[f.stop:] -= u[fa, (b + 1) * d:hi].T @ z

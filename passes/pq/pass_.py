@@ -8,6 +8,7 @@ The numerics live beside it (``kmeans``, ``gptq``, ``quantize``: one layer's cod
 from __future__ import annotations
 
 import time
+import weakref
 import zlib
 
 import numpy as np
@@ -56,15 +57,19 @@ class Pq(Pass):
         return None
 
     @staticmethod
-    def _layers(graph):
+    def _layers(graph, refused: set | None = None):
         """(layer, []) for each weight layer of the graph, one per weight (a shared weight: one
-        layer over all its readers), or (None, [Skip]) for weight layers that cannot be one."""
+        layer over all its readers), or (None, [Skip]) for weight layers that cannot be one;
+        ``refused`` (a set) gets the ids of the weight inputs of the main graph's nodes that
+        cannot be rewritten (no table either)."""
         seen = set()
         inner = {id(n) for n, _ in subgraph_nodes(graph)}
         for node, where in [(n, graph) for n in graph.nodes] + list(subgraph_nodes(graph)):
             layer, reason = layer_of(node, where)
             if layer is None:
                 if reason:
+                    if refused is not None and where is graph and len(node.inputs) > 1:
+                        refused.add(id(node.inputs[1]))
                     yield None, [Skip(node.name, reason)]
                 continue
             layer.inner = any(id(n) in inner for n in layer.weight.outputs)
@@ -82,16 +87,13 @@ class Pq(Pass):
     def _scan(self, graph, cfg):
         """[(layer, d)] to quantize and [Skip]."""
         first_conv = next((n.name for n in graph.nodes if n.op in ("Conv", "ConvTranspose")), None)
-        todo, skipped, found = [], [], []
-        for layer, skips in self._layers(graph):
+        todo, skipped, found, refused = [], [], [], set()
+        for layer, skips in self._layers(graph, refused):
             skipped.extend(skips)
             if layer is not None:
                 found.append(layer)
-        taken = {id(layer.weight) for layer in found}
-        for node in graph.nodes:  # weights of layers that cannot be rewritten are no tables either
-            if layer_of(node, graph)[1] is not None and len(node.inputs) > 1:
-                taken.add(id(node.inputs[1]))
-        found.extend(tables(graph, taken))
+        # weights of layers that cannot be rewritten are no tables either
+        found.extend(tables(graph, {id(layer.weight) for layer in found} | refused))
         total = sum(layer.n_weights * layer.weight.values.dtype.itemsize for layer in found)
         for layer in found:
             reason = self.check(layer, cfg, first_conv, total)
@@ -114,6 +116,7 @@ class Pq(Pass):
         todo = ctx.unprotected(todo, lambda t: [n.name for n in t[0].nodes], report)   # the accuracy search's
         blocks = {layer.node.name: (layer, d, min(cfg.centroids, layer.n_weights // d)) for layer, d in todo}
         searched = "bytes" in ctx.goals and bool(blocks)
+        ctx = ReferenceStats(ctx)   # statistics on the model the pass starts from: collected once
         if searched:
             chosen, report.details["size_search"] = size_search(
                 ctx, model, {n: b[0] for n, b in blocks.items()}, cfg, ctx.goals["bytes"])
@@ -178,11 +181,11 @@ class Pq(Pass):
         layer, d, k = block
         t, h, fit = layer_problem(layer, cm, cfg)
         tq = time.perf_counter()
-        tried = []
+        tried, cache = [], {}
         for d_try, k_try in (ladder(layer, d, k, cfg) if budget is not None else [(d, k)]):
             rng = np.random.default_rng([ctx.seed, zlib.crc32(name.encode())])
-            with ctx.timed("fit"), deterministic():
-                cb, codes, t_hat = quantize(t, d_try, k_try, h if cfg.aware else None, cfg, rng, cfg.dtype)
+            with deterministic():   # timed as "fit" by the refit loop
+                cb, codes, t_hat = quantize(t, d_try, k_try, h if cfg.aware else None, cfg, rng, cfg.dtype, cache)
             err = budget_error(t, t_hat, h)
             tried.append((d_try, len(cb), err))
             if budget is None or err <= budget:
@@ -227,6 +230,51 @@ class Pq(Pass):
                      "float tensors, as large as the original ones (runtime_weight_bytes); pq makes the file "
                      "smaller, not the resident memory"),
         }
+
+
+_MEMO = weakref.WeakKeyDictionary()   # calibration data -> (model, seed, batch size, {request: statistics})
+
+
+class ReferenceStats:
+    """The pass's context whose ``collect`` keeps the statistics gathered on the model the pass
+    starts from (x and y both from ``ctx.reference``) per request, for as long as the calibration
+    data lives: the size search and the first statistics round ask for the same ones, and so do
+    the steps of an accuracy search, which run the pass again on the same data from the same
+    model. Such a request is collected once; the statistics are the same (the sampling of rows
+    depends on the seed, the batch and the request only). Everything else is ``ctx``'s."""
+
+    def __init__(self, ctx):
+        self._ctx = ctx
+
+    def __getattr__(self, name):
+        return getattr(self._ctx, name)
+
+    def _memo(self) -> dict | None:
+        ctx = self._ctx
+        if ctx.data is None:
+            return None
+        try:
+            entry = _MEMO.get(ctx.data)
+        except TypeError:   # data that cannot be referenced weakly: no memo
+            return None
+        if entry is None or entry[0] is not ctx.reference or entry[1:3] != (ctx.seed, ctx.batch_size):
+            entry = (ctx.reference, ctx.seed, ctx.batch_size, {})
+            _MEMO[ctx.data] = entry
+        return entry[3]
+
+    def collect(self, requests, model_x=None, model_y=None, desc="calibration"):
+        ctx = self._ctx
+        on_reference = (model_x is None or model_x is ctx.reference) and (model_y is None or model_y is ctx.reference)
+        memo = self._memo() if on_reference else None
+        if memo is None:
+            return ctx.collect(requests, model_x=model_x, model_y=model_y, desc=desc)
+        key = {r.key: (type(r).__name__, repr(r)) for r in requests}
+        todo = [r for r in requests if key[r.key] not in memo]
+        if todo:
+            got = ctx.collect(todo, model_x=model_x, model_y=model_y, desc=desc)
+            for r in todo:
+                memo[key[r.key]] = got[r.key]
+        return {r.key: memo[key[r.key]] for r in requests}
 
 
 def merge_levels(levels: list, rounds: int) -> list:

@@ -17,14 +17,16 @@ from __future__ import annotations
 import numpy as np
 
 from ...lstsq import weighted_error
-from .gptq import gptq_assign, refine_codebook
+from .gptq import gptq_assign, hinv_cholesky, refine_codebook
 from .kmeans import aware_em, kmeans
 
 
-def quantize(t, d, k, h, cfg, rng, dtype):
+def quantize(t, d, k, h, cfg, rng, dtype, cache: dict | None = None):
     """T (rows × d_in) -> (codebook K'×d in ``dtype``, codes rows × B uint8, T̂).
 
-    h: the damped input covariance (d_in × d_in) for activation-aware layers, else None."""
+    h: the damped input covariance (d_in × d_in) for activation-aware layers, else None.
+    cache: a dict kept across calls on the same (t, h) (the settings tried on one layer), which
+    holds what depends on h alone (the Cholesky factor of H⁻¹)."""
     rows, d_in = t.shape
     nb = d_in // d
     x = t.reshape(rows * nb, d).astype(np.float64)
@@ -39,9 +41,12 @@ def quantize(t, d, k, h, cfg, rng, dtype):
         if h is not None and cfg.aware:
             hblocks = h.reshape(nb, d, nb, d)[np.arange(nb), :, np.arange(nb), :]
             if cfg.iters:
-                c, codes = aware_em(x, np.tile(np.arange(nb), rows), hblocks, c, codes, cfg.iters)
+                c, codes = aware_em(x, np.tile(np.arange(nb), rows), hblocks, c, codes, cfg.iters, rng)
             if cfg.gptq:
-                codes = gptq_assign(t, d, c, h).reshape(-1)
+                cache = {} if cache is None else cache
+                if "u" not in cache:
+                    cache["u"] = hinv_cholesky(h)
+                codes = gptq_assign(t, d, c, h, u=cache["u"]).reshape(-1)
             if cfg.refine:
                 c = refine_codebook(t, codes.reshape(rows, nb), c, h, cfg.refine)
         # drop unused centroids (fewer bytes, same weights)
@@ -64,12 +69,14 @@ def budget_error(t, t_hat, h, floor=1e-3) -> float:
     energy t_rᵀ H t_r is at least ``floor`` times the mean (dead outputs left out). The mean keeps
     weak outputs (the high bands of a filter bank or an STFT, which a log scales up) from hiding
     behind strong ones. Without ``h``: the same on the weights."""
-    total = weighted_error(t, t_hat, h)
     delta = t - t_hat
     if h is None:
+        total = weighted_error(t, t_hat, h)
         num, den = (delta ** 2).sum(1), (t ** 2).sum(1)
-    else:
-        num, den = ((delta @ h) * delta).sum(1), ((t @ h) * t).sum(1)
+    else:   # ``weighted_error``'s figure from the same products (one product with h each)
+        dh, th = (delta @ h) * delta, (t @ h) * t
+        total = float(dh.sum() / max(th.sum(), 1e-30))
+        num, den = dh.sum(1), th.sum(1)
     live = den >= floor * max(float(den.mean()), 1e-30)
     if not live.any():
         return total
