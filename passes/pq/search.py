@@ -1,8 +1,14 @@
-"""The size budget (``--target-size``): one (d, K) setting per layer, or dense.
+"""One (d, K) setting per layer, or dense: under a size budget, or under the error budget.
 
-Each layer gets candidate settings s with their relative output error e(s) (measured with a quick
-quantization on the reference statistics) and serialized bytes b(s); a Lagrangian relaxation
-picks per layer argmin_s e(s) + λ·b(s), bisecting λ until the model's bytes meet the goal.
+Size budget (``--target-size``): each layer gets candidate settings s with their relative output
+error e(s) (measured with a quick quantization on the reference statistics) and serialized bytes
+b(s); a Lagrangian relaxation picks per layer argmin_s e(s) + λ·b(s), bisecting λ until the
+model's bytes meet the goal.
+
+Error allocation (``allocate``, the default under ``pq.max_error``): the same quick errors and
+bytes over each layer's ladder, each error scaled by the layer's measured gain on the model's
+outputs (``output_error``), and the fewest bytes whose predicted output error is within the
+model's budget (``knapsack``).
 """
 
 from __future__ import annotations
@@ -183,7 +189,7 @@ def allocate(ctx, model, blocks: dict, cfg, budget: float):
     return {n: c[0] for n, c in choice.items()}, report
 
 
-GAIN_SAMPLES = 128      # the gains are measured on at most this many calibration samples (units)
+GAIN_SAMPLES = 64       # the gains are measured on at most this many calibration samples (units)
 
 
 def knapsack(options: dict, limit: float):
