@@ -39,13 +39,25 @@ first whose relative output error, and a quarter of the mean of its outputs' own
 are within the budget is kept. Layers without statistics (inside If/Loop/Scan subgraphs) and float
 tables that only Gather/Slice read (embeddings, positional encodings) are quantized in weight space.
 
+Error allocation (``pq.allocate``, default on with the error budget): the budget is spent across
+layers by their measured effect on the model's outputs, like a mixed-precision knapsack. Per layer
+(with statistics) each setting of its ladder gets its relative output error e (a quick fit on the
+reference statistics) and its bytes b; the layer's gain g is measured by one run over (up to 64
+samples of) the calibration data with that layer alone at its cheapest setting: g = the model's
+output error (the mean per-sample relative squared error, a quarter of the worst sample's and of
+the squared largest error over the output's range, the worst output) / e. Per layer the setting,
+or dense, is picked with the fewest total bytes such that Σ g·e is within the larger of
+``pq.output_error`` (2e-3) and what the per-layer rule's choice predicts (so that choice is always
+feasible: the allocation never costs bytes over it). The full fit of each layer then starts at its
+allocated setting and goes up the ladder when its error is over twice the estimate.
+
 Size budget (``--target-size``): each layer gets candidate (d, K) settings with their output
 error and bytes; a Lagrangian search picks per layer the setting minimising Σ relative output
 error + λ·bytes, bisecting λ until the serialized model meets the goal.
 
 Modules: ``pass_`` (the pass: checks, order, report), ``config``, ``layer`` (the layers and their
 biases), ``target`` (what a layer is quantized toward), ``kmeans``, ``gptq`` and ``quantize`` (one
-layer's codebook and codes), ``search`` (the size budget), ``codec`` (the stored code format),
+layer's codebook and codes), ``search`` (the size budget and the error allocation), ``codec`` (the stored code format),
 ``edits`` (the decode subgraph and bias writes), ``sizes`` (byte counts).
 """
 

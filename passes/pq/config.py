@@ -29,6 +29,10 @@ class PqConfig:
                                    # bytes first (down to scalar codes), the first within it kept, else float
                                    # (0 = no budget: the first setting is kept whatever its error)
     min_bytes: int = 4096          # layers whose dense weight is smaller stay float (little to gain)
+    allocate: bool = True          # spend the error budget across layers by their measured effect on the outputs
+    output_error: float = 2e-3     # allocate: the model's output error it may spend (relative squared error of
+                                   # the outputs, a quarter of the worst sample's and of the squared range error),
+                                   # or what the per-layer budget predicts where that is more
     rounds: int = 4                # sequential: at most this many statistics rounds (consecutive
                                    # topological levels share one; 0 = one round per level)
 
@@ -48,6 +52,8 @@ class PqConfig:
             raise ValueError(f"pq.bits must be 4, 8 or auto, got '{self.bits}'")
         if self.max_error < 0:
             raise ValueError(f"pq.max_error must be ≥ 0 (0: no budget), got {self.max_error}")
+        if self.output_error < 0:
+            raise ValueError(f"pq.output_error must be ≥ 0, got {self.output_error}")
         if self.rounds < 0:
             raise ValueError(f"pq.rounds must be ≥ 0 (0: one per level), got {self.rounds}")
         if self.min_bytes < 0:

@@ -21,7 +21,7 @@ from .config import PqConfig
 from .edits import refit_biases, replace_weight
 from .layer import default_block, ladder, layer_of, shared_layer, subgraph_nodes, tables
 from .quantize import budget_error, quantize
-from .search import size_search
+from .search import ALLOC_TOLERANCE, allocate, size_search
 from .sizes import dense_bytes, packed, pq_bytes, setting_bytes, weight_bytes
 from .target import layer_problem, moments, requests
 
@@ -127,6 +127,16 @@ class Pq(Pass):
                 else:
                     blocks[name] = (blocks[name][0],) + chosen[name]
         budget = cfg.max_error if (cfg.max_error > 0 and not searched) else None
+        allow = {}
+        if budget is not None and cfg.allocate and blocks:
+            chosen, report.details["allocation"] = allocate(ctx, model, blocks, cfg, budget)
+            for name in sorted(chosen):
+                if chosen[name] is None:
+                    report.skip(name, "kept float by the error allocation (its bytes are worth less than its error)")
+                    del blocks[name]
+                    continue
+                est = report.details["allocation"]["layers"][name]["estimated_rel_error"]
+                allow[name] = (chosen[name], max(budget, ALLOC_TOLERANCE * est))
         use_stats = cfg.aware or cfg.bias_correct
         info_all = {}
         runtime = {"before": weight_bytes(graph), "decoded": 0, "stored": 0}
@@ -140,7 +150,7 @@ class Pq(Pass):
         def rewrite(name, stats, graph, level) -> bool:
             layer = blocks[name][0]
             cm, per_node = moments(layer, stats, cfg) if layer.aware and use_stats else (None, {})
-            info, reason = self._rewrite(ctx, graph, name, blocks[name], cm, per_node, cfg, budget)
+            info, reason = self._rewrite(ctx, graph, name, blocks[name], cm, per_node, cfg, budget, allow.get(name))
             if info is None:
                 report.skip(name, reason)
                 bar.update(1, postfix=f"{name}: float")
@@ -175,14 +185,18 @@ class Pq(Pass):
                                                     if not b[0].inner}), cfg.rounds)
         return levels + ([inner] if inner else [])
 
-    def _rewrite(self, ctx, graph, name, block, cm, per_node, cfg, budget):
+    def _rewrite(self, ctx, graph, name, block, cm, per_node, cfg, budget, allowed=None):
         """Quantize one layer and rewrite its readers: (its report entry, None), or (None, why it
         stays float). Under the error ``budget`` shorter sub-vectors are tried in turn."""
         layer, d, k = block
         t, h, fit = layer_problem(layer, cm, cfg)
         tq = time.perf_counter()
         tried, cache = [], {}
-        for d_try, k_try in (ladder(layer, d, k, cfg) if budget is not None else [(d, k)]):
+        settings = ladder(layer, d, k, cfg) if budget is not None else [(d, k)]
+        if allowed is not None:  # the allocation's setting first, then the more costly ones
+            start, budget = allowed
+            settings = settings[settings.index(start):] if start in settings else settings
+        for d_try, k_try in settings:
             rng = np.random.default_rng([ctx.seed, zlib.crc32(name.encode())])
             with deterministic():   # timed as "fit" by the refit loop
                 cb, codes, t_hat = quantize(t, d_try, k_try, h if cfg.aware else None, cfg, rng, cfg.dtype, cache)

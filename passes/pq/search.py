@@ -1,8 +1,14 @@
-"""The size budget (``--target-size``): one (d, K) setting per layer, or dense.
+"""One (d, K) setting per layer, or dense: under a size budget, or under the error budget.
 
-Each layer gets candidate settings s with their relative output error e(s) (measured with a quick
-quantization on the reference statistics) and serialized bytes b(s); a Lagrangian relaxation
-picks per layer argmin_s e(s) + λ·b(s), bisecting λ until the model's bytes meet the goal.
+Size budget (``--target-size``): each layer gets candidate settings s with their relative output
+error e(s) (measured with a quick quantization on the reference statistics) and serialized bytes
+b(s); a Lagrangian relaxation picks per layer argmin_s e(s) + λ·b(s), bisecting λ until the
+model's bytes meet the goal.
+
+Error allocation (``allocate``, the default under ``pq.max_error``): the same quick errors and
+bytes over each layer's ladder, each error scaled by the layer's measured gain on the model's
+outputs (``output_error``), and the fewest bytes whose predicted output error is within the
+model's budget (``knapsack``).
 """
 
 from __future__ import annotations
@@ -80,3 +86,131 @@ def lagrangian(options: dict, fixed: int, goal):
             else:
                 lo = mid
     return choice, size
+
+
+# ----------------------------------------------------------------------------- the error budget's allocation
+def output_error(ref: list, outs: list) -> float:
+    """The model's output error of ``outs`` against ``ref`` (per-feed output dicts): over the
+    float outputs, the largest of the mean per-sample relative squared error, a quarter of the
+    worst sample's (a sample: axis 0 of an output of rank ≥ 2, else the feed), and a quarter of
+    the squared largest absolute error over the output's range (the validation's range error: a
+    few values far off, such as the quiet bins of a log spectrum, count)."""
+    worst = 0.0
+    for name in ref[0]:
+        per, big, lo, hi = [], 0.0, np.inf, -np.inf
+        for r, o in zip(ref, outs):
+            a, b = np.asarray(r[name]), np.asarray(o[name])
+            if not np.issubdtype(a.dtype, np.floating) or a.shape != b.shape or a.size == 0:
+                continue
+            a = a.astype(np.float64).reshape(len(a) if a.ndim >= 2 else 1, -1)
+            b = b.astype(np.float64).reshape(a.shape)
+            ok = np.isfinite(a) & np.isfinite(b)
+            a, b = np.where(ok, a, 0.0), np.where(ok, b, 0.0)
+            num, den = ((a - b) ** 2).sum(1), (a ** 2).sum(1)
+            per.append(num / np.maximum(den, 1e-30))
+            if ok.any():
+                big = max(big, float(np.abs(a - b)[ok].max()))
+                lo, hi = min(lo, float(a[ok].min())), max(hi, float(a[ok].max()))
+        if not per:
+            continue
+        e = np.concatenate(per)
+        worst = max(worst, float(e.mean()), float(e.max()) / 4)
+        if hi > lo:
+            worst = max(worst, (big / (hi - lo)) ** 2 / 4)
+    return worst
+
+
+def _decoded(layer, t_hat) -> np.ndarray:
+    """The weight tensor T̂ stands for, in the weight's storage shape and dtype."""
+    w = t_hat.T if layer.rows_of == "transpose" else t_hat
+    return np.ascontiguousarray(w.reshape(layer.shape)).astype(layer.weight.values.dtype)
+
+
+def allocate(ctx, model, blocks: dict, cfg, budget: float):
+    """The error budget spent across layers (a knapsack): per layer the settings of its ladder,
+    each with its relative output error e(s) (a quick quantization on the reference statistics)
+    and serialized bytes b(s), and the layer's gain g on the model's outputs, measured by one run
+    over (up to ``GAIN_SAMPLES`` of) the calibration data with that layer alone at its cheapest
+    setting: g = ``output_error`` / e(cheapest). Per layer the setting (or dense) minimising Σ b
+    subject to Σ g·e ≤ the larger of ``pq.output_error`` and what the per-layer rule's choice
+    (the fewest bytes within ``budget``) predicts, so that choice is always feasible.
+    ``blocks``: {name: (layer, d, K)}; layers without statistics are left out (they keep the
+    per-layer rule). Returns ({name: (d, K) or None (dense)}, report)."""
+    from ...graph import export_model, import_graph
+    from ...validate import model_outputs
+    from .layer import ladder, subgraph_nodes
+    from .quantize import budget_error
+    quick = quick_config(cfg)
+    # layers without statistics (weight space: tables, If/Loop/Scan bodies the calibration data
+    # may never run) keep the per-layer rule: a gain measured as 0 would spend their error freely
+    blocks = {n: b for n, b in blocks.items() if b[0].aware and (cfg.aware or cfg.bias_correct)}
+    if not blocks:
+        return {}, {}
+    stats = gather(ctx, [b[0] for b in blocks.values()], quick, ctx.reference)
+    data = ctx.require_data()
+    if data.units() > GAIN_SAMPLES:
+        data = data.subset(0, GAIN_SAMPLES)
+    with ctx.timed("search"):
+        ref, _ = model_outputs(ctx.reference, data)
+    scratch = import_graph(model)
+    consts = scratch.tensors()
+    options, gains = {}, {}
+    bar = ctx.bar(total=len(blocks), desc="pq error allocation")
+    for name, (layer, d, k) in sorted(blocks.items()):
+        bar.update(0, postfix=name)
+        t, h, _ = layer_problem(layer, stats.get(name), quick)
+        opts, cheapest = [], None
+        for d_s, k_s in ladder(layer, d, k, cfg):
+            rng = np.random.default_rng([ctx.seed, zlib.crc32(name.encode())])
+            with ctx.timed("search"), deterministic():
+                _, _, t_hat = quantize(t, d_s, k_s, h if cfg.aware else None, quick, rng, cfg.dtype)
+            opts.append(((d_s, k_s), budget_error(t, t_hat, h), setting_bytes(layer, d_s, k_s, cfg)))
+            cheapest = t_hat if cheapest is None else cheapest
+        const = consts[layer.weight.name]
+        keep = const.values
+        const.values = _decoded(layer, cheapest)
+        with ctx.timed("search"):
+            outs, _ = model_outputs(export_model(scratch, like=model), data, like=ctx.reference)
+        const.values = keep
+        gains[name] = output_error(ref, outs) / max(opts[0][1], 1e-12)
+        options[name] = [(None, 0.0, dense_bytes(layer))] + opts
+        bar.update(1)
+    bar.close()
+    rule = 0.0   # the per-layer rule's predicted output error
+    for name, opts in options.items():
+        ok = [o for o in opts[1:] if o[1] <= budget]
+        rule += gains[name] * (min(ok, key=lambda o: o[2])[1] if ok else 0.0)
+    limit = max(rule, cfg.output_error)
+    choice, err = knapsack({n: [(s, b, gains[n] * e) for s, e, b in o] for n, o in options.items()}, limit)
+    report = {"limit": round(limit, 6), "predicted": round(err, 6), "samples": data.units(),
+              "layers": {n: {"gain": round(gains[n], 4), "choice": list(c[0]) if c[0] else "dense",
+                             "estimated_rel_error": round(next(e for s, e, b in options[n] if s == c[0]), 6)}
+                         for n, c in sorted(choice.items())}}
+    return {n: c[0] for n, c in choice.items()}, report
+
+
+GAIN_SAMPLES = 64       # the gains are measured on at most this many calibration samples (units)
+
+
+def knapsack(options: dict, limit: float):
+    """({name: (setting, bytes, error)}, total error): per name one option, Σ error ≤ ``limit``
+    with few bytes (each name has an option of error 0: the layer kept dense, so the limit can
+    always be met): the Lagrangian choice (bytes + μ·error, μ bisected), then, largest saving
+    first, each layer moved to a cheaper option while the total stays within the limit (the
+    Lagrangian misses points off the convex hull)."""
+    choice, err = lagrangian(options, 0, limit)
+    while True:
+        best = None
+        for n, opts in options.items():
+            cur = choice[n]
+            for o in opts:
+                if o[1] < cur[1] and err - cur[2] + o[2] <= limit:
+                    gain = cur[1] - o[1]
+                    if best is None or gain > best[0]:
+                        best = (gain, n, o)
+        if best is None:
+            return choice, err
+        _, n, o = best
+        err += o[2] - choice[n][2]
+        choice[n] = o
+ALLOC_TOLERANCE = 2.0   # a layer's full quantization may err this many times its allocated estimate

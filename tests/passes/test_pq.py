@@ -103,7 +103,8 @@ def test_decode_subgraph_reproduces_the_codebook_weight_exactly(centroids):
 
 def test_enough_centroids_leave_the_model_unchanged():
     model = _net(distinct=12)
-    res = _shrink(model, _calib(), codebook_dtype="fp32", centroids=16, min_bytes=0)
+    # output_error=0: the allocation spends no more than the per-layer rule's exact settings
+    res = _shrink(model, _calib(), codebook_dtype="fp32", centroids=16, min_bytes=0, output_error=0)
     rep = res.report["passes"][0]
     assert len(rep["changed"]) == 5
     assert all(info["centroids"] <= 12 for info in rep["layers"].values())
@@ -422,7 +423,9 @@ def test_a_layer_over_the_error_budget_gets_shorter_subvectors_or_stays_float():
     errs = {n: i["rel_output_error"] for n, i in free.report["passes"][0]["layers"].items()}
     assert all(i["block"] == 4 for i in free.report["passes"][0]["layers"].values())
     budget = 0.5 * min(errs.values())  # every layer is over it at the default d = 4
-    tight = shrink(model, ["pq"], calibration=calib, force=True, options={"pq": dict(FAST, max_error=budget)})
+    # the per-layer rule alone (pq.allocate=false; the allocation across layers: its own tests)
+    tight = shrink(model, ["pq"], calibration=calib, force=True,
+                   options={"pq": dict(FAST, max_error=budget, allocate=False)})
     rep = tight.report["passes"][0]
     for name, info in rep["layers"].items():
         # settings are tried fewest bytes first; the kept one is the first within the budget
@@ -430,7 +433,8 @@ def test_a_layer_over_the_error_budget_gets_shorter_subvectors_or_stays_float():
         tried = info.get("tried", [])
         assert all(t["rel_error"] > budget for t in tried[:-1]) and (not tried or tried[-1]["rel_error"] <= budget)
     # an impossible budget: every layer stays float, each with the settings it tried
-    none = shrink(model, ["pq"], calibration=calib, force=True, options={"pq": dict(FAST, max_error=1e-12)})
+    none = shrink(model, ["pq"], calibration=calib, force=True,
+                  options={"pq": dict(FAST, max_error=1e-12, allocate=False)})
     rep = none.report["passes"][0]
     assert rep["changed"] == []
     reasons = [s["reason"] for s in rep["skipped"]]
@@ -461,7 +465,8 @@ def test_a_planted_sensitive_layer_gets_a_finer_setting_while_the_others_keep_th
         else:
             new = (np.sign(w) * 0.05).astype(np.float32)
         t.CopyFrom(numpy_helper.from_array(new, t.name))
-    res = shrink(model, ["pq"], calibration=_mlp_calib(), force=True, options={"pq": dict(FAST, max_error=3e-4)})
+    res = shrink(model, ["pq"], calibration=_mlp_calib(), force=True,
+                 options={"pq": dict(FAST, max_error=3e-4, allocate=False)})   # the per-layer rule alone
     rep = res.report["passes"][0]
     layers = rep["layers"]
     kept = {s["node"]: s["reason"] for s in rep["skipped"] if "kept float" in s["reason"]}
@@ -607,3 +612,54 @@ def test_the_budget_counts_the_error_of_weak_outputs():
     dead = np.array([[1.0, 0.0], [0.0, 1e-3]])
     off = dead * np.array([[1.0], [2.0]])
     assert budget_error(dead, off, h) == pytest.approx(weighted_error(dead, off, h))
+
+
+# ----------------------------------------------------------------------------- the error allocation
+def test_knapsack_meets_the_limit_and_finds_points_the_lagrangian_misses():
+    import itertools
+
+    from onnxshrink.passes.pq.search import knapsack, lagrangian
+    # (setting, bytes, error): the one feasible cheap mix (a: 8, b: 30 -> error 0.9) lies off
+    # the convex hull the Lagrangian choice can reach
+    options = {"a": [("a0", 100, 0.0), ("a1", 8, 0.5)], "b": [("b0", 50, 0.0), ("b1", 30, 0.4), ("b2", 5, 0.95)]}
+    best = min((sum(c[1] for c in combo), combo) for combo in itertools.product(*options.values())
+               if sum(c[2] for c in combo) <= 1.0)[1]
+    choice, err = knapsack(options, 1.0)
+    assert err <= 1.0 and [choice[n] for n in options] == list(best)
+    lag, _ = lagrangian(options, 0, 1.0)
+    assert sum(c[1] for c in choice.values()) <= sum(c[1] for c in lag.values())
+    rng = np.random.default_rng(0)
+    for _ in range(20):   # random instances: always within the limit, never more bytes than the Lagrangian
+        # as the allocation gives it: each name has a zero-error option (the layer kept dense)
+        opts = {i: [(j, int(b), float(e)) for j, (b, e) in
+                    enumerate(zip(sorted(rng.integers(1, 100, 4))[::-1], [0.0] + sorted(rng.random(3))))]
+                for i in range(4)}
+        limit = float(rng.random() * 2)
+        choice, err = knapsack(opts, limit)
+        assert err <= limit + 1e-12 and abs(err - sum(c[2] for c in choice.values())) < 1e-9
+        lag, lag_err = lagrangian(opts, 0, limit)
+        if lag_err <= limit:
+            assert sum(c[1] for c in choice.values()) <= sum(c[1] for c in lag.values())
+
+
+def test_the_allocation_spends_the_output_budget_on_the_layers_that_save_bytes():
+    model, calib = _wide_mlp(), _mlp_calib()
+    opts = dict(FAST, max_error=3e-4)
+    rule = shrink(model, ["pq"], calibration=calib, force=True, options={"pq": dict(opts, allocate=False)})
+    same = shrink(model, ["pq"], calibration=calib, force=True, options={"pq": dict(opts, output_error=0)})
+    spent = shrink(model, ["pq"], calibration=calib, force=True, options={"pq": opts})
+    alloc = spent.report["passes"][0]["allocation"]
+    assert alloc["predicted"] <= alloc["limit"] and alloc["limit"] >= 2e-3
+    assert set(alloc["layers"]) == {"gemm_3", "matmul_6", "gemm_10"}
+    assert all(a["gain"] > 0 for a in alloc["layers"].values())
+    for name, info in spent.report["passes"][0]["layers"].items():
+        assert [info["block"], info["centroids"]] == alloc["layers"][name]["choice"] or "tried" in info
+    size = lambda r: r.report["after"]["bytes"]  # noqa: E731
+    # output_error=0: the per-layer rule's predicted error is the limit: never more bytes than it
+    assert size(same) <= size(rule)
+    assert size(spent) < 0.8 * size(rule), (size(spent), size(rule))
+    # the model's output error on held-out data stays near the budget it was given
+    x = _mlp_calib(128, seed=9)
+    ref = run(model, x)[0]
+    rel = float(np.sum((run(spent.model, x)[0] - ref) ** 2) / np.sum(ref ** 2))
+    assert rel <= 4 * 2e-3, rel
