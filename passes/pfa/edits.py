@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from ...layers import WeightLayer, explicit_pads
+from ...layers import LAYER_OPS, WeightLayer, explicit_pads, not_shared
 from ...registry import Skip
 
 SLICE_ONLY = ("ConvTranspose",)   # consumers whose input channels are sliced but not refit (no LayerStats)
@@ -36,6 +36,32 @@ def refit_reason(node: gs.Node, graph: gs.Graph | None = None) -> str | None:
     """Why ``node`` cannot be refit (e.g. a Conv with auto_pad), or None when it can."""
     layer = WeightLayer.of(node, graph, *REFIT_CHECKS)
     return layer.reason if isinstance(layer, Skip) else None
+
+
+def downstream_layers(graph: gs.Graph, names, depth: int) -> list:
+    """The weight layers within ``depth`` weight layers downstream of the nodes ``names`` (the refit
+    consumers) that can be refit on their own (``REFIT_CHECKS``, weight not shared), not in ``names``.
+    Their inputs change with the consumers' refits, so a refit toward the reference network's output
+    corrects part of the error that reaches them (sequential reconstruction one layer further)."""
+    names = set(names)
+    nodes = [n for n in graph.nodes if n.name in names]
+    seen, found = {}, []
+    todo = [(n, 0) for n in nodes]
+    while todo:
+        node, d = todo.pop()
+        for t in node.outputs:
+            for user in t.outputs:
+                du = d + 1 if user.op in LAYER_OPS else d
+                if du > depth or seen.get(user.name, depth + 1) <= du:
+                    continue
+                seen[user.name] = du
+                if user.op in LAYER_OPS and user.op not in SLICE_ONLY and user.name not in names \
+                        and user.name not in found:
+                    layer = WeightLayer.of(user, graph, *REFIT_CHECKS, not_shared)
+                    if not isinstance(layer, Skip):
+                        found.append(user.name)
+                todo.append((user, du))
+    return sorted(found)
 
 
 def consumer_blocks(an, consumer: str, node: gs.Node) -> dict:

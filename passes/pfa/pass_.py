@@ -47,6 +47,8 @@ class PfaConfig:
     positions: int = 32           # conv refits: sampled output positions per sample
     residual_targets: bool = True  # a layer feeding a residual Add is fit to the reference sum
     prior: bool = True            # ridge toward the layer's own sliced weights (False: toward zero)
+    refit_depth: int = 0          # also refit the weight layers up to this many layers after the consumers
+                                  # (0: the consumers only), toward the reference network's outputs
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -59,6 +61,8 @@ class PfaConfig:
             raise ValueError(f"pfa.allocation must be one of {', '.join(ALLOCATIONS)}, got '{self.allocation}'")
         if self.channel_multiple < 1:
             raise ValueError(f"pfa.channel_multiple must be >= 1, got {self.channel_multiple}")
+        if self.refit_depth < 0:
+            raise ValueError(f"pfa.refit_depth must be >= 0, got {self.refit_depth}")
         if self.positions < 1:
             raise ValueError(f"pfa.positions must be >= 1, got {self.positions}")
 

@@ -7,18 +7,24 @@ pruned network's own inputs x̃ (``refit.refit_levels``), to the reference netwo
 relative to the mean diagonal of Cov(x̃) and chosen per layer on held-out calibration batches
 (``stats.SplitStats``, ``lstsq.choose_ridge``). A layer whose output goes only into a residual Add is
 fit to what it must add to the pruned skip tensor to give the reference sum (``stats.ResidualStats``,
-``edits.residual_target``); a MatMul's bias goes into its bias Add (``WeightLayer.add_bias``)."""
+``edits.residual_target``); a MatMul's bias goes into its bias Add (``WeightLayer.add_bias``).
+
+The consumers' outputs still differ from the reference network's, and so do the inputs of the
+layers they feed: with ``refit_depth`` d > 0 the weight layers within d weight layers downstream of
+the consumers are refit the same way (``edits.downstream_layers``), each absorbing what it can of
+the error that reaches it (their ridge, toward their own weights, is chosen on held-out batches
+like the consumers', so a refit that does not generalise leaves a layer near its weights)."""
 
 from __future__ import annotations
 
 from dataclasses import fields
 
-from ...graph import node_by_name
+from ...graph import import_graph, node_by_name
 from ...layers import WeightLayer
 from ...lstsq import RIDGES, choose_ridge, fit_error, ridge_solve
 from ...refit import refit_levels
 from ...stats import CrossMoments, LayerStats, ResidualStats, SplitStats
-from .edits import residual_target
+from .edits import downstream_layers, residual_target
 from .statistics import positions_for
 
 
@@ -26,6 +32,8 @@ def sequential_refit(pruned, an, keep, consumers, cfg, ctx):
     """Refit ``consumers`` of the pruned channels of ``pruned`` (``keep``: {group: kept channels} of the
     analysis ``an``). Returns (model, {layer: relative error}, {layer: chosen ridge})."""
     errors, ridges, residual = {}, {}, set()
+    if cfg.refit_depth > 0:   # the layers the consumers feed, toward the reference network's output too
+        consumers = set(consumers) | set(downstream_layers(import_graph(pruned), consumers, cfg.refit_depth))
     batches = ctx.calibration_batches()   # one batch (a few samples): SplitStats splits its samples
 
     def requests(name, graph):

@@ -253,6 +253,8 @@ def test_options_are_validated(tiny_cnn):
         shrink(tiny_cnn, ["pfa"], calibration=x, options={"pfa": {"energy": 1.5}})
     with pytest.raises(UsageError):
         shrink(tiny_cnn, ["pfa"], calibration=x, options={"pfa": {"mode": "budget"}})
+    with pytest.raises(UsageError):
+        shrink(tiny_cnn, ["pfa"], calibration=x, options={"pfa": {"refit_depth": -1}})
 
 
 def _run(name, **kw):
@@ -567,3 +569,44 @@ def test_ffn_units_are_judged_by_their_share_of_the_block_output():
                  options={"pfa": {"channel_multiple": 1}}, tolerances=Tolerances(min_cosine=None))
     kept = [r["kept"] for r in res.report["passes"][0]["recipe"] if r["channels"] == 16]
     assert len(kept) == 2 and kept[0] < kept[1], res.report["passes"][0]["recipe"]
+
+
+def test_refit_depth_refits_the_layers_after_the_consumers_and_lowers_the_output_error():
+    """Only the first Conv's channels can go (the other two groups reach graph outputs); its
+    consumer b is refit, and with ``refit_depth=1`` so is c, which reads b's (still imperfect)
+    output: c's refit toward the reference pre-activation leaves less error at y on new data.
+
+        x ─ Conv a(3→16) ─ Relu ─ Conv b(16→16) ─┬─ mid
+                                                  └─ Relu ─ Conv c(16→6) ─ y
+    """
+    from graphs import GraphBuilder, run
+    from onnxshrink.graph import import_graph
+    from onnxshrink.passes.pfa.edits import downstream_layers
+    b = GraphBuilder(7)
+    x = b.input("x", ["N", 3, 8, 8])
+    a = b.relu(b.conv(x, 3, 16))
+    mid = b.conv(a, 16, 16, out="mid")
+    b.conv(b.relu(mid), 16, 6, out="y")
+    b.output("mid")
+    b.output("y")
+    m = b.model()
+    graph = import_graph(m)
+    convs = [n.name for n in graph.nodes if n.op == "Conv"]
+    assert downstream_layers(graph, [convs[1]], 0) == []
+    assert downstream_layers(graph, [convs[1]], 1) == [convs[2]]
+    assert downstream_layers(graph, [convs[0]], 1) == [convs[1]]
+    assert downstream_layers(graph, [convs[0]], 2) == sorted(convs[1:])
+    rng = np.random.default_rng(3)
+    calib, new = (rng.standard_normal((n, 3, 8, 8)).astype(np.float32) for n in (256, 128))
+    want = run(m, {"x": new})[1]
+    errors = {}
+    for depth in (0, 1):
+        res = shrink(m, ["pfa"], calibration=calib, target_flops=0.75, quiet=True, force=True,
+                     options={"pfa": {"channel_multiple": 1, "refit_depth": depth}},
+                     tolerances=Tolerances(min_cosine=None))
+        rep = res.report["passes"][0]
+        assert sorted(rep["refit_errors"]) == sorted(convs[1:2 + depth]), rep["refit_errors"]
+        assert rep["recipe"][0]["kept"] < 16, rep["recipe"]
+        got = run(res.model, {"x": new})[1]
+        errors[depth] = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+    assert errors[1] < errors[0], errors
