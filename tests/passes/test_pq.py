@@ -653,7 +653,8 @@ def test_the_allocation_spends_the_output_budget_on_the_layers_that_save_bytes()
     assert set(alloc["layers"]) == {"gemm_3", "matmul_6", "gemm_10"}
     assert all(a["gain"] > 0 for a in alloc["layers"].values())
     for name, info in spent.report["passes"][0]["layers"].items():
-        assert [info["block"], info["centroids"]] == alloc["layers"][name]["choice"] or "tried" in info
+        d, k = alloc["layers"][name]["choice"]   # unused centroids are dropped: at most k remain
+        assert (info["block"] == d and 0.9 * k <= info["centroids"] <= k) or "tried" in info
     size = lambda r: r.report["after"]["bytes"]  # noqa: E731
     # output_error=0: the per-layer rule's predicted error is the limit: never more bytes than it
     assert size(same) <= size(rule)
