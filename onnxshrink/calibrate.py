@@ -909,14 +909,11 @@ def collect(data: DataSource, requests, model_x: onnx.ModelProto, model_y: onnx.
             batch_size: int = 64, progress=None, seed: int = 0) -> dict:
     """Run the data once and return {request.key: accumulator}.
 
-    ``x`` tensors are read from ``model_x``, ``y`` tensors from ``model_y`` (default: model_x;
-    the same model given twice runs once).
+    ``x`` tensors are read from ``model_x``, ``y`` tensors from ``model_y`` (default: model_x).
     """
     requests = list(requests)
     if not requests:
         return {}
-    if model_y is model_x:
-        model_y = None
     xs = sorted({t for r in requests for t in r.tensors()["x"]})
     ys = sorted({t for r in requests for t in r.tensors()["y"]})
     run_x = _Runner(model_x, xs if model_y is not None else sorted(set(xs) | set(ys)))

@@ -208,24 +208,3 @@ def test_upstream_of_runs_only_what_the_tensors_need(rng):
     acc = collect(DataSource({"x": feed["x"]}), [RowSample("k", "h", "r", 100, 100)], model)
     x_rows, y_rows = RowSample.rows(acc["k"])
     np.testing.assert_array_equal(y_rows, np.maximum(x_rows, 0))
-
-
-def test_collect_runs_a_model_given_twice_once(monkeypatch, rng):
-    """x and y from the same model object (a refit level before anything changed): one session,
-    the same statistics as with the model given once."""
-    from onnxshrink import calibrate
-    from onnxshrink.calibrate import DataSource, collect
-    from onnxshrink.stats import LayerStats
-
-    model = conv_bn_net()
-    names = [n.output[0] for n in model.graph.node]
-    req = LayerStats("k", names[1], names[3])
-    data = DataSource({"input": rng.standard_normal((6, 3, 8, 8)).astype(np.float32)})
-    made = []
-    real = calibrate.session
-    monkeypatch.setattr(calibrate, "session", lambda m, *a, **k: made.append(m) or real(m, *a, **k))
-    twice = collect(data, [req], model, model)["k"]
-    assert len(made) == 1
-    once = collect(data, [req], model)["k"]
-    for a, b in zip(twice.moments(), once.moments()):
-        np.testing.assert_array_equal(a, b)
