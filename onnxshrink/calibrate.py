@@ -894,7 +894,7 @@ class _Runner:
         inputs = {i[0] for i in model_inputs(model)}
         self.from_feed = [n for n in names if n in inputs]
         wanted = [n for n in names if n not in inputs]
-        self.sess = session(upstream_of(model, wanted)) if wanted or not self.from_feed else None
+        self.sess = session(upstream_of(model, wanted)) if wanted else None
         self.wanted = wanted
 
     def __call__(self, feed):
