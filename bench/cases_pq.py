@@ -1,7 +1,7 @@
 """pq bench: product-quantized codebooks against ONNX Runtime's own weight quantizers.
 
-Rows: pq with activation-aware assignment (default, per-layer output-error budget
-``pq.max_error``), without the budget (``pq.max_error=0``), and with plain k-means (``pq.aware=false``)
+Rows: pq with activation-aware assignment (default: the output-error budget spent across layers
+by their measured gains, ``pq.allocate``/``pq.output_error``, over the per-layer ``pq.max_error``), without the budget (``pq.max_error=0``), and with plain k-means (``pq.aware=false``)
 on the four reference models; K = 16 centroids stored as packed 4-bit codes on the MLP (d = 4:
 half the bytes of the default; d = 2: the default's bytes, 2 bits a weight either way); a size
 budget (``--target-size``); the chained
