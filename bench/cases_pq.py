@@ -1,7 +1,8 @@
 """pq bench: product-quantized codebooks against ONNX Runtime's own weight quantizers.
 
 Rows: pq with activation-aware assignment (default, per-layer output-error budget
-``pq.max_error``), without the budget (``pq.max_error=0``), and with plain k-means (``pq.aware=false``)
+``pq.max_error``), with that budget spent across layers by their measured gains (``pq.allocate=true``,
+``pq.output_error``), without the budget (``pq.max_error=0``), and with plain k-means (``pq.aware=false``)
 on the four reference models; K = 16 centroids stored as packed 4-bit codes on the MLP (d = 4:
 half the bytes of the default; d = 2: the default's bytes, 2 bits a weight either way); a size
 budget (``--target-size``); the chained
@@ -33,11 +34,13 @@ from models import digits
 
 CASES = [
     Case("mlp", ["pq"], label="pq (aware)"),
+    Case("mlp", ["pq"], label="pq error allocation", options={"pq": {"allocate": True}}),
     Case("mlp", ["pq"], label="pq no error budget", options={"pq": {"max_error": 0}}),
     Case("mlp", ["pq"], label="pq plain k-means", options={"pq": {"aware": False}}),
     Case("mlp", ["pq"], label="pq K=16 4-bit codes", options={"pq": {"centroids": 16}}),
     Case("mlp", ["pq"], label="pq K=16 d=2 4-bit codes", options={"pq": {"centroids": 16, "block": 2}}),
     Case("cnn_plain", ["pq"], label="pq (aware)"),
+    Case("cnn_plain", ["pq"], label="pq error allocation", options={"pq": {"allocate": True}}),
     Case("cnn_plain", ["pq"], label="pq no error budget", options={"pq": {"max_error": 0}}),
     Case("cnn_plain", ["pq"], label="pq plain k-means", options={"pq": {"aware": False}}),
     Case("cnn_plain", ["pq"], label="pq target-size 0.05", target_bytes=0.05),
@@ -49,6 +52,8 @@ CASES = [
 ACCEPTANCE = {  # (model, label) -> (min bytes ratio original/new, max pp lost)
     ("mlp", "pq (aware)"): (8.0, 1.0),
     ("cnn_plain", "pq (aware)"): (8.0, 1.0),
+    ("mlp", "pq error allocation"): (8.0, 1.0),
+    ("cnn_plain", "pq error allocation"): (8.0, 1.0),
     ("cnn_plain", "pfa,basisconv,pq flops 0.4"): (10.0, 1.5),
 }
 

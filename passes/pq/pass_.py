@@ -187,7 +187,9 @@ class Pq(Pass):
 
     def _rewrite(self, ctx, graph, name, block, cm, per_node, cfg, budget, allowed=None):
         """Quantize one layer and rewrite its readers: (its report entry, None), or (None, why it
-        stays float). Under the error ``budget`` shorter sub-vectors are tried in turn."""
+        stays float). Under the error ``budget`` shorter sub-vectors are tried in turn; ``allowed``:
+        ((d, K) the error allocation chose, the error allowed there), the ladder then starts at that
+        setting and the allowed error replaces ``budget``."""
         layer, d, k = block
         t, h, fit = layer_problem(layer, cm, cfg)
         tq = time.perf_counter()

@@ -5,7 +5,7 @@ error e(s) (measured with a quick quantization on the reference statistics) and 
 b(s); a Lagrangian relaxation picks per layer argmin_s e(s) + λ·b(s), bisecting λ until the
 model's bytes meet the goal.
 
-Error allocation (``allocate``, the default under ``pq.max_error``): the same quick errors and
+Error allocation (``allocate``, ``pq.allocate=true``, under ``pq.max_error``): the same quick errors and
 bytes over each layer's ladder, each error scaled by the layer's measured gain on the model's
 outputs (``output_error``), and the fewest bytes whose predicted output error is within the
 model's budget (``knapsack``).

@@ -644,7 +644,7 @@ def test_knapsack_meets_the_limit_and_finds_points_the_lagrangian_misses():
 
 def test_the_allocation_spends_the_output_budget_on_the_layers_that_save_bytes():
     model, calib = _wide_mlp(), _mlp_calib()
-    opts = dict(FAST, max_error=3e-4)
+    opts = dict(FAST, max_error=3e-4, allocate=True)
     rule = shrink(model, ["pq"], calibration=calib, force=True, options={"pq": dict(opts, allocate=False)})
     same = shrink(model, ["pq"], calibration=calib, force=True, options={"pq": dict(opts, output_error=0)})
     spent = shrink(model, ["pq"], calibration=calib, force=True, options={"pq": opts})
