@@ -820,12 +820,56 @@ def with_outputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
     return m
 
 
+def _subgraph_reads(graph: onnx.GraphProto) -> set:
+    """Every tensor name a (sub)graph's nodes read, nested subgraphs included (a superset of what
+    it takes from the enclosing scope)."""
+    out = set()
+    for n in graph.node:
+        out.update(n.input)
+        for a in n.attribute:
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                out |= _subgraph_reads(g)
+    return out
+
+
+def upto(model: onnx.ModelProto, names) -> onnx.ModelProto:
+    """``with_outputs(model, names)`` with only ``names`` as outputs and only the nodes (and
+    initializers) they are computed from: ONNX Runtime runs every node of a graph whatever the
+    outputs asked, so a run for early tensors would pay for the whole network. Graph inputs all
+    stay (feeds give them); the values are those of the whole model (the same nodes run)."""
+    m = with_outputs(model, names)
+    wanted = set(names)
+    need, keep = set(wanted), []
+    for n in reversed(m.graph.node):
+        if any(o in need for o in n.output):
+            keep.append(n)
+            need.update(n.input)
+            for a in n.attribute:
+                for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    need |= _subgraph_reads(g)
+    if len(keep) == len(m.graph.node):
+        return m
+    inputs = {i.name for i in m.graph.input}
+    nodes = list(reversed(keep))
+    outs = [o for o in m.graph.output if o.name in wanted]
+    inits = [t for t in m.graph.initializer if t.name in need or t.name in inputs]
+    infos = [v for v in m.graph.value_info if v.name in need]
+    g = m.graph
+    del g.node[:], g.output[:], g.initializer[:], g.value_info[:]
+    g.node.extend(nodes)
+    g.output.extend(outs)
+    g.initializer.extend(inits)
+    g.value_info.extend(infos)
+    return m
+
+
 class _Runner:
     def __init__(self, model, names):
         inputs = {i[0] for i in model_inputs(model)}
         self.from_feed = [n for n in names if n in inputs]
         wanted = [n for n in names if n not in inputs]
-        self.sess = session(with_outputs(model, wanted)) if wanted or not self.from_feed else None
+        self.sess = session(upto(model, wanted)) if wanted else \
+            (session(with_outputs(model, wanted)) if not self.from_feed else None)
         self.wanted = wanted
 
     def __call__(self, feed):
