@@ -18,10 +18,10 @@ same batch); other inputs (scalars, a recurrent state ``[2, B, 128]``) pass thro
 never split, stacked or merged. Batches are consecutive feeds of equal shapes merged up to
 ``batch_size`` samples; statistics accumulate batch by batch.
 
-``collect`` runs a model once over the data with the requested tensors exposed as extra outputs
-and updates each request's accumulator batch by batch; with a second model (``model_y``) the same
-batches also run through it, so a request can pair inputs from the rewritten network with targets
-from the original one.
+``collect`` runs a model once over the data with the requested tensors exposed as outputs (only
+the nodes they are computed from: ``upstream_of``) and updates each request's accumulator batch
+by batch; with a second model (``model_y``) the same batches also run through it, so a request
+can pair inputs from the rewritten network with targets from the original one.
 """
 
 from __future__ import annotations

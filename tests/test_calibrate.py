@@ -208,3 +208,22 @@ def test_upstream_of_runs_only_what_the_tensors_need(rng):
     acc = collect(DataSource({"x": feed["x"]}), [RowSample("k", "h", "r", 100, 100)], model)
     x_rows, y_rows = RowSample.rows(acc["k"])
     np.testing.assert_array_equal(y_rows, np.maximum(x_rows, 0))
+
+
+def test_runs_compute_only_what_the_requested_tensors_need(model, x):
+    """A run for an early tensor keeps only the nodes it is computed from (ONNX Runtime would run
+    the whole graph), every graph input stays, and the values are those of the whole model."""
+    from onnxshrink.calibrate import session, upstream_of, with_outputs
+    early = model.graph.node[0].output[0]
+    small = upstream_of(model, [early])
+    assert [o.name for o in small.graph.output] == [early]
+    assert len(small.graph.node) == 1 < len(model.graph.node)
+    assert [i.name for i in small.graph.input] == [i.name for i in model.graph.input]
+    kept = {t.name for t in small.graph.initializer}
+    assert kept == {i for i in small.graph.node[0].input if i in {t.name for t in model.graph.initializer}}
+    feed = {"input": x}
+    whole = session(with_outputs(model, [early])).run([early], feed)[0]
+    np.testing.assert_array_equal(session(small).run([early], feed)[0], whole)
+    last = model.graph.output[0].name   # the graph's own output: nothing to cut
+    assert len(upstream_of(model, [last]).graph.node) == len(model.graph.node)
+    assert len(model.graph.node) > 1 and model.graph.output[0].name == last   # the input is unchanged

@@ -244,8 +244,9 @@ class Pfa(Pass):
             ks = ks2
             keep = sel.keep(ks)
             pruned = an.prune(model, keep)
-        if cfg.channel_multiple > 1:
-            details.update(overshoot_note(ctx.cost(pruned), goals, cfg.channel_multiple))
+            real = None   # the cost of the model before this step
+        if cfg.channel_multiple > 1:   # the last count is of ``pruned`` unless the loop ran out
+            details.update(overshoot_note(ctx.cost(pruned) if real is None else real, goals, cfg.channel_multiple))
         return ks, keep, pruned
 
     @staticmethod

@@ -50,17 +50,28 @@ def collect_statistics(model, an, groups, cfg, ctx, consumers: bool, rows: dict 
                     layer[c] = wl.stats_request("pfa-sel:" + c, positions=positions_for(wl, cfg, ctx))
                     out = block_output(WeightLayer(nodes[c], graph))
                     if out is not None:
-                        streams[c] = (reqs.setdefault((out[0], "rows"), ResponseStats(out[0], "rows")), out[1])
-    accs = ctx.collect(list(reqs.values()) + list(layer.values()), desc="pfa statistics")
+                        reqs.setdefault((out[0], "rows"), ResponseStats(out[0], "rows"))
+                        streams[c] = ((out[0], "rows"), out[1])
+    # a tensor's rows that a linear consumer reads whole are in that consumer's Cov(x) already
+    # (the same rows, summed the same way): one accumulation, not two (a transformer's MLP hidden)
+    plain = {r.x_tensor: r.key for r in layer.values()
+             if r.kind == "linear" and not r.transpose_x and not r.rows_per_batch}
+    shared = {k: plain[k[0]] for k in reqs if k[1] == "rows" and k[0] in plain}
+    accs = ctx.collect([r for k, r in reqs.items() if k not in shared] + list(layer.values()),
+                       desc="pfa statistics")
+
+    def moments(k):
+        return accs[shared[k]].x if k in shared else accs[reqs[k].key]
+
     covs = {}
     for g in groups:
         c = np.zeros((g.size, g.size))
         for o in g.observations:
-            cov = accs[reqs[(o.tensor, o.reduce)].key].cov
+            cov = moments((o.tensor, o.reduce)).cov
             np.add.at(c, (o.indices[:, None], o.indices[None, :]), cov[np.ix_(o.positions, o.positions)])
         covs[g.index] = c
         if rows is not None:
-            rows[g.index] = min(accs[reqs[(o.tensor, o.reduce)].key].n for o in g.observations)
+            rows[g.index] = min(moments((o.tensor, o.reduce)).n for o in g.observations)
     problems = {g.index: [] for g in groups}
     for c, req in layer.items():
         cm = accs[req.key]
@@ -68,10 +79,10 @@ def collect_statistics(model, an, groups, cfg, ctx, consumers: bool, rows: dict 
         var = float(np.sum(cm.yy / max(cm.n, 1) - my ** 2))
         own = None
         if c in streams:   # judged in the block's output: λ ⊙ y, relative to the residual sum
-            req, scale = streams[c]
+            k, scale = streams[c]
             cxy = cxy * scale[None, :]
             own = float(np.sum((cm.yy / max(cm.n, 1) - my ** 2) * scale ** 2))
-            var = float(np.trace(accs[req.key].cov))
+            var = float(np.trace(moments(k).cov))
         for gi, blocks in consumer_blocks(an, c, nodes[c]).items():
             if gi in problems:
                 problems[gi].append(Problem(cxx, cxy, var, blocks, rows=cm.n, own=own))

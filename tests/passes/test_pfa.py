@@ -610,3 +610,38 @@ def test_refit_depth_refits_the_layers_after_the_consumers_and_lowers_the_output
         got = run(res.model, {"x": new})[1]
         errors[depth] = float(np.linalg.norm(got - want) / np.linalg.norm(want))
     assert errors[1] < errors[0], errors
+
+
+def test_statistics_take_a_linear_consumers_rows_once():
+    """A group observed on the rows its linear consumer reads whole (an MLP's hidden units) gets
+    its covariance from the consumer's Cov(x): no second accumulation of the same rows, and the
+    covariance is that of the hidden rows."""
+    from graphs import GraphBuilder
+    from onnxshrink.calibrate import collect, load_data, session, with_outputs
+    from onnxshrink.passes.pfa.statistics import collect_statistics
+    from onnxshrink.stats import ResponseStats
+    b = GraphBuilder(5)
+    x = b.input("x", ["N", 8])
+    h = b.relu(b.matmul(x, 8, 16), out="hidden")
+    b.matmul(h, 16, 4, out="y")
+    b.output("y")
+    m = b.model()
+    feeds = {"x": np.random.default_rng(1).standard_normal((50, 8)).astype(np.float32)}
+    data = load_data(feeds, m)
+    an = analyze(m)
+    groups, _ = Pfa().eligible(m, an)
+    assert len(groups) == 1 and groups[0].size == 16
+    assert any(o.tensor == "hidden" and o.reduce == "rows" for o in groups[0].observations)
+    asked = []
+
+    class Ctx:
+        def collect(self, reqs, desc=""):
+            asked.extend(reqs)
+            return collect(data, reqs, m)
+
+    rows = {}
+    covs, problems = collect_statistics(m, an, groups, PfaConfig(), Ctx(), consumers=True, rows=rows)
+    assert not any(isinstance(r, ResponseStats) and r.tensor == "hidden" for r in asked)
+    hidden = session(with_outputs(m, ["hidden"])).run(["hidden"], feeds)[0].astype(np.float64)
+    np.testing.assert_allclose(covs[groups[0].index], np.cov(hidden, rowvar=False, bias=True), rtol=1e-6, atol=1e-9)
+    assert rows[groups[0].index] == 50 and len(problems[groups[0].index]) == 1
