@@ -9,11 +9,10 @@ block of the damped input covariance H:
 Distances are float32 products in cache-sized chunks; scalar centroids (d = 1) use a binary
 search in the sorted centroids instead of the n × k table.
 
-For sub-vectors (d > 1) both fit on a sample (64 per centroid, at least 16,384: a codebook of
-256 centroids does not need a layer's 150,000 sub-vectors to settle), stop early once at most
-0.1 % of the sampled codes change, and then assign every sub-vector once; k-means++ seeds from
-16 sampled rows per centroid. Scalar codes keep the larger samples and run until no code
-changes (their assignment is a cheap binary search, and their extremes matter).
+Both fit on a sample of the sub-vectors (64 per centroid, at least 16,384: a codebook of 256
+centroids does not need a layer's 150,000 sub-vectors to settle), stop early once at most 0.1 %
+of the sampled codes change, and then assign every sub-vector once; k-means++ seeds from 16
+sampled rows per centroid.
 """
 
 from __future__ import annotations
@@ -55,10 +54,8 @@ def _sqdist_argmin(x, c, chunk=4096):
 
 SEED_PER_CENTROID = 16     # k-means++ seeds from at most this many sampled rows per centroid
 FIT_PER_CENTROID = 64      # Lloyd steps run on at most this many sampled rows per centroid
-MIN_SAMPLE = 16384         # ... and never on fewer than this many (small codebooks)
+MIN_SAMPLE = 16384          # ... and never on fewer than this many (small codebooks)
 TOL = 1e-3                 # Lloyd stops once at most this fraction of the sampled codes changes
-SCALAR_SEED = 20000        # scalars (d = 1): k-means++ on this many sampled rows,
-SCALAR_SAMPLE = 65536      # Lloyd on this many, until no code changes
 
 
 def _kmeanspp(x, k, rng, sample=20000):
@@ -78,27 +75,16 @@ def _kmeanspp(x, k, rng, sample=20000):
     return centers
 
 
-def kmeans(x, k, iters, rng, sample=None, tol=None):
+def kmeans(x, k, iters, rng, sample=None, tol=TOL):
     """Plain k-means -> (centroids k×d, codes): k-means++ seeding on at most
-    max(``SEED_PER_CENTROID``·k, 1024) sampled rows, at most ``iters`` Lloyd steps on at most
-    ``sample`` (default max(``FIT_PER_CENTROID``·k, ``MIN_SAMPLE``)) sampled rows, stopped early
-    once at most ``tol`` (default ``TOL``) of their codes change, then one assignment of all rows.
-    Scalars (d = 1), whose assignment is a binary search, keep larger samples (seeds from
-    ``SCALAR_SEED`` rows, Lloyd on ``SCALAR_SAMPLE``) and run until no code changes: scalar codes
-    are where a layer's extreme weights (a filter bank's, an STFT's) must keep their levels."""
-    scalar = x.shape[1] == 1
-    if scalar:
-        c = _kmeanspp(x, k, rng, sample=SCALAR_SEED)
-        sample = SCALAR_SAMPLE if sample is None else sample
-        tol = 0.0 if tol is None else tol
-    else:
-        sample = max(FIT_PER_CENTROID * k, MIN_SAMPLE) if sample is None else sample
-        tol = TOL if tol is None else tol
+    max(``SEED_PER_CENTROID``·k, ``MIN_SAMPLE``) sampled rows, at most ``iters`` Lloyd steps on at
+    most ``sample`` (default max(``FIT_PER_CENTROID``·k, ``MIN_SAMPLE``)) sampled rows, stopped
+    early once at most ``tol`` of their codes change, then one assignment of all rows."""
+    sample = max(FIT_PER_CENTROID * k, MIN_SAMPLE) if sample is None else sample
     full = x
     if len(x) > sample:
         x = x[np.sort(rng.choice(len(x), size=sample, replace=False))]
-    if not scalar:
-        c = _kmeanspp(x, k, rng, sample=max(SEED_PER_CENTROID * k, 1024))
+    c = _kmeanspp(x, k, rng, sample=max(SEED_PER_CENTROID * k, 1024))
     codes = _sqdist_argmin(x, c)
     for _ in range(iters):
         counts = np.bincount(codes, minlength=k)
@@ -149,14 +135,14 @@ def _metric_assign_rows(hx, blk, c, hblocks, chunk=4096):
 
 def aware_em(x, blk, hblocks, c, codes, iters, rng=None, sample=None):
     """EM under per-block metrics: returns (centroids, codes). x: (rows·B, d), blk = i mod B.
-    With ``rng`` and d > 1, the EM rounds run on at most ``sample`` (default
-    max(``FIT_PER_CENTROID``·K, ``MIN_SAMPLE``)) sampled sub-vectors, stopped early once at most ``TOL`` of their codes change,
+    With ``rng``, the EM rounds run on at most ``sample`` (default max(``FIT_PER_CENTROID``·K,
+    ``MIN_SAMPLE``)) sampled sub-vectors, stopped early once at most ``TOL`` of their codes change,
     and every sub-vector is then assigned once."""
     k, d = c.shape
     nb = len(hblocks)
     hx = np.einsum("bde,rbe->rbd", hblocks, x.reshape(-1, nb, d)).reshape(-1, d)
     sample = max(FIT_PER_CENTROID * k, MIN_SAMPLE) if sample is None else sample
-    if rng is None or len(x) <= sample or d == 1:   # scalars: every sub-vector, as ``kmeans``
+    if rng is None or len(x) <= sample:
         return _aware_em(hx, nb, hblocks, c, codes, iters, None, 0.0)
     idx = np.sort(rng.choice(len(x), size=sample, replace=False))
     c, _ = _aware_em(hx[idx], nb, hblocks, c, codes[idx], iters, blk[idx], TOL)
