@@ -8,11 +8,6 @@ block of the damped input covariance H:
     M-step  c_k = (Σ_{i∈k} H_b(i))⁻¹ Σ_{i∈k} H_b(i) w_i.
 Distances are float32 products in cache-sized chunks; scalar centroids (d = 1) use a binary
 search in the sorted centroids instead of the n × k table.
-
-Both fit on a sample of the sub-vectors (64 per centroid, at least 16,384: a codebook of 256
-centroids does not need a layer's 150,000 sub-vectors to settle), stop early once at most 0.1 %
-of the sampled codes change, and then assign every sub-vector once; k-means++ seeds from 16
-sampled rows per centroid.
 """
 
 from __future__ import annotations
@@ -52,12 +47,6 @@ def _sqdist_argmin(x, c, chunk=4096):
     return out
 
 
-SEED_PER_CENTROID = 16     # k-means++ seeds from at most this many sampled rows per centroid
-FIT_PER_CENTROID = 64      # Lloyd steps run on at most this many sampled rows per centroid
-MIN_SAMPLE = 16384          # ... and never on fewer than this many (small codebooks)
-TOL = 1e-3                 # Lloyd stops once at most this fraction of the sampled codes changes
-
-
 def _kmeanspp(x, k, rng, sample=20000):
     if len(x) > sample:
         x = x[np.sort(rng.choice(len(x), size=sample, replace=False))]
@@ -75,16 +64,13 @@ def _kmeanspp(x, k, rng, sample=20000):
     return centers
 
 
-def kmeans(x, k, iters, rng, sample=None, tol=TOL):
-    """Plain k-means -> (centroids k×d, codes): k-means++ seeding on at most
-    max(``SEED_PER_CENTROID``·k, ``MIN_SAMPLE``) sampled rows, at most ``iters`` Lloyd steps on at
-    most ``sample`` (default max(``FIT_PER_CENTROID``·k, ``MIN_SAMPLE``)) sampled rows, stopped
-    early once at most ``tol`` of their codes change, then one assignment of all rows."""
-    sample = max(FIT_PER_CENTROID * k, MIN_SAMPLE) if sample is None else sample
+def kmeans(x, k, iters, rng, sample=65536):
+    """Plain k-means (k-means++ seeding, Lloyd steps on at most ``sample`` points, then one
+    assignment of all points) -> (centroids k×d, codes)."""
+    c = _kmeanspp(x, k, rng)
     full = x
     if len(x) > sample:
         x = x[np.sort(rng.choice(len(x), size=sample, replace=False))]
-    c = _kmeanspp(x, k, rng, sample=max(SEED_PER_CENTROID * k, 1024))
     codes = _sqdist_argmin(x, c)
     for _ in range(iters):
         counts = np.bincount(codes, minlength=k)
@@ -92,10 +78,9 @@ def kmeans(x, k, iters, rng, sample=None, tol=TOL):
         nz = counts > 0
         c[nz] = sums[nz] / counts[nz, None]
         new = _sqdist_argmin(x, c)
-        changed = np.count_nonzero(new != codes)
-        codes = new
-        if changed <= tol * len(x):
+        if np.array_equal(new, codes):
             break
+        codes = new
     return c, (codes if x is full else _sqdist_argmin(full, c))
 
 
@@ -117,44 +102,11 @@ def _metric_assign(hx, nb, c, hblocks, chunk=4096):
     return out.reshape(-1)
 
 
-def _metric_assign_rows(hx, blk, c, hblocks, chunk=4096):
-    """``_metric_assign`` for sub-vectors of any blocks: hx = H_b w, ``blk`` their blocks."""
-    k, d = c.shape
-    if d == 1:
-        return nearest_scalar(hx[:, 0] / hblocks.reshape(-1)[blk], c[:, 0])
-    c2 = (-2.0 * c.T).astype(np.float32)
-    q = np.einsum("kd,bde,ke->bk", c, hblocks, c).astype(np.float32)  # (B, K)
-    hx32 = hx.astype(np.float32)
-    out = np.empty(len(hx), dtype=np.int64)
-    for s in range(0, len(hx), chunk):
-        scores = hx32[s:s + chunk] @ c2
-        scores += q[blk[s:s + chunk]]
-        out[s:s + chunk] = scores.argmin(1)
-    return out
-
-
-def aware_em(x, blk, hblocks, c, codes, iters, rng=None, sample=None):
-    """EM under per-block metrics: returns (centroids, codes). x: (rows·B, d), blk = i mod B.
-    With ``rng``, the EM rounds run on at most ``sample`` (default max(``FIT_PER_CENTROID``·K,
-    ``MIN_SAMPLE``)) sampled sub-vectors, stopped early once at most ``TOL`` of their codes change,
-    and every sub-vector is then assigned once."""
+def aware_em(x, blk, hblocks, c, codes, iters):
+    """EM under per-block metrics: returns (centroids, codes). x: (rows·B, d), blk = i mod B."""
     k, d = c.shape
     nb = len(hblocks)
     hx = np.einsum("bde,rbe->rbd", hblocks, x.reshape(-1, nb, d)).reshape(-1, d)
-    sample = max(FIT_PER_CENTROID * k, MIN_SAMPLE) if sample is None else sample
-    if rng is None or len(x) <= sample:
-        return _aware_em(hx, nb, hblocks, c, codes, iters, None, 0.0)
-    idx = np.sort(rng.choice(len(x), size=sample, replace=False))
-    c, _ = _aware_em(hx[idx], nb, hblocks, c, codes[idx], iters, blk[idx], TOL)
-    return c, _metric_assign(hx, nb, c, hblocks)
-
-
-def _aware_em(hx, nb, hblocks, c, codes, iters, blk, tol):
-    """The EM rounds on hx = H_b w: all sub-vectors in (row, block) order (``blk`` None), or
-    those of the blocks ``blk``."""
-    k, d = c.shape
-    blk = np.tile(np.arange(nb), len(hx) // nb) if blk is None else blk
-    sampled = len(blk) != len(hx) or tol > 0
     for _ in range(iters):
         counts = np.bincount(blk * k + codes, minlength=nb * k).reshape(nb, k)
         hsum = np.einsum("bk,bde->kde", counts.astype(np.float64), hblocks)
@@ -163,11 +115,8 @@ def _aware_em(hx, nb, hblocks, c, codes, iters, blk, tol):
         if nz.any():
             c = c.copy()
             c[nz] = np.linalg.solve(hsum[nz], rhs[nz][..., None])[..., 0]
-        new = _metric_assign_rows(hx, blk, c, hblocks) if sampled else _metric_assign(hx, nb, c, hblocks)
-        changed = np.count_nonzero(new != codes)
-        if changed == 0:
+        new = _metric_assign(hx, nb, c, hblocks)
+        if np.array_equal(new, codes):
             break
         codes = new
-        if changed <= tol * len(codes):
-            break
     return c, codes

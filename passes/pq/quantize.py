@@ -41,7 +41,7 @@ def quantize(t, d, k, h, cfg, rng, dtype, cache: dict | None = None):
         if h is not None and cfg.aware:
             hblocks = h.reshape(nb, d, nb, d)[np.arange(nb), :, np.arange(nb), :]
             if cfg.iters:
-                c, codes = aware_em(x, np.tile(np.arange(nb), rows), hblocks, c, codes, cfg.iters, rng)
+                c, codes = aware_em(x, np.tile(np.arange(nb), rows), hblocks, c, codes, cfg.iters)
             if cfg.gptq:
                 cache = {} if cache is None else cache
                 if "u" not in cache:
@@ -69,14 +69,12 @@ def budget_error(t, t_hat, h, floor=1e-3) -> float:
     energy t_rᵀ H t_r is at least ``floor`` times the mean (dead outputs left out). The mean keeps
     weak outputs (the high bands of a filter bank or an STFT, which a log scales up) from hiding
     behind strong ones. Without ``h``: the same on the weights."""
+    total = weighted_error(t, t_hat, h)
     delta = t - t_hat
     if h is None:
-        total = weighted_error(t, t_hat, h)
         num, den = (delta ** 2).sum(1), (t ** 2).sum(1)
-    else:   # ``weighted_error``'s figure from the same products (one product with h each)
-        dh, th = (delta @ h) * delta, (t @ h) * t
-        total = float(dh.sum() / max(th.sum(), 1e-30))
-        num, den = dh.sum(1), th.sum(1)
+    else:
+        num, den = ((delta @ h) * delta).sum(1), ((t @ h) * t).sum(1)
     live = den >= floor * max(float(den.mean()), 1e-30)
     if not live.any():
         return total
