@@ -852,6 +852,7 @@ def upstream_of(model: onnx.ModelProto, names) -> onnx.ModelProto:
     network runs only that part of it. The nodes kept are unchanged, so the values are those the
     whole model computes."""
     graph = model.graph
+    wanted = set(names)
     producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
     keep, seen, stack = set(), set(), list(names)
     while stack:
@@ -884,7 +885,7 @@ def upstream_of(model: onnx.ModelProto, names) -> onnx.ModelProto:
     init = {t.name for t in graph.initializer} | {t.values.name for t in graph.sparse_initializer}
     g.input.extend(vi for vi in graph.input if vi.name not in init or vi.name in seen)
     g.value_info.extend(vi for vi in graph.value_info if vi.name in seen)
-    g.output.extend(vi for vi in graph.output if vi.name in set(names))
+    g.output.extend(vi for vi in graph.output if vi.name in wanted)
     _add_outputs(g, names, _elem_types(model, names))
     return m
 
