@@ -52,13 +52,16 @@ class Targets:
 class Run:
     """How to run: ``force`` returns (and the CLI writes) a result that failed a check;
     ``quiet`` hides progress bars; ``batch_size`` of calibration runs; ``seed`` of every random
-    choice; ``options``: {pass: {key: value}} for the passes' Config (``--set PASS.KEY=VALUE``)."""
+    choice; ``options``: {pass: {key: value}} for the passes' Config (``--set PASS.KEY=VALUE``);
+    ``threads``: workers for independent solves during fitting (None: the usable cores; the model
+    written does not depend on it, see ``parallel``)."""
 
     force: bool = False
     quiet: bool = True
     batch_size: int = 64
     seed: int = 0
     options: dict | None = None
+    threads: int | None = None
 
 
 GROUPS = {"data": Data, "targets": Targets, "checks": Tolerances, "run": Run}
@@ -73,6 +76,7 @@ FLAT = {
     **{f.name: ("checks", f.name) for f in dataclasses.fields(Tolerances)},
     "force": ("run", "force"), "quiet": ("run", "quiet"), "batch_size": ("run", "batch_size"),
     "seed": ("run", "seed"), "options": ("run", "options"),
+    "threads": ("run", "threads"),
 }
 OLDER = {"target_bytes": "target_size", "tolerances": "checks"}   # older spellings
 

@@ -40,7 +40,7 @@ _FLAGS = {"force=True": "--force", "target_flops": "--target-flops", "target_par
           "max_error": "--max-error", "max_rel_l2": "--max-rel-l2", "max_range_error": "--max-range-error",
           "min_worst_cosine": "--min-worst-cosine",
           "min_decision_iou": "--min-decision-iou", "max_drop": "--max-drop", "metric=": "--metric", "random_calibration=N": "--random-calibration N",
-          "random_calibration": "--random-calibration", "batch_size": "--batch-size",
+          "random_calibration": "--random-calibration", "batch_size": "--batch-size", "threads": "--threads",
           "calibration=": "--calibration-data PATH", "validation=": "--validation-data PATH"}
 _FLAG_RE = re.compile(r"(?<![\w-])(" + "|".join(re.escape(k) for k in sorted(_FLAGS, key=len, reverse=True)) + r")(?![\w])")
 
@@ -137,6 +137,9 @@ def build_parser():
     p.add_argument("--force", action="store_true", help="write even if validation fails or a target is missed (exit code 3); allow OUT == IN")
     p.add_argument("--batch-size", type=int, default=64, help="calibration batch size")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="workers for independent solves while fitting (default: the usable cores); the model "
+                        "written is the same for every N (one BLAS thread per solve)")
     p.add_argument("--list-passes", action="store_true", help="list the registered passes and exit")
     p.add_argument("--inspect", action="store_true", help="print a per-layer table of INPUT and which passes apply")
     p.add_argument("--quiet", action="store_true", help="no progress bars or tables (warnings and failures are still printed)")
@@ -335,7 +338,7 @@ def _main(argv) -> int:
     targets = Targets(flops=args.target_flops, params=args.target_params, size=args.target_size,
                       metric=args.metric, max_drop=args.max_drop)
     run = Run(force=args.force, quiet=args.quiet, batch_size=args.batch_size, seed=args.seed,
-              options=parse_sets(args.set))
+              options=parse_sets(args.set), threads=args.threads)
     with warnings.catch_warnings():
         warnings.simplefilter("default")     # --quiet silences progress, never warnings
         warnings.showwarning = lambda m, *a, **k: print(f"onnxshrink: warning: {cli_message(str(m))}", file=sys.stderr)

@@ -27,6 +27,7 @@ import onnx
 
 from . import budget as budget_mod
 from . import metrics as metrics_mod
+from . import parallel
 from . import search as search_mod
 from .arguments import Data, Run, Targets, grouped
 from .calibrate import collect as calibrate_requests   # the run itself; PassContext.collect is the passes' door
@@ -491,12 +492,12 @@ def shrink(model_or_path, passes, calibration=None, *, data: Data | None = None,
     validation=..., image_options=..., random=N, base_dir=...)``, ``targets=Targets(flops=...,
     params=..., size=..., metric=..., max_drop=...)``, ``checks=Tolerances(min_cosine=...,
     max_error=..., ...)`` and ``run=Run(force=..., quiet=..., batch_size=..., seed=..,
-    options={pass: {key: value}})``. The short form gives the same fields as flat keywords named
+    options={pass: {key: value}}, threads=N)``. The short form gives the same fields as flat keywords named
     like the CLI's flags: ``calibration`` (also the third positional argument), ``validation``,
     ``image_options``, ``random_calibration``, ``base_dir``; ``target_flops``, ``target_params``,
     ``target_size``, ``metric``, ``max_drop``; ``min_cosine``, ``max_error``, ``max_rel_l2``,
     ``min_top1``, ``max_range_error``, ``min_worst_cosine``; ``force``, ``quiet``, ``batch_size``,
-    ``seed``, ``options`` (``tolerances=`` and ``target_bytes=`` are older spellings of ``checks=``
+    ``seed``, ``options``, ``threads`` (``tolerances=`` and ``target_bytes=`` are older spellings of ``checks=``
     and ``target_size=``). A group is given one way or the other, not both.
 
     Raises OnnxShrinkError subclasses; a failed check raises ValidationFailed/TargetError with the
@@ -528,6 +529,10 @@ def shrink(model_or_path, passes, calibration=None, *, data: Data | None = None,
         raise UsageError(f"random_calibration must be a positive number of samples, got {data.random}")
     if run.batch_size < 1:
         raise UsageError(f"batch_size must be at least 1, got {run.batch_size}")
+    try:
+        threads = parallel.check_threads(run.threads)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     budget = budget_mod.Budget.of({m: f for m, f in fractions.items() if f is not None}, [p for p, _ in chosen])
     model = load_model(model_or_path, data.base_dir)
     _check_supported(model)
@@ -550,7 +555,7 @@ def shrink(model_or_path, passes, calibration=None, *, data: Data | None = None,
     fit, val = _data(data.calibration, data.validation, model, data.image_options, data.random, chosen, run.seed)
     try:
         reps = [r for src in (fit, val) if src is not None for r in src.representatives()]
-        with observing(ShapeObserver(reps)):
+        with observing(ShapeObserver(reps)), parallel.fitting(threads):   # one BLAS thread: see ``parallel``
             call = _Call(chosen, budget, fit, val, tol, run.force, run.quiet, run.batch_size, run.seed, t0,
                          quantized, input_info, model_or_path, task, max_drop, gate)
             return _execute(model, original, call)

@@ -24,6 +24,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .graph import export_model, import_graph
+from .parallel import ordered_map
 
 
 def refit_order(graph: gs.Graph, names) -> list[list[str]]:
@@ -85,7 +86,8 @@ def refit_levels(ctx, model: onnx.ModelProto, layers, solve: Callable, write: Ca
                  requests: Callable | None = None, *,
                  levels: list | None = None, graph: gs.Graph | None = None, desc: str = "refit",
                  reimport: bool = False, ahead: Callable | None = None, like: onnx.ModelProto | None = None,
-                 model_y: onnx.ModelProto | None = None, export_copy: bool = False) -> onnx.ModelProto:
+                 model_y: onnx.ModelProto | None = None, export_copy: bool = False,
+                 parallel: bool | None = None) -> onnx.ModelProto:
     """Refit ``layers`` level by level and return the rewritten model (``model`` when no level
     changed anything).
 
@@ -109,6 +111,10 @@ def refit_levels(ctx, model: onnx.ModelProto, layers, solve: Callable, write: Ca
     - ``export_copy``: export a copy of ``graph`` at each level, leaving the graph itself as the
       pass built it (its node order, its tensors' shapes); by default the export cleans up, sorts
       and drops intermediate shapes in place.
+    - ``parallel``: with ``write``, solve the keys of a level at once (``parallel.ordered_map``),
+      then write them in key order (False: one after the other). ``solve`` must then leave the
+      graph as it is and run no calibration (it computes, ``write`` edits): the results do not
+      depend on the worker count.
 
     Timing (``ctx.timed``): ``solve``/``write`` and an ``Again``'s fit count as "fit", the level
     exports as "export", the runs as calibration/statistics/session; a pass times only what it does
@@ -135,9 +141,13 @@ def refit_levels(ctx, model: onnx.ModelProto, layers, solve: Callable, write: Ca
                              f"{desc} {i + 1}/{len(levels)}", cached)
         level = Level(i, len(levels), keys, current)
         changed, again = False, []
-        for key in keys:
+        solved = None
+        if write is not None and parallel is not False and len(keys) > 1:
+            with ctx.timed("fit"):
+                solved = ordered_map(lambda key: solve(key, stats, graph, level), keys)
+        for j, key in enumerate(keys):
             with ctx.timed("fit"):   # a pass's search or collection inside counts as its own part
-                out = solve(key, stats, graph, level)
+                out = solve(key, stats, graph, level) if solved is None else solved[j]
                 if write is not None:
                     out = write(key, out, graph, level)
             if out is not False:

@@ -36,6 +36,7 @@ from ..graph import concrete_input_shapes, import_graph, infer_shapes, node_by_n
 from ..layers import WeightLayer, per_column_bias
 from ..lstsq import ridge_from_moments as ridge
 from ..lstsq import relative_alpha, ridge_solve
+from ..parallel import ordered_map
 from ..refit import Again, refit_levels
 from ..registry import Pass, PassReport, Plan, Requires, Skip
 from ..stats import PooledStats
@@ -330,7 +331,8 @@ def factorize(pass_name, model, cfg, ctx, layers, skipped, rewrite, multiple, re
             cm = stats["plan:" + layer.node]
             covs[layer.node] = [_group_cov(layer, cm, g, layer.fit_bias)[0] for g in range(layer.groups)]
     with ctx.timed("fit"):
-        curves = {l.node: energy_curve(l, covs.get(l.node), cfg.eps) for l in layers}
+        curves = dict(zip([l.node for l in layers],   # each layer's decomposition on its own (``parallel``)
+                          ordered_map(lambda l: energy_curve(l, covs.get(l.node), cfg.eps), layers)))
     ranks = {}
     budget = {}
     if goal_metrics:

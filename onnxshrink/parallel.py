@@ -1,0 +1,100 @@
+"""Fitting threads: results that do not depend on the thread count.
+
+A BLAS splits one product or factorization over its threads, and the split changes the rounding:
+the same GEMM, Cholesky, eigh or SVD gives different last bits with 1 and with 2 threads, so a
+model fitted on a 2-core machine would differ from one fitted with OMP_NUM_THREADS=1. Fitting
+therefore runs with one BLAS thread (``fitting``: the whole of a ``shrink`` call), and the cores
+are used by running independent solves at once on a thread pool (``ordered_map``: the layers of a
+refit level, the layers' decompositions, the output stacks of a Fastfood block). Each solve is
+computed the same whichever thread runs it, and the results are combined in the items' order, so
+the model written is the same for any worker count. numpy and the BLAS release the GIL in their
+kernels, so threads run the solves side by side.
+
+ONNX Runtime sessions keep their own thread pool (``calibrate.session``): it is not a BLAS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+_state = threading.local()   # .workers: the count set by ``fitting`` on this thread; .inside: a pool worker
+_lock = threading.Lock()
+_active = {"workers": 1}       # the count of the innermost ``fitting`` (read by the pool's workers too)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):   # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def check_threads(threads) -> int:
+    """``threads`` as a worker count: None → the usable cores; else an integer ≥ 1 (ValueError
+    otherwise, with the value)."""
+    if threads is None:
+        return usable_cores()
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a whole number ≥ 1 (or None: the usable cores), got {threads!r}")
+    return threads
+
+
+def workers() -> int:
+    """The worker count in effect: that of the innermost ``fitting`` block (1 outside any, and
+    inside a pool worker: pools do not nest)."""
+    if getattr(_state, "inside", False):
+        return 1
+    return _active["workers"]
+
+
+@contextlib.contextmanager
+def fitting(threads=None):
+    """Run the block with one BLAS thread and ``threads`` pool workers for ``ordered_map``
+    (None: the usable cores)."""
+    n = check_threads(threads)
+    with _lock:
+        before = _active["workers"]
+        _active["workers"] = n
+    try:
+        with _one_blas_thread():
+            yield n
+    finally:
+        with _lock:
+            _active["workers"] = before
+
+
+@contextlib.contextmanager
+def _one_blas_thread():
+    try:
+        from threadpoolctl import threadpool_limits   # installed with scikit-learn
+    except ImportError:   # pragma: no cover
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
+def _run_inside(fn, item):
+    _state.inside = True
+    try:
+        return fn(item)
+    finally:
+        _state.inside = False
+
+
+def ordered_map(fn, items) -> list:
+    """[fn(item) for item in items], the calls spread over ``workers()`` threads; the list is in
+    the items' order whatever order they finish in. ``fn`` must not depend on the other calls
+    (no shared state it writes, no graph edits, no calibration runs). The first exception raised
+    (in the items' order) is raised here, after every call has ended."""
+    items = list(items)
+    n = min(workers(), len(items))
+    if n <= 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="onnxshrink-fit") as pool:
+        futures = [pool.submit(_run_inside, fn, item) for item in items]
+    return [f.result() for f in futures]

@@ -1,0 +1,127 @@
+"""The model written does not depend on the thread count: every pass, on a digits model and on a
+zoo-pattern model, run in its own process with OMP_NUM_THREADS=OPENBLAS_NUM_THREADS=MKL_NUM_THREADS
+and ``threads=`` 1 and 2, writes byte-identical files (sha256). The variables are read when the
+libraries load, hence one process per count. ``parallel`` itself: order, errors, no nesting, the
+BLAS limit, and the option's checks."""
+
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+import onnxshrink
+from onnxshrink import cli, parallel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (label, model, passes, options): digits models from models/, zoo patterns from tests/zoo; the
+# options keep each fit small, the code paths are those of the defaults
+CASES = [
+    ("foldbn", "cnn_plain", "foldbn", {}),
+    ("pfa", "cnn_plain", "pfa", {"pfa": {"positions": 8}}),
+    ("basisconv", "cnn_plain", "basisconv", {"basisconv": {"positions": 8}}),
+    ("lowrank", "mlp", "lowrank", {}),
+    ("hadamard", "mlp", "hadamard", {"hadamard": {"max_fits": 6, "max_rows": 256, "final_iters": 1}}),
+    ("pq", "mlp", "pq", {"pq": {"iters": 2, "refine": 4, "kmeans_iters": 3}}),
+    ("zoo-foldbn,pfa,basisconv", "zoo:resnet_basic_op13", "foldbn,pfa,basisconv",
+     {"pfa": {"channel_multiple": 1, "positions": 8}, "basisconv": {"channel_multiple": 1, "positions": 8}}),
+    ("zoo-lowrank", "zoo:keras_mlp_op13", "lowrank", {"lowrank": {"rank_multiple": 1}}),
+    ("zoo-hadamard", "zoo:keras_mlp_op13", "hadamard", {"hadamard": {"max_fits": 6, "min_dim": 8, "tolerance": 1.0}}),
+    ("zoo-pq", "zoo:keras_mlp_op13", "pq", {"pq": {"iters": 2, "refine": 4, "kmeans_iters": 3}}),
+]
+
+SCRIPT = r"""
+import hashlib, os, sys, tempfile
+sys.path.insert(0, {tests!r})
+import numpy as np
+import zoo
+from onnxshrink import shrink
+from onnxshrink.validate import Tolerances
+
+threads = int(sys.argv[1])
+tol = Tolerances(min_cosine=None)
+with tempfile.TemporaryDirectory() as d:
+    for label, model, passes, opts in {cases!r}:
+        if model.startswith("zoo:"):
+            z = zoo.build(model[4:])
+            model, calib = z.model, z.calibration(48)
+        else:
+            model = os.path.join({models!r}, model + ".onnx")
+            calib = np.load(model[:-5] + "_calib.npz")
+            calib = {{k: calib[k][:160] for k in calib.files}}
+        res = shrink(model, passes, calibration=calib, options=opts, force=True, tolerances=tol, threads=threads)
+        path = os.path.join(d, "o.onnx")
+        res.save(path)
+        print(label, hashlib.sha256(open(path, "rb").read()).hexdigest(), int(any(p["changed"] for p in res.report["passes"])))
+"""
+
+
+def digests(threads, cases=CASES):
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
+               MKL_NUM_THREADS=str(threads))
+    code = SCRIPT.format(tests=os.path.join(ROOT, "tests"), models=os.path.join(ROOT, "models"), cases=cases)
+    out = subprocess.run([sys.executable, "-c", code, str(threads)], env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return {label: (sha, changed) for label, sha, changed in (line.split() for line in out.stdout.strip().splitlines())}
+
+
+def test_every_pass_writes_the_same_bytes_with_1_and_2_threads():
+    one, two = digests(1), digests(2)
+    assert sorted(one) == sorted(label for label, *_ in CASES)
+    changed = [label for label, (_, c) in one.items() if c == "1"]
+    assert len(changed) == len(CASES), f"cases that changed nothing prove little: {set(one) - set(changed)}"
+    assert one == two
+
+
+# ----------------------------------------------------------------------------- parallel itself
+def test_ordered_map_keeps_the_order_and_uses_the_workers():
+    seen = set()
+
+    def fn(i):
+        seen.add(threading.current_thread().name)
+        np.linalg.qr(np.ones((60, 60)) + i)   # GIL released: both workers get items
+        return i * i
+
+    with parallel.fitting(2):
+        assert parallel.workers() == 2
+        assert parallel.ordered_map(fn, range(40)) == [i * i for i in range(40)]
+    assert parallel.workers() == 1
+    assert any(name.startswith("onnxshrink-fit") for name in seen)
+
+
+def test_ordered_map_raises_the_first_error_in_item_order_and_does_not_nest():
+    def fn(i):
+        if i in (3, 7):
+            raise KeyError(i)
+        return parallel.workers()   # inside a worker: pools do not nest
+
+    with parallel.fitting(2):
+        with pytest.raises(KeyError, match="3"):
+            parallel.ordered_map(fn, range(10))
+        assert parallel.ordered_map(fn, [0, 1, 2]) == [1, 1, 1]
+
+
+def test_fitting_holds_the_blas_at_one_thread_and_restores_it():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    blas = lambda: [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]  # noqa: E731
+    before = blas()
+    with parallel.fitting(2):
+        assert blas() and all(n == 1 for n in blas())
+    assert blas() == before
+
+
+def test_threads_option_is_checked():
+    assert parallel.check_threads(None) == parallel.usable_cores() >= 1
+    assert parallel.check_threads(3) == 3
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="threads must be"):
+            parallel.check_threads(bad)
+    x = np.zeros((8, 3, 8, 8), np.float32)
+    from graphs import conv_bn_net
+    with pytest.raises(onnxshrink.UsageError, match="threads must be"):
+        onnxshrink.shrink(conv_bn_net(), "foldbn", calibration=x, threads=0)
+    assert cli.build_parser().parse_args(["a", "b", "--passes", "foldbn", "--threads", "2"]).threads == 2
