@@ -20,7 +20,9 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-_state = threading.local()   # .workers: the count set by ``fitting`` on this thread; .inside: a pool worker
+import numpy as np
+
+_state = threading.local()   # .inside: this thread is a pool worker
 _lock = threading.Lock()
 _active = {"workers": 1}       # the count of the innermost ``fitting`` (read by the pool's workers too)
 
@@ -98,3 +100,58 @@ def ordered_map(fn, items) -> list:
     with ThreadPoolExecutor(max_workers=n, thread_name_prefix="onnxshrink-fit") as pool:
         futures = [pool.submit(_run_inside, fn, item) for item in items]
     return [f.result() for f in futures]
+
+
+# ----------------------------------------------------------------------------- products in chunks
+CHUNK = 256          # columns (rows) per chunk: fixed, so the pieces never depend on the worker count
+MIN_WORK = 1 << 24   # multiply-adds below which a product is one call
+
+
+def chunks(n: int, size: int = CHUNK) -> list:
+    """Slices of ``range(n)`` of ``size`` (the last one shorter)."""
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def matmul(a, b, size: int = CHUNK):
+    """``a @ b`` (2-D) with ``b``'s columns in chunks of ``size`` computed on the workers. Each
+    output column is the same dot products in the same order whoever computes it, and the chunks
+    are fixed, so the product does not depend on the worker count (with one BLAS thread a chunked
+    GEMM gives the unchunked one's bits as well; ``a`` must not be ``b.T``, which numpy computes
+    by SYRK). Small products are one call."""
+    n = b.shape[1]
+    if n <= size or a.shape[0] * a.shape[1] * n < MIN_WORK:
+        return a @ b
+    out = np.empty((a.shape[0], n), dtype=np.result_type(a, b))
+
+    def part(s):
+        out[:, s] = a @ b[:, s]
+    ordered_map(part, chunks(n, size))
+    return out
+
+
+def by_columns(fn, rhs, size: int = CHUNK):
+    """``fn(rhs)`` for an ``fn`` that treats the columns of ``rhs`` (2-D) one by one (a solve with
+    several right-hand sides), in fixed chunks of ``size`` columns on the workers."""
+    n = rhs.shape[1]
+    if n <= size or rhs.shape[0] * rhs.shape[0] * n < MIN_WORK:
+        return fn(rhs)
+    parts = ordered_map(lambda s: fn(rhs[:, s]), chunks(n, size))
+    return np.concatenate(parts, axis=1)
+
+
+def by_rows(fn, x, size: int = 128, min_size: int = 1 << 18):
+    """``fn(x)`` for an ``fn`` that treats the rows of ``x`` (2-D) one by one and keeps their shape
+    (a transform along the last axis), in fixed chunks of ``size`` rows on the workers; arrays of
+    fewer than ``min_size`` values are one call."""
+    if x.shape[0] <= size or x.size < min_size:
+        return fn(x)
+    out = None
+    parts = chunks(x.shape[0], size)
+
+    def part(s):
+        return fn(x[s])
+    for s, y in zip(parts, ordered_map(part, parts)):
+        if out is None:
+            out = np.empty((x.shape[0],) + y.shape[1:], dtype=y.dtype)
+        out[s] = y
+    return out

@@ -23,6 +23,7 @@ import numpy as np
 import scipy.linalg
 
 from ...lstsq import diagonal_ridge, pcg, ridge_cholesky, ridge_with_factor
+from ...parallel import by_columns, matmul, ordered_map
 from .transform import fwht, next_pow2, xor_index, xor_kernel
 
 
@@ -82,12 +83,12 @@ class Block:
         conjugate-gradient iterations per diagonal solve instead of a Cholesky solve."""
         self._fit_s(x, t, ridge)
         z2 = self._z2(x)
-        w = xor_kernel(self.s ** 2)
+        hs2h = xor_kernel(self.s ** 2)[xor_index(self.d)]   # H S² H
         hts = fwht(t * self.s)
-        self.g = pcg(w[xor_index(self.d)] * (z2.T @ z2), (z2 * hts).sum(0), self.g, ridge, cg)
+        self.g = pcg(hs2h * (z2.T @ z2), (z2 * hts).sum(0), self.g, ridge, cg)
         inv = np.argsort(self.perm)
         gi = self.g[inv]
-        a = w[np.bitwise_xor.outer(inv, inv)] * np.outer(gi, gi)   # (H S² H ⊙ g gᵀ) permuted by Π⁻¹, one gather
+        a = hs2h[np.ix_(inv, inv)] * np.outer(gi, gi)   # (H S² H ⊙ g gᵀ) permuted by Π⁻¹
         a = fwht(fwht(a).T).T
         mtt = fwht((hts * self.g)[:, inv])
         self.b = pcg(a * xtx, (x * mtt).sum(0), self.b, ridge, cg)
@@ -187,33 +188,45 @@ class FastfoodFit:
 
     def add_block(self, xp, resid, xtx, iters, ridge, cg=10, restarts=1):
         """Add one block per stack, fitted to the residual rows (the best of ``restarts`` random
-        starts: the problem is not convex); returns the new residual."""
+        starts: the problem is not convex); returns the new residual. The stacks are independent:
+        their random starts are drawn in order, then they are fitted on the workers
+        (``parallel.ordered_map``)."""
         resid = resid.copy()
+        starts = []
         for j in range(self.n_stack):
+            perm = self.perm(j, len(self.blocks[j]))
+            starts.append([Block(self.d, self.rng, self._mask(j), perm) for _ in range(max(1, restarts))])
+
+        def fit_stack(j):
             t = self._cols(resid, j)
             best = None
-            perm = self.perm(j, len(self.blocks[j]))
-            for _ in range(max(1, restarts)):
-                blk = Block(self.d, self.rng, self._mask(j), perm)
+            for blk in starts[j]:
                 for _ in range(iters):
                     blk.step(xp, t, xtx, ridge, cg)
                 err = float(((blk.out(xp) - t) ** 2).sum())
                 if best is None or err < best[0]:
                     best = (err, blk)
-            blk = best[1]
+            return best[1]
+
+        for j, blk in enumerate(ordered_map(fit_stack, range(self.n_stack))):
             self.blocks[j].append(blk)
             lo, hi = j * self.d, min((j + 1) * self.d, self.d_out)
             resid[:, lo:hi] -= blk.out(xp)[:, : hi - lo]
             blk.forget()
         return resid
 
-    def backfit(self, xp, xc, yc, xtx, sweeps, ridge, cg=10, lowrank_ridge=1e-4):
-        """Sweeps of block-coordinate ALS over all blocks, then refit the low-rank part."""
+    def backfit(self, xp, xc, yc, xtx, sweeps, ridge, cg=10, lowrank_ridge=1e-4, chol=None):
+        """Sweeps of block-coordinate ALS over all blocks (the stacks, independent, on the
+        workers), then refit the low-rank part; ``chol``: ``whitening(xc, lowrank_ridge)`` when the
+        caller has it."""
         r = self.r
-        chol = whitening(xc, lowrank_ridge) if r and sweeps else None
+        if r and sweeps and chol is None:
+            chol = whitening(xc, lowrank_ridge)
         for _ in range(sweeps):
             total = yc - xc @ self.u @ self.vt
-            for j, bl in enumerate(self.blocks):
+
+            def sweep_stack(j):
+                bl = self.blocks[j]
                 outs = [blk.out(xp) for blk in bl]
                 t_all = self._cols(total, j)
                 acc = sum(outs) if outs else 0
@@ -223,6 +236,7 @@ class FastfoodFit:
                     new = blk.out(xp)
                     acc = acc - outs[k] + new
                     outs[k] = new
+            ordered_map(sweep_stack, range(self.n_stack))
             if r:
                 self.fit_lowrank(xc, yc - self.blocks_out(xp), r, lowrank_ridge, chol=chol)
         for bl in self.blocks:
@@ -243,8 +257,8 @@ class LowRankBasis:
 
     def __init__(self, xc, t, chol, max_rank):
         self.d_in, self.d_out = xc.shape[1], t.shape[1]
-        self.full = ridge_with_factor(chol, xc.T @ t / len(xc))
-        m = chol.T @ self.full
+        self.full = by_columns(lambda rhs: ridge_with_factor(chol, rhs), matmul(xc.T, t) / len(xc))
+        m = matmul(chol.T, self.full)
         self.by_cols = m.shape[1] <= m.shape[0]
         gram = m.T @ m if self.by_cols else m @ m.T
         r = max(0, min(max_rank, *m.shape))

@@ -131,13 +131,14 @@ def refit_structure(x, y, cfg: HadamardConfig, k: int, r: int) -> FastfoodFit:
     fit = FastfoodFit(x.shape[1], y.shape[1], cfg.seed)
     fit.set_data(x, y)
     xc, yc = x - fit.mx, y - fit.my
-    fit.fit_lowrank(xc, yc, r)
+    chol = whitening(xc, 1e-4) if r else None   # the low-rank part's whitening, once for the fit and backfit
+    fit.fit_lowrank(xc, yc, r, 1e-4, chol=chol)
     xp = fit.pad(xc)
     xtx = xp.T @ xp
     resid = yc - xc @ fit.u @ fit.vt
     for _ in range(k):
         resid = fit.add_block(xp, resid, xtx, cfg.iters, cfg.ridge, cfg.cg_iters, cfg.restarts)
-    fit.backfit(xp, xc, yc, xtx, cfg.final_iters, cfg.ridge, cfg.cg_iters)
+    fit.backfit(xp, xc, yc, xtx, cfg.final_iters, cfg.ridge, cfg.cg_iters, 1e-4, chol=chol)
     return fit
 
 

@@ -14,6 +14,8 @@ import math
 import numpy as np
 import scipy.linalg
 
+from ...parallel import by_rows
+
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n - 1).bit_length())
@@ -38,13 +40,21 @@ def _hfac(n):
 
 
 def fwht(z: np.ndarray) -> np.ndarray:
-    """Orthonormal Walsh–Hadamard transform H_d z/√d along the last axis (Kronecker form)."""
-    d = z.shape[-1]
-    a, b = factors(d)
+    """Orthonormal Walsh–Hadamard transform H_d z/√d along the last axis (Kronecker form); a large
+    array's rows in fixed chunks on the fitting workers (``parallel.by_rows``: the same values for
+    any worker count)."""
     shp = z.shape
-    y = z.reshape(-1, a, b) @ _hfac(b)
-    y = np.matmul(_hfac(a), y)
-    return y.reshape(shp) / math.sqrt(d)
+    return by_rows(_fwht_rows, z.reshape(-1, shp[-1])).reshape(shp)
+
+
+def _fwht_rows(z: np.ndarray) -> np.ndarray:
+    """``fwht`` of the rows of z (n × d) as two GEMMs: z·H_b over the rows read as a × b matrices,
+    then H_a over their first axis with the n·b columns side by side."""
+    n, d = z.shape
+    a, b = factors(d)
+    y = z.reshape(n * a, b) @ _hfac(b)
+    y = _hfac(a) @ y.reshape(n, a, b).transpose(1, 0, 2).reshape(a, n * b)
+    return y.reshape(a, n, b).transpose(1, 0, 2).reshape(n, d) / math.sqrt(d)
 
 
 _XCACHE = {}
