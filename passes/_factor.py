@@ -104,12 +104,7 @@ def factor(w: np.ndarray, cov: np.ndarray | None = None, eps: float = 1e-3):
         u, s, vt = np.linalg.svd(L.T @ w, full_matrices=False)
         a = scipy.linalg.solve_triangular(L.T, u, lower=False, check_finite=False)
         return a, s[:, None] * vt, s
-    if cov is None:
-        gram = w.T @ w
-    else:
-        lam = relative_alpha(cov, eps)
-        gram = w.T @ ((cov + cov.T) / 2) @ w + lam * (w.T @ w)
-    gram = (gram + gram.T) / 2
+    gram = _output_gram(w, cov, eps)
     try:
         ev, v = scipy.linalg.eigh(gram, driver="evr", check_finite=False)
     except (np.linalg.LinAlgError, ValueError):
@@ -122,6 +117,31 @@ def factor(w: np.ndarray, cov: np.ndarray | None = None, eps: float = 1e-3):
     a = (w @ v) / safe
     b = safe[:, None] * v.T
     return a, b, s
+
+
+def _output_gram(w, cov, eps):
+    """Wᵀ (Σ + εI) W (Wᵀ W without ``cov``), symmetrised: ``factor``'s eigenproblem when d_in ≥ d_out."""
+    if cov is None:
+        gram = w.T @ w
+    else:
+        lam = relative_alpha(cov, eps)
+        gram = w.T @ ((cov + cov.T) / 2) @ w + lam * (w.T @ w)
+    return (gram + gram.T) / 2
+
+
+def singular_values(w: np.ndarray, cov: np.ndarray | None = None, eps: float = 1e-3) -> np.ndarray:
+    """The s of ``factor(w, cov, eps)`` without the factors (no singular or eigen vectors: a
+    fraction of the cost), for the rank allocation."""
+    d_in, d_out = w.shape
+    if d_in < d_out:
+        m = w if cov is None else cholesky_loaded(cov, eps).T @ w
+        return np.linalg.svd(m, compute_uv=False)
+    gram = _output_gram(w, cov, eps)
+    try:
+        ev = scipy.linalg.eigh(gram, driver="evr", eigvals_only=True, check_finite=False)
+    except (np.linalg.LinAlgError, ValueError):
+        ev = np.linalg.eigvalsh(gram)
+    return np.sqrt(np.clip(np.sort(ev)[::-1][: min(d_in, d_out)], 0.0, None))
 
 
 def gemm_bias_problem(node) -> str | None:
@@ -191,7 +211,7 @@ def energy_curve(layer: FactorLayer, covs=None, eps=1e-3):
     tails = np.zeros(layer.max_rank + 1)
     total = 0.0
     for g, w in enumerate(layer.ws):
-        _, _, s = factor(w, None if covs is None else covs[g], eps)
+        s = singular_values(w, None if covs is None else covs[g], eps)
         e = s ** 2
         total += e.sum()
         tail = np.concatenate([np.cumsum(e[::-1])[::-1], [0.0]])  # tail[r] = Σ_{i≥r} e_i
