@@ -139,19 +139,15 @@ def by_columns(fn, rhs, size: int = CHUNK):
     return np.concatenate(parts, axis=1)
 
 
-def by_rows(fn, x, size: int = 128, min_size: int = 1 << 18):
+def by_rows(fn, x, size: int = 256, min_size: int = 1 << 18, dtype=None):
     """``fn(x)`` for an ``fn`` that treats the rows of ``x`` (2-D) one by one and keeps their shape
-    (a transform along the last axis), in fixed chunks of ``size`` rows on the workers; arrays of
-    fewer than ``min_size`` values are one call."""
+    (a transform along the last axis; ``dtype``: its output's, default ``x``'s), in fixed chunks of
+    ``size`` rows on the workers; arrays of fewer than ``min_size`` values are one call."""
     if x.shape[0] <= size or x.size < min_size:
         return fn(x)
-    out = None
-    parts = chunks(x.shape[0], size)
+    out = np.empty(x.shape, dtype=x.dtype if dtype is None else dtype)
 
     def part(s):
-        return fn(x[s])
-    for s, y in zip(parts, ordered_map(part, parts)):
-        if out is None:
-            out = np.empty((x.shape[0],) + y.shape[1:], dtype=y.dtype)
-        out[s] = y
+        out[s] = fn(x[s])
+    ordered_map(part, chunks(x.shape[0], size))
     return out

@@ -44,17 +44,16 @@ def fwht(z: np.ndarray) -> np.ndarray:
     array's rows in fixed chunks on the fitting workers (``parallel.by_rows``: the same values for
     any worker count)."""
     shp = z.shape
-    return by_rows(_fwht_rows, z.reshape(-1, shp[-1])).reshape(shp)
+    return by_rows(_fwht_rows, z.reshape(-1, shp[-1]), dtype=np.result_type(z.dtype, np.float64)).reshape(shp)
 
 
 def _fwht_rows(z: np.ndarray) -> np.ndarray:
-    """``fwht`` of the rows of z (n × d) as two GEMMs: z·H_b over the rows read as a × b matrices,
-    then H_a over their first axis with the n·b columns side by side."""
+    """``fwht`` of the rows of z (n × d): each row read as an a × b matrix Z, H_a Z H_b."""
     n, d = z.shape
     a, b = factors(d)
-    y = z.reshape(n * a, b) @ _hfac(b)
-    y = _hfac(a) @ y.reshape(n, a, b).transpose(1, 0, 2).reshape(a, n * b)
-    return y.reshape(a, n, b).transpose(1, 0, 2).reshape(n, d) / math.sqrt(d)
+    y = z.reshape(n, a, b) @ _hfac(b)
+    y = np.matmul(_hfac(a), y)
+    return y.reshape(n, d) / math.sqrt(d)
 
 
 _XCACHE = {}
