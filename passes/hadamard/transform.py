@@ -61,10 +61,12 @@ _XCACHE = {}
 
 def xor_index(d: int) -> np.ndarray:
     """The d × d matrix i ⊕ j (kept per size)."""
-    if d not in _XCACHE:
+    m = _XCACHE.get(d)
+    if m is None:   # (the local m: another fitting thread may clear the cache meanwhile)
+        m = np.bitwise_xor.outer(np.arange(d), np.arange(d))
         _XCACHE.clear()   # one size at a time: d × d integers
-        _XCACHE[d] = np.bitwise_xor.outer(np.arange(d), np.arange(d))
-    return _XCACHE[d]
+        _XCACHE[d] = m
+    return m
 
 
 def xor_kernel(v: np.ndarray) -> np.ndarray:
