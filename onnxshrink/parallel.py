@@ -41,7 +41,7 @@ def check_threads(threads) -> int:
     if threads is None:
         return usable_cores()
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads must be a whole number ≥ 1 (or None: the usable cores), got {threads!r}")
+        raise ValueError(f"threads must be a whole number ≥ 1 (default: the usable cores), got {threads!r}")
     return threads
 
 

@@ -4,6 +4,7 @@ and ``threads=`` 1 and 2, writes byte-identical files (sha256). The variables ar
 libraries load, hence one process per count. ``parallel`` itself: order, errors, no nesting, the
 BLAS limit, and the option's checks."""
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -75,6 +76,26 @@ def test_every_pass_writes_the_same_bytes_with_1_and_2_threads():
     changed = [label for label, (_, c) in one.items() if c == "1"]
     assert len(changed) == len(CASES), f"cases that changed nothing prove little: {set(one) - set(changed)}"
     assert one == two
+
+
+def test_cli_threads_flag_writes_the_same_bytes(tmp_path):
+    """``--threads 1`` with one BLAS thread and ``--threads 2`` with two: the same file."""
+    model, calib = os.path.join(ROOT, "models", "mlp.onnx"), os.path.join(ROOT, "models", "mlp_calib.npz")
+    digest = []
+    for n in (1, 2):
+        out = tmp_path / f"o{n}.onnx"
+        env = dict(os.environ, OMP_NUM_THREADS=str(n), OPENBLAS_NUM_THREADS=str(n), MKL_NUM_THREADS=str(n))
+        p = subprocess.run([sys.executable, "-m", "onnxshrink.cli", model, str(out), "--passes", "lowrank",
+                            "--calibration-data", calib, "--target-params", "0.5", "--threads", str(n), "--quiet",
+                            "--force"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert p.returncode in (0, 3), p.stderr[-2000:]
+        digest.append(hashlib.sha256(out.read_bytes()).hexdigest())
+    assert digest[0] == digest[1]
+    p = subprocess.run([sys.executable, "-m", "onnxshrink.cli", model, str(tmp_path / "x.onnx"), "--passes", "lowrank",
+                        "--calibration-data", calib, "--threads", "0"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 2 and "threads must be" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x.onnx").exists()
 
 
 # ----------------------------------------------------------------------------- parallel itself
