@@ -9,6 +9,7 @@ from graphs import NO_NUMERIC_CHECKS, GraphBuilder, assert_close
 from models import digits
 from onnxshrink import shrink
 from onnxshrink.cost import model_cost
+from onnxshrink.errors import UsageError
 
 EXACT = {"energy": 1.0, "force": True, "refit": False}
 
@@ -215,9 +216,9 @@ def _residual_mlp(lams, head=False):
 
 def test_budget_weighs_each_layers_error_by_its_blocks_share_of_the_residual_stream():
     """Two equal residual MLP blocks, the first scaled by a layer scale of 0.05: its errors reach the
-    output 400× smaller, so the params budget truncates its layers first (``effect=stream``), and the
-    output error on new data is lower than with per-layer relative errors; a layer outside any block
-    (a head) turns the weighting off (``_factor.stream_effects`` gives None)."""
+    output 400× smaller, so with ``effect=stream`` the params budget truncates its layers first, and
+    the output error on new data is lower than with per-layer relative errors (the default); a layer
+    outside any block (a head) turns the weighting off (``_factor.stream_effects`` gives None)."""
     from graphs import run
     from onnxshrink.graph import import_graph
     from onnxshrink.passes._factor import stream_effects
@@ -240,5 +241,10 @@ def test_budget_weighs_each_layers_error_by_its_blocks_share_of_the_residual_str
     # a head outside the blocks: no stream weighting
     m2 = _residual_mlp((0.05, 1.0), head=True)
     res = shrink(m2, ["lowrank"], calibration=cal, target_params=0.6, quiet=True, force=True,
+                 options={"lowrank": {"rank_multiple": 2, "effect": "stream"}}, tolerances=NO_NUMERIC_CHECKS)
+    assert res.report["passes"][0]["allocation_errors"] == "per layer"
+    res = shrink(m, ["lowrank"], calibration=cal, target_params=0.6, quiet=True, force=True,   # the default
                  options={"lowrank": {"rank_multiple": 2}}, tolerances=NO_NUMERIC_CHECKS)
     assert res.report["passes"][0]["allocation_errors"] == "per layer"
+    with pytest.raises(UsageError, match="effect must be stream or layer"):
+        shrink(m, ["lowrank"], calibration=cal, target_params=0.6, quiet=True, options={"lowrank": {"effect": "x"}})
