@@ -10,8 +10,8 @@ Every such node computes, per output position, y = x W + b with
     Gemm        B (transB=1: d_out × d_in, else d_in × d_out) × alpha
     MatMul      B (d_in × d_out), a 2-D constant right operand
   For a grouped Conv/ConvTranspose, column o reads input group o // (O/g) only (``blocks()``);
-  for ConvTranspose the rows are the kernel taps an input pixel spreads to (a weight view: it has
-  no im2col statistics).
+  for ConvTranspose the rows are the kernel taps an input pixel spreads to (its statistics gather,
+  per output position, the input pixel each tap maps there: ``stats.conv_transpose_patches``).
 - b the bias ``bias()`` (d_out): Conv/ConvTranspose input 2, Gemm C × beta (one value per output
   or a scalar), and for MatMul the constant of the Add that follows it (``bias_add``).
 
@@ -353,13 +353,22 @@ class WeightLayer:
         (default: the node's input) and target ``y`` (default: the node's output; "" for none) at
         ``positions`` sampled output positions per sample of a Conv, or every row (at most
         ``rows_per_batch`` per batch) of a Gemm/MatMul. A grouped Conv's rows are those of all
-        groups, C·∏k: group j's rows are [j·C/g·∏k, (j+1)·C/g·∏k). ValueError for a ConvTranspose
-        (no patch statistics) or a Conv whose pads are not explicit."""
+        groups, C·∏k: group j's rows are [j·C/g·∏k, (j+1)·C/g·∏k). A ConvTranspose's rows are the
+        input pixels its kernel taps map onto each sampled output position, zero where a tap maps
+        none (``stats.conv_transpose_patches``; it has no ``output_shape`` statistics). ValueError
+        for a Conv/ConvTranspose whose pads are not explicit or one with an ``output_shape``."""
         x = self.node.inputs[0].name if x is None else x
         y = self.node.outputs[0].name if y is None else (y or None)
         if self.op == "Conv":
             attrs = self.conv_attrs()
             return LayerStats(key, x, y, kind="conv", conv_attrs=attrs, positions=positions)
+        if self.op == "ConvTranspose":
+            if "output_shape" in self.node.attrs:
+                raise ValueError("ConvTranspose with an output_shape attribute (implicit pads)")
+            attrs = self.conv_attrs()
+            nd = len(attrs["kernel_shape"])
+            attrs["output_padding"] = list(self.node.attrs.get("output_padding", [0] * nd))
+            return LayerStats(key, x, y, kind="convtranspose", conv_attrs=attrs, positions=positions)
         if self.op == "Gemm":
             return LayerStats(key, x, y, kind="linear", transpose_x=bool(self.node.attrs.get("transA", 0)),
                               rows_per_batch=rows_per_batch)

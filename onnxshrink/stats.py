@@ -200,6 +200,37 @@ def conv_patches(x: np.ndarray, attrs: dict, out_spatial: tuple, flat_pos: np.nd
     return patches.reshape(n * P, c * int(np.prod(k)))
 
 
+def conv_transpose_patches(x: np.ndarray, attrs: dict, out_spatial: tuple, flat_pos: np.ndarray) -> np.ndarray:
+    """The input features of a ConvTranspose at the given flat output positions.
+
+    x: (N, C, *S). Output position p reads x[c, i] through tap k where i·stride − pad_begin + k·dilation
+    = p. Returns (N·P, C·prod(k)) with columns ordered (c, k1, k2, ...), matching the weight layout
+    W[c, o, k1, k2, ...] (``layers.WeightLayer.matrix``): entry (c, k) is that x[c, i], or 0 where
+    the tap reads no input position (another phase of the stride, or outside the input). The rows
+    of one stride phase span that phase's taps only, so a least-squares fit on them is the
+    transposed convolution's (output_padding only adds positions no tap of the border reaches).
+    """
+    nd = x.ndim - 2
+    k = list(attrs["kernel_shape"])
+    strides = list(attrs.get("strides", [1] * nd))
+    dil = list(attrs.get("dilations", [1] * nd))
+    pads = list(attrs.get("pads", [0] * (2 * nd)))
+    coords = np.unravel_index(flat_pos, out_spatial)
+    P = len(flat_pos)
+    grids, valid = [], np.ones([P] + k, dtype=bool)
+    for d in range(nd):
+        num = coords[d][:, None] + pads[d] - np.arange(k[d])[None, :] * dil[d]   # (P, k_d) = i·stride
+        ok = (num % strides[d] == 0) & (num >= 0) & (num < x.shape[2 + d] * strides[d])
+        shape = [P] + [1] * nd
+        shape[1 + d] = k[d]
+        grids.append(np.where(ok, num // strides[d], 0).reshape(shape))
+        valid &= ok.reshape(shape)
+    patches = x[(slice(None), slice(None)) + tuple(grids)] * valid   # (N, C, P, k...)
+    n, c = x.shape[:2]
+    patches = np.moveaxis(patches, 2, 1)  # (N, P, C, k...)
+    return patches.reshape(n * P, c * int(np.prod(k)))
+
+
 def conv_outputs_at(y: np.ndarray, flat_pos: np.ndarray) -> np.ndarray:
     """(N, O, *S) -> (N·P, O) at the flat spatial positions."""
     n, o = y.shape[:2]
@@ -261,12 +292,16 @@ class ResponseStats:
         acc.update(responses(x_arrays[self.tensor], self.reduce))
 
 
+SPATIAL_KINDS = ("conv", "convtranspose")   # LayerStats kinds whose rows are sampled output positions
+
+
 @dataclass
 class LayerStats:
     """Inputs of a weight layer (and optionally its target outputs).
 
-    kind: "conv" (needs ``conv_attrs``: kernel_shape, strides, pads, dilations; group must be 1)
-    or "linear" (rows of the last axis; ``transpose_x`` for Gemm transA=1).
+    kind: "conv" (needs ``conv_attrs``: kernel_shape, strides, pads, dilations; group must be 1),
+    "convtranspose" (the same attributes, plus output_padding where there is no target tensor to
+    give the output size; ``conv_transpose_patches``) or "linear" (rows of the last axis; ``transpose_x`` for Gemm transA=1).
     """
 
     key: str
@@ -284,10 +319,11 @@ class LayerStats:
     def _features(self, x_arrays, y_arrays, rng):
         x = x_arrays[self.x_tensor]
         y = y_arrays.get(self.y_tensor) if self.y_tensor else None
-        if self.kind == "conv":
+        if self.kind in SPATIAL_KINDS:
             out_spatial = tuple(y.shape[2:]) if y is not None else self._out_spatial(x.shape)
             pos = spatial_positions(out_spatial, self.positions, rng)
-            xr = conv_patches(x, self.conv_attrs, out_spatial, pos)
+            patches = conv_patches if self.kind == "conv" else conv_transpose_patches
+            xr = patches(x, self.conv_attrs, out_spatial, pos)
             yr = conv_outputs_at(y, pos) if y is not None else None
             return xr, yr
         xr = rows_of(x, self.transpose_x)
@@ -305,6 +341,10 @@ class LayerStats:
         s = a.get("strides", [1] * nd)
         d = a.get("dilations", [1] * nd)
         p = a.get("pads", [0] * (2 * nd))
+        if self.kind == "convtranspose":
+            op = a.get("output_padding", [0] * nd)
+            return tuple((in_shape[2 + i] - 1) * s[i] - p[i] - p[i + nd] + d[i] * (k[i] - 1) + op[i] + 1
+                         for i in range(nd))
         return tuple((in_shape[2 + i] + p[i] + p[i + nd] - d[i] * (k[i] - 1) - 1) // s[i] + 1
                      for i in range(nd))
 
@@ -382,7 +422,7 @@ class ResidualStats(LayerStats):
         return {"x": [self.x_tensor, self.skip], "y": [self.y_tensor]}
 
     def _features(self, x_arrays, y_arrays, rng):
-        axis = 1 if self.kind == "conv" else -1
+        axis = 1 if self.kind in SPATIAL_KINDS else -1
         y = y_arrays[self.y_tensor]
         if self.mask is not None and not self.mask.all():
             y = np.compress(self.mask, y, axis=axis)

@@ -282,6 +282,62 @@ def allocate(options: dict, saving: float):
     return {k: options[k][choice[k]][0] for k in options}, saved
 
 
+def stream_effects(model, layers, covs):
+    """{layer: weight of its relative error} where every layer is part of a residual block, else
+    None. A block ends in a MatMul/Gemm whose output, through its bias Add and a constant layer
+    scale λ, adds into the residual stream it read (``pfa.edits.block_output``); the block's other
+    weight layers (attention projections, an MLP's first layer) are the ones whose outputs reach only
+    that layer among the weight layers. An error reaching the residual stream passes on to the
+    network's output along the identity path, so a layer's relative output error is weighed by its
+    block's contribution to the stream, E_b = Σ_j λ_j² Var(y_j) (y the block's last layer's output;
+    from its input covariance ``covs``): with layer scales that grow with depth, a late block's error
+    costs more than an early one's of the same relative size, which per-layer relative errors miss."""
+    from .pfa.edits import block_output   # the residual-block rule pfa judges its MLP/attention groups by
+    graph = import_graph(model)
+    nodes = {n.name: n for n in graph.nodes}
+    ends, out = {}, {}
+    for layer in layers:
+        if len(layer.sources) > 1 or layer.node not in nodes:
+            return None
+        end = _block_end(nodes[layer.node], graph, block_output)
+        if end is None or end[0] not in covs:
+            return None
+        name, scale = end
+        if name not in ends:
+            w = WeightLayer(nodes[name], graph).matrix()
+            var = np.einsum("ij,ik,kj->j", w, covs[name][0], w)   # diag(Wᵀ Σ W)
+            ends[name] = float(np.sum(np.clip(var, 0.0, None) * scale ** 2))
+        out[layer.node] = ends[name]
+    return out
+
+
+def _block_end(node, graph, block_output, limit: int = 400):
+    """(name, layer scale) of the residual block's last layer that ``node``'s output reaches (itself
+    when it adds into the stream), or None: its output reaches no such layer, or several weight
+    layers (shape computations are not followed)."""
+    own = block_output(WeightLayer(node, graph))
+    if own is not None:
+        return node.name, own[1]
+    found, seen, todo = set(), set(), list(node.outputs)
+    while todo and len(seen) < limit:
+        t = todo.pop()
+        if t.name in seen:
+            continue
+        seen.add(t.name)
+        for user in t.outputs:
+            if user.op == "Shape":
+                continue
+            if user.op in ("Gemm", "MatMul") and WeightLayer.problem(user) is None:
+                found.add(user.name)
+                continue
+            todo.extend(user.outputs)
+    if todo or len(found) != 1:
+        return None
+    end = next(n for n in graph.nodes if n.name in found)
+    res = block_output(WeightLayer(end, graph))
+    return None if res is None else (end.name, res[1])
+
+
 # ----------------------------------------------------------------------------- shapes
 def shape_info(model, sample_shapes):
     return infer_shapes(model, concrete_input_shapes(model, sample_shapes, batch=1))
@@ -355,6 +411,9 @@ def factorize(pass_name, model, cfg, ctx, layers, skipped, rewrite, multiple, re
                           ordered_map(lambda l: energy_curve(l, covs.get(l.node), cfg.eps), layers)))
     ranks = {}
     budget = {}
+    effect = None
+    if goal_metrics and covs and getattr(cfg, "effect", "layer") == "stream":
+        effect = stream_effects(model, layers, covs)
     if goal_metrics:
         current = ctx.cost(model)
         for m in goal_metrics:
@@ -364,7 +423,8 @@ def factorize(pass_name, model, cfg, ctx, layers, skipped, rewrite, multiple, re
             for l in layers:
                 opts = [(None, 0.0, 0.0)]
                 for r in cands[l.node]:
-                    opts.append((r, float(l.cost0[m] - l.cost_at(r)[m]), float(curves[l.node][r])))
+                    err = float(curves[l.node][r]) * (effect[l.node] if effect else 1.0)
+                    opts.append((r, float(l.cost0[m] - l.cost_at(r)[m]), err))
                 options[l.node] = opts
             possible = sum(max(o[1] for o in opts) for opts in options.values())
             if goal.met(current[m]):
@@ -467,6 +527,8 @@ def factorize(pass_name, model, cfg, ctx, layers, skipped, rewrite, multiple, re
                            requests=requests, desc=f"{pass_name}: level")
     bar.close()
     details = {"ranks": {n: ranks[n] for n in by_name}}
+    if goal_metrics:
+        details["allocation_errors"] = "residual stream" if effect else "per layer"
     if budget:
         details["budget"] = budget
     return working, details

@@ -10,7 +10,8 @@ SVD(Sᵀ W) = U Σ Vᵀ, keep rank r: A = S⁻ᵀ U_r, B = Σ_r V_rᵀ, which mi
 E‖x(W − A B)‖². Then B and the bias are refit by least squares on calibration data, layer by
 layer on the already-rewritten network (``_factor``). Rank per layer by whitened energy, or by
 ``--target-params`` / ``--target-flops`` with ranks allocated across layers by output error per
-parameter/FLOP saved.
+parameter/FLOP saved (``effect=stream``: in a transformer, each layer's relative error weighed by
+its block's contribution to the residual stream).
 
 Option ``conv=true``: a k_h×k_w Conv becomes a k_h×1 Conv to r channels then a 1×k_w Conv
 (Jaderberg, Vedaldi & Zisserman 2014, "Speeding up convolutional neural networks with low rank
@@ -36,6 +37,15 @@ from . import _factor
 class LowRankConfig(_factor.FactorConfig):
     rank_multiple: int = 8        # r is rounded up to a multiple of this
     conv: bool = False            # also split k×k Convs into k×1 then 1×k (spatially separable)
+    effect: str = "layer"         # budget allocation: "layer" sums the layers' relative errors; "stream"
+                                  # weighs each by its residual block's contribution to the stream where
+                                  # every layer is in one (``_factor.stream_effects``; on a ViT whose early
+                                  # blocks' errors grow on the way to the output it does worse)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.effect not in ("stream", "layer"):
+            raise ValueError(f"effect must be stream or layer, got '{self.effect}'")
 
 
 def _numel(shape):

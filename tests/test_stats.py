@@ -198,3 +198,73 @@ def test_pooled_stats_one_accumulator_with_each_parts_means(rng):
         mx, my = acc.part_means(p.key)
         np.testing.assert_allclose(mx, cm.x.mean, atol=1e-12)
         np.testing.assert_allclose(my, cm.mean_y, atol=1e-12)
+
+
+def _conv_transpose_model(k, stride, dilation, pads, out_pad, nd, group=1, c_in=4, c_out=6, size=5):
+    """input(N, c_in, size[, size]) -> ConvTranspose(c_in -> c_out, k) -> y (random weights, bias)."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal([c_in, c_out // group] + [k] * nd).astype(np.float32)
+    b = rng.standard_normal(c_out).astype(np.float32)
+    node = helper.make_node("ConvTranspose", ["input", "w", "b"], ["y"], name="ct", kernel_shape=[k] * nd,
+                            strides=[stride] * nd, dilations=[dilation] * nd, pads=[pads[0]] * nd + [pads[1]] * nd,
+                            output_padding=[out_pad] * nd, group=group)
+    g = helper.make_graph([node], "ct", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                       ["batch", c_in] + [size] * nd)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+# kernel, stride, dilation, (pad begin, pad end), output_padding, spatial dims
+CT_CASES = [(4, 2, 1, (1, 1), 0, 2), (3, 2, 1, (1, 1), 1, 2), (3, 1, 1, (1, 1), 0, 2), (3, 2, 2, (2, 1), 1, 2),
+            (5, 3, 1, (0, 2), 2, 2), (4, 2, 1, (1, 1), 0, 1), (2, 2, 1, (0, 0), 0, 2)]
+
+
+@pytest.mark.parametrize("k,stride,dilation,pads,out_pad,nd", CT_CASES)
+def test_conv_transpose_patches_reproduce_its_output(k, stride, dilation, pads, out_pad, nd, rng):
+    """A feature row times the weight matrix, plus the bias, is ONNX Runtime's ConvTranspose output at
+    that position (every stride phase, the borders and the output_padding positions)."""
+    import onnxruntime as ort
+    from onnxshrink.stats import conv_transpose_patches, conv_outputs_at
+    m = _conv_transpose_model(k, stride, dilation, pads, out_pad, nd)
+    x = rng.standard_normal((3, 4) + (5,) * nd).astype(np.float32)
+    y = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    layer = WeightLayer(import_graph(m).nodes[0])
+    req = layer.stats_request("k", "input", "y")
+    assert req.kind == "convtranspose" and req._out_spatial(x.shape) == y.shape[2:]
+    pos = np.arange(int(np.prod(y.shape[2:])))
+    rows = conv_transpose_patches(x.astype(np.float64), req.conv_attrs, y.shape[2:], pos)
+    assert rows.shape == (3 * len(pos), layer.d_in)
+    np.testing.assert_allclose(rows @ layer.matrix() + layer.bias(), conv_outputs_at(y, pos), atol=1e-4)
+
+
+@pytest.mark.parametrize("k,stride,dilation,pads,out_pad,nd", CT_CASES[:4] + CT_CASES[5:6])
+def test_layer_stats_recover_conv_transpose_weights(k, stride, dilation, pads, out_pad, nd, rng):
+    """Ridge least squares on the sampled ConvTranspose rows recovers W and b exactly."""
+    m = _conv_transpose_model(k, stride, dilation, pads, out_pad, nd)
+    node = import_graph(m).nodes[0]
+    data = DataSource({"input": rng.standard_normal((64, 4) + (5,) * nd).astype(np.float32)})
+    acc = collect(data, [WeightLayer(node).stats_request("k", "input", "y", positions=40)], m, batch_size=16)["k"]
+    w, b = ridge_solve(acc, ridge=1e-10)
+    np.testing.assert_allclose(w, WeightLayer(node).matrix(), atol=1e-4)
+    np.testing.assert_allclose(b, WeightLayer(node).bias(), atol=1e-4)
+    assert fit_error(acc, w, b) < 1e-8
+
+
+def test_grouped_conv_transpose_rows_are_every_groups_channels(rng):
+    """A grouped ConvTranspose's rows hold all groups' channels (c, k): group j's block of
+    ``matrix()`` times its rows gives that group's outputs."""
+    import onnxruntime as ort
+    from onnxshrink.stats import conv_transpose_patches, conv_outputs_at
+    m = _conv_transpose_model(3, 2, 1, (1, 1), 1, 2, group=2)
+    x = rng.standard_normal((2, 4, 5, 5)).astype(np.float32)
+    y = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    layer = WeightLayer(import_graph(m).nodes[0])
+    req = layer.stats_request("k", "input", "y")
+    pos = np.arange(int(np.prod(y.shape[2:])))
+    rows = conv_transpose_patches(x.astype(np.float64), req.conv_attrs, y.shape[2:], pos)
+    half = rows.shape[1] // 2
+    w = layer.matrix()
+    got = np.concatenate([rows[:, :half] @ w[:, :3], rows[:, half:] @ w[:, 3:]], axis=1) + layer.bias()
+    np.testing.assert_allclose(got, conv_outputs_at(y, pos), atol=1e-4)

@@ -4,7 +4,9 @@ be refit, their input columns per channel, a residual Add after them); layers ar
 
 Removing the channels themselves is ``onnxshrink.channels`` (``Analysis.prune``): every tensor of a
 coupling group loses the same channels, and each consumer's input columns are sliced. The consumers
-are then refit (``refit``); the ones in ``SLICE_ONLY`` are only sliced."""
+are then refit (``refit``), a ConvTranspose on the input pixels its taps map onto each output
+position (``stats.conv_transpose_patches``); one whose pads are implicit (``auto_pad`` SAME_*,
+``sliced_only``) is only sliced."""
 
 from __future__ import annotations
 
@@ -14,18 +16,30 @@ import onnx_graphsurgeon as gs
 from ...layers import LAYER_OPS, WeightLayer, explicit_pads, not_shared
 from ...registry import Skip
 
-SLICE_ONLY = ("ConvTranspose",)   # consumers whose input channels are sliced but not refit (no LayerStats)
+def sliced_only(node: gs.Node) -> bool:
+    """A consumer whose input channels are sliced but not refit: a ConvTranspose without the explicit
+    pads its statistics need (``auto_pad`` SAME_*, or an ``output_shape``: the pads follow the output
+    size)."""
+    if node.op != "ConvTranspose":
+        return False
+    if "output_shape" in node.attrs:
+        return True
+    try:
+        WeightLayer(node).conv_attrs()
+    except ValueError:
+        return True
+    return False
 
 
 def refit_consumers(nodes, names):
-    """The consumers among ``names`` that are refit (the others are only sliced)."""
-    return [c for c in names if c in nodes and nodes[c].op not in SLICE_ONLY]
+    """The consumers among ``names`` that are refit (the others are only sliced: ``sliced_only``)."""
+    return [c for c in names if c in nodes and not sliced_only(nodes[c])]
 
 
 def single_group(layer: WeightLayer) -> str | None:
     """A grouped Conv's input columns are refit per group, which pfa does not do."""
-    if layer.op == "Conv" and layer.group != 1:
-        return "grouped Conv: refit per group is not supported by this helper"
+    if layer.op in ("Conv", "ConvTranspose") and layer.group != 1:
+        return f"grouped {layer.op}: refit per group is not supported by this helper"
     return None
 
 
@@ -55,7 +69,7 @@ def downstream_layers(graph: gs.Graph, names, depth: int) -> list:
                 if du > depth or seen.get(user.name, depth + 1) <= du:
                     continue
                 seen[user.name] = du
-                if user.op in LAYER_OPS and user.op not in SLICE_ONLY and user.name not in names \
+                if user.op in LAYER_OPS and not sliced_only(user) and user.name not in names \
                         and user.name not in found:
                     layer = WeightLayer.of(user, graph, *REFIT_CHECKS, not_shared)
                     if not isinstance(layer, Skip):

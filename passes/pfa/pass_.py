@@ -294,7 +294,7 @@ class Selection:
                 elims[g.index] = Elimination(problems[g.index], g.size, sel_ridge)
                 curves[g.index] = elims[g.index].err_view
             elif len(refit_consumers(nodes, g.consumers)) < len([c for c in g.consumers if c in nodes]):
-                # a consumer that is only sliced (ConvTranspose) loses the removed channels' whole
+                # a consumer that is only sliced (ConvTranspose, implicit pads) loses the removed channels' whole
                 # contribution: their share of the response energy, in the order they go
                 order = sel.order(g)
                 energy = np.clip(np.diag(covs[g.index]), 0.0, None)[order]

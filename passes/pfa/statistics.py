@@ -9,7 +9,7 @@
   select heads and FFN units by the block's output error), so that groups of blocks with a small
   layer scale, or a small share of a large residual stream, are not overrated against the others.
 
-A Conv's rows are sampled output positions, enough of them for a least-squares fit when samples
+A Conv's (and a ConvTranspose's) rows are sampled output positions, enough of them for a least-squares fit when samples
 are few (``stats.positions_for``)."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from .elimination import Problem
 
 def positions_for(layer: WeightLayer, cfg, ctx) -> int:
     """Sampled output positions per sample for ``layer``'s statistics (``stats.positions_for``)."""
-    if layer.op != "Conv":
+    if layer.op not in ("Conv", "ConvTranspose"):
         return cfg.positions
     return stats_positions(layer.matrix().shape[0], getattr(ctx.data, "n", 0) or 0, cfg.positions)
 

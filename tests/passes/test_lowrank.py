@@ -5,10 +5,11 @@ import numpy as np
 import onnx
 import pytest
 
-from graphs import GraphBuilder, assert_close
+from graphs import NO_NUMERIC_CHECKS, GraphBuilder, assert_close
 from models import digits
 from onnxshrink import shrink
 from onnxshrink.cost import model_cost
+from onnxshrink.errors import UsageError
 
 EXACT = {"energy": 1.0, "force": True, "refit": False}
 
@@ -194,3 +195,56 @@ def test_matmul_with_the_weight_on_the_left_is_skipped_with_a_reason(name):
     rep = res.report["passes"][0]
     assert not rep["changed"]
     assert [s["reason"] for s in rep["skipped"]] == ["constant weight on the left (W·x): not supported"]
+
+
+def _residual_mlp(lams, head=False):
+    """x ─ [MatMul(32→64) ─ Relu ─ MatMul(64→32) ─ +b ─ ×λ ─ Add(stream)] per λ ─ y (─ MatMul head)."""
+    from graphs import GraphBuilder
+    b = GraphBuilder(43)
+    x = b.input("x", ["N", 6, 32])
+    h = x
+    for i, lam in enumerate(lams):
+        f = b.matmul(b.relu(b.matmul(h, 32, 64)), 64, 32)
+        f = b.node("Add", [f, b.const((0.1 * b.rng.standard_normal(32)).astype(np.float32))])
+        f = b.node("Mul", [f, b.const(np.full(32, lam, np.float32))])
+        h = b.node("Add", [f, h], out="y" if i == len(lams) - 1 and not head else None)
+    if head:
+        b.matmul(h, 32, 10, out="y")
+    b.output("y")
+    return b.model()
+
+
+def test_budget_weighs_each_layers_error_by_its_blocks_share_of_the_residual_stream():
+    """Two equal residual MLP blocks, the first scaled by a layer scale of 0.05: its errors reach the
+    output 400× smaller, so with ``effect=stream`` the params budget truncates its layers first, and
+    the output error on new data is lower than with per-layer relative errors (the default); a layer
+    outside any block (a head) turns the weighting off (``_factor.stream_effects`` gives None)."""
+    from graphs import run
+    from onnxshrink.graph import import_graph
+    from onnxshrink.passes._factor import stream_effects
+    m = _residual_mlp((0.05, 1.0))
+    rng = np.random.default_rng(0)
+    cal = {"x": rng.standard_normal((128, 6, 32)).astype(np.float32)}
+    test = {"x": rng.standard_normal((64, 6, 32)).astype(np.float32)}
+    want = run(m, test)[0]
+    err, ranks = {}, {}
+    for effect in ("layer", "stream"):
+        res = shrink(m, ["lowrank"], calibration=cal, target_params=0.6, quiet=True, force=True,
+                     options={"lowrank": {"effect": effect, "rank_multiple": 2}}, tolerances=NO_NUMERIC_CHECKS)
+        rep = res.report["passes"][0]
+        assert rep["allocation_errors"] == ("residual stream" if effect == "stream" else "per layer")
+        ranks[effect] = [rep["ranks"].get(n.name) for n in import_graph(m).nodes if n.op == "MatMul"]
+        err[effect] = np.linalg.norm(run(res.model, test)[0] - want) / np.linalg.norm(want)
+    first, second = ranks["stream"][:2], ranks["stream"][2:]
+    assert all(r is not None for r in first) and sum(first) < sum(r or 64 for r in second), ranks
+    assert err["stream"] < 0.7 * err["layer"], (err, ranks)
+    # a head outside the blocks: no stream weighting
+    m2 = _residual_mlp((0.05, 1.0), head=True)
+    res = shrink(m2, ["lowrank"], calibration=cal, target_params=0.6, quiet=True, force=True,
+                 options={"lowrank": {"rank_multiple": 2, "effect": "stream"}}, tolerances=NO_NUMERIC_CHECKS)
+    assert res.report["passes"][0]["allocation_errors"] == "per layer"
+    res = shrink(m, ["lowrank"], calibration=cal, target_params=0.6, quiet=True, force=True,   # the default
+                 options={"lowrank": {"rank_multiple": 2}}, tolerances=NO_NUMERIC_CHECKS)
+    assert res.report["passes"][0]["allocation_errors"] == "per layer"
+    with pytest.raises(UsageError, match="effect must be stream or layer"):
+        shrink(m, ["lowrank"], calibration=cal, target_params=0.6, quiet=True, options={"lowrank": {"effect": "x"}})

@@ -56,9 +56,6 @@ KNOWN_FAILURES = {
                                 "stay whole)",
     ("vit_focus", "lowrank"): "validation passes but the saliency map IoU@0.5 is 0.898 < 0.9 (params 0.900, "
                               "FLOPs 0.918; within 1 % of the threshold, so kept out of CI)",
-    ("vit_focus", "pfa"): "validation passes (output cosine 0.992) but the saliency map IoU@0.5 is 0.892 < 0.9 "
-                          "(FLOPs 0.900, params 0.912: heads, FFN units and decoder channels; 0.392 before heads "
-                          "were prunable and the decoder's sliced ConvTranspose inputs were costed)",
 }
 
 
