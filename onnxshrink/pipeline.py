@@ -30,8 +30,8 @@ from . import metrics as metrics_mod
 from . import search as search_mod
 from .arguments import Data, Run, Targets, grouped
 from .calibrate import collect as calibrate_requests   # the run itself; PassContext.collect is the passes' door
-from .calibrate import (DataSource, ShapeObserver, load_data, probe_batching, random_data, session,
-                        split_holdout)
+from .calibrate import (DataSource, ShapeObserver, TensorCache, load_data, probe_batching, random_data,
+                        reference_cache_bytes, session, split_holdout)
 from .cost import model_cost, unknown_flops
 from .errors import (CalibrationError, InputError, OnnxShrinkError, PassError, UsageError,
                      ValidationFailed, first_line)
@@ -152,6 +152,7 @@ class PassContext:
     pass_name: str = "?"                 # the pass this context was made for (named in errors)
     protected: dict = field(default_factory=dict)   # {node name: why it stays whole} (the accuracy search)
     rows: dict = field(default_factory=dict)        # {refit layer: {"rows", "width"}} (``note_rows``)
+    reference_cache: TensorCache | None = field(default=None, repr=False)   # the reference's tensors (``collect``)
 
     def note_rows(self, layer: str, rows: int, width: int) -> None:
         """Record that ``layer`` was refit from ``rows`` calibration rows (samples × the spatial
@@ -222,10 +223,30 @@ class PassContext:
             inner = sum(self.timings.get(k, 0.0) for k in TIMING_PARTS) - inner0
             self.timings[part] = self.timings.get(part, 0.0) + max(time.perf_counter() - t - inner, 0.0)
 
+    def _cache(self, model_y):
+        """The ``TensorCache`` of the reference model when ``model_y`` is it (None when the cap is 0)."""
+        if model_y is None or model_y is not self.reference:
+            return None
+        if self.reference_cache is None or self.reference_cache.model is not self.reference:
+            cap = reference_cache_bytes()
+            if cap <= 0:
+                return None
+            self.reference_cache = TensorCache(self.reference, cap)
+        return self.reference_cache
+
+    def want_reference(self, names) -> None:
+        """Ask that the reference model's tensors ``names`` be fetched with the next run of it and
+        kept (``calibrate.TensorCache``, within its cap): a refit asks for its later levels' targets,
+        so that the reference runs once for all of them."""
+        cache = self._cache(self.reference)
+        if cache is not None:
+            cache.want(names)
+
     def collect(self, requests, model_x=None, model_y=None, desc="calibration"):
         """Statistics over the calibration data; x tensors from ``model_x`` (default: the
-        reference model), y tensors from ``model_y``. Time is split into session creation,
-        inference and statistics accumulation (``timings``)."""
+        reference model), y tensors from ``model_y``; the reference's y tensors come from its
+        ``TensorCache`` where held. Time is split into session creation, inference and statistics
+        accumulation (``timings``)."""
         data = self.require_data()
         t = time.perf_counter()
         started = []
@@ -241,7 +262,7 @@ class PassContext:
         stats_before = self.timings["statistics"]
         out = calibrate_requests(data, [_TimedRequest(r, self.timings) for r in requests],
                       model_x if model_x is not None else self.reference, model_y,
-                      batch_size=self.batch_size, progress=prog, seed=self.seed)
+                      batch_size=self.batch_size, progress=prog, seed=self.seed, cache=self._cache(model_y))
         end = time.perf_counter()
         begin = started[0] if started else end
         self.timings["session"] += begin - t

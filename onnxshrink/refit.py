@@ -125,6 +125,7 @@ def refit_levels(ctx, model: onnx.ModelProto, layers, solve: Callable, write: Ca
     levels = [list(lv) for lv in levels]
     current = model
     cached: dict = {}        # level index -> stats gathered ahead on ``current``
+    _want_targets(ctx, model_y, graph, levels, requests)
     for i, keys in enumerate(levels):
         if reimport and i > 0:
             graph = import_graph(current)
@@ -159,6 +160,22 @@ def refit_levels(ctx, model: onnx.ModelProto, layers, solve: Callable, write: Ca
             with ctx.timed("export"):
                 current = export_model(graph.copy() if export_copy else graph, like=like)
     return current
+
+
+def _want_targets(ctx, model_y, graph, levels, requests) -> None:
+    """Ask the context to fetch the targets (y tensors) of every level after the first with the
+    first run of ``model_y`` and keep them (``PassContext.want_reference``): the reference model
+    then runs once for the whole loop, not once per level. A target not kept (the cache's cap)
+    is fetched when its level asks for it."""
+    want = getattr(ctx, "want_reference", None)
+    if want is None or requests is None or len(levels) < 2 or model_y is not ctx.reference:
+        return
+    names = []
+    for keys in levels[1:]:
+        for key in keys:
+            for r in requests(key, graph) or []:
+                names.extend(n for n in r.tensors()["y"] if n not in names)
+    want(names)
 
 
 def _collect(ctx, current, model_y, graph, levels, which, requests, desc, cached) -> dict:
