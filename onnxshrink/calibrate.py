@@ -974,7 +974,7 @@ class TensorCache:
         self.ahead: list = []      # names to fetch with the next run, in priority order
         self.refused: set = set()  # wanted ahead, but did not fit: not fetched ahead again
         self.runs = 0              # runs of ``model`` that used the cache
-        self._key = None
+        self._key = self._data = None
 
     def want(self, names) -> None:
         """Fetch ``names`` (tensors of ``model``) with the next run, first named kept first (only
@@ -986,9 +986,14 @@ class TensorCache:
                 self.ahead.append(n)
 
     def _check(self, data, batch_size, fixed) -> None:
-        key = (id(data), int(batch_size), fixed)
-        if key != self._key:   # other data or batching: nothing held applies
-            self.held, self.fetched_with, self.nbytes, self._key = {}, {}, 0, key
+        key = (int(batch_size), fixed)
+        if data is not self._data or key != self._key:   # other data or batching: nothing held applies
+            self.held, self.fetched_with, self.nbytes, self._key, self._data = {}, {}, 0, key, data
+
+    def summary(self) -> dict:
+        """For the report: runs of the model that went through the cache, tensors and MiB held."""
+        return {"runs": self.runs, "tensors": len(self.held), "mib": round(self.nbytes / (1 << 20), 1),
+                "cap_mib": round(self.cap / (1 << 20), 1), "ahead": self.free}
 
     def plan(self, ys) -> tuple:
         """(held names served, names to fetch and keep, in priority order) for a run reading ``ys``."""

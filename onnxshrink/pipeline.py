@@ -235,9 +235,10 @@ class PassContext:
         return self.reference_cache
 
     def want_reference(self, names) -> None:
-        """Ask that the reference model's tensors ``names`` be fetched with the next run of it and
-        kept (``calibrate.TensorCache``, within its cap): a refit asks for its later levels' targets,
-        so that the reference runs once for all of them."""
+        """Ask that the reference model's tensors ``names`` (an iterable, read only where the
+        cache fetches ahead) be fetched with the next run of it and kept (``calibrate.TensorCache``,
+        within its cap): a refit asks for its later levels' targets, so that the reference runs
+        once for all of them."""
         cache = self._cache(self.reference)
         if cache is not None:
             cache.want(names)
@@ -601,6 +602,9 @@ class _Call:
     metric: metrics_mod.Metric | None = None
     max_drop: float | None = None
     gate: str = "default"       # the tolerances' origin: "default", "given", or "metric" (the metric judges)
+    # the first pass's reference tensors, kept across the chains a budget search builds from the
+    # same model and data (``calibrate.TensorCache``); shared by the copies ``replace`` makes
+    shared: dict = field(default_factory=dict)
 
 
 def _chain(model, original, call: _Call, budget: budget_mod.Budget, signatures, sample_shapes, protected=None):
@@ -611,6 +615,7 @@ def _chain(model, original, call: _Call, budget: budget_mod.Budget, signatures, 
         goals = budget.goals(i, model_cost(model, signatures)) if budget else {}
         ctx = PassContext(call.fit, model, original, goals, sample_shapes, call.batch_size, call.seed, call.quiet,
                           signatures=signatures, pass_name=p.name, protected=dict(protected or {}))
+        _share_cache(ctx, call.shared, first=i == 0)
         _check_requires([(p, cfg)], has_data=call.fit is not None, model_opset=opset(model))   # as it enters
         t = time.perf_counter()
         try:
@@ -631,6 +636,10 @@ def _chain(model, original, call: _Call, budget: budget_mod.Budget, signatures, 
         rep.details.setdefault("calibration_seconds", round(ctx.calibration_seconds, 3))
         rep.details.setdefault("calibration_runs", ctx.calibration_runs)
         rep.details["timing"] = ctx.timing_report(rep.details["seconds"])
+        if ctx.reference_cache is not None:
+            rep.details["reference_cache"] = ctx.reference_cache.summary()
+            if i == 0:
+                call.shared["reference"] = ctx.reference_cache
         if ctx.rows:
             rep.details["rows"] = {k: ctx.rows[k] for k in sorted(ctx.rows)}
             few = [k for k in sorted(ctx.rows) if ctx.rows[k]["rows"] < FEW_ROWS_PER_COLUMN * ctx.rows[k]["width"]]
@@ -639,6 +648,18 @@ def _chain(model, original, call: _Call, budget: budget_mod.Budget, signatures, 
         reports.append(rep)
         done.append(p.name)
     return model, reports
+
+
+def _share_cache(ctx, shared: dict, first: bool) -> None:
+    """The chain's first pass takes over the reference cache an earlier chain left for the same
+    model (a budget search's steps); a later pass gets a cap of what that one leaves free."""
+    kept = shared.get("reference")
+    if kept is None:
+        return
+    if first and kept.model is ctx.reference:
+        ctx.reference_cache = kept
+    elif not first:
+        ctx.reference_cache = TensorCache(ctx.reference, max(reference_cache_bytes() - kept.nbytes, 0))
 
 
 def _search_budget(call: _Call) -> str:

@@ -170,12 +170,12 @@ def _want_targets(ctx, model_y, graph, levels, requests) -> None:
     want = getattr(ctx, "want_reference", None)
     if want is None or requests is None or len(levels) < 2 or model_y is not ctx.reference:
         return
-    names = []
-    for keys in levels[1:]:
-        for key in keys:
-            for r in requests(key, graph) or []:
-                names.extend(n for n in r.tensors()["y"] if n not in names)
-    want(names)
+    def names():   # read only where the cache fetches ahead
+        for keys in levels[1:]:
+            for key in keys:
+                for r in requests(key, graph) or []:
+                    yield from r.tensors()["y"]
+    want(names())
 
 
 def _collect(ctx, current, model_y, graph, levels, which, requests, desc, cached) -> dict:

@@ -175,3 +175,27 @@ def test_where_fetching_changes_values_only_a_repeated_run_is_served(rng):
     for got in (a, b):
         np.testing.assert_array_equal(got[late[0].key].outer, alone[late[0].key].outer)
     np.testing.assert_array_equal(c[late[0].key].outer, collect(data, both, ref, ref, batch_size=16)[late[0].key].outer)
+
+
+def test_a_budget_search_reuses_the_first_pass_reference_tensors(rng):
+    """Two chains from the same model and data (a budget search's steps): the second one's pass
+    reads every target of the reference from the cache the first one left."""
+    from onnxshrink import pipeline
+    from onnxshrink.budget import Budget
+    from onnxshrink.calibrate import from_feeds
+    from onnxshrink.cost import model_cost
+    from onnxshrink.registry import get_pass, make_config
+    from onnxshrink.validate import Tolerances
+    ref = _chain(4)
+    data = from_feeds([{"x": rng.standard_normal((20, 8)).astype(np.float32)} for _ in range(6)])
+    p = get_pass("pfa")
+    budget = Budget.of({"params": 0.7}, [p]).at(model_cost(ref, data.signatures()))
+    call = pipeline._Call([(p, make_config(p, {}))], budget, data, None, Tolerances(), True, True, 64, 0, 0.0,
+                          [], {}, ref)
+    shapes = dict(data.signatures()[0]["inputs"])
+    out1, reps1 = pipeline._chain(ref, ref, call, budget, data.signatures(), shapes)
+    first = reps1[0].details["reference_cache"]
+    assert first["runs"] >= 1 and first["tensors"] >= 1 and first["ahead"]
+    out2, reps2 = pipeline._chain(ref, ref, call, budget, data.signatures(), shapes)
+    assert reps2[0].details["reference_cache"]["runs"] == first["runs"]   # no run of the reference
+    assert out1.SerializeToString() == out2.SerializeToString()
