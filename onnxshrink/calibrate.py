@@ -1044,7 +1044,9 @@ def collect(data: DataSource, requests, model_x: onnx.ModelProto, model_y: onnx.
 
     ``x`` tensors are read from ``model_x``, ``y`` tensors from ``model_y`` (default: model_x).
     ``cache``: a ``TensorCache`` of ``model_y``: its y tensors held are not fetched again, and
-    those fetched (with the ones wanted ahead) are kept under its cap.
+    those fetched (with the ones wanted ahead) are kept under its cap; where ``model_y`` is
+    ``model_x`` and the cache fetches ahead (values do not depend on what a run fetches), one run
+    of the model serves both sides.
     """
     requests = list(requests)
     if not requests:
@@ -1060,9 +1062,12 @@ def collect(data: DataSource, requests, model_x: onnx.ModelProto, model_y: onnx.
         held, keep = cache.plan(ys)
         fetch_y = [n for n in ys if n not in held] + [n for n in keep if n not in ys]
         record = _Recording(cache, keep)
-    run_x = _Runner(model_x, xs if model_y is not None else sorted(set(xs) | set(ys)))
-    run_y = _Runner(model_y, fetch_y) if model_y is not None and fetch_y else None
-    if cache is not None and run_y is not None and run_y.sess is not None:
+    # one run for both sides where they are one model and values do not depend on what it fetches
+    one = cache is not None and cache.free and model_y is model_x
+    names_x = sorted(set(xs) | set(ys)) if model_y is None else sorted(set(xs) | set(fetch_y)) if one else xs
+    run_x = _Runner(model_x, names_x)
+    run_y = _Runner(model_y, fetch_y) if model_y is not None and fetch_y and not one else None
+    if cache is not None and (run_y is not None and run_y.sess is not None or one and fetch_y):
         cache.runs += 1
     accs = {}
     batches, count = _batches(data, batch_size, model_x)
@@ -1074,7 +1079,7 @@ def collect(data: DataSource, requests, model_x: onnx.ModelProto, model_y: onnx.
         if model_y is None:
             ya = xa
         else:
-            ya = run_y(feed) if run_y is not None else {}
+            ya = {n: xa[n] for n in fetch_y} if one else run_y(feed) if run_y is not None else {}
             if record is not None:
                 record.add(ya)
             for n in held:

@@ -6,7 +6,11 @@ inputs depend on the layers before it, so layers are refit in topological levels
 is 1 + the highest level of a refit layer upstream of it (``refit_order``). Layers of one level do
 not feed each other, so one calibration run of the model as rewritten so far serves the whole
 level; the level's edits are then exported and the next level collects on that model (sequential
-reconstruction, as in ThiNet and the channel-pruning papers, and layer-wise as in GPTQ).
+reconstruction, as in ThiNet and the channel-pruning papers, and layer-wise as in GPTQ). A level
+whose edits replaced weights only (no node, name or attribute changed) has its model made by
+replacing those initializers in the last one, not by exporting the whole graph again; the targets
+the reference gives every level are fetched once where that gives the same values
+(``PassContext.want_reference``).
 
 ``refit_levels`` is that loop; a pass gives what differs: the requests of a layer, ``solve`` and
 ``write`` (into the graph). Options cover the variants the passes need: a second round in the
@@ -104,7 +108,8 @@ def refit_levels(ctx, model: onnx.ModelProto, layers, solve: Callable, write: Ca
       read as write's: False when the graph was left as it was (no export; statistics gathered
       ahead stay valid), an ``Again`` for a second round in this level, else None/True.
     - ``graph``: the graph the edits go into (default: imported from ``model``); with
-      ``reimport=True`` a fresh graph is imported from each level's model instead.
+      ``reimport=True`` a fresh graph is imported from each level's model instead, except where
+      ``graph`` is the one that model was exported from (the same graph, as re-importing gives).
     - ``ahead(levels_left) -> n``: gather the requests of the next n levels (≥ 1) in one run; their
       statistics are used while no level between changes the graph (default 1: one run a level).
     - ``like``: the model whose opsets and metadata exports keep (default ``model``);

@@ -199,3 +199,25 @@ def test_a_budget_search_reuses_the_first_pass_reference_tensors(rng):
     out2, reps2 = pipeline._chain(ref, ref, call, budget, data.signatures(), shapes)
     assert reps2[0].details["reference_cache"]["runs"] == first["runs"]   # no run of the reference
     assert out1.SerializeToString() == out2.SerializeToString()
+
+
+def test_one_run_serves_both_sides_of_the_same_model(rng, monkeypatch):
+    """x and y from the reference itself (a refit's first level): one session, the same statistics."""
+    from onnxshrink import calibrate
+    ref = _chain(5)
+    data = DataSource({"x": rng.standard_normal((70, 8)).astype(np.float32)})
+    reqs = _requests(ref)
+    plain = collect(data, reqs, ref, ref, batch_size=32)
+    made = []
+    real = calibrate._Runner.__init__
+
+    def counting(self, model, names):
+        real(self, model, names)
+        made.append(self.sess is not None)
+    monkeypatch.setattr(calibrate._Runner, "__init__", counting)
+    cache = TensorCache(ref, 1 << 30)
+    got = collect(data, reqs, ref, ref, batch_size=32, cache=cache)
+    assert made == [True] and cache.runs == 1 and len(cache.held) == 3
+    for k in plain:
+        np.testing.assert_array_equal(plain[k].xy, got[k].xy)
+        np.testing.assert_array_equal(plain[k].x.outer, got[k].x.outer)
