@@ -906,31 +906,192 @@ class _Runner:
         return out
 
 
+REFERENCE_CACHE_MB = 1024   # the reference tensors ``TensorCache`` keeps, at most (MiB)
+CACHE_ENV = "ONNXSHRINK_REFERENCE_CACHE_MB"   # overrides it; 0 turns the cache off
+
+
+def reference_cache_bytes() -> int:
+    """The byte cap of a ``TensorCache``: ``REFERENCE_CACHE_MB`` MiB, or the environment's
+    ``ONNXSHRINK_REFERENCE_CACHE_MB`` (0: no cache)."""
+    raw = os.environ.get(CACHE_ENV)
+    if raw is None or not raw.strip():
+        return int(REFERENCE_CACHE_MB) << 20
+    try:
+        mb = float(raw)
+    except ValueError:
+        raise InputError(f"{CACHE_ENV}={raw!r} is not a number of MiB") from None
+    return max(int(mb * (1 << 20)), 0)
+
+
+# ONNX Runtime's basic graph optimisations that change values (weights folded into a producer):
+# a fetched tensor blocks them where it is the producer's output, so the values of tensors
+# downstream depend on which tensors a run fetches; {producer: consumers}
+VALUE_FUSIONS = {"Conv": ("BatchNormalization", "Add", "Mul"), "MatMul": ("BatchNormalization",),
+                 "Gemm": ("Sum",), "Div": ("Mul",)}
+
+
+def fetch_independent(model: onnx.ModelProto) -> bool:
+    """True when no node pair of ``model`` is one that ONNX Runtime's basic optimisations fuse
+    with a change of values (``VALUE_FUSIONS``; a Div only with a constant numerator): then a
+    tensor has the same value whatever else a run fetches, bit for bit."""
+    consts = {t.name for t in model.graph.initializer}
+    consts |= {o for n in model.graph.node if n.op_type == "Constant" for o in n.output}
+    readers: dict = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, set()).add(n.op_type)
+    for n in model.graph.node:
+        fused = VALUE_FUSIONS.get(n.op_type)
+        if fused is None or (n.op_type == "Div" and (not n.input or n.input[0] not in consts)):
+            continue
+        if any(readers.get(o, set()) & set(fused) for o in n.output):
+            return False
+    return True
+
+
+class TensorCache:
+    """Tensors that ``collect`` fetched from one model (``model``, the reference a refit
+    reproduces), kept batch by batch for later runs over the same data and batch size, so that
+    the reference runs once, not once per refit level or statistics round.
+
+    Served values are bit for bit those a run of their own would fetch. Where that holds whatever
+    a run fetches (``fetch_independent``), a run fetches, beside the tensors its requests read,
+    those ``want``ed ahead (a later level's targets), and any tensor held is served; otherwise a
+    tensor is served only to a run that fetches exactly the tensors it was fetched with (a
+    repeated round), and nothing is fetched ahead. Every tensor a run fetched is kept while the
+    cache holds at most ``cap`` bytes; over the cap, tensors are given up last-wanted first (a
+    tensor given up is fetched again when a run asks for it: the cap bounds memory, never the
+    result). A tensor is held only for every batch of the data; its arrays are read-only. Nothing
+    goes to disk."""
+
+    def __init__(self, model: onnx.ModelProto, cap: int):
+        self.model, self.cap = model, int(cap)
+        self.free = fetch_independent(model)
+        self.made = {o for n in model.graph.node for o in n.output if o}
+        self.held: dict = {}       # name -> [array per batch]
+        self.fetched_with: dict = {}   # name -> the names its run fetched (when not ``free``)
+        self.nbytes = 0
+        self.ahead: list = []      # names to fetch with the next run, in priority order
+        self.refused: set = set()  # wanted ahead, but did not fit: not fetched ahead again
+        self.runs = 0              # runs of ``model`` that used the cache
+        self._key = self._data = None
+
+    def want(self, names) -> None:
+        """Fetch ``names`` (tensors of ``model``) with the next run, first named kept first (only
+        where values do not depend on what a run fetches)."""
+        if not self.free:
+            return
+        for n in names:
+            if n in self.made and n not in self.held and n not in self.refused and n not in self.ahead:
+                self.ahead.append(n)
+
+    def _check(self, data, batch_size, fixed) -> None:
+        key = (int(batch_size), fixed)
+        if data is not self._data or key != self._key:   # other data or batching: nothing held applies
+            self.held, self.fetched_with, self.nbytes, self._key, self._data = {}, {}, 0, key, data
+
+    def summary(self) -> dict:
+        """For the report: runs of the model that went through the cache, tensors and MiB held."""
+        return {"runs": self.runs, "tensors": len(self.held), "mib": round(self.nbytes / (1 << 20), 1),
+                "cap_mib": round(self.cap / (1 << 20), 1), "ahead": self.free}
+
+    def plan(self, ys) -> tuple:
+        """(held names served, names to fetch and keep, in priority order) for a run reading ``ys``."""
+        mine = [n for n in ys if n in self.made]
+        group = frozenset(mine)
+        if self.free:
+            held = [n for n in mine if n in self.held]
+        else:
+            held = mine if mine and all(self.fetched_with.get(n) == group for n in mine) else []
+        ahead = [n for n in self.ahead if n not in self.held and n not in ys]
+        self.ahead = []
+        return held, ahead + [n for n in mine if n not in held]
+
+
+class _Recording:
+    """The tensors of one run going into a ``TensorCache``: ``order`` is their priority."""
+
+    def __init__(self, cache: TensorCache, order: list):
+        self.cache, self.order, self.parts = cache, list(order), {n: [] for n in order}
+        self.group = frozenset(order)
+        self.nbytes = 0
+
+    def add(self, arrays: dict) -> None:
+        for n in self.order:
+            a = arrays[n]
+            if isinstance(a, np.ndarray):
+                a.flags.writeable = False
+            self.parts[n].append(a)
+            self.nbytes += getattr(a, "nbytes", 0)
+        while self.order and self.cache.nbytes + self.nbytes > self.cache.cap:
+            n = self.order.pop()
+            self.nbytes -= sum(getattr(a, "nbytes", 0) for a in self.parts.pop(n))
+            self.cache.refused.add(n)
+
+    def finish(self, batches: int) -> None:
+        for n in self.order:
+            if len(self.parts[n]) == batches:
+                if n in self.cache.held:
+                    self.cache.nbytes -= sum(getattr(a, "nbytes", 0) for a in self.cache.held[n])
+                self.cache.held[n] = self.parts[n]
+                self.cache.fetched_with[n] = self.group
+                self.cache.nbytes += sum(getattr(a, "nbytes", 0) for a in self.parts[n])
+
+
 def collect(data: DataSource, requests, model_x: onnx.ModelProto, model_y: onnx.ModelProto | None = None,
-            batch_size: int = 64, progress=None, seed: int = 0) -> dict:
+            batch_size: int = 64, progress=None, seed: int = 0, cache: TensorCache | None = None) -> dict:
     """Run the data once and return {request.key: accumulator}.
 
     ``x`` tensors are read from ``model_x``, ``y`` tensors from ``model_y`` (default: model_x).
+    ``cache``: a ``TensorCache`` of ``model_y``: its y tensors held are not fetched again, and
+    those fetched (with the ones wanted ahead) are kept under its cap; where ``model_y`` is
+    ``model_x`` and the cache fetches ahead (values do not depend on what a run fetches), one run
+    of the model serves both sides.
     """
     requests = list(requests)
     if not requests:
         return {}
     xs = sorted({t for r in requests for t in r.tensors()["x"]})
     ys = sorted({t for r in requests for t in r.tensors()["y"]})
-    run_x = _Runner(model_x, xs if model_y is not None else sorted(set(xs) | set(ys)))
-    run_y = _Runner(model_y, ys) if model_y is not None and ys else None
+    if cache is not None and (model_y is None or cache.model is not model_y or cache.cap <= 0):
+        cache = None
+    held, record = [], None
+    fetch_y = ys
+    if cache is not None:
+        cache._check(data, batch_size, fixed_batch(model_x))
+        held, keep = cache.plan(ys)
+        fetch_y = [n for n in ys if n not in held] + [n for n in keep if n not in ys]
+        record = _Recording(cache, keep)
+    # one run for both sides where they are one model and values do not depend on what it fetches
+    one = cache is not None and cache.free and model_y is model_x
+    names_x = sorted(set(xs) | set(ys)) if model_y is None else sorted(set(xs) | set(fetch_y)) if one else xs
+    run_x = _Runner(model_x, names_x)
+    run_y = _Runner(model_y, fetch_y) if model_y is not None and fetch_y and not one else None
+    if cache is not None and (run_y is not None and run_y.sess is not None or one and fetch_y):
+        cache.runs += 1
     accs = {}
     batches, count = _batches(data, batch_size, model_x)
     if progress is not None:
         batches = progress(batches, total=count)
+    seen = 0
     for b, feed in enumerate(batches):
         xa = run_x(feed)
-        ya = run_y(feed) if run_y is not None else xa
+        if model_y is None:
+            ya = xa
+        else:
+            ya = {n: xa[n] for n in fetch_y} if one else run_y(feed) if run_y is not None else {}
+            if record is not None:
+                record.add(ya)
+            for n in held:
+                ya[n] = cache.held[n][b]
+        seen += 1
         for r in requests:
             if r.key not in accs:
                 accs[r.key] = r.new(xa, ya)
             rng = np.random.default_rng([seed, b, zlib.crc32(r.key.encode())])
             r.update(accs[r.key], xa, ya, rng)
+    if record is not None:
+        record.finish(seen)
     return accs
 
 

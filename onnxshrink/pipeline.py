@@ -31,8 +31,8 @@ from . import parallel
 from . import search as search_mod
 from .arguments import Data, Run, Targets, grouped
 from .calibrate import collect as calibrate_requests   # the run itself; PassContext.collect is the passes' door
-from .calibrate import (DataSource, ShapeObserver, load_data, probe_batching, random_data, session,
-                        split_holdout)
+from .calibrate import (DataSource, ShapeObserver, TensorCache, load_data, probe_batching, random_data,
+                        reference_cache_bytes, session, split_holdout)
 from .cost import model_cost, unknown_flops
 from .errors import (CalibrationError, InputError, OnnxShrinkError, PassError, UsageError,
                      ValidationFailed, first_line)
@@ -153,6 +153,7 @@ class PassContext:
     pass_name: str = "?"                 # the pass this context was made for (named in errors)
     protected: dict = field(default_factory=dict)   # {node name: why it stays whole} (the accuracy search)
     rows: dict = field(default_factory=dict)        # {refit layer: {"rows", "width"}} (``note_rows``)
+    reference_cache: TensorCache | None = field(default=None, repr=False)   # the reference's tensors (``collect``)
 
     def note_rows(self, layer: str, rows: int, width: int) -> None:
         """Record that ``layer`` was refit from ``rows`` calibration rows (samples × the spatial
@@ -223,10 +224,31 @@ class PassContext:
             inner = sum(self.timings.get(k, 0.0) for k in TIMING_PARTS) - inner0
             self.timings[part] = self.timings.get(part, 0.0) + max(time.perf_counter() - t - inner, 0.0)
 
+    def _cache(self, model_y):
+        """The ``TensorCache`` of the reference model when ``model_y`` is it (None when the cap is 0)."""
+        if model_y is None or model_y is not self.reference:
+            return None
+        if self.reference_cache is None or self.reference_cache.model is not self.reference:
+            cap = reference_cache_bytes()
+            if cap <= 0:
+                return None
+            self.reference_cache = TensorCache(self.reference, cap)
+        return self.reference_cache
+
+    def want_reference(self, names) -> None:
+        """Ask that the reference model's tensors ``names`` (an iterable, read only where the
+        cache fetches ahead) be fetched with the next run of it and kept (``calibrate.TensorCache``,
+        within its cap): a refit asks for its later levels' targets, so that the reference runs
+        once for all of them."""
+        cache = self._cache(self.reference)
+        if cache is not None:
+            cache.want(names)
+
     def collect(self, requests, model_x=None, model_y=None, desc="calibration"):
         """Statistics over the calibration data; x tensors from ``model_x`` (default: the
-        reference model), y tensors from ``model_y``. Time is split into session creation,
-        inference and statistics accumulation (``timings``)."""
+        reference model), y tensors from ``model_y``; the reference's y tensors come from its
+        ``TensorCache`` where held. Time is split into session creation, inference and statistics
+        accumulation (``timings``)."""
         data = self.require_data()
         t = time.perf_counter()
         started = []
@@ -242,7 +264,7 @@ class PassContext:
         stats_before = self.timings["statistics"]
         out = calibrate_requests(data, [_TimedRequest(r, self.timings) for r in requests],
                       model_x if model_x is not None else self.reference, model_y,
-                      batch_size=self.batch_size, progress=prog, seed=self.seed)
+                      batch_size=self.batch_size, progress=prog, seed=self.seed, cache=self._cache(model_y))
         end = time.perf_counter()
         begin = started[0] if started else end
         self.timings["session"] += begin - t
@@ -585,6 +607,9 @@ class _Call:
     metric: metrics_mod.Metric | None = None
     max_drop: float | None = None
     gate: str = "default"       # the tolerances' origin: "default", "given", or "metric" (the metric judges)
+    # the first pass's reference tensors, kept across the chains a budget search builds from the
+    # same model and data (``calibrate.TensorCache``); shared by the copies ``replace`` makes
+    shared: dict = field(default_factory=dict)
 
 
 def _chain(model, original, call: _Call, budget: budget_mod.Budget, signatures, sample_shapes, protected=None):
@@ -595,6 +620,7 @@ def _chain(model, original, call: _Call, budget: budget_mod.Budget, signatures, 
         goals = budget.goals(i, model_cost(model, signatures)) if budget else {}
         ctx = PassContext(call.fit, model, original, goals, sample_shapes, call.batch_size, call.seed, call.quiet,
                           signatures=signatures, pass_name=p.name, protected=dict(protected or {}))
+        _share_cache(ctx, call.shared, first=i == 0)
         _check_requires([(p, cfg)], has_data=call.fit is not None, model_opset=opset(model))   # as it enters
         t = time.perf_counter()
         try:
@@ -615,6 +641,10 @@ def _chain(model, original, call: _Call, budget: budget_mod.Budget, signatures, 
         rep.details.setdefault("calibration_seconds", round(ctx.calibration_seconds, 3))
         rep.details.setdefault("calibration_runs", ctx.calibration_runs)
         rep.details["timing"] = ctx.timing_report(rep.details["seconds"])
+        if ctx.reference_cache is not None:
+            rep.details["reference_cache"] = ctx.reference_cache.summary()
+            if i == 0:
+                call.shared["reference"] = ctx.reference_cache
         if ctx.rows:
             rep.details["rows"] = {k: ctx.rows[k] for k in sorted(ctx.rows)}
             few = [k for k in sorted(ctx.rows) if ctx.rows[k]["rows"] < FEW_ROWS_PER_COLUMN * ctx.rows[k]["width"]]
@@ -623,6 +653,18 @@ def _chain(model, original, call: _Call, budget: budget_mod.Budget, signatures, 
         reports.append(rep)
         done.append(p.name)
     return model, reports
+
+
+def _share_cache(ctx, shared: dict, first: bool) -> None:
+    """The chain's first pass takes over the reference cache an earlier chain left for the same
+    model (a budget search's steps); a later pass gets a cap of what that one leaves free."""
+    kept = shared.get("reference")
+    if kept is None:
+        return
+    if first and kept.model is ctx.reference:
+        ctx.reference_cache = kept
+    elif not first:
+        ctx.reference_cache = TensorCache(ctx.reference, max(reference_cache_bytes() - kept.nbytes, 0))
 
 
 def _search_budget(call: _Call) -> str:

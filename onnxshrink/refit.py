@@ -6,7 +6,11 @@ inputs depend on the layers before it, so layers are refit in topological levels
 is 1 + the highest level of a refit layer upstream of it (``refit_order``). Layers of one level do
 not feed each other, so one calibration run of the model as rewritten so far serves the whole
 level; the level's edits are then exported and the next level collects on that model (sequential
-reconstruction, as in ThiNet and the channel-pruning papers, and layer-wise as in GPTQ).
+reconstruction, as in ThiNet and the channel-pruning papers, and layer-wise as in GPTQ). A level
+whose edits replaced weights only (no node, name or attribute changed) has its model made by
+replacing those initializers in the last one, not by exporting the whole graph again; the targets
+the reference gives every level are fetched once where that gives the same values
+(``PassContext.want_reference``).
 
 ``refit_levels`` is that loop; a pass gives what differs: the requests of a layer, ``solve`` and
 ``write`` (into the graph). Options cover the variants the passes need: a second round in the
@@ -20,10 +24,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from .graph import export_model, import_graph
+from .model_io import EXTERNAL_THRESHOLD, has_lazy
 from .parallel import ordered_map
 
 
@@ -103,7 +110,8 @@ def refit_levels(ctx, model: onnx.ModelProto, layers, solve: Callable, write: Ca
       read as write's: False when the graph was left as it was (no export; statistics gathered
       ahead stay valid), an ``Again`` for a second round in this level, else None/True.
     - ``graph``: the graph the edits go into (default: imported from ``model``); with
-      ``reimport=True`` a fresh graph is imported from each level's model instead.
+      ``reimport=True`` a fresh graph is imported from each level's model instead, except where
+      ``graph`` is the one that model was exported from (the same graph, as re-importing gives).
     - ``ahead(levels_left) -> n``: gather the requests of the next n levels (≥ 1) in one run; their
       statistics are used while no level between changes the graph (default 1: one run a level).
     - ``like``: the model whose opsets and metadata exports keep (default ``model``);
@@ -131,8 +139,10 @@ def refit_levels(ctx, model: onnx.ModelProto, layers, solve: Callable, write: Ca
     levels = [list(lv) for lv in levels]
     current = model
     cached: dict = {}        # level index -> stats gathered ahead on ``current``
+    sync = None              # ``graph`` as ``current`` was exported from it (``_export``)
+    _want_targets(ctx, model_y, graph, levels, requests)
     for i, keys in enumerate(levels):
-        if reimport and i > 0:
+        if reimport and i > 0 and sync is None:
             graph = import_graph(current)
         stats = cached.pop(i, None)
         if stats is None:
@@ -158,7 +168,7 @@ def refit_levels(ctx, model: onnx.ModelProto, layers, solve: Callable, write: Ca
             continue
         cached.clear()
         with ctx.timed("export"):
-            current = export_model(graph.copy() if export_copy else graph, like=like)
+            current, sync = _export(graph, current, like, export_copy, sync)
         if again:
             reqs = [r for a in again for r in a.requests]
             got = ctx.collect(reqs, model_x=current, model_y=model_y, desc=f"{desc} {i + 1}/{len(levels)} (again)") \
@@ -167,8 +177,97 @@ def refit_levels(ctx, model: onnx.ModelProto, layers, solve: Callable, write: Ca
                 for a in again:
                     a.fit(got, graph)
             with ctx.timed("export"):
-                current = export_model(graph.copy() if export_copy else graph, like=like)
+                current, sync = _export(graph, current, like, export_copy, sync)
+    if sync is not None and sync.patched:   # the model returned is always a full export
+        with ctx.timed("export"):
+            current = export_model(graph, like=like)
     return current
+
+
+@dataclass
+class _Sync:
+    """``graph`` as the model it was last exported to: its structure and its constants (by
+    name, the objects themselves), and whether that model was patched rather than exported."""
+
+    structure: tuple
+    constants: dict
+    patched: bool = False
+
+
+def _attr_key(v):
+    if isinstance(v, (bool, int, float, str, bytes)) or v is None:
+        return v
+    if isinstance(v, (list, tuple)) and all(isinstance(x, (bool, int, float, str, bytes)) for x in v):
+        return tuple(v)
+    if isinstance(v, gs.Graph):
+        raise _Unpatchable
+    return ("object", id(v))
+
+
+class _Unpatchable(Exception):
+    pass
+
+
+def _snapshot(graph: gs.Graph, patched: bool = False) -> _Sync | None:
+    try:
+        nodes = tuple((n.name, n.op, n.domain, tuple(t.name for t in n.inputs), tuple(t.name for t in n.outputs),
+                       tuple(sorted((k, _attr_key(v)) for k, v in n.attrs.items()))) for n in graph.nodes)
+    except _Unpatchable:   # a subgraph: its weights are not initializers of the main graph
+        return None
+    structure = (nodes, tuple(t.name for t in graph.inputs), tuple(t.name for t in graph.outputs))
+    constants = {t.name: t for t in graph.tensors().values() if isinstance(t, gs.Constant)}
+    return _Sync(structure, constants, patched)
+
+
+def _export(graph, current, like, export_copy, sync):
+    """(the model of ``graph`` after a level's edits, its ``_Sync``). Where the edits changed
+    weights only (the graph's nodes, names and attributes as at the last export, some constants
+    replaced), the last model with those initializers replaced: the same model as an export would
+    give, without exporting (and re-importing) the whole graph; else ``export_model``. The loop's
+    last model is always exported."""
+    if sync is not None:
+        patched = _patched(graph, current, sync)
+        if patched is not None:
+            return patched
+    model = export_model(graph.copy() if export_copy else graph, like=like)
+    if export_copy or has_lazy(model) or model.ByteSize() >= EXTERNAL_THRESHOLD:
+        return model, None
+    return model, _snapshot(graph)
+
+
+def _patched(graph, current, sync):
+    now = _snapshot(graph, patched=True)
+    if now is None or now.structure != sync.structure:
+        return None
+    changed = [t for name, t in now.constants.items() if sync.constants.get(name) is not t]
+    index = {t.name: k for k, t in enumerate(current.graph.initializer)}
+    if any(t.name not in index or not isinstance(t._values, np.ndarray) for t in changed):
+        return None
+    protos = [OnnxExporter.export_tensor_proto(t) for t in changed]
+    if any(p.data_type != current.graph.initializer[index[p.name]].data_type
+           or p.data_location == onnx.TensorProto.EXTERNAL for p in protos):
+        return None
+    model = onnx.ModelProto()
+    model.CopyFrom(current)
+    for p in protos:
+        model.graph.initializer[index[p.name]].CopyFrom(p)
+    return model, now
+
+
+def _want_targets(ctx, model_y, graph, levels, requests) -> None:
+    """Ask the context to fetch the targets (y tensors) of every level after the first with the
+    first run of ``model_y`` and keep them (``PassContext.want_reference``): the reference model
+    then runs once for the whole loop, not once per level. A target not kept (the cache's cap)
+    is fetched when its level asks for it."""
+    want = getattr(ctx, "want_reference", None)
+    if want is None or requests is None or len(levels) < 2 or model_y is not ctx.reference:
+        return
+    def names():   # read only where the cache fetches ahead
+        for keys in levels[1:]:
+            for key in keys:
+                for r in requests(key, graph) or []:
+                    yield from r.tensors()["y"]
+    want(names())
 
 
 def _collect(ctx, current, model_y, graph, levels, which, requests, desc, cached) -> dict:
