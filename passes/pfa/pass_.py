@@ -49,6 +49,8 @@ class PfaConfig:
     prior: bool = True            # ridge toward the layer's own sliced weights (False: toward zero)
     refit_depth: int = 0          # also refit the weight layers up to this many layers after the consumers
                                   # (0: the consumers only), toward the reference network's outputs
+    measured: bool = True         # budget mode, allocation error: scale each group's error curve by its measured
+                                  # effect on the model's outputs (one prune + refit + run per group)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -221,8 +223,13 @@ class Pfa(Pass):
         cost = CostModel(an, model, sel.groups,
                          lambda m: {c.name: (c.params, c.flops) for c in node_costs(m, ctx.sample_shapes)})
         targets = {m: goal.limit for m, goal in goals.items()}
+        curves = sel.curves
+        if cfg.allocation == "error" and cfg.measured and not all(goal.met(cost({})[m]) for m, goal in goals.items()):
+            with ctx.timed("search"):
+                curves = allocation.measured_curves(sel.groups, sel.curves, cfg.channel_multiple,
+                                                    self._output_effect(sel, ctx), details)
         if cfg.allocation == "error":
-            ks = allocation.by_error(sel.groups, sel.curves, cfg.channel_multiple, cost, targets, details)
+            ks = allocation.by_error(sel.groups, curves, cfg.channel_multiple, cost, targets, details)
         else:
             ks, energy = allocation.by_energy(sel.groups, sel.lams, cfg.channel_multiple, cost, targets, details)
             details["energy"] = round(energy, 6)
@@ -238,7 +245,7 @@ class Pfa(Pass):
             if all(goal.met(real[m]) for m, goal in goals.items()):
                 break
             tighter = {m: goal.limit * goal.limit / max(real[m], 1e-12) for m, goal in goals.items()}
-            ks2 = allocation.by_error(sel.groups, sel.curves, cfg.channel_multiple, cost, tighter, details, ks)
+            ks2 = allocation.by_error(sel.groups, curves, cfg.channel_multiple, cost, tighter, details, ks)
             if ks2 == ks:
                 break
             ks = ks2
@@ -248,6 +255,28 @@ class Pfa(Pass):
         if cfg.channel_multiple > 1:   # the last count is of ``pruned`` unless the loop ran out
             details.update(overshoot_note(ctx.cost(pruned) if real is None else real, goals, cfg.channel_multiple))
         return ks, keep, pruned
+
+    @staticmethod
+    def _output_effect(sel, ctx):
+        """measure(g, k): the output error (``pq.search.output_error``: mean and worst per-sample
+        relative squared error, range error) of the pass's input model with only group ``g`` pruned to
+        ``k`` channels and its consumers refit, on up to ``GAIN_SAMPLES`` calibration samples."""
+        from ...validate import model_outputs
+        from ..pq.search import GAIN_SAMPLES, output_error
+        data = ctx.require_data()
+        if data.units() > GAIN_SAMPLES:
+            data = data.subset(0, GAIN_SAMPLES)
+        ref, _ = model_outputs(sel.model, data, like=ctx.reference)
+        nodes = {n.name: n for n in import_graph(sel.model).nodes}
+        cfg = sel.cfg
+
+        def measure(g, k):
+            keep = sel.keep({**{h.index: h.size for h in sel.groups}, g.index: k})
+            pruned = sel.an.prune(sel.model, keep)
+            pruned, _, _ = sequential_refit(pruned, sel.an, keep, set(refit_consumers(nodes, g.consumers)), cfg, ctx)
+            outs, _ = model_outputs(pruned, data, like=ctx.reference)
+            return output_error(ref, outs)
+        return measure
 
     @staticmethod
     def _report_recipe(sel, ks, keep, report):
