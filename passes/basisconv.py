@@ -30,7 +30,10 @@ from . import _factor
 
 @dataclass
 class BasisConvConfig(_factor.FactorConfig):
-    channel_multiple: int = 8     # M is rounded up to a multiple of this
+    channel_multiple: int = 8     # M is rounded up to a multiple of this (one layer may end off it, where a
+                                  # whole step would overshoot the budget: _factor.fine_give_back)
+    measured: bool = True         # budget: scale each layer's error curve by its measured effect on the
+                                  # model's outputs (one run per layer: _factor.measured_curves)
 
 
 def _check(node: gs.Node, graph: gs.Graph, info: dict):
