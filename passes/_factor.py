@@ -432,7 +432,8 @@ def factorize(pass_name, model, cfg, ctx, layers, skipped, rewrite, multiple, re
                 choice, saved = {k: None for k in options}, 0.0
             else:
                 choice, saved = allocate(options, need)
-                choice, saved = fine_give_back(layers, choice, saved, need, m, curves, multiple)
+                if getattr(cfg, "off_multiple", False):
+                    choice, saved = fine_give_back(layers, choice, saved, need, m, curves, multiple)
             budget[m] = {"goal": round(float(goal.limit)), "needed_saving": round(float(need)),
                          "planned_saving": round(float(saved)), "max_saving": round(float(possible))}
             if need > 0 and goal.overshot(current[m] - saved) and need <= possible:

@@ -30,8 +30,9 @@ from . import _factor
 
 @dataclass
 class BasisConvConfig(_factor.FactorConfig):
-    channel_multiple: int = 8     # M is rounded up to a multiple of this (one layer may end off it, where a
-                                  # whole step would overshoot the budget: _factor.fine_give_back)
+    channel_multiple: int = 8     # M is rounded up to a multiple of this
+    off_multiple: bool = True     # budget: one layer's M may end off the multiple where a whole step would
+                                  # overshoot the goal (_factor.fine_give_back)
     measured: bool = True         # budget: scale each layer's error curve by its measured effect on the
                                   # model's outputs (one run per layer: _factor.measured_curves)
 
