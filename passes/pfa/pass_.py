@@ -10,6 +10,7 @@ The numerics live beside it: ``recipes`` (PFA-En, PFA-KL, Pearson order), ``elim
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -270,7 +271,20 @@ class Pfa(Pass):
         nodes = {n.name: n for n in import_graph(sel.model).nodes}
         cfg = sel.cfg
 
+        memo = _effect_memo(ctx, sel.model)
+        knobs = (cfg.selection, cfg.ridge, cfg.positions, cfg.residual_targets, cfg.prior, cfg.refit_depth,
+                 cfg.channel_multiple)
+
         def measure(g, k):
+            key = (g.name, k, knobs)
+            if memo is not None and key in memo:
+                return memo[key]
+            memo_value = _measure(g, k)
+            if memo is not None:
+                memo[key] = memo_value
+            return memo_value
+
+        def _measure(g, k):
             keep = sel.keep({**{h.index: h.size for h in sel.groups}, g.index: k})
             pruned = sel.an.prune(sel.model, keep)
             pruned, _, _ = sequential_refit(pruned, sel.an, keep, set(refit_consumers(nodes, g.consumers)), cfg, ctx)
@@ -371,6 +385,25 @@ class Selection:
             if s.prunable and s.node in nodes:
                 np.add.at(score, self.an.class_index[self.an.roots[s.comps]], weight_row_norms(nodes[s.node]))
         return np.argsort(score, kind="stable")
+
+
+_EFFECTS = weakref.WeakKeyDictionary()   # calibration data -> (model, seed, batch size, {probe: output error})
+
+
+def _effect_memo(ctx, model) -> dict | None:
+    """The measured output effects of the probes on ``model`` with ``ctx``'s data, kept for as long
+    as the data lives: the steps of an accuracy search run the pass again on the same data from the
+    same model at other budgets, and the probes do not depend on the budget."""
+    if ctx.data is None:
+        return None
+    try:
+        entry = _EFFECTS.get(ctx.data)
+    except TypeError:   # data that cannot be referenced weakly: no memo
+        return None
+    if entry is None or entry[0] is not model or entry[1:3] != (ctx.seed, ctx.batch_size):
+        entry = (model, ctx.seed, ctx.batch_size, {})
+        _EFFECTS[ctx.data] = entry
+    return entry[3]
 
 
 class _Lazy(dict):
