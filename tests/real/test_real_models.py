@@ -77,6 +77,7 @@ SLOW_PAIRS = {
 
 # (model, pass) -> why CI leaves the pair out (an outcome within 1 % of its threshold)
 NOT_IN_CI = {
+    ("oww_embedding", "pfa"): "worst cosine 0.9933 against a threshold of 0.99 (0.3 % margin)",
     ("oww_embedding", "pq"): "worst cosine 0.9944 against a threshold of 0.99 (0.4 % margin)",
     ("khmer_segmenter", "lowrank"): "same segmentation 0.917 = 22 of 24 sentences against 0.9: one sentence "
                                     "more would fail",
@@ -110,7 +111,6 @@ CI_PAIRS = {
     ("oww_melspec", "lowrank"): "fail, 5 s",
     ("oww_melspec", "hadamard"): "pass, 12 s",
     ("oww_melspec", "pq"): "fail (default gate), 21 s",
-    ("oww_embedding", "pfa"): "fail, 10 s (5 CPU s)",
     ("oww_embedding", "basisconv"): "fail, 33 s",
     ("oww_hey_jarvis", "lowrank"): "pass, 16 s (3 CPU s)",
     ("oww_hey_jarvis", "hadamard"): "pass, 38 s (8 CPU s)",
