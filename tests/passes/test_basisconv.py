@@ -181,10 +181,10 @@ def test_one_layer_gives_back_rank_off_the_multiple_where_a_step_overshoots():
 def test_budget_spends_ranks_by_measured_output_effect(cnn):
     model, calib, _ = cnn
     res = shrink(model, ["basisconv"], calibration=calib[:128], target_flops=0.6, force=True,
-                 options={"basisconv": {"positions": 16}})
+                 options={"basisconv": {"positions": 16, "measured": True}})
     rep = res.report["passes"][0]
     assert rep["measured"] and all(r["gain"] >= 0 and r["probe_rank"] >= 8 for r in rep["measured"].values())
     assert res.report["ratios"]["flops"] <= 0.6
     off = shrink(model, ["basisconv"], calibration=calib[:128], target_flops=0.6, force=True,
-                 options={"basisconv": {"positions": 16, "measured": False}})
+                 options={"basisconv": {"positions": 16}})
     assert "measured" not in off.report["passes"][0]

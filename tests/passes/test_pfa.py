@@ -686,7 +686,7 @@ def test_budget_report_holds_each_groups_measured_effect(tiny_cnn):
     model = tiny_cnn
     x = np.random.default_rng(2).standard_normal((128, 3, 8, 8)).astype(np.float32)
     on = shrink(model, ["pfa"], calibration=x, target_flops=0.7, force=True,
-                options={"pfa": {"channel_multiple": 1}})
+                options={"pfa": {"channel_multiple": 1, "measured": True}})
     off = shrink(model, ["pfa"], calibration=x, target_flops=0.7, force=True,
                  options={"pfa": {"channel_multiple": 1, "measured": False}})
     rep_on, rep_off = on.report["passes"][0], off.report["passes"][0]

@@ -39,6 +39,9 @@ KNOWN_FAILURES = {
                                  "layer off the multiple of 8; 0.769 at rank 16 before)",
     ("oww_melspec", "lowrank"): "TargetError: params 0.978 (target 0.900): lowrank acts on 3.0 % of the params "
                                 "(the mel MatMul; the STFT is two Conv1d it does not split), floor 0.978",
+    ("oww_embedding", "pfa"): "worst-sample embedding cosine 0.966 < 0.99, which the default gate fails (< 0.98) (FLOPs 0.896; "
+                              "each pruned group costs 0.004-0.014 of the worst cosine alone; 0.993 at FLOPs 0.899 with "
+                              "the opt-in pfa.measured=true; the max_drop search keeps it within 0.01 at FLOPs 0.93)",
     ("oww_embedding", "basisconv"): "worst-sample embedding cosine 0.917 < 0.99, which the default gate fails (< 0.98) "
                                     "(FLOPs 0.899; 0.934 with the opt-in basisconv.measured)",
     ("captcha_crnn", "pfa"): "the same text on 0.812 of the captchas < 0.9 (FLOPs 0.900; "
@@ -77,7 +80,6 @@ SLOW_PAIRS = {
 
 # (model, pass) -> why CI leaves the pair out (an outcome within 1 % of its threshold)
 NOT_IN_CI = {
-    ("oww_embedding", "pfa"): "worst cosine 0.9933 against a threshold of 0.99 (0.3 % margin)",
     ("oww_embedding", "pq"): "worst cosine 0.9944 against a threshold of 0.99 (0.4 % margin)",
     ("khmer_segmenter", "lowrank"): "same segmentation 0.917 = 22 of 24 sentences against 0.9: one sentence "
                                     "more would fail",
@@ -111,6 +113,7 @@ CI_PAIRS = {
     ("oww_melspec", "lowrank"): "fail, 5 s",
     ("oww_melspec", "hadamard"): "pass, 12 s",
     ("oww_melspec", "pq"): "fail (default gate), 21 s",
+    ("oww_embedding", "pfa"): "fail, 10 s (5 CPU s)",
     ("oww_embedding", "basisconv"): "fail, 33 s",
     ("oww_hey_jarvis", "lowrank"): "pass, 16 s (3 CPU s)",
     ("oww_hey_jarvis", "hadamard"): "pass, 38 s (8 CPU s)",
