@@ -338,6 +338,81 @@ def _block_end(node, graph, block_output, limit: int = 400):
     return None if res is None else (end.name, res[1])
 
 
+def fine_give_back(layers, choice: dict, saved: float, need: float, metric: str, curves: dict, multiple: int):
+    """Ranks move in steps of ``multiple``, and one step of a wide layer can overshoot the goal by
+    much (P-Net: 0.769 of the FLOPs for a goal of 0.9): raise the rank of one chosen layer off
+    the multiple, to the highest rank that still meets the saving, in the layer where that buys
+    the most error. At most one layer ends off the multiple. Returns (choice, saved)."""
+    if multiple <= 1 or saved <= need:
+        return choice, saved
+    best = None
+    for l in layers:
+        r = choice.get(l.node)
+        if r is None:
+            continue
+        here = float(l.cost0[metric] - l.cost_at(r)[metric])
+        for r2 in range(min(r + multiple - 1, l.max_rank - 1), r, -1):
+            s2 = float(l.cost0[metric] - l.cost_at(r2)[metric])
+            if s2 <= 0 or saved - here + s2 < need:
+                continue
+            gain = float(curves[l.node][r] - curves[l.node][r2])
+            if gain > 0 and (best is None or gain > best[0]):
+                best = (gain, l.node, r2, saved - here + s2)
+            break
+    if best is None:
+        return choice, saved
+    choice = dict(choice)
+    choice[best[1]] = best[2]
+    return choice, best[3]
+
+
+def measured_curves(model, layers, curves, cands, covs, means, rewrite, cfg, ctx):
+    """The error curves rescaled by each layer's measured effect on the model's outputs:
+    curve'_l = γ_l curve_l, γ_l = (the output error with only ``l`` factorized at the probe rank
+    r̂, its whitened truncation with the mean-corrected bias, no refit) / curve_l(r̂); r̂ is the
+    candidate rank nearest half the exact rank. The truncation error of a layer's own output says
+    little of how far it travels (an early full-resolution layer's error grows through the net, a
+    late one's is averaged out; the task metrics read the worst sample): measured, the budget
+    goes to the layers the outputs feel least. A layer whose probe the curve calls free gets the
+    median gain. Returns (curves, {layer: {"probe_rank", "output_error", "gain"}})."""
+    from ..graph import export_model
+    from ..validate import model_outputs
+    from .pq.search import GAIN_SAMPLES, output_error
+    data = ctx.require_data()
+    if data.units() > GAIN_SAMPLES:
+        data = data.subset(0, GAIN_SAMPLES)
+    ref, _ = model_outputs(model, data, like=ctx.reference)
+    gains, probes = {}, {}
+    for l in layers:
+        c = cands.get(l.node) or []
+        if not c:
+            continue
+        r = min(c, key=lambda x: (abs(x - l.max_rank / 2), x))
+        graph = import_graph(model)
+        As, Bs, bs = [], [], []
+        for g, w in enumerate(l.ws):
+            a, b_mat, _ = factor(w, covs[l.node][g], cfg.eps)
+            a, b_mat = a[:, :r], b_mat[:r]
+            so = l.extra["out_slices"][g] if "out_slices" in l.extra else slice(None)
+            corr = means[l.node][g] @ (w - a @ b_mat) if l.fit_bias else None
+            b0 = l.bias[so] if l.bias is not None else None
+            bs.append(None if corr is None else (corr if b0 is None else b0 + corr))
+            As.append(a)
+            Bs.append(b_mat)
+        bias = None if all(b is None for b in bs) else np.concatenate(
+            [b if b is not None else np.zeros(Bs[i].shape[1]) for i, b in enumerate(bs)])
+        rewrite(graph, l, r, As, Bs, bias)
+        outs, _ = model_outputs(export_model(graph, like=model), data, like=ctx.reference)
+        err = output_error(ref, outs)
+        probes[l.node] = (r, err)
+        if curves[l.node][r] > 1e-12:
+            gains[l.node] = err / float(curves[l.node][r])
+    typical = float(np.median(list(gains.values()))) if gains else 1.0
+    out = {n: np.asarray(c, dtype=np.float64) * gains.get(n, typical) for n, c in curves.items()}
+    return out, {n: {"probe_rank": r, "output_error": round(e, 6), "gain": round(gains.get(n, typical), 4)}
+                 for n, (r, e) in probes.items()}
+
+
 # ----------------------------------------------------------------------------- shapes
 def shape_info(model, sample_shapes):
     return infer_shapes(model, concrete_input_shapes(model, sample_shapes, batch=1))
@@ -399,16 +474,24 @@ def factorize(pass_name, model, cfg, ctx, layers, skipped, rewrite, multiple, re
     if not layers:
         return model, {}
     # planning statistics on the reference
-    covs = {}
+    covs, means = {}, {}
     if use_data_alloc:
         reqs = [r for layer in layers for r in layer_requests(layer, "plan:", with_y=False)]
         stats = ctx.collect(reqs, model_x=ctx.reference, desc=f"{pass_name}: statistics")
         for layer in layers:
             cm = stats["plan:" + layer.node]
             covs[layer.node] = [_group_cov(layer, cm, g, layer.fit_bias)[0] for g in range(layer.groups)]
+            if layer.feature_map is None:
+                means[layer.node] = [_group_cov(layer, cm, g, layer.fit_bias)[2] for g in range(layer.groups)]
     with ctx.timed("fit"):
         curves = dict(zip([l.node for l in layers],   # each layer's decomposition on its own (``parallel``)
                           ordered_map(lambda l: energy_curve(l, covs.get(l.node), cfg.eps), layers)))
+    if goal_metrics and getattr(cfg, "measured", False) and use_data_alloc and cfg.whiten \
+            and not all(ctx.goals[m].met(ctx.cost(model)[m]) for m in goal_metrics):
+        with ctx.timed("search"):
+            curves, measured = measured_curves(model, [l for l in layers if l.node in means], curves, cands,
+                                               covs, means, rewrite, cfg, ctx)
+        report.details["measured"] = measured
     ranks = {}
     budget = {}
     effect = None
@@ -431,6 +514,8 @@ def factorize(pass_name, model, cfg, ctx, layers, skipped, rewrite, multiple, re
                 choice, saved = {k: None for k in options}, 0.0
             else:
                 choice, saved = allocate(options, need)
+                if getattr(cfg, "off_multiple", False):
+                    choice, saved = fine_give_back(layers, choice, saved, need, m, curves, multiple)
             budget[m] = {"goal": round(float(goal.limit)), "needed_saving": round(float(need)),
                          "planned_saving": round(float(saved)), "max_saving": round(float(possible))}
             if need > 0 and goal.overshot(current[m] - saved) and need <= possible:

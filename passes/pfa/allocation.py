@@ -279,6 +279,58 @@ def _give_back(ks, groups, curves, mult, cost, targets):
         ks[best[0]] = best[1]
 
 
+PROBE_SHARE = 0.25   # a group's output effect is measured with this share of its channels removed
+
+
+def probe_count(g, channel_multiple: int) -> int:
+    """The kept count at which a group's output effect is measured (``measured_curves``): a
+    quarter of its channels gone, rounded down to its budget step (at least one step gone, at
+    least one step kept)."""
+    step = step_of(g, channel_multiple)
+    k = int(np.floor(g.size * (1.0 - PROBE_SHARE) / step)) * step
+    return int(min(max(k, step), g.size - 1)) if g.size > 1 else g.size
+
+
+def measured_curves(groups, curves, channel_multiple, measure, details):
+    """The error curves rescaled by each group's measured effect on the model's outputs:
+    e'_g(k) = γ_g (e_g(k) − e_g(n)), γ_g = measure(g, k̂) / (e_g(k̂) − e_g(n)) at the probe count
+    k̂ (``probe_count``), where ``measure(g, k)`` is the model's output error (per-sample, the
+    worst samples weighing in) with only ``g`` pruned to k and its consumers refit.
+
+    The in-sample reconstruction error of a group's consumers says how well they are refit, not
+    how far that error travels: through the layers after them an early full-resolution group's
+    error grows, a late one's is averaged out, and a metric read on the worst sample or on
+    decisions sees what the mean hides. Measured, the budget goes to the groups the outputs feel
+    least. A group whose probe's predicted error is ~0 keeps its curve scaled by the median gain."""
+    out, gains, probes = {}, {}, {}
+    for g in groups:
+        k = probe_count(g, channel_multiple)
+        if k >= g.size:
+            continue
+        c = np.asarray(curves[g.index], dtype=np.float64)
+        pred = float(c[k] - c[g.size])
+        err = float(measure(g, k))
+        probes[g.index] = (k, err)
+        if pred > 1e-12:
+            gains[g.index] = err / pred
+    typical = float(np.median(list(gains.values()))) if gains else 1.0
+    rows = {}
+    for g in groups:
+        c = np.asarray(curves[g.index], dtype=np.float64)
+        base = c - c[g.size]
+        if g.index in probes and g.index not in gains:   # a probe the curve called free: its error per channel
+            k, err = probes[g.index]
+            gone = np.arange(len(c))[::-1].astype(np.float64)   # channels removed at each count
+            out[g.index] = np.maximum(base * typical, err * gone / max(g.size - k, 1))
+        else:
+            out[g.index] = base * gains.get(g.index, typical)
+        if g.index in probes:
+            rows[g.name] = {"probe_kept": probes[g.index][0], "output_error": round(probes[g.index][1], 6),
+                            "gain": round(gains.get(g.index, typical), 4)}
+    details["measured"] = rows
+    return out
+
+
 def by_energy(groups, lams, channel_multiple, cost, targets, details):
     """One global energy threshold (the paper's recipe), searched by bisection: (ks, energy)."""
     cums = {g.index: np.cumsum(lams[g.index]) for g in groups}

@@ -154,3 +154,37 @@ def test_shared_bias_rewritten_like_separate_copies():
     shared, copies = (_run(net(s), {"energy": 0.6, "force": True}).model for s in (True, False))
     assert len({t.name for t in shared.graph.initializer}) == len(shared.graph.initializer)
     assert_close(copies, shared, {"input": _feeds(shared, 8, seed=7)}, rtol=1e-5, atol=1e-5)
+
+
+def test_one_layer_gives_back_rank_off_the_multiple_where_a_step_overshoots():
+    """P-Net's last 3×3 Conv (16 → 32 channels, 3×3, 41² positions): at ranks in steps of 8 the only
+    choice meeting a 0.9 FLOPs goal of its 28 MFLOPs was rank 16 (0.77 left); one layer may end off
+    the multiple: the highest rank that still meets the saving, here 21."""
+    from onnxshrink.passes._factor import FactorLayer, fine_give_back
+    p, cin, o = 41 * 41, 16 * 9, 32
+
+    def cost_at(m):
+        return {"flops": 2 * m * p * cin + 2 * o * p * m}
+
+    cost0 = {"flops": 2 * o * p * cin}
+    layer = FactorLayer("c2", "x", "y", [np.zeros((cin, o))], None, True, None, cost0, cost_at, 32)
+    curve = np.linspace(1.0, 0.0, 33)
+    need = cost0["flops"] * 0.19
+    saved = cost0["flops"] - cost_at(16)["flops"]
+    choice, saved2 = fine_give_back([layer], {"c2": 16}, saved, need, "flops", {"c2": curve}, 8)
+    assert choice == {"c2": 21}
+    assert saved2 == cost0["flops"] - cost_at(21)["flops"] and need <= saved2 < saved
+    assert cost0["flops"] - cost_at(22)["flops"] < need                      # 22 would miss it
+    assert fine_give_back([layer], {"c2": 16}, saved, need, "flops", {"c2": curve}, 1) == ({"c2": 16}, saved)
+
+
+def test_budget_spends_ranks_by_measured_output_effect(cnn):
+    model, calib, _ = cnn
+    res = shrink(model, ["basisconv"], calibration=calib[:128], target_flops=0.6, force=True,
+                 options={"basisconv": {"positions": 16, "measured": True}})
+    rep = res.report["passes"][0]
+    assert rep["measured"] and all(r["gain"] >= 0 and r["probe_rank"] >= 8 for r in rep["measured"].values())
+    assert res.report["ratios"]["flops"] <= 0.6
+    off = shrink(model, ["basisconv"], calibration=calib[:128], target_flops=0.6, force=True,
+                 options={"basisconv": {"positions": 16}})
+    assert "measured" not in off.report["passes"][0]

@@ -685,3 +685,53 @@ def test_a_conv_transpose_consumer_is_refit_exactly_where_the_kept_channels_span
     g = next(g for g in an.groups if not g.pinned and g.size == 8)
     sliced = run(an.prune(model, {g.index: np.arange(inits[ct.input[1]].shape[0])}), test)[0]
     assert np.abs(sliced - want).max() > 0.05 * np.abs(want).max()
+
+
+def test_measured_curves_spend_the_budget_where_the_outputs_feel_it_least():
+    """Two groups with the same predicted curves, but group 0's error reaches the outputs ten times
+    as strongly (measured at its probe count): rescaled, the allocation takes group 1's channels.
+    A group whose curve calls its probe free (predicted 0) is charged its measured error per
+    channel removed, not nothing."""
+    from onnxshrink.passes.pfa.allocation import measured_curves, probe_count
+
+    class G:
+        def __init__(self, index, size, name):
+            self.index, self.size, self.name, self.sources = index, size, name, []
+
+    groups = [G(0, 64, "a"), G(1, 64, "b"), G(2, 64, "c")]
+    k = np.arange(65)
+    curves = {0: 0.01 * (64 - k), 1: 0.01 * (64 - k), 2: np.zeros(65)}
+    assert [probe_count(g, 8) for g in groups] == [48, 48, 48]
+    assert [probe_count(G(0, n, "x"), 8) for n in (10, 16, 24)] == [7, 12, 18]
+    seen = []
+
+    def measure(g, kk):
+        seen.append((g.name, kk))
+        return {"a": 1.6, "b": 0.16, "c": 0.32}[g.name]
+
+    details = {}
+    out = measured_curves(groups, curves, 8, measure, details)
+    assert seen == [("a", 48), ("b", 48), ("c", 48)]
+    assert details["measured"]["a"]["gain"] == pytest.approx(10.0) and details["measured"]["b"]["gain"] == pytest.approx(1.0)
+    assert out[0][48] == pytest.approx(1.6) and out[1][48] == pytest.approx(0.16)
+    assert out[2][48] == pytest.approx(0.32) and out[2][32] == pytest.approx(0.64)   # per channel removed
+    cost = lambda ks: {"flops": 10.0 * (ks[0] + ks[1] + ks[2])}   # noqa: E731
+    plain = by_error(groups, curves, 8, cost, {"flops": 1760.0}, {})
+    assert plain == {0: 64, 1: 64, 2: 48}                     # the free-looking group goes first
+    ks = by_error(groups, out, 8, cost, {"flops": 1760.0}, {})
+    assert ks == {0: 64, 1: 48, 2: 64}                        # b: 0.01 per channel, c: 0.02, a: 0.1
+
+
+def test_budget_report_holds_each_groups_measured_effect(tiny_cnn):
+    model = tiny_cnn
+    x = np.random.default_rng(2).standard_normal((128, 3, 8, 8)).astype(np.float32)
+    on = shrink(model, ["pfa"], calibration=x, target_flops=0.7, force=True,
+                options={"pfa": {"channel_multiple": 1, "measured": True}})
+    off = shrink(model, ["pfa"], calibration=x, target_flops=0.7, force=True,
+                 options={"pfa": {"channel_multiple": 1, "measured": False}})
+    rep_on, rep_off = on.report["passes"][0], off.report["passes"][0]
+    assert "measured" not in rep_off
+    assert set(rep_on["measured"]) == {r["group"] for r in rep_on["recipe"]}
+    for row in rep_on["measured"].values():
+        assert row["output_error"] > 0 and row["gain"] > 0 and row["probe_kept"] >= 1
+    assert on.report["ratios"]["flops"] <= 0.7 and off.report["ratios"]["flops"] <= 0.7
