@@ -64,7 +64,7 @@ layer's codebook and codes), ``search`` (the size budget and the error allocatio
 ``edits`` (the decode subgraph and bias writes), ``sizes`` (byte counts).
 """
 
-from .codec import code_offset, decoded_weight, pack_codes, stored_codes, unpack_codes
+from .codec import code_offset, decoded_weight, pack_codes, pack_codes6, stored_codes, unpack_codes
 from .config import CODEBOOK_DTYPES, PqConfig
 from .kmeans import aware_em, kmeans
 from .gptq import gptq_assign, refine_codebook
@@ -72,4 +72,4 @@ from .pass_ import Pq
 from .quantize import quantize
 
 __all__ = ["CODEBOOK_DTYPES", "Pq", "PqConfig", "aware_em", "code_offset", "decoded_weight", "gptq_assign",
-           "kmeans", "pack_codes", "quantize", "refine_codebook", "stored_codes", "unpack_codes"]
+           "kmeans", "pack_codes", "pack_codes6", "quantize", "refine_codebook", "stored_codes", "unpack_codes"]
