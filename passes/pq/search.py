@@ -138,7 +138,8 @@ def allocate(ctx, model, blocks: dict, cfg, budget: float):
     not add as predicted, and a decision turns on its margin, not on a mean error): its
     ``output_error`` must be within the larger of ``pq.output_error`` and the rule's choice's
     measured one, and its ``decision_flips`` no more than the rule's; else the aim is lowered
-    (``JOINT_TRIES`` times) and, failing that, the rule's settings are kept.
+    (``JOINT_TRIES`` times, not below the rule's predicted error) and, failing that, the rule's
+    settings are kept: never more bytes than the rule, never measured worse.
     ``blocks``: {name: (layer, d, K)}; layers without statistics are left out (they keep the
     per-layer rule). Returns ({name: (d, K) or None (dense)}, report)."""
     from ...graph import export_model, import_graph
@@ -208,19 +209,22 @@ def allocate(ctx, model, blocks: dict, cfg, budget: float):
     rule_outs = run(rule_choice)
     bound = (max(output_error(ref, rule_outs), cfg.output_error), decision_flips(ref, rule_outs))
     table = {n: [(s, b, gains[n] * e) for s, e, b in o] for n, o in options.items()}
-    tried, aim = [], limit
+    tried, aim, accepted = [], limit, False
     for _ in range(JOINT_TRIES):
+        if aim < rule:   # below the rule's predicted error: its choice (measured within the bound) is kept
+            break
         choice, err = knapsack(table, aim)
         outs = run({n: c[0] for n, c in choice.items()})
         measured, flips = output_error(ref, outs), decision_flips(ref, outs)
         tried.append({"aim": round(aim, 6), "predicted": round(err, 6), "measured": round(measured, 6), "flips": flips})
         if measured <= bound[0] and flips <= bound[1]:
+            accepted = True
             break
-        aim = aim * min(0.5, bound[0] / max(measured, 1e-30)) if measured > bound[0] else aim * 0.5
-    else:   # no allocation measured within the bound: the per-layer rule's settings
+        aim = min(aim, err) * (min(0.5, bound[0] / max(measured, 1e-30)) if measured > bound[0] else 0.5)
+    if not accepted:   # no allocation measured within the bound: the per-layer rule's settings
         choice = {n: next(o for o in table[n] if o[0] == rule_choice[n]) for n in table}
         err = rule
-        tried[-1]["fallback"] = "the per-layer rule's settings"
+        tried.append({"aim": round(rule, 6), "fallback": "the per-layer rule's settings"})
     report = {"limit": round(limit, 6), "predicted": round(err, 6), "samples": data.units(),
               "bound": {"output_error": round(bound[0], 6), "flips": bound[1]}, "tries": tried,
               "layers": {n: {"gain": round(gains[n], 4), "choice": list(c[0]) if c[0] else "dense",

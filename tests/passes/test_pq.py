@@ -712,3 +712,34 @@ def test_the_allocation_spends_the_output_budget_on_the_layers_that_save_bytes()
     ref = run(model, x)[0]
     rel = float(np.sum((run(spent.model, x)[0] - ref) ** 2) / np.sum(ref ** 2))
     assert rel <= 4 * 2e-3, rel
+
+
+def test_decision_flips_count_argmax_changes_along_the_last_axis():
+    from onnxshrink.passes.pq.search import decision_flips
+    ref = [{"logits": np.array([[2.0, 1.0, 0.0], [0.0, 1.0, 0.9]]), "scalar": np.array([[1.0], [2.0]]),
+            "ids": np.array([[0, 5], [1, 2]])}]
+    same = [{"logits": ref[0]["logits"] + 0.01, "scalar": np.array([[9.0], [-9.0]]), "ids": np.array([[5, 0], [2, 1]])}]
+    one = [{"logits": np.array([[2.0, 1.0, 0.0], [0.0, 0.8, 0.9]]), "scalar": ref[0]["scalar"], "ids": ref[0]["ids"]}]
+    assert decision_flips(ref, same) == 0   # a last axis of 1 and integer outputs hold no decision
+    assert decision_flips(ref, one) == 1
+    assert decision_flips(ref + ref, one + one) == 2
+
+
+def test_the_allocation_is_measured_with_every_layer_and_never_flips_more_decisions_than_the_rule():
+    """A generous output budget (0.5) lets the knapsack pick coarse settings that flip the logits'
+    argmax on the calibration data; the joint measure then lowers the aim, and keeps the rule's
+    settings when nothing within the bound is found: never more flips, never more bytes."""
+    model, calib = _wide_mlp(), _mlp_calib()
+    opts = dict(FAST, max_error=3e-4, allocate=True)
+    rule = shrink(model, ["pq"], calibration=calib, force=True, options={"pq": dict(opts, allocate=False)})
+    loose = shrink(model, ["pq"], calibration=calib, force=True, options={"pq": dict(opts, output_error=0.5)})
+    alloc = loose.report["passes"][0]["allocation"]
+    tries = alloc["tries"]
+    assert tries[0]["aim"] == 0.5 and tries[0]["flips"] > alloc["bound"]["flips"], tries
+    assert all(a["aim"] > b["aim"] for a, b in zip(tries, tries[1:])), tries
+    final = tries[-1]
+    if "fallback" in final:
+        assert loose.report["after"]["bytes"] == rule.report["after"]["bytes"]
+    else:
+        assert final["flips"] <= alloc["bound"]["flips"] and final["measured"] <= alloc["bound"]["output_error"]
+        assert loose.report["after"]["bytes"] <= rule.report["after"]["bytes"]
