@@ -30,8 +30,9 @@ class PqConfig:
                                    # bytes first (down to scalar codes), the first within it kept, else float
                                    # (0 = no budget: the first setting is kept whatever its error)
     min_bytes: int = 4096          # layers whose dense weight is smaller stay float (little to gain)
-    allocate: bool = False         # spend the error budget across layers by their measured effect on the outputs
-                                   # (opt-in: at output_error 5e-4..2e-3 it breaks khmer_segmenter's segmentation)
+    allocate: bool = False         # spend the error budget across layers by their measured effect on the outputs,
+                                   # 6-bit codes included; the choice is measured with every layer at once and
+                                   # kept only within the rule's measured error and decision flips (opt-in)
     output_error: float = 2e-3     # allocate: the model's output error it may spend (relative squared error of
                                    # the outputs, a quarter of the worst sample's and of the squared range error),
                                    # or what the per-layer budget predicts where that is more
