@@ -3,7 +3,9 @@ the refit writes.
 
 Decode: Cast(int8 codes → int32) (+ 128 when K > 128) → Gather(codebook (Cast fp16 → the weight's
 dtype)) → Reshape (→ Transpose) → the weight input of every reader. Packed 4-bit codes:
-v = Cast(int32) + 128, hi = v / 16, lo = v − 16·hi, Concat(hi, lo) → the same Gather. All
+v = Cast(int32) + 128, hi = v / 16, lo = v − 16·hi, Concat(hi, lo) → the same Gather; 6-bit
+codes (3 × g bytes): u = ReduceSum((Cast(int32) + 128) · [2¹⁶, 2⁸, 1]ᵀ, axis 0), q = u / [2¹⁸, 2¹², 2⁶, 1]ᵀ,
+codes = Reshape(q − 64·(q / 64), −1) → the same Gather. All
 standard ops on constants, which runtimes fold once at load time (see ``codec``). Nodes are built
 with ``graph.Emitter`` under names derived from the weight's (``W.pq_codebook``, ``W.pq_idx``, …).
 """
@@ -15,16 +17,19 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ...graph import Emitter
-from .codec import code_offset, pack_codes, stored_codes
+from .codec import SIX_BIT_BYTES, SIX_BIT_PLACES, code_offset, pack_codes, pack_codes6, stored_codes
 from .layer import Layer, own_bias, shared_bias
 
 
 def decode(graph: gs.Graph, layer: Layer, codebook: np.ndarray, codes: np.ndarray,
-           packed: bool = False) -> gs.Variable:
+           bits: int = 8) -> gs.Variable:
     """Cast(int8 codes → int32) (→ Add offset) → Gather(codebook (→ Cast)) → Reshape
     (→ Transpose): the weight tensor, from ops and types TensorRT's ONNX parser accepts.
-    Packed 4-bit codes: v = Cast(int32) + 128, hi = v / 16 (integer division, floor as v ≥ 0),
-    lo = v − 16·hi, Concat(hi, lo) (→ Slice to n when n is odd) → the same Gather."""
+    Packed 4-bit codes (``bits`` 4): v = Cast(int32) + 128, hi = v / 16 (integer division, floor
+    as v ≥ 0), lo = v − 16·hi, Concat(hi, lo) (→ Slice to n when n is odd) → the same Gather.
+    6-bit codes (``bits`` 6, ``codec.pack_codes6``): the 24-bit words from the three byte rows,
+    their four 6-bit digits (→ Slice to n) → the same Gather. ``bits`` True/False: 4/8."""
+    bits = {True: 4, False: 8}.get(bits, bits)
     base = layer.weight.name
     wdtype = layer.weight.values.dtype
     k, d = codebook.shape
@@ -43,7 +48,30 @@ def decode(graph: gs.Graph, layer: Layer, codebook: np.ndarray, codes: np.ndarra
         return em.const(value, dtype=value.dtype, name=f"{base}.pq_{suffix}")
 
     cb = const("codebook", codebook)
-    if packed:
+    if bits == 6:
+        if k > 64:
+            raise ValueError(f"6-bit codes hold at most 64 centroids, got {k}")
+        stored = pack_codes6(codes)
+        g = stored.shape[1]
+        raw = add("Cast", [const("codes", stored)], "_packed", np.int32, [3, g], to=onnx.TensorProto.INT32)
+        v = add("Add", [raw, const("offset", np.array(128, dtype=np.int32))], "_byte", np.int32, [3, g])
+        v = add("Mul", [v, const("places", SIX_BIT_BYTES.astype(np.int32))], "_placed", np.int32, [3, g])
+        axes = np.array([0], dtype=np.int64)
+        opset = getattr(graph, "opset", None) or 13
+        if opset >= 13:
+            u = add("ReduceSum", [v, const("axes", axes)], "_word", np.int32, [1, g], keepdims=1)
+        else:
+            u = add("ReduceSum", [v], "_word", np.int32, [1, g], axes=[0], keepdims=1)
+        sixty4 = const("sixty4", np.array(64, dtype=np.int32))
+        q = add("Div", [u, const("digits", SIX_BIT_PLACES.astype(np.int32))], "_q", np.int32, [4, g])
+        r = add("Sub", [q, add("Mul", [add("Div", [q, sixty4], "_q64", np.int32, [4, g]), sixty4],
+                               "_q64x", np.int32, [4, g])], "_digits", np.int32, [4, g])
+        idx = add("Reshape", [r, const("flat", np.array([-1], dtype=np.int64))], "_codes", np.int32, [4 * g])
+        if 4 * g != n:
+            idx = add("Slice", [idx, const("start", np.array([0], dtype=np.int64)),
+                                const("end", np.array([n], dtype=np.int64))], "_index", np.int32, [n])
+        gather_shape = [n, d]
+    elif bits == 4:
         if k > 16:
             raise ValueError(f"4-bit codes hold at most 16 centroids, got {k}")
         h = (n + 1) // 2
@@ -82,9 +110,10 @@ def decode(graph: gs.Graph, layer: Layer, codebook: np.ndarray, codes: np.ndarra
     return out
 
 
-def replace_weight(graph: gs.Graph, layer: Layer, codebook: np.ndarray, codes: np.ndarray, packed: bool) -> None:
-    """Every reader of the layer's weight reads the decoded tensor instead."""
-    decoded = decode(graph, layer, codebook, codes, packed)
+def replace_weight(graph: gs.Graph, layer: Layer, codebook: np.ndarray, codes: np.ndarray, bits: int) -> None:
+    """Every reader of the layer's weight reads the decoded tensor instead (``bits``: the code
+    width, 4, 6 or 8, see ``decode``)."""
+    decoded = decode(graph, layer, codebook, codes, bits)
     for n in layer.nodes:
         for i, t in enumerate(n.inputs):
             if t is layer.weight:

@@ -22,7 +22,7 @@ from .edits import refit_biases, replace_weight
 from .layer import default_block, ladder, layer_of, shared_layer, subgraph_nodes, tables
 from .quantize import budget_error, quantize
 from .search import ALLOC_TOLERANCE, allocate, size_search
-from .sizes import dense_bytes, packed, pq_bytes, setting_bytes, weight_bytes
+from .sizes import code_width, dense_bytes, pq_bytes, setting_bytes, weight_bytes
 from .target import layer_problem, moments, requests
 
 
@@ -211,8 +211,8 @@ class Pq(Pass):
         if budget is not None and tried[-1][2] > budget:
             return None, ("kept float: relative output error over pq.max_error=%g at every setting tried (%s)"
                           % (budget, ", ".join(f"d={a} K={b}: {e:.4g}" for a, b, e in tried)))
-        four_bit = packed(layer, d, len(cb), cfg.dtype, cfg)
-        if budget is not None and pq_bytes(layer, d, len(cb), cfg.dtype, fit, four_bit) >= dense_bytes(layer):
+        bits = code_width(layer, d, len(cb), cfg.dtype, cfg)
+        if budget is not None and pq_bytes(layer, d, len(cb), cfg.dtype, fit, bits) >= dense_bytes(layer):
             return None, f"kept float: the setting within pq.max_error (d={d} K={len(cb)}) would not save bytes"
         info = {"block": d, "centroids": int(len(cb)),
                 "metric": "activation" if (h is not None and cfg.aware) else "weights",
@@ -227,10 +227,10 @@ class Pq(Pass):
         if fit:
             refit_biases(layer, t_hat, cm, per_node)
             info["bias_refit"] = True
-        replace_weight(graph, layer, cb, codes, four_bit)
+        replace_weight(graph, layer, cb, codes, bits)
         dense = layer.n_weights * layer.weight.values.dtype.itemsize
-        stored = int((codes.size + 1) // 2 if four_bit else codes.nbytes) + int(cb.nbytes)
-        info["bits"] = 4 if four_bit else 8
+        stored = int({4: (codes.size + 1) // 2, 6: 3 * ((codes.size + 3) // 4)}.get(bits, codes.nbytes)) + int(cb.nbytes)
+        info["bits"] = bits
         info["bytes"] = [dense, stored]
         info["seconds"] = round(seconds, 2)
         return info, None

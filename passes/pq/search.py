@@ -133,7 +133,13 @@ def allocate(ctx, model, blocks: dict, cfg, budget: float):
     over (up to ``GAIN_SAMPLES`` of) the calibration data with that layer alone at its cheapest
     setting: g = ``output_error`` / e(cheapest). Per layer the setting (or dense) minimising Σ b
     subject to Σ g·e ≤ the larger of ``pq.output_error`` and what the per-layer rule's choice
-    (the fewest bytes within ``budget``) predicts, so that choice is always feasible.
+    (the fewest bytes within ``budget``) predicts, so that choice is always feasible. The choice
+    is then measured with every layer at once at its quick codes (the errors of many layers do
+    not add as predicted, and a decision turns on its margin, not on a mean error): its
+    ``output_error`` must be within the larger of ``pq.output_error`` and the rule's choice's
+    measured one, and its ``decision_flips`` no more than the rule's; else the aim is lowered
+    (``JOINT_TRIES`` times, not below the rule's predicted error) and, failing that, the rule's
+    settings are kept: never more bytes than the rule, never measured worse.
     ``blocks``: {name: (layer, d, K)}; layers without statistics are left out (they keep the
     per-layer rule). Returns ({name: (d, K) or None (dense)}, report)."""
     from ...graph import export_model, import_graph
@@ -154,35 +160,73 @@ def allocate(ctx, model, blocks: dict, cfg, budget: float):
         ref, _ = model_outputs(ctx.reference, data)
     scratch = import_graph(model)
     consts = scratch.tensors()
-    options, gains = {}, {}
+    options, gains, coded = {}, {}, {}
+
+    def run(settings: dict) -> list:
+        """The outputs over ``data`` with each named layer at its setting's quick codes (None: dense)."""
+        keep = {}
+        for n, st in settings.items():
+            if st is not None:
+                layer = blocks[n][0]
+                const = consts[layer.weight.name]
+                keep[n] = const.values
+                cb, codes = coded[n][st]
+                const.values = _decoded(layer, cb.astype(np.float64)[codes].reshape(len(codes), -1))
+        try:
+            with ctx.timed("search"):
+                return model_outputs(export_model(scratch, like=model), data, like=ctx.reference)[0]
+        finally:
+            for n, v in keep.items():
+                consts[blocks[n][0].weight.name].values = v
+
     bar = ctx.bar(total=len(blocks), desc="pq error allocation")
     for name, (layer, d, k) in sorted(blocks.items()):
         bar.update(0, postfix=name)
         t, h, _ = layer_problem(layer, stats.get(name), quick)
-        opts, cheapest = [], None
+        opts, coded[name] = [], {}
         for d_s, k_s in ladder(layer, d, k, cfg):
             rng = np.random.default_rng([ctx.seed, zlib.crc32(name.encode())])
             with ctx.timed("search"), deterministic():
-                _, _, t_hat = quantize(t, d_s, k_s, h if cfg.aware else None, quick, rng, cfg.dtype)
+                cb, codes, t_hat = quantize(t, d_s, k_s, h if cfg.aware else None, quick, rng, cfg.dtype)
             opts.append(((d_s, k_s), budget_error(t, t_hat, h), setting_bytes(layer, d_s, k_s, cfg)))
-            cheapest = t_hat if cheapest is None else cheapest
-        const = consts[layer.weight.name]
-        keep = const.values
-        const.values = _decoded(layer, cheapest)
-        with ctx.timed("search"):
-            outs, _ = model_outputs(export_model(scratch, like=model), data, like=ctx.reference)
-        const.values = keep
+            coded[name][(d_s, k_s)] = (cb, codes)
+        outs = run({name: opts[0][0]})   # the layer alone at its cheapest setting
         gains[name] = output_error(ref, outs) / max(opts[0][1], 1e-12)
         options[name] = [(None, 0.0, dense_bytes(layer))] + opts
         bar.update(1)
     bar.close()
-    rule = 0.0   # the per-layer rule's predicted output error
+    rule, rule_choice = 0.0, {}   # the per-layer rule's choice (its own ladder: no 6-bit codes) and predicted error
+    plain = replace(cfg, allocate=False)
     for name, opts in options.items():
-        ok = [o for o in opts[1:] if o[1] <= budget]
-        rule += gains[name] * (min(ok, key=lambda o: o[2])[1] if ok else 0.0)
+        layer, d, k = blocks[name]
+        own = set(ladder(layer, d, k, plain))
+        ok = [o for o in opts[1:] if o[1] <= budget and o[0] in own]
+        best = min(ok, key=lambda o: o[2]) if ok else opts[0]
+        rule += gains[name] * best[1]
+        rule_choice[name] = best[0]
     limit = max(rule, cfg.output_error)
-    choice, err = knapsack({n: [(s, b, gains[n] * e) for s, e, b in o] for n, o in options.items()}, limit)
+    # the rule's choice measured with every layer at once: the allocation's measured outputs may be no worse
+    rule_outs = run(rule_choice)
+    bound = (max(output_error(ref, rule_outs), cfg.output_error), decision_flips(ref, rule_outs))
+    table = {n: [(s, b, gains[n] * e) for s, e, b in o] for n, o in options.items()}
+    tried, aim, accepted = [], limit, False
+    for _ in range(JOINT_TRIES):
+        if aim < rule:   # below the rule's predicted error: its choice (measured within the bound) is kept
+            break
+        choice, err = knapsack(table, aim)
+        outs = run({n: c[0] for n, c in choice.items()})
+        measured, flips = output_error(ref, outs), decision_flips(ref, outs)
+        tried.append({"aim": round(aim, 6), "predicted": round(err, 6), "measured": round(measured, 6), "flips": flips})
+        if measured <= bound[0] and flips <= bound[1]:
+            accepted = True
+            break
+        aim = min(aim, err) * (min(0.5, bound[0] / max(measured, 1e-30)) if measured > bound[0] else 0.5)
+    if not accepted:   # no allocation measured within the bound: the per-layer rule's settings
+        choice = {n: next(o for o in table[n] if o[0] == rule_choice[n]) for n in table}
+        err = rule
+        tried.append({"aim": round(rule, 6), "fallback": "the per-layer rule's settings"})
     report = {"limit": round(limit, 6), "predicted": round(err, 6), "samples": data.units(),
+              "bound": {"output_error": round(bound[0], 6), "flips": bound[1]}, "tries": tried,
               "layers": {n: {"gain": round(gains[n], 4), "choice": list(c[0]) if c[0] else "dense",
                              "estimated_rel_error": round(next(e for s, e, b in options[n] if s == c[0]), 6)}
                          for n, c in sorted(choice.items())}}
@@ -190,6 +234,22 @@ def allocate(ctx, model, blocks: dict, cfg, budget: float):
 
 
 GAIN_SAMPLES = 64       # the gains are measured on at most this many calibration samples (units)
+JOINT_TRIES = 5         # allocations measured with every layer at once before falling back to the per-layer rule
+
+
+def decision_flips(ref: list, outs: list) -> int:
+    """The decisions ``outs`` change against ``ref`` (per-feed output dicts): over the float
+    outputs whose last axis is longer than 1, the positions whose argmax along it differs (a
+    label, a tag of a sequence a decoder reads, a class of a pixel)."""
+    flips = 0
+    for r, o in zip(ref, outs):
+        for name, a in r.items():
+            a, b = np.asarray(a), np.asarray(o[name])
+            if np.issubdtype(a.dtype, np.floating) and a.ndim >= 1 and a.shape == b.shape and a.size \
+                    and a.shape[-1] > 1:
+                ok = np.isfinite(a).all(-1) & np.isfinite(b).all(-1)
+                flips += int(((a.argmax(-1) != b.argmax(-1)) & ok).sum())
+    return flips
 
 
 def knapsack(options: dict, limit: float):

@@ -38,25 +38,28 @@ def dense_bytes(layer: Layer) -> int:
     return _tensor_bytes(layer.weight.name, layer.weight.values)
 
 
-def packed(layer: Layer, d: int, k: int, dtype, cfg) -> bool:
-    """Whether k centroids of length d are stored as 4-bit codes (two a byte): always with
-    pq.bits=4, never with 8; with auto where k ≤ 16 and the packed codes and their longer decode
-    take fewer bytes than one byte a code (tiny layers: the extra decode nodes cost more)."""
+def code_width(layer: Layer, d: int, k: int, dtype, cfg) -> int:
+    """The bits a code is stored in: 4 (two a byte, K ≤ 16), 6 (four in three bytes, K ≤ 64) or 8.
+    ``pq.bits`` 4/6/8: that width where K fits in it, else the next wider; auto: of the widths K
+    fits in, the one whose codes and decode take the fewest bytes (tiny layers: the extra decode
+    nodes of packed codes cost more than they save)."""
+    n = layer.n_weights // d
+    fits = [b for b in (4, 6) if k <= 1 << b and (b != 6 or n > 9)]
     if cfg.bits != "auto":
-        return cfg.bits == "4"
-    if k > 16:
-        return False
+        return next((b for b in fits if b >= int(cfg.bits)), 8)
+    if not fits:
+        return 8
     refit = layer.aware and cfg.bias_correct
-    return pq_bytes(layer, d, k, dtype, refit, True) < pq_bytes(layer, d, k, dtype, refit, False)
+    return min(fits + [8], key=lambda b: (pq_bytes(layer, d, k, dtype, refit, b), -b))
 
 
-def pq_bytes(layer: Layer, d: int, k: int, dtype, bias_refit: bool, packed: bool = False) -> int:
+def pq_bytes(layer: Layer, d: int, k: int, dtype, bias_refit: bool, bits: int = 8) -> int:
     """Serialized bytes of the layer's weight stored as k centroids of length d: the decode
     nodes, their initializers and type information, and the bias where the refit adds or widens
     one, measured on the protos the export writes, so that size budgets are exact."""
     rows = layer.matrix().shape[0]
-    scratch = gs.Graph()
-    out = decode(scratch, layer, np.zeros((k, d), dtype), np.zeros((rows, layer.d_in // d), np.uint8), packed)
+    scratch = gs.Graph(opset=_opset(layer) or 13)
+    out = decode(scratch, layer, np.zeros((k, d), dtype), np.zeros((rows, layer.d_in // d), np.uint8), bits)
     probe = gs.Variable("probe", dtype=out.dtype)  # a consumer, so the weight is typed like in the model
     scratch.nodes.append(gs.Node("Identity", name="probe", inputs=[out], outputs=[probe]))
     scratch.outputs = [probe]
@@ -82,7 +85,13 @@ def pq_bytes(layer: Layer, d: int, k: int, dtype, bias_refit: bool, packed: bool
 
 
 def setting_bytes(layer: Layer, d: int, k: int, cfg) -> int:
-    """Bytes of the layer stored with sub-vectors of length d and k centroids, packed where
-    ``packed`` says so."""
+    """Bytes of the layer stored with sub-vectors of length d and k centroids, in the code width
+    ``code_width`` gives."""
     dtype = cfg.dtype
-    return pq_bytes(layer, d, k, dtype, layer.aware and cfg.bias_correct, packed(layer, d, k, dtype, cfg))
+    return pq_bytes(layer, d, k, dtype, layer.aware and cfg.bias_correct, code_width(layer, d, k, dtype, cfg))
+
+
+def _opset(layer: Layer):
+    """The opset of the graph the layer is in (the decode's ReduceSum depends on it), when known."""
+    graph = getattr(getattr(layer, "layer", None), "graph", None)
+    return getattr(graph, "opset", None)

@@ -11,7 +11,7 @@ from models import digits
 from onnxshrink import shrink
 from onnxshrink.errors import UsageError
 from onnxshrink.lstsq import weighted_error
-from onnxshrink.passes.pq import PqConfig, decoded_weight, pack_codes, quantize, unpack_codes
+from onnxshrink.passes.pq import PqConfig, decoded_weight, pack_codes, pack_codes6, quantize, unpack_codes
 
 # the mechanics tests run on layers far below the default size threshold, without the error budget
 FAST = {"iters": 2, "refine": 4, "kmeans_iters": 3, "positions": 8, "min_bytes": 0, "max_error": 0}
@@ -355,6 +355,54 @@ def test_packed_codes_give_the_same_weights_in_half_the_code_bytes():
     assert four.report["after"]["bytes"] == b4
 
 
+@pytest.mark.parametrize("n", [10, 11, 13, 566, 567])
+def test_six_bit_codes_round_trip_four_in_three_bytes(n):
+    codes = np.random.default_rng(n).integers(0, 64, size=n)
+    packed = pack_codes6(codes)
+    assert packed.dtype == np.int8 and packed.shape == (3, (n + 3) // 4)
+    assert np.array_equal(unpack_codes(packed, n), codes)
+    with pytest.raises(ValueError, match="< 64"):
+        pack_codes6(np.full(n, 64))
+    with pytest.raises(ValueError, match="more than 9"):
+        pack_codes6(codes[:9])
+
+
+@pytest.mark.parametrize("opset", [11, 17])
+def test_six_bit_codes_give_the_same_weights_in_three_quarters_of_the_code_bytes(opset):
+    model = _wide_net()
+    model.opset_import[0].version = opset   # ReduceSum takes its axes as an attribute before opset 13
+    quick = dict(FAST, gptq=False, refine=0)  # storage, not quality, is tested here
+    six = _shrink(model, _wide_calib(), centroids=64, bits=6, **quick)
+    auto = _shrink(model, _wide_calib(), centroids=64, **quick)
+    eight = _shrink(model, _wide_calib(), centroids=64, bits=8, **quick)
+    assert all(info["bits"] == 6 for info in six.report["passes"][0]["layers"].values())
+    assert all(info["bits"] == 6 for info in auto.report["passes"][0]["layers"].values())  # 8192+ codes: it saves
+    assert auto.model.SerializeToString() == six.model.SerializeToString()
+    g6, i6 = _decoded_outputs(six.model, {"input": _wide_calib(2)})
+    g8, i8 = _decoded_outputs(eight.model, {"input": _wide_calib(2)})
+    assert g6.keys() == g8.keys() and len(g6) == 2
+    for name in g6:  # same quantization, only the storage differs; the runtime decodes what numpy does
+        assert np.array_equal(g6[name][0], g8[name][0]) and np.array_equal(g6[name][0], g6[name][1])
+        c6, c8 = i6[name[:-3] + ".pq_codes"], i8[name[:-3] + ".pq_codes"]
+        assert c6.dtype == np.int8 and c6.shape == (3, (c8.size + 3) // 4)
+    assert_close(eight.model, six.model, {"input": _wide_calib(16, seed=3)}, rtol=1e-6, atol=1e-6)
+    b6, b8 = len(six.model.SerializeToString()), len(eight.model.SerializeToString())
+    codes8 = sum(i8[n[:-3] + ".pq_codes"].nbytes for n in g8)
+    # a quarter of the code bytes saved, less the longer decode (about 700 bytes a layer here)
+    assert 0.15 * codes8 <= b8 - b6 <= 0.25 * codes8, (b6, b8, codes8)
+    assert six.report["after"]["bytes"] == b6
+    ops = {n.op_type for n in six.model.graph.node}
+    assert "ReduceSum" in ops and "BitShift" not in ops
+    assert six.report["validation"]["tensorrt_unparseable"] == []
+    onnx.checker.check_model(six.model, full_check=True)
+
+
+def test_six_bit_config_is_checked():
+    with pytest.raises(ValueError, match="at most 64"):
+        PqConfig(bits="6", centroids=128)
+    assert PqConfig(bits="6", centroids=64).bits == "6"
+
+
 def test_auto_packs_only_where_it_saves_bytes():
     wide = _shrink(_odd_net(), _odd_calib(), centroids=32, **FAST)  # K > 16: one byte a code
     assert all(info["bits"] == 8 for info in wide.report["passes"][0]["layers"].values())
@@ -664,3 +712,34 @@ def test_the_allocation_spends_the_output_budget_on_the_layers_that_save_bytes()
     ref = run(model, x)[0]
     rel = float(np.sum((run(spent.model, x)[0] - ref) ** 2) / np.sum(ref ** 2))
     assert rel <= 4 * 2e-3, rel
+
+
+def test_decision_flips_count_argmax_changes_along_the_last_axis():
+    from onnxshrink.passes.pq.search import decision_flips
+    ref = [{"logits": np.array([[2.0, 1.0, 0.0], [0.0, 1.0, 0.9]]), "scalar": np.array([[1.0], [2.0]]),
+            "ids": np.array([[0, 5], [1, 2]])}]
+    same = [{"logits": ref[0]["logits"] + 0.01, "scalar": np.array([[9.0], [-9.0]]), "ids": np.array([[5, 0], [2, 1]])}]
+    one = [{"logits": np.array([[2.0, 1.0, 0.0], [0.0, 0.8, 0.9]]), "scalar": ref[0]["scalar"], "ids": ref[0]["ids"]}]
+    assert decision_flips(ref, same) == 0   # a last axis of 1 and integer outputs hold no decision
+    assert decision_flips(ref, one) == 1
+    assert decision_flips(ref + ref, one + one) == 2
+
+
+def test_the_allocation_is_measured_with_every_layer_and_never_flips_more_decisions_than_the_rule():
+    """A generous output budget (0.5) lets the knapsack pick coarse settings that flip the logits'
+    argmax on the calibration data; the joint measure then lowers the aim, and keeps the rule's
+    settings when nothing within the bound is found: never more flips, never more bytes."""
+    model, calib = _wide_mlp(), _mlp_calib()
+    opts = dict(FAST, max_error=3e-4, allocate=True)
+    rule = shrink(model, ["pq"], calibration=calib, force=True, options={"pq": dict(opts, allocate=False)})
+    loose = shrink(model, ["pq"], calibration=calib, force=True, options={"pq": dict(opts, output_error=0.5)})
+    alloc = loose.report["passes"][0]["allocation"]
+    tries = alloc["tries"]
+    assert tries[0]["aim"] == 0.5 and tries[0]["flips"] > alloc["bound"]["flips"], tries
+    assert all(a["aim"] > b["aim"] for a, b in zip(tries, tries[1:])), tries
+    final = tries[-1]
+    if "fallback" in final:
+        assert loose.report["after"]["bytes"] == rule.report["after"]["bytes"]
+    else:
+        assert final["flips"] <= alloc["bound"]["flips"] and final["measured"] <= alloc["bound"]["output_error"]
+        assert loose.report["after"]["bytes"] <= rule.report["after"]["bytes"]
