@@ -845,6 +845,24 @@ def _subgraph_names(node) -> set:
     return out
 
 
+def data_memo(store: "weakref.WeakKeyDictionary", ctx, model) -> dict | None:
+    """A dict in ``store`` kept for as long as ``ctx``'s calibration data lives, for results that
+    depend only on ``model``, that data, the seed and the batch size (a pass's statistics or
+    measurements on the model it starts from, asked again by the steps of an accuracy search):
+    a fresh one when any of them changed; None without data or for data that cannot be referenced
+    weakly (no memo)."""
+    if ctx.data is None:
+        return None
+    try:
+        entry = store.get(ctx.data)
+    except TypeError:
+        return None
+    if entry is None or entry[0] is not model or entry[1:3] != (ctx.seed, ctx.batch_size):
+        entry = (model, ctx.seed, ctx.batch_size, {})
+        store[ctx.data] = entry
+    return entry[3]
+
+
 def upstream_of(model: onnx.ModelProto, names) -> onnx.ModelProto:
     """A model whose outputs are exactly ``names`` (tensors of ``model``), holding only the nodes
     and initializers they depend on; every real input is kept. ONNX Runtime runs every node of a

@@ -42,7 +42,6 @@ Two relative errors with different meanings:
 
 from __future__ import annotations
 
-import contextlib
 
 import numpy as np
 import scipy.linalg
@@ -225,15 +224,9 @@ def choose_ridge(cm_a, cm_b, w0=None, ridges=RIDGES, columns: int = 64, seed: in
     return float(ridges[int(np.argmin(held))])
 
 
-@contextlib.contextmanager
 def deterministic():
     """Run the block with one BLAS thread: k-means and code assignments compare float sums, and a
     BLAS that splits a product differently with more threads could round them differently and flip
     an argmin; the result must not depend on OMP/OPENBLAS/MKL_NUM_THREADS."""
-    try:
-        from threadpoolctl import threadpool_limits  # installed with scikit-learn
-    except ImportError:  # pragma: no cover
-        yield
-        return
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
+    from .parallel import one_blas_thread
+    return one_blas_thread()

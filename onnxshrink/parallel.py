@@ -62,7 +62,7 @@ def fitting(threads=None):
         before = _active["workers"]
         _active["workers"] = n
     try:
-        with _one_blas_thread():
+        with one_blas_thread():
             yield n
     finally:
         with _lock:
@@ -70,7 +70,7 @@ def fitting(threads=None):
 
 
 @contextlib.contextmanager
-def _one_blas_thread():
+def one_blas_thread():
     try:
         from threadpoolctl import threadpool_limits   # installed with scikit-learn
     except ImportError:   # pragma: no cover

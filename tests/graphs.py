@@ -116,6 +116,53 @@ def assert_close(original, rewritten, feeds, rtol=1e-4, atol=1e-4):
         np.testing.assert_allclose(y, x, rtol=rtol, atol=atol * max(1.0, float(np.abs(x).max())))
 
 
+def gemm_chain(seed, widths):
+    """x(N, widths[0]) -> Gemm -> Relu -> … -> Gemm -> y(N, widths[-1])"""
+    b = GraphBuilder(seed)
+    h = b.input("x", ["N", widths[0]])
+    pairs = list(zip(widths[:-1], widths[1:]))
+    for i, (di, do) in enumerate(pairs):
+        last = i == len(pairs) - 1
+        h = b.gemm(h, di, do, out="y" if last else None)
+        if not last:
+            h = b.relu(h)
+    b.output("y")
+    return b.model()
+
+
+def disturbed_gemms(model, rng, scale=0.3):
+    """``model`` with every Gemm's weight moved by ``scale`` × standard normal noise (its bias kept)."""
+    from onnxshrink.graph import export_model, import_graph
+    from onnxshrink.layers import WeightLayer
+    graph = import_graph(model)
+    for n in graph.nodes:
+        if n.op == "Gemm":
+            layer = WeightLayer(n, graph)
+            layer.write(layer.matrix() + scale * rng.standard_normal((layer.d_in, layer.d_out)), layer.bias())
+    return export_model(graph, like=model)
+
+
+def refit_gemms(ctx, ref, bad, ridge, desc="t"):
+    """``bad`` with each Gemm refit toward ``ref`` by ``refit.refit_levels`` (one ridge solve a
+    layer, at relative ridge ``ridge``), with ``ctx`` (a PassContext or a stand-in)."""
+    from onnxshrink import refit
+    from onnxshrink.graph import import_graph
+    from onnxshrink.layers import WeightLayer
+    from onnxshrink.lstsq import ridge_solve
+    names = [n.name for n in import_graph(ref).nodes if n.op == "Gemm"]
+
+    def requests(key, graph):
+        return [WeightLayer(next(n for n in graph.nodes if n.name == key), graph).stats_request(key)]
+
+    def solve(key, stats, graph, level):
+        return ridge_solve(stats[key], ridge)
+
+    def write(key, wb, graph, level):
+        WeightLayer(next(n for n in graph.nodes if n.name == key), graph).write(*wb)
+
+    return refit.refit_levels(ctx, bad, names, solve, write, requests=requests, desc=desc)
+
+
 def conv_bn_net(seed=0, c=8, with_gemm=True):
     """input(N,3,8,8) -> Conv -> BN -> Relu -> Conv -> BN -> Relu -> GAP -> Flatten -> Gemm -> logits
 

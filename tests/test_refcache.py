@@ -6,36 +6,22 @@ import tempfile
 
 import numpy as np
 import pytest
-from graphs import GraphBuilder
+from graphs import disturbed_gemms, gemm_chain, refit_gemms
 
-from onnxshrink import refit
 from onnxshrink.calibrate import CACHE_ENV, DataSource, TensorCache, collect, reference_cache_bytes
 from onnxshrink.errors import InputError
-from onnxshrink.graph import export_model, import_graph
+from onnxshrink.graph import import_graph
 from onnxshrink.layers import WeightLayer
-from onnxshrink.lstsq import ridge_solve
 from onnxshrink.pipeline import PassContext
 
 
 def _chain(seed):
     """x(N,8) -> Gemm(8->16) -> Relu -> Gemm(16->16) -> Relu -> Gemm(16->4) -> y"""
-    b = GraphBuilder(seed)
-    h = b.input("x", ["N", 8])
-    for i, (di, do) in enumerate(((8, 16), (16, 16), (16, 4))):
-        h = b.gemm(h, di, do, out="y" if i == 2 else None)
-        if i < 2:
-            h = b.relu(h)
-    b.output("y")
-    return b.model()
+    return gemm_chain(seed, (8, 16, 16, 4))
 
 
 def _disturbed(model, rng):
-    graph = import_graph(model)
-    for n in graph.nodes:
-        if n.op == "Gemm":
-            layer = WeightLayer(n, graph)
-            layer.write(layer.matrix() + 0.3 * rng.standard_normal((layer.d_in, layer.d_out)), layer.bias())
-    return export_model(graph, like=model)
+    return disturbed_gemms(model, rng)
 
 
 def _requests(model):
@@ -106,19 +92,7 @@ def test_cap_from_the_environment(monkeypatch):
 
 def _refit(ref, bad, data):
     ctx = PassContext(data, ref, ref, batch_size=40)
-    names = [n.name for n in import_graph(ref).nodes if n.op == "Gemm"]
-
-    def requests(key, graph):
-        return [WeightLayer(next(n for n in graph.nodes if n.name == key), graph).stats_request(key)]
-
-    def solve(key, stats, graph, level):
-        return ridge_solve(stats[key], 1e-6)
-
-    def write(key, wb, graph, level):
-        WeightLayer(next(n for n in graph.nodes if n.name == key), graph).write(*wb)
-
-    out = refit.refit_levels(ctx, bad, names, solve, write, requests=requests, desc="t")
-    return out, ctx
+    return refit_gemms(ctx, ref, bad, 1e-6), ctx
 
 
 def test_refit_runs_the_reference_once_and_writes_the_same_model(rng, monkeypatch, tmp_path):

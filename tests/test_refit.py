@@ -3,7 +3,7 @@
 import contextlib
 
 import numpy as np
-from graphs import GraphBuilder, run
+from graphs import GraphBuilder, disturbed_gemms, gemm_chain, refit_gemms, run
 
 from onnxshrink import refit
 from onnxshrink.calibrate import DataSource, collect
@@ -29,24 +29,11 @@ class Ctx:
 
 def _chain(seed):
     """x(N,8) -> Gemm(8->8) -> Relu -> Gemm(8->8) -> Relu -> Gemm(8->4) -> y"""
-    b = GraphBuilder(seed)
-    h = b.input("x", ["N", 8])
-    for i, d in enumerate((8, 8, 4)):
-        h = b.gemm(h, 8, d, out="y" if i == 2 else None)
-        if i < 2:
-            h = b.relu(h)
-    b.output("y")
-    return b.model()
+    return gemm_chain(seed, (8, 8, 8, 4))
 
 
 def _disturbed(model, rng):
-    graph = import_graph(model)
-    for n in graph.nodes:
-        if n.op == "Gemm":
-            layer = WeightLayer(n, graph)
-            layer.write(layer.matrix() + 0.3 * rng.standard_normal((layer.d_in, layer.d_out)), layer.bias())
-    from onnxshrink.graph import export_model
-    return export_model(graph, like=model)
+    return disturbed_gemms(model, rng)
 
 
 def test_refit_levels_restores_the_reference(rng):
@@ -54,18 +41,7 @@ def test_refit_levels_restores_the_reference(rng):
     bad = _disturbed(ref, rng)
     data = DataSource({"x": rng.standard_normal((300, 8)).astype(np.float32)})
     ctx = Ctx(ref, data)
-    names = [n.name for n in import_graph(ref).nodes if n.op == "Gemm"]
-
-    def requests(key, graph):
-        return [WeightLayer(next(n for n in graph.nodes if n.name == key), graph).stats_request(key)]
-
-    def solve(key, stats, graph, level):
-        return ridge_solve(stats[key], 1e-9)
-
-    def write(key, wb, graph, level):
-        WeightLayer(next(n for n in graph.nodes if n.name == key), graph).write(*wb)
-
-    out = refit.refit_levels(ctx, bad, names, solve, write, requests=requests, desc="t")
+    out = refit_gemms(ctx, ref, bad, 1e-9)
     assert ctx.runs == ["t 1/3", "t 2/3", "t 3/3"]       # one run per level, each on the refit model
     feed = {"x": rng.standard_normal((50, 8)).astype(np.float32)}
     y_ref, y_bad, y_out = run(ref, feed)[0], run(bad, feed)[0], run(out, feed)[0]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ...calibrate import data_memo
 from ...channels import analyze
 from ...cost import node_costs
 from ...errors import UsageError
@@ -396,16 +397,7 @@ def _effect_memo(ctx, model) -> dict | None:
     """The measured output effects of the probes on ``model`` with ``ctx``'s data, kept for as long
     as the data lives: the steps of an accuracy search run the pass again on the same data from the
     same model at other budgets, and the probes do not depend on the budget."""
-    if ctx.data is None:
-        return None
-    try:
-        entry = _EFFECTS.get(ctx.data)
-    except TypeError:   # data that cannot be referenced weakly: no memo
-        return None
-    if entry is None or entry[0] is not model or entry[1:3] != (ctx.seed, ctx.batch_size):
-        entry = (model, ctx.seed, ctx.batch_size, {})
-        _EFFECTS[ctx.data] = entry
-    return entry[3]
+    return data_memo(_EFFECTS, ctx, model)
 
 
 class _Lazy(dict):

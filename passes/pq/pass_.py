@@ -13,6 +13,7 @@ import zlib
 
 import numpy as np
 
+from ...calibrate import data_memo
 from ...graph import export_model, import_graph
 from ...lstsq import deterministic, weighted_error
 from ...refit import refit_levels, shared_levels
@@ -266,17 +267,7 @@ class ReferenceStats:
         return getattr(self._ctx, name)
 
     def _memo(self) -> dict | None:
-        ctx = self._ctx
-        if ctx.data is None:
-            return None
-        try:
-            entry = _MEMO.get(ctx.data)
-        except TypeError:   # data that cannot be referenced weakly: no memo
-            return None
-        if entry is None or entry[0] is not ctx.reference or entry[1:3] != (ctx.seed, ctx.batch_size):
-            entry = (ctx.reference, ctx.seed, ctx.batch_size, {})
-            _MEMO[ctx.data] = entry
-        return entry[3]
+        return data_memo(_MEMO, self._ctx, self._ctx.reference)
 
     def collect(self, requests, model_x=None, model_y=None, desc="calibration"):
         ctx = self._ctx
