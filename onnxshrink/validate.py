@@ -388,6 +388,76 @@ def model_outputs(model: onnx.ModelProto, data: DataSource, like: onnx.ModelProt
     return outs, feeds
 
 
+# ----------------------------------------------------------------------------- output effect of a change
+GAIN_SAMPLES = 64       # a change's output effect is measured on at most this many calibration samples (units)
+
+
+class OutputProbe:
+    """A model's outputs on (up to ``GAIN_SAMPLES`` units of) a pass's calibration data, and the
+    ``output_error`` of a changed model against them: the measured effect a budget allocation
+    weighs a layer's or a group's change by (pfa, basisconv, pq)."""
+
+    def __init__(self, ctx, model: onnx.ModelProto):
+        data = ctx.require_data()
+        self.data = data.subset(0, GAIN_SAMPLES) if data.units() > GAIN_SAMPLES else data
+        self.like = ctx.reference   # the model whose batch rules split the data
+        self.ref, _ = model_outputs(model, self.data, like=self.like)
+
+    def outputs(self, model: onnx.ModelProto) -> list:
+        """``model``'s per-feed outputs on the probe's data."""
+        return model_outputs(model, self.data, like=self.like)[0]
+
+    def error(self, model: onnx.ModelProto) -> float:
+        """``output_error`` of ``model``'s outputs against the probed model's."""
+        return output_error(self.ref, self.outputs(model))
+
+
+def output_error(ref: list, outs: list) -> float:
+    """The model's output error of ``outs`` against ``ref`` (per-feed output dicts): over the
+    float outputs, the largest of the mean per-sample relative squared error, a quarter of the
+    worst sample's (a sample: axis 0 of an output of rank ≥ 2, else the feed), and a quarter of
+    the squared largest absolute error over the output's range (the validation's range error: a
+    few values far off, such as the quiet bins of a log spectrum, count)."""
+    worst = 0.0
+    for name in ref[0]:
+        per, big, lo, hi = [], 0.0, np.inf, -np.inf
+        for r, o in zip(ref, outs):
+            a, b = np.asarray(r[name]), np.asarray(o[name])
+            if not np.issubdtype(a.dtype, np.floating) or a.shape != b.shape or a.size == 0:
+                continue
+            a = a.astype(np.float64).reshape(len(a) if a.ndim >= 2 else 1, -1)
+            b = b.astype(np.float64).reshape(a.shape)
+            ok = np.isfinite(a) & np.isfinite(b)
+            a, b = np.where(ok, a, 0.0), np.where(ok, b, 0.0)
+            num, den = ((a - b) ** 2).sum(1), (a ** 2).sum(1)
+            per.append(num / np.maximum(den, 1e-30))
+            if ok.any():
+                big = max(big, float(np.abs(a - b)[ok].max()))
+                lo, hi = min(lo, float(a[ok].min())), max(hi, float(a[ok].max()))
+        if not per:
+            continue
+        e = np.concatenate(per)
+        worst = max(worst, float(e.mean()), float(e.max()) / 4)
+        if hi > lo:
+            worst = max(worst, (big / (hi - lo)) ** 2 / 4)
+    return worst
+
+
+def decision_flips(ref: list, outs: list) -> int:
+    """The decisions ``outs`` change against ``ref`` (per-feed output dicts): over the float
+    outputs whose last axis is longer than 1, the positions whose argmax along it differs (a
+    label, a tag of a sequence a decoder reads, a class of a pixel)."""
+    flips = 0
+    for r, o in zip(ref, outs):
+        for name, a in r.items():
+            a, b = np.asarray(a), np.asarray(o[name])
+            if np.issubdtype(a.dtype, np.floating) and a.ndim >= 1 and a.shape == b.shape and a.size \
+                    and a.shape[-1] > 1:
+                ok = np.isfinite(a).all(-1) & np.isfinite(b).all(-1)
+                flips += int(((a.argmax(-1) != b.argmax(-1)) & ok).sum())
+    return flips
+
+
 def _tolerance_failures(outputs, tol: Tolerances):
     fails = []
     for name, m in outputs.items():

@@ -376,12 +376,8 @@ def measured_curves(model, layers, curves, cands, covs, means, rewrite, cfg, ctx
     goes to the layers the outputs feel least. A layer whose probe the curve calls free gets the
     median gain. Returns (curves, {layer: {"probe_rank", "output_error", "gain"}})."""
     from ..graph import export_model
-    from ..validate import model_outputs
-    from .pq.search import GAIN_SAMPLES, output_error
-    data = ctx.require_data()
-    if data.units() > GAIN_SAMPLES:
-        data = data.subset(0, GAIN_SAMPLES)
-    ref, _ = model_outputs(model, data, like=ctx.reference)
+    from ..validate import OutputProbe
+    probe = OutputProbe(ctx, model)
     gains, probes = {}, {}
     for l in layers:
         c = cands.get(l.node) or []
@@ -402,8 +398,7 @@ def measured_curves(model, layers, curves, cands, covs, means, rewrite, cfg, ctx
         bias = None if all(b is None for b in bs) else np.concatenate(
             [b if b is not None else np.zeros(Bs[i].shape[1]) for i, b in enumerate(bs)])
         rewrite(graph, l, r, As, Bs, bias)
-        outs, _ = model_outputs(export_model(graph, like=model), data, like=ctx.reference)
-        err = output_error(ref, outs)
+        err = probe.error(export_model(graph, like=model))
         probes[l.node] = (r, err)
         if curves[l.node][r] > 1e-12:
             gains[l.node] = err / float(curves[l.node][r])

@@ -262,15 +262,11 @@ class Pfa(Pass):
 
     @staticmethod
     def _output_effect(sel, ctx):
-        """measure(g, k): the output error (``pq.search.output_error``: mean and worst per-sample
+        """measure(g, k): the output error (``validate.output_error``: mean and worst per-sample
         relative squared error, range error) of the pass's input model with only group ``g`` pruned to
         ``k`` channels and its consumers refit, on up to ``GAIN_SAMPLES`` calibration samples."""
-        from ...validate import model_outputs
-        from ..pq.search import GAIN_SAMPLES, output_error
-        data = ctx.require_data()
-        if data.units() > GAIN_SAMPLES:
-            data = data.subset(0, GAIN_SAMPLES)
-        ref, _ = model_outputs(sel.model, data, like=ctx.reference)
+        from ...validate import OutputProbe
+        probe = OutputProbe(ctx, sel.model)
         nodes = {n.name: n for n in import_graph(sel.model).nodes}
         cfg = sel.cfg
 
@@ -291,8 +287,7 @@ class Pfa(Pass):
             keep = sel.keep({**{h.index: h.size for h in sel.groups}, g.index: k})
             pruned = sel.an.prune(sel.model, keep)
             pruned, _, _ = sequential_refit(pruned, sel.an, keep, set(refit_consumers(nodes, g.consumers)), cfg, ctx)
-            outs, _ = model_outputs(pruned, data, like=ctx.reference)
-            return output_error(ref, outs)
+            return probe.error(pruned)
         return measure
 
     @staticmethod

@@ -19,6 +19,7 @@ from dataclasses import replace
 import numpy as np
 
 from ...lstsq import deterministic, weighted_error
+from ...validate import OutputProbe, decision_flips, output_error
 from .layer import candidates
 from .quantize import quantize
 from .sizes import dense_bytes, setting_bytes
@@ -89,37 +90,6 @@ def lagrangian(options: dict, fixed: int, goal):
 
 
 # ----------------------------------------------------------------------------- the error budget's allocation
-def output_error(ref: list, outs: list) -> float:
-    """The model's output error of ``outs`` against ``ref`` (per-feed output dicts): over the
-    float outputs, the largest of the mean per-sample relative squared error, a quarter of the
-    worst sample's (a sample: axis 0 of an output of rank ≥ 2, else the feed), and a quarter of
-    the squared largest absolute error over the output's range (the validation's range error: a
-    few values far off, such as the quiet bins of a log spectrum, count)."""
-    worst = 0.0
-    for name in ref[0]:
-        per, big, lo, hi = [], 0.0, np.inf, -np.inf
-        for r, o in zip(ref, outs):
-            a, b = np.asarray(r[name]), np.asarray(o[name])
-            if not np.issubdtype(a.dtype, np.floating) or a.shape != b.shape or a.size == 0:
-                continue
-            a = a.astype(np.float64).reshape(len(a) if a.ndim >= 2 else 1, -1)
-            b = b.astype(np.float64).reshape(a.shape)
-            ok = np.isfinite(a) & np.isfinite(b)
-            a, b = np.where(ok, a, 0.0), np.where(ok, b, 0.0)
-            num, den = ((a - b) ** 2).sum(1), (a ** 2).sum(1)
-            per.append(num / np.maximum(den, 1e-30))
-            if ok.any():
-                big = max(big, float(np.abs(a - b)[ok].max()))
-                lo, hi = min(lo, float(a[ok].min())), max(hi, float(a[ok].max()))
-        if not per:
-            continue
-        e = np.concatenate(per)
-        worst = max(worst, float(e.mean()), float(e.max()) / 4)
-        if hi > lo:
-            worst = max(worst, (big / (hi - lo)) ** 2 / 4)
-    return worst
-
-
 def _decoded(layer, t_hat) -> np.ndarray:
     """The weight tensor T̂ stands for, in the weight's storage shape and dtype."""
     w = t_hat.T if layer.rows_of == "transpose" else t_hat
@@ -143,8 +113,7 @@ def allocate(ctx, model, blocks: dict, cfg, budget: float):
     ``blocks``: {name: (layer, d, K)}; layers without statistics are left out (they keep the
     per-layer rule). Returns ({name: (d, K) or None (dense)}, report)."""
     from ...graph import export_model, import_graph
-    from ...validate import model_outputs
-    from .layer import ladder, subgraph_nodes
+    from .layer import ladder
     from .quantize import budget_error
     quick = quick_config(cfg)
     # layers without statistics (weight space: tables, If/Loop/Scan bodies the calibration data
@@ -153,11 +122,9 @@ def allocate(ctx, model, blocks: dict, cfg, budget: float):
     if not blocks:
         return {}, {}
     stats = gather(ctx, [b[0] for b in blocks.values()], quick, ctx.reference)
-    data = ctx.require_data()
-    if data.units() > GAIN_SAMPLES:
-        data = data.subset(0, GAIN_SAMPLES)
     with ctx.timed("search"):
-        ref, _ = model_outputs(ctx.reference, data)
+        probe = OutputProbe(ctx, ctx.reference)
+    ref = probe.ref
     scratch = import_graph(model)
     consts = scratch.tensors()
     options, gains, coded = {}, {}, {}
@@ -174,7 +141,7 @@ def allocate(ctx, model, blocks: dict, cfg, budget: float):
                 const.values = _decoded(layer, cb.astype(np.float64)[codes].reshape(len(codes), -1))
         try:
             with ctx.timed("search"):
-                return model_outputs(export_model(scratch, like=model), data, like=ctx.reference)[0]
+                return probe.outputs(export_model(scratch, like=model))
         finally:
             for n, v in keep.items():
                 consts[blocks[n][0].weight.name].values = v
@@ -225,7 +192,7 @@ def allocate(ctx, model, blocks: dict, cfg, budget: float):
         choice = {n: next(o for o in table[n] if o[0] == rule_choice[n]) for n in table}
         err = rule
         tried.append({"aim": round(rule, 6), "fallback": "the per-layer rule's settings"})
-    report = {"limit": round(limit, 6), "predicted": round(err, 6), "samples": data.units(),
+    report = {"limit": round(limit, 6), "predicted": round(err, 6), "samples": probe.data.units(),
               "bound": {"output_error": round(bound[0], 6), "flips": bound[1]}, "tries": tried,
               "layers": {n: {"gain": round(gains[n], 4), "choice": list(c[0]) if c[0] else "dense",
                              "estimated_rel_error": round(next(e for s, e, b in options[n] if s == c[0]), 6)}
@@ -233,23 +200,7 @@ def allocate(ctx, model, blocks: dict, cfg, budget: float):
     return {n: c[0] for n, c in choice.items()}, report
 
 
-GAIN_SAMPLES = 64       # the gains are measured on at most this many calibration samples (units)
 JOINT_TRIES = 5         # allocations measured with every layer at once before falling back to the per-layer rule
-
-
-def decision_flips(ref: list, outs: list) -> int:
-    """The decisions ``outs`` change against ``ref`` (per-feed output dicts): over the float
-    outputs whose last axis is longer than 1, the positions whose argmax along it differs (a
-    label, a tag of a sequence a decoder reads, a class of a pixel)."""
-    flips = 0
-    for r, o in zip(ref, outs):
-        for name, a in r.items():
-            a, b = np.asarray(a), np.asarray(o[name])
-            if np.issubdtype(a.dtype, np.floating) and a.ndim >= 1 and a.shape == b.shape and a.size \
-                    and a.shape[-1] > 1:
-                ok = np.isfinite(a).all(-1) & np.isfinite(b).all(-1)
-                flips += int(((a.argmax(-1) != b.argmax(-1)) & ok).sum())
-    return flips
 
 
 def knapsack(options: dict, limit: float):
