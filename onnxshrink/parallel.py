@@ -45,10 +45,15 @@ def check_threads(threads) -> int:
     return threads
 
 
+def in_worker() -> bool:
+    """True in a pool worker of ``ordered_map``."""
+    return getattr(_state, "inside", False)
+
+
 def workers() -> int:
     """The worker count in effect: that of the innermost ``fitting`` block (1 outside any, and
     inside a pool worker: pools do not nest)."""
-    if getattr(_state, "inside", False):
+    if in_worker():
         return 1
     return _active["workers"]
 

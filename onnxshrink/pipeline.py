@@ -215,7 +215,13 @@ class PassContext:
         """Add the time spent in the block to ``timings[part]`` (one of TIMING_PARTS), less what
         blocks and calibration runs inside it counted for their own parts: timed blocks nest (the
         refit loop times a level's ``solve`` as "fit"; a search or a collection inside it counts as
-        search or calibration), and every second is counted once."""
+        search or calibration), and every second is counted once. In a pool worker
+        (``parallel.ordered_map``: a level's solves side by side) nothing is counted: the blocks of
+        concurrent workers overlap in time, and the enclosing block in the calling thread counts
+        their wall time once."""
+        if parallel.in_worker():
+            yield
+            return
         t = time.perf_counter()
         inner0 = sum(self.timings.get(k, 0.0) for k in TIMING_PARTS)
         try:

@@ -146,3 +146,24 @@ def test_threads_option_is_checked():
     with pytest.raises(onnxshrink.UsageError, match="threads must be"):
         onnxshrink.shrink(conv_bn_net(), "foldbn", calibration=x, threads=0)
     assert cli.build_parser().parse_args(["a", "b", "--passes", "foldbn", "--threads", "2"]).threads == 2
+
+
+def test_timed_blocks_in_pool_workers_are_counted_once_by_the_calling_thread():
+    """Two solves timed as "search" run side by side inside one "fit" block: their blocks overlap,
+    so the calling thread's block counts their wall time once; the parts never sum past it."""
+    import time
+
+    from onnxshrink.pipeline import TIMING_PARTS, PassContext
+    ctx = PassContext(None, None, None)
+
+    def work(_):
+        with ctx.timed("search"):
+            time.sleep(0.2)
+
+    t0 = time.perf_counter()
+    with parallel.fitting(2), ctx.timed("fit"):
+        parallel.ordered_map(work, range(2))
+    wall = time.perf_counter() - t0
+    parts = sum(ctx.timings.get(k, 0.0) for k in TIMING_PARTS)
+    assert parts <= wall + 1e-3, (parts, wall, ctx.timings)
+    assert ctx.timings["fit"] >= 0.19 and ctx.timings.get("search", 0.0) == 0.0, ctx.timings
