@@ -109,6 +109,7 @@ class _Map:
     rank: int
     comps: np.ndarray
     origin: tuple | None = None   # (tensor, _Map) before a Flatten/Reshape, for responses
+    heads: bool = False           # attention scores: the channels are heads on a batch axis
 
 
 class _UF:
@@ -137,6 +138,10 @@ class _UF:
 
 def _ints(values):
     return [int(v) for v in np.asarray(values).reshape(-1)]
+
+
+def _no_ones(shape) -> tuple:
+    return tuple(d for d in shape if d != 1)
 
 
 def _axes(node):
@@ -196,12 +201,14 @@ def _slice_input(node, idx, axis, mask):
 
 @dataclass
 class _Edit:
-    kind: str          # out | in | param | depthwise | grouped | split | slice | reshape | dim
+    kind: str          # out | in | param | depthwise | grouped | split | slice | reshape | dim | gather
     node: str
     comps: object      # np.ndarray, or a list of arrays (split)
     idx: int = 0
     axis: int = 0
     extra: tuple = ()
+    path: tuple = ()   # reshape: nodes from the Reshape's target down to ``node``, copied per reader if shared
+    reader: str = ""   # reshape: the Reshape whose target this edit rewrites
 
     def apply(self, node: gs.Node, alive: np.ndarray, ops: int) -> None:
         k = self.kind
@@ -237,7 +244,7 @@ class _Edit:
         if k in ("reshape", "dim"):   # a shape constant's entry for the channel axis
             at = self.extra[0] if self.extra else 1
             v = node.inputs[at].values.copy()
-            v[self.idx] = int(mask.sum())
+            v.reshape(-1)[self.idx] = int(mask.sum())
             _replace_const(node, at, v)
             return
         if mask.all():
@@ -270,6 +277,61 @@ class _Edit:
                 _slice_input(node, 1, 1 if node.attrs.get("transB", 0) else 0, mask)
             else:
                 _slice_input(node, 1, node.inputs[1].values.ndim - 2, mask)
+
+
+def _own_paths(graph: gs.Graph, nodes: dict, edits: list, alive: np.ndarray) -> list:
+    """Edits of a Reshape target reached through nodes that other readers share (one ``Concat`` of
+    shape dims read by the Q, K and V Reshapes of several layers, a head count ``Mul`` also read by a
+    mask's Reshape): each reader gets its own copy of that path, so that readers of different groups
+    are rewritten apart (a group that keeps all its channels writes the same values: no copy).
+    Returns the edits, re-pointed at the copies."""
+    copies: dict = {}
+    out = []
+    for e in edits:
+        if not e.path or alive[e.comps].all():
+            out.append(e)
+            continue
+        prev = nodes[e.reader]
+        for name in e.path:
+            key = (e.reader, name)
+            if key not in copies:
+                pn = nodes[name]
+                t = pn.outputs[0]
+                if len(t.outputs) > 1:   # read by others too: this reader's own copy
+                    cp = gs.Node(pn.op, name=f"{pn.name}__{e.reader}", attrs=dict(pn.attrs), inputs=list(pn.inputs),
+                                 outputs=[gs.Variable(f"{t.name}__{e.reader}", dtype=t.dtype)])
+                    graph.nodes.append(cp)
+                    nodes[cp.name] = cp
+                    for k, i in enumerate(prev.inputs):
+                        if i is t:
+                            prev.inputs[k] = cp.outputs[0]
+                    pn = cp
+                copies[key] = pn
+            prev = copies[key]
+        out.append(_Edit(e.kind, prev.name, e.comps, e.idx, e.axis, e.extra))
+    return out
+
+
+def _gather_inputs(graph: gs.Graph, nodes: dict, edits: list, alive: np.ndarray) -> list:
+    """``gather`` edits: a computed operand broadcast over the heads (an attention mask expanded to
+    the head count) is indexed to the kept heads by a Gather inserted before the node. Returns the
+    other edits."""
+    rest = []
+    for e in edits:
+        if e.kind != "gather":
+            rest.append(e)
+            continue
+        mask = alive[e.comps]
+        if mask.all():
+            continue
+        node = nodes[e.node]
+        t = node.inputs[e.idx]
+        idx = gs.Constant(f"{node.name}_heads{e.idx}", np.nonzero(mask)[0].astype(np.int64))
+        y = gs.Variable(f"{t.name}__{node.name}", dtype=t.dtype)
+        graph.nodes.append(gs.Node("Gather", name=f"{node.name}_gather{e.idx}", attrs={"axis": int(e.axis)},
+                                   inputs=[t, idx], outputs=[y]))
+        node.inputs[e.idx] = y
+    return rest
 
 
 # ----------------------------------------------------------------------------- analysis
@@ -362,7 +424,7 @@ class ChannelAnalysis:
                  "Softmax": self._axis_op, "LogSoftmax": self._axis_op, "LayerNormalization": self._layernorm,
                  "Pad": self._pad, "Resize": self._resize, "Upsample": self._resize, "Shape": self._shape_of,
                  "Size": self._shape_of, "ConvTranspose": self._conv_transpose,
-                 "GroupNormalization": self._groupnorm}
+                 "GroupNormalization": self._groupnorm, "Gather": self._gather}
         if op in table:
             return table[op]
         if op in REDUCE:
@@ -461,7 +523,13 @@ class ChannelAnalysis:
             steps = _const(p.inputs[4]) if len(p.inputs) > 4 and p.inputs[4].name else None
             if starts is None or (axes is not None and _ints(axes) != [0]) or (steps is not None and _ints(steps) != [1]):
                 return False
-            return _ints(starts)[0] >= 0 and self._reads_own_shape(p.inputs[0], pos + _ints(starts)[0], m, depth + 1)
+            start = _ints(starts)[0]
+            if start < 0:   # from the end (INT64_MIN: from the start, as torch.dynamo writes [:-2])
+                n = self._shape(p.inputs[0])
+                if n is None or len(n) != 1 or n[0] is None:
+                    return False
+                start = max(start + n[0], 0)
+            return self._reads_own_shape(p.inputs[0], pos + start, m, depth + 1)
         if p.op == "Gather":
             idx = _const(p.inputs[1])
             if idx is None or int(p.attrs.get("axis", 0)) != 0:
@@ -558,6 +626,11 @@ class ChannelAnalysis:
             if shape[pos] != n:
                 raise _Unsupported(f"{node.op} operand does not broadcast per channel")
             if not isinstance(t, gs.Constant):
+                if first.heads and node.op in ("Add", "Sub", "Mul", "Where"):
+                    # a mask broadcast over the heads (expanded to the head count) added to the
+                    # scores: indexed to the kept heads
+                    self.edits.append(_Edit("gather", node.name, first.comps, idx=i, axis=pos))
+                    continue
                 raise _Unsupported(f"{node.op} with a computed full-channel operand '{t.name}'")
             self.edits.append(_Edit("param", node.name, first.comps, idx=i, axis=pos))
         self._set(node, _Map(out_rank + neg, out_rank, first.comps))
@@ -663,19 +736,22 @@ class ChannelAnalysis:
         self._set(node, out)
 
     def _reshape_target(self, node):
-        """(entries, where) of a Reshape's target shape: a constant, or a ``Concat`` (read by this
-        Reshape only) of constants and computed parts (torch exports: ``Concat(Shape(x)[0],
-        Shape(x)[1], [heads, head size])``). A computed entry reads as the dim seen at run time;
-        ``where[i]`` is (node, input, offset) of the constant holding entry i, None where computed.
+        """(entries, where) of a Reshape's target shape: a constant, or a ``Concat`` of constants and
+        computed parts (torch exports: ``Concat(Shape(x)[0], Shape(x)[1], [heads, head size])``). A
+        computed entry reads as the dim seen at run time; ``where[i]`` is (node, input, offset, path,
+        reader) of the constant holding entry i, None where computed. A computed entry that is a
+        constant times dims that are 1 here (``Mul(batch, heads)``, as torch.dynamo writes the
+        ``bsz * num_heads`` of ``nn.MultiheadAttention``) is held by that constant. A Concat (or
+        Mul) other nodes read too is copied for this Reshape when rewritten (``path``).
         (None, None) when neither form, or the shapes are unknown."""
         t = node.inputs[1]
         v = _const(t)
         if v is not None:
             vals = _ints(v)
-            return vals, [(node.name, 1, i) for i in range(len(vals))]
+            return vals, [(node.name, 1, i, (), "") for i in range(len(vals))]
         out_shape = self._shape(node.outputs[0])
         p = t.inputs[0] if t.inputs else None
-        if p is None or p.op != "Concat" or len(t.outputs) != 1 or out_shape is None:
+        if p is None or p.op != "Concat" or out_shape is None:
             return None, None
         vals, where = [], []
         for k, i in enumerate(p.inputs):
@@ -683,24 +759,48 @@ class ChannelAnalysis:
             if c is not None:
                 for j, x in enumerate(_ints(c)):
                     vals.append(x)
-                    where.append((p.name, k, j))
+                    where.append((p.name, k, j, (p.name,), node.name))
                 continue
             shp = self._shape(i)
             if shp is None or len(shp) != 1 or shp[0] is None:
                 return None, None
+            held = self._scaled_entry(i, out_shape[len(vals)]) if shp[0] == 1 and len(vals) < len(out_shape) else None
             vals.extend([None] * shp[0])
-            where.extend([None] * shp[0])
+            where.extend([None] * shp[0] if held is None else
+                         [(held[0], held[1], 0, (p.name,) + held[2], node.name)])
         if len(vals) != len(out_shape) or any(x is None and out_shape[i] is None for i, x in enumerate(vals)):
             return None, None
         return [int(out_shape[i]) if x is None else x for i, x in enumerate(vals)], where
+
+    def _scaled_entry(self, t, value):
+        """(Mul node, constant input, path) when the 1-element tensor ``t`` is ``Mul(dims, c)``
+        (through Reshape/Unsqueeze/Squeeze/Cast) with a scalar constant ``c`` equal to the entry's
+        ``value`` here (the other factor is 1 at these shapes); else None."""
+        path = []
+        for _ in range(4):
+            q = t.inputs[0] if t.inputs else None
+            if q is None or isinstance(t, gs.Constant):
+                return None
+            path.append(q.name)
+            if q.op in ("Reshape", "Unsqueeze", "Squeeze", "Cast", "Identity"):
+                t = q.inputs[0]
+                continue
+            if q.op != "Mul" or len(q.inputs) != 2:
+                return None
+            for at in (0, 1):
+                c = _const(q.inputs[at])
+                if c is not None and c.size == 1 and _const(q.inputs[1 - at]) is None and int(c.reshape(-1)[0]) == value:
+                    return q.name, at, tuple(path)
+            return None
+        return None
 
     @staticmethod
     def _shape_edit(where, comps, i) -> _Edit:
         """The edit that writes the kept count of ``comps`` into entry ``i`` of a Reshape's target."""
         if where[i] is None:
             raise _Unsupported("Reshape whose channel-axis entry is computed at run time")
-        node, at, off = where[i]
-        return _Edit("reshape", node, comps, idx=off, extra=(at,) if at != 1 else ())
+        node, at, off, path, reader = where[i]
+        return _Edit("reshape", node, comps, idx=off, extra=(at,) if at != 1 else (), path=path, reader=reader)
 
     def _reshape(self, node, tracked):
         m = self._one(node, tracked)
@@ -733,15 +833,32 @@ class ChannelAnalysis:
             self._set(node, _Map(len(out_shape) - 1, len(out_shape), m.comps))
             return
         in_shape, out_shape = tuple(in_shape), tuple(out_shape)
-        r = m.rank
-        if (m.axis == r - 1 and len(out_shape) == r + 1 and out_shape[:r - 1] == in_shape[:r - 1]
-                and out_shape[r - 1] * out_shape[r] == n and out_shape[r - 1] > 1 and len(target) == r + 1):
-            # features → (heads, head size): a head's columns go together (attention heads)
-            h, dh = out_shape[r - 1], out_shape[r]
+        r, R = m.rank, len(out_shape)
+        if len(target) != R:
+            raise _Unsupported("Reshape whose target does not match its output's rank")
+        if (m.axis == r - 1 and R == r + 1 and out_shape[:r - 1] == in_shape[:r - 1]
+                and out_shape[r - 1] * out_shape[r] == n and out_shape[r - 1] > 1
+                and self._indexed_only(node.outputs[0], r - 1)):
+            # packed projections (…, k·d) → (…, k, d), the k axis only indexed (Gather): Q, K and V
+            # of nn.MultiheadAttention's in_proj; column c of each part goes with the others'
+            k, d = out_shape[r - 1], out_shape[r]
+            for j in range(1, k):
+                self._tie(m.comps[:d], m.comps[j * d:(j + 1) * d])
+            if target[r] > 0:
+                self.edits.append(self._shape_edit(where, m.comps[:d], r))
+            elif target[r - 1] <= 0:
+                raise _Unsupported("Reshape into packed parts with neither the part count nor the width given")
+            self._set(node, _Map(r, r + 1, m.comps[:d]))
+            return
+        if (m.axis == r - 1 and R >= 2 and _no_ones(out_shape[:R - 2]) == _no_ones(in_shape[:r - 1])
+                and out_shape[R - 2] * out_shape[R - 1] == n and out_shape[R - 2] > 1):
+            # features → (heads, head size): a head's columns go together (attention heads); unit
+            # dims before them may go or come ((T, 1, d) → (T, 1·heads, head size): dynamo's MHA)
+            h, dh = out_shape[R - 2], out_shape[R - 1]
             heads = m.comps[::dh]
-            if target[r - 1] > 0:
-                edit = self._shape_edit(where, heads, r - 1)
-            elif target[r - 1] != -1 and target[r] <= 0:
+            if target[R - 2] > 0:
+                edit = self._shape_edit(where, heads, R - 2)
+            elif target[R - 2] != -1 and target[R - 1] <= 0:
                 raise _Unsupported("Reshape into heads with neither the head count nor the head size given")
             else:
                 edit = None
@@ -749,15 +866,25 @@ class ChannelAnalysis:
                 self._tie(np.full(dh - 1, m.comps[j * dh]), m.comps[j * dh + 1:(j + 1) * dh])
             if edit is not None:
                 self.edits.append(edit)
-            self._set(node, _Map(r - 1, r + 1, heads))
+            self._set(node, _Map(R - 2, R, heads))
             return
-        if (m.axis == r - 2 and len(out_shape) == r - 1 and out_shape[:r - 2] == in_shape[:r - 2]
-                and out_shape[r - 2] == n * in_shape[r - 1] and len(target) == r - 1):
+        if (m.axis == r - 2 and _no_ones(out_shape[:R - 1]) == _no_ones(in_shape[:r - 2])
+                and out_shape[R - 1] == n * in_shape[r - 1]):
             # (…, heads, head size) → (…, features): each head spans head-size consecutive columns
             comps = np.repeat(m.comps, in_shape[r - 1])
-            if target[r - 2] > 0:
-                self.edits.append(self._shape_edit(where, comps, r - 2))
-            self._set(node, _Map(r - 2, r - 1, comps))
+            if target[R - 1] > 0:
+                self.edits.append(self._shape_edit(where, comps, R - 1))
+            self._set(node, _Map(R - 1, R, comps))
+            return
+        if n > 1 and _no_ones(in_shape) == _no_ones(out_shape):
+            # unit dims inserted or dropped ((B·heads, T, dh) ↔ (B, heads, T, dh) at batch 1)
+            k = sum(d != 1 for d in in_shape[:m.axis])
+            axis = [i for i, d in enumerate(out_shape) if d != 1][k]
+            if target[axis] > 0 and not (where[axis] is None and self._reads_own_shape(node.inputs[1], axis, m)):
+                self.edits.append(self._shape_edit(where, m.comps, axis))
+            elif target[axis] == 0 and (node.attrs.get("allowzero", 0) or axis != m.axis):
+                raise _Unsupported("Reshape that copies another dim into the channel axis")
+            self._set(node, _Map(axis, R, m.comps))
             return
         raise _Unsupported("Reshape that splits or merges the channel axis")
 
@@ -765,6 +892,55 @@ class ChannelAnalysis:
         m = self._one(node, tracked)
         perm = _ints(node.attrs.get("perm", list(range(m.rank))[::-1]))
         self._set(node, _Map(perm.index(m.axis), m.rank, m.comps))
+
+    def _indexed_only(self, t, axis, depth=0) -> bool:
+        """True when axis ``axis`` of ``t`` is, through Unsqueeze/Squeeze/Transpose, only indexed by
+        Gathers with constant indices (the parts of a packed projection taken one by one)."""
+        if depth > 8 or not t.outputs:
+            return False
+        rank = self._rank(t)
+        for c in t.outputs:
+            if c.op == "Gather" and c.inputs[0] is t:
+                a = int(c.attrs.get("axis", 0))
+                if (a + rank if a < 0 else a) != axis or _const(c.inputs[1]) is None:
+                    return False
+            elif c.op == "Transpose":
+                perm = _ints(c.attrs.get("perm", list(range(rank))[::-1]))
+                if not self._indexed_only(c.outputs[0], perm.index(axis), depth + 1):
+                    return False
+            elif c.op in ("Squeeze", "Unsqueeze") and c.inputs[0] is t:
+                try:
+                    axes = _axes(c)
+                except _Unsupported:
+                    return False
+                if c.op == "Squeeze":
+                    axes = [a + rank if a < 0 else a for a in axes]
+                    if not axes or axis in axes:
+                        return False
+                    pos = axis - sum(a < axis for a in axes)
+                else:
+                    out_rank = rank + len(axes)
+                    pos = axis
+                    for a in sorted(a + out_rank if a < 0 else a for a in axes):
+                        if a <= pos:
+                            pos += 1
+                if not self._indexed_only(c.outputs[0], pos, depth + 1):
+                    return False
+            else:
+                return False
+        return True
+
+    def _gather(self, node, tracked):
+        """Gather with constant indices on a non-channel axis of the tracked data (one part of a packed
+        Q/K/V projection): the channels pass through; the axis goes (scalar index) or stays."""
+        m = self._one(node, tracked)
+        idx = _const(node.inputs[1])
+        axis = int(node.attrs.get("axis", 0))
+        axis = axis + m.rank if axis < 0 else axis
+        if idx is None or axis == m.axis:
+            raise _Unsupported("Gather on the channel axis or with computed indices")
+        q = idx.ndim
+        self._set(node, _Map(m.axis if m.axis < axis else m.axis - 1 + q, m.rank - 1 + q, m.comps))
 
     def _squeeze(self, node, tracked):
         m = self._one(node, tracked)
@@ -967,7 +1143,7 @@ class ChannelAnalysis:
         if len(tracked) == 2:
             self._tie(first.comps, tracked[1][1].comps)
         out_rank = max(ranks)
-        self._set(node, _Map(out_rank + neg, out_rank, first.comps))
+        self._set(node, _Map(out_rank + neg, out_rank, first.comps, heads=True))
 
     # -- groups
     def _finish(self) -> None:
@@ -1071,7 +1247,8 @@ class ChannelAnalysis:
         alive = self.alive(keep)
         graph = import_graph(model)
         nodes = {n.name: n for n in graph.nodes}
-        for e in self.edits:
+        edits = _gather_inputs(graph, nodes, _own_paths(graph, nodes, self.edits, alive), alive)
+        for e in edits:
             e.apply(nodes[e.node], alive, self.opset)
         inputs = {t.name for t in graph.inputs}
         outputs = {t.name for t in graph.outputs}

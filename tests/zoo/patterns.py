@@ -276,6 +276,77 @@ def attention_heads(opset=17, weak_head=2, shape="constant"):
     return b.finish(f"{name}_op{opset}", {"tokens": (t, d)})
 
 
+def attention_packed_qkv(opset=17, weak_head=2, layers=2):
+    """``nn.MultiheadAttention`` (sequence-first inside, as ``nn.TransformerEncoderLayer`` runs it)
+    with its packed in_proj, written the way torch.dynamo exports it (the Khmer segmenter's
+    graph, 4 heads of 4, T=8, d=16): one MatMul + bias for Q, K and V; ``Reshape(T, N, 3, d)`` whose
+    target is a ``Concat`` of Shape-derived dims and constants (one Concat read by every layer),
+    ``Unsqueeze(0) ─ Transpose(3,1,2,0,4) ─ Squeeze(-2)`` and a ``Gather`` per part;
+    ``Reshape(T, N·h, dh)`` with ``N·h`` computed as ``Mul(N, h)`` (also read by the mask's Reshape),
+    ``Transpose ─ Reshape(N, h, T, dh)``; K reshaped to ``(-1, T, dh)``, transposed and reshaped
+    back to ``Shape(K)[:-2] ‖ (dh, T)`` (``Slice`` from INT64_MIN), both scaled by dh^-¼; a key bias
+    computed from the input, expanded to the heads (``Expand`` by ``[1, h, 1, 1]``) and added to the
+    scores; the heads merged by ``Transpose(2,0,1,3) ─ Reshape(T·N, d)``, out_proj as Gemm(transB),
+    ``Reshape(T, N, d) ─ Transpose``, residual Add, LayerNormalization. Head ``weak_head`` of the
+    first layer has its V columns scaled by 0.02.
+
+        x(N,T,d) ─ Transpose ─ MatMul(d→3d) ─ Add ─ Reshape(T,N,3,d) ─ Unsqueeze ─ Transpose ─ Squeeze
+          ─ Gather(0|1|2) ─ Reshape(T,N·h,dh) ─ Transpose ─ Reshape(N,h,T,dh) ─ scores(+mask) ─ Softmax
+          ─ ·V ─ Transpose ─ Reshape(T·N,d) ─ Gemm ─ Reshape ─ Transpose ─ Add(x) ─ LN ─ … ─ Gemm ─ logits
+    """
+    from . import _layernorm
+    b = ZooBuilder(30, opset)
+    t, d, h = 8, 16, 4
+    dh = d // h
+    x = b.input("tokens", ["N", t, d])
+    tdim = b.node("Shape", [x], start=1, end=2)
+    ndim = b.node("Shape", [x], start=0, end=1)
+    packed = b.node("Concat", [tdim, ndim, b.ints([3]), b.ints([d])], axis=0)
+    nh = b.node("Reshape", [b.node("Mul", [b.node("Squeeze", [ndim]), b.ints(h)]), b.ints([-1])])
+    per_head = b.node("Concat", [tdim, nh, b.ints([dh])], axis=0)
+    batched = b.node("Concat", [ndim, b.ints([h]), tdim, b.ints([dh])], axis=0)
+    rows = b.node("Reshape", [b.node("Mul", [b.node("Squeeze", [tdim]), b.node("Squeeze", [ndim])]), b.ints([-1])])
+    merged = b.node("Concat", [rows, b.ints([d])], axis=0)
+    back = b.node("Concat", [tdim, ndim, b.ints([d])], axis=0)
+    scale = b.const(np.array([dh ** -0.25], np.float32), "scale")
+    # a key bias computed from the input, broadcast over the heads as the padding mask is
+    bias = b.node("Mul", [b.reduce_mean(x, [2], keepdims=0), b.scalar(0.5)])
+    bias = b.node("Reshape", [bias, b.node("Concat", [ndim, b.ints([1]), b.ints([1]), tdim], axis=0)])
+    bias = b.node("Expand", [bias, b.ints([1, h, 1, 1])])
+    bias = b.node("Reshape", [bias, b.node("Concat", [nh, b.ints([1]), tdim], axis=0)])
+    bias = b.node("Reshape", [bias, b.node("Concat", [ndim, b.ints([h]), b.ints([-1]), tdim], axis=0)])
+    big = b.ints([np.iinfo(np.int64).max])
+    y = x
+    for layer in range(layers):
+        w = (b.rng.standard_normal((d, 3 * d)) / np.sqrt(d)).astype(np.float32)
+        bb = (0.1 * b.rng.standard_normal(3 * d)).astype(np.float32)
+        if layer == 0 and weak_head is not None:
+            cols = slice(2 * d + weak_head * dh, 2 * d + (weak_head + 1) * dh)
+            w[:, cols] *= 0.02
+            bb[cols] *= 0.02
+        qkv = b.add(b.node("MatMul", [b.node("Transpose", [y], perm=[1, 0, 2]), b.const(w, "in_proj_w")]),
+                    b.const(bb, "in_proj_b"))
+        parts = b.node("Reshape", [qkv, packed], allowzero=1)
+        parts = b.node("Squeeze", [b.node("Transpose", [b.unsqueeze(parts, [0])], perm=[3, 1, 2, 0, 4]), b.ints([-2])])
+        q, k, v = (b.node("Reshape", [b.node("Transpose", [b.node("Reshape", [b.node("Gather", [parts, b.ints(i)], axis=0),
+                                                                             per_head], allowzero=1)], perm=[1, 0, 2]),
+                                     batched], allowzero=1) for i in range(3))
+        ks = b.node("Shape", [k])
+        dims = lambda lo, hi: b.node("Slice", [ks, b.ints([lo]), hi])  # noqa: E731  Shape(K)[lo:hi]
+        k = b.node("Reshape", [k, b.node("Concat", [b.ints([-1]), dims(-2, b.ints([-1])), dims(-1, big)], axis=0)])
+        k = b.node("Transpose", [k], perm=[0, 2, 1])
+        k = b.node("Reshape", [k, b.node("Concat", [dims(np.iinfo(np.int64).min, b.ints([-2])), dims(-1, big),
+                                                     dims(-2, b.ints([-1]))], axis=0)])
+        s = b.add(b.node("MatMul", [b.node("Mul", [q, scale]), b.node("Mul", [k, scale])]), bias)
+        o = b.node("MatMul", [b.node("Softmax", [s], axis=-1), v])
+        o = b.node("Reshape", [b.node("Transpose", [o], perm=[2, 0, 1, 3]), merged], allowzero=1)
+        o = b.node("Transpose", [b.node("Reshape", [b.gemm(o, d, d), back], allowzero=1)], perm=[1, 0, 2])
+        y = _layernorm(b, b.add(y, o), d, "op" if opset >= 17 else "decomposed")
+    b.gemm(b.reduce_mean(y, [1], keepdims=0), d, 4, out="logits")
+    b.output("logits", ["N", 4])
+    return b.finish(f"attention_packed_qkv_op{opset}", {"tokens": (t, d)})
+
+
 PATTERNS = {}
 for _fn, _kw in [
     (pad_spatial, {"opset": 13}),
@@ -294,6 +365,7 @@ for _fn, _kw in [
     (transformer_ffn, {"opset": 13, "style": "torchscript"}),
     (attention_heads, {"opset": 17}),
     (attention_heads, {"opset": 14, "shape": "computed"}),
+    (attention_packed_qkv, {"opset": 17}),
 ]:
     _builder = functools.partial(_fn, **_kw)
     PATTERNS[_builder().name] = _builder
