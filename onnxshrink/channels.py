@@ -13,6 +13,10 @@ from every tensor it flows into, up to the weight layers that consume it. Each s
     y = Pad(x) on channels (constant)   comp(y) = fixed ‖ comp(x) ‖ fixed  (fixed: pinned)
     y = Reshape(x) (…, d) → (…, h, dh)  a head's dh columns are one component; comp(y) = heads
     y = A @ B, channels on a batch axis comp(A) ≡ comp(B) (attention heads: Q·Kᵀ, scores·V)
+    y = scores ⊕ m, m computed over the heads   m is indexed to the kept heads (a mask)
+    y = Reshape(x) (…, k·d) → (…, k, d), the k axis only Gathered  (packed Q/K/V: in_proj)
+                                    comp(x)[j·d + c] ≡ comp(x)[c]; comp(y) = comp(x)[:d]
+    y = Gather(x) on another axis   comp(y) = comp(x)
     y = grouped Conv(x), G groups       a group's input channels are one component, its outputs
                                         repeat it (channels go by whole groups)
 
@@ -626,9 +630,9 @@ class ChannelAnalysis:
             if shape[pos] != n:
                 raise _Unsupported(f"{node.op} operand does not broadcast per channel")
             if not isinstance(t, gs.Constant):
-                if first.heads and node.op in ("Add", "Sub", "Mul", "Where"):
-                    # a mask broadcast over the heads (expanded to the head count) added to the
-                    # scores: indexed to the kept heads
+                if first.heads:
+                    # attention scores with a computed operand broadcast over the heads (a mask
+                    # expanded to the head count): the operand is indexed to the kept heads
                     self.edits.append(_Edit("gather", node.name, first.comps, idx=i, axis=pos))
                     continue
                 raise _Unsupported(f"{node.op} with a computed full-channel operand '{t.name}'")

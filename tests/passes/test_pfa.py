@@ -513,16 +513,17 @@ def test_pfa_removes_the_attention_head_that_contributes_least(case):
     assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.05
 
 
-def test_pfa_removes_the_weak_head_of_a_packed_qkv_projection():
+@pytest.mark.parametrize("case", ["attention_packed_qkv_op17", "attention_packed_qkv_chunk_op15"])
+def test_pfa_removes_the_weak_head_of_a_packed_qkv_projection(case):
     """nn.MultiheadAttention's packed in_proj as torch.dynamo writes it: the head's columns leave
     each of the Q, K and V thirds together, the Reshape targets (one Concat read by both layers,
     ``Mul(N, h)`` also read by the mask's Reshape) are rewritten for this layer's readers only, the
     mask is gathered to the kept heads, out_proj loses the head's rows and is refit. Layer 0's head
     2 has a weak V: the energy recipe drops it there, layer 1 keeps its 4 heads. Batch 64 at run
-    time (the analysis saw batch 1)."""
+    time (the analysis saw batch 1). ``chunk``: the thirds taken by a Split (older PyTorch)."""
     from onnx import numpy_helper
     from graphs import run
-    z = PATTERNS["attention_packed_qkv_op17"]()
+    z = PATTERNS[case]()
     res = shrink(z.model, ["pfa"], calibration=z.calibration(256, seed=0), quiet=True, force=True,
                  options={"pfa": {"energy": 0.97, "channel_multiple": 4}}, tolerances=Tolerances(min_cosine=None))
     rep = res.report["passes"][0]

@@ -276,7 +276,7 @@ def attention_heads(opset=17, weak_head=2, shape="constant"):
     return b.finish(f"{name}_op{opset}", {"tokens": (t, d)})
 
 
-def attention_packed_qkv(opset=17, weak_head=2, layers=2):
+def attention_packed_qkv(opset=17, weak_head=2, layers=2, style="unflatten"):
     """``nn.MultiheadAttention`` (sequence-first inside, as ``nn.TransformerEncoderLayer`` runs it)
     with its packed in_proj, written the way torch.dynamo exports it (the Khmer segmenter's
     graph, 4 heads of 4, T=8, d=16): one MatMul + bias for Q, K and V; ``Reshape(T, N, 3, d)`` whose
@@ -288,7 +288,8 @@ def attention_packed_qkv(opset=17, weak_head=2, layers=2):
     computed from the input, expanded to the heads (``Expand`` by ``[1, h, 1, 1]``) and added to the
     scores; the heads merged by ``Transpose(2,0,1,3) ─ Reshape(T·N, d)``, out_proj as Gemm(transB),
     ``Reshape(T, N, d) ─ Transpose``, residual Add, LayerNormalization. Head ``weak_head`` of the
-    first layer has its V columns scaled by 0.02.
+    first layer has its V columns scaled by 0.02. ``style="chunk"``: the parts taken by a Split in
+    three on the last axis (``in_proj(x).chunk(3, -1)``, older PyTorch) instead.
 
         x(N,T,d) ─ Transpose ─ MatMul(d→3d) ─ Add ─ Reshape(T,N,3,d) ─ Unsqueeze ─ Transpose ─ Squeeze
           ─ Gather(0|1|2) ─ Reshape(T,N·h,dh) ─ Transpose ─ Reshape(N,h,T,dh) ─ scores(+mask) ─ Softmax
@@ -326,11 +327,14 @@ def attention_packed_qkv(opset=17, weak_head=2, layers=2):
             bb[cols] *= 0.02
         qkv = b.add(b.node("MatMul", [b.node("Transpose", [y], perm=[1, 0, 2]), b.const(w, "in_proj_w")]),
                     b.const(bb, "in_proj_b"))
-        parts = b.node("Reshape", [qkv, packed], allowzero=1)
-        parts = b.node("Squeeze", [b.node("Transpose", [b.unsqueeze(parts, [0])], perm=[3, 1, 2, 0, 4]), b.ints([-2])])
-        q, k, v = (b.node("Reshape", [b.node("Transpose", [b.node("Reshape", [b.node("Gather", [parts, b.ints(i)], axis=0),
-                                                                             per_head], allowzero=1)], perm=[1, 0, 2]),
-                                     batched], allowzero=1) for i in range(3))
+        if style == "chunk":
+            parts = b.split(qkv, [d, d, d], axis=-1)
+        else:
+            parts = b.node("Reshape", [qkv, packed], allowzero=1)
+            parts = b.node("Squeeze", [b.node("Transpose", [b.unsqueeze(parts, [0])], perm=[3, 1, 2, 0, 4]), b.ints([-2])])
+            parts = [b.node("Gather", [parts, b.ints(i)], axis=0) for i in range(3)]
+        q, k, v = (b.node("Reshape", [b.node("Transpose", [b.node("Reshape", [p, per_head], allowzero=1)], perm=[1, 0, 2]),
+                                     batched], allowzero=1) for p in parts)
         ks = b.node("Shape", [k])
         dims = lambda lo, hi: b.node("Slice", [ks, b.ints([lo]), hi])  # noqa: E731  Shape(K)[lo:hi]
         k = b.node("Reshape", [k, b.node("Concat", [b.ints([-1]), dims(-2, b.ints([-1])), dims(-1, big)], axis=0)])
@@ -344,7 +348,8 @@ def attention_packed_qkv(opset=17, weak_head=2, layers=2):
         y = _layernorm(b, b.add(y, o), d, "op" if opset >= 17 else "decomposed")
     b.gemm(b.reduce_mean(y, [1], keepdims=0), d, 4, out="logits")
     b.output("logits", ["N", 4])
-    return b.finish(f"attention_packed_qkv_op{opset}", {"tokens": (t, d)})
+    name = "attention_packed_qkv" if style == "unflatten" else f"attention_packed_qkv_{style}"
+    return b.finish(f"{name}_op{opset}", {"tokens": (t, d)})
 
 
 PATTERNS = {}
@@ -366,6 +371,7 @@ for _fn, _kw in [
     (attention_heads, {"opset": 17}),
     (attention_heads, {"opset": 14, "shape": "computed"}),
     (attention_packed_qkv, {"opset": 17}),
+    (attention_packed_qkv, {"opset": 15, "style": "chunk"}),
 ]:
     _builder = functools.partial(_fn, **_kw)
     PATTERNS[_builder().name] = _builder
