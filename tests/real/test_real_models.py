@@ -54,8 +54,9 @@ KNOWN_FAILURES = {
                            "STFT Conv is quantized: range error 0.558, task metric 0.976)",
     ("captcha_crnn", "basisconv"): "validation passes but the same text on 0.844 of the captchas < 0.9 (FLOPs 0.897)",
     ("khmer_segmenter", "pfa"): "validation passes (cosine 0.9999) but the same segmentation on 0.750 of the "
-                                "sentences < 0.9 (FLOPs 0.900: the three FFNs only; the packed QKV projections "
-                                "stay whole)",
+                                "sentences < 0.9 (FLOPs 0.900: FFN units only; the 18 packed-QKV heads are "
+                                "prunable but each carries the task, so the budget keeps them; 1.4 % relative "
+                                "emission error; 0.917 with the opt-in pfa.measured=true at the same error)",
     ("vit_focus", "lowrank"): "validation passes but the saliency map IoU@0.5 is 0.898 < 0.9 (params 0.900, "
                               "FLOPs 0.918; within 1 % of the threshold, so kept out of CI)",
 }
