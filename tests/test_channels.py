@@ -515,3 +515,35 @@ def test_grouped_conv_loses_whole_groups(op):
     grouped = node(p, op, 1 if op == "Conv" else 0)
     assert [a.i for a in grouped.attribute if a.name == "group"] == [2]
     assert init(p, grouped.input[1]).shape == ((6, 2, 3, 3) if op == "Conv" else (4, 3, 3, 3))
+
+
+def test_packed_qkv_layers_sharing_their_shape_targets_lose_different_heads():
+    """Two nn.MultiheadAttention layers with packed in_proj (torch.dynamo's graph) read the same
+    Reshape-target Concats and head-count Mul: each in_proj is one group of 4 heads; pruning them to
+    different counts gives each pruned layer its own copy of what it rewrites, gathers the shared mask
+    to each layer's kept heads, and equals the original with the dropped heads' out_proj columns
+    zeroed, at a batch (3) other than the analysis's (1) and unchanged when no head goes."""
+    from zoo.patterns import PATTERNS
+    from onnxshrink.graph import normalize
+    z = PATTERNS["attention_packed_qkv_op17"]()
+    m = normalize(z.model)
+    an = analyze(m, z.shapes)
+    heads = [g for g in an.groups if not g.pinned]
+    assert [(g.size, g.sources[0].op) for g in heads] == [(4, "MatMul"), (4, "MatMul")], \
+        [(g.name, g.size, g.pins) for g in an.groups]
+    x = z.calibration(3, seed=1)
+    assert_close(m, an.prune(m, {g.index: np.arange(4) for g in heads}), x, rtol=1e-6, atol=1e-6)
+    keep = {heads[0].index: [0, 1, 3], heads[1].index: [2]}
+    pruned = an.prune(m, keep)
+    onnx.checker.check_model(pruned, full_check=True)
+    masked = m
+    gemms = [n for n in m.graph.node if n.op_type == "Gemm"][:2]
+    for g, gemm in zip(heads, gemms):
+        dead = [c for h in range(4) if h not in keep[g.index] for c in range(4 * h, 4 * h + 4)]
+        masked = zero_inputs(masked, gemm.input[1], 1, dead)          # out_proj W (d, d), transB=1
+    assert_close(masked, pruned, x)
+    ops = [n.op_type for n in pruned.graph.node]
+    assert ops.count("Gather") - [n.op_type for n in m.graph.node].count("Gather") == 2   # one mask per layer
+    for g in heads:
+        w = next(init(pruned, n.input[1]) for n in pruned.graph.node if n.name == g.sources[0].node)
+        assert w.shape == (16, 3 * 4 * len(keep[g.index]))
