@@ -227,6 +227,12 @@ class Pfa(Pass):
         cost = CostModel(an, model, sel.groups,
                          lambda m: {c.name: (c.params, c.flops) for c in node_costs(m, ctx.sample_shapes)})
         targets = {m: goal.limit for m, goal in goals.items()}
+        if ctx.signatures and len(ctx.signatures) > 1:
+            # the cost model counts FLOPs at the first signature's shapes, the goals over every
+            # signature (feeds of several lengths): the limits in the cost model's units (else a
+            # short first feed meets them with nothing pruned)
+            whole, base = ctx.cost(model), cost({})
+            targets = {m: t * (base[m] / whole[m] if whole.get(m) else 1.0) for m, t in targets.items()}
         curves = sel.curves
         if cfg.allocation == "error" and cfg.measured and not all(goal.met(cost({})[m]) for m, goal in goals.items()):
             with ctx.timed("search"):

@@ -765,3 +765,24 @@ def test_budget_report_holds_each_groups_measured_effect(tiny_cnn):
     for row in rep_on["measured"].values():
         assert row["output_error"] > 0 and row["gain"] > 0 and row["probe_kept"] >= 1
     assert on.report["ratios"]["flops"] <= 0.7 and off.report["ratios"]["flops"] <= 0.7
+
+
+def test_budget_on_feeds_of_several_lengths_counts_the_goal_in_the_cost_models_units():
+    """Sentences of their own lengths (one signature each): the goal is over every signature, the
+    cost model counts at the first feed's shapes. A short first feed must not meet the FLOPs goal
+    with nothing pruned (it did: TargetError at FLOPs 1.000 on the Khmer segmenter's varying feeds)."""
+    from graphs import GraphBuilder
+    b = GraphBuilder(7, 17)
+    x = b.input("x", [1, "T", 16])
+    h = b.relu(b.node("Add", [b.matmul(x, 16, 64), b.const(np.full(64, 0.1, np.float32), "b")]))
+    b.node("Add", [b.matmul(h, 64, 16), b.const(np.zeros(16, np.float32), "b")], out="y")
+    b.output("y", [1, "T", 16])
+    m = b.model()
+    rng = np.random.default_rng(0)
+    mix = rng.standard_normal((16, 16)).astype(np.float32)
+    calib = [{"x": (rng.standard_normal((1, t, 16)) @ mix).astype(np.float32)} for t in [3] + [24] * 7 + [40] * 8]
+    res = shrink(m, ["pfa"], calibration=calib, target_flops=0.7, quiet=True, force=True,
+                 options={"pfa": {"channel_multiple": 1}}, tolerances=NO_NUMERIC_CHECKS)
+    assert len(res.report["cost_shapes"]) == 3, res.report["cost_shapes"]
+    assert res.report["passes"][0]["changed"], res.report["passes"][0]
+    assert 0.6 < res.report["ratios"]["flops"] <= 0.7 + 1e-3, res.report["ratios"]
