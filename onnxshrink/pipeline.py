@@ -31,7 +31,7 @@ from . import parallel
 from . import search as search_mod
 from .arguments import Data, Run, Targets, grouped
 from .calibrate import collect as calibrate_requests   # the run itself; PassContext.collect is the passes' door
-from .calibrate import (DataSource, ShapeObserver, TensorCache, load_data, probe_batching, random_data,
+from .calibrate import (DataSource, RunCache, ShapeObserver, TensorCache, load_data, probe_batching, random_data,
                         reference_cache_bytes, session, split_holdout)
 from .cost import model_cost, unknown_flops
 from .errors import (CalibrationError, InputError, OnnxShrinkError, PassError, UsageError,
@@ -154,6 +154,7 @@ class PassContext:
     protected: dict = field(default_factory=dict)   # {node name: why it stays whole} (the accuracy search)
     rows: dict = field(default_factory=dict)        # {refit layer: {"rows", "width"}} (``note_rows``)
     reference_cache: TensorCache | None = field(default=None, repr=False)   # the reference's tensors (``collect``)
+    run_caches: list = field(default_factory=list, repr=False)   # ``incremental`` scopes' ``RunCache``s, innermost last
 
     def note_rows(self, layer: str, rows: int, width: int) -> None:
         """Record that ``layer`` was refit from ``rows`` calibration rows (samples × the spatial
@@ -250,6 +251,19 @@ class PassContext:
         if cache is not None:
             cache.want(names)
 
+    @contextlib.contextmanager
+    def incremental(self):
+        """A scope whose runs of models other than the reference go through one
+        ``calibrate.RunCache`` (a refit's candidates, each the last with a few layers changed): a
+        run computes only what changed since the tensors the last runs kept. Its cap is what the
+        reference's ``TensorCache`` leaves of ``reference_cache_bytes()``."""
+        held = self.reference_cache.nbytes if self.reference_cache is not None else 0
+        self.run_caches.append(RunCache(max(reference_cache_bytes() - held, 0)))
+        try:
+            yield self.run_caches[-1]
+        finally:
+            self.run_caches.pop()
+
     def collect(self, requests, model_x=None, model_y=None, desc="calibration"):
         """Statistics over the calibration data; x tensors from ``model_x`` (default: the
         reference model), y tensors from ``model_y``; the reference's y tensors come from its
@@ -270,7 +284,9 @@ class PassContext:
         stats_before = self.timings["statistics"]
         out = calibrate_requests(data, [_TimedRequest(r, self.timings) for r in requests],
                       model_x if model_x is not None else self.reference, model_y,
-                      batch_size=self.batch_size, progress=prog, seed=self.seed, cache=self._cache(model_y))
+                      batch_size=self.batch_size, progress=prog, seed=self.seed, cache=self._cache(model_y),
+                      runs=self.run_caches[-1] if self.run_caches and model_x is not None
+                      and model_x is not self.reference else None)
         end = time.perf_counter()
         begin = started[0] if started else end
         self.timings["session"] += begin - t
