@@ -39,7 +39,7 @@ from .errors import (CalibrationError, InputError, OnnxShrinkError, PassError, U
 from .graph import is_quantized_layer, normalize, observing, opset
 from .model_io import (SpillStore, Staging, active_store, check_output_paths, check_writable, has_external_data,
                        has_lazy, load_model, save_model, spilling)
-from .registry import Requires, get_pass, make_config
+from .registry import PassReport, Requires, get_pass, make_config
 from .report import make_report, to_json
 from .validate import STANDARD_DOMAINS, Tolerances, model_outputs, structural_problems, validate
 
@@ -639,7 +639,14 @@ def _chain(model, original, call: _Call, budget: budget_mod.Budget, signatures, 
     the nodes of ``protected`` ({name: reason}) whole; returns (model, pass reports)."""
     reports, done = [], []
     for i, (p, cfg) in enumerate(call.chosen):
-        goals = budget.goals(i, model_cost(model, signatures)) if budget else {}
+        current = model_cost(model, signatures) if budget else None
+        goals = budget.goals(i, current) if budget else {}
+        if goals and i == len(call.chosen) - 1 and not call.force:   # forced: the best it can do
+            rep = _out_of_reach(p, cfg, model, budget, current, signatures, sample_shapes)
+            if rep is not None:   # the verdict will say so: no calibration run for it
+                reports.append(rep)
+                done.append(p.name)
+                continue
         ctx = PassContext(call.fit, model, original, goals, sample_shapes, call.batch_size, call.seed, call.quiet,
                           signatures=signatures, pass_name=p.name, protected=dict(protected or {}))
         _share_cache(ctx, call.shared, first=i == 0)
@@ -675,6 +682,32 @@ def _chain(model, original, call: _Call, budget: budget_mod.Budget, signatures, 
         reports.append(rep)
         done.append(p.name)
     return model, reports
+
+
+def _out_of_reach(p, cfg, model, budget, current, signatures, sample_shapes):
+    """The report of the chain's last pass when its own reach (``Pass.reach``: the lowest
+    fraction of its input's cost it could leave, known from the plan, before any data runs) cannot
+    meet a target of the chain even at that floor: the pass is not run and the verdict's
+    TargetError names the reach (not with ``force``, whose result is the best the pass can do). None where the pass may meet every target (or says nothing of its
+    reach, or the data has several input signatures: the floor is counted at the first)."""
+    reach = getattr(p, "reach", None)
+    if reach is None or (signatures is not None and len(signatures) != 1):
+        return None
+    info = reach(model, cfg, sample_shapes)
+    short = []
+    for m, fraction in budget.targets.items():
+        floor = (info.get("floor") or {}).get(m)
+        if m not in p.budgets or floor is None or not current.get(m) or not budget.original.get(m):
+            continue
+        left = floor * current[m] / budget.original[m]
+        if not budget_mod.reached({m: fraction}, {m: 1.0}, {m: left})[m]["met"]:
+            short.append(f"{m} {left:.3f} of the original at its floor (target {fraction:.3f})")
+    if not short:
+        return None
+    rep = PassReport(p.name)
+    rep.details.update({"reach": info, "seconds": 0.0, "calibration_seconds": 0.0, "calibration_runs": 0,
+                        "not_run": "the target is out of the pass's reach: " + "; ".join(short)})
+    return rep
 
 
 def _share_cache(ctx, shared: dict, first: bool) -> None:
