@@ -460,7 +460,7 @@ def infer_shapes(model: onnx.ModelProto, input_shapes: dict | None = None) -> di
         except Exception:
             dtype = None
         info[vi.name] = (shape, dtype)
-    for t in model.graph.initializer:
+    for t in m.graph.initializer:   # the weights stood in as inputs: their dims came with them above
         info[t.name] = (tuple(t.dims), onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
     observer = _OBSERVER.get()
     if observer is not None:
