@@ -26,6 +26,7 @@ can pair inputs from the rewritten network with targets from the original one.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -1100,11 +1101,10 @@ class RunCache:
             self.nbytes -= sum(getattr(a, "nbytes", 0) for a in entry[1])
 
     def digests(self, model: onnx.ModelProto) -> dict:
-        """{tensor made by a node of ``model``: digest} (None where an input is unknown: a graph
-        that is not sorted)."""
+        """{tensor made by a node of ``model``: digest} (None downstream of a random draw or of an
+        input not yet made: a graph that is not sorted)."""
         if self._digests[0] is model:
             return self._digests[1]
-        import hashlib
         g = model.graph
         known = {t.name: hashlib.sha1(t.SerializeToString()).digest() for t in g.initializer}
         known.update((t.values.name, hashlib.sha1(t.SerializeToString()).digest()) for t in g.sparse_initializer)
@@ -1113,7 +1113,7 @@ class RunCache:
         out = {}
         for node in g.node:
             h = hashlib.sha1(node.SerializeToString())
-            ok = True
+            ok = not node.op_type.startswith("Random") and node.op_type != "Multinomial"   # a draw: never served
             for t in list(node.input) + sorted(_subgraph_names(node)):
                 d = known.get(t, b"" if not t else None)
                 if d is None:
@@ -1216,15 +1216,18 @@ class _CachedRunner:
             got = {}
         for n in self.served:
             got[n] = held[n][1][b]
-        for n in self.order:
+        for n in list(self.order):
             a = got[n]
-            if isinstance(a, np.ndarray):
-                a.flags.writeable = False
+            if not isinstance(a, np.ndarray):   # a sequence or map: not fed back as an input
+                self.order.remove(n)
+                self.nbytes -= sum(x.nbytes for x in self.parts.pop(n))
+                continue
+            a.flags.writeable = False
             self.parts[n].append(a)
-            self.nbytes += getattr(a, "nbytes", 0)
+            self.nbytes += a.nbytes
         while self.order and self.cache.nbytes + self.nbytes > self.cache.cap:
             n = self.order.pop()
-            self.nbytes -= sum(getattr(a, "nbytes", 0) for a in self.parts.pop(n))
+            self.nbytes -= sum(a.nbytes for a in self.parts.pop(n))
         out.update((n, got[n]) for n in self.names if n not in out)
         return out
 

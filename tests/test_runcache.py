@@ -123,3 +123,22 @@ def test_refit_levels_gives_the_same_model_incrementally(rng):
     plain.incremental = None     # no scope: every level runs its model from the inputs
     whole = refit_gemms(plain, ref, bad, 1e-3)
     assert inc.SerializeToString() == whole.SerializeToString()
+
+
+def test_digests_follow_how_a_tensor_is_computed():
+    """A tensor's digest changes with any node or initializer upstream of it, not with others;
+    a random draw and what is computed from it have none (never served)."""
+    from onnx import TensorProto, helper, numpy_helper
+    def model(bias):
+        nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+                 helper.make_node("Add", ["r", "b"], ["rb"], name="add"),
+                 helper.make_node("RandomUniformLike", ["x"], ["u"], name="draw"),
+                 helper.make_node("Mul", ["r", "u"], ["y"], name="mul")]
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("rb", TensorProto.FLOAT, [2]),
+                               helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+                              [numpy_helper.from_array(np.full(2, bias, np.float32), "b")])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    a, b = RunCache(1).digests(model(1.0)), RunCache(1).digests(model(2.0))
+    assert a["r"] == b["r"] and a["rb"] != b["rb"] and a["r"] != a["rb"]
+    assert a["u"] is None and a["y"] is None
