@@ -177,6 +177,8 @@ def test_a_target_out_of_the_last_pass_reach_is_answered_before_any_run(monkeypa
     rep = info.value.result.report["passes"][0]
     assert rep["calibration_runs"] == 0 and not runs and rep["changed"] == []
     assert rep["not_run"].startswith("the target is out of the pass's reach: params 0.")
+    v = info.value.result.report["validation"]
+    assert v["samples"] == 0 and v["notes"][0].startswith("not compared on data: no pass ran")
     assert "lowrank acts on" in str(info.value)
     # forced, or within reach: the pass runs (and calibrates)
     res = shrink(_conv_heavy(), ["lowrank"], calibration=_data(), target_params=0.5, force=True)
