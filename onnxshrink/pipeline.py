@@ -641,7 +641,8 @@ def _chain(model, original, call: _Call, budget: budget_mod.Budget, signatures, 
     for i, (p, cfg) in enumerate(call.chosen):
         current = model_cost(model, signatures) if budget else None
         goals = budget.goals(i, current) if budget else {}
-        if goals and i == len(call.chosen) - 1 and not call.force:   # forced: the best it can do
+        # the user's targets only (a budget search's steps score what the pass reaches); forced: the best it can do
+        if goals and call.budget and i == len(call.chosen) - 1 and not call.force:
             rep = _out_of_reach(p, cfg, model, budget, current, signatures, sample_shapes)
             if rep is not None:   # the verdict will say so: no calibration run for it
                 reports.append(rep)
