@@ -26,6 +26,7 @@ can pair inputs from the rewritten network with targets from the original one.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -863,14 +864,17 @@ def data_memo(store: "weakref.WeakKeyDictionary", ctx, model) -> dict | None:
     return entry[3]
 
 
-def upstream_of(model: onnx.ModelProto, names) -> onnx.ModelProto:
+def upstream_of(model: onnx.ModelProto, names, given: dict | None = None) -> onnx.ModelProto:
     """A model whose outputs are exactly ``names`` (tensors of ``model``), holding only the nodes
     and initializers they depend on; every real input is kept. ONNX Runtime runs every node of a
     model whatever outputs are fetched, so a calibration run that reads tensors early in the
     network runs only that part of it. The nodes kept are unchanged, so the values are those the
-    whole model computes."""
+    whole model computes. ``given`` ({tensor: ONNX element type}, none of ``names``): tensors
+    fed as inputs instead of computed (``RunCache``): the nodes upstream of them are left out
+    where nothing else needs them."""
     graph = model.graph
     wanted = set(names)
+    given = dict(given or {})
     producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
     keep, seen, stack = set(), set(), list(names)
     while stack:
@@ -878,6 +882,8 @@ def upstream_of(model: onnx.ModelProto, names) -> onnx.ModelProto:
         if t in seen:
             continue
         seen.add(t)
+        if t in given:
+            continue
         i = producer.get(t)
         if i is None or i in keep:
             continue
@@ -902,7 +908,8 @@ def upstream_of(model: onnx.ModelProto, names) -> onnx.ModelProto:
     g.sparse_initializer.extend(t for t in graph.sparse_initializer if t.values.name in seen)
     init = {t.name for t in graph.initializer} | {t.values.name for t in graph.sparse_initializer}
     g.input.extend(vi for vi in graph.input if vi.name not in init or vi.name in seen)
-    g.value_info.extend(vi for vi in graph.value_info if vi.name in seen)
+    g.input.extend(onnx.helper.make_tensor_value_info(t, given[t], None) for t in sorted(given) if t in seen)
+    g.value_info.extend(vi for vi in graph.value_info if vi.name in seen and vi.name not in given)
     g.output.extend(vi for vi in graph.output if vi.name in wanted)
     _add_outputs(g, names, _elem_types(model, names))
     return m
@@ -916,7 +923,7 @@ class _Runner:
         self.sess = session(upstream_of(model, wanted)) if wanted else None
         self.wanted = wanted
 
-    def __call__(self, feed):
+    def __call__(self, feed, b=None):
         out = {n: feed[n] for n in self.from_feed}
         if self.sess is not None and self.wanted:
             vals = self.sess.run(self.wanted, feed)
@@ -1056,8 +1063,188 @@ class _Recording:
                 self.cache.nbytes += sum(getattr(a, "nbytes", 0) for a in self.parts[n])
 
 
+class RunCache:
+    """Tensors of a sequence of related models run over the same data (a refit's candidates: each
+    model the last one with a few weight layers changed), kept where the last run stopped, so that
+    a run of the next model computes only the nodes between them and what it fetches: the levels
+    of a refit together cost about one pass over the network instead of one pass up to each level.
+
+    A tensor is named by a digest of how it is computed (a hash over the graph: its producer as
+    written, subgraph captures included, the initializers it reads and the digests of its inputs),
+    so a tensor held is served to a model only where its digest there is the same: anything
+    downstream of a changed node or initializer is computed again. After a run the cache holds
+    the run's frontier: the tensors it fetched or was fed that nodes it did not run still read,
+    while they fit in ``cap`` bytes, the latest in the graph first (over the cap a tensor is not
+    kept and a later run computes it: the cap bounds memory, never the result). A tensor that is
+    the output of a producer ONNX Runtime fuses with its consumer (``VALUE_FUSIONS``) is not
+    fetched for the frontier, where fetching it would change values downstream. A served
+    tensor was computed by the run that fetched it: where that run's fusions differed from a
+    whole-model run's (a fetched Conv output a BatchNormalization reads), values can differ from
+    such a run in the last bits. Nothing goes to disk."""
+
+    def __init__(self, cap: int):
+        self.cap = int(cap)
+        self.held: dict = {}     # name -> (digest, [array per batch])
+        self.nbytes = 0
+        self.runs = self.served = 0   # runs through the cache; tensors served instead of computed
+        self._key = self._data = None
+        self._digests = (None, None)  # (model, {tensor: digest}) of the last model digested
+
+    def _check(self, data, batch_size, fixed) -> None:
+        key = (int(batch_size), fixed)
+        if data is not self._data or key != self._key:
+            self.held, self.nbytes, self._key, self._data = {}, 0, key, data
+
+    def _drop(self, name) -> None:
+        entry = self.held.pop(name, None)
+        if entry is not None:
+            self.nbytes -= sum(getattr(a, "nbytes", 0) for a in entry[1])
+
+    def digests(self, model: onnx.ModelProto) -> dict:
+        """{tensor made by a node of ``model``: digest} (None downstream of a random draw or of an
+        input not yet made: a graph that is not sorted)."""
+        if self._digests[0] is model:
+            return self._digests[1]
+        g = model.graph
+        known = {t.name: hashlib.sha1(t.SerializeToString()).digest() for t in g.initializer}
+        known.update((t.values.name, hashlib.sha1(t.SerializeToString()).digest()) for t in g.sparse_initializer)
+        known.update((vi.name, b"input:" + vi.name.encode()) for vi in g.input if vi.name not in known)
+        made = {o for n in g.node for o in n.output if o}
+        out = {}
+        for node in g.node:
+            h = hashlib.sha1(node.SerializeToString())
+            ok = not node.op_type.startswith("Random") and node.op_type != "Multinomial"   # a draw: never served
+            for t in list(node.input) + sorted(_subgraph_names(node)):
+                d = known.get(t, b"" if not t else None)
+                if d is None:
+                    if t in made:   # produced later: not sorted
+                        ok = False
+                        break
+                    d = b"inner:" + t.encode()   # a subgraph's own tensor (not a capture)
+                h.update(d)
+            for j, o in enumerate(node.output):
+                if o:
+                    d = h.copy()
+                    d.update(str(j).encode())
+                    out[o] = known[o] = d.digest() if ok else None
+        self._digests = (model, out)
+        return out
+
+    def plan(self, model: onnx.ModelProto, names) -> tuple:
+        """(held tensors the run is fed or served, its frontier to fetch and keep, the held tensors
+        only nodes it runs read, the digests of ``model``) for a run of ``model`` fetching
+        ``names``; held tensors whose digest differs in ``model`` are dropped."""
+        dig = self.digests(model)
+        for n in list(self.held):
+            if dig.get(n) is None or dig[n] != self.held[n][0]:
+                self._drop(n)
+        g = model.graph
+        producer = {o: i for i, n in enumerate(g.node) for o in n.output if o}
+        region, stops, seen, stack = set(), set(), set(), list(names)
+        while stack:
+            t = stack.pop()
+            if t in seen:
+                continue
+            seen.add(t)
+            if t in self.held:
+                stops.add(t)
+                continue
+            i = producer.get(t)
+            if i is None or i in region:
+                continue
+            region.add(i)
+            node = g.node[i]
+            stack.extend(x for x in node.input if x)
+            stack.extend(_subgraph_names(node))
+        readers: dict = {}
+        for i, node in enumerate(g.node):
+            for t in set(node.input) | _subgraph_names(node):
+                readers.setdefault(t, []).append(i)
+        ops = [n.op_type for n in g.node]
+        frontier = []
+        for i in sorted(region, reverse=True):   # the latest first: kept first under the cap
+            fused = VALUE_FUSIONS.get(ops[i], ())
+            for o in g.node[i].output:
+                outside = [j for j in readers.get(o, ()) if j not in region]
+                if not o or dig.get(o) is None or not outside:
+                    continue
+                if o not in names and any(ops[j] in fused for j in readers.get(o, ())):
+                    continue
+                frontier.append(o)
+        stale = [s for s in stops if all(j in region for j in readers.get(s, ()))]
+        return stops, frontier, stale, dig
+
+    def summary(self) -> dict:
+        return {"runs": self.runs, "served": self.served, "tensors": len(self.held),
+                "mib": round(self.nbytes / (1 << 20), 1), "cap_mib": round(self.cap / (1 << 20), 1)}
+
+
+class _CachedRunner:
+    """``_Runner`` through a ``RunCache``: held tensors are fed (or served) instead of computed,
+    and the run's frontier is fetched and kept."""
+
+    def __init__(self, cache: RunCache, model, names):
+        inputs = {i[0] for i in model_inputs(model)}
+        self.cache = cache
+        self.from_feed = [n for n in names if n in inputs]
+        wanted = [n for n in names if n not in inputs]
+        stops, frontier, stale, self.dig = cache.plan(model, wanted)
+        self.names = list(names)
+        self.served = [n for n in wanted if n in stops]
+        self.fetch = [n for n in wanted if n not in stops] + [n for n in frontier if n not in wanted]
+        given = {s: onnx.helper.np_dtype_to_tensor_dtype(np.asarray(cache.held[s][1][0]).dtype) for s in stops}
+        sub = upstream_of(model, self.fetch, given=given) if self.fetch else None
+        names_in = {vi.name for vi in sub.graph.input} if sub is not None else set()
+        self.fed = sorted(s for s in stops if s in names_in)
+        self.sess = session(sub) if sub is not None else None
+        cache.runs += 1
+        cache.served += len(self.served) + len(self.fed)
+        self.parts = {n: [] for n in frontier}
+        self.order = list(frontier)
+        self.nbytes = 0
+        self.stale = stale
+
+    def __call__(self, feed, b):
+        held = self.cache.held
+        out = {n: feed[n] for n in self.from_feed}
+        if self.sess is not None:
+            run_feed = {k: v for k, v in feed.items()}
+            run_feed.update((s, held[s][1][b]) for s in self.fed)
+            vals = self.sess.run(self.fetch, run_feed)
+            got = dict(zip(self.fetch, vals))
+        else:
+            got = {}
+        for n in self.served:
+            got[n] = held[n][1][b]
+        for n in list(self.order):
+            a = got[n]
+            if not isinstance(a, np.ndarray):   # a sequence or map: not fed back as an input
+                self.order.remove(n)
+                self.nbytes -= sum(x.nbytes for x in self.parts.pop(n))
+                continue
+            a.flags.writeable = False
+            self.parts[n].append(a)
+            self.nbytes += a.nbytes
+        while self.order and self.cache.nbytes + self.nbytes > self.cache.cap:
+            n = self.order.pop()
+            self.nbytes -= sum(a.nbytes for a in self.parts.pop(n))
+        out.update((n, got[n]) for n in self.names if n not in out)
+        return out
+
+    def finish(self, batches: int) -> None:
+        cache = self.cache
+        for n in self.stale:   # every reader of it ran: the frontier holds what comes after
+            cache._drop(n)
+        for n in self.order:
+            if len(self.parts[n]) == batches:
+                cache._drop(n)
+                cache.held[n] = (self.dig[n], self.parts[n])
+                cache.nbytes += sum(getattr(a, "nbytes", 0) for a in self.parts[n])
+
+
 def collect(data: DataSource, requests, model_x: onnx.ModelProto, model_y: onnx.ModelProto | None = None,
-            batch_size: int = 64, progress=None, seed: int = 0, cache: TensorCache | None = None) -> dict:
+            batch_size: int = 64, progress=None, seed: int = 0, cache: TensorCache | None = None,
+            runs: RunCache | None = None) -> dict:
     """Run the data once and return {request.key: accumulator}.
 
     ``x`` tensors are read from ``model_x``, ``y`` tensors from ``model_y`` (default: model_x).
@@ -1065,6 +1252,8 @@ def collect(data: DataSource, requests, model_x: onnx.ModelProto, model_y: onnx.
     those fetched (with the ones wanted ahead) are kept under its cap; where ``model_y`` is
     ``model_x`` and the cache fetches ahead (values do not depend on what a run fetches), one run
     of the model serves both sides.
+    ``runs``: a ``RunCache`` for ``model_x`` (a refit's candidates): its held tensors are fed
+    instead of computed and the run's frontier is kept (not where one run serves both models).
     """
     requests = list(requests)
     if not requests:
@@ -1083,7 +1272,11 @@ def collect(data: DataSource, requests, model_x: onnx.ModelProto, model_y: onnx.
     # one run for both sides where they are one model and values do not depend on what it fetches
     one = cache is not None and cache.free and model_y is model_x
     names_x = sorted(set(xs) | set(ys)) if model_y is None else sorted(set(xs) | set(fetch_y)) if one else xs
-    run_x = _Runner(model_x, names_x)
+    if runs is not None and not one and runs.cap > 0:
+        runs._check(data, batch_size, fixed_batch(model_x))
+        run_x = _CachedRunner(runs, model_x, names_x)
+    else:
+        run_x = _Runner(model_x, names_x)
     run_y = _Runner(model_y, fetch_y) if model_y is not None and fetch_y and not one else None
     if cache is not None and (run_y is not None and run_y.sess is not None or one and fetch_y):
         cache.runs += 1
@@ -1093,7 +1286,7 @@ def collect(data: DataSource, requests, model_x: onnx.ModelProto, model_y: onnx.
         batches = progress(batches, total=count)
     seen = 0
     for b, feed in enumerate(batches):
-        xa = run_x(feed)
+        xa = run_x(feed, b)
         if model_y is None:
             ya = xa
         else:
@@ -1110,6 +1303,8 @@ def collect(data: DataSource, requests, model_x: onnx.ModelProto, model_y: onnx.
             r.update(accs[r.key], xa, ya, rng)
     if record is not None:
         record.finish(seen)
+    if isinstance(run_x, _CachedRunner):
+        run_x.finish(seen)
     return accs
 
 

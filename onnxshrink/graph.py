@@ -395,12 +395,48 @@ def observed_input_shapes() -> dict | None:
     return {k: tuple(np.shape(v)) for k, v in feeds[0].items()} if feeds else None
 
 
+_SHAPE_ONLY = (onnx.TensorProto.INT64, onnx.TensorProto.INT32)   # values static inference may read
+
+
+def _without_weight_data(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` for static inference: initializers of more than ``_FOLD_MAX`` elements
+    that are not integer (weights; inference reads only their type and dims, folding only small
+    ones) become graph inputs of that type and shape, so the weights are neither copied nor
+    serialized for inference; everything else as it is."""
+    m = onnx.ModelProto()
+    for f, value in model.ListFields():
+        if f.name != "graph":
+            if hasattr(value, "extend"):
+                getattr(m, f.name).extend(value)
+            elif f.message_type is not None:
+                getattr(m, f.name).CopyFrom(value)
+            else:
+                setattr(m, f.name, value)
+    for f, value in model.graph.ListFields():
+        if f.name in ("initializer", "input"):
+            continue
+        if hasattr(value, "extend"):
+            getattr(m.graph, f.name).extend(value)
+        elif f.message_type is not None:
+            getattr(m.graph, f.name).CopyFrom(value)
+        else:
+            setattr(m.graph, f.name, value)
+    stand_in = {}
+    for t in model.graph.initializer:
+        if t.data_type not in _SHAPE_ONLY and int(np.prod(t.dims)) > _FOLD_MAX:
+            stand_in[t.name] = onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims))
+        else:
+            m.graph.initializer.append(t)
+    m.graph.input.extend(stand_in.pop(vi.name, vi) for vi in model.graph.input)
+    m.graph.input.extend(stand_in.values())
+    return m
+
+
 def infer_shapes(model: onnx.ModelProto, input_shapes: dict | None = None) -> dict:
     """name -> (shape tuple or None, numpy dtype) for every tensor, with inputs fixed to
     ``input_shapes`` (default: dynamic dims set to 1). Shapes static inference cannot resolve
     come from running the model when an observer is active (see ``observing``)."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+    m = _without_weight_data(model)
     shapes = input_shapes or concrete_input_shapes(model)
     for vi in m.graph.input:
         if vi.name in shapes:
@@ -424,7 +460,7 @@ def infer_shapes(model: onnx.ModelProto, input_shapes: dict | None = None) -> di
         except Exception:
             dtype = None
         info[vi.name] = (shape, dtype)
-    for t in m.graph.initializer:
+    for t in m.graph.initializer:   # the weights stood in as inputs: their dims came with them above
         info[t.name] = (tuple(t.dims), onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
     observer = _OBSERVER.get()
     if observer is not None:

@@ -31,7 +31,7 @@ from . import parallel
 from . import search as search_mod
 from .arguments import Data, Run, Targets, grouped
 from .calibrate import collect as calibrate_requests   # the run itself; PassContext.collect is the passes' door
-from .calibrate import (DataSource, ShapeObserver, TensorCache, load_data, probe_batching, random_data,
+from .calibrate import (DataSource, RunCache, ShapeObserver, TensorCache, load_data, probe_batching, random_data,
                         reference_cache_bytes, session, split_holdout)
 from .cost import model_cost, unknown_flops
 from .errors import (CalibrationError, InputError, OnnxShrinkError, PassError, UsageError,
@@ -39,7 +39,7 @@ from .errors import (CalibrationError, InputError, OnnxShrinkError, PassError, U
 from .graph import is_quantized_layer, normalize, observing, opset
 from .model_io import (SpillStore, Staging, active_store, check_output_paths, check_writable, has_external_data,
                        has_lazy, load_model, save_model, spilling)
-from .registry import Requires, get_pass, make_config
+from .registry import PassReport, Requires, get_pass, make_config
 from .report import make_report, to_json
 from .validate import STANDARD_DOMAINS, Tolerances, model_outputs, structural_problems, validate
 
@@ -154,6 +154,7 @@ class PassContext:
     protected: dict = field(default_factory=dict)   # {node name: why it stays whole} (the accuracy search)
     rows: dict = field(default_factory=dict)        # {refit layer: {"rows", "width"}} (``note_rows``)
     reference_cache: TensorCache | None = field(default=None, repr=False)   # the reference's tensors (``collect``)
+    run_caches: list = field(default_factory=list, repr=False)   # ``incremental`` scopes' ``RunCache``s, innermost last
 
     def note_rows(self, layer: str, rows: int, width: int) -> None:
         """Record that ``layer`` was refit from ``rows`` calibration rows (samples × the spatial
@@ -250,6 +251,19 @@ class PassContext:
         if cache is not None:
             cache.want(names)
 
+    @contextlib.contextmanager
+    def incremental(self):
+        """A scope whose runs of models other than the reference go through one
+        ``calibrate.RunCache`` (a refit's candidates, each the last with a few layers changed): a
+        run computes only what changed since the tensors the last runs kept. Its cap is what the
+        reference's ``TensorCache`` leaves of ``reference_cache_bytes()``."""
+        held = self.reference_cache.nbytes if self.reference_cache is not None else 0
+        self.run_caches.append(RunCache(max(reference_cache_bytes() - held, 0)))
+        try:
+            yield self.run_caches[-1]
+        finally:
+            self.run_caches.pop()
+
     def collect(self, requests, model_x=None, model_y=None, desc="calibration"):
         """Statistics over the calibration data; x tensors from ``model_x`` (default: the
         reference model), y tensors from ``model_y``; the reference's y tensors come from its
@@ -270,7 +284,9 @@ class PassContext:
         stats_before = self.timings["statistics"]
         out = calibrate_requests(data, [_TimedRequest(r, self.timings) for r in requests],
                       model_x if model_x is not None else self.reference, model_y,
-                      batch_size=self.batch_size, progress=prog, seed=self.seed, cache=self._cache(model_y))
+                      batch_size=self.batch_size, progress=prog, seed=self.seed, cache=self._cache(model_y),
+                      runs=self.run_caches[-1] if self.run_caches and model_x is not None
+                      and model_x is not self.reference else None)
         end = time.perf_counter()
         begin = started[0] if started else end
         self.timings["session"] += begin - t
@@ -623,7 +639,15 @@ def _chain(model, original, call: _Call, budget: budget_mod.Budget, signatures, 
     the nodes of ``protected`` ({name: reason}) whole; returns (model, pass reports)."""
     reports, done = [], []
     for i, (p, cfg) in enumerate(call.chosen):
-        goals = budget.goals(i, model_cost(model, signatures)) if budget else {}
+        current = model_cost(model, signatures) if budget else None
+        goals = budget.goals(i, current) if budget else {}
+        # the user's targets only (a budget search's steps score what the pass reaches); forced: the best it can do
+        if goals and call.budget and i == len(call.chosen) - 1 and not call.force:
+            rep = _out_of_reach(p, cfg, model, budget, current, signatures, sample_shapes)
+            if rep is not None:   # the verdict will say so: no calibration run for it
+                reports.append(rep)
+                done.append(p.name)
+                continue
         ctx = PassContext(call.fit, model, original, goals, sample_shapes, call.batch_size, call.seed, call.quiet,
                           signatures=signatures, pass_name=p.name, protected=dict(protected or {}))
         _share_cache(ctx, call.shared, first=i == 0)
@@ -659,6 +683,32 @@ def _chain(model, original, call: _Call, budget: budget_mod.Budget, signatures, 
         reports.append(rep)
         done.append(p.name)
     return model, reports
+
+
+def _out_of_reach(p, cfg, model, budget, current, signatures, sample_shapes):
+    """The report of the chain's last pass when its own reach (``Pass.reach``: the lowest
+    fraction of its input's cost it could leave, known from the plan, before any data runs) cannot
+    meet a target of the chain even at that floor: the pass is not run and the verdict's
+    TargetError names the reach (not with ``force``, whose result is the best the pass can do). None where the pass may meet every target (or says nothing of its
+    reach, or the data has several input signatures: the floor is counted at the first)."""
+    reach = getattr(p, "reach", None)
+    if reach is None or (signatures is not None and len(signatures) != 1):
+        return None
+    info = reach(model, cfg, sample_shapes)
+    short = []
+    for m, fraction in budget.targets.items():
+        floor = (info.get("floor") or {}).get(m)
+        if m not in p.budgets or floor is None or not current.get(m) or not budget.original.get(m):
+            continue
+        left = floor * current[m] / budget.original[m]
+        if not budget_mod.reached({m: fraction}, {m: 1.0}, {m: left})[m]["met"]:
+            short.append(f"{m} {left:.3f} of the original at its floor (target {fraction:.3f})")
+    if not short:
+        return None
+    rep = PassReport(p.name)
+    rep.details.update({"reach": info, "seconds": 0.0, "calibration_seconds": 0.0, "calibration_runs": 0,
+                        "not_run": "the target is out of the pass's reach: " + "; ".join(short)})
+    return rep
 
 
 def _share_cache(ctx, shared: dict, first: bool) -> None:
@@ -779,7 +829,13 @@ def _execute(model, original, call: _Call):
     if val is None:
         val = random_data(original, 16, call.seed, sample_shapes)
         val.origin = "random inputs (no calibration data given)"
-    validation_result = validate(original, model, val, call.tol, call.metric, call.max_drop)
+    # every pass of the chain answered from its plan that a target is out of its reach (``_out_of_reach``):
+    # the model is the input, so it is checked for structure only, without running the data
+    not_run = bool(reports) and all("not_run" in r.details for r in reports)
+    validation_result = validate(original, model, None if not_run else val, call.tol, call.metric, call.max_drop)
+    if not_run:
+        validation_result["notes"].insert(0, "not compared on data: no pass ran (the target is out of the "
+                                              "chain's reach), the model is the input")
     inherited = [q for q in validation_result["problems"] if q in call.input_info["problems"]]
     if inherited:
         validation_result["problems"] = [q for q in validation_result["problems"] if q not in inherited]

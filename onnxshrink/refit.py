@@ -21,6 +21,7 @@ nothing upstream changes (``ahead``), and a graph re-imported from each level's 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -137,10 +138,18 @@ def refit_levels(ctx, model: onnx.ModelProto, layers, solve: Callable, write: Ca
         groups = layers if isinstance(layers, dict) else {n: [n] for n in layers}
         levels = shared_levels(graph, groups)
     levels = [list(lv) for lv in levels]
+    _want_targets(ctx, model_y, graph, levels, requests)
+    incremental = getattr(ctx, "incremental", None)
+    with incremental() if incremental is not None else contextlib.nullcontext():
+        return _loop(ctx, model, graph, levels, solve, write, requests, desc, reimport, ahead, like, model_y,
+                     export_copy, parallel)
+
+
+def _loop(ctx, model, graph, levels, solve, write, requests, desc, reimport, ahead, like, model_y, export_copy,
+          parallel):
     current = model
     cached: dict = {}        # level index -> stats gathered ahead on ``current``
     sync = None              # ``graph`` as ``current`` was exported from it (``_export``)
-    _want_targets(ctx, model_y, graph, levels, requests)
     for i, keys in enumerate(levels):
         if reimport and i > 0 and sync is None:
             graph = import_graph(current)

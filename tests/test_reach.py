@@ -161,3 +161,27 @@ def test_lowrank_plan_leaves_out_layers_no_rank_makes_cheaper():
     assert last not in plan.nodes and len(plan.nodes) == 1
     assert any(s.node == last and "has fewer params" in s.reason for s in plan.skipped)
     assert p.plan(model, make_config(p, {"force": True})).nodes[-1] == last
+
+
+def test_a_target_out_of_the_last_pass_reach_is_answered_before_any_run(monkeypatch):
+    """The floor is known from the plan: the pass is not run (no calibration run, the model as
+    it was) and the TargetError names its reach; a target within reach runs the pass."""
+    from onnxshrink import calibrate
+    runs = []
+    real = calibrate.collect
+    monkeypatch.setattr(calibrate, "collect", lambda *a, **k: runs.append(1) or real(*a, **k))
+    import onnxshrink.pipeline as pipeline
+    monkeypatch.setattr(pipeline, "calibrate_requests", calibrate.collect)
+    with pytest.raises(TargetError) as info:
+        shrink(_conv_heavy(), ["lowrank"], calibration=_data(), target_params=0.5)
+    rep = info.value.result.report["passes"][0]
+    assert rep["calibration_runs"] == 0 and not runs and rep["changed"] == []
+    assert rep["not_run"].startswith("the target is out of the pass's reach: params 0.")
+    v = info.value.result.report["validation"]
+    assert v["samples"] == 0 and v["notes"][0].startswith("not compared on data: no pass ran")
+    assert "lowrank acts on" in str(info.value)
+    # forced, or within reach: the pass runs (and calibrates)
+    res = shrink(_conv_heavy(), ["lowrank"], calibration=_data(), target_params=0.5, force=True)
+    assert res.report["passes"][0]["calibration_runs"] > 0 and "not_run" not in res.report["passes"][0]
+    assert model_cost(res.model, {"input": [1, 4, 12, 12]})["params"] < model_cost(_conv_heavy(),
+                                                                                   {"input": [1, 4, 12, 12]})["params"]

@@ -116,9 +116,35 @@ class CostModel:
                 out[it] = np.where(support[it], d, 0.0)
         return out
 
+    def _pair_deltas(self, pairs, touched):
+        """{pair: per-node change of the cost} with the pairs' groups at one channel, pairs probed
+        together where every node is touched by at most two of a probe's groups and, where by
+        two, by the groups of one of its pairs: each node's change is then that pair's (or one
+        group's) alone, whatever the other groups of the probe."""
+        batches = []   # [pairs, groups, per-node count of touching groups, nodes two groups of a pair touch]
+        for p in pairs:
+            both = touched[p[0]] & touched[p[1]]
+            for bt in batches:
+                new = [g for g in p if g not in bt[1]]
+                count = bt[2] + sum(touched[g].astype(np.int64) for g in new) if new else bt[2]
+                covered = bt[3] | both
+                if np.all(count <= 2) and not np.any((count == 2) & ~covered):
+                    bt[0].append(p)
+                    bt[1].update(new)
+                    bt[2], bt[3] = count, covered
+                    break
+            else:
+                batches.append([[p], set(p), touched[p[0]].astype(np.int64) + touched[p[1]], both])
+        out = {}
+        for members, groups, _, _ in batches:
+            d = self._probe({g: 1 for g in groups})
+            for p in members:
+                out[p] = d
+        return out
+
     def _identify(self, supports):
         n = self.n
-        self.L, self.Q, self.C, touched = {}, {}, {}, {}
+        self.L, self.Q, self.C, touched, per_node = {}, {}, {}, {}, {}
         d1s = self._deltas(self.groups, lambda gi: {gi: 1}, supports)
         wide = [gi for gi in self.groups if n[gi] >= 3]
         d2s = self._deltas(wide, lambda gi: {gi: 2}, supports)
@@ -135,14 +161,21 @@ class CostModel:
                 lq = [d1 / (1.0 - n[gi]), np.zeros_like(d1)]
                 touched[gi] = np.abs(d1).sum(axis=0) > 0
             self.L[gi], self.Q[gi] = lq[0].sum(axis=1), lq[1].sum(axis=1)
+            per_node[gi] = lq
         pairs = [(gi, gj) for i, gi in enumerate(self.groups) for gj in self.groups[i + 1:]
                  if np.any(touched[gi] & touched[gj])]
-        pair_support = None if supports is None else {p: supports[p[0]] | supports[p[1]] for p in pairs}
-        ds = self._deltas(pairs, lambda p: {p[0]: 1, p[1]: 1}, pair_support)
-        for gi, gj in pairs:
-            d = ds[(gi, gj)].sum(axis=1)
-            rest = self._single(gi, 1) + self._single(gj, 1)
-            self.C[(gi, gj)] = (d - rest) / ((1.0 - n[gi]) * (1.0 - n[gj]))
+        if supports is None:
+            ds = self._deltas(pairs, lambda p: {p[0]: 1, p[1]: 1}, None)
+            for gi, gj in pairs:
+                d = ds[(gi, gj)].sum(axis=1)
+                rest = self._single(gi, 1) + self._single(gj, 1)
+                self.C[(gi, gj)] = (d - rest) / ((1.0 - n[gi]) * (1.0 - n[gj]))
+        else:
+            ds = self._pair_deltas(pairs, touched)
+            for gi, gj in pairs:   # read on the nodes both touch; elsewhere the singles give the change
+                both = touched[gi] & touched[gj]
+                rest = sum(per_node[g][0] * (1 - n[g]) + per_node[g][1] * (1 - n[g] * n[g]) for g in (gi, gj))
+                self.C[(gi, gj)] = (ds[(gi, gj)] - rest)[:, both].sum(axis=1) / ((1.0 - n[gi]) * (1.0 - n[gj]))
         if supports is not None:   # the joint check: every group at its smallest counts at once
             for k in (1, 2):
                 ks = {gi: min(k, n[gi]) for gi in self.groups}

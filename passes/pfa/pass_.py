@@ -20,6 +20,7 @@ from ...channels import analyze
 from ...cost import node_costs
 from ...errors import UsageError
 from ...graph import import_graph, observed_input_shapes
+from ...parallel import ordered_map
 from ...registry import Pass, PassReport, Plan, Requires, Skip
 from . import allocation
 from .allocation import CostModel, multiple_of, overshoot_note, reach_of, step_of
@@ -336,9 +337,11 @@ class Selection:
         elims, curves = {}, {}
         sel = cls(model, an, groups, covs, lams, elims, curves, cfg)
         nodes = {n.name: n for n in import_graph(model).nodes}
+        solved = [g for g in groups if problems.get(g.index)]   # each inverts its consumers' Cov(x): side by side
+        elims.update(zip([g.index for g in solved],
+                         ordered_map(lambda g: Elimination(problems[g.index], g.size, sel_ridge), solved)))
         for g in groups:
             if problems.get(g.index):
-                elims[g.index] = Elimination(problems[g.index], g.size, sel_ridge)
                 curves[g.index] = elims[g.index].err_view
             elif len(refit_consumers(nodes, g.consumers)) < len([c for c in g.consumers if c in nodes]):
                 # a consumer that is only sliced (ConvTranspose, implicit pads) loses the removed channels' whole

@@ -183,6 +183,28 @@ def test_cost_model_matches_the_pruned_models_cost():
         assert pred["flops"] == pytest.approx(real["flops"]) and pred["params"] == pytest.approx(real["params"])
 
 
+def test_cost_model_probes_pairs_together_and_gives_the_same_costs():
+    """Pairs of groups that share nodes (a residual stream's group with each block's inner ones)
+    are probed together where no node sees groups of two pairs: fewer probes, the same
+    coefficients as one probe per group and pair (the joint check stands behind it)."""
+    original = onnx.load(digits.model_path("cnn_residual"))
+    shapes = {original.graph.input[0].name: (1, 8, 8)}
+    an = analyze(original, shapes)
+    groups = [g for g in an.groups if not g.pinned and g.size >= 2]
+
+    def cost_nodes(m):
+        from onnxshrink.cost import node_costs
+        return {c.name: (c.params, c.flops) for c in node_costs(m, shapes)}
+
+    joint, single = CostModel(an, original, groups, cost_nodes), CostModel(an, original, groups, cost_nodes, joint=False)
+    assert len(single.C) >= 2 and joint.probes < single.probes
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        ks = {g.index: int(rng.integers(1, g.size + 1)) for g in groups}
+        a, b = joint(ks), single(ks)
+        assert a["params"] == pytest.approx(b["params"], rel=1e-12) and a["flops"] == pytest.approx(b["flops"], rel=1e-12)
+
+
 def test_allocation_spends_the_budget_where_error_is_cheapest():
     class G:
         def __init__(self, index, size):
