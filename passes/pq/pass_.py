@@ -203,7 +203,7 @@ class Pq(Pass):
             rng = np.random.default_rng([ctx.seed, zlib.crc32(name.encode())])
             with deterministic():   # timed as "fit" by the refit loop
                 cb, codes, t_hat = quantize(t, d_try, k_try, h if cfg.aware else None, cfg, rng, cfg.dtype, cache)
-            err = budget_error(t, t_hat, h)
+            err = budget_error(t, t_hat, h, cache=cache)
             tried.append((d_try, len(cb), err))
             if budget is None or err <= budget:
                 d = d_try

@@ -3,7 +3,9 @@ codebook of K centroids of length d and one code per sub-vector.
 
 Steps (activation-aware, with H the damped input covariance, see ``target``):
 1. plain k-means on the sub-vectors initialises C (``kmeans.kmeans``);
-2. EM under the diagonal blocks H_b of H (``kmeans.aware_em``);
+2. EM under the diagonal blocks H_b of H (``kmeans.aware_em``); when step 3 follows (it assigns
+   every sub-vector anew), steps 1 and 2 only place the centroids, and fit on the sub-vectors of a
+   sample of whole rows (about ``kmeans.SAMPLE`` sub-vectors);
 3. assignment block by block with error feedback on the full H (``gptq.gptq_assign``);
 4. the codebook refit on the full H with the codes fixed (``gptq.refine_codebook``).
 Without H (``pq.aware=false``, or a layer without input statistics) only step 1 runs. A layer with
@@ -16,9 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...lstsq import weighted_error
 from .gptq import gptq_assign, hinv_cholesky, refine_codebook
-from .kmeans import aware_em, kmeans
+from .kmeans import SAMPLE, aware_em, kmeans
 
 
 def quantize(t, d, k, h, cfg, rng, dtype, cache: dict | None = None):
@@ -26,7 +27,8 @@ def quantize(t, d, k, h, cfg, rng, dtype, cache: dict | None = None):
 
     h: the damped input covariance (d_in × d_in) for activation-aware layers, else None.
     cache: a dict kept across calls on the same (t, h) (the settings tried on one layer), which
-    holds what depends on h alone (the Cholesky factor of H⁻¹)."""
+    holds what depends on (t, h) alone: the Cholesky factor of H⁻¹ and T H (``budget_error``
+    reads the latter too)."""
     rows, d_in = t.shape
     nb = d_in // d
     x = t.reshape(rows * nb, d).astype(np.float64)
@@ -37,18 +39,30 @@ def quantize(t, d, k, h, cfg, rng, dtype, cache: dict | None = None):
     if few and len(uniq) <= k:
         c, codes = uniq, inv.reshape(-1)
     else:
-        c, codes = kmeans(x, k, cfg.kmeans_iters, rng)
-        if h is not None and cfg.aware:
+        aware = h is not None and cfg.aware
+        if aware and cfg.gptq:
+            # the assignment with error feedback codes every sub-vector anew: the k-means and the
+            # EM only place the centroids, on the sub-vectors of a sample of whole rows
+            take = max(1, -(-SAMPLE // nb))
+            part = np.sort(rng.choice(rows, size=take, replace=False)) if rows > take else None
+            xs = x if part is None else t[part].reshape(-1, d).astype(np.float64)
+            c, codes = kmeans(xs, k, cfg.kmeans_iters, rng, sample=len(xs))
+        else:
+            xs = x
+            c, codes = kmeans(x, k, cfg.kmeans_iters, rng)
+        if aware:
             hblocks = h.reshape(nb, d, nb, d)[np.arange(nb), :, np.arange(nb), :]
             if cfg.iters:
-                c, codes = aware_em(x, np.tile(np.arange(nb), rows), hblocks, c, codes, cfg.iters)
+                c, codes = aware_em(xs, np.tile(np.arange(nb), len(xs) // nb), hblocks, c, codes, cfg.iters)
+            cache = {} if cache is None else cache
             if cfg.gptq:
-                cache = {} if cache is None else cache
                 if "u" not in cache:
                     cache["u"] = hinv_cholesky(h)
                 codes = gptq_assign(t, d, c, h, u=cache["u"]).reshape(-1)
             if cfg.refine:
-                c = refine_codebook(t, codes.reshape(rows, nb), c, h, cfg.refine)
+                if "th" not in cache:
+                    cache["th"] = t @ h
+                c = refine_codebook(t, codes.reshape(rows, nb), c, h, cfg.refine, th=cache["th"])
         # drop unused centroids (fewer bytes, same weights)
         used = np.unique(codes)
         remap = np.zeros(len(c), dtype=np.int64)
@@ -62,19 +76,23 @@ def quantize(t, d, k, h, cfg, rng, dtype, cache: dict | None = None):
 ROW_SLACK = 4.0   # the mean per-output relative error may be this many times pq.max_error
 
 
-def budget_error(t, t_hat, h, floor=1e-3) -> float:
+def budget_error(t, t_hat, h, floor=1e-3, cache: dict | None = None) -> float:
     """The error ``pq.max_error`` bounds: the larger of the relative output error of the layer
     (``lstsq.weighted_error``) and 1/``ROW_SLACK`` of the mean over its outputs of each output's
     own relative error e_r = (t̂_r − t_r)ᵀ H (t̂_r − t_r) / t_rᵀ H t_r, over the outputs whose
     energy t_rᵀ H t_r is at least ``floor`` times the mean (dead outputs left out). The mean keeps
     weak outputs (the high bands of a filter bank or an STFT, which a log scales up) from hiding
-    behind strong ones. Without ``h``: the same on the weights."""
-    total = weighted_error(t, t_hat, h)
+    behind strong ones. Without ``h``: the same on the weights. ``cache``: ``quantize``'s for the
+    same (t, h) (T H is taken from it, or kept there)."""
     delta = t - t_hat
     if h is None:
         num, den = (delta ** 2).sum(1), (t ** 2).sum(1)
     else:
-        num, den = ((delta @ h) * delta).sum(1), ((t @ h) * t).sum(1)
+        if cache is not None and "th" not in cache:
+            cache["th"] = t @ h
+        th = cache["th"] if cache is not None else t @ h
+        num, den = ((delta @ h) * delta).sum(1), (th * t).sum(1)
+    total = float(num.sum() / max(float(den.sum()), 1e-30))   # ``lstsq.weighted_error``, from the rows' sums
     live = den >= floor * max(float(den.mean()), 1e-30)
     if not live.any():
         return total
