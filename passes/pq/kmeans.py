@@ -53,10 +53,16 @@ def _kmeanspp(x, k, rng, sample=20000):
         x = x[np.sort(rng.choice(len(x), size=sample, replace=False))]
     centers = np.empty((k, x.shape[1]))
     centers[0] = x[rng.integers(len(x))]
-    scalar = x[:, 0] if x.shape[1] == 1 else None   # d = 1: distances on the 1-D array (the same values)
+    scalar = x[:, 0] if x.shape[1] == 1 else None   # d = 1: distances on the 1-D array
+    xx = (x ** 2).sum(1)
 
-    def dist2(c):
-        return (scalar - c[0]) ** 2 if scalar is not None else ((x - c) ** 2).sum(1)
+    def dist2(c):   # ‖x − c‖² = ‖x‖² − 2 xᵀc + ‖c‖² (a matrix-vector product), not below 0
+        if scalar is not None:
+            return (scalar - c[0]) ** 2
+        out = x @ (-2.0 * c)
+        out += xx
+        out += c @ c
+        return np.maximum(out, 0.0, out=out)
 
     d2 = dist2(centers[0])
     cum = np.empty_like(d2)
