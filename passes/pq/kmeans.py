@@ -78,7 +78,7 @@ def _kmeanspp(x, k, rng, sample=20000):
 
 
 TOL = 1e-3   # Lloyd and EM rounds stop once a round lowers the objective by less than this fraction of it
-SAMPLE = 65536   # sub-vectors the k-means (and, in ``quantize``, the EM) fit on
+SAMPLE = 65536   # sub-vectors the Lloyd steps fit on (then one assignment of all)
 
 
 def kmeans(x, k, iters, rng, sample=SAMPLE, tol=TOL):

@@ -184,17 +184,3 @@ def test_aware_em_early_stop_keeps_the_objective():
     early = km.aware_em(x, blk, hb, c0, codes0, 50)
     assert objective(*early) <= 1.02 * objective(*full) and objective(*early) < objective(c0, codes0)
 
-
-def test_quantize_fits_the_centroids_on_a_sample_of_rows(monkeypatch):
-    """Where gptq follows, the k-means and the EM see a sample of whole rows: the layer's error
-    stays within a few percent of the fit on every row."""
-    qz = importlib.import_module("onnxshrink.passes.pq.quantize")   # the package exports the function
-    from onnxshrink.passes.pq.config import PqConfig
-    rng, t, h = _problem(6, d_in=32, rows=512)
-    cfg = PqConfig(centroids=32)
-    err = {}
-    for sample in (10 ** 9, 1024):   # every row; 1024 sub-vectors = 128 of the 512 rows
-        monkeypatch.setattr(qz, "SAMPLE", sample)
-        _, _, t_hat = qz.quantize(t, 4, 32, h, cfg, np.random.default_rng(0), np.float32)
-        err[sample] = weighted_error(t, t_hat, h)
-    assert err[1024] <= 1.1 * err[10 ** 9]
