@@ -27,7 +27,7 @@ def hinv_cholesky(h):
         li, info = dtrtri(l, lower=1)
     if info != 0:
         raise np.linalg.LinAlgError("the damped input covariance is not positive definite")
-    return np.ascontiguousarray(np.tril(li)[::-1, ::-1])
+    return np.ascontiguousarray(li[::-1, ::-1])   # dpotrf cleaned L's upper part: L⁻¹'s is 0 too
 
 
 def gptq_assign(t, d, c, h, group=64, u=None):
