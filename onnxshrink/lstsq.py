@@ -119,13 +119,15 @@ def ridge_rows(x: np.ndarray, y: np.ndarray, ridge: float = 1e-3, fit_bias: bool
     return w, my - mx @ w
 
 
-def cg(matvec, rhs, x0, iters: int, precond=None, dot=None, stop: float = 0.0, project=None):
+def cg(matvec, rhs, x0, iters: int, precond=None, dot=None, stop: float = 0.0, project=None, until=None):
     """Preconditioned conjugate gradients on A u = rhs, A symmetric positive (semi)definite given
     by ``matvec`` (arrays of any shape: a matrix-free operator), from the warm start ``x0``, at
     most ``iters`` iterations. ``precond(r)``: an SPD approximation of A⁻¹ applied to the residual
     (default: none); ``dot(a, b)``: the inner product (default Σ a ⊙ b); stops when rᵀz ≤ ``stop``
     or a direction has no positive curvature; ``project(r)``: zero the residual where u is held
-    fixed (in place), e.g. unused rows of a codebook."""
+    fixed (in place), e.g. unused rows of a codebook; ``until(u, r, lowered)``: stop when it
+    returns True, given the iterate, its residual and how much the step lowered the quadratic
+    uᵀAu − 2 rhsᵀu (step size times rᵀz), e.g. once that is small against the objective."""
     precond = precond if precond is not None else (lambda r: r)
     dot = dot if dot is not None else (lambda a, b: float((a * b).sum()))
     x = x0.copy()
@@ -147,6 +149,8 @@ def cg(matvec, rhs, x0, iters: int, precond=None, dot=None, stop: float = 0.0, p
         r -= step * ap
         if project is not None:
             project(r)
+        if until is not None and until(x, r, step * rz):
+            break
         z = precond(r)
         rz_new = dot(r, z)
         p = z + (rz_new / rz) * p

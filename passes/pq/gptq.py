@@ -11,25 +11,34 @@ conjugate gradient.
 from __future__ import annotations
 
 import numpy as np
-from scipy.linalg.lapack import dgetrf, dgetrs
+from scipy.linalg.lapack import dgetrf, dgetrs, dpotrf, dtrtri
 
 from ...lstsq import cg
-from .kmeans import bincount_rows
+from .kmeans import bincount_rows, nearest_scalar
 
 
 def hinv_cholesky(h):
     """U upper triangular with H⁻¹ = UᵀU (what ``gptq_assign`` works with; the same for every
-    (d, K) tried on one layer, so callers may compute it once)."""
-    hinv = np.linalg.inv(h)
-    return np.linalg.cholesky(0.5 * (hinv + hinv.T)).T
+    (d, K) tried on one layer, so callers may compute it once). With J the order-reversing
+    permutation, J H J = L Lᵀ (Cholesky) gives H = M Mᵀ with M = J L J upper, so U = M⁻¹ = J L⁻¹ J:
+    one Cholesky and one triangular inverse, no general inverse (a third of the work)."""
+    l, info = dpotrf(np.ascontiguousarray(h[::-1, ::-1], dtype=np.float64), lower=1, clean=1)
+    if info == 0:
+        li, info = dtrtri(l, lower=1)
+    if info != 0:
+        raise np.linalg.LinAlgError("the damped input covariance is not positive definite")
+    return np.ascontiguousarray(li[::-1, ::-1])   # dpotrf cleaned L's upper part: L⁻¹'s is 0 too
 
 
-def gptq_assign(t, d, c, h, group=256, u=None):
+def gptq_assign(t, d, c, h, group=64, u=None):
     """Assign sub-vectors block by block along the input features with a fixed codebook,
     feeding each block's error forward to the blocks not yet assigned (optimal brain
     quantization with H⁻¹ = UᵀU, U upper Cholesky): metric G = (U_FFᵀU_FF)⁻¹ for block F, update
     W_R −= U_FRᵀ U_FF⁻ᵀ Δ_F. t: rows × d_in (row = one output). Updates beyond the current group
-    of blocks are applied once per group (lazy batch). ``u``: ``hinv_cholesky(h)`` when known."""
+    of ``group`` features are applied once per group (lazy batch: one product per group; a
+    small group keeps the rank-d updates inside it cheap). Scalar codes (d = 1): the nearest
+    centroid by binary search (the metric is a positive scalar). ``u``: ``hinv_cholesky(h)``
+    when known."""
     rows, d_in = t.shape
     nb = d_in // d
     u = hinv_cholesky(h) if u is None else u
@@ -40,10 +49,15 @@ def gptq_assign(t, d, c, h, group=256, u=None):
     # every block's metric G_b = (U_bbᵀU_bb)⁻¹ and centroid norms c_kᵀG_b c_k, in batches
     ar = np.arange(nb)
     ubb = u.reshape(nb, d, nb, d)[ar, :, ar, :]
-    gms = np.linalg.inv(np.matmul(ubb.transpose(0, 2, 1), ubb))
-    gms = 0.5 * (gms + gms.transpose(0, 2, 1))
-    qs = np.einsum("kd,bde,ke->bk", c, gms, c)
-    lus = [dgetrf(ubb[b].T)[:2] for b in range(nb)]   # U_bbᵀ = LU, for the solves below (gesv's own steps)
+    if d > 1:
+        gms = np.linalg.inv(np.matmul(ubb.transpose(0, 2, 1), ubb))
+        gms = 0.5 * (gms + gms.transpose(0, 2, 1))
+        qs = np.einsum("kd,bde,ke->bk", c, gms, c).astype(np.float32)
+        gct = (-2.0 * np.matmul(gms, ct)).astype(np.float32)   # −2 G_b Cᵀ: the scores are float32 products
+        lus = [dgetrf(ubb[b].T)[:2] for b in range(nb)]   # U_bbᵀ = LU, for the solves below (gesv's own steps)
+    else:
+        scalar = c[:, 0]
+        diag = np.diagonal(u).copy()
     for g0 in range(0, nb, per):
         g1 = min(nb, g0 + per)
         lo, hi = g0 * d, g1 * d
@@ -53,9 +67,15 @@ def gptq_assign(t, d, c, h, group=256, u=None):
             f = slice(b * d - lo, (b + 1) * d - lo)
             fa = slice(b * d, (b + 1) * d)
             wf = wg[f]
-            cb = np.argmin(qs[b][None, :] - 2.0 * (wf.T @ gms[b]) @ ct, axis=1)
+            if d == 1:
+                cb = nearest_scalar(wf[0], scalar)
+                z = (wf - ct[:, cb]) / diag[b]
+            else:
+                scores = wf.T.astype(np.float32) @ gct[b]
+                scores += qs[b]
+                cb = np.argmin(scores, axis=1)
+                z = dgetrs(*lus[b], wf - ct[:, cb])[0]
             codes[:, b] = cb
-            z = dgetrs(*lus[b], wf - ct[:, cb])[0]
             zs[f] = z
             if b + 1 < g1:
                 wg[f.stop:] -= u[fa, (b + 1) * d:hi].T @ z
@@ -64,19 +84,30 @@ def gptq_assign(t, d, c, h, group=256, u=None):
     return codes
 
 
-def refine_codebook(t, codes, c, h, steps):
+REFINE_TOL = 1e-3   # the codebook refit stops once a step lowers the output error by less than this fraction
+
+
+def refine_codebook(t, codes, c, h, steps, th=None, tol=REFINE_TOL):
     """Least squares for the codebook with the assignments fixed, on the full covariance:
     min_C Σ_r (t̂_r(C) − t_r)ᵀ H (t̂_r(C) − t_r); ``lstsq.cg``, matrix-free, preconditioned by
-    the per-centroid blocks Σ_b count_bk H_b."""
+    the per-centroid blocks Σ_b count_bk H_b, at most ``steps`` steps, and none more once a step
+    lowered the error by less than ``tol`` times the error left (the error is
+    f(C) = CᵀAC − 2bᵀC + Σ_r t_rᵀHt_r, and a CG step lowers it by its step size times rᵀz).
+    The operator's products with H are float32 (the steps refine a warm start; the error and
+    the right-hand side stay float64). ``th``: T H when known (it is the same for every (d, K)
+    tried on one layer)."""
     rows, nb = codes.shape
     k, d = c.shape
     flat = codes.reshape(-1)
+    h32 = h.astype(np.float32)
+    th = t @ h if th is None else th
+    tht = float((th * t).sum())
 
     def scatter(g):  # rows × d_in -> k × d
         return bincount_rows(flat, g.reshape(-1, d), k)
 
     def op(cc):
-        return scatter(cc[flat].reshape(rows, nb * d) @ h)
+        return scatter(cc.astype(np.float32)[flat].reshape(rows, nb * d) @ h32)
 
     hb = h.reshape(nb, d, nb, d)[np.arange(nb), :, np.arange(nb), :]
     counts = np.bincount(np.tile(np.arange(nb), rows) * k + flat, minlength=nb * k).reshape(nb, k)
@@ -88,4 +119,10 @@ def refine_codebook(t, codes, c, h, steps):
     def project(r):  # centroids no sub-vector uses stay as they are
         r[~used] = 0
 
-    return cg(op, scatter(t @ h), c, steps, precond=lambda r: np.einsum("kde,ke->kd", pinv, r), project=project)
+    rhs = scatter(th)
+
+    def until(x, r, lowered):   # f(x) = tᵀHt − bᵀx − rᵀx (A x = b − r)
+        return lowered <= tol * max(tht - float((rhs * x).sum()) - float((r * x).sum()), 0.0)
+
+    return cg(op, rhs, c, steps, precond=lambda r: np.einsum("kde,ke->kd", pinv, r), project=project,
+              until=until if tol > 0 else None)

@@ -7,7 +7,8 @@ block of the damped input covariance H:
     E-step  code(i) = argmin_k (w_i − c_k)ᵀ H_b (w_i − c_k) = argmin_k c_kᵀH_b c_k − 2 (H_b w_i)ᵀ c_k,
     M-step  c_k = (Σ_{i∈k} H_b(i))⁻¹ Σ_{i∈k} H_b(i) w_i.
 Distances are float32 products in cache-sized chunks; scalar centroids (d = 1) use a binary
-search in the sorted centroids instead of the n × k table.
+search in the sorted centroids instead of the n × k table. Both iterate until the codes no longer
+change or a round lowers the objective by less than ``TOL`` of it (early stop).
 """
 
 from __future__ import annotations
@@ -52,26 +53,45 @@ def _kmeanspp(x, k, rng, sample=20000):
         x = x[np.sort(rng.choice(len(x), size=sample, replace=False))]
     centers = np.empty((k, x.shape[1]))
     centers[0] = x[rng.integers(len(x))]
-    d2 = ((x - centers[0]) ** 2).sum(1)
+    scalar = x[:, 0] if x.shape[1] == 1 else None   # d = 1: distances on the 1-D array
+    xx = (x ** 2).sum(1)
+
+    def dist2(c):   # ‖x − c‖² = ‖x‖² − 2 xᵀc + ‖c‖² (a matrix-vector product), not below 0
+        if scalar is not None:
+            return (scalar - c[0]) ** 2
+        out = x @ (-2.0 * c)
+        out += xx
+        out += c @ c
+        return np.maximum(out, 0.0, out=out)
+
+    d2 = dist2(centers[0])
+    cum = np.empty_like(d2)
     for i in range(1, k):
         total = d2.sum()
         if total <= 0:
             centers[i:] = centers[0]
             break
-        j = int(np.searchsorted(np.cumsum(d2), rng.random() * total))
+        j = int(np.searchsorted(np.cumsum(d2, out=cum), rng.random() * total))
         centers[i] = x[min(j, len(x) - 1)]
-        d2 = np.minimum(d2, ((x - centers[i]) ** 2).sum(1))
+        np.minimum(d2, dist2(centers[i]), out=d2)
     return centers
 
 
-def kmeans(x, k, iters, rng, sample=65536):
-    """Plain k-means (k-means++ seeding, Lloyd steps on at most ``sample`` points, then one
-    assignment of all points) -> (centroids k×d, codes)."""
+TOL = 1e-3   # Lloyd and EM rounds stop once a round lowers the objective by less than this fraction of it
+SAMPLE = 65536   # sub-vectors the Lloyd steps fit on (then one assignment of all)
+
+
+def kmeans(x, k, iters, rng, sample=SAMPLE, tol=TOL):
+    """Plain k-means (k-means++ seeding, at most ``iters`` Lloyd steps on at most ``sample``
+    points, stopped early when the codes no longer change or a step lowers the summed squared
+    distance by less than ``tol`` of it; then one assignment of all points) -> (centroids k×d,
+    codes)."""
     c = _kmeanspp(x, k, rng)
     full = x
     if len(x) > sample:
         x = x[np.sort(rng.choice(len(x), size=sample, replace=False))]
     codes = _sqdist_argmin(x, c)
+    before = float(((x - c[codes]) ** 2).sum())
     for _ in range(iters):
         counts = np.bincount(codes, minlength=k)
         sums = bincount_rows(codes, x, k)
@@ -81,6 +101,10 @@ def kmeans(x, k, iters, rng, sample=65536):
         if np.array_equal(new, codes):
             break
         codes = new
+        after = float(((x - c[codes]) ** 2).sum())
+        if before - after <= tol * after:
+            break
+        before = after
     return c, (codes if x is full else _sqdist_argmin(full, c))
 
 
@@ -102,11 +126,20 @@ def _metric_assign(hx, nb, c, hblocks, chunk=4096):
     return out.reshape(-1)
 
 
-def aware_em(x, blk, hblocks, c, codes, iters):
-    """EM under per-block metrics: returns (centroids, codes). x: (rows·B, d), blk = i mod B."""
+def aware_em(x, blk, hblocks, c, codes, iters, tol=TOL):
+    """EM under per-block metrics: returns (centroids, codes). x: (rows·B, d), blk = i mod B. At
+    most ``iters`` rounds, stopped early when the codes no longer change or a round lowers the
+    summed metric distance by less than ``tol`` of it."""
     k, d = c.shape
     nb = len(hblocks)
-    hx = np.einsum("bde,rbe->rbd", hblocks, x.reshape(-1, nb, d)).reshape(-1, d)
+    x3 = x.reshape(-1, nb, d)
+    hx = np.einsum("bde,rbe->rbd", hblocks, x3).reshape(-1, d)
+
+    def objective(c, codes):   # Σ (w − c)ᵀ H_b (w − c)
+        delta = x3 - c[codes].reshape(x3.shape)
+        return float(np.einsum("rbd,bde,rbe->", delta, hblocks, delta, optimize=True))
+
+    before = objective(c, codes) if tol > 0 else 0.0
     for _ in range(iters):
         counts = np.bincount(blk * k + codes, minlength=nb * k).reshape(nb, k)
         hsum = np.einsum("bk,bde->kde", counts.astype(np.float64), hblocks)
@@ -119,4 +152,10 @@ def aware_em(x, blk, hblocks, c, codes, iters):
         if np.array_equal(new, codes):
             break
         codes = new
+        if tol > 0:
+            after = objective(c, codes)
+            if before - after <= tol * after:
+                break
+            before = after
     return c, codes
+

@@ -148,10 +148,17 @@ class Pq(Pass):
             layer = blocks[name][0]
             return requests(layer, cfg) if layer.aware and use_stats else []
 
-        def rewrite(name, stats, graph, level) -> bool:
+        def solve(name, stats, graph, level):
+            """The layer's codes (on a pool worker: reads the graph, edits nothing)."""
             layer = blocks[name][0]
             cm, per_node = moments(layer, stats, cfg) if layer.aware and use_stats else (None, {})
-            info, reason = self._rewrite(ctx, graph, name, blocks[name], cm, per_node, cfg, budget, allow.get(name))
+            return self._fit(ctx, name, blocks[name], cm, cfg, budget, allow.get(name)), per_node
+
+        def rewrite(name, solved, graph, level) -> bool:
+            layer = blocks[name][0]
+            (info, reason), per_node = solved
+            if info is not None:
+                self._write(graph, layer, info, per_node)
             if info is None:
                 report.skip(name, reason)
                 bar.update(1, postfix=f"{name}: float")
@@ -164,7 +171,7 @@ class Pq(Pass):
             bar.update(1, postfix=f"{name}: d={info['block']} K={info['centroids']}")
             return True
 
-        out = refit_levels(ctx, model, None, rewrite, requests=wanted, levels=self._levels(graph, blocks, cfg),
+        out = refit_levels(ctx, model, None, solve, rewrite, requests=wanted, levels=self._levels(graph, blocks, cfg),
                            graph=graph, desc="pq statistics")
         bar.close()
         report.details["layers"] = info_all
@@ -186,11 +193,13 @@ class Pq(Pass):
                                                     if not b[0].inner}), cfg.rounds)
         return levels + ([inner] if inner else [])
 
-    def _rewrite(self, ctx, graph, name, block, cm, per_node, cfg, budget, allowed=None):
-        """Quantize one layer and rewrite its readers: (its report entry, None), or (None, why it
-        stays float). Under the error ``budget`` shorter sub-vectors are tried in turn; ``allowed``:
-        ((d, K) the error allocation chose, the error allowed there), the ladder then starts at that
-        setting and the allowed error replaces ``budget``."""
+    def _fit(self, ctx, name, block, cm, cfg, budget, allowed=None):
+        """Quantize one layer: (its report entry, None), or (None, why it stays float); the entry
+        holds what ``_write`` puts into the graph under "write" (it edits nothing itself, so the
+        layers of a level are fitted at once on the worker pool). Under the error ``budget``
+        shorter sub-vectors are tried in turn; ``allowed``: ((d, K) the error allocation chose,
+        the error allowed there), the ladder then starts at that setting and the allowed error
+        replaces ``budget``."""
         layer, d, k = block
         t, h, fit = layer_problem(layer, cm, cfg)
         tq = time.perf_counter()
@@ -203,7 +212,7 @@ class Pq(Pass):
             rng = np.random.default_rng([ctx.seed, zlib.crc32(name.encode())])
             with deterministic():   # timed as "fit" by the refit loop
                 cb, codes, t_hat = quantize(t, d_try, k_try, h if cfg.aware else None, cfg, rng, cfg.dtype, cache)
-            err = budget_error(t, t_hat, h)
+            err = budget_error(t, t_hat, h, cache=cache)
             tried.append((d_try, len(cb), err))
             if budget is None or err <= budget:
                 d = d_try
@@ -226,15 +235,23 @@ class Pq(Pass):
         if len(tried) > 1:
             info["tried"] = [{"block": a, "centroids": b, "rel_error": round(e, 6)} for a, b, e in tried]
         if fit:
-            refit_biases(layer, t_hat, cm, per_node)
             info["bias_refit"] = True
-        replace_weight(graph, layer, cb, codes, bits)
+        info["write"] = (t_hat, cm, cb, codes, bits, fit)
         dense = layer.n_weights * layer.weight.values.dtype.itemsize
         stored = int({4: (codes.size + 1) // 2, 6: 3 * ((codes.size + 3) // 4)}.get(bits, codes.nbytes)) + int(cb.nbytes)
         info["bits"] = bits
         info["bytes"] = [dense, stored]
         info["seconds"] = round(seconds, 2)
         return info, None
+
+    @staticmethod
+    def _write(graph, layer, info, per_node):
+        """Put the codes ``_fit`` found into the graph: the biases refit, the readers reading the
+        decode (``info``'s "write" is taken out of it)."""
+        t_hat, cm, cb, codes, bits, fit = info.pop("write")
+        if fit:
+            refit_biases(layer, t_hat, cm, per_node)
+        replace_weight(graph, layer, cb, codes, bits)
 
     @staticmethod
     def _memory(ctx, out, file_before, runtime) -> dict:

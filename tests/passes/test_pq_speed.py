@@ -90,3 +90,97 @@ def test_target_size_run_collects_the_reference_statistics_once(monkeypatch):
     # the size search's collection serves the first round: one run fewer, the same model
     assert p["calibration_runs"] == q["calibration_runs"] - 1 >= 1
     assert kept == plain
+
+
+# ----------------------------------------------------------------------------- the fitting's shortcuts
+def _problem(seed, d_in=48, rows=64, n=400):
+    rng = np.random.default_rng(seed)
+    xs = rng.standard_normal((n, d_in)) @ rng.standard_normal((d_in, d_in)) * 0.3
+    h = xs.T @ xs / n + 0.01 * np.eye(d_in)
+    return rng, rng.standard_normal((rows, d_in)), h
+
+
+def test_hinv_cholesky_is_the_upper_factor_of_the_inverse():
+    _, _, h = _problem(0)
+    u = hinv_cholesky(h)
+    assert np.allclose(np.tril(u, -1), 0) and (np.diag(u) > 0).all()
+    assert np.allclose(u.T @ u, np.linalg.inv(h), rtol=1e-9, atol=1e-9 * np.abs(np.linalg.inv(h)).max())
+    with pytest.raises(np.linalg.LinAlgError):
+        hinv_cholesky(-h)
+
+
+def _obq_reference(t, c, h):
+    """Scalar codes with error feedback, one input feature at a time, no batching."""
+    u = np.linalg.cholesky(np.linalg.inv(h)).T
+    w = t.T.copy()
+    codes = np.empty(w.shape[::-1], dtype=np.int64)
+    for j in range(len(w)):
+        q = np.argmin(np.abs(w[j][:, None] - c[None, :, 0]), axis=1)
+        codes[:, j] = q
+        w[j + 1:] -= np.outer(u[j, j + 1:], (w[j] - c[q, 0]) / u[j, j])
+    return codes
+
+
+@pytest.mark.parametrize("group", [5, 64])
+def test_gptq_assign_scalar_codes_match_the_unbatched_error_feedback(group):
+    rng, t, h = _problem(1)
+    c = np.sort(rng.standard_normal((16, 1)) * 1.5, axis=0)
+    assert np.array_equal(gptq_assign(t, 1, c, h, group=group), _obq_reference(t, c, h))
+
+
+def test_gptq_assign_does_not_depend_on_the_group_size():
+    rng, t, h = _problem(2)
+    c = rng.standard_normal((32, 4))
+    assert np.array_equal(gptq_assign(t, 4, c, h, group=8), gptq_assign(t, 4, c, h, group=64))
+
+
+def test_refine_early_stop_keeps_the_error_and_saves_steps(monkeypatch):
+    from onnxshrink.passes.pq import gptq as gq
+    rng, t, h = _problem(3, d_in=64, rows=96)
+    c = rng.standard_normal((64, 4))
+    codes = gptq_assign(t, 4, c, h)
+    err = lambda cc: weighted_error(t, cc[codes.reshape(-1)].reshape(t.shape), h)  # noqa: E731
+    real, steps = gq.cg, []
+
+    def counting(matvec, *a, **k):   # lstsq.cg, counting the operator's products
+        n = [0]
+
+        def mv(x):
+            n[0] += 1
+            return matvec(x)
+        out = real(mv, *a, **k)
+        steps.append(n[0])
+        return out
+    monkeypatch.setattr(gq, "cg", counting)
+    full = gq.refine_codebook(t, codes, c, h, 60, tol=0)
+    early = gq.refine_codebook(t, codes, c, h, 60)
+    assert err(early) <= err(c) and err(early) <= 1.01 * err(full)
+    assert steps[1] < steps[0]
+
+
+def test_kmeans_early_stop_keeps_the_objective():
+    rng = np.random.default_rng(4)
+    x = np.concatenate([rng.standard_normal((3000, 4)) + 4 * rng.standard_normal(4) for _ in range(20)])
+
+    def objective(c, codes):
+        return float(((x - c[codes]) ** 2).sum())
+    full = km.kmeans(x, 64, 50, np.random.default_rng(0), tol=0)
+    early = km.kmeans(x, 64, 50, np.random.default_rng(0))
+    assert objective(*early) <= 1.02 * objective(*full)
+
+
+def test_aware_em_early_stop_keeps_the_objective():
+    rng, t, h = _problem(5, d_in=32, rows=256)
+    d, nb = 4, 8
+    x = t.reshape(-1, d)
+    hb = h.reshape(nb, d, nb, d)[np.arange(nb), :, np.arange(nb), :]
+    c0, codes0 = km.kmeans(x, 32, 3, np.random.default_rng(0))
+    blk = np.tile(np.arange(nb), len(t))
+
+    def objective(c, codes):
+        delta = (x - c[codes]).reshape(-1, nb, d)
+        return float(np.einsum("rbd,bde,rbe->", delta, hb, delta))
+    full = km.aware_em(x, blk, hb, c0, codes0, 50, tol=0)
+    early = km.aware_em(x, blk, hb, c0, codes0, 50)
+    assert objective(*early) <= 1.02 * objective(*full) and objective(*early) < objective(c0, codes0)
+
