@@ -121,10 +121,30 @@ def test_als_step_never_increases_error():
     blk = hp.Block(64, rng, np.ones(64, bool), rng.permutation(64))
     errs = []
     for _ in range(6):
-        blk.step(x, t, x.T @ x, 1e-9, cg=10)
+        blk.step(x.T @ x, x.T @ t, 1e-9, cg=10)
         errs.append(((blk.out(x) - t) ** 2).sum())
     assert all(b <= a * (1 + 1e-9) for a, b in zip(errs, errs[1:]))
     assert errs[-1] < 0.9 * (t ** 2).sum()
+
+
+def test_block_moments_match_rows():
+    """The sweeps work on d × d moments: the squared error, Xᵀ(out) and diag(H M H) they use equal
+    the row computations (and the xor form equals the two transforms)."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((150, 32))
+    t = x @ rng.standard_normal((32, 32)) / 6 + 0.1 * rng.standard_normal((150, 32))
+    blk = hp.Block(32, rng, np.arange(32) < 30, rng.permutation(32))
+    xtx, q = x.T @ x, x.T @ t
+    blk.step(xtx, q, 1e-9, cg=0)
+    out = blk.out(x)
+    assert np.all(out[:, 30:] == 0)
+    assert blk.sq_error(xtx, q, float((t * t).sum()), 1e-9) == pytest.approx(((out - t) ** 2).sum(), rel=1e-9)
+    np.testing.assert_allclose(blk.gram_out(xtx), x.T @ out, atol=1e-9 * np.abs(x.T @ out).max())
+    m = rng.standard_normal((32, 32))
+    from onnxshrink.passes.hadamard.transform import diag_hmh, hh
+    h = hadamard(32) / np.sqrt(32)
+    np.testing.assert_allclose(hh(m), h @ m @ h, atol=1e-12)
+    np.testing.assert_allclose(diag_hmh(m), np.diag(h @ m @ h), atol=1e-12)
 
 
 def test_sequence_matmul_layer_and_skips():
