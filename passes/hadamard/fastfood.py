@@ -28,13 +28,17 @@ from ...parallel import by_columns, matmul, ordered_map
 from .transform import diag_hmh, fwht, hh, next_pow2, xor_index, xor_kernel
 
 
+MOMENT_ROWS = 3   # rows per padded input width from which a sweep from the moments is the cheaper
+
+
 class Block:
     """One Fastfood block s ⊙ H(g ⊙ Π H(b ⊙ x)), rows x (n × d).
 
     Its diagonals are fitted from d × d moments only: with Z₂ = X B H Π the rows before G, every
     quantity of a diagonal's normal equations is a product of B, G, S, Π, H with XᵀX and XᵀT (T the
     target rows), so one sweep costs O(d² log d) whatever the row count; the rows are read once
-    per target (XᵀT) and once for the block's output (``out``)."""
+    per target (XᵀT) and once for the block's output (``out``). With few rows (n below a few times
+    d) the same sweep from the rows is cheaper (``step_rows``: O(n d²))."""
 
     def __init__(self, d, rng, mask, perm):
         self.d = d
@@ -48,6 +52,7 @@ class Block:
         self._c2c = None   # (xtx, b, Z₂ᵀZ₂)
         self._w2c = None   # (q, b, Z₂ᵀT)
         self._sfit = None  # (xtx, q, b, g, ridge, (diag(Z₄ᵀZ₄), diag(Z₄ᵀT))) S was last fitted to
+        self._sfit_rows = None  # (x, b, g, t, ridge) of ``step_rows``
 
     # ------------------------------------------------------------ rows (n × d)
     def _z2(self, x):
@@ -72,10 +77,36 @@ class Block:
     def forget(self):
         """Drop the cached transforms (n × d floats each per block for the rows, d × d for the
         moments)."""
-        self._z2c = self._z4c = self._sfit = self._c2c = self._w2c = None
+        self._z2c = self._z4c = self._sfit = self._sfit_rows = self._c2c = self._w2c = None
 
     def out(self, x):
         return self._z4(x) * self.s
+
+    def _fit_s_rows(self, x, t, ridge):
+        """S from the rows; skipped when it was last fitted to the same x, b, g, t and ridge."""
+        key = self._sfit_rows
+        if key is not None and key[0] is x and key[1] is self.b and key[2] is self.g and key[3] is t \
+                and key[4] == ridge:
+            return
+        z4 = self._z4(x)
+        self.s = np.where(self.mask, diagonal_ridge((z4 * z4).sum(0), (z4 * t).sum(0), ridge), 0.0)
+        self._sfit_rows = (x, self.b, self.g, t, ridge)
+
+    def step_rows(self, x, t, xtx, ridge, cg=0):
+        """``step`` from the rows x (n × d) and targets t themselves: cheaper than the moments
+        when there are fewer rows than a few times d (``FastfoodFit.moments``)."""
+        self._fit_s_rows(x, t, ridge)
+        z2 = self._z2(x)
+        hs2h = xor_kernel(self.s ** 2)[xor_index(self.d)]   # H S² H
+        hts = fwht(t * self.s)
+        self.g = pcg(hs2h * (z2.T @ z2), (z2 * hts).sum(0), self.g, ridge, cg)
+        inv = np.argsort(self.perm)
+        gi = self.g[inv]
+        a = hs2h[np.ix_(inv, inv)] * np.outer(gi, gi)   # (H S² H ⊙ g gᵀ) permuted by Π⁻¹
+        a = hh(a)
+        mtt = fwht((hts * self.g)[:, inv])
+        self.b = pcg(a * xtx, (x * mtt).sum(0), self.b, ridge, cg)
+        self._fit_s_rows(x, t, ridge)
 
     # ------------------------------------------------------------ moments (d × d)
     def _c2(self, xtx):
@@ -231,6 +262,10 @@ class FastfoodFit:
         chol = whitening(xc, ridge) if chol is None else chol
         self.u, self.vt = LowRankBasis(xc, t, chol, r).factors(r)
 
+    def moments(self, xp) -> bool:
+        """Whether the sweeps work on d × d moments (many rows) or on the rows (``Block``)."""
+        return len(xp) >= MOMENT_ROWS * self.d
+
     def add_block(self, xp, resid, xtx, iters, ridge, cg=10, restarts=1):
         """Add one block per stack, fitted to the residual rows (the best of ``restarts`` random
         starts: the problem is not convex); returns the new residual. ``xtx`` = xpᵀxp; the sweeps
@@ -243,17 +278,19 @@ class FastfoodFit:
             perm = self.perm(j, len(self.blocks[j]))
             starts.append([Block(self.d, self.rng, self._mask(j), perm) for _ in range(max(1, restarts))])
 
+        moments = self.moments(xp)
+
         def fit_stack(j):
             t = self._cols(resid, j)
-            q = matmul(xp.T, t)
+            q = matmul(xp.T, t) if moments else None
             tt = float((t * t).sum()) if len(starts[j]) > 1 else 0.0
             best = None
             for blk in starts[j]:
                 for _ in range(iters):
-                    blk.step(xtx, q, ridge, cg)
+                    blk.step(xtx, q, ridge, cg) if moments else blk.step_rows(xp, t, xtx, ridge, cg)
                 if len(starts[j]) == 1:
                     return blk
-                err = blk.sq_error(xtx, q, tt, ridge)
+                err = blk.sq_error(xtx, q, tt, ridge) if moments else float(((blk.out(xp) - t) ** 2).sum())
                 if best is None or err < best[0]:
                     best = (err, blk)
             return best[1]
@@ -272,11 +309,26 @@ class FastfoodFit:
         r = self.r
         if r and sweeps and chol is None:
             chol = whitening(xc, lowrank_ridge)
+        moments = self.moments(xp)
         for _ in range(sweeps):
             total = yc - xc @ self.u @ self.vt
 
+            def sweep_rows(j):
+                bl = self.blocks[j]
+                outs = [blk.out(xp) for blk in bl]
+                t_all = self._cols(total, j)
+                acc = sum(outs) if outs else 0
+                for k, blk in enumerate(bl):
+                    t = t_all - (acc - outs[k])
+                    blk.step_rows(xp, t, xtx, ridge, cg)
+                    new = blk.out(xp)
+                    acc = acc - outs[k] + new
+                    outs[k] = new
+
             def sweep_stack(j):   # from the moments: Xᵀ(target of block k) = XᵀT − Σ_{others} Xᵀ(out)
                 bl = self.blocks[j]
+                if not moments:
+                    return sweep_rows(j)
                 q_all = matmul(xp.T, self._cols(total, j))
                 outs = [blk.gram_out(xtx) for blk in bl]
                 acc = sum(outs) if outs else 0

@@ -147,6 +147,27 @@ def test_block_moments_match_rows():
     np.testing.assert_allclose(diag_hmh(m), np.diag(h @ m @ h), atol=1e-12)
 
 
+def test_sweeps_from_rows_and_from_moments_agree(monkeypatch):
+    """Few rows: the sweeps read the rows; many: the d × d moments. Both fit the same blocks."""
+    import onnxshrink.passes.hadamard.fastfood as ff
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((120, 24))
+    y = x @ rng.standard_normal((24, 40)) / 5 + 0.05 * rng.standard_normal((120, 40))
+    fits = []
+    for rows in (1, 1000):   # moments from 1 row per width; the rows below 1000
+        monkeypatch.setattr(ff, "MOMENT_ROWS", rows)
+        fit = hp.FastfoodFit(24, 40, seed=1)
+        fit.set_data(x, y)
+        xc, yc = x - fit.mx, y - fit.my
+        xp = fit.pad(xc)
+        assert fit.moments(xp) == (rows == 1)
+        resid = fit.add_block(xp, yc, xp.T @ xp, iters=3, ridge=1e-6, cg=0, restarts=2)
+        fit.add_block(xp, resid, xp.T @ xp, iters=3, ridge=1e-6, cg=0, restarts=1)
+        fit.backfit(xp, xc, yc, xp.T @ xp, 2, 1e-6, cg=0)
+        fits.append(fit.predict(x))
+    np.testing.assert_allclose(fits[0], fits[1], atol=1e-6 * np.abs(fits[1]).max())
+
+
 def test_sequence_matmul_layer_and_skips():
     b = GraphBuilder(3)
     x = b.input("x", ["N", 4, 64])
