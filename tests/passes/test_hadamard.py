@@ -190,6 +190,29 @@ def test_sequence_matmul_layer_and_skips():
     assert np.linalg.norm(c - a) / np.linalg.norm(a) < 1.0
 
 
+def test_parallel_layers_share_one_calibration_run():
+    """Three projections of one input (an attention's query, key and value) are one level: one
+    run gathers their rows, all three are replaced, and the next layer is refit on a second run."""
+    b = GraphBuilder(5)
+    x = b.input("x", ["N", 64])
+    q, k, v = (b.matmul(x, 64, 64) for _ in range(3))
+    h = b.node("Add", [b.node("Add", [q, k]), v])
+    b.matmul(h, 64, 4, out="y")
+    b.output("y", ["N", 4])
+    model = b.model()
+    calib = np.random.default_rng(0).standard_normal((300, 64)).astype(np.float32)
+    res = shrink(model, ["hadamard"], calibration=calib, options={"hadamard": {"tolerance": 0.9, "rank": 2}},
+                 tolerances=Tolerances(min_cosine=None), force=True)
+    rep = res.report["passes"][0]
+    names = [n.name for n in model.graph.node if n.op_type == "MatMul"]
+    assert sum("Fastfood" in c for c in rep["changed"]) == 3
+    assert all(rep["layers"][n].get("replaced") for n in names[:3])
+    assert rep["calibration_runs"] == 2   # one per level (four when each layer was its own level)
+    feeds = {"x": calib[:16]}
+    (a,), (c,) = _run(model, feeds), _run(res.model, feeds)
+    assert np.linalg.norm(c - a) / np.linalg.norm(a) < 1.0
+
+
 def test_mlp_accuracy_params_and_downstream_refit():
     from models import digits
     model = onnx.load(digits.model_path("mlp"))
