@@ -12,7 +12,8 @@ matrix, K summed blocks per output stack j, and an optional rank-r correction U 
 The output error E = ‖Ṽ X − Y‖² is quadratic in each diagonal with the other two fixed, so the
 diagonals are fitted by alternating least squares. With L, R the fixed factors left and right of a
 diagonal u, (Lᵀ L ⊙ R Xᵀ X Rᵀ + αI) u = diag(R Xᵀ Y L); for S the system is diagonal, for G,
-Lᵀ L = H S² H is a dyadic (XOR) convolution matrix. Blocks are added one at a time on the residual
+Lᵀ L = H S² H is a dyadic (XOR) convolution matrix. The rows enter these systems only through
+Xᵀ X and Xᵀ T (T: a block's target rows), so a sweep works on d × d moments (``Block``). Blocks are added one at a time on the residual
 (stagewise), then refit together (backfitting); the low-rank part is a whitened truncated SVD of
 the least-squares fit of the residual.
 """
@@ -24,11 +25,20 @@ import scipy.linalg
 
 from ...lstsq import diagonal_ridge, pcg, ridge_cholesky, ridge_with_factor
 from ...parallel import by_columns, matmul, ordered_map
-from .transform import fwht, next_pow2, xor_index, xor_kernel
+from .transform import diag_hmh, fwht, hh, next_pow2, xor_index, xor_kernel
+
+
+MOMENT_ROWS = 3   # rows per padded input width from which a sweep from the moments is the cheaper
 
 
 class Block:
-    """One Fastfood block s ⊙ H(g ⊙ Π H(b ⊙ x)), rows x (n × d)."""
+    """One Fastfood block s ⊙ H(g ⊙ Π H(b ⊙ x)), rows x (n × d).
+
+    Its diagonals are fitted from d × d moments only: with Z₂ = X B H Π the rows before G, every
+    quantity of a diagonal's normal equations is a product of B, G, S, Π, H with XᵀX and XᵀT (T the
+    target rows), so one sweep costs O(d² log d) whatever the row count; the rows are read once
+    per target (XᵀT) and once for the block's output (``out``). With few rows (n below a few times
+    d) the same sweep from the rows is cheaper (``step_rows``: O(n d²))."""
 
     def __init__(self, d, rng, mask, perm):
         self.d = d
@@ -39,8 +49,12 @@ class Block:
         self.mask = mask
         self._z2c = None
         self._z4c = None   # (x, b, g, H(g ⊙ z2)): the transform before S
-        self._sfit = None  # (x, b, g, t, ridge) S was last fitted to
+        self._c2c = None   # (xtx, b, Z₂ᵀZ₂)
+        self._w2c = None   # (q, b, Z₂ᵀT)
+        self._sfit = None  # (xtx, q, b, g, ridge, (diag(Z₄ᵀZ₄), diag(Z₄ᵀT))) S was last fitted to
+        self._sfit_rows = None  # (x, b, g, t, ridge) of ``step_rows``
 
+    # ------------------------------------------------------------ rows (n × d)
     def _z2(self, x):
         """Π H (b ⊙ x), cached while x and b stay the same arrays (b is replaced, never changed
         in place, when it is refit)."""
@@ -61,27 +75,27 @@ class Block:
         return z4
 
     def forget(self):
-        """Drop the cached transforms of the rows (n × d floats each per block)."""
-        self._z2c = self._z4c = self._sfit = None
+        """Drop the cached transforms (n × d floats each per block for the rows, d × d for the
+        moments)."""
+        self._z2c = self._z4c = self._sfit = self._sfit_rows = self._c2c = self._w2c = None
 
     def out(self, x):
         return self._z4(x) * self.s
 
-    def _fit_s(self, x, t, ridge):
-        """S from the rows; skipped when it was last fitted to the same x, b, g, t and ridge (the
-        same solve: an ALS sweep ends with the S its next sweep would begin with)."""
-        key = self._sfit
+    def _fit_s_rows(self, x, t, ridge):
+        """S from the rows; skipped when it was last fitted to the same x, b, g, t and ridge."""
+        key = self._sfit_rows
         if key is not None and key[0] is x and key[1] is self.b and key[2] is self.g and key[3] is t \
                 and key[4] == ridge:
             return
         z4 = self._z4(x)
         self.s = np.where(self.mask, diagonal_ridge((z4 * z4).sum(0), (z4 * t).sum(0), ridge), 0.0)
-        self._sfit = (x, self.b, self.g, t, ridge)
+        self._sfit_rows = (x, self.b, self.g, t, ridge)
 
-    def step(self, x, t, xtx, ridge, cg=0):
-        """One ALS sweep (S, G, B, S) towards the target rows t (n × d); ``cg`` > 0: that many
-        conjugate-gradient iterations per diagonal solve instead of a Cholesky solve."""
-        self._fit_s(x, t, ridge)
+    def step_rows(self, x, t, xtx, ridge, cg=0):
+        """``step`` from the rows x (n × d) and targets t themselves: cheaper than the moments
+        when there are fewer rows than a few times d (``FastfoodFit.moments``)."""
+        self._fit_s_rows(x, t, ridge)
         z2 = self._z2(x)
         hs2h = xor_kernel(self.s ** 2)[xor_index(self.d)]   # H S² H
         hts = fwht(t * self.s)
@@ -89,10 +103,72 @@ class Block:
         inv = np.argsort(self.perm)
         gi = self.g[inv]
         a = hs2h[np.ix_(inv, inv)] * np.outer(gi, gi)   # (H S² H ⊙ g gᵀ) permuted by Π⁻¹
-        a = fwht(fwht(a).T).T
+        a = hh(a)
         mtt = fwht((hts * self.g)[:, inv])
         self.b = pcg(a * xtx, (x * mtt).sum(0), self.b, ridge, cg)
-        self._fit_s(x, t, ridge)
+        self._fit_s_rows(x, t, ridge)
+
+    # ------------------------------------------------------------ moments (d × d)
+    def _c2(self, xtx):
+        """Z₂ᵀZ₂ = Πᵀ H B XᵀX B H Π, cached while xtx and b stay the same arrays."""
+        c = self._c2c
+        if c is not None and c[0] is xtx and c[1] is self.b:
+            return c[2]
+        c2 = hh(xtx * np.outer(self.b, self.b))[np.ix_(self.perm, self.perm)]
+        self._c2c = (xtx, self.b, c2)
+        return c2
+
+    def _w2(self, q):
+        """Z₂ᵀT = Πᵀ H B XᵀT (``q`` = XᵀT), cached while q and b stay the same arrays."""
+        c = self._w2c
+        if c is not None and c[0] is q and c[1] is self.b:
+            return c[2]
+        w2 = fwht((q * self.b[:, None]).T).T[self.perm]
+        self._w2c = (q, self.b, w2)
+        return w2
+
+    def gram_out(self, xtx):
+        """Xᵀ(block output) = XᵀX B H Π G H S (d × d) from the moments."""
+        z = fwht(xtx * self.b)[:, self.perm] * self.g
+        return fwht(z) * self.s
+
+    def _fit_s(self, xtx, q, ridge):
+        """S from the moments: diag(Z₄ᵀZ₄) S = diag(Z₄ᵀT), Z₄ = Z₂ G H; skipped when it was last
+        fitted to the same xtx, q, b, g and ridge (the same solve: an ALS sweep ends with the S
+        its next sweep would begin with)."""
+        key = self._sfit
+        if key is not None and key[0] is xtx and key[1] is q and key[2] is self.b and key[3] is self.g \
+                and key[4] == ridge:
+            return
+        g = self.g
+        den = diag_hmh(self._c2(xtx) * np.outer(g, g))                 # diag(H G C₂ G H)
+        num = np.einsum("ii->i", fwht((self._w2(q) * g[:, None]).T))   # diag(H G Z₂ᵀT)
+        self.s = np.where(self.mask, diagonal_ridge(den, num, ridge), 0.0)
+        self._sfit = (xtx, q, self.b, self.g, ridge, (den, num))
+
+    def sq_error(self, xtx, q, tt, ridge):
+        """‖out − T‖² from the moments (``tt`` = ‖T‖²): Σ_i s_i² (Z₄ᵀZ₄)_ii − 2 s_i (Z₄ᵀT)_ii + ‖T‖²."""
+        self._fit_s(xtx, q, ridge)
+        den, num = self._sfit[5]
+        return float(self.s ** 2 @ den) - 2.0 * float(self.s @ num) + tt
+
+    def step(self, xtx, q, ridge, cg=0):
+        """One ALS sweep (S, G, B, S) towards target rows T, from ``xtx`` = XᵀX and ``q`` = XᵀT
+        (d × d); ``cg`` > 0: that many conjugate-gradient iterations per diagonal solve instead
+        of a Cholesky solve."""
+        self._fit_s(xtx, q, ridge)
+        c2 = self._c2(xtx)
+        hs2h = xor_kernel(self.s ** 2)[xor_index(self.d)]   # H S² H
+        rhs_g = np.einsum("ii->i", fwht(self._w2(q) * self.s))          # diag(Z₂ᵀ T S H)
+        self.g = pcg(hs2h * c2, rhs_g, self.g, ridge, cg)
+        inv = np.argsort(self.perm)
+        gi = self.g[inv]
+        a = hs2h[np.ix_(inv, inv)] * np.outer(gi, gi)   # (H S² H ⊙ g gᵀ) permuted by Π⁻¹
+        a = hh(a)
+        m = (fwht(q * self.s) * self.g)[:, inv]      # XᵀT S H G Πᵀ
+        rhs_b = np.einsum("ii->i", fwht(m))           # diag(XᵀT S H G Πᵀ H)
+        self.b = pcg(a * xtx, rhs_b, self.b, ridge, cg)
+        self._fit_s(xtx, q, ridge)
 
 
 class FastfoodFit:
@@ -186,9 +262,14 @@ class FastfoodFit:
         chol = whitening(xc, ridge) if chol is None else chol
         self.u, self.vt = LowRankBasis(xc, t, chol, r).factors(r)
 
+    def moments(self, xp) -> bool:
+        """Whether the sweeps work on d × d moments (many rows) or on the rows (``Block``)."""
+        return len(xp) >= MOMENT_ROWS * self.d
+
     def add_block(self, xp, resid, xtx, iters, ridge, cg=10, restarts=1):
         """Add one block per stack, fitted to the residual rows (the best of ``restarts`` random
-        starts: the problem is not convex); returns the new residual. The stacks are independent:
+        starts: the problem is not convex); returns the new residual. ``xtx`` = xpᵀxp; the sweeps
+        read the rows only through it and xpᵀ(residual) (``Block``). The stacks are independent:
         their random starts are drawn in order, then they are fitted on the workers
         (``parallel.ordered_map``)."""
         resid = resid.copy()
@@ -197,13 +278,19 @@ class FastfoodFit:
             perm = self.perm(j, len(self.blocks[j]))
             starts.append([Block(self.d, self.rng, self._mask(j), perm) for _ in range(max(1, restarts))])
 
+        moments = self.moments(xp)
+
         def fit_stack(j):
             t = self._cols(resid, j)
+            q = matmul(xp.T, t) if moments else None
+            tt = float((t * t).sum()) if len(starts[j]) > 1 else 0.0
             best = None
             for blk in starts[j]:
                 for _ in range(iters):
-                    blk.step(xp, t, xtx, ridge, cg)
-                err = float(((blk.out(xp) - t) ** 2).sum())
+                    blk.step(xtx, q, ridge, cg) if moments else blk.step_rows(xp, t, xtx, ridge, cg)
+                if len(starts[j]) == 1:
+                    return blk
+                err = blk.sq_error(xtx, q, tt, ridge) if moments else float(((blk.out(xp) - t) ** 2).sum())
                 if best is None or err < best[0]:
                     best = (err, blk)
             return best[1]
@@ -222,18 +309,32 @@ class FastfoodFit:
         r = self.r
         if r and sweeps and chol is None:
             chol = whitening(xc, lowrank_ridge)
+        moments = self.moments(xp)
         for _ in range(sweeps):
             total = yc - xc @ self.u @ self.vt
 
-            def sweep_stack(j):
+            def sweep_rows(j):
                 bl = self.blocks[j]
                 outs = [blk.out(xp) for blk in bl]
                 t_all = self._cols(total, j)
                 acc = sum(outs) if outs else 0
                 for k, blk in enumerate(bl):
                     t = t_all - (acc - outs[k])
-                    blk.step(xp, t, xtx, ridge, cg)
+                    blk.step_rows(xp, t, xtx, ridge, cg)
                     new = blk.out(xp)
+                    acc = acc - outs[k] + new
+                    outs[k] = new
+
+            def sweep_stack(j):   # from the moments: Xᵀ(target of block k) = XᵀT − Σ_{others} Xᵀ(out)
+                bl = self.blocks[j]
+                if not moments:
+                    return sweep_rows(j)
+                q_all = matmul(xp.T, self._cols(total, j))
+                outs = [blk.gram_out(xtx) for blk in bl]
+                acc = sum(outs) if outs else 0
+                for k, blk in enumerate(bl):
+                    blk.step(xtx, q_all - (acc - outs[k]), ridge, cg)
+                    new = blk.gram_out(xtx)
                     acc = acc - outs[k] + new
                     outs[k] = new
             ordered_map(sweep_stack, range(self.n_stack))

@@ -1,6 +1,8 @@
 """The hadamard pass: which Gemm/MatMul layers are candidates, and the sequential run over them.
 
-Layers are visited in topological order, one refit level each (``refit.refit_levels``). A
+Layers are visited in topological levels (``refit.refit_order``: layers of a level, such as the
+query, key and value projections of an attention, do not feed each other, so one calibration run
+serves them all; ``refit.refit_levels``). A
 candidate's calibration rows are x from the already rewritten network and y = the reference
 network's output of the layer, so every layer is reconstructed sequentially. Per candidate the
 cheapest (K, r) Fastfood structure within ``tolerance`` on held-out rows replaces it
@@ -8,8 +10,8 @@ cheapest (K, r) Fastfood structure within ``tolerance`` on held-out rows replace
 layer whose inputs changed is refit by ridge least squares when that lowers its held-out error.
 Rows of the layers still to do are gathered together in one calibration run of the current model
 (up to ``row_memory_mb``): a rewrite makes the rows of the layers after it stale, and the next
-layer gathers again from the rewritten model, so there is one calibration run per change, not per
-layer.
+level gathers again from the rewritten model, so there is one calibration run per level with a
+change, not per layer.
 
 The layer is the node itself: y is its own output, so a MatMul's bias Add (``layers.bias_add``)
 stays after it, and the fit's bias is the Fastfood subgraph's own.
@@ -25,7 +27,7 @@ import onnx_graphsurgeon as gs
 from ...graph import export_model, import_graph, opset
 from ...layers import WeightLayer, finite, float_weights, no_trans_a, ops, per_column_bias
 from ...lstsq import fit_error_rows, ridge_rows
-from ...refit import refit_levels
+from ...refit import refit_levels, refit_order
 from ...registry import Pass, PassReport, Plan, Requires, Skip
 from ...stats import RowSample
 from .config import HadamardConfig
@@ -159,7 +161,8 @@ class _Run:
                 if n in self.targets or (cfg.refit and _upstream_changed(layer.node, target_outs))]
         runs_before = self.ctx.calibration_runs
         self.bar = self.ctx.bar(total=len(todo), desc="hadamard")
-        refit_levels(self.ctx, self.model, None, self.solve, requests=self.requests, levels=[[n] for n in todo],
+        levels = refit_order(self.graph, todo)   # layers of a level do not feed each other: one run serves them
+        refit_levels(self.ctx, self.model, None, self.solve, requests=self.requests, levels=levels,
                      graph=self.graph, desc="hadamard", ahead=self.ahead, like=self.model, export_copy=True)
         self.bar.close()
         self.collect_runs = self.ctx.calibration_runs - runs_before
@@ -177,16 +180,15 @@ class _Run:
         return self.visits[name]
 
     def ahead(self, levels_left) -> int:
-        """How many layers' rows one run gathers: none when the next layer needs none, else it and
-        the layers after it while their rows fit in ``row_memory_mb`` (at least the next one)."""
-        first = levels_left[0][0]
-        if not any(self.visit(first)):
+        """How many levels' rows one run gathers: none when the next level needs none, else it and
+        the levels after it while their rows fit in ``row_memory_mb`` (at least the next one)."""
+        first = levels_left[0]
+        if not any(any(self.visit(name)) for name in first):
             return 1
-        self.bar.update(0, postfix=f"{first}: statistics")
+        self.bar.update(0, postfix=f"{first[0]}: statistics")
         budget, n = self.cfg.row_memory_mb * 2**20, 0
-        for (name,) in levels_left:
-            layer = self.dense[name]
-            size = self.cfg.max_rows * (layer.d_in + layer.d_out) * 4
+        for names in levels_left:
+            size = sum(self.cfg.max_rows * (self.dense[name].d_in + self.dense[name].d_out) * 4 for name in names)
             if n and size > budget:
                 break
             budget -= size

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 
 from .config import HadamardConfig
 from .fastfood import FastfoodFit, LowRankBasis, whitening
@@ -62,6 +63,8 @@ class _Search:
         self.basis = LowRankBasis(self.xc, self.yc, chol, max(self.ranks))
         self.xp = self.probe.pad(self.xc)
         self.xtx = self.xp.T @ self.xp
+        self.xhc = self.xh - self.mx
+        self.xhp = self.probe.pad(self.xhc)
 
     def bound_reached(self) -> bool:
         """max_fits or search_seconds spent (saying which in ``stopped``)."""
@@ -83,6 +86,8 @@ class _Search:
         fit.mx, fit.my = self.mx, self.my
         fit.set_lowrank(self.basis, r)
         resid = self.yc - self.xc @ fit.u @ fit.vt
+        hold_lr = self.xhc @ fit.u @ fit.vt
+        hold = np.zeros_like(self.yh)   # the blocks' output on the held-out rows, one block added at a time
         prev = None
         for k in range(1, max(ks) + 1):
             limit = min(self.cap, best_ok[0] - 1) if best_ok else self.cap
@@ -90,10 +95,14 @@ class _Search:
                 return False
             resid = fit.add_block(self.xp, resid, self.xtx, cfg.iters, cfg.ridge, cfg.cg_iters, cfg.restarts)
             self.fits += 1
+            for j, bl in enumerate(fit.blocks):
+                lo, hi = j * fit.d, min((j + 1) * fit.d, self.d_out)
+                hold[:, lo:hi] += bl[-1].out(self.xhp)[:, : hi - lo]
+                bl[-1].forget()
             if k not in ks:
                 continue
             p = fit.params()
-            err = fit_error_rows(fit.predict(self.xh), self.yh, self.my)
+            err = fit_error_rows(hold + hold_lr + self.my, self.yh, self.my)   # = fit.predict(self.xh)
             self.tried.append({"blocks": k, "rank": r, "params": p, "error": round(err, 5)})
             if self.best_any is None or err < self.best_any[1]:
                 self.best_any = (p, err, k, r)

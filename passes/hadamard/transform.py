@@ -78,3 +78,16 @@ def xor_kernel(v: np.ndarray) -> np.ndarray:
 def xor_conv(v: np.ndarray) -> np.ndarray:
     """H diag(v) H (orthonormal H) = (1/d)(H_d v)[i ⊕ j]."""
     return xor_kernel(v)[xor_index(len(v))]
+
+
+def hh(a: np.ndarray) -> np.ndarray:
+    """H A H (orthonormal H) of a d × d matrix: the transform along both axes."""
+    return fwht(fwht(a).T).T
+
+
+def diag_hmh(m: np.ndarray) -> np.ndarray:
+    """diag(H M H) (orthonormal H) without the two transforms: H_ij H_ik = H_{i, j⊕k}/√d, so
+    diag(H M H) = H v/√d with v_m = Σ_j M[j, j ⊕ m]."""
+    d = len(m)
+    v = np.take_along_axis(m, xor_index(d), axis=1).sum(0)
+    return fwht(v[None])[0] / math.sqrt(d)

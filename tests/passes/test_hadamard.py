@@ -121,10 +121,51 @@ def test_als_step_never_increases_error():
     blk = hp.Block(64, rng, np.ones(64, bool), rng.permutation(64))
     errs = []
     for _ in range(6):
-        blk.step(x, t, x.T @ x, 1e-9, cg=10)
+        blk.step(x.T @ x, x.T @ t, 1e-9, cg=10)
         errs.append(((blk.out(x) - t) ** 2).sum())
     assert all(b <= a * (1 + 1e-9) for a, b in zip(errs, errs[1:]))
     assert errs[-1] < 0.9 * (t ** 2).sum()
+
+
+def test_block_moments_match_rows():
+    """The sweeps work on d × d moments: the squared error, Xᵀ(out) and diag(H M H) they use equal
+    the row computations (and the xor form equals the two transforms)."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((150, 32))
+    t = x @ rng.standard_normal((32, 32)) / 6 + 0.1 * rng.standard_normal((150, 32))
+    blk = hp.Block(32, rng, np.arange(32) < 30, rng.permutation(32))
+    xtx, q = x.T @ x, x.T @ t
+    blk.step(xtx, q, 1e-9, cg=0)
+    out = blk.out(x)
+    assert np.all(out[:, 30:] == 0)
+    assert blk.sq_error(xtx, q, float((t * t).sum()), 1e-9) == pytest.approx(((out - t) ** 2).sum(), rel=1e-9)
+    np.testing.assert_allclose(blk.gram_out(xtx), x.T @ out, atol=1e-9 * np.abs(x.T @ out).max())
+    m = rng.standard_normal((32, 32))
+    from onnxshrink.passes.hadamard.transform import diag_hmh, hh
+    h = hadamard(32) / np.sqrt(32)
+    np.testing.assert_allclose(hh(m), h @ m @ h, atol=1e-12)
+    np.testing.assert_allclose(diag_hmh(m), np.diag(h @ m @ h), atol=1e-12)
+
+
+def test_sweeps_from_rows_and_from_moments_agree(monkeypatch):
+    """Few rows: the sweeps read the rows; many: the d × d moments. Both fit the same blocks."""
+    import onnxshrink.passes.hadamard.fastfood as ff
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((120, 24))
+    y = x @ rng.standard_normal((24, 40)) / 5 + 0.05 * rng.standard_normal((120, 40))
+    fits = []
+    for rows in (1, 1000):   # moments from 1 row per width; the rows below 1000
+        monkeypatch.setattr(ff, "MOMENT_ROWS", rows)
+        fit = hp.FastfoodFit(24, 40, seed=1)
+        fit.set_data(x, y)
+        xc, yc = x - fit.mx, y - fit.my
+        xp = fit.pad(xc)
+        assert fit.moments(xp) == (rows == 1)
+        resid = fit.add_block(xp, yc, xp.T @ xp, iters=3, ridge=1e-6, cg=0, restarts=2)
+        fit.add_block(xp, resid, xp.T @ xp, iters=3, ridge=1e-6, cg=0, restarts=1)
+        fit.backfit(xp, xc, yc, xp.T @ xp, 2, 1e-6, cg=0)
+        fits.append(fit.predict(x))
+    np.testing.assert_allclose(fits[0], fits[1], atol=1e-6 * np.abs(fits[1]).max())
 
 
 def test_sequence_matmul_layer_and_skips():
@@ -146,6 +187,29 @@ def test_sequence_matmul_layer_and_skips():
     feeds = {"x": calib[:16]}
     (a,), (c,) = _run(model, feeds), _run(res.model, feeds)
     assert c.shape == a.shape
+    assert np.linalg.norm(c - a) / np.linalg.norm(a) < 1.0
+
+
+def test_parallel_layers_share_one_calibration_run():
+    """Three projections of one input (an attention's query, key and value) are one level: one
+    run gathers their rows, all three are replaced, and the next layer is refit on a second run."""
+    b = GraphBuilder(5)
+    x = b.input("x", ["N", 64])
+    q, k, v = (b.matmul(x, 64, 64) for _ in range(3))
+    h = b.node("Add", [b.node("Add", [q, k]), v])
+    b.matmul(h, 64, 4, out="y")
+    b.output("y", ["N", 4])
+    model = b.model()
+    calib = np.random.default_rng(0).standard_normal((300, 64)).astype(np.float32)
+    res = shrink(model, ["hadamard"], calibration=calib, options={"hadamard": {"tolerance": 0.9, "rank": 2}},
+                 tolerances=Tolerances(min_cosine=None), force=True)
+    rep = res.report["passes"][0]
+    names = [n.name for n in model.graph.node if n.op_type == "MatMul"]
+    assert sum("Fastfood" in c for c in rep["changed"]) == 3
+    assert all(rep["layers"][n].get("replaced") for n in names[:3])
+    assert rep["calibration_runs"] == 2   # one per level (four when each layer was its own level)
+    feeds = {"x": calib[:16]}
+    (a,), (c,) = _run(model, feeds), _run(res.model, feeds)
     assert np.linalg.norm(c - a) / np.linalg.norm(a) < 1.0
 
 

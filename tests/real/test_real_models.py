@@ -57,6 +57,9 @@ KNOWN_FAILURES = {
                                 "sentences < 0.9 (FLOPs 0.900: FFN units only; the 18 packed-QKV heads are "
                                 "prunable but each carries the task, so the budget keeps them; 1.4 % relative "
                                 "emission error; 0.917 with the opt-in pfa.measured=true at the same error)",
+    ("vit_focus", "hadamard"): "the default gate fails it and the saliency map IoU@0.5 is 0.824 < 0.9 (params 0.971: "
+                               "the few layers a Fastfood structure fits within tolerance; output max abs error 0.50 of "
+                               "the probability scale, decision IoU 0.735; 587 CPU s, 14 calibration runs)",
     ("vit_focus", "lowrank"): "validation passes but the saliency map IoU@0.5 is 0.898 < 0.9 (params 0.900, "
                               "FLOPs 0.918; within 1 % of the threshold, so kept out of CI)",
 }
@@ -71,9 +74,6 @@ UNREACHABLE = {
 
 # (model, pass) -> measured time: pairs over ten minutes, skipped unless ONNXSHRINK_ZOO_SLOW=1
 SLOW_PAIRS = {
-    ("vit_focus", "hadamard"): "stopped unfinished after 1223 CPU s (20 CPU min, 2 cores); profiled: 5 of its 72 "
-                               "candidate MatMuls in 194 CPU s, about 60 % the Fastfood structure search and refit on 4137 "
-                               "rows a layer, 35 % one calibration run of the ViT per replaced layer (issue 15)",
 }
 
 # (model, pass) -> why CI leaves the pair out (an outcome within 1 % of its threshold)
