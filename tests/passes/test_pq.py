@@ -541,6 +541,36 @@ def test_a_long_1d_kernel_is_cut_into_short_subvectors():
     assert default_block(conv((8, 4, 3, 3)), PqConfig()) == 9
 
 
+def test_the_sequential_target_needs_enough_rows_per_feature():
+    """A Gemm 16->4 whose outputs the calibration rows move (y = x·(W + D)): with at least
+    ROWS_PER_FEATURE rows per input feature the target follows the rows toward W + D; with fewer
+    (a fit that would follow their noise) it is W itself."""
+    import onnx_graphsurgeon as gs
+
+    from onnxshrink.layers import WeightLayer
+    from onnxshrink.passes.pq.layer import Layer
+    from onnxshrink.passes.pq.target import ROWS_PER_FEATURE, layer_problem
+    from onnxshrink.stats import CrossMoments
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 16)).astype(np.float32)   # Gemm transB=1: rows = outputs
+    node = gs.Node("Gemm", inputs=[gs.Variable("x"), gs.Constant("w", w)], outputs=[gs.Variable("y")],
+                   attrs={"transB": 1})
+    layer = Layer(WeightLayer(node))
+    shift = 0.3 * rng.standard_normal(w.shape)
+    cfg = PqConfig(bias_correct=False)
+    for n, follows in ((ROWS_PER_FEATURE * 16, True), (ROWS_PER_FEATURE * 16 - 1, False)):
+        x = rng.standard_normal((n, 16))
+        cm = CrossMoments(16, 4)
+        cm.update(x, x @ (w + shift).T)
+        t, h, _ = layer_problem(layer, cm, cfg)
+        if follows:
+            assert np.linalg.norm(t - w - shift) < 0.1 * np.linalg.norm(shift)
+        else:
+            assert np.array_equal(t, w.astype(np.float64))
+        assert h.shape == (16, 16)
+
+
 def test_error_budget_and_size_threshold_options_are_checked():
     for bad in ({"max_error": -1}, {"min_bytes": -5}):
         with pytest.raises(ValueError, match="pq.m"):
@@ -725,10 +755,16 @@ def test_decision_flips_count_argmax_changes_along_the_last_axis():
     assert decision_flips(ref + ref, one + one) == 2
 
 
+def test_flips_within_the_rules_noise():
+    from onnxshrink.passes.pq.search import flip_noise
+    assert [flip_noise(n) for n in (0, 1, 2, 4, 20)] == [1, 2, 2, 3, 5]
+
+
 def test_the_allocation_is_measured_with_every_layer_and_never_flips_more_decisions_than_the_rule():
     """A generous output budget (0.5) lets the knapsack pick coarse settings that flip the logits'
     argmax on the calibration data; the joint measure then lowers the aim, and keeps the rule's
-    settings when nothing within the bound is found: never more flips, never more bytes."""
+    settings when nothing within the bound is found: never more flips than the rule's and its noise
+    (``flip_noise``), never more bytes."""
     model, calib = _wide_mlp(), _mlp_calib()
     opts = dict(FAST, max_error=3e-4, allocate=True)
     rule = shrink(model, ["pq"], calibration=calib, force=True, options={"pq": dict(opts, allocate=False)})
@@ -736,6 +772,7 @@ def test_the_allocation_is_measured_with_every_layer_and_never_flips_more_decisi
     alloc = loose.report["passes"][0]["allocation"]
     tries = alloc["tries"]
     assert tries[0]["aim"] == 0.5 and tries[0]["flips"] > alloc["bound"]["flips"], tries
+    assert alloc["bound"]["flips"] >= 1
     assert all(a["aim"] > b["aim"] for a, b in zip(tries, tries[1:])), tries
     final = tries[-1]
     if "fallback" in final:
