@@ -600,16 +600,21 @@ def test_statistics_rounds_merge_consecutive_levels():
 
 def _table_net(seed=0):
     """ids → Gather(emb 100×32) ─┐
-               Slice(pe 1×64×32) ─ Add → MatMul(w 32×8) → y"""
+               Slice(pe 1×64×32) ─ Add ─┐
+               Reshape(pos 1×64×32 → 4×16×32) ─ Add → MatMul(w 32×8) → y"""
     rng = np.random.default_rng(seed)
     emb = rng.standard_normal((100, 32)).astype(np.float32)
     pe = np.sin(np.arange(64)[:, None] / (10 ** (np.arange(32)[None] / 32))).astype(np.float32)[None]
     w = (rng.standard_normal((32, 8)) / 6).astype(np.float32)
     nodes = [helper.make_node("Gather", ["emb", "ids"], ["e"], axis=0, name="gather"),
              helper.make_node("Slice", ["pe", "st", "en", "ax"], ["p"], name="slice"),
-             helper.make_node("Add", ["e", "p"], ["h"], name="add"),
+             helper.make_node("Add", ["e", "p"], ["h0"], name="add"),
+             helper.make_node("Reshape", ["pos", "shape"], ["q"], name="reshape"),
+             helper.make_node("Add", ["h0", "q"], ["h"], name="add_pos"),
              helper.make_node("MatMul", ["h", "w"], ["y"], name="mm")]
+    pos = (0.5 * rng.standard_normal((1, 64, 32))).astype(np.float32)
     inits = [numpy_helper.from_array(emb, "emb"), numpy_helper.from_array(pe, "pe"), numpy_helper.from_array(w, "w"),
+             numpy_helper.from_array(pos, "pos"), numpy_helper.from_array(np.array([4, 16, 32]), "shape"),
              numpy_helper.from_array(np.array([0]), "st"), numpy_helper.from_array(np.array([16]), "en"),
              numpy_helper.from_array(np.array([1]), "ax")]
     g = helper.make_graph(nodes, "tables", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", 16])],
@@ -619,11 +624,11 @@ def _table_net(seed=0):
     return m, [{"ids": rng.integers(0, 100, (4, 16))} for _ in range(8)]
 
 
-def test_gather_and_slice_tables_are_quantized_within_the_budget():
+def test_gather_slice_and_reshape_tables_are_quantized_within_the_budget():
     model, calib = _table_net()
     res = shrink(model, ["pq"], calibration=calib, force=True)
     rep = res.report["passes"][0]
-    assert sorted(rep["changed"]) == ["gather", "slice"], rep
+    assert sorted(rep["changed"]) == ["gather", "reshape", "slice"], rep
     for name, info in rep["layers"].items():
         assert info["metric"] == "weights" and info["rel_weight_error"] <= PqConfig().max_error, (name, info)
         assert info["bytes"][1] < 0.35 * info["bytes"][0], (name, info)
@@ -633,7 +638,8 @@ def test_gather_and_slice_tables_are_quantized_within_the_budget():
     assert np.linalg.norm(got - ref) <= 0.03 * np.linalg.norm(ref)
     assert ref.shape == got.shape == (4, 16, 8)
     ops = {n.op_type for n in res.model.graph.node}
-    assert {"Gather", "Slice", "MatMul"} <= ops and "emb" not in {t.name for t in res.model.graph.initializer}
+    assert {"Gather", "Slice", "MatMul"} <= ops
+    assert not {"emb", "pos"} & {t.name for t in res.model.graph.initializer}
 
 
 def _if_net(seed=0):
