@@ -162,7 +162,7 @@ def allocate(ctx, model, blocks: dict, cfg, budget: float):
         options[name] = [(None, 0.0, dense_bytes(layer))] + opts
         bar.update(1)
     bar.close()
-    rule, rule_choice = 0.0, {}   # the per-layer rule's choice (its own ladder: no 6-bit codes) and predicted error
+    rule, rule_choice = 0.0, {}   # the per-layer rule's choice and predicted error
     plain = replace(cfg, allocate=False)
     for name, opts in options.items():
         layer, d, k = blocks[name]
