@@ -571,6 +571,32 @@ def test_the_sequential_target_needs_enough_rows_per_feature():
         assert h.shape == (16, 16)
 
 
+def test_six_bit_codes_are_not_tried_before_a_log():
+    """A Conv whose output reaches a Log (a log spectrum: Conv → Mul → MatMul → Log) gets no 6-bit
+    setting in its ladder unless pq.bits=6 asks for it; a Conv followed by Relu does."""
+    import onnx_graphsurgeon as gs
+
+    from onnxshrink.layers import WeightLayer
+    from onnxshrink.passes.pq.layer import Layer, before_log, ladder
+
+    def conv(tail):
+        w = gs.Constant("w", np.random.default_rng(0).standard_normal((64, 16, 3, 3)).astype(np.float32))
+        y = gs.Variable("y")
+        node = gs.Node("Conv", inputs=[gs.Variable("x"), w], outputs=[y])
+        h = y
+        for op in tail:
+            out = gs.Variable(op + "_out")
+            gs.Node(op, inputs=[h], outputs=[out])
+            h = out
+        return Layer(WeightLayer(node))
+
+    logged, plain = conv(["Mul", "MatMul", "Clip", "Log"]), conv(["Relu"])
+    assert before_log(logged) and not before_log(plain)
+    auto, six = PqConfig(), PqConfig(bits="6", centroids=64)
+    assert (1, 64) in ladder(plain, 9, 256, auto) and (1, 64) not in ladder(logged, 9, 256, auto)
+    assert (1, 64) in ladder(logged, 9, 256, six)
+
+
 def test_error_budget_and_size_threshold_options_are_checked():
     for bad in ({"max_error": -1}, {"min_bytes": -5}):
         with pytest.raises(ValueError, match="pq.m"):
