@@ -577,10 +577,10 @@ def test_six_bit_codes_are_not_tried_before_a_log():
     import onnx_graphsurgeon as gs
 
     from onnxshrink.layers import WeightLayer
-    from onnxshrink.passes.pq.layer import Layer, before_log, ladder
+    from onnxshrink.passes.pq.layer import Layer, before_log, ladder, six_bit_saves
 
-    def conv(tail):
-        w = gs.Constant("w", np.random.default_rng(0).standard_normal((64, 16, 3, 3)).astype(np.float32))
+    def conv(tail, shape=(64, 16, 3, 3)):
+        w = gs.Constant("w", np.random.default_rng(0).standard_normal(shape).astype(np.float32))
         y = gs.Variable("y")
         node = gs.Node("Conv", inputs=[gs.Variable("x"), w], outputs=[y])
         h = y
@@ -595,6 +595,11 @@ def test_six_bit_codes_are_not_tried_before_a_log():
     auto, six = PqConfig(), PqConfig(bits="6", centroids=64)
     assert (1, 64) in ladder(plain, 9, 256, auto) and (1, 64) not in ladder(logged, 9, 256, auto)
     assert (1, 64) in ladder(logged, 9, 256, six)
+    # a layer of 2048 weights: its packed 6-bit codes would not save bytes, and 64 centroids in
+    # one-byte codes save only the codebook: no (1, 64) unless pq.bits=6
+    tiny = conv(["Relu"], shape=(32, 64, 1, 1))
+    assert not six_bit_saves(tiny, auto) and six_bit_saves(plain, auto)
+    assert (1, 64) not in ladder(tiny, 4, 256, auto) and (1, 64) in ladder(tiny, 4, 256, six)
 
 
 def test_error_budget_and_size_threshold_options_are_checked():
