@@ -19,7 +19,8 @@ error on calibration inputs is ‖X (W − Ŵ)‖² = Σ_j (w_j − ŵ_j)ᵀ H (
 3. assignment block by block with error feedback on the full H (optimal brain quantization, as
    in GPTQ/GPTVQ): after block F is assigned, W_R −= U_FRᵀ U_FF⁻ᵀ (W_F − Ŵ_F), H⁻¹ = UᵀU;
 4. the codebook refit by least squares on the full H with the codes fixed (conjugate gradient).
-Layers are done in topological levels (sequential reconstruction): the target of a layer is
+Layers are done in topological levels (sequential reconstruction; with at least 4 statistics rows per
+input feature, else the target is W): the target of a layer is
 W* = argmin ‖X̃ W* − Y‖² + λ‖W* − W‖², with X̃ its inputs in the already-quantized network and Y
 its outputs in the original one, and its bias is refit as b = E[y] − E[x̃]ᵀŴ. ``pq.aware=false``
 keeps plain k-means on the weights (still with the bias refit).
@@ -36,10 +37,11 @@ save bytes) and the model's first Conv (when it holds under a quarter of the wei
 dense by default.
 
 Error budget (``pq.max_error``): per layer, the settings (d, K) are tried fewest bytes first (the
-default d with 256 centroids, shorter d, scalar codes with 16 centroids packed, with 256) and the
+default d with 256 centroids, shorter d, scalar codes with 16 centroids packed, with 64 (6-bit,
+four in three bytes), with 256) and the
 first whose relative output error, and a quarter of the mean of its outputs' own relative errors,
 are within the budget is kept. Layers without statistics (inside If/Loop/Scan subgraphs) and float
-tables that only Gather/Slice read (embeddings, positional encodings) are quantized in weight space.
+tables that only Gather/Slice/Reshape read (embeddings, positional encodings) are quantized in weight space.
 
 Error allocation (``pq.allocate=true``, opt-in, with the error budget): the budget is spent across
 layers by their measured effect on the model's outputs, like a mixed-precision knapsack. Per layer
@@ -50,9 +52,7 @@ output error (the mean per-sample relative squared error, a quarter of the worst
 the squared largest error over the output's range, the worst output) / e. Per layer the setting,
 or dense, is picked with the fewest total bytes such that Σ g·e is within the larger of
 ``pq.output_error`` (2e-3) and what the per-layer rule's choice predicts (so that choice is always
-feasible: the allocation never costs bytes over it). Its ladders also hold 6-bit scalar codes
-(1, 64), which the per-layer rule alone does not try (within 3e-4 on every layer they compound:
-oww_embedding's worst cosine falls to 0.949). The choice is then measured, all layers at once at
+feasible: the allocation never costs bytes over it). The choice is then measured, all layers at once at
 their quick codes on the same samples: its output error must be within the larger of
 ``pq.output_error`` and the per-layer rule's choice's measured one, and its decisions flipped
 (argmax along the last axis of each float output: labels, the tags a decoder reads) no more than

@@ -124,12 +124,14 @@ class Table:
         return int(self.weight.values.size)
 
 
-TABLE_READERS = {"Gather": 0, "Slice": 0}   # op → the input that holds the table
+# op → the input that holds the table; Reshape: a positional-encoding table reshaped before it is
+# interpolated or added (vit_focus: 1369 × 384 positions, 2.1 MB, 2 % of the file)
+TABLE_READERS = {"Gather": 0, "Slice": 0, "Reshape": 0}
 
 
 def tables(graph: gs.Graph, taken: set) -> list:
-    """The float constants (other than the weights in ``taken``, by id) that only Gather (as its
-    data) and Slice (as its data) read, and that are no graph output: one Table each."""
+    """The float constants (other than the weights in ``taken``, by id) that only Gather, Slice
+    and Reshape (as their data) read, and that are no graph output: one Table each."""
     outs = {t.name for t in graph.outputs}
     found = []
     for t in graph.tensors().values():
@@ -219,8 +221,8 @@ def default_block(layer: Layer, cfg) -> int:
 def ladder(layer: Layer, d: int, k: int, cfg) -> list:
     """(d, K) settings tried in turn under pq.max_error, fewest bytes first: the default (d, K),
     shorter sub-vectors (a Conv kernel row or half the length, 2), scalar codes with 16 centroids
-    (4 bits a weight, packed two a byte), with 64 (6 bits, four in three bytes; with pq.bits=6 or
-    the allocation) and with K (8 bits a weight). The first within the budget is kept."""
+    (4 bits a weight, packed two a byte), with 64 (6 bits, four in three bytes; pq.bits 6 or auto)
+    and with K (8 bits a weight). The first within the budget is kept."""
     from .sizes import setting_bytes
     ds = [d]
     if layer.kernel > 1 and d == layer.kernel and 1 < int(layer.shape[-1]) < d:
@@ -234,13 +236,40 @@ def ladder(layer: Layer, d: int, k: int, cfg) -> list:
     settings = [(x, min(k, layer.n_weights // x)) for x in ds]
     if cfg.bits != "8" and k > 16:
         settings.append((1, min(16, layer.n_weights)))  # 4-bit scalar codes: a small codebook
-    if k > 64 and (cfg.bits == "6" or (cfg.bits == "auto" and cfg.allocate)):
-        # 6-bit scalar codes: only where the allocation weighs each layer's effect on the outputs
-        # (within pq.max_error alone on every layer, oww_embedding's worst cosine falls to 0.949)
+    if k > 64 and (cfg.bits == "6" or (cfg.bits == "auto" and not before_log(layer) and six_bit_saves(layer, cfg))):
+        # 6-bit scalar codes (once kept out of the per-layer rule: oww_embedding's worst cosine fell
+        # to 0.949, from the sequential targets fitted on too few rows, ``target.ROWS_PER_FEATURE``;
+        # with W as their target there it is 0.9995 at file 0.249)
         settings.append((1, min(64, layer.n_weights)))
     settings = list(dict.fromkeys(settings))
     order = {s: i for i, s in enumerate(settings)}
     return sorted(settings, key=lambda s: (setting_bytes(layer, s[0], s[1], cfg), order[s]))
+
+
+def six_bit_saves(layer, cfg) -> bool:
+    """Whether 64 centroids would be stored as packed 6-bit codes (``sizes.code_width``): on a tiny
+    layer the decode of packed codes costs more than it saves, and 64 centroids in one-byte codes
+    save only the codebook's bytes (mtcnn_pnet: 2 % of its file, box recall 0.985 → 0.956)."""
+    from .sizes import code_width
+    return code_width(layer, 1, min(64, layer.n_weights), cfg.dtype, cfg) == 6
+
+
+def before_log(layer, limit: int = 16) -> bool:
+    """Whether the layer's outputs reach a Log within the ``limit`` nodes nearest downstream: a log
+    spectrum turns the relative error of quiet values into a large absolute one, which the relative
+    output error of the layer does not see (oww_melspec: its STFT Convs, then power, mel MatMul,
+    Clip, Log; at 6-bit codes, each within pq.max_error, the worst relative L2 of the log-mel output
+    goes from 0.024 to 0.12)."""
+    seen, todo = set(), [t for n in layer.nodes for t in n.outputs]
+    while todo and len(seen) < limit:
+        for node in todo.pop(0).outputs:
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node.op == "Log":
+                return True
+            todo.extend(node.outputs)
+    return False
 
 
 def candidates(layer: Layer, cfg) -> list:

@@ -78,7 +78,9 @@ SLOW_PAIRS = {
 
 # (model, pass) -> why CI leaves the pair out (an outcome within 1 % of its threshold)
 NOT_IN_CI = {
-    ("oww_embedding", "pq"): "worst cosine 0.9944 against a threshold of 0.99 (0.4 % margin)",
+    ("oww_embedding", "pq"): "worst cosine 0.9985 against a threshold of 0.99 (0.9 % margin)",
+    ("khmer_segmenter", "pq"): "same segmentation 0.958 = 23 of 24 sentences against 0.9: two sentences "
+                               "more would fail",
     ("khmer_segmenter", "lowrank"): "same segmentation 0.917 = 22 of 24 sentences against 0.9: one sentence "
                                     "more would fail",
     ("vit_focus", "lowrank"): "map IoU@0.5 0.898 against a threshold of 0.9 (0.2 % below)",
@@ -96,12 +98,12 @@ CI_PAIRS = {
     ("mtcnn_rnet", "basisconv"): "pass, 9 s",
     ("mtcnn_rnet", "lowrank"): "pass, 5 s",
     ("mtcnn_rnet", "hadamard"): "pass, 11 s",
-    ("mtcnn_rnet", "pq"): "pass, 12 s",
+    ("mtcnn_rnet", "pq"): "pass, 33 s (3 CPU s)",
     ("mtcnn_onet", "pfa"): "pass, 18 s",
     ("mtcnn_onet", "basisconv"): "pass, 12 s",
     ("mtcnn_onet", "lowrank"): "pass, 12 s",
     ("mtcnn_onet", "hadamard"): "fail (default gate), 105 s",
-    ("mtcnn_onet", "pq"): "pass, 43 s",
+    ("mtcnn_onet", "pq"): "pass, 111 s (9 CPU s)",
     ("captcha_crnn", "pfa"): "fail, 194 s (76 CPU s)",
     ("captcha_crnn", "basisconv"): "fail, 181 s (40 CPU s)",
     ("captcha_crnn", "lowrank"): "pass, 304 s (66 CPU s)",
@@ -118,7 +120,7 @@ CI_PAIRS = {
     ("oww_hey_jarvis", "pq"): "pass, 35 s (7 CPU s)",
     ("vit_focus", "foldbn"): "pass, 141 s (31 CPU s)",
     ("khmer_segmenter", "hadamard"): "pass, 213 s (46 CPU s)",
-    ("khmer_segmenter", "pq"): "pass, 307 s (41 CPU s): same segmentation 1.000",
+    ("khmer_segmenter", "pq"): "pass, 576 s (32 CPU s): same segmentation 0.958",
 }
 
 _ENV_ON = lambda name: os.environ.get(name, "") not in ("", "0")  # noqa: E731
