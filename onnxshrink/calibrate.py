@@ -1218,7 +1218,10 @@ class _CachedRunner:
             got[n] = held[n][1][b]
         for n in list(self.order):
             a = got[n]
-            if not isinstance(a, np.ndarray):   # a sequence or map: not fed back as an input
+            # a sequence or map, or an integer/bool tensor (shapes, sizes, indices: cheap to
+            # recompute, and fed as an input it hides its values from ONNX Runtime's shape
+            # inference, which then refuses e.g. a Resize whose `sizes` it computed): not kept
+            if not isinstance(a, np.ndarray) or not np.issubdtype(a.dtype, np.floating):
                 self.order.remove(n)
                 self.nbytes -= sum(x.nbytes for x in self.parts.pop(n))
                 continue

@@ -142,3 +142,60 @@ def test_digests_follow_how_a_tensor_is_computed():
     a, b = RunCache(1).digests(model(1.0)), RunCache(1).digests(model(2.0))
     assert a["r"] == b["r"] and a["rb"] != b["rb"] and a["r"] != a["rb"]
     assert a["u"] is None and a["y"] is None
+
+
+def _resized(rng):
+    """x(N,2,4,4) → Conv A → t; sizes = Concat(Shape(t)[:2], [8, 8]); Resize(t, sizes) → Conv C →
+    Resize(·, sizes) → Conv D → y: ``sizes``, an int64 tensor computed early, is read late."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def w(name):
+        return numpy_helper.from_array(rng.standard_normal((2, 2, 1, 1)).astype(np.float32), name)
+    nodes = [
+        helper.make_node("Conv", ["x", "wa"], ["t"], name="A"),
+        helper.make_node("Shape", ["t"], ["shape"], name="S"),
+        helper.make_node("Slice", ["shape", "zero", "two"], ["nc"], name="L"),
+        helper.make_node("Concat", ["nc", "hw"], ["sizes"], axis=0, name="K"),
+        helper.make_node("Resize", ["t", "", "", "sizes"], ["v"], mode="nearest", name="R1"),
+        helper.make_node("Conv", ["v", "wc"], ["u"], name="C"),
+        helper.make_node("Resize", ["u", "", "", "sizes"], ["r"], mode="nearest", name="R2"),
+        helper.make_node("Conv", ["r", "wd"], ["y"], name="D"),
+    ]
+    inits = [w("wa"), w("wc"), w("wd"),
+             numpy_helper.from_array(np.array([0], np.int64), "zero"),
+             numpy_helper.from_array(np.array([2], np.int64), "two"),
+             numpy_helper.from_array(np.array([8, 8], np.int64), "hw")]
+    g = helper.make_graph(nodes, "resized", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2, 4, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 2, 8, 8])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_integer_tensors_are_recomputed_not_fed(rng):
+    """A shape tensor fed as an input hides its values from ONNX Runtime's shape inference, which
+    then refuses a Resize reading it as `sizes` (a ViT's positional-table interpolation): integer
+    tensors at the frontier are not kept; the float ones are, and the statistics are a whole run's."""
+    ref = _resized(rng)
+    data = DataSource({"x": rng.standard_normal((40, 2, 4, 4)).astype(np.float32)})
+
+    def request(model, name):
+        graph = import_graph(model)
+        node = next(n for n in graph.nodes if n.name == name)
+        return WeightLayer(node, graph).stats_request(name)
+
+    def moved(model, name):
+        graph = import_graph(model)
+        layer = WeightLayer(next(n for n in graph.nodes if n.name == name), graph)
+        layer.write(layer.matrix() + rng.standard_normal((layer.d_in, layer.d_out)), layer.bias())
+        return export_model(graph, like=model)
+
+    runs = RunCache(1 << 30)
+    m0 = moved(ref, "A")
+    collect(data, [request(m0, "C")], m0, ref, batch_size=16, runs=runs)
+    assert "v" in runs.held and "sizes" not in runs.held and "shape" not in runs.held
+    m1 = moved(m0, "C")
+    got = collect(data, [request(m1, "D")], m1, ref, batch_size=16, runs=runs)
+    assert runs.served >= 1
+    want = collect(data, [request(m1, "D")], m1, ref, batch_size=16)
+    for k in want:
+        np.testing.assert_allclose(got[k].x.outer, want[k].x.outer, rtol=1e-6)
+        np.testing.assert_allclose(got[k].xy, want[k].xy, rtol=1e-6)
