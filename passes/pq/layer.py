@@ -219,11 +219,16 @@ def default_block(layer: Layer, cfg) -> int:
 
 
 def ladder(layer: Layer, d: int, k: int, cfg) -> list:
-    """(d, K) settings tried in turn under pq.max_error, fewest bytes first: the default (d, K),
+    """(d, K) settings tried in turn under pq.max_error, fewest bytes first (before a Log, with
+    pq.bits auto, only 8-bit scalar codes, ``before_log``): the default (d, K),
     shorter sub-vectors (a Conv kernel row or half the length, 2), scalar codes with 16 centroids
     (4 bits a weight, packed two a byte), with 64 (6 bits, four in three bytes; pq.bits 6 or auto)
     and with K (8 bits a weight). The first within the budget is kept."""
     from .sizes import setting_bytes
+    if cfg.bits == "auto" and k > 64 and before_log(layer):
+        # before a Log only 8-bit scalar codes: fewer bits move the quiet values the log spreads out
+        # (oww_melspec's mel MatMul at 4-bit, within pq.max_error: 1 - worst rel. L2 0.976 -> 0.736)
+        return [(1, min(k, layer.n_weights))]
     ds = [d]
     if layer.kernel > 1 and d == layer.kernel and 1 < int(layer.shape[-1]) < d:
         ds.append(int(layer.shape[-1]))

@@ -594,6 +594,7 @@ def test_six_bit_codes_are_not_tried_before_a_log():
     assert before_log(logged) and not before_log(plain)
     auto, six = PqConfig(), PqConfig(bits="6", centroids=64)
     assert (1, 64) in ladder(plain, 9, 256, auto) and (1, 64) not in ladder(logged, 9, 256, auto)
+    assert ladder(logged, 9, 256, auto) == [(1, 256)] and len(ladder(plain, 9, 256, auto)) > 3
     assert (1, 64) in ladder(logged, 9, 256, six)
     # a layer of 2048 weights: its packed 6-bit codes would not save bytes, and 64 centroids in
     # one-byte codes save only the codebook: no (1, 64) unless pq.bits=6
