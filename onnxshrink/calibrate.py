@@ -864,6 +864,28 @@ def data_memo(store: "weakref.WeakKeyDictionary", ctx, model) -> dict | None:
     return entry[3]
 
 
+def _upstream(graph, names, stop) -> tuple:
+    """(the indices of the nodes ``names`` depend on, every tensor name reached): a walk up from
+    ``names`` through node inputs and what If/Loop bodies capture, not past a tensor in ``stop``."""
+    producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
+    nodes, seen, stack = set(), set(), list(names)
+    while stack:
+        t = stack.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        if t in stop:
+            continue
+        i = producer.get(t)
+        if i is None or i in nodes:
+            continue
+        nodes.add(i)
+        node = graph.node[i]
+        stack.extend(x for x in node.input if x)
+        stack.extend(_subgraph_names(node))
+    return nodes, seen
+
+
 def upstream_of(model: onnx.ModelProto, names, given: dict | None = None) -> onnx.ModelProto:
     """A model whose outputs are exactly ``names`` (tensors of ``model``), holding only the nodes
     and initializers they depend on; every real input is kept. ONNX Runtime runs every node of a
@@ -875,22 +897,7 @@ def upstream_of(model: onnx.ModelProto, names, given: dict | None = None) -> onn
     graph = model.graph
     wanted = set(names)
     given = dict(given or {})
-    producer = {o: i for i, n in enumerate(graph.node) for o in n.output if o}
-    keep, seen, stack = set(), set(), list(names)
-    while stack:
-        t = stack.pop()
-        if t in seen:
-            continue
-        seen.add(t)
-        if t in given:
-            continue
-        i = producer.get(t)
-        if i is None or i in keep:
-            continue
-        keep.add(i)
-        node = graph.node[i]
-        stack.extend(x for x in node.input if x)
-        stack.extend(_subgraph_names(node))
+    keep, seen = _upstream(graph, names, given)
     m = onnx.ModelProto()
     for f, value in model.ListFields():   # everything but the graph, copied as it is
         if f.name == "graph":
@@ -1139,23 +1146,8 @@ class RunCache:
             if dig.get(n) is None or dig[n] != self.held[n][0]:
                 self._drop(n)
         g = model.graph
-        producer = {o: i for i, n in enumerate(g.node) for o in n.output if o}
-        region, stops, seen, stack = set(), set(), set(), list(names)
-        while stack:
-            t = stack.pop()
-            if t in seen:
-                continue
-            seen.add(t)
-            if t in self.held:
-                stops.add(t)
-                continue
-            i = producer.get(t)
-            if i is None or i in region:
-                continue
-            region.add(i)
-            node = g.node[i]
-            stack.extend(x for x in node.input if x)
-            stack.extend(_subgraph_names(node))
+        region, seen = _upstream(g, names, self.held)
+        stops = {t for t in seen if t in self.held}
         readers: dict = {}
         for i, node in enumerate(g.node):
             for t in set(node.input) | _subgraph_names(node):

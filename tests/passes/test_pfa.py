@@ -164,7 +164,9 @@ def test_ridge_choice_prefers_small_ridge_on_clean_data_and_large_on_noisy_data(
     assert choose_ridge(noisy[0], noisy[1], None) >= 1e-1
 
 
-def test_cost_model_matches_the_pruned_models_cost():
+def _residual_costs():
+    """cnn_residual analysed at its shapes: (model, shapes, analysis, its free groups of two or
+    more channels, node costs of a model at those shapes)."""
     original = onnx.load(digits.model_path("cnn_residual"))
     shapes = {original.graph.input[0].name: (1, 8, 8)}
     an = analyze(original, shapes)
@@ -173,6 +175,11 @@ def test_cost_model_matches_the_pruned_models_cost():
     def cost_nodes(m):
         from onnxshrink.cost import node_costs
         return {c.name: (c.params, c.flops) for c in node_costs(m, shapes)}
+    return original, shapes, an, groups, cost_nodes
+
+
+def test_cost_model_matches_the_pruned_models_cost():
+    original, shapes, an, groups, cost_nodes = _residual_costs()
 
     cm = CostModel(an, original, groups, cost_nodes)
     rng = np.random.default_rng(0)
@@ -187,14 +194,7 @@ def test_cost_model_probes_pairs_together_and_gives_the_same_costs():
     """Pairs of groups that share nodes (a residual stream's group with each block's inner ones)
     are probed together where no node sees groups of two pairs: fewer probes, the same
     coefficients as one probe per group and pair (the joint check stands behind it)."""
-    original = onnx.load(digits.model_path("cnn_residual"))
-    shapes = {original.graph.input[0].name: (1, 8, 8)}
-    an = analyze(original, shapes)
-    groups = [g for g in an.groups if not g.pinned and g.size >= 2]
-
-    def cost_nodes(m):
-        from onnxshrink.cost import node_costs
-        return {c.name: (c.params, c.flops) for c in node_costs(m, shapes)}
+    original, shapes, an, groups, cost_nodes = _residual_costs()
 
     joint, single = CostModel(an, original, groups, cost_nodes), CostModel(an, original, groups, cost_nodes, joint=False)
     assert len(single.C) >= 2 and joint.probes < single.probes
