@@ -26,6 +26,12 @@ def stored_codes(codes: np.ndarray, k: int) -> np.ndarray:
     return (codes.astype(np.int16) - code_offset(k)).astype(np.int8)
 
 
+def code_bytes(n: int, bits: int) -> int:
+    """The bytes ``n`` codes are stored in at ``bits`` a code: ``pack_codes`` (4: two a byte),
+    ``pack_codes6`` (6: four in three bytes), else one byte a code."""
+    return {4: (n + 1) // 2, 6: 3 * ((n + 3) // 4)}.get(bits, n)
+
+
 def pack_codes(codes: np.ndarray) -> np.ndarray:
     """4-bit codes (0..15) two a byte, as int8 (TensorRT parses no UINT8): the n codes in
     row-major order are cut in halves, the first ⌈n/2⌉ give the high nibbles, the rest (padded

@@ -18,6 +18,7 @@ from ...graph import export_model, import_graph
 from ...lstsq import deterministic, weighted_error
 from ...refit import refit_levels, shared_levels
 from ...registry import Pass, PassReport, Plan, Requires, Skip
+from .codec import code_bytes
 from .config import PqConfig
 from .edits import refit_biases, replace_weight
 from .layer import default_block, ladder, layer_of, shared_layer, subgraph_nodes, tables
@@ -157,12 +158,11 @@ class Pq(Pass):
         def rewrite(name, solved, graph, level) -> bool:
             layer = blocks[name][0]
             (info, reason), per_node = solved
-            if info is not None:
-                self._write(graph, layer, info, per_node)
             if info is None:
                 report.skip(name, reason)
                 bar.update(1, postfix=f"{name}: float")
                 return False
+            self._write(graph, layer, info, per_node)
             runtime["decoded"] += info["bytes"][0]
             runtime["stored"] += info["bytes"][1]
             info_all[name] = info
@@ -238,7 +238,7 @@ class Pq(Pass):
             info["bias_refit"] = True
         info["write"] = (t_hat, cm, cb, codes, bits, fit)
         dense = layer.n_weights * layer.weight.values.dtype.itemsize
-        stored = int({4: (codes.size + 1) // 2, 6: 3 * ((codes.size + 3) // 4)}.get(bits, codes.nbytes)) + int(cb.nbytes)
+        stored = code_bytes(codes.size, bits) + int(cb.nbytes)
         info["bits"] = bits
         info["bytes"] = [dense, stored]
         info["seconds"] = round(seconds, 2)
