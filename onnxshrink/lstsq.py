@@ -29,7 +29,7 @@ without fine-tuning (ThiNet, Luo et al. 2017; He et al. 2017 channel pruning).
   preconditioner. Each iterate lowers the quadratic ½uᵀAu − rhsᵀu, so a truncated run inside an
   alternating scheme never raises the objective (Hestenes & Stiefel 1952).
 - ``choose_ridge(cm_a, cm_b, w0)``: the ridge of a few (``RIDGES``) whose fit on one set of moments
-  generalises best to held-out moments, from one eigendecomposition.
+  generalises best to held-out moments, one Cholesky factor per ridge.
 
 Two relative errors with different meanings:
 - ``fit_error`` (moments) / ``fit_error_rows`` (rows): how much of the output's variance a fit
@@ -203,28 +203,45 @@ RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)   # the relative ridges ``choose_ridge`` 
 
 def choose_ridge(cm_a, cm_b, w0=None, ridges=RIDGES, columns: int = 64, seed: int = 0) -> float:
     """The ridge of ``ridges`` whose fit on the moments ``cm_a`` (toward ``w0``, or zero) has the
-    lowest ``fit_error`` on the held-out moments ``cm_b`` (both ``stats.CrossMoments``). One
-    eigendecomposition Cov_a(x) = V diag(e) Vᵀ serves every α: W_α = V diag(1/(e + α)) Vᵀ
-    (Cov_a(x, y) + α W0), α relative (``relative_alpha``); the held-out error is measured on at most
-    ``columns`` output columns (a random subset drawn with ``seed``), which is enough to rank a scalar."""
+    lowest ``fit_error`` on the held-out moments ``cm_b`` (both ``stats.CrossMoments``):
+    W_α = (Cov_a(x) + αI)⁻¹ (Cov_a(x, y) + α W0), α relative (``relative_alpha``), each α by its
+    own Cholesky factor (a third of d³ each, the ridges side by side on the fitting workers:
+    ``parallel.ordered_map``; one eigendecomposition serving every α costs several d³ on one
+    core), or where a factor fails (Cov_a(x) not positive definite to rounding) from one
+    eigendecomposition Cov_a(x) = V diag(e) Vᵀ, e clipped at 0. The held-out error is measured on at
+    most ``columns`` output columns (a random subset drawn with ``seed``), which is enough to rank a
+    scalar."""
+    from .parallel import ordered_map
     m = cm_a.sum_y.shape[0]
     sub = np.sort(np.random.default_rng(seed).choice(m, size=columns, replace=False)) if m > columns else np.arange(m)
     mask = np.zeros(m, dtype=bool)
     mask[sub] = True
     a, b = cm_a.outputs(mask), cm_b.outputs(mask)
     cxx, cxy, mx, my = a.moments(centered=True)
-    try:
-        e, v = np.linalg.eigh(cxx)
-    except np.linalg.LinAlgError:
-        return float(ridges[len(ridges) // 2])
-    e = np.clip(e, 0.0, None)
-    p = v.T @ cxy
-    p0 = v.T @ w0[:, sub] if w0 is not None else np.zeros_like(p)
-    held = []
-    for r in ridges:
+    w0 = w0[:, sub] if w0 is not None else None
+
+    def held_out(r):
+        try:
+            chol = ridge_cholesky(cxx, r)
+        except np.linalg.LinAlgError:
+            return None
         alpha = relative_alpha(cxx, r)
-        w = v @ ((p + alpha * p0) / (e + alpha)[:, None])
-        held.append(fit_error(b, w, my - mx @ w))
+        w = ridge_with_factor(chol, cxy if w0 is None else cxy + alpha * w0)
+        return fit_error(b, w, my - mx @ w)
+    held = ordered_map(held_out, ridges)
+    if any(h is None for h in held):
+        try:
+            e, v = np.linalg.eigh(cxx)
+        except np.linalg.LinAlgError:
+            return float(ridges[len(ridges) // 2])
+        e = np.clip(e, 0.0, None)
+        p = v.T @ cxy
+        p0 = v.T @ w0 if w0 is not None else np.zeros_like(p)
+        held = []
+        for r in ridges:
+            alpha = relative_alpha(cxx, r)
+            w = v @ ((p + alpha * p0) / (e + alpha)[:, None])
+            held.append(fit_error(b, w, my - mx @ w))
     return float(ridges[int(np.argmin(held))])
 
 

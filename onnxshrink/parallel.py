@@ -109,7 +109,7 @@ def ordered_map(fn, items) -> list:
 
 # ----------------------------------------------------------------------------- products in chunks
 CHUNK = 256          # columns (rows) per chunk: fixed, so the pieces never depend on the worker count
-MIN_WORK = 1 << 24   # multiply-adds below which a product is one call
+MIN_WORK = 1 << 24   # multiply-adds below which a product is one call (gram: half of n·d²)
 
 
 def chunks(n: int, size: int = CHUNK) -> list:
@@ -155,4 +155,46 @@ def by_rows(fn, x, size: int = 256, min_size: int = 1 << 18, dtype=None):
     def part(s):
         out[s] = fn(x[s])
     ordered_map(part, chunks(x.shape[0], size))
+    return out
+
+
+def gram(x, size: int = CHUNK):
+    """``x.T @ x`` (x 2-D, n × d) in fixed tiles of ``size`` columns on the workers: the diagonal
+    tiles by SYRK (``x[:, a].T @ x[:, a]``: the bits of the whole SYRK's), the tiles above them by
+    GEMM, mirrored below, so the result is exactly symmetric and does not depend on the worker
+    count (each entry is one dot product over the n rows, computed the same whoever computes it).
+    Products of fewer than ``MIN_WORK`` multiply-adds, or of at most ``size`` columns, are one SYRK;
+    above that an entry off the diagonal tiles may differ from the one SYRK's in the last bits (the
+    BLAS splits the sum over rows differently for GEMM and SYRK)."""
+    n, d = x.shape
+    if d <= size or n * d * d // 2 < MIN_WORK:
+        return x.T @ x
+    out = np.empty((d, d), dtype=np.result_type(x, x))
+    parts = chunks(d, size)
+    tiles = [(i, j) for j in range(len(parts)) for i in range(j + 1)]
+
+    def tile(ij):
+        a, b = parts[ij[0]], parts[ij[1]]
+        xa = x[:, a]
+        out[a, b] = xa.T @ xa if ij[0] == ij[1] else xa.T @ x[:, b]
+    ordered_map(tile, tiles)
+    for i, j in tiles:
+        if i != j:
+            out[parts[j], parts[i]] = out[parts[i], parts[j]].T
+    return out
+
+
+def cross(x, y, size: int = CHUNK):
+    """``x.T @ y`` (x n × d, y n × m) with the output's rows (``x``'s columns) in fixed chunks of
+    ``size`` on the workers: each entry the same dot product whoever computes it, so the result does
+    not depend on the worker count (and with one BLAS thread it is the one GEMM's). Small products
+    are one call."""
+    d = x.shape[1]
+    if d <= size or x.shape[0] * d * y.shape[1] < MIN_WORK:
+        return x.T @ y
+    out = np.empty((d, y.shape[1]), dtype=np.result_type(x, y))
+
+    def part(s):
+        out[s] = x[:, s].T @ y
+    ordered_map(part, chunks(d, size))
     return out

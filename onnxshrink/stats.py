@@ -41,6 +41,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from .parallel import cross, gram
+
 
 # ----------------------------------------------------------------------------- accumulators
 class Moments:
@@ -55,7 +57,15 @@ class Moments:
         rows = np.asarray(rows, dtype=np.float64)
         self.n += rows.shape[0]
         self.sum += rows.sum(axis=0)
-        self.outer += rows.T @ rows
+        self.outer += gram(rows)
+
+    def update_columns(self, cols: np.ndarray, rows: np.ndarray) -> None:
+        """Add rows whose entries outside the columns ``cols`` are zero, given at those columns only
+        (rows: r × len(cols), float64)."""
+        self.n += rows.shape[0]
+        if len(cols):
+            self.sum[cols] += rows.sum(axis=0)
+            self.outer[np.ix_(cols, cols)] += gram(rows)
 
     def merge(self, other: "Moments") -> "Moments":
         self.n += other.n
@@ -97,13 +107,23 @@ class CrossMoments:
     def n(self):
         return self.x.n
 
-    def update(self, x_rows: np.ndarray, y_rows: np.ndarray | None = None) -> None:
-        x_rows = np.asarray(x_rows, dtype=np.float64)
-        self.x.update(x_rows)
+    def update(self, x_rows, y_rows: np.ndarray | None = None) -> None:
+        """Add rows x (n × dx: an array, or ``PhaseRows``) and their targets y (n × dy, or None)."""
         if y_rows is not None:
             y_rows = np.asarray(y_rows, dtype=np.float64)
+        if isinstance(x_rows, PhaseRows):
+            for cols, xs, rows in x_rows.parts():
+                xs = np.asarray(xs, dtype=np.float64)
+                self.x.update_columns(cols, xs)
+                if y_rows is not None and len(cols):
+                    self.xy[cols] += cross(xs, y_rows[rows])
+        else:
+            x_rows = np.asarray(x_rows, dtype=np.float64)
+            self.x.update(x_rows)
+            if y_rows is not None:
+                self.xy += cross(x_rows, y_rows)
+        if y_rows is not None:
             self.sum_y += y_rows.sum(axis=0)
-            self.xy += x_rows.T @ y_rows
             self.yy += (y_rows * y_rows).sum(axis=0)
 
     def merge(self, other: "CrossMoments") -> "CrossMoments":
@@ -200,14 +220,65 @@ def conv_patches(x: np.ndarray, attrs: dict, out_spatial: tuple, flat_pos: np.nd
     return patches.reshape(n * P, c * int(np.prod(k)))
 
 
-def conv_transpose_patches(x: np.ndarray, attrs: dict, out_spatial: tuple, flat_pos: np.ndarray) -> np.ndarray:
-    """The input features of a ConvTranspose at the given flat output positions.
+class PhaseRows:
+    """Feature rows of a ConvTranspose grouped by stride phase (``conv_transpose_phases``): the rows
+    of one phase are zero outside that phase's taps, so each group is held at its columns only.
+    ``groups``: [(cols, x, positions)]: ``x`` (N·p × len(cols), rows ordered (sample, position)) the
+    rows at the output positions ``positions`` (p indices into the sampled positions), at the
+    feature columns ``cols``; the rows are those of the groups in turn. ``dim``: the feature
+    columns in all."""
+
+    def __init__(self, dim: int, samples: int, groups: list):
+        self.dim, self.samples, self.groups = dim, samples, groups
+        self.n = sum(x.shape[0] for _, x, _ in groups)
+
+    def parts(self):
+        """(cols, x, rows): each group with the slice of the rows it holds."""
+        start = 0
+        for cols, x, _ in self.groups:
+            yield cols, x, slice(start, start + x.shape[0])
+            start += x.shape[0]
+
+    def rows_at(self, flat: np.ndarray) -> np.ndarray:
+        """``flat`` (N·P × m, rows ordered (sample, position), as ``conv_outputs_at`` gives them)
+        in the groups' row order."""
+        per = flat.reshape(self.samples, -1, flat.shape[-1])
+        return np.concatenate([per[:, p].reshape(-1, flat.shape[-1]) for _, _, p in self.groups])
+
+    def sums(self) -> np.ndarray:
+        """Σ over the rows of each feature column (dim)."""
+        out = np.zeros(self.dim)
+        for cols, x, _ in self.groups:
+            out[cols] += np.asarray(x, dtype=np.float64).sum(axis=0)
+        return out
+
+    def dense(self) -> np.ndarray:
+        """The rows as one array (N·P × dim, rows ordered (sample, position))."""
+        p = sum(len(q) for _, _, q in self.groups)
+        out = np.zeros((self.samples, p, self.dim), dtype=self.groups[0][1].dtype if self.groups else np.float64)
+        for cols, x, pos in self.groups:
+            out[:, pos[:, None], cols[None, :]] = x.reshape(self.samples, len(pos), len(cols))
+        return out.reshape(-1, self.dim)
+
+    @classmethod
+    def join(cls, parts: list) -> "PhaseRows":
+        """One PhaseRows of the rows of several (same ``dim``)."""
+        out = cls(parts[0].dim, 0, [g for p in parts for g in p.groups])
+        out.samples = None   # the groups no longer share a sample count: parts() and sums() only
+        return out
+
+
+def conv_transpose_phases(x: np.ndarray, attrs: dict, out_spatial: tuple, flat_pos: np.ndarray) -> PhaseRows:
+    """The input features of a ConvTranspose at the given flat output positions, by stride phase.
 
     x: (N, C, *S). Output position p reads x[c, i] through tap k where i·stride − pad_begin + k·dilation
-    = p. Returns (N·P, C·prod(k)) with columns ordered (c, k1, k2, ...), matching the weight layout
-    W[c, o, k1, k2, ...] (``layers.WeightLayer.matrix``): entry (c, k) is that x[c, i], or 0 where
-    the tap reads no input position (another phase of the stride, or outside the input). The rows
-    of one stride phase span that phase's taps only, so a least-squares fit on them is the
+    = p. The features are (c, k1, k2, ...) columns, matching the weight layout W[c, o, k1, k2, ...]
+    (``layers.WeightLayer.matrix``): entry (c, k) is that x[c, i], or 0 where the tap reads no input
+    position. Along each axis the taps that can read an input at p are those with
+    k·dilation ≡ p + pad_begin (mod stride): the same for every position of one stride phase, so
+    the rows of a phase are zero outside its taps' columns and are returned at those columns only
+    (a stride-2 4×4 kernel: a quarter of the columns, a sixteenth of the products of a covariance).
+    The rows of one stride phase span that phase's taps only, so a least-squares fit on them is the
     transposed convolution's (output_padding only adds positions no tap of the border reaches).
     """
     nd = x.ndim - 2
@@ -216,19 +287,39 @@ def conv_transpose_patches(x: np.ndarray, attrs: dict, out_spatial: tuple, flat_
     dil = list(attrs.get("dilations", [1] * nd))
     pads = list(attrs.get("pads", [0] * (2 * nd)))
     coords = np.unravel_index(flat_pos, out_spatial)
-    P = len(flat_pos)
-    grids, valid = [], np.ones([P] + k, dtype=bool)
-    for d in range(nd):
-        num = coords[d][:, None] + pads[d] - np.arange(k[d])[None, :] * dil[d]   # (P, k_d) = i·stride
-        ok = (num % strides[d] == 0) & (num >= 0) & (num < x.shape[2 + d] * strides[d])
-        shape = [P] + [1] * nd
-        shape[1 + d] = k[d]
-        grids.append(np.where(ok, num // strides[d], 0).reshape(shape))
-        valid &= ok.reshape(shape)
-    patches = x[(slice(None), slice(None)) + tuple(grids)] * valid   # (N, C, P, k...)
     n, c = x.shape[:2]
-    patches = np.moveaxis(patches, 2, 1)  # (N, P, C, k...)
-    return patches.reshape(n * P, c * int(np.prod(k)))
+    phase = np.ravel_multi_index([(coords[d] + pads[d]) % strides[d] for d in range(nd)], strides) \
+        if nd else np.zeros(len(flat_pos), int)
+    taps_per_channel = int(np.prod(k))
+    groups = []
+    for ph in np.unique(phase):
+        pos = np.nonzero(phase == ph)[0]
+        r = np.unravel_index(ph, strides)
+        taps = [np.nonzero((np.arange(k[d]) * dil[d] - r[d]) % strides[d] == 0)[0] for d in range(nd)]
+        if any(len(t) == 0 for t in taps):   # no tap reaches these positions: zero rows
+            groups.append((np.zeros(0, int), np.zeros((n * len(pos), 0), x.dtype), pos))
+            continue
+        grids, valid = [], None
+        for d in range(nd):
+            num = coords[d][pos][:, None] + pads[d] - taps[d][None, :] * dil[d]   # (p, t_d) = i·stride
+            ok = (num >= 0) & (num < x.shape[2 + d] * strides[d])
+            shape = [len(pos)] + [1] * nd
+            shape[1 + d] = len(taps[d])
+            grids.append(np.where(ok, num // strides[d], 0).reshape(shape))
+            valid = ok.reshape(shape) if valid is None else valid & ok.reshape(shape)
+        patches = x[(slice(None), slice(None)) + tuple(grids)]   # (N, C, p, t...)
+        if not valid.all():
+            patches = patches * valid
+        patches = np.moveaxis(patches, 2, 1).reshape(n * len(pos), -1)
+        tap_cols = np.ravel_multi_index(np.meshgrid(*taps, indexing="ij"), k).ravel()
+        cols = (np.arange(c)[:, None] * taps_per_channel + tap_cols[None, :]).ravel()
+        groups.append((cols, patches, pos))
+    return PhaseRows(c * taps_per_channel, n, groups)
+
+
+def conv_transpose_patches(x: np.ndarray, attrs: dict, out_spatial: tuple, flat_pos: np.ndarray) -> np.ndarray:
+    """``conv_transpose_phases`` as one array: (N·P, C·prod(k)), rows ordered (sample, position)."""
+    return conv_transpose_phases(x, attrs, out_spatial, flat_pos).dense()
 
 
 def conv_outputs_at(y: np.ndarray, flat_pos: np.ndarray) -> np.ndarray:
@@ -322,10 +413,11 @@ class LayerStats:
         if self.kind in SPATIAL_KINDS:
             out_spatial = tuple(y.shape[2:]) if y is not None else self._out_spatial(x.shape)
             pos = spatial_positions(out_spatial, self.positions, rng)
-            patches = conv_patches if self.kind == "conv" else conv_transpose_patches
-            xr = patches(x, self.conv_attrs, out_spatial, pos)
             yr = conv_outputs_at(y, pos) if y is not None else None
-            return xr, yr
+            if self.kind == "conv":
+                return conv_patches(x, self.conv_attrs, out_spatial, pos), yr
+            xr = conv_transpose_phases(x, self.conv_attrs, out_spatial, pos)   # PhaseRows
+            return xr, xr.rows_at(yr) if yr is not None else None
         xr = rows_of(x, self.transpose_x)
         yr = rows_of(y) if y is not None else None
         if self.rows_per_batch and xr.shape[0] > self.rows_per_batch:
@@ -350,7 +442,7 @@ class LayerStats:
 
     def new(self, x_arrays, y_arrays):
         xr, yr = self._features(x_arrays, y_arrays, np.random.default_rng(0))
-        return CrossMoments(xr.shape[1], yr.shape[1] if yr is not None else 0)
+        return CrossMoments(xr.dim if isinstance(xr, PhaseRows) else xr.shape[1], yr.shape[1] if yr is not None else 0)
 
     def update(self, acc, x_arrays, y_arrays, rng):
         xr, yr = self._features(x_arrays, y_arrays, rng)
@@ -367,8 +459,12 @@ class PooledMoments(CrossMoments):
 
     def add_part(self, key, x_rows, y_rows) -> None:
         part = self.parts[key]
-        part[0] += x_rows.shape[0]
-        part[1] += np.asarray(x_rows, dtype=np.float64).sum(axis=0)
+        if isinstance(x_rows, PhaseRows):
+            part[0] += x_rows.n
+            part[1] += x_rows.sums()
+        else:
+            part[0] += x_rows.shape[0]
+            part[1] += np.asarray(x_rows, dtype=np.float64).sum(axis=0)
         if y_rows is not None:
             part[2] += np.asarray(y_rows, dtype=np.float64).sum(axis=0)
 
@@ -405,7 +501,8 @@ class PooledStats:
             acc.add_part(p.key, xr, yr)
             xs.append(xr)
             ys.append(yr)
-        acc.update(np.concatenate(xs), None if ys[0] is None else np.concatenate(ys))
+        xs = PhaseRows.join(xs) if isinstance(xs[0], PhaseRows) else np.concatenate(xs)
+        acc.update(xs, None if ys[0] is None else np.concatenate(ys))
 
 
 @dataclass

@@ -268,3 +268,63 @@ def test_grouped_conv_transpose_rows_are_every_groups_channels(rng):
     w = layer.matrix()
     got = np.concatenate([rows[:, :half] @ w[:, :3], rows[:, half:] @ w[:, 3:]], axis=1) + layer.bias()
     np.testing.assert_allclose(got, conv_outputs_at(y, pos), atol=1e-4)
+
+
+@pytest.mark.parametrize("k,stride,dilation,pads,out_pad,nd", CT_CASES)
+def test_conv_transpose_moments_by_phase_match_the_dense_rows(k, stride, dilation, pads, out_pad, nd, rng):
+    """The moments a ConvTranspose's ``LayerStats`` accumulates phase by phase (``PhaseRows``: each
+    phase's rows at its taps' columns) are those of the dense rows, and a phase's rows are zero
+    outside its columns (sampled positions, targets in the same row order)."""
+    from onnxshrink.stats import PhaseRows, conv_outputs_at, conv_transpose_phases
+    m = _conv_transpose_model(k, stride, dilation, pads, out_pad, nd)
+    x = rng.standard_normal((3, 4) + (5,) * nd)
+    req = WeightLayer(import_graph(m).nodes[0]).stats_request("k", "input", "y", positions=17)
+    out_spatial = req._out_spatial(x.shape)
+    y = rng.standard_normal((3, 6) + tuple(out_spatial))
+    pos = spatial_positions(out_spatial, 17, np.random.default_rng(3))
+    ph = conv_transpose_phases(x, req.conv_attrs, out_spatial, pos)
+    dense = ph.dense()
+    assert isinstance(ph, PhaseRows) and dense.shape == (3 * len(pos), ph.dim) and ph.n == dense.shape[0]
+    if stride > 1:   # (with dilation = stride one phase reads every tap, the other none)
+        assert len(ph.groups) > 1 and min(len(c) for c, _, _ in ph.groups) < ph.dim
+    for cols, xs, p in ph.groups:   # each group: the dense rows of its positions, zero elsewhere
+        rows = dense.reshape(3, len(pos), -1)[:, p].reshape(-1, ph.dim)
+        np.testing.assert_array_equal(rows[:, cols], xs)
+        assert not np.delete(rows, cols, axis=1).any()
+    by_phase, whole = CrossMoments(ph.dim, 6), CrossMoments(ph.dim, 6)
+    by_phase.update(ph, ph.rows_at(conv_outputs_at(y, pos)))
+    whole.update(dense, conv_outputs_at(y, pos))
+    for a, b in zip(by_phase.moments(), whole.moments()):
+        np.testing.assert_allclose(a, b, atol=1e-12)
+    np.testing.assert_allclose(by_phase.yy, whole.yy, rtol=1e-13)
+    got, ref = CrossMoments(ph.dim, 6), CrossMoments(ph.dim, 6)   # through the request, as calibration does
+    req.update(got, {"input": x}, {"y": y}, np.random.default_rng(3))
+    assert got.n == whole.n
+    np.testing.assert_allclose(got.x.outer, whole.x.outer, atol=1e-10)
+    np.testing.assert_allclose(got.xy, whole.xy, atol=1e-10)
+
+
+def test_pooled_conv_transpose_parts_keep_their_means(rng):
+    """Two ConvTranspose parts pooled (``PooledStats``): the pooled moments are those of both parts'
+    dense rows, each part's mean its own rows'."""
+    from onnxshrink.stats import PooledStats, conv_outputs_at, conv_transpose_patches
+    m = _conv_transpose_model(4, 2, 1, (1, 1), 0, 2)
+    layer = WeightLayer(import_graph(m).nodes[0])
+    parts = [layer.stats_request(f"p{i}", f"x{i}", f"y{i}", positions=9) for i in (0, 1)]
+    xs = {f"x{i}": rng.standard_normal((2, 4, 5, 5)) for i in (0, 1)}
+    ys = {f"y{i}": rng.standard_normal((2, 6, 10, 10)) for i in (0, 1)}
+    req = PooledStats("pool", parts)
+    acc = req.new(xs, ys)
+    req.update(acc, xs, ys, np.random.default_rng(5))
+    rng_ = np.random.default_rng(5)
+    dense, targets = [], []
+    for i in (0, 1):
+        pos = spatial_positions((10, 10), 9, rng_)
+        dense.append(conv_transpose_patches(xs[f"x{i}"], parts[i].conv_attrs, (10, 10), pos))
+        targets.append(conv_outputs_at(ys[f"y{i}"], pos))
+        np.testing.assert_allclose(acc.part_means(f"p{i}")[0], dense[-1].mean(0), atol=1e-12)
+        np.testing.assert_allclose(acc.part_means(f"p{i}")[1], targets[-1].mean(0), atol=1e-12)
+    whole = CrossMoments(dense[0].shape[1], 6)
+    whole.update(np.concatenate(dense), np.concatenate(targets))
+    for a, b in zip(acc.moments(), whole.moments()):
+        np.testing.assert_allclose(a, b, atol=1e-12)

@@ -167,3 +167,25 @@ def test_timed_blocks_in_pool_workers_are_counted_once_by_the_calling_thread():
     parts = sum(ctx.timings.get(k, 0.0) for k in TIMING_PARTS)
     assert parts <= wall + 1e-3, (parts, wall, ctx.timings)
     assert ctx.timings["fit"] >= 0.19 and ctx.timings.get("search", 0.0) == 0.0, ctx.timings
+
+
+@pytest.mark.parametrize("n,d,m", [(900, 700, 300), (3000, 520, 40), (50, 300, 10)])
+def test_gram_and_cross_products_do_not_depend_on_the_workers(n, d, m):
+    """``parallel.gram`` (x.T @ x in tiles) and ``parallel.cross`` (x.T @ y by row chunks): the same
+    bits with 1 and 2 workers, exactly symmetric, the products' values; cross is the one GEMM's bits."""
+    rng = np.random.default_rng(n)
+    x, y = rng.standard_normal((n, d)), rng.standard_normal((n, m))
+    size = 128   # several tiles at test sizes
+    got = {}
+    for w in (1, 2):
+        with parallel.fitting(w):
+            got[w] = parallel.gram(x, size), parallel.cross(x, y, size)
+    g, c = got[1]
+    assert np.array_equal(g, got[2][0]) and np.array_equal(c, got[2][1])
+    assert np.array_equal(g, g.T)
+    with parallel.one_blas_thread():
+        whole, xy = x.T @ x, x.T @ y
+    np.testing.assert_allclose(g, whole, rtol=0, atol=1e-12 * np.abs(whole).max())
+    assert np.array_equal(c, xy)
+    if n * d * d // 2 >= parallel.MIN_WORK:   # the tiled path: its diagonal tiles are SYRK's bits
+        assert np.array_equal(g[:size, :size], whole[:size, :size])
