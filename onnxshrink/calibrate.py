@@ -1040,34 +1040,61 @@ class TensorCache:
         return held, ahead + [n for n in mine if n not in held]
 
 
-class _Recording:
-    """The tensors of one run going into a ``TensorCache``: ``order`` is their priority."""
+def _nbytes(arrays) -> int:
+    return sum(getattr(a, "nbytes", 0) for a in arrays)
 
-    def __init__(self, cache: TensorCache, order: list):
+
+class _Keeper:
+    """The tensors of one run going into a cache (``TensorCache``, ``RunCache``: ``.nbytes`` held,
+    ``.cap``), batch by batch: ``order`` is their priority (over the cap, the last is given up and
+    added to ``refused`` when given); ``accept(array)`` False leaves a tensor out from then on (and
+    adds it to ``left_out`` when given). Kept arrays are made read-only. ``complete(batches)``:
+    [(name, [array per batch])] of the tensors kept for every batch. It serves both caches: the
+    reference's ``TensorCache`` (``_Recording``) and a refit's ``RunCache`` (``_CachedRunner``)."""
+
+    def __init__(self, cache, order: list, accept=None, refused: set | None = None, left_out: set | None = None):
         self.cache, self.order, self.parts = cache, list(order), {n: [] for n in order}
-        self.group = frozenset(order)
+        self.accept, self.refused, self.left_out = accept, refused, left_out
         self.nbytes = 0
 
     def add(self, arrays: dict) -> None:
-        for n in self.order:
+        for n in list(self.order):
             a = arrays[n]
+            if self.accept is not None and not self.accept(a):
+                self.order.remove(n)
+                self.nbytes -= _nbytes(self.parts.pop(n))
+                if self.left_out is not None:
+                    self.left_out.add(n)
+                continue
             if isinstance(a, np.ndarray):
                 a.flags.writeable = False
             self.parts[n].append(a)
             self.nbytes += getattr(a, "nbytes", 0)
         while self.order and self.cache.nbytes + self.nbytes > self.cache.cap:
             n = self.order.pop()
-            self.nbytes -= sum(getattr(a, "nbytes", 0) for a in self.parts.pop(n))
-            self.cache.refused.add(n)
+            self.nbytes -= _nbytes(self.parts.pop(n))
+            if self.refused is not None:
+                self.refused.add(n)
+
+    def complete(self, batches: int) -> list:
+        return [(n, self.parts[n]) for n in self.order if len(self.parts[n]) == batches]
+
+
+class _Recording(_Keeper):
+    """The tensors of one run going into a ``TensorCache``: ``order`` is their priority (one given
+    up over the cap is not fetched ahead again)."""
+
+    def __init__(self, cache: TensorCache, order: list):
+        super().__init__(cache, order, refused=cache.refused)
+        self.group = frozenset(order)
 
     def finish(self, batches: int) -> None:
-        for n in self.order:
-            if len(self.parts[n]) == batches:
-                if n in self.cache.held:
-                    self.cache.nbytes -= sum(getattr(a, "nbytes", 0) for a in self.cache.held[n])
-                self.cache.held[n] = self.parts[n]
-                self.cache.fetched_with[n] = self.group
-                self.cache.nbytes += sum(getattr(a, "nbytes", 0) for a in self.parts[n])
+        for n, parts in self.complete(batches):
+            if n in self.cache.held:
+                self.cache.nbytes -= _nbytes(self.cache.held[n])
+            self.cache.held[n] = parts
+            self.cache.fetched_with[n] = self.group
+            self.cache.nbytes += _nbytes(parts)
 
 
 class RunCache:
@@ -1087,7 +1114,10 @@ class RunCache:
     fetched for the frontier, where fetching it would change values downstream. A served
     tensor was computed by the run that fetched it: where that run's fusions differed from a
     whole-model run's (a fetched Conv output a BatchNormalization reads), values can differ from
-    such a run in the last bits. Nothing goes to disk."""
+    such a run in the last bits. A frontier tensor that is not floating point (shapes, indices:
+    cheap to recompute) is not kept, and once a run has seen one it leaves the frontier of later
+    runs' plans (``unkept``), not fetched batch after batch only to be dropped. Nothing goes to
+    disk."""
 
     def __init__(self, cap: int):
         self.cap = int(cap)
@@ -1096,11 +1126,13 @@ class RunCache:
         self.runs = self.served = 0   # runs through the cache; tensors served instead of computed
         self._key = self._data = None
         self._digests = (None, None)  # (model, {tensor: digest}) of the last model digested
+        self.unkept: set = set()      # frontier tensors a run found not floating point: not fetched again
 
     def _check(self, data, batch_size, fixed) -> None:
         key = (int(batch_size), fixed)
         if data is not self._data or key != self._key:
             self.held, self.nbytes, self._key, self._data = {}, 0, key, data
+            self.unkept = set()
 
     def _drop(self, name) -> None:
         entry = self.held.pop(name, None)
@@ -1158,7 +1190,7 @@ class RunCache:
             fused = VALUE_FUSIONS.get(ops[i], ())
             for o in g.node[i].output:
                 outside = [j for j in readers.get(o, ()) if j not in region]
-                if not o or dig.get(o) is None or not outside:
+                if not o or dig.get(o) is None or not outside or o in self.unkept:
                     continue
                 if o not in names and any(ops[j] in fused for j in readers.get(o, ())):
                     continue
@@ -1191,9 +1223,12 @@ class _CachedRunner:
         self.sess = session(sub) if sub is not None else None
         cache.runs += 1
         cache.served += len(self.served) + len(self.fed)
-        self.parts = {n: [] for n in frontier}
-        self.order = list(frontier)
-        self.nbytes = 0
+        # a sequence or map, or an integer/bool tensor (shapes, sizes, indices: cheap to
+        # recompute, and fed as an input it hides its values from ONNX Runtime's shape
+        # inference, which then refuses e.g. a Resize whose `sizes` it computed): not kept
+        # (and a later run's plan leaves it out of the frontier: ``RunCache.unkept``)
+        self.keep = _Keeper(cache, frontier, accept=lambda a: isinstance(a, np.ndarray) and np.issubdtype(a.dtype, np.floating),
+                            left_out=cache.unkept)
         self.stale = stale
 
     def __call__(self, feed, b):
@@ -1208,21 +1243,7 @@ class _CachedRunner:
             got = {}
         for n in self.served:
             got[n] = held[n][1][b]
-        for n in list(self.order):
-            a = got[n]
-            # a sequence or map, or an integer/bool tensor (shapes, sizes, indices: cheap to
-            # recompute, and fed as an input it hides its values from ONNX Runtime's shape
-            # inference, which then refuses e.g. a Resize whose `sizes` it computed): not kept
-            if not isinstance(a, np.ndarray) or not np.issubdtype(a.dtype, np.floating):
-                self.order.remove(n)
-                self.nbytes -= sum(x.nbytes for x in self.parts.pop(n))
-                continue
-            a.flags.writeable = False
-            self.parts[n].append(a)
-            self.nbytes += a.nbytes
-        while self.order and self.cache.nbytes + self.nbytes > self.cache.cap:
-            n = self.order.pop()
-            self.nbytes -= sum(a.nbytes for a in self.parts.pop(n))
+        self.keep.add(got)
         out.update((n, got[n]) for n in self.names if n not in out)
         return out
 
@@ -1230,11 +1251,10 @@ class _CachedRunner:
         cache = self.cache
         for n in self.stale:   # every reader of it ran: the frontier holds what comes after
             cache._drop(n)
-        for n in self.order:
-            if len(self.parts[n]) == batches:
-                cache._drop(n)
-                cache.held[n] = (self.dig[n], self.parts[n])
-                cache.nbytes += sum(getattr(a, "nbytes", 0) for a in self.parts[n])
+        for n, parts in self.keep.complete(batches):
+            cache._drop(n)
+            cache.held[n] = (self.dig[n], parts)
+            cache.nbytes += _nbytes(parts)
 
 
 def collect(data: DataSource, requests, model_x: onnx.ModelProto, model_y: onnx.ModelProto | None = None,

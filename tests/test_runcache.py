@@ -192,7 +192,9 @@ def test_integer_tensors_are_recomputed_not_fed(rng):
     m0 = moved(ref, "A")
     collect(data, [request(m0, "C")], m0, ref, batch_size=16, runs=runs)
     assert "v" in runs.held and "sizes" not in runs.held and "shape" not in runs.held
+    assert "sizes" in runs.unkept and "v" not in runs.unkept   # seen once: out of later frontiers
     m1 = moved(m0, "C")
+    assert "sizes" not in runs.plan(m1, ["r"])[1]
     got = collect(data, [request(m1, "D")], m1, ref, batch_size=16, runs=runs)
     assert runs.served >= 1
     want = collect(data, [request(m1, "D")], m1, ref, batch_size=16)
