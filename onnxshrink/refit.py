@@ -31,7 +31,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from .graph import export_model, import_graph
-from .model_io import EXTERNAL_THRESHOLD, has_lazy
+from .model_io import EXTERNAL_THRESHOLD, has_lazy, weight_bytes
 from .parallel import ordered_map
 
 
@@ -239,7 +239,9 @@ def _export(graph, current, like, export_copy, sync):
         if patched is not None:
             return patched
     model = export_model(graph.copy() if export_copy else graph, like=like)
-    if export_copy or has_lazy(model) or model.ByteSize() >= EXTERNAL_THRESHOLD:
+    # near the protobuf limit no patched copies (the weights' bytes, as ``calibrate.session``
+    # decides: a model's ByteSize serializes it, a quarter second for a 100 MB model, every level)
+    if export_copy or has_lazy(model) or weight_bytes(model) >= EXTERNAL_THRESHOLD:
         return model, None
     return model, _snapshot(graph)
 
