@@ -42,15 +42,61 @@ class NodeCost:
     flops_known: bool = True   # False: an output shape this node's FLOPs depend on is unknown
 
 
+class _Tensor:
+    """A node's input or output as ``node_costs`` reads it: ``constant`` (an initializer) with its
+    ``shape`` and ``dtype``, or a computed tensor (shape from shape inference)."""
+
+    __slots__ = ("name", "constant", "shape", "dtype")
+
+    def __init__(self, name, constant=False, shape=None, dtype=None):
+        self.name, self.constant, self.shape, self.dtype = name, constant, shape, dtype
+
+
+class _Node:
+    __slots__ = ("name", "op", "attrs", "inputs", "outputs")
+
+    def __init__(self, name, op, attrs, inputs, outputs):
+        self.name, self.op, self.attrs, self.inputs, self.outputs = name, op, attrs, inputs, outputs
+
+
+# element types whose numpy dtype the graph import and ``tensor_dtype_to_np_dtype`` agree on
+_PLAIN = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.INT8,
+          onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT32,
+          onnx.TensorProto.UINT32, onnx.TensorProto.INT64, onnx.TensorProto.UINT64, onnx.TensorProto.BOOL}
+_COUNTED_ATTRS = ("kernel_shape", "group", "transA")   # the attributes ``node_flops`` reads
+
+
+def _nodes(model: onnx.ModelProto) -> list:
+    """The model's top-level nodes as ``node_costs`` reads them, straight from the protobuf: an
+    input named by an initializer is a constant with its dims, every other tensor computed (a
+    Constant node's output too), as the graph import (``graph.import_graph``) sees them, without
+    building the graph (its weights, subgraphs and tensor objects: most of the cost of counting a
+    large model). A model with sparse initializers or initializers of element types numpy lacks
+    goes through the graph import."""
+    g = model.graph
+    if len(g.sparse_initializer) or any(t.data_type not in _PLAIN for t in g.initializer):
+        return [_Node(n.name, n.op, n.attrs,
+                      [_Tensor(t.name, True, tuple(t.shape), t.dtype) if isinstance(t, gs.Constant) else _Tensor(t.name)
+                       for t in n.inputs], [_Tensor(t.name) for t in n.outputs])
+                for n in import_graph(model).nodes]
+    consts = {t.name: _Tensor(t.name, True, tuple(t.dims), onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
+              for t in g.initializer}
+    out = []
+    for n in g.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute if a.name in _COUNTED_ATTRS}
+        out.append(_Node(n.name, n.op_type, attrs, [consts.get(i) or _Tensor(i) for i in n.input],
+                         [_Tensor(o) for o in n.output]))
+    return out
+
+
 def _numel(shape):
     return int(np.prod(shape)) if shape is not None else 0
 
 
 def _shape(info, tensor):
-    if isinstance(tensor, gs.Constant):
-        return tuple(tensor.shape)
-    s = info.get(tensor.name, (None, None))[0]
-    return s
+    if tensor.constant:
+        return tensor.shape
+    return info.get(tensor.name, (None, None))[0]
 
 
 def _counted(op):
@@ -58,8 +104,9 @@ def _counted(op):
         or _ELEMENTWISE_COST.get(op, 0) > 0
 
 
-def node_flops(node: gs.Node, info: dict) -> int | None:
-    """FLOPs of one node at the shapes in ``info``; None when a shape they depend on is unknown."""
+def node_flops(node, info: dict) -> int | None:
+    """FLOPs of one node (``_nodes``) at the shapes in ``info``; None when a shape they depend on is
+    unknown."""
     op = node.op
     outs = [_shape(info, o) for o in node.outputs]
     out = outs[0] if outs else None
@@ -100,18 +147,16 @@ def node_flops(node: gs.Node, info: dict) -> int | None:
 
 def node_costs(model: onnx.ModelProto, sample_shapes: dict | None = None) -> list[NodeCost]:
     info = infer_shapes(model, concrete_input_shapes(model, sample_shapes, batch=1))
-    graph = import_graph(model)
     counted = set()
     folded = set()  # tensors computed from constants only: runtimes fold them once at load time
     result = []
-    for node in graph.nodes:
-        static = bool(node.inputs) and all(isinstance(t, gs.Constant) or t.name in folded or not t.name
-                                           for t in node.inputs)
+    for node in _nodes(model):
+        static = bool(node.inputs) and all(t.constant or t.name in folded or not t.name for t in node.inputs)
         if static:
             folded.update(t.name for t in node.outputs)
         params = 0
         for t in node.inputs:
-            if isinstance(t, gs.Constant) and t.name not in counted and len(t.shape) > 0:  # scalars (Clip bounds) are not weights
+            if t.constant and t.name not in counted and len(t.shape) > 0:  # scalars (Clip bounds) are not weights
                 counted.add(t.name)
                 if np.issubdtype(np.dtype(t.dtype), np.floating) or t.dtype in (np.int8, np.uint8):
                     params += int(np.prod(t.shape))

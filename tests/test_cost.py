@@ -67,3 +67,29 @@ def test_constant_subgraphs_cost_no_flops():
     assert costs["Gather"].flops == 0 and costs["Reshape"].flops == 0 and costs["Add"].flops == 0
     assert costs["MatMul"].flops == 2 * 2 * 4
     assert model_cost(b.model())["flops"] == 2 * 2 * 4
+
+
+def test_counts_read_from_the_protobuf_are_the_graph_imports(monkeypatch):
+    """``node_costs`` reads the nodes straight from the protobuf; on graphs with shared weights,
+    Constant nodes, an empty optional input, scalars and int64 constants its counts are those it
+    gives through the graph import (the path kept for element types numpy lacks)."""
+    import zoo
+    from onnx import helper, numpy_helper
+    from onnxshrink import cost
+    b = GraphBuilder()
+    x = b.input("input", ["batch", 3, 8, 8])
+    h = b.conv(x, 3, 4)
+    h = b.node("Clip", [h, "", b.const(np.float32(6.0))])
+    h = b.node("Flatten", [b.node("GlobalAveragePool", [h])], axis=1)
+    w = b.const(np.ones((4, 4), np.float32))
+    h = b.node("MatMul", [b.node("MatMul", [h, w]), w], out="y")
+    b.output("y")
+    m = b.model()
+    m.graph.node.insert(0, helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(np.ones(4, np.float32))))
+    m.graph.node.append(helper.make_node("Add", ["y", "k"], ["z"]))
+    m.graph.output.append(helper.make_tensor_value_info("z", 1, None))
+    models = [m, conv_bn_net(), zoo.build("resnet_basic_op13").model, zoo.build("constant_weights_op13").model]
+    direct = [node_costs(mm) for mm in models]
+    monkeypatch.setattr(cost, "_PLAIN", set())   # every model through the graph import
+    assert direct == [node_costs(mm) for mm in models]
+    assert [c.params for c in direct[0] if c.op == "MatMul"] == [16, 0]   # a shared weight counted once
