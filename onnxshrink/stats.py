@@ -31,7 +31,10 @@ Requests:
   held out), for choosing a ridge on data the fit did not see.
 - ``RowSample``: up to ``max_rows`` raw rows of a layer's input and target output.
 
-Centred cross-moments are computed in one place, ``CrossMoments.moments``.
+Centred cross-moments are computed in one place, ``CrossMoments.moments``. The products of an
+update (Σxxᵀ, Σxyᵀ) run on the fitting workers in fixed tiles (``parallel.gram``,
+``parallel.cross``: the same sums for any worker count); a ConvTranspose's rows come by stride phase,
+each phase at its own taps' columns (``PhaseRows``), the other columns being zero.
 """
 
 from __future__ import annotations
