@@ -203,10 +203,17 @@ RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)   # the relative ridges ``choose_ridge`` 
 
 def choose_ridge(cm_a, cm_b, w0=None, ridges=RIDGES, columns: int = 64, seed: int = 0) -> float:
     """The ridge of ``ridges`` whose fit on the moments ``cm_a`` (toward ``w0``, or zero) has the
-    lowest ``fit_error`` on the held-out moments ``cm_b`` (both ``stats.CrossMoments``). One
-    eigendecomposition Cov_a(x) = V diag(e) Vᵀ serves every α: W_α = V diag(1/(e + α)) Vᵀ
-    (Cov_a(x, y) + α W0), α relative (``relative_alpha``); the held-out error is measured on at most
-    ``columns`` output columns (a random subset drawn with ``seed``), which is enough to rank a scalar."""
+    lowest ``fit_error`` on the held-out moments ``cm_b`` (both ``stats.CrossMoments``; ``ridge_errors``)."""
+    held = ridge_errors(cm_a, cm_b, w0, ridges, columns, seed)
+    return float(ridges[int(np.argmin(held))]) if held is not None else float(ridges[len(ridges) // 2])
+
+
+def ridge_errors(cm_a, cm_b, w0=None, ridges=RIDGES, columns: int = 64, seed: int = 0):
+    """[held-out ``fit_error`` on ``cm_b`` of the fit on ``cm_a`` at each ridge of ``ridges``] (None
+    where Cov_a(x) has no eigendecomposition). One eigendecomposition Cov_a(x) = V diag(e) Vᵀ serves
+    every α: W_α = V diag(1/(e + α)) Vᵀ (Cov_a(x, y) + α W0), α relative (``relative_alpha``); the
+    held-out error is measured on at most ``columns`` output columns (a random subset drawn with
+    ``seed``), which is enough to rank a scalar."""
     m = cm_a.sum_y.shape[0]
     sub = np.sort(np.random.default_rng(seed).choice(m, size=columns, replace=False)) if m > columns else np.arange(m)
     mask = np.zeros(m, dtype=bool)
@@ -216,7 +223,7 @@ def choose_ridge(cm_a, cm_b, w0=None, ridges=RIDGES, columns: int = 64, seed: in
     try:
         e, v = np.linalg.eigh(cxx)
     except np.linalg.LinAlgError:
-        return float(ridges[len(ridges) // 2])
+        return None
     e = np.clip(e, 0.0, None)
     p = v.T @ cxy
     p0 = v.T @ w0[:, sub] if w0 is not None else np.zeros_like(p)
@@ -225,7 +232,7 @@ def choose_ridge(cm_a, cm_b, w0=None, ridges=RIDGES, columns: int = 64, seed: in
         alpha = relative_alpha(cxx, r)
         w = v @ ((p + alpha * p0) / (e + alpha)[:, None])
         held.append(fit_error(b, w, my - mx @ w))
-    return float(ridges[int(np.argmin(held))])
+    return held
 
 
 def deterministic():

@@ -35,7 +35,7 @@ import scipy.linalg
 from ..graph import concrete_input_shapes, import_graph, infer_shapes, node_by_name
 from ..layers import WeightLayer, per_column_bias
 from ..lstsq import ridge_from_moments as ridge
-from ..lstsq import RIDGES, choose_ridge, relative_alpha, ridge_solve
+from ..lstsq import RIDGES, relative_alpha, ridge_errors, ridge_solve
 from ..parallel import ordered_map
 from ..refit import Again, refit_levels
 from ..registry import Pass, PassReport, Plan, Requires, Skip
@@ -455,16 +455,24 @@ def _projected(cm, a, si, so) -> CrossMoments:
     return out
 
 
+HELD_OUT_MARGIN = 0.01   # a larger ridge must lower the held-out error by more than this share
+
+
 def held_out_ridge(halves, a, b0, si, so) -> float:
-    """The relative ridge of ``lstsq.RIDGES`` whose refit of the second factor (toward ``b0``, the
-    truncated factor) on the fit half of the rows has the lowest error on the held-out half
-    (``halves``: the two ``CrossMoments`` of a ``stats.SplitStats``; ``lstsq.choose_ridge``): with few
-    rows per column a refit that fits its rows but not new ones is pulled back toward the
-    whitened SVD's own factor. The smallest ridge where a half has no rows."""
+    """The relative ridge of the second factor's refit (toward ``b0``, the truncated factor): the
+    smallest of ``lstsq.RIDGES`` whose fit on one half of the rows has a held-out error on the other
+    half (``halves``: the two ``CrossMoments`` of a ``stats.SplitStats``; ``lstsq.ridge_errors``)
+    within ``HELD_OUT_MARGIN`` of the lowest. With few rows per column a refit that fits its rows
+    but not new ones is pulled back toward the whitened SVD's own factor; where the ridges do about
+    as well (many rows), the refit stays the plain one. The smallest ridge where a half has no rows."""
     cm_a, cm_b = halves
     if cm_a.n == 0 or cm_b.n == 0:
         return float(RIDGES[0])
-    return choose_ridge(_projected(cm_a, a, si, so), _projected(cm_b, a, si, so), b0)
+    errs = ridge_errors(_projected(cm_a, a, si, so), _projected(cm_b, a, si, so), b0)
+    if errs is None:
+        return float(RIDGES[0])
+    best = min(errs)
+    return float(next(r for r, e in zip(RIDGES, errs) if e <= best * (1 + HELD_OUT_MARGIN) + 1e-15))
 
 
 def factorize(pass_name, model, cfg, ctx, layers, skipped, rewrite, multiple, report):
