@@ -294,3 +294,16 @@ def test_ridge_chosen_on_held_out_rows_is_reported_and_the_budget_met():
         out = run(res.model, feeds)[0]
         errs[ridge] = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
     assert errs[-1] <= 1.01 * errs[1e-4]   # random weights: 0.605 against 0.607 (no rank structure to keep)
+
+
+def test_measured_budget_reports_each_layers_probe_and_meets_the_goal():
+    """``lowrank.measured``: each layer's error curve scaled by its measured output effect at the probe
+    rank (``_factor.measured_curves``, as basisconv's); off by default."""
+    model = _mlp()
+    on = _run(model, {"measured": True}, target_params=0.6)
+    off = _run(model, {}, target_params=0.6)
+    rep = on.report["passes"][0]
+    assert "measured" not in off.report["passes"][0]
+    assert set(rep["ranks"]) <= set(rep["measured"]) and len(rep["measured"]) == 2   # both Gemms probed
+    assert all(r["output_error"] > 0 and r["gain"] > 0 and r["probe_rank"] % 8 == 0 for r in rep["measured"].values())
+    assert all(t["met"] for t in on.report["targets"].values())
