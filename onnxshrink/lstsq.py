@@ -203,7 +203,14 @@ RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)   # the relative ridges ``choose_ridge`` 
 
 def choose_ridge(cm_a, cm_b, w0=None, ridges=RIDGES, columns: int = 64, seed: int = 0) -> float:
     """The ridge of ``ridges`` whose fit on the moments ``cm_a`` (toward ``w0``, or zero) has the
-    lowest ``fit_error`` on the held-out moments ``cm_b`` (both ``stats.CrossMoments``):
+    lowest ``fit_error`` on the held-out moments ``cm_b`` (both ``stats.CrossMoments``; ``ridge_errors``)."""
+    held = ridge_errors(cm_a, cm_b, w0, ridges, columns, seed)
+    return float(ridges[int(np.argmin(held))]) if held is not None else float(ridges[len(ridges) // 2])
+
+
+def ridge_errors(cm_a, cm_b, w0=None, ridges=RIDGES, columns: int = 64, seed: int = 0):
+    """[held-out ``fit_error`` on ``cm_b`` of the fit on ``cm_a`` at each ridge of ``ridges``] (None
+    where Cov_a(x) has no eigendecomposition either).
     W_α = (Cov_a(x) + αI)⁻¹ (Cov_a(x, y) + α W0), α relative (``relative_alpha``), each α by its
     own Cholesky factor (a third of d³ each, the ridges side by side on the fitting workers:
     ``parallel.ordered_map``; one eigendecomposition serving every α costs several d³ on one
@@ -233,7 +240,7 @@ def choose_ridge(cm_a, cm_b, w0=None, ridges=RIDGES, columns: int = 64, seed: in
         try:
             e, v = np.linalg.eigh(cxx)
         except np.linalg.LinAlgError:
-            return float(ridges[len(ridges) // 2])
+            return None
         e = np.clip(e, 0.0, None)
         p = v.T @ cxy
         p0 = v.T @ w0 if w0 is not None else np.zeros_like(p)
@@ -242,7 +249,7 @@ def choose_ridge(cm_a, cm_b, w0=None, ridges=RIDGES, columns: int = 64, seed: in
             alpha = relative_alpha(cxx, r)
             w = v @ ((p + alpha * p0) / (e + alpha)[:, None])
             held.append(fit_error(b, w, my - mx @ w))
-    return float(ridges[int(np.argmin(held))])
+    return held
 
 
 def deterministic():

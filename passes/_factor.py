@@ -35,11 +35,11 @@ import scipy.linalg
 from ..graph import concrete_input_shapes, import_graph, infer_shapes, node_by_name
 from ..layers import WeightLayer, per_column_bias
 from ..lstsq import ridge_from_moments as ridge
-from ..lstsq import relative_alpha, ridge_solve
+from ..lstsq import RIDGES, relative_alpha, ridge_errors, ridge_solve
 from ..parallel import ordered_map
 from ..refit import Again, refit_levels
 from ..registry import Pass, PassReport, Plan, Requires, Skip
-from ..stats import PooledStats
+from ..stats import CrossMoments, PooledStats, SplitStats
 
 
 @dataclass
@@ -51,7 +51,8 @@ class FactorConfig:
     refit: bool = True            # refit the second factor and bias on calibration outputs
     alloc: str = "auto"           # rank allocation errors: "data", "weights" or "auto" (= data if whiten)
     eps: float = 1e-3             # diagonal loading of the covariance, relative to its mean diagonal
-    ridge: float = 1e-4           # ridge of the refit, relative
+    ridge: float = 1e-4           # ridge of the refit, relative; < 0: chosen per layer on held-out rows
+                                  # (``held_out_ridge``), pulled toward the truncated factor
     positions: int = 32           # conv: sampled output positions per image for the statistics
     force: bool = False           # rewrite even where it does not save (tests, inspection)
 
@@ -63,8 +64,8 @@ class FactorConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.alloc not in ("auto", "data", "weights"):
             raise ValueError(f"alloc must be auto, data or weights, got '{self.alloc}'")
-        if self.eps < 0 or self.ridge < 0:
-            raise ValueError("eps and ridge must be >= 0")
+        if self.eps < 0:
+            raise ValueError("eps must be >= 0")
         if self.positions < 1:
             raise ValueError("positions must be >= 1")
 
@@ -446,6 +447,34 @@ def _group_cov(layer: FactorLayer, cm, g: int, fit_bias: bool):
     return cxx_g, cxy_g, mx_g, my_g
 
 
+def _projected(cm, a, si, so) -> CrossMoments:
+    """The moments of (z, y[so]) with z = x[si] A, from those of (x, y) (``stats.CrossMoments``)."""
+    out = CrossMoments(a.shape[1], len(cm.sum_y[so]))
+    out.x.n, out.x.sum, out.x.outer = cm.x.n, cm.x.sum[si] @ a, a.T @ cm.x.outer[si, si] @ a
+    out.sum_y, out.xy, out.yy = cm.sum_y[so], a.T @ cm.xy[si, so], cm.yy[so]
+    return out
+
+
+HELD_OUT_MARGIN = 0.01   # a larger ridge must lower the held-out error by more than this share
+
+
+def held_out_ridge(halves, a, b0, si, so) -> float:
+    """The relative ridge of the second factor's refit (toward ``b0``, the truncated factor): the
+    smallest of ``lstsq.RIDGES`` whose fit on one half of the rows has a held-out error on the other
+    half (``halves``: the two ``CrossMoments`` of a ``stats.SplitStats``; ``lstsq.ridge_errors``)
+    within ``HELD_OUT_MARGIN`` of the lowest. With few rows per column a refit that fits its rows
+    but not new ones is pulled back toward the whitened SVD's own factor; where the ridges do about
+    as well (many rows), the refit stays the plain one. The smallest ridge where a half has no rows."""
+    cm_a, cm_b = halves
+    if cm_a.n == 0 or cm_b.n == 0:
+        return float(RIDGES[0])
+    errs = ridge_errors(_projected(cm_a, a, si, so), _projected(cm_b, a, si, so), b0)
+    if errs is None:
+        return float(RIDGES[0])
+    best = min(errs)
+    return float(next(r for r, e in zip(RIDGES, errs) if e <= best * (1 + HELD_OUT_MARGIN) + 1e-15))
+
+
 def factorize(pass_name, model, cfg, ctx, layers, skipped, rewrite, multiple, report):
     """Allocate ranks, then rewrite and refit level by level. ``rewrite(graph, layer, r, As, Bs,
     bias)`` edits the graph and returns the name of a node to refit by a full ridge solve on its
@@ -541,15 +570,28 @@ def factorize(pass_name, model, cfg, ctx, layers, skipped, rewrite, multiple, re
     by_name = {l.node: l for l in layers}
     bar = ctx.bar(total=len(by_name), desc=pass_name)
     use_data = cfg.whiten or cfg.refit
+    chosen = {}   # {layer: [ridge per group]} where the ridge is chosen on held-out rows
+    held = cfg.ridge < 0 and cfg.refit
+    batches = ctx.calibration_batches() if held else None
+    fixed_ridge = cfg.ridge if cfg.ridge >= 0 else RIDGES[0]
+
+    def held_out(layer):
+        return held and len(layer.sources) == 1 and layer.fit_bias and layer.feature_map is None
 
     def requests(n, graph):
-        return layer_requests(by_name[n], "lv:") if use_data else []
+        if not use_data:
+            return []
+        reqs = layer_requests(by_name[n], "lv:")
+        return [SplitStats(reqs[0], batches)] if held_out(by_name[n]) else reqs
 
     def solve(n, stats, graph, level):
         """The rank-r factors of every group and the bias: (As, Bs, bias)."""
         layer, r = by_name[n], ranks[n]
+        halves = None
         if use_data:
             cm = stats["lv:" + n]
+            if held_out(layer):
+                halves, cm = cm, CrossMoments.pooled(cm)
         As, Bs, bs = [], [], []
         for g, w in enumerate(layer.ws):
             if use_data:
@@ -562,7 +604,12 @@ def factorize(pass_name, model, cfg, ctx, layers, skipped, rewrite, multiple, re
             if cfg.refit and layer.feature_map is None:
                 czz = a.T @ cxx @ a
                 czy = a.T @ cxy
-                b_mat, bias = ridge(czz, czy, mx @ a, my, cfg.ridge, layer.fit_bias)
+                if halves is not None:
+                    r_g = held_out_ridge(halves, a, b_mat, layer.extra["in_slices"][g], layer.extra["out_slices"][g])
+                    chosen.setdefault(n, []).append(r_g)
+                    b_mat, bias = ridge(czz, czy, mx @ a, my, r_g, layer.fit_bias, w0=b_mat)
+                else:
+                    b_mat, bias = ridge(czz, czy, mx @ a, my, fixed_ridge, layer.fit_bias)
                 if not layer.fit_bias:
                     bias = None
             elif cfg.whiten and layer.fit_bias and layer.feature_map is None:
@@ -599,7 +646,7 @@ def factorize(pass_name, model, cfg, ctx, layers, skipped, rewrite, multiple, re
         def refit_second(stats, graph):
             cm = stats["nr:" + n]
             ctx.note_rows(second, cm.n, cm.xy.shape[0])
-            wmat, b = ridge_solve(cm, cfg.ridge, fit_bias=layer.fit_bias)
+            wmat, b = ridge_solve(cm, fixed_ridge, fit_bias=layer.fit_bias)
             WeightLayer(node_by_name(graph, second), graph).write(wmat, b if layer.fit_bias else None)
         return Again([req], refit_second)
 
@@ -607,6 +654,8 @@ def factorize(pass_name, model, cfg, ctx, layers, skipped, rewrite, multiple, re
                            requests=requests, desc=f"{pass_name}: level")
     bar.close()
     details = {"ranks": {n: ranks[n] for n in by_name}}
+    if chosen:
+        details["ridges"] = {n: (r[0] if len(set(r)) == 1 else r) for n, r in sorted(chosen.items())}
     if goal_metrics:
         details["allocation_errors"] = "residual stream" if effect else "per layer"
     if budget:

@@ -248,3 +248,62 @@ def test_budget_weighs_each_layers_error_by_its_blocks_share_of_the_residual_str
     assert res.report["passes"][0]["allocation_errors"] == "per layer"
     with pytest.raises(UsageError, match="effect must be stream or layer"):
         shrink(m, ["lowrank"], calibration=cal, target_params=0.6, quiet=True, options={"lowrank": {"effect": "x"}})
+
+
+def _halves(n_fit, noise, seed=0):
+    """Moments of (x, y = x W + noise) on a fit half of ``n_fit`` rows and a held-out half of 400,
+    and a rank-8 factorization of a W off by noise (the refit has something to correct)."""
+    from onnxshrink.passes._factor import factor
+    from onnxshrink.stats import CrossMoments
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((24, 10))
+    out = []
+    for n in (n_fit, 400):
+        x = rng.standard_normal((n, 24))
+        cm = CrossMoments(24, 10)
+        cm.update(x, x @ w + noise * rng.standard_normal((n, 10)))
+        out.append(cm)
+    a, b, _ = factor(w + 0.5 * rng.standard_normal(w.shape), out[1].moments()[0])
+    return out, a[:, :8], b[:8]
+
+
+def test_held_out_ridge_pulls_an_overfitting_refit_toward_the_truncated_factor():
+    """The second factor's ridge is chosen on rows the refit did not see: with 12 noisy rows for 8
+    columns the largest (toward the factor b0 the whitened SVD gave), with 40 a middle one, with 2000
+    rows (clean or noisy) the smallest: no larger ridge does more than HELD_OUT_MARGIN better there."""
+    from onnxshrink.lstsq import RIDGES
+    from onnxshrink.passes._factor import held_out_ridge
+    for n_fit, noise, expect in ((12, 3.0, RIDGES[-1]), (40, 1.0, 0.1), (2000, 0.01, RIDGES[0]), (2000, 0.3, RIDGES[0])):
+        halves, a, b0 = _halves(n_fit, noise)
+        assert held_out_ridge(halves, a, b0, slice(None), slice(None)) == expect, (n_fit, noise)
+
+
+def test_ridge_chosen_on_held_out_rows_is_reported_and_the_budget_met():
+    from graphs import run
+    from onnxshrink.lstsq import RIDGES
+    model = _mlp()
+    feeds = {"input": _data(model, 64, 9)}
+    ref = run(model, feeds)[0]
+    errs = {}
+    for ridge in (-1, 1e-4):
+        res = _run(model, {"ridge": ridge}, target_params=0.6)
+        rep = res.report["passes"][0]
+        assert all(t["met"] for t in res.report["targets"].values())
+        assert ("ridges" in rep) == (ridge < 0)
+        assert all(r in RIDGES for r in rep.get("ridges", {}).values())
+        out = run(res.model, feeds)[0]
+        errs[ridge] = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+    assert errs[-1] <= 1.01 * errs[1e-4]   # random weights: 0.605 against 0.607 (no rank structure to keep)
+
+
+def test_measured_budget_reports_each_layers_probe_and_meets_the_goal():
+    """``lowrank.measured``: each layer's error curve scaled by its measured output effect at the probe
+    rank (``_factor.measured_curves``, as basisconv's); off by default."""
+    model = _mlp()
+    on = _run(model, {"measured": True}, target_params=0.6)
+    off = _run(model, {}, target_params=0.6)
+    rep = on.report["passes"][0]
+    assert "measured" not in off.report["passes"][0]
+    assert set(rep["ranks"]) <= set(rep["measured"]) and len(rep["measured"]) == 2   # both Gemms probed
+    assert all(r["output_error"] > 0 and r["gain"] > 0 and r["probe_rank"] % 8 == 0 for r in rep["measured"].values())
+    assert all(t["met"] for t in on.report["targets"].values())

@@ -808,3 +808,20 @@ def test_budget_on_feeds_of_several_lengths_counts_the_goal_in_the_cost_models_u
     assert len(res.report["cost_shapes"]) == 3, res.report["cost_shapes"]
     assert res.report["passes"][0]["changed"], res.report["passes"][0]
     assert 0.6 < res.report["ratios"]["flops"] <= 0.7 + 1e-3, res.report["ratios"]
+
+
+def test_measured_probes_refit_on_one_half_of_the_units_and_measure_on_the_other(tiny_cnn):
+    """``probe_folds``: two folds over the calibration units (first half / second half), each the
+    other's held-out part, on contexts sharing the pass's reference and timings but not its tensor
+    caches; fewer than 2 × MIN_FOLD_UNITS units: the data itself, refit and measured in-sample."""
+    from onnxshrink.calibrate import DataSource
+    from onnxshrink.passes.pfa.pass_ import MIN_FOLD_UNITS, probe_folds
+    from onnxshrink.pipeline import PassContext
+    x = np.random.default_rng(3).standard_normal((21, 3, 8, 8)).astype(np.float32)
+    ctx = PassContext(DataSource({"input": x}), tiny_cnn, tiny_cnn)
+    (fa, ha), (fb, hb) = probe_folds(ctx)
+    assert (fa.data.units(), ha.data.units()) == (11, 10) and fa is hb and ha is fb
+    np.testing.assert_array_equal(np.concatenate([fa.data.arrays["input"], ha.data.arrays["input"]]), x)
+    assert fa.reference is tiny_cnn and fa.timings is ctx.timings and fa.reference_cache is None
+    small = PassContext(DataSource({"input": x[:2 * MIN_FOLD_UNITS - 1]}), tiny_cnn, tiny_cnn)
+    assert probe_folds(small) == [(small, small)]

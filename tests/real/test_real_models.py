@@ -60,8 +60,6 @@ KNOWN_FAILURES = {
     ("vit_focus", "hadamard"): "the default gate fails it and the saliency map IoU@0.5 is 0.824 < 0.9 (params 0.971: "
                                "the few layers a Fastfood structure fits within tolerance; output max abs error 0.50 of "
                                "the probability scale, decision IoU 0.735; 587 CPU s, 14 calibration runs)",
-    ("vit_focus", "lowrank"): "validation passes but the saliency map IoU@0.5 is 0.898 < 0.9 (params 0.900, "
-                              "FLOPs 0.918; within 1 % of the threshold, so kept out of CI)",
 }
 
 
@@ -83,7 +81,8 @@ NOT_IN_CI = {
                                "more would fail",
     ("khmer_segmenter", "lowrank"): "same segmentation 0.917 = 22 of 24 sentences against 0.9: one sentence "
                                     "more would fail",
-    ("vit_focus", "lowrank"): "map IoU@0.5 0.898 against a threshold of 0.9 (0.2 % below)",
+    ("vit_focus", "lowrank"): "map IoU@0.5 0.904 against a threshold of 0.9 (0.4 % above; 0.898 before "
+                              "the second factor's ridge was chosen on held-out rows)",
 }
 
 # The pairs CI may run (ONNXSHRINK_ZOO_CI=1): measured (bench/zoo_results.json: outcome, the tool's wall
