@@ -818,3 +818,41 @@ def test_the_allocation_is_measured_with_every_layer_and_never_flips_more_decisi
     else:
         assert final["flips"] <= alloc["bound"]["flips"] and final["measured"] <= alloc["bound"]["output_error"]
         assert loose.report["after"]["bytes"] <= rule.report["after"]["bytes"]
+
+
+def _planted_metric(model, column=0):
+    """A task metric (``fn(outputs, feeds)``, higher is better) that reads one logit only: minus the
+    largest change of column ``column`` against ``model``'s own outputs on the same feeds; every
+    other output may change freely."""
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    def metric(outputs, feeds):
+        worst = 0.0
+        for out, feed in zip(outputs, feeds):
+            ref = sess.run(None, feed)[0]
+            worst = max(worst, float(np.abs(np.asarray(out["logits"])[..., column] - ref[..., column]).max()))
+        return -worst
+    return metric
+
+
+def test_the_allocation_keeps_the_users_metric_no_lower_than_the_rules():
+    """shrink(..., metric=fn): each allocation measured with every layer at once must also keep the
+    user's metric on the probe samples at least at the per-layer rule's value. A planted metric
+    that reads how far one logit moves refuses every allocation that spends more error than the
+    rule (the rule's settings are kept), while a metric that does not move with the weights lets
+    the same allocation through as without a metric."""
+    model, calib = _wide_mlp(), _mlp_calib()
+    opts = {"pq": dict(FAST, max_error=3e-4, allocate=True)}
+    rule = shrink(model, ["pq"], calibration=calib, force=True, options={"pq": dict(opts["pq"], allocate=False)})
+    free = shrink(model, ["pq"], calibration=calib, force=True, options=opts)
+    flat = shrink(model, ["pq"], calibration=calib, force=True, options=opts, metric=lambda outs, feeds: 1.0)
+    held = shrink(model, ["pq"], calibration=calib, force=True, options=opts, metric=_planted_metric(model))
+    size = lambda r: r.report["after"]["bytes"]  # noqa: E731
+    assert size(free) < 0.8 * size(rule), (size(free), size(rule))
+    assert size(flat) == size(free)
+    alloc = held.report["passes"][0]["allocation"]
+    floor = alloc["metric"]["floor"]
+    assert floor < 0 and all(t["metric"] < floor for t in alloc["tries"] if "metric" in t), alloc
+    assert "fallback" in alloc["tries"][-1] and size(held) == size(rule)
+    flat_alloc = flat.report["passes"][0]["allocation"]
+    assert flat_alloc["metric"]["floor"] == 1.0 and flat_alloc["tries"][-1]["metric"] == 1.0
