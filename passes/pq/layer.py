@@ -246,7 +246,8 @@ def ladder(layer: Layer, d: int, k: int, cfg) -> list:
         # to 0.949, from the sequential targets fitted on too few rows, ``target.ROWS_PER_FEATURE``;
         # with W as their target there it is 0.9995 at file 0.249)
         settings.append((1, min(64, layer.n_weights)))
-    if cfg.allocate and cfg.bits == "auto" and k > 64 and layer.d_in % 2 == 0 and not before_log(layer):
+    if cfg.allocate and layer.aware and cfg.bits == "auto" and k > 64 and layer.d_in % 2 == 0 \
+            and not before_log(layer):
         # pairs in packed codes, for the allocation only: 3 bits a weight (64 centroids, 6-bit codes)
         # and 2 (16 centroids, 4-bit codes), between 4-bit scalar codes and 4-long sub-vectors
         settings += [(2, min(16, layer.n_weights // 2))]
