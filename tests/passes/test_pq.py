@@ -597,6 +597,16 @@ def test_six_bit_codes_are_not_tried_before_a_log():
 
     logged, plain = conv(["Mul", "MatMul", "Clip", "Log"]), conv(["Relu"])
     assert before_log(logged) and not before_log(plain)
+    # a weight layer between (a mel filter bank's MatMul) answers for the Log itself
+    spectrum = conv(["Mul"])
+    mel = gs.Constant("mel", np.ones((1, 1), np.float32))
+    h = spectrum.node.outputs[0].outputs[0].outputs[0]
+    for op, inputs in (("MatMul", [h, mel]), ("Clip", None), ("Log", None)):
+        out = gs.Variable(op + "_out")
+        gs.Node(op, inputs=inputs or [h], outputs=[out])
+        h = out
+    assert not before_log(spectrum)
+    assert before_log(Layer(WeightLayer(mel.outputs[0])))
     auto, six = PqConfig(), PqConfig(bits="6", centroids=64)
     assert (1, 64) in ladder(plain, 9, 256, auto) and (1, 64) not in ladder(logged, 9, 256, auto)
     assert ladder(logged, 9, 256, auto) == [(1, 256)] and len(ladder(plain, 9, 256, auto)) > 3
