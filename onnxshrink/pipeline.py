@@ -155,6 +155,8 @@ class PassContext:
     rows: dict = field(default_factory=dict)        # {refit layer: {"rows", "width"}} (``note_rows``)
     reference_cache: TensorCache | None = field(default=None, repr=False)   # the reference's tensors (``collect``)
     run_caches: list = field(default_factory=list, repr=False)   # ``incremental`` scopes' ``RunCache``s, innermost last
+    metric: object = None                # the user's task metric (``metrics.Metric``), when given
+    max_drop: float | None = None        # the drop of ``metric`` the user allows, when given
 
     def note_rows(self, layer: str, rows: int, width: int) -> None:
         """Record that ``layer`` was refit from ``rows`` calibration rows (samples × the spatial
@@ -649,7 +651,8 @@ def _chain(model, original, call: _Call, budget: budget_mod.Budget, signatures, 
                 done.append(p.name)
                 continue
         ctx = PassContext(call.fit, model, original, goals, sample_shapes, call.batch_size, call.seed, call.quiet,
-                          signatures=signatures, pass_name=p.name, protected=dict(protected or {}))
+                          signatures=signatures, pass_name=p.name, protected=dict(protected or {}),
+                          metric=call.metric, max_drop=call.max_drop)
         _share_cache(ctx, call.shared, first=i == 0)
         _check_requires([(p, cfg)], has_data=call.fit is not None, model_opset=opset(model))   # as it enters
         t = time.perf_counter()

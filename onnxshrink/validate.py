@@ -401,7 +401,7 @@ class OutputProbe:
         data = ctx.require_data()
         self.data = data.subset(0, GAIN_SAMPLES) if data.units() > GAIN_SAMPLES else data
         self.like = ctx.reference   # the model whose batch rules split the data
-        self.ref, _ = model_outputs(model, self.data, like=self.like)
+        self.ref, self.feeds = model_outputs(model, self.data, like=self.like)
 
     def outputs(self, model: onnx.ModelProto) -> list:
         """``model``'s per-feed outputs on the probe's data."""

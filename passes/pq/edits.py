@@ -7,7 +7,8 @@ v = Cast(int32) + 128, hi = v / 16, lo = v − 16·hi, Concat(hi, lo) → the sa
 codes (3 × g bytes): u = ReduceSum((Cast(int32) + 128) · [2¹⁶, 2⁸, 1]ᵀ, axis 0), q = u / [2¹⁸, 2¹², 2⁶, 1]ᵀ,
 codes = Reshape(q − 64·(q / 64), −1) → the same Gather. All
 standard ops on constants, which runtimes fold once at load time (see ``codec``). Nodes are built
-with ``graph.Emitter`` under names derived from the weight's (``W.pq_codebook``, ``W.pq_idx``, …).
+with ``graph.Emitter``; the codebook, the codes and the decoded weight are named after the weight
+(``W.pq_codebook``, ``W.pq_codes``, ``W.pq``), the decode's inner tensors under a short tag.
 """
 
 from __future__ import annotations
@@ -38,14 +39,21 @@ def decode(graph: gs.Graph, layer: Layer, codebook: np.ndarray, codes: np.ndarra
 
     em = Emitter(graph, dtype=wdtype)
     made = []
+    # the decode's inner tensors, nodes and small constants under a short tag of their own (``pq0``,
+    # ``pq1``, ...): a weight's name (often 40 characters and more) in each of them was up to a
+    # sixth of a quantized file (oww_embedding: 6-bit decodes of 20 Convs); the codebook, the codes
+    # and the decoded weight keep the weight's name
+    tag = _tag(graph)
 
     def add(op, inputs, suffix, dtype, shape, **attrs):
-        out = gs.Variable(em.name("", f"{base}.pq{suffix}"), dtype=dtype, shape=shape)
+        name = em.name("", f"{base}.pq" if not suffix else f"{tag}{suffix}")
+        out = gs.Variable(name, dtype=dtype, shape=shape)
         made.append(out)
-        return em.op(op, inputs, attrs, out=out, name=f"{base}.pq{suffix}_{op.lower()}")
+        return em.op(op, inputs, attrs, out=out, name=f"{name}_{op.lower()}")
 
     def const(suffix, value):
-        return em.const(value, dtype=value.dtype, name=f"{base}.pq_{suffix}")
+        own = suffix in ("codebook", "codes")
+        return em.const(value, dtype=value.dtype, name=f"{base}.pq_{suffix}" if own else f"{tag}_{suffix}")
 
     cb = const("codebook", codebook)
     if bits == 6:
@@ -63,7 +71,7 @@ def decode(graph: gs.Graph, layer: Layer, codebook: np.ndarray, codes: np.ndarra
         else:
             u = add("ReduceSum", [v], "_word", np.int32, [1, g], axes=[0], keepdims=1)
         sixty4 = const("sixty4", np.array(64, dtype=np.int32))
-        q = add("Div", [u, const("digits", SIX_BIT_PLACES.astype(np.int32))], "_q", np.int32, [4, g])
+        q = add("Div", [u, const("radix", SIX_BIT_PLACES.astype(np.int32))], "_q", np.int32, [4, g])
         r = add("Sub", [q, add("Mul", [add("Div", [q, sixty4], "_q64", np.int32, [4, g]), sixty4],
                                "_q64x", np.int32, [4, g])], "_digits", np.int32, [4, g])
         idx = add("Reshape", [r, const("flat", np.array([-1], dtype=np.int64))], "_codes", np.int32, [4 * g])
@@ -108,6 +116,15 @@ def decode(graph: gs.Graph, layer: Layer, codebook: np.ndarray, codes: np.ndarra
     for v in made[:-1]:  # the decode's inner tensors are written without type information (fewer bytes)
         v.dtype = None
     return out
+
+
+def _tag(graph: gs.Graph) -> str:
+    """``pq0``, ``pq1``, ...: the first that no tensor name of ``graph`` starts with (as ``tag_``)."""
+    taken = {name.split("_", 1)[0] for name in graph.tensors()}
+    i = 0
+    while f"pq{i}" in taken:
+        i += 1
+    return f"pq{i}"
 
 
 def replace_weight(graph: gs.Graph, layer: Layer, codebook: np.ndarray, codes: np.ndarray, bits: int) -> None:

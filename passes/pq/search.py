@@ -107,9 +107,11 @@ def allocate(ctx, model, blocks: dict, cfg, budget: float):
     is then measured with every layer at once at its quick codes (the errors of many layers do
     not add as predicted, and a decision turns on its margin, not on a mean error): its
     ``output_error`` must be within the larger of ``pq.output_error`` and the rule's choice's
-    measured one, and its ``decision_flips`` no more than the rule's; else the aim is lowered
-    (``JOINT_TRIES`` times, not below the rule's predicted error) and, failing that, the rule's
-    settings are kept: never more bytes than the rule, never measured worse.
+    measured one, its ``decision_flips`` no more than the rule's, and with the user's task metric
+    (``shrink(..., metric=...)``) its value on the same samples no lower than ``task_floor``; else the
+    aim is lowered (``JOINT_TRIES`` times, not below the rule's predicted error, while the
+    knapsack's choice takes fewer bytes than the rule's) and, failing that, the rule's settings are
+    kept: never more bytes than the rule, never measured worse.
     ``blocks``: {name: (layer, d, K)}; layers without statistics are left out (they keep the
     per-layer rule). Returns ({name: (d, K) or None (dense)}, report)."""
     from ...graph import export_model, import_graph
@@ -146,6 +148,7 @@ def allocate(ctx, model, blocks: dict, cfg, budget: float):
             for n, v in keep.items():
                 consts[blocks[n][0].weight.name].values = v
 
+    plain = replace(cfg, allocate=False)   # the per-layer rule's settings
     bar = ctx.bar(total=len(blocks), desc="pq error allocation")
     for name, (layer, d, k) in sorted(blocks.items()):
         bar.update(0, postfix=name)
@@ -157,13 +160,16 @@ def allocate(ctx, model, blocks: dict, cfg, budget: float):
                 cb, codes, t_hat = quantize(t, d_s, k_s, h if cfg.aware else None, quick, rng, cfg.dtype)
             opts.append(((d_s, k_s), budget_error(t, t_hat, h), setting_bytes(layer, d_s, k_s, cfg)))
             coded[name][(d_s, k_s)] = (cb, codes)
-        outs = run({name: opts[0][0]})   # the layer alone at its cheapest setting
-        gains[name] = output_error(ref, outs) / max(opts[0][1], 1e-12)
+        # the layer alone at the cheapest setting of the per-layer rule's ladder (the gain is a linear
+        # extrapolation from there; measured at 2 bits a weight, khmer_segmenter's gains moved and an
+        # allocation within the flips bound broke its segmentation: 0.875)
+        first = next(o for o in opts if o[0] == ladder(layer, d, k, plain)[0])
+        outs = run({name: first[0]})
+        gains[name] = output_error(ref, outs) / max(first[1], 1e-12)
         options[name] = [(None, 0.0, dense_bytes(layer))] + opts
         bar.update(1)
     bar.close()
     rule, rule_choice = 0.0, {}   # the per-layer rule's choice and predicted error
-    plain = replace(cfg, allocate=False)
     for name, opts in options.items():
         layer, d, k = blocks[name]
         own = set(ladder(layer, d, k, plain))
@@ -176,16 +182,26 @@ def allocate(ctx, model, blocks: dict, cfg, budget: float):
     rule_outs = run(rule_choice)
     rule_flips = decision_flips(ref, rule_outs)
     bound = (max(output_error(ref, rule_outs), cfg.output_error), rule_flips + flip_noise(rule_flips))
+    task = task_floor(ctx, probe, rule_outs)
     table = {n: [(s, b, gains[n] * e) for s, e, b in o] for n, o in options.items()}
+    rule_bytes = sum(next(b for s, b, e in table[n] if s == rule_choice[n]) for n in table)
     tried, aim, accepted = [], limit, False
     for _ in range(JOINT_TRIES):
-        if aim < rule:   # below the rule's predicted error: its choice (measured within the bound) is kept
+        # below the rule's predicted error, or no saving over the rule's bytes: its choice (measured
+        # within the bound) is kept
+        if aim < rule:
             break
         choice, err = knapsack(table, aim)
+        if sum(c[1] for c in choice.values()) >= rule_bytes:
+            break
         outs = run({n: c[0] for n, c in choice.items()})
         measured, flips = output_error(ref, outs), decision_flips(ref, outs)
         tried.append({"aim": round(aim, 6), "predicted": round(err, 6), "measured": round(measured, 6), "flips": flips})
-        if measured <= bound[0] and flips <= bound[1]:
+        ok = measured <= bound[0] and flips <= bound[1]
+        if task is not None:   # the user's metric on the same samples: no lower than its floor
+            tried[-1]["metric"] = round(task[0](outs), 6)
+            ok = ok and tried[-1]["metric"] >= task[1]
+        if ok:
             accepted = True
             break
         aim = min(aim, err) * (min(0.5, bound[0] / max(measured, 1e-30)) if measured > bound[0] else 0.5)
@@ -193,12 +209,33 @@ def allocate(ctx, model, blocks: dict, cfg, budget: float):
         choice = {n: next(o for o in table[n] if o[0] == rule_choice[n]) for n in table}
         err = rule
         tried.append({"aim": round(rule, 6), "fallback": "the per-layer rule's settings"})
-    report = {"limit": round(limit, 6), "predicted": round(err, 6), "samples": probe.data.units(),
+    report = {"limit": round(limit, 6), "rule_predicted": round(rule, 6), "predicted": round(err, 6),
+              "samples": probe.data.units(),
               "bound": {"output_error": round(bound[0], 6), "flips": bound[1]}, "tries": tried,
+              **({"metric": {"name": ctx.metric.name, "floor": round(task[1], 6)}} if task is not None else {}),
               "layers": {n: {"gain": round(gains[n], 4), "choice": list(c[0]) if c[0] else "dense",
                              "estimated_rel_error": round(next(e for s, e, b in options[n] if s == c[0]), 6)}
                          for n, c in sorted(choice.items())}}
     return {n: c[0] for n, c in choice.items()}, report
+
+
+def task_floor(ctx, probe, rule_outs):
+    """With the user's task metric (``shrink(..., metric=...)``): (outputs → the metric on the
+    probe's samples, the least value an allocation may reach there), else None. The floor is the
+    rule's choice's value; with ``max_drop`` the original's value less max_drop where that is lower
+    (the drop the user allows may be spent, never more than it)."""
+    metric = getattr(ctx, "metric", None)
+    if metric is None:
+        return None
+
+    def value(outs) -> float:
+        return float(metric.values(probe.ref, outs, probe.feeds)[1])
+
+    original, floor = metric.values(probe.ref, rule_outs, probe.feeds)
+    max_drop = getattr(ctx, "max_drop", None)
+    if max_drop is not None:
+        floor = min(floor, original - max_drop)
+    return value, float(floor)
 
 
 def flip_noise(flips: int) -> int:

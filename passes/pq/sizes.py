@@ -1,5 +1,6 @@
 """Bytes: what a layer costs dense and as codes + codebook, measured on the protos the export
-writes (so that size budgets are exact), and the float weight bytes of a graph."""
+writes (so that size budgets are exact, but for the digits of the decode's tag: a few bytes a
+layer), and the float weight bytes of a graph."""
 
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ def code_width(layer: Layer, d: int, k: int, dtype, cfg) -> int:
 def pq_bytes(layer: Layer, d: int, k: int, dtype, bias_refit: bool, bits: int = 8) -> int:
     """Serialized bytes of the layer's weight stored as k centroids of length d: the decode
     nodes, their initializers and type information, and the bias where the refit adds or widens
-    one, measured on the protos the export writes, so that size budgets are exact."""
+    one, measured on the protos the export writes, so that size budgets are exact (the scratch
+    graph's decode is tagged ``pq0``; in a model with more decodes the tag has more digits)."""
     rows = layer.matrix().shape[0]
     scratch = gs.Graph(opset=_opset(layer) or 13)
     out = decode(scratch, layer, np.zeros((k, d), dtype), np.zeros((rows, layer.d_in // d), np.uint8), bits)

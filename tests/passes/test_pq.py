@@ -407,11 +407,16 @@ def test_auto_packs_only_where_it_saves_bytes():
     wide = _shrink(_odd_net(), _odd_calib(), centroids=32, **FAST)  # K > 16: one byte a code
     assert all(info["bits"] == 8 for info in wide.report["passes"][0]["layers"].values())
     assert not {"Div", "Concat"} & {n.op_type for n in wide.model.graph.node}
-    # layers of at most 512 codes: the longer decode costs more bytes than packing saves
+    # layers of at most 512 codes: the longer decode costs more bytes than packing saves; the
+    # MatMul's 768 codes are packed (384 bytes saved against a decode of five more nodes)
     tiny = _shrink(_net(), _calib(), centroids=16, **FAST)
-    assert all(info["bits"] == 8 for info in tiny.report["passes"][0]["layers"].values())
+    layers = tiny.report["passes"][0]["layers"]
+    assert {n: info["bits"] for n, info in layers.items()} == {
+        "conv_7": 8, "conv_11": 8, "gemm_17": 8, "matmul_20": 4, "gemm_26": 8}, layers
+    size = lambda r: len(r.model.SerializeToString())  # noqa: E731
     forced = _shrink(_net(), _calib(), centroids=16, bits=4, **FAST)
-    assert len(forced.model.SerializeToString()) > len(tiny.model.SerializeToString())
+    bytewise = _shrink(_net(), _calib(), centroids=16, bits=8, **FAST)
+    assert size(tiny) < min(size(forced), size(bytewise)), (size(tiny), size(forced), size(bytewise))
 
 
 def test_packed_output_is_byte_identical_for_the_same_seed():
@@ -592,6 +597,16 @@ def test_six_bit_codes_are_not_tried_before_a_log():
 
     logged, plain = conv(["Mul", "MatMul", "Clip", "Log"]), conv(["Relu"])
     assert before_log(logged) and not before_log(plain)
+    # a weight layer between (a mel filter bank's MatMul) answers for the Log itself
+    spectrum = conv(["Mul"])
+    mel = gs.Constant("mel", np.ones((1, 1), np.float32))
+    h = spectrum.node.outputs[0].outputs[0].outputs[0]
+    for op, inputs in (("MatMul", [h, mel]), ("Clip", None), ("Log", None)):
+        out = gs.Variable(op + "_out")
+        gs.Node(op, inputs=inputs or [h], outputs=[out])
+        h = out
+    assert not before_log(spectrum)
+    assert before_log(Layer(WeightLayer(mel.outputs[0])))
     auto, six = PqConfig(), PqConfig(bits="6", centroids=64)
     assert (1, 64) in ladder(plain, 9, 256, auto) and (1, 64) not in ladder(logged, 9, 256, auto)
     assert ladder(logged, 9, 256, auto) == [(1, 256)] and len(ladder(plain, 9, 256, auto)) > 3
@@ -818,3 +833,41 @@ def test_the_allocation_is_measured_with_every_layer_and_never_flips_more_decisi
     else:
         assert final["flips"] <= alloc["bound"]["flips"] and final["measured"] <= alloc["bound"]["output_error"]
         assert loose.report["after"]["bytes"] <= rule.report["after"]["bytes"]
+
+
+def _planted_metric(model, column=0):
+    """A task metric (``fn(outputs, feeds)``, higher is better) that reads one logit only: minus the
+    largest change of column ``column`` against ``model``'s own outputs on the same feeds; every
+    other output may change freely."""
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    def metric(outputs, feeds):
+        worst = 0.0
+        for out, feed in zip(outputs, feeds):
+            ref = sess.run(None, feed)[0]
+            worst = max(worst, float(np.abs(np.asarray(out["logits"])[..., column] - ref[..., column]).max()))
+        return -worst
+    return metric
+
+
+def test_the_allocation_keeps_the_users_metric_no_lower_than_the_rules():
+    """shrink(..., metric=fn): each allocation measured with every layer at once must also keep the
+    user's metric on the probe samples at least at the per-layer rule's value. A planted metric
+    that reads how far one logit moves refuses every allocation that spends more error than the
+    rule (the rule's settings are kept), while a metric that does not move with the weights lets
+    the same allocation through as without a metric."""
+    model, calib = _wide_mlp(), _mlp_calib()
+    opts = {"pq": dict(FAST, max_error=3e-4, allocate=True)}
+    rule = shrink(model, ["pq"], calibration=calib, force=True, options={"pq": dict(opts["pq"], allocate=False)})
+    free = shrink(model, ["pq"], calibration=calib, force=True, options=opts)
+    flat = shrink(model, ["pq"], calibration=calib, force=True, options=opts, metric=lambda outs, feeds: 1.0)
+    held = shrink(model, ["pq"], calibration=calib, force=True, options=opts, metric=_planted_metric(model))
+    size = lambda r: r.report["after"]["bytes"]  # noqa: E731
+    assert size(free) < 0.8 * size(rule), (size(free), size(rule))
+    assert size(flat) == size(free)
+    alloc = held.report["passes"][0]["allocation"]
+    floor = alloc["metric"]["floor"]
+    assert floor < 0 and all(t["metric"] < floor for t in alloc["tries"] if "metric" in t), alloc
+    assert "fallback" in alloc["tries"][-1] and size(held) == size(rule)
+    flat_alloc = flat.report["passes"][0]["allocation"]
+    assert flat_alloc["metric"]["floor"] == 1.0 and flat_alloc["tries"][-1]["metric"] == 1.0
