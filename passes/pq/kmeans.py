@@ -27,12 +27,27 @@ def scalar_index(c):
     return mids, first
 
 
-def nearest_scalar(v, c, index=None):
+def ranked(v):
+    """(the order that sorts v, v sorted): for ``nearest_scalar`` on points searched again and again."""
+    order = np.argsort(v, kind="stable")
+    return order, v[order]
+
+
+def nearest_scalar(v, c, index=None, rank=None):
     """Index of the nearest of the scalar centroids c for each v (ties to the lower index), by
     binary search in the sorted centroids: O(n log k) instead of the n × k distance table.
-    ``index``: ``scalar_index(c)`` when known."""
+    ``index``: ``scalar_index(c)`` when known. ``rank``: ``ranked(v)`` when known; then the k − 1
+    midpoints are searched in the sorted points instead (O(k log n)): the interval of v_i is the
+    count of midpoints below it, a step function along the sorted points."""
     mids, first = scalar_index(c) if index is None else index
-    return first[np.searchsorted(mids, v, side="left")]
+    if rank is None:
+        return first[np.searchsorted(mids, v, side="left")]
+    order, vs = rank
+    steps = np.searchsorted(vs, mids, side="right")   # the first sorted point above each midpoint
+    pos = np.repeat(np.arange(len(mids) + 1), np.diff(steps, prepend=0, append=len(vs)))
+    out = np.empty(len(vs), dtype=first.dtype)
+    out[order] = first[pos]
+    return out
 
 
 def bincount_rows(codes, vals, k):
@@ -53,11 +68,12 @@ def scores(c, const):
     return out
 
 
-def _sqdist_argmin(x, c, chunk=4096, x32=None):
+def _sqdist_argmin(x, c, chunk=4096, x32=None, rank=None):
     """Nearest centroid (Euclidean) of each row of x; float32 products in cache-sized chunks.
-    ``x32``: x in float32 when known (the same points searched again)."""
+    ``x32`` (d > 1): x in float32, ``rank`` (d = 1): ``ranked(x[:, 0])``, when known (the same
+    points searched again)."""
     if c.shape[1] == 1:
-        return nearest_scalar(x[:, 0], c[:, 0])
+        return nearest_scalar(x[:, 0], c[:, 0], rank=rank)
     x32 = x.astype(np.float32) if x32 is None else x32
     ct = (-2.0 * c.T).astype(np.float32)
     cc = (c.astype(np.float32) ** 2).sum(1)
@@ -112,14 +128,15 @@ def kmeans(x, k, iters, rng, sample=SAMPLE, tol=TOL):
     if len(x) > sample:
         x = x[np.sort(rng.choice(len(x), size=sample, replace=False))]
     x32 = x.astype(np.float32) if x.shape[1] > 1 else None   # searched every step
-    codes = _sqdist_argmin(x, c, x32=x32)
+    rank = ranked(x[:, 0]) if x.shape[1] == 1 else None
+    codes = _sqdist_argmin(x, c, x32=x32, rank=rank)
     before = float(((x - c[codes]) ** 2).sum())
     for _ in range(iters):
         counts = np.bincount(codes, minlength=k)
         sums = bincount_rows(codes, x, k)
         nz = counts > 0
         c[nz] = sums[nz] / counts[nz, None]
-        new = _sqdist_argmin(x, c, x32=x32)
+        new = _sqdist_argmin(x, c, x32=x32, rank=rank)
         if np.array_equal(new, codes):
             break
         codes = new
@@ -140,14 +157,19 @@ def block_major(hx, nb):
     return out
 
 
+def scalar_points(hx, nb, hblocks):
+    """w = (H_b w) / h_b: the sub-vectors of scalar codes (d = 1) ``_metric_assign`` searches."""
+    return (hx.reshape(-1, nb) / hblocks.reshape(nb)[None, :]).reshape(-1)
+
+
 def _metric_assign(hx, nb, c, hblocks, chunk=CHUNK, ha=None):
     """argmin_k c_kᵀH_b c_k − 2 (H_b w)ᵀ c_k for each sub-vector; hx = H_b w, ordered (row, block).
     Block by block, one float32 product [H_b w, 1] @ [−2 Cᵀ; c_kᵀH_b c_k] per block and chunk;
-    ``ha``: ``block_major(hx, nb)`` when known (the EM searches the same sub-vectors each round)."""
+    ``ha``, when known (the EM searches the same sub-vectors each round): ``block_major(hx, nb)``,
+    or for d = 1 ``ranked(scalar_points(hx, nb, hblocks))``."""
     k, d = c.shape
     if d == 1:  # h_b (c − w)² with h_b > 0: the nearest centroid to w = hx / h_b
-        hb = hblocks.reshape(nb)
-        return nearest_scalar((hx.reshape(-1, nb) / hb[None, :]).reshape(-1), c[:, 0])
+        return nearest_scalar(scalar_points(hx, nb, hblocks) if ha is None else None, c[:, 0], rank=ha)
     q = np.einsum("kd,bde,ke->bk", c, hblocks, c).astype(np.float32)  # (B, K)
     ha = block_major(hx, nb) if ha is None else ha
     f = scores(c, 0.0)
@@ -168,7 +190,7 @@ def aware_em(x, blk, hblocks, c, codes, iters, tol=TOL):
     nb = len(hblocks)
     x3 = x.reshape(-1, nb, d)
     hx = np.einsum("bde,rbe->rbd", hblocks, x3).reshape(-1, d)
-    ha = block_major(hx, nb) if d > 1 else None   # searched every round
+    ha = block_major(hx, nb) if d > 1 else ranked(scalar_points(hx, nb, hblocks))   # searched every round
 
     def objective(c, codes):   # Σ (w − c)ᵀ H_b (w − c)
         delta = x3 - c[codes].reshape(x3.shape)

@@ -223,6 +223,27 @@ def test_nearest_scalar_with_the_index_given_is_the_same():
     ref = np.abs(v[:, None] - c[None, :]).argmin(1)
     assert np.array_equal(km.nearest_scalar(v, c), ref)
     assert np.array_equal(km.nearest_scalar(v, c, km.scalar_index(c)), ref)
+    # the midpoints searched in the points sorted once (ties among the points, points on a midpoint)
+    v[:50] = v[50]
+    v[60] = 0.5 * (np.sort(c)[10] + np.sort(c)[11])
+    ref = np.abs(v[:, None] - c[None, :]).argmin(1)
+    assert np.array_equal(km.nearest_scalar(v, c, rank=km.ranked(v)), km.nearest_scalar(v, c))
+    got = km.nearest_scalar(v, c, rank=km.ranked(v))
+    assert np.array_equal(np.delete(got, 60), np.delete(ref, 60))   # v[60]: a tie either way
+    assert abs(abs(v[60] - c[got[60]]) - abs(v[60] - c[ref[60]])) < 1e-12
+    assert np.array_equal(km.nearest_scalar(v, c[:1], rank=km.ranked(v)), np.zeros(len(v)))
+
+
+def test_scalar_kmeans_and_em_with_the_points_ranked_once_are_the_nearest_centroids():
+    rng = np.random.default_rng(8)
+    rows, nb = 200, 30
+    x = rng.standard_normal((rows * nb, 1))
+    hb = rng.uniform(0.5, 2.0, (nb, 1, 1))
+    c, codes = km.kmeans(x, 16, 6, np.random.default_rng(0))
+    assert np.array_equal(codes, np.abs(x - c[:, 0][None]).argmin(1))
+    c2, codes2 = km.aware_em(x, np.tile(np.arange(nb), rows), hb, c, codes, 6)
+    # scalar metric: h_b (w − c)², the nearest centroid whatever h_b
+    assert np.array_equal(codes2, np.abs(x - c2[:, 0][None]).argmin(1))
 
 
 def test_kmeans_with_float32_points_given_is_the_same():
