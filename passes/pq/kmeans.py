@@ -6,9 +6,11 @@ of Neural Networks") then measures a sub-vector of input block b with H_b, the b
 block of the damped input covariance H:
     E-step  code(i) = argmin_k (w_i − c_k)ᵀ H_b (w_i − c_k) = argmin_k c_kᵀH_b c_k − 2 (H_b w_i)ᵀ c_k,
     M-step  c_k = (Σ_{i∈k} H_b(i))⁻¹ Σ_{i∈k} H_b(i) w_i.
-Distances are float32 products in cache-sized chunks; scalar centroids (d = 1) use a binary
-search in the sorted centroids instead of the n × k table. Both iterate until the codes no longer
-change or a round lowers the objective by less than ``TOL`` of it (early stop).
+Distances are float32 products in cache-sized chunks (the EM's: one product per block with the
+centroid norms in it, ``scores``); scalar centroids (d = 1) need no n × k table: the points, the
+same every round, are sorted once and the k − 1 midpoints between the sorted centroids searched in
+them (``nearest_scalar``). Both iterate until the codes no longer change or a round lowers the
+objective by less than ``TOL`` of it (early stop).
 """
 
 from __future__ import annotations
