@@ -14,7 +14,7 @@ import numpy as np
 from scipy.linalg.lapack import dgetrf, dgetrs, dpotrf, dtrtri
 
 from ...lstsq import cg
-from .kmeans import bincount_rows, nearest_scalar
+from .kmeans import bincount_rows, nearest_scalar, scalar_index
 
 
 def hinv_cholesky(h):
@@ -57,6 +57,7 @@ def gptq_assign(t, d, c, h, group=64, u=None):
         lus = [dgetrf(ubb[b].T)[:2] for b in range(nb)]   # U_bbᵀ = LU, for the solves below (gesv's own steps)
     else:
         scalar = c[:, 0]
+        index = scalar_index(scalar)   # the sorted centroids, searched once per input feature
         diag = np.diagonal(u).copy()
     for g0 in range(0, nb, per):
         g1 = min(nb, g0 + per)
@@ -68,7 +69,7 @@ def gptq_assign(t, d, c, h, group=64, u=None):
             fa = slice(b * d, (b + 1) * d)
             wf = wg[f]
             if d == 1:
-                cb = nearest_scalar(wf[0], scalar)
+                cb = nearest_scalar(wf[0], scalar, index)
                 z = (wf - ct[:, cb]) / diag[b]
             else:
                 scores = wf.T.astype(np.float32) @ gct[b]

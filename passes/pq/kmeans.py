@@ -6,9 +6,11 @@ of Neural Networks") then measures a sub-vector of input block b with H_b, the b
 block of the damped input covariance H:
     E-step  code(i) = argmin_k (w_i − c_k)ᵀ H_b (w_i − c_k) = argmin_k c_kᵀH_b c_k − 2 (H_b w_i)ᵀ c_k,
     M-step  c_k = (Σ_{i∈k} H_b(i))⁻¹ Σ_{i∈k} H_b(i) w_i.
-Distances are float32 products in cache-sized chunks; scalar centroids (d = 1) use a binary
-search in the sorted centroids instead of the n × k table. Both iterate until the codes no longer
-change or a round lowers the objective by less than ``TOL`` of it (early stop).
+Distances are float32 products in cache-sized chunks (the EM's: one product per block with the
+centroid norms in it, ``scores``); scalar centroids (d = 1) need no n × k table: the points, the
+same every round, are sorted once and the k − 1 midpoints between the sorted centroids searched in
+them (``nearest_scalar``). Both iterate until the codes no longer change or a round lowers the
+objective by less than ``TOL`` of it (early stop).
 """
 
 from __future__ import annotations
@@ -16,16 +18,38 @@ from __future__ import annotations
 import numpy as np
 
 
-def nearest_scalar(v, c):
-    """Index of the nearest of the scalar centroids c for each v (ties to the lower index), by
-    binary search in the sorted centroids: O(n log k) instead of the n × k distance table."""
+def scalar_index(c):
+    """(midpoints between the sorted scalar centroids c, the centroid index of each interval):
+    what ``nearest_scalar`` searches, computed once for a codebook used many times."""
     order = np.argsort(c, kind="stable")
     cs = c[order]
     mids = 0.5 * (cs[1:] + cs[:-1])
-    pos = np.searchsorted(mids, v, side="left")
     # equal centroids: the lowest index among them, as argmin would
-    first = order[np.searchsorted(cs, cs, side="left")]
-    return first[pos].astype(np.int64)
+    first = order[np.searchsorted(cs, cs, side="left")].astype(np.int64)
+    return mids, first
+
+
+def ranked(v):
+    """(the order that sorts v, v sorted): for ``nearest_scalar`` on points searched again and again."""
+    order = np.argsort(v, kind="stable")
+    return order, v[order]
+
+
+def nearest_scalar(v, c, index=None, rank=None):
+    """Index of the nearest of the scalar centroids c for each v (ties to the lower index), by
+    binary search in the sorted centroids: O(n log k) instead of the n × k distance table.
+    ``index``: ``scalar_index(c)`` when known. ``rank``: ``ranked(v)`` when known; then the k − 1
+    midpoints are searched in the sorted points instead (O(k log n)): the interval of v_i is the
+    count of midpoints below it, a step function along the sorted points."""
+    mids, first = scalar_index(c) if index is None else index
+    if rank is None:
+        return first[np.searchsorted(mids, v, side="left")]
+    order, vs = rank
+    steps = np.searchsorted(vs, mids, side="right")   # the first sorted point above each midpoint
+    pos = np.repeat(np.arange(len(mids) + 1), np.diff(steps, prepend=0, append=len(vs)))
+    out = np.empty(len(vs), dtype=first.dtype)
+    out[order] = first[pos]
+    return out
 
 
 def bincount_rows(codes, vals, k):
@@ -33,11 +57,26 @@ def bincount_rows(codes, vals, k):
     return np.stack([np.bincount(codes, weights=vals[:, e], minlength=k) for e in range(vals.shape[1])], axis=1)
 
 
-def _sqdist_argmin(x, c, chunk=4096):
-    """Nearest centroid (Euclidean) of each row of x; float32 products in cache-sized chunks."""
+CHUNK = 2048   # sub-vectors of a block ``_metric_assign`` scores at once (2048 × 256 scores: 2 MB, in cache)
+
+
+def scores(c, const):
+    """The (d+1) × K float32 factor of the score table [x, 1] @ [−2 Cᵀ; const]: the score of
+    centroid k is const_k − 2 xᵀc_k, the constant riding in the product instead of a separate
+    pass over the table (``_metric_assign``: const_k = c_kᵀH_b c_k, x = H_b w)."""
+    out = np.empty((c.shape[1] + 1, len(c)), dtype=np.float32)
+    out[:-1] = -2.0 * c.T
+    out[-1] = const
+    return out
+
+
+def _sqdist_argmin(x, c, chunk=4096, x32=None, rank=None):
+    """Nearest centroid (Euclidean) of each row of x; float32 products in cache-sized chunks.
+    ``x32`` (d > 1): x in float32, ``rank`` (d = 1): ``ranked(x[:, 0])``, when known (the same
+    points searched again)."""
     if c.shape[1] == 1:
-        return nearest_scalar(x[:, 0], c[:, 0])
-    x32 = x.astype(np.float32)
+        return nearest_scalar(x[:, 0], c[:, 0], rank=rank)
+    x32 = x.astype(np.float32) if x32 is None else x32
     ct = (-2.0 * c.T).astype(np.float32)
     cc = (c.astype(np.float32) ** 2).sum(1)
     out = np.empty(len(x), dtype=np.int64)
@@ -90,14 +129,16 @@ def kmeans(x, k, iters, rng, sample=SAMPLE, tol=TOL):
     full = x
     if len(x) > sample:
         x = x[np.sort(rng.choice(len(x), size=sample, replace=False))]
-    codes = _sqdist_argmin(x, c)
+    x32 = x.astype(np.float32) if x.shape[1] > 1 else None   # searched every step
+    rank = ranked(x[:, 0]) if x.shape[1] == 1 else None
+    codes = _sqdist_argmin(x, c, x32=x32, rank=rank)
     before = float(((x - c[codes]) ** 2).sum())
     for _ in range(iters):
         counts = np.bincount(codes, minlength=k)
         sums = bincount_rows(codes, x, k)
         nz = counts > 0
         c[nz] = sums[nz] / counts[nz, None]
-        new = _sqdist_argmin(x, c)
+        new = _sqdist_argmin(x, c, x32=x32, rank=rank)
         if np.array_equal(new, codes):
             break
         codes = new
@@ -108,22 +149,39 @@ def kmeans(x, k, iters, rng, sample=SAMPLE, tol=TOL):
     return c, (codes if x is full else _sqdist_argmin(full, c))
 
 
-def _metric_assign(hx, nb, c, hblocks, chunk=4096):
-    """argmin_k c_kᵀH_b c_k − 2 (H_b w)ᵀ c_k for each sub-vector; hx = H_b w, ordered (row, block)."""
+def block_major(hx, nb):
+    """The sub-vectors H_b w ordered (row, block), regrouped by block and augmented by a 1 in
+    float32 ([H_b w, 1], see ``scores``): (B, rows, d+1)."""
+    d = hx.shape[1]
+    out = np.empty((nb, len(hx) // nb, d + 1), dtype=np.float32)
+    out[..., :-1] = hx.reshape(-1, nb, d).transpose(1, 0, 2)
+    out[..., -1] = 1.0
+    return out
+
+
+def scalar_points(hx, nb, hblocks):
+    """w = (H_b w) / h_b: the sub-vectors of scalar codes (d = 1) ``_metric_assign`` searches."""
+    return (hx.reshape(-1, nb) / hblocks.reshape(nb)[None, :]).reshape(-1)
+
+
+def _metric_assign(hx, nb, c, hblocks, chunk=CHUNK, ha=None):
+    """argmin_k c_kᵀH_b c_k − 2 (H_b w)ᵀ c_k for each sub-vector; hx = H_b w, ordered (row, block).
+    Block by block, one float32 product [H_b w, 1] @ [−2 Cᵀ; c_kᵀH_b c_k] per block and chunk;
+    ``ha``, when known (the EM searches the same sub-vectors each round): ``block_major(hx, nb)``,
+    or for d = 1 ``ranked(scalar_points(hx, nb, hblocks))``."""
     k, d = c.shape
     if d == 1:  # h_b (c − w)² with h_b > 0: the nearest centroid to w = hx / h_b
-        hb = hblocks.reshape(nb)
-        return nearest_scalar((hx.reshape(-1, nb) / hb[None, :]).reshape(-1), c[:, 0])
-    c2 = (-2.0 * c.T).astype(np.float32)
+        return nearest_scalar(scalar_points(hx, nb, hblocks) if ha is None else None, c[:, 0], rank=ha)
     q = np.einsum("kd,bde,ke->bk", c, hblocks, c).astype(np.float32)  # (B, K)
-    hx3 = hx.astype(np.float32).reshape(-1, nb, d)
-    per = max(1, chunk // nb)
-    out = np.empty((len(hx3), nb), dtype=np.int64)
-    for s in range(0, len(hx3), per):
-        scores = hx3[s:s + per] @ c2
-        scores += q[None]
-        out[s:s + per] = np.argmin(scores, axis=2)
-    return out.reshape(-1)
+    ha = block_major(hx, nb) if ha is None else ha
+    f = scores(c, 0.0)
+    rows = ha.shape[1]
+    out = np.empty((nb, rows), dtype=np.int64)
+    for b in range(nb):
+        f[-1] = q[b]
+        for s in range(0, rows, chunk):
+            out[b, s:s + chunk] = (ha[b, s:s + chunk] @ f).argmin(1)
+    return out.T.reshape(-1)
 
 
 def aware_em(x, blk, hblocks, c, codes, iters, tol=TOL):
@@ -134,6 +192,7 @@ def aware_em(x, blk, hblocks, c, codes, iters, tol=TOL):
     nb = len(hblocks)
     x3 = x.reshape(-1, nb, d)
     hx = np.einsum("bde,rbe->rbd", hblocks, x3).reshape(-1, d)
+    ha = block_major(hx, nb) if d > 1 else ranked(scalar_points(hx, nb, hblocks))   # searched every round
 
     def objective(c, codes):   # Σ (w − c)ᵀ H_b (w − c)
         delta = x3 - c[codes].reshape(x3.shape)
@@ -148,7 +207,7 @@ def aware_em(x, blk, hblocks, c, codes, iters, tol=TOL):
         if nz.any():
             c = c.copy()
             c[nz] = np.linalg.solve(hsum[nz], rhs[nz][..., None])[..., 0]
-        new = _metric_assign(hx, nb, c, hblocks)
+        new = _metric_assign(hx, nb, c, hblocks, ha=ha)
         if np.array_equal(new, codes):
             break
         codes = new

@@ -184,3 +184,73 @@ def test_aware_em_early_stop_keeps_the_objective():
     early = km.aware_em(x, blk, hb, c0, codes0, 50)
     assert objective(*early) <= 1.02 * objective(*full) and objective(*early) < objective(c0, codes0)
 
+
+
+# ----------------------------------------------------------------------------- the assignments' products
+def _blocks(seed, rows=300, nb=24, d=4, k=64):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows * nb, d))
+    a = rng.standard_normal((nb, d, d))
+    hb = a @ a.transpose(0, 2, 1) + 0.1 * np.eye(d)
+    hx = np.einsum("bde,rbe->rbd", hb, x.reshape(rows, nb, d)).reshape(-1, d)
+    c = rng.standard_normal((k, d))
+    return x, hx, hb, c
+
+
+@pytest.mark.parametrize("d", [2, 4, 9])
+def test_metric_assign_is_the_nearest_centroid_under_each_block_metric(d):
+    x, hx, hb, c = _blocks(d, d=d)
+    nb = len(hb)
+    got = km._metric_assign(hx, nb, c, hb)
+    # float64 reference: (w − c)ᵀ H_b (w − c) for every centroid
+    delta = x.reshape(-1, nb, 1, d) - c[None, None]
+    dist = np.einsum("rbkd,bde,rbke->rbk", delta, hb, delta).reshape(len(x), -1)
+    best = dist.argmin(1)
+    srt = np.sort(dist, axis=1)
+    clear = (srt[:, 1] - srt[:, 0]) > 1e-4 * np.abs(srt[:, 0]).max()
+    assert clear.mean() > 0.95 and np.array_equal(got[clear], best[clear])
+    rows = np.arange(len(x))
+    assert dist[rows, got].sum() <= dist[rows, best].sum() * (1 + 1e-6)
+    # the chunking and a block-major copy given beforehand change nothing
+    assert np.array_equal(got, km._metric_assign(hx, nb, c, hb, chunk=37))
+    assert np.array_equal(got, km._metric_assign(hx, nb, c, hb, ha=km.block_major(hx, nb)))
+
+
+def test_nearest_scalar_with_the_index_given_is_the_same():
+    rng = np.random.default_rng(4)
+    c = np.round(rng.standard_normal(40), 1)   # repeated centroids: the lowest index wins, as argmin
+    v = rng.standard_normal(5000) * 1.5
+    ref = np.abs(v[:, None] - c[None, :]).argmin(1)
+    assert np.array_equal(km.nearest_scalar(v, c), ref)
+    assert np.array_equal(km.nearest_scalar(v, c, km.scalar_index(c)), ref)
+    # the midpoints searched in the points sorted once (ties among the points, points on a midpoint)
+    v[:50] = v[50]
+    v[60] = 0.5 * (np.sort(c)[10] + np.sort(c)[11])
+    ref = np.abs(v[:, None] - c[None, :]).argmin(1)
+    assert np.array_equal(km.nearest_scalar(v, c, rank=km.ranked(v)), km.nearest_scalar(v, c))
+    got = km.nearest_scalar(v, c, rank=km.ranked(v))
+    assert np.array_equal(np.delete(got, 60), np.delete(ref, 60))   # v[60]: a tie either way
+    assert abs(abs(v[60] - c[got[60]]) - abs(v[60] - c[ref[60]])) < 1e-12
+    assert np.array_equal(km.nearest_scalar(v, c[:1], rank=km.ranked(v)), np.zeros(len(v)))
+
+
+def test_scalar_kmeans_and_em_with_the_points_ranked_once_are_the_nearest_centroids():
+    rng = np.random.default_rng(8)
+    rows, nb = 200, 30
+    x = rng.standard_normal((rows * nb, 1))
+    hb = rng.uniform(0.5, 2.0, (nb, 1, 1))
+    c, codes = km.kmeans(x, 16, 6, np.random.default_rng(0))
+    assert np.array_equal(codes, np.abs(x - c[:, 0][None]).argmin(1))
+    c2, codes2 = km.aware_em(x, np.tile(np.arange(nb), rows), hb, c, codes, 6)
+    # scalar metric: h_b (w − c)², the nearest centroid whatever h_b
+    assert np.array_equal(codes2, np.abs(x - c2[:, 0][None]).argmin(1))
+
+
+def test_kmeans_with_float32_points_given_is_the_same():
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((3000, 4))
+    c = x[:32].copy()
+    assert np.array_equal(km._sqdist_argmin(x, c), km._sqdist_argmin(x, c, x32=x.astype(np.float32)))
+    c1, k1 = km.kmeans(x, 32, 5, np.random.default_rng(1))   # the codes are those of the centroids returned
+    d2 = ((x[:, None] - c1[None]) ** 2).sum(-1)
+    assert (d2[np.arange(len(x)), k1] - d2.min(1)).max() < 1e-5
