@@ -31,6 +31,17 @@ def rank_candidates(d_in, d_out, cap_params, fixed=None):
     return out
 
 
+def held_out(n: int, n_hold: int) -> np.ndarray:
+    """A mask of ``n_hold`` of ``n`` rows spread evenly over them (every ~n/n_hold-th row). Rows come
+    feed by feed: a tail would hold out the last feeds only, and when feeds differ (images of a
+    vision transformer) its error misjudges the rest (vit_focus: 0.029 on the tail, 0.052 on the
+    fit rows, for the same structure)."""
+    mask = np.zeros(n, dtype=bool)
+    if n_hold:
+        mask[((np.arange(n_hold) + 1) * n) // n_hold - 1] = True
+    return mask
+
+
 class _Search:
     """The search state of one layer: rows split into fit and held-out parts, the candidates, the
     best structure so far (``best_ok`` within tolerance, ``best_any`` at all) as (params, error,
@@ -41,8 +52,9 @@ class _Search:
         self.cfg = cfg
         self.d_in, self.d_out = x.shape[1], y.shape[1]
         n_hold = max(1, int(round(n * cfg.holdout))) if n >= 10 else 0
-        self.xf, self.yf = x[: n - n_hold], y[: n - n_hold]
-        self.xh, self.yh = (x[n - n_hold:], y[n - n_hold:]) if n_hold else (self.xf, self.yf)
+        hold = held_out(n, n_hold)
+        self.xf, self.yf = x[~hold], y[~hold]
+        self.xh, self.yh = (x[hold], y[hold]) if n_hold else (self.xf, self.yf)
         self.cap = cfg.max_params * dense_params
         self.probe = FastfoodFit(self.d_in, self.d_out, cfg.seed)
         self.ks = [cfg.blocks] if cfg.blocks is not None else list(range(1, cfg.max_blocks + 1))
@@ -88,7 +100,9 @@ class _Search:
         resid = self.yc - self.xc @ fit.u @ fit.vt
         hold_lr = self.xhc @ fit.u @ fit.vt
         hold = np.zeros_like(self.yh)   # the blocks' output on the held-out rows, one block added at a time
-        prev = None
+        # the low-rank part's own held-out error: the first block's gain is judged against it (a
+        # layer the blocks barely help is given up after one block, not two)
+        prev = fit_error_rows(hold_lr + self.my, self.yh, self.my) if len(ks) > 1 and min(ks) == 1 else None
         for k in range(1, max(ks) + 1):
             limit = min(self.cap, best_ok[0] - 1) if best_ok else self.cap
             if fit.params(k, r) > limit or self.bound_reached():
