@@ -29,6 +29,8 @@ class HadamardConfig:
     max_rows: int = 4096        # calibration rows kept per layer
     holdout: float = 0.2        # fraction of rows used to choose the structure
     ridge: float = 1e-6         # relative ridge of the diagonal solves
+    output_error: float = 0.01  # the model's output error (validate.output_error, measured) the replacements
+                                # may bring it to together; a replacement past it leaves its layer dense (0: off)
     refit: bool = True          # least-squares refit of layers kept dense whose inputs changed
     seed: int = 0
 
@@ -45,6 +47,8 @@ class HadamardConfig:
             raise ValueError("max_params must be in (0, 1]")
         if not 0 < self.holdout < 0.9:
             raise ValueError("holdout must be in (0, 0.9)")
+        if not self.output_error >= 0:
+            raise ValueError("output_error must be ≥ 0")
         if self.max_fits < 0:
             raise ValueError("max_fits must be ≥ 0")
         if not self.search_seconds >= 0:
