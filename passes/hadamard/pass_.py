@@ -7,7 +7,8 @@ candidate's calibration rows are x from the already rewritten network and y = th
 network's output of the layer, so every layer is reconstructed sequentially. Per candidate the
 cheapest (K, r) Fastfood structure within ``tolerance`` on held-out rows replaces it
 (``search``); a candidate none fits, or one past the time budget, stays dense, and every dense
-layer whose inputs changed is refit by ridge least squares when that lowers its held-out error.
+layer whose inputs changed (by at least ``refit_min_error`` of its output) is refit by ridge
+least squares when that lowers its held-out error.
 Rows of the layers still to do are gathered together in one calibration run of the current model
 (up to ``row_memory_mb``): a rewrite makes the rows of the layers after it stale, and the next
 level gathers again from the rewritten model, so there is one calibration run per level with a
@@ -224,7 +225,10 @@ class _Run:
             self.bar.update(1, postfix=f"{name}: K={entry['blocks']} r={entry['rank']}")
             return True
         changed = False
-        if refit and (layer.op == "Gemm" or bias is None) and np.isfinite(w).all():
+        # a layer the changes upstream barely reach is left as it is: its refit would gain little
+        # and, changing the graph, cost the next level a calibration run of its own
+        if refit and entry["dense_error"] >= self.cfg.refit_min_error and (layer.op == "Gemm" or bias is None) \
+                and np.isfinite(w).all():
             changed = self.refit(layer, x, y, cur_pred, entry)
         self.layers[name] = entry
         self.bar.update(1, postfix=name)
