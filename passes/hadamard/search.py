@@ -6,7 +6,7 @@ is wanted. The held-out error falls with the rank, so the largest affordable ran
 tolerance is found by bisection over the rank candidates 0, 1, 2, 4, …; at each rank blocks are
 added one at a time until the tolerance is met or a geometric extrapolation of the gain per block
 says it will not be. One decomposition of the layer (``LowRankBasis``) gives the low-rank part at
-every rank. The chosen structure is the search's own fit, backfitted on the fit rows where that lowers its held-out error.
+every rank. The chosen structure is the search's own fit, backfitted, or with few rows refit on all of them.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ def held_out(n: int, n_hold: int) -> np.ndarray:
     return mask
 
 
+REUSE_ROWS = 2    # fit rows per input from which the search's own fit is kept (fewer: refit on all rows)
 FIT_WIDTH = 512   # hadamard.max_fits counts blocks of this width; a wider one counts (d/512)² (its sweeps' cost)
 
 
@@ -172,9 +173,11 @@ def refit_structure(x, y, cfg: HadamardConfig, k: int, r: int) -> FastfoodFit:
 
 
 def choose_structure(x, y, cfg: HadamardConfig, dense_params: int):
-    """Search (K, r) on the fit rows, judge on held-out rows; the chosen structure is the search's
-    own fit (no second stagewise fit on all rows), with ``cfg.final_iters`` backfitting sweeps on the
-    fit rows kept when they lower its held-out error, which is the one reported.
+    """Search (K, r) on the fit rows, judge on held-out rows. With fit rows at least
+    ``REUSE_ROWS`` times the inputs, the chosen structure is the search's own fit (no second
+    stagewise fit), with ``cfg.final_iters`` backfitting sweeps on the fit rows kept when they lower
+    its held-out error, the one reported; with fewer (the digits MLP: 328 rows for 1024 inputs) the
+    held-out rows are worth fitting too, and the structure is refit on all rows.
     ``cfg.max_fits`` bounds the blocks fitted in the search (a block of width d over n stacks
     counting n·(d/512)²: a deterministic bound on its work) and ``cfg.search_seconds`` its time
     (the best structure found so far is kept).
@@ -193,6 +196,11 @@ def choose_structure(x, y, cfg: HadamardConfig, dense_params: int):
         info["best_error"] = None if best_any is None else round(best_any[1], 5)
         return None, info
     _, err, k, r = search.best_ok
+    if len(search.xf) < REUSE_ROWS * search.d_in:   # few rows: all of them fit the chosen structure
+        fit = refit_structure(x, y, cfg, k, r)
+        info.update({"blocks": k, "rank": r, "holdout_error": round(err, 5),
+                     "fit_error": round(fit_error_rows(fit.predict(x), y, fit.my), 5), "params": fit.params()})
+        return fit, info
     fit = search.best_fit
     if cfg.final_iters:   # backfitting on the fit rows, kept when the held-out rows agree
         tuned = copy.deepcopy(fit)
