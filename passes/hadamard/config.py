@@ -14,7 +14,9 @@ class HadamardConfig:
     rank: int | None = None     # fixed low-rank correction; None: search 0, 1, 2, 4, 8, ...
     max_params: float = 0.25    # a structure may hold at most this fraction of the layer's params
     min_dim: int = 16           # layers with d_in or d_out below this stay dense
-    max_fits: int = 24          # blocks fitted in the structure search at most, per layer (0: no bound)
+    max_fits: int = 24          # blocks fitted in the structure search at most, per layer (0: no bound),
+                                # counted by their work: a block of width d over n output stacks counts
+                                # n·(d/512)² (vit_focus fc2, d = 2048: 16, so the search stops after two)
     search_seconds: float = 0.0  # structure search time per layer at most (0: no bound); the best
                                  # structure found within it is kept. Off by default: a time bound
                                  # makes the result depend on the machine's speed (max_fits does not)
@@ -29,7 +31,11 @@ class HadamardConfig:
     max_rows: int = 4096        # calibration rows kept per layer
     holdout: float = 0.2        # fraction of rows used to choose the structure
     ridge: float = 1e-6         # relative ridge of the diagonal solves
-    refit: bool = True          # least-squares refit of layers kept dense whose inputs changed
+    output_error: float = 0.01  # the model's output error (validate.output_error, measured) the replacements
+                                # may bring it to together; a replacement past it leaves its layer dense (0: off)
+    refit: bool = True          # least-squares refit of layers kept dense whose inputs changed ...
+    refit_min_error: float = 0.003  # ... by at least this relative squared error of their output (below,
+                                    # a refit gains little and, changing the graph, costs a calibration run)
     seed: int = 0
 
     def __post_init__(self):
@@ -45,6 +51,10 @@ class HadamardConfig:
             raise ValueError("max_params must be in (0, 1]")
         if not 0 < self.holdout < 0.9:
             raise ValueError("holdout must be in (0, 0.9)")
+        if not self.refit_min_error >= 0:
+            raise ValueError("refit_min_error must be ≥ 0")
+        if not self.output_error >= 0:
+            raise ValueError("output_error must be ≥ 0")
         if self.max_fits < 0:
             raise ValueError("max_fits must be ≥ 0")
         if not self.search_seconds >= 0:

@@ -176,7 +176,7 @@ def test_sequence_matmul_layer_and_skips():
     b.output("y", ["N", 4, 8])
     model = b.model()
     calib = np.random.default_rng(0).standard_normal((200, 4, 64)).astype(np.float32)
-    res = shrink(model, ["hadamard"], calibration=calib, options={"hadamard": {"tolerance": 0.9, "rank": 4}},
+    res = shrink(model, ["hadamard"], calibration=calib, options={"hadamard": {"tolerance": 0.9, "rank": 4, "output_error": 0}},
                  tolerances=Tolerances(min_cosine=None), force=True)
     rep = res.report["passes"][0]
     first = next(n.name for n in model.graph.node if n.op_type == "MatMul")
@@ -201,7 +201,7 @@ def test_parallel_layers_share_one_calibration_run():
     b.output("y", ["N", 4])
     model = b.model()
     calib = np.random.default_rng(0).standard_normal((300, 64)).astype(np.float32)
-    res = shrink(model, ["hadamard"], calibration=calib, options={"hadamard": {"tolerance": 0.9, "rank": 2}},
+    res = shrink(model, ["hadamard"], calibration=calib, options={"hadamard": {"tolerance": 0.9, "rank": 2, "output_error": 0}},
                  tolerances=Tolerances(min_cosine=None), force=True)
     rep = res.report["passes"][0]
     names = [n.name for n in model.graph.node if n.op_type == "MatMul"]
@@ -254,7 +254,7 @@ def test_dense_refit_of_layers_sharing_weights_and_bias():
         return b.model()
 
     calib = np.random.default_rng(0).standard_normal((200, 64)).astype(np.float32)
-    opts = {"hadamard": {"tolerance": 0.95, "blocks": 1, "rank": 16, "max_params": 1.0}}
+    opts = {"hadamard": {"tolerance": 0.95, "blocks": 1, "rank": 16, "max_params": 1.0, "output_error": 0}}
     res = [shrink(net(s), ["hadamard"], calibration=calib, options=opts,
                   tolerances=Tolerances(min_cosine=None), force=True) for s in (True, False)]
     layers = res[0].report["passes"][0]["layers"]
@@ -312,9 +312,40 @@ def test_search_seconds_bounds_the_search_and_keeps_the_best_so_far():
 def test_time_budget_spent_leaves_the_remaining_layers_dense():
     calib = np.random.default_rng(0).standard_normal((120, 64)).astype(np.float32)
     res = shrink(_three_layer(), ["hadamard"], calibration=calib,
-                 options={"hadamard": {"tolerance": 0.9, "time_budget": 1e-9}}, force=True)
+                 options={"hadamard": {"tolerance": 0.9, "time_budget": 1e-9, "output_error": 0}}, force=True)
     rep = res.report["passes"][0]
     assert rep["changed"] == [] and rep["calibration_runs"] == 0
     assert sum("time_budget" in s["reason"] for s in rep["skipped"]) == 3
     with pytest.raises(ValueError):
         hp.HadamardConfig(time_budget=-1)
+
+
+def test_output_error_budget_keeps_a_layer_dense_whose_replacement_the_outputs_feel():
+    """A structure within the layer's own (loose) tolerance that moves the model's outputs past
+    hadamard.output_error is not kept: the layer stays dense, the skip gives the measured error."""
+    b = GraphBuilder(3)
+    x = b.input("x", ["N", 4, 64])
+    h = b.relu(b.matmul(x, 64, 128))
+    b.matmul(h, 128, 8, out="y")
+    b.output("y", ["N", 4, 8])
+    model = b.model()
+    calib = np.random.default_rng(0).standard_normal((200, 4, 64)).astype(np.float32)
+    first = next(n.name for n in model.graph.node if n.op_type == "MatMul")
+    res = shrink(model, ["hadamard"], calibration=calib, tolerances=Tolerances(min_cosine=None), force=True,
+                 options={"hadamard": {"tolerance": 0.9, "rank": 4, "output_error": 0.01}})
+    rep = res.report["passes"][0]
+    lay = rep["layers"][first]
+    assert lay["holdout_error"] <= 0.9 and lay["output_error"] > 0.01
+    assert "replaced" not in lay
+    assert not any("Fastfood" in c for c in rep["changed"])
+    reason = next(s["reason"] for s in rep["skipped"] if s["node"] == first)
+    assert "hadamard.output_error=0.01" in reason
+    assert res.report["ratios"]["params"] == 1.0
+    # the budget measures what validation then sees: the same structure, allowed, moves the outputs that much
+    res2 = shrink(model, ["hadamard"], calibration=calib, tolerances=Tolerances(min_cosine=None), force=True,
+                  options={"hadamard": {"tolerance": 0.9, "rank": 4, "output_error": 1.0}})
+    lay2 = res2.report["passes"][0]["layers"][first]
+    assert lay2["replaced"] and lay2["output_error"] == lay["output_error"]
+    feeds = {"x": calib[:16]}
+    (a,), (c,) = _run(model, feeds), _run(res2.model, feeds)
+    assert np.linalg.norm(c - a) ** 2 / np.linalg.norm(a) ** 2 > 0.01

@@ -46,16 +46,15 @@ KNOWN_FAILURES = {
                                     "(FLOPs 0.899; 0.934 with the opt-in basisconv.measured)",
     ("captcha_crnn", "pfa"): "the same text on 0.812 of the captchas < 0.9 (FLOPs 0.900; "
                              "26 of 32, 28 in a run before the last change)",
-    ("mtcnn_onet", "hadamard"): "the default gate fails it: box output 'dense_5' relative L2 0.36 > 0.2 (the task "
-                                "metric reads the face decision only, 1.000; the boxes are degraded)",
     ("captcha_crnn", "basisconv"): "validation passes but the same text on 0.844 of the captchas < 0.9 (FLOPs 0.897)",
     ("khmer_segmenter", "pfa"): "validation passes (cosine 0.9999) but the same segmentation on 0.750 of the "
                                 "sentences < 0.9 (FLOPs 0.900: FFN units only; the 18 packed-QKV heads are "
                                 "prunable but each carries the task, so the budget keeps them; 1.4 % relative "
                                 "emission error; 0.917 with the opt-in pfa.measured=true at the same error)",
-    ("vit_focus", "hadamard"): "the default gate fails it and the saliency map IoU@0.5 is 0.824 < 0.9 (params 0.971: "
-                               "the few layers a Fastfood structure fits within tolerance; output max abs error 0.50 of "
-                               "the probability scale, decision IoU 0.735; 587 CPU s, 14 calibration runs)",
+    ("vit_focus", "hadamard"): "the default gate fails it and the saliency map IoU@0.5 is 0.822 < 0.9 (params 0.933; "
+                               "max abs error 0.352 of the probability scale, decision IoU 0.765; 456 CPU s, 35 calibration "
+                               "runs): the output-error budget (hadamard.output_error 0.01) is measured on the calibration "
+                               "images the structures were fitted on, which the held-out images do not follow",
 }
 
 
@@ -97,7 +96,7 @@ CI_PAIRS = {
     ("mtcnn_onet", "pfa"): "pass, 18 s",
     ("mtcnn_onet", "basisconv"): "pass, 12 s",
     ("mtcnn_onet", "lowrank"): "pass, 12 s",
-    ("mtcnn_onet", "hadamard"): "fail (default gate), 105 s",
+    ("mtcnn_onet", "hadamard"): "pass, 28 s (params 1.000: no structure within tolerance on held-out rows spread over the feeds)",
     ("mtcnn_onet", "pq"): "pass, 111 s (9 CPU s)",
     ("captcha_crnn", "pfa"): "fail, 194 s (76 CPU s)",
     ("captcha_crnn", "basisconv"): "fail, 181 s (40 CPU s)",
