@@ -39,7 +39,7 @@ import onnx
 import onnxruntime as ort
 
 from .errors import CalibrationError, InputError, first_line
-from .model_io import EXTERNAL_THRESHOLD, has_lazy, is_lazy, save_model, session_folder, weight_bytes
+from .model_io import EXTERNAL_THRESHOLD, copy_fields, has_lazy, is_lazy, save_model, session_folder, weight_bytes
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 HUGE = 1e18   # |x| above this overflows float32 products and float64 sums of squares downstream
@@ -899,15 +899,7 @@ def upstream_of(model: onnx.ModelProto, names, given: dict | None = None) -> onn
     given = dict(given or {})
     keep, seen = _upstream(graph, names, given)
     m = onnx.ModelProto()
-    for f, value in model.ListFields():   # everything but the graph, copied as it is
-        if f.name == "graph":
-            continue
-        if hasattr(value, "extend"):     # a repeated field
-            getattr(m, f.name).extend(value)
-        elif f.message_type is not None:
-            getattr(m, f.name).CopyFrom(value)
-        else:
-            setattr(m, f.name, value)
+    copy_fields(model, m, skip=("graph",))   # everything but the graph, as it is
     g = m.graph
     g.name = graph.name
     g.node.extend(graph.node[i] for i in sorted(keep))
@@ -1137,7 +1129,7 @@ class RunCache:
     def _drop(self, name) -> None:
         entry = self.held.pop(name, None)
         if entry is not None:
-            self.nbytes -= sum(getattr(a, "nbytes", 0) for a in entry[1])
+            self.nbytes -= _nbytes(entry[1])
 
     def digests(self, model: onnx.ModelProto) -> dict:
         """{tensor made by a node of ``model``: digest} (None downstream of a random draw or of an

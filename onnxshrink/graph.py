@@ -404,23 +404,8 @@ def _without_weight_data(model: onnx.ModelProto) -> onnx.ModelProto:
     ones) become graph inputs of that type and shape, so the weights are neither copied nor
     serialized for inference; everything else as it is."""
     m = onnx.ModelProto()
-    for f, value in model.ListFields():
-        if f.name != "graph":
-            if hasattr(value, "extend"):
-                getattr(m, f.name).extend(value)
-            elif f.message_type is not None:
-                getattr(m, f.name).CopyFrom(value)
-            else:
-                setattr(m, f.name, value)
-    for f, value in model.graph.ListFields():
-        if f.name in ("initializer", "input"):
-            continue
-        if hasattr(value, "extend"):
-            getattr(m.graph, f.name).extend(value)
-        elif f.message_type is not None:
-            getattr(m.graph, f.name).CopyFrom(value)
-        else:
-            setattr(m.graph, f.name, value)
+    model_io.copy_fields(model, m, skip=("graph",))
+    model_io.copy_fields(model.graph, m.graph, skip=("initializer", "input"))
     stand_in = {}
     for t in model.graph.initializer:
         if t.data_type not in _SHAPE_ONLY and int(np.prod(t.dims)) > _FOLD_MAX:

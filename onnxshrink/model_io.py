@@ -124,6 +124,21 @@ def _ext_info(tensor) -> dict:
     return {e.key: e.value for e in tensor.external_data}
 
 
+def copy_fields(src, dst, skip=()) -> None:
+    """Copy every field set in the protobuf message ``src`` but those named in ``skip`` into
+    ``dst`` (the same message type) as it is: repeated fields extended, messages copied, scalars
+    set. What a trimmed or stand-in copy of a model (or its graph) keeps unchanged."""
+    for f, value in src.ListFields():
+        if f.name in skip:
+            continue
+        if hasattr(value, "extend"):     # a repeated field
+            getattr(dst, f.name).extend(value)
+        elif f.message_type is not None:
+            getattr(dst, f.name).CopyFrom(value)
+        else:
+            setattr(dst, f.name, value)
+
+
 def is_lazy(tensor) -> bool:
     """A tensor whose data stays in a file this process knows (a large model's weights). Raises
     UsageError for a tensor whose spill store was closed."""
