@@ -149,6 +149,7 @@ def allocate(ctx, model, blocks: dict, cfg, budget: float):
                 consts[blocks[n][0].weight.name].values = v
 
     plain = replace(cfg, allocate=False)   # the per-layer rule's settings
+    rule_ladder = {}                       # {name: the per-layer rule's ladder}
     bar = ctx.bar(total=len(blocks), desc="pq error allocation")
     for name, (layer, d, k) in sorted(blocks.items()):
         bar.update(0, postfix=name)
@@ -163,7 +164,8 @@ def allocate(ctx, model, blocks: dict, cfg, budget: float):
         # the layer alone at the cheapest setting of the per-layer rule's ladder (the gain is a linear
         # extrapolation from there; measured at 2 bits a weight, khmer_segmenter's gains moved and an
         # allocation within the flips bound broke its segmentation: 0.875)
-        first = next(o for o in opts if o[0] == ladder(layer, d, k, plain)[0])
+        rule_ladder[name] = ladder(layer, d, k, plain)
+        first = next(o for o in opts if o[0] == rule_ladder[name][0])
         outs = run({name: first[0]})
         gains[name] = output_error(ref, outs) / max(first[1], 1e-12)
         options[name] = [(None, 0.0, dense_bytes(layer))] + opts
@@ -171,8 +173,7 @@ def allocate(ctx, model, blocks: dict, cfg, budget: float):
     bar.close()
     rule, rule_choice = 0.0, {}   # the per-layer rule's choice and predicted error
     for name, opts in options.items():
-        layer, d, k = blocks[name]
-        own = set(ladder(layer, d, k, plain))
+        own = set(rule_ladder[name])
         ok = [o for o in opts[1:] if o[1] <= budget and o[0] in own]
         best = min(ok, key=lambda o: o[2]) if ok else opts[0]
         rule += gains[name] * best[1]
