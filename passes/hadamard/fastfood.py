@@ -92,6 +92,13 @@ class Block:
         self.s = np.where(self.mask, diagonal_ridge((z4 * z4).sum(0), (z4 * t).sum(0), ridge), 0.0)
         self._sfit_rows = (x, self.b, self.g, t, ridge)
 
+    def _b_kernel(self, hs2h):
+        """(H (H S² H ⊙ g gᵀ)_{Π⁻¹} H, Π⁻¹): the matrix B's normal equations multiply XᵀX by
+        (``hs2h`` = H S² H; the same in ``step`` and ``step_rows``)."""
+        inv = np.argsort(self.perm)
+        gi = self.g[inv]
+        return hh(hs2h[np.ix_(inv, inv)] * np.outer(gi, gi)), inv   # (H S² H ⊙ g gᵀ) permuted by Π⁻¹
+
     def step_rows(self, x, t, xtx, ridge, cg=0):
         """``step`` from the rows x (n × d) and targets t themselves: cheaper than the moments
         when there are fewer rows than a few times d (``FastfoodFit.moments``)."""
@@ -100,10 +107,7 @@ class Block:
         hs2h = xor_kernel(self.s ** 2)[xor_index(self.d)]   # H S² H
         hts = fwht(t * self.s)
         self.g = pcg(hs2h * (z2.T @ z2), (z2 * hts).sum(0), self.g, ridge, cg)
-        inv = np.argsort(self.perm)
-        gi = self.g[inv]
-        a = hs2h[np.ix_(inv, inv)] * np.outer(gi, gi)   # (H S² H ⊙ g gᵀ) permuted by Π⁻¹
-        a = hh(a)
+        a, inv = self._b_kernel(hs2h)
         mtt = fwht((hts * self.g)[:, inv])
         self.b = pcg(a * xtx, (x * mtt).sum(0), self.b, ridge, cg)
         self._fit_s_rows(x, t, ridge)
@@ -161,10 +165,7 @@ class Block:
         hs2h = xor_kernel(self.s ** 2)[xor_index(self.d)]   # H S² H
         rhs_g = np.einsum("ii->i", fwht(self._w2(q) * self.s))          # diag(Z₂ᵀ T S H)
         self.g = pcg(hs2h * c2, rhs_g, self.g, ridge, cg)
-        inv = np.argsort(self.perm)
-        gi = self.g[inv]
-        a = hs2h[np.ix_(inv, inv)] * np.outer(gi, gi)   # (H S² H ⊙ g gᵀ) permuted by Π⁻¹
-        a = hh(a)
+        a, inv = self._b_kernel(hs2h)
         m = (fwht(q * self.s) * self.g)[:, inv]      # XᵀT S H G Πᵀ
         rhs_b = np.einsum("ii->i", fwht(m))           # diag(XᵀT S H G Πᵀ H)
         self.b = pcg(a * xtx, rhs_b, self.b, ridge, cg)

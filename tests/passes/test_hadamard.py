@@ -168,14 +168,19 @@ def test_sweeps_from_rows_and_from_moments_agree(monkeypatch):
     np.testing.assert_allclose(fits[0], fits[1], atol=1e-6 * np.abs(fits[1]).max())
 
 
-def test_sequence_matmul_layer_and_skips():
+def _sequence_mlp():
+    """(model, calibration): two MatMuls on (N, 4, 64) sequences, 64 -> 128 -> 8, and 200 random
+    sequences."""
     b = GraphBuilder(3)
     x = b.input("x", ["N", 4, 64])
     h = b.relu(b.matmul(x, 64, 128))
     b.matmul(h, 128, 8, out="y")
     b.output("y", ["N", 4, 8])
-    model = b.model()
-    calib = np.random.default_rng(0).standard_normal((200, 4, 64)).astype(np.float32)
+    return b.model(), np.random.default_rng(0).standard_normal((200, 4, 64)).astype(np.float32)
+
+
+def test_sequence_matmul_layer_and_skips():
+    model, calib = _sequence_mlp()
     res = shrink(model, ["hadamard"], calibration=calib, options={"hadamard": {"tolerance": 0.9, "rank": 4, "output_error": 0}},
                  tolerances=Tolerances(min_cosine=None), force=True)
     rep = res.report["passes"][0]
@@ -323,13 +328,7 @@ def test_time_budget_spent_leaves_the_remaining_layers_dense():
 def test_output_error_budget_keeps_a_layer_dense_whose_replacement_the_outputs_feel():
     """A structure within the layer's own (loose) tolerance that moves the model's outputs past
     hadamard.output_error is not kept: the layer stays dense, the skip gives the measured error."""
-    b = GraphBuilder(3)
-    x = b.input("x", ["N", 4, 64])
-    h = b.relu(b.matmul(x, 64, 128))
-    b.matmul(h, 128, 8, out="y")
-    b.output("y", ["N", 4, 8])
-    model = b.model()
-    calib = np.random.default_rng(0).standard_normal((200, 4, 64)).astype(np.float32)
+    model, calib = _sequence_mlp()
     first = next(n.name for n in model.graph.node if n.op_type == "MatMul")
     res = shrink(model, ["hadamard"], calibration=calib, tolerances=Tolerances(min_cosine=None), force=True,
                  options={"hadamard": {"tolerance": 0.9, "rank": 4, "output_error": 0.01}})
