@@ -22,9 +22,11 @@ Budget mode (``--target-flops`` / ``--target-params``), ``allocation``:
 - error (default): from every group whole, repeatedly shrink (by ``channel_multiple``) the group with
   the least Δe_g per unit of cost saved until the goals hold, then give back steps that still fit;
 - energy (the paper): the largest global energy whose PFA-En recipe meets the goals (bisection).
-With ``measured`` (opt-in) the error curves are first rescaled by each group's measured effect on the
-model's outputs: the group alone pruned by a quarter, its consumers refit, the output error of a run
-over the calibration data divided by the curve's prediction (``allocation.measured_curves``).
+With ``measured`` (by default where groups × calibration samples × FLOPs per sample is at most
+``pass_.MEASURE_WORK``) the error curves are first rescaled by each group's measured effect on the
+model's outputs: the group alone pruned by a quarter, its consumers refit on half of the calibration
+units, the output error of a run over the other half (both ways) divided by the curve's prediction
+(``allocation.measured_curves``).
 Costs come from ``CostModel``: cost(k) is at most quadratic in the counts (a layer's params/FLOPs are
 bilinear in its input and output channel counts), identified from a few probe prunes.
 

@@ -789,6 +789,28 @@ def test_budget_report_holds_each_groups_measured_effect(tiny_cnn):
     assert on.report["ratios"]["flops"] <= 0.7 and off.report["ratios"]["flops"] <= 0.7
 
 
+def test_measured_by_default_only_where_the_probes_work_is_bounded(tiny_cnn, monkeypatch):
+    """pfa.measured unset: the allocation measures each group's output effect where the goal removes
+    at most PROBE_SHARE of the cost (where the probes read the gains) and groups × calibration
+    samples × FLOPs per sample is at most MEASURE_WORK; else it keeps the in-sample curves (the
+    report says which work it counted); an explicit setting wins either way."""
+    from onnxshrink.passes.pfa import pass_
+    x = np.random.default_rng(2).standard_normal((128, 3, 8, 8)).astype(np.float32)
+    run = lambda flops=0.8, **o: shrink(tiny_cnn, ["pfa"], calibration=x, target_flops=flops,  # noqa: E731
+                                        force=True, options={"pfa": {"channel_multiple": 1, **o}}).report["passes"][0]
+    auto = run()
+    assert "measured" in auto and 0 < auto["measure_work"] <= pass_.MEASURE_WORK
+    forced = run(measured=True)
+    assert "measured" in forced and "measure_work" not in forced
+    assert forced["recipe"] == auto["recipe"]      # auto within the bounds is the measured allocation
+    deep = run(0.7)                                 # 30 % of the FLOPs to go: deeper than the probes
+    assert "measured" not in deep and deep["recipe"] == run(0.7, measured=False)["recipe"]
+    monkeypatch.setattr(pass_, "MEASURE_WORK", auto["measure_work"] / 2)
+    above = run()
+    assert "measured" not in above and above["measure_work"] == auto["measure_work"]
+    assert above["recipe"] == run(measured=False)["recipe"]
+
+
 def test_budget_on_feeds_of_several_lengths_counts_the_goal_in_the_cost_models_units():
     """Sentences of their own lengths (one signature each): the goal is over every signature, the
     cost model counts at the first feed's shapes. A short first feed must not meet the FLOPs goal
