@@ -117,3 +117,21 @@ def test_shrink_makes_one_session_of_its_input_and_one_of_its_output(monkeypatch
         by_bytes.setdefault(m.SerializeToString(), []).append(m)
     assert len(by_bytes.get(out, [])) == 1, "the output's session was made more than once"
     assert max(len(v) for k, v in by_bytes.items() if k != out) <= 2   # the input: the load check + one
+
+
+def test_ordered_map_keeps_its_workers_across_calls():
+    """The pool of a worker count is made once: later calls run on the same threads."""
+    import threading
+
+    from onnxshrink import parallel
+    seen = []
+
+    def fn(i):
+        np.linalg.qr(np.ones((40, 40)) + i)
+        seen.append(threading.current_thread())   # the objects: an ident can be reused by a new thread
+        return i
+
+    with parallel.fitting(2):
+        for _ in range(5):
+            assert parallel.ordered_map(fn, range(8)) == list(range(8))
+    assert 1 <= len({id(t) for t in seen}) <= 2 and len(seen) == 40
