@@ -157,7 +157,7 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     else:
         new = model
     try:
-        inferred = shape_inference.infer_shapes(new, data_prop=True)
+        inferred = _with_shapes(new)
     except Exception:
         return new
     # keep the graph's declared interface as the exporter wrote it (inference would name
@@ -167,6 +167,30 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
         if vi.name in declared:
             vi.CopyFrom(declared[vi.name])
     return inferred
+
+
+def _with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``shape_inference.infer_shapes(model, data_prop=True)`` without handing inference the large
+    weights (serialized into it and back, a third of a second for a 100 MB model): inference runs
+    on the copy ``_without_weight_data`` makes (they stand in as inputs of their dtype and dims,
+    all inference reads of them), and its value_info and outputs go into a copy of ``model``.
+    A model with subgraphs or functions (value_info inside them), or whose weights are all small
+    or kept in files, is inferred as it is."""
+    light = None
+    if not len(model.functions) and not has_lazy(model) and not any(
+            a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in model.graph.node for a in n.attribute):
+        light = _without_weight_data(model)
+    if light is None or len(light.graph.initializer) == len(model.graph.initializer):
+        return shape_inference.infer_shapes(model, data_prop=True)
+    inferred = shape_inference.infer_shapes(light, data_prop=True)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(inferred.graph.value_info)
+    outputs = {o.name: o for o in inferred.graph.output}
+    for o in out.graph.output:
+        o.CopyFrom(outputs[o.name])
+    return out
 
 
 def _explicit_pads(node: gs.Node) -> bool:

@@ -135,3 +135,16 @@ def test_ordered_map_keeps_its_workers_across_calls():
         for _ in range(5):
             assert parallel.ordered_map(fn, range(8)) == list(range(8))
     assert 1 <= len({id(t) for t in seen}) <= 2 and len(seen) == 40
+
+
+def test_normalize_infers_shapes_without_the_weights_and_writes_the_same_model(monkeypatch):
+    """x(N,8) -> Gemm(8x600) -> Relu -> Gemm(600x16) -> Relu -> Gemm -> y: the large weights stand in
+    as inputs for inference; the normalised model is the bytes full inference gives."""
+    from onnx import shape_inference
+
+    from onnxshrink.graph import normalize
+    model = _mlp(0, (8, 600, 16, 4))
+    light = normalize(model)
+    assert len(light.graph.value_info) >= 4   # the intermediate shapes are there
+    monkeypatch.setattr(graph_mod, "_with_shapes", lambda m: shape_inference.infer_shapes(m, data_prop=True))
+    assert normalize(model).SerializeToString() == light.SerializeToString()
