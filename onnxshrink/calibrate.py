@@ -26,6 +26,8 @@ can pair inputs from the rewritten network with targets from the original one.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import os
 import shutil
@@ -770,7 +772,49 @@ def split_holdout(src: DataSource, fraction: float = 0.2):
 
 
 # ----------------------------------------------------------------------------- running
+KEEP_SESSION_BYTES = 256 << 20   # weights up to which a session is kept for reuse (``keeping_sessions``)
+_KEPT: contextvars.ContextVar = contextvars.ContextVar("onnxshrink_kept_sessions", default=None)
+
+
+@contextlib.contextmanager
+def keeping_sessions():
+    """Within the block, the sessions of the models given to ``keep_session`` are made once and
+    served again by ``session`` (the default threads only): a shrink call runs its input in the
+    batching probe, the validation and the passes' output probes, and its output in the load
+    check and the validation; each of these built its own session of the same model before."""
+    token = _KEPT.set({})
+    try:
+        yield
+    finally:
+        _KEPT.reset(token)
+
+
+def keep_session(model: onnx.ModelProto, slot: str) -> None:
+    """Keep ``model``'s session (made at its first ``session(model)``) in ``slot`` of the active
+    ``keeping_sessions`` block, replacing what the slot held; the model is that object (not
+    changed in place afterwards). A large model's (weights from ``KEEP_SESSION_BYTES``, or kept
+    in files) is not kept: the slot is emptied, its memory given back."""
+    kept = _KEPT.get()
+    if kept is None:
+        return
+    if has_lazy(model) or weight_bytes(model) >= KEEP_SESSION_BYTES:
+        kept.pop(slot, None)
+    elif slot not in kept or kept[slot][0] is not model:
+        kept[slot] = [model, None]
+
+
 def session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
+    kept = _KEPT.get() if not threads else None
+    if kept:
+        for entry in kept.values():
+            if entry[0] is model:
+                if entry[1] is None:
+                    entry[1] = _session(model, threads)
+                return entry[1]
+    return _session(model, threads)
+
+
+def _session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.log_severity_level = 4  # errors come back as exceptions; no second copy on stderr
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
@@ -1118,6 +1162,7 @@ class RunCache:
         self.runs = self.served = 0   # runs through the cache; tensors served instead of computed
         self._key = self._data = None
         self._digests = (None, None)  # (model, {tensor: digest}) of the last model digested
+        self._initializers: dict = {}   # name -> (TensorProto, digest) of the last model digested
         self.unkept: set = set()      # frontier tensors a run found not floating point: not fetched again
 
     def _check(self, data, batch_size, fixed) -> None:
@@ -1137,7 +1182,7 @@ class RunCache:
         if self._digests[0] is model:
             return self._digests[1]
         g = model.graph
-        known = {t.name: hashlib.sha1(t.SerializeToString()).digest() for t in g.initializer}
+        known = self._initializer_digests(g)
         known.update((t.values.name, hashlib.sha1(t.SerializeToString()).digest()) for t in g.sparse_initializer)
         known.update((vi.name, b"input:" + vi.name.encode()) for vi in g.input if vi.name not in known)
         made = {o for n in g.node for o in n.output if o}
@@ -1159,6 +1204,21 @@ class RunCache:
                     d.update(str(j).encode())
                     out[o] = known[o] = d.digest() if ok else None
         self._digests = (model, out)
+        return out
+
+    def _initializer_digests(self, g) -> dict:
+        """{initializer: sha1 of its serialization}. A refit's next candidate is the last model
+        with a few initializers replaced: one equal (protobuf equality: the same fields and bytes)
+        to the last model's initializer of its name has that one's digest, without serializing
+        and hashing its bytes again (a model run through the cache is not changed in place
+        afterwards, as the identity check of ``digests`` assumes too)."""
+        last = self._initializers
+        out, self._initializers = {}, {}
+        for t in g.initializer:
+            was = last.get(t.name)
+            d = was[1] if was is not None and was[0] == t else hashlib.sha1(t.SerializeToString()).digest()
+            out[t.name] = d
+            self._initializers[t.name] = (t, d)
         return out
 
     def plan(self, model: onnx.ModelProto, names) -> tuple:

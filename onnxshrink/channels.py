@@ -1254,12 +1254,7 @@ class ChannelAnalysis:
         edits = _gather_inputs(graph, nodes, _own_paths(graph, nodes, self.edits, alive), alive)
         for e in edits:
             e.apply(nodes[e.node], alive, self.opset)
-        inputs = {t.name for t in graph.inputs}
-        outputs = {t.name for t in graph.outputs}
-        for t in graph.tensors().values():
-            if isinstance(t, gs.Variable) and t.name not in inputs and t.name not in outputs:
-                t.shape = None
-        return export_model(graph, like=model)
+        return export_model(graph, like=model)   # which drops the intermediate shapes the edits made stale
 
 
 class _Unsupported(Exception):

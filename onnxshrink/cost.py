@@ -22,7 +22,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .graph import concrete_input_shapes, import_graph, infer_shapes
-from .model_io import lazy_tensors, weight_bytes
+from .model_io import lazy_tensors, serialized_size, weight_bytes
 
 _ELEMENTWISE_COST = {
     "BatchNormalization": 2, "LayerNormalization": 8, "InstanceNormalization": 8, "Softmax": 5,
@@ -206,8 +206,9 @@ def model_bytes(model: onnx.ModelProto) -> int:
     """Size of the serialized model (weights included) in bytes."""
     lazy = lazy_tensors(model)
     if lazy:  # a large model's weights kept in their files
-        return model.ByteSize() + sum(int(next(e.value for e in t.external_data if e.key == "length")) for t in lazy)
+        return serialized_size(model) + sum(int(next(e.value for e in t.external_data if e.key == "length"))
+                                            for t in lazy)
     w = weight_bytes(model)
     if w > 1_800_000_000:
         return w + 1024 * len(model.graph.node)
-    return model.ByteSize()
+    return serialized_size(model)

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections import Counter
+import hashlib
+import threading
+import weakref
+from collections import Counter, OrderedDict
 
 import numpy as np
 import onnx
@@ -154,7 +157,7 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     else:
         new = model
     try:
-        inferred = shape_inference.infer_shapes(new, data_prop=True)
+        inferred = _with_shapes(new)
     except Exception:
         return new
     # keep the graph's declared interface as the exporter wrote it (inference would name
@@ -164,6 +167,30 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
         if vi.name in declared:
             vi.CopyFrom(declared[vi.name])
     return inferred
+
+
+def _with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``shape_inference.infer_shapes(model, data_prop=True)`` without handing inference the large
+    weights (serialized into it and back, a third of a second for a 100 MB model): inference runs
+    on the copy ``_without_weight_data`` makes (they stand in as inputs of their dtype and dims,
+    all inference reads of them), and its value_info and outputs go into a copy of ``model``.
+    A model with subgraphs or functions (value_info inside them), or whose weights are all small
+    or kept in files, is inferred as it is."""
+    light = None
+    if not len(model.functions) and not has_lazy(model) and not any(
+            a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in model.graph.node for a in n.attribute):
+        light = _without_weight_data(model)
+    if light is None or len(light.graph.initializer) == len(model.graph.initializer):
+        return shape_inference.infer_shapes(model, data_prop=True)
+    inferred = shape_inference.infer_shapes(light, data_prop=True)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    del out.graph.value_info[:]
+    out.graph.value_info.extend(inferred.graph.value_info)
+    outputs = {o.name: o for o in inferred.graph.output}
+    for o in out.graph.output:
+        o.CopyFrom(outputs[o.name])
+    return out
 
 
 def _explicit_pads(node: gs.Node) -> bool:
@@ -417,10 +444,22 @@ def _without_weight_data(model: onnx.ModelProto) -> onnx.ModelProto:
     return m
 
 
+_SHAPES_KEPT = 16   # ``infer_shapes`` results kept (the latest), by what they are computed from
+_shapes_memo: OrderedDict = OrderedDict()   # digest -> (weakref to the observer or None, answer)
+_shapes_lock = threading.Lock()
+
+
 def infer_shapes(model: onnx.ModelProto, input_shapes: dict | None = None) -> dict:
     """name -> (shape tuple or None, numpy dtype) for every tensor, with inputs fixed to
     ``input_shapes`` (default: dynamic dims set to 1). Shapes static inference cannot resolve
-    come from running the model when an observer is active (see ``observing``)."""
+    come from running the model when an observer is active (see ``observing``).
+
+    The answer depends only on what inference reads: the graph without its large non-integer
+    weights (those stand in as inputs of their dtype and dims, ``_without_weight_data``) with the
+    inputs at ``input_shapes``, and the active observer. A digest of that serialized copy names
+    the answer, and the last ``_SHAPES_KEPT`` answers are kept: a model counted again, or
+    another with the same structure and dims (a pass's input costed by the pipeline and by the
+    pass, a refit's weights-only candidates), is not inferred again. The caller gets a copy."""
     m = _without_weight_data(model)
     shapes = input_shapes or concrete_input_shapes(model)
     for vi in m.graph.input:
@@ -432,6 +471,24 @@ def infer_shapes(model: onnx.ModelProto, input_shapes: dict | None = None) -> di
     del m.graph.value_info[:]
     for o in m.graph.output:
         o.type.tensor_type.ClearField("shape")
+    observer = _OBSERVER.get()
+    key = hashlib.sha1(m.SerializeToString(deterministic=True)).digest()
+    with _shapes_lock:
+        kept = _shapes_memo.get(key)
+        if kept is not None and (kept[0] is None if observer is None else kept[0] is not None and kept[0]() is observer):
+            _shapes_memo.move_to_end(key)
+            return dict(kept[1])
+    info = _inferred(model, m, shapes, observer)
+    with _shapes_lock:
+        _shapes_memo[key] = (None if observer is None else weakref.ref(observer), info)
+        _shapes_memo.move_to_end(key)
+        while len(_shapes_memo) > _SHAPES_KEPT:
+            _shapes_memo.popitem(last=False)
+    return dict(info)
+
+
+def _inferred(model, m, shapes, observer) -> dict:
+    """``infer_shapes``' answer for ``model`` from ``m``, its copy prepared for inference."""
     m = _static_inference(m)
     info = {}
     for vi in list(m.graph.input) + list(m.graph.value_info) + list(m.graph.output):
@@ -447,7 +504,6 @@ def infer_shapes(model: onnx.ModelProto, input_shapes: dict | None = None) -> di
         info[vi.name] = (shape, dtype)
     for t in m.graph.initializer:   # the weights stood in as inputs: their dims came with them above
         info[t.name] = (tuple(t.dims), onnx.helper.tensor_dtype_to_np_dtype(t.data_type))
-    observer = _OBSERVER.get()
     if observer is not None:
         unknown = [o for n in model.graph.node for o in n.output if o and info.get(o, (None,))[0] is None]
         if unknown:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import numpy as np
 
@@ -99,12 +99,26 @@ def ordered_map(fn, items) -> list:
     (no shared state it writes, no graph edits, no calibration runs). The first exception raised
     (in the items' order) is raised here, after every call has ended."""
     items = list(items)
-    n = min(workers(), len(items))
-    if n <= 1:
+    n = workers()
+    if min(n, len(items)) <= 1:
         return [fn(item) for item in items]
-    with ThreadPoolExecutor(max_workers=n, thread_name_prefix="onnxshrink-fit") as pool:
-        futures = [pool.submit(_run_inside, fn, item) for item in items]
+    futures = [_pool(n).submit(_run_inside, fn, item) for item in items]
+    wait(futures)
     return [f.result() for f in futures]
+
+
+_pools: dict = {}   # worker count -> its ThreadPoolExecutor, made at its first use and kept
+
+
+def _pool(n: int) -> ThreadPoolExecutor:
+    """The pool of ``n`` workers: kept across calls (a refit makes hundreds of ``ordered_map``
+    calls; starting and joining two threads for each cost more than many of the solves). At
+    most ``n`` calls run at once, as with a pool per call."""
+    with _lock:
+        pool = _pools.get(n)
+        if pool is None:
+            pool = _pools[n] = ThreadPoolExecutor(max_workers=n, thread_name_prefix=f"onnxshrink-fit{n}")
+        return pool
 
 
 # ----------------------------------------------------------------------------- products in chunks

@@ -31,8 +31,8 @@ from . import parallel
 from . import search as search_mod
 from .arguments import Data, Run, Targets, grouped
 from .calibrate import collect as calibrate_requests   # the run itself; PassContext.collect is the passes' door
-from .calibrate import (DataSource, RunCache, ShapeObserver, TensorCache, load_data, probe_batching, random_data,
-                        reference_cache_bytes, session, split_holdout)
+from .calibrate import (DataSource, RunCache, ShapeObserver, TensorCache, keep_session, keeping_sessions, load_data,
+                        probe_batching, random_data, reference_cache_bytes, session, split_holdout)
 from .cost import model_cost, unknown_flops
 from .errors import (CalibrationError, InputError, OnnxShrinkError, PassError, UsageError,
                      ValidationFailed, first_line)
@@ -600,17 +600,19 @@ def shrink(model_or_path, passes, calibration=None, *, data: Data | None = None,
                   "problems": structural_problems(original, original)}
     quantized = [n for n in model.graph.node if is_quantized_layer(n)]
     _check_requires(chosen, model_opset=opset(model))   # before data is read
-    fit, val = _data(data.calibration, data.validation, model, data.image_options, data.random, chosen, run.seed)
-    try:
-        reps = [r for src in (fit, val) if src is not None for r in src.representatives()]
-        with observing(ShapeObserver(reps)), parallel.fitting(threads):   # one BLAS thread: see ``parallel``
-            call = _Call(chosen, budget, fit, val, tol, run.force, run.quiet, run.batch_size, run.seed, t0,
-                         quantized, input_info, model_or_path, task, max_drop, gate)
-            return _execute(model, original, call)
-    finally:
-        for src in (fit, val):
-            if src is not None:
-                src.close()
+    with keeping_sessions():   # the input's session serves the batching probe and the validation
+        keep_session(original, "input")
+        fit, val = _data(data.calibration, data.validation, model, data.image_options, data.random, chosen, run.seed)
+        try:
+            reps = [r for src in (fit, val) if src is not None for r in src.representatives()]
+            with observing(ShapeObserver(reps)), parallel.fitting(threads):   # one BLAS thread: see ``parallel``
+                call = _Call(chosen, budget, fit, val, tol, run.force, run.quiet, run.batch_size, run.seed, t0,
+                             quantized, input_info, model_or_path, task, max_drop, gate)
+                return _execute(model, original, call)
+        finally:
+            for src in (fit, val):
+                if src is not None:
+                    src.close()
 
 
 @dataclass
@@ -663,6 +665,7 @@ def _chain(model, original, call: _Call, budget: budget_mod.Budget, signatures, 
             if ctx.current_bar is not None:
                 ctx.current_bar.close()
             if not has_lazy(model):  # large models: validation builds the session, once
+                keep_session(model, "output")   # validation (and a next pass's probes) run it again
                 with ctx.timed("session"):
                     session(model)
         except OnnxShrinkError:
