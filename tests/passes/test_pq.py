@@ -12,6 +12,7 @@ from onnxshrink import shrink
 from onnxshrink.errors import UsageError
 from onnxshrink.lstsq import weighted_error
 from onnxshrink.passes.pq import PqConfig, decoded_weight, pack_codes, pack_codes6, quantize, unpack_codes
+from onnxshrink.passes.pq.codec import code_bits, pack_words
 
 # the mechanics tests run on layers far below the default size threshold, without the error budget
 FAST = {"iters": 2, "refine": 4, "kmeans_iters": 3, "positions": 8, "min_bytes": 0, "max_error": 0}
@@ -397,6 +398,44 @@ def test_six_bit_codes_give_the_same_weights_in_three_quarters_of_the_code_bytes
     onnx.checker.check_model(six.model, full_check=True)
 
 
+@pytest.mark.parametrize("n", [14, 15, 17, 566, 567])
+def test_five_bit_codes_round_trip_six_in_four_bytes(n):
+    codes = np.random.default_rng(n).integers(0, 32, size=n)
+    packed = pack_words(codes, 5)
+    assert packed.dtype == np.int8 and packed.shape == (4, (n + 5) // 6)
+    assert np.array_equal(unpack_codes(packed, n), codes)
+    assert code_bits(packed, n) == 5 and code_bits(pack_codes6(codes), n) == 6
+    with pytest.raises(ValueError, match="< 32"):
+        pack_words(np.full(n, 32), 5)
+    with pytest.raises(ValueError, match="more than 13"):
+        pack_words(codes[:13], 5)
+
+
+def test_five_bit_codes_give_the_same_weights_in_two_thirds_of_the_code_bytes():
+    model = _wide_net()
+    quick = dict(FAST, gptq=False, refine=0)  # storage, not quality, is tested here
+    five = _shrink(model, _wide_calib(), centroids=32, bits=5, **quick)
+    eight = _shrink(model, _wide_calib(), centroids=32, bits=8, **quick)
+    assert all(info["bits"] == 5 for info in five.report["passes"][0]["layers"].values())
+    g5, i5 = _decoded_outputs(five.model, {"input": _wide_calib(2)})
+    g8, i8 = _decoded_outputs(eight.model, {"input": _wide_calib(2)})
+    assert g5.keys() == g8.keys() and len(g5) == 2
+    for name in g5:  # same quantization, only the storage differs; the runtime decodes what numpy does
+        assert np.array_equal(g5[name][0], g8[name][0]) and np.array_equal(g5[name][0], g5[name][1])
+        c5, c8 = i5[name[:-3] + ".pq_codes"], i8[name[:-3] + ".pq_codes"]
+        assert c5.dtype == np.int8 and c5.shape == (4, (c8.size + 5) // 6)
+    assert_close(eight.model, five.model, {"input": _wide_calib(16, seed=3)}, rtol=1e-6, atol=1e-6)
+    b5, b8 = len(five.model.SerializeToString()), len(eight.model.SerializeToString())
+    codes8 = sum(i8[n[:-3] + ".pq_codes"].nbytes for n in g8)
+    # a third of the code bytes saved, less the longer decode (about 700 bytes a layer here)
+    assert 0.25 * codes8 <= b8 - b5 <= 1 / 3 * codes8, (b5, b8, codes8)
+    assert five.report["after"]["bytes"] == b5
+    assert five.report["validation"]["tensorrt_unparseable"] == []
+    onnx.checker.check_model(five.model, full_check=True)
+    with pytest.raises(ValueError, match="at most 32"):
+        PqConfig(bits="5", centroids=64)
+
+
 def test_six_bit_config_is_checked():
     with pytest.raises(ValueError, match="at most 64"):
         PqConfig(bits="6", centroids=128)
@@ -404,9 +443,17 @@ def test_six_bit_config_is_checked():
 
 
 def test_auto_packs_only_where_it_saves_bytes():
-    wide = _shrink(_odd_net(), _odd_calib(), centroids=32, **FAST)  # K > 16: one byte a code
+    # K > 32, 2205 and 2835 codes: 6-bit packing would save fewer bytes than its decode costs
+    wide = _shrink(_odd_net(), _odd_calib(), centroids=64, **FAST)
     assert all(info["bits"] == 8 for info in wide.report["passes"][0]["layers"].values())
     assert not {"Div", "Concat"} & {n.op_type for n in wide.model.graph.node}
+    # K = 32: the 2835 codes of the MatMul packed six in four bytes (945 bytes less against the
+    # decode's nodes), the Gemm's 2205 one a byte
+    five = _shrink(_odd_net(), _odd_calib(), centroids=32, **FAST)
+    assert {n: i["bits"] for n, i in five.report["passes"][0]["layers"].items()} == {"gemm_3": 8, "matmul_6": 5}
+    byte = _shrink(_odd_net(), _odd_calib(), centroids=32, bits=8, **FAST)
+    assert len(five.model.SerializeToString()) < len(byte.model.SerializeToString())
+    assert_close(byte.model, five.model, {"input": _odd_calib(16, seed=3)}, rtol=1e-6, atol=1e-6)
     # layers of at most 512 codes: the longer decode costs more bytes than packing saves; the
     # MatMul's 768 codes are packed (384 bytes saved against a decode of five more nodes)
     tiny = _shrink(_net(), _calib(), centroids=16, **FAST)
