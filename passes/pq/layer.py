@@ -29,6 +29,7 @@ class Layer:
     layer: WeightLayer
     nodes: list = field(default_factory=list)
     inner: bool = False   # its readers are inside a subgraph (If/Loop/Scan body): no statistics there
+    outer_x: str | None = None   # inside a subgraph: a main-graph tensor holding its input (``target.outer_twin``)
 
     weight: gs.Constant = field(init=False)  # the weight as found (the readers then read its decode)
 
@@ -100,6 +101,7 @@ class Table:
     rows_of = "natural"
     aware = False
     inner = False
+    outer_x = None
     kernel = 1
     alpha = 1.0
 
@@ -252,7 +254,8 @@ def ladder(layer: Layer, d: int, k: int, cfg) -> list:
             # 5-bit scalar codes (six in four bytes): a sixth fewer code bytes than 6-bit ones, at
             # about four times their error (captcha_crnn's 3x3 Convs: 16 centroids err 8e-4, 64 5e-5)
             settings.append((1, min(32, layer.n_weights)))
-    if layer.aware and cfg.bits == "auto" and k > 64 and layer.d_in % 2 == 0 and not before_log(layer):
+    if (layer.aware or layer.outer_x) and cfg.bits == "auto" and k > 64 and layer.d_in % 2 == 0 \
+            and not before_log(layer):
         # pairs in packed codes, between 4-bit scalar codes and 4-long sub-vectors: 3 bits a weight
         # (64 centroids, 6-bit codes; mtcnn_onet's 1152 x 256 Dense within 3e-4 there: 147 -> 111 KB)
         # and, for the allocation only, 2 (16 centroids, 4-bit codes; within 3e-4 on no zoo layer)

@@ -25,7 +25,7 @@ from .layer import default_block, ladder, layer_of, shared_layer, subgraph_nodes
 from .quantize import budget_error, quantize
 from .search import ALLOC_TOLERANCE, allocate, size_search
 from .sizes import code_width, dense_bytes, pq_bytes, setting_bytes, weight_bytes
-from .target import layer_problem, moments, requests
+from .target import layer_problem, moments, outer_twin, requests
 
 
 class Pq(Pass):
@@ -75,6 +75,8 @@ class Pq(Pass):
                     yield None, [Skip(node.name, reason)]
                 continue
             layer.inner = any(id(n) in inner for n in layer.weight.outputs)
+            if layer.inner and where is not graph and len(layer.weight.outputs) == 1 and node.op in ("Gemm", "MatMul"):
+                layer.outer_x = outer_twin(node.inputs[0], where, graph)
             if id(layer.weight) in seen:
                 continue  # a shared weight: handled with its first reader
             seen.add(id(layer.weight))
@@ -147,12 +149,13 @@ class Pq(Pass):
 
         def wanted(name, graph):
             layer = blocks[name][0]
-            return requests(layer, cfg) if layer.aware and use_stats else []
+            return requests(layer, cfg) if (layer.aware and use_stats) or (layer.outer_x and cfg.aware) else []
 
         def solve(name, stats, graph, level):
             """The layer's codes (on a pool worker: reads the graph, edits nothing)."""
             layer = blocks[name][0]
-            cm, per_node = moments(layer, stats, cfg) if layer.aware and use_stats else (None, {})
+            has = (layer.aware and use_stats) or (layer.outer_x and cfg.aware)
+            cm, per_node = moments(layer, stats, cfg) if has else (None, {})
             return self._fit(ctx, name, blocks[name], cm, cfg, budget, allow.get(name)), per_node
 
         def rewrite(name, solved, graph, level) -> bool:

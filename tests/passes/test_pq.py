@@ -744,12 +744,13 @@ def test_gather_slice_and_reshape_tables_are_quantized_within_the_budget():
 
 
 def _if_net(seed=0):
-    """x → MatMul(w1 64×64) → h; If(cond) then MatMul(h, w2 64×64) (w2 from the outer scope)
-    else Identity(h) → y"""
+    """x → MatMul(w1 64×64) → h; If(cond) then Relu(h) → MatMul(·, w2 64×64) (w2 from the outer
+    scope) else Identity(h) → y"""
     rng = np.random.default_rng(seed)
     w1 = (rng.standard_normal((64, 64)) / 8).astype(np.float32)
     w2 = (rng.standard_normal((64, 64)) / 8).astype(np.float32)
-    then = helper.make_graph([helper.make_node("MatMul", ["h", "w2"], ["t"], name="inner_mm")], "then", [],
+    then = helper.make_graph([helper.make_node("Relu", ["h"], ["r"], name="inner_relu"),
+                              helper.make_node("MatMul", ["r", "w2"], ["t"], name="inner_mm")], "then", [],
                              [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
     other = helper.make_graph([helper.make_node("Identity", ["h"], ["o"], name="inner_id")], "else", [],
                               [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)])
@@ -777,6 +778,59 @@ def test_a_weight_read_inside_an_if_branch_is_quantized_in_weight_space():
         feed = {"x": feeds[0]["x"], "cond": np.array(cond)}
         ref, got = run(model, feed)[0], run(res.model, feed)[0]
         assert np.linalg.norm(got - ref) <= 0.03 * np.linalg.norm(ref), cond
+
+
+def _twin_net(seed=0, direct=False):
+    """x (b × 4 × 16, features of rank 8) → Flatten → f → MatMul(w1) → Relu → h; If(cond) then
+    Flatten(x) → f2 (``direct``: f itself) → MatMul(w2 64×64) → t, else Identity(h) → y"""
+    rng = np.random.default_rng(seed)
+    w1 = (rng.standard_normal((64, 64)) / 8).astype(np.float32)
+    w2 = (rng.standard_normal((64, 64)) / 8).astype(np.float32)
+    inner = [] if direct else [helper.make_node("Flatten", ["x"], ["f2"], name="inner_flatten", axis=1)]
+    then = helper.make_graph(inner + [helper.make_node("MatMul", ["f" if direct else "f2", "w2"], ["t"], name="inner_mm")],
+                             "then", [], [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Identity", ["h"], ["o"], name="inner_id")], "else", [],
+                              [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("Flatten", ["x"], ["f"], name="outer_flatten", axis=1),
+             helper.make_node("MatMul", ["f", "w1"], ["m"], name="outer_mm"),
+             helper.make_node("Relu", ["m"], ["h"], name="outer_relu"),
+             helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then, else_branch=other)]
+    g = helper.make_graph(nodes, "twin_net", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4, 16]),
+                                              helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    mix = rng.standard_normal((8, 64))
+    feeds = [{"x": (rng.standard_normal((32, 8)) @ mix).reshape(32, 4, 16).astype(np.float32),
+              "cond": np.array(False)} for _ in range(8)]   # the calibration data never runs the branch
+    return m, feeds
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_a_branch_layer_reading_a_main_graph_tensor_gets_its_input_statistics(direct):
+    """The branch's MatMul reads the flattened input as the main graph flattens it (or the main
+    graph's tensor itself): it is quantized under the input covariance of that tensor, taken on
+    the main graph (the branch never runs on the data), not in weight space; the rank-8 features
+    let it take fewer bytes within the budget, and the branch's outputs stay within the budget."""
+    from onnxshrink.graph import import_graph
+    from onnxshrink.passes.pq.target import outer_twin
+    model, feeds = _twin_net(direct=direct)
+    g = import_graph(model)
+    branch = next(n for n in g.nodes if n.op == "If").attrs["then_branch"]
+    mm = next(n for n in branch.nodes if n.op == "MatMul")
+    assert outer_twin(mm.inputs[0], branch, g) == "f"
+    assert outer_twin(mm.outputs[0], branch, g) is None   # made in the branch from a branch tensor
+    res = shrink(model, ["pq"], calibration=feeds, force=True)
+    layers = res.report["passes"][0]["layers"]
+    inner = layers["inner_mm"]
+    assert inner["metric"] == "activation" and inner["rel_output_error"] <= PqConfig().max_error, inner
+    assert "bias_refit" not in inner   # no output statistics: the bias stays as it is
+    weights = shrink(model, ["pq"], calibration=feeds, force=True, options={"pq": {"aware": False}})
+    assert inner["bytes"][1] < weights.report["passes"][0]["layers"]["inner_mm"]["bytes"][1], (inner, weights.report)
+    feed = {"x": feeds[0]["x"], "cond": np.array(True)}
+    ref, got = run(model, feed)[0], run(res.model, feed)[0]
+    assert np.sum((got - ref) ** 2) <= 2 * PqConfig().max_error * np.sum(ref ** 2)
 
 
 def test_the_budget_counts_the_error_of_weak_outputs():
