@@ -228,7 +228,7 @@ def ladder(layer: Layer, d: int, k: int, cfg) -> list:
     weight, packed two a byte), with 32 (5⅓ bits, six in four bytes; pq.bits auto), with 64 (6 bits,
     four in three bytes; pq.bits 6 or auto) and with K (8 bits a weight). The first within the
     budget is kept."""
-    from .sizes import code_width, setting_bytes
+    from .sizes import setting_bytes
     if cfg.bits == "auto" and k > 64 and before_log(layer):
         # before a Log only 8-bit scalar codes: fewer bits move the quiet values the log spreads out
         # (oww_melspec's mel MatMul at 4-bit, within pq.max_error: 1 - worst rel. L2 0.976 -> 0.736)
@@ -260,12 +260,10 @@ def ladder(layer: Layer, d: int, k: int, cfg) -> list:
         # (64 centroids, 6-bit codes; mtcnn_onet's 1152 x 256 Dense within 3e-4 there: 147 -> 111 KB)
         # and, for the allocation only, 2 (16 centroids, 4-bit codes; within 3e-4 on no zoo layer)
         if six_bit_saves(layer, cfg):
+            # (not with 32 centroids in 5-bit codes, 2⅔ bits: mtcnn_onet's Dense, captcha_crnn's
+            # forward LSTM Gemm and oww_hey_jarvis's first Gemm erred 2.0–7.4 times their 3-bit error,
+            # over the budget each time, and a fit of captcha_crnn's 6.5 MB Gemm is costly)
             settings += [(2, min(64, layer.n_weights // 2))]
-            if code_width(layer, 2, min(32, layer.n_weights // 2), cfg.dtype, cfg) == 5:
-                # 32 centroids, 5-bit codes: 2⅔ bits a weight (captcha_crnn's forward LSTM Gemm errs
-                # 3.0e-4 with 4-long sub-vectors, 2 bits, against the 3e-4 budget: 3 bits a weight
-                # cost it 200 KB more)
-                settings += [(2, min(32, layer.n_weights // 2))]
         if cfg.allocate:
             settings += [(2, min(16, layer.n_weights // 2))]
     settings = list(dict.fromkeys(settings))
