@@ -672,6 +672,28 @@ def test_six_bit_codes_are_not_tried_before_a_log():
     assert (1, 64) not in ladder(tiny, 4, 256, auto) and (1, 64) in ladder(tiny, 4, 256, six)
 
 
+def test_five_bit_scalar_codes_are_fitted_after_six_bit_ones_where_they_may_be_within():
+    """The ladder holds 32 scalar centroids (5-bit codes) between 16 and 64 where 5-bit codes save
+    bytes; the rule fits them right after the 64 and only where 4x the 64's error is within the
+    budget (``halvings``); the cheaper within the budget is kept."""
+    import onnx_graphsurgeon as gs
+
+    from onnxshrink.layers import WeightLayer
+    from onnxshrink.passes.pq.layer import Layer, ladder
+    from onnxshrink.passes.pq.pass_ import fit_order, halvings
+
+    w = gs.Constant("w", np.random.default_rng(0).standard_normal((64, 16, 3, 3)).astype(np.float32))
+    layer = Layer(WeightLayer(gs.Node("Conv", inputs=[gs.Variable("x"), w], outputs=[gs.Variable("y")])))
+    steps = ladder(layer, 9, 256, PqConfig())
+    assert steps.index((1, 16)) < steps.index((1, 32)) < steps.index((1, 64)) < steps.index((1, 256))
+    assert (1, 32) not in ladder(layer, 9, 256, PqConfig(bits="6", centroids=64))
+    halves = halvings(steps)
+    assert halves == {(1, 32): (1, 64)}
+    order = fit_order(steps, halves)
+    assert order.index((1, 32)) == order.index((1, 64)) + 1 and sorted(order) == sorted(steps)
+    assert halvings([(1, 64), (1, 32)]) == {}   # already after it: tried in turn
+
+
 def test_error_budget_and_size_threshold_options_are_checked():
     for bad in ({"max_error": -1}, {"min_bytes": -5}):
         with pytest.raises(ValueError, match="pq.m"):
