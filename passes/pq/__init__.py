@@ -45,7 +45,8 @@ are within the budget is kept; after 64 scalar centroids within it, 32 (5-bit co
 bytes) are fitted where four times the 64's error is within it, and kept when within. Layers inside
 If/Loop/Scan subgraphs have no statistics of their own: one that reads a main-graph tensor, or one
 its subgraph makes as a main-graph node does (the same op, attributes and inputs), is quantized
-under that tensor's input covariance (W the target, its bias as it is); the others, and float
+under that tensor's input covariance (W the target, the outputs' moments from x·W + b, the bias
+refit); the others, and float
 tables that only Gather/Slice/Reshape read (embeddings, positional encodings), in weight space.
 
 Error allocation (``pq.allocate=true``, opt-in, with the error budget): the budget is spent across

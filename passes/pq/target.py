@@ -37,7 +37,8 @@ MIN_REFIT_CHANGE = 1e-6   # a sequential target moving the calibration outputs l
 
 def requests(layer: Layer, cfg) -> list:
     """The statistics of every reader: input features and outputs (``stats.LayerStats``); of a
-    layer inside a subgraph with an ``outer_x``, the input features alone, from that tensor."""
+    layer inside a subgraph with an ``outer_x``, the input features alone, from that tensor
+    (``_with_outputs`` adds the outputs' side)."""
     if layer.outer_x is not None:
         return [layer.reader(layer.node).stats_request("pq:" + layer.node.name, x=layer.outer_x, y="",
                                                        positions=cfg.positions)]

@@ -847,7 +847,7 @@ def test_a_branch_layer_reading_a_main_graph_tensor_gets_its_input_statistics(di
     layers = res.report["passes"][0]["layers"]
     inner = layers["inner_mm"]
     assert inner["metric"] == "activation" and inner["rel_output_error"] <= PqConfig().max_error, inner
-    assert "bias_refit" not in inner   # no output statistics: the bias stays as it is
+    assert "bias_refit" not in inner   # a MatMul without a bias Add: no bias to refit
     weights = shrink(model, ["pq"], calibration=feeds, force=True, options={"pq": {"aware": False}})
     assert inner["bytes"][1] < weights.report["passes"][0]["layers"]["inner_mm"]["bytes"][1], (inner, weights.report)
     feed = {"x": feeds[0]["x"], "cond": np.array(True)}
