@@ -6,7 +6,7 @@ order of the layer's input features). Each output's column w_j is cut into sub-v
 d along the input features, w_j = [w_1j; …; w_Bj] (B = d_in / d; for a k×k Conv one sub-vector is
 one kernel, d = k·k). One codebook C = {c_1 … c_K} (K ≤ 256) per layer; each sub-vector is
 replaced by a centroid, stored as a one-byte code, for K ≤ 64 four 6-bit codes in three bytes,
-for K ≤ 16 two 4-bit codes a byte. Bytes: d_in·d_out·4 → d_in·d_out/d (× 3/4 or ÷ 2 when packed)
+for K ≤ 32 six 5-bit codes in four bytes, for K ≤ 16 two 4-bit codes a byte. Bytes: d_in·d_out·4 → d_in·d_out/d (× 3/4 or ÷ 2 when packed)
 + K·d·(2|4).
 
 Activation-aware assignment ("And the Bit Goes Down: Revisiting the Quantization of Neural
@@ -30,18 +30,24 @@ In the graph: Gather(codebook (Cast fp16 → fp32 when stored as fp16), Cast(cod
 TensorRT's ONNX parser refuses UINT8). Packed 4-bit codes (``pq.bits``; auto packs K ≤ 16
 where it saves bytes) are unpacked without BitShift, which that parser lacks: byte =
 16·hi + lo − 128, v = Cast(int32) + 128, hi = v / 16, lo = v − 16·hi, Concat → the same Gather;
-6-bit codes as the three bytes of u = 2¹⁸p₀ + 2¹²p₁ + 2⁶p₂ + p₃, unpacked with Mul, ReduceSum, Div, Sub.
+6-bit codes as the three bytes of u = 2¹⁸p₀ + 2¹²p₁ + 2⁶p₂ + p₃, unpacked with Mul, ReduceSum, Div, Sub
+(5-bit codes likewise, the four bytes of a 30-bit word).
 All standard ops on constants: runtimes fold them once at load time, so inference runs at the
 original speed. Small layers (codes + codebook would not
 save bytes) and the model's first Conv (when it holds under a quarter of the weight bytes) stay
 dense by default.
 
 Error budget (``pq.max_error``): per layer, the settings (d, K) are tried fewest bytes first (the
-default d with 256 centroids, shorter d, scalar codes with 16 centroids packed, with 64 (6-bit,
-four in three bytes), with 256) and the
+default d with 256 centroids, shorter d, pairs with 64 centroids (6-bit codes), scalar codes with
+16 centroids packed, with 64 (6-bit, four in three bytes), with 256) and the
 first whose relative output error, and a quarter of the mean of its outputs' own relative errors,
-are within the budget is kept. Layers without statistics (inside If/Loop/Scan subgraphs) and float
-tables that only Gather/Slice/Reshape read (embeddings, positional encodings) are quantized in weight space.
+are within the budget is kept; after 64 scalar centroids within it, 32 (5-bit codes, six in four
+bytes) are fitted where four times the 64's error is within it, and kept when within. Layers inside
+If/Loop/Scan subgraphs have no statistics of their own: one that reads a main-graph tensor, or one
+its subgraph makes as a main-graph node does (the same op, attributes and inputs), is quantized
+under that tensor's input covariance (W the target, the outputs' moments from x·W + b, the bias
+refit); the others, and float
+tables that only Gather/Slice/Reshape read (embeddings, positional encodings), in weight space.
 
 Error allocation (``pq.allocate=true``, opt-in, with the error budget): the budget is spent across
 layers by their measured effect on the model's outputs, like a mixed-precision knapsack. Per layer

@@ -24,8 +24,9 @@ class PqConfig:
     bias_correct: bool = True      # absorb the mean output shift into the bias
     first_conv: bool = False       # also quantize the first Conv when it holds < 1/4 of the weight bytes
     positions: int = 16            # Conv: sampled output positions per calibration sample
-    bits: str = "auto"             # code width: 8, 6 (four codes in three bytes, K ≤ 64), 4 (two codes a byte,
-                                   # K ≤ 16), auto (the narrowest K fits in where that saves bytes)
+    bits: str = "auto"             # code width: 8, 6 (four codes in three bytes, K ≤ 64), 5 (six codes in four
+                                   # bytes, K ≤ 32), 4 (two codes a byte, K ≤ 16), auto (the narrowest K fits in
+                                   # where that saves bytes)
     max_error: float = 3e-4        # per-layer budget on the relative output error; settings are tried fewest
                                    # bytes first (down to scalar codes), the first within it kept, else float
                                    # (0 = no budget: the first setting is kept whatever its error)
@@ -51,8 +52,8 @@ class PqConfig:
         if self.damp < 0:
             raise ValueError(f"pq.damp must be ≥ 0, got {self.damp}")
         self.bits = str(self.bits).lower()
-        if self.bits not in ("auto", "4", "6", "8"):
-            raise ValueError(f"pq.bits must be 4, 6, 8 or auto, got '{self.bits}'")
+        if self.bits not in ("auto", "4", "5", "6", "8"):
+            raise ValueError(f"pq.bits must be 4, 5, 6, 8 or auto, got '{self.bits}'")
         if self.max_error < 0:
             raise ValueError(f"pq.max_error must be ≥ 0 (0: no budget), got {self.max_error}")
         if self.output_error < 0:
@@ -63,6 +64,8 @@ class PqConfig:
             raise ValueError(f"pq.min_bytes must be ≥ 0, got {self.min_bytes}")
         if self.bits == "4" and self.centroids > 16:
             raise ValueError(f"pq.bits=4 holds at most 16 centroids, got pq.centroids={self.centroids}")
+        if self.bits == "5" and self.centroids > 32:
+            raise ValueError(f"pq.bits=5 holds at most 32 centroids, got pq.centroids={self.centroids}")
         if self.bits == "6" and self.centroids > 64:
             raise ValueError(f"pq.bits=6 holds at most 64 centroids, got pq.centroids={self.centroids}")
 

@@ -5,7 +5,8 @@ Decode: Cast(int8 codes → int32) (+ 128 when K > 128) → Gather(codebook (Cas
 dtype)) → Reshape (→ Transpose) → the weight input of every reader. Packed 4-bit codes:
 v = Cast(int32) + 128, hi = v / 16, lo = v − 16·hi, Concat(hi, lo) → the same Gather; 6-bit
 codes (3 × g bytes): u = ReduceSum((Cast(int32) + 128) · [2¹⁶, 2⁸, 1]ᵀ, axis 0), q = u / [2¹⁸, 2¹², 2⁶, 1]ᵀ,
-codes = Reshape(q − 64·(q / 64), −1) → the same Gather. All
+codes = Reshape(q − 64·(q / 64), −1) → the same Gather; 5-bit codes (4 × g bytes) the same with
+places [2²⁴, 2¹⁶, 2⁸, 1] and [2²⁵, 2²⁰, …, 1], digits q − 32·(q / 32). All
 standard ops on constants, which runtimes fold once at load time (see ``codec``). Nodes are built
 with ``graph.Emitter``; the codebook, the codes and the decoded weight are named after the weight
 (``W.pq_codebook``, ``W.pq_codes``, ``W.pq``), the decode's inner tensors under a short tag.
@@ -18,7 +19,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ...graph import Emitter
-from .codec import SIX_BIT_BYTES, SIX_BIT_PLACES, code_offset, pack_codes, pack_codes6, stored_codes
+from .codec import WORDS, code_offset, pack_codes, pack_words, stored_codes, word_places
 from .layer import Layer, own_bias, shared_bias
 
 
@@ -28,8 +29,9 @@ def decode(graph: gs.Graph, layer: Layer, codebook: np.ndarray, codes: np.ndarra
     (→ Transpose): the weight tensor, from ops and types TensorRT's ONNX parser accepts.
     Packed 4-bit codes (``bits`` 4): v = Cast(int32) + 128, hi = v / 16 (integer division, floor
     as v ≥ 0), lo = v − 16·hi, Concat(hi, lo) (→ Slice to n when n is odd) → the same Gather.
-    6-bit codes (``bits`` 6, ``codec.pack_codes6``): the 24-bit words from the three byte rows,
-    their four 6-bit digits (→ Slice to n) → the same Gather. ``bits`` True/False: 4/8."""
+    6-bit codes (``bits`` 6, ``codec.pack_words``): the 24-bit words from the three byte rows,
+    their four 6-bit digits (→ Slice to n) → the same Gather; 5-bit codes (``bits`` 5) the same
+    with the 30-bit words of four byte rows and their six 5-bit digits. ``bits`` True/False: 4/8."""
     bits = {True: 4, False: 8}.get(bits, bits)
     base = layer.weight.name
     wdtype = layer.weight.values.dtype
@@ -56,26 +58,28 @@ def decode(graph: gs.Graph, layer: Layer, codebook: np.ndarray, codes: np.ndarra
         return em.const(value, dtype=value.dtype, name=f"{base}.pq_{suffix}" if own else f"{tag}_{suffix}")
 
     cb = const("codebook", codebook)
-    if bits == 6:
-        if k > 64:
-            raise ValueError(f"6-bit codes hold at most 64 centroids, got {k}")
-        stored = pack_codes6(codes)
+    if bits in WORDS:
+        c, nbytes = WORDS[bits]
+        if k > 1 << bits:
+            raise ValueError(f"{bits}-bit codes hold at most {1 << bits} centroids, got {k}")
+        places, byte_places = word_places(bits)
+        stored = pack_words(codes, bits)
         g = stored.shape[1]
-        raw = add("Cast", [const("codes", stored)], "_packed", np.int32, [3, g], to=onnx.TensorProto.INT32)
-        v = add("Add", [raw, const("offset", np.array(128, dtype=np.int32))], "_byte", np.int32, [3, g])
-        v = add("Mul", [v, const("places", SIX_BIT_BYTES.astype(np.int32))], "_placed", np.int32, [3, g])
+        raw = add("Cast", [const("codes", stored)], "_packed", np.int32, [nbytes, g], to=onnx.TensorProto.INT32)
+        v = add("Add", [raw, const("offset", np.array(128, dtype=np.int32))], "_byte", np.int32, [nbytes, g])
+        v = add("Mul", [v, const("places", byte_places.astype(np.int32))], "_placed", np.int32, [nbytes, g])
         axes = np.array([0], dtype=np.int64)
         opset = getattr(graph, "opset", None) or 13
         if opset >= 13:
             u = add("ReduceSum", [v, const("axes", axes)], "_word", np.int32, [1, g], keepdims=1)
         else:
             u = add("ReduceSum", [v], "_word", np.int32, [1, g], axes=[0], keepdims=1)
-        sixty4 = const("sixty4", np.array(64, dtype=np.int32))
-        q = add("Div", [u, const("radix", SIX_BIT_PLACES.astype(np.int32))], "_q", np.int32, [4, g])
-        r = add("Sub", [q, add("Mul", [add("Div", [q, sixty4], "_q64", np.int32, [4, g]), sixty4],
-                               "_q64x", np.int32, [4, g])], "_digits", np.int32, [4, g])
-        idx = add("Reshape", [r, const("flat", np.array([-1], dtype=np.int64))], "_codes", np.int32, [4 * g])
-        if 4 * g != n:
+        radix = const(RADIX_NAMES[bits], np.array(1 << bits, dtype=np.int32))
+        q = add("Div", [u, const("radix", places.astype(np.int32))], "_q", np.int32, [c, g])
+        r = add("Sub", [q, add("Mul", [add("Div", [q, radix], "_q64", np.int32, [c, g]), radix],
+                               "_q64x", np.int32, [c, g])], "_digits", np.int32, [c, g])
+        idx = add("Reshape", [r, const("flat", np.array([-1], dtype=np.int64))], "_codes", np.int32, [c * g])
+        if c * g != n:
             idx = add("Slice", [idx, const("start", np.array([0], dtype=np.int64)),
                                 const("end", np.array([n], dtype=np.int64))], "_index", np.int32, [n])
         gather_shape = [n, d]
@@ -116,6 +120,9 @@ def decode(graph: gs.Graph, layer: Layer, codebook: np.ndarray, codes: np.ndarra
     for v in made[:-1]:  # the decode's inner tensors are written without type information (fewer bytes)
         v.dtype = None
     return out
+
+
+RADIX_NAMES = {5: "thirty2", 6: "sixty4"}   # the constant 2^bits of a word decode (6: as before 5-bit words)
 
 
 def _tag(graph: gs.Graph) -> str:

@@ -29,6 +29,7 @@ class Layer:
     layer: WeightLayer
     nodes: list = field(default_factory=list)
     inner: bool = False   # its readers are inside a subgraph (If/Loop/Scan body): no statistics there
+    outer_x: str | None = None   # inside a subgraph: a main-graph tensor holding its input (``target.outer_twin``)
 
     weight: gs.Constant = field(init=False)  # the weight as found (the readers then read its decode)
 
@@ -100,6 +101,7 @@ class Table:
     rows_of = "natural"
     aware = False
     inner = False
+    outer_x = None
     kernel = 1
     alpha = 1.0
 
@@ -223,8 +225,9 @@ def ladder(layer: Layer, d: int, k: int, cfg) -> list:
     pq.bits auto, only 8-bit scalar codes, ``before_log``): the default (d, K),
     shorter sub-vectors (a Conv kernel row or half the length, 2), pairs with 64 centroids (3 bits
     a weight, layers with statistics, pq.bits auto), scalar codes with 16 centroids (4 bits a
-    weight, packed two a byte), with 64 (6 bits, four in three bytes; pq.bits 6 or auto) and with K
-    (8 bits a weight). The first within the budget is kept."""
+    weight, packed two a byte), with 32 (5⅓ bits, six in four bytes; pq.bits auto), with 64 (6 bits,
+    four in three bytes; pq.bits 6 or auto) and with K (8 bits a weight). The first within the
+    budget is kept."""
     from .sizes import setting_bytes
     if cfg.bits == "auto" and k > 64 and before_log(layer):
         # before a Log only 8-bit scalar codes: fewer bits move the quiet values the log spreads out
@@ -247,11 +250,19 @@ def ladder(layer: Layer, d: int, k: int, cfg) -> list:
         # to 0.949, from the sequential targets fitted on too few rows, ``target.ROWS_PER_FEATURE``;
         # with W as their target there it is 0.9995 at file 0.249)
         settings.append((1, min(64, layer.n_weights)))
-    if layer.aware and cfg.bits == "auto" and k > 64 and layer.d_in % 2 == 0 and not before_log(layer):
+        if six_bit_saves(layer, cfg, 5):
+            # 5-bit scalar codes (six in four bytes): a sixth fewer code bytes than 6-bit ones, at
+            # about four times their error (captcha_crnn's 3x3 Convs: 16 centroids err 8e-4, 64 5e-5)
+            settings.append((1, min(32, layer.n_weights)))
+    if (layer.aware or layer.outer_x) and cfg.bits == "auto" and k > 64 and layer.d_in % 2 == 0 \
+            and not before_log(layer):
         # pairs in packed codes, between 4-bit scalar codes and 4-long sub-vectors: 3 bits a weight
         # (64 centroids, 6-bit codes; mtcnn_onet's 1152 x 256 Dense within 3e-4 there: 147 -> 111 KB)
         # and, for the allocation only, 2 (16 centroids, 4-bit codes; within 3e-4 on no zoo layer)
         if six_bit_saves(layer, cfg):
+            # (not with 32 centroids in 5-bit codes, 2⅔ bits: mtcnn_onet's Dense, captcha_crnn's
+            # forward LSTM Gemm and oww_hey_jarvis's first Gemm erred 2.0–7.4 times their 3-bit error,
+            # over the budget each time, and a fit of captcha_crnn's 6.5 MB Gemm is costly)
             settings += [(2, min(64, layer.n_weights // 2))]
         if cfg.allocate:
             settings += [(2, min(16, layer.n_weights // 2))]
@@ -260,12 +271,13 @@ def ladder(layer: Layer, d: int, k: int, cfg) -> list:
     return sorted(settings, key=lambda s: (setting_bytes(layer, s[0], s[1], cfg), order[s]))
 
 
-def six_bit_saves(layer, cfg) -> bool:
-    """Whether 64 centroids would be stored as packed 6-bit codes (``sizes.code_width``): on a tiny
-    layer the decode of packed codes costs more than it saves, and 64 centroids in one-byte codes
-    save only the codebook's bytes (mtcnn_pnet: 2 % of its file, box recall 0.985 → 0.956)."""
+def six_bit_saves(layer, cfg, bits: int = 6) -> bool:
+    """Whether 2^bits (64; 32 with ``bits`` 5) centroids would be stored as packed ``bits``-bit
+    codes (``sizes.code_width``): on a tiny layer the decode of packed codes costs more than it
+    saves, and 64 centroids in one-byte codes save only the codebook's bytes (mtcnn_pnet: 2 % of
+    its file, box recall 0.985 → 0.956)."""
     from .sizes import code_width
-    return code_width(layer, 1, min(64, layer.n_weights), cfg.dtype, cfg) == 6
+    return code_width(layer, 1, min(1 << bits, layer.n_weights), cfg.dtype, cfg) == bits
 
 
 def before_log(layer, limit: int = 16) -> bool:

@@ -9,6 +9,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ...graph import export_model
+from .codec import WORDS
 from .edits import decode
 from .layer import Layer, own_bias, shared_bias
 
@@ -40,12 +41,13 @@ def dense_bytes(layer: Layer) -> int:
 
 
 def code_width(layer: Layer, d: int, k: int, dtype, cfg) -> int:
-    """The bits a code is stored in: 4 (two a byte, K ≤ 16), 6 (four in three bytes, K ≤ 64) or 8.
-    ``pq.bits`` 4/6/8: that width where K fits in it, else the next wider; auto: of the widths K
+    """The bits a code is stored in: 4 (two a byte, K ≤ 16), 5 (six in four bytes, K ≤ 32), 6 (four
+    in three bytes, K ≤ 64) or 8. ``pq.bits`` 4/5/6/8: that width where K fits in it, else the next
+    wider; auto: of the widths K
     fits in, the one whose codes and decode take the fewest bytes (tiny layers: the extra decode
     nodes of packed codes cost more than they save)."""
     n = layer.n_weights // d
-    fits = [b for b in (4, 6) if k <= 1 << b and (b != 6 or n > 9)]
+    fits = [b for b in (4, 5, 6) if k <= 1 << b and (b not in WORDS or n > 2 * WORDS[b][0] + 1)]
     if cfg.bits != "auto":
         return next((b for b in fits if b >= int(cfg.bits)), 8)
     if not fits:

@@ -36,8 +36,35 @@ MIN_REFIT_CHANGE = 1e-6   # a sequential target moving the calibration outputs l
 
 
 def requests(layer: Layer, cfg) -> list:
-    """The statistics of every reader: input features and outputs (``stats.LayerStats``)."""
+    """The statistics of every reader: input features and outputs (``stats.LayerStats``); of a
+    layer inside a subgraph with an ``outer_x``, the input features alone, from that tensor
+    (``_with_outputs`` adds the outputs' side)."""
+    if layer.outer_x is not None:
+        return [layer.reader(layer.node).stats_request("pq:" + layer.node.name, x=layer.outer_x, y="",
+                                                       positions=cfg.positions)]
     return [layer.reader(n).stats_request("pq:" + n.name, positions=cfg.positions) for n in layer.nodes]
+
+
+def outer_twin(tensor, sub, main) -> str | None:
+    """The name of a tensor of the main graph ``main`` that holds the values of ``tensor``, the
+    input of a node inside the subgraph ``sub`` (an If branch, a Loop body), or None: ``tensor``
+    itself when the subgraph reads it from the main graph, or the output of a main-graph node of
+    the same op, attributes and inputs as the subgraph node that makes it from main-graph tensors
+    (oww_hey_jarvis: its verifier, half of the quantized file, runs in an If branch on the input
+    flattened as the main graph flattens it; its layers have no statistics of their own, and in
+    weight space its 1536 × 64 Gemm needed 8-bit codes)."""
+    made = {id(t) for n in sub.nodes for t in n.outputs}
+    known = {id(t) for t in main.tensors().values()}
+    if id(tensor) not in made:
+        return tensor.name if id(tensor) in known else None
+    node = next(n for n in sub.nodes if any(t is tensor for t in n.outputs))
+    if not node.inputs or any(id(t) in made or id(t) not in known for t in node.inputs):
+        return None
+    for twin in main.nodes:
+        if twin.op == node.op and twin.attrs == node.attrs and len(twin.inputs) == len(node.inputs) \
+                and all(a is b for a, b in zip(twin.inputs, node.inputs)) and len(twin.outputs) == len(node.outputs):
+            return twin.outputs[[t is tensor for t in node.outputs].index(True)].name
+    return None
 
 
 def moments(layer: Layer, got: dict, cfg):
@@ -46,9 +73,31 @@ def moments(layer: Layer, got: dict, cfg):
     fixed = not bias_fit(layer, cfg)
     per_node = {}
     for n in layer.nodes:
-        cm = got["pq:" + n.name]
+        cm = got["pq:" + n.name] if layer.outer_x is None else _with_outputs(layer, got["pq:" + n.name])
         per_node[n.name] = cm.minus_bias(fixed_bias(layer, n)) if fixed else cm
     return CrossMoments.pooled([per_node[n.name] for n in layer.nodes]), per_node
+
+
+def _with_outputs(layer: Layer, cm: CrossMoments) -> CrossMoments:
+    """The moments of (x, y) from those of x alone, with y = x·M + b the layer's own outputs
+    (M = alpha·Tᵀ, b its bias as ``fixed_bias`` gives it): a layer with an ``outer_x`` has no
+    output statistics, and its target is its own weight, so the y side is exact; with it the
+    metric is the centred covariance and the bias takes the mean shift, as for any layer (with
+    E[x xᵀ] as the metric and no bias refit oww_hey_jarvis's verifier, whose Gemm feeds a
+    per-sample normalisation that removes the mean, moved its logits by up to 0.87 with the
+    branch forced on)."""
+    m = layer.alpha * layer.matrix().T.astype(np.float64)   # d_in × d_out
+    b = fixed_bias(layer, layer.node)
+    b = np.zeros(m.shape[1]) if b is None else b
+    n, sx = cm.n, cm.x.sum
+    sxx = cm.x.outer
+    out = CrossMoments(m.shape[0], m.shape[1])
+    out.x.merge(cm.x)
+    sxm = sx @ m
+    out.xy = sxx @ m + np.outer(sx, b)
+    out.sum_y = sxm + n * b
+    out.yy = np.einsum("ij,ij->j", m, sxx @ m) + 2 * b * sxm + n * b * b
+    return out
 
 
 def gather(ctx, layers, cfg, model_x) -> dict:

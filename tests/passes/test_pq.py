@@ -12,6 +12,7 @@ from onnxshrink import shrink
 from onnxshrink.errors import UsageError
 from onnxshrink.lstsq import weighted_error
 from onnxshrink.passes.pq import PqConfig, decoded_weight, pack_codes, pack_codes6, quantize, unpack_codes
+from onnxshrink.passes.pq.codec import code_bits, pack_words
 
 # the mechanics tests run on layers far below the default size threshold, without the error budget
 FAST = {"iters": 2, "refine": 4, "kmeans_iters": 3, "positions": 8, "min_bytes": 0, "max_error": 0}
@@ -397,6 +398,44 @@ def test_six_bit_codes_give_the_same_weights_in_three_quarters_of_the_code_bytes
     onnx.checker.check_model(six.model, full_check=True)
 
 
+@pytest.mark.parametrize("n", [14, 15, 17, 566, 567])
+def test_five_bit_codes_round_trip_six_in_four_bytes(n):
+    codes = np.random.default_rng(n).integers(0, 32, size=n)
+    packed = pack_words(codes, 5)
+    assert packed.dtype == np.int8 and packed.shape == (4, (n + 5) // 6)
+    assert np.array_equal(unpack_codes(packed, n), codes)
+    assert code_bits(packed, n) == 5 and code_bits(pack_codes6(codes), n) == 6
+    with pytest.raises(ValueError, match="< 32"):
+        pack_words(np.full(n, 32), 5)
+    with pytest.raises(ValueError, match="more than 13"):
+        pack_words(codes[:13], 5)
+
+
+def test_five_bit_codes_give_the_same_weights_in_two_thirds_of_the_code_bytes():
+    model = _wide_net()
+    quick = dict(FAST, gptq=False, refine=0)  # storage, not quality, is tested here
+    five = _shrink(model, _wide_calib(), centroids=32, bits=5, **quick)
+    eight = _shrink(model, _wide_calib(), centroids=32, bits=8, **quick)
+    assert all(info["bits"] == 5 for info in five.report["passes"][0]["layers"].values())
+    g5, i5 = _decoded_outputs(five.model, {"input": _wide_calib(2)})
+    g8, i8 = _decoded_outputs(eight.model, {"input": _wide_calib(2)})
+    assert g5.keys() == g8.keys() and len(g5) == 2
+    for name in g5:  # same quantization, only the storage differs; the runtime decodes what numpy does
+        assert np.array_equal(g5[name][0], g8[name][0]) and np.array_equal(g5[name][0], g5[name][1])
+        c5, c8 = i5[name[:-3] + ".pq_codes"], i8[name[:-3] + ".pq_codes"]
+        assert c5.dtype == np.int8 and c5.shape == (4, (c8.size + 5) // 6)
+    assert_close(eight.model, five.model, {"input": _wide_calib(16, seed=3)}, rtol=1e-6, atol=1e-6)
+    b5, b8 = len(five.model.SerializeToString()), len(eight.model.SerializeToString())
+    codes8 = sum(i8[n[:-3] + ".pq_codes"].nbytes for n in g8)
+    # a third of the code bytes saved, less the longer decode (about 700 bytes a layer here)
+    assert 0.25 * codes8 <= b8 - b5 <= 1 / 3 * codes8, (b5, b8, codes8)
+    assert five.report["after"]["bytes"] == b5
+    assert five.report["validation"]["tensorrt_unparseable"] == []
+    onnx.checker.check_model(five.model, full_check=True)
+    with pytest.raises(ValueError, match="at most 32"):
+        PqConfig(bits="5", centroids=64)
+
+
 def test_six_bit_config_is_checked():
     with pytest.raises(ValueError, match="at most 64"):
         PqConfig(bits="6", centroids=128)
@@ -404,9 +443,17 @@ def test_six_bit_config_is_checked():
 
 
 def test_auto_packs_only_where_it_saves_bytes():
-    wide = _shrink(_odd_net(), _odd_calib(), centroids=32, **FAST)  # K > 16: one byte a code
+    # K > 32, 2205 and 2835 codes: 6-bit packing would save fewer bytes than its decode costs
+    wide = _shrink(_odd_net(), _odd_calib(), centroids=64, **FAST)
     assert all(info["bits"] == 8 for info in wide.report["passes"][0]["layers"].values())
     assert not {"Div", "Concat"} & {n.op_type for n in wide.model.graph.node}
+    # K = 32: the 2835 codes of the MatMul packed six in four bytes (945 bytes less against the
+    # decode's nodes), the Gemm's 2205 one a byte
+    five = _shrink(_odd_net(), _odd_calib(), centroids=32, **FAST)
+    assert {n: i["bits"] for n, i in five.report["passes"][0]["layers"].items()} == {"gemm_3": 8, "matmul_6": 5}
+    byte = _shrink(_odd_net(), _odd_calib(), centroids=32, bits=8, **FAST)
+    assert len(five.model.SerializeToString()) < len(byte.model.SerializeToString())
+    assert_close(byte.model, five.model, {"input": _odd_calib(16, seed=3)}, rtol=1e-6, atol=1e-6)
     # layers of at most 512 codes: the longer decode costs more bytes than packing saves; the
     # MatMul's 768 codes are packed (384 bytes saved against a decode of five more nodes)
     tiny = _shrink(_net(), _calib(), centroids=16, **FAST)
@@ -481,10 +528,17 @@ def test_a_layer_over_the_error_budget_gets_shorter_subvectors_or_stays_float():
                    options={"pq": dict(FAST, max_error=budget, allocate=False)})
     rep = tight.report["passes"][0]
     for name, info in rep["layers"].items():
-        # settings are tried fewest bytes first; the kept one is the first within the budget
+        # settings are tried fewest bytes first; the kept one is the first within the budget, or
+        # after it the same sub-vectors with half the centroids (5-bit codes) when within too
         assert (info["block"], info["centroids"]) != (4, 256) and info["rel_output_error"] <= budget, (name, info)
         tried = info.get("tried", [])
-        assert all(t["rel_error"] > budget for t in tried[:-1]) and (not tried or tried[-1]["rel_error"] <= budget)
+        first = next((i for i, t in enumerate(tried) if t["rel_error"] <= budget), len(tried))
+        assert first >= len(tried) - 2 and (not tried or first < len(tried)), (name, tried)
+        if first == len(tried) - 2:   # the half tried after it
+            a, b = tried[first], tried[-1]
+            assert a["block"] == b["block"] and b["centroids"] <= 32 < a["centroids"], (name, tried)
+            kept = a if b["rel_error"] > budget else b
+            assert (info["block"], info["centroids"]) == (kept["block"], kept["centroids"]), (name, info)
     # an impossible budget: every layer stays float, each with the settings it tried
     none = shrink(model, ["pq"], calibration=calib, force=True,
                   options={"pq": dict(FAST, max_error=1e-12, allocate=False)})
@@ -618,6 +672,28 @@ def test_six_bit_codes_are_not_tried_before_a_log():
     assert (1, 64) not in ladder(tiny, 4, 256, auto) and (1, 64) in ladder(tiny, 4, 256, six)
 
 
+def test_five_bit_scalar_codes_are_fitted_after_six_bit_ones_where_they_may_be_within():
+    """The ladder holds 32 scalar centroids (5-bit codes) between 16 and 64 where 5-bit codes save
+    bytes; the rule fits them right after the 64 and only where 4x the 64's error is within the
+    budget (``halvings``); the cheaper within the budget is kept."""
+    import onnx_graphsurgeon as gs
+
+    from onnxshrink.layers import WeightLayer
+    from onnxshrink.passes.pq.layer import Layer, ladder
+    from onnxshrink.passes.pq.pass_ import fit_order, halvings
+
+    w = gs.Constant("w", np.random.default_rng(0).standard_normal((64, 16, 3, 3)).astype(np.float32))
+    layer = Layer(WeightLayer(gs.Node("Conv", inputs=[gs.Variable("x"), w], outputs=[gs.Variable("y")])))
+    steps = ladder(layer, 9, 256, PqConfig())
+    assert steps.index((1, 16)) < steps.index((1, 32)) < steps.index((1, 64)) < steps.index((1, 256))
+    assert (1, 32) not in ladder(layer, 9, 256, PqConfig(bits="6", centroids=64))
+    halves = halvings(steps)
+    assert halves == {(1, 32): (1, 64)}
+    order = fit_order(steps, halves)
+    assert order.index((1, 32)) == order.index((1, 64)) + 1 and sorted(order) == sorted(steps)
+    assert halvings([(1, 64), (1, 32)]) == {}   # already after it: tried in turn
+
+
 def test_error_budget_and_size_threshold_options_are_checked():
     for bad in ({"max_error": -1}, {"min_bytes": -5}):
         with pytest.raises(ValueError, match="pq.m"):
@@ -690,12 +766,13 @@ def test_gather_slice_and_reshape_tables_are_quantized_within_the_budget():
 
 
 def _if_net(seed=0):
-    """x → MatMul(w1 64×64) → h; If(cond) then MatMul(h, w2 64×64) (w2 from the outer scope)
-    else Identity(h) → y"""
+    """x → MatMul(w1 64×64) → h; If(cond) then Relu(h) → MatMul(·, w2 64×64) (w2 from the outer
+    scope) else Identity(h) → y"""
     rng = np.random.default_rng(seed)
     w1 = (rng.standard_normal((64, 64)) / 8).astype(np.float32)
     w2 = (rng.standard_normal((64, 64)) / 8).astype(np.float32)
-    then = helper.make_graph([helper.make_node("MatMul", ["h", "w2"], ["t"], name="inner_mm")], "then", [],
+    then = helper.make_graph([helper.make_node("Relu", ["h"], ["r"], name="inner_relu"),
+                              helper.make_node("MatMul", ["r", "w2"], ["t"], name="inner_mm")], "then", [],
                              [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
     other = helper.make_graph([helper.make_node("Identity", ["h"], ["o"], name="inner_id")], "else", [],
                               [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)])
@@ -723,6 +800,59 @@ def test_a_weight_read_inside_an_if_branch_is_quantized_in_weight_space():
         feed = {"x": feeds[0]["x"], "cond": np.array(cond)}
         ref, got = run(model, feed)[0], run(res.model, feed)[0]
         assert np.linalg.norm(got - ref) <= 0.03 * np.linalg.norm(ref), cond
+
+
+def _twin_net(seed=0, direct=False):
+    """x (b × 4 × 16, features of rank 8) → Flatten → f → MatMul(w1) → Relu → h; If(cond) then
+    Flatten(x) → f2 (``direct``: f itself) → MatMul(w2 64×64) → t, else Identity(h) → y"""
+    rng = np.random.default_rng(seed)
+    w1 = (rng.standard_normal((64, 64)) / 8).astype(np.float32)
+    w2 = (rng.standard_normal((64, 64)) / 8).astype(np.float32)
+    inner = [] if direct else [helper.make_node("Flatten", ["x"], ["f2"], name="inner_flatten", axis=1)]
+    then = helper.make_graph(inner + [helper.make_node("MatMul", ["f" if direct else "f2", "w2"], ["t"], name="inner_mm")],
+                             "then", [], [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
+    other = helper.make_graph([helper.make_node("Identity", ["h"], ["o"], name="inner_id")], "else", [],
+                              [helper.make_tensor_value_info("o", TensorProto.FLOAT, None)])
+    nodes = [helper.make_node("Flatten", ["x"], ["f"], name="outer_flatten", axis=1),
+             helper.make_node("MatMul", ["f", "w1"], ["m"], name="outer_mm"),
+             helper.make_node("Relu", ["m"], ["h"], name="outer_relu"),
+             helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then, else_branch=other)]
+    g = helper.make_graph(nodes, "twin_net", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 4, 16]),
+                                              helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                          [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    mix = rng.standard_normal((8, 64))
+    feeds = [{"x": (rng.standard_normal((32, 8)) @ mix).reshape(32, 4, 16).astype(np.float32),
+              "cond": np.array(False)} for _ in range(8)]   # the calibration data never runs the branch
+    return m, feeds
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_a_branch_layer_reading_a_main_graph_tensor_gets_its_input_statistics(direct):
+    """The branch's MatMul reads the flattened input as the main graph flattens it (or the main
+    graph's tensor itself): it is quantized under the input covariance of that tensor, taken on
+    the main graph (the branch never runs on the data), not in weight space; the rank-8 features
+    let it take fewer bytes within the budget, and the branch's outputs stay within the budget."""
+    from onnxshrink.graph import import_graph
+    from onnxshrink.passes.pq.target import outer_twin
+    model, feeds = _twin_net(direct=direct)
+    g = import_graph(model)
+    branch = next(n for n in g.nodes if n.op == "If").attrs["then_branch"]
+    mm = next(n for n in branch.nodes if n.op == "MatMul")
+    assert outer_twin(mm.inputs[0], branch, g) == "f"
+    assert outer_twin(mm.outputs[0], branch, g) is None   # made in the branch from a branch tensor
+    res = shrink(model, ["pq"], calibration=feeds, force=True)
+    layers = res.report["passes"][0]["layers"]
+    inner = layers["inner_mm"]
+    assert inner["metric"] == "activation" and inner["rel_output_error"] <= PqConfig().max_error, inner
+    assert "bias_refit" not in inner   # a MatMul without a bias Add: no bias to refit
+    weights = shrink(model, ["pq"], calibration=feeds, force=True, options={"pq": {"aware": False}})
+    assert inner["bytes"][1] < weights.report["passes"][0]["layers"]["inner_mm"]["bytes"][1], (inner, weights.report)
+    feed = {"x": feeds[0]["x"], "cond": np.array(True)}
+    ref, got = run(model, feed)[0], run(res.model, feed)[0]
+    assert np.sum((got - ref) ** 2) <= 2 * PqConfig().max_error * np.sum(ref ** 2)
 
 
 def test_the_budget_counts_the_error_of_weak_outputs():
