@@ -22,7 +22,7 @@ from .codec import code_bytes
 from .config import PqConfig
 from .edits import refit_biases, replace_weight
 from .layer import default_block, ladder, layer_of, shared_layer, subgraph_nodes, tables
-from .quantize import budget_error, quantize
+from .quantize import SCREEN_MARGIN, budget_error, quantize, screened_error
 from .search import ALLOC_TOLERANCE, allocate, size_search
 from .sizes import code_width, dense_bytes, pq_bytes, setting_bytes, weight_bytes
 from .target import layer_problem, moments, requests
@@ -208,19 +208,28 @@ class Pq(Pass):
         if allowed is not None:  # the allocation's setting first, then the more costly ones
             start, budget = allowed
             settings = settings[settings.index(start):] if start in settings else settings
-        for d_try, k_try in settings:
+        for i, (d_try, k_try) in enumerate(settings):
+            # a setting screened far over the budget is not fitted (the last is: kept float or not, it decides)
+            if budget is not None and i + 1 < len(settings):
+                with deterministic():
+                    est = screened_error(t, d_try, k_try, h, cfg, np.random.default_rng([ctx.seed, zlib.crc32(name.encode()), 1]),
+                                         cfg.dtype, cache)
+                if est is not None and est > SCREEN_MARGIN * budget:
+                    tried.append((d_try, k_try, est, True))
+                    continue
             rng = np.random.default_rng([ctx.seed, zlib.crc32(name.encode())])
             with deterministic():   # timed as "fit" by the refit loop
                 cb, codes, t_hat = quantize(t, d_try, k_try, h if cfg.aware else None, cfg, rng, cfg.dtype, cache)
             err = budget_error(t, t_hat, h, cache=cache)
-            tried.append((d_try, len(cb), err))
+            tried.append((d_try, len(cb), err, False))
             if budget is None or err <= budget:
                 d = d_try
                 break
         seconds = time.perf_counter() - tq
         if budget is not None and tried[-1][2] > budget:
             return None, ("kept float: relative output error over pq.max_error=%g at every setting tried (%s)"
-                          % (budget, ", ".join(f"d={a} K={b}: {e:.4g}" for a, b, e in tried)))
+                          % (budget, ", ".join(f"d={a} K={b}: {e:.4g}{' (screened)' if s else ''}"
+                                               for a, b, e, s in tried)))
         bits = code_width(layer, d, len(cb), cfg.dtype, cfg)
         if budget is not None and pq_bytes(layer, d, len(cb), cfg.dtype, fit, bits) >= dense_bytes(layer):
             return None, f"kept float: the setting within pq.max_error (d={d} K={len(cb)}) would not save bytes"
@@ -233,7 +242,8 @@ class Pq(Pass):
         if h is not None:
             info["rel_output_error"] = round(weighted_error(t, t_hat, h), 6)
         if len(tried) > 1:
-            info["tried"] = [{"block": a, "centroids": b, "rel_error": round(e, 6)} for a, b, e in tried]
+            info["tried"] = [{"block": a, "centroids": b, "rel_error": round(e, 6), **({"screened": True} if s else {})}
+                             for a, b, e, s in tried]
         if fit:
             info["bias_refit"] = True
         info["write"] = (t_hat, cm, cb, codes, bits, fit)
