@@ -24,7 +24,7 @@ from .edits import refit_biases, replace_weight
 from .layer import default_block, ladder, layer_of, shared_layer, subgraph_nodes, tables
 from .quantize import SCREEN_MARGIN, budget_error, quantize, screened_error
 from .search import ALLOC_TOLERANCE, allocate, size_search
-from .sizes import code_width, dense_bytes, pq_bytes, setting_bytes, weight_bytes
+from .sizes import code_width, dense_bytes, forget_bytes, pq_bytes, setting_bytes, weight_bytes
 from .target import layer_problem, moments, requests
 
 
@@ -201,6 +201,7 @@ class Pq(Pass):
         the error allowed there), the ladder then starts at that setting and the allowed error
         replaces ``budget``."""
         layer, d, k = block
+        forget_bytes(layer)   # counted afresh: the rewrites before this one may have copied a bias it shares
         t, h, fit = layer_problem(layer, cm, cfg)
         tq = time.perf_counter()
         tried, cache = [], {}

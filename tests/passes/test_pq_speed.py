@@ -299,3 +299,25 @@ def test_screening_keeps_the_per_layer_choice_and_the_written_model(monkeypatch)
     assert {n: (i["block"], i["centroids"]) for n, i in layers.items()} == \
         {n: (i["block"], i["centroids"]) for n, i in every.items()}
     assert screened == full
+
+
+def test_pq_bytes_are_counted_once_per_setting_until_forgotten(monkeypatch):
+    from test_pq import _wide_mlp
+    from onnxshrink.graph import import_graph
+    from onnxshrink.passes.pq import sizes
+    from onnxshrink.passes.pq.config import PqConfig
+    from onnxshrink.passes.pq.layer import ladder, layer_of
+    graph = import_graph(_wide_mlp())
+    node = next(n for n in graph.nodes if n.op == "MatMul")
+    layer, _ = layer_of(node, graph)
+    fresh = sizes._pq_bytes(layer, 2, 64, np.float16, True, 6)
+    calls = []
+    real = sizes._pq_bytes
+    monkeypatch.setattr(sizes, "_pq_bytes", lambda *a: calls.append(a[1:]) or real(*a))
+    cfg = PqConfig()
+    first = ladder(layer, 4, 256, cfg)
+    n = len(calls)
+    assert ladder(layer, 4, 256, cfg) == first and len(calls) == n > 0          # asked again: kept
+    assert sizes.pq_bytes(layer, 2, 64, np.float16, True, 6) == fresh
+    sizes.forget_bytes(layer)
+    assert ladder(layer, 4, 256, cfg) == first and len(calls) == 2 * n
