@@ -199,7 +199,9 @@ class Pq(Pass):
         layers of a level are fitted at once on the worker pool). Under the error ``budget``
         shorter sub-vectors are tried in turn; ``allowed``: ((d, K) the error allocation chose,
         the error allowed there), the ladder then starts at that setting and the allowed error
-        replaces ``budget``."""
+        replaces ``budget``. A setting but the last is screened first (``quantize.screened_error``)
+        and not fitted in full when its screen is over ``SCREEN_MARGIN`` times the budget; the kept
+        setting's codes are its full fit's, as without the screen."""
         layer, d, k = block
         forget_bytes(layer)   # counted afresh: the rewrites before this one may have copied a bias it shares
         t, h, fit = layer_problem(layer, cm, cfg)
