@@ -187,22 +187,28 @@ def _metric_assign(hx, nb, c, hblocks, chunk=CHUNK, ha=None):
 def aware_em(x, blk, hblocks, c, codes, iters, tol=TOL):
     """EM under per-block metrics: returns (centroids, codes). x: (rows·B, d), blk = i mod B. At
     most ``iters`` rounds, stopped early when the codes no longer change or a round lowers the
-    summed metric distance by less than ``tol`` of it."""
+    summed metric distance by less than ``tol`` of it. The distance is expanded,
+    Σ (w − c)ᵀH_b(w − c) = Σ wᵀH_b w − 2 Σ_k (Σ_{i∈k} H_b w_i)ᵀc_k + Σ_{b,k} n_bk c_kᵀH_b c_k,
+    from the per-code sums the next M-step needs anyway (no pass over the sub-vectors of its own)."""
     k, d = c.shape
     nb = len(hblocks)
     x3 = x.reshape(-1, nb, d)
     hx = np.einsum("bde,rbe->rbd", hblocks, x3).reshape(-1, d)
     ha = block_major(hx, nb) if d > 1 else ranked(scalar_points(hx, nb, hblocks))   # searched every round
+    whw = float(np.einsum("id,id->", x, hx))
 
-    def objective(c, codes):   # Σ (w − c)ᵀ H_b (w − c)
-        delta = x3 - c[codes].reshape(x3.shape)
-        return float(np.einsum("rbd,bde,rbe->", delta, hblocks, delta, optimize=True))
-
-    before = objective(c, codes) if tol > 0 else 0.0
-    for _ in range(iters):
+    def sums(codes):   # per (block, code) counts and per code Σ H_b w: the M-step's and the objective's
         counts = np.bincount(blk * k + codes, minlength=nb * k).reshape(nb, k)
+        return counts, bincount_rows(codes, hx, k)
+
+    def objective(c, counts, rhs):   # Σ (w − c)ᵀ H_b (w − c)
+        q = np.einsum("kd,bde,ke->bk", c, hblocks, c)
+        return whw - 2.0 * float((rhs * c).sum()) + float((counts * q).sum())
+
+    counts, rhs = sums(codes)
+    before = objective(c, counts, rhs) if tol > 0 else 0.0
+    for _ in range(iters):
         hsum = np.einsum("bk,bde->kde", counts.astype(np.float64), hblocks)
-        rhs = bincount_rows(codes, hx, k)
         nz = counts.sum(0) > 0
         if nz.any():
             c = c.copy()
@@ -211,10 +217,10 @@ def aware_em(x, blk, hblocks, c, codes, iters, tol=TOL):
         if np.array_equal(new, codes):
             break
         codes = new
+        counts, rhs = sums(codes)
         if tol > 0:
-            after = objective(c, codes)
+            after = objective(c, counts, rhs)
             if before - after <= tol * after:
                 break
             before = after
     return c, codes
-

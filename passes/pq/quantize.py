@@ -11,10 +11,14 @@ Steps (activation-aware, with H the damped input covariance, see ``target``):
 Without H (``pq.aware=false``, or a layer without input statistics) only step 1 runs. A layer with
 at most K distinct sub-vectors is stored exactly. The quality measure is the relative output error
 Σ_r (t̂_r − t_r)ᵀ H (t̂_r − t_r) / Σ_r t_rᵀ H t_r (the relative weight error without H),
-``lstsq.weighted_error``.
+``lstsq.weighted_error``. Under a budget on it, a setting is first screened (``screened_error``: a
+quick quantization of every 8th row) and fitted in full only when the screen is within a margin of
+the budget.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 
@@ -87,3 +91,48 @@ def budget_error(t, t_hat, h, floor=1e-3, cache: dict | None = None) -> float:
     if not live.any():
         return total
     return max(total, float((num[live] / den[live]).mean()) / ROW_SLACK)
+
+
+# ----------------------------------------------------------------------------- screening a setting
+SCREEN_STRIDE = 8            # the screen fits every 8th row of T
+SCREEN_MIN_ROWS = 32         # ... and at least this many rows,
+SCREEN_MIN_SUBVECTORS = 4096  # ... holding at least this many sub-vectors; a layer needing half its rows is not screened
+SCREEN_MARGIN = 3.0          # a setting whose screened error is over this many times the budget is not fitted in full
+
+
+def screen_rows(rows: int, nb: int):
+    """The rows of T the screen fits (every ``SCREEN_STRIDE``-th, more where a layer has few
+    sub-vectors a row), or None when that would be half of them or more (a small layer is fitted
+    in full: its screen would cost about as much)."""
+    n = max(-(-rows // SCREEN_STRIDE), SCREEN_MIN_ROWS, -(-SCREEN_MIN_SUBVECTORS // max(nb, 1)))
+    if 2 * n > rows:
+        return None
+    return np.linspace(0, rows - 1, n).round().astype(np.int64)
+
+
+def quick_config(cfg):
+    """The config of quick quantizations (the size search's, the error allocation's and the
+    screen's): few rounds, targets from the reference."""
+    return replace(cfg, iters=min(cfg.iters, 2), kmeans_iters=min(cfg.kmeans_iters, 3),
+                   refine=min(cfg.refine, 2), sequential=False)
+
+
+def screened_error(t, d, k, h, cfg, rng, dtype, cache: dict | None = None) -> float | None:
+    """``budget_error`` of a quick quantization (``quick_config``) of evenly spaced rows of T
+    (``screen_rows``): a cheap estimate of what the full quantization of setting (d, K) reaches,
+    or None for a layer too small to screen. Fitted on fewer rows, the codebook follows them more
+    closely (the estimate leans low); with fewer rounds it fits less well (it leans high): over 254
+    settings of 31 vit_focus layers and of the digits models the estimate was 0.11–1.91 times the
+    full fit's error (median 0.93), so a setting screened over ``SCREEN_MARGIN`` times the budget is
+    not fitted in full (rows evenly spaced, not drawn: the gates of an LSTM matrix, rows of unlike
+    scales, are all seen). ``cache``:
+    ``quantize``'s for (t, h) (the gptq factor of H is shared with it)."""
+    idx = screen_rows(t.shape[0], t.shape[1] // d)
+    if idx is None:
+        return None
+    ts = t[idx]
+    own = {} if cache is None or "u" not in cache else {"u": cache["u"]}
+    _, _, t_hat = quantize(ts, d, k, h, quick_config(cfg), rng, dtype, own)
+    if cache is not None and "u" in own:
+        cache["u"] = own["u"]
+    return budget_error(ts, t_hat, h)

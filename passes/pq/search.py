@@ -21,15 +21,9 @@ import numpy as np
 from ...lstsq import deterministic, weighted_error
 from ...validate import OutputProbe, decision_flips, output_error
 from .layer import candidates
-from .quantize import quantize
+from .quantize import quantize, quick_config
 from .sizes import dense_bytes, setting_bytes
 from .target import gather, layer_problem
-
-
-def quick_config(cfg):
-    """The config of the search's quick quantizations: few rounds, targets from the reference."""
-    return replace(cfg, iters=min(cfg.iters, 2), kmeans_iters=min(cfg.kmeans_iters, 3),
-                   refine=min(cfg.refine, 2), sequential=False)
 
 
 def size_search(ctx, model, layers: dict, cfg, goal):

@@ -60,7 +60,23 @@ def pq_bytes(layer: Layer, d: int, k: int, dtype, bias_refit: bool, bits: int = 
     """Serialized bytes of the layer's weight stored as k centroids of length d: the decode
     nodes, their initializers and type information, and the bias where the refit adds or widens
     one, measured on the protos the export writes, so that size budgets are exact (the scratch
-    graph's decode is tagged ``pq0``; in a model with more decodes the tag has more digits)."""
+    graph's decode is tagged ``pq0``; in a model with more decodes the tag has more digits).
+    Kept on the layer per (d, k, dtype, bias_refit, bits): the ladder, the code width and the
+    fit ask again for the same ones (each a scratch export of the codes' size); ``forget_bytes``
+    drops them (a bias another layer's rewrite has since given its own copy counts otherwise)."""
+    memo = layer.__dict__.setdefault("_pq_bytes", {})
+    key = (d, k, np.dtype(dtype).str, bool(bias_refit), bits)
+    if key not in memo:
+        memo[key] = _pq_bytes(layer, d, k, dtype, bias_refit, bits)
+    return memo[key]
+
+
+def forget_bytes(layer) -> None:
+    """Drop the byte counts ``pq_bytes`` kept on the layer."""
+    layer.__dict__.pop("_pq_bytes", None)
+
+
+def _pq_bytes(layer: Layer, d: int, k: int, dtype, bias_refit: bool, bits: int) -> int:
     rows = layer.matrix().shape[0]
     scratch = gs.Graph(opset=_opset(layer) or 13)
     out = decode(scratch, layer, np.zeros((k, d), dtype), np.zeros((rows, layer.d_in // d), np.uint8), bits)

@@ -254,3 +254,70 @@ def test_kmeans_with_float32_points_given_is_the_same():
     c1, k1 = km.kmeans(x, 32, 5, np.random.default_rng(1))   # the codes are those of the centroids returned
     d2 = ((x[:, None] - c1[None]) ** 2).sum(-1)
     assert (d2[np.arange(len(x)), k1] - d2.min(1)).max() < 1e-5
+
+
+# ----------------------------------------------------------------------------- screening the ladder
+def test_screen_rows_are_spread_over_the_layer_and_small_layers_are_not_screened():
+    from onnxshrink.passes.pq.quantize import screen_rows
+    rows = screen_rows(1536, 96)
+    assert len(rows) == 192 and rows[0] == 0 and rows[-1] == 1535 and (np.diff(rows) > 0).all()
+    assert set(np.diff(rows)) <= {8, 9}                  # evenly spaced: every group of rows is seen
+    assert len(screen_rows(1024, 8)) == 512             # 4096 sub-vectors at least
+    assert screen_rows(64, 64) is None and screen_rows(1000, 4) is None   # half the rows or more: fitted in full
+
+
+@pytest.mark.parametrize("d,k", [(4, 256), (2, 64), (1, 16), (2, 256), (1, 64)])
+def test_screened_error_is_near_the_full_fits(d, k):
+    from onnxshrink.passes.pq.config import PqConfig
+    from onnxshrink.passes.pq.quantize import budget_error, quantize, screened_error
+    rng, t, h = _problem(7, d_in=128, rows=768)
+    t *= rng.uniform(0.2, 3.0, (len(t), 1))   # rows of unlike scales (gates of an LSTM matrix)
+    cfg, cache = PqConfig(), {}
+    est = screened_error(t, d, k, h, cfg, np.random.default_rng(1), np.float16, cache)
+    _, _, t_hat = quantize(t, d, k, h, cfg, np.random.default_rng(0), np.float16, cache)
+    full = budget_error(t, t_hat, h)
+    assert 0.6 * full <= est <= 1.5 * full, (est, full)
+
+
+def test_screening_keeps_the_per_layer_choice_and_the_written_model(monkeypatch):
+    """The wide MLP under a budget its cheap settings miss by far: the screen skips their full
+    fits, and the model is the one fitting every setting in full writes (the kept setting's
+    codes come from the same full fit)."""
+    from test_pq import FAST, _mlp_calib, _wide_mlp
+    model, calib = _wide_mlp(), _mlp_calib()
+    opts = {"pq": dict(FAST, max_error=2e-4, allocate=False)}
+
+    def run():
+        res = shrink(model, ["pq"], calibration=calib, force=True, options=opts)
+        return res.model.SerializeToString(), res.report["passes"][0]["layers"]
+
+    screened, layers = run()
+    monkeypatch.setattr(pq_pass, "SCREEN_MARGIN", float("inf"))   # every setting fitted in full
+    full, every = run()
+    skipped = [t for i in layers.values() for t in i.get("tried", []) if t.get("screened")]
+    assert skipped and all(t["rel_error"] > 3 * 2e-4 for t in skipped)
+    assert {n: (i["block"], i["centroids"]) for n, i in layers.items()} == \
+        {n: (i["block"], i["centroids"]) for n, i in every.items()}
+    assert screened == full
+
+
+def test_pq_bytes_are_counted_once_per_setting_until_forgotten(monkeypatch):
+    from test_pq import _wide_mlp
+    from onnxshrink.graph import import_graph
+    from onnxshrink.passes.pq import sizes
+    from onnxshrink.passes.pq.config import PqConfig
+    from onnxshrink.passes.pq.layer import ladder, layer_of
+    graph = import_graph(_wide_mlp())
+    node = next(n for n in graph.nodes if n.op == "MatMul")
+    layer, _ = layer_of(node, graph)
+    fresh = sizes._pq_bytes(layer, 2, 64, np.float16, True, 6)
+    calls = []
+    real = sizes._pq_bytes
+    monkeypatch.setattr(sizes, "_pq_bytes", lambda *a: calls.append(a[1:]) or real(*a))
+    cfg = PqConfig()
+    first = ladder(layer, 4, 256, cfg)
+    n = len(calls)
+    assert ladder(layer, 4, 256, cfg) == first and len(calls) == n > 0          # asked again: kept
+    assert sizes.pq_bytes(layer, 2, 64, np.float16, True, 6) == fresh
+    sizes.forget_bytes(layer)
+    assert ladder(layer, 4, 256, cfg) == first and len(calls) == 2 * n
