@@ -24,6 +24,9 @@ class HadamardConfig:
     time_budget: float = 0.0    # seconds for the whole pass's structure searches (0: no bound); layers
                                 # reached after it stay dense (refit where their inputs changed).
                                 # Off by default, for the same reason as search_seconds
+    block_gain: float = 0.75    # the most one Fastfood block is taken to lower a layer's held-out error by (a
+                                # factor): a rank whose low-rank part alone, with the most blocks affordable
+                                # beside it at this gain each, would stay above tolerance is not tried (0: off)
     iters: int = 4              # ALS sweeps per added block
     restarts: int = 1           # random starts per added block (the best is kept)
     cg_iters: int = 10          # conjugate-gradient iterations per diagonal solve (0: exact)
@@ -53,6 +56,8 @@ class HadamardConfig:
             raise ValueError("holdout must be in (0, 0.9)")
         if not self.refit_min_error >= 0:
             raise ValueError("refit_min_error must be ≥ 0")
+        if not 0 <= self.block_gain <= 1:
+            raise ValueError("block_gain must be in [0, 1]")
         if not self.output_error >= 0:
             raise ValueError("output_error must be ≥ 0")
         if self.max_fits < 0:

@@ -348,3 +348,73 @@ def test_output_error_budget_keeps_a_layer_dense_whose_replacement_the_outputs_f
     feeds = {"x": calib[:16]}
     (a,), (c,) = _run(model, feeds), _run(res2.model, feeds)
     assert np.linalg.norm(c - a) ** 2 / np.linalg.norm(a) ** 2 > 0.01
+
+
+def test_blocks_from_moments_alone_match_blocks_from_rows():
+    """add_block_moments carries Xᵀ(residual) per stack instead of the residual rows: the blocks it
+    fits are those add_block fits (with moments) from the rows."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((400, 24))
+    y = x @ rng.standard_normal((24, 40)) / 5 + 0.05 * rng.standard_normal((400, 40))
+    fits = [hp.FastfoodFit(24, 40, seed=2) for _ in range(2)]
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    xp = fits[0].pad(xc)
+    xtx = xp.T @ xp
+    assert fits[0].moments(xp)
+    resid = yc
+    qs = fits[1].stack_moments(xp.T @ yc)
+    for restarts in (2, 1):
+        resid = fits[0].add_block(xp, resid, xtx, iters=3, ridge=1e-6, cg=0, restarts=restarts)
+        qs = fits[1].add_block_moments(xtx, qs, iters=3, ridge=1e-6, cg=0, restarts=restarts)
+    np.testing.assert_allclose(fits[1].blocks_out(xp), fits[0].blocks_out(xp), atol=1e-8 * np.abs(yc).max())
+    for j, q in enumerate(qs):   # the moments carried are those of the residual rows
+        np.testing.assert_allclose(q, xp.T @ fits[0]._cols(resid, j), atol=1e-7 * np.abs(q).max())
+
+
+def test_rank_the_blocks_cannot_reach_is_refused_before_any_block_fit():
+    """A layer whose low-rank part alone is far from tolerance at every affordable rank (a random
+    dense layer): no block is fitted (``block_gain``), the low-rank errors are reported. With the
+    check off, the search fits blocks and finds the same: nothing within tolerance."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((600, 64))
+    y = x @ rng.standard_normal((64, 64))
+    cfg = hp.HadamardConfig(tolerance=0.03)
+    fit, info = hp.choose_structure(x, y, cfg, 64 * 64 + 64)
+    assert fit is None and info["tried"] == [] and info["unreachable"] == "hadamard.block_gain=0.75"
+    k_max = 2   # blocks affordable beside rank 8 within a quarter of 64·64+64 params: (1040 − 8·128 − 64) // 192
+    assert all(e * 0.75 ** k_max > 0.03 for e in info["lowrank_errors"].values())
+    assert info["best_error"] == min(info["lowrank_errors"].values())
+    fit2, info2 = hp.choose_structure(x, y, hp.HadamardConfig(tolerance=0.03, block_gain=0), 64 * 64 + 64)
+    assert fit2 is None and len(info2["tried"]) >= 1 and info2["best_error"] > 0.03
+    with pytest.raises(ValueError):
+        hp.HadamardConfig(block_gain=1.5)
+
+
+def test_held_out_rows_are_those_of_whole_units():
+    from onnxshrink.passes.hadamard.search import held_out, held_out_rows
+    units = held_out(10, 2)
+    assert np.flatnonzero(units).tolist() == [4, 9]
+    rows = held_out_rows(30, units)   # three rows a unit, in unit order
+    assert np.flatnonzero(rows).tolist() == [12, 13, 14, 27, 28, 29]
+
+
+def test_budget_and_refits_see_only_units_no_fit_saw():
+    """With enough calibration units, whole units are held out: the structure search judges on their
+    rows (all four rows of a held-out sequence), and the output-error budget is measured on those
+    units alone."""
+    import re
+    model, calib = _sequence_mlp()
+    first = next(n.name for n in model.graph.node if n.op_type == "MatMul")
+    res = shrink(model, ["hadamard"], calibration=calib, tolerances=Tolerances(min_cosine=None), force=True,
+                 options={"hadamard": {"tolerance": 0.9, "rank": 4, "output_error": 1e-6}})
+    rep = res.report["passes"][0]
+    lay = rep["layers"][first]
+    units = lay["rows"] // 4   # the sequences calibration holds (the pipeline keeps some for validation)
+    reason = next(s["reason"] for s in rep["skipped"] if s["node"] == first)
+    probed = int(re.search(r"measured on (\d+) calibration samples no fit saw", reason).group(1))
+    assert probed == round(0.2 * units) and lay["held_out_rows"] == 4 * probed
+    from onnxshrink.passes.hadamard.pass_ import held_out_units
+    from types import SimpleNamespace
+    from onnxshrink.calibrate import DataSource
+    few = SimpleNamespace(data=DataSource({"x": calib[:4]}), reference=model)
+    assert held_out_units(few, 0.2) is None   # four units: rows spread over them instead
