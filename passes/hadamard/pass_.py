@@ -297,8 +297,15 @@ class _Run:
             fit, info = choose_structure(x, y, cfg, d_in * d_out + d_out, hold)
         entry.update(info)
         if fit is None:
-            best = (f"best held-out error {info['best_error']}" if info["tried"] else
-                    "none of the structures tried fits in max_params")
+            if info["tried"]:
+                best = f"best held-out error {info['best_error']}"
+            elif info.get("unreachable"):
+                best = (f"the low-rank part alone at {info['best_error']} of held-out error, too far for the "
+                        f"blocks affordable beside it at {info['unreachable']}")
+            elif info.get("search_stopped_by"):
+                best = f"{info['search_stopped_by']} was reached before a structure was complete"
+            else:
+                best = "none of the structures tried fits in max_params"
             self.report.skip(node, f"no Fastfood structure within tolerance {cfg.tolerance} and "
                                    f"max_params {cfg.max_params} ({best})")
             return False

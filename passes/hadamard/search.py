@@ -19,7 +19,7 @@ import numpy as np
 from .config import HadamardConfig
 from .fastfood import FastfoodFit, LowRankBasis, whitening
 from ...lstsq import fit_error_rows
-from ...parallel import matmul
+from ...parallel import cross, gram
 
 
 def rank_candidates(d_in, d_out, cap_params, fixed=None):
@@ -97,10 +97,10 @@ class _Search:
         if not self.ranks:
             return
         self.xp = self.probe.pad(self.xc)
-        self.xtx = matmul(self.xp.T, self.xp)
+        self.xtx = gram(self.xp)
         self.xhp = self.probe.pad(self.xhc)
         # with moments, the blocks are fitted from Xᵀ(targets) alone (``FastfoodFit.add_block_moments``)
-        self.xty = matmul(self.xp.T, self.yc) if self.probe.moments(self.xp) else None
+        self.xty = cross(self.xp, self.yc) if self.probe.moments(self.xp) else None
 
     def reachable(self) -> list:
         """The ranks whose low-rank part alone (its held-out error e, no fit needed) could be brought
