@@ -206,7 +206,7 @@ def test_parallel_layers_share_one_calibration_run():
     b.output("y", ["N", 4])
     model = b.model()
     calib = np.random.default_rng(0).standard_normal((300, 64)).astype(np.float32)
-    res = shrink(model, ["hadamard"], calibration=calib, options={"hadamard": {"tolerance": 0.9, "rank": 2, "output_error": 0}},
+    res = shrink(model, ["hadamard"], calibration=calib, options={"hadamard": {"tolerance": 0.9, "rank": 2, "output_error": 0, "refit": True}},
                  tolerances=Tolerances(min_cosine=None), force=True)
     rep = res.report["passes"][0]
     names = [n.name for n in model.graph.node if n.op_type == "MatMul"]
@@ -225,7 +225,7 @@ def test_mlp_accuracy_params_and_downstream_refit():
     calib = digits.to_model_input(split["x_train"][:512], "mlp")
     val = digits.to_model_input(split["x_train"][512:768], "mlp")
     res = shrink(model, ["hadamard"], calibration=calib, validation=val,
-                 options={"hadamard": {"blocks": 1, "rank": 16, "final_iters": 1}},
+                 options={"hadamard": {"blocks": 1, "rank": 16, "final_iters": 1, "refit": True}},
                  tolerances=Tolerances(min_cosine=None), force=True)
     rep = res.report["passes"][0]
     fc2 = rep["layers"]["/fc2/Gemm"]
@@ -259,7 +259,7 @@ def test_dense_refit_of_layers_sharing_weights_and_bias():
         return b.model()
 
     calib = np.random.default_rng(0).standard_normal((200, 64)).astype(np.float32)
-    opts = {"hadamard": {"tolerance": 0.95, "blocks": 1, "rank": 16, "max_params": 1.0, "output_error": 0}}
+    opts = {"hadamard": {"tolerance": 0.95, "blocks": 1, "rank": 16, "max_params": 1.0, "output_error": 0, "refit": True}}
     res = [shrink(net(s), ["hadamard"], calibration=calib, options=opts,
                   tolerances=Tolerances(min_cosine=None), force=True) for s in (True, False)]
     layers = res[0].report["passes"][0]["layers"]

@@ -51,10 +51,6 @@ KNOWN_FAILURES = {
                                 "sentences < 0.9 (FLOPs 0.900: FFN units only; the 18 packed-QKV heads are "
                                 "prunable but each carries the task, so the budget keeps them; 1.4 % relative "
                                 "emission error; 0.917 with the opt-in pfa.measured=true at the same error)",
-    ("vit_focus", "hadamard"): "the default gate fails it and the saliency map IoU@0.5 is 0.822 < 0.9 (params 0.933; "
-                               "max abs error 0.352 of the probability scale, decision IoU 0.765; 456 CPU s, 35 calibration "
-                               "runs): the output-error budget (hadamard.output_error 0.01) is measured on the calibration "
-                               "images the structures were fitted on, which the held-out images do not follow",
 }
 
 
