@@ -7,8 +7,8 @@ candidate's calibration rows are x from the already rewritten network and y = th
 network's output of the layer, so every layer is reconstructed sequentially. Per candidate the
 cheapest (K, r) Fastfood structure within ``tolerance`` on held-out rows replaces it
 (``search``); a candidate none fits, or one past the time budget, stays dense, and every dense
-layer whose inputs changed (by at least ``refit_min_error`` of its output) is refit by ridge
-least squares when that lowers its held-out error.
+layer a replaced one feeds directly whose inputs changed (by at least ``refit_min_error`` of its
+output) is refit by ridge least squares when that lowers its held-out error.
 Rows of the layers still to do are gathered together in one calibration run of the current model
 (up to ``row_memory_mb``): a rewrite makes the rows of the layers after it stale, and the next
 level gathers again from the rewritten model, so there is one calibration run per level with a
@@ -79,8 +79,10 @@ def candidate_problem(layer: WeightLayer, cfg: HadamardConfig) -> str | None:
     return None
 
 
-def _upstream_changed(node, changed) -> bool:
-    """Whether a tensor in ``changed`` lies upstream of the node's input."""
+def _upstream_changed(node, changed, stop=frozenset()) -> bool:
+    """Whether a tensor in ``changed`` lies upstream of the node's input, on a path that does not
+    pass through a tensor in ``stop`` (the outputs of the other dense layers: then only the layers
+    the changed ones feed directly count)."""
     seen, stack = set(), [node.inputs[0]]
     while stack:
         t = stack.pop()
@@ -89,6 +91,8 @@ def _upstream_changed(node, changed) -> bool:
         seen.add(t.name)
         if t.name in changed:
             return True
+        if t.name in stop:
+            continue
         for p in t.inputs:
             stack.extend(i for i in p.inputs if not isinstance(i, gs.Constant))
     return False
@@ -196,6 +200,8 @@ class _Run:
                 if reason is None:
                     self.targets.add(node.name)
         self.shared, self.changed, self.layers, self.visits = {}, set(), {}, {}
+        self.replaced = set()   # outputs of the layers replaced so far: the dense layers they feed directly are refit
+        self.dense_outs = {layer.node.outputs[0].name for layer in self.dense.values()}
         self.probe = None   # validate.OutputProbe of the pass's input model, made at the first replacement
         self.units_held = held_out_units(ctx, cfg.holdout)   # the units no fit sees (None: rows spread instead)
         self.t0 = time.perf_counter()
@@ -210,7 +216,7 @@ class _Run:
         cfg = self.cfg
         target_outs = {self.dense[n].node.outputs[0].name for n in self.targets}
         todo = [n for n, layer in self.dense.items()
-                if n in self.targets or (cfg.refit and _upstream_changed(layer.node, target_outs))]
+                if n in self.targets or (cfg.refit and _upstream_changed(layer.node, target_outs, self.dense_outs))]
         runs_before = self.ctx.calibration_runs
         self.bar = self.ctx.bar(total=len(todo), desc="hadamard")
         levels = refit_order(self.graph, todo)   # layers of a level do not feed each other: one run serves them
@@ -228,7 +234,7 @@ class _Run:
             if search and cfg.time_budget and time.perf_counter() - self.t0 > cfg.time_budget:
                 self.report.skip(layer.node, f"hadamard.time_budget={cfg.time_budget}s spent before this layer")
                 search = False
-            self.visits[name] = (search, cfg.refit and _upstream_changed(layer.node, self.changed))
+            self.visits[name] = (search, cfg.refit and _upstream_changed(layer.node, self.replaced, self.dense_outs))
         return self.visits[name]
 
     def ahead(self, levels_left) -> int:
@@ -312,6 +318,7 @@ class _Run:
         if cfg.output_error and not self.within_budget(node, fit, entry):
             return False
         self.changed.add(node.outputs[0].name)
+        self.replaced.add(node.outputs[0].name)
         replace(self.graph, node, fit, self.shared, self.op_set)
         entry["replaced"] = True
         self.report.unit(node.name, [node.name], 1 - info["params"] / max(d_in * d_out + d_out, 1))

@@ -242,32 +242,37 @@ def test_mlp_accuracy_params_and_downstream_refit():
 
 
 def test_dense_refit_of_layers_sharing_weights_and_bias():
-    """Layers kept dense and refit after an upstream replacement get their own new weights even
-    where the original ones were shared initializers."""
+    """A layer kept dense and refit after the replacement of the layer feeding it gets its own new
+    weights even where the original ones were shared initializers (x → MatMul → Gemm(w, b) → Gemm(w, b))."""
     def net(shared):
         b = GraphBuilder(4)
         x = b.input("x", ["N", 64])
         h = b.relu(b.matmul(x, 64, 64))
-        w = (b.rng.standard_normal((8, 8)) / 3).astype(np.float32)
-        c = np.full(8, 0.1, np.float32)
-        h = b.relu(b.node("MatMul", [h, b.const(b.rng.standard_normal((64, 8)).astype(np.float32) / 8)]))
+        w = (b.rng.standard_normal((64, 64)) / 8).astype(np.float32)
+        c = np.full(64, 0.1, np.float32)
         one_w, one_c = b.const(w, "w"), b.const(c, "b")
         for _ in range(2):
             h = b.relu(b.node("Gemm", [h, one_w if shared else b.const(w, "w"), one_c if shared else b.const(c, "b")]))
         b.node("Identity", [h], out="y")
-        b.output("y", ["N", 8])
+        b.output("y", ["N", 64])
         return b.model()
 
-    calib = np.random.default_rng(0).standard_normal((200, 64)).astype(np.float32)
+    calib = np.random.default_rng(0).standard_normal((600, 64)).astype(np.float32)   # rows enough for a 64-wide refit
     opts = {"hadamard": {"tolerance": 0.95, "blocks": 1, "rank": 16, "max_params": 1.0, "output_error": 0, "refit": True}}
-    res = [shrink(net(s), ["hadamard"], calibration=calib, options=opts,
-                  tolerances=Tolerances(min_cosine=None), force=True) for s in (True, False)]
-    layers = res[0].report["passes"][0]["layers"]
-    assert any(v.get("refit") for k, v in layers.items() if k.startswith("gemm"))
-    shared = res[0].model
+    res = shrink(net(True), ["hadamard"], calibration=calib, options=opts, tolerances=Tolerances(min_cosine=None),
+                 force=True)
+    layers = res.report["passes"][0]["layers"]
+    refit = [k for k, v in layers.items() if k.startswith("gemm") and v.get("refit")]
+    assert len(refit) == 1   # the Gemm the replaced MatMul feeds; not the one after it
+    shared = res.model
     assert len({t.name for t in shared.graph.initializer}) == len(shared.graph.initializer)
-    feeds = {"x": calib[:16]}
-    np.testing.assert_allclose(_run(shared, feeds)[0], _run(res[1].model, feeds)[0], rtol=1e-5, atol=1e-5)
+    gemms = [n for n in shared.graph.node if n.op_type == "Gemm"]
+    assert len(gemms) == 2 and gemms[0].input[1] != gemms[1].input[1]   # the refit one has its own weights
+    before = {t.name: onnx.numpy_helper.to_array(t) for t in net(True).graph.initializer}
+    after = {t.name: onnx.numpy_helper.to_array(t) for t in shared.graph.initializer}
+    np.testing.assert_array_equal(after[gemms[1].input[1]], before[gemms[1].input[1]])   # the other kept as it was
+    out = _run(shared, {"x": calib[:16]})[0]
+    assert out.shape == (16, 64) and np.isfinite(out).all()
 
 
 def _three_layer(seed=5):
