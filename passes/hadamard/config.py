@@ -24,6 +24,9 @@ class HadamardConfig:
     time_budget: float = 0.0    # seconds for the whole pass's structure searches (0: no bound); layers
                                 # reached after it stay dense (refit where their inputs changed).
                                 # Off by default, for the same reason as search_seconds
+    block_gain: float = 0.75    # the most one Fastfood block is taken to lower a layer's held-out error by (a
+                                # factor): a rank whose low-rank part alone, with the most blocks affordable
+                                # beside it at this gain each, would stay above tolerance is not tried (0: off)
     iters: int = 4              # ALS sweeps per added block
     restarts: int = 1           # random starts per added block (the best is kept)
     cg_iters: int = 10          # conjugate-gradient iterations per diagonal solve (0: exact)
@@ -33,7 +36,12 @@ class HadamardConfig:
     ridge: float = 1e-6         # relative ridge of the diagonal solves
     output_error: float = 0.01  # the model's output error (validate.output_error, measured) the replacements
                                 # may bring it to together; a replacement past it leaves its layer dense (0: off)
-    refit: bool = True          # least-squares refit of layers kept dense whose inputs changed ...
+    refit: bool = True          # least-squares refit of the dense layers a replaced layer feeds directly (no
+                                # other dense layer between) whose inputs changed ... Not further: each refit
+                                # of a layer further down lowered its own error on held-out units, and together
+                                # they lowered the task (vit_focus map IoU 0.894 with 30 refits, 0.920 with the
+                                # one direct refit, 0.972 with none; the digits MLP: 98.67 % with fc3's direct
+                                # refit, 98.22 % without)
     refit_min_error: float = 0.003  # ... by at least this relative squared error of their output (below,
                                     # a refit gains little and, changing the graph, costs a calibration run)
     seed: int = 0
@@ -53,6 +61,8 @@ class HadamardConfig:
             raise ValueError("holdout must be in (0, 0.9)")
         if not self.refit_min_error >= 0:
             raise ValueError("refit_min_error must be ≥ 0")
+        if not 0 <= self.block_gain <= 1:
+            raise ValueError("block_gain must be in [0, 1]")
         if not self.output_error >= 0:
             raise ValueError("output_error must be ≥ 0")
         if self.max_fits < 0:

@@ -274,27 +274,17 @@ class FastfoodFit:
         their random starts are drawn in order, then they are fitted on the workers
         (``parallel.ordered_map``)."""
         resid = resid.copy()
-        starts = []
-        for j in range(self.n_stack):
-            perm = self.perm(j, len(self.blocks[j]))
-            starts.append([Block(self.d, self.rng, self._mask(j), perm) for _ in range(max(1, restarts))])
-
+        starts = self._starts(restarts)
         moments = self.moments(xp)
 
         def fit_stack(j):
             t = self._cols(resid, j)
-            q = matmul(xp.T, t) if moments else None
-            tt = float((t * t).sum()) if len(starts[j]) > 1 else 0.0
-            best = None
-            for blk in starts[j]:
-                for _ in range(iters):
-                    blk.step(xtx, q, ridge, cg) if moments else blk.step_rows(xp, t, xtx, ridge, cg)
-                if len(starts[j]) == 1:
-                    return blk
-                err = blk.sq_error(xtx, q, tt, ridge) if moments else float(((blk.out(xp) - t) ** 2).sum())
-                if best is None or err < best[0]:
-                    best = (err, blk)
-            return best[1]
+            if moments:
+                q = matmul(xp.T, t)
+                return _best_start(starts[j], iters, lambda blk: blk.step(xtx, q, ridge, cg),
+                                   lambda blk: blk.sq_error(xtx, q, 0.0, ridge))
+            return _best_start(starts[j], iters, lambda blk: blk.step_rows(xp, t, xtx, ridge, cg),
+                               lambda blk: float(((blk.out(xp) - t) ** 2).sum()))
 
         for j, blk in enumerate(ordered_map(fit_stack, range(self.n_stack))):
             self.blocks[j].append(blk)
@@ -302,6 +292,37 @@ class FastfoodFit:
             resid[:, lo:hi] -= blk.out(xp)[:, : hi - lo]
             blk.forget()
         return resid
+
+    def _starts(self, restarts):
+        """Per stack, ``restarts`` random starts of its next block (drawn in stack order)."""
+        starts = []
+        for j in range(self.n_stack):
+            perm = self.perm(j, len(self.blocks[j]))
+            starts.append([Block(self.d, self.rng, self._mask(j), perm) for _ in range(max(1, restarts))])
+        return starts
+
+    def add_block_moments(self, xtx, qs, iters, ridge, cg=10, restarts=1):
+        """``add_block`` from the moments alone: ``qs`` holds per stack Xᵀ(its residual target) (d × d),
+        and the new residual's is Xᵀ(residual) − Xᵀ(block output) (``Block.gram_out``), so no row is
+        read (the rows enter through ``xtx`` only). The same blocks as ``add_block`` with moments
+        (``moments``); returns the new ``qs``."""
+        starts = self._starts(restarts)
+
+        def fit_stack(j):
+            q = qs[j]
+            return _best_start(starts[j], iters, lambda blk: blk.step(xtx, q, ridge, cg),
+                               lambda blk: blk.sq_error(xtx, q, 0.0, ridge))
+
+        out = []
+        for j, blk in enumerate(ordered_map(fit_stack, range(self.n_stack))):
+            self.blocks[j].append(blk)
+            out.append(qs[j] - blk.gram_out(xtx))
+            blk.forget()
+        return out
+
+    def stack_moments(self, xty):
+        """Per stack, Xᵀ(its target columns, zero-padded to d) from ``xty`` = Xᵀ(targets) (d × d_out)."""
+        return [self._cols(xty, j) for j in range(self.n_stack)]
 
     def backfit(self, xp, xc, yc, xtx, sweeps, ridge, cg=10, lowrank_ridge=1e-4, chol=None):
         """Sweeps of block-coordinate ALS over all blocks (the stacks, independent, on the
@@ -344,6 +365,21 @@ class FastfoodFit:
         for bl in self.blocks:
             for blk in bl:
                 blk.forget()
+
+
+def _best_start(starts, iters, step, sq_error):
+    """The start (a ``Block``) of ``starts`` with the least squared error after ``iters`` sweeps
+    (``step(blk)``; ``sq_error(blk)`` up to a constant); with one start, it."""
+    best = None
+    for blk in starts:
+        for _ in range(iters):
+            step(blk)
+        if len(starts) == 1:
+            return blk
+        err = sq_error(blk)
+        if best is None or err < best[0]:
+            best = (err, blk)
+    return best[1]
 
 
 def whitening(xc, ridge=1e-4):

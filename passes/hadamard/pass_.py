@@ -7,8 +7,8 @@ candidate's calibration rows are x from the already rewritten network and y = th
 network's output of the layer, so every layer is reconstructed sequentially. Per candidate the
 cheapest (K, r) Fastfood structure within ``tolerance`` on held-out rows replaces it
 (``search``); a candidate none fits, or one past the time budget, stays dense, and every dense
-layer whose inputs changed (by at least ``refit_min_error`` of its output) is refit by ridge
-least squares when that lowers its held-out error.
+layer a replaced one feeds directly whose inputs changed (by at least ``refit_min_error`` of its
+output) is refit by ridge least squares when that lowers its held-out error.
 Rows of the layers still to do are gathered together in one calibration run of the current model
 (up to ``row_memory_mb``): a rewrite makes the rows of the layers after it stale, and the next
 level gathers again from the rewritten model, so there is one calibration run per level with a
@@ -20,11 +20,13 @@ stays after it, and the fit's bias is the Fastfood subgraph's own.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ...calibrate import fixed_batch
 from ...graph import export_model, import_graph, opset
 from ...layers import WeightLayer, finite, float_weights, no_trans_a, ops, per_column_bias
 from ...lstsq import fit_error_rows, ridge_rows
@@ -35,7 +37,7 @@ from ...validate import OutputProbe
 from .config import HadamardConfig
 from .emit import input_rank, replace
 from .fastfood import FastfoodFit
-from .search import choose_structure, held_out
+from .search import choose_structure, held_out, held_out_rows
 
 
 # ----------------------------------------------------------------------------- checks
@@ -77,8 +79,10 @@ def candidate_problem(layer: WeightLayer, cfg: HadamardConfig) -> str | None:
     return None
 
 
-def _upstream_changed(node, changed) -> bool:
-    """Whether a tensor in ``changed`` lies upstream of the node's input."""
+def _upstream_changed(node, changed, stop=frozenset()) -> bool:
+    """Whether a tensor in ``changed`` lies upstream of the node's input, on a path that does not
+    pass through a tensor in ``stop`` (the outputs of the other dense layers: then only the layers
+    the changed ones feed directly count)."""
     seen, stack = set(), [node.inputs[0]]
     while stack:
         t = stack.pop()
@@ -87,9 +91,57 @@ def _upstream_changed(node, changed) -> bool:
         seen.add(t.name)
         if t.name in changed:
             return True
+        if t.name in stop:
+            continue
         for p in t.inputs:
             stack.extend(i for i in p.inputs if not isinstance(i, gs.Constant))
     return False
+
+
+# ----------------------------------------------------------------------------- held-out units
+MIN_UNITS = 5   # calibration units needed to hold whole units out (fewer: rows spread over them)
+
+
+def held_out_units(ctx, holdout: float):
+    """A mask over the calibration units (every ~1/``holdout``-th, spread over the data) whose rows
+    no fit of the pass sees: the structure search judges on them and the output-error budget is
+    measured on them; None with fewer than ``MIN_UNITS`` units, or a model whose fixed batch is above
+    one (then rows are held out spread over the data, and the budget is measured on the data the
+    fits saw)."""
+    units = ctx.data.units()
+    if units < MIN_UNITS or (fixed_batch(ctx.reference) or 1) > 1:
+        return None
+    return held_out(units, max(1, int(round(units * holdout))))
+
+
+class _Units:
+    """The calibration units of ``data`` picked by index, as the output probe reads data
+    (``validate.model_outputs``: unit by unit, as validation splits it)."""
+
+    def __init__(self, data, picked):
+        self.base, self.picked = data, list(picked)
+        self.origin = data.origin
+
+    def units(self) -> int:
+        return len(self.picked)
+
+    def subset(self, start, stop):
+        return _Units(self.base, self.picked[start:stop])
+
+    def validation_batches(self, batch_size: int = 256):
+        for u in self.picked:
+            yield from self.base.subset(u, u + 1).validation_batches(batch_size)
+
+    def batches(self, batch_size: int = 64):   # a model with a fixed batch of one (``_units``)
+        for u in self.picked:
+            yield from self.base.subset(u, u + 1).batches(batch_size)
+
+    def batch_count(self, feed) -> int:
+        return self.base.batch_count(feed)
+
+    @property
+    def n(self) -> int:
+        return sum(self.base.subset(u, u + 1).n for u in self.picked)
 
 
 # ----------------------------------------------------------------------------- the pass
@@ -148,7 +200,10 @@ class _Run:
                 if reason is None:
                     self.targets.add(node.name)
         self.shared, self.changed, self.layers, self.visits = {}, set(), {}, {}
+        self.replaced = set()   # outputs of the layers replaced so far: the dense layers they feed directly are refit
+        self.dense_outs = {layer.node.outputs[0].name for layer in self.dense.values()}
         self.probe = None   # validate.OutputProbe of the pass's input model, made at the first replacement
+        self.units_held = held_out_units(ctx, cfg.holdout)   # the units no fit sees (None: rows spread instead)
         self.t0 = time.perf_counter()
         self.mem = 0
         n_batches = max(1, self.data.count_batches(ctx.batch_size))   # feeds of different shapes batch apart
@@ -161,7 +216,7 @@ class _Run:
         cfg = self.cfg
         target_outs = {self.dense[n].node.outputs[0].name for n in self.targets}
         todo = [n for n, layer in self.dense.items()
-                if n in self.targets or (cfg.refit and _upstream_changed(layer.node, target_outs))]
+                if n in self.targets or (cfg.refit and _upstream_changed(layer.node, target_outs, self.dense_outs))]
         runs_before = self.ctx.calibration_runs
         self.bar = self.ctx.bar(total=len(todo), desc="hadamard")
         levels = refit_order(self.graph, todo)   # layers of a level do not feed each other: one run serves them
@@ -179,7 +234,7 @@ class _Run:
             if search and cfg.time_budget and time.perf_counter() - self.t0 > cfg.time_budget:
                 self.report.skip(layer.node, f"hadamard.time_budget={cfg.time_budget}s spent before this layer")
                 search = False
-            self.visits[name] = (search, cfg.refit and _upstream_changed(layer.node, self.changed))
+            self.visits[name] = (search, cfg.refit and _upstream_changed(layer.node, self.replaced, self.dense_outs))
         return self.visits[name]
 
     def ahead(self, levels_left) -> int:
@@ -214,6 +269,7 @@ class _Run:
             return False
         x, y = RowSample.rows(stats[name])
         self.mem = max(self.mem, x.nbytes // 2 + y.nbytes // 2)
+        hold = held_out_rows(len(x), self.units_held) if self.units_held is not None else None
         layer = self.dense[name]
         w = layer.matrix()
         bias = layer.bias() if layer.op == "Gemm" else None   # the node's own: see the module docstring
@@ -221,7 +277,9 @@ class _Run:
         entry = {"shape": [layer.d_in, layer.d_out],
                  "dense_params": layer.d_in * layer.d_out + (layer.d_out if bias is not None else 0),
                  "rows": len(x), "dense_error": round(fit_error_rows(cur_pred, y, y.mean(0)), 5)}
-        if search and self.search(layer, x, y, entry):
+        if hold is not None:
+            entry["held_out_rows"] = int(hold.sum())
+        if search and self.search(layer, x, y, entry, hold):
             self.bar.update(1, postfix=f"{name}: K={entry['blocks']} r={entry['rank']}")
             return True
         changed = False
@@ -229,30 +287,38 @@ class _Run:
         # and, changing the graph, cost the next level a calibration run of its own
         if refit and entry["dense_error"] >= self.cfg.refit_min_error and (layer.op == "Gemm" or bias is None) \
                 and np.isfinite(w).all():
-            changed = self.refit(layer, x, y, cur_pred, entry)
+            changed = self.refit(layer, x, y, cur_pred, entry, hold)
         self.layers[name] = entry
         self.bar.update(1, postfix=name)
         return changed
 
     # ---------------------------------------------------------------- one layer
-    def search(self, layer, x, y, entry) -> bool:
+    def search(self, layer, x, y, entry, hold=None) -> bool:
         """Replace the layer by the cheapest Fastfood structure within tolerance; False (with a
         skip saying the best error reached) when there is none."""
         cfg, node = self.cfg, layer.node
         d_in, d_out = layer.d_in, layer.d_out
         self.bar.detail(f"{node.name}: structure search")
         with self.ctx.timed("search"):
-            fit, info = choose_structure(x, y, cfg, d_in * d_out + d_out)
+            fit, info = choose_structure(x, y, cfg, d_in * d_out + d_out, hold)
         entry.update(info)
         if fit is None:
-            best = (f"best held-out error {info['best_error']}" if info["tried"] else
-                    "none of the structures tried fits in max_params")
+            if info["tried"]:
+                best = f"best held-out error {info['best_error']}"
+            elif info.get("unreachable"):
+                best = (f"the low-rank part alone at {info['best_error']} of held-out error, too far for the "
+                        f"blocks affordable beside it at {info['unreachable']}")
+            elif info.get("search_stopped_by"):
+                best = f"{info['search_stopped_by']} was reached before a structure was complete"
+            else:
+                best = "none of the structures tried fits in max_params"
             self.report.skip(node, f"no Fastfood structure within tolerance {cfg.tolerance} and "
                                    f"max_params {cfg.max_params} ({best})")
             return False
         if cfg.output_error and not self.within_budget(node, fit, entry):
             return False
         self.changed.add(node.outputs[0].name)
+        self.replaced.add(node.outputs[0].name)
         replace(self.graph, node, fit, self.shared, self.op_set)
         entry["replaced"] = True
         self.report.unit(node.name, [node.name], 1 - info["params"] / max(d_in * d_out + d_out, 1))
@@ -272,7 +338,10 @@ class _Run:
         cfg = self.cfg
         with self.ctx.timed("search"):
             if self.probe is None:
-                self.probe = OutputProbe(self.ctx, self.ctx.reference)
+                ctx = self.ctx
+                if self.units_held is not None:   # the units no fit saw
+                    ctx = dataclasses.replace(ctx, data=_Units(ctx.data, np.flatnonzero(self.units_held)))
+                self.probe = OutputProbe(ctx, self.ctx.reference)
             scratch = self.graph.copy()
             replace(scratch, next(n for n in scratch.nodes if n.name == node.name), fit, {}, self.op_set)
             err = self.probe.error(export_model(scratch, like=self.model))
@@ -282,20 +351,24 @@ class _Run:
         self.report.skip(node, f"its Fastfood structure ({entry['blocks']} block(s) + rank {entry['rank']}, held-out "
                                f"error {entry['holdout_error']:.4f}) would bring the model's output error to "
                                f"{err:.4g} > hadamard.output_error={cfg.output_error} (measured on "
-                               f"{self.probe.data.units()} calibration samples)")
+                               f"{self.probe.data.units()} calibration samples"
+                               f"{' no fit saw' if self.units_held is not None else ''})")
         self.layers[node.name] = entry
         return False
 
-    def refit(self, layer, x, y, cur_pred, entry) -> bool:
-        """Ridge refit of a dense layer on its new inputs, kept when it lowers the error on a fifth
-        of the rows spread over the data (held out as the structure search holds out)."""
+    def refit(self, layer, x, y, cur_pred, entry, hold=None) -> bool:
+        """Ridge refit of a dense layer on its new inputs, kept when it lowers the error on the
+        held-out rows (``hold``: the held-out units' rows, which the refit then does not see either;
+        None: a fifth of the rows spread over the data, and the refit kept is fitted on all rows)."""
         fit_bias = layer.op == "Gemm"
-        w2, b2 = ridge_rows(x, y, fit_bias=fit_bias)    # timed as "fit" by refit_levels, which calls solve
-        hold = held_out(len(x), max(1, len(x) // 5))
-        wv, bv = ridge_rows(x[~hold], y[~hold], fit_bias=fit_bias)
+        units = hold is not None
+        if not units:
+            hold = held_out(len(x), max(1, len(x) // 5))
+        wv, bv = ridge_rows(x[~hold], y[~hold], fit_bias=fit_bias)   # timed as "fit" by refit_levels (solve)
         ym = y[~hold].mean(0)
         if fit_error_rows(x[hold] @ wv + bv, y[hold], ym) >= fit_error_rows(cur_pred[hold], y[hold], ym):
             return False
+        w2, b2 = (wv, bv) if units else ridge_rows(x, y, fit_bias=fit_bias)
         layer.write(w2, b2 if fit_bias else None)
         entry["refit"] = True
         entry["refit_error"] = round(fit_error_rows(x @ w2 + b2, y, y.mean(0)), 5)

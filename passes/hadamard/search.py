@@ -19,6 +19,7 @@ import numpy as np
 from .config import HadamardConfig
 from .fastfood import FastfoodFit, LowRankBasis, whitening
 from ...lstsq import fit_error_rows
+from ...parallel import cross, gram
 
 
 def rank_candidates(d_in, d_out, cap_params, fixed=None):
@@ -43,6 +44,16 @@ def held_out(n: int, n_hold: int) -> np.ndarray:
     return mask
 
 
+def held_out_rows(n: int, units_held) -> np.ndarray:
+    """The rows of the held-out calibration units: ``units_held`` is a mask over the units, and the
+    ``n`` rows, which come unit by unit in order, are split into as many contiguous equal parts.
+    Rows of one unit (the tokens of one image, the positions of one picture) are alike: rows held
+    out among them measure how well a fit reproduces the units it saw, not others (vit_focus: its
+    structures within 0.03 on such rows moved the map of held-out images past the gate)."""
+    units = len(units_held)
+    return np.asarray(units_held)[(np.arange(n) * units) // max(n, 1)]
+
+
 REUSE_ROWS = 2    # fit rows per input from which the search's own fit is kept (fewer: refit on all rows)
 FIT_WIDTH = 512   # hadamard.max_fits counts blocks of this width; a wider one counts (d/512)² (its sweeps' cost)
 
@@ -52,12 +63,13 @@ class _Search:
     best structure so far (``best_ok`` within tolerance, ``best_any`` at all) as (params, error,
     K, r), the blocks fitted, and why the search stopped early (a bound), if it did."""
 
-    def __init__(self, x, y, cfg: HadamardConfig, dense_params: int):
+    def __init__(self, x, y, cfg: HadamardConfig, dense_params: int, hold=None):
         n = len(x)
         self.cfg = cfg
         self.d_in, self.d_out = x.shape[1], y.shape[1]
-        n_hold = max(1, int(round(n * cfg.holdout))) if n >= 10 else 0
-        hold = held_out(n, n_hold)
+        if hold is None:
+            hold = held_out(n, max(1, int(round(n * cfg.holdout))) if n >= 10 else 0)
+        n_hold = int(hold.sum())
         self.xf, self.yf = x[~hold], y[~hold]
         self.xh, self.yh = (x[hold], y[hold]) if n_hold else (self.xf, self.yf)
         self.cap = cfg.max_params * dense_params
@@ -72,17 +84,42 @@ class _Search:
         self.stopped = None
 
     def prepare(self):
-        """Centre the fit rows, decompose them once for every rank, pad them for the blocks."""
+        """Centre the fit rows, decompose them once for every rank, drop the ranks the blocks cannot
+        bring within tolerance (``reachable``), pad the rows for the blocks and take their moments."""
         cfg = self.cfg
         self.deadline = time.perf_counter() + cfg.search_seconds if cfg.search_seconds else None
         self.mx, self.my = self.xf.mean(0), self.yf.mean(0)
         self.xc, self.yc = self.xf - self.mx, self.yf - self.my
+        self.xhc = self.xh - self.mx
         self.chol = chol = whitening(self.xc, 1e-4)
         self.basis = LowRankBasis(self.xc, self.yc, chol, max(self.ranks))
+        self.ranks = self.reachable()
+        if not self.ranks:
+            return
         self.xp = self.probe.pad(self.xc)
-        self.xtx = self.xp.T @ self.xp
-        self.xhc = self.xh - self.mx
+        self.xtx = gram(self.xp)
         self.xhp = self.probe.pad(self.xhc)
+        # with moments, the blocks are fitted from Xᵀ(targets) alone (``FastfoodFit.add_block_moments``)
+        self.xty = cross(self.xp, self.yc) if self.probe.moments(self.xp) else None
+
+    def reachable(self) -> list:
+        """The ranks whose low-rank part alone (its held-out error e, no fit needed) could be brought
+        within tolerance by the most blocks affordable beside it, each lowering the error by at most
+        the factor ``cfg.block_gain``: e · block_gain^K ≤ tolerance. Their held-out errors are kept
+        (``lowrank_errors``). vit_focus: the fc2 layers (1536 → 384, one block of width 2048 costs
+        a sweep over 2048 × 2048 moments) are at 0.16–0.34 with rank 64 and four blocks left
+        affordable, and the blocks beside a low-rank part lowered it by 0.82–0.95 each."""
+        cfg = self.cfg
+        self.lowrank_errors = {}
+        out = []
+        for r in self.ranks:
+            u, vt = self.basis.factors(r)
+            err = fit_error_rows(self.xhc @ u @ vt + self.my, self.yh, self.my)
+            self.lowrank_errors[r] = round(err, 5)
+            k = max((k for k in self.ks if self.probe.params(k, r) <= self.cap), default=0)
+            if not cfg.block_gain or err * cfg.block_gain ** k <= cfg.tolerance:
+                out.append(r)
+        return out
 
     def bound_reached(self) -> bool:
         """max_fits or search_seconds spent (saying which in ``stopped``)."""
@@ -103,7 +140,10 @@ class _Search:
         fit = FastfoodFit(self.d_in, self.d_out, cfg.seed)
         fit.mx, fit.my = self.mx, self.my
         fit.set_lowrank(self.basis, r)
-        resid = self.yc - self.xc @ fit.u @ fit.vt
+        if self.xty is not None:   # Xᵀ(residual of the low-rank part) per stack: Xᵀ Y − (Xᵀ X) U Vᵀ
+            resid = fit.stack_moments(self.xty - self.xtx[:, : self.d_in] @ fit.u @ fit.vt)
+        else:
+            resid = self.yc - self.xc @ fit.u @ fit.vt
         hold_lr = self.xhc @ fit.u @ fit.vt
         hold = np.zeros_like(self.yh)   # the blocks' output on the held-out rows, one block added at a time
         # the low-rank part's own held-out error: the first block's gain is judged against it (a
@@ -113,7 +153,10 @@ class _Search:
             limit = min(self.cap, best_ok[0] - 1) if best_ok else self.cap
             if fit.params(k, r) > limit or self.bound_reached():
                 return False
-            resid = fit.add_block(self.xp, resid, self.xtx, cfg.iters, cfg.ridge, cfg.cg_iters, cfg.restarts)
+            if self.xty is not None:
+                resid = fit.add_block_moments(self.xtx, resid, cfg.iters, cfg.ridge, cfg.cg_iters, cfg.restarts)
+            else:
+                resid = fit.add_block(self.xp, resid, self.xtx, cfg.iters, cfg.ridge, cfg.cg_iters, cfg.restarts)
             self.fits += self.fit_cost
             for j, bl in enumerate(fit.blocks):
                 lo, hi = j * fit.d, min((j + 1) * fit.d, self.d_out)
@@ -172,7 +215,7 @@ def refit_structure(x, y, cfg: HadamardConfig, k: int, r: int) -> FastfoodFit:
     return fit
 
 
-def choose_structure(x, y, cfg: HadamardConfig, dense_params: int):
+def choose_structure(x, y, cfg: HadamardConfig, dense_params: int, hold=None):
     """Search (K, r) on the fit rows, judge on held-out rows. With fit rows at least
     ``REUSE_ROWS`` times the inputs, the chosen structure is the search's own fit (no second
     stagewise fit), with ``cfg.final_iters`` backfitting sweeps on the fit rows kept when they lower
@@ -182,13 +225,19 @@ def choose_structure(x, y, cfg: HadamardConfig, dense_params: int):
     counting n·(d/512)²: a deterministic bound on its work) and ``cfg.search_seconds`` its time
     (the best structure found so far is kept).
 
+    ``hold``: the held-out rows (a mask; default: every ~1/``cfg.holdout``-th row, ``held_out``).
+
     Returns (fit or None, info dict)."""
-    search = _Search(x, y, cfg, dense_params)
+    search = _Search(x, y, cfg, dense_params, hold)
     if not search.ranks:   # nothing affordable: decided before any decomposition or fit
         return None, {"tried": search.tried, "best_error": None}
     search.prepare()
+    if not search.ranks:   # no rank the blocks could bring within tolerance: decided before any block fit
+        best = min(search.lowrank_errors.values())
+        return None, {"tried": search.tried, "lowrank_errors": search.lowrank_errors, "best_error": best,
+                      "unreachable": f"hadamard.block_gain={cfg.block_gain}"}
     search.run()
-    info = {"tried": search.tried}
+    info = {"tried": search.tried, "lowrank_errors": search.lowrank_errors}
     if search.stopped:
         info["search_stopped_by"] = search.stopped
     if search.best_ok is None:

@@ -206,7 +206,7 @@ def test_parallel_layers_share_one_calibration_run():
     b.output("y", ["N", 4])
     model = b.model()
     calib = np.random.default_rng(0).standard_normal((300, 64)).astype(np.float32)
-    res = shrink(model, ["hadamard"], calibration=calib, options={"hadamard": {"tolerance": 0.9, "rank": 2, "output_error": 0}},
+    res = shrink(model, ["hadamard"], calibration=calib, options={"hadamard": {"tolerance": 0.9, "rank": 2, "output_error": 0, "refit": True}},
                  tolerances=Tolerances(min_cosine=None), force=True)
     rep = res.report["passes"][0]
     names = [n.name for n in model.graph.node if n.op_type == "MatMul"]
@@ -225,7 +225,7 @@ def test_mlp_accuracy_params_and_downstream_refit():
     calib = digits.to_model_input(split["x_train"][:512], "mlp")
     val = digits.to_model_input(split["x_train"][512:768], "mlp")
     res = shrink(model, ["hadamard"], calibration=calib, validation=val,
-                 options={"hadamard": {"blocks": 1, "rank": 16, "final_iters": 1}},
+                 options={"hadamard": {"blocks": 1, "rank": 16, "final_iters": 1, "refit": True}},
                  tolerances=Tolerances(min_cosine=None), force=True)
     rep = res.report["passes"][0]
     fc2 = rep["layers"]["/fc2/Gemm"]
@@ -242,32 +242,37 @@ def test_mlp_accuracy_params_and_downstream_refit():
 
 
 def test_dense_refit_of_layers_sharing_weights_and_bias():
-    """Layers kept dense and refit after an upstream replacement get their own new weights even
-    where the original ones were shared initializers."""
+    """A layer kept dense and refit after the replacement of the layer feeding it gets its own new
+    weights even where the original ones were shared initializers (x → MatMul → Gemm(w, b) → Gemm(w, b))."""
     def net(shared):
         b = GraphBuilder(4)
         x = b.input("x", ["N", 64])
         h = b.relu(b.matmul(x, 64, 64))
-        w = (b.rng.standard_normal((8, 8)) / 3).astype(np.float32)
-        c = np.full(8, 0.1, np.float32)
-        h = b.relu(b.node("MatMul", [h, b.const(b.rng.standard_normal((64, 8)).astype(np.float32) / 8)]))
+        w = (b.rng.standard_normal((64, 64)) / 8).astype(np.float32)
+        c = np.full(64, 0.1, np.float32)
         one_w, one_c = b.const(w, "w"), b.const(c, "b")
         for _ in range(2):
             h = b.relu(b.node("Gemm", [h, one_w if shared else b.const(w, "w"), one_c if shared else b.const(c, "b")]))
         b.node("Identity", [h], out="y")
-        b.output("y", ["N", 8])
+        b.output("y", ["N", 64])
         return b.model()
 
-    calib = np.random.default_rng(0).standard_normal((200, 64)).astype(np.float32)
-    opts = {"hadamard": {"tolerance": 0.95, "blocks": 1, "rank": 16, "max_params": 1.0, "output_error": 0}}
-    res = [shrink(net(s), ["hadamard"], calibration=calib, options=opts,
-                  tolerances=Tolerances(min_cosine=None), force=True) for s in (True, False)]
-    layers = res[0].report["passes"][0]["layers"]
-    assert any(v.get("refit") for k, v in layers.items() if k.startswith("gemm"))
-    shared = res[0].model
+    calib = np.random.default_rng(0).standard_normal((600, 64)).astype(np.float32)   # rows enough for a 64-wide refit
+    opts = {"hadamard": {"tolerance": 0.95, "blocks": 1, "rank": 16, "max_params": 1.0, "output_error": 0, "refit": True}}
+    res = shrink(net(True), ["hadamard"], calibration=calib, options=opts, tolerances=Tolerances(min_cosine=None),
+                 force=True)
+    layers = res.report["passes"][0]["layers"]
+    refit = [k for k, v in layers.items() if k.startswith("gemm") and v.get("refit")]
+    assert len(refit) == 1   # the Gemm the replaced MatMul feeds; not the one after it
+    shared = res.model
     assert len({t.name for t in shared.graph.initializer}) == len(shared.graph.initializer)
-    feeds = {"x": calib[:16]}
-    np.testing.assert_allclose(_run(shared, feeds)[0], _run(res[1].model, feeds)[0], rtol=1e-5, atol=1e-5)
+    gemms = [n for n in shared.graph.node if n.op_type == "Gemm"]
+    assert len(gemms) == 2 and gemms[0].input[1] != gemms[1].input[1]   # the refit one has its own weights
+    before = {t.name: onnx.numpy_helper.to_array(t) for t in net(True).graph.initializer}
+    after = {t.name: onnx.numpy_helper.to_array(t) for t in shared.graph.initializer}
+    np.testing.assert_array_equal(after[gemms[1].input[1]], before[gemms[1].input[1]])   # the other kept as it was
+    out = _run(shared, {"x": calib[:16]})[0]
+    assert out.shape == (16, 64) and np.isfinite(out).all()
 
 
 def _three_layer(seed=5):
@@ -348,3 +353,73 @@ def test_output_error_budget_keeps_a_layer_dense_whose_replacement_the_outputs_f
     feeds = {"x": calib[:16]}
     (a,), (c,) = _run(model, feeds), _run(res2.model, feeds)
     assert np.linalg.norm(c - a) ** 2 / np.linalg.norm(a) ** 2 > 0.01
+
+
+def test_blocks_from_moments_alone_match_blocks_from_rows():
+    """add_block_moments carries Xᵀ(residual) per stack instead of the residual rows: the blocks it
+    fits are those add_block fits (with moments) from the rows."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((400, 24))
+    y = x @ rng.standard_normal((24, 40)) / 5 + 0.05 * rng.standard_normal((400, 40))
+    fits = [hp.FastfoodFit(24, 40, seed=2) for _ in range(2)]
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    xp = fits[0].pad(xc)
+    xtx = xp.T @ xp
+    assert fits[0].moments(xp)
+    resid = yc
+    qs = fits[1].stack_moments(xp.T @ yc)
+    for restarts in (2, 1):
+        resid = fits[0].add_block(xp, resid, xtx, iters=3, ridge=1e-6, cg=0, restarts=restarts)
+        qs = fits[1].add_block_moments(xtx, qs, iters=3, ridge=1e-6, cg=0, restarts=restarts)
+    np.testing.assert_allclose(fits[1].blocks_out(xp), fits[0].blocks_out(xp), atol=1e-8 * np.abs(yc).max())
+    for j, q in enumerate(qs):   # the moments carried are those of the residual rows
+        np.testing.assert_allclose(q, xp.T @ fits[0]._cols(resid, j), atol=1e-7 * np.abs(q).max())
+
+
+def test_rank_the_blocks_cannot_reach_is_refused_before_any_block_fit():
+    """A layer whose low-rank part alone is far from tolerance at every affordable rank (a random
+    dense layer): no block is fitted (``block_gain``), the low-rank errors are reported. With the
+    check off, the search fits blocks and finds the same: nothing within tolerance."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((600, 64))
+    y = x @ rng.standard_normal((64, 64))
+    cfg = hp.HadamardConfig(tolerance=0.03)
+    fit, info = hp.choose_structure(x, y, cfg, 64 * 64 + 64)
+    assert fit is None and info["tried"] == [] and info["unreachable"] == "hadamard.block_gain=0.75"
+    k_max = 2   # blocks affordable beside rank 8 within a quarter of 64·64+64 params: (1040 − 8·128 − 64) // 192
+    assert all(e * 0.75 ** k_max > 0.03 for e in info["lowrank_errors"].values())
+    assert info["best_error"] == min(info["lowrank_errors"].values())
+    fit2, info2 = hp.choose_structure(x, y, hp.HadamardConfig(tolerance=0.03, block_gain=0), 64 * 64 + 64)
+    assert fit2 is None and len(info2["tried"]) >= 1 and info2["best_error"] > 0.03
+    with pytest.raises(ValueError):
+        hp.HadamardConfig(block_gain=1.5)
+
+
+def test_held_out_rows_are_those_of_whole_units():
+    from onnxshrink.passes.hadamard.search import held_out, held_out_rows
+    units = held_out(10, 2)
+    assert np.flatnonzero(units).tolist() == [4, 9]
+    rows = held_out_rows(30, units)   # three rows a unit, in unit order
+    assert np.flatnonzero(rows).tolist() == [12, 13, 14, 27, 28, 29]
+
+
+def test_budget_and_refits_see_only_units_no_fit_saw():
+    """With enough calibration units, whole units are held out: the structure search judges on their
+    rows (all four rows of a held-out sequence), and the output-error budget is measured on those
+    units alone."""
+    import re
+    model, calib = _sequence_mlp()
+    first = next(n.name for n in model.graph.node if n.op_type == "MatMul")
+    res = shrink(model, ["hadamard"], calibration=calib, tolerances=Tolerances(min_cosine=None), force=True,
+                 options={"hadamard": {"tolerance": 0.9, "rank": 4, "output_error": 1e-6}})
+    rep = res.report["passes"][0]
+    lay = rep["layers"][first]
+    units = lay["rows"] // 4   # the sequences calibration holds (the pipeline keeps some for validation)
+    reason = next(s["reason"] for s in rep["skipped"] if s["node"] == first)
+    probed = int(re.search(r"measured on (\d+) calibration samples no fit saw", reason).group(1))
+    assert probed == round(0.2 * units) and lay["held_out_rows"] == 4 * probed
+    from onnxshrink.passes.hadamard.pass_ import held_out_units
+    from types import SimpleNamespace
+    from onnxshrink.calibrate import DataSource
+    few = SimpleNamespace(data=DataSource({"x": calib[:4]}), reference=model)
+    assert held_out_units(few, 0.2) is None   # four units: rows spread over them instead

@@ -48,10 +48,6 @@ KNOWN_FAILURES = {
     ("captcha_crnn", "pfa"): "the same text on 0.812 of the captchas < 0.9 (FLOPs 0.900; "
                              "26 of 32, 28 in a run before the last change)",
     ("captcha_crnn", "basisconv"): "validation passes but the same text on 0.844 of the captchas < 0.9 (FLOPs 0.897)",
-    ("vit_focus", "hadamard"): "the default gate fails it and the saliency map IoU@0.5 is 0.822 < 0.9 (params 0.933; "
-                               "max abs error 0.352 of the probability scale, decision IoU 0.765; 456 CPU s, 35 calibration "
-                               "runs): the output-error budget (hadamard.output_error 0.01) is measured on the calibration "
-                               "images the structures were fitted on, which the held-out images do not follow",
 }
 
 
