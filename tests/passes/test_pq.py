@@ -291,6 +291,22 @@ def _decoded_outputs(m, feed):
     return got, inits
 
 
+def _same_weights_as_bytes(packed, eight, rows, per_word):
+    """Check that ``packed`` (codes packed ``per_word`` to a word of ``rows`` int8 rows) decodes to
+    the same weights as ``eight`` (one byte a code), in the runtime as in numpy, and gives the same
+    outputs; returns (its bytes, the 8-bit model's bytes, the 8-bit model's code bytes)."""
+    gp, ip = _decoded_outputs(packed.model, {"input": _wide_calib(2)})
+    g8, i8 = _decoded_outputs(eight.model, {"input": _wide_calib(2)})
+    assert gp.keys() == g8.keys() and len(gp) == 2
+    for name in gp:  # same quantization, only the storage differs; the runtime decodes what numpy does
+        assert np.array_equal(gp[name][0], g8[name][0]) and np.array_equal(gp[name][0], gp[name][1])
+        cp, c8 = ip[name[:-3] + ".pq_codes"], i8[name[:-3] + ".pq_codes"]
+        assert cp.dtype == np.int8 and cp.shape == (rows, (c8.size + per_word - 1) // per_word)
+    assert_close(eight.model, packed.model, {"input": _wide_calib(16, seed=3)}, rtol=1e-6, atol=1e-6)
+    codes8 = sum(i8[n[:-3] + ".pq_codes"].nbytes for n in g8)
+    return len(packed.model.SerializeToString()), len(eight.model.SerializeToString()), codes8
+
+
 @pytest.mark.parametrize("n", [1, 2, 7, 566, 567])
 def test_pack_codes_round_trips_odd_and_even_counts(n):
     codes = np.random.default_rng(n).integers(0, 16, size=n)
@@ -379,16 +395,7 @@ def test_six_bit_codes_give_the_same_weights_in_three_quarters_of_the_code_bytes
     assert all(info["bits"] == 6 for info in six.report["passes"][0]["layers"].values())
     assert all(info["bits"] == 6 for info in auto.report["passes"][0]["layers"].values())  # 8192+ codes: it saves
     assert auto.model.SerializeToString() == six.model.SerializeToString()
-    g6, i6 = _decoded_outputs(six.model, {"input": _wide_calib(2)})
-    g8, i8 = _decoded_outputs(eight.model, {"input": _wide_calib(2)})
-    assert g6.keys() == g8.keys() and len(g6) == 2
-    for name in g6:  # same quantization, only the storage differs; the runtime decodes what numpy does
-        assert np.array_equal(g6[name][0], g8[name][0]) and np.array_equal(g6[name][0], g6[name][1])
-        c6, c8 = i6[name[:-3] + ".pq_codes"], i8[name[:-3] + ".pq_codes"]
-        assert c6.dtype == np.int8 and c6.shape == (3, (c8.size + 3) // 4)
-    assert_close(eight.model, six.model, {"input": _wide_calib(16, seed=3)}, rtol=1e-6, atol=1e-6)
-    b6, b8 = len(six.model.SerializeToString()), len(eight.model.SerializeToString())
-    codes8 = sum(i8[n[:-3] + ".pq_codes"].nbytes for n in g8)
+    b6, b8, codes8 = _same_weights_as_bytes(six, eight, rows=3, per_word=4)
     # a quarter of the code bytes saved, less the longer decode (about 700 bytes a layer here)
     assert 0.15 * codes8 <= b8 - b6 <= 0.25 * codes8, (b6, b8, codes8)
     assert six.report["after"]["bytes"] == b6
@@ -417,16 +424,7 @@ def test_five_bit_codes_give_the_same_weights_in_two_thirds_of_the_code_bytes():
     five = _shrink(model, _wide_calib(), centroids=32, bits=5, **quick)
     eight = _shrink(model, _wide_calib(), centroids=32, bits=8, **quick)
     assert all(info["bits"] == 5 for info in five.report["passes"][0]["layers"].values())
-    g5, i5 = _decoded_outputs(five.model, {"input": _wide_calib(2)})
-    g8, i8 = _decoded_outputs(eight.model, {"input": _wide_calib(2)})
-    assert g5.keys() == g8.keys() and len(g5) == 2
-    for name in g5:  # same quantization, only the storage differs; the runtime decodes what numpy does
-        assert np.array_equal(g5[name][0], g8[name][0]) and np.array_equal(g5[name][0], g5[name][1])
-        c5, c8 = i5[name[:-3] + ".pq_codes"], i8[name[:-3] + ".pq_codes"]
-        assert c5.dtype == np.int8 and c5.shape == (4, (c8.size + 5) // 6)
-    assert_close(eight.model, five.model, {"input": _wide_calib(16, seed=3)}, rtol=1e-6, atol=1e-6)
-    b5, b8 = len(five.model.SerializeToString()), len(eight.model.SerializeToString())
-    codes8 = sum(i8[n[:-3] + ".pq_codes"].nbytes for n in g8)
+    b5, b8, codes8 = _same_weights_as_bytes(five, eight, rows=4, per_word=6)
     # a third of the code bytes saved, less the longer decode (about 700 bytes a layer here)
     assert 0.25 * codes8 <= b8 - b5 <= 1 / 3 * codes8, (b5, b8, codes8)
     assert five.report["after"]["bytes"] == b5
