@@ -54,6 +54,11 @@ class LowRankConfig(_factor.FactorConfig):
             raise ValueError(f"effect must be stream or layer, got '{self.effect}'")
 
 
+# a Conv whose kernel is not 2-D (an STFT written as Conv1d): lowrank.conv splits k_h×k_w kernels only
+ONE_D_CONV = ("not a 2-D kernel: lowrank splits Gemm/MatMul weights and (lowrank.conv=true) k×k Conv kernels; "
+              "a Conv's factorization into basis filters and a 1×1 Conv is basisconv's")
+
+
 def _numel(shape):
     return int(np.prod(shape))
 
@@ -101,7 +106,7 @@ def _conv_layer(node, graph, info, cfg):
         return None, wl.reason
     w = wl.weight.values.astype(np.float64)
     if w.ndim != 4:
-        return None, "spatially separable split needs a 2-D kernel"
+        return None, ONE_D_CONV
     attrs = wl.conv_attrs()
     if attrs["group"] != 1:
         return None, f"grouped Conv (group {attrs['group']}): no separable split"
@@ -272,7 +277,8 @@ def find_layers(graph, info, cfg):
         elif node.op == "Conv":
             if not cfg.conv:
                 if len(node.inputs) > 1 and isinstance(node.inputs[1], gs.Constant):
-                    skipped.append((node.name, "Conv layers need lowrank.conv=true"))
+                    skipped.append((node.name, ONE_D_CONV if node.inputs[1].values.ndim != 4
+                                    else "Conv layers need lowrank.conv=true"))
                 continue
             layer, reason = _conv_layer(node, graph, info, cfg)
             if reason is not None and "already separable" in reason:

@@ -307,3 +307,22 @@ def test_measured_budget_reports_each_layers_probe_and_meets_the_goal():
     assert set(rep["ranks"]) <= set(rep["measured"]) and len(rep["measured"]) == 2   # both Gemms probed
     assert all(r["output_error"] > 0 and r["gain"] > 0 and r["probe_rank"] % 8 == 0 for r in rep["measured"].values())
     assert all(t["met"] for t in on.report["targets"].values())
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_a_1d_conv_is_skipped_as_basisconv_work_with_or_without_lowrank_conv(conv):
+    """Input ─ Conv1d(1→16, k=8, stride 4) ─ MatMul(16→8) ─ y (an STFT written as Conv1d, then a
+    filter bank): lowrank factors the MatMul and names basisconv for the 1-D Conv, whether or not
+    lowrank.conv is set (its split is for k×k kernels)."""
+    from onnxshrink.passes.lowrank import ONE_D_CONV
+    b = GraphBuilder(seed=6)
+    x = b.input("input", ["batch", 1, 64])
+    h = b.conv(x, 1, 16, k=8, stride=4, pad=0, nd=1)
+    h = b.node("Transpose", [h], perm=[0, 2, 1])
+    b.matmul(h, 16, 8, out="y")
+    b.output("y")
+    res = _run(b.model(), {"conv": conv, **EXACT})
+    rep = res.report["passes"][0]
+    conv_node = next(n.name for n in b.model().graph.node if n.op_type == "Conv")
+    assert [s["reason"] for s in rep["skipped"] if s["node"] == conv_node] == [ONE_D_CONV]
+    assert len(rep["changed"]) == 1 and "rank" in rep["changed"][0]
