@@ -364,6 +364,57 @@ def measured_curves(groups, curves, channel_multiple, measure, details):
     return out
 
 
+REFINE_ROUNDS = 4   # rounds of probes at the counts an allocation chose (``refined_curves``)
+
+
+def gain_curve(curve, points) -> np.ndarray:
+    """A group's error curve e'(k) = γ(k) (e(k) − e(n)) through its measured points ({k: output
+    error}): γ at each point is its measured error over the curve's, interpolated linearly in k
+    between points and held beyond them; made non-increasing in k (a channel more never costs
+    error). A point whose curve is ~0 is taken as measured, spread per channel removed."""
+    c = np.asarray(curve, dtype=np.float64)
+    n = len(c) - 1
+    base = c - c[n]
+    ks = sorted(points)
+    gains = [points[k] / base[k] if base[k] > 1e-12 else None for k in ks]
+    known = [(k, gn) for k, gn in zip(ks, gains) if gn is not None]
+    if known:
+        gamma = np.interp(np.arange(n + 1), [k for k, _ in known], [gn for _, gn in known])
+        out = gamma * base
+    else:
+        out = np.zeros(n + 1)
+    for k in ks:   # every measured point is met exactly; below it, at least its error per channel gone
+        out[k] = points[k]
+        gone = np.arange(n + 1)[::-1].astype(np.float64)
+        out[:k] = np.maximum(out[:k], points[k] * gone[:k] / max(n - k, 1))
+    out[n] = 0.0
+    return np.maximum.accumulate(out[::-1])[::-1]
+
+
+def refined_curves(groups, raw, curves, points, ks, measure, details):
+    """The measured ``curves``, sharpened where the allocation ``ks`` went: each group cut to a count
+    not measured yet is measured there too (``measure(g, k)``, recorded in ``points``: {group index:
+    {k: output error}}, which holds the probes so far) and its curve redrawn from its in-sample one
+    ``raw`` through its measured points (``gain_curve``). The probes at a quarter of each group say
+    how far its error travels at that depth; an allocation that cuts a group by an eighth reads an
+    extrapolation, and the output error of a small cut is not proportional to the consumers'
+    in-sample one. Returns (curves, number of new measurements)."""
+    rows = details.get("measured", {})
+    new = 0
+    for g in groups:
+        k = ks.get(g.index, g.size)
+        if k >= g.size or k in points.get(g.index, {}):
+            continue
+        points.setdefault(g.index, {})[k] = float(measure(g, k))
+        rows.setdefault(g.name, {}).setdefault("refined", {})[str(k)] = round(points[g.index][k], 6)
+        new += 1
+    out = dict(curves)
+    for g in groups:
+        if len(points.get(g.index, {})) > 1:
+            out[g.index] = gain_curve(raw[g.index], points[g.index])
+    return out, new
+
+
 def by_energy(groups, lams, channel_multiple, cost, targets, details):
     """One global energy threshold (the paper's recipe), searched by bisection: (ks, energy)."""
     cums = {g.index: np.cumsum(lams[g.index]) for g in groups}

@@ -59,6 +59,10 @@ class PfaConfig:
                                   # None (auto): where that work is bounded (``measures``: groups x units x FLOPs
                                   # per unit <= MEASURE_WORK): khmer_segmenter@0.9 same segmentation 0.750 -> 0.917,
                                   # oww_embedding@0.9 worst cosine 0.966 -> 0.988; not ResNet-50 / ViT / the CRNN
+    refine: bool = False          # measured allocation: measure each group again at the count an allocation chose
+                                  # and allocate again on curves through the measured points (allocation.refined_curves,
+                                  # up to REFINE_ROUNDS); opt-in: oww_embedding@0.9 0.988 -> 0.9896, but
+                                  # khmer_segmenter@0.9 0.917 -> 0.833 (two sentences of 24)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -243,8 +247,18 @@ class Pfa(Pass):
         if cfg.allocation == "error" and measures(cfg, sel.groups, model, ctx, cut, details) \
                 and not all(goal.met(now[m]) for m, goal in goals.items()):
             with ctx.timed("search"):
-                curves = allocation.measured_curves(sel.groups, sel.curves, cfg.channel_multiple,
-                                                    self._output_effect(sel, ctx), details)
+                measure, points = self._output_effect(sel, ctx), {}
+
+                def recorded(g, k):
+                    points.setdefault(g.index, {})[k] = err = measure(g, k)
+                    return err
+                curves = allocation.measured_curves(sel.groups, sel.curves, cfg.channel_multiple, recorded, details)
+                for _ in range(allocation.REFINE_ROUNDS if cfg.refine else 0):   # measure where the allocation goes
+                    ks = allocation.by_error(sel.groups, curves, cfg.channel_multiple, cost, targets, {})
+                    curves, new = allocation.refined_curves(sel.groups, sel.curves, curves, points, ks, measure,
+                                                            details)
+                    if not new:
+                        break
         if cfg.allocation == "error":
             ks = allocation.by_error(sel.groups, curves, cfg.channel_multiple, cost, targets, details)
         else:

@@ -185,6 +185,10 @@ def test_budget_spends_ranks_by_measured_output_effect(cnn):
     rep = res.report["passes"][0]
     assert rep["measured"] and all(r["gain"] >= 0 and r["probe_rank"] >= 8 for r in rep["measured"].values())
     assert res.report["ratios"]["flops"] <= 0.6
+    # the ranks chosen were measured (at the probe or again where the allocation went: refined_curves)
+    for node, r in rep["ranks"].items():
+        row = rep["measured"][node]
+        assert r == row["probe_rank"] or str(r) in row.get("refined", {}), (node, r, row)
     off = shrink(model, ["basisconv"], calibration=calib[:128], target_flops=0.6, force=True,
                  options={"basisconv": {"positions": 16}})
     assert "measured" not in off.report["passes"][0]

@@ -774,6 +774,44 @@ def test_measured_curves_spend_the_budget_where_the_outputs_feel_it_least():
     assert ks == {0: 64, 1: 48, 2: 64}                        # b: 0.01 per channel, c: 0.02, a: 0.1
 
 
+def test_refined_curves_measure_where_the_allocation_goes():
+    """A group probed at a quarter (k = 48 of 64) whose output error grows less than its curve says
+    toward small cuts: measured again at the count an allocation chose (k = 56), its curve passes
+    through both measurements (the gain interpolated between them, held beyond), stays
+    non-increasing in k, and a count already measured is not measured again."""
+    from onnxshrink.passes.pfa.allocation import gain_curve, refined_curves
+
+    class G:
+        def __init__(self, index, size, name):
+            self.index, self.size, self.name, self.sources = index, size, name, []
+
+    k = np.arange(65)
+    raw = {0: 0.01 * (64 - k), 1: 0.01 * (64 - k)}
+    points = {0: {48: 0.32}, 1: {48: 0.16}}           # gains 2 and 1 at the probes
+    curves = {0: 2.0 * raw[0], 1: 1.0 * raw[1]}
+    seen = []
+
+    def measure(g, kk):
+        seen.append((g.name, kk))
+        return 0.04                                     # at k = 56 (8 gone): gain 0.5, not 2
+
+    details = {"measured": {"a": {}, "b": {}}}
+    out, new = refined_curves([G(0, 64, "a"), G(1, 64, "b")], raw, curves, points, {0: 56, 1: 48}, measure, details)
+    assert new == 1 and seen == [("a", 56)]
+    assert details["measured"]["a"]["refined"] == {"56": 0.04}
+    assert out[0][56] == pytest.approx(0.04) and out[0][48] == pytest.approx(0.32)
+    assert out[0][52] == pytest.approx(0.12 * 1.25)       # gain halfway between 2 and 0.5, times 0.12
+    assert out[0][60] == pytest.approx(0.5 * 0.04)        # held beyond the last point
+    assert out[0][40] == pytest.approx(2.0 * 0.24)        # and below the first
+    assert out[1] is curves[1]                            # one point: the measured curve as it was
+    assert np.all(np.diff(out[0]) <= 1e-15) and out[0][64] == 0.0
+    _, again = refined_curves([G(0, 64, "a")], raw, out, points, {0: 56}, measure, details)
+    assert again == 0 and len(seen) == 1
+    # a measured point where the curve says free: met exactly, and charged per channel below it
+    flat = gain_curve(np.zeros(65), {48: 0.32})
+    assert flat[48] == pytest.approx(0.32) and flat[32] == pytest.approx(0.64) and flat[56] == 0.0
+
+
 def test_budget_report_holds_each_groups_measured_effect(tiny_cnn):
     model = tiny_cnn
     x = np.random.default_rng(2).standard_normal((128, 3, 8, 8)).astype(np.float32)
@@ -787,6 +825,22 @@ def test_budget_report_holds_each_groups_measured_effect(tiny_cnn):
     for row in rep_on["measured"].values():
         assert row["output_error"] > 0 and row["gain"] > 0 and row["probe_kept"] >= 1
     assert on.report["ratios"]["flops"] <= 0.7 and off.report["ratios"]["flops"] <= 0.7
+
+
+def test_refine_measures_the_counts_the_allocation_keeps(tiny_cnn):
+    """pfa.refine=true: every group the allocation cuts was measured at the count it keeps (at its
+    quarter probe or again where the allocation went); off by default."""
+    x = np.random.default_rng(2).standard_normal((128, 3, 8, 8)).astype(np.float32)
+    run = lambda **o: shrink(tiny_cnn, ["pfa"], calibration=x, target_flops=0.8, force=True,  # noqa: E731
+                             options={"pfa": {"channel_multiple": 1, "measured": True, **o}}).report
+    on = run(refine=True)
+    rep = on["passes"][0]
+    cut = [r for r in rep["recipe"] if r["kept"] < r["channels"]]
+    assert cut and on["ratios"]["flops"] <= 0.8
+    for r in cut:
+        row = rep["measured"][r["group"]]
+        assert r["kept"] == row["probe_kept"] or str(r["kept"]) in row.get("refined", {}), (r, row)
+    assert not any("refined" in row for row in run()["passes"][0]["measured"].values())
 
 
 def test_measured_by_default_only_where_the_probes_work_is_bounded(tiny_cnn, monkeypatch):
