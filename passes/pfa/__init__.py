@@ -26,7 +26,9 @@ With ``measured`` (by default where groups × calibration samples × FLOPs per s
 ``pass_.MEASURE_WORK``) the error curves are first rescaled by each group's measured effect on the
 model's outputs: the group alone pruned by a quarter, its consumers refit on half of the calibration
 units, the output error of a run over the other half (both ways) divided by the curve's prediction
-(``allocation.measured_curves``).
+(``allocation.measured_curves``). With ``refine`` (opt-in) each group is measured again at the count
+an allocation chose and the budget allocated again on curves through the measured points
+(``allocation.refined_curves``).
 Costs come from ``CostModel``: cost(k) is at most quadratic in the counts (a layer's params/FLOPs are
 bilinear in its input and output channel counts), identified from a few probe prunes.
 
