@@ -272,7 +272,7 @@ ALLOC_TOLERANCE = 2.0   # a layer's full quantization may err this many times it
 
 # ----------------------------------------------------------------------------- the loosened per-layer budget
 LOOSEN = (10.0, 3.0)          # per-layer budgets tried, as multiples of pq.max_error, loosest first
-LOOSEN_MAX_BYTES = 1 << 20    # pq.loosen=auto: models of at most this many bytes (each try is one more full fit)
+LOOSEN_MAX_BYTES = 2 << 20    # pq.loosen=auto: models of at most this many bytes (each try is one more full fit)
 
 
 def half_margins(tol: Tolerances | None = None) -> Tolerances:
