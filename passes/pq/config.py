@@ -39,7 +39,7 @@ class PqConfig:
                                    # or what the per-layer budget predicts where that is more
     loosen: str = "auto"           # the per-layer budget loosened (LOOSEN: 10x, then 3x pq.max_error) where the model
                                    # fitted so, measured on the calibration data, passes the default gate at half its
-                                   # margins and flips no more decisions than the rule's noise; auto: models of at
+                                   # margins and flips no more decisions than the rule's model; auto: models of at
                                    # most LOOSEN_MAX_BYTES (each try is a full fit), true, false
     rounds: int = 4                # sequential: at most this many statistics rounds (consecutive
                                    # topological levels share one; 0 = one round per level)

@@ -272,7 +272,8 @@ ALLOC_TOLERANCE = 2.0   # a layer's full quantization may err this many times it
 
 # ----------------------------------------------------------------------------- the loosened per-layer budget
 LOOSEN = (10.0, 3.0)          # per-layer budgets tried, as multiples of pq.max_error, loosest first
-LOOSEN_MAX_BYTES = 2 << 20    # pq.loosen=auto: models of at most this many bytes (each try is one more full fit)
+LOOSEN_MAX_BYTES = 1_600_000   # pq.loosen=auto: models of at most this many bytes (each try is one more full fit;
+                              # the digits CNN, 1.84 MB, lost 2 of 450 test images at 10x with no flip on its probe)
 
 
 def half_margins(tol: Tolerances | None = None) -> Tolerances:
@@ -293,7 +294,8 @@ def loosened(ctx, model, fit, cfg):
     pq.max_error times each of ``LOOSEN``: the first fitted model that takes fewer bytes and,
     on (up to ``GAIN_SAMPLES`` of) the calibration data against the reference, passes the default
     gate at half its margins (``half_margins``), flips no more argmax decisions than the rule's
-    model and their noise (``flip_noise``) and, with the user's task metric, keeps it no lower than
+    model (no noise allowance: on the digits CNN one flip more of 64 calibration samples, allowed
+    as noise, lost 2 of 450 test images) and, with the user's task metric, keeps it no lower than
     the rule's model does (``task_floor``) is kept; else the rule's. Returns (model, report); the
     report's "loosen" says what was measured."""
     from dataclasses import replace as _replace
@@ -302,7 +304,7 @@ def loosened(ctx, model, fit, cfg):
         probe = OutputProbe(ctx, ctx.reference)
         outs = probe.outputs(out)
     flips = decision_flips(probe.ref, outs)
-    bound, task = flips + flip_noise(flips), task_floor(ctx, probe, outs)
+    bound, task = flips, task_floor(ctx, probe, outs)   # no flip the rule's model does not make
     size = ctx.cost(out)["bytes"]
     info = {"samples": probe.data.units(), "flips": flips, "bound_flips": bound, "bytes": int(size), "tries": []}
     tol = half_margins()

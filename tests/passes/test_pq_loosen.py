@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from test_pq import FAST, _mlp_calib, _planted_metric, _wide_mlp
 
-from graphs import run
+from graphs import GraphBuilder, run
 from onnxshrink import shrink
 from onnxshrink.passes.pq import PqConfig
 from onnxshrink.passes.pq import pass_ as pq_pass
@@ -20,28 +20,50 @@ def _size(res):
     return res.report["after"]["bytes"]
 
 
-def test_the_loosened_budget_is_kept_only_within_half_the_gate_and_the_rules_flips():
-    """The wide MLP at pq.max_error=3e-4: the loosened fit takes fewer bytes than the rule's and
-    is kept, its measured try within the bounds (the one flip of 64 calibration samples the
-    rule's noise allows); on held-out data its logits keep the label of at least 95 % of the
-    samples (the rule's model: 97.7 %, this one 95.7 %) and stay within half the gate's relative L2."""
+def _wide_regressor(seed=0):
+    """input(N,64) -> Gemm 64->256 -> Relu -> MatMul 256->256 -> Relu -> Gemm 256->1 -> y: the wide
+    MLP with one regression output (no argmax decision to flip)."""
+    b = GraphBuilder(seed)
+    x = b.input("input", ["batch", 64])
+    h = b.relu(b.gemm(x, 64, 256))
+    h = b.relu(b.matmul(h, 256, 256))
+    b.gemm(h, 256, 1, out="y")
+    b.output("y", ["batch", 1])
+    return b.model()
+
+
+def test_a_looser_model_that_flips_a_decision_the_rules_does_not_is_refused():
+    """The wide MLP's logits at pq.max_error=3e-4: the rule's model flips no label of the 64
+    calibration samples, each looser fit flips some (3 at 10x, 1 at 3x): both are refused and
+    the written model is the rule's."""
     model, calib = _wide_mlp(), _mlp_calib()
     rule = shrink(model, ["pq"], calibration=calib, force=True, options={"pq": OPTS})
-    loose = shrink(model, ["pq"], calibration=calib, force=True, options={"pq": dict(OPTS, loosen="true")})
+    held = shrink(model, ["pq"], calibration=calib, force=True, options={"pq": dict(OPTS, loosen="true")})
     assert "loosen" not in rule.report["passes"][0]
+    info = held.report["passes"][0]["loosen"]
+    assert info["flips"] == info["bound_flips"] == 0 and info["scale"] == 1.0
+    assert [t["scale"] for t in info["tries"]] == list(LOOSEN)
+    assert all(t["flips"] > 0 and not t["kept"] and t["bytes"] < info["bytes"] for t in info["tries"]), info
+    assert _size(held) == _size(rule) and held.model.graph == rule.model.graph
+
+
+def test_the_loosened_budget_is_kept_within_half_the_gate():
+    """The same layers under one regression output: a looser fit passes the gate at half its
+    margins on the calibration data and is kept (fewer bytes than the rule's; a try before it is
+    refused by the gate); on held-out data
+    its relative L2 error stays within the default gate's 0.2."""
+    model, calib = _wide_regressor(), _mlp_calib()
+    rule = shrink(model, ["pq"], calibration=calib, force=True, options={"pq": OPTS})
+    loose = shrink(model, ["pq"], calibration=calib, force=True, options={"pq": dict(OPTS, loosen="true")})
     info = loose.report["passes"][0]["loosen"]
-    assert info["bytes"] >= _size(rule) and [t["scale"] for t in info["tries"]] == list(LOOSEN)[:len(info["tries"])]
     kept = [t for t in info["tries"] if t["kept"]]
     assert len(kept) == 1 and kept[0] is info["tries"][-1] and info["scale"] == kept[0]["scale"], info
-    assert kept[0]["flips"] <= info["bound_flips"] and "gate" not in kept[0]
-    assert all(not t["kept"] and ("gate" in t or t.get("flips", 0) > info["bound_flips"] or t["bytes"] >= info["bytes"])
-               for t in info["tries"][:-1]), info
-    assert _size(loose) < _size(rule)
-    assert loose.report["validation"]["passed"]
+    assert "gate" not in kept[0] and kept[0]["bytes"] < info["bytes"]
+    assert all("gate" in t for t in info["tries"][:-1]), info   # a try before it: refused by the gate
+    assert _size(loose) < _size(rule) and loose.report["validation"]["passed"]
     x = _mlp_calib(256, seed=9)
     ref, got = run(model, x)[0], run(loose.model, x)[0]
-    assert np.mean(ref.argmax(1) == got.argmax(1)) >= 0.95
-    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) <= half_margins().max_rel_l2
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) <= Tolerances().max_rel_l2
 
 
 def test_a_metric_the_loosened_models_lower_keeps_the_rules_model():
