@@ -509,6 +509,36 @@ def _nothing_changed(reports) -> list[str]:
     return lines
 
 
+def _graphs(graph: onnx.GraphProto):
+    """``graph`` and every subgraph inside it (If branches, Loop and Scan bodies)."""
+    yield graph
+    for node in graph.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for g in a.graphs:
+                    yield from _graphs(g)
+
+
+def declared_value_info(model: onnx.ModelProto) -> frozenset:
+    """The tensor names the model's own ``value_info`` declares (main graph and subgraphs)."""
+    return frozenset(vi.name for g in _graphs(model.graph) for vi in g.value_info)
+
+
+def keep_declared_value_info(model: onnx.ModelProto, declared: frozenset) -> None:
+    """Drop, in place, the ``value_info`` entries of tensors the input did not declare: the shapes
+    ``normalize``'s inference added and the types a re-exported graph writes for every tensor (879
+    entries, 1.3 % of a quantized CRNN's file). Runtimes infer them at load time; a name the input
+    declared keeps its entry (as the rewritten graph has it: a rewrite may have dropped a shape it
+    changed). Graph inputs and outputs are not touched."""
+    for g in _graphs(model.graph):
+        if any(vi.name not in declared for vi in g.value_info):
+            kept = [vi for vi in g.value_info if vi.name in declared]
+            del g.value_info[:]
+            g.value_info.extend(kept)
+
+
 def _same_model(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
     """Equal but for inferred shapes (``value_info``, which a re-exported graph may add)."""
     if a is b:
@@ -583,6 +613,7 @@ def shrink(model_or_path, passes, calibration=None, *, data: Data | None = None,
         raise UsageError(str(e)) from None
     budget = budget_mod.Budget.of({m: f for m, f in fractions.items() if f is not None}, [p for p, _ in chosen])
     model = load_model(model_or_path, data.base_dir)
+    declared = declared_value_info(model)   # before normalize adds the shapes it infers
     _check_supported(model)
     _check_runs(model)
     try:
@@ -607,7 +638,7 @@ def shrink(model_or_path, passes, calibration=None, *, data: Data | None = None,
             reps = [r for src in (fit, val) if src is not None for r in src.representatives()]
             with observing(ShapeObserver(reps)), parallel.fitting(threads):   # one BLAS thread: see ``parallel``
                 call = _Call(chosen, budget, fit, val, tol, run.force, run.quiet, run.batch_size, run.seed, t0,
-                             quantized, input_info, model_or_path, task, max_drop, gate)
+                             quantized, input_info, model_or_path, task, max_drop, gate, declared)
                 return _execute(model, original, call)
         finally:
             for src in (fit, val):
@@ -635,6 +666,7 @@ class _Call:
     metric: metrics_mod.Metric | None = None
     max_drop: float | None = None
     gate: str = "default"       # the tolerances' origin: "default", "given", or "metric" (the metric judges)
+    declared: frozenset = frozenset()   # the names the input's own value_info declared (kept in the output)
     # the first pass's reference tensors, kept across the chains a budget search builds from the
     # same model and data (``calibrate.TensorCache``); shared by the copies ``replace`` makes
     shared: dict = field(default_factory=dict)
@@ -823,6 +855,8 @@ def _execute(model, original, call: _Call):
         model, reports, search_info = _searched_chain(model, original, call, before, signatures, sample_shapes)
     else:
         model, reports = _chain(model, original, call, call.budget, signatures, sample_shapes)
+    if model is not original:
+        keep_declared_value_info(model, call.declared)
     after = model_cost(model, signatures)
     small = few_rows_warning(reports)
     if small is not None:

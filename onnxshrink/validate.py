@@ -458,6 +458,20 @@ def decision_flips(ref: list, outs: list) -> int:
     return flips
 
 
+def gate_failures(model: onnx.ModelProto, ref: list, outs: list, tol: Tolerances) -> list[str]:
+    """The checks of ``tol`` that ``outs`` fail against ``ref`` (per-feed output dicts, ``ref``
+    from ``model``, whose Sigmoid outputs are scores): the validation's gate on outputs a pass has
+    already computed (its ``OutputProbe``); a sample is axis 0 of an output of rank >= 2."""
+    scores, stats = score_outputs(model), {}
+    for i, (r, o) in enumerate(zip(ref, outs)):
+        for name, x in r.items():
+            x, y = np.asarray(x), np.asarray(o[name])
+            if np.issubdtype(x.dtype, np.floating):
+                st = stats.setdefault(name, OutputStats(score=name in scores))
+                st.add(x, y, i, 0, x.shape[0] if x.ndim >= 2 else 1)
+    return _tolerance_failures({n: st.result() for n, st in stats.items()}, tol)
+
+
 def _tolerance_failures(outputs, tol: Tolerances):
     fails = []
     for name, m in outputs.items():

@@ -37,6 +37,10 @@ class PqConfig:
     output_error: float = 2e-3     # allocate: the model's output error it may spend (relative squared error of
                                    # the outputs, a quarter of the worst sample's and of the squared range error),
                                    # or what the per-layer budget predicts where that is more
+    loosen: str = "auto"           # the per-layer budget loosened (LOOSEN: 10x, then 3x pq.max_error) where the model
+                                   # fitted so, measured on the calibration data, passes the default gate at half its
+                                   # margins and flips no more decisions than the rule's model; auto: models of at
+                                   # most LOOSEN_MAX_BYTES (each try is a full fit), true, false
     rounds: int = 4                # sequential: at most this many statistics rounds (consecutive
                                    # topological levels share one; 0 = one round per level)
 
@@ -58,6 +62,9 @@ class PqConfig:
             raise ValueError(f"pq.max_error must be ≥ 0 (0: no budget), got {self.max_error}")
         if self.output_error < 0:
             raise ValueError(f"pq.output_error must be ≥ 0, got {self.output_error}")
+        self.loosen = str(self.loosen).lower()
+        if self.loosen not in ("auto", "true", "false"):
+            raise ValueError(f"pq.loosen must be auto, true or false, got '{self.loosen}'")
         if self.rounds < 0:
             raise ValueError(f"pq.rounds must be ≥ 0 (0: one per level), got {self.rounds}")
         if self.min_bytes < 0:

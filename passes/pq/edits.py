@@ -39,7 +39,10 @@ def decode(graph: gs.Graph, layer: Layer, codebook: np.ndarray, codes: np.ndarra
     rows, nb = codes.shape
     n = rows * nb
 
-    em = Emitter(graph, dtype=wdtype)
+    # the decode's small constants (offsets, places, radices, shapes) are shared by every decode of
+    # the graph that uses the same value (``Emitter.shared_const``): one copy each, not one per layer
+    # (captcha_crnn: 177 of them, 25 distinct, 4.5 KB)
+    em = Emitter(graph, dtype=wdtype, shared=graph.__dict__.setdefault("_pq_small_constants", {}))
     made = []
     # the decode's inner tensors, nodes and small constants under a short tag of their own (``pq0``,
     # ``pq1``, ...): a weight's name (often 40 characters and more) in each of them was up to a
@@ -54,8 +57,10 @@ def decode(graph: gs.Graph, layer: Layer, codebook: np.ndarray, codes: np.ndarra
         return em.op(op, inputs, attrs, out=out, name=f"{name}_{op.lower()}")
 
     def const(suffix, value):
-        own = suffix in ("codebook", "codes")
-        return em.const(value, dtype=value.dtype, name=f"{base}.pq_{suffix}" if own else f"{tag}_{suffix}")
+        if suffix in ("codebook", "codes"):
+            return em.const(value, dtype=value.dtype, name=f"{base}.pq_{suffix}")
+        key = (suffix, value.dtype.str, value.shape, value.tobytes())
+        return em.shared_const(key, lambda: value, f"{tag}_{suffix}")
 
     cb = const("codebook", codebook)
     if bits in WORDS:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 import weakref
 import zlib
+from dataclasses import replace
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from .config import PqConfig
 from .edits import refit_biases, replace_weight
 from .layer import default_block, ladder, layer_of, shared_layer, subgraph_nodes, tables
 from .quantize import SCREEN_MARGIN, budget_error, quantize, screened_error
-from .search import ALLOC_TOLERANCE, allocate, size_search
+from .search import ALLOC_TOLERANCE, LOOSEN_MAX_BYTES, allocate, loosened, size_search
 from .sizes import code_width, dense_bytes, forget_bytes, pq_bytes, setting_bytes, weight_bytes
 from .target import layer_problem, moments, outer_twin, requests
 
@@ -113,6 +114,12 @@ class Pq(Pass):
 
     # ------------------------------------------------------------------------- the rewrite
     def apply(self, model, cfg, ctx):
+        if cfg.max_error > 0 and "bytes" not in ctx.goals and (
+                cfg.loosen == "true" or (cfg.loosen == "auto" and ctx.cost(model)["bytes"] <= LOOSEN_MAX_BYTES)):
+            return loosened(ctx, model, lambda c: self._apply(model, c, ctx), replace(cfg, loosen="false"))
+        return self._apply(model, cfg, ctx)
+
+    def _apply(self, model, cfg, ctx):
         graph = import_graph(model)
         report = PassReport(self.name)
         todo, skipped = self._scan(graph, cfg)

@@ -15,7 +15,9 @@ from onnxshrink.passes.pq import PqConfig, decoded_weight, pack_codes, pack_code
 from onnxshrink.passes.pq.codec import code_bits, pack_words
 
 # the mechanics tests run on layers far below the default size threshold, without the error budget
-FAST = {"iters": 2, "refine": 4, "kmeans_iters": 3, "positions": 8, "min_bytes": 0, "max_error": 0}
+FAST = {"iters": 2, "refine": 4, "kmeans_iters": 3, "positions": 8, "min_bytes": 0, "max_error": 0,
+        "loosen": "false"}   # the per-layer rule as set (the loosened budget: its own tests)
+RULE = {"loosen": "false"}   # the defaults, the per-layer budget as set
 
 
 def _net(seed=0, distinct=None):
@@ -747,7 +749,7 @@ def _table_net(seed=0):
 
 def test_gather_slice_and_reshape_tables_are_quantized_within_the_budget():
     model, calib = _table_net()
-    res = shrink(model, ["pq"], calibration=calib, force=True)
+    res = shrink(model, ["pq"], calibration=calib, force=True, options={"pq": RULE})
     rep = res.report["passes"][0]
     assert sorted(rep["changed"]) == ["gather", "reshape", "slice"], rep
     for name, info in rep["layers"].items():
@@ -788,7 +790,7 @@ def _if_net(seed=0):
 
 def test_a_weight_read_inside_an_if_branch_is_quantized_in_weight_space():
     model, feeds = _if_net()
-    res = shrink(model, ["pq"], calibration=feeds, force=True)
+    res = shrink(model, ["pq"], calibration=feeds, force=True, options={"pq": RULE})
     rep = res.report["passes"][0]
     assert sorted(rep["changed"]) == ["inner_mm", "outer_mm"], rep
     assert rep["layers"]["inner_mm"]["metric"] == "weights" and rep["layers"]["outer_mm"]["metric"] == "activation"
@@ -841,12 +843,12 @@ def test_a_branch_layer_reading_a_main_graph_tensor_gets_its_input_statistics(di
     mm = next(n for n in branch.nodes if n.op == "MatMul")
     assert outer_twin(mm.inputs[0], branch, g) == "f"
     assert outer_twin(mm.outputs[0], branch, g) is None   # made in the branch from a branch tensor
-    res = shrink(model, ["pq"], calibration=feeds, force=True)
+    res = shrink(model, ["pq"], calibration=feeds, force=True, options={"pq": RULE})
     layers = res.report["passes"][0]["layers"]
     inner = layers["inner_mm"]
     assert inner["metric"] == "activation" and inner["rel_output_error"] <= PqConfig().max_error, inner
     assert "bias_refit" not in inner   # a MatMul without a bias Add: no bias to refit
-    weights = shrink(model, ["pq"], calibration=feeds, force=True, options={"pq": {"aware": False}})
+    weights = shrink(model, ["pq"], calibration=feeds, force=True, options={"pq": dict(RULE, aware=False)})
     assert inner["bytes"][1] < weights.report["passes"][0]["layers"]["inner_mm"]["bytes"][1], (inner, weights.report)
     feed = {"x": feeds[0]["x"], "cond": np.array(True)}
     ref, got = run(model, feed)[0], run(res.model, feed)[0]

@@ -1,0 +1,103 @@
+"""pq's loosened per-layer budget (``pq.loosen``): the rule at 10x / 3x pq.max_error, kept only
+where the fitted model, measured on the calibration data, passes the default gate at half its
+margins and flips no more decisions than the rule's model (and keeps the user's metric)."""
+
+import numpy as np
+import pytest
+from test_pq import FAST, _mlp_calib, _planted_metric, _wide_mlp
+
+from graphs import GraphBuilder, run
+from onnxshrink import shrink
+from onnxshrink.passes.pq import PqConfig
+from onnxshrink.passes.pq import pass_ as pq_pass
+from onnxshrink.passes.pq.search import LOOSEN, half_margins
+from onnxshrink.validate import Tolerances
+
+OPTS = dict(FAST, max_error=3e-4)
+
+
+def _size(res):
+    return res.report["after"]["bytes"]
+
+
+def _wide_regressor(seed=0):
+    """input(N,64) -> Gemm 64->256 -> Relu -> MatMul 256->256 -> Relu -> Gemm 256->1 -> y: the wide
+    MLP with one regression output (no argmax decision to flip)."""
+    b = GraphBuilder(seed)
+    x = b.input("input", ["batch", 64])
+    h = b.relu(b.gemm(x, 64, 256))
+    h = b.relu(b.matmul(h, 256, 256))
+    b.gemm(h, 256, 1, out="y")
+    b.output("y", ["batch", 1])
+    return b.model()
+
+
+def test_a_looser_model_that_flips_a_decision_the_rules_does_not_is_refused():
+    """The wide MLP's logits at pq.max_error=3e-4: the rule's model flips no label of the 64
+    calibration samples, each looser fit flips some (3 at 10x, 1 at 3x): both are refused and
+    the written model is the rule's."""
+    model, calib = _wide_mlp(), _mlp_calib()
+    rule = shrink(model, ["pq"], calibration=calib, force=True, options={"pq": OPTS})
+    held = shrink(model, ["pq"], calibration=calib, force=True, options={"pq": dict(OPTS, loosen="true")})
+    assert "loosen" not in rule.report["passes"][0]
+    info = held.report["passes"][0]["loosen"]
+    assert info["flips"] == info["bound_flips"] == 0 and info["scale"] == 1.0
+    assert [t["scale"] for t in info["tries"]] == list(LOOSEN)
+    assert all(t["flips"] > 0 and not t["kept"] and t["bytes"] < info["bytes"] for t in info["tries"]), info
+    assert _size(held) == _size(rule) and held.model.graph == rule.model.graph
+
+
+def test_the_loosened_budget_is_kept_within_half_the_gate():
+    """The same layers under one regression output: a looser fit passes the gate at half its
+    margins on the calibration data and is kept (fewer bytes than the rule's; a try before it is
+    refused by the gate); on held-out data
+    its relative L2 error stays within the default gate's 0.2."""
+    model, calib = _wide_regressor(), _mlp_calib()
+    rule = shrink(model, ["pq"], calibration=calib, force=True, options={"pq": OPTS})
+    loose = shrink(model, ["pq"], calibration=calib, force=True, options={"pq": dict(OPTS, loosen="true")})
+    info = loose.report["passes"][0]["loosen"]
+    kept = [t for t in info["tries"] if t["kept"]]
+    assert len(kept) == 1 and kept[0] is info["tries"][-1] and info["scale"] == kept[0]["scale"], info
+    assert "gate" not in kept[0] and kept[0]["bytes"] < info["bytes"]
+    assert all("gate" in t for t in info["tries"][:-1]), info   # a try before it: refused by the gate
+    assert _size(loose) < _size(rule) and loose.report["validation"]["passed"]
+    x = _mlp_calib(256, seed=9)
+    ref, got = run(model, x)[0], run(loose.model, x)[0]
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) <= Tolerances().max_rel_l2
+
+
+def test_a_metric_the_loosened_models_lower_keeps_the_rules_model():
+    """With the user's metric reading how far one logit moves, every looser fit moves it more
+    than the rule's model: each try is refused on the metric and the written model is the rule's."""
+    model, calib = _wide_mlp(), _mlp_calib()
+    rule = shrink(model, ["pq"], calibration=calib, force=True, options={"pq": OPTS})
+    held = shrink(model, ["pq"], calibration=calib, force=True, options={"pq": dict(OPTS, loosen="true")},
+                  metric=_planted_metric(model))
+    info = held.report["passes"][0]["loosen"]
+    tried = [t for t in info["tries"] if "metric" in t]
+    assert tried and not any(t["kept"] for t in info["tries"]) and info["scale"] == 1.0
+    assert _size(held) == _size(rule)
+    assert held.model.graph == rule.model.graph
+
+
+def test_auto_loosens_small_models_only(monkeypatch):
+    model, calib = _wide_mlp(), _mlp_calib()
+    auto = dict(OPTS, loosen="auto")
+    small = shrink(model, ["pq"], calibration=calib, force=True, options={"pq": auto})
+    assert "loosen" in small.report["passes"][0]
+    monkeypatch.setattr(pq_pass, "LOOSEN_MAX_BYTES", 1000)
+    big = shrink(model, ["pq"], calibration=calib, force=True, options={"pq": auto})
+    assert "loosen" not in big.report["passes"][0]
+    # no per-layer budget (max_error 0) or a size target: nothing to loosen
+    free = shrink(model, ["pq"], calibration=calib, force=True, options={"pq": dict(FAST, loosen="true")})
+    assert "loosen" not in free.report["passes"][0]
+
+
+def test_loosen_option_and_half_margins():
+    assert PqConfig().loosen == "auto" and PqConfig(loosen=True).loosen == "true"
+    with pytest.raises(ValueError, match="pq.loosen"):
+        PqConfig(loosen="maybe")
+    t, h = Tolerances(), half_margins()
+    assert h.max_rel_l2 == t.max_rel_l2 / 2 and h.max_range_error == t.max_range_error / 2
+    assert h.min_worst_cosine == pytest.approx(1 - (1 - t.min_worst_cosine) / 2)
+    assert h.min_decision_iou == pytest.approx(1 - (1 - t.min_decision_iou) / 2) and h.max_error is None
