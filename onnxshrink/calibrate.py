@@ -1022,8 +1022,12 @@ class TensorCache:
     reproduces), kept batch by batch for later runs over the same data and batch size, so that
     the reference runs once, not once per refit level or statistics round.
 
-    Served values are bit for bit those a run of their own would fetch. Where that holds whatever
-    a run fetches (``fetch_independent``), a run fetches, beside the tensors its requests read,
+    Served values are bit for bit those a run of their own would fetch, with one exception that
+    ``fetch_independent`` does not see: ONNX Runtime (1.32, basic optimisations) fuses a MatMul
+    with the Add that reads it unless the MatMul's output is fetched, so a tensor downstream of
+    such a pair (a residual sum) fetched beside the MatMul's output (pfa's statistics run, which
+    keeps its refit's targets: ``PassContext.prefetch_reference``) can differ in the last bits
+    from a run fetching it alone. Where ``fetch_independent`` holds, a run fetches, beside the tensors its requests read,
     those ``want``ed ahead (a later level's targets), and any tensor held is served; otherwise a
     tensor is served only to a run that fetches exactly the tensors it was fetched with (a
     repeated round), and nothing is fetched ahead. Every tensor a run fetched is kept while the

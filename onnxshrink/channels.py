@@ -117,27 +117,48 @@ class _Map:
 
 
 class _UF:
+    """Components (channel positions) and the ties between them, recorded as they are found and
+    joined once at the end (``roots``): the classes are the connected components of the ties, each
+    named by its smallest component (what a union-find that links the larger root under the
+    smaller one gives, whatever the order of the unions)."""
+
     def __init__(self):
-        self.parent: list[int] = []
+        self.count = 0
+        self._a: list = []
+        self._b: list = []
 
     def new(self, n: int) -> np.ndarray:
-        start = len(self.parent)
-        self.parent.extend(range(start, start + n))
+        start = self.count
+        self.count += int(n)
         return np.arange(start, start + n, dtype=np.int64)
 
-    def find(self, a: int) -> int:
-        p = self.parent
-        root = a
-        while p[root] != root:
-            root = p[root]
-        while p[a] != root:
-            p[a], a = root, p[a]
-        return root
+    def tie(self, a, b) -> None:
+        """Tie component ``a[i]`` to ``b[i]`` for every i (arrays of the same length)."""
+        a = np.asarray(a, dtype=np.int64).reshape(-1)
+        b = np.asarray(b, dtype=np.int64).reshape(-1)
+        if len(a):
+            self._a.append(a)
+            self._b.append(b)
 
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(int(a)), self.find(int(b))
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
+    def roots(self) -> np.ndarray:
+        """The smallest component of each component's class (int64, one per component)."""
+        return _class_minimum(self.count, self._a, self._b)
+
+
+def _class_minimum(n: int, a: list, b: list) -> np.ndarray:
+    """For each of ``n`` nodes, the smallest node of its connected component under the edges
+    (a[k][i], b[k][i])."""
+    idx = np.arange(n, dtype=np.int64)
+    if n == 0 or not a:
+        return idx
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    ea, eb = np.concatenate(a), np.concatenate(b)
+    adj = coo_matrix((np.ones(len(ea), dtype=np.int8), (ea, eb)), shape=(n, n))
+    _, labels = connected_components(adj, directed=False)
+    low = np.full(int(labels.max()) + 1, n, dtype=np.int64)
+    np.minimum.at(low, labels, idx)
+    return low[labels]
 
 
 def _ints(values):
@@ -381,8 +402,7 @@ class ChannelAnalysis:
         return m
 
     def _tie(self, a: np.ndarray, b: np.ndarray) -> None:
-        for x, y in zip(a, b):
-            self.uf.union(int(x), int(y))
+        self.uf.tie(a, b)
 
     # -- propagation
     def _run(self, graph: gs.Graph) -> None:
@@ -1151,20 +1171,17 @@ class ChannelAnalysis:
 
     # -- groups
     def _finish(self) -> None:
-        n = len(self.uf.parent)
-        self.roots = np.array([self.uf.find(i) for i in range(n)], dtype=np.int64)
-        guf = _UF()
-        guf.new(n)
-        for s in self.sources:
-            r = self.roots[s.comps]
-            for a in r[1:]:
-                guf.union(int(r[0]), int(a))
+        n = self.uf.count
+        self.roots = self.uf.roots()
+        # a group: the classes its sources' channels belong to, joined over every source
+        ties = [self.roots[s.comps] for s in self.sources if len(s.comps) > 1]
+        group_root = _class_minimum(n, [r[:1].repeat(len(r) - 1) for r in ties], [r[1:] for r in ties])
         gid_of_root = {}
         self.groups: list[Group] = []
         for s in self.sources:
             if len(s.comps) == 0:
                 continue
-            g = guf.find(int(self.roots[s.comps[0]]))
+            g = int(group_root[self.roots[s.comps[0]]])
             if g not in gid_of_root:
                 gid_of_root[g] = len(self.groups)
                 self.groups.append(Group(len(self.groups), np.zeros(0, np.int64)))
@@ -1172,15 +1189,13 @@ class ChannelAnalysis:
             grp.sources.append(s)
         self.class_group = np.full(n, -1, dtype=np.int64)
         self.class_index = np.full(n, -1, dtype=np.int64)
-        for grp in self.groups:
-            seen = []
-            for s in grp.sources:
-                for r in self.roots[s.comps]:
-                    if self.class_index[r] < 0:
-                        self.class_index[r] = len(seen)
-                        self.class_group[r] = grp.index
-                        seen.append(r)
-            grp.classes = np.asarray(seen, dtype=np.int64)
+        for grp in self.groups:   # a group's classes in the order its sources first show them
+            cat = np.concatenate([self.roots[s.comps] for s in grp.sources])
+            _, first = np.unique(cat, return_index=True)
+            seen = cat[np.sort(first)]
+            self.class_index[seen] = np.arange(len(seen), dtype=np.int64)
+            self.class_group[seen] = grp.index
+            grp.classes = seen.astype(np.int64)
         for c, pins in self.comp_pins.items():
             grp = self.groups[self.class_group[self.roots[c]]]
             for p in pins:

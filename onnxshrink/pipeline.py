@@ -253,6 +253,19 @@ class PassContext:
         if cache is not None:
             cache.want(names)
 
+    def prefetch_reference(self, names) -> bool:
+        """``want_reference(names)`` where the next run of the reference can fetch them beside
+        what it reads and serve both sides of a collection at once (a ``TensorCache`` whose values
+        do not depend on what a run fetches, ``calibrate.fetch_independent``); True then, and a
+        ``collect`` on the reference with ``model_y`` = the reference is one run that also keeps
+        ``names`` for later ones (a refit's targets, read in the statistics run). False (nothing
+        asked) otherwise: such a collection would run the reference twice."""
+        cache = self._cache(self.reference)
+        if cache is None or not cache.free:
+            return False
+        cache.want(names)
+        return True
+
     @contextlib.contextmanager
     def incremental(self):
         """A scope whose runs of models other than the reference go through one

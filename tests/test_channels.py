@@ -547,3 +547,28 @@ def test_packed_qkv_layers_sharing_their_shape_targets_lose_different_heads():
     for g in heads:
         w = next(init(pruned, n.input[1]) for n in pruned.graph.node if n.name == g.sources[0].node)
         assert w.shape == (16, 3 * 4 * len(keep[g.index]))
+
+
+def test_channel_classes_are_the_connected_components_of_the_ties(rng):
+    """``channels._UF``: ties recorded in any order give the classes a union-find gives, each named
+    by its smallest member."""
+    from onnxshrink.channels import _UF
+    for trial in range(20):
+        uf = _UF()
+        n = int(rng.integers(1, 60))
+        comps = uf.new(n)
+        assert comps.tolist() == list(range(n))
+        pairs = rng.integers(0, n, size=(int(rng.integers(0, 2 * n)), 2))
+        parent = list(range(n))
+
+        def find(a):
+            while parent[a] != a:
+                a = parent[a]
+            return a
+        for a, b in pairs:
+            ra, rb = find(int(a)), find(int(b))
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)
+        for k in range(0, len(pairs), 3):   # ties come in arrays, as the analysis records them
+            uf.tie(pairs[k:k + 3, 0], pairs[k:k + 3, 1])
+        assert uf.roots().tolist() == [find(i) for i in range(n)]

@@ -148,3 +148,38 @@ def test_normalize_infers_shapes_without_the_weights_and_writes_the_same_model(m
     assert len(light.graph.value_info) >= 4   # the intermediate shapes are there
     monkeypatch.setattr(graph_mod, "_with_shapes", lambda m: shape_inference.infer_shapes(m, data_prop=True))
     assert normalize(model).SerializeToString() == light.SerializeToString()
+
+
+def test_pfa_statistics_run_fetches_the_refits_targets(monkeypatch, rng):
+    """x(N,16) -> Gemm(16->48) -> Relu -> Gemm(48->48) -> Relu -> Gemm(48->4) -> y, pfa at half the
+    params: the statistics run of the reference also fetches the targets of the consumers' refit
+    (their outputs), so the refit runs no reference model of its own: one run of the input model
+    over the data, not one more (or, without the cache, one more per refit level); the model written is the same as with the refit's own reference run
+    (the reference cache off)."""
+    from onnxshrink import shrink
+    model = gemm_chain(3, (16, 48, 48, 4))
+    calib = rng.standard_normal((96, 16)).astype(np.float32)
+    runs = []
+    real = calibrate._Runner.__init__
+
+    def counting(self, m, names):
+        real(self, m, names)
+        runs.append((m, list(names)))
+    monkeypatch.setattr(calibrate._Runner, "__init__", counting)
+
+    def run():
+        runs.clear()
+        res = shrink(model, ["pfa"], calibration=calib, quiet=True, force=True, target_params=0.5)
+        of_input = [names for m, names in runs if len(m.graph.node) == len(model.graph.node)
+                    and m.graph.initializer[0] == model.graph.initializer[0]]   # the input, not a pruned copy
+        return res, of_input
+
+    res, of_input = run()
+    rep = res.report["passes"][0]
+    assert rep["changed"] and rep["reference_cache"]["runs"] == 1
+    assert len(of_input) == 1, of_input                          # the statistics run only
+    monkeypatch.setenv(calibrate.CACHE_ENV, "0")
+    off, of_input_off = run()
+    assert len(of_input_off) == 3                                # statistics, then each refit level's targets
+    assert off.model.SerializeToString() == res.model.SerializeToString()
+

@@ -20,7 +20,7 @@ from ...graph import import_graph
 from ...layers import WeightLayer
 from ...stats import ResponseStats
 from ...stats import positions_for as stats_positions
-from .edits import block_output, consumer_blocks, refit_consumers
+from .edits import block_output, consumer_blocks, refit_consumers, residual_target
 from .elimination import Problem
 
 
@@ -52,13 +52,31 @@ def collect_statistics(model, an, groups, cfg, ctx, consumers: bool, rows: dict 
                     if out is not None:
                         reqs.setdefault((out[0], "rows"), ResponseStats(out[0], "rows"))
                         streams[c] = ((out[0], "rows"), out[1])
+    # the reference tensors the consumers' refit will fit to (``refit.sequential_refit``: a layer's
+    # output, or the residual sum it adds to), fetched with this run and kept for the refit where
+    # that costs no second run (``PassContext.prefetch_reference``): the refit then runs no
+    # reference model of its own. The statistics are those of the run without them (an Add's
+    # output blocks no fusion); a residual sum is that of a run that also fetches the layer's
+    # own output, which keeps ONNX Runtime from fusing a MatMul with its bias Add: its last bits
+    # can differ from those of a run fetching the sum alone.
+    model_y = None
+    prefetch = getattr(ctx, "prefetch_reference", None)
+    if layer and prefetch is not None and model is getattr(ctx, "reference", None):
+        order = [n.name for n in graph.nodes if n.name in layer]
+        targets = []
+        for c in order:
+            res = residual_target(WeightLayer(nodes[c], graph)) if cfg.residual_targets else None
+            targets.append(res[0] if res is not None else layer[c].y_tensor)
+        if prefetch([t for t in targets if t]):
+            model_y = model
     # a tensor's rows that a linear consumer reads whole are in that consumer's Cov(x) already
     # (the same rows, summed the same way): one accumulation, not two (a transformer's MLP hidden)
     plain = {r.x_tensor: r.key for r in layer.values()
              if r.kind == "linear" and not r.transpose_x and not r.rows_per_batch}
     shared = {k: plain[k[0]] for k in reqs if k[1] == "rows" and k[0] in plain}
-    accs = ctx.collect([r for k, r in reqs.items() if k not in shared] + list(layer.values()),
-                       desc="pfa statistics")
+    asked = [r for k, r in reqs.items() if k not in shared] + list(layer.values())
+    accs = ctx.collect(asked, model_y=model_y, desc="pfa statistics") if model_y is not None \
+        else ctx.collect(asked, desc="pfa statistics")
 
     def moments(k):
         return accs[shared[k]].x if k in shared else accs[reqs[k].key]

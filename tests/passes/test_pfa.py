@@ -901,3 +901,20 @@ def test_measured_probes_refit_on_one_half_of_the_units_and_measure_on_the_other
     assert fa.reference is tiny_cnn and fa.timings is ctx.timings and fa.reference_cache is None
     small = PassContext(DataSource({"input": x[:2 * MIN_FOLD_UNITS - 1]}), tiny_cnn, tiny_cnn)
     assert probe_folds(small) == [(small, small)]
+
+
+def test_elimination_inverse_is_the_symmetric_inverse_with_fallbacks(rng):
+    """``elimination._spd_inverse``: the inverse of a positive definite matrix from its Cholesky
+    factor, exactly symmetric; an indefinite or singular one still gets the LU inverse or the
+    pseudo-inverse."""
+    from onnxshrink.passes.pfa.elimination import _spd_inverse
+    x = rng.standard_normal((200, 40))
+    a = x.T @ x + 1e-3 * np.eye(40)
+    h = _spd_inverse(a)
+    assert np.array_equal(h, h.T)
+    np.testing.assert_allclose(h @ a, np.eye(40), atol=1e-9)
+    np.testing.assert_allclose(h, np.linalg.inv(a), rtol=1e-9, atol=1e-12)
+    indefinite = np.diag([2.0, -1.0, 0.5])
+    np.testing.assert_allclose(_spd_inverse(indefinite), np.diag([0.5, -1.0, 2.0]))
+    singular = np.ones((3, 3))
+    np.testing.assert_allclose(_spd_inverse(singular), np.linalg.pinv(singular))
