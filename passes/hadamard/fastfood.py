@@ -25,7 +25,7 @@ import scipy.linalg
 
 from ...lstsq import diagonal_ridge, pcg, ridge_cholesky, ridge_with_factor
 from ...parallel import by_columns, matmul, ordered_map
-from .transform import diag_hmh, fwht, hh, next_pow2, xor_index, xor_kernel
+from .transform import diag_fwht, diag_hmh, fwht, hh, next_pow2, xor_index, xor_kernel
 
 
 MOMENT_ROWS = 3   # rows per padded input width from which a sweep from the moments is the cheaper
@@ -146,7 +146,7 @@ class Block:
             return
         g = self.g
         den = diag_hmh(self._c2(xtx) * np.outer(g, g))                 # diag(H G C₂ G H)
-        num = np.einsum("ii->i", fwht((self._w2(q) * g[:, None]).T))   # diag(H G Z₂ᵀT)
+        num = diag_fwht((self._w2(q) * g[:, None]).T)                  # diag(H G Z₂ᵀT)
         self.s = np.where(self.mask, diagonal_ridge(den, num, ridge), 0.0)
         self._sfit = (xtx, q, self.b, self.g, ridge, (den, num))
 
@@ -163,11 +163,11 @@ class Block:
         self._fit_s(xtx, q, ridge)
         c2 = self._c2(xtx)
         hs2h = xor_kernel(self.s ** 2)[xor_index(self.d)]   # H S² H
-        rhs_g = np.einsum("ii->i", fwht(self._w2(q) * self.s))          # diag(Z₂ᵀ T S H)
+        rhs_g = diag_fwht(self._w2(q) * self.s)                         # diag(Z₂ᵀ T S H)
         self.g = pcg(hs2h * c2, rhs_g, self.g, ridge, cg)
         a, inv = self._b_kernel(hs2h)
         m = (fwht(q * self.s) * self.g)[:, inv]      # XᵀT S H G Πᵀ
-        rhs_b = np.einsum("ii->i", fwht(m))           # diag(XᵀT S H G Πᵀ H)
+        rhs_b = diag_fwht(m)                          # diag(XᵀT S H G Πᵀ H)
         self.b = pcg(a * xtx, rhs_b, self.b, ridge, cg)
         self._fit_s(xtx, q, ridge)
 
