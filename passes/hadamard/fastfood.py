@@ -395,7 +395,8 @@ class LowRankBasis:
 
     def __init__(self, xc, t, chol, max_rank):
         self.d_in, self.d_out = xc.shape[1], t.shape[1]
-        self.full = by_columns(lambda rhs: ridge_with_factor(chol, rhs), matmul(xc.T, t) / len(xc))
+        self.xty = matmul(xc.T, t)   # kept: the blocks' moments start from it (``_Search.prepare``)
+        self.full = by_columns(lambda rhs: ridge_with_factor(chol, rhs), self.xty / len(xc))
         m = matmul(chol.T, self.full)
         self.by_cols = m.shape[1] <= m.shape[0]
         gram = m.T @ m if self.by_cols else m @ m.T

@@ -19,7 +19,7 @@ import numpy as np
 from .config import HadamardConfig
 from .fastfood import FastfoodFit, LowRankBasis, whitening
 from ...lstsq import fit_error_rows
-from ...parallel import cross, gram
+from ...parallel import gram
 
 
 def rank_candidates(d_in, d_out, cap_params, fixed=None):
@@ -99,8 +99,13 @@ class _Search:
         self.xp = self.probe.pad(self.xc)
         self.xtx = gram(self.xp)
         self.xhp = self.probe.pad(self.xhc)
-        # with moments, the blocks are fitted from Xᵀ(targets) alone (``FastfoodFit.add_block_moments``)
-        self.xty = cross(self.xp, self.yc) if self.probe.moments(self.xp) else None
+        # with moments, the blocks are fitted from Xᵀ(targets) alone (``FastfoodFit.add_block_moments``):
+        # the decomposition's Xᵀ Y with zero rows for the padding (the bits of ``cross(xp, yc)``)
+        self.xty = None
+        if self.probe.moments(self.xp):
+            self.xty = np.zeros((self.probe.d, self.d_out))
+            self.xty[: self.d_in] = self.basis.xty
+        self.basis.xty = None
 
     def reachable(self) -> list:
         """The ranks whose low-rank part alone (its held-out error e, no fit needed) could be brought
