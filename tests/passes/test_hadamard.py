@@ -423,3 +423,29 @@ def test_budget_and_refits_see_only_units_no_fit_saw():
     from onnxshrink.calibrate import DataSource
     few = SimpleNamespace(data=DataSource({"x": calib[:4]}), reference=model)
     assert held_out_units(few, 0.2) is None   # four units: rows spread over them instead
+
+
+def test_largest_rank_within_tolerance_alone_is_fitted_only_when_no_smaller_rank_fits():
+    """Where the low-rank part alone is within tolerance at the largest affordable rank, that rank is
+    not fitted first: the bisection finds a smaller rank that fits (no structure at the largest rank
+    in ``tried``), or, where none does, the largest rank is fitted last and is the structure, the
+    same fit as a search at that rank alone."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3000, 128))
+    noise = rng.standard_normal((128, 128)) * 0.01
+    low4 = rng.standard_normal((128, 4)) @ rng.standard_normal((4, 128))
+    low8 = rng.standard_normal((128, 8)) @ rng.standard_normal((8, 128))
+    cfg = hp.HadamardConfig(tolerance=0.03)
+    dense = 128 * 128 + 128
+    fit, info = hp.choose_structure(x, x @ (low4 + noise), cfg, dense)
+    top = max(int(r) for r in info["lowrank_errors"])   # 8: rank 16 with a block is above max_params
+    assert top == 8 and info["lowrank_errors"][top] <= 0.03
+    assert fit is not None and info["rank"] == 4 and info["holdout_error"] <= 0.03
+    assert all(t["rank"] < top for t in info["tried"]) and info["tried"]
+    y = x @ (low8 + noise)
+    fit, info = hp.choose_structure(x, y, cfg, dense)
+    assert info["lowrank_errors"][top] <= 0.03 < min(e for r, e in info["lowrank_errors"].items() if r < top)
+    assert fit is not None and info["rank"] == top and info["tried"][-1]["rank"] == top
+    alone, info_alone = hp.choose_structure(x, y, hp.HadamardConfig(tolerance=0.03, rank=top), dense)
+    assert info_alone["tried"] == info["tried"][-1:]
+    np.testing.assert_array_equal(alone.predict(x), fit.predict(x))
