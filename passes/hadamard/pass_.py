@@ -307,8 +307,8 @@ class _Run:
             if info["tried"]:
                 best = f"best held-out error {info['best_error']}"
             elif info.get("unreachable"):
-                best = (f"the low-rank part alone at {info['best_error']} of held-out error, too far for the "
-                        f"blocks affordable beside it at {info['unreachable']}")
+                best = (f"the low-rank part alone at {'least ' if info.get('bound') else ''}{info['best_error']} "
+                        f"of held-out error, too far for the blocks affordable beside it at {info['unreachable']}")
             elif info.get("search_stopped_by"):
                 best = f"{info['search_stopped_by']} was reached before a structure was complete"
             else:

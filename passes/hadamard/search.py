@@ -79,6 +79,7 @@ class _Search:
                       if self.probe.params(min(self.ks), r) <= self.cap]
         self.tried = []
         self.best_any = self.best_ok = self.best_fit = None
+        self.lowrank_errors = self.lowrank_bounds = None
         self.fits = 0.0   # blocks fitted, each counted by its cost: a block of width d over n stacks
         self.fit_cost = self.probe.n_stack * (self.probe.d / FIT_WIDTH) ** 2   # counts n·(d/512)²
         self.stopped = None
@@ -91,6 +92,9 @@ class _Search:
         self.mx, self.my = self.xf.mean(0), self.yf.mean(0)
         self.xc, self.yc = self.xf - self.mx, self.yf - self.my
         self.xhc = self.xh - self.mx
+        self.ranks = self.bounded()
+        if not self.ranks:
+            return
         self.chol = chol = whitening(self.xc, 1e-4)
         self.basis = LowRankBasis(self.xc, self.yc, chol, max(self.ranks))
         self.ranks = self.reachable()
@@ -107,6 +111,31 @@ class _Search:
             self.xty[: self.d_in] = self.basis.xty
         self.basis.xty = None
 
+    def k_max(self, r) -> int:
+        """The most blocks affordable beside rank r (0: none)."""
+        return max((k for k in self.ks if self.probe.params(k, r) <= self.cap), default=0)
+
+    def bounded(self) -> list:
+        """The ranks ``reachable`` could keep, judged before any decomposition of the inputs by a lower
+        bound of the low-rank part's held-out error: a rank-r map of the inputs leaves at least the
+        energy of the held-out targets (centred) beyond their r leading principal components
+        (Eckart–Young), a fraction known from their Gram matrix alone (``lowrank_bounds``). A rank
+        whose bound, lowered by the blocks affordable beside it at ``cfg.block_gain`` each, stays
+        above tolerance is one ``reachable`` drops too; the bound costs a Gram matrix of the
+        held-out targets instead of the inputs' whitening and decomposition."""
+        cfg = self.cfg
+        if not cfg.block_gain:
+            return self.ranks
+        c = self.yh - self.my
+        den = float((c ** 2).sum())
+        g = c @ c.T if len(c) < c.shape[1] else c.T @ c
+        ev = np.clip(np.linalg.eigvalsh(g)[::-1], 0.0, None)
+        captured = np.concatenate([[0.0], np.cumsum(ev)])
+        bound = {r: max(den - float(captured[min(r, len(ev))]), 0.0) / max(den, 1e-30) * (1 - 1e-9)
+                 for r in self.ranks}
+        self.lowrank_bounds = {r: round(bound[r], 5) for r in self.ranks}
+        return [r for r in self.ranks if bound[r] * cfg.block_gain ** self.k_max(r) <= cfg.tolerance]
+
     def reachable(self) -> list:
         """The ranks whose low-rank part alone (its held-out error e, no fit needed) could be brought
         within tolerance by the most blocks affordable beside it, each lowering the error by at most
@@ -121,8 +150,7 @@ class _Search:
             u, vt = self.basis.factors(r)
             err = fit_error_rows(self.xhc @ u @ vt + self.my, self.yh, self.my)
             self.lowrank_errors[r] = round(err, 5)
-            k = max((k for k in self.ks if self.probe.params(k, r) <= self.cap), default=0)
-            if not cfg.block_gain or err * cfg.block_gain ** k <= cfg.tolerance:
+            if not cfg.block_gain or err * cfg.block_gain ** self.k_max(r) <= cfg.tolerance:
                 out.append(r)
         return out
 
@@ -258,6 +286,10 @@ def choose_structure(x, y, cfg: HadamardConfig, dense_params: int, hold=None):
         return None, {"tried": search.tried, "best_error": None}
     search.prepare()
     if not search.ranks:   # no rank the blocks could bring within tolerance: decided before any block fit
+        if search.lowrank_errors is None:   # by the targets' spectrum alone (``bounded``)
+            return None, {"tried": search.tried, "lowrank_bounds": search.lowrank_bounds,
+                          "best_error": min(search.lowrank_bounds.values()), "bound": True,
+                          "unreachable": f"hadamard.block_gain={cfg.block_gain}"}
         best = min(search.lowrank_errors.values())
         return None, {"tried": search.tried, "lowrank_errors": search.lowrank_errors, "best_error": best,
                       "unreachable": f"hadamard.block_gain={cfg.block_gain}"}
