@@ -28,7 +28,10 @@ from ...parallel import by_columns, matmul, ordered_map
 from .transform import diag_fwht, diag_hmh, fwht, hh, next_pow2, xor_index, xor_kernel
 
 
-MOMENT_ROWS = 3   # rows per padded input width from which a sweep from the moments is the cheaper
+MOMENT_ROWS = 1.5   # rows per padded input width from which a sweep from the moments is the cheaper
+                    # (measured with one thread, CPU s per sweep rows | moments: d = 512, 410 rows 0.051 | 0.061,
+                    # 3316 rows 0.30 | 0.058; d = 1024, 1000 rows 0.26 | 0.38, 3316 rows 0.77 | 0.37; d = 2048,
+                    # 3316 rows 2.44 | 2.01)
 
 
 class Block:
