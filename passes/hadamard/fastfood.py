@@ -257,14 +257,15 @@ class FastfoodFit:
         """The rank-r part from a ``LowRankBasis`` of the same rows (one decomposition, every rank)."""
         self.u, self.vt = basis.factors(r)
 
-    def fit_lowrank(self, xc, t, r, ridge=1e-4, chol=None):
+    def fit_lowrank(self, xc, t, r, ridge=1e-4, chol=None, xty=None):
         """Rank-r minimiser of ‖xc L − t‖ (whitened truncated SVD of the ridge solution); ``chol``:
-        ``whitening(xc, ridge)`` when the caller has it."""
+        ``whitening(xc, ridge)`` when the caller has it; ``xty``: xcᵀt when the caller has it (then
+        ``t`` is not read)."""
         if r == 0:
             self.u, self.vt = np.zeros((self.d_in, 0)), np.zeros((0, self.d_out))
             return
         chol = whitening(xc, ridge) if chol is None else chol
-        self.u, self.vt = LowRankBasis(xc, t, chol, r).factors(r)
+        self.u, self.vt = LowRankBasis(xc, t, chol, r, xty).factors(r)
 
     def moments(self, xp) -> bool:
         """Whether the sweeps work on d × d moments (many rows) or on the rows (``Block``)."""
@@ -327,16 +328,22 @@ class FastfoodFit:
         """Per stack, Xᵀ(its target columns, zero-padded to d) from ``xty`` = Xᵀ(targets) (d × d_out)."""
         return [self._cols(xty, j) for j in range(self.n_stack)]
 
-    def backfit(self, xp, xc, yc, xtx, sweeps, ridge, cg=10, lowrank_ridge=1e-4, chol=None):
+    def backfit(self, xp, xc, yc, xtx, sweeps, ridge, cg=10, lowrank_ridge=1e-4, chol=None, xty=None):
         """Sweeps of block-coordinate ALS over all blocks (the stacks, independent, on the
         workers), then refit the low-rank part; ``chol``: ``whitening(xc, lowrank_ridge)`` when the
-        caller has it."""
+        caller has it. ``xty``: xpᵀyc (d × d_out) when the caller has it: with sweeps from the
+        moments, the targets' moments then come from it and ``xtx`` (Xᵀ(yc − xc U Vᵀ) = XᵀY − XᵀX U Vᵀ,
+        and the low-rank part's Xᵀ(yc − blocks) = XᵀY − Σ Xᵀ(block outputs)), not from the rows."""
         r = self.r
         if r and sweeps and chol is None:
             chol = whitening(xc, lowrank_ridge)
         moments = self.moments(xp)
+        by_moments = moments and xty is not None
         for _ in range(sweeps):
-            total = yc - xc @ self.u @ self.vt
+            if by_moments:
+                total = xty - xtx[:, : self.d_in] @ self.u @ self.vt   # Xᵀ(the blocks' target)
+            else:
+                total = yc - xc @ self.u @ self.vt
 
             def sweep_rows(j):
                 bl = self.blocks[j]
@@ -354,7 +361,7 @@ class FastfoodFit:
                 bl = self.blocks[j]
                 if not moments:
                     return sweep_rows(j)
-                q_all = matmul(xp.T, self._cols(total, j))
+                q_all = self._cols(total, j) if by_moments else matmul(xp.T, self._cols(total, j))
                 outs = [blk.gram_out(xtx) for blk in bl]
                 acc = sum(outs) if outs else 0
                 for k, blk in enumerate(bl):
@@ -362,8 +369,12 @@ class FastfoodFit:
                     new = blk.gram_out(xtx)
                     acc = acc - outs[k] + new
                     outs[k] = new
-            ordered_map(sweep_stack, range(self.n_stack))
-            if r:
+                return acc   # Xᵀ(the stack's output)
+            accs = ordered_map(sweep_stack, range(self.n_stack))
+            if r and by_moments:   # Xᵀ(yc − blocks) from the moments
+                xt_blocks = np.concatenate(accs, axis=1)[: self.d_in, : self.d_out]
+                self.fit_lowrank(xc, None, r, lowrank_ridge, chol=chol, xty=xty[: self.d_in] - xt_blocks)
+            elif r:
                 self.fit_lowrank(xc, yc - self.blocks_out(xp), r, lowrank_ridge, chol=chol)
         for bl in self.blocks:
             for blk in bl:
@@ -396,9 +407,9 @@ class LowRankBasis:
     m = Lᵀ full come from the eigenvectors of the smaller Gram matrix (only r of them: much faster
     than a full SVD of a wide layer); u = L⁻ᵀ U_r S_r = full V_r."""
 
-    def __init__(self, xc, t, chol, max_rank):
-        self.d_in, self.d_out = xc.shape[1], t.shape[1]
-        self.xty = matmul(xc.T, t)   # kept: the blocks' moments start from it (``_Search.prepare``)
+    def __init__(self, xc, t, chol, max_rank, xty=None):
+        self.xty = matmul(xc.T, t) if xty is None else xty   # kept: the blocks' moments start from it
+        self.d_in, self.d_out = self.xty.shape                 # (``_Search.prepare``)
         self.full = by_columns(lambda rhs: ridge_with_factor(chol, rhs), self.xty / len(xc))
         m = matmul(chol.T, self.full)
         self.by_cols = m.shape[1] <= m.shape[0]

@@ -311,7 +311,7 @@ def choose_structure(x, y, cfg: HadamardConfig, dense_params: int, hold=None):
     if cfg.final_iters:   # backfitting on the fit rows, kept when the held-out rows agree
         tuned = copy.deepcopy(fit)
         tuned.backfit(search.xp, search.xc, search.yc, search.xtx, cfg.final_iters, cfg.ridge, cfg.cg_iters, 1e-4,
-                      chol=search.chol)
+                      chol=search.chol, xty=search.xty)
         err2 = fit_error_rows(tuned.predict(search.xh), search.yh, tuned.my)
         if err2 < err:
             fit, err = tuned, err2
