@@ -24,9 +24,11 @@ class HadamardConfig:
     time_budget: float = 0.0    # seconds for the whole pass's structure searches (0: no bound); layers
                                 # reached after it stay dense (refit where their inputs changed).
                                 # Off by default, for the same reason as search_seconds
-    block_gain: float = 0.75    # the most one Fastfood block is taken to lower a layer's held-out error by (a
+    block_gain: float = 0.8     # the most one Fastfood block is taken to lower a layer's held-out error by (a
                                 # factor): a rank whose low-rank part alone, with the most blocks affordable
-                                # beside it at this gain each, would stay above tolerance is not tried (0: off)
+                                # beside it at this gain each, would stay above tolerance is not tried (0: off).
+                                # Measured: K blocks beside a low-rank part lowered it by 0.83–0.99 per block
+                                # on average (vit_focus, the digits MLP; a first block alone by 0.79 once)
     iters: int = 4              # ALS sweeps per added block
     restarts: int = 1           # random starts per added block (the best is kept)
     cg_iters: int = 10          # conjugate-gradient iterations per diagonal solve (0: exact)

@@ -25,10 +25,13 @@ import scipy.linalg
 
 from ...lstsq import diagonal_ridge, pcg, ridge_cholesky, ridge_with_factor
 from ...parallel import by_columns, matmul, ordered_map
-from .transform import diag_hmh, fwht, hh, next_pow2, xor_index, xor_kernel
+from .transform import diag_fwht, diag_hmh, fwht, hh, next_pow2, xor_index, xor_kernel
 
 
-MOMENT_ROWS = 3   # rows per padded input width from which a sweep from the moments is the cheaper
+MOMENT_ROWS = 1.5   # rows per padded input width from which a sweep from the moments is the cheaper
+                    # (measured with one thread, CPU s per sweep rows | moments: d = 512, 410 rows 0.051 | 0.061,
+                    # 3316 rows 0.30 | 0.058; d = 1024, 1000 rows 0.26 | 0.38, 3316 rows 0.77 | 0.37; d = 2048,
+                    # 3316 rows 2.44 | 2.01)
 
 
 class Block:
@@ -146,7 +149,7 @@ class Block:
             return
         g = self.g
         den = diag_hmh(self._c2(xtx) * np.outer(g, g))                 # diag(H G C₂ G H)
-        num = np.einsum("ii->i", fwht((self._w2(q) * g[:, None]).T))   # diag(H G Z₂ᵀT)
+        num = diag_fwht((self._w2(q) * g[:, None]).T)                  # diag(H G Z₂ᵀT)
         self.s = np.where(self.mask, diagonal_ridge(den, num, ridge), 0.0)
         self._sfit = (xtx, q, self.b, self.g, ridge, (den, num))
 
@@ -163,11 +166,11 @@ class Block:
         self._fit_s(xtx, q, ridge)
         c2 = self._c2(xtx)
         hs2h = xor_kernel(self.s ** 2)[xor_index(self.d)]   # H S² H
-        rhs_g = np.einsum("ii->i", fwht(self._w2(q) * self.s))          # diag(Z₂ᵀ T S H)
+        rhs_g = diag_fwht(self._w2(q) * self.s)                         # diag(Z₂ᵀ T S H)
         self.g = pcg(hs2h * c2, rhs_g, self.g, ridge, cg)
         a, inv = self._b_kernel(hs2h)
         m = (fwht(q * self.s) * self.g)[:, inv]      # XᵀT S H G Πᵀ
-        rhs_b = np.einsum("ii->i", fwht(m))           # diag(XᵀT S H G Πᵀ H)
+        rhs_b = diag_fwht(m)                          # diag(XᵀT S H G Πᵀ H)
         self.b = pcg(a * xtx, rhs_b, self.b, ridge, cg)
         self._fit_s(xtx, q, ridge)
 
@@ -254,14 +257,15 @@ class FastfoodFit:
         """The rank-r part from a ``LowRankBasis`` of the same rows (one decomposition, every rank)."""
         self.u, self.vt = basis.factors(r)
 
-    def fit_lowrank(self, xc, t, r, ridge=1e-4, chol=None):
+    def fit_lowrank(self, xc, t, r, ridge=1e-4, chol=None, xty=None):
         """Rank-r minimiser of ‖xc L − t‖ (whitened truncated SVD of the ridge solution); ``chol``:
-        ``whitening(xc, ridge)`` when the caller has it."""
+        ``whitening(xc, ridge)`` when the caller has it; ``xty``: xcᵀt when the caller has it (then
+        ``t`` is not read)."""
         if r == 0:
             self.u, self.vt = np.zeros((self.d_in, 0)), np.zeros((0, self.d_out))
             return
         chol = whitening(xc, ridge) if chol is None else chol
-        self.u, self.vt = LowRankBasis(xc, t, chol, r).factors(r)
+        self.u, self.vt = LowRankBasis(xc, t, chol, r, xty).factors(r)
 
     def moments(self, xp) -> bool:
         """Whether the sweeps work on d × d moments (many rows) or on the rows (``Block``)."""
@@ -324,16 +328,22 @@ class FastfoodFit:
         """Per stack, Xᵀ(its target columns, zero-padded to d) from ``xty`` = Xᵀ(targets) (d × d_out)."""
         return [self._cols(xty, j) for j in range(self.n_stack)]
 
-    def backfit(self, xp, xc, yc, xtx, sweeps, ridge, cg=10, lowrank_ridge=1e-4, chol=None):
+    def backfit(self, xp, xc, yc, xtx, sweeps, ridge, cg=10, lowrank_ridge=1e-4, chol=None, xty=None):
         """Sweeps of block-coordinate ALS over all blocks (the stacks, independent, on the
         workers), then refit the low-rank part; ``chol``: ``whitening(xc, lowrank_ridge)`` when the
-        caller has it."""
+        caller has it. ``xty``: xpᵀyc (d × d_out) when the caller has it: with sweeps from the
+        moments, the targets' moments then come from it and ``xtx`` (Xᵀ(yc − xc U Vᵀ) = XᵀY − XᵀX U Vᵀ,
+        and the low-rank part's Xᵀ(yc − blocks) = XᵀY − Σ Xᵀ(block outputs)), not from the rows."""
         r = self.r
         if r and sweeps and chol is None:
             chol = whitening(xc, lowrank_ridge)
         moments = self.moments(xp)
+        by_moments = moments and xty is not None
         for _ in range(sweeps):
-            total = yc - xc @ self.u @ self.vt
+            if by_moments:
+                total = xty - xtx[:, : self.d_in] @ self.u @ self.vt   # Xᵀ(the blocks' target)
+            else:
+                total = yc - xc @ self.u @ self.vt
 
             def sweep_rows(j):
                 bl = self.blocks[j]
@@ -351,7 +361,7 @@ class FastfoodFit:
                 bl = self.blocks[j]
                 if not moments:
                     return sweep_rows(j)
-                q_all = matmul(xp.T, self._cols(total, j))
+                q_all = self._cols(total, j) if by_moments else matmul(xp.T, self._cols(total, j))
                 outs = [blk.gram_out(xtx) for blk in bl]
                 acc = sum(outs) if outs else 0
                 for k, blk in enumerate(bl):
@@ -359,8 +369,12 @@ class FastfoodFit:
                     new = blk.gram_out(xtx)
                     acc = acc - outs[k] + new
                     outs[k] = new
-            ordered_map(sweep_stack, range(self.n_stack))
-            if r:
+                return acc   # Xᵀ(the stack's output)
+            accs = ordered_map(sweep_stack, range(self.n_stack))
+            if r and by_moments:   # Xᵀ(yc − blocks) from the moments
+                xt_blocks = np.concatenate(accs, axis=1)[: self.d_in, : self.d_out]
+                self.fit_lowrank(xc, None, r, lowrank_ridge, chol=chol, xty=xty[: self.d_in] - xt_blocks)
+            elif r:
                 self.fit_lowrank(xc, yc - self.blocks_out(xp), r, lowrank_ridge, chol=chol)
         for bl in self.blocks:
             for blk in bl:
@@ -393,9 +407,10 @@ class LowRankBasis:
     m = Lᵀ full come from the eigenvectors of the smaller Gram matrix (only r of them: much faster
     than a full SVD of a wide layer); u = L⁻ᵀ U_r S_r = full V_r."""
 
-    def __init__(self, xc, t, chol, max_rank):
-        self.d_in, self.d_out = xc.shape[1], t.shape[1]
-        self.full = by_columns(lambda rhs: ridge_with_factor(chol, rhs), matmul(xc.T, t) / len(xc))
+    def __init__(self, xc, t, chol, max_rank, xty=None):
+        self.xty = matmul(xc.T, t) if xty is None else xty   # kept: the blocks' moments start from it
+        self.d_in, self.d_out = self.xty.shape                 # (``_Search.prepare``)
+        self.full = by_columns(lambda rhs: ridge_with_factor(chol, rhs), self.xty / len(xc))
         m = matmul(chol.T, self.full)
         self.by_cols = m.shape[1] <= m.shape[0]
         gram = m.T @ m if self.by_cols else m @ m.T

@@ -271,18 +271,19 @@ class _Run:
         self.mem = max(self.mem, x.nbytes // 2 + y.nbytes // 2)
         hold = held_out_rows(len(x), self.units_held) if self.units_held is not None else None
         layer = self.dense[name]
-        w = layer.matrix()
         bias = layer.bias() if layer.op == "Gemm" else None   # the node's own: see the module docstring
-        cur_pred = x @ w + (bias if bias is not None else np.zeros(layer.d_out))
         entry = {"shape": [layer.d_in, layer.d_out],
-                 "dense_params": layer.d_in * layer.d_out + (layer.d_out if bias is not None else 0),
-                 "rows": len(x), "dense_error": round(fit_error_rows(cur_pred, y, y.mean(0)), 5)}
+                 "dense_params": layer.d_in * layer.d_out + (layer.d_out if bias is not None else 0), "rows": len(x)}
         if hold is not None:
             entry["held_out_rows"] = int(hold.sum())
         if search and self.search(layer, x, y, entry, hold):
             self.bar.update(1, postfix=f"{name}: K={entry['blocks']} r={entry['rank']}")
             return True
         changed = False
+        if refit:   # the dense layer's error on its new inputs (a layer only searched does not need it)
+            w = layer.matrix()
+            cur_pred = x @ w + (bias if bias is not None else np.zeros(layer.d_out))
+            entry["dense_error"] = round(fit_error_rows(cur_pred, y, y.mean(0)), 5)
         # a layer the changes upstream barely reach is left as it is: its refit would gain little
         # and, changing the graph, cost the next level a calibration run of its own
         if refit and entry["dense_error"] >= self.cfg.refit_min_error and (layer.op == "Gemm" or bias is None) \
@@ -306,8 +307,8 @@ class _Run:
             if info["tried"]:
                 best = f"best held-out error {info['best_error']}"
             elif info.get("unreachable"):
-                best = (f"the low-rank part alone at {info['best_error']} of held-out error, too far for the "
-                        f"blocks affordable beside it at {info['unreachable']}")
+                best = (f"the low-rank part alone at {'least ' if info.get('bound') else ''}{info['best_error']} "
+                        f"of held-out error, too far for the blocks affordable beside it at {info['unreachable']}")
             elif info.get("search_stopped_by"):
                 best = f"{info['search_stopped_by']} was reached before a structure was complete"
             else:

@@ -85,6 +85,25 @@ def hh(a: np.ndarray) -> np.ndarray:
     return fwht(fwht(a).T).T
 
 
+_HNCACHE = {}
+
+
+def hadamard_orthonormal(d: int) -> np.ndarray:
+    """H_d/√d as a d × d array (kept for one size at a time, like ``xor_index``)."""
+    m = _HNCACHE.get(d)
+    if m is None:
+        m = scipy.linalg.hadamard(d).astype(np.float64) / math.sqrt(d)
+        _HNCACHE.clear()
+        _HNCACHE[d] = m
+    return m
+
+
+def diag_fwht(a: np.ndarray) -> np.ndarray:
+    """diag(``fwht``(a)) of a d × d matrix without the transform: fwht(a)_ii = Σ_j a_ij H_ji/√d,
+    one elementwise product (d² work instead of the transform's d²·(a + b))."""
+    return np.einsum("ij,ij->i", a, hadamard_orthonormal(len(a)))
+
+
 def diag_hmh(m: np.ndarray) -> np.ndarray:
     """diag(H M H) (orthonormal H) without the two transforms: H_ij H_ik = H_{i, j⊕k}/√d, so
     diag(H M H) = H v/√d with v_m = Σ_j M[j, j ⊕ m]."""

@@ -376,19 +376,31 @@ def test_blocks_from_moments_alone_match_blocks_from_rows():
         np.testing.assert_allclose(q, xp.T @ fits[0]._cols(resid, j), atol=1e-7 * np.abs(q).max())
 
 
-def test_rank_the_blocks_cannot_reach_is_refused_before_any_block_fit():
+def test_rank_the_blocks_cannot_reach_is_refused_before_any_block_fit(monkeypatch):
     """A layer whose low-rank part alone is far from tolerance at every affordable rank (a random
-    dense layer): no block is fitted (``block_gain``), the low-rank errors are reported. With the
-    check off, the search fits blocks and finds the same: nothing within tolerance."""
+    dense layer): no block is fitted (``block_gain``), decided by the held-out targets' spectrum
+    alone (a lower bound of every rank's low-rank error, Eckart–Young), before the inputs are
+    decomposed; without that bound the low-rank errors themselves refuse the same ranks, each at
+    least its bound. With the check off, the search fits blocks and finds the same: nothing within
+    tolerance."""
     rng = np.random.default_rng(6)
     x = rng.standard_normal((600, 64))
     y = x @ rng.standard_normal((64, 64))
     cfg = hp.HadamardConfig(tolerance=0.03)
     fit, info = hp.choose_structure(x, y, cfg, 64 * 64 + 64)
-    assert fit is None and info["tried"] == [] and info["unreachable"] == "hadamard.block_gain=0.75"
-    k_max = 2   # blocks affordable beside rank 8 within a quarter of 64·64+64 params: (1040 − 8·128 − 64) // 192
-    assert all(e * 0.75 ** k_max > 0.03 for e in info["lowrank_errors"].values())
-    assert info["best_error"] == min(info["lowrank_errors"].values())
+    assert fit is None and info["tried"] == [] and info["unreachable"] == "hadamard.block_gain=0.8"
+    assert info["bound"] and "lowrank_errors" not in info
+    k_max = 5   # the most blocks affordable beside any rank within a quarter of 64·64+64 params: (1040 − 64) // 192
+    bounds = info["lowrank_bounds"]   # rank 8 with one block is above a quarter
+    assert sorted(bounds) == [0, 1, 2, 4] and all(b * 0.8 ** k_max > 0.03 for b in bounds.values())
+    assert info["best_error"] == min(bounds.values())
+    with monkeypatch.context() as m:   # the bound off: the decomposition decides, the same way
+        m.setattr(hp.search._Search, "bounded", lambda self: self.ranks)
+        fit1, info1 = hp.choose_structure(x, y, cfg, 64 * 64 + 64)
+    assert fit1 is None and info1["tried"] == [] and info1["unreachable"] == "hadamard.block_gain=0.8"
+    errors = info1["lowrank_errors"]
+    assert all(e * 0.8 ** k_max > 0.03 for e in errors.values())
+    assert all(bounds[r] <= errors[r] for r in bounds) and bounds[4] > 0.5 * errors[4]
     fit2, info2 = hp.choose_structure(x, y, hp.HadamardConfig(tolerance=0.03, block_gain=0), 64 * 64 + 64)
     assert fit2 is None and len(info2["tried"]) >= 1 and info2["best_error"] > 0.03
     with pytest.raises(ValueError):
@@ -423,3 +435,52 @@ def test_budget_and_refits_see_only_units_no_fit_saw():
     from onnxshrink.calibrate import DataSource
     few = SimpleNamespace(data=DataSource({"x": calib[:4]}), reference=model)
     assert held_out_units(few, 0.2) is None   # four units: rows spread over them instead
+
+
+def test_largest_rank_within_tolerance_alone_is_fitted_only_when_no_smaller_rank_fits():
+    """Where the low-rank part alone is within tolerance at the largest affordable rank, that rank is
+    not fitted first: the bisection finds a smaller rank that fits (no structure at the largest rank
+    in ``tried``), or, where none does, the largest rank is fitted last and is the structure, the
+    same fit as a search at that rank alone."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((3000, 128))
+    noise = rng.standard_normal((128, 128)) * 0.01
+    low4 = rng.standard_normal((128, 4)) @ rng.standard_normal((4, 128))
+    cfg = hp.HadamardConfig(tolerance=0.03)
+    dense = 128 * 128 + 128
+    fit, info = hp.choose_structure(x, x @ (low4 + noise), cfg, dense)
+    top = max(int(r) for r in info["lowrank_errors"])   # 8: rank 16 with a block is above max_params
+    assert top == 8 and info["lowrank_errors"][top] <= 0.03
+    assert fit is not None and info["rank"] == 4 and info["holdout_error"] <= 0.03
+    assert all(t["rank"] < top for t in info["tried"]) and info["tried"]
+    extra = rng.standard_normal((128, 4)) @ rng.standard_normal((4, 128))
+    y = x @ (low4 + 0.35 * extra + noise)   # rank 4 leaves a tenth: within reach of blocks by the bound, not in fact
+    fit, info = hp.choose_structure(x, y, cfg, dense)
+    assert info["lowrank_errors"][top] <= 0.03 < min(e for r, e in info["lowrank_errors"].items() if r < top)
+    assert any(t["rank"] < top for t in info["tried"])   # smaller ranks fitted first, none within tolerance
+    assert fit is not None and info["rank"] == top and info["tried"][-1]["rank"] == top
+    alone, info_alone = hp.choose_structure(x, y, hp.HadamardConfig(tolerance=0.03, rank=top), dense)
+    assert info_alone["tried"] == info["tried"][-1:]
+    np.testing.assert_array_equal(alone.predict(x), fit.predict(x))
+
+
+def test_backfit_from_the_targets_moments_matches_backfit_from_the_rows():
+    """With XᵀY given, the backfitting sweeps read the blocks' and the low-rank part's targets from
+    the moments (XᵀY − XᵀX U Vᵀ, XᵀY − Σ Xᵀ(block outputs)) instead of the rows: the same fit, to
+    rounding."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((900, 48))
+    y = x @ rng.standard_normal((48, 80)) + 0.1 * np.tanh(x[:, :1] * 3)
+    fits = []
+    for moments in (False, True):
+        fit = hp.FastfoodFit(48, 80, 0)
+        fit.set_data(x, y)
+        xc, yc = x - fit.mx, y - fit.my
+        fit.fit_lowrank(xc, yc, 4)
+        xp = fit.pad(xc)
+        xtx = xp.T @ xp
+        fit.add_block(xp, yc - xc @ fit.u @ fit.vt, xtx, 2, 1e-6, 0)
+        assert fit.moments(xp) and fit.n_stack == 2
+        fit.backfit(xp, xc, yc, xtx, 2, 1e-6, 0, xty=xp.T @ yc if moments else None)
+        fits.append(fit.predict(x))
+    np.testing.assert_allclose(fits[1], fits[0], atol=1e-6 * np.abs(fits[0]).max())
