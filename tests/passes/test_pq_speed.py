@@ -246,11 +246,11 @@ def test_scalar_kmeans_and_em_with_the_points_ranked_once_are_the_nearest_centro
     assert np.array_equal(codes2, np.abs(x - c2[:, 0][None]).argmin(1))
 
 
-def test_kmeans_with_float32_points_given_is_the_same():
+def test_kmeans_with_the_augmented_points_given_is_the_same():
     rng = np.random.default_rng(6)
     x = rng.standard_normal((3000, 4))
     c = x[:32].copy()
-    assert np.array_equal(km._sqdist_argmin(x, c), km._sqdist_argmin(x, c, x32=x.astype(np.float32)))
+    assert np.array_equal(km._sqdist_argmin(x, c), km._sqdist_argmin(x, c, xa=km.augmented(x)))
     c1, k1 = km.kmeans(x, 32, 5, np.random.default_rng(1))   # the codes are those of the centroids returned
     d2 = ((x[:, None] - c1[None]) ** 2).sum(-1)
     assert (d2[np.arange(len(x)), k1] - d2.min(1)).max() < 1e-5
