@@ -9,8 +9,10 @@ block of the damped input covariance H:
 Distances are float32 products in cache-sized chunks (the EM's: one product per block with the
 centroid norms in it, ``scores``); scalar centroids (d = 1) need no n × k table: the points, the
 same every round, are sorted once and the k − 1 midpoints between the sorted centroids searched in
-them (``nearest_scalar``). Both iterate until the codes no longer change or a round lowers the
-objective by less than ``TOL`` of it (early stop).
+them (``nearest_scalar``); a code is then a run of the sorted points, and the per-code sums a
+Lloyd or EM round needs are differences of prefix sums at the runs' ends (``Sorted``: O(k log n) a
+round, the points touched once). Both iterate until the codes no longer change or a round lowers
+the objective by less than ``TOL`` of it (early stop).
 """
 
 from __future__ import annotations
@@ -57,6 +59,88 @@ def bincount_rows(codes, vals, k):
     return np.stack([np.bincount(codes, weights=vals[:, e], minlength=k) for e in range(vals.shape[1])], axis=1)
 
 
+class Sorted:
+    """Scalar points v (n) with weights sorted once, for 1-D k-means (``hb``: point i weighs
+    hb[i mod len(hb)], the metric of its input block; None: 1 each): the
+    nearest of the scalar centroids c makes each code a run of the sorted points (between the
+    midpoints of the sorted centroids, ``scalar_index``), so a round's per-code count, Σ h and
+    Σ h·v are differences of prefix sums at the runs' ends (O(k log n), no pass over the points).
+    ``runs(c)``: (ends, code of each run); ``codes(runs)``: the n codes in the points' order."""
+
+    def __init__(self, v, hb=None):
+        # not a stable sort (several times faster): equal points share their code whatever their order
+        self.order = np.argsort(v)
+        self.v = v[self.order]
+        self.h = np.ones(len(v)) if hb is None else hb[self.order % len(hb)]
+        self.cw = np.concatenate([[0.0], np.cumsum(self.h)])
+        self.cs = np.concatenate([[0.0], np.cumsum(self.h * self.v)])
+        self.vhv = float(self.h @ (self.v * self.v))   # Σ h·v²
+
+    def runs(self, c):
+        """(ends of the runs, k + 1; the code of each run) of the nearest of the centroids c (k)."""
+        mids, first = scalar_index(c)
+        ends = np.empty(len(c) + 1, dtype=np.int64)
+        ends[0], ends[-1] = 0, len(self.v)
+        ends[1:-1] = np.searchsorted(self.v, mids, side="right")   # the first point above each midpoint
+        return ends, first
+
+    def sums(self, runs, k):
+        """(count, Σ h, Σ h·v) per code (k each)."""
+        ends, first = runs
+        return (np.bincount(first, weights=np.diff(ends), minlength=k),
+                np.bincount(first, weights=np.diff(self.cw[ends]), minlength=k),
+                np.bincount(first, weights=np.diff(self.cs[ends]), minlength=k))
+
+    def sorted_codes(self, runs):
+        """The codes of the sorted points."""
+        ends, first = runs
+        return np.repeat(first.astype(np.int16), np.diff(ends))
+
+    def codes(self, sorted_codes):
+        """Codes of the sorted points -> the codes in the points' order (int64)."""
+        out = np.empty(len(self.v), dtype=np.int64)
+        out[self.order] = sorted_codes
+        return out
+
+    def lloyd(self, c, iters, tol, codes=None):
+        """At most ``iters`` rounds of c_k = Σ_{i∈k} h_i v_i / Σ_{i∈k} h_i, each from the codes of
+        the round before (the first from ``codes``, None: the nearest of c), then the nearest codes
+        of the new centroids; stopped when the codes no longer change or a round lowers
+        Σ h (v − c_code)² by less than ``tol`` of it -> (centroids k × 1, codes in the points'
+        order)."""
+        k = len(c)
+        c = c.copy()
+        if codes is None:
+            runs = self.runs(c[:, 0])
+            cur = self.sorted_codes(runs)
+            n, w, hv = self.sums(runs, k)
+        else:
+            cur = codes[self.order].astype(np.int16)
+            n = np.bincount(cur, minlength=k).astype(np.float64)
+            w = np.bincount(cur, weights=self.h, minlength=k)
+            hv = np.bincount(cur, weights=self.h * self.v, minlength=k)
+
+        def objective():
+            return self.vhv - 2.0 * float(hv @ c[:, 0]) + float(w @ (c[:, 0] * c[:, 0]))
+
+        before = objective() if tol > 0 else 0.0
+        for _ in range(iters):
+            nz = n > 0
+            c[nz, 0] = hv[nz] / w[nz]
+            runs = self.runs(c[:, 0])
+            new = self.sorted_codes(runs)
+            if np.array_equal(new, cur):
+                break
+            cur = new
+            n, w, hv = self.sums(runs, k)
+            if tol > 0:
+                after = objective()
+                if before - after <= tol * after:
+                    break
+                before = after
+        return c, self.codes(cur)
+
+
 CHUNK = 2048   # sub-vectors of a block ``_metric_assign`` scores at once (2048 × 256 scores: 2 MB, in cache)
 
 
@@ -70,20 +154,27 @@ def scores(c, const):
     return out
 
 
-def _sqdist_argmin(x, c, chunk=4096, x32=None, rank=None):
-    """Nearest centroid (Euclidean) of each row of x; float32 products in cache-sized chunks.
-    ``x32`` (d > 1): x in float32, ``rank`` (d = 1): ``ranked(x[:, 0])``, when known (the same
-    points searched again)."""
+def augmented(x):
+    """[x, 1] in float32 (n × (d+1)): the points of ``_sqdist_argmin``'s products."""
+    out = np.empty((len(x), x.shape[1] + 1), dtype=np.float32)
+    out[:, :-1] = x
+    out[:, -1] = 1.0
+    return out
+
+
+def _sqdist_argmin(x, c, chunk=1024, xa=None, rank=None):
+    """Nearest centroid (Euclidean) of each row of x: argmin_k ‖c_k‖² − 2 xᵀc_k, one float32
+    product [x, 1] @ [−2 Cᵀ; ‖c‖²] (``scores``) per chunk of rows (1024 × 256 scores: 1 MB, in
+    cache; a product of its own and a sum with the norms over a fresh 4096 × 256 table took about
+    four times as long). ``xa`` (d > 1): ``augmented(x)``, ``rank`` (d = 1): ``ranked(x[:, 0])``,
+    when known (the same points searched again)."""
     if c.shape[1] == 1:
         return nearest_scalar(x[:, 0], c[:, 0], rank=rank)
-    x32 = x.astype(np.float32) if x32 is None else x32
-    ct = (-2.0 * c.T).astype(np.float32)
-    cc = (c.astype(np.float32) ** 2).sum(1)
+    f = scores(c, (c.astype(np.float32) ** 2).sum(1))
     out = np.empty(len(x), dtype=np.int64)
     for s in range(0, len(x), chunk):
-        scores = x32[s:s + chunk] @ ct
-        scores += cc
-        out[s:s + chunk] = scores.argmin(1)
+        part = xa[s:s + chunk] if xa is not None else augmented(x[s:s + chunk])
+        out[s:s + chunk] = (part @ f).argmin(1)
     return out
 
 
@@ -94,51 +185,67 @@ def _kmeanspp(x, k, rng, sample=20000):
     centers[0] = x[rng.integers(len(x))]
     scalar = x[:, 0] if x.shape[1] == 1 else None   # d = 1: distances on the 1-D array
     xx = (x ** 2).sum(1)
+    xt = np.ascontiguousarray(x.T)   # d × n: the product below runs along the points
 
     def dist2(c):   # ‖x − c‖² = ‖x‖² − 2 xᵀc + ‖c‖² (a matrix-vector product), not below 0
         if scalar is not None:
             return (scalar - c[0]) ** 2
-        out = x @ (-2.0 * c)
+        out = (-2.0 * c) @ xt
         out += xx
         out += c @ c
         return np.maximum(out, 0.0, out=out)
 
     d2 = dist2(centers[0])
-    cum = np.empty_like(d2)
+    # the draw ∝ d2 in two steps: a block of SEED_BLOCK points by the running sum of the blocks' sums,
+    # then a point in it (one running sum over every point each round took half the seeding's time)
+    starts = np.arange(0, len(x), SEED_BLOCK)
     for i in range(1, k):
-        total = d2.sum()
+        cb = np.cumsum(np.add.reduceat(d2, starts))
+        total = cb[-1]
         if total <= 0:
             centers[i:] = centers[0]
             break
-        j = int(np.searchsorted(np.cumsum(d2, out=cum), rng.random() * total))
+        r = rng.random() * total
+        b = min(int(np.searchsorted(cb, r)), len(cb) - 1)
+        lo = starts[b]
+        j = lo + int(np.searchsorted(np.cumsum(d2[lo:lo + SEED_BLOCK]), r - (cb[b - 1] if b else 0.0)))
         centers[i] = x[min(j, len(x) - 1)]
         np.minimum(d2, dist2(centers[i]), out=d2)
     return centers
+
+
+SEED_BLOCK = 256   # points a block of the seeding's draw holds
 
 
 TOL = 1e-3   # Lloyd and EM rounds stop once a round lowers the objective by less than this fraction of it
 SAMPLE = 65536   # sub-vectors the Lloyd steps fit on (then one assignment of all)
 
 
-def kmeans(x, k, iters, rng, sample=SAMPLE, tol=TOL):
+def kmeans(x, k, iters, rng, sample=SAMPLE, tol=TOL, assign=True):
     """Plain k-means (k-means++ seeding, at most ``iters`` Lloyd steps on at most ``sample``
     points, stopped early when the codes no longer change or a step lowers the summed squared
     distance by less than ``tol`` of it; then one assignment of all points) -> (centroids k×d,
-    codes)."""
+    codes). Scalar points (d = 1): the steps on the points sorted once (``Sorted``).
+    ``assign`` False: no assignment of all points (codes None; scalar points only, for
+    ``aware_em``, which takes the nearest codes of the centroids itself)."""
     c = _kmeanspp(x, k, rng)
     full = x
     if len(x) > sample:
         x = x[np.sort(rng.choice(len(x), size=sample, replace=False))]
-    x32 = x.astype(np.float32) if x.shape[1] > 1 else None   # searched every step
-    rank = ranked(x[:, 0]) if x.shape[1] == 1 else None
-    codes = _sqdist_argmin(x, c, x32=x32, rank=rank)
+    if x.shape[1] == 1:
+        c, codes = Sorted(x[:, 0]).lloyd(c, iters, tol)
+        if x is full:
+            return c, codes
+        return c, (nearest_scalar(full[:, 0], c[:, 0]) if assign else None)
+    xa = augmented(x)   # searched every step
+    codes = _sqdist_argmin(x, c, xa=xa)
     before = float(((x - c[codes]) ** 2).sum())
     for _ in range(iters):
         counts = np.bincount(codes, minlength=k)
         sums = bincount_rows(codes, x, k)
         nz = counts > 0
         c[nz] = sums[nz] / counts[nz, None]
-        new = _sqdist_argmin(x, c, x32=x32, rank=rank)
+        new = _sqdist_argmin(x, c, xa=xa)
         if np.array_equal(new, codes):
             break
         codes = new
@@ -189,12 +296,16 @@ def aware_em(x, blk, hblocks, c, codes, iters, tol=TOL):
     most ``iters`` rounds, stopped early when the codes no longer change or a round lowers the
     summed metric distance by less than ``tol`` of it. The distance is expanded,
     Σ (w − c)ᵀH_b(w − c) = Σ wᵀH_b w − 2 Σ_k (Σ_{i∈k} H_b w_i)ᵀc_k + Σ_{b,k} n_bk c_kᵀH_b c_k,
-    from the per-code sums the next M-step needs anyway (no pass over the sub-vectors of its own)."""
+    from the per-code sums the next M-step needs anyway (no pass over the sub-vectors of its own).
+    Scalar codes (d = 1): ``Sorted.lloyd`` with weights h_b. ``codes`` None (d = 1 only): the
+    nearest of c."""
     k, d = c.shape
     nb = len(hblocks)
+    if d == 1:   # h_b (w − c)²: the nearest centroid whatever h_b, c_k the h-weighted mean of its points
+        return Sorted(x[:, 0], hblocks.reshape(nb)).lloyd(c, iters, tol, codes)
     x3 = x.reshape(-1, nb, d)
     hx = np.einsum("bde,rbe->rbd", hblocks, x3).reshape(-1, d)
-    ha = block_major(hx, nb) if d > 1 else ranked(scalar_points(hx, nb, hblocks))   # searched every round
+    ha = block_major(hx, nb)   # searched every round
     whw = float(np.einsum("id,id->", x, hx))
 
     def sums(codes):   # per (block, code) counts and per code Σ H_b w: the M-step's and the objective's

@@ -23,7 +23,7 @@ from .codec import code_bytes
 from .config import PqConfig
 from .edits import refit_biases, replace_weight
 from .layer import default_block, ladder, layer_of, shared_layer, subgraph_nodes, tables
-from .quantize import SCREEN_MARGIN, budget_error, quantize, screened_error
+from .quantize import SCREEN_MARGIN, Screens, budget_error, quantize
 from .search import ALLOC_TOLERANCE, LOOSEN_MAX_BYTES, allocate, loosened, size_search
 from .sizes import code_width, dense_bytes, forget_bytes, pq_bytes, setting_bytes, weight_bytes
 from .target import layer_problem, moments, outer_twin, requests
@@ -209,9 +209,10 @@ class Pq(Pass):
         layers of a level are fitted at once on the worker pool). Under the error ``budget``
         shorter sub-vectors are tried in turn; ``allowed``: ((d, K) the error allocation chose,
         the error allowed there), the ladder then starts at that setting and the allowed error
-        replaces ``budget``. A setting but the last is screened first (``quantize.screened_error``)
-        and not fitted in full when its screen is over ``SCREEN_MARGIN`` times the budget; the kept
-        setting's codes are its full fit's, as without the screen."""
+        replaces ``budget``. A setting but the last is screened first (``quantize.Screens``) and
+        not fitted in full when its screen, or that of a later setting nesting it, is over
+        ``SCREEN_MARGIN`` times the budget; the kept setting's codes are its full fit's, as without
+        the screen."""
         layer, d, k = block
         forget_bytes(layer)   # counted afresh: the rewrites before this one may have copied a bias it shares
         t, h, fit = layer_problem(layer, cm, cfg)
@@ -223,7 +224,11 @@ class Pq(Pass):
             settings = settings[settings.index(start):] if start in settings else settings
         halves = halvings(settings) if budget is not None else {}
         kept, kept_err = None, None   # (d, K) within the budget and its (codebook, codes, T̂), its error
-        for d_try, k_try in fit_order(settings, halves):
+        order = fit_order(settings, halves)
+        screens = Screens(t, h, cfg, cfg.dtype, cache, lambda: np.random.default_rng([ctx.seed, zlib.crc32(name.encode()), 1]),
+                          SCREEN_MARGIN * budget if budget is not None else None,
+                          [s for s in order if s != settings[-1] and s not in halves])
+        for d_try, k_try in order:
             parent = halves.get((d_try, k_try))
             if parent is not None:   # fewer centroids than the kept setting: only where it may be within
                 if kept is None:   # its setting of twice the centroids is over the budget: so is this one
@@ -233,17 +238,15 @@ class Pq(Pass):
             # a setting screened far over the budget is not fitted (the ladder's last is: kept float
             # or not, it decides; a halving is already judged from its parent's full fit)
             elif budget is not None and (d_try, k_try) != settings[-1]:
-                with deterministic():
-                    est = screened_error(t, d_try, k_try, h, cfg, np.random.default_rng([ctx.seed, zlib.crc32(name.encode()), 1]),
-                                         cfg.dtype, cache)
-                if est is not None and est > SCREEN_MARGIN * budget:
-                    tried.append((d_try, k_try, est, True))
+                over = screens.over((d_try, k_try))
+                if over is not None:
+                    tried.append((d_try, k_try, over[0], over[1]))
                     continue
             rng = np.random.default_rng([ctx.seed, zlib.crc32(name.encode())])
             with deterministic():   # timed as "fit" by the refit loop
                 cb, codes, t_hat = quantize(t, d_try, k_try, h if cfg.aware else None, cfg, rng, cfg.dtype, cache)
             err = budget_error(t, t_hat, h, cache=cache)
-            tried.append((d_try, len(cb), err, False))
+            tried.append((d_try, len(cb), err, None))
             if budget is None or err <= budget:
                 kept, kept_err = ((d_try, k_try), (cb, codes, t_hat)), err
                 if (d_try, k_try) not in halves.values():
@@ -253,8 +256,7 @@ class Pq(Pass):
         seconds = time.perf_counter() - tq
         if kept is None:
             return None, ("kept float: relative output error over pq.max_error=%g at every setting tried (%s)"
-                          % (budget, ", ".join(f"d={a} K={b}: {e:.4g}{' (screened)' if s else ''}"
-                                               for a, b, e, s in tried)))
+                          % (budget, ", ".join(f"d={a} K={b}: {e:.4g}{_screened(a, b, s)}" for a, b, e, s in tried)))
         (d, _), (cb, codes, t_hat) = kept
         bits = code_width(layer, d, len(cb), cfg.dtype, cfg)
         if budget is not None and pq_bytes(layer, d, len(cb), cfg.dtype, fit, bits) >= dense_bytes(layer):
@@ -268,7 +270,8 @@ class Pq(Pass):
         if h is not None:
             info["rel_output_error"] = round(weighted_error(t, t_hat, h), 6)
         if len(tried) > 1:
-            info["tried"] = [{"block": a, "centroids": b, "rel_error": round(e, 6), **({"screened": True} if s else {})}
+            info["tried"] = [{"block": a, "centroids": b, "rel_error": round(e, 6),
+                              **({"screened": True} if s else {}), **({"screened_as": list(s)} if s and s != (a, b) else {})}
                              for a, b, e, s in tried]
         if fit:
             info["bias_refit"] = True
@@ -300,6 +303,13 @@ class Pq(Pass):
                      "float tensors, as large as the original ones (runtime_weight_bytes); pq makes the file "
                      "smaller, not the resident memory"),
         }
+
+
+def _screened(d, k, by) -> str:
+    """How a setting ``tried`` was judged by a screen: its own, or that of a setting nesting it."""
+    if not by:
+        return ""
+    return " (screened)" if tuple(by) == (d, k) else f" (screened as d={by[0]} K={by[1]}, which nests it)"
 
 
 HALVING_SLACK = 1.0   # half the centroids are fitted unless their predicted error is over this many times the budget

@@ -13,7 +13,8 @@ at most K distinct sub-vectors is stored exactly. The quality measure is the rel
 Σ_r (t̂_r − t_r)ᵀ H (t̂_r − t_r) / Σ_r t_rᵀ H t_r (the relative weight error without H),
 ``lstsq.weighted_error``. Under a budget on it, a setting is first screened (``screened_error``: a
 quick quantization of every 8th row) and fitted in full only when the screen is within a margin of
-the budget.
+the budget; a setting another one nests (``nests``: its quantizers are among the other's) is not
+screened where that one's screen is already over the margin (``Screens``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import replace
 import numpy as np
 
 from .gptq import gptq_assign, hinv_cholesky, refine_codebook
+from ...lstsq import deterministic
 from .kmeans import aware_em, kmeans
 
 
@@ -43,7 +45,9 @@ def quantize(t, d, k, h, cfg, rng, dtype, cache: dict | None = None):
     if few and len(uniq) <= k:
         c, codes = uniq, inv.reshape(-1)
     else:
-        c, codes = kmeans(x, k, cfg.kmeans_iters, rng)
+        em = h is not None and cfg.aware and cfg.iters > 0
+        # scalar codes going on to the EM: it takes the nearest codes of the centroids itself
+        c, codes = kmeans(x, k, cfg.kmeans_iters, rng, assign=not (em and d == 1))
         if h is not None and cfg.aware:
             hblocks = h.reshape(nb, d, nb, d)[np.arange(nb), :, np.arange(nb), :]
             if cfg.iters:
@@ -136,3 +140,42 @@ def screened_error(t, d, k, h, cfg, rng, dtype, cache: dict | None = None) -> fl
     if cache is not None and "u" in own:
         cache["u"] = own["u"]
     return budget_error(ts, t_hat, h)
+
+
+def nests(a, b) -> bool:
+    """Whether setting a = (d_a, K_a) holds every quantizer of setting b = (d_b, K_b), b ≠ a: d_a is
+    a multiple m of d_b and K_a ≥ K_b^m (m sub-vectors of b side by side, K_b^m codewords, are one
+    codebook of a). The best fit of a then errs no more than the best fit of b: (1, 64) nests
+    (1, 16); (2, 256) nests (2, 64) and (1, 16)."""
+    (da, ka), (db, kb) = a, b
+    return a != b and da % db == 0 and ka >= kb ** (da // db)
+
+
+class Screens:
+    """The screens of one layer's ladder under a budget (``screened_error``, each from the same
+    seed, computed once). ``over(s)``: (the estimate, the setting screened) when setting s is not
+    worth a full fit, else None: s's own screen is over ``limit`` (``SCREEN_MARGIN`` times the
+    budget), or, screened first, that of the first of ``pivots`` after s that nests it (``nests``):
+    a setting nested in one that errs far over the budget errs at least as much (vit_focus's
+    layers: the 4-bit pairs (2, 256), screened 2–8 times over the budget, spare the screens of the
+    3-bit pairs and the 4-bit scalar codes before them, 11–30 times over it). ``pivots``: the
+    settings that may be screened, in the order they are tried."""
+
+    def __init__(self, t, h, cfg, dtype, cache, rng, limit, pivots):
+        self.t, self.h, self.cfg, self.dtype, self.cache, self.rng = t, h, cfg, dtype, cache, rng
+        self.limit, self.pivots, self.est = limit, list(pivots), {}
+
+    def estimate(self, s):
+        if s not in self.est:
+            with deterministic():
+                self.est[s] = screened_error(self.t, s[0], s[1], self.h, self.cfg, self.rng(), self.dtype, self.cache)
+        return self.est[s]
+
+    def over(self, s):
+        later = self.pivots[self.pivots.index(s) + 1:] if s in self.pivots else []
+        for a in [next((a for a in later if nests(a, s)), None), s]:
+            if a is not None:
+                est = self.estimate(a)
+                if est is not None and est > self.limit:
+                    return est, a
+        return None

@@ -246,11 +246,11 @@ def test_scalar_kmeans_and_em_with_the_points_ranked_once_are_the_nearest_centro
     assert np.array_equal(codes2, np.abs(x - c2[:, 0][None]).argmin(1))
 
 
-def test_kmeans_with_float32_points_given_is_the_same():
+def test_kmeans_with_the_augmented_points_given_is_the_same():
     rng = np.random.default_rng(6)
     x = rng.standard_normal((3000, 4))
     c = x[:32].copy()
-    assert np.array_equal(km._sqdist_argmin(x, c), km._sqdist_argmin(x, c, x32=x.astype(np.float32)))
+    assert np.array_equal(km._sqdist_argmin(x, c), km._sqdist_argmin(x, c, xa=km.augmented(x)))
     c1, k1 = km.kmeans(x, 32, 5, np.random.default_rng(1))   # the codes are those of the centroids returned
     d2 = ((x[:, None] - c1[None]) ** 2).sum(-1)
     assert (d2[np.arange(len(x)), k1] - d2.min(1)).max() < 1e-5
@@ -321,3 +321,105 @@ def test_pq_bytes_are_counted_once_per_setting_until_forgotten(monkeypatch):
     assert sizes.pq_bytes(layer, 2, 64, np.float16, True, 6) == fresh
     sizes.forget_bytes(layer)
     assert ladder(layer, 4, 256, cfg) == first and len(calls) == 2 * n
+
+
+# ----------------------------------------------------------------------------- scalar codes on sorted points
+def _weighted_lloyd(v, w, c, iters):
+    """The reference: weighted 1-D Lloyd rounds over every point (the nearest centroid by a full
+    distance table, per-code sums by bincount), as the EM ran before the points were sorted."""
+    c = c.copy()
+    codes = np.abs(v[:, None] - c[None, :]).argmin(1)
+    for _ in range(iters):
+        n = np.bincount(codes, minlength=len(c))
+        s = np.bincount(codes, weights=w * v, minlength=len(c))
+        ws = np.bincount(codes, weights=w, minlength=len(c))
+        c[n > 0] = s[n > 0] / ws[n > 0]
+        new = np.abs(v[:, None] - c[None, :]).argmin(1)
+        if np.array_equal(new, codes):
+            break
+        codes = new
+    return c, codes
+
+
+def test_scalar_em_on_sorted_points_is_the_weighted_lloyd():
+    rng = np.random.default_rng(9)
+    rows, nb, k = 150, 40, 16
+    x = np.concatenate([rng.standard_normal(rows * nb // 2), 3 + 0.2 * rng.standard_normal(rows * nb // 2)])
+    rng.shuffle(x)
+    x[:30] = x[30]                                   # ties among the points
+    hb = rng.uniform(0.2, 5.0, nb)                   # each input block's metric h_b
+    c0 = np.sort(rng.choice(x, k, replace=False))
+    c, codes = km.aware_em(x[:, None], np.tile(np.arange(nb), rows), hb.reshape(nb, 1, 1), c0[:, None], None, 40, tol=0)
+    ref_c, ref_codes = _weighted_lloyd(x, np.tile(hb, rows), c0, 40)
+    assert np.allclose(c[:, 0], ref_c, rtol=1e-10, atol=1e-12)
+    assert np.array_equal(codes, ref_codes)
+    # codes given: the first M-step from them, the rest as above
+    given = np.abs(x[:, None] - c0[None, :]).argmin(1)
+    c2, codes2 = km.aware_em(x[:, None], np.tile(np.arange(nb), rows), hb.reshape(nb, 1, 1), c0[:, None], given, 40, tol=0)
+    assert np.allclose(c2, c) and np.array_equal(codes2, codes)
+    # plain k-means on scalars: unweighted rounds on the sample, then every point's nearest centroid;
+    # assign=False leaves the assignment to the EM
+    ck, kc = km.kmeans(x[:, None], k, 5, np.random.default_rng(0), sample=2000)
+    assert np.array_equal(kc, np.abs(x[:, None] - ck[:, 0][None, :]).argmin(1))
+    ck2, none = km.kmeans(x[:, None], k, 5, np.random.default_rng(0), sample=2000, assign=False)
+    assert none is None and np.array_equal(ck, ck2)
+
+
+# ----------------------------------------------------------------------------- settings nested in others
+def test_nests_is_a_product_of_the_smaller_codebooks():
+    from onnxshrink.passes.pq.quantize import nests
+    assert nests((1, 64), (1, 16)) and nests((1, 256), (1, 64)) and nests((2, 256), (1, 16))
+    assert nests((2, 256), (2, 64)) and nests((4, 256), (2, 16)) and nests((4, 256), (1, 4))
+    assert not nests((2, 256), (1, 32))              # 32² codewords: more than 256
+    assert not nests((2, 256), (4, 256)) and not nests((1, 256), (2, 64)) and not nests((1, 16), (1, 16))
+
+
+def test_screens_skip_a_setting_nested_in_one_screened_far_over_the_budget(monkeypatch):
+    """A setting nested in a later one whose screen is far over the budget is not screened itself
+    (its estimate is the later one's); where the later one's screen is within, its own decides."""
+    q = importlib.import_module("onnxshrink.passes.pq.quantize")
+    est = {(4, 256): 50.0, (2, 256): 5.0, (2, 64): 20.0, (1, 16): 9.0, (1, 64): 0.5}
+    asked = []
+    monkeypatch.setattr(q, "screened_error", lambda t, d, k, *a: asked.append((d, k)) or est[(d, k)])
+    order = [(4, 256), (2, 64), (1, 16), (2, 256), (1, 64)]
+    s = q.Screens(None, None, None, None, {}, lambda: None, 3.0, order)
+    assert s.over((4, 256)) == (50.0, (4, 256))     # nothing after it nests it
+    assert s.over((2, 64)) == (5.0, (2, 256))       # (2, 256) screened first: over, so (2, 64) is too
+    assert s.over((1, 16)) == (5.0, (2, 256))
+    assert s.over((2, 256)) == (5.0, (2, 256)) and s.over((1, 64)) is None
+    assert asked == [(4, 256), (2, 256), (1, 64)]   # each screened once, (2, 64) and (1, 16) never
+    est[(2, 256)] = 2.0                              # within the margin: the nested ones screen themselves
+    asked.clear()
+    s = q.Screens(None, None, None, None, {}, lambda: None, 3.0, order)
+    assert s.over((2, 64)) == (20.0, (2, 64)) and asked == [(2, 256), (2, 64)]
+
+
+def test_nested_screens_keep_the_choice_of_every_setting_fitted_in_full(monkeypatch):
+    """The wide MLP under a budget its low-bit settings miss by far: settings nested in one screened
+    over the margin are not screened (fewer screens than with each setting screening itself), and
+    each layer keeps the setting, and the codes, of a full fit of every setting (the same model)."""
+    from test_pq import FAST, _mlp_calib, _wide_mlp
+    q = importlib.import_module("onnxshrink.passes.pq.quantize")
+    model, calib = _wide_mlp(), _mlp_calib()
+    opts = {"pq": dict(FAST, max_error=1e-4, allocate=False)}
+    screened = []
+    real = q.screened_error
+    monkeypatch.setattr(q, "screened_error", lambda t, d, k, *a: screened.append((d, k)) or real(t, d, k, *a))
+
+    def run():
+        screened.clear()
+        res = shrink(model, ["pq"], calibration=calib, force=True, options=opts, threads=1)
+        return res.model.SerializeToString(), res.report["passes"][0]["layers"], len(screened)
+
+    nested, layers, n_nested = run()
+    by = [t for i in layers.values() for t in i.get("tried", []) if t.get("screened_as")]
+    assert by and all(q.nests(tuple(t["screened_as"]), (t["block"], t["centroids"])) for t in by)
+    assert all(t["rel_error"] > 3 * 1e-4 for t in by)
+    monkeypatch.setattr(q, "nests", lambda a, b: False)                    # each setting screens itself
+    own, _, n_own = run()
+    assert n_nested < n_own and own == nested
+    monkeypatch.setattr(pq_pass, "SCREEN_MARGIN", float("inf"))            # every setting fitted in full
+    full, every, _ = run()
+    assert {n: (i["block"], i["centroids"]) for n, i in layers.items()} == \
+        {n: (i["block"], i["centroids"]) for n, i in every.items()}
+    assert nested == full
