@@ -424,23 +424,13 @@ def refined_curves(layers, raw, curves, points, ranks, measure, rows):
     """The measured ``curves``, sharpened where the allocation ``ranks`` went: each layer at a rank
     not measured yet is measured there (recorded in ``points``: {layer: {rank: output error}}) and
     its curve redrawn from its own truncation curve ``raw`` through its measured points
-    (``pfa.allocation.gain_curve``: the gain interpolated between them). One probe at half the rank
-    misjudges other cuts (digits cnn_plain at FLOPs 0.4: late layers sent to rank 8); measured where
-    the allocation goes, a cut's effect is read, not extrapolated. Returns (curves, new measurements)."""
-    from .pfa.allocation import gain_curve
-    new = 0
-    for l in layers:
-        r = ranks.get(l.node)
-        if r is None or r >= l.max_rank or r in points.get(l.node, {}):
-            continue
-        points.setdefault(l.node, {})[r] = measure(l, r)
-        rows.setdefault(l.node, {}).setdefault("refined", {})[str(r)] = round(points[l.node][r], 6)
-        new += 1
-    out = dict(curves)
-    for l in layers:
-        if len(points.get(l.node, {})) > 1:
-            out[l.node] = gain_curve(raw[l.node], points[l.node])
-    return out, new
+    (``pfa.allocation.remeasure``, the step pfa's refined allocation takes too; ``gain_curve``: the
+    gain interpolated between them). One probe at half the rank misjudges other cuts (digits
+    cnn_plain at FLOPs 0.4: late layers sent to rank 8); measured where the allocation goes, a
+    cut's effect is read, not extrapolated. Returns (curves, new measurements)."""
+    from .pfa.allocation import remeasure
+    return remeasure([(l.node, l.node, l, ranks.get(l.node), l.max_rank) for l in layers], raw, curves, points,
+                     measure, rows)
 
 
 def allocate_ranks(layers, curves, cands, effect, goal_metrics, ctx, model, cfg, multiple):

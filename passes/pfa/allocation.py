@@ -399,19 +399,28 @@ def refined_curves(groups, raw, curves, points, ks, measure, details):
     how far its error travels at that depth; an allocation that cuts a group by an eighth reads an
     extrapolation, and the output error of a small cut is not proportional to the consumers'
     in-sample one. Returns (curves, number of new measurements)."""
-    rows = details.get("measured", {})
+    return remeasure([(g.index, g.name, g, ks.get(g.index, g.size), g.size) for g in groups], raw, curves,
+                     points, measure, details.get("measured", {}))
+
+
+def remeasure(units, raw, curves, points, measure, rows):
+    """The re-measuring step both measured allocations share (groups here, layers' ranks in
+    ``_factor.refined_curves``): ``units`` lists (key, label, unit, k, limit) for every unit, ``k``
+    the count or rank chosen (None: not cut). A unit cut below its ``limit`` to a ``k`` not measured
+    yet is measured there (``measure(unit, k)``, into ``points[key]`` and ``rows[label]["refined"]``);
+    every unit with more than one measured point gets its curve redrawn from ``raw[key]`` through
+    them (``gain_curve``). Returns (curves, number of new measurements)."""
     new = 0
-    for g in groups:
-        k = ks.get(g.index, g.size)
-        if k >= g.size or k in points.get(g.index, {}):
+    for key, label, unit, k, limit in units:
+        if k is None or k >= limit or k in points.get(key, {}):
             continue
-        points.setdefault(g.index, {})[k] = float(measure(g, k))
-        rows.setdefault(g.name, {}).setdefault("refined", {})[str(k)] = round(points[g.index][k], 6)
+        points.setdefault(key, {})[k] = float(measure(unit, k))
+        rows.setdefault(label, {}).setdefault("refined", {})[str(k)] = round(points[key][k], 6)
         new += 1
     out = dict(curves)
-    for g in groups:
-        if len(points.get(g.index, {})) > 1:
-            out[g.index] = gain_curve(raw[g.index], points[g.index])
+    for key, *_ in units:
+        if len(points.get(key, {})) > 1:
+            out[key] = gain_curve(raw[key], points[key])
     return out, new
 
 
