@@ -298,18 +298,17 @@ def loosened(ctx, model, fit, cfg):
     as noise, lost 2 of 450 test images) and, with the user's task metric, keeps it no lower than
     the rule's model does (``task_floor``) is kept; else the rule's. Returns (model, report); the
     report's "loosen" says what was measured."""
-    from dataclasses import replace as _replace
     out, rep = fit(cfg)
     with ctx.timed("search"):
         probe = OutputProbe(ctx, ctx.reference)
         outs = probe.outputs(out)
     flips = decision_flips(probe.ref, outs)
-    bound, task = flips, task_floor(ctx, probe, outs)   # no flip the rule's model does not make
+    task = task_floor(ctx, probe, outs)
     size = ctx.cost(out)["bytes"]
-    info = {"samples": probe.data.units(), "flips": flips, "bound_flips": bound, "bytes": int(size), "tries": []}
+    info = {"samples": probe.data.units(), "flips": flips, "bound_flips": flips, "bytes": int(size), "tries": []}
     tol = half_margins()
     for m in LOOSEN:
-        cand, crep = fit(_replace(cfg, max_error=m * cfg.max_error))
+        cand, crep = fit(replace(cfg, max_error=m * cfg.max_error))
         got = ctx.cost(cand)["bytes"]
         t = {"scale": m, "bytes": int(got)}
         info["tries"].append(t)
@@ -322,7 +321,7 @@ def loosened(ctx, model, fit, cfg):
         t["output_error"] = round(output_error(probe.ref, o), 6)
         if fails:
             t["gate"] = fails[0]
-        ok = not fails and t["flips"] <= bound
+        ok = not fails and t["flips"] <= flips   # no flip the rule's model does not make
         if task is not None:
             t["metric"] = round(task[0](o), 6)
             ok = ok and t["metric"] >= task[1]

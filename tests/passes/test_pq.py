@@ -492,15 +492,15 @@ def test_target_size_search_uses_packed_16_centroid_settings():
 
 
 # ----------------------------------------------------------------------------- error budget, size threshold
-def _wide_mlp(seed=0):
-    """input(N,64) -> Gemm 64->256 -> Relu -> MatMul 256->256 -> Relu -> Gemm 256->10: two layers of
-    64-256 KiB and a 10 KiB head."""
+def _wide_mlp(seed=0, outputs=10, out="logits"):
+    """input(N,64) -> Gemm 64->256 -> Relu -> MatMul 256->256 -> Relu -> Gemm 256->``outputs``: two
+    layers of 64-256 KiB and a 10 KiB head (the default 10 logits)."""
     b = GraphBuilder(seed)
     x = b.input("input", ["batch", 64])
     h = b.relu(b.gemm(x, 64, 256))
     h = b.relu(b.matmul(h, 256, 256))
-    b.gemm(h, 256, 10, out="logits")
-    b.output("logits", ["batch", 10])
+    b.gemm(h, 256, outputs, out=out)
+    b.output(out, ["batch", outputs])
     return b.model()
 
 

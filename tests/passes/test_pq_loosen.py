@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from test_pq import FAST, _mlp_calib, _planted_metric, _wide_mlp
 
-from graphs import GraphBuilder, run
+from graphs import run
 from onnxshrink import shrink
 from onnxshrink.passes.pq import PqConfig
 from onnxshrink.passes.pq import pass_ as pq_pass
@@ -21,15 +21,8 @@ def _size(res):
 
 
 def _wide_regressor(seed=0):
-    """input(N,64) -> Gemm 64->256 -> Relu -> MatMul 256->256 -> Relu -> Gemm 256->1 -> y: the wide
-    MLP with one regression output (no argmax decision to flip)."""
-    b = GraphBuilder(seed)
-    x = b.input("input", ["batch", 64])
-    h = b.relu(b.gemm(x, 64, 256))
-    h = b.relu(b.matmul(h, 256, 256))
-    b.gemm(h, 256, 1, out="y")
-    b.output("y", ["batch", 1])
-    return b.model()
+    """The wide MLP with one regression output y (no argmax decision to flip)."""
+    return _wide_mlp(seed, outputs=1, out="y")
 
 
 def test_a_looser_model_that_flips_a_decision_the_rules_does_not_is_refused():
