@@ -174,12 +174,12 @@ def by_rows(fn, x, size: int = 256, min_size: int = 1 << 18, dtype=None):
 
 def gram(x, size: int = CHUNK):
     """``x.T @ x`` (x 2-D, n × d) in fixed tiles of ``size`` columns on the workers: the diagonal
-    tiles by SYRK (``x[:, a].T @ x[:, a]``: the bits of the whole SYRK's), the tiles above them by
+    tiles by SYRK (``x[:, a].T @ x[:, a]``), the tiles above them by
     GEMM, mirrored below, so the result is exactly symmetric and does not depend on the worker
     count (each entry is one dot product over the n rows, computed the same whoever computes it).
     Products of fewer than ``MIN_WORK`` multiply-adds, or of at most ``size`` columns, are one SYRK;
-    above that an entry off the diagonal tiles may differ from the one SYRK's in the last bits (the
-    BLAS splits the sum over rows differently for GEMM and SYRK)."""
+    above that an entry may differ from the one SYRK's in the last bits (how the BLAS splits a sum
+    over rows depends on the call's shape and on the kernel the CPU gets)."""
     n, d = x.shape
     if d <= size or n * d * d // 2 < MIN_WORK:
         return x.T @ x
@@ -201,8 +201,8 @@ def gram(x, size: int = CHUNK):
 def cross(x, y, size: int = CHUNK):
     """``x.T @ y`` (x n × d, y n × m) with the output's rows (``x``'s columns) in fixed chunks of
     ``size`` on the workers: each entry the same dot product whoever computes it, so the result does
-    not depend on the worker count (and with one BLAS thread it is the one GEMM's). Small products
-    are one call."""
+    not depend on the worker count (it may differ from the one GEMM's in the last bits, by the
+    kernel the CPU gets). Small products are one call."""
     d = x.shape[1]
     if d <= size or x.shape[0] * d * y.shape[1] < MIN_WORK:
         return x.T @ y
