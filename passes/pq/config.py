@@ -41,6 +41,9 @@ class PqConfig:
                                    # fitted so, measured on the calibration data, passes the default gate at half its
                                    # margins and flips no more decisions than the rule's model; auto: models of at
                                    # most LOOSEN_MAX_BYTES (each try is a full fit), true, false
+    float16: bool = True           # with fp16 codebooks, the float32 constants left float (first Conv, small heads,
+                                   # biases, slopes) stored as fp16 + Cast where that saves bytes (relative rounding
+                                   # error within edits.HALF_ERROR and pq.max_error)
     rounds: int = 4                # sequential: at most this many statistics rounds (consecutive
                                    # topological levels share one; 0 = one round per level)
 
