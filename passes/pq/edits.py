@@ -194,12 +194,13 @@ def half_error(values: np.ndarray) -> float:
     return float(((v - v.astype(np.float16).astype(np.float64)) ** 2).sum()) / den if den > 0 else 0.0
 
 
-def store_half(graph: gs.Graph, limit: float = HALF_ERROR) -> int:
+def store_half(graph: gs.Graph, limit: float = HALF_ERROR, kept=frozenset()) -> int:
     """The float32 constants of the main graph that only ``HALF_READERS`` read (weights left float:
     the first Conv, small heads, biases, PReLU slopes) stored as fp16 and Cast back to float32 at
     load, where that takes fewer serialized bytes than the constant (the Cast node counted) and the
     rounding's relative squared error is within ``limit`` (at most ``HALF_ERROR``; pq passes its
-    per-layer budget where that is tighter); the readers read the Cast. Returns
+    per-layer budget where that is tighter) and no reader is in ``kept`` (node names that stay as
+    they are: the accuracy search's protected nodes); the readers read the Cast. Returns
     the float32 bytes a runtime holds for them (the Cast is folded at load)."""
     from .sizes import element_bytes
     outs, taken = {t.name for t in graph.outputs}, set(graph.tensors()) | {n.name for n in graph.nodes}
@@ -208,7 +209,7 @@ def store_half(graph: gs.Graph, limit: float = HALF_ERROR) -> int:
         if not isinstance(t, gs.Constant) or t.values.dtype != np.float32 or t.name in outs or not t.outputs \
                 or {t.name + HALF_SUFFIX, t.name + ".f"} & taken:
             continue
-        if not all(n.op in HALF_READERS for n in t.outputs):
+        if not all(n.op in HALF_READERS and n.name not in kept for n in t.outputs):
             continue
         if t.values.size < 8 or half_error(t.values) > min(limit, HALF_ERROR):   # 8 values: 16 bytes, under a Cast's
             continue

@@ -67,5 +67,6 @@ def test_store_half_keeps_float32_where_fp16_cannot_hold_it_or_saves_nothing():
     kinds = {t.name: t.values.dtype for t in g.tensors().values() if isinstance(t, gs.Constant)}
     assert held == w.nbytes and kinds["w" + HALF_SUFFIX] == np.float16 and "w" not in kinds
     assert kinds["big"] == kinds["tiny"] == kinds["one"] == kinds["scales"] == np.float32
-    # a budget tighter than fp16's rounding (pq.max_error) keeps it float32 too
+    # a budget tighter than fp16's rounding (pq.max_error) keeps it float32 too, so does a protected reader
     assert store_half(_graph({"w": ("MatMul", w)}), limit=1e-12) == 0
+    assert store_half(_graph({"w": ("MatMul", w)}), kept={"w_node"}) == 0
