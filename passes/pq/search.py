@@ -19,6 +19,7 @@ from dataclasses import replace
 
 import numpy as np
 
+from ...calibrate import fixed_batch
 from ...lstsq import deterministic, weighted_error
 from ...validate import OutputProbe, Tolerances, decision_flips, gate_failures, output_error
 from .layer import candidates
@@ -305,13 +306,14 @@ def on_data(ctx, data):
         ctx.data, ctx.reference_cache = saved
 
 
-def holdout_split(data):
+def holdout_split(data, batch: int | None = None):
     """(the units the fits see, the units they do not): the last 1/``HOLDOUT`` of the calibration
     units held out (whole units: the crops or tokens of one image are alike, so rows of a unit
     the fits saw would measure how well they reproduce what they saw); None with fewer than
-    ``MIN_HOLDOUT_UNITS`` units."""
+    ``MIN_HOLDOUT_UNITS`` units, or for a model whose inputs take a fixed ``batch`` above one (its
+    parts could not be run)."""
     n = data.units()
-    if n < MIN_HOLDOUT_UNITS:
+    if n < MIN_HOLDOUT_UNITS or (batch or 1) > 1:
         return None
     cut = n - n // HOLDOUT
     return data.subset(0, cut), data.subset(cut, n)
@@ -330,7 +332,7 @@ def loosened(ctx, model, fit, cfg):
     trusted on the samples it was fitted to; the looser model kept is the one judged, the rule's
     model (none kept) is fitted again on all the data. Returns (model, report); the report's
     "loosen" says what was measured."""
-    split = holdout_split(ctx.require_data())
+    split = holdout_split(ctx.require_data(), fixed_batch(ctx.reference))
     if split is None:
         return _loosened(ctx, model, fit, cfg, ctx.data)
     with on_data(ctx, split[0]):   # the tries' fits see the fit units only

@@ -96,6 +96,7 @@ def test_the_tries_are_fitted_without_the_held_out_units():
     fit, held = holdout_split(data)
     assert (fit.units(), held.units(), held.first_sample) == (154, 51, 154)
     assert holdout_split(data.subset(0, MIN_HOLDOUT_UNITS - 1)) is None
+    assert holdout_split(data, batch=4) is None and holdout_split(data, batch=1) is not None
     seen = []
     real = pq_pass.Pq._apply
 
