@@ -38,9 +38,13 @@ class PqConfig:
                                    # the outputs, a quarter of the worst sample's and of the squared range error),
                                    # or what the per-layer budget predicts where that is more
     loosen: str = "auto"           # the per-layer budget loosened (LOOSEN: 10x, then 3x pq.max_error) where the model
-                                   # fitted so, measured on the calibration data, passes the default gate at half its
+                                   # fitted so, measured on held-out calibration units (HOLDOUT: a quarter, which the
+                                   # tries' fits do not see), passes the default gate at half its
                                    # margins and flips no more decisions than the rule's model; auto: models of at
                                    # most LOOSEN_MAX_BYTES (each try is a full fit), true, false
+    float16: bool = True           # with fp16 codebooks, the float32 constants left float (first Conv, small heads,
+                                   # biases, slopes) stored as fp16 + Cast where that saves bytes (relative rounding
+                                   # error within edits.HALF_ERROR and pq.max_error)
     rounds: int = 4                # sequential: at most this many statistics rounds (consecutive
                                    # topological levels share one; 0 = one round per level)
 

@@ -173,3 +173,59 @@ def refit_biases(layer: Layer, t_hat, cm, per_node) -> None:
             layer.reader(n).add_bias(b)
         else:
             layer.reader(n).set_bias(b, base=n.name + ".pq_bias")
+
+
+# ----------------------------------------------------------------------------- float weights as fp16
+# the readers a float constant left float may be stored as fp16 for: products, elementwise
+# arithmetic, slopes and normalisations, whose constant inputs are values, not shapes or scales
+# that shape inference reads (Resize, Pad, Clip, Range, ...)
+HALF_READERS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "PRelu",
+                "BatchNormalization", "InstanceNormalization", "LayerNormalization"}
+HALF_ERROR = 1e-6   # the largest relative squared error of a constant stored as fp16 (rounding alone: ~1e-8)
+HALF_SUFFIX = ".pq_half"
+
+
+def half_error(values: np.ndarray) -> float:
+    """The relative squared error of ``values`` rounded to fp16 (inf where fp16 cannot hold them)."""
+    v = values.astype(np.float64)
+    if not np.isfinite(v).all() or np.abs(v).max(initial=0.0) > np.finfo(np.float16).max:
+        return float("inf")
+    den = float((v ** 2).sum())
+    return float(((v - v.astype(np.float16).astype(np.float64)) ** 2).sum()) / den if den > 0 else 0.0
+
+
+def store_half(graph: gs.Graph, limit: float = HALF_ERROR, kept=frozenset()) -> int:
+    """The float32 constants of the main graph that only ``HALF_READERS`` read (weights left float:
+    the first Conv, small heads, biases, PReLU slopes) stored as fp16 and Cast back to float32 at
+    load, where that takes fewer serialized bytes than the constant (the Cast node counted) and the
+    rounding's relative squared error is within ``limit`` (at most ``HALF_ERROR``; pq passes its
+    per-layer budget where that is tighter) and no reader is in ``kept`` (node names that stay as
+    they are: the accuracy search's protected nodes); the readers read the Cast. Returns
+    the float32 bytes a runtime holds for them (the Cast is folded at load)."""
+    from .sizes import element_bytes
+    outs, taken = {t.name for t in graph.outputs}, set(graph.tensors()) | {n.name for n in graph.nodes}
+    held = 0
+    for t in list(graph.tensors().values()):
+        if not isinstance(t, gs.Constant) or t.values.dtype != np.float32 or t.name in outs or not t.outputs \
+                or {t.name + HALF_SUFFIX, t.name + ".f"} & taken:
+            continue
+        if not all(n.op in HALF_READERS and n.name not in kept for n in t.outputs):
+            continue
+        if t.values.size < 8 or half_error(t.values) > min(limit, HALF_ERROR):   # 8 values: 16 bytes, under a Cast's
+            continue
+        half = t.values.astype(np.float16)
+        cast = onnx.helper.make_node("Cast", [t.name + HALF_SUFFIX], [t.name + ".f"], name=t.name + ".f",
+                                     to=onnx.TensorProto.FLOAT)
+        new = element_bytes(onnx.numpy_helper.from_array(half, t.name + HALF_SUFFIX)) + element_bytes(cast)
+        if new >= element_bytes(onnx.numpy_helper.from_array(np.ascontiguousarray(t.values), t.name)):
+            continue
+        out = gs.Variable(t.name + ".f", dtype=np.float32, shape=list(t.values.shape))
+        graph.nodes.append(gs.Node("Cast", t.name + ".f", {"to": onnx.TensorProto.FLOAT},
+                                   [gs.Constant(t.name + HALF_SUFFIX, half)], [out]))
+        for n in list(t.outputs):
+            for i, x in enumerate(n.inputs):
+                if x is t:
+                    n.inputs[i] = out
+        held += t.values.nbytes
+    return held
+

@@ -21,7 +21,7 @@ from ...refit import refit_levels, shared_levels
 from ...registry import Pass, PassReport, Plan, Requires, Skip
 from .codec import code_bytes
 from .config import PqConfig
-from .edits import refit_biases, replace_weight
+from .edits import HALF_ERROR, HALF_SUFFIX, refit_biases, replace_weight, store_half
 from .layer import default_block, ladder, layer_of, shared_layer, subgraph_nodes, tables
 from .quantize import SCREEN_MARGIN, Screens, budget_error, quantize
 from .search import ALLOC_TOLERANCE, LOOSEN_MAX_BYTES, allocate, loosened, size_search
@@ -189,6 +189,13 @@ class Pq(Pass):
         if out is model:  # nothing quantized: the graph as imported
             with ctx.timed("export"):
                 out = export_model(graph, like=model)
+        if cfg.float16 and cfg.codebook_dtype == "fp16":   # what stays float32, as fp16 where that saves bytes
+            with ctx.timed("export"):
+                half = import_graph(out)
+                held = store_half(half, cfg.max_error if cfg.max_error > 0 else HALF_ERROR, kept=set(ctx.protected))
+                if held:
+                    out = export_model(half, like=model)
+                    runtime["decoded"] += held
         report.details["memory"] = self._memory(ctx, out, file_before, runtime)
         return out, report
 
@@ -295,7 +302,7 @@ class Pq(Pass):
     @staticmethod
     def _memory(ctx, out, file_before, runtime) -> dict:
         """The file's bytes and the weight bytes a runtime holds, before and after."""
-        after = weight_bytes(import_graph(out), skip=".pq_codebook")
+        after = weight_bytes(import_graph(out), skip=(".pq_codebook", HALF_SUFFIX))
         return {
             "file_bytes": {"before": int(file_before), "after": int(ctx.cost(out)["bytes"])},
             "runtime_weight_bytes": {"before": int(runtime["before"]), "after": int(after + runtime["decoded"])},

@@ -13,11 +13,13 @@ model's budget (``knapsack``).
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from dataclasses import replace
 
 import numpy as np
 
+from ...calibrate import fixed_batch
 from ...lstsq import deterministic, weighted_error
 from ...validate import OutputProbe, Tolerances, decision_flips, gate_failures, output_error
 from .layer import candidates
@@ -288,19 +290,67 @@ def half_margins(tol: Tolerances | None = None) -> Tolerances:
                       min_worst_cosine=up(tol.min_worst_cosine), min_decision_iou=up(tol.min_decision_iou))
 
 
+HOLDOUT = 4           # pq.loosen: every try is fitted without the last 1/HOLDOUT of the calibration units and
+MIN_HOLDOUT_UNITS = 8  # judged on them (models with fewer units: fitted and judged on all of them)
+
+
+@contextlib.contextmanager
+def on_data(ctx, data):
+    """``ctx`` with ``data`` as its calibration data for the block (the reference's cached tensors,
+    which belong to the whole data, set aside meanwhile)."""
+    saved = ctx.data, ctx.reference_cache
+    ctx.data, ctx.reference_cache = data, None
+    try:
+        yield ctx
+    finally:
+        ctx.data, ctx.reference_cache = saved
+
+
+def holdout_split(data, batch: int | None = None):
+    """(the units the fits see, the units they do not): the last 1/``HOLDOUT`` of the calibration
+    units held out (whole units: the crops or tokens of one image are alike, so rows of a unit
+    the fits saw would measure how well they reproduce what they saw); None with fewer than
+    ``MIN_HOLDOUT_UNITS`` units, or for a model whose inputs take a fixed ``batch`` above one (its
+    parts could not be run)."""
+    n = data.units()
+    if n < MIN_HOLDOUT_UNITS or (batch or 1) > 1:
+        return None
+    cut = n - n // HOLDOUT
+    return data.subset(0, cut), data.subset(cut, n)
+
+
 def loosened(ctx, model, fit, cfg):
     """The per-layer rule at a looser budget, measured on the fitted models: ``fit(cfg)`` gives
     (model, report) of the pass at config ``cfg``. The rule's model first; then, loosest first,
     pq.max_error times each of ``LOOSEN``: the first fitted model that takes fewer bytes and,
-    on (up to ``GAIN_SAMPLES`` of) the calibration data against the reference, passes the default
-    gate at half its margins (``half_margins``), flips no more argmax decisions than the rule's
-    model (no noise allowance: on the digits CNN one flip more of 64 calibration samples, allowed
-    as noise, lost 2 of 450 test images) and, with the user's task metric, keeps it no lower than
-    the rule's model does (``task_floor``) is kept; else the rule's. Returns (model, report); the
-    report's "loosen" says what was measured."""
+    against the reference, passes the default gate at half its margins (``half_margins``), flips
+    no more argmax decisions than the rule's model (no noise allowance: on the digits CNN one flip
+    more of 64 calibration samples, allowed as noise, lost 2 of 450 test images) and, with the
+    user's task metric, keeps it no lower than the rule's model does (``task_floor``) is kept; else
+    the rule's. The tries are fitted on the calibration units but the last 1/``HOLDOUT`` and judged
+    on (up to ``GAIN_SAMPLES`` of) those held-out ones (``holdout_split``), so that a fit is not
+    trusted on the samples it was fitted to; the looser model kept is the one judged, the rule's
+    model (none kept) is fitted again on all the data. Returns (model, report); the report's
+    "loosen" says what was measured."""
+    split = holdout_split(ctx.require_data(), fixed_batch(ctx.reference))
+    if split is None:
+        return _loosened(ctx, model, fit, cfg, ctx.data)
+    with on_data(ctx, split[0]):   # the tries' fits see the fit units only
+        out, rep = _loosened(ctx, model, fit, cfg, split[1])
+    info = rep.details["loosen"]
+    info["held_out"] = int(split[1].units())
+    if info["scale"] == 1.0:   # the rule's model, fitted on all the data as without pq.loosen
+        out, rep = fit(cfg)
+        rep.details["loosen"] = info
+    return out, rep
+
+
+def _loosened(ctx, model, fit, cfg, judge_data):
+    """``loosened``'s tries, fitted on ctx's data and judged on ``judge_data``."""
     out, rep = fit(cfg)
-    with ctx.timed("search"):
+    with on_data(ctx, judge_data), ctx.timed("search"):
         probe = OutputProbe(ctx, ctx.reference)
+    with ctx.timed("search"):
         outs = probe.outputs(out)
     flips = decision_flips(probe.ref, outs)
     task = task_floor(ctx, probe, outs)

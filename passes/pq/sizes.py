@@ -14,14 +14,14 @@ from .edits import decode
 from .layer import Layer, own_bias, shared_bias
 
 
-def weight_bytes(graph: gs.Graph, skip: str | None = None) -> int:
-    """Bytes of the float constants of the graph (``skip``: leave out those whose name holds it)."""
+def weight_bytes(graph: gs.Graph, skip: tuple = ()) -> int:
+    """Bytes of the float constants of the graph (``skip``: leave out those whose name holds one of these)."""
     return int(sum(t.values.nbytes for t in graph.tensors().values()
                    if isinstance(t, gs.Constant) and np.issubdtype(t.values.dtype, np.floating)
-                   and (skip is None or skip not in t.name)))
+                   and not any(s in t.name for s in skip)))
 
 
-def _element_bytes(proto) -> int:
+def element_bytes(proto) -> int:
     """Serialized bytes of one element of a repeated GraphProto field (tag, length, message)."""
     n = proto.ByteSize()
     return 1 + _varint_len(n) + n
@@ -32,7 +32,7 @@ def _varint_len(n: int) -> int:
 
 
 def _tensor_bytes(name: str, values: np.ndarray) -> int:
-    return _element_bytes(onnx.numpy_helper.from_array(np.ascontiguousarray(values), name))
+    return element_bytes(onnx.numpy_helper.from_array(np.ascontiguousarray(values), name))
 
 
 def dense_bytes(layer: Layer) -> int:
@@ -85,7 +85,7 @@ def _pq_bytes(layer: Layer, d: int, k: int, dtype, bias_refit: bool, bits: int) 
     scratch.outputs = [probe]
     g = export_model(scratch).graph
     nodes = [n for n in g.node if n.name != "probe"]
-    pq = sum(_element_bytes(p) for p in (*nodes, *g.initializer, *g.value_info))
+    pq = sum(element_bytes(p) for p in (*nodes, *g.initializer, *g.value_info))
     if bias_refit:
         shared = shared_bias(layer)
         for node in ([] if shared is not None else layer.nodes):

@@ -1,6 +1,7 @@
 """pq's loosened per-layer budget (``pq.loosen``): the rule at 10x / 3x pq.max_error, kept only
-where the fitted model, measured on the calibration data, passes the default gate at half its
-margins and flips no more decisions than the rule's model (and keeps the user's metric)."""
+where the fitted model, measured on held-out calibration units no fit saw, passes the default
+gate at half its margins and flips no more decisions than the rule's model (and keeps the user's
+metric)."""
 
 import numpy as np
 import pytest
@@ -10,7 +11,8 @@ from graphs import run
 from onnxshrink import shrink
 from onnxshrink.passes.pq import PqConfig
 from onnxshrink.passes.pq import pass_ as pq_pass
-from onnxshrink.passes.pq.search import LOOSEN, half_margins
+from onnxshrink.calibrate import DataSource
+from onnxshrink.passes.pq.search import LOOSEN, MIN_HOLDOUT_UNITS, half_margins, holdout_split
 from onnxshrink.validate import Tolerances
 
 OPTS = dict(FAST, max_error=3e-4)
@@ -26,23 +28,24 @@ def _wide_regressor(seed=0):
 
 
 def test_a_looser_model_that_flips_a_decision_the_rules_does_not_is_refused():
-    """The wide MLP's logits at pq.max_error=3e-4: the rule's model flips no label of the 64
-    calibration samples, each looser fit flips some (3 at 10x, 1 at 3x): both are refused and
-    the written model is the rule's."""
+    """The wide MLP's logits at pq.max_error=3e-4: of the 51 held-out calibration samples (a
+    quarter of the 205 the validation leaves) the rule's model flips one label, each looser fit
+    four: both are refused and the written model is the rule's, fitted again on all the data."""
     model, calib = _wide_mlp(), _mlp_calib()
     rule = shrink(model, ["pq"], calibration=calib, force=True, options={"pq": OPTS})
     held = shrink(model, ["pq"], calibration=calib, force=True, options={"pq": dict(OPTS, loosen="true")})
     assert "loosen" not in rule.report["passes"][0]
     info = held.report["passes"][0]["loosen"]
-    assert info["flips"] == info["bound_flips"] == 0 and info["scale"] == 1.0
+    assert info["flips"] == info["bound_flips"] == 1 and info["scale"] == 1.0
+    assert info["samples"] == info["held_out"] == 51
     assert [t["scale"] for t in info["tries"]] == list(LOOSEN)
-    assert all(t["flips"] > 0 and not t["kept"] and t["bytes"] < info["bytes"] for t in info["tries"]), info
+    assert all(t["flips"] > info["flips"] and not t["kept"] and t["bytes"] < info["bytes"] for t in info["tries"]), info
     assert _size(held) == _size(rule) and held.model.graph == rule.model.graph
 
 
 def test_the_loosened_budget_is_kept_within_half_the_gate():
     """The same layers under one regression output: a looser fit passes the gate at half its
-    margins on the calibration data and is kept (fewer bytes than the rule's; a try before it is
+    margins on the held-out calibration units and is kept (fewer bytes than the rule's; a try before it is
     refused by the gate); on held-out data
     its relative L2 error stays within the default gate's 0.2."""
     model, calib = _wide_regressor(), _mlp_calib()
@@ -84,6 +87,28 @@ def test_auto_loosens_small_models_only(monkeypatch):
     # no per-layer budget (max_error 0) or a size target: nothing to loosen
     free = shrink(model, ["pq"], calibration=calib, force=True, options={"pq": dict(FAST, loosen="true")})
     assert "loosen" not in free.report["passes"][0]
+
+
+def test_the_tries_are_fitted_without_the_held_out_units():
+    """205 calibration units: the tries are fitted on the first 154 and judged on the last 51;
+    under ``MIN_HOLDOUT_UNITS`` units nothing is held out."""
+    data = DataSource({"input": _mlp_calib(205)["input"]})
+    fit, held = holdout_split(data)
+    assert (fit.units(), held.units(), held.first_sample) == (154, 51, 154)
+    assert holdout_split(data.subset(0, MIN_HOLDOUT_UNITS - 1)) is None
+    assert holdout_split(data, batch=4) is None and holdout_split(data, batch=1) is not None
+    seen = []
+    real = pq_pass.Pq._apply
+
+    def spy(self, model, cfg, ctx):
+        seen.append((round(cfg.max_error, 9), ctx.data.units()))
+        return real(self, model, cfg, ctx)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pq_pass.Pq, "_apply", spy)
+        shrink(_wide_mlp(), ["pq"], calibration=_mlp_calib(), force=True, options={"pq": dict(OPTS, loosen="true")})
+    # the rule and both tries on the fit units, then the rule's model (none kept) on all 205
+    assert seen == [(3e-4, 154), (3e-3, 154), (9e-4, 154), (3e-4, 205)], seen
 
 
 def test_loosen_option_and_half_margins():
