@@ -367,14 +367,33 @@ def fine_give_back(layers, choice: dict, saved: float, need: float, metric: str,
     return choice, best[3]
 
 
-def output_effect(model, covs, means, rewrite, cfg, ctx):
+def output_effect(model, covs, means, rewrite, cfg, ctx, layers=(), pass_name="factor"):
     """measure(l, r): the model's output error (``validate.OutputProbe``) with only layer ``l``
-    factorized at rank ``r``: its whitened truncation with the mean-corrected bias, no refit."""
+    factorized at rank ``r``: its whitened truncation with the mean-corrected bias, no refit.
+
+    Held out, as pfa's probes (``pfa.pass_.probe_folds``): the truncation is taken from the input
+    moments of one half of the calibration units (``plan_moments`` on that half) and its error
+    measured on the other half, both ways, the mean of the two. Measured on the rows it was fitted
+    on, a layer whose input moments have fewer rows than columns (a late Conv over a 1-position
+    map, a classifier's dense layer: 48 samples, 288 columns) is truncated exactly at any rank
+    above its row count and looks free (error 0, gain 0); on new rows it is not. With fewer than
+    ``pfa.pass_.MIN_FOLD_UNITS`` units a side: fitted and measured on the same data (``covs``,
+    ``means``)."""
     from ..graph import export_model
     from ..validate import OutputProbe
-    probe = OutputProbe(ctx, model)
+    from .pfa.pass_ import probe_folds
+    folds = probe_folds(ctx)
+    if folds[0][0] is ctx:
+        sides = [(covs, means, OutputProbe(ctx, model))]
+    else:
+        sides = []
+        for fit, held in folds:
+            c, mu = plan_moments(fit, list(layers), f"{pass_name}: probe statistics")
+            ctx.calibration_runs += fit.calibration_runs
+            ctx.calibration_seconds += fit.calibration_seconds
+            sides.append((c, mu, OutputProbe(held, model)))
 
-    def measure(l, r):
+    def truncated(l, r, covs, means):
         graph = import_graph(model)
         As, Bs, bs = [], [], []
         for g, w in enumerate(l.ws):
@@ -389,8 +408,26 @@ def output_effect(model, covs, means, rewrite, cfg, ctx):
         bias = None if all(b is None for b in bs) else np.concatenate(
             [b if b is not None else np.zeros(Bs[i].shape[1]) for i, b in enumerate(bs)])
         rewrite(graph, l, r, As, Bs, bias)
-        return float(probe.error(export_model(graph, like=model)))
+        return export_model(graph, like=model)
+
+    def measure(l, r):
+        return float(np.mean([probe.error(truncated(l, r, c, mu)) for c, mu, probe in sides]))
     return measure
+
+
+def plan_moments(ctx, layers, desc):
+    """({layer: [input covariance per group]}, {layer: [input mean per group]}) of ``layers`` on
+    ``ctx``'s reference model and data (one run); means only where the layer has no feature map."""
+    covs, means = {}, {}
+    reqs = [r for layer in layers for r in layer_requests(layer, "plan:", with_y=False)]
+    stats = ctx.collect(reqs, model_x=ctx.reference, desc=desc)
+    for layer in layers:
+        cm = stats["plan:" + layer.node]
+        moments = [_group_cov(layer, cm, g, layer.fit_bias) for g in range(layer.groups)]
+        covs[layer.node] = [m[0] for m in moments]
+        if layer.feature_map is None:
+            means[layer.node] = [m[2] for m in moments]
+    return covs, means
 
 
 def measured_curves(layers, curves, cands, measure):
@@ -559,15 +596,7 @@ def factorize(pass_name, model, cfg, ctx, layers, skipped, rewrite, multiple, re
     if not layers:
         return model, {}
     # planning statistics on the reference
-    covs, means = {}, {}
-    if use_data_alloc:
-        reqs = [r for layer in layers for r in layer_requests(layer, "plan:", with_y=False)]
-        stats = ctx.collect(reqs, model_x=ctx.reference, desc=f"{pass_name}: statistics")
-        for layer in layers:
-            cm = stats["plan:" + layer.node]
-            covs[layer.node] = [_group_cov(layer, cm, g, layer.fit_bias)[0] for g in range(layer.groups)]
-            if layer.feature_map is None:
-                means[layer.node] = [_group_cov(layer, cm, g, layer.fit_bias)[2] for g in range(layer.groups)]
+    covs, means = plan_moments(ctx, layers, f"{pass_name}: statistics") if use_data_alloc else ({}, {})
     with ctx.timed("fit"):
         curves = dict(zip([l.node for l in layers],   # each layer's decomposition on its own (``parallel``)
                           ordered_map(lambda l: energy_curve(l, covs.get(l.node), cfg.eps), layers)))
@@ -578,7 +607,7 @@ def factorize(pass_name, model, cfg, ctx, layers, skipped, rewrite, multiple, re
             and not all(ctx.goals[m].met(ctx.cost(model)[m]) for m in goal_metrics):
         with ctx.timed("search"):
             probed = [l for l in layers if l.node in means]
-            measure = output_effect(model, covs, means, rewrite, cfg, ctx)
+            measure = output_effect(model, covs, means, rewrite, cfg, ctx, probed, pass_name)
             raw = curves
             curves, measured, points = measured_curves(probed, curves, cands, measure)
             for _ in range(REFINE_ROUNDS):   # measure where the allocation goes, and allocate again

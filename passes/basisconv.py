@@ -34,7 +34,7 @@ class BasisConvConfig(_factor.FactorConfig):
     off_multiple: bool = True     # budget: one layer's M may end off the multiple where a whole step would
                                   # overshoot the goal (_factor.fine_give_back)
     measured: bool = False        # budget: scale each layer's error curve by its measured effect on the
-                                  # model's outputs (one run per layer: _factor.measured_curves); opt-in: the
+                                  # model's outputs (held out: two runs per probe, _factor.output_effect); opt-in: the
                                   # probe at half the rank misjudges deep cuts (digits cnn_plain@0.4: 98.67 -> 89.56 %)
 
 

@@ -46,7 +46,7 @@ class LowRankConfig(_factor.FactorConfig):
                                   # every layer is in one (``_factor.stream_effects``; on a ViT whose early
                                   # blocks' errors grow on the way to the output it does worse)
     measured: bool = False        # budget: scale each layer's error curve by its measured effect on the
-                                  # model's outputs (one run per layer: _factor.measured_curves)
+                                  # model's outputs (held out: two runs per probe, _factor.output_effect)
 
     def __post_init__(self):
         super().__post_init__()

@@ -192,3 +192,25 @@ def test_budget_spends_ranks_by_measured_output_effect(cnn):
     off = shrink(model, ["basisconv"], calibration=calib[:128], target_flops=0.6, force=True,
                  options={"basisconv": {"positions": 16}})
     assert "measured" not in off.report["passes"][0]
+
+
+def test_measured_probe_is_held_out_where_a_layer_has_fewer_rows_than_columns():
+    """The measured allocation's probes take a layer's truncation from one half of the calibration
+    samples and measure it on the other (``_factor.output_effect``). A Conv over a 1-position map
+    sees one row per sample: 24 samples, 16·9·9 = 1296 columns. Fitted and measured on the same
+    rows its truncation at rank 32 is exact (output error 0, gain 0: the allocation took it as
+    free); on samples its moments never saw it is not.
+
+        input [N,8,9,9] -> Conv 3×3 (16) -> Relu -> Conv 9×9, no pad (64) -> y [N,64,1,1]"""
+    b = GraphBuilder(seed=2)
+    x = b.input("input", ["batch", 8, 9, 9])
+    h = b.relu(b.conv(x, 8, 16, k=3))
+    b.conv(h, 16, 64, k=9, pad=0, out="y")
+    b.output("y")
+    model = b.model()
+    calib = np.random.default_rng(5).standard_normal((30, 8, 9, 9)).astype(np.float32)
+    res = shrink(model, ["basisconv"], calibration=calib, target_flops=0.9, force=True,
+                 options={"basisconv": {"measured": True}})
+    rep = res.report["passes"][0]["measured"]
+    late = next(n for n in rep if rep[n]["probe_rank"] == 32)
+    assert rep[late]["output_error"] > 0.05 and rep[late]["gain"] > 1.0, rep[late]
