@@ -108,7 +108,7 @@ def gptq_assign(t, d, c, h, group=64, u=None, inner=INNER, blocks=None):
 REFINE_TOL = 1e-3   # the codebook refit stops once a step lowers the output error by less than this fraction
 
 
-def refine_codebook(t, codes, c, h, steps, th=None, tol=REFINE_TOL):
+def refine_codebook(t, codes, c, h, steps, th=None, tol=REFINE_TOL, h32=None):
     """Least squares for the codebook with the assignments fixed, on the full covariance:
     min_C Σ_r (t̂_r(C) − t_r)ᵀ H (t̂_r(C) − t_r); ``lstsq.cg``, matrix-free, preconditioned by
     the per-centroid blocks Σ_b count_bk H_b, at most ``steps`` steps, and none more once a step
@@ -116,11 +116,11 @@ def refine_codebook(t, codes, c, h, steps, th=None, tol=REFINE_TOL):
     f(C) = CᵀAC − 2bᵀC + Σ_r t_rᵀHt_r, and a CG step lowers it by its step size times rᵀz).
     The operator's products with H are float32 (the steps refine a warm start; the error and
     the right-hand side stay float64). ``th``: T H when known (it is the same for every (d, K)
-    tried on one layer)."""
+    tried on one layer), ``h32``: H in float32, when known (likewise)."""
     rows, nb = codes.shape
     k, d = c.shape
     flat = codes.reshape(-1)
-    h32 = h.astype(np.float32)
+    h32 = h.astype(np.float32) if h32 is None else h32
     th = t @ h if th is None else th
     tht = float((th * t).sum())
 

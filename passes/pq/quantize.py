@@ -34,7 +34,7 @@ def quantize(t, d, k, h, cfg, rng, dtype, cache: dict | None = None):
     h: the damped input covariance (d_in × d_in) for activation-aware layers, else None.
     cache: a dict kept across calls on the same (t, h) (the settings tried on one layer), which
     holds what depends on (t, h) alone: the Cholesky factor of H⁻¹, T H (``budget_error``
-    reads the latter too), and per sub-vector length d the EM's sorted or metric-weighted points
+    reads the latter too), H in float32, and per sub-vector length d the EM's sorted or metric-weighted points
     (``kmeans.em_points``) and the assignment's diagonal blocks (``gptq.gptq_blocks``)."""
     rows, d_in = t.shape
     nb = d_in // d
@@ -66,7 +66,9 @@ def quantize(t, d, k, h, cfg, rng, dtype, cache: dict | None = None):
             if cfg.refine:
                 if "th" not in cache:
                     cache["th"] = t @ h
-                c = refine_codebook(t, codes.reshape(rows, nb), c, h, cfg.refine, th=cache["th"])
+                if "h32" not in cache:
+                    cache["h32"] = h.astype(np.float32)
+                c = refine_codebook(t, codes.reshape(rows, nb), c, h, cfg.refine, th=cache["th"], h32=cache["h32"])
         # drop unused centroids (fewer bytes, same weights)
         used = np.flatnonzero(np.bincount(codes, minlength=len(c)))   # np.unique's, without sorting the codes
         remap = np.zeros(len(c), dtype=np.int64)
