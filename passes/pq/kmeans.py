@@ -141,7 +141,8 @@ class Sorted:
         return c, self.codes(cur)
 
 
-CHUNK = 2048   # sub-vectors of a block ``_metric_assign`` scores at once (2048 × 256 scores: 2 MB, in cache)
+CHUNK = 512   # sub-vectors scored at once (512 × 256 float32 scores: 512 KB, within L2; 2048 at a time took
+              # 1.4 times as long)
 
 
 def scores(c, const):
@@ -162,9 +163,9 @@ def augmented(x):
     return out
 
 
-def _sqdist_argmin(x, c, chunk=1024, xa=None, rank=None):
+def _sqdist_argmin(x, c, chunk=CHUNK, xa=None, rank=None):
     """Nearest centroid (Euclidean) of each row of x: argmin_k ‖c_k‖² − 2 xᵀc_k, one float32
-    product [x, 1] @ [−2 Cᵀ; ‖c‖²] (``scores``) per chunk of rows (1024 × 256 scores: 1 MB, in
+    product [x, 1] @ [−2 Cᵀ; ‖c‖²] (``scores``) per chunk of ``CHUNK`` rows (in
     cache; a product of its own and a sum with the norms over a fresh 4096 × 256 table took about
     four times as long). ``xa`` (d > 1): ``augmented(x)``, ``rank`` (d = 1): ``ranked(x[:, 0])``,
     when known (the same points searched again)."""
@@ -187,15 +188,18 @@ def _kmeanspp(x, k, rng, sample=20000):
     xx = (x ** 2).sum(1)
     xt = np.ascontiguousarray(x.T)   # d × n: the product below runs along the points
 
+    buf = np.empty(len(x)) if scalar is not None else None
+
     def dist2(c):   # ‖x − c‖² = ‖x‖² − 2 xᵀc + ‖c‖² (a matrix-vector product), not below 0
-        if scalar is not None:
-            return (scalar - c[0]) ** 2
+        if scalar is not None:   # (x − c)², in a buffer of its own
+            np.subtract(scalar, c[0], out=buf)
+            return np.multiply(buf, buf, out=buf)
         out = (-2.0 * c) @ xt
         out += xx
         out += c @ c
         return np.maximum(out, 0.0, out=out)
 
-    d2 = dist2(centers[0])
+    d2 = dist2(centers[0]).copy()   # (the buffer is the next call's)
     # the draw ∝ d2 in two steps: a block of SEED_BLOCK points by the running sum of the blocks' sums,
     # then a point in it (one running sum over every point each round took half the seeding's time)
     starts = np.arange(0, len(x), SEED_BLOCK)
@@ -291,22 +295,32 @@ def _metric_assign(hx, nb, c, hblocks, chunk=CHUNK, ha=None):
     return out.T.reshape(-1)
 
 
-def aware_em(x, blk, hblocks, c, codes, iters, tol=TOL):
+def em_points(x, hblocks):
+    """What ``aware_em`` computes from the sub-vectors x and the block metrics alone, before any
+    centroid: for d = 1 the points sorted once with their weights (``Sorted``), else
+    (H_b w, ``block_major`` of it, Σ wᵀH_b w). The same for every K tried on a layer at one d:
+    ``quantize`` keeps it across the layer's ladder."""
+    nb, d = len(hblocks), x.shape[1]
+    if d == 1:
+        return Sorted(x[:, 0], hblocks.reshape(nb))
+    hx = np.einsum("bde,rbe->rbd", hblocks, x.reshape(-1, nb, d)).reshape(-1, d)
+    return hx, block_major(hx, nb), float(np.einsum("id,id->", x, hx))
+
+
+def aware_em(x, blk, hblocks, c, codes, iters, tol=TOL, points=None):
     """EM under per-block metrics: returns (centroids, codes). x: (rows·B, d), blk = i mod B. At
     most ``iters`` rounds, stopped early when the codes no longer change or a round lowers the
     summed metric distance by less than ``tol`` of it. The distance is expanded,
     Σ (w − c)ᵀH_b(w − c) = Σ wᵀH_b w − 2 Σ_k (Σ_{i∈k} H_b w_i)ᵀc_k + Σ_{b,k} n_bk c_kᵀH_b c_k,
     from the per-code sums the next M-step needs anyway (no pass over the sub-vectors of its own).
     Scalar codes (d = 1): ``Sorted.lloyd`` with weights h_b. ``codes`` None (d = 1 only): the
-    nearest of c."""
+    nearest of c. ``points``: ``em_points(x, hblocks)`` when known."""
     k, d = c.shape
     nb = len(hblocks)
+    points = em_points(x, hblocks) if points is None else points
     if d == 1:   # h_b (w − c)²: the nearest centroid whatever h_b, c_k the h-weighted mean of its points
-        return Sorted(x[:, 0], hblocks.reshape(nb)).lloyd(c, iters, tol, codes)
-    x3 = x.reshape(-1, nb, d)
-    hx = np.einsum("bde,rbe->rbd", hblocks, x3).reshape(-1, d)
-    ha = block_major(hx, nb)   # searched every round
-    whw = float(np.einsum("id,id->", x, hx))
+        return points.lloyd(c, iters, tol, codes)
+    hx, ha, whw = points   # ha: searched every round
 
     def sums(codes):   # per (block, code) counts and per code Σ H_b w: the M-step's and the objective's
         counts = np.bincount(blk * k + codes, minlength=nb * k).reshape(nb, k)

@@ -23,9 +23,9 @@ from dataclasses import replace
 
 import numpy as np
 
-from .gptq import gptq_assign, hinv_cholesky, refine_codebook
+from .gptq import gptq_assign, gptq_blocks, hinv_cholesky, refine_codebook
 from ...lstsq import deterministic
-from .kmeans import aware_em, kmeans
+from .kmeans import aware_em, em_points, kmeans
 
 
 def quantize(t, d, k, h, cfg, rng, dtype, cache: dict | None = None):
@@ -33,8 +33,9 @@ def quantize(t, d, k, h, cfg, rng, dtype, cache: dict | None = None):
 
     h: the damped input covariance (d_in × d_in) for activation-aware layers, else None.
     cache: a dict kept across calls on the same (t, h) (the settings tried on one layer), which
-    holds what depends on (t, h) alone: the Cholesky factor of H⁻¹ and T H (``budget_error``
-    reads the latter too)."""
+    holds what depends on (t, h) alone: the Cholesky factor of H⁻¹, T H (``budget_error``
+    reads the latter too), H in float32, and per sub-vector length d the EM's sorted or metric-weighted points
+    (``kmeans.em_points``) and the assignment's diagonal blocks (``gptq.gptq_blocks``)."""
     rows, d_in = t.shape
     nb = d_in // d
     x = t.reshape(rows * nb, d).astype(np.float64)
@@ -49,20 +50,27 @@ def quantize(t, d, k, h, cfg, rng, dtype, cache: dict | None = None):
         # scalar codes going on to the EM: it takes the nearest codes of the centroids itself
         c, codes = kmeans(x, k, cfg.kmeans_iters, rng, assign=not (em and d == 1))
         if h is not None and cfg.aware:
-            hblocks = h.reshape(nb, d, nb, d)[np.arange(nb), :, np.arange(nb), :]
-            if cfg.iters:
-                c, codes = aware_em(x, np.tile(np.arange(nb), rows), hblocks, c, codes, cfg.iters)
             cache = {} if cache is None else cache
+            if cfg.iters:
+                hblocks = h.reshape(nb, d, nb, d)[np.arange(nb), :, np.arange(nb), :]
+                if ("em", d) not in cache:   # the same for every K tried at this d
+                    cache[("em", d)] = em_points(x, hblocks)
+                c, codes = aware_em(x, np.tile(np.arange(nb), rows), hblocks, c, codes, cfg.iters,
+                                    points=cache[("em", d)])
             if cfg.gptq:
                 if "u" not in cache:
                     cache["u"] = hinv_cholesky(h)
-                codes = gptq_assign(t, d, c, h, u=cache["u"]).reshape(-1)
+                if ("gptq", d) not in cache:
+                    cache[("gptq", d)] = gptq_blocks(cache["u"], d)
+                codes = gptq_assign(t, d, c, h, u=cache["u"], blocks=cache[("gptq", d)]).reshape(-1)
             if cfg.refine:
                 if "th" not in cache:
                     cache["th"] = t @ h
-                c = refine_codebook(t, codes.reshape(rows, nb), c, h, cfg.refine, th=cache["th"])
+                if "h32" not in cache:
+                    cache["h32"] = h.astype(np.float32)
+                c = refine_codebook(t, codes.reshape(rows, nb), c, h, cfg.refine, th=cache["th"], h32=cache["h32"])
         # drop unused centroids (fewer bytes, same weights)
-        used = np.unique(codes)
+        used = np.flatnonzero(np.bincount(codes, minlength=len(c)))   # np.unique's, without sorting the codes
         remap = np.zeros(len(c), dtype=np.int64)
         remap[used] = np.arange(len(used))
         c, codes = c[used], remap[codes]
@@ -135,11 +143,14 @@ def screened_error(t, d, k, h, cfg, rng, dtype, cache: dict | None = None) -> fl
     if idx is None:
         return None
     ts = t[idx]
-    own = {} if cache is None or "u" not in cache else {"u": cache["u"]}
+    # the screens of one d fit the same rows: what quantize keeps of them is kept in the layer's cache
+    own = {} if cache is None else cache.setdefault(("screen", len(idx)), {})
+    if cache is not None and "u" in cache:
+        own["u"] = cache["u"]
     _, _, t_hat = quantize(ts, d, k, h, quick_config(cfg), rng, dtype, own)
     if cache is not None and "u" in own:
         cache["u"] = own["u"]
-    return budget_error(ts, t_hat, h)
+    return budget_error(ts, t_hat, h, cache=own)
 
 
 def nests(a, b) -> bool:

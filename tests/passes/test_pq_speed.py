@@ -128,6 +128,34 @@ def test_gptq_assign_scalar_codes_match_the_unbatched_error_feedback(group):
     assert np.array_equal(gptq_assign(t, 1, c, h, group=group), _obq_reference(t, c, h))
 
 
+@pytest.mark.parametrize("inner", [1, 3, 64])
+def test_gptq_assign_scalar_codes_do_not_depend_on_the_run_length(inner):
+    """The error of a feature reaches the rest of its run directly and the rest of the group by one
+    product per run: any run length is the unbatched error feedback."""
+    rng, t, h = _problem(1)
+    c = np.sort(rng.standard_normal((16, 1)) * 1.5, axis=0)
+    assert np.array_equal(gptq_assign(t, 1, c, h, group=16, inner=inner), _obq_reference(t, c, h))
+
+
+def test_quantize_with_one_cache_over_a_ladder_is_the_same():
+    """What quantize keeps across a layer's settings (the Cholesky factor, T H, H in float32, the
+    EM's points and the assignment's blocks per d) leaves every setting's fit as it is alone, and
+    the screens of one d share theirs."""
+    from onnxshrink.passes.pq.config import PqConfig
+    from onnxshrink.passes.pq.quantize import quantize, screen_rows, screened_error
+    _, t, h = _problem(4, d_in=32, rows=640)
+    cfg, cache = PqConfig(), {}
+    for d, k in [(2, 64), (1, 16), (2, 16), (1, 8)]:
+        alone = quantize(t, d, k, h, cfg, np.random.default_rng(3), np.float16)
+        kept = quantize(t, d, k, h, cfg, np.random.default_rng(3), np.float16, cache)
+        assert np.array_equal(alone[0], kept[0]) and np.array_equal(alone[1], kept[1])
+        est = screened_error(t, d, k, h, cfg, np.random.default_rng(5), np.float16, cache)
+        assert est == screened_error(t, d, k, h, cfg, np.random.default_rng(5), np.float16)
+    screens = {("screen", len(screen_rows(len(t), t.shape[1] // d))) for d in (1, 2)}   # one per d here
+    assert {("em", 1), ("em", 2), ("gptq", 1), ("gptq", 2)} | screens <= set(cache)
+    assert {key for key in cache if key[0] == "screen"} == screens
+
+
 def test_gptq_assign_does_not_depend_on_the_group_size():
     rng, t, h = _problem(2)
     c = rng.standard_normal((32, 4))
