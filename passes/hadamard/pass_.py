@@ -30,7 +30,6 @@ from ...calibrate import fixed_batch
 from ...graph import export_model, import_graph, opset
 from ...layers import WeightLayer, finite, float_weights, no_trans_a, ops, per_column_bias
 from ...lstsq import fit_error_rows, ridge_rows
-from ...parallel import ordered_map
 from ...refit import refit_levels, refit_order
 from ...registry import Pass, PassReport, Plan, Requires, Skip
 from ...stats import RowSample
@@ -204,7 +203,6 @@ class _Run:
         self.replaced = set()   # outputs of the layers replaced so far: the dense layers they feed directly are refit
         self.dense_outs = {layer.node.outputs[0].name for layer in self.dense.values()}
         self.probe = None   # validate.OutputProbe of the pass's input model, made at the first replacement
-        self.found = {}     # layer -> (fit, info) of its structure search, searched with its level's others
         self.units_held = held_out_units(ctx, cfg.holdout)   # the units no fit sees (None: rows spread instead)
         self.t0 = time.perf_counter()
         self.mem = 0
@@ -271,14 +269,14 @@ class _Run:
             return False
         x, y = RowSample.rows(stats[name])
         self.mem = max(self.mem, x.nbytes // 2 + y.nbytes // 2)
-        hold = self.hold(x)
+        hold = held_out_rows(len(x), self.units_held) if self.units_held is not None else None
         layer = self.dense[name]
         bias = layer.bias() if layer.op == "Gemm" else None   # the node's own: see the module docstring
         entry = {"shape": [layer.d_in, layer.d_out],
                  "dense_params": layer.d_in * layer.d_out + (layer.d_out if bias is not None else 0), "rows": len(x)}
         if hold is not None:
             entry["held_out_rows"] = int(hold.sum())
-        if search and self.search(layer, entry, self.searched(name, stats, level, x, y, hold)):
+        if search and self.search(layer, x, y, entry, hold):
             self.bar.update(1, postfix=f"{name}: K={entry['blocks']} r={entry['rank']}")
             return True
         changed = False
@@ -295,41 +293,15 @@ class _Run:
         self.bar.update(1, postfix=name)
         return changed
 
-    def hold(self, x):
-        """The mask of the held-out units' rows of ``x`` (None: rows spread over the data instead)."""
-        return held_out_rows(len(x), self.units_held) if self.units_held is not None else None
-
-    def searched(self, name, stats, level, x, y, hold):
-        """(fit, info) of ``choose_structure`` for the layer ``name``. At a level's first search,
-        every layer of the level to be searched is searched side by side (``parallel.ordered_map``,
-        the dearest first: the query, key and value projections of an attention), each search the
-        same computation in whichever thread runs it, so the structures do not depend on the worker
-        count; a layer's visit does not depend on the replacements of its level (layers of a level
-        do not feed each other), so it is decided here for all of them."""
-        if name not in self.found:
-            names = [k for k in level.keys if k == name or (k not in self.found and self.visit(k)[0])]
-
-            def one(k):
-                if k == name:
-                    xk, yk, hk = x, y, hold
-                else:
-                    xk, yk = RowSample.rows(stats[k])
-                    hk = self.hold(xk)
-                layer = self.dense[k]
-                return choose_structure(xk, yk, self.cfg, layer.d_in * layer.d_out + layer.d_out, hk)
-            self.bar.detail(f"{name}: structure search" + (f" (and {len(names) - 1} more)" if len(names) > 1 else ""))
-            with self.ctx.timed("search"):
-                found = ordered_map(one, names, cost=lambda k: self.dense[k].d_in * self.dense[k].d_out)
-            self.found.update(zip(names, found))
-        return self.found.pop(name)
-
     # ---------------------------------------------------------------- one layer
-    def search(self, layer, entry, found) -> bool:
-        """Replace the layer by the cheapest Fastfood structure within tolerance (``found``: the
-        search's (fit, info)); False (with a skip saying the best error reached) when there is none."""
+    def search(self, layer, x, y, entry, hold=None) -> bool:
+        """Replace the layer by the cheapest Fastfood structure within tolerance; False (with a
+        skip saying the best error reached) when there is none."""
         cfg, node = self.cfg, layer.node
         d_in, d_out = layer.d_in, layer.d_out
-        fit, info = found
+        self.bar.detail(f"{node.name}: structure search")
+        with self.ctx.timed("search"):
+            fit, info = choose_structure(x, y, cfg, d_in * d_out + d_out, hold)
         entry.update(info)
         if fit is None:
             if info["tried"]:

@@ -484,32 +484,3 @@ def test_backfit_from_the_targets_moments_matches_backfit_from_the_rows():
         fit.backfit(xp, xc, yc, xtx, 2, 1e-6, 0, xty=xp.T @ yc if moments else None)
         fits.append(fit.predict(x))
     np.testing.assert_allclose(fits[1], fits[0], atol=1e-6 * np.abs(fits[0]).max())
-
-
-def test_a_levels_layers_are_searched_side_by_side_with_the_same_result(monkeypatch):
-    """The query, key and value projections of the digits transformer (one level) are searched
-    together on the workers; the file written is the same with 1 and 2 workers."""
-    import hashlib
-    import os
-    from onnxshrink.passes.hadamard import pass_ as hpass
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    calib = np.load(os.path.join(root, "models", "transformer_calib.npz"))
-    calib = {k: calib[k][:160] for k in calib.files}
-    together = []
-
-    def recording(fn, items, cost=None):
-        items = list(items)
-        together.append(len(items))
-        return hpass_map(fn, items, cost=cost)
-    hpass_map = hpass.ordered_map
-    monkeypatch.setattr(hpass, "ordered_map", recording)
-    digests = []
-    for threads in (1, 2):
-        res = shrink(os.path.join(root, "models", "transformer.onnx"), ["hadamard"], calibration=calib, force=True,
-                     tolerances=Tolerances(min_cosine=None), threads=threads,
-                     options={"hadamard": {"max_fits": 6, "max_rows": 256, "final_iters": 1, "min_dim": 8,
-                                           "output_error": 0}})
-        assert res.report["passes"][0]["changed"]
-        digests.append(hashlib.sha256(res.model.SerializeToString()).hexdigest())
-    assert digests[0] == digests[1]
-    assert together.count(3) == 4 and set(together) == {1, 3}   # two attention layers' Q/K/V, per run
