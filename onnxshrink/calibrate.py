@@ -818,10 +818,6 @@ def _session(model: onnx.ModelProto, threads: int = 0) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.log_severity_level = 4  # errors come back as exceptions; no second copy on stderr
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    # no busy-waiting of the intra-op threads between and after their parallel sections: the same
-    # results, the same wall time on large models, and the CPU seconds the spinning burnt (the ViT's
-    # 21 calibration images: 5.3 → 3.3 CPU s, 5.3 → 4.7 s wall) left to the fitting that follows
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
