@@ -114,6 +114,25 @@ def test_ordered_map_keeps_the_order_and_uses_the_workers():
     assert any(name.startswith("onnxshrink-fit") for name in seen)
 
 
+def test_ordered_map_starts_the_dearest_first_and_keeps_the_order():
+    """With ``cost``, the two workers take the two dearest items first (each of them waits for the
+    other at a barrier, so no third item starts before both have); the list is in item order."""
+    started, lock, barrier = [], threading.Lock(), threading.Barrier(2, timeout=30)
+
+    def fn(i):
+        with lock:
+            started.append(i)
+            first = len(started) <= 2
+        if first:
+            barrier.wait()
+        return i * 10
+
+    items = [1, 5, 3, 9, 2]
+    with parallel.fitting(2):
+        assert parallel.ordered_map(fn, items, cost=lambda i: i) == [10, 50, 30, 90, 20]
+    assert set(started[:2]) == {9, 5} and sorted(started) == sorted(items)
+
+
 def test_ordered_map_raises_the_first_error_in_item_order_and_does_not_nest():
     def fn(i):
         if i in (3, 7):

@@ -244,6 +244,8 @@ class Pfa(Pass):
         curves = sel.curves
         now = cost({})
         cut = max(1.0 - targets[m] / max(now[m], 1e-12) for m in targets)   # the share of the cost to remove
+        if cfg.allocation == "error":
+            sel.eliminate_to(1.0 - cut)
         if cfg.allocation == "error" and measures(cfg, sel.groups, model, ctx, cut, details) \
                 and not all(goal.met(now[m]) for m, goal in goals.items()):
             with ctx.timed("search"):
@@ -371,7 +373,8 @@ class Selection:
         nodes = {n.name: n for n in import_graph(model).nodes}
         solved = [g for g in groups if problems.get(g.index)]   # each inverts its consumers' Cov(x): side by side
         elims.update(zip([g.index for g in solved],
-                         ordered_map(lambda g: Elimination(problems[g.index], g.size, sel_ridge), solved)))
+                         ordered_map(lambda g: Elimination(problems[g.index], g.size, sel_ridge), solved,
+                                     cost=lambda g: sum(p.cxx.shape[0] ** 3 for p in problems[g.index]))))
         for g in groups:
             if problems.get(g.index):
                 curves[g.index] = elims[g.index].err_view
@@ -386,6 +389,17 @@ class Selection:
                 curves[g.index] = 1.0 - np.concatenate([[0.0], np.cumsum(lams[g.index])])
                 curves[g.index][-1] = 0.0
         return sel
+
+    def eliminate_to(self, share: float) -> None:
+        """Run each group's elimination down to ``share`` of its channels, the groups side by side
+        (``parallel.ordered_map``, the widest first): the first steps, over the most columns, are
+        the dearest, and an allocation that asks the curves one step at a time would run them one
+        group after the other. The steps are the same whenever they run (``Elimination``), so the
+        curves and the channels kept do not change; steps past the count an allocation chooses are
+        work spent for nothing, bounded by the share."""
+        elims = [(g, self.eliminations[g.index]) for g in self.groups if g.index in self.eliminations]
+        ordered_map(lambda ge: ge[1].run_to(max(int(np.ceil(ge[0].size * share)), 1)), elims,
+                    cost=lambda ge: sum(st.h.shape[0] ** 3 for st in ge[1].states))
 
     def recipe(self, mode) -> dict:
         """{group index: kept count} by the paper's recipe (``mode`` "kl" or "energy"), rounded up."""
