@@ -105,13 +105,7 @@ def factor(w: np.ndarray, cov: np.ndarray | None = None, eps: float = 1e-3):
         u, s, vt = np.linalg.svd(L.T @ w, full_matrices=False)
         a = scipy.linalg.solve_triangular(L.T, u, lower=False, check_finite=False)
         return a, s[:, None] * vt, s
-    gram = _output_gram(w, cov, eps)
-    try:
-        ev, v = scipy.linalg.eigh(gram, driver="evr", check_finite=False)
-    except (np.linalg.LinAlgError, ValueError):
-        ev, v = np.linalg.eigh(gram)
-    order = np.argsort(ev)[::-1][:k]
-    ev, v = np.clip(ev[order], 0.0, None), v[:, order]
+    ev, v = _output_basis(_output_gram(w, cov, eps), k)
     s = np.sqrt(ev)
     floor = max(float(s[0]) if len(s) else 0.0, 1e-30) * 1e-12
     safe = np.maximum(s, floor)
@@ -128,6 +122,16 @@ def _output_gram(w, cov, eps):
         lam = relative_alpha(cov, eps)
         gram = w.T @ ((cov + cov.T) / 2) @ w + lam * (w.T @ w)
     return (gram + gram.T) / 2
+
+
+def _output_basis(gram, k):
+    """The k largest eigenvalues (≥ 0, descending) of the symmetric ``gram`` and their eigenvectors."""
+    try:
+        ev, v = scipy.linalg.eigh(gram, driver="evr", check_finite=False)
+    except (np.linalg.LinAlgError, ValueError):
+        ev, v = np.linalg.eigh(gram)
+    order = np.argsort(ev)[::-1][:k]
+    return np.clip(ev[order], 0.0, None), v[:, order]
 
 
 def singular_values(w: np.ndarray, cov: np.ndarray | None = None, eps: float = 1e-3) -> np.ndarray:
@@ -381,17 +385,11 @@ def output_effect(model, covs, means, rewrite, cfg, ctx, layers=(), pass_name="f
     ``means``)."""
     from ..graph import export_model
     from ..validate import OutputProbe
-    from .pfa.pass_ import probe_folds
-    folds = probe_folds(ctx)
-    if folds[0][0] is ctx:
+    folds = fold_moments(ctx, layers, pass_name)
+    if folds is None:
         sides = [(covs, means, OutputProbe(ctx, model))]
     else:
-        sides = []
-        for fit, held in folds:
-            c, mu = plan_moments(fit, list(layers), f"{pass_name}: probe statistics")
-            ctx.calibration_runs += fit.calibration_runs
-            ctx.calibration_seconds += fit.calibration_seconds
-            sides.append((c, mu, OutputProbe(held, model)))
+        sides = [(c, mu, OutputProbe(held, model)) for c, mu, held in folds]
 
     def truncated(l, r, covs, means):
         graph = import_graph(model)
@@ -415,14 +413,74 @@ def output_effect(model, covs, means, rewrite, cfg, ctx, layers=(), pass_name="f
     return measure
 
 
-def plan_moments(ctx, layers, desc):
+def fold_moments(ctx, layers, pass_name):
+    """[(covs, means, held-out context)] per fold of ``pfa.pass_.probe_folds``: the planning moments
+    (``plan_moments``) of ``layers`` on one half of the calibration units, and the context of the
+    other half; None where the data has too few units to split."""
+    from .pfa.pass_ import probe_folds
+    folds = probe_folds(ctx)
+    if folds[0][0] is ctx:
+        return None
+    out = []
+    for fit, held in folds:
+        c, mu = plan_moments(fit, list(layers), f"{pass_name}: held-out statistics")
+        ctx.calibration_runs += fit.calibration_runs
+        ctx.calibration_seconds += fit.calibration_seconds
+        out.append((c, mu, held))
+    return out
+
+
+def held_out_curve(layer: FactorLayer, halves, eps=1e-3):
+    """``energy_curve`` held out: the relative output error on one half's input moments of the
+    truncation taken from the other half's (``halves``: the two halves' {layer: [covariance per
+    group]}), both ways, for r = 0..max_rank: Σ_g,folds ‖W − Ŵ_r‖²_Σheld / Σ_g,folds ‖W‖²_Σheld
+    (‖·‖_Σ the output norm under Σ, Ŵ_r the rank-r truncation of ``factor(W, Σ_fit)``). With
+    d_in ≥ d_out, Ŵ_r = W V_r V_rᵀ (``factor``) and the error is tr G − Σ_{i<r} v_iᵀ G v_i,
+    G = Wᵀ Σheld W: one d_out × d_out product per half; else from the factors' k × k products."""
+    tails = np.zeros(layer.max_rank + 1)
+    total = 0.0
+    for g, w in enumerate(layer.ws):
+        covs = [(h[layer.node][g] + h[layer.node][g].T) / 2 for h in halves]
+        if w.shape[0] >= w.shape[1]:
+            grams = [w.T @ c @ w for c in covs]
+            wtw = w.T @ w
+            for fit, held in ((0, 1), (1, 0)):
+                _, v = _output_basis(grams[fit] + relative_alpha(covs[fit], eps) * wtw, w.shape[1])
+                kept = np.einsum("ij,ik,kj->j", v, grams[held], v)
+                err = np.concatenate([[0.0], np.cumsum(kept)])
+                tails += np.clip(np.trace(grams[held]) - err[: layer.max_rank + 1], 0.0, None)
+                total += float(np.trace(grams[held]))
+            continue
+        for fit, held in ((0, 1), (1, 0)):
+            a, b, _ = factor(w, covs[fit], eps)
+            ca = covs[held] @ a
+            tot = float(np.sum(w * (covs[held] @ w)))
+            cross = np.sum((ca.T @ w) * b, axis=1)                  # ⟨a_i b_i, W⟩_Σ
+            h = (a.T @ ca) * (b @ b.T)                               # ⟨a_i b_i, a_j b_j⟩_Σ
+            quad = 2 * np.tril(h, -1).sum(axis=1) + np.diag(h)
+            err = tot - 2 * np.concatenate([[0.0], np.cumsum(cross)]) + np.concatenate([[0.0], np.cumsum(quad)])
+            tails += np.clip(err[: layer.max_rank + 1], 0.0, None)
+            total += tot
+    return tails / max(total, 1e-30)
+
+
+def short_of_rows(layers, rows):
+    """The layers whose planning moments have fewer rows (``rows``: {layer: n}) than input columns
+    in a group: their whitened truncation is exact on those rows at any rank above the row count."""
+    return [l for l in layers if l.node in rows and rows[l.node] < max(w.shape[0] for w in l.ws)]
+
+
+def plan_moments(ctx, layers, desc, rows=None):
     """({layer: [input covariance per group]}, {layer: [input mean per group]}) of ``layers`` on
-    ``ctx``'s reference model and data (one run); means only where the layer has no feature map."""
+    ``ctx``'s reference model and data (one run); means only where the layer has no feature map.
+    ``rows``: a dict that receives {layer: number of rows of its moments}."""
     covs, means = {}, {}
     reqs = [r for layer in layers for r in layer_requests(layer, "plan:", with_y=False)]
     stats = ctx.collect(reqs, model_x=ctx.reference, desc=desc)
     for layer in layers:
         cm = stats["plan:" + layer.node]
+        if rows is not None:
+            rows[layer.node] = int(cm.n)
         moments = [_group_cov(layer, cm, g, layer.fit_bias) for g in range(layer.groups)]
         covs[layer.node] = [m[0] for m in moments]
         if layer.feature_map is None:
@@ -596,10 +654,18 @@ def factorize(pass_name, model, cfg, ctx, layers, skipped, rewrite, multiple, re
     if not layers:
         return model, {}
     # planning statistics on the reference
-    covs, means = plan_moments(ctx, layers, f"{pass_name}: statistics") if use_data_alloc else ({}, {})
+    rows = {}
+    covs, means = plan_moments(ctx, layers, f"{pass_name}: statistics", rows) if use_data_alloc else ({}, {})
+    short = short_of_rows(layers, rows)
+    folds = fold_moments(ctx, short, pass_name) if short else None
     with ctx.timed("fit"):
         curves = dict(zip([l.node for l in layers],   # each layer's decomposition on its own (``parallel``)
                           ordered_map(lambda l: energy_curve(l, covs.get(l.node), cfg.eps), layers)))
+        if folds is not None:   # short of rows: the in-sample curve calls every rank above the row count free
+            halves = [c for c, _, _ in folds]
+            for l in short:
+                curves[l.node] = np.maximum(curves[l.node], held_out_curve(l, halves, cfg.eps))
+            report.details["held_out_curves"] = {l.node: rows[l.node] for l in short}
     effect = None
     if goal_metrics and covs and getattr(cfg, "effect", "layer") == "stream":
         effect = stream_effects(model, layers, covs)
