@@ -194,6 +194,18 @@ def test_budget_spends_ranks_by_measured_output_effect(cnn):
     assert "measured" not in off.report["passes"][0]
 
 
+def _short_rows_conv():
+    """(model, calibration) of a Conv over a 1-position map: one row a sample, 1296 columns.
+
+        input [N,8,9,9] -> Conv 3×3 (16) -> Relu -> Conv 9×9, no pad (64) -> y [N,64,1,1]"""
+    b = GraphBuilder(seed=2)
+    x = b.input("input", ["batch", 8, 9, 9])
+    h = b.relu(b.conv(x, 8, 16, k=3))
+    b.conv(h, 16, 64, k=9, pad=0, out="y")
+    b.output("y")
+    return b.model(), np.random.default_rng(5).standard_normal((30, 8, 9, 9)).astype(np.float32)
+
+
 def test_measured_probe_is_held_out_where_a_layer_has_fewer_rows_than_columns():
     """The measured allocation's probes take a layer's truncation from one half of the calibration
     samples and measure it on the other (``_factor.output_effect``). A Conv over a 1-position map
@@ -203,13 +215,7 @@ def test_measured_probe_is_held_out_where_a_layer_has_fewer_rows_than_columns():
     curve, ``held_out_curve``).
 
         input [N,8,9,9] -> Conv 3×3 (16) -> Relu -> Conv 9×9, no pad (64) -> y [N,64,1,1]"""
-    b = GraphBuilder(seed=2)
-    x = b.input("input", ["batch", 8, 9, 9])
-    h = b.relu(b.conv(x, 8, 16, k=3))
-    b.conv(h, 16, 64, k=9, pad=0, out="y")
-    b.output("y")
-    model = b.model()
-    calib = np.random.default_rng(5).standard_normal((30, 8, 9, 9)).astype(np.float32)
+    model, calib = _short_rows_conv()
     res = shrink(model, ["basisconv"], calibration=calib, target_flops=0.9, force=True,
                  options={"basisconv": {"measured": True}})
     rep = res.report["passes"][0]["measured"]
@@ -226,13 +232,7 @@ def test_default_curve_is_held_out_where_a_layer_has_fewer_rows_than_columns():
     Conv instead (49 positions a sample: 1176 rows for 72 columns).
 
         input [N,8,9,9] -> Conv 3×3 (16) -> Relu -> Conv 9×9, no pad (64) -> y [N,64,1,1]"""
-    b = GraphBuilder(seed=2)
-    x = b.input("input", ["batch", 8, 9, 9])
-    h = b.relu(b.conv(x, 8, 16, k=3))
-    b.conv(h, 16, 64, k=9, pad=0, out="y")
-    b.output("y")
-    model = b.model()
-    calib = np.random.default_rng(5).standard_normal((30, 8, 9, 9)).astype(np.float32)
+    model, calib = _short_rows_conv()
     res = shrink(model, ["basisconv"], calibration=calib, target_flops=0.9, force=True)
     rep = res.report["passes"][0]
     assert len(rep["held_out_curves"]) == 1 and list(rep["held_out_curves"].values()) == [24], rep
