@@ -202,7 +202,7 @@ def store_half(graph: gs.Graph, limit: float = HALF_ERROR, kept=frozenset()) -> 
     per-layer budget where that is tighter) and no reader is in ``kept`` (node names that stay as
     they are: the accuracy search's protected nodes); the readers read the Cast. Returns
     the float32 bytes a runtime holds for them (the Cast is folded at load)."""
-    from .sizes import element_bytes
+    from .sizes import element_bytes, tensor_bytes
     outs, taken = {t.name for t in graph.outputs}, set(graph.tensors()) | {n.name for n in graph.nodes}
     held = 0
     for t in list(graph.tensors().values()):
@@ -216,8 +216,7 @@ def store_half(graph: gs.Graph, limit: float = HALF_ERROR, kept=frozenset()) -> 
         half = t.values.astype(np.float16)
         cast = onnx.helper.make_node("Cast", [t.name + HALF_SUFFIX], [t.name + ".f"], name=t.name + ".f",
                                      to=onnx.TensorProto.FLOAT)
-        new = element_bytes(onnx.numpy_helper.from_array(half, t.name + HALF_SUFFIX)) + element_bytes(cast)
-        if new >= element_bytes(onnx.numpy_helper.from_array(np.ascontiguousarray(t.values), t.name)):
+        if tensor_bytes(t.name + HALF_SUFFIX, half) + element_bytes(cast) >= tensor_bytes(t.name, t.values):
             continue
         out = gs.Variable(t.name + ".f", dtype=np.float32, shape=list(t.values.shape))
         graph.nodes.append(gs.Node("Cast", t.name + ".f", {"to": onnx.TensorProto.FLOAT},

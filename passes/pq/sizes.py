@@ -31,13 +31,14 @@ def _varint_len(n: int) -> int:
     return max(1, (n.bit_length() + 6) // 7)
 
 
-def _tensor_bytes(name: str, values: np.ndarray) -> int:
+def tensor_bytes(name: str, values: np.ndarray) -> int:
+    """Serialized bytes of ``values`` stored as the initializer ``name``."""
     return element_bytes(onnx.numpy_helper.from_array(np.ascontiguousarray(values), name))
 
 
 def dense_bytes(layer: Layer) -> int:
     """Serialized bytes of the layer's weight as it is."""
-    return _tensor_bytes(layer.weight.name, layer.weight.values)
+    return tensor_bytes(layer.weight.name, layer.weight.values)
 
 
 def code_width(layer: Layer, d: int, k: int, dtype, cfg) -> int:
@@ -94,12 +95,12 @@ def _pq_bytes(layer: Layer, d: int, k: int, dtype, bias_refit: bool, bits: int) 
             if len(node.inputs) > 2:
                 bias = node.inputs[2]
                 if len(bias.outputs) > 1:  # a bias other nodes share: this node gets its own copy
-                    pq += _tensor_bytes(node.name + ".pq_bias", np.zeros(rows, bias.values.dtype))
+                    pq += tensor_bytes(node.name + ".pq_bias", np.zeros(rows, bias.values.dtype))
                     continue
-                new = _tensor_bytes(bias.name, np.zeros(rows, bias.values.dtype))
-                old = _tensor_bytes(bias.name, bias.values)
+                new = tensor_bytes(bias.name, np.zeros(rows, bias.values.dtype))
+                old = tensor_bytes(bias.name, bias.values)
             else:
-                new, old = _tensor_bytes(node.name + ".pq_bias", np.zeros(rows, layer.weight.values.dtype)), 0
+                new, old = tensor_bytes(node.name + ".pq_bias", np.zeros(rows, layer.weight.values.dtype)), 0
             pq += max(new - old, 0)
     return pq
 
