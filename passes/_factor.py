@@ -371,7 +371,7 @@ def fine_give_back(layers, choice: dict, saved: float, need: float, metric: str,
     return choice, best[3]
 
 
-def output_effect(model, covs, means, rewrite, cfg, ctx, layers=(), pass_name="factor"):
+def output_effect(model, covs, means, rewrite, cfg, ctx, folds=None):
     """measure(l, r): the model's output error (``validate.OutputProbe``) with only layer ``l``
     factorized at rank ``r``: its whitened truncation with the mean-corrected bias, no refit.
 
@@ -380,12 +380,12 @@ def output_effect(model, covs, means, rewrite, cfg, ctx, layers=(), pass_name="f
     measured on the other half, both ways, the mean of the two. Measured on the rows it was fitted
     on, a layer whose input moments have fewer rows than columns (a late Conv over a 1-position
     map, a classifier's dense layer: 48 samples, 288 columns) is truncated exactly at any rank
-    above its row count and looks free (error 0, gain 0); on new rows it is not. With fewer than
-    ``pfa.pass_.MIN_FOLD_UNITS`` units a side: fitted and measured on the same data (``covs``,
+    above its row count and looks free (error 0, gain 0); on new rows it is not. ``folds``:
+    ``fold_moments`` of (at least) the measured layers; None (fewer than
+    ``pfa.pass_.MIN_FOLD_UNITS`` units a side): fitted and measured on the same data (``covs``,
     ``means``)."""
     from ..graph import export_model
     from ..validate import OutputProbe
-    folds = fold_moments(ctx, layers, pass_name)
     if folds is None:
         sides = [(covs, means, OutputProbe(ctx, model))]
     else:
@@ -656,12 +656,16 @@ def factorize(pass_name, model, cfg, ctx, layers, skipped, rewrite, multiple, re
     # planning statistics on the reference
     rows = {}
     covs, means = plan_moments(ctx, layers, f"{pass_name}: statistics", rows) if use_data_alloc else ({}, {})
+    measuring = bool(goal_metrics) and getattr(cfg, "measured", False) and use_data_alloc and cfg.whiten \
+        and not all(ctx.goals[m].met(ctx.cost(model)[m]) for m in goal_metrics)
+    probed = [l for l in layers if l.node in means] if measuring else []
     short = short_of_rows(layers, rows)
-    folds = fold_moments(ctx, short, pass_name) if short else None
+    held = short + [l for l in probed if l not in short]   # one run per half for both uses
+    folds = fold_moments(ctx, held, pass_name) if held else None
     with ctx.timed("fit"):
         curves = dict(zip([l.node for l in layers],   # each layer's decomposition on its own (``parallel``)
                           ordered_map(lambda l: energy_curve(l, covs.get(l.node), cfg.eps), layers)))
-        if folds is not None:   # short of rows: the in-sample curve calls every rank above the row count free
+        if folds is not None and short:   # short of rows: the in-sample curve calls every rank above the row count free
             halves = [c for c, _, _ in folds]
             for l in short:
                 curves[l.node] = np.maximum(curves[l.node], held_out_curve(l, halves, cfg.eps))
@@ -669,11 +673,9 @@ def factorize(pass_name, model, cfg, ctx, layers, skipped, rewrite, multiple, re
     effect = None
     if goal_metrics and covs and getattr(cfg, "effect", "layer") == "stream":
         effect = stream_effects(model, layers, covs)
-    if goal_metrics and getattr(cfg, "measured", False) and use_data_alloc and cfg.whiten \
-            and not all(ctx.goals[m].met(ctx.cost(model)[m]) for m in goal_metrics):
+    if measuring:
         with ctx.timed("search"):
-            probed = [l for l in layers if l.node in means]
-            measure = output_effect(model, covs, means, rewrite, cfg, ctx, probed, pass_name)
+            measure = output_effect(model, covs, means, rewrite, cfg, ctx, folds)
             raw = curves
             curves, measured, points = measured_curves(probed, curves, cands, measure)
             for _ in range(REFINE_ROUNDS):   # measure where the allocation goes, and allocate again
