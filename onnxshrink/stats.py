@@ -39,6 +39,7 @@ each phase at its own taps' columns (``PhaseRows``), the other columns being zer
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -49,18 +50,73 @@ from .parallel import cross, gram
 
 # ----------------------------------------------------------------------------- accumulators
 class Moments:
-    """Running count, Σx and Σxxᵀ of row vectors x (float64)."""
+    """Running count, Σx and Σxxᵀ of row vectors x (float64).
+
+    Rows come a few at a time (a sequence's steps, a sample's positions), and a rank-r update of a
+    wide Σxxᵀ reads and writes the whole d × d matrix for r·d² multiply-adds: memory-bound for small
+    r (captcha_crnn's 4096-wide LSTM input, 48 rows a call: 2 GFLOP/s). The rows are therefore kept
+    until ``PENDING_ROWS`` (at least half the width) of them are waiting, then added in one product;
+    ``outer`` adds what waits before it is read. The batches depend on the rows' order only, so the
+    sums do not depend on the thread count."""
+
+    PENDING_ROWS = 256          # at least this many rows (and half the width) per product ...
+    PENDING_BYTES = 64 << 20    # ... unless they hold more than this
 
     def __init__(self, dim: int):
         self.n = 0
         self.sum = np.zeros(dim)
-        self.outer = np.zeros((dim, dim))
+        self._outer = None          # allocated when rows are first added to it
+        self._pending: list = []
+        self._pending_rows = 0
+        self._lock = threading.Lock()   # readers in several workers (a ridge's held-out errors) flush once
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    @property
+    def outer(self) -> np.ndarray:
+        with self._lock:
+            self._flush_locked()
+            if self._outer is None:
+                self._outer = np.zeros((len(self.sum), len(self.sum)))
+            return self._outer
+
+    @outer.setter
+    def outer(self, value: np.ndarray) -> None:
+        self._pending, self._pending_rows = [], 0
+        self._outer = value
+
+    def _flush_locked(self) -> None:
+        if self._pending:
+            rows = self._pending[0] if len(self._pending) == 1 else np.concatenate(self._pending)
+            g = gram(rows)
+            if self._outer is None:
+                self._outer = g
+            else:
+                self._outer += g
+            self._pending, self._pending_rows = [], 0
+
+    def _add_pending(self, parts: list, count: int) -> None:
+        with self._lock:
+            self._pending = self._pending + parts
+            self._pending_rows += count
+            dim = len(self.sum)
+            if self._pending_rows >= max(self.PENDING_ROWS, dim // 2) \
+                    or self._pending_rows * dim * 8 >= self.PENDING_BYTES:
+                self._flush_locked()
 
     def update(self, rows: np.ndarray) -> None:
         rows = np.asarray(rows, dtype=np.float64)
         self.n += rows.shape[0]
         self.sum += rows.sum(axis=0)
-        self.outer += gram(rows)
+        # a copy: the caller may reuse its buffer
+        self._add_pending([np.array(rows, order="C")], rows.shape[0])
 
     def update_columns(self, cols: np.ndarray, rows: np.ndarray) -> None:
         """Add rows whose entries outside the columns ``cols`` are zero, given at those columns only
@@ -71,9 +127,16 @@ class Moments:
             self.outer[np.ix_(cols, cols)] += gram(rows)
 
     def merge(self, other: "Moments") -> "Moments":
+        """Add ``other``'s rows: its waiting rows join this one's (the readers of a shared weight,
+        a few rows each, pooled into one product), its accumulated Σxxᵀ is added."""
         self.n += other.n
         self.sum += other.sum
-        self.outer += other.outer
+        with other._lock:
+            done, waiting, count = other._outer, list(other._pending), other._pending_rows
+        if done is not None:
+            self.outer += done
+        if waiting:
+            self._add_pending(waiting, count)
         return self
 
     @property

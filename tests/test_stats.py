@@ -32,6 +32,32 @@ def test_moments_match_numpy_and_merge(rng):
     np.testing.assert_allclose(a.mean, x.mean(0))
 
 
+def test_moments_wait_for_enough_rows_and_flush_once_with_concurrent_readers(rng):
+    """A few rows a call wait and go into one product (a wide layer read a step at a time); merged
+    accumulators pool their waiting rows; readers in several threads see every row once; the
+    caller's buffer may be reused after ``update``."""
+    from concurrent.futures import ThreadPoolExecutor
+    d = 600
+    x = rng.standard_normal((700, d))
+    parts = [Moments(d) for _ in range(10)]
+    buf = np.empty((70, d))
+    for i, m in enumerate(parts):
+        buf[:] = x[70 * i:70 * (i + 1)]
+        m.update(buf)
+        assert m._outer is None and m._pending_rows == 70   # under max(PENDING_ROWS, d // 2) rows: waiting
+    buf[:] = 0.0
+    pooled = Moments(d)
+    for m in parts:
+        pooled.merge(m)
+    assert pooled._pending_rows < max(Moments.PENDING_ROWS, d // 2)   # flushed on the way, the rest waiting
+    np.testing.assert_allclose(pooled.outer, x.T @ x, rtol=0, atol=1e-9)
+    assert pooled.n == 700 and parts[3]._pending_rows == 70   # the parts keep their own rows
+    with ThreadPoolExecutor(4) as pool:
+        seconds = list(pool.map(lambda m: m.second, [parts[0]] * 8))
+    for s in seconds:
+        np.testing.assert_allclose(s, x[:70].T @ x[:70] / 70, rtol=0, atol=1e-12)
+
+
 def test_conv_patches_reproduce_conv_output(rng):
     """A patch row times the flattened weights is the conv output at that position."""
     x = rng.standard_normal((3, 4, 9, 9))
