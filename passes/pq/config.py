@@ -41,7 +41,8 @@ class PqConfig:
                                    # fitted so, measured on held-out calibration units (HOLDOUT: a quarter, which the
                                    # tries' fits do not see), passes the default gate at half its
                                    # margins and flips no more decisions than the rule's model; auto: models of at
-                                   # most LOOSEN_MAX_BYTES (each try is a full fit), true, false
+                                   # most LOOSEN_MAX_BYTES, and up to LOOSEN_WIDE_BYTES the 10x try alone, judged
+                                   # against the reference (each try is a full fit); true, false
     float16: bool = True           # with fp16 codebooks, the float32 constants left float (first Conv, small heads,
                                    # biases, slopes) stored as fp16 + Cast where that saves bytes (relative rounding
                                    # error within edits.HALF_ERROR and pq.max_error)

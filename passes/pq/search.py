@@ -274,8 +274,10 @@ ALLOC_TOLERANCE = 2.0   # a layer's full quantization may err this many times it
 
 # ----------------------------------------------------------------------------- the loosened per-layer budget
 LOOSEN = (10.0, 3.0)          # per-layer budgets tried, as multiples of pq.max_error, loosest first
-LOOSEN_MAX_BYTES = 1_600_000   # pq.loosen=auto: models of at most this many bytes (each try is one more full fit;
-                              # the digits CNN, 1.84 MB, lost 2 of 450 test images at 10x with no flip on its probe)
+LOOSEN_MAX_BYTES = 1_600_000   # pq.loosen=auto: models of at most this many bytes get every try of LOOSEN ...
+LOOSEN_WIDE_BYTES = 32_000_000  # ... and models of at most this many the loosest alone, judged against the
+                              # reference (``loosened``): each try is a full fit (captcha_crnn, 19 MB: every try
+                              # refused, 151 s with all of them and the rule's fit, 19 s without)
 
 
 def half_margins(tol: Tolerances | None = None) -> Tolerances:
@@ -327,37 +329,48 @@ def loosened(ctx, model, fit, cfg):
     no more argmax decisions than the rule's model (no noise allowance: on the digits CNN one flip
     more of 64 calibration samples, allowed as noise, lost 2 of 450 test images) and, with the
     user's task metric, keeps it no lower than the rule's model does (``task_floor``) is kept; else
-    the rule's. The tries are fitted on the calibration units but the last 1/``HOLDOUT`` and judged
-    on (up to ``GAIN_SAMPLES`` of) those held-out ones (``holdout_split``), so that a fit is not
-    trusted on the samples it was fitted to; the looser model kept is the one judged, the rule's
-    model (none kept) is fitted again on all the data. Returns (model, report); the report's
+    the rule's. A model of more than ``LOOSEN_MAX_BYTES`` (up to ``LOOSEN_WIDE_BYTES``) gets the
+    loosest try alone, judged without the rule's model: it may flip no decision of the reference and,
+    with the user's metric, keep the reference's value (less ``max_drop`` where given) — one fit more
+    than the rule's, not three. The tries are fitted on the calibration units but the last 1/``HOLDOUT``
+    and judged on (up to ``GAIN_SAMPLES`` of) those held-out ones (``holdout_split``), so that a fit
+    is not trusted on the samples it was fitted to; the looser model kept is the one judged, the
+    rule's model (none kept) is fitted again on all the data. Returns (model, report); the report's
     "loosen" says what was measured."""
+    wide = ctx.cost(model)["bytes"] > LOOSEN_MAX_BYTES
     split = holdout_split(ctx.require_data(), fixed_batch(ctx.reference))
     if split is None:
-        return _loosened(ctx, model, fit, cfg, ctx.data)
-    with on_data(ctx, split[0]):   # the tries' fits see the fit units only
-        out, rep = _loosened(ctx, model, fit, cfg, split[1])
-    info = rep.details["loosen"]
-    info["held_out"] = int(split[1].units())
-    if info["scale"] == 1.0:   # the rule's model, fitted on all the data as without pq.loosen
-        out, rep = fit(cfg)
-        rep.details["loosen"] = info
+        out, rep, info = _loosened(ctx, model, fit, cfg, ctx.data, wide)
+    else:
+        with on_data(ctx, split[0]):   # the tries' fits see the fit units only
+            out, rep, info = _loosened(ctx, model, fit, cfg, split[1], wide)
+        info["held_out"] = int(split[1].units())
+    if info["scale"] == 1.0 and (split is not None or out is None):
+        out, rep = fit(cfg)   # the rule's model, fitted on all the data as without pq.loosen
+    rep.details["loosen"] = info
     return out, rep
 
 
-def _loosened(ctx, model, fit, cfg, judge_data):
-    """``loosened``'s tries, fitted on ctx's data and judged on ``judge_data``."""
-    out, rep = fit(cfg)
+def _loosened(ctx, model, fit, cfg, judge_data, wide=False):
+    """``loosened``'s tries, fitted on ctx's data and judged on ``judge_data``: (model, report, what
+    was measured); the model and report None where ``wide`` and no try is kept (the rule's model was
+    not fitted)."""
     with on_data(ctx, judge_data), ctx.timed("search"):
         probe = OutputProbe(ctx, ctx.reference)
-    with ctx.timed("search"):
-        outs = probe.outputs(out)
-    flips = decision_flips(probe.ref, outs)
-    task = task_floor(ctx, probe, outs)
-    size = ctx.cost(out)["bytes"]
-    info = {"samples": probe.data.units(), "flips": flips, "bound_flips": flips, "bytes": int(size), "tries": []}
+    if wide:   # judged against the reference: no flip, the reference's task value
+        out = rep = None
+        flips, task, size = 0, task_floor(ctx, probe, probe.ref), ctx.cost(model)["bytes"]
+        info = {"samples": probe.data.units(), "flips": None, "bound_flips": 0, "bytes": None, "tries": []}
+    else:
+        out, rep = fit(cfg)
+        with ctx.timed("search"):
+            outs = probe.outputs(out)
+        flips = decision_flips(probe.ref, outs)
+        task = task_floor(ctx, probe, outs)
+        size = ctx.cost(out)["bytes"]
+        info = {"samples": probe.data.units(), "flips": flips, "bound_flips": flips, "bytes": int(size), "tries": []}
     tol = half_margins()
-    for m in LOOSEN:
+    for m in (LOOSEN[:1] if wide else LOOSEN):
         cand, crep = fit(replace(cfg, max_error=m * cfg.max_error))
         got = ctx.cost(cand)["bytes"]
         t = {"scale": m, "bytes": int(got)}
@@ -377,7 +390,7 @@ def _loosened(ctx, model, fit, cfg, judge_data):
             ok = ok and t["metric"] >= task[1]
         t["kept"] = ok
         if ok:
-            crep.details["loosen"] = dict(info, scale=m)
-            return cand, crep
-    rep.details["loosen"] = dict(info, scale=1.0)
-    return out, rep
+            return cand, crep, dict(info, scale=m)
+    return out, rep, dict(info, scale=1.0)
+
+

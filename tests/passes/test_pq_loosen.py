@@ -12,6 +12,7 @@ from onnxshrink import shrink
 from onnxshrink.passes.pq import PqConfig
 from onnxshrink.passes.pq import pass_ as pq_pass
 from onnxshrink.calibrate import DataSource
+from onnxshrink.passes.pq import search as pq_search
 from onnxshrink.passes.pq.search import LOOSEN, MIN_HOLDOUT_UNITS, half_margins, holdout_split
 from onnxshrink.validate import Tolerances
 
@@ -76,17 +77,57 @@ def test_a_metric_the_loosened_models_lower_keeps_the_rules_model():
     assert held.model.graph == rule.model.graph
 
 
-def test_auto_loosens_small_models_only(monkeypatch):
+def test_auto_loosens_models_up_to_the_wide_bound_only(monkeypatch):
     model, calib = _wide_mlp(), _mlp_calib()
     auto = dict(OPTS, loosen="auto")
     small = shrink(model, ["pq"], calibration=calib, force=True, options={"pq": auto})
     assert "loosen" in small.report["passes"][0]
-    monkeypatch.setattr(pq_pass, "LOOSEN_MAX_BYTES", 1000)
+    monkeypatch.setattr(pq_pass, "LOOSEN_WIDE_BYTES", 1000)
     big = shrink(model, ["pq"], calibration=calib, force=True, options={"pq": auto})
     assert "loosen" not in big.report["passes"][0]
     # no per-layer budget (max_error 0) or a size target: nothing to loosen
     free = shrink(model, ["pq"], calibration=calib, force=True, options={"pq": dict(FAST, loosen="true")})
     assert "loosen" not in free.report["passes"][0]
+
+
+def _fits(model, calib, opts, metric=None):
+    """(result, [(max_error, calibration units) of each fit the pass made])."""
+    seen = []
+    real = pq_pass.Pq._apply
+
+    def spy(self, model, cfg, ctx):
+        seen.append((round(cfg.max_error, 9), ctx.data.units()))
+        return real(self, model, cfg, ctx)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pq_pass.Pq, "_apply", spy)
+        res = shrink(model, ["pq"], calibration=calib, force=True, options={"pq": opts}, metric=metric)
+    return res, seen
+
+
+def test_a_wide_model_gets_the_loosest_try_alone_judged_against_the_reference(monkeypatch):
+    """Over ``LOOSEN_MAX_BYTES`` the loosest try is fitted first and alone, without the rule's model:
+    the wide MLP's 10x fit flips labels the reference does not, so it is refused and the rule's model
+    is fitted once, on all the data (two fits, not four); the regressor at a tenth of the budget is
+    kept at its 10x try, one fit in all, within the gate on held-out data."""
+    monkeypatch.setattr(pq_search, "LOOSEN_MAX_BYTES", 1000)
+    model, calib = _wide_mlp(), _mlp_calib()
+    rule = shrink(model, ["pq"], calibration=calib, force=True, options={"pq": OPTS})
+    held, seen = _fits(model, calib, dict(OPTS, loosen="true"))
+    info = held.report["passes"][0]["loosen"]
+    assert seen == [(3e-3, 154), (3e-4, 205)], seen
+    assert info["bound_flips"] == 0 and info["flips"] is None and info["scale"] == 1.0
+    assert [t["scale"] for t in info["tries"]] == [LOOSEN[0]] and info["tries"][0]["flips"] > 0
+    assert held.model.graph == rule.model.graph
+    reg = _wide_regressor()
+    loose, seen = _fits(reg, calib, dict(OPTS, max_error=1e-4, loosen="true"))
+    info = loose.report["passes"][0]["loosen"]
+    assert seen == [(1e-3, 154)] and info["scale"] == LOOSEN[0] and info["tries"][0]["kept"], (seen, info)
+    plain = shrink(reg, ["pq"], calibration=calib, force=True, options={"pq": dict(OPTS, max_error=1e-4)})
+    assert _size(loose) < _size(plain) and loose.report["validation"]["passed"]
+    x = _mlp_calib(256, seed=9)
+    ref, got = run(reg, x)[0], run(loose.model, x)[0]
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) <= Tolerances().max_rel_l2
 
 
 def test_the_tries_are_fitted_without_the_held_out_units():
