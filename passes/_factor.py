@@ -446,7 +446,7 @@ def held_out_curve(layer: FactorLayer, halves, eps=1e-3):
             wtw = w.T @ w
             for fit, held in ((0, 1), (1, 0)):
                 _, v = _output_basis(grams[fit] + relative_alpha(covs[fit], eps) * wtw, w.shape[1])
-                kept = np.einsum("ij,ik,kj->j", v, grams[held], v)
+                kept = np.sum(v * (grams[held] @ v), axis=0)   # vᵢᵀ G vᵢ per column: one GEMM (an einsum of three operands loops in C)
                 err = np.concatenate([[0.0], np.cumsum(kept)])
                 tails += np.clip(np.trace(grams[held]) - err[: layer.max_rank + 1], 0.0, None)
                 total += float(np.trace(grams[held]))
