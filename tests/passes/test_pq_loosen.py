@@ -138,16 +138,7 @@ def test_the_tries_are_fitted_without_the_held_out_units():
     assert (fit.units(), held.units(), held.first_sample) == (154, 51, 154)
     assert holdout_split(data.subset(0, MIN_HOLDOUT_UNITS - 1)) is None
     assert holdout_split(data, batch=4) is None and holdout_split(data, batch=1) is not None
-    seen = []
-    real = pq_pass.Pq._apply
-
-    def spy(self, model, cfg, ctx):
-        seen.append((round(cfg.max_error, 9), ctx.data.units()))
-        return real(self, model, cfg, ctx)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(pq_pass.Pq, "_apply", spy)
-        shrink(_wide_mlp(), ["pq"], calibration=_mlp_calib(), force=True, options={"pq": dict(OPTS, loosen="true")})
+    _, seen = _fits(_wide_mlp(), _mlp_calib(), dict(OPTS, loosen="true"))
     # the rule and both tries on the fit units, then the rule's model (none kept) on all 205
     assert seen == [(3e-4, 154), (3e-3, 154), (9e-4, 154), (3e-4, 205)], seen
 
