@@ -55,12 +55,13 @@ class Moments:
     Rows come a few at a time (a sequence's steps, a sample's positions), and a rank-r update of a
     wide Σxxᵀ reads and writes the whole d × d matrix for r·d² multiply-adds: memory-bound for small
     r (captcha_crnn's 4096-wide LSTM input, 48 rows a call: 2 GFLOP/s). The rows are therefore kept
-    until ``PENDING_ROWS`` (at least half the width) of them are waiting, then added in one product;
-    ``outer`` adds what waits before it is read. The batches depend on the rows' order only, so the
-    sums do not depend on the thread count."""
+    until ``PENDING_ROWS`` (at least a quarter of the width) of them are waiting, then added in one
+    product; ``outer`` adds what waits before it is read. What waits is at most a quarter of the
+    matrix's bytes (and ``PENDING_BYTES``). The batches depend on the rows' order only, so the sums
+    do not depend on the thread count."""
 
-    PENDING_ROWS = 256          # at least this many rows (and half the width) per product ...
-    PENDING_BYTES = 64 << 20    # ... unless they hold more than this
+    PENDING_ROWS = 256          # at least this many rows (and a quarter of the width) per product ...
+    PENDING_BYTES = 32 << 20    # ... unless they hold more than this
 
     def __init__(self, dim: int):
         self.n = 0
@@ -92,14 +93,16 @@ class Moments:
         self._pending, self._pending_rows = [], 0
         self._outer = value
 
+    def _accumulate(self, rows: np.ndarray) -> None:
+        g = gram(rows)
+        if self._outer is None:
+            self._outer = g
+        else:
+            self._outer += g
+
     def _flush_locked(self) -> None:
         if self._pending:
-            rows = self._pending[0] if len(self._pending) == 1 else np.concatenate(self._pending)
-            g = gram(rows)
-            if self._outer is None:
-                self._outer = g
-            else:
-                self._outer += g
+            self._accumulate(self._pending[0] if len(self._pending) == 1 else np.concatenate(self._pending))
             self._pending, self._pending_rows = [], 0
 
     def _add_pending(self, parts: list, count: int) -> None:
@@ -107,7 +110,7 @@ class Moments:
             self._pending = self._pending + parts
             self._pending_rows += count
             dim = len(self.sum)
-            if self._pending_rows >= max(self.PENDING_ROWS, dim // 2) \
+            if self._pending_rows >= max(self.PENDING_ROWS, dim // 4) \
                     or self._pending_rows * dim * 8 >= self.PENDING_BYTES:
                 self._flush_locked()
 
@@ -115,6 +118,10 @@ class Moments:
         rows = np.asarray(rows, dtype=np.float64)
         self.n += rows.shape[0]
         self.sum += rows.sum(axis=0)
+        with self._lock:
+            if not self._pending and rows.shape[0] >= max(self.PENDING_ROWS, len(self.sum) // 4):
+                self._accumulate(rows)   # enough rows for one product: no copy kept
+                return
         # a copy: the caller may reuse its buffer
         self._add_pending([np.array(rows, order="C")], rows.shape[0])
 

@@ -44,12 +44,12 @@ def test_moments_wait_for_enough_rows_and_flush_once_with_concurrent_readers(rng
     for i, m in enumerate(parts):
         buf[:] = x[70 * i:70 * (i + 1)]
         m.update(buf)
-        assert m._outer is None and m._pending_rows == 70   # under max(PENDING_ROWS, d // 2) rows: waiting
+        assert m._outer is None and m._pending_rows == 70   # under max(PENDING_ROWS, d // 4) rows: waiting
     buf[:] = 0.0
     pooled = Moments(d)
     for m in parts:
         pooled.merge(m)
-    assert pooled._pending_rows < max(Moments.PENDING_ROWS, d // 2)   # flushed on the way, the rest waiting
+    assert pooled._pending_rows < max(Moments.PENDING_ROWS, d // 4)   # flushed on the way, the rest waiting
     np.testing.assert_allclose(pooled.outer, x.T @ x, rtol=0, atol=1e-9)
     assert pooled.n == 700 and parts[3]._pending_rows == 70   # the parts keep their own rows
     with ThreadPoolExecutor(4) as pool:

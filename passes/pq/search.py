@@ -392,5 +392,3 @@ def _loosened(ctx, model, fit, cfg, judge_data, wide=False):
         if ok:
             return cand, crep, dict(info, scale=m)
     return out, rep, dict(info, scale=1.0)
-
-
