@@ -54,7 +54,8 @@ class Run:
     ``quiet`` hides progress bars; ``batch_size`` of calibration runs; ``seed`` of every random
     choice; ``options``: {pass: {key: value}} for the passes' Config (``--set PASS.KEY=VALUE``);
     ``threads``: workers for independent solves during fitting (None: the usable cores; the model
-    written does not depend on it, see ``parallel``)."""
+    written does not depend on it, see ``parallel``); ``keep``: node names or shell-style patterns
+    (``fnmatch``: ``/decoder/*``) whose nodes every pass leaves as they are (``--keep``)."""
 
     force: bool = False
     quiet: bool = True
@@ -62,6 +63,7 @@ class Run:
     seed: int = 0
     options: dict | None = None
     threads: int | None = None
+    keep: tuple | list | str | None = None
 
 
 GROUPS = {"data": Data, "targets": Targets, "checks": Tolerances, "run": Run}
@@ -76,7 +78,7 @@ FLAT = {
     **{f.name: ("checks", f.name) for f in dataclasses.fields(Tolerances)},
     "force": ("run", "force"), "quiet": ("run", "quiet"), "batch_size": ("run", "batch_size"),
     "seed": ("run", "seed"), "options": ("run", "options"),
-    "threads": ("run", "threads"),
+    "threads": ("run", "threads"), "keep": ("run", "keep"),
 }
 OLDER = {"target_bytes": "target_size", "tolerances": "checks"}   # older spellings
 

@@ -101,6 +101,9 @@ def build_parser():
     p.add_argument("--target-params", metavar="F", help="parameters of the result as a fraction of the original")
     p.add_argument("--target-size", metavar="F", help="bytes of the result as a fraction of the original (pq)")
     p.add_argument("--set", action="append", default=[], metavar="PASS.KEY=VALUE", help="pass option (repeatable)")
+    p.add_argument("--keep", action="append", default=None, metavar="NODE",
+                   help="leave this node as it is in every pass: a node name or a shell-style pattern such as "
+                        "'/decoder/*' (repeatable; a pattern that names no node is an error)")
     p.add_argument("--report", metavar="PATH", help="write the JSON report here")
     p.add_argument("--max-error", type=_limit, default=_UNSET, metavar="X|none",
                    help="fail if any output's max abs error exceeds this (default: off)")
@@ -338,7 +341,7 @@ def _main(argv) -> int:
     targets = Targets(flops=args.target_flops, params=args.target_params, size=args.target_size,
                       metric=args.metric, max_drop=args.max_drop)
     run = Run(force=args.force, quiet=args.quiet, batch_size=args.batch_size, seed=args.seed,
-              options=parse_sets(args.set), threads=args.threads)
+              options=parse_sets(args.set), threads=args.threads, keep=args.keep)
     with warnings.catch_warnings():
         warnings.simplefilter("default")     # --quiet silences progress, never warnings
         warnings.showwarning = lambda m, *a, **k: print(f"onnxshrink: warning: {cli_message(str(m))}", file=sys.stderr)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fnmatch
 import functools
 import os
 import time
@@ -151,7 +152,8 @@ class PassContext:
     timings: dict = field(default_factory=lambda: {k: 0.0 for k in TIMING_PARTS})
     current_bar: _Bar | None = field(default=None, repr=False)
     pass_name: str = "?"                 # the pass this context was made for (named in errors)
-    protected: dict = field(default_factory=dict)   # {node name: why it stays whole} (the accuracy search)
+    protected: dict = field(default_factory=dict)   # {node name: why it stays whole} (the accuracy search, keep)
+    frozen: frozenset = frozenset()   # the nodes the user keeps as they are (``keep``): not even refit
     rows: dict = field(default_factory=dict)        # {refit layer: {"rows", "width"}} (``note_rows``)
     reference_cache: TensorCache | None = field(default=None, repr=False)   # the reference's tensors (``collect``)
     run_caches: list = field(default_factory=list, repr=False)   # ``incremental`` scopes' ``RunCache``s, innermost last
@@ -552,6 +554,28 @@ def keep_declared_value_info(model: onnx.ModelProto, declared: frozenset) -> Non
             g.value_info.extend(kept)
 
 
+def kept_nodes(model: onnx.ModelProto, patterns) -> dict:
+    """{node name: why it stays as it is} for the user's ``keep`` patterns (node names or shell-style
+    patterns, ``fnmatch``, case-sensitive), over the main graph and its subgraphs; a pattern that names
+    no node is a UsageError (a typo would otherwise keep nothing, silently)."""
+    if patterns is None:
+        return {}
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    names = [n.name for g in _graphs(model.graph) for n in g.node if n.name]
+    out = {}
+    for pat in patterns:
+        if not isinstance(pat, str) or not pat:
+            raise UsageError(f"keep expects node names or patterns (strings), got {pat!r}")
+        hit = [n for n in names if fnmatch.fnmatchcase(n, pat)]
+        if not hit:
+            raise UsageError(f"keep '{pat}' names no node of the model (node names, or patterns such as "
+                             f"'/decoder/*'; --inspect lists them)")
+        for n in hit:
+            out.setdefault(n, f"kept as it is (keep '{pat}')")
+    return out
+
+
 def _same_model(a: onnx.ModelProto, b: onnx.ModelProto) -> bool:
     """Equal but for inferred shapes (``value_info``, which a re-exported graph may add)."""
     if a is b:
@@ -635,6 +659,7 @@ def shrink(model_or_path, passes, calibration=None, *, data: Data | None = None,
         msg = first_line(e)
         raise InputError(f"cannot read the graph of the input model: {type(e).__name__}: {msg}") from None
     original = model
+    keep = kept_nodes(model, run.keep)
     _refuse_non_finite(model, chosen)
     # the input's own non-standard ops and checker complaints are the user's: reported, not held
     # against the rewrite
@@ -651,7 +676,7 @@ def shrink(model_or_path, passes, calibration=None, *, data: Data | None = None,
             reps = [r for src in (fit, val) if src is not None for r in src.representatives()]
             with observing(ShapeObserver(reps)), parallel.fitting(threads):   # one BLAS thread: see ``parallel``
                 call = _Call(chosen, budget, fit, val, tol, run.force, run.quiet, run.batch_size, run.seed, t0,
-                             quantized, input_info, model_or_path, task, max_drop, gate, declared)
+                             quantized, input_info, model_or_path, task, max_drop, gate, declared, keep)
                 return _execute(model, original, call)
         finally:
             for src in (fit, val):
@@ -680,6 +705,7 @@ class _Call:
     max_drop: float | None = None
     gate: str = "default"       # the tolerances' origin: "default", "given", or "metric" (the metric judges)
     declared: frozenset = frozenset()   # the names the input's own value_info declared (kept in the output)
+    keep: dict = field(default_factory=dict)   # {node name: why} of the user's ``keep`` patterns
     # the first pass's reference tensors, kept across the chains a budget search builds from the
     # same model and data (``calibrate.TensorCache``); shared by the copies ``replace`` makes
     shared: dict = field(default_factory=dict)
@@ -700,8 +726,8 @@ def _chain(model, original, call: _Call, budget: budget_mod.Budget, signatures, 
                 done.append(p.name)
                 continue
         ctx = PassContext(call.fit, model, original, goals, sample_shapes, call.batch_size, call.seed, call.quiet,
-                          signatures=signatures, pass_name=p.name, protected=dict(protected or {}),
-                          metric=call.metric, max_drop=call.max_drop)
+                          signatures=signatures, pass_name=p.name, protected={**call.keep, **(protected or {})},
+                          frozen=frozenset(call.keep), metric=call.metric, max_drop=call.max_drop)
         _share_cache(ctx, call.shared, first=i == 0)
         _check_requires([(p, cfg)], has_data=call.fit is not None, model_opset=opset(model))   # as it enters
         t = time.perf_counter()
@@ -905,6 +931,8 @@ def _execute(model, original, call: _Call):
     report = make_report(before, after, reports, validation_result, reached, timing,
                          model=call.input_info["model"])
     report["input"] = call.input_info
+    if call.keep:
+        report["keep"] = sorted(call.keep)
     if small is not None:
         report["warnings"] = report.get("warnings", []) + [small]
     report["cost_shapes"] = [{"inputs": {k: list(v) for k, v in sig["inputs"].items()}, "batch": sig["batch"],

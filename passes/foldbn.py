@@ -95,6 +95,10 @@ class FoldBN(Pass):
             if layer is None:
                 report.skip(bn, reason)
                 continue
+            frozen = getattr(ctx, "frozen", frozenset())
+            if bn.name in frozen or layer.node.name in frozen:   # the user's keep: both stay as they are
+                report.skip(bn, ctx.protected.get(bn.name) or ctx.protected.get(layer.node.name))
+                continue
             s, t = _bn_scale_shift(bn)
             _fold(layer, s, t)
             prod = layer.node

@@ -154,7 +154,14 @@ class Pfa(Pass):
         an = analyze(model, ctx.sample_shapes)
         groups, report.skipped = self.eligible(model, an)
         groups = ctx.unprotected(groups, lambda g: (s.node for s in g.sources), report,
-                                         names_of=lambda g: [g.name])   # the accuracy search's
+                                         names_of=lambda g: [g.name])   # the accuracy search's, keep's
+        frozen = getattr(ctx, "frozen", frozenset())
+        if frozen:   # a node the user keeps as it is may not lose input columns (nor be refit)
+            stay = [g for g in groups if any(c in frozen for c in g.consumers)]
+            for g in stay:
+                c = next(c for c in g.consumers if c in frozen)
+                report.skip(g.name, f"its channels feed {c}, {ctx.protected.get(c, 'kept as it is')}")
+            groups = [g for g in groups if g not in stay]
         mode = cfg.mode
         has_goal = any(m in self.budgets for m in ctx.goals)
         if mode == "auto":

@@ -34,6 +34,7 @@ def sequential_refit(pruned, an, keep, consumers, cfg, ctx):
     errors, ridges, residual = {}, {}, set()
     if cfg.refit_depth > 0:   # the layers the consumers feed, toward the reference network's output too
         consumers = set(consumers) | set(downstream_layers(import_graph(pruned), consumers, cfg.refit_depth))
+        consumers -= getattr(ctx, "frozen", frozenset())   # the nodes the user keeps as they are
     batches = ctx.calibration_batches()   # one batch (a few samples): SplitStats splits its samples
 
     def requests(name, graph):
