@@ -41,9 +41,23 @@ def test_pfa_leaves_a_kept_conv_and_the_group_feeding_it_whole():
     assert res.report["keep"] == [kept] and res.report["targets"]["flops"]["met"]
     skipped = {s["node"]: s["reason"] for s in res.report["passes"][0]["skipped"]}
     assert "keep '/features/features.3/Conv'" in skipped[kept]
-    assert skipped["/features/features.0/Conv"].startswith(f"its channels feed {kept}")
+    assert skipped["/features/features.0/Conv"].startswith(f"its channels pass through {kept}")
     changed = [n for n in before if not _same(before[n], after[n])]
     assert len(changed) >= 3 and kept not in changed
+
+
+def test_pfa_leaves_the_channels_of_a_kept_batchnorm():
+    """A kept BatchNormalization between two Convs: the group whose channels it scales is not pruned,
+    so the BN's parameters are as they were."""
+    bn = "/features/features.18/BatchNormalization"
+    res = shrink(PLAIN, ["pfa"], calibration=PLAIN_CALIB, target_flops=0.7, keep=bn)
+    node = lambda m: next(n for n in m.graph.node if n.name == bn)   # noqa: E731
+    inits = lambda m: {t.name: t for t in m.graph.initializer}   # noqa: E731
+    orig = onnx.load(PLAIN)
+    for a, b in zip(node(orig).input[1:], node(res.model).input[1:]):
+        assert np.array_equal(onnx.numpy_helper.to_array(inits(orig)[a]), onnx.numpy_helper.to_array(inits(res.model)[b]))
+    skipped = {s["node"]: s["reason"] for s in res.report["passes"][0]["skipped"]}
+    assert skipped["/features/features.17/Conv"].startswith(f"its channels pass through {bn}")
 
 
 def test_a_pattern_keeps_every_match_in_pq():

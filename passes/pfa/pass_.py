@@ -156,12 +156,13 @@ class Pfa(Pass):
         groups = ctx.unprotected(groups, lambda g: (s.node for s in g.sources), report,
                                          names_of=lambda g: [g.name])   # the accuracy search's, keep's
         frozen = getattr(ctx, "frozen", frozenset())
-        if frozen:   # a node the user keeps as it is may not lose input columns (nor be refit)
-            stay = [g for g in groups if any(c in frozen for c in g.consumers)]
-            for g in stay:
-                c = next(c for c in g.consumers if c in frozen)
-                report.skip(g.name, f"its channels feed {c}, {ctx.protected.get(c, 'kept as it is')}")
-            groups = [g for g in groups if g not in stay]
+        if frozen:   # a node the user keeps as it is loses no channel it reads or writes (and is not refit)
+            touched = frozen_groups(an, model, frozen)
+            for g in groups:
+                if g.index in touched:
+                    n = touched[g.index]
+                    report.skip(g.name, f"its channels pass through {n}, {ctx.protected.get(n, 'kept as it is')}")
+            groups = [g for g in groups if g.index not in touched]
         mode = cfg.mode
         has_goal = any(m in self.budgets for m in ctx.goals)
         if mode == "auto":
@@ -510,3 +511,20 @@ class _Lazy(dict):
     def __missing__(self, key):
         self[key] = value = self.make(key)
         return value
+
+
+def frozen_groups(an, model, frozen) -> dict:
+    """{group index: the first node of ``frozen`` (names) whose inputs or outputs carry the group's
+    channels}: pruning the group would slice that node (its weight, a BN's scale, a slope)."""
+    out = {}
+    for node in model.graph.node:
+        if node.name not in frozen:
+            continue
+        for t in list(node.input) + list(node.output):
+            m = an.tmap.get(t)
+            if m is None:
+                continue
+            for g in np.unique(an.class_group[an.roots[m.comps]]):
+                if g >= 0:
+                    out.setdefault(int(g), node.name)
+    return out
