@@ -46,6 +46,10 @@ class PqConfig:
     float16: bool = True           # with fp16 codebooks, the float32 constants left float (first Conv, small heads,
                                    # biases, slopes) stored as fp16 + Cast where that saves bytes (relative rounding
                                    # error within edits.HALF_ERROR and pq.max_error)
+    short_names: bool = True       # the decode subgraphs' nodes and inner tensors renamed q0, q1, ... (graph.
+                                   # compact_names; the codes, codebook and decoded weight W.pq keep the
+                                   # weight's name): their names are a few percent of a small model's file
+                                   # (mtcnn_rnet 4 %)
     rounds: int = 4                # sequential: at most this many statistics rounds (consecutive
                                    # topological levels share one; 0 = one round per level)
 

@@ -15,7 +15,7 @@ from dataclasses import replace
 import numpy as np
 
 from ...calibrate import data_memo
-from ...graph import export_model, import_graph
+from ...graph import compact_names, export_model, import_graph
 from ...lstsq import deterministic, weighted_error
 from ...refit import refit_levels, shared_levels
 from ...registry import Pass, PassReport, Plan, Requires, Skip
@@ -196,6 +196,8 @@ class Pq(Pass):
                 if held:
                     out = export_model(half, like=model)
                     runtime["decoded"] += held
+        if cfg.short_names and out is not model:
+            report.details["short_names"] = compact_names(out, model, keep=lambda n: n.endswith(".pq"))
         report.details["memory"] = self._memory(ctx, out, file_before, runtime)
         return out, report
 

@@ -1,5 +1,6 @@
 """pq: product-quantized weight codebooks, decoded in the graph."""
 
+import re
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -70,6 +71,30 @@ def _calib(n=64, seed=0):
 
 def _shrink(model, calib, **opts):
     return shrink(model, ["pq"], calibration=calib, options={"pq": opts}, force=True)
+
+
+def test_short_names_make_the_file_smaller_and_change_nothing_else():
+    """pq.short_names (default): the decode subgraphs' nodes and inner tensors get short names,
+    the input's names, the codes, codebooks and decoded weights (W.pq) keep theirs; the file is
+    smaller by what the long names took and the outputs are the same bits."""
+    model, calib = _net(), _calib()
+    short = _shrink(model, calib, **FAST, bits="auto")
+    long = _shrink(model, calib, **FAST, bits="auto", short_names=False)
+    kept = {n.name for n in model.graph.node} | {t.name for t in model.graph.initializer}
+    new_nodes = [n.name for n in short.model.graph.node if n.name not in kept]
+    assert new_nodes and all(re.fullmatch(r"q[0-9a-z]+", n) for n in new_nodes), new_nodes
+    assert len(set(n.name for n in short.model.graph.node)) == len(short.model.graph.node)
+    decoded = sorted(t for n in short.model.graph.node for t in n.output if t.endswith(".pq"))
+    assert decoded == sorted(t for n in long.model.graph.node for t in n.output if t.endswith(".pq"))
+    assert len(decoded) == 5
+    assert sorted(t.name for t in short.model.graph.initializer) == sorted(t.name for t in long.model.graph.initializer)
+    saved = len(long.model.SerializeToString()) - len(short.model.SerializeToString())
+    assert saved > 20 * len(new_nodes), saved   # each node's name, and its outputs' names twice
+    assert short.report["passes"][0]["short_names"] > len(new_nodes)
+    onnx.checker.check_model(short.model, full_check=True)
+    x = {"input": _calib(8, seed=3)}
+    for a, b in zip(run(short.model, x), run(long.model, x)):
+        assert np.array_equal(a, b)
 
 
 @pytest.mark.parametrize("centroids", [16, 200])
