@@ -194,13 +194,14 @@ def half_error(values: np.ndarray) -> float:
     return float(((v - v.astype(np.float16).astype(np.float64)) ** 2).sum()) / den if den > 0 else 0.0
 
 
-def store_half(graph: gs.Graph, limit: float = HALF_ERROR, kept=frozenset()) -> int:
+def store_half(graph: gs.Graph, limit: float = HALF_ERROR, kept=frozenset(), short_names: bool = False) -> int:
     """The float32 constants of the main graph that only ``HALF_READERS`` read (weights left float:
     the first Conv, small heads, biases, PReLU slopes) stored as fp16 and Cast back to float32 at
     load, where that takes fewer serialized bytes than the constant (the Cast node counted) and the
     rounding's relative squared error is within ``limit`` (at most ``HALF_ERROR``; pq passes its
     per-layer budget where that is tighter) and no reader is in ``kept`` (node names that stay as
-    they are: the accuracy search's protected nodes); the readers read the Cast. Returns
+    they are: the accuracy search's protected nodes); the readers read the Cast (its bytes counted
+    with the short names ``graph.compact_names`` gives it later where ``short_names``). Returns
     the float32 bytes a runtime holds for them (the Cast is folded at load)."""
     from .sizes import element_bytes, tensor_bytes
     outs, taken = {t.name for t in graph.outputs}, set(graph.tensors()) | {n.name for n in graph.nodes}
@@ -214,8 +215,8 @@ def store_half(graph: gs.Graph, limit: float = HALF_ERROR, kept=frozenset()) -> 
         if t.values.size < 8 or half_error(t.values) > min(limit, HALF_ERROR):   # 8 values: 16 bytes, under a Cast's
             continue
         half = t.values.astype(np.float16)
-        cast = onnx.helper.make_node("Cast", [t.name + HALF_SUFFIX], [t.name + ".f"], name=t.name + ".f",
-                                     to=onnx.TensorProto.FLOAT)
+        inner = "q000" if short_names else t.name + ".f"
+        cast = onnx.helper.make_node("Cast", [t.name + HALF_SUFFIX], [inner], name=inner, to=onnx.TensorProto.FLOAT)
         if tensor_bytes(t.name + HALF_SUFFIX, half) + element_bytes(cast) >= tensor_bytes(t.name, t.values):
             continue
         out = gs.Variable(t.name + ".f", dtype=np.float32, shape=list(t.values.shape))

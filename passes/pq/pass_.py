@@ -192,7 +192,8 @@ class Pq(Pass):
         if cfg.float16 and cfg.codebook_dtype == "fp16":   # what stays float32, as fp16 where that saves bytes
             with ctx.timed("export"):
                 half = import_graph(out)
-                held = store_half(half, cfg.max_error if cfg.max_error > 0 else HALF_ERROR, kept=set(ctx.protected))
+                held = store_half(half, cfg.max_error if cfg.max_error > 0 else HALF_ERROR, kept=set(ctx.protected),
+                                  short_names=cfg.short_names)
                 if held:
                     out = export_model(half, like=model)
                     runtime["decoded"] += held
