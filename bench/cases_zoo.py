@@ -192,6 +192,55 @@ def measure_pair(name, method, runs=5, latency=True):
     return rec
 
 
+def task_metric(e):
+    """The zoo model's own task metric as the tool's metric: agreement with the original's outputs
+    on the same feeds (relative, as the built-in metrics are)."""
+    from onnxshrink.metrics import Metric
+    return Metric(e.metric_name, lambda ref, outs: e.metric(ref, outs, None), relative=True)
+
+
+def measure_max_drop(name, method, max_drop=0.01):
+    """The accuracy-controlled budget on a zoo model: ``method`` with the model's own metric and
+    ``max_drop``, no target; the record has the budget the search reached, the drop the tool
+    measured on the validation feeds (and the task metric there), the search's steps and time.
+    ``outcome``: "within" (validation passed, drop within max_drop), "none" (no budget the search
+    tried keeps the drop within max_drop: the model is left as it was), "over" (the chosen budget
+    drops more on the validation feeds), "fail" (the tool's error), "n/a"."""
+    e = realzoo.ZOO[name]
+    rec = {"model": name, "method": method, "max_drop": max_drop, "metric_name": e.metric_name}
+    path = e.model_path()
+    if not realzoo.planned(e, method):
+        return {**rec, "outcome": "n/a", "reason": f"the plan of {method} names no node of {name}"}
+    calib, val = e.feeds("calib"), e.feeds("val")
+    orig_out = realzoo.run(path, val)
+    t, cpu = time.perf_counter(), _cpu_seconds()
+    reason = ""
+    try:
+        res, _ = realzoo.shrink_entry(e, method, calib, val, target_flops=None, target_params=None,
+                                      metric=task_metric(e), max_drop=max_drop)
+    except ValidationFailed as exc:
+        res, reason = exc.result, str(exc).splitlines()[0][:240]
+    except Exception as exc:  # noqa: BLE001 - the tool's failure is the row's outcome
+        return {**rec, "outcome": "fail", "wall_s": time.perf_counter() - t, "cpu_s": _cpu_seconds() - cpu,
+                "reason": f"{type(exc).__name__}: {str(exc).splitlines()[0][:240]}"}
+    rec["wall_s"], rec["cpu_s"] = time.perf_counter() - t, _cpu_seconds() - cpu
+    rec.update({k: res.report["ratios"].get(k) for k in ("params", "flops", "bytes")})
+    search = res.report.get("search") or {}
+    rec["budget"] = search.get("budget")
+    rec["steps"] = len(search.get("steps", []))
+    rec["protected"] = len((search.get("correction") or {}).get("protected", []))
+    m = (res.report.get("validation") or {}).get("metric") or {}
+    rec["drop"] = m.get("drop")
+    rec["fidelity"] = e.metric(orig_out, realzoo.run(res.model, val), val)
+    outs = (res.report.get("validation") or {}).get("outputs") or {}
+    rel = {k: o.get("rel_l2") for k, o in outs.items() if not o.get("probability")}
+    rec["worst_output"] = max(rel.items(), key=lambda kv: kv[1]) if rel else None   # what the metric does not read
+    within = bool(res.report.get("validation", {}).get("passed")) and m.get("within")
+    rec["outcome"] = "within" if within and not reason else ("none" if search.get("chosen") is None else "over")
+    rec["reason"] = reason
+    return rec
+
+
 def magnitude_prune(model, recipe, shapes):
     """The plain baseline beside pfa: every group that pfa shrank keeps pfa's count (the same
     FLOPs), but its channels are the ones with the largest summed squared weight norms of their
@@ -429,6 +478,8 @@ def main(argv=None):
     ap.add_argument("--heads", metavar="MODEL", help="instead of a pair: pfa at --flops beside magnitude pruning "
                                                      "of the same groups to the same counts, no refit")
     ap.add_argument("--flops", type=float, default=0.5)
+    ap.add_argument("--max-drop", type=float, default=None,
+                    help="with --pair: the pass with the model's own metric and this max_drop, no target")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--no-latency", action="store_true")
     ap.add_argument("--out", required=True)
@@ -437,6 +488,8 @@ def main(argv=None):
         ap.error("give one of --pair MODEL METHOD or --heads MODEL")
     if a.heads:
         rec = measure_heads(a.heads, a.flops, runs=a.runs, latency=not a.no_latency)
+    elif a.max_drop is not None:
+        rec = measure_max_drop(*a.pair, max_drop=a.max_drop)
     else:
         rec = measure_pair(*a.pair, runs=a.runs, latency=not a.no_latency)
     with open(a.out, "w") as f:

@@ -196,3 +196,46 @@ def check_max_drop(value) -> float | None:
     if not math.isfinite(value) or value < 0:
         raise UsageError(f"max-drop must be a finite number >= 0 (an absolute drop of the metric), got {value}")
     return value
+
+
+def constant_outputs(reference: list) -> list:
+    """The outputs of a model that ignores its input: every output, per feed, the mean of the
+    original's samples (axis 0) over all the feeds whose output has that sample shape."""
+    sums: dict = {}
+    for ref in reference:
+        for name, a in ref.items():
+            a = np.asarray(a)
+            if a.ndim == 0 or not np.issubdtype(a.dtype, np.number):
+                continue
+            key = (name, a.shape[1:])
+            s, n = sums.get(key, (0.0, 0))
+            sums[key] = (s + a.astype(np.float64).sum(0), n + len(a))
+    out = []
+    for ref in reference:
+        new = {}
+        for name, a in ref.items():
+            a = np.asarray(a)
+            if a.ndim == 0 or not np.issubdtype(a.dtype, np.number):
+                new[name] = a
+                continue
+            s, n = sums[(name, a.shape[1:])]
+            mean = s / n
+            if np.issubdtype(a.dtype, np.integer):
+                mean = np.rint(mean)
+            new[name] = np.broadcast_to(mean.astype(a.dtype), a.shape).copy()
+        out.append(new)
+    return out
+
+
+def blind_spot(metric: Metric, reference: list, feeds: list, max_drop: float, where: str) -> str | None:
+    """Why ``metric`` cannot judge a model on these feeds, or None: when a model whose outputs are
+    constant (``constant_outputs``: the original's mean output, whatever the input) keeps the
+    metric within ``max_drop`` of the original's, a search or a gate on it would accept a model
+    that has lost its task (a classifier's feeds that all hold one label, a detector's with no
+    object)."""
+    orig, const = metric.values(reference, constant_outputs(reference), feeds)
+    if orig - const > max_drop:
+        return None
+    return (f"metric '{metric.name}' cannot judge on the {where}: a model whose outputs are constant (the "
+            f"original's mean output for every input) scores {const:.4g} against the original's {orig:.4g}, "
+            f"within max_drop {max_drop}; give feeds whose outcomes differ (more than one label), or another metric")

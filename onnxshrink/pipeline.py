@@ -841,6 +841,10 @@ def _searched_chain(model, original, call: _Call, before, signatures, sample_sha
     def units_of(cand):
         return [dataclasses.replace(u, label=f"{r.name}:{u.label}") for r in cand[1] for u in r.units]
 
+    blind = metrics_mod.blind_spot(call.metric, reference, feeds, call.max_drop,
+                                   f"{score_part.n} held-out calibration {score_part.unit}(s) the search scores on")
+    if blind:
+        raise CalibrationError(f"{call.fit.origin}: {blind}")
     original_value = call.metric.values(reference, reference, feeds)[0]
     found = search_mod.smallest_within(build, score, original_value, call.max_drop, units_of=units_of)
     search_mod.correct(found, build, score, original_value, call.max_drop, units_of)

@@ -34,6 +34,7 @@ import onnx
 from .calibrate import DataSource, _batches, fixed_batch, session
 from .cost import model_bytes
 from .errors import CalibrationError, UsageError, first_line
+from .metrics import blind_spot
 from .model_io import has_lazy, lazy_tensors
 
 STANDARD_DOMAINS = ("", "ai.onnx")
@@ -345,7 +346,7 @@ def validate(original: onnx.ModelProto, model: onnx.ModelProto, data: DataSource
     problems = structural_problems(original, model)
     outputs, samples, feeds = {}, 0, 0
     keep = {} if metric is not None else None
-    task = None
+    task, notes_first = None, []
     if data is None:
         try:
             session(model)
@@ -359,7 +360,12 @@ def validate(original: onnx.ModelProto, model: onnx.ModelProto, data: DataSource
             if task["within"] is False:
                 problems.append(f"metric '{task['name']}' dropped by {task['drop']:.4g} "
                                 f"({task['original']:.4g} -> {task['candidate']:.4g}), more than max_drop {max_drop}")
-    notes = [f"output '{k}': {m['nonfinite_both']} value(s) are NaN/Inf in both the original and the rewritten "
+            if max_drop is not None:
+                blind = blind_spot(metric, keep["reference"], keep["feeds"], max_drop, "validation feeds")
+                if blind:   # the metric's verdict says nothing here: a failure where it is the only judge
+                    task["blind"] = blind
+                    (problems if tol == Tolerances.metric_only() else notes_first).append(blind)
+    notes = notes_first + [f"output '{k}': {m['nonfinite_both']} value(s) are NaN/Inf in both the original and the rewritten "
              "model (left out of the metrics)" for k, m in outputs.items() if m.get("nonfinite_both")]
     result = {"outputs": outputs, "samples": samples, "feeds": feeds,
               "problems": problems, "notes": notes, "passed": not problems, **introduced_ops(original, model)}

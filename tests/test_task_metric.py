@@ -162,3 +162,55 @@ def test_cli_gate_follows_metric_and_max_drop(logits_scaled, tmp_path, capsys):
     assert cli.main(base + ["--metric", "top1", "--max-drop", "0.01", "--gate", "default"]) == 1
     assert cli.main(base + ["--gate", "metric"]) == 2
     assert "--gate metric needs --metric and --max-drop" in capsys.readouterr().err
+
+
+def _one_label(label=3):
+    """Digits images the MLP labels ``label``, all of them: feeds on which a model that ignores its
+    input keeps top-1 agreement at 1.0."""
+    import onnxruntime as ort
+    from sklearn.datasets import load_digits
+    x = (load_digits().images / 16).astype(np.float32).reshape(-1, 64)
+    pred = ort.InferenceSession(MLP, providers=["CPUExecutionProvider"]).run(None, {"input": x})[0].argmax(1)
+    return x[pred == label]
+
+
+def test_constant_outputs_and_the_blind_spot():
+    from onnxshrink.metrics import blind_spot, constant_outputs, resolve
+    rng = np.random.default_rng(0)
+    ref = [{"y": rng.standard_normal((4, 3)).astype(np.float32)}, {"y": rng.standard_normal((2, 3)).astype(np.float32)}]
+    const = constant_outputs(ref)
+    mean = np.concatenate([r["y"] for r in ref]).mean(0)
+    assert [c["y"].shape for c in const] == [(4, 3), (2, 3)]
+    assert all(np.allclose(c["y"], mean, atol=1e-6) for c in const)
+    top1 = resolve("top1")
+    same = [{"y": np.tile([[0.0, 5.0, 1.0]], (4, 1)) + rng.normal(0, 0.1, (4, 3))} for _ in range(3)]
+    assert blind_spot(top1, same, [{}] * 3, 0.01, "feeds") is not None        # one label: blind
+    assert blind_spot(top1, ref, [{}] * 2, 0.01, "feeds") is None              # labels differ: it judges
+    # a large drop allowed makes a metric blind on feeds where it would judge a small one
+    mixed = [{"y": np.array([[1.0, 0, 0]] * 9 + [[0, 1.0, 0]])}]
+    assert blind_spot(top1, mixed, [{}], 0.05, "feeds") is None and blind_spot(top1, mixed, [{}], 0.1, "feeds")
+
+
+def test_a_search_on_feeds_of_one_label_is_refused():
+    """max_drop without a target on calibration feeds that all hold one label: a model that ignores
+    its input keeps top-1 agreement, so the search would prune to nothing; refused, one line."""
+    from onnxshrink.errors import CalibrationError
+    with pytest.raises(CalibrationError) as e:
+        shrink(MLP, ["pfa"], calibration=_one_label(), metric="top1", max_drop=0.01)
+    msg = str(e.value)
+    assert "cannot judge" in msg and "constant" in msg and "\n" not in msg
+
+
+def test_a_metric_gate_on_feeds_of_one_label_fails_validation():
+    """With a target, the metric as the only judge on validation feeds of one label fails validation
+    (it could not see a broken model); beside the default gate it is a note."""
+    with pytest.raises(ValidationFailed) as e:
+        shrink(MLP, ["pfa"], calibration=_calib(), validation=_one_label(), target_flops=0.5,
+               metric="top1", max_drop=0.01)
+    v = e.value.result.report["validation"]
+    assert v["gate"] == "metric" and any("cannot judge on the validation feeds" in p for p in v["problems"])
+    assert v["metric"]["drop"] <= 0.01 and v["metric"]["blind"]
+    res = shrink(MLP, ["pfa"], calibration=_calib(), validation=_one_label(), target_flops=0.5,
+                 metric="top1", max_drop=0.01, max_rel_l2=0.5)
+    v = res.report["validation"]
+    assert v["passed"] and any("cannot judge" in n for n in v["notes"])
