@@ -193,6 +193,7 @@ class DataSource:
     unit = "sample"
     max_batch = None   # 1 for a model that runs at batch 1 only although its batch dim is dynamic
     batch_note = None  # why, for the report
+    index = None       # the samples of ``arrays`` this source holds, in order (``pick``); None: all of them
 
     def __init__(self, arrays: dict, origin: str = "calibration data", cast: dict | None = None,
                  roles: dict | None = None):
@@ -211,6 +212,8 @@ class DataSource:
 
     # -- reading
     def take(self, idx) -> dict:
+        if self.index is not None:
+            idx = self.index[idx]
         return {k: _contiguous(v[idx] if self._batch_major(k) else v, self.cast.get(k)) for k, v in self.arrays.items()}
 
     def batches(self, batch_size: int = 64):
@@ -237,18 +240,38 @@ class DataSource:
         return self.n if self.splittable else 1
 
     def validation_batches(self, batch_size: int = 256):
-        """(feed, feed index or None, index of its first sample) for a feed-by-feed comparison;
-        indices count from the whole data a held-out part was split from."""
+        """(feed, feed index or None, index of its first sample — or, for a picked source, the
+        indices of its samples) for a feed-by-feed comparison; indices count from the whole data a
+        held-out part was split from."""
         start = getattr(self, "first_sample", 0)
+        if self.index is not None and self.splittable:
+            batch_size = min(batch_size, self.max_batch or batch_size)
+            for s in range(0, self.n, batch_size):
+                stop = min(s + batch_size, self.n)
+                yield self.take(slice(s, stop)), None, start + self.index[s:stop]
+            return
         for feed in self.batches(batch_size):
             yield feed, None, start
             start += self.batch_count(feed)
 
     def subset(self, start: int, stop: int) -> "DataSource":
+        if self.index is not None:
+            return self.pick(np.arange(start, stop))
         arrays = {k: v[start:stop] if self._batch_major(k) else v for k, v in self.arrays.items()}
         new = DataSource(arrays, self.origin, self.cast, self.roles)
         new.max_batch, new.batch_note = self.max_batch, self.batch_note
         new.first_sample = getattr(self, "first_sample", 0) + start
+        return new
+
+    def pick(self, units) -> "DataSource":
+        """The units (samples) at these positions, in this order, as a source of their own; no
+        array is copied (its batches read them by index), reports count from the whole data."""
+        units = np.asarray(units, dtype=np.int64)
+        new = DataSource(self.arrays, self.origin, self.cast, self.roles)
+        new.index = units if self.index is None else self.index[units]
+        new.n = len(units)
+        new.max_batch, new.batch_note = self.max_batch, self.batch_note
+        new.first_sample = getattr(self, "first_sample", 0)
         return new
 
     # -- shapes
@@ -392,26 +415,41 @@ class FeedSource(DataSource):
             key, count = k, count + n
         return total + (1 if count else 0)
 
+    def _origins(self) -> tuple[list, list]:
+        """(feed index, index of its first sample) of every feed, counted from the whole data."""
+        if getattr(self, "feed_ids", None) is not None:
+            return self.feed_ids, self.sample_starts
+        first, start = getattr(self, "first_feed", 0), getattr(self, "first_sample", 0)
+        starts = []
+        for m in self.meta:
+            starts.append(start)
+            start += m[0]
+        return [first + i for i in range(len(self.items))], starts
+
     def validation_batches(self, batch_size: int = 256):
-        start = getattr(self, "first_sample", 0)
+        ids, starts = self._origins()
         for i in range(len(self.items)):
             feed = self._get(i)
             n, key, _ = self.meta[i]
             if self.max_batch and key is not None and n > self.max_batch:   # a stacked feed, split
                 for s, part in enumerate(DataSource(feed, self.origin, roles=self.roles).batches(self.max_batch)):
-                    yield part, i + getattr(self, "first_feed", 0), start + s * self.max_batch
+                    yield part, ids[i], starts[i] + s * self.max_batch
             else:
-                yield feed, i + getattr(self, "first_feed", 0), start
-            start += n
+                yield feed, ids[i], starts[i]
 
     def subset(self, start, stop):
-        new = FeedSource(self.items[start:stop], self.origin, self.load, self.cast, self.roles,
-                         self._meta[start:stop] if self._meta is not None else None)
+        return self.pick(range(start, stop))
+
+    def pick(self, units) -> "FeedSource":
+        """The feeds at these positions, in this order; reports count from the whole data."""
+        units = [int(u) for u in units]
+        ids, starts = self._origins()
+        new = FeedSource([self.items[u] for u in units], self.origin, self.load, self.cast, self.roles,
+                         [self.meta[u] for u in units])
         new.max_batch, new.batch_note = self.max_batch, self.batch_note
         new.parent = self   # keeps the owner of temporary files alive
         new.close = self.close   # closing a part removes the temporary feeds of the whole
-        new.first_feed = getattr(self, "first_feed", 0) + start   # indices in reports count from the whole
-        new.first_sample = getattr(self, "first_sample", 0) + sum(m[0] for m in self.meta[:start])
+        new.feed_ids, new.sample_starts = [ids[u] for u in units], [starts[u] for u in units]
         return new
 
     def sample_shapes(self):
@@ -760,15 +798,40 @@ def probe_batching(model: onnx.ModelProto, src: DataSource) -> str | None:
     return src.batch_note
 
 
+HOLDOUT_RUNS = 8   # a held-out part is this many runs of consecutive units, spread over the data
+
+
+def held_out_units(units: int, held: int, runs: int = HOLDOUT_RUNS) -> np.ndarray:
+    """Positions of ``held`` of ``units`` units, as up to ``runs`` runs of consecutive units spread
+    evenly over the data: data sorted by class (a folder per label, faces then background) gives a
+    held-out part of every stretch, not of the last class only, while units next to each other (the
+    crops of one image, frames of one clip) mostly stay on one side."""
+    held = max(0, min(held, units))
+    runs = max(1, min(runs, held))
+    sizes = [held // runs + (1 if r < held % runs else 0) for r in range(runs)]
+    out = []
+    for r, size in enumerate(sizes):   # run r in the r-th of ``runs`` equal stretches, at its end
+        end = (r + 1) * units // runs
+        out.extend(range(end - size, end))
+    return np.asarray(out, dtype=np.int64)
+
+
 def split_holdout(src: DataSource, fraction: float = 0.2):
-    """(fit, held-out): the last ``fraction`` of the feeds (of the samples of one stacked array)
-    are held out."""
+    """(fit, held-out): ``fraction`` of the feeds (of the samples of one stacked array) held out,
+    as ``held_out_units`` spreads them."""
     units = src.units()
     n_val = max(1, int(round(units * fraction)))
     if units - n_val < 1:
         raise CalibrationError(f"{src.origin}: {units} {src.unit}(s) is too few to hold out validation "
                                "data; give more or --validation-data")
-    return src.subset(0, units - n_val), src.subset(units - n_val, units)
+    return split_units(src, held_out_units(units, n_val))
+
+
+def split_units(src: DataSource, held) -> tuple:
+    """(the units not in ``held``, the units in ``held``) of ``src``, each in the data's order."""
+    mask = np.zeros(src.units(), dtype=bool)
+    mask[np.asarray(held, dtype=np.int64)] = True
+    return src.pick(np.flatnonzero(~mask)), src.pick(np.flatnonzero(mask))
 
 
 # ----------------------------------------------------------------------------- running

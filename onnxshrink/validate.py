@@ -228,7 +228,8 @@ class OutputStats:
             self.worst_rel_l2 = max(self.worst_rel_l2, rel) if rel == rel else self.worst_rel_l2
             if self.worst is None or not cos >= self.worst["cosine"]:
                 self.worst = {"cosine": cos, "rel_l2": rel, "feed": feed,
-                              "sample": first_sample + i if per_sample or samples == 1 else None}
+                              "sample": (int(first_sample[i]) if isinstance(first_sample, np.ndarray)
+                                         else first_sample + i) if per_sample or samples == 1 else None}
 
     def result(self) -> dict:
         if self.shape_mismatch is not None:

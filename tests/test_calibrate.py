@@ -48,10 +48,26 @@ def test_iterable_and_reader_and_holdout(model, x):
     assert (fit.n, val.n, fit.units(), val.units()) == (20, 10, 2, 1)
     np.testing.assert_array_equal(next(val.batches(64))["input"], x[20:])
     src.close()
-    stacked = load_data({"input": x}, model)   # one stacked array: held out by sample
+    stacked = load_data({"input": x}, model)   # one stacked array: held out by sample, spread over it
     fit, val = split_holdout(stacked, 0.2)
     assert (fit.n, val.n) == (24, 6)
-    np.testing.assert_array_equal(val.take(slice(0, 6))["input"], x[24:])
+    held = [4, 9, 14, 19, 24, 29]   # one at the end of each sixth (runs of one: six held, up to eight runs)
+    np.testing.assert_array_equal(val.take(slice(0, 6))["input"], x[held])
+    np.testing.assert_array_equal(fit.take(slice(0, 24))["input"], np.delete(x, held, axis=0))
+    # the batches and the comparison's sample indices come from the whole data
+    assert [int(i) for _, _, ids in val.validation_batches(4) for i in ids] == held
+    assert np.array_equal(next(val.subset(2, 4).batches(8))["input"], x[[14, 19]])
+
+
+def test_held_out_units_are_runs_spread_over_the_data():
+    from onnxshrink.calibrate import held_out_units
+    # 150 units sorted by class (75 and 75): 30 held out in 8 runs, from both halves
+    h = held_out_units(150, 30)
+    assert len(h) == len(set(h)) == 30 and 14 <= (h < 75).sum() <= 16
+    runs = np.split(h, np.flatnonzero(np.diff(h) > 1) + 1)
+    assert len(runs) == 8 and all(3 <= len(r) <= 4 for r in runs)
+    assert list(held_out_units(10, 2)) == [4, 9] and list(held_out_units(5, 1)) == [4]
+    assert list(held_out_units(8, 8)) == list(range(8)) and list(held_out_units(8, 0)) == []
 
 
 def test_image_folder(tmp_path, rng):

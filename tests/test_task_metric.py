@@ -38,7 +38,10 @@ def _write_accuracy_metric(folder):
 
 
 def test_search_finds_a_small_model_within_the_drop():
-    res = shrink(MLP, ["pfa"], calibration=_calib(), metric="top1", max_drop=0.01)
+    """The whole training split (1347 images): the search scores each step on 216 held-out
+    calibration samples, the validation on 270; with the 512 of ``_calib`` a step scores on 82,
+    where one flipped label is a drop of 0.012 and 0 of 82 says little about a 1 % drop."""
+    res = shrink(MLP, ["pfa"], calibration=digits.calibration("mlp", n=1347), metric="top1", max_drop=0.01)
     search = res.report["search"]
     assert search["budget"] == "flops" and search["metric"] == "top1"
     assert search["steps"] and search["chosen"] is not None

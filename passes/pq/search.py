@@ -20,7 +20,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from ...calibrate import fixed_batch
+from ...calibrate import fixed_batch, held_out_units, split_units
 from ...lstsq import deterministic, weighted_error
 from ...validate import OutputProbe, Tolerances, decision_flips, gate_failures, output_error
 from .layer import candidates
@@ -296,7 +296,7 @@ def half_margins(tol: Tolerances | None = None) -> Tolerances:
                       min_worst_cosine=up(tol.min_worst_cosine), min_decision_iou=up(tol.min_decision_iou))
 
 
-HOLDOUT = 4           # pq.loosen: every try is fitted without the last 1/HOLDOUT of the calibration units and
+HOLDOUT = 4           # pq.loosen: every try is fitted without 1/HOLDOUT of the calibration units (spread) and
 MIN_HOLDOUT_UNITS = 8  # judged on them (models with fewer units: fitted and judged on all of them)
 
 
@@ -313,16 +313,16 @@ def on_data(ctx, data):
 
 
 def holdout_split(data, batch: int | None = None):
-    """(the units the fits see, the units they do not): the last 1/``HOLDOUT`` of the calibration
-    units held out (whole units: the crops or tokens of one image are alike, so rows of a unit
-    the fits saw would measure how well they reproduce what they saw); None with fewer than
+    """(the units the fits see, the units they do not): 1/``HOLDOUT`` of the calibration units held
+    out, in runs spread over the data (``calibrate.held_out_units``; whole units: the crops or tokens
+    of one image are alike, so rows of a unit the fits saw would measure how well they reproduce
+    what they saw); None with fewer than
     ``MIN_HOLDOUT_UNITS`` units, or for a model whose inputs take a fixed ``batch`` above one (its
     parts could not be run)."""
     n = data.units()
     if n < MIN_HOLDOUT_UNITS or (batch or 1) > 1:
         return None
-    cut = n - n // HOLDOUT
-    return data.subset(0, cut), data.subset(cut, n)
+    return split_units(data, held_out_units(n, n // HOLDOUT))
 
 
 def loosened(ctx, model, fit, cfg):
