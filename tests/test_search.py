@@ -3,7 +3,7 @@ step, and says when nothing is within it."""
 
 import pytest
 
-from onnxshrink.search import smallest_within
+from onnxshrink.search import MILD_STEPS, smallest_within
 
 
 def _chain(drop_at):
@@ -39,5 +39,25 @@ def test_nothing_within_the_drop():
     run, score, _ = _chain(lambda f: 0.5)
     res = smallest_within(run, score, 0.9, max_drop=0.01, steps=8)
     assert res.best is None and res.best_step is None
-    assert len(res.steps) == 8 and not any(s.within for s in res.steps)
-    assert res.steps[-1].fraction > 0.9   # it walked toward the original before giving up
+    assert len(res.steps) == 8 + MILD_STEPS and not any(s.within for s in res.steps)
+    # it walked toward the original, then halved the mildest cut three times before giving up
+    assert 0.96 < res.steps[7].fraction < 0.97 and res.steps[-1].fraction > 0.995
+    cuts = [1 - s.fraction for s in res.steps[7:]]
+    assert all(abs(b / a - 0.5) < 1e-9 for a, b in zip(cuts, cuts[1:]))
+
+
+def test_a_cut_milder_than_the_bisection_tries_is_found():
+    """The metric holds only above 0.985 of the budget (captcha_crnn's same text: 0.9 at 0.965,
+    1.0 at 0.99): the bisection's steps all fail, then halving the cut finds 0.983 fails, 0.991 within."""
+    run, score, _ = _chain(lambda f: 0.0 if f >= 0.985 else 0.1)
+    res = smallest_within(run, score, 0.9, max_drop=0.01, steps=8)
+    assert res.best_step is not None and res.best_step.within
+    assert 0.99 < res.best_step.fraction < 0.992 and len(res.steps) == 8 + 2
+    assert not any(s.within for s in res.steps[:-1])
+
+
+def test_the_mild_steps_stop_where_the_cut_is_negligible():
+    def run(f):
+        return {"f": f}, max(f, 0.999)   # the chain removes at most 0.1 % whatever it is asked
+    res = smallest_within(run, lambda c: 0.0, 0.9, max_drop=0.01, steps=8)
+    assert res.best is None and len(res.steps) == 8 + 1
