@@ -47,8 +47,8 @@ def test_nothing_within_the_drop():
 
 
 def test_a_cut_milder_than_the_bisection_tries_is_found():
-    """The metric holds only above 0.985 of the budget (captcha_crnn's same text: 0.9 at 0.965,
-    1.0 at 0.99): the bisection's steps all fail, then halving the cut finds 0.983 fails, 0.991 within."""
+    """The metric holds only above 0.985 of the budget: the bisection's steps all fail (its mildest
+    about 0.966), then halving the cut finds 0.983 fails, 0.991 within."""
     run, score, _ = _chain(lambda f: 0.0 if f >= 0.985 else 0.1)
     res = smallest_within(run, score, 0.9, max_drop=0.01, steps=8)
     assert res.best_step is not None and res.best_step.within
