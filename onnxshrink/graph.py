@@ -605,22 +605,22 @@ class Emitter:
         return self.op("Slice", [x, self.ints([0], "starts"), self.ints([stop], "ends"), self.ints([-1], "axes")])
 
 
-def _all_graphs(graph: onnx.GraphProto):
+def all_graphs(graph: onnx.GraphProto):
     """``graph`` and every subgraph inside it (If branches, Loop and Scan bodies)."""
     yield graph
     for node in graph.node:
         for a in node.attribute:
             if a.type == onnx.AttributeProto.GRAPH:
-                yield from _all_graphs(a.g)
+                yield from all_graphs(a.g)
             elif a.type == onnx.AttributeProto.GRAPHS:
                 for g in a.graphs:
-                    yield from _all_graphs(g)
+                    yield from all_graphs(g)
 
 
 def _names(model: onnx.ModelProto) -> tuple[set, set]:
     """(node names, tensor names) of the model, its subgraphs included."""
     nodes, tensors = set(), set()
-    for g in _all_graphs(model.graph):
+    for g in all_graphs(model.graph):
         nodes.update(n.name for n in g.node)
         for n in g.node:
             tensors.update(n.input)
@@ -639,7 +639,7 @@ def compact_names(model: onnx.ModelProto, before: onnx.ModelProto, prefix: str =
     graphs' inputs and outputs and the tensor names ``keep(name)`` is true of. Returns the number of
     names changed."""
     old_nodes, old_tensors = _names(before)
-    graphs = list(_all_graphs(model.graph))
+    graphs = list(all_graphs(model.graph))
     kept = set(old_tensors)
     for g in graphs:
         kept.update(t.name for t in g.initializer)

@@ -37,7 +37,7 @@ from .calibrate import (DataSource, RunCache, ShapeObserver, TensorCache, keep_s
 from .cost import model_cost, unknown_flops
 from .errors import (CalibrationError, InputError, OnnxShrinkError, PassError, UsageError,
                      ValidationFailed, first_line)
-from .graph import is_quantized_layer, normalize, observing, opset
+from .graph import all_graphs, is_quantized_layer, normalize, observing, opset
 from .model_io import (SpillStore, Staging, active_store, check_output_paths, check_writable, has_external_data,
                        has_lazy, load_model, save_model, spilling)
 from .registry import PassReport, Requires, get_pass, make_config
@@ -524,21 +524,9 @@ def _nothing_changed(reports) -> list[str]:
     return lines
 
 
-def _graphs(graph: onnx.GraphProto):
-    """``graph`` and every subgraph inside it (If branches, Loop and Scan bodies)."""
-    yield graph
-    for node in graph.node:
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(a.g)
-            elif a.type == onnx.AttributeProto.GRAPHS:
-                for g in a.graphs:
-                    yield from _graphs(g)
-
-
 def declared_value_info(model: onnx.ModelProto) -> frozenset:
     """The tensor names the model's own ``value_info`` declares (main graph and subgraphs)."""
-    return frozenset(vi.name for g in _graphs(model.graph) for vi in g.value_info)
+    return frozenset(vi.name for g in all_graphs(model.graph) for vi in g.value_info)
 
 
 def keep_declared_value_info(model: onnx.ModelProto, declared: frozenset) -> None:
@@ -547,7 +535,7 @@ def keep_declared_value_info(model: onnx.ModelProto, declared: frozenset) -> Non
     entries, 1.3 % of a quantized CRNN's file). Runtimes infer them at load time; a name the input
     declared keeps its entry (as the rewritten graph has it: a rewrite may have dropped a shape it
     changed). Graph inputs and outputs are not touched."""
-    for g in _graphs(model.graph):
+    for g in all_graphs(model.graph):
         if any(vi.name not in declared for vi in g.value_info):
             kept = [vi for vi in g.value_info if vi.name in declared]
             del g.value_info[:]
@@ -562,7 +550,7 @@ def kept_nodes(model: onnx.ModelProto, patterns) -> dict:
         return {}
     if isinstance(patterns, str):
         patterns = [patterns]
-    names = [n.name for g in _graphs(model.graph) for n in g.node if n.name]
+    names = [n.name for g in all_graphs(model.graph) for n in g.node if n.name]
     out = {}
     for pat in patterns:
         if not isinstance(pat, str) or not pat:
