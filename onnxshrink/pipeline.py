@@ -840,6 +840,10 @@ def _searched_chain(model, original, call: _Call, before, signatures, sample_sha
             f"{score_part.unit}(s)", "original": original_value, "max_drop": call.max_drop,
             "steps": [st.as_dict() for st in found.steps]}
     info["correction"] = _correction_report(found)
+    coarse = search_resolution(score_part, call.max_drop)
+    if coarse:
+        info["resolution"] = coarse
+        warnings.warn(coarse, stacklevel=3)
     if found.best is None:
         mildest = max(found.steps, key=lambda st: st.fraction)
         info["chosen"] = None
@@ -851,6 +855,19 @@ def _searched_chain(model, original, call: _Call, before, signatures, sample_sha
     cand, reps = _chain(model, original, call, call.budget.with_targets({metric: found.best_step.fraction}),
                         signatures, sample_shapes, found.protected())
     return cand, reps, info
+
+
+def search_resolution(score_part, max_drop: float) -> str | None:
+    """Where one held-out unit weighs more than ``max_drop`` in a metric that averages over the units
+    (top-1 agreement, the same text, an accuracy), a note that the search's steps can only be judged
+    by "no unit changed", which says little about a drop of ``max_drop`` on other data; else None."""
+    n = score_part.units()
+    if n <= 0 or 1.0 / n <= max_drop:
+        return None
+    return (f"the search scores each step on {n} held-out calibration {score_part.unit}(s): where the metric "
+            f"averages over them one changes it by {1.0 / n:.3g}, more than max_drop {max_drop}, so a step is within "
+            f"only where none changes, which does not show a drop under {max_drop} on other data; calibration data "
+            f"whose held-out fifth holds at least {int(np.ceil(1.0 / max_drop))} {score_part.unit}s judges finer")
 
 
 def _correction_report(found) -> dict:

@@ -217,3 +217,16 @@ def test_a_metric_gate_on_feeds_of_one_label_fails_validation():
                  metric="top1", max_drop=0.01, max_rel_l2=0.5)
     v = res.report["validation"]
     assert v["passed"] and any("cannot judge" in n for n in v["notes"])
+
+
+def test_the_search_says_when_its_held_out_part_is_too_coarse_for_max_drop():
+    """512 calibration images: the search scores on 82, where one flipped label is 0.012 > 0.01: the
+    report's search says so, and a warning; on the 1347 training images (216 scored) it does not."""
+    import warnings
+    with pytest.warns(UserWarning, match="scores each step on 82 held-out"):
+        res = shrink(MLP, ["pfa"], calibration=_calib(), metric="top1", max_drop=0.01, force=True)
+    assert "0.0122" in res.report["search"]["resolution"] and "at least 100 samples" in res.report["search"]["resolution"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        fine = shrink(MLP, ["pfa"], calibration=digits.calibration("mlp", n=1347), metric="top1", max_drop=0.01)
+    assert "resolution" not in fine.report["search"]
