@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import hashlib
+import itertools
 import threading
 import weakref
 from collections import Counter, OrderedDict
@@ -640,25 +641,14 @@ def compact_names(model: onnx.ModelProto, before: onnx.ModelProto, prefix: str =
     names changed."""
     old_nodes, old_tensors = _names(before)
     graphs = list(all_graphs(model.graph))
-    kept = set(old_tensors)
-    for g in graphs:
-        kept.update(t.name for t in g.initializer)
-        kept.update(t.values.name for t in g.sparse_initializer)
-        kept.update(v.name for v in list(g.input) + list(g.output))
-    taken = set(old_nodes) | set(old_tensors) | set().union(*_names(model))
-    counter = iter(range(1 << 62))
+    kept = old_tensors | {t.name for g in graphs for t in g.initializer} \
+        | {t.values.name for g in graphs for t in g.sparse_initializer} \
+        | {v.name for g in graphs for v in list(g.input) + list(g.output)}
+    taken = old_nodes | old_tensors | set().union(*_names(model))
+    fresh = (prefix + np.base_repr(i, 36).lower() for i in itertools.count())   # never the same twice
 
     def short() -> str:
-        while True:
-            i, s = next(counter), ""
-            while True:
-                i, r = divmod(i, 36)
-                s = "0123456789abcdefghijklmnopqrstuvwxyz"[r] + s
-                if i == 0:
-                    break
-            if prefix + s not in taken:
-                taken.add(prefix + s)
-                return prefix + s
+        return next(name for name in fresh if name not in taken)
 
     renamed: dict = {}
     for g in graphs:

@@ -276,8 +276,9 @@ ALLOC_TOLERANCE = 2.0   # a layer's full quantization may err this many times it
 # ----------------------------------------------------------------------------- the loosened per-layer budget
 LOOSEN = (10.0, 3.0)          # per-layer budgets tried, as multiples of pq.max_error, loosest first
 LOOSEN_BISECT = 2             # where a try is kept and a looser one was refused on the judge, this many tries
-                              # more at the geometric mean of the two (mtcnn_rnet: 10x refused, 3x kept, 5.5x
-                              # refused, 4.1x kept: 0.127 of the bytes, against 0.132 at 3x)
+                              # more at the geometric mean of the two (mtcnn_rnet judged on its last quarter:
+                              # 10x refused, 3x kept, 5.5x refused, 4.1x kept; on units spread over the data
+                              # 5.5x and 4.1x are refused too)
 LOOSEN_MAX_BYTES = 1_600_000   # pq.loosen=auto: models of at most this many bytes get every try of LOOSEN ...
 LOOSEN_WIDE_BYTES = 32_000_000  # ... and models of at most this many the loosest alone, judged against the
                               # reference (``loosened``): each try is a full fit (captcha_crnn, 19 MB: every try
@@ -379,14 +380,15 @@ def _loosened(ctx, model, fit, cfg, judge_data, wide=False):
     tol = half_margins()
 
     def attempt(m):
-        """The fit at ``m`` times the budget: (model, report, whether it is kept)."""
+        """The fit at ``m`` times the budget: (model, report, its try's record). A try with no fewer
+        bytes than the rule's model is not judged (no "passed")."""
         cand, crep = fit(replace(cfg, max_error=m * cfg.max_error))
         got = ctx.cost(cand)["bytes"]
         t = {"scale": round(m, 3), "bytes": int(got)}
         info["tries"].append(t)
         if got >= size:   # no fewer bytes than the rule's model
             t["kept"] = False
-            return cand, crep, False
+            return cand, crep, t
         with ctx.timed("search"):
             o = probe.outputs(cand)
         fails, t["flips"] = gate_failures(ctx.reference, probe.ref, o, tol), decision_flips(probe.ref, o)
@@ -398,27 +400,27 @@ def _loosened(ctx, model, fit, cfg, judge_data, wide=False):
             t["metric"] = round(task[0](o), 6)
             ok = ok and t["metric"] >= task[1]
         t["kept"] = t["passed"] = ok
-        return cand, crep, ok
+        return cand, crep, t
 
-    refused = None   # the tightest try refused on the judge (not on its bytes)
+    refused = None   # the tightest scale refused on the judge (not on its bytes)
     for m in (LOOSEN[:1] if wide else LOOSEN):
-        cand, crep, ok = attempt(m)
-        if ok:
-            best, passed = (cand, crep, m, info["tries"][-1]["bytes"]), m
+        cand, crep, t = attempt(m)
+        if t.get("passed"):
+            best, passed = (cand, crep, t), m
             for _ in range(0 if refused is None else LOOSEN_BISECT):   # between the kept and the refused try
                 mid = math.sqrt(passed * refused)
-                cand, crep, ok = attempt(mid)
-                if ok:   # kept where it takes fewer bytes (at the same bytes, the tighter fit)
-                    passed = mid
-                    if info["tries"][-1]["bytes"] < best[3]:
-                        best = (cand, crep, mid, info["tries"][-1]["bytes"])
-                elif info["tries"][-1].get("output_error") is not None:
-                    refused = mid
-                else:
+                cand, crep, t = attempt(mid)
+                if "passed" not in t:
                     break
+                if t["passed"]:   # kept where it takes fewer bytes (at the same bytes, the tighter fit)
+                    passed = mid
+                    if t["bytes"] < best[2]["bytes"]:
+                        best = (cand, crep, t)
+                else:
+                    refused = mid
             for t in info["tries"]:
-                t["kept"] = t["kept"] and t["scale"] == round(best[2], 3)
-            return best[0], best[1], dict(info, scale=round(best[2], 3))
-        if info["tries"][-1].get("output_error") is not None:
+                t["kept"] = t is best[2]
+            return best[0], best[1], dict(info, scale=best[2]["scale"])
+        if "passed" in t:
             refused = m
     return out, rep, dict(info, scale=1.0)
