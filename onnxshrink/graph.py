@@ -111,6 +111,66 @@ def _constant_node_value(node: gs.Node):
     return None
 
 
+FOLD_MAX_ELEMENTS = 1 << 20   # a layout op on a larger constant is left to run (its values stay on disk)
+
+
+def _layout_of_constant(node: gs.Node):
+    """The value of a layout-only node (Reshape, Unsqueeze, Squeeze, Flatten, Transpose) or a Cast whose
+    inputs are all constants, or None: Paddle2ONNX writes a Conv's bias as ``Add(conv, Reshape(b, [1, C, 1,
+    1]))`` and a Reshape target's tail as ``Cast([C])``, which the channel analysis would otherwise see as
+    computed at run time."""
+    if node.op not in ("Reshape", "Unsqueeze", "Squeeze", "Flatten", "Transpose", "Cast") or len(node.outputs) != 1:
+        return None
+    ins = [t for t in node.inputs if t is not None and t.name != ""]
+    if not ins or not all(isinstance(t, gs.Constant) for t in ins):
+        return None
+    if int(np.prod(ins[0].shape)) > FOLD_MAX_ELEMENTS:
+        return None
+    x = np.asarray(read_values(ins[0]))
+    second = np.asarray(read_values(ins[1])).astype(np.int64).ravel() if len(ins) > 1 else None
+    try:
+        if node.op == "Cast":
+            return x.astype(onnx.helper.tensor_dtype_to_np_dtype(int(node.attrs["to"])))
+        if node.op == "Reshape":
+            shape = [int(x.shape[i]) if d == 0 and not node.attrs.get("allowzero", 0) else int(d)
+                     for i, d in enumerate(second)]
+            return x.reshape(shape)
+        if node.op == "Unsqueeze":
+            axes = list(second) if second is not None else list(node.attrs.get("axes", []))
+            out_rank = x.ndim + len(axes)
+            return np.expand_dims(x, tuple(sorted(int(a) % out_rank for a in axes)))
+        if node.op == "Squeeze":
+            axes = list(second) if second is not None else node.attrs.get("axes")
+            return np.squeeze(x) if axes is None else np.squeeze(x, tuple(int(a) % x.ndim for a in axes))
+        if node.op == "Flatten":
+            axis = int(node.attrs.get("axis", 1)) % max(x.ndim, 1)
+            return x.reshape(int(np.prod(x.shape[:axis])), -1)
+        perm = node.attrs.get("perm")
+        return np.transpose(x, None if perm is None else [int(a) for a in perm])
+    except (ValueError, IndexError):
+        return None
+
+
+def _fold_constant_layouts(graph: gs.Graph, out_names: set) -> bool:
+    """Replace layout-only nodes on constants by the constants they compute (``_layout_of_constant``),
+    repeatedly so chains fold; True where something changed."""
+    changed, taken = False, None
+    for node in list(graph.nodes):   # toposorted: a chain's later node sees its input folded
+        if not node.outputs or node.outputs[0].name in out_names:
+            continue
+        value = _layout_of_constant(node)
+        if value is None:
+            continue
+        taken = set(graph.tensors()) if taken is None else taken
+        old = node.outputs[0].name
+        const = gs.Constant(fresh_name(taken, old + "_const"), np.ascontiguousarray(value))
+        _replace_tensor(graph, node.outputs[0], const)
+        node.outputs.clear()
+        taken.discard(old)
+        changed = True
+    return changed
+
+
 def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = import_graph(model)
     seen = Counter()
@@ -152,6 +212,8 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
             _replace_tensor(graph, node.outputs[0], node.inputs[0])
             node.outputs.clear()
             changed = True
+    if _fold_constant_layouts(graph, out_names):
+        changed = True
     if changed:
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
         new = export_model(graph, like=model)
