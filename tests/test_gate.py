@@ -242,3 +242,64 @@ def test_cli_flags_start_from_the_default_or_the_cosine_only_gate():
     assert t == dataclasses.replace(COSINE_ONLY, min_decision_iou=0.7)
     t = tolerances(p.parse_args(["a", "b", "--min-worst-cosine", "none", "--max-error", "0.5"]))
     assert t == dataclasses.replace(GATE, min_worst_cosine=None, max_error=0.5)
+
+
+def _map_stats(orig, new):
+    from onnxshrink.validate import OutputStats
+    st = OutputStats(score=True)
+    for a, b in zip(orig, new):
+        st.add(a, b, feed=0, first_sample=0, samples=1)
+    return st.result()
+
+
+def _text_maps(n=8, size=64, seed=0):
+    """Score maps (N=1, 1, size, size) of a few sharp rectangles (text regions): 0.98 inside, 0.02 outside."""
+    rng = np.random.default_rng(seed)
+    maps = []
+    for _ in range(n):
+        m = np.full((1, 1, size, size), 0.02, np.float32)
+        for _ in range(3):
+            y, x = rng.integers(0, size - 12, 2)
+            m[..., y:y + 8, x:x + int(rng.integers(10, 30))] = 0.98
+        maps.append(m)
+    return maps
+
+
+def test_score_map_range_check_reads_the_99th_percentile():
+    """A score map of >= 1024 values a sample (a text detector's or a saliency map): where a region's edge
+    moves by a pixel in one place, those pixels swing by 0.96 (the max), a few in ten thousand; the range
+    check reads the 99.9th percentile of the abs errors and passes, the decision IoU stays high. The same
+    maps with a quarter of their text pixels off by 0.38 (still above 0.5: the decision IoU is 1) fail it, with the percentile named."""
+    from onnxshrink.validate import MAP_MIN_VALUES, _tolerance_failures
+    orig = _text_maps()
+    edge = [m.copy() for m in orig]
+    for m in edge[:2]:                       # one edge pixel column of one region in two maps
+        ys, xs = np.nonzero(m[0, 0] > 0.5)
+        m[0, 0, ys[xs == xs.min()], xs.min()] = 0.02
+    r = _map_stats(orig, edge)
+    assert r["values_per_sample"] >= MAP_MIN_VALUES and r["max_abs"] == pytest.approx(0.96, abs=1e-6)
+    assert r["range_error"] > ZOO_GATE["max_range_error"]            # the max alone would refuse it
+    assert r["map_abs_quantile"] <= 0.01 and r["decision_iou"] > 0.98
+    assert _tolerance_failures({"map": r}, GATE) == []
+    gone = [m.copy() for m in orig]
+    for m in gone:
+        ys, xs = np.nonzero(m[0, 0] > 0.5)
+        m[0, 0, ys[:len(ys) // 4], xs[:len(xs) // 4]] = 0.6   # 0.38 off on a quarter of the text pixels, still above 0.5
+    r = _map_stats(orig, gone)
+    assert 0.35 < r["map_abs_quantile"] <= 0.39 and r["decision_iou"] == 1.0
+    fails = _tolerance_failures({"map": r}, GATE)
+    assert len(fails) == 1 and "score map" in fails[0] and f"{r['map_abs_quantile']:.4g}" in fails[0], fails
+
+
+def test_small_score_output_keeps_the_max_abs_range_check():
+    """A score output under 1024 values a sample (a classifier's or detector's few scores) is judged on its
+    max abs error: one value off by 0.96 fails."""
+    from onnxshrink.validate import _tolerance_failures
+    rng = np.random.default_rng(0)
+    orig = [rng.uniform(0, 1, (1, 100)).astype(np.float32) for _ in range(20)]
+    new = [o.copy() for o in orig]
+    new[3][0, 7] = 1.0 - new[3][0, 7] if abs(1 - 2 * new[3][0, 7]) > 0.9 else (0.98 if new[3][0, 7] < 0.5 else 0.02)
+    r = _map_stats(orig, new)
+    assert "map_abs_quantile" not in r and r["range_error"] > 0.35
+    fails = _tolerance_failures({"s": r}, GATE)
+    assert any("max abs error" in f for f in fails), fails
