@@ -874,6 +874,27 @@ class ChannelAnalysis:
                 raise _Unsupported("Reshape into packed parts with neither the part count nor the width given")
             self._set(node, _Map(r, r + 1, m.comps[:d]))
             return
+        if (m.axis == r - 1 and R == r + 2 and out_shape[:r - 1] == in_shape[:r - 1]
+                and out_shape[r - 1] * out_shape[r] * out_shape[r + 1] == n and out_shape[r - 1] > 1
+                and out_shape[r] > 1 and self._indexed_only(node.outputs[0], r - 1)):
+            # packed projections straight into heads (…, k·h·dh) → (…, k, h, dh), the k axis only
+            # indexed (Paddle's SVTR/ViT attention: Reshape(0, T, 3, h, dh), a Slice per part): the
+            # parts' columns go together and a head's columns go together
+            k, h, dh = out_shape[r - 1:]
+            d = h * dh
+            for j in range(1, k):
+                self._tie(m.comps[:d], m.comps[j * d:(j + 1) * d])
+            for j in range(h):
+                self._tie(np.full(dh - 1, m.comps[j * dh]), m.comps[j * dh + 1:(j + 1) * dh])
+            heads = m.comps[:d:dh]
+            if target[r] > 0:
+                self.edits.append(self._shape_edit(where, heads, r))
+            elif target[r] != -1 and target[r + 1] <= 0:
+                raise _Unsupported("Reshape into packed heads with neither the head count nor the head size given")
+            elif target[r - 1] <= 0:
+                raise _Unsupported("Reshape into packed heads without the part count")
+            self._set(node, _Map(r, R, heads))
+            return
         if (m.axis == r - 1 and R >= 2 and _no_ones(out_shape[:R - 2]) == _no_ones(in_shape[:r - 1])
                 and out_shape[R - 2] * out_shape[R - 1] == n and out_shape[R - 2] > 1):
             # features → (heads, head size): a head's columns go together (attention heads); unit
@@ -928,6 +949,9 @@ class ChannelAnalysis:
                 a = int(c.attrs.get("axis", 0))
                 if (a + rank if a < 0 else a) != axis or _const(c.inputs[1]) is None:
                     return False
+            elif c.op == "Slice" and c.inputs[0] is t:
+                if not self._one_index(c, rank, axis):
+                    return False
             elif c.op == "Transpose":
                 perm = _ints(c.attrs.get("perm", list(range(rank))[::-1]))
                 if not self._indexed_only(c.outputs[0], perm.index(axis), depth + 1):
@@ -953,6 +977,20 @@ class ChannelAnalysis:
             else:
                 return False
         return True
+
+    @staticmethod
+    def _one_index(node, rank, axis) -> bool:
+        """True when the Slice ``node`` takes one index of axis ``axis`` and leaves the other axes
+        whole (constant bounds: a part of a packed projection taken as ``x[k:k+1]``)."""
+        vals = [_const(t) if t.name else None for t in node.inputs[1:]]
+        if len(vals) < 2 or any(v is None for v in vals[:2]) or any(
+                v is None for v, t in zip(vals[2:], node.inputs[3:]) if t.name):
+            return False
+        starts, ends = _ints(vals[0]), _ints(vals[1])
+        axes = _ints(vals[2]) if len(vals) > 2 and vals[2] is not None else list(range(len(starts)))
+        steps = _ints(vals[3]) if len(vals) > 3 and vals[3] is not None else [1] * len(starts)
+        axes = [a + rank if a < 0 else a for a in axes]
+        return (axes == [axis] and steps[0] == 1 and starts[0] >= 0 and ends[0] == starts[0] + 1)
 
     def _gather(self, node, tracked):
         """Gather with constant indices on a non-channel axis of the tracked data (one part of a packed

@@ -289,7 +289,11 @@ def attention_packed_qkv(opset=17, weak_head=2, layers=2, style="unflatten"):
     scores; the heads merged by ``Transpose(2,0,1,3) ─ Reshape(T·N, d)``, out_proj as Gemm(transB),
     ``Reshape(T, N, d) ─ Transpose``, residual Add, LayerNormalization. Head ``weak_head`` of the
     first layer has its V columns scaled by 0.02. ``style="chunk"``: the parts taken by a Split in
-    three on the last axis (``in_proj(x).chunk(3, -1)``, older PyTorch) instead.
+    three on the last axis (``in_proj(x).chunk(3, -1)``, older PyTorch) instead. ``style="paddle"``:
+    as Paddle2ONNX writes SVTR/ViT attention (the PP-OCRv4 recognizer), batch-first, the packed
+    output reshaped straight into heads by ``Reshape(qkv, Concat([0], Cast(Shape(x)[1:2]), [3], [h],
+    [dh]))``, ``Transpose(2,0,3,1,4)``, a ``Slice [k:k+1] ─ Squeeze(0)`` per part, Q scaled, K
+    transposed, the heads merged by ``Transpose(0,2,1,3) ─ Reshape(0, T, d)``, out_proj as MatMul + Add.
 
         x(N,T,d) ─ Transpose ─ MatMul(d→3d) ─ Add ─ Reshape(T,N,3,d) ─ Unsqueeze ─ Transpose ─ Squeeze
           ─ Gather(0|1|2) ─ Reshape(T,N·h,dh) ─ Transpose ─ Reshape(N,h,T,dh) ─ scores(+mask) ─ Softmax
@@ -300,6 +304,8 @@ def attention_packed_qkv(opset=17, weak_head=2, layers=2, style="unflatten"):
     t, d, h = 8, 16, 4
     dh = d // h
     x = b.input("tokens", ["N", t, d])
+    if style == "paddle":
+        return _paddle_attention(b, x, t, d, h, opset, weak_head, layers)
     tdim = b.node("Shape", [x], start=1, end=2)
     ndim = b.node("Shape", [x], start=0, end=1)
     packed = b.node("Concat", [tdim, ndim, b.ints([3]), b.ints([d])], axis=0)
@@ -352,6 +358,35 @@ def attention_packed_qkv(opset=17, weak_head=2, layers=2, style="unflatten"):
     return b.finish(f"{name}_op{opset}", {"tokens": (t, d)})
 
 
+def _paddle_attention(b, x, t, d, h, opset, weak_head, layers):
+    from . import _layernorm
+    dh = d // h
+    tlen = b.node("Cast", [b.node("Slice", [b.node("Cast", [b.node("Shape", [x])], to=6), b.ints([1]), b.ints([2]),
+                                           b.ints([0]), b.ints([1])])], to=7)
+    heads = b.node("Concat", [b.ints([0]), tlen, b.ints([3]), b.ints([h]), b.ints([dh])], axis=0)
+    merge = b.node("Concat", [b.ints([0]), tlen, b.ints([d])], axis=0)
+    y = x
+    for layer in range(layers):
+        w = (b.rng.standard_normal((d, 3 * d)) / np.sqrt(d)).astype(np.float32)
+        bb = (0.1 * b.rng.standard_normal(3 * d)).astype(np.float32)
+        if layer == 0 and weak_head is not None:
+            cols = slice(2 * d + weak_head * dh, 2 * d + (weak_head + 1) * dh)
+            w[:, cols] *= 0.02
+            bb[cols] *= 0.02
+        qkv = b.add(b.node("MatMul", [y, b.const(w, "qkv_w")]), b.const(bb, "qkv_b"))
+        parts = b.node("Transpose", [b.node("Reshape", [qkv, heads])], perm=[2, 0, 3, 1, 4])
+        q, k, v = (b.node("Squeeze", [b.node("Slice", [parts, b.ints([i]), b.ints([i + 1]), b.ints([0]), b.ints([1])]),
+                                      b.ints([0])]) for i in range(3))
+        s = b.node("MatMul", [b.node("Mul", [q, b.scalar(dh ** -0.5)]), b.node("Transpose", [k], perm=[0, 1, 3, 2])])
+        o = b.node("MatMul", [b.node("Softmax", [s], axis=-1), v])
+        o = b.node("Reshape", [b.node("Transpose", [o], perm=[0, 2, 1, 3]), merge])
+        o = b.add(b.matmul(o, d, d), b.const(0.1 * b.rng.standard_normal(d).astype(np.float32), "b"))
+        y = _layernorm(b, b.add(y, o), d, "op" if opset >= 17 else "decomposed")
+    b.gemm(b.reduce_mean(y, [1], keepdims=0), d, 4, out="logits")
+    b.output("logits", ["N", 4])
+    return b.finish(f"attention_packed_qkv_paddle_op{opset}", {"tokens": (t, d)})
+
+
 PATTERNS = {}
 for _fn, _kw in [
     (pad_spatial, {"opset": 13}),
@@ -372,6 +407,7 @@ for _fn, _kw in [
     (attention_heads, {"opset": 14, "shape": "computed"}),
     (attention_packed_qkv, {"opset": 17}),
     (attention_packed_qkv, {"opset": 15, "style": "chunk"}),
+    (attention_packed_qkv, {"opset": 13, "style": "paddle"}),
 ]:
     _builder = functools.partial(_fn, **_kw)
     PATTERNS[_builder().name] = _builder
