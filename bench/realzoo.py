@@ -649,7 +649,7 @@ def text_scenes(split: str, n: int, size, seed: int):
 def _ocr_detector(e, split, varying):
     """Text scenes at 320×320 (varying: 320×448 and 448×320 too), ImageNet normalisation, NCHW."""
     mean, std = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
-    n = 24 if split == "calib" else 12
+    n = 24 if split == "calib" else 16
     sizes = [(320, 320), (320, 448), (448, 320)] if varying else [(320, 320)]
     imgs = [a for i, s in enumerate(sizes) for a in text_scenes(split, -(-n // len(sizes)), s, seed=51 + i)][:n]
     return [{"x": ((a.astype(np.float32) / 255 - mean) / std).transpose(2, 0, 1)[None]} for a in imgs]
