@@ -50,6 +50,8 @@ class PqConfig:
                                    # compact_names; the codes, codebook and decoded weight W.pq keep the
                                    # weight's name): their names are a few percent of a small model's file
                                    # (mtcnn_rnet 4 %)
+    tighten: bool = True           # where the rule's model fails the default gate on the calibration data, fit again
+                                   # at 0.1x, then 0.01x pq.max_error (search.TIGHTEN), the first that passes kept
     rounds: int = 4                # sequential: at most this many statistics rounds (consecutive
                                    # topological levels share one; 0 = one round per level)
 

@@ -24,7 +24,7 @@ from .config import PqConfig
 from .edits import HALF_ERROR, HALF_SUFFIX, refit_biases, replace_weight, store_half
 from .layer import default_block, ladder, layer_of, shared_layer, subgraph_nodes, tables
 from .quantize import SCREEN_MARGIN, Screens, budget_error, quantize
-from .search import ALLOC_TOLERANCE, LOOSEN_WIDE_BYTES, allocate, loosened, size_search
+from .search import ALLOC_TOLERANCE, LOOSEN_WIDE_BYTES, allocate, loosened, size_search, tightened
 from .sizes import code_width, dense_bytes, forget_bytes, pq_bytes, setting_bytes, weight_bytes
 from .target import layer_problem, moments, outer_twin, requests
 
@@ -116,8 +116,14 @@ class Pq(Pass):
     def apply(self, model, cfg, ctx):
         if cfg.max_error > 0 and "bytes" not in ctx.goals and (
                 cfg.loosen == "true" or (cfg.loosen == "auto" and ctx.cost(model)["bytes"] <= LOOSEN_WIDE_BYTES)):
-            return loosened(ctx, model, lambda c: self._apply(model, c, ctx), replace(cfg, loosen="false"))
-        return self._apply(model, cfg, ctx)
+            out, rep = loosened(ctx, model, lambda c: self._apply(model, c, ctx), replace(cfg, loosen="false"))
+            if rep.details["loosen"]["scale"] != 1.0:
+                return out, rep   # a looser try passed the gate at half its margins on held-out units
+        else:
+            out, rep = self._apply(model, cfg, ctx)
+        if cfg.tighten and cfg.max_error > 0 and "bytes" not in ctx.goals:
+            return tightened(ctx, out, rep, lambda c: self._apply(model, c, ctx), replace(cfg, loosen="false"))
+        return out, rep
 
     def _apply(self, model, cfg, ctx):
         graph = import_graph(model)
