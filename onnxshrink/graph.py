@@ -112,11 +112,12 @@ def _constant_node_value(node: gs.Node):
 
 
 FOLD_MAX_ELEMENTS = 1 << 20   # a layout op on a larger constant is left to run (its values stay on disk)
+# (and one on a constant of more than one dim over 1: a table read through a Reshape, which pq quantizes)
 
 
 def _layout_of_constant(node: gs.Node):
     """The value of a layout-only node (Reshape, Unsqueeze, Squeeze, Flatten, Transpose) or a Cast whose
-    inputs are all constants, or None: Paddle2ONNX writes a Conv's bias as ``Add(conv, Reshape(b, [1, C, 1,
+    inputs are all constants, the first a vector (at most one dim over 1), or None: Paddle2ONNX writes a Conv's bias as ``Add(conv, Reshape(b, [1, C, 1,
     1]))`` and a Reshape target's tail as ``Cast([C])``, which the channel analysis would otherwise see as
     computed at run time."""
     if node.op not in ("Reshape", "Unsqueeze", "Squeeze", "Flatten", "Transpose", "Cast") or len(node.outputs) != 1:
@@ -124,8 +125,8 @@ def _layout_of_constant(node: gs.Node):
     ins = [t for t in node.inputs if t is not None and t.name != ""]
     if not ins or not all(isinstance(t, gs.Constant) for t in ins):
         return None
-    if int(np.prod(ins[0].shape)) > FOLD_MAX_ELEMENTS:
-        return None
+    if int(np.prod(ins[0].shape)) > FOLD_MAX_ELEMENTS or sum(int(d) > 1 for d in ins[0].shape) > 1:
+        return None   # vectors only: a table read through a Reshape stays one (pq quantizes such tables)
     x = np.asarray(read_values(ins[0]))
     second = np.asarray(read_values(ins[1])).astype(np.int64).ravel() if len(ins) > 1 else None
     try:
