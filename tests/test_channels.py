@@ -572,3 +572,51 @@ def test_channel_classes_are_the_connected_components_of_the_ties(rng):
         for k in range(0, len(pairs), 3):   # ties come in arrays, as the analysis records them
             uf.tie(pairs[k:k + 3, 0], pairs[k:k + 3, 1])
         assert uf.roots().tolist() == [find(i) for i in range(n)]
+
+
+def _paddle_bias(b, h, c):
+    """A Conv's bias as Paddle2ONNX writes it: Add(conv, Reshape(b, [1, C, 1, 1]))."""
+    bias = b.const((0.1 * b.rng.standard_normal(c)).astype(np.float32), "offset")
+    return b.node("Add", [h, b.node("Reshape", [bias, b.const(np.array([1, c, 1, 1], np.int64), "shape")])])
+
+
+def test_paddle_biases_and_cast_reshape_tails_are_folded_so_se_and_flatten_join_the_groups():
+    """The PaddleOCR direction classifier's patterns: every Conv bias an ``Add(conv, Reshape(offset,
+    [1, C, 1, 1]))`` (the SE's two Convs too) and the classifier's input ``Reshape(GAP, Concat(Shape(x)[0:1],
+    Cast([C])))``. Normalising folds the Reshapes and the Cast of constant vectors into constants, so the
+    block's channels (with the SE's outer ones) and the SE's inner width are groups, not pinned by operands
+    computed at run time; a 2-D table read through a Reshape is not folded."""
+    from onnxshrink.graph import normalize
+    b = GraphBuilder(12)
+    x = b.input("x", ["N", 3, 8, 8])
+    h = b.relu(_paddle_bias(b, b.conv(x, 3, 8, bias=False), 8))
+    s = b.node("GlobalAveragePool", [h])
+    s = b.relu(_paddle_bias(b, b.conv(s, 8, 4, k=1, bias=False), 4))
+    s = b.node("HardSigmoid", [_paddle_bias(b, b.conv(s, 4, 8, k=1, bias=False), 8)], alpha=0.2, beta=0.5)
+    h = b.node("Mul", [h, s])
+    g = b.node("GlobalAveragePool", [h])
+    n = b.node("Slice", [b.node("Cast", [b.node("Shape", [g])], to=TensorProto.INT32), b.const(np.array([0], np.int64)),
+                         b.const(np.array([1], np.int64)), b.const(np.array([0], np.int64))])
+    tail = b.node("Cast", [b.const(np.array([8], np.int32), "width")], to=TensorProto.INT64)
+    flat = b.node("Reshape", [g, b.node("Concat", [b.node("Cast", [n], to=TensorProto.INT64), tail], axis=0)])
+    table = b.node("Reshape", [b.const(np.ones((2, 4), np.float32), "table"), b.const(np.array([1, 8], np.int64))])
+    b.output(b.node("Add", [b.matmul(flat, 8, 5), b.matmul(table, 8, 5)], out="y"))
+    m = b.model()
+    norm = normalize(m)
+    ops = [n.op_type for n in norm.graph.node]
+    assert ops.count("Reshape") == 2 and ops.count("Cast") == 2, ops   # the Flatten and the table stay
+    assert_close(m, norm, feeds(m))
+    an = analyze(norm)
+    block = group_of(an, norm, "Conv", 0)
+    inner = group_of(an, norm, "Conv", 1)
+    assert not block.pinned and not inner.pinned, (block.pins, inner.pins)
+    assert sorted(s.node for s in block.sources) == sorted([node(norm, "Conv", 0).name, node(norm, "Conv", 2).name])
+    p = prune_dropping(an, norm, block, [1, 6])
+    made = {o: n for n in norm.graph.node for o in n.output}
+    mm = next(n for n in norm.graph.node if n.op_type == "MatMul" and made[n.input[0]].input[0] in made
+              and made[made[n.input[0]].input[0]].op_type == "GlobalAveragePool")   # not the table's MatMul
+    se = next(n for n in norm.graph.node if n.op_type == "Conv" and n.input[0] in made
+              and made[n.input[0]].op_type == "GlobalAveragePool")
+    assert sorted(init(p, n.input[1]).shape for n in p.graph.node if n.op_type == "MatMul") == [(6, 5), (8, 5)]
+    masked = zero_inputs(zero_inputs(norm, se.input[1], 1, [1, 6]), mm.input[1], 0, [1, 6])
+    assert_close(masked, p, feeds(m))
