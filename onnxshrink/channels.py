@@ -448,7 +448,7 @@ class ChannelAnalysis:
                  "Softmax": self._axis_op, "LogSoftmax": self._axis_op, "LayerNormalization": self._layernorm,
                  "Pad": self._pad, "Resize": self._resize, "Upsample": self._resize, "Shape": self._shape_of,
                  "Size": self._shape_of, "ConvTranspose": self._conv_transpose,
-                 "GroupNormalization": self._groupnorm, "Gather": self._gather}
+                 "GroupNormalization": self._groupnorm, "Gather": self._gather, "Expand": self._expand}
         if op in table:
             return table[op]
         if op in REDUCE:
@@ -775,6 +775,10 @@ class ChannelAnalysis:
             return vals, [(node.name, 1, i, (), "") for i in range(len(vals))]
         out_shape = self._shape(node.outputs[0])
         p = t.inputs[0] if t.inputs else None
+        via = ()   # Casts between the Concat and its reader (jax2tf writes Cast(Concat(...)) as a target)
+        while p is not None and p.op in ("Cast", "Identity") and len(via) < 4 and p.inputs[0].inputs:
+            via += (p.name,)
+            p = p.inputs[0].inputs[0]
         if p is None or p.op != "Concat" or out_shape is None:
             return None, None
         vals, where = [], []
@@ -783,7 +787,7 @@ class ChannelAnalysis:
             if c is not None:
                 for j, x in enumerate(_ints(c)):
                     vals.append(x)
-                    where.append((p.name, k, j, (p.name,), node.name))
+                    where.append((p.name, k, j, via + (p.name,), node.name))
                 continue
             shp = self._shape(i)
             if shp is None or len(shp) != 1 or shp[0] is None:
@@ -791,7 +795,7 @@ class ChannelAnalysis:
             held = self._scaled_entry(i, out_shape[len(vals)]) if shp[0] == 1 and len(vals) < len(out_shape) else None
             vals.extend([None] * shp[0])
             where.extend([None] * shp[0] if held is None else
-                         [(held[0], held[1], 0, (p.name,) + held[2], node.name)])
+                         [(held[0], held[1], 0, via + (p.name,) + held[2], node.name)])
         if len(vals) != len(out_shape) or any(x is None and out_shape[i] is None for i, x in enumerate(vals)):
             return None, None
         return [int(out_shape[i]) if x is None else x for i, x in enumerate(vals)], where
@@ -860,6 +864,18 @@ class ChannelAnalysis:
         r, R = m.rank, len(out_shape)
         if len(target) != R:
             raise _Unsupported("Reshape whose target does not match its output's rank")
+        if (m.axis == r - 1 and R == r and r >= 2 and out_shape[:r - 2] == in_shape[:r - 2]
+                and out_shape[r - 1] % n == 0 and out_shape[r - 1] > n
+                and in_shape[r - 2] == out_shape[r - 2] * (out_shape[r - 1] // n)):
+            # k consecutive rows merged into the features, channels fastest (…, T, d) → (…, T/k, k·d)
+            # (Magika's Dense → Reshape(N, 512, 4·64) → Conv): channel c is column j·d + c of each row
+            comps = np.tile(m.comps, out_shape[r - 1] // n)
+            if target[r - 1] > 0:
+                self.edits.append(self._shape_edit(where, comps, r - 1))
+            elif target[r - 2] <= 0:
+                raise _Unsupported("Reshape merging rows into the features with neither count given")
+            self._set(node, _Map(r - 1, r, comps))
+            return
         if (m.axis == r - 1 and R == r + 1 and out_shape[:r - 1] == in_shape[:r - 1]
                 and out_shape[r - 1] * out_shape[r] == n and out_shape[r - 1] > 1
                 and self._indexed_only(node.outputs[0], r - 1)):
@@ -932,6 +948,24 @@ class ChannelAnalysis:
             self._set(node, _Map(axis, R, m.comps))
             return
         raise _Unsupported("Reshape that splits or merges the channel axis")
+
+    def _expand(self, node, tracked):
+        """Expand of the tracked data to a shape that keeps the channel axis (jax2tf's BroadcastTo in
+        a decomposed LayerNorm): the channels pass; a target entry naming the channel count is rewritten
+        (one of 1 broadcasts)."""
+        m = self._one(node, tracked)
+        target, where = self._reshape_target(node)
+        out_shape = self._shape(node.outputs[0])
+        if target is None or out_shape is None:
+            raise _Unsupported("Expand with a computed or unknown shape")
+        R = len(out_shape)
+        pos = m.axis + R - m.rank
+        if out_shape[pos] != len(m.comps):
+            raise _Unsupported("Expand that broadcasts the channel axis")
+        i = pos - (R - len(target))
+        if 0 <= i < len(target) and target[i] > 1:
+            self.edits.append(self._shape_edit(where, m.comps, i))
+        self._set(node, _Map(pos, R, m.comps))
 
     def _transpose(self, node, tracked):
         m = self._one(node, tracked)

@@ -620,3 +620,42 @@ def test_paddle_biases_and_cast_reshape_tails_are_folded_so_se_and_flatten_join_
     assert sorted(init(p, n.input[1]).shape for n in p.graph.node if n.op_type == "MatMul") == [(6, 5), (8, 5)]
     masked = zero_inputs(zero_inputs(norm, se.input[1], 1, [1, 6]), mm.input[1], 0, [1, 6])
     assert_close(masked, p, feeds(m))
+
+
+def test_rows_merged_into_features_as_jax2tf_writes_magika():
+    """Magika's file-type classifier (JAX → TF → ONNX): a Dense (MatMul 16 → 8 + bias, tanh-GELU) on
+    every byte position, ``Reshape(N, T, 8) → (N, T/4, 4·8)`` with a ``Cast(Concat(Shape(x)[0:1], [T/4],
+    [32]))`` target (channel c is column 8j + c), a LayerNorm over the positions whose mean is broadcast
+    back by ``Reshape`` and ``Expand`` to a shared ``Cast(Concat(…, [1], [32]))``, then ``Unsqueeze ─
+    Transpose ─ Conv (k×1)``. The Dense's 8 channels are one group: pruning two of them removes 4 input
+    channels each of the Conv and rewrites the targets' 32 (the shared one copied for its second reader),
+    exactly as masking them."""
+    b = GraphBuilder(21)
+    x = b.input("x", ["N", 16, 16])
+    h = b.node("Add", [b.matmul(x, 16, 8), b.const((0.1 * b.rng.standard_normal((1, 1, 8))).astype(np.float32))])
+    h = b.node("Mul", [h, b.node("Tanh", [h])])
+    n = b.node("Slice", [b.node("Cast", [b.node("Shape", [x])], to=TensorProto.INT32), b.const(np.array([0], np.int64)),
+                         b.const(np.array([1], np.int64)), b.const(np.array([0], np.int64))])
+    i32 = lambda v: b.const(np.array(v, np.int32))  # noqa: E731
+    merged = b.node("Cast", [b.node("Concat", [n, i32([4]), i32([32])], axis=0)], to=TensorProto.INT64)
+    per_feature = b.node("Cast", [b.node("Concat", [n, i32([1]), i32([32])], axis=0)], to=TensorProto.INT64)
+    h = b.node("Reshape", [h, merged])
+    mean = b.node("Mul", [b.node("ReduceSum", [h, b.const(np.array([1], np.int64))], keepdims=0),
+                          b.const(np.array(0.25, np.float32))])
+    mean = b.node("Expand", [b.node("Reshape", [mean, per_feature]), per_feature])
+    h = b.node("Sub", [h, mean])
+    h = b.node("Transpose", [b.node("Unsqueeze", [h, b.const(np.array([3], np.int64))])], perm=[0, 2, 1, 3])
+    w = (b.rng.standard_normal((12, 32, 3, 1)) / 10).astype(np.float32)
+    h = b.relu(b.node("Conv", [h, b.const(w, "conv_w")], kernel_shape=[3, 1]))
+    g = b.node("Flatten", [b.node("GlobalMaxPool", [h])], axis=1)
+    b.output(b.gemm(g, 12, 4, out="y"))
+    m = b.model()
+    an = analyze(m)
+    grp = group_of(an, m, "MatMul", 0)
+    assert not grp.pinned and grp.size == 8, grp.pins
+    p = prune_dropping(an, m, grp, [2, 5])
+    assert init(p, node(p, "Conv", 0).input[1]).shape == (12, 24, 3, 1)
+    cols = [j * 8 + c for j in range(4) for c in (2, 5)]
+    assert_close(zero_inputs(m, node(m, "Conv", 0).input[1], 1, cols), p, feeds(m))
+    tails = sorted(int(init(p, nd.input[2])[0]) for nd in p.graph.node if nd.op_type == "Concat")
+    assert tails == [24, 24, 24], tails   # the merged target, the per-feature one and its copy for its second reader
