@@ -682,7 +682,7 @@ MAGIKA = "magika==1.0.3"
 @functools.lru_cache(maxsize=None)
 def magika_files() -> tuple:
     """(relative path, bytes) of the files the scikit-image and magika wheels ship (sources, pictures,
-    arrays, JSON, text, binaries), at most 8 per file extension (the first by path), sorted by path."""
+    arrays, JSON, text, binaries), at most 12 per file extension (the first by path), sorted by path."""
     out, per_ext = [], {}
     for pin in (SKIMAGE, MAGIKA):
         root = fetch(pin)
@@ -691,7 +691,7 @@ def magika_files() -> tuple:
             for f in sorted(files):
                 path = os.path.join(dirpath, f)
                 ext = os.path.splitext(f)[1].lower() or f
-                if f.startswith(".") or os.path.getsize(path) < 64 or per_ext.get(ext, 0) >= 8:
+                if f.startswith(".") or os.path.getsize(path) < 64 or per_ext.get(ext, 0) >= 12:
                     continue
                 per_ext[ext] = per_ext.get(ext, 0) + 1
                 with open(path, "rb") as fh:
@@ -761,7 +761,7 @@ ZOO = {e.name: e for e in [
     Entry("magika", MAGIKA, "magika/models/standard_v3_3/model.onnx", "classifier",
           _magika, same_label, "same label", 0.95,
           data="byte features (first and last 1024 bytes, stripped, padded) of the files the scikit-image and "
-               "magika wheels ship, at most 8 per extension",
+               "magika wheels ship, at most 12 per extension",
           note="Magika file-type classifier (JAX → TF → ONNX, opset 15): one-hot bytes, Dense layers around one "
                "Conv, decomposed LayerNorm, 214 labels"),
     Entry("ocr_direction", RAPIDOCR, "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx", "classifier",

@@ -46,13 +46,20 @@ KNOWN_FAILURES = {
     ("captcha_crnn", "pfa"): "the same text on 0.812 of the captchas < 0.9 (FLOPs 0.900; "
                              "26 of 32, 28 in a run before the last change)",
     ("captcha_crnn", "basisconv"): "validation passes but the same text on 0.844 of the captchas < 0.9 (FLOPs 0.897)",
+    ("magika", "pfa"): "the default gate refuses it: one of the 20 held-out files' label changes (same label "
+                       "0.950) with its probability 0.533 off (FLOPs 0.876: the Dense's 64 channels to 56, the Conv's "
+                       "input with them; the Conv's 512 outputs feed a LayerNorm over them and stay whole)",
+    ("magika", "basisconv"): "the default gate refuses it: every label kept, one file's probability 0.439 off "
+                             "(FLOPs 0.898)",
+    ("magika", "lowrank"): "the default gate refuses it: one of 20 files' label changes (0.950), its probability "
+                           "0.601 off (params 0.897)",
     ("ocr_recognizer", "pfa"): "the same text on 0.667 of the lines < 0.9 and the default gate fails (FLOPs 0.900: "
                                "a character's probability 0.9996 off; its heads are groups, the budget keeps them)",
     ("ocr_recognizer", "lowrank"): "the same text on 0.867 of the lines < 0.9 and the default gate fails (params "
                                    "0.885: a character's probability 0.434 off)",
-    ("ocr_recognizer", "pq"): "the same text on 0.167 of the lines and 0.325 of the calibration lines themselves "
-                              "(the default gate refuses it: top-1 agreement 0.806): every layer within 3e-4 "
-                              "relative output error, the 6625-way CTC argmax flips on near ties",
+    ("ocr_recognizer", "pq"): "the default gate refuses it: one character's probability 0.360 off (> 0.35), the same "
+                              "text on 0.900 of the lines (27 of 30); at the default per-layer budget 0.167, fitted "
+                              "again at 0.1x by pq.tighten; the original with its weights rounded to fp16 is 0.359 off",
 }
 
 
@@ -84,6 +91,7 @@ NOT_IN_CI = {
     ("khmer_segmenter", "pfa"): "same segmentation 0.917 = 22 of 24 sentences against 0.9 (FLOPs 0.900, the "
                                 "allocation measuring each group's output effect held out): one sentence more would fail",
     ("oww_embedding", "pfa"): "worst cosine 0.988 against a threshold of 0.99 (0.2 % below)",
+    ("magika", "pq"): "same label 1.000 = 20 of 20 files against 0.95: two changed labels would fail",
     ("vit_focus", "lowrank"): "map IoU@0.5 0.904 against a threshold of 0.9 (0.4 % above; 0.898 before "
                               "the second factor's ridge was chosen on held-out rows)",
 }
@@ -127,6 +135,10 @@ CI_PAIRS = {
     ("vit_focus", "hadamard"): "pass, 32 s (42 CPU s): map IoU@0.5 0.920",
     ("khmer_segmenter", "hadamard"): "pass, 4 s (5 CPU s): same segmentation 0.958",
     ("khmer_segmenter", "pq"): "pass, 7 s (10 CPU s): same segmentation 0.917",
+    ("magika", "pfa"): "fail, 8 s: same label 0.950, the gate refuses it",
+    ("magika", "basisconv"): "fail, 1 s: same label 1.000, the gate refuses it",
+    ("magika", "lowrank"): "fail, 2 s: same label 0.950, the gate refuses it",
+    ("magika", "hadamard"): "pass, 1 s: same label 1.000 (no Fastfood structure within tolerance: unchanged)",
     ("ocr_direction", "foldbn"): "pass, 0 s (1 CPU s): same label 1.000",
     ("ocr_direction", "pfa"): "pass, 13 s (20 CPU s): same label 1.000",
     ("ocr_direction", "pq"): "pass, 7 s (9 CPU s): same label 1.000",
@@ -138,7 +150,7 @@ CI_PAIRS = {
     ("ocr_recognizer", "basisconv"): "unreachable (expected TargetError), 1 s",
     ("ocr_recognizer", "pfa"): "fail, 30 s (36 CPU s): same text 0.667",
     ("ocr_recognizer", "lowrank"): "fail, 4 s (8 CPU s): same text 0.867",
-    ("ocr_recognizer", "pq"): "fail, 26 s (42 CPU s): same text 0.167",
+    ("ocr_recognizer", "pq"): "fail, 72 s (84 CPU s): same text 0.900, the gate refuses it",
 }
 
 _ENV_ON = lambda name: os.environ.get(name, "") not in ("", "0")  # noqa: E731
