@@ -436,10 +436,10 @@ def tightened(ctx, out, rep, fit, cfg):
     """The model ``out`` (report ``rep``) where it passes the default gate against the reference on (up
     to ``GAIN_SAMPLES`` of) the calibration data; else the fits at pq.max_error times each of
     ``TIGHTEN``, each fitted without a quarter of the calibration units and judged on those by the
-    default gate at half its margins (``holdout_split``, ``half_margins``, as ``loosened`` does; on all
-    of them where there are too few: a few held-out units judge coarsely), the
-    first that passes kept and fitted again on all the data, else the tightest (the validation then
-    judges it on the held-out data). A per-layer error budget does not bound how the errors of many
+    default gate at half its margins (``holdout_split``, ``half_margins``, as ``loosened`` does; fitted
+    and judged on all of them where there are fewer than ``MIN_HOLDOUT_UNITS``), the first that passes
+    kept and fitted again on all the data, else the tightest (the validation then judges it on the
+    held-out data). A per-layer error budget does not bound how the errors of many
     layers add up at the outputs: a model whose decisions sit on near ties (a 6625-way CTC reader)
     needs a tighter one. The report's "tighten" says what was measured."""
     with ctx.timed("search"):
@@ -471,8 +471,8 @@ def tightened(ctx, out, rep, fit, cfg):
             if not fails:
                 chosen = m
                 break
-    if split is not None or chosen != m:
-        cand, crep = fit(replace(cfg, max_error=chosen * cfg.max_error))   # on all the data
+    if split is not None:   # the kept scale (or the tightest) fitted on all the data
+        cand, crep = fit(replace(cfg, max_error=chosen * cfg.max_error))
     info["scale"] = chosen
     if loosen is not None:
         crep.details["loosen"] = loosen
