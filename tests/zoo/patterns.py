@@ -325,12 +325,7 @@ def attention_packed_qkv(opset=17, weak_head=2, layers=2, style="unflatten"):
     big = b.ints([np.iinfo(np.int64).max])
     y = x
     for layer in range(layers):
-        w = (b.rng.standard_normal((d, 3 * d)) / np.sqrt(d)).astype(np.float32)
-        bb = (0.1 * b.rng.standard_normal(3 * d)).astype(np.float32)
-        if layer == 0 and weak_head is not None:
-            cols = slice(2 * d + weak_head * dh, 2 * d + (weak_head + 1) * dh)
-            w[:, cols] *= 0.02
-            bb[cols] *= 0.02
+        w, bb = _packed_weights(b, d, dh, weak_head if layer == 0 else None)
         qkv = b.add(b.node("MatMul", [b.node("Transpose", [y], perm=[1, 0, 2]), b.const(w, "in_proj_w")]),
                     b.const(bb, "in_proj_b"))
         if style == "chunk":
@@ -358,6 +353,18 @@ def attention_packed_qkv(opset=17, weak_head=2, layers=2, style="unflatten"):
     return b.finish(f"{name}_op{opset}", {"tokens": (t, d)})
 
 
+def _packed_weights(b, d, dh, weak_head=None):
+    """A packed Q/K/V projection's weight (d × 3d) and bias; head ``weak_head`` (if any) has its V
+    columns scaled by 0.02."""
+    w = (b.rng.standard_normal((d, 3 * d)) / np.sqrt(d)).astype(np.float32)
+    bb = (0.1 * b.rng.standard_normal(3 * d)).astype(np.float32)
+    if weak_head is not None:
+        cols = slice(2 * d + weak_head * dh, 2 * d + (weak_head + 1) * dh)
+        w[:, cols] *= 0.02
+        bb[cols] *= 0.02
+    return w, bb
+
+
 def _paddle_attention(b, x, t, d, h, opset, weak_head, layers):
     from . import _layernorm
     dh = d // h
@@ -367,12 +374,7 @@ def _paddle_attention(b, x, t, d, h, opset, weak_head, layers):
     merge = b.node("Concat", [b.ints([0]), tlen, b.ints([d])], axis=0)
     y = x
     for layer in range(layers):
-        w = (b.rng.standard_normal((d, 3 * d)) / np.sqrt(d)).astype(np.float32)
-        bb = (0.1 * b.rng.standard_normal(3 * d)).astype(np.float32)
-        if layer == 0 and weak_head is not None:
-            cols = slice(2 * d + weak_head * dh, 2 * d + (weak_head + 1) * dh)
-            w[:, cols] *= 0.02
-            bb[cols] *= 0.02
+        w, bb = _packed_weights(b, d, dh, weak_head if layer == 0 else None)
         qkv = b.add(b.node("MatMul", [y, b.const(w, "qkv_w")]), b.const(bb, "qkv_b"))
         parts = b.node("Transpose", [b.node("Reshape", [qkv, heads])], perm=[2, 0, 3, 1, 4])
         q, k, v = (b.node("Squeeze", [b.node("Slice", [parts, b.ints([i]), b.ints([i + 1]), b.ints([0]), b.ints([1])]),
