@@ -325,16 +325,17 @@ def pnet_boxes(out, threshold=0.6):
 
 
 def ctc_greedy(logits, labels="0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_", blank=36):
-    """``logits`` [T, B, C] → one string per batch item (collapse repeats, drop blanks)."""
+    """``logits`` [T, B, C] → one string per batch item (collapse repeats, drop blanks); with
+    ``labels`` None, the tuple of symbol indices."""
     out = []
     for b in range(logits.shape[1]):
         best = logits[:, b].argmax(-1)
         s, prev = [], -1
         for k in best:
             if k != prev and k != blank:
-                s.append(labels[k])
+                s.append(int(k) if labels is None else labels[k])
             prev = k
-        out.append("".join(s))
+        out.append(tuple(s) if labels is None else "".join(s))
     return out
 
 
@@ -374,10 +375,15 @@ def pnet_recall(orig, new, feeds):
     return box_recall([pnet_boxes(o) for o in orig], [pnet_boxes(o) for o in new])
 
 
-def same_text(orig, new, feeds):
-    a = [s for o in orig for s in ctc_greedy(_first(o))]
-    b = [s for o in new for s in ctc_greedy(_first(o))]
+def _same_decoding(orig, new, decode):
+    """share of sequences whose decoding (``decode``: an output → one decoding per sequence) is the same"""
+    a = [s for o in orig for s in decode(_first(o))]
+    b = [s for o in new for s in decode(_first(o))]
     return float(np.mean([x == y for x, y in zip(a, b)]))
+
+
+def same_text(orig, new, feeds):
+    return _same_decoding(orig, new, ctc_greedy)
 
 
 def worst_cosine(orig, new, feeds):
@@ -401,14 +407,19 @@ def wakeword_agreement(orig, new, feeds):
     return float(((a > 0.5) == (b > 0.5)).__and__(np.abs(a - b) <= 0.05).mean())
 
 
-def mask_iou(orig, new, feeds):
-    """mean over feeds of the IoU of the maps thresholded at 0.5 (1.0 where both are empty)"""
-    ious = []
-    for o, n in zip(orig, new):
-        a, b = _first(o) > 0.5, _first(n) > 0.5
-        u = (a | b).sum()
-        ious.append(1.0 if u == 0 else (a & b).sum() / u)
-    return float(np.mean(ious))
+def map_iou(threshold):
+    def metric(orig, new, feeds):
+        ious = []
+        for o, n in zip(orig, new):
+            a, b = _first(o) > threshold, _first(n) > threshold
+            u = (a | b).sum()
+            ious.append(1.0 if u == 0 else (a & b).sum() / u)
+        return float(np.mean(ious))
+    metric.__doc__ = f"mean over feeds of the IoU of the maps thresholded at {threshold} (1.0 where both are empty)"
+    return metric
+
+
+mask_iou = map_iou(0.5)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -655,25 +666,12 @@ def _ocr_detector(e, split, varying):
     return [{"x": ((a.astype(np.float32) / 255 - mean) / std).transpose(2, 0, 1)[None]} for a in imgs]
 
 
-def text_map_iou(orig, new, feeds):
-    """mean over feeds of the IoU of the text-probability maps thresholded at 0.3 (the DB post-processing's
-    binarisation threshold; 1.0 where both are empty)"""
-    ious = []
-    for o, n in zip(orig, new):
-        a, b = _first(o) > 0.3, _first(n) > 0.3
-        u = (a | b).sum()
-        ious.append(1.0 if u == 0 else (a & b).sum() / u)
-    return float(np.mean(ious))
+text_map_iou = map_iou(0.3)   # the DB post-processing's binarisation threshold
 
 
 def ctc_same_text(orig, new, feeds):
-    """share of lines whose greedy CTC decoding (blank 0, repeats collapsed) is the same"""
-    def decode(p):
-        best = p.argmax(-1)
-        return [tuple(int(k) for j, k in enumerate(row) if k != 0 and (j == 0 or k != row[j - 1])) for row in best]
-    a = [s for o in orig for s in decode(_first(o))]
-    b = [s for o in new for s in decode(_first(o))]
-    return float(np.mean([x == y for x, y in zip(a, b)]))
+    """share of lines whose greedy CTC decoding of [N, T, C] probabilities (blank 0) is the same"""
+    return _same_decoding(orig, new, lambda p: ctc_greedy(p.transpose(1, 0, 2), labels=None, blank=0))
 
 
 MAGIKA = "magika==1.0.3"
