@@ -117,10 +117,10 @@ FOLD_MAX_ELEMENTS = 1 << 20   # a layout op on a larger constant is left to run 
 
 def _layout_of_constant(node: gs.Node):
     """The value of a layout-only node (Reshape, Unsqueeze, Squeeze, Flatten, Transpose) or a Cast whose
-    inputs are all constants, the first a vector (at most one dim over 1), or None: Paddle2ONNX writes a Conv's bias as ``Add(conv, Reshape(b, [1, C, 1,
-    1]))`` and a Reshape target's tail as ``Cast([C])``, which the channel analysis would otherwise see as
-    computed at run time."""
-    if node.op not in ("Reshape", "Unsqueeze", "Squeeze", "Flatten", "Transpose", "Cast") or len(node.outputs) != 1:
+    inputs are all constants, the first a vector (at most one dim over 1), or None: Paddle2ONNX writes a
+    Conv's bias as ``Add(conv, Reshape(b, [1, C, 1, 1]))`` and a Reshape target's tail as ``Cast([C])``,
+    which the channel analysis would otherwise see as computed at run time."""
+    if node.op not in ("Reshape", "Unsqueeze", "Squeeze", "Flatten", "Transpose", "Cast"):
         return None
     ins = [t for t in node.inputs if t is not None and t.name != ""]
     if not ins or not all(isinstance(t, gs.Constant) for t in ins):
@@ -152,14 +152,15 @@ def _layout_of_constant(node: gs.Node):
         return None
 
 
-def _fold_constant_layouts(graph: gs.Graph, out_names: set) -> bool:
-    """Replace layout-only nodes on constants by the constants they compute (``_layout_of_constant``),
-    repeatedly so chains fold; True where something changed."""
-    changed, taken = False, None
-    for node in list(graph.nodes):   # toposorted: a chain's later node sees its input folded
-        if not node.outputs or node.outputs[0].name in out_names:
+def _fold_to_constants(graph: gs.Graph, out_names: set, value_of) -> bool:
+    """Replace each single-output node whose ``value_of(node)`` is not None (and whose output is not a
+    graph output) by an initializer holding that value, named after the output; nodes are visited in
+    graph order, so a chain's later node sees its input folded. True where something changed."""
+    changed, taken = False, None   # the graph's tensor names, kept up to date (one scan, not one per node)
+    for node in list(graph.nodes):
+        if len(node.outputs) != 1 or node.outputs[0].name in out_names:
             continue
-        value = _layout_of_constant(node)
+        value = value_of(node)
         if value is None:
             continue
         taken = set(graph.tensors()) if taken is None else taken
@@ -167,7 +168,7 @@ def _fold_constant_layouts(graph: gs.Graph, out_names: set) -> bool:
         const = gs.Constant(fresh_name(taken, old + "_const"), np.ascontiguousarray(value))
         _replace_tensor(graph, node.outputs[0], const)
         node.outputs.clear()
-        taken.discard(old)
+        taken.discard(old)   # no longer in the graph once its node has no output
         changed = True
     return changed
 
@@ -194,26 +195,15 @@ def normalize(model: onnx.ModelProto) -> onnx.ModelProto:
         if node.op == "Conv" and _explicit_pads(node):
             changed = True
     out_names = {t.name for t in graph.outputs}
-    taken = None   # the graph's tensor names, kept up to date (one scan, not one per Constant)
-    for node in list(graph.nodes):
-        if node.op == "Constant" and len(node.outputs) == 1 and node.outputs[0].name not in out_names:
-            value = _constant_node_value(node)
-            if value is None:
-                continue
-            taken = set(graph.tensors()) if taken is None else taken
-            old = node.outputs[0].name
-            name = fresh_name(taken, old + "_const")
-            _replace_tensor(graph, node.outputs[0], gs.Constant(name, np.asarray(value)))
-            node.outputs.clear()
-            taken.discard(old)   # no longer in the graph once its node has no output
-            changed = True
+    if _fold_to_constants(graph, out_names, lambda n: _constant_node_value(n) if n.op == "Constant" else None):
+        changed = True
     for node in list(graph.nodes):
         if (node.op == "Identity" and isinstance(node.inputs[0], gs.Constant)
                 and node.outputs[0].name not in out_names):
             _replace_tensor(graph, node.outputs[0], node.inputs[0])
             node.outputs.clear()
             changed = True
-    if _fold_constant_layouts(graph, out_names):
+    if _fold_to_constants(graph, out_names, _layout_of_constant):
         changed = True
     if changed:
         graph.cleanup(remove_unused_graph_inputs=False).toposort()
