@@ -404,6 +404,20 @@ class ChannelAnalysis:
     def _tie(self, a: np.ndarray, b: np.ndarray) -> None:
         self.uf.tie(a, b)
 
+    def _tie_parts(self, comps: np.ndarray, k: int) -> np.ndarray:
+        """Column c of each of the ``k`` equal parts of ``comps`` goes with the first part's (packed
+        Q/K/V); returns the first part."""
+        d = len(comps) // k
+        for j in range(1, k):
+            self._tie(comps[:d], comps[j * d:(j + 1) * d])
+        return comps[:d]
+
+    def _tie_heads(self, comps: np.ndarray, dh: int) -> np.ndarray:
+        """A head's ``dh`` consecutive columns go together; returns one component per head."""
+        for j in range(len(comps) // dh):
+            self._tie(np.full(dh - 1, comps[j * dh]), comps[j * dh + 1:(j + 1) * dh])
+        return comps[::dh]
+
     # -- propagation
     def _run(self, graph: gs.Graph) -> None:
         graph.toposort()
@@ -881,14 +895,12 @@ class ChannelAnalysis:
                 and self._indexed_only(node.outputs[0], r - 1)):
             # packed projections (…, k·d) → (…, k, d), the k axis only indexed (Gather): Q, K and V
             # of nn.MultiheadAttention's in_proj; column c of each part goes with the others'
-            k, d = out_shape[r - 1], out_shape[r]
-            for j in range(1, k):
-                self._tie(m.comps[:d], m.comps[j * d:(j + 1) * d])
+            part = self._tie_parts(m.comps, out_shape[r - 1])
             if target[r] > 0:
-                self.edits.append(self._shape_edit(where, m.comps[:d], r))
+                self.edits.append(self._shape_edit(where, part, r))
             elif target[r - 1] <= 0:
                 raise _Unsupported("Reshape into packed parts with neither the part count nor the width given")
-            self._set(node, _Map(r, r + 1, m.comps[:d]))
+            self._set(node, _Map(r, r + 1, part))
             return
         if (m.axis == r - 1 and R == r + 2 and out_shape[:r - 1] == in_shape[:r - 1]
                 and out_shape[r - 1] * out_shape[r] * out_shape[r + 1] == n and out_shape[r - 1] > 1
@@ -896,13 +908,7 @@ class ChannelAnalysis:
             # packed projections straight into heads (…, k·h·dh) → (…, k, h, dh), the k axis only
             # indexed (Paddle's SVTR/ViT attention: Reshape(0, T, 3, h, dh), a Slice per part): the
             # parts' columns go together and a head's columns go together
-            k, h, dh = out_shape[r - 1:]
-            d = h * dh
-            for j in range(1, k):
-                self._tie(m.comps[:d], m.comps[j * d:(j + 1) * d])
-            for j in range(h):
-                self._tie(np.full(dh - 1, m.comps[j * dh]), m.comps[j * dh + 1:(j + 1) * dh])
-            heads = m.comps[:d:dh]
+            heads = self._tie_heads(self._tie_parts(m.comps, out_shape[r - 1]), out_shape[r + 1])
             if target[r] > 0:
                 self.edits.append(self._shape_edit(where, heads, r))
             elif target[r] != -1 and target[r + 1] <= 0:
@@ -915,7 +921,7 @@ class ChannelAnalysis:
                 and out_shape[R - 2] * out_shape[R - 1] == n and out_shape[R - 2] > 1):
             # features → (heads, head size): a head's columns go together (attention heads); unit
             # dims before them may go or come ((T, 1, d) → (T, 1·heads, head size): dynamo's MHA)
-            h, dh = out_shape[R - 2], out_shape[R - 1]
+            dh = out_shape[R - 1]
             heads = m.comps[::dh]
             if target[R - 2] > 0:
                 edit = self._shape_edit(where, heads, R - 2)
@@ -923,8 +929,7 @@ class ChannelAnalysis:
                 raise _Unsupported("Reshape into heads with neither the head count nor the head size given")
             else:
                 edit = None
-            for j in range(h):
-                self._tie(np.full(dh - 1, m.comps[j * dh]), m.comps[j * dh + 1:(j + 1) * dh])
+            self._tie_heads(m.comps, dh)
             if edit is not None:
                 self.edits.append(edit)
             self._set(node, _Map(R - 2, R, heads))
