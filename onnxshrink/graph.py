@@ -165,7 +165,7 @@ def _fold_to_constants(graph: gs.Graph, out_names: set, value_of) -> bool:
             continue
         taken = set(graph.tensors()) if taken is None else taken
         old = node.outputs[0].name
-        const = gs.Constant(fresh_name(taken, old + "_const"), np.ascontiguousarray(value))
+        const = gs.Constant(fresh_name(taken, old + "_const"), np.asarray(value))
         _replace_tensor(graph, node.outputs[0], const)
         node.outputs.clear()
         taken.discard(old)   # no longer in the graph once its node has no output

@@ -659,3 +659,23 @@ def test_rows_merged_into_features_as_jax2tf_writes_magika():
     assert_close(zero_inputs(m, node(m, "Conv", 0).input[1], 1, cols), p, feeds(m))
     tails = sorted(int(init(p, nd.input[2])[0]) for nd in p.graph.node if nd.op_type == "Concat")
     assert tails == [24, 24, 24], tails   # the merged target, the per-feature one and its copy for its second reader
+
+
+def test_folded_constants_keep_their_rank():
+    """A Constant node's scalar and a Squeeze of a one-element constant vector fold into 0-d
+    initializers (not [1]): an Add of them to a 0-d input keeps a 0-d output."""
+    from onnxshrink.graph import normalize
+    nodes = [helper.make_node("Constant", [], ["s"], value=numpy_helper.from_array(np.array(2.0, np.float32))),
+             helper.make_node("Squeeze", ["v", "ax"], ["sq"]),
+             helper.make_node("Add", ["x", "s"], ["a"]), helper.make_node("Add", ["a", "sq"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [])],
+                          [numpy_helper.from_array(np.array([3.0], np.float32), "v"),
+                           numpy_helper.from_array(np.array([0], np.int64), "ax")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    m.ir_version = 8
+    norm = normalize(m)
+    assert [n.op_type for n in norm.graph.node] == ["Add", "Add"]
+    assert all(numpy_helper.to_array(t).ndim == 0 for t in norm.graph.initializer)
+    out = run(norm, {"x": np.array(1.0, np.float32)})[0]
+    assert out.shape == () and float(out) == 6.0
