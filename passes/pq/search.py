@@ -346,17 +346,24 @@ def loosened(ctx, model, fit, cfg):
     rule's model (none kept) is fitted again on all the data. Returns (model, report); the report's
     "loosen" says what was measured."""
     wide = ctx.cost(model)["bytes"] > LOOSEN_MAX_BYTES
-    split = holdout_split(ctx.require_data(), fixed_batch(ctx.reference))
-    if split is None:
-        out, rep, info = _loosened(ctx, model, fit, cfg, ctx.data, wide)
-    else:
-        with on_data(ctx, split[0]):   # the tries' fits see the fit units only
-            out, rep, info = _loosened(ctx, model, fit, cfg, split[1], wide)
-        info["held_out"] = int(split[1].units())
-    if info["scale"] == 1.0 and (split is not None or out is None):
+    (out, rep, info), held = held_out_tries(ctx, lambda judge: _loosened(ctx, model, fit, cfg, judge, wide))
+    if held is not None:
+        info["held_out"] = held
+    if info["scale"] == 1.0 and (held is not None or out is None):
         out, rep = fit(cfg)   # the rule's model, fitted on all the data as without pq.loosen
     rep.details["loosen"] = info
     return out, rep
+
+
+def held_out_tries(ctx, tries):
+    """``tries(judge_data)`` run with ctx's data the units ``holdout_split`` leaves to the fits and
+    ``judge_data`` the units it holds out (both all the data where it holds none out): (what ``tries``
+    returns, the number of held-out units or None)."""
+    split = holdout_split(ctx.require_data(), fixed_batch(ctx.reference))
+    if split is None:
+        return tries(ctx.data), None
+    with on_data(ctx, split[0]):   # the tries' fits see the fit units only
+        return tries(split[1]), int(split[1].units())
 
 
 def _loosened(ctx, model, fit, cfg, judge_data, wide=False):
@@ -436,7 +443,7 @@ def tightened(ctx, out, rep, fit, cfg):
     """The model ``out`` (report ``rep``) where it passes the default gate against the reference on (up
     to ``GAIN_SAMPLES`` of) the calibration data; else the fits at pq.max_error times each of
     ``TIGHTEN``, each fitted without a quarter of the calibration units and judged on those by the
-    default gate at half its margins (``holdout_split``, ``half_margins``, as ``loosened`` does; fitted
+    default gate at half its margins (``held_out_tries``, ``half_margins``, as ``loosened`` does; fitted
     and judged on all of them where there are fewer than ``MIN_HOLDOUT_UNITS``), the first that passes
     kept and fitted again on all the data, else the tightest (the validation then judges it on the
     held-out data). A per-layer error budget does not bound how the errors of many
@@ -447,34 +454,35 @@ def tightened(ctx, out, rep, fit, cfg):
         fails = gate_failures(ctx.reference, probe.ref, probe.outputs(out), Tolerances())
     if not fails:
         return out, rep
-    info = {"gate": fails[0], "bytes": int(ctx.cost(out)["bytes"]), "tries": []}
+    info = {"gate": fails[0], "bytes": int(ctx.cost(out)["bytes"])}
     loosen = rep.details.get("loosen")
-    split = holdout_split(ctx.require_data(), fixed_batch(ctx.reference))
-    chosen = TIGHTEN[-1]
-    with contextlib.ExitStack() as stack:
-        if split is not None:
-            with on_data(ctx, split[1]), ctx.timed("search"):
-                probe = OutputProbe(ctx, ctx.reference)
-            stack.enter_context(on_data(ctx, split[0]))   # the tries' fits see the fit units only
-            info["held_out"] = int(split[1].units())
-        info["samples"] = probe.data.units()
-        for m in TIGHTEN:
-            cand, crep = fit(replace(cfg, max_error=m * cfg.max_error))
-            with ctx.timed("search"):
-                outs = probe.outputs(cand)
-                fails = gate_failures(ctx.reference, probe.ref, outs, half_margins())
-            t = {"scale": m, "bytes": int(ctx.cost(cand)["bytes"]), "passed": not fails,
-                 "flips": decision_flips(probe.ref, outs), "output_error": round(output_error(probe.ref, outs), 6)}
-            if fails:
-                t["gate"] = fails[0]
-            info["tries"].append(t)
-            if not fails:
-                chosen = m
-                break
-    if split is not None:   # the kept scale (or the tightest) fitted on all the data
+    (chosen, (cand, crep)), held = held_out_tries(ctx, lambda judge: _tightened(ctx, fit, cfg, judge, info))
+    if held is not None:   # the kept scale (or the tightest) fitted on all the data
+        info["held_out"] = held
         cand, crep = fit(replace(cfg, max_error=chosen * cfg.max_error))
     info["scale"] = chosen
     if loosen is not None:
         crep.details["loosen"] = loosen
     crep.details["tighten"] = info
     return cand, crep
+
+
+def _tightened(ctx, fit, cfg, judge_data, info):
+    """``tightened``'s tries, fitted on ctx's data and judged on ``judge_data`` (recorded in ``info``):
+    (the scale kept, else the tightest, and its fit)."""
+    with on_data(ctx, judge_data), ctx.timed("search"):
+        probe = OutputProbe(ctx, ctx.reference)
+    info["samples"], info["tries"] = probe.data.units(), []
+    for m in TIGHTEN:
+        fitted = fit(replace(cfg, max_error=m * cfg.max_error))
+        with ctx.timed("search"):
+            outs = probe.outputs(fitted[0])
+            fails = gate_failures(ctx.reference, probe.ref, outs, half_margins())
+        t = {"scale": m, "bytes": int(ctx.cost(fitted[0])["bytes"]), "passed": not fails,
+             "flips": decision_flips(probe.ref, outs), "output_error": round(output_error(probe.ref, outs), 6)}
+        if fails:
+            t["gate"] = fails[0]
+        info["tries"].append(t)
+        if not fails:
+            break
+    return m, fitted
