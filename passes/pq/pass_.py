@@ -114,15 +114,18 @@ class Pq(Pass):
 
     # ------------------------------------------------------------------------- the rewrite
     def apply(self, model, cfg, ctx):
-        if cfg.max_error > 0 and "bytes" not in ctx.goals and (
-                cfg.loosen == "true" or (cfg.loosen == "auto" and ctx.cost(model)["bytes"] <= LOOSEN_WIDE_BYTES)):
-            out, rep = loosened(ctx, model, lambda c: self._apply(model, c, ctx), replace(cfg, loosen="false"))
+        def fit(c):
+            return self._apply(model, c, ctx)
+        rule = replace(cfg, loosen="false")   # the per-layer rule at a given budget, for the tries
+        ruled = cfg.max_error > 0 and "bytes" not in ctx.goals
+        if ruled and (cfg.loosen == "true" or (cfg.loosen == "auto" and ctx.cost(model)["bytes"] <= LOOSEN_WIDE_BYTES)):
+            out, rep = loosened(ctx, model, fit, rule)
             if rep.details["loosen"]["scale"] != 1.0:
                 return out, rep   # a looser try passed the gate at half its margins on held-out units
         else:
-            out, rep = self._apply(model, cfg, ctx)
-        if cfg.tighten and cfg.max_error > 0 and "bytes" not in ctx.goals:
-            return tightened(ctx, out, rep, lambda c: self._apply(model, c, ctx), replace(cfg, loosen="false"))
+            out, rep = fit(cfg)
+        if ruled and cfg.tighten:
+            return tightened(ctx, out, rep, fit, rule)
         return out, rep
 
     def _apply(self, model, cfg, ctx):
