@@ -69,6 +69,8 @@ def introduced_ops(original: onnx.ModelProto, model: onnx.ModelProto) -> dict:
 WORST_SAMPLE_MIN_VALUES = 32   # worst-sample cosine is judged on outputs of at least this many values a sample
 DECISION_THRESHOLD = 0.5      # a score output's decisions: its values above this
 DECISION_MIN_POSITIVES = 10    # the decision IoU is judged when at least this many values are above it (either model)
+PROBABILITY_SLACK = 1e-6      # a probability output's values may pass 0 or 1 by float rounding (ONNX Runtime's
+                              # vectorised Sigmoid gives 1.0000001 on some runs: the PP-OCRv4 detector's map)
 MAP_MIN_VALUES = 1024          # a score output of at least this many values a sample is a map (a text or saliency map)
 MAP_QUANTILE = 0.99            # a map's range check reads this quantile of its abs errors, not the max
 ERROR_BINS = 2000              # histogram of a score output's abs errors over [0, 1]
@@ -250,7 +252,7 @@ class OutputStats:
         else:
             cos = float(self.ab / (nx * ny)) if nx > 0 and ny > 0 else float(self.max_abs == 0.0)
             rel = float(np.sqrt(self.d2) / nx) if nx > 0 else float(np.sqrt(self.d2))
-        probability = bool(self.compared) and self.lo >= 0.0 and self.hi <= 1.0
+        probability = bool(self.compared) and self.lo >= -PROBABILITY_SLACK and self.hi <= 1.0 + PROBABILITY_SLACK
         scale = 1.0 if probability else (self.hi - self.lo if self.compared else 0.0)
         if not scale > 0:
             scale = max(abs(self.lo), abs(self.hi)) if self.compared else 0.0

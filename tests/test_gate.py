@@ -303,3 +303,15 @@ def test_small_score_output_keeps_the_max_abs_range_check():
     assert "map_abs_quantile" not in r and r["range_error"] > 0.35
     fails = _tolerance_failures({"s": r}, GATE)
     assert any("max abs error" in f for f in fails), fails
+
+
+def test_a_probability_one_ulp_over_one_is_still_a_probability():
+    """ONNX Runtime's Sigmoid can give 1.0000001 (one float32 ulp over 1): the output stays a
+    probability, so a score map keeps its percentile range check and the probability scale."""
+    orig = _text_maps()
+    orig[0][0, 0, 0, 0] = np.nextafter(np.float32(1.0), np.float32(2.0))
+    edge = [m.copy() for m in orig]
+    ys, xs = np.nonzero(edge[1][0, 0] > 0.5)
+    edge[1][0, 0, ys[xs == xs.min()], xs.min()] = 0.02
+    r = _map_stats(orig, edge)
+    assert r["probability"] and r["scale"] == 1.0 and "map_abs_quantile" in r
